@@ -1,0 +1,76 @@
+"""Every error fedcost raises on purpose.
+
+Names end in ``Error`` (or name the event, like ``ProtocolAbort``); each message says
+what is wrong and what the user can do about it. Third-party exceptions are translated
+into these at the boundary where fedcost meets files, configs, messages or libraries.
+"""
+
+from __future__ import annotations
+
+
+class FedcostError(Exception):
+    """Base of every error fedcost raises on purpose."""
+
+
+class ConfigError(FedcostError):
+    """A configuration file or command-line option is invalid."""
+
+    def __init__(self, message: str, *, path: str | None = None, field: str | None = None):
+        self.path = path
+        self.field = field
+        where = ", ".join(part for part in (path, f"field '{field}'" if field else None) if part)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class DataValidationError(FedcostError):
+    """A data file does not meet the schema; names the file, row and column at fault.
+
+    ``row`` is the 1-based data row (the header is not counted), so a user can find it
+    in a spreadsheet or with ``sed -n``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str,
+        row: int | None = None,
+        column: str | None = None,
+    ):
+        self.path = path
+        self.row = row
+        self.column = column
+        parts = [path]
+        if row is not None:
+            parts.append(f"row {row}")
+        if column is not None:
+            parts.append(f"column '{column}'")
+        super().__init__(f"{', '.join(parts)}: {message}")
+
+
+class MappingError(ConfigError):
+    """A mapping file (source columns to schema fields) is invalid."""
+
+
+class ProtocolAbort(FedcostError):
+    """A protocol run (e.g. a secure-aggregation round) stopped without revealing inputs."""
+
+
+class InvalidSignatureError(FedcostError):
+    """A signature, MAC or ciphertext failed its check; deliberately says nothing more."""
+
+
+class PrivacyBudgetExhausted(FedcostError):
+    """A release would spend more privacy budget than the site's policy allows."""
+
+
+class PolicyViolationError(FedcostError):
+    """A job or an outgoing message breaks the site's policy."""
+
+
+class AuditLogTamperedError(FedcostError):
+    """An audit log fails verification; names the party, the entry and what is wrong."""
+
+
+class FederationError(FedcostError):
+    """A federated run failed (nodes unreachable, every reply an error, ...)."""

@@ -1,0 +1,155 @@
+"""The common data model: one row per index stay (hospital), claim episode (insurer) or
+treated-patient episode (pharma).
+
+Every node maps its rows into these columns. Roles hold different slices: a column a
+role lacks is *missing by design*; features are imputed from federation-wide statistics
+and flagged (``fedcost.data.features``), never silently zero. The two targets are
+``readmitted_30d`` (0/1) and ``total_cost`` (non-negative, heavy-tailed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+ColumnKind = Literal["numeric", "categorical"]
+
+
+@dataclass(frozen=True)
+class Column:
+    """A typed schema column: numeric with bounds, or categorical with fixed levels."""
+
+    name: str
+    kind: ColumnKind
+    description: str
+    levels: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    integer: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.kind == "categorical") != bool(self.levels):
+            raise ValueError(f"column {self.name}: levels are for categorical columns only")
+
+
+def _numeric(
+    name: str,
+    description: str,
+    *,
+    minimum: float,
+    maximum: float | None = None,
+    integer: bool = False,
+) -> Column:
+    return Column(name, "numeric", description, minimum=minimum, maximum=maximum, integer=integer)
+
+
+def _categorical(name: str, description: str, levels: tuple[str, ...]) -> Column:
+    return Column(name, "categorical", description, levels=levels)
+
+
+DIAGNOSIS_GROUPS = (
+    "heart_failure",
+    "copd",
+    "pneumonia",
+    "acute_mi",
+    "stroke",
+    "diabetes",
+    "sepsis",
+    "renal_failure",
+    "hip_knee_replacement",
+    "other",
+)
+
+FEATURES: tuple[Column, ...] = (
+    _numeric("age", "age in years at admission", minimum=0, maximum=120),
+    _categorical("sex", "sex recorded at admission", ("female", "male")),
+    _categorical("region", "region of the site; drives regional price levels", ("north", "south", "east", "west")),
+    _categorical("admission_type", "acuity of the index admission", ("emergency", "urgent", "elective")),
+    _categorical("diagnosis_group", "principal diagnosis group of the index stay", DIAGNOSIS_GROUPS),
+    _numeric("comorbidity_index", "Charlson comorbidity index", minimum=0, maximum=37, integer=True),
+    _numeric("prior_admissions_12m", "inpatient admissions in the 12 months before", minimum=0, maximum=100, integer=True),
+    _numeric("ed_visits_12m", "emergency-department visits in the 12 months before", minimum=0, maximum=200, integer=True),
+    _numeric("length_of_stay", "length of the index stay in days", minimum=0, maximum=365),
+    _categorical(
+        "discharge_disposition",
+        "where the patient went at discharge",
+        ("home", "home_health", "skilled_nursing", "rehab", "against_advice"),
+    ),
+    _categorical("payer", "primary payer of the episode", ("medicare", "medicaid", "commercial", "self_pay")),
+    _numeric("num_medications", "distinct medications at discharge", minimum=0, maximum=100, integer=True),
+    _numeric("medication_adherence", "proportion of days covered (PDC) after discharge", minimum=0, maximum=1),
+    _numeric("num_procedures", "procedures during the index stay", minimum=0, maximum=100, integer=True),
+    _numeric("icu_stay", "1 if the stay included intensive care", minimum=0, maximum=1, integer=True),
+    _numeric("abnormal_labs", "abnormal lab results in the last 48 h before discharge", minimum=0, maximum=100, integer=True),
+    _numeric("follow_up_7d", "1 if an outpatient follow-up visit was claimed within 7 days", minimum=0, maximum=1, integer=True),
+)
+
+READMISSION = "readmitted_30d"
+COST = "total_cost"
+TARGETS: tuple[Column, ...] = (
+    _numeric(READMISSION, "1 if readmitted to any hospital within 30 days of discharge", minimum=0, maximum=1, integer=True),
+    _numeric(COST, "total episode cost, index stay through 30 days after discharge", minimum=0),
+)
+
+COLUMNS: dict[str, Column] = {column.name: column for column in FEATURES + TARGETS}
+
+
+@dataclass(frozen=True)
+class Role:
+    """A kind of ecosystem member and the schema features its rows carry."""
+
+    name: str
+    description: str
+    features: tuple[str, ...]
+
+
+_SHARED = ("age", "sex", "region", "diagnosis_group", "comorbidity_index", "payer")
+
+ROLES: dict[str, Role] = {
+    role.name: role
+    for role in (
+        Role(
+            "hospital",
+            "index stays: clinical detail, facility cost, readmissions to any hospital",
+            _SHARED
+            + (
+                "admission_type",
+                "prior_admissions_12m",
+                "ed_visits_12m",
+                "length_of_stay",
+                "discharge_disposition",
+                "num_medications",
+                "num_procedures",
+                "icu_stay",
+                "abnormal_labs",
+            ),
+        ),
+        Role(
+            "insurer",
+            "claim episodes: paid amounts, follow-up use, readmissions seen across providers",
+            _SHARED
+            + (
+                "admission_type",
+                "prior_admissions_12m",
+                "ed_visits_12m",
+                "length_of_stay",
+                "discharge_disposition",
+                "medication_adherence",
+                "follow_up_7d",
+            ),
+        ),
+        Role(
+            "pharma",
+            "treated-patient episodes: drug exposure, adherence, real-world outcomes",
+            _SHARED + ("num_medications", "medication_adherence"),
+        ),
+    )
+}
+
+
+def feature(name: str) -> Column:
+    """The schema feature called ``name``; raises ``KeyError`` listing the known ones."""
+    column = COLUMNS.get(name)
+    if column is None or column in TARGETS:
+        raise KeyError(f"unknown schema field '{name}'; known fields: {', '.join(COLUMNS)}")
+    return column
