@@ -17,7 +17,11 @@ ColumnKind = Literal["numeric", "categorical"]
 
 @dataclass(frozen=True)
 class Column:
-    """A typed schema column: numeric with bounds, or categorical with fixed levels."""
+    """A typed schema column: numeric with bounds, or categorical with fixed levels.
+
+    ``log_scale`` marks skewed counts and durations (stay length, prior use): models see
+    log1p of them, since risk and cost grow with their ratio rather than their difference.
+    """
 
     name: str
     kind: ColumnKind
@@ -26,6 +30,7 @@ class Column:
     minimum: float | None = None
     maximum: float | None = None
     integer: bool = False
+    log_scale: bool = False
 
     def __post_init__(self) -> None:
         if (self.kind == "categorical") != bool(self.levels):
@@ -39,8 +44,9 @@ def _numeric(
     minimum: float,
     maximum: float | None = None,
     integer: bool = False,
+    log_scale: bool = False,
 ) -> Column:
-    return Column(name, "numeric", description, minimum=minimum, maximum=maximum, integer=integer)
+    return Column(name, "numeric", description, minimum=minimum, maximum=maximum, integer=integer, log_scale=log_scale)
 
 
 def _categorical(name: str, description: str, levels: tuple[str, ...]) -> Column:
@@ -66,21 +72,21 @@ FEATURES: tuple[Column, ...] = (
     _categorical("region", "region of the site; drives regional price levels", ("north", "south", "east", "west")),
     _categorical("admission_type", "acuity of the index admission", ("emergency", "urgent", "elective")),
     _categorical("diagnosis_group", "principal diagnosis group of the index stay", DIAGNOSIS_GROUPS),
-    _numeric("comorbidity_index", "Charlson comorbidity index", minimum=0, maximum=37, integer=True),
-    _numeric("prior_admissions_12m", "inpatient admissions in the 12 months before", minimum=0, maximum=100, integer=True),
-    _numeric("ed_visits_12m", "emergency-department visits in the 12 months before", minimum=0, maximum=200, integer=True),
-    _numeric("length_of_stay", "length of the index stay in days", minimum=0, maximum=365),
+    _numeric("comorbidity_index", "Charlson comorbidity index", minimum=0, maximum=37, integer=True, log_scale=True),
+    _numeric("prior_admissions_12m", "inpatient admissions in the 12 months before", minimum=0, maximum=100, integer=True, log_scale=True),
+    _numeric("ed_visits_12m", "emergency-department visits in the 12 months before", minimum=0, maximum=200, integer=True, log_scale=True),
+    _numeric("length_of_stay", "length of the index stay in days", minimum=0, maximum=365, log_scale=True),
     _categorical(
         "discharge_disposition",
         "where the patient went at discharge",
         ("home", "home_health", "skilled_nursing", "rehab", "against_advice"),
     ),
     _categorical("payer", "primary payer of the episode", ("medicare", "medicaid", "commercial", "self_pay")),
-    _numeric("num_medications", "distinct medications at discharge", minimum=0, maximum=100, integer=True),
+    _numeric("num_medications", "distinct medications at discharge", minimum=0, maximum=100, integer=True, log_scale=True),
     _numeric("medication_adherence", "proportion of days covered (PDC) after discharge", minimum=0, maximum=1),
-    _numeric("num_procedures", "procedures during the index stay", minimum=0, maximum=100, integer=True),
+    _numeric("num_procedures", "procedures during the index stay", minimum=0, maximum=100, integer=True, log_scale=True),
     _numeric("icu_stay", "1 if the stay included intensive care", minimum=0, maximum=1, integer=True),
-    _numeric("abnormal_labs", "abnormal lab results in the last 48 h before discharge", minimum=0, maximum=100, integer=True),
+    _numeric("abnormal_labs", "abnormal lab results in the last 48 h before discharge", minimum=0, maximum=100, integer=True, log_scale=True),
     _numeric("follow_up_7d", "1 if an outpatient follow-up visit was claimed within 7 days", minimum=0, maximum=1, integer=True),
 )
 

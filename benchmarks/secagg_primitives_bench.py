@@ -1,0 +1,131 @@
+"""Benchmark of fedcost's SecAgg+ core: primitives and full in-memory rounds (no Flower).
+
+Run: ``.venv/bin/python benchmarks/secagg_primitives_bench.py``. Prints markdown tables.
+A round runs every node and the coordinator in this one process, one after the other,
+so "nodes, total" is the sum over all nodes; in a federation they run in parallel and a
+node's own cost is "per node".
+"""
+
+from __future__ import annotations
+
+import platform
+import secrets
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedcost.secagg import Coordinator, Node, Quantizer, RoundConfig, Stage, choose_threshold
+from fedcost.secagg import shamir
+from fedcost.secagg.prg import expand
+
+ROUNDS = [
+    (10, 10_000),
+    (10, 100_000),
+    (50, 10_000),
+    (50, 100_000),
+    (100, 10_000),
+    (100, 100_000),
+    (1000, 10_000),
+]
+DROPOUT_ROUNDS = [(100, 100_000, 0.1)]  # a tenth of the nodes drop after share keys
+
+
+def _median_ms(call: Callable[[], object], repeat: int = 7) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def bench_primitives() -> None:
+    key = secrets.token_bytes(32)
+    print("| primitive | time (ms, median of 7) |\n| --- | ---: |")
+    print(
+        f"| mask expansion, 1M entries mod 2^32 (AES-256-CTR) | {_median_ms(lambda: expand(key, 1_000_000, 32)):.1f} |"
+    )
+    quantizer = Quantizer(clip=1.0, levels=2**15, max_nodes=1000)
+    update = [np.linspace(-2, 2, 1_000_000)]
+    print(
+        f"| quantise 1M floats (clip + stochastic rounding) | {_median_ms(lambda: quantizer.encode(update, seed=key)):.1f} |"
+    )
+    for n in (10, 50, 100):
+        t = choose_threshold(n)
+        shares = shamir.share(key, t, n)
+        share_ms = _median_ms(lambda: shamir.share(key, t, n))
+        combine_ms = _median_ms(lambda: shamir.combine(shares, t))
+        print(f"| Shamir 32-byte secret, n={n}, t={t}: share / combine | {share_ms:.2f} / {combine_ms:.2f} |")
+
+
+def run_round(n: int, dim: int, dropout: float = 0.0) -> dict[str, float]:
+    """One timed round; the loop is ``simulate_round``'s, with clocks around each side."""
+    quantizer = Quantizer(clip=1.0, levels=2**12, max_nodes=n)
+    ids = list(range(1, n + 1))
+    inputs = {
+        u: quantizer.encode([np.full(dim - 1, 0.01 * (u % 7))], seed=secrets.token_bytes(32)) for u in ids
+    }
+    config = RoundConfig.create(run_id="bench", round=0, node_ids=ids, dim=dim, bits=quantizer.bits)
+    keys = {u: Ed25519PrivateKey.generate() for u in ids}
+    identities = {u: key.public_key() for u, key in keys.items()}
+    dropped = set(ids[: int(dropout * n)])
+    node_seconds = dict.fromkeys(ids, 0.0)
+    coordinator_seconds = 0.0
+    wall = time.perf_counter()
+    nodes = {u: Node(u, keys[u], identities) for u in ids}
+    coordinator = Coordinator(config, identities)
+    requests = coordinator.start()
+    while not coordinator.done:
+        replies = []
+        for u, request in requests.items():
+            start = time.perf_counter()
+            reply = nodes[u].handle(
+                request, vector=inputs[u] if request.stage is Stage.MASKED_INPUT else None
+            )
+            node_seconds[u] += time.perf_counter() - start
+            if not (u in dropped and reply.stage is Stage.MASKED_INPUT):
+                replies.append(reply)
+        start = time.perf_counter()
+        requests = coordinator.handle(replies)
+        coordinator_seconds += time.perf_counter() - start
+    wall = time.perf_counter() - wall
+    included = [inputs[u] for u in coordinator.result.included]
+    assert np.array_equal(coordinator.result.total, sum(included[1:], included[0].copy()))
+    plain_ms = _median_ms(lambda: sum(included[1:], included[0].copy()))
+    return {
+        "degree": config.degree,
+        "threshold": config.threshold,
+        "wall": wall,
+        "coordinator": coordinator_seconds,
+        "nodes": sum(node_seconds.values()),
+        "per_node": statistics.mean(node_seconds.values()),
+        "plain_ms": plain_ms,
+    }
+
+
+def bench_rounds() -> None:
+    print(
+        "| N | D | dropped | k | t | round wall (s) | coordinator (s) | nodes, total (s) | per node (s) "
+        "| plaintext sum (ms) | wall / plaintext |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for n, dim, dropout in [(n, dim, 0.0) for n, dim in ROUNDS] + DROPOUT_ROUNDS:
+        r = run_round(n, dim, dropout)
+        print(
+            f"| {n} | {dim:,} | {int(dropout * n)} | {r['degree']} | {r['threshold']} | {r['wall']:.2f} "
+            f"| {r['coordinator']:.2f} | {r['nodes']:.2f} | {r['per_node']:.3f} | {r['plain_ms']:.2f} "
+            f"| {1000 * r['wall'] / r['plain_ms']:,.0f}x |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    print(
+        f"fedcost SecAgg+ benchmark: Python {platform.python_version()}, numpy {np.__version__}, {platform.machine()}\n"
+    )
+    bench_primitives()
+    print()
+    bench_rounds()

@@ -1,0 +1,181 @@
+"""Simulation configs: TOML in, validated frozen dataclasses out.
+
+Every unknown key, wrong type or out-of-range value is refused with the file and the
+dotted field named, before anything runs. ``resolved()`` gives back the full config with
+defaults filled in; it is what a run folder records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fedcost.data.synthetic import EcosystemSpec
+from fedcost.errors import ConfigError
+from fedcost.models.nets import ModelSpec
+from fedcost.models.training import TrainConfig
+
+StrategyName = Literal["fedavg", "fedprox", "fedadam"]
+
+
+@dataclass(frozen=True)
+class RunSection:
+    """What the whole run shares: the seed, the rounds and the held-out share."""
+
+    seed: int = 7
+    rounds: int = 10
+    test_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be at least 1, not {self.rounds}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must lie in (0, 1), not {self.test_fraction}")
+
+
+@dataclass(frozen=True)
+class EcosystemSection:
+    """The synthetic ecosystem: node sizes per role and how heterogeneous sites are."""
+
+    sizes: dict[str, tuple[int, ...]] = field(
+        default_factory=lambda: {"hospital": (24000, 9000, 2500, 400), "insurer": (18000, 5000), "pharma": (6000, 700)}
+    )
+    quality_effect_sd: float = 0.35
+    price_level_sd: float = 0.15
+    case_mix_shift: float = 0.5
+
+    def __post_init__(self) -> None:
+        self.spec()
+
+    def spec(self) -> EcosystemSpec:
+        """The generator's spec; raises ``ValueError`` for unknown roles or bad sizes."""
+        return EcosystemSpec.from_sizes(
+            self.sizes,
+            quality_effect_sd=self.quality_effect_sd,
+            price_level_sd=self.price_level_sd,
+            case_mix_shift=self.case_mix_shift,
+        )
+
+
+@dataclass(frozen=True)
+class StrategySection:
+    """The coordinator's strategy, from Flower: FedAvg, FedProx or FedAdam."""
+
+    name: StrategyName = "fedavg"
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.proximal_mu < 0:
+            raise ValueError(f"proximal_mu must be non-negative, not {self.proximal_mu}")
+        if self.server_learning_rate <= 0:
+            raise ValueError(f"server_learning_rate must be positive, not {self.server_learning_rate}")
+
+
+@dataclass(frozen=True)
+class SimulationSection:
+    """How Flower's Simulation Engine places nodes on this machine."""
+
+    cpus_per_node: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.cpus_per_node <= 0:
+            raise ValueError(f"cpus_per_node must be positive, not {self.cpus_per_node}")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """A whole simulation: run, data, model, local training, strategy and engine."""
+
+    run: RunSection = RunSection()
+    ecosystem: EcosystemSection = EcosystemSection()
+    model: ModelSpec = ModelSpec()
+    training: TrainConfig = TrainConfig()
+    strategy: StrategySection = StrategySection()
+    simulation: SimulationSection = SimulationSection()
+    source: str = "<defaults>"
+
+    @classmethod
+    def load(cls, path: Path | str) -> "SimulationConfig":
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("config file not found", path=str(path)) from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(f"not valid TOML: {error}", path=str(path)) from None
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, source: str = "<dict>") -> "SimulationConfig":
+        sections = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+        unknown = set(raw) - set(sections)
+        if unknown:
+            raise ConfigError(f"unknown section; allowed: {', '.join(sections)}", path=source, field=sorted(unknown)[0])
+        built = {
+            name: _build(typing.get_type_hints(cls)[name], raw.get(name, {}), source, name)
+            for name in sections
+        }
+        return cls(**built, source=source)
+
+    def resolved(self) -> dict[str, Any]:
+        """Every setting with defaults filled in, as plain TOML-able data."""
+        return {
+            f.name: _plain(dataclasses.asdict(getattr(self, f.name)))
+            for f in dataclasses.fields(self)
+            if f.name != "source"
+        }
+
+    def with_overrides(self, **sections: Any) -> "SimulationConfig":
+        return dataclasses.replace(self, **sections)
+
+
+def _build(cls: type, raw: Any, source: str, where: str) -> Any:
+    """Construct dataclass ``cls`` from a TOML table, checking keys and value types."""
+    if not isinstance(raw, dict):
+        raise ConfigError("must be a TOML table", path=source, field=where)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ConfigError(f"unknown key; allowed: {', '.join(sorted(names))}", path=source, field=f"{where}.{sorted(unknown)[0]}")
+    values = {name: _coerce(hints[name], value, source, f"{where}.{name}") for name, value in raw.items()}
+    try:
+        return cls(**values)
+    except ValueError as error:
+        raise ConfigError(str(error), path=source, field=where) from None
+
+
+def _coerce(hint: Any, value: Any, source: str, where: str) -> Any:
+    """Check ``value`` against a type hint; TOML arrays become tuples."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"must be one of {', '.join(map(str, args))}, not {value!r}", path=source, field=where)
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError("must be a list", path=source, field=where)
+        return tuple(_coerce(args[0], v, source, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError("must be a table", path=source, field=where)
+        return {k: _coerce(args[1], v, source, f"{where}.{k}") for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"must be {hint.__name__}, not {type(value).__name__} {value!r}", path=source, field=where)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value

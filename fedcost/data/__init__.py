@@ -1,0 +1,1 @@
+"""Data: the mapping of source files into the schema, and the synthetic ecosystem."""

@@ -1,0 +1,183 @@
+"""Federated preprocessing: features that mean the same thing at every site.
+
+Before training, every node computes *sums* over its training rows — per numeric
+feature the count of present values, their sum and sum of squares; per categorical
+feature the count of each level; the row count, the readmissions and the cost total —
+laid out as one flat vector (``StatisticsLayout``). The coordinator only adds those
+vectors, so the step runs under secure aggregation unchanged. From the federation-wide
+totals come the vocabularies, means and scales (``FeatureSpec``); no site's own
+distribution is needed and no rows are pooled.
+
+Values a node lacks (a column its role does not hold, or an empty cell) are imputed with
+the federation-wide mean (numeric) or no level (categorical) and flagged in an extra
+``<column>__missing`` feature, never silently zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from fedcost import schema
+from fedcost.models.training import TaskData
+
+_MISSING = "__missing"
+
+
+def model_scale(column: schema.Column, values: np.ndarray) -> np.ndarray:
+    """Values as models see them before standardising: log1p for skewed counts."""
+    return np.log1p(values) if column.log_scale else values
+
+
+@dataclass(frozen=True)
+class StatisticsLayout:
+    """Where each sum sits in a node's statistics vector; the same at every node."""
+
+    columns: tuple[schema.Column, ...]
+    targets: tuple[str, ...]
+
+    def slots(self) -> list[str]:
+        names = ["rows"]
+        for column in self.columns:
+            if column.kind == "numeric":
+                names += [f"{column.name}.count", f"{column.name}.sum", f"{column.name}.sumsq"]
+            else:
+                names += [f"{column.name}={level}" for level in column.levels]
+        if schema.READMISSION in self.targets:
+            names.append(f"{schema.READMISSION}.sum")
+        if schema.COST in self.targets:
+            names.append(f"{schema.COST}.sum")
+        return names
+
+    def local_statistics(self, rows: pd.DataFrame) -> np.ndarray:
+        """This node's sums over ``rows``, as one float64 vector in layout order."""
+        values: list[float] = [float(len(rows))]
+        for column in self.columns:
+            cells = rows[column.name]
+            if column.kind == "numeric":
+                present = model_scale(column, cells.dropna().to_numpy(dtype="float64"))
+                values += [float(present.size), float(present.sum()), float(np.square(present).sum())]
+            else:
+                counts = cells.value_counts()
+                values += [float(counts.get(level, 0)) for level in column.levels]
+        for target in (schema.READMISSION, schema.COST):
+            if target in self.targets:
+                values.append(float(rows[target].sum()))
+        return np.asarray(values, dtype="float64")
+
+    def feature_spec(self, totals: np.ndarray) -> "FeatureSpec":
+        """The federation-wide encoding from the summed statistics vectors."""
+        slots = dict(zip(self.slots(), totals.tolist(), strict=True))
+        rows = slots["rows"]
+        if rows < 1:
+            raise ValueError("the federation reported no training rows")
+        numeric: dict[str, tuple[float, float]] = {}
+        log_scaled = tuple(c.name for c in self.columns if c.log_scale)
+        vocabularies: dict[str, tuple[str, ...]] = {}
+        flagged: list[str] = []
+        for column in self.columns:
+            if column.kind == "numeric":
+                count = slots[f"{column.name}.count"]
+                if count == 0:
+                    continue
+                mean = slots[f"{column.name}.sum"] / count
+                variance = max(slots[f"{column.name}.sumsq"] / count - mean**2, 0.0)
+                numeric[column.name] = (mean, math.sqrt(variance) or 1.0)
+            else:
+                counts = {level: slots[f"{column.name}={level}"] for level in column.levels}
+                count = sum(counts.values())
+                if count == 0:
+                    continue
+                vocabularies[column.name] = tuple(level for level, n in counts.items() if n > 0)
+            if count < rows:
+                flagged.append(column.name)
+        return FeatureSpec(
+            numeric=numeric,
+            vocabularies=vocabularies,
+            flagged=tuple(flagged),
+            log_scaled=tuple(name for name in log_scaled if name in numeric),
+            readmission_rate=slots[f"{schema.READMISSION}.sum"] / rows if schema.READMISSION in self.targets else None,
+            cost_scale=max(slots.get(f"{schema.COST}.sum", rows) / rows, 1e-9),
+            rows=int(rows),
+        )
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Federation-wide means and scales, vocabularies and missing flags.
+
+    ``cost_scale`` is the federation's mean cost: models learn costs in those units so a
+    loss on costs of a few thousand and of a few hundred thousand stays well conditioned.
+    """
+
+    numeric: dict[str, tuple[float, float]]
+    vocabularies: dict[str, tuple[str, ...]]
+    flagged: tuple[str, ...]
+    log_scaled: tuple[str, ...]
+    readmission_rate: float | None
+    cost_scale: float
+    rows: int
+
+    @property
+    def feature_names(self) -> list[str]:
+        names = list(self.numeric)
+        for column, levels in self.vocabularies.items():
+            names += [f"{column}={level}" for level in levels]
+        return names + [f"{column}{_MISSING}" for column in self.flagged]
+
+    @property
+    def initial_readmission_rate(self) -> float | None:
+        """The base rate a readmission head starts from, when it is a usable probability."""
+        rate = self.readmission_rate
+        return rate if rate is not None and 0 < rate < 1 else None
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    def encode(self, rows: pd.DataFrame) -> np.ndarray:
+        """Standardised numerics, one-hot levels and missing flags, as float32."""
+        blocks: list[np.ndarray] = []
+        for column, (mean, scale) in self.numeric.items():
+            values = rows[column].to_numpy(dtype="float64")
+            if column in self.log_scaled:
+                values = np.log1p(values)
+            blocks.append(np.nan_to_num((values - mean) / scale, nan=0.0)[:, None])
+        for column, levels in self.vocabularies.items():
+            cells = rows[column].to_numpy(dtype=object)
+            blocks.append(np.stack([cells == level for level in levels], axis=1))
+        for column in self.flagged:
+            blocks.append(rows[column].isna().to_numpy()[:, None])
+        return np.concatenate(blocks, axis=1).astype("float32")
+
+    def task_data(self, rows: pd.DataFrame) -> TaskData:
+        """Features and targets of ``rows``; costs in ``cost_scale`` units."""
+        readmitted = rows[schema.READMISSION].to_numpy("float32") if schema.READMISSION in rows else None
+        cost = (rows[schema.COST].to_numpy("float64") / self.cost_scale).astype("float32") if schema.COST in rows else None
+        return TaskData(features=self.encode(rows), readmitted=readmitted, cost=cost)
+
+    def to_dict(self) -> dict:
+        return {
+            "numeric": {k: list(v) for k, v in self.numeric.items()},
+            "vocabularies": {k: list(v) for k, v in self.vocabularies.items()},
+            "flagged": list(self.flagged),
+            "log_scaled": list(self.log_scaled),
+            "readmission_rate": self.readmission_rate,
+            "cost_scale": self.cost_scale,
+            "rows": self.rows,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FeatureSpec":
+        return cls(
+            numeric={k: (float(v[0]), float(v[1])) for k, v in data["numeric"].items()},
+            vocabularies={k: tuple(v) for k, v in data["vocabularies"].items()},
+            flagged=tuple(data["flagged"]),
+            log_scaled=tuple(data["log_scaled"]),
+            readmission_rate=None if data["readmission_rate"] is None else float(data["readmission_rate"]),
+            cost_scale=float(data["cost_scale"]),
+            rows=int(data["rows"]),
+        )

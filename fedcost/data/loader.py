@@ -1,0 +1,227 @@
+"""Rows into the schema: read one node's CSV or Parquet file and validate every cell.
+
+This is the loader both a simulation and a real node use. It refuses a file with the
+file, row and column named, before any training sees a row. Row numbers are 1-based
+data rows (the header is not counted).
+
+The result is a frame with every feature column (schema and extra) and the declared
+targets: numeric columns as float64 with NaN where the node lacks the value (imputed
+and flagged later, never silently zero), categorical columns as schema levels or None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedcost import schema
+from fedcost.data.mapping import DataMapping, NodeSource, TargetReading, as_token
+from fedcost.errors import DataValidationError
+from fedcost.seeding import derive_seed
+
+_READERS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """One node's validated rows, split into training rows and held-out test rows."""
+
+    name: str
+    role: str
+    train: pd.DataFrame
+    test: pd.DataFrame
+
+
+def load_node(
+    mapping: DataMapping, name: str, *, split_seed: int, test_fraction: float = 0.2
+) -> NodeData:
+    """Load and validate a node's rows; split them unless it brings its own test file."""
+    node = mapping.node(name)
+    rows = load_rows(mapping, node, node.file)
+    if node.test_file is not None:
+        return NodeData(node.name, node.role, rows, load_rows(mapping, node, node.test_file))
+    train, test = split_rows(rows, seed=split_seed, node=node.name, test_fraction=test_fraction)
+    return NodeData(node.name, node.role, train, test)
+
+
+def split_rows(
+    rows: pd.DataFrame, *, seed: int, node: str, test_fraction: float
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A seeded train/test split that depends on the node's name, not its position."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must lie in (0, 1), not {test_fraction}")
+    if len(rows) < 2:
+        raise ValueError(f"node {node} has {len(rows)} row(s); a train/test split needs at least 2")
+    order = np.random.default_rng(derive_seed(seed, "split", node)).permutation(len(rows))
+    n_test = min(max(1, round(len(rows) * test_fraction)), len(rows) - 1)
+    test, train = order[:n_test], order[n_test:]
+    return rows.iloc[np.sort(train)].reset_index(drop=True), rows.iloc[np.sort(test)].reset_index(drop=True)
+
+
+def load_rows(mapping: DataMapping, node: NodeSource, path: Path) -> pd.DataFrame:
+    """Read ``path`` for ``node`` and return schema-typed rows, or raise naming the fault."""
+    raw = _read_table(path)
+    out: dict[str, pd.Series] = {}
+    for column in mapping.feature_columns:
+        source = node.source_of(column.name)
+        if source is None and column.name in raw.columns and column.name not in node.columns:
+            source = column.name
+        if source is None:
+            if column.name in _required_features(mapping, node):
+                raise _missing_column(path, node, column.name)
+            out[column.name] = _absent(column, len(raw))
+            continue
+        _require_header(raw, path, node, source, column.name)
+        cells = raw[source]
+        if column.kind == "numeric":
+            out[column.name] = _numeric(cells, column, path, source)
+        else:
+            out[column.name] = _categorical(cells, column, mapping.values.get(column.name, {}), path, source)
+    for target_name, reading in mapping.targets.items():
+        source = node.source_of(target_name) or target_name
+        if source not in raw.columns:
+            raise _missing_column(path, node, target_name)
+        cells = raw[source]
+        if target_name == schema.READMISSION:
+            out[target_name] = _binary_target(cells, reading, path, source)
+        else:
+            out[target_name] = _cost_target(cells, path, source)
+    return pd.DataFrame(out)
+
+
+def _required_features(mapping: DataMapping, node: NodeSource) -> set[str]:
+    extras = set(mapping.extra_numeric) | set(mapping.extra_categorical)
+    return (set(schema.ROLES[node.role].features) | extras) - set(node.lacks)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    kind = _READERS.get(path.suffix.lower())
+    if kind is None:
+        raise DataValidationError(
+            f"unsupported file type '{path.suffix}'; use .csv or .parquet", path=str(path)
+        )
+    if not path.is_file():
+        raise DataValidationError("file not found; check the node's file in the mapping", path=str(path))
+    try:
+        if kind == "csv":
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        else:
+            frame = pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        raise DataValidationError("file is empty; it needs a header and at least one row", path=str(path)) from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as error:
+        raise DataValidationError(f"cannot be read as {kind.upper()}: {error}", path=str(path)) from None
+    if frame.empty:
+        raise DataValidationError("file has a header but no rows", path=str(path))
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame
+
+
+def _require_header(raw: pd.DataFrame, path: Path, node: NodeSource, source: str, field_name: str) -> None:
+    if source not in raw.columns:
+        raise _missing_column(path, node, field_name, source)
+
+
+def _missing_column(path: Path, node: NodeSource, field_name: str, source: str | None = None) -> DataValidationError:
+    source = source or node.source_of(field_name) or field_name
+    hint = (
+        f"map it under [nodes.{node.name}.columns] or list '{field_name}' in [nodes.{node.name}] lacks"
+        if field_name not in (schema.READMISSION, schema.COST)
+        else f"map the source column to '{field_name}' under [columns] or [nodes.{node.name}.columns]"
+    )
+    return DataValidationError(
+        f"missing required column for schema field '{field_name}' (node {node.name}, role {node.role}); {hint}",
+        path=str(path),
+        column=source,
+    )
+
+
+def _absent(column: schema.Column, n: int) -> pd.Series:
+    if column.kind == "numeric":
+        return pd.Series(np.full(n, np.nan), dtype="float64")
+    return pd.Series([None] * n, dtype="object")
+
+
+def _blank(cells: pd.Series) -> np.ndarray:
+    return (cells.isna() | (cells.astype(str).str.strip() == "")).to_numpy()
+
+
+def _first_row(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0]) + 1
+
+
+def _numeric(cells: pd.Series, column: schema.Column, path: Path, source: str) -> pd.Series:
+    """Numbers within the schema's bounds; empty cells become NaN (imputed and flagged)."""
+    blank = _blank(cells)
+    values = pd.to_numeric(cells.where(~blank), errors="coerce").astype("float64")
+    bad = ~blank & ~np.isfinite(values.to_numpy())
+    if bad.any():
+        row = _first_row(bad)
+        raise DataValidationError(
+            f"value {cells.iloc[row - 1]!r} is not a number", path=str(path), row=row, column=source
+        )
+    _check_bounds(values.to_numpy(), column, path, source)
+    return values
+
+
+def _check_bounds(values: np.ndarray, column: schema.Column, path: Path, source: str) -> None:
+    present = ~np.isnan(values)
+    checks = []
+    if column.minimum is not None:
+        checks.append((present & (values < column.minimum), f"below the minimum {column.minimum:g} for {column.name}"))
+    if column.maximum is not None:
+        checks.append((present & (values > column.maximum), f"above the maximum {column.maximum:g} for {column.name}"))
+    if column.integer:
+        checks.append((present & (values != np.round(values)), f"not a whole number, as {column.name} must be"))
+    for bad, what in checks:
+        if bad.any():
+            row = _first_row(bad)
+            raise DataValidationError(f"value {values[row - 1]:g} is {what}", path=str(path), row=row, column=source)
+
+
+def _categorical(
+    cells: pd.Series, column: schema.Column, recoding: dict[str, str], path: Path, source: str
+) -> pd.Series:
+    """Schema levels after the mapping's recoding; empty cells become None (imputed and flagged)."""
+    blank = _blank(cells)
+    tokens = cells.map(as_token)
+    levels = tokens.map(lambda t: recoding.get(t, t))
+    bad = ~blank & ~levels.isin(column.levels).to_numpy()
+    if bad.any():
+        row = _first_row(bad)
+        raise DataValidationError(
+            f"value {cells.iloc[row - 1]!r} is not one of {', '.join(column.levels)}; "
+            f"recode it under [values.{column.name}] in the mapping",
+            path=str(path),
+            row=row,
+            column=source,
+        )
+    return levels.where(~blank, None).astype("object")
+
+
+def _binary_target(cells: pd.Series, reading: TargetReading, path: Path, source: str) -> pd.Series:
+    tokens = cells.map(as_token)
+    positive = tokens.isin(reading.positive).to_numpy()
+    negative = tokens.isin(reading.negative).to_numpy()
+    bad = ~(positive | negative)
+    if bad.any():
+        row = _first_row(bad)
+        raise DataValidationError(
+            f"value {cells.iloc[row - 1]!r} is neither positive ({', '.join(sorted(reading.positive))}) "
+            f"nor negative ({', '.join(sorted(reading.negative))}); the target must be 0/1, or set "
+            f"[targets.{schema.READMISSION}] positive and negative in the mapping",
+            path=str(path),
+            row=row,
+            column=source,
+        )
+    return pd.Series(positive.astype("float64"))
+
+
+def _cost_target(cells: pd.Series, path: Path, source: str) -> pd.Series:
+    blank = _blank(cells)
+    if blank.any():
+        raise DataValidationError("the cost is empty; every row needs a cost", path=str(path), row=_first_row(blank), column=source)
+    return _numeric(cells, schema.COLUMNS[schema.COST], path, source)

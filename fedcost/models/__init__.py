@@ -1,0 +1,1 @@
+"""Torch models, local training and evaluation metrics for the readmission and cost tasks."""

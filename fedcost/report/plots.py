@@ -1,0 +1,71 @@
+"""The run's PNG plots: metrics per round, per-site comparison, calibration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+
+MODEL_COLOURS = {"federated": "#1f77b4", "pooled": "#2ca02c", "local_only": "#d62728"}
+ROUND_PANELS = (
+    ("readmission_auroc", "readmission", "auroc", "Readmission AUROC"),
+    ("readmission_brier", "readmission", "brier", "Readmission Brier score"),
+    ("cost_mae", "cost", "mae", "Cost MAE"),
+    ("cost_r2", "cost", "r2", "Cost R²"),
+)
+
+
+def plot_rounds(rounds: list[dict], summary: dict, path: Path) -> None:
+    """Federated metrics after each round, with the pooled model as a dashed reference."""
+    panels = [p for p in ROUND_PANELS if rounds and p[0] in rounds[0]]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    x = [r["round"] for r in rounds]
+    for ax, (key, task, metric, title) in zip(axes[0], panels):
+        ax.plot(x, [r[key] for r in rounds], marker="o", color=MODEL_COLOURS["federated"], label="federated")
+        ax.axhline(summary[task]["pooled"][metric], ls="--", color=MODEL_COLOURS["pooled"], label="pooled (final)")
+        ax.set(title=title, xlabel="round")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    _save(figure, path)
+
+
+def plot_sites(summary: dict, path: Path) -> None:
+    """Per-site readmission AUROC and cost MAE for the three models."""
+    panels = [(t, m, label) for t, m, label in (("readmission", "auroc", "AUROC"), ("cost", "mae", "cost MAE")) if t in summary]
+    sites = list(summary["per_site"])
+    figure, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.9 * len(sites) + 2), 3.2 * len(panels)), squeeze=False)
+    positions = np.arange(len(sites))
+    for ax, (task, metric, label) in zip(axes[:, 0], panels):
+        for offset, model in zip((-0.27, 0, 0.27), MODEL_COLOURS):
+            values = [summary["per_site"][s][task][model][metric] for s in sites]
+            ax.bar(positions + offset, values, width=0.27, color=MODEL_COLOURS[model], label=model)
+        ax.set_xticks(positions, sites, rotation=30, ha="right", fontsize=8)
+        ax.set(ylabel=label, title=f"{label} per site (held-out rows)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    _save(figure, path)
+
+
+def plot_calibration(summary: dict, path: Path) -> None:
+    """Observed readmission rate against the predicted risk, per model, in quantile bins."""
+    figure, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfect")
+    top = 0.0
+    for model, bins in summary["calibration"].items():
+        ax.plot(bins["mean_predicted"], bins["observed_rate"], marker="o", color=MODEL_COLOURS[model], label=model)
+        top = max(top, *bins["mean_predicted"], *bins["observed_rate"])
+    ax.set(xlim=(0, min(1, top * 1.1)), ylim=(0, min(1, top * 1.1)), xlabel="predicted risk", ylabel="observed rate",
+           title="Readmission calibration")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def _save(figure: plt.Figure, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

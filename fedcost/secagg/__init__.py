@@ -1,0 +1,74 @@
+"""SecAgg+ (Bell et al. 2020 on Bonawitz et al. 2017): the coordinator learns only a sum.
+
+Pure core: no Flower, no network, no files. One round, per node u with neighbours N(u)
+in a public random graph (``graph``), threshold t among them:
+
+1. setup -> advertise keys: u makes two X25519 pairs (mask agreement, share encryption)
+   and a 32-byte self-mask seed, and signs both public keys with its Ed25519 identity key.
+2. share keys: u verifies its neighbours' signatures, Shamir-shares (t of |N(u)|) its seed
+   and its mask private key, and encrypts each neighbour's shares (ChaCha20-Poly1305).
+3. masked input: u decrypts the shares it holds and sends
+   y_u = x_u + PRG(seed_u) + sum_v +-PRG(pair key u,v) mod 2**bits (AES-CTR PRG, HKDF keys).
+4. unmask: for each neighbour u returns its seed share if it survived, its key share if
+   it dropped, never both; the coordinator rebuilds seeds and keys and strips the masks.
+
+API. Coordinator: ``c = Coordinator(RoundConfig.create(...), identities)``;
+``requests = c.start()``; then, while ``not c.done``: send each node its request,
+collect the replies that arrive, ``requests = c.handle(replies)``; finally ``c.result``
+(``Aggregate(total, included)``). Node: ``node = Node(node_id, identity_key,
+identities)``; ``reply = node.handle(request)`` for each request, passing
+``vector=Quantizer.encode(...)`` with the masked-input one. Messages convert with
+``to_dict`` and ``request_from_dict``/``reply_from_dict``. ``simulate_round`` runs the loop
+in memory. Too few survivors, a stage out of order, a repeated stage: ``ProtocolAbort``;
+a bad signature or tag: ``InvalidSignatureError``.
+"""
+
+from fedcost.secagg.graph import choose_degree, choose_threshold, neighbours
+from fedcost.secagg.messages import (
+    EncryptedShare,
+    KeyAdvertisement,
+    MaskedInputReply,
+    MaskedInputRequest,
+    Reply,
+    Request,
+    RevealedShare,
+    RoundConfig,
+    SetupRequest,
+    ShareKeysReply,
+    ShareKeysRequest,
+    Stage,
+    UnmaskReply,
+    UnmaskRequest,
+    reply_from_dict,
+    request_from_dict,
+)
+from fedcost.secagg.protocol import Aggregate, Coordinator, Node
+from fedcost.secagg.quantize import Quantizer
+from fedcost.secagg.simulation import simulate_round
+
+__all__ = [
+    "Aggregate",
+    "Coordinator",
+    "EncryptedShare",
+    "KeyAdvertisement",
+    "MaskedInputReply",
+    "MaskedInputRequest",
+    "Node",
+    "Quantizer",
+    "Reply",
+    "Request",
+    "RevealedShare",
+    "RoundConfig",
+    "SetupRequest",
+    "ShareKeysReply",
+    "ShareKeysRequest",
+    "Stage",
+    "UnmaskReply",
+    "UnmaskRequest",
+    "choose_degree",
+    "choose_threshold",
+    "neighbours",
+    "reply_from_dict",
+    "request_from_dict",
+    "simulate_round",
+]

@@ -1,0 +1,490 @@
+"""Node and coordinator state machines of one SecAgg+ round.
+
+Both sides are driven by messages: ``Node.handle(request) -> reply`` on each node,
+``Coordinator.start()`` then ``Coordinator.handle(replies) -> requests`` on the
+coordinator. Every handler checks, in this order, the stage, the message and config
+types, and only then does crypto. A message for any stage but the expected one raises
+``ProtocolAbort("expected stage X, received stage Y")``; a handler that raises ends the
+round for that object, which then refuses everything.
+
+Masks, with u < v for the sign and ``+``/``-`` mod 2**bits:
+``y_u = x_u + PRG(self seed of u) + sum over neighbours v of +-PRG(pair key of u, v)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from fedcost.errors import InvalidSignatureError, ProtocolAbort
+from fedcost.secagg import crypto, shamir
+from fedcost.secagg.graph import neighbours, neighbours_of
+from fedcost.secagg.messages import (
+    EncryptedShare,
+    KeyAdvertisement,
+    MaskedInputReply,
+    MaskedInputRequest,
+    Reply,
+    Request,
+    RevealedShare,
+    RoundConfig,
+    SetupRequest,
+    ShareKeysReply,
+    ShareKeysRequest,
+    Stage,
+    UnmaskReply,
+    UnmaskRequest,
+)
+from fedcost.secagg.prg import expand
+
+_X_SIZE = 4  # bytes of a share's x-coordinate inside the encrypted plaintext
+_PLAINTEXT_SIZE = _X_SIZE + 2 * shamir.SHARE_SIZE
+
+# Stage of each request a node accepts: the request type and the stage after it.
+_NODE_STAGES: dict[Stage, tuple[type, Stage | None]] = {
+    Stage.SETUP: (SetupRequest, Stage.SHARE_KEYS),
+    Stage.SHARE_KEYS: (ShareKeysRequest, Stage.MASKED_INPUT),
+    Stage.MASKED_INPUT: (MaskedInputRequest, Stage.UNMASK),
+    Stage.UNMASK: (UnmaskRequest, None),
+}
+# Stage of the replies the coordinator collects: the reply type and the stage after it.
+_COORDINATOR_STAGES: dict[Stage, tuple[type, Stage | None]] = {
+    Stage.ADVERTISE_KEYS: (KeyAdvertisement, Stage.SHARE_KEYS),
+    Stage.SHARE_KEYS: (ShareKeysReply, Stage.MASKED_INPUT),
+    Stage.MASKED_INPUT: (MaskedInputReply, Stage.UNMASK),
+    Stage.UNMASK: (UnmaskReply, None),
+}
+
+
+def _unexpected(expected: Stage | None, received: str) -> ProtocolAbort:
+    wanted = expected.value if expected else "none (the round is over)"
+    return ProtocolAbort(f"expected stage {wanted}, received {received}")
+
+
+def _check_stage(
+    expected: Stage | None, message: object, kinds: Mapping[Stage, tuple[type, Stage | None]]
+) -> None:
+    """Refuse a message for any stage but ``expected``, then a message of the wrong type."""
+    received = getattr(message, "stage", None)
+    if not isinstance(received, Stage):
+        raise ProtocolAbort(f"expected a secure-aggregation message, received {type(message).__name__}")
+    if received is not expected:
+        raise _unexpected(expected, f"stage {received.value}")
+    kind = kinds[received][0]
+    if not isinstance(message, kind):
+        raise ProtocolAbort(
+            f"stage {received.value} needs a {kind.__name__}, received {type(message).__name__}"
+        )
+
+
+def _modulus_mask(config: RoundConfig) -> np.uint64:
+    return np.uint64((1 << config.bits) - 1)
+
+
+def _self_mask(config: RoundConfig, node: int, seed: bytes) -> np.ndarray:
+    info = crypto.label(config.run_id, config.round, crypto.SELF_MASK, node)
+    return expand(crypto.derive_key(seed, info), config.dim, config.bits)
+
+
+def _pair_mask(
+    config: RoundConfig, private: X25519PrivateKey, peer_public: bytes, u: int, v: int
+) -> np.ndarray:
+    """The mask nodes u and v share; the smaller id adds it, the larger subtracts it."""
+    info = crypto.label(config.run_id, config.round, crypto.PAIRWISE_MASK, min(u, v), max(u, v))
+    return expand(crypto.derive_key(crypto.agree(private, peer_public), info), config.dim, config.bits)
+
+
+def _share_cipher_key(config: RoundConfig, shared_secret: bytes, sender: int, recipient: int) -> bytes:
+    """One key per direction: shares from u to v and from v to u never share a key."""
+    info = crypto.label(config.run_id, config.round, crypto.SHARE_ENCRYPTION, sender, recipient)
+    return crypto.derive_key(shared_secret, info)
+
+
+def _share_associated_data(config: RoundConfig, sender: int, recipient: int) -> bytes:
+    return crypto.canonical(crypto.PROTOCOL, "share", config.run_id, config.round, sender, recipient)
+
+
+class Node:
+    """One node's side of one round; make a new one for every round.
+
+    ``identities`` holds the Ed25519 identity keys of the federation's nodes, from its
+    certificates, never from the coordinator: they are what detects substituted keys.
+    """
+
+    def __init__(
+        self,
+        node_id: int,
+        identity_key: Ed25519PrivateKey,
+        identities: Mapping[int, Ed25519PublicKey],
+    ):
+        self.node_id = node_id
+        self._identity_key = identity_key
+        self._identities = dict(identities)
+        self._next: Stage | None = Stage.SETUP
+        self._config: RoundConfig | None = None
+        self._neighbours: frozenset[int] = frozenset()
+        self._mask_key: X25519PrivateKey | None = None
+        self._share_key: X25519PrivateKey | None = None
+        self._seed: bytes | None = None
+        self._peers: dict[int, KeyAdvertisement] = {}
+        self._share_secrets: dict[int, bytes] = {}  # neighbour -> X25519 secret of the share keys
+        self._held: dict[int, tuple[int, bytes, bytes]] = {}  # neighbour -> (x, seed share, key share)
+
+    def handle(self, request: Request, *, vector: np.ndarray | None = None) -> Reply:
+        """Answer the coordinator's request for the next stage.
+
+        ``vector`` is this node's quantised input (uint64, ``config.dim`` entries, below
+        2**bits); pass it with the masked-input request and only then.
+        """
+        expected, self._next = self._next, None  # whatever raises below ends the round for this node
+        _check_stage(expected, request, _NODE_STAGES)
+        if (vector is not None) != (request.stage is Stage.MASKED_INPUT):
+            raise ValueError("pass the input vector with the masked-input request, and only then")
+        if isinstance(request, SetupRequest):
+            reply: Reply = self._setup(request)
+        elif isinstance(request, ShareKeysRequest):
+            reply = self._share_keys(request)
+        elif isinstance(request, MaskedInputRequest):
+            reply = self._masked_input(request, vector)
+        else:
+            reply = self._unmask(request)
+        self._next = _NODE_STAGES[request.stage][1]
+        return reply
+
+    def _setup(self, request: SetupRequest) -> KeyAdvertisement:
+        """Check the round, make fresh keys and a self-mask seed, sign the public keys."""
+        config = request.config
+        if self.node_id not in config.node_ids:
+            raise ProtocolAbort(f"node {self.node_id} is not among the round's nodes")
+        self._neighbours = neighbours_of(self.node_id, config.node_ids, config.graph_seed, config.degree)
+        unknown = self._neighbours - self._identities.keys()
+        if unknown:
+            raise ProtocolAbort(f"no identity key for neighbour(s) {sorted(unknown)}")
+        self._config = config
+        self._mask_key = crypto.generate_agreement_key()
+        self._share_key = crypto.generate_agreement_key()
+        self._seed = secrets.token_bytes(crypto.KEY_SIZE)
+        unsigned = KeyAdvertisement(
+            self.node_id, crypto.public_bytes(self._mask_key), crypto.public_bytes(self._share_key), b""
+        )
+        signature = crypto.sign(self._identity_key, unsigned.signed_bytes(config.run_id, config.round))
+        return dataclasses.replace(unsigned, signature=signature)
+
+    def _share_keys(self, request: ShareKeysRequest) -> ShareKeysReply:
+        """Verify the neighbours' keys, then Shamir-share seed and mask key, encrypted per neighbour."""
+        config, threshold = self._config, self._config.threshold
+        peers: dict[int, KeyAdvertisement] = {}
+        for ad in request.advertisements:
+            if ad.node_id not in self._neighbours or ad.node_id in peers:
+                raise ProtocolAbort(f"key advertisement of node {ad.node_id}, not a neighbour or repeated")
+            try:
+                crypto.verify(
+                    self._identities[ad.node_id], ad.signature, ad.signed_bytes(config.run_id, config.round)
+                )
+            except InvalidSignatureError as exc:
+                exc.add_note(f"in the key advertisement of node {ad.node_id}")
+                raise
+            peers[ad.node_id] = ad
+        if len(peers) < threshold:
+            raise ProtocolAbort(
+                f"{len(peers)} neighbours advertised keys, fewer than the threshold {threshold}"
+            )
+        self._peers = peers
+        self._share_secrets = {
+            peer: crypto.agree(self._share_key, ad.share_key) for peer, ad in peers.items()
+        }
+        self._share_key = None
+        recipients = sorted(peers)
+        seed_shares = shamir.share(self._seed, threshold, len(recipients))
+        key_shares = shamir.share(crypto.private_bytes(self._mask_key), threshold, len(recipients))
+        shares = []
+        for recipient, (x, seed_share), (_, key_share) in zip(recipients, seed_shares, key_shares):
+            key = _share_cipher_key(config, self._share_secrets[recipient], self.node_id, recipient)
+            plaintext = x.to_bytes(_X_SIZE, "big") + seed_share + key_share
+            ciphertext = crypto.encrypt(
+                key, plaintext, _share_associated_data(config, self.node_id, recipient)
+            )
+            shares.append(EncryptedShare(self.node_id, recipient, ciphertext))
+        return ShareKeysReply(self.node_id, tuple(shares))
+
+    def _masked_input(self, request: MaskedInputRequest, vector: np.ndarray) -> MaskedInputReply:
+        """Decrypt the shares held for neighbours, then mask the input with every pair key."""
+        config = self._config
+        if not isinstance(vector, np.ndarray) or vector.dtype != np.uint64 or vector.shape != (config.dim,):
+            raise ValueError(f"input must be a uint64 vector of {config.dim} entries")
+        if (vector & ~_modulus_mask(config)).any():
+            raise ValueError(f"input has entries of {config.bits} bits or more")
+        held: dict[int, tuple[int, bytes, bytes]] = {}
+        for share in request.shares:
+            if share.recipient != self.node_id or share.sender not in self._peers or share.sender in held:
+                raise ProtocolAbort(f"unexpected share from node {share.sender} to node {share.recipient}")
+            key = _share_cipher_key(config, self._share_secrets[share.sender], share.sender, self.node_id)
+            try:
+                plaintext = crypto.decrypt(
+                    key, share.ciphertext, _share_associated_data(config, share.sender, self.node_id)
+                )
+            except InvalidSignatureError as exc:
+                exc.add_note(f"in the encrypted share from node {share.sender}")
+                raise
+            if len(plaintext) != _PLAINTEXT_SIZE:
+                raise ProtocolAbort(f"the share from node {share.sender} has the wrong size")
+            seed_share, key_share = plaintext[_X_SIZE : -shamir.SHARE_SIZE], plaintext[-shamir.SHARE_SIZE :]
+            held[share.sender] = (int.from_bytes(plaintext[:_X_SIZE], "big"), seed_share, key_share)
+        if len(held) < config.threshold:
+            raise ProtocolAbort(
+                f"shares from {len(held)} neighbours, fewer than the threshold {config.threshold}"
+            )
+        masked = vector + _self_mask(config, self.node_id, self._seed)
+        for peer in sorted(held):
+            mask = _pair_mask(config, self._mask_key, self._peers[peer].mask_key, self.node_id, peer)
+            if self.node_id < peer:
+                masked += mask
+            else:
+                masked -= mask
+        masked &= _modulus_mask(config)
+        self._held = held
+        # The node's own secrets now live only as its neighbours' shares.
+        self._seed, self._mask_key, self._share_secrets = None, None, {}
+        return MaskedInputReply(self.node_id, masked)
+
+    def _unmask(self, request: UnmaskRequest) -> UnmaskReply:
+        """Reveal one share per neighbour: its seed share if it survived, its key share if not.
+
+        Never both: a request that names a neighbour in both lists is refused, and the
+        round ends here, so no later request can flip a neighbour's status.
+        """
+        survivors, dropped = set(request.survivors), set(request.dropped)
+        both = survivors & dropped
+        if both:
+            raise ProtocolAbort(f"asked for both the seed and the key shares of node(s) {sorted(both)}")
+        unknown = (survivors | dropped) - self._held.keys()
+        if unknown:
+            raise ProtocolAbort(f"node {self.node_id} holds no shares of node(s) {sorted(unknown)}")
+        held, self._held = self._held, {}
+        return UnmaskReply(
+            self.node_id,
+            tuple(RevealedShare(owner, held[owner][0], held[owner][1]) for owner in request.survivors),
+            tuple(RevealedShare(owner, held[owner][0], held[owner][2]) for owner in request.dropped),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Aggregate:
+    """The outcome of a round: the sum of the included nodes' inputs mod 2**bits."""
+
+    total: np.ndarray
+    included: tuple[int, ...]
+
+
+class Coordinator:
+    """The coordinator's side of one round; make a new one for every round.
+
+    ``dropouts`` says, for every node that left the round, in which stage and why (no
+    reply, or a reply that failed its checks); a node that drops out during unmask is
+    still in the sum, it just gives no shares.
+    """
+
+    def __init__(self, config: RoundConfig, identities: Mapping[int, Ed25519PublicKey]):
+        missing = set(config.node_ids) - identities.keys()
+        if missing:
+            raise ValueError(f"no identity key for node(s) {sorted(missing)}")
+        self.config = config
+        self.dropouts: dict[int, str] = {}
+        self._identities = dict(identities)
+        self._neighbours = neighbours(config.node_ids, config.graph_seed, config.degree)
+        self._next: Stage | None = Stage.SETUP
+        self._asked: set[int] = set()
+        self._advertised: dict[int, KeyAdvertisement] = {}
+        self._shared: set[int] = set()
+        self._masked: set[int] = set()
+        self._total = np.zeros(config.dim, dtype=np.uint64)
+        self._unmask_requests: dict[int, UnmaskRequest] = {}
+        self._result: Aggregate | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether the round has finished with a result."""
+        return self._result is not None
+
+    @property
+    def result(self) -> Aggregate:
+        """The sum of the survivors' inputs and who they are, once the round is done."""
+        if self._result is None:
+            raise ValueError("the round has not finished")
+        return self._result
+
+    def start(self) -> dict[int, SetupRequest]:
+        """The setup stage: the round's configuration, for every node."""
+        expected, self._next = self._next, None
+        if expected is not Stage.SETUP:
+            raise _unexpected(expected, f"stage {Stage.SETUP.value}")
+        self._next = Stage.ADVERTISE_KEYS
+        self._asked = set(self.config.node_ids)
+        request = SetupRequest(self.config)
+        return {node: request for node in self.config.node_ids}
+
+    def handle(self, replies: Iterable[Reply]) -> dict[int, Request]:
+        """Take the replies that arrived for the current stage; return the next stage's requests.
+
+        A node that was asked and did not reply has dropped out. Returns {} once the
+        round is done; raises ProtocolAbort when too few nodes are left.
+        """
+        replies = list(replies)
+        stage, self._next = self._next, None  # whatever raises below ends the round
+        for reply in replies:
+            _check_stage(stage, reply, _COORDINATOR_STAGES)
+        if stage not in _COORDINATOR_STAGES:  # setup (call start) or the round is over
+            raise _unexpected(stage, "no replies")
+        by_node: dict[int, Reply] = {}
+        for reply in replies:
+            if reply.node_id not in self._asked or reply.node_id in by_node:
+                raise ProtocolAbort(
+                    f"unasked or repeated reply from node {reply.node_id} in stage {stage.value}"
+                )
+            by_node[reply.node_id] = reply
+        for node in sorted(self._asked - by_node.keys()):
+            self.dropouts[node] = f"no reply in stage {stage.value}"
+        if stage is Stage.ADVERTISE_KEYS:
+            requests: dict[int, Request] = self._advertise_keys(by_node)
+        elif stage is Stage.SHARE_KEYS:
+            requests = self._share_keys(by_node)
+        elif stage is Stage.MASKED_INPUT:
+            requests = self._masked_input(by_node)
+        else:
+            requests = self._unmask(by_node)
+        self._next = _COORDINATOR_STAGES[stage][1]
+        self._asked = set(requests)
+        return requests
+
+    def _drop(self, node: int, stage: Stage, reason: str) -> None:
+        self.dropouts[node] = f"refused in stage {stage.value}: {reason}"
+
+    def _check_threshold(self, needing: set[int], alive: set[int], stage: Stage) -> None:
+        """Abort unless every node in ``needing`` keeps at least t neighbours in ``alive``."""
+        config = self.config
+        if not needing:
+            raise ProtocolAbort(f"round aborted in stage {stage.value}: no node is left")
+        for node in sorted(needing):
+            left = len(self._neighbours[node] & alive)
+            if left < config.threshold:
+                raise ProtocolAbort(
+                    f"round aborted in stage {stage.value}: node {node} has {left} of its "
+                    f"{config.degree} neighbours left, fewer than the threshold {config.threshold}"
+                )
+
+    def _advertise_keys(self, by_node: dict[int, KeyAdvertisement]) -> dict[int, ShareKeysRequest]:
+        """Keep the validly signed advertisements; send each node its neighbours'."""
+        config = self.config
+        for node, ad in by_node.items():
+            try:
+                crypto.verify(
+                    self._identities[node], ad.signature, ad.signed_bytes(config.run_id, config.round)
+                )
+            except InvalidSignatureError:
+                self._drop(node, Stage.ADVERTISE_KEYS, "key advertisement fails its signature check")
+                continue
+            self._advertised[node] = ad
+        alive = set(self._advertised)
+        self._check_threshold(alive, alive, Stage.ADVERTISE_KEYS)
+        return {
+            node: ShareKeysRequest(tuple(self._advertised[v] for v in sorted(self._neighbours[node] & alive)))
+            for node in sorted(alive)
+        }
+
+    def _share_keys(self, by_node: dict[int, ShareKeysReply]) -> dict[int, MaskedInputRequest]:
+        """Keep the nodes that shared with exactly their advertised neighbours; route the shares."""
+        advertised = set(self._advertised)
+        inbox: dict[int, dict[int, EncryptedShare]] = defaultdict(dict)
+        for node, reply in by_node.items():
+            recipients = sorted(share.recipient for share in reply.shares)
+            if recipients != sorted(self._neighbours[node] & advertised) or any(
+                share.sender != node for share in reply.shares
+            ):
+                self._drop(node, Stage.SHARE_KEYS, "shares do not match its advertised neighbours")
+                continue
+            self._shared.add(node)
+            for share in reply.shares:
+                inbox[share.recipient][node] = share
+        self._check_threshold(self._shared, self._shared, Stage.SHARE_KEYS)
+        return {
+            node: MaskedInputRequest(
+                tuple(inbox[node][v] for v in sorted(self._neighbours[node] & self._shared))
+            )
+            for node in sorted(self._shared)
+        }
+
+    def _masked_input(self, by_node: dict[int, MaskedInputReply]) -> dict[int, UnmaskRequest]:
+        """Add up the masked inputs; ask each survivor for one share per neighbour."""
+        config = self.config
+        for node, reply in by_node.items():
+            masked = reply.masked
+            if masked.shape != (config.dim,) or (masked & ~_modulus_mask(config)).any():
+                self._drop(
+                    node, Stage.MASKED_INPUT, f"masked input is not {config.dim} entries mod 2**{config.bits}"
+                )
+                continue
+            self._total += masked
+            self._masked.add(node)
+        self._check_threshold(self._shared, self._masked, Stage.MASKED_INPUT)
+        dropped = self._shared - self._masked
+        self._unmask_requests = {
+            node: UnmaskRequest(
+                tuple(sorted(self._neighbours[node] & self._masked)),
+                tuple(sorted(self._neighbours[node] & dropped)),
+            )
+            for node in sorted(self._masked)
+        }
+        return dict(self._unmask_requests)
+
+    def _unmask(self, by_node: dict[int, UnmaskReply]) -> dict[int, Request]:
+        """Rebuild survivors' seeds and dropped nodes' keys; remove every mask from the sum."""
+        config = self.config
+        seed_shares: dict[int, list[shamir.Share]] = defaultdict(list)
+        key_shares: dict[int, list[shamir.Share]] = defaultdict(list)
+        answered = set()
+        for node, reply in by_node.items():
+            request = self._unmask_requests[node]
+            if (
+                sorted(s.owner for s in reply.seed_shares) != list(request.survivors)
+                or sorted(s.owner for s in reply.key_shares) != list(request.dropped)
+                or any(len(s.value) != shamir.SHARE_SIZE for s in reply.seed_shares + reply.key_shares)
+            ):
+                self._drop(node, Stage.UNMASK, "shares do not match the request")
+                continue
+            answered.add(node)
+            for share in reply.seed_shares:
+                seed_shares[share.owner].append((share.x, share.value))
+            for share in reply.key_shares:
+                key_shares[share.owner].append((share.x, share.value))
+        self._check_threshold(self._shared, answered, Stage.UNMASK)
+        total = self._total
+        for node in sorted(self._masked):
+            total -= _self_mask(config, node, self._combine(seed_shares[node], node, "seed"))
+        for dropped in sorted(self._shared - self._masked):
+            private = crypto.load_agreement_key(self._combine(key_shares[dropped], dropped, "mask key"))
+            if crypto.public_bytes(private) != self._advertised[dropped].mask_key:
+                raise ProtocolAbort(
+                    f"the rebuilt mask key of node {dropped} does not match its advertised key"
+                )
+            for node in sorted(self._neighbours[dropped] & self._masked):
+                mask = _pair_mask(config, private, self._advertised[node].mask_key, dropped, node)
+                if node < dropped:  # the survivor added it; take it out
+                    total -= mask
+                else:
+                    total += mask
+        total &= _modulus_mask(config)
+        self._result = Aggregate(total, tuple(sorted(self._masked)))
+        return {}
+
+    def _combine(self, shares: list[shamir.Share], owner: int, what: str) -> bytes:
+        try:
+            return shamir.combine(shares, self.config.threshold)
+        except ValueError as exc:
+            raise ProtocolAbort(f"the {what} shares of node {owner} do not combine") from exc

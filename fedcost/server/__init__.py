@@ -1,0 +1,1 @@
+"""The coordinator: Flower ServerApp, its round loop and what it records."""

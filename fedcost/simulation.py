@@ -1,0 +1,285 @@
+"""`fedcost simulate`: a whole federation on one machine, next to its two baselines.
+
+The researcher's lab bench, not the coordinator: it holds every node's rows (synthetic,
+or the researcher's own files), runs the federation on Flower's Simulation Engine — where
+the coordinator sees only sums and weights — and then, outside the federation, trains a
+**pooled** model (all rows in one place: the ceiling) and **local-only** models (each
+site alone: the floor), and scores all three on the same held-out rows.
+
+The run folder is built under a hidden staging name and renamed into place only when
+everything succeeded, so a folder at the final path always holds a complete run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tomli_w
+import torch
+from flwr.app import Context
+from flwr.simulation import run_simulation
+
+from fedcost import schema
+from fedcost.client.app import make_client_app
+from fedcost.client.node import NodeSetup
+from fedcost.config import SimulationConfig
+from fedcost.data.features import FeatureSpec, StatisticsLayout
+from fedcost.data.loader import NodeData, load_node
+from fedcost.data.mapping import DataMapping
+from fedcost.data.files import MAPPING_FILE, write_node_files
+from fedcost.data.synthetic import generate_ecosystem
+from fedcost.errors import ConfigError, FederationError
+from fedcost.models.metrics import calibration_bins, cost_metrics, readmission_metrics
+from fedcost.models.nets import build_model
+from fedcost.models.training import TaskData, predict, train_local
+from fedcost.report import write_report
+from fedcost.server.app import CoordinatorPlan, make_server_app
+from fedcost.seeding import derive_seed
+
+MODELS = ("federated", "pooled", "local_only")
+# A site alone would train until its model settles: at least this many optimizer steps.
+MIN_LOCAL_STEPS = 300
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Where the run folder is and what it concluded."""
+
+    run_dir: Path
+    summary: dict
+
+
+class RunRecorder:
+    """Receives the coordinator's progress and writes it into the staging folder."""
+
+    def __init__(self, folder: Path, on_round: Callable[[dict], None]):
+        self.folder = folder
+        self.on_round_hook = on_round
+        self.features: FeatureSpec | None = None
+        self.sites: list[str] = []
+        self.rounds: list[dict] = []
+        self.weights: dict[str, np.ndarray] | None = None
+
+    def on_features(self, features: FeatureSpec, sites: list[str]) -> None:
+        self.features, self.sites = features, sites
+        (self.folder / "features.json").write_text(json.dumps(features.to_dict(), indent=2))
+
+    def on_round(self, record: dict) -> None:
+        self.rounds.append(record)
+        with (self.folder / "metrics.jsonl").open("a") as out:
+            out.write(json.dumps(record) + "\n")
+        self.on_round_hook(record)
+
+    def on_model(self, weights: dict[str, np.ndarray]) -> None:
+        self.weights = weights
+
+
+def simulate(
+    config: SimulationConfig,
+    *,
+    out: Path | None = None,
+    data_dir: Path | None = None,
+    runs_root: Path = Path("runs"),
+    on_round: Callable[[dict], None] = lambda record: None,
+) -> RunResult:
+    """Run ``config`` and return the finished run folder; raises before leaving a half run."""
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    final = Path(out) if out else runs_root / run_id
+    if final.exists() and any(final.iterdir()):
+        raise ConfigError("the output folder exists and is not empty; choose another --out", path=str(final))
+    mapping = DataMapping.load(data_dir / MAPPING_FILE) if data_dir else None
+    nodes = _load_nodes(mapping, config) if mapping else None
+    staging = final.parent / f".{final.name}.incomplete-{uuid.uuid4().hex[:6]}"
+    staging.mkdir(parents=True)
+    try:
+        summary = _run(config, run_id, staging, mapping, nodes, on_round)
+        if final.exists():
+            final.rmdir()
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return RunResult(final, summary)
+
+
+def _run(
+    config: SimulationConfig,
+    run_id: str,
+    folder: Path,
+    mapping: DataMapping | None,
+    nodes: list[NodeData] | None,
+    on_round: Callable[[dict], None],
+) -> dict:
+    started = time.perf_counter()
+    if mapping is None:
+        ecosystem = generate_ecosystem(config.ecosystem.spec(), config.run.seed)
+        files = write_node_files(((n.name, n.role, n.frame) for n in ecosystem.nodes), folder / "data")
+        mapping = DataMapping.load(files)
+        (folder / "truth.json").write_text(json.dumps(ecosystem.truth, indent=2))
+        nodes = _load_nodes(mapping, config)
+    assert nodes is not None
+    config = replace(config, model=replace(config.model, tasks=mapping.tasks))
+    (folder / "config.toml").write_bytes(tomli_w.dumps(config.resolved()).encode())
+
+    recorder = RunRecorder(folder, on_round)
+    _federate(config, mapping, recorder)
+    if recorder.features is None or recorder.weights is None:
+        raise FederationError("the federation ended without a final model; see the log above")
+    features = recorder.features
+    federated = build_model(config.model, features.n_features, seed=config.run.seed)
+    federated.load_state_dict({k: torch.from_numpy(v) for k, v in recorder.weights.items()})
+    torch.save(federated.state_dict(), folder / "model.pt")
+    (folder / "model.json").write_text(
+        json.dumps({"model": dataclasses.asdict(config.model), "features": features.to_dict()}, indent=2)
+    )
+
+    predictions = {
+        "federated": [_predict(federated, features, node.test) for node in nodes],
+        "pooled": _pooled_predictions(config, features, nodes),
+        "local_only": _local_only_predictions(config, features, nodes),
+    }
+    summary = _summary(run_id, config, mapping, nodes, predictions, features, recorder.rounds)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_report(folder, summary, recorder.rounds)
+    return summary
+
+
+def _load_nodes(mapping: DataMapping, config: SimulationConfig) -> list[NodeData]:
+    """Load and check every node's rows before anything runs: a bad file stops it here."""
+    return [
+        load_node(mapping, node.name, split_seed=config.run.seed, test_fraction=config.run.test_fraction)
+        for node in mapping.nodes
+    ]
+
+
+def _federate(config: SimulationConfig, mapping: DataMapping, recorder: RunRecorder) -> None:
+    """The federation proper, on Flower's Simulation Engine."""
+    setups = [
+        NodeSetup(mapping.path.resolve(), node.name, config.run.seed, config.run.test_fraction)
+        for node in mapping.nodes
+    ]
+
+    def resolve_setup(context: Context) -> NodeSetup:
+        return setups[int(context.node_config["partition-id"])]
+
+    plan = CoordinatorPlan(
+        nodes=len(setups),
+        rounds=config.run.rounds,
+        seed=config.run.seed,
+        layout=StatisticsLayout(mapping.feature_columns, tuple(mapping.targets)),
+        model=config.model,
+        training=config.training,
+        strategy=config.strategy,
+    )
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    run_simulation(
+        server_app=make_server_app(plan, recorder),
+        client_app=make_client_app(resolve_setup),
+        num_supernodes=len(setups),
+        backend_config={
+            "client_resources": {"num_cpus": config.simulation.cpus_per_node, "num_gpus": 0.0},
+            "init_args": {"logging_level": "ERROR", "log_to_driver": True, "include_dashboard": False},
+        },
+    )
+
+
+def _predict(model: torch.nn.Module, features: FeatureSpec, rows: pd.DataFrame) -> dict[str, np.ndarray]:
+    predictions = predict(model, features.encode(rows))
+    if "cost" in predictions:
+        predictions["cost"] = predictions["cost"] * features.cost_scale
+    return predictions
+
+
+def _train(config: SimulationConfig, features: FeatureSpec, data: TaskData, epochs: int, label: str) -> torch.nn.Module:
+    torch.set_num_threads(1)
+    model = build_model(config.model, features.n_features, seed=config.run.seed, readmission_rate=features.initial_readmission_rate)
+    training = replace(config.training, epochs=epochs, proximal_mu=0.0)
+    train_local(model, data, training, seed=derive_seed(config.run.seed, "baseline", label))
+    return model
+
+
+def _pooled_predictions(config: SimulationConfig, features: FeatureSpec, nodes: list[NodeData]) -> list[dict]:
+    """All training rows in one place, the same number of epochs as the federation ran."""
+    data = features.task_data(pd.concat([node.train for node in nodes], ignore_index=True))
+    model = _train(config, features, data, config.run.rounds * config.training.epochs, "pooled")
+    return [_predict(model, features, node.test) for node in nodes]
+
+
+def _local_only_predictions(config: SimulationConfig, features: FeatureSpec, nodes: list[NodeData]) -> list[dict]:
+    """Each site alone on its own rows, scored on its own held-out rows."""
+    predictions = []
+    for node in nodes:
+        steps_per_epoch = math.ceil(len(node.train) / config.training.batch_size)
+        epochs = max(config.run.rounds * config.training.epochs, math.ceil(MIN_LOCAL_STEPS / steps_per_epoch))
+        model = _train(config, features, features.task_data(node.train), epochs, f"local/{node.name}")
+        predictions.append(_predict(model, features, node.test))
+    return predictions
+
+
+def _scores(rows: pd.DataFrame, predictions: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    scores = {}
+    if "readmission" in predictions:
+        scores["readmission"] = readmission_metrics(rows[schema.READMISSION].to_numpy(), predictions["readmission"])
+    if "cost" in predictions:
+        metrics = cost_metrics(rows[schema.COST].to_numpy(), predictions["cost"])
+        scores["cost"] = {k: metrics[k] for k in ("mae", "rmse", "r2")}
+    return scores
+
+
+def _summary(
+    run_id: str,
+    config: SimulationConfig,
+    mapping: DataMapping,
+    nodes: list[NodeData],
+    predictions: dict[str, list[dict]],
+    features: FeatureSpec,
+    rounds: list[dict],
+) -> dict:
+    all_test = pd.concat([node.test for node in nodes], ignore_index=True)
+    summary: dict = {
+        "run_id": run_id,
+        "rounds": config.run.rounds,
+        "strategy": config.strategy.name,
+        "model": config.model.kind,
+        "tasks": list(config.model.tasks),
+        "nodes": [
+            {"name": n.name, "role": n.role, "train_rows": len(n.train), "test_rows": len(n.test)} for n in nodes
+        ],
+        "test_rows": len(all_test),
+        "missing_flagged": list(features.flagged),
+        "federated_evaluation": rounds[-1] if rounds else {},
+    }
+    for task in config.model.tasks:
+        summary[task] = {}
+    calibration = {}
+    for model_name in MODELS:
+        pooled = {k: np.concatenate([p[k] for p in predictions[model_name]]) for k in predictions[model_name][0]}
+        for task, scores in _scores(all_test, pooled).items():
+            summary[task][model_name] = scores
+        if "readmission" in pooled:
+            calibration[model_name] = calibration_bins(all_test[schema.READMISSION].to_numpy(), pooled["readmission"])
+    summary["calibration"] = calibration
+    summary["per_site"] = {
+        node.name: {
+            "role": node.role,
+            **{
+                task: {m: _scores(node.test, predictions[m][i])[task] for m in MODELS}
+                for task in config.model.tasks
+            },
+        }
+        for i, node in enumerate(nodes)
+    }
+    return summary
