@@ -38,21 +38,36 @@ def simulate(
 
     try:
         settings = SimulationConfig.load(config) if config else _default_config()
-        with Progress(
-            TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.description}"), console=console,
-        ) as progress:
-            task = progress.add_task("starting nodes…", total=settings.run.rounds)
-
-            def on_round(record: dict) -> None:
-                progress.update(task, advance=1, description=_round_text(record))
-
-            result = run(settings, out=out, data_dir=data_dir, on_round=on_round)
+        with RoundProgress(settings.run.rounds) as progress:
+            result = run(settings, out=out, data_dir=data_dir, on_start=progress.start, on_round=progress.advance)
     except FedcostError as error:
-        console.print(f"[red]error:[/red] {error}")
+        console.print(f"[red]error:[/red] {error}", soft_wrap=True, highlight=False)
         raise typer.Exit(code=2) from None
     console.print(_comparison_table(result.summary))
     console.print(f"run folder: [bold]{result.run_dir}[/bold] (report: {result.run_dir / 'report.html'})")
+
+
+class RoundProgress:
+    """A progress bar over federated rounds, shown once the data has passed its checks."""
+
+    def __init__(self, rounds: int):
+        self.progress = Progress(
+            TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}"), console=console,
+        )
+        self.task = self.progress.add_task("starting nodes…", total=rounds)
+
+    def __enter__(self) -> "RoundProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def start(self) -> None:
+        self.progress.start()
+
+    def advance(self, record: dict) -> None:
+        self.progress.update(self.task, advance=1, description=_round_text(record))
 
 
 def _default_config() -> SimulationConfig:

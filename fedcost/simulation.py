@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import time
 import uuid
@@ -92,6 +93,7 @@ def simulate(
     out: Path | None = None,
     data_dir: Path | None = None,
     runs_root: Path = Path("runs"),
+    on_start: Callable[[], None] = lambda: None,
     on_round: Callable[[dict], None] = lambda record: None,
 ) -> RunResult:
     """Run ``config`` and return the finished run folder; raises before leaving a half run."""
@@ -104,7 +106,7 @@ def simulate(
     staging = final.parent / f".{final.name}.incomplete-{uuid.uuid4().hex[:6]}"
     staging.mkdir(parents=True)
     try:
-        summary = _run(config, run_id, staging, mapping, nodes, on_round)
+        summary = _run(config, run_id, staging, mapping, nodes, on_start, on_round)
         if final.exists():
             final.rmdir()
         staging.rename(final)
@@ -120,6 +122,7 @@ def _run(
     folder: Path,
     mapping: DataMapping | None,
     nodes: list[NodeData] | None,
+    on_start: Callable[[], None],
     on_round: Callable[[dict], None],
 ) -> dict:
     started = time.perf_counter()
@@ -134,6 +137,7 @@ def _run(
     (folder / "config.toml").write_bytes(tomli_w.dumps(config.resolved()).encode())
 
     recorder = RunRecorder(folder, on_round)
+    on_start()
     _federate(config, mapping, recorder)
     if recorder.features is None or recorder.weights is None:
         raise FederationError("the federation ended without a final model; see the log above")
@@ -184,7 +188,10 @@ def _federate(config: SimulationConfig, mapping: DataMapping, recorder: RunRecor
         training=config.training,
         strategy=config.strategy,
     )
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    # Flower warns that run_simulation is deprecated in favour of `flwr run`, which needs a
+    # packaged app; fedcost drives the engine from Python on purpose, so only errors show.
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(
         server_app=make_server_app(plan, recorder),
         client_app=make_client_app(resolve_setup),
