@@ -17,8 +17,7 @@ from collections.abc import Callable
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedcost.secagg import Coordinator, Node, Quantizer, RoundConfig, Stage, choose_threshold
-from fedcost.secagg import shamir
+from fedcost.secagg import Coordinator, Node, Quantizer, RoundConfig, Stage, choose_threshold, shamir
 from fedcost.secagg.prg import expand
 
 ROUNDS = [
@@ -44,20 +43,18 @@ def _median_ms(call: Callable[[], object], repeat: int = 7) -> float:
 
 def bench_primitives() -> None:
     key = secrets.token_bytes(32)
-    print("| primitive | time (ms, median of 7) |\n| --- | ---: |")
-    print(
-        f"| mask expansion, 1M entries mod 2^32 (AES-256-CTR) | {_median_ms(lambda: expand(key, 1_000_000, 32)):.1f} |"
-    )
     quantizer = Quantizer(clip=1.0, levels=2**15, max_nodes=1000)
     update = [np.linspace(-2, 2, 1_000_000)]
-    print(
-        f"| quantise 1M floats (clip + stochastic rounding) | {_median_ms(lambda: quantizer.encode(update, seed=key)):.1f} |"
-    )
+    expand_ms = _median_ms(lambda: expand(key, 1_000_000, 32))
+    quantise_ms = _median_ms(lambda: quantizer.encode(update, seed=key))
+    print("| primitive | time (ms, median of 7) |\n| --- | ---: |")
+    print(f"| mask expansion, 1M entries mod 2^32 (AES-256-CTR) | {expand_ms:.1f} |")
+    print(f"| quantise 1M floats (clip + stochastic rounding) | {quantise_ms:.1f} |")
     for n in (10, 50, 100):
         t = choose_threshold(n)
         shares = shamir.share(key, t, n)
-        share_ms = _median_ms(lambda: shamir.share(key, t, n))
-        combine_ms = _median_ms(lambda: shamir.combine(shares, t))
+        share_ms = _median_ms(lambda n=n, t=t: shamir.share(key, t, n))
+        combine_ms = _median_ms(lambda shares=shares, t=t: shamir.combine(shares, t))
         print(f"| Shamir 32-byte secret, n={n}, t={t}: share / combine | {share_ms:.2f} / {combine_ms:.2f} |")
 
 
@@ -123,9 +120,8 @@ def bench_rounds() -> None:
 
 
 if __name__ == "__main__":
-    print(
-        f"fedcost SecAgg+ benchmark: Python {platform.python_version()}, numpy {np.__version__}, {platform.machine()}\n"
-    )
+    python, machine = platform.python_version(), platform.machine()
+    print(f"fedcost SecAgg+ benchmark: Python {python}, numpy {np.__version__}, {machine}\n")
     bench_primitives()
     print()
     bench_rounds()

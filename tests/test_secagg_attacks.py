@@ -18,8 +18,9 @@ from fedcost.secagg import (
     ShareKeysRequest,
     Stage,
     UnmaskRequest,
+    crypto,
+    shamir,
 )
-from fedcost.secagg import crypto, shamir
 
 
 class _Federation:

@@ -217,17 +217,14 @@ class _Round:
     def step(self) -> None:
         self.requests = self.coordinator.handle(self.answer())
 
-    def run(self) -> None:
-        while not self.coordinator.done:
-            self.step()
-
 
 def _samples() -> tuple[dict, dict]:
     """One request of each stage a node gets, one reply of each stage the coordinator gets."""
     round_ = _Round()
     requests, replies = {}, {}
     while not round_.coordinator.done:
-        requests[next(iter(round_.requests.values())).stage] = next(iter(round_.requests.values()))
+        request = round_.requests[1]
+        requests[request.stage] = request
         round_.step()
         replies[round_.replies[0].stage] = round_.replies[0]
     requests[Stage.ADVERTISE_KEYS] = replies[Stage.ADVERTISE_KEYS]  # a reply sent to a node
@@ -427,6 +424,8 @@ def test_malformed_replies_become_protocol_aborts(change, why):
         ({**SAMPLE_REQUESTS[Stage.UNMASK].to_dict(), "survivors": [3, 2]}, "sorted and distinct"),
         ({**SAMPLE_REQUESTS[Stage.SETUP].to_dict(), "threshold": 1, "degree": 2}, "strict majority"),
         ({**SAMPLE_REQUESTS[Stage.SETUP].to_dict(), "run_id": "a|b"}, "run id"),
+        ({**SAMPLE_REQUESTS[Stage.SETUP].to_dict(), "degree": 1}, "even degree"),
+        ({**SAMPLE_REQUESTS[Stage.SETUP].to_dict(), "bits": 63}, "at most 62"),
         ({**SAMPLE_REQUESTS[Stage.MASKED_INPUT].to_dict(), "senders": []}, "differ in length"),
     ],
 )

@@ -103,6 +103,8 @@ class RoundConfig:
         n = len(self.node_ids)
         if n < 2 or self.degree > n - 1:
             raise ValueError(f"degree {self.degree} does not fit {n} nodes")
+        if self.degree < n - 1 and self.degree % 2:
+            raise ValueError(f"a sparse graph needs an even degree, got {self.degree}")
         if not self.degree // 2 < self.threshold <= self.degree:
             raise ValueError(
                 f"threshold must be a strict majority of the {self.degree} neighbours "

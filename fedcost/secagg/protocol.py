@@ -4,8 +4,8 @@ Both sides are driven by messages: ``Node.handle(request) -> reply`` on each nod
 ``Coordinator.start()`` then ``Coordinator.handle(replies) -> requests`` on the
 coordinator. Every handler checks, in this order, the stage, the message and config
 types, and only then does crypto. A message for any stage but the expected one raises
-``ProtocolAbort("expected stage X, received stage Y")``; a handler that raises ends the
-round for that object, which then refuses everything.
+``ProtocolAbort("expected stage X, received stage Y")``. Anything that raises ends the
+round for that object, which then refuses every later message.
 
 Masks, with u < v for the sign and ``+``/``-`` mod 2**bits:
 ``y_u = x_u + PRG(self seed of u) + sum over neighbours v of +-PRG(pair key of u, v)``.
