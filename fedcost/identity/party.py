@@ -10,12 +10,11 @@ and the field.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,16 +87,16 @@ class PublicIdentity:
         """Strict inverse of ``to_dict``: exact fields, 32-byte key, key id that matches it."""
         if not isinstance(data, dict):
             raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-        for field in _PUBLIC_FIELDS:
-            if field not in data:
-                raise _FieldError(field, "missing")
+        for name in _PUBLIC_FIELDS:
+            if name not in data:
+                raise _FieldError(name, "missing")
         extra = sorted(set(data) - set(_PUBLIC_FIELDS))
         if extra:
             raise _FieldError(extra[0], "unexpected field")
         _check_name_and_role(data["name"], data["role"])
         try:
             raw = base64.b64decode(data["public_key"], validate=True)
-        except (TypeError, binascii.Error) as e:
+        except (TypeError, ValueError) as e:  # binascii.Error, non-ASCII text
             raise _FieldError("public_key", f"not base64: {e}") from e
         if len(raw) != 32:
             raise _FieldError("public_key", f"expected 32 raw Ed25519 bytes, got {len(raw)}")
@@ -129,7 +128,7 @@ class Identity:
 
     name: str
     role: str
-    private_key: Ed25519PrivateKey
+    private_key: Ed25519PrivateKey = field(repr=False)
 
     def __post_init__(self) -> None:
         _check_name_and_role(self.name, self.role)
@@ -162,7 +161,10 @@ class Identity:
     @classmethod
     def load(cls, folder: str | os.PathLike[str], name: str) -> Identity:
         """Read ``<name>.key.pem`` and ``<name>.pub.json`` and check that they belong together."""
-        public = PublicIdentity.load(Path(folder) / f"{name}.pub.json")
+        public_path = Path(folder) / f"{name}.pub.json"
+        public = PublicIdentity.load(public_path)
+        if public.name != name:
+            raise ConfigError(f"holds the identity of {public.name!r}", path=str(public_path), field="name")
         key_path = Path(folder) / f"{name}.key.pem"
         try:
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)

@@ -1,0 +1,186 @@
+"""One party's log: writer, strict reader, interrupted writes, reopening."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import rfc8785
+
+from fedcost.audit import GENESIS_HASH, AuditLog, Entry, read_log, verify_log
+from fedcost.errors import AuditLogTamperedError
+from fedcost.identity import Identity
+
+T0 = datetime(2025, 3, 1, 9, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def identity() -> Identity:
+    return Identity.generate("hospital-1", "hospital")
+
+
+def _small_log(path: Path, identity: Identity, *, close: bool = True) -> None:
+    log = AuditLog(path, identity)
+    log.append("job_received", details={"secure_aggregation": True}, at=T0)
+    log.message_sent(b"update", recipient="coordinator", kind="masked_update", round=0, at=T0)
+    log.checkpoint(round=0, at=T0)
+    log.append("data_loaded", details={"rows": 120}, at=T0 + timedelta(seconds=1))
+    if close:
+        log.close(at=T0 + timedelta(seconds=2))
+
+
+def test_written_log_verifies_and_round_trips_byte_for_byte(tmp_path: Path, identity: Identity) -> None:
+    path = tmp_path / "hospital-1.jsonl"
+    _small_log(path, identity)
+
+    result = verify_log(path, identity.public())
+    assert result.ok and result.checkpoints == 2 and result.signed_through == 4
+    assert [e.seq for e in result.entries] == [0, 1, 2, 3, 4]
+    assert result.entries[0].prev == GENESIS_HASH
+    assert result.entries[1].time == "2025-03-01T09:00:00.000000Z"
+    assert result.entries[1].details == {"recipient": "coordinator", "kind": "masked_update", "bytes": 6}
+    for line, entry in zip(path.read_bytes().splitlines(), result.entries):
+        assert entry.to_bytes() == line
+        assert Entry.from_dict(entry.to_dict()) == entry
+
+
+def test_ordinary_lines_are_rfc8785_canonical_json(tmp_path: Path, identity: Identity) -> None:
+    path = tmp_path / "hospital-1.jsonl"
+    _small_log(path, identity)
+    line = path.read_bytes().splitlines()[1]
+    assert rfc8785.dumps(json.loads(line)) == line
+
+
+def test_unrecognized_fields_survive_a_round_trip(identity: Identity) -> None:
+    data = {"seq": 0, "time": "2025-03-01T09:00:00.000000Z", "actor": "hospital-1", "event": "x",
+            "round": None, "details": {}, "digest": None, "prev": GENESIS_HASH, "site_note": [1, "a"]}
+    entry = Entry.from_dict(dict(data))
+    assert entry.unrecognized_fields == {"site_note": [1, "a"]}
+    again = Entry.from_bytes(entry.to_bytes())
+    assert again == entry and again.hash == entry.hash
+
+
+def test_concurrent_appends_keep_one_consecutive_chain(tmp_path: Path, identity: Identity) -> None:
+    path = tmp_path / "hospital-1.jsonl"
+    log = AuditLog(path, identity)
+
+    def worker(n: int) -> None:
+        for i in range(100):
+            log.append("message_received", round=0, details={"thread": n, "i": i})
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    log.close()
+    assert len(verify_log(path, identity.public()).entries) == 801
+
+
+def test_reopening_continues_the_chain(tmp_path: Path, identity: Identity) -> None:
+    path = tmp_path / "hospital-1.jsonl"
+    _small_log(path, identity, close=False)
+    log = AuditLog(path, identity)
+    assert log.append("aggregate", round=1, at=T0).seq == 4
+    log.close(at=T0)
+    assert verify_log(path, identity.public()).ok
+
+
+def test_closed_log_takes_no_more_entries(tmp_path: Path, identity: Identity) -> None:
+    path = tmp_path / "hospital-1.jsonl"
+    log = AuditLog(path, identity)
+    log.close(at=T0)
+    with pytest.raises(ValueError, match="closed"):
+        log.append("late", at=T0)
+    with pytest.raises(ValueError, match="closed"):
+        AuditLog(path, identity)
+
+
+@pytest.mark.parametrize("event", ["checkpoint", "run_closed"])
+def test_checkpoints_cannot_be_appended_unsigned(tmp_path: Path, identity: Identity, event: str) -> None:
+    with pytest.raises(ValueError, match="signed checkpoint"):
+        AuditLog(tmp_path / "hospital-1.jsonl", identity).append(event)
+
+
+def test_naive_clock_is_refused(tmp_path: Path, identity: Identity) -> None:
+    with pytest.raises(ValueError, match="naive datetime"):
+        AuditLog(tmp_path / "hospital-1.jsonl", identity).append("x", at=datetime(2025, 3, 1))
+
+
+def test_log_of_another_party_cannot_be_continued(tmp_path: Path, identity: Identity) -> None:
+    path = tmp_path / "hospital-1.jsonl"
+    _small_log(path, identity, close=False)
+    with pytest.raises(AuditLogTamperedError, match="signature does not verify"):
+        AuditLog(path, Identity.generate("hospital-1", "hospital"))
+
+
+def test_interrupted_write_verifies_up_to_last_entry_and_says_cut(tmp_path: Path, identity: Identity) -> None:
+    path = tmp_path / "hospital-1.jsonl"
+    _small_log(path, identity)
+    whole = path.read_bytes()
+    last_line_start = whole.rstrip(b"\n").rfind(b"\n") + 1
+    path.write_bytes(whole[: last_line_start + 40])  # the run_closed line was half written
+
+    result = verify_log(path, identity.public())
+    assert not result.ok and not result.closed
+    assert result.cut is not None and result.cut.line == 5 and len(result.cut.tail) == 40
+    assert [e.seq for e in result.entries] == [0, 1, 2, 3]
+    assert result.signed_through == 2  # seq 3 was written but never signed
+    assert "CUT: line 5" in result.describe()
+
+
+def test_reopening_after_a_crash_discards_the_cut_tail_and_logs_it(tmp_path: Path, identity: Identity) -> None:
+    path = tmp_path / "hospital-1.jsonl"
+    _small_log(path, identity, close=False)
+    with path.open("ab") as f:
+        f.write(b'{"actor":"hospital-1","det')
+    log = AuditLog(path, identity)
+    log.close(at=T0)
+
+    entries = verify_log(path, identity.public()).entries
+    discarded = entries[4]
+    assert discarded.event == "tail_discarded" and discarded.details == {"line": 5, "bytes": 26}
+    assert entries[-1].event == "run_closed"
+
+
+VALID = {"seq": 0, "time": "2025-03-01T09:00:00.000000Z", "actor": "hospital-1", "event": "data_loaded",
+         "round": None, "details": {}, "digest": None, "prev": GENESIS_HASH}
+SIG = "A" * 86 + "=="
+
+
+def _line(**changes: object) -> bytes:
+    data = {**VALID, **changes}
+    return rfc8785.dumps({k: v for k, v in data.items() if v is not ...})
+
+
+BAD_LINES = {
+    "not JSON": (b"{oops", "line 2: Expecting property name"),
+    "not an object": (b"[1, 2]", "expected a JSON object, got list"),
+    "trailing data": (_line() + b" {}", "extra data after the JSON value"),
+    "NaN": (_line()[:-1] + b',"x":NaN}', "NaN is not JSON"),
+    "not UTF-8": (b'{"actor":"\xff"}', "can't decode byte 0xff"),
+    "missing field": (_line(prev=...), "field 'prev' is missing"),
+    "seq as text": (_line(seq="1"), "field 'seq' must be an integer"),
+    "seq as boolean": (_line(seq=True), "field 'seq' must be an integer"),
+    "local time": (_line(time="2025-03-01T10:00:00.000000+01:00"), "field 'time' must be UTC"),
+    "non-ASCII digits": (_line(time="٢٠٢٥-03-01T09:00:00.000000Z"), "field 'time' must be UTC"),
+    "negative round": (_line(round=-1), "field 'round' must be an integer >= 0"),
+    "details as list": (_line(details=[]), "field 'details' must be an object"),
+    "upper-case digest": (_line(digest="AB" * 32), "field 'digest' must be 64 lowercase hex"),
+    "short prev": (_line(prev="ab"), "field 'prev' must be 64"),
+    "unsigned checkpoint": (_line(event="checkpoint"), "field 'sig' must be a base64 Ed25519 signature"),
+    "signed ordinary entry": (_line()[:-1] + f',"sig":"{SIG}"}}'.encode(), "field 'sig'"),
+    "sig not last": (_line(event="checkpoint", sig=SIG), "'sig' must be a string and the last member"),
+}
+
+
+@pytest.mark.parametrize("line, reason", BAD_LINES.values(), ids=BAD_LINES.keys())
+def test_reader_names_the_first_bad_line(tmp_path: Path, line: bytes, reason: str) -> None:
+    path = tmp_path / "hospital-1.jsonl"
+    path.write_bytes(_line() + b"\n" + line + b"\n" + b"garbage\n")
+    with pytest.raises(AuditLogTamperedError, match=r"hospital-1.jsonl\), line 2: ") as caught:
+        read_log(path)
+    assert reason in str(caught.value)
