@@ -38,6 +38,12 @@ def simulate(
 
     try:
         settings = SimulationConfig.load(config) if config else _default_config()
+        if not settings.secure_aggregation.enabled:
+            console.print(
+                "[yellow]warning:[/yellow] secure aggregation is OFF ([secure_aggregation] enabled = false): "
+                "the coordinator sees every node's contribution in the clear",
+                soft_wrap=True,
+            )
         with RoundProgress(settings.run.rounds) as progress:
             result = run(settings, out=out, data_dir=data_dir, on_start=progress.start, on_round=progress.advance)
     except FedcostError as error:

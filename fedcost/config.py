@@ -77,10 +77,42 @@ class StrategySection:
 
 
 @dataclass(frozen=True)
+class SecureAggregationSection:
+    """SecAgg+ for every shared sum: on unless a config says ``enabled = false``.
+
+    Updates are clipped to ±``update_clip`` per entry and quantised in steps of
+    ``update_clip / update_levels``; ``max_examples`` bounds a node's weight (its
+    example count). ``dropout_tolerance`` is the share of a node's neighbours that may
+    drop out with the sum still exact; below the threshold a round aborts and is retried
+    ``retries`` times (``on_abort = "retry"``) or the run stops (``"stop"``).
+    """
+
+    enabled: bool = True
+    dropout_tolerance: float = 1 / 3
+    update_clip: float = 8.0
+    update_levels: int = 2**20
+    max_examples: int = 2**20
+    on_abort: Literal["retry", "stop"] = "retry"
+    retries: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.dropout_tolerance < 0.5:
+            raise ValueError(f"dropout_tolerance must lie in [0, 0.5), not {self.dropout_tolerance}")
+        if self.update_clip <= 0 or self.update_levels < 1 or self.max_examples < 1 or self.retries < 0:
+            raise ValueError("update_clip, update_levels and max_examples must be positive, retries non-negative")
+
+
+@dataclass(frozen=True)
 class SimulationSection:
-    """How Flower's Simulation Engine places nodes on this machine."""
+    """How Flower's Simulation Engine places nodes on this machine, and injected faults.
+
+    ``drop_nodes`` makes the named nodes drop out of the rounds listed, after they have
+    shared their keys (``drop_stage``): a scenario knob for dropout recovery.
+    """
 
     cpus_per_node: float = 1.0
+    drop_nodes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    drop_stage: Literal["advertise-keys", "share-keys", "masked-input", "unmask"] = "masked-input"
 
     def __post_init__(self) -> None:
         if self.cpus_per_node <= 0:
@@ -96,6 +128,7 @@ class SimulationConfig:
     model: ModelSpec = ModelSpec()
     training: TrainConfig = TrainConfig()
     strategy: StrategySection = StrategySection()
+    secure_aggregation: SecureAggregationSection = SecureAggregationSection()
     simulation: SimulationSection = SimulationSection()
     source: str = "<defaults>"
 

@@ -1,6 +1,6 @@
 """What a coordinator asks of a node, as plain JSON-able data.
 
-A training job travels inside Flower's ConfigRecord as one JSON string, so node and
+A training job travels inside a Flower ConfigRecord as one JSON string, so node and
 coordinator agree on the model, the local training and the federation-wide features
 without sharing Python objects.
 """
@@ -15,19 +15,6 @@ from typing import Any
 from fedcost.data.features import FeatureSpec
 from fedcost.models.nets import ModelSpec
 from fedcost.models.training import TrainConfig
-
-# Record names inside Flower messages, shared by node and coordinator.
-ARRAYS = "arrays"
-CONFIG = "config"
-METRICS = "metrics"
-NODE = "node"
-STATISTICS = "statistics"
-READMISSION_SUMS = "readmission-sums"
-COST_SUMS = "cost-sums"
-EXAMPLES = "num-examples"
-JOB = "job"
-STAGE = "stage"
-
 
 @dataclass(frozen=True)
 class TrainingJob:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import tomli_w
 import torch
 from flwr.app import Context
@@ -138,7 +140,7 @@ def _run(
 
     recorder = RunRecorder(folder, on_round)
     on_start()
-    _federate(config, mapping, recorder)
+    _federate(config, run_id, mapping, recorder)
     if recorder.features is None or recorder.weights is None:
         raise FederationError("the federation ended without a final model; see the log above")
     features = recorder.features
@@ -169,10 +171,21 @@ def _load_nodes(mapping: DataMapping, config: SimulationConfig) -> list[NodeData
     ]
 
 
-def _federate(config: SimulationConfig, mapping: DataMapping, recorder: RunRecorder) -> None:
-    """The federation proper, on Flower's Simulation Engine."""
+def _federate(config: SimulationConfig, run_id: str, mapping: DataMapping, recorder: RunRecorder) -> None:
+    """The federation proper, on Flower's Simulation Engine, with a fresh identity per node."""
+    identity_keys = {node.name: Ed25519PrivateKey.generate() for node in mapping.nodes}
+    roster = tuple(sorted((name, _raw_public(key)) for name, key in identity_keys.items()))
     setups = [
-        NodeSetup(mapping.path.resolve(), node.name, config.run.seed, config.run.test_fraction)
+        NodeSetup(
+            mapping.path.resolve(),
+            node.name,
+            config.run.seed,
+            config.run.test_fraction,
+            identity_key=_raw_private(identity_keys[node.name]),
+            roster=roster,
+            drop_rounds=config.simulation.drop_nodes.get(node.name, ()),
+            drop_stage=config.simulation.drop_stage,
+        )
         for node in mapping.nodes
     ]
 
@@ -180,13 +193,15 @@ def _federate(config: SimulationConfig, mapping: DataMapping, recorder: RunRecor
         return setups[int(context.node_config["partition-id"])]
 
     plan = CoordinatorPlan(
-        nodes=len(setups),
+        run_id=run_id,
+        roster=roster,
         rounds=config.run.rounds,
         seed=config.run.seed,
         layout=StatisticsLayout(mapping.feature_columns, tuple(mapping.targets)),
         model=config.model,
         training=config.training,
         strategy=config.strategy,
+        secure_aggregation=config.secure_aggregation,
     )
     # Flower warns that run_simulation is deprecated in favour of `flwr run`, which needs a
     # packaged app; fedcost drives the engine from Python on purpose, so only errors show.
@@ -201,6 +216,14 @@ def _federate(config: SimulationConfig, mapping: DataMapping, recorder: RunRecor
             "init_args": {"logging_level": "ERROR", "log_to_driver": True, "include_dashboard": False},
         },
     )
+
+
+def _raw_public(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _raw_private(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
 
 
 def _predict(model: torch.nn.Module, features: FeatureSpec, rows: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -260,6 +283,8 @@ def _summary(
         "run_id": run_id,
         "rounds": config.run.rounds,
         "strategy": config.strategy.name,
+        "secure_aggregation": config.secure_aggregation.enabled,
+        "dropouts": {r["round"]: r["dropouts"] for r in rounds if r.get("dropouts")},
         "model": config.model.kind,
         "tasks": list(config.model.tasks),
         "nodes": [

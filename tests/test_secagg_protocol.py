@@ -447,3 +447,28 @@ def test_messages_survive_their_dict_round_trip():
     assert isinstance(SAMPLE_REQUESTS[Stage.SHARE_KEYS], ShareKeysRequest)
     assert isinstance(SAMPLE_REPLIES[Stage.ADVERTISE_KEYS], KeyAdvertisement)
     assert isinstance(SAMPLE_REPLIES[Stage.SHARE_KEYS], ShareKeysReply)
+
+
+def test_a_node_restored_from_its_exported_state_finishes_the_round() -> None:
+    """Flower may deliver each stage to another worker process: state must survive export."""
+    import numpy as np
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedcost.secagg import Coordinator, Node, RoundConfig, Stage
+
+    config = RoundConfig.create(run_id="restore-test", round=1, node_ids=(1, 2, 3, 4), dim=5, bits=20)
+    keys = {n: Ed25519PrivateKey.generate() for n in config.node_ids}
+    identities = {n: k.public_key() for n, k in keys.items()}
+    states = {n: Node(n, keys[n], identities).export_state() for n in config.node_ids}
+    inputs = {n: np.arange(5, dtype=np.uint64) * np.uint64(n) for n in config.node_ids}
+    coordinator = Coordinator(config, identities)
+    requests = coordinator.start()
+    while not coordinator.done:
+        replies = []
+        for n, request in requests.items():
+            node = Node.restore(states[n], keys[n], identities)
+            vector = inputs[n] if request.stage is Stage.MASKED_INPUT else None
+            replies.append(node.handle(request, vector=vector))
+            states[n] = node.export_state()
+        requests = coordinator.handle(replies)
+    np.testing.assert_array_equal(coordinator.result.total, sum(inputs.values()))

@@ -1,25 +1,28 @@
 """The node's Flower ClientApp: a thin binding of ``Node`` to the Message API.
 
-query    → the node's statistics vector (for federation-wide features)
-train    → new weights after local epochs, with the example count for weighting
-evaluate → additive evaluation sums over the node's held-out rows
-
-Every reply names the node (a ConfigRecord with its name and role) so the coordinator
-can report per-site progress; no reply carries rows or per-record values.
+Train, evaluate and query messages all arrive here; the config record says which
+transport (see ``fedcost.records``) and purpose. Whatever the transport, the node only
+ever sends its name and role, or its contribution to a shared sum — masked under
+secure aggregation, in the clear only when the run turned it off. Never rows, never
+per-record values.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcost import job as keys
-from fedcost.client.node import Node, NodeSetup
+from fedcost import records as rec
+from fedcost.client.node import Contribution, Node, NodeSetup
+from fedcost.errors import FederationError
 from fedcost.job import TrainingJob
+from fedcost.secagg import MaskedInputRequest, Quantizer, SetupRequest, request_from_dict
+from fedcost.secagg import Node as SecAggNode
 
 SetupResolver = Callable[[Context], NodeSetup]
 
@@ -28,62 +31,70 @@ def make_client_app(resolve_setup: SetupResolver) -> ClientApp:
     """A ClientApp whose node is found by ``resolve_setup`` from Flower's node context."""
     app = ClientApp()
 
-    @app.query()
-    def statistics(message: Message, context: Context) -> Message:
-        node = _node(resolve_setup, context)
-        vector = node.statistics()
-        content = RecordDict(
-            {
-                keys.STATISTICS: ArrayRecord({keys.STATISTICS: Array(vector)}),
-                keys.METRICS: MetricRecord({keys.EXAMPLES: len(node.data.train)}),
-                keys.NODE: _identity(node),
-            }
-        )
+    def respond(message: Message, context: Context) -> Message:
+        torch.set_num_threads(1)
+        setup = resolve_setup(context)
+        node = Node(setup)
+        config = message.content[rec.CONFIG]
+        transport = config[rec.TRANSPORT]
+        content = RecordDict({rec.NODE: ConfigRecord({"name": node.name, "role": node.role})})
+        if transport == rec.PLAIN:
+            if _drops_out(setup, config, "masked-input"):
+                raise FederationError(f"node {node.name} drops out (injected fault)")
+            contribution = _contribution(node, message)
+            content[rec.CONTRIBUTION] = rec.arrays_record(contribution.arrays)
+            content[rec.METRICS] = MetricRecord({rec.WEIGHT: contribution.weight})
+        elif transport == rec.SECURE:
+            content[rec.SECAGG], arrays = _secure_stage(node, setup, message, context)
+            if arrays:
+                content[rec.CONTRIBUTION] = arrays
+        elif transport != rec.HELLO:
+            raise FederationError(f"node {node.name}: unknown transport {transport!r}")
         return Message(content, reply_to=message)
 
-    @app.train()
-    def train(message: Message, context: Context) -> Message:
-        node = _node(resolve_setup, context)
-        job, weights, server_round = _unpack(message)
-        new_weights, result = node.train(job, weights, server_round)
-        content = RecordDict(
-            {
-                keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in new_weights.items()}),
-                keys.METRICS: MetricRecord({keys.EXAMPLES: result.examples, "train-loss": result.loss}),
-                keys.NODE: _identity(node),
-            }
-        )
-        return Message(content, reply_to=message)
-
-    @app.evaluate()
-    def evaluate(message: Message, context: Context) -> Message:
-        node = _node(resolve_setup, context)
-        job, weights, _ = _unpack(message)
-        sums = node.evaluate(job, weights)
-        content = RecordDict(
-            {
-                keys.ARRAYS: ArrayRecord({name: Array(vector) for name, vector in sums.items()}),
-                keys.METRICS: MetricRecord({keys.EXAMPLES: len(node.data.test)}),
-                keys.NODE: _identity(node),
-            }
-        )
-        return Message(content, reply_to=message)
-
+    app.query()(respond)
+    app.train()(respond)
+    app.evaluate()(respond)
     return app
 
 
-def _node(resolve_setup: SetupResolver, context: Context) -> Node:
-    torch.set_num_threads(1)
-    return Node(resolve_setup(context))
+def _contribution(node: Node, message: Message) -> Contribution:
+    config = message.content[rec.CONFIG]
+    purpose = str(config[rec.PURPOSE])
+    if purpose not in ("statistics", "train", "evaluate"):
+        raise FederationError(f"node {node.name}: unknown purpose {purpose!r}")
+    job = TrainingJob.from_json(str(config[rec.JOB])) if rec.JOB in config else None
+    weights = {k: a.numpy() for k, a in message.content[rec.ARRAYS].items()} if rec.ARRAYS in message.content else {}
+    return node.contribution(purpose, job, weights, int(config[rec.ROUND]))  # type: ignore[arg-type]
 
 
-def _identity(node: Node) -> ConfigRecord:
-    return ConfigRecord({"name": node.name, "role": node.role})
+def _secure_stage(node: Node, setup: NodeSetup, message: Message, context: Context):
+    """One SecAgg+ stage; the node's round state lives in its own context between stages."""
+    config = message.content[rec.CONFIG]
+    request = request_from_dict(rec.join_message_dict(message.content[rec.SECAGG], None))
+    names = [name for name, _ in setup.roster]
+    identities = {i + 1: Ed25519PublicKey.from_public_bytes(key) for i, (_, key) in enumerate(setup.roster)}
+    identity_key = Ed25519PrivateKey.from_private_bytes(setup.identity_key)
+    if isinstance(request, SetupRequest):
+        secure = SecAggNode(names.index(node.name) + 1, identity_key, identities)
+    else:
+        secure = SecAggNode.restore(bytes(context.state[rec.SECAGG]["state"]), identity_key, identities)
+    vector = None
+    if isinstance(request, MaskedInputRequest):
+        contribution = _contribution(node, message)
+        quantizer = Quantizer(
+            float(config["q_clip"]), int(config["q_levels"]), int(config["q_max_nodes"]), int(config["q_max_weight"])
+        )
+        vector = quantizer.encode(contribution.arrays, seed=secrets.token_bytes(32), weight=contribution.weight)
+    reply = secure.handle(request, vector=vector)
+    if _drops_out(setup, config, reply.stage.value):
+        raise FederationError(f"node {node.name} drops out at stage {reply.stage.value} (injected fault)")
+    context.state[rec.SECAGG] = ConfigRecord({"state": secure.export_state()})
+    return rec.split_message_dict(reply.to_dict())
 
 
-def _unpack(message: Message) -> tuple[TrainingJob, dict[str, np.ndarray], int]:
-    config = message.content[keys.CONFIG]
-    job = TrainingJob.from_json(str(config[keys.JOB]))
-    arrays = message.content[keys.ARRAYS]
-    weights = {name: array.numpy() for name, array in arrays.items()}
-    return job, weights, int(config["server-round"])
+def _drops_out(setup: NodeSetup, config: ConfigRecord, stage: str) -> bool:
+    """An injected fault: this node goes silent at ``stage`` of a training round."""
+    return (
+        config[rec.PURPOSE] == "train" and int(config[rec.ROUND]) in setup.drop_rounds and stage == setup.drop_stage
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +24,34 @@ from fedcost.models.training import TrainResult, predict, train_local
 from fedcost.seeding import derive_seed
 
 
+Purpose = Literal["statistics", "train", "evaluate"]
+
+
 @dataclass(frozen=True)
 class NodeSetup:
-    """Where a node finds its rows: the site's mapping file, its name there and its split."""
+    """What a node brings: its rows (mapping, name, split) and its identity.
+
+    ``identity_key`` is the node's raw Ed25519 private key; ``roster`` pairs every
+    federation member's name with its raw public key, as the federation's certificates
+    say — the node trusts these, never keys relayed by the coordinator.
+    """
 
     mapping: Path
     name: str
     split_seed: int
     test_fraction: float = 0.2
+    identity_key: bytes = b""
+    roster: tuple[tuple[str, bytes], ...] = ()
+    drop_rounds: tuple[int, ...] = ()
+    drop_stage: str = "masked-input"
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """What a node adds to one shared sum: float arrays and its integer weight."""
+
+    arrays: list[np.ndarray]
+    weight: int
 
 
 @lru_cache(maxsize=8)
@@ -58,6 +79,25 @@ class Node:
         """Sums over the training rows for the federation-wide feature encoding."""
         return self.layout.local_statistics(self.data.train)
 
+    def contribution(
+        self, purpose: Purpose, job: TrainingJob | None, weights: dict[str, np.ndarray], server_round: int
+    ) -> Contribution:
+        """This node's part of a shared sum; the coordinator learns only the sum over nodes.
+
+        train: the example-weighted update (new weights minus the global ones) and the
+        training loss, weighted by the example count. evaluate: additive evaluation sums
+        per task, costs in cost-scale units. statistics: the feature statistics.
+        """
+        if purpose == "statistics":
+            return Contribution([self.statistics()], 1)
+        assert job is not None
+        if purpose == "train":
+            new_weights, result = self.train(job, weights, server_round)
+            update = [new_weights[k] - weights[k] for k in weights]
+            return Contribution(update + [np.array([result.loss])], result.examples)
+        sums = self.evaluate(job, weights)
+        return Contribution([sums[task] for task in job.model.tasks], 1)
+
     def train(self, job: TrainingJob, weights: dict[str, np.ndarray], server_round: int) -> tuple[dict[str, np.ndarray], TrainResult]:
         """Local epochs from the global weights; returns the new weights, not an update."""
         features = _require_features(job)
@@ -81,7 +121,7 @@ class Node:
         if "readmission" in predictions and schema.READMISSION in rows:
             sums["readmission"] = evaluation.readmission_sums(rows[schema.READMISSION].to_numpy(), predictions["readmission"])
         if "cost" in predictions and schema.COST in rows:
-            sums["cost"] = evaluation.cost_sums(rows[schema.COST].to_numpy(), predictions["cost"] * features.cost_scale)
+            sums["cost"] = evaluation.cost_sums(rows[schema.COST].to_numpy() / features.cost_scale, predictions["cost"])
         return sums
 
     def _model(self, job: TrainingJob, weights: dict[str, np.ndarray]) -> torch.nn.Module:

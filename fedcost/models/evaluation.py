@@ -32,6 +32,11 @@ def readmission_sums(readmitted: np.ndarray, probability: np.ndarray) -> np.ndar
     return np.concatenate([totals, positive_hist, negative_hist]).astype("float64")
 
 
+def readmission_sums_size() -> int:
+    """Length of a ``readmission_sums`` vector: the totals and two histograms."""
+    return len(READMISSION_SUMS) + 2 * SCORE_BINS
+
+
 def readmission_from_sums(sums: np.ndarray) -> dict[str, float]:
     """Federated AUROC, Brier score and log loss from summed ``readmission_sums``."""
     k = len(READMISSION_SUMS)
@@ -64,13 +69,18 @@ def cost_sums(cost: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     )
 
 
-def cost_from_sums(sums: np.ndarray) -> dict[str, float]:
-    """Federated MAE, RMSE and R² (raw scale) from summed ``cost_sums``."""
+def cost_from_sums(sums: np.ndarray, cost_scale: float = 1.0) -> dict[str, float]:
+    """Federated MAE, RMSE and R² (raw scale) from summed ``cost_sums``.
+
+    Nodes send the sums in cost-scale units (costs divided by the federation's mean
+    cost) so every entry stays small enough for fixed-point secure aggregation;
+    ``cost_scale`` turns MAE and RMSE back into currency units.
+    """
     totals = dict(zip(COST_SUMS, sums))
     n = totals["rows"]
     total_ss = totals["cost_sq_sum"] - totals["cost_sum"] ** 2 / n
     return {
-        "mae": totals["abs_error_sum"] / n,
-        "rmse": float(np.sqrt(totals["sq_error_sum"] / n)),
+        "mae": totals["abs_error_sum"] / n * cost_scale,
+        "rmse": float(np.sqrt(totals["sq_error_sum"] / n)) * cost_scale,
         "r2": 1 - totals["sq_error_sum"] / total_ss if total_ss > 0 else float("nan"),
     }

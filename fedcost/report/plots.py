@@ -45,8 +45,10 @@ def plot_sites(summary: dict, path: Path) -> None:
             ax.bar(positions + offset, values, width=0.27, color=MODEL_COLOURS[model], label=model)
         ax.set_xticks(positions, sites, rotation=30, ha="right", fontsize=8)
         ax.set(ylabel=label, title=f"{label} per site (held-out rows)")
+        if metric == "auroc":
+            ax.set_ylim(0.5, 1.0)  # 0.5 is a coin toss: the interesting range starts there
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8, ncols=3, loc="upper left")
     _save(figure, path)
 
 

@@ -14,6 +14,7 @@ Masks, with u < v for the sign and ``+``/``-`` mod 2**bits:
 from __future__ import annotations
 
 import dataclasses
+import json
 import secrets
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -61,6 +62,14 @@ _COORDINATOR_STAGES: dict[Stage, tuple[type, Stage | None]] = {
     Stage.MASKED_INPUT: (MaskedInputReply, Stage.UNMASK),
     Stage.UNMASK: (UnmaskReply, None),
 }
+
+
+def _hex_dict(data: Mapping[str, object]) -> dict[str, object]:
+    return {k: {"hex": v.hex()} if isinstance(v, bytes) else v for k, v in data.items()}
+
+
+def _unhex_dict(data: Mapping[str, object]) -> dict[str, object]:
+    return {k: bytes.fromhex(v["hex"]) if isinstance(v, dict) else v for k, v in data.items()}
 
 
 def _unexpected(expected: Stage | None, received: str) -> ProtocolAbort:
@@ -136,6 +145,49 @@ class Node:
         self._peers: dict[int, KeyAdvertisement] = {}
         self._share_secrets: dict[int, bytes] = {}  # neighbour -> X25519 secret of the share keys
         self._held: dict[int, tuple[int, bytes, bytes]] = {}  # neighbour -> (x, seed share, key share)
+
+    def export_state(self) -> bytes:
+        """This node's round state as bytes, for a binding that keeps it between messages.
+
+        Flower may hand a node's successive messages to different worker processes, so a
+        binding stores this in the node's own context (never sends it anywhere) and
+        ``restore``s it for the next stage. It holds the round's secrets.
+        """
+        state = {
+            "node_id": self.node_id,
+            "next": self._next.value if self._next else None,
+            "config": _hex_dict(self._config.to_dict()) if self._config else None,
+            "neighbours": sorted(self._neighbours),
+            "mask_key": crypto.private_bytes(self._mask_key).hex() if self._mask_key else None,
+            "share_key": crypto.private_bytes(self._share_key).hex() if self._share_key else None,
+            "seed": self._seed.hex() if self._seed else None,
+            "peers": [_hex_dict(ad.to_dict()) for ad in self._peers.values()],
+            "share_secrets": {str(k): v.hex() for k, v in self._share_secrets.items()},
+            "held": {str(k): [x, a.hex(), b.hex()] for k, (x, a, b) in self._held.items()},
+        }
+        return json.dumps(state).encode()
+
+    @classmethod
+    def restore(
+        cls, state: bytes, identity_key: Ed25519PrivateKey, identities: Mapping[int, Ed25519PublicKey]
+    ) -> "Node":
+        """The node ``export_state`` saved; a malformed state ends the round (ProtocolAbort)."""
+        try:
+            data = json.loads(state)
+            node = cls(data["node_id"], identity_key, identities)
+            node._next = Stage(data["next"]) if data["next"] else None
+            node._config = RoundConfig.from_dict(_unhex_dict(data["config"])) if data["config"] else None
+            node._neighbours = frozenset(data["neighbours"])
+            node._mask_key = crypto.load_agreement_key(bytes.fromhex(data["mask_key"])) if data["mask_key"] else None
+            node._share_key = crypto.load_agreement_key(bytes.fromhex(data["share_key"])) if data["share_key"] else None
+            node._seed = bytes.fromhex(data["seed"]) if data["seed"] else None
+            peers = [KeyAdvertisement.from_dict(_unhex_dict(ad)) for ad in data["peers"]]
+            node._peers = {ad.node_id: ad for ad in peers}
+            node._share_secrets = {int(k): bytes.fromhex(v) for k, v in data["share_secrets"].items()}
+            node._held = {int(k): (x, bytes.fromhex(a), bytes.fromhex(b)) for k, (x, a, b) in data["held"].items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolAbort(f"the node's saved secure-aggregation state is unreadable: {exc}") from exc
+        return node
 
     def handle(self, request: Request, *, vector: np.ndarray | None = None) -> Reply:
         """Answer the coordinator's request for the next stage.

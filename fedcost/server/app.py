@@ -1,46 +1,53 @@
-"""The coordinator's Flower ServerApp: federated statistics, then training rounds.
+"""The coordinator's Flower ServerApp: hello, federated statistics, then training rounds.
 
-The round loop is fedcost's own so it can record every round, but the aggregation steps
-are Flower's strategies (FedAvg, FedProx, FedAdam). Replies are ordered by node name
-before aggregation so a run is reproducible whatever order they arrive in. The
-coordinator only ever handles sums, weights and counts; it never receives rows.
+The round loop is fedcost's own, so every round is recorded and every exchange with the
+nodes is a shared sum (``shared_sum``): secure aggregation by default. The strategy
+steps are Flower's (FedAvg, FedProx, FedAdam): each round the coordinator turns the
+summed, example-weighted update into the one aggregate reply Flower's ``aggregate_train``
+expects, so server-side optimisers such as FedAdam work unchanged on the unmasked sum.
+The coordinator only ever handles sums; it never receives rows or a single node's update.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
-from fedcost import job as keys
-from fedcost.config import StrategySection
+from fedcost import records as rec
+from fedcost.config import SecureAggregationSection, StrategySection
 from fedcost.data.features import FeatureSpec, StatisticsLayout
 from fedcost.errors import FederationError
 from fedcost.job import TrainingJob
 from fedcost.models import evaluation
 from fedcost.models.nets import ModelSpec, build_model
 from fedcost.models.training import TrainConfig
+from fedcost.server.shared_sum import SharedSums, SumResult
 
 NODE_WAIT_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
 class CoordinatorPlan:
-    """Everything the coordinator needs to run a training job over ``nodes`` nodes."""
+    """Everything the coordinator needs to run a training job over the roster's nodes.
 
-    nodes: int
+    ``roster`` pairs each enrolled node's name with its Ed25519 public identity key.
+    """
+
+    run_id: str
+    roster: tuple[tuple[str, bytes], ...]
     rounds: int
     seed: int
     layout: StatisticsLayout
     model: ModelSpec
     training: TrainConfig
     strategy: StrategySection
+    secure_aggregation: SecureAggregationSection
 
 
 class RunObserver(Protocol):
@@ -75,87 +82,105 @@ def make_strategy(section: StrategySection, nodes: int) -> Strategy:
 
 
 class Coordinator:
-    """One run: statistics stage, model initialisation, ``rounds`` train/evaluate rounds."""
+    """One run: hello, statistics, model initialisation, ``rounds`` train/evaluate rounds."""
 
     def __init__(self, plan: CoordinatorPlan, grid: Grid, observer: RunObserver):
         self.plan = plan
         self.grid = grid
         self.observer = observer
-        self.strategy = make_strategy(plan.strategy, plan.nodes)
+        self.strategy = make_strategy(plan.strategy, len(plan.roster))
         proximal_mu = plan.strategy.proximal_mu if plan.strategy.name == "fedprox" else 0.0
         self.training = replace(plan.training, proximal_mu=proximal_mu)
 
     def run(self) -> None:
-        node_ids = self._wait_for_nodes()
-        features = self._federated_features(node_ids)
+        sites = self._hello(self._wait_for_nodes())
+        self.sums = SharedSums(self.grid, sites, self.plan.secure_aggregation, self.plan.run_id, self.plan.roster)
+        features = self._federated_features(sorted(sites))
         job = TrainingJob(self.plan.model, self.training, features, self.plan.seed)
         model = build_model(self.plan.model, features.n_features, seed=self.plan.seed, readmission_rate=features.initial_readmission_rate)
         arrays = ArrayRecord({k: Array(v.detach().numpy()) for k, v in model.state_dict().items()})
         for server_round in range(1, self.plan.rounds + 1):
             started = time.perf_counter()
-            arrays, train_loss = self._train_round(server_round, arrays, job)
-            record = {"round": server_round, "train_loss": train_loss}
-            record.update(self._evaluate_round(server_round, arrays, job))
-            record["seconds"] = round(time.perf_counter() - started, 3)
+            arrays, trained = self._train_round(server_round, arrays, job)
+            record = {"round": server_round, "train_loss": trained.arrays[-1][0] / trained.weight}
+            record.update(self._evaluate_round(server_round, arrays, job, features))
+            record.update(
+                nodes_included=len(trained.included),
+                dropouts=trained.dropouts,
+                secure_aggregation=self.plan.secure_aggregation.enabled,
+                seconds=round(time.perf_counter() - started, 3),
+            )
             self.observer.on_round(record)
         self.observer.on_model({k: a.numpy().astype("float32") for k, a in arrays.items()})
 
     def _wait_for_nodes(self) -> list[int]:
         deadline = time.monotonic() + NODE_WAIT_SECONDS
-        while len(node_ids := sorted(self.grid.get_node_ids())) < self.plan.nodes:
+        expected = len(self.plan.roster)
+        while len(node_ids := sorted(self.grid.get_node_ids())) < expected:
             if time.monotonic() > deadline:
-                raise FederationError(
-                    f"only {len(node_ids)} of {self.plan.nodes} nodes connected within {NODE_WAIT_SECONDS:.0f} s"
-                )
+                raise FederationError(f"only {len(node_ids)} of {expected} nodes connected within {NODE_WAIT_SECONDS:.0f} s")
             time.sleep(0.2)
         return node_ids
 
+    def _hello(self, node_ids: list[int]) -> dict[int, str]:
+        """Each node names itself; every name must be an enrolled roster member, once."""
+        config = ConfigRecord({rec.TRANSPORT: rec.HELLO})
+        messages = [Message(RecordDict({rec.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+        sites: dict[int, str] = {}
+        enrolled = {name for name, _ in self.plan.roster}
+        for reply in self.grid.send_and_receive(messages):
+            if reply.has_error():
+                raise FederationError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
+            name = str(reply.content[rec.NODE]["name"])
+            if name not in enrolled or name in sites.values():
+                raise FederationError(f"node {reply.metadata.src_node_id} calls itself {name!r}, not an enrolled, unclaimed site")
+            sites[reply.metadata.src_node_id] = name
+        if len(sites) < len(enrolled):
+            raise FederationError(f"sites that never answered: {', '.join(sorted(enrolled - set(sites.values())))}")
+        return sites
+
     def _federated_features(self, node_ids: list[int]) -> FeatureSpec:
         """Sum every node's statistics vector; the totals give the shared encoding."""
-        messages = [
-            Message(RecordDict({keys.CONFIG: ConfigRecord({keys.STAGE: keys.STATISTICS})}), dst_node_id=node_id, message_type=MessageType.QUERY)
-            for node_id in node_ids
-        ]
-        replies = self._exchange(messages, "statistics")
-        totals = sum(reply.content[keys.STATISTICS][keys.STATISTICS].numpy() for reply in replies)
-        features = self.plan.layout.feature_spec(np.asarray(totals))
-        self.observer.on_features(features, [_site(reply) for reply in replies])
+        size = len(self.plan.layout.slots())
+        result = self.sums.run("statistics", 0, [(size,)], node_ids)
+        if result.dropouts:
+            raise FederationError(f"the statistics stage needs every node; missing: {result.dropouts}")
+        features = self.plan.layout.feature_spec(result.arrays[0])
+        self.observer.on_features(features, result.included)
         return features
 
-    def _train_round(self, server_round: int, arrays: ArrayRecord, job: TrainingJob) -> tuple[ArrayRecord, float]:
-        config = ConfigRecord({keys.JOB: job.to_json()})
-        messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
-        replies = self._exchange(messages, f"round {server_round} training")
-        aggregated, metrics = self.strategy.aggregate_train(server_round, replies)
-        if aggregated is None or metrics is None:
-            raise FederationError(f"round {server_round}: the strategy could not aggregate the nodes' updates")
-        return aggregated, float(metrics["train-loss"])
+    def _train_round(self, server_round: int, arrays: ArrayRecord, job: TrainingJob) -> tuple[ArrayRecord, SumResult]:
+        """Sum the example-weighted updates, then let Flower's strategy take its step."""
+        messages = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid))
+        shapes = [a.numpy().shape for a in arrays.values()] + [(1,)]
+        trained = self.sums.run(
+            "train", server_round, shapes, [m.metadata.dst_node_id for m in messages], arrays, job.to_json()
+        )
+        mean_update = {k: u / trained.weight for k, u in zip(arrays.keys(), trained.arrays[:-1])}
+        averaged = ArrayRecord({k: Array(a.numpy() + mean_update[k]) for k, a in arrays.items()})
+        aggregate = Message(
+            RecordDict({rec.ARRAYS: averaged, rec.METRICS: MetricRecord({"num-examples": trained.weight})}),
+            dst_node_id=0,
+            message_type=MessageType.TRAIN,
+        )
+        stepped, _ = self.strategy.aggregate_train(server_round, [aggregate])
+        if stepped is None:
+            raise FederationError(f"round {server_round}: the strategy could not take its step")
+        return ArrayRecord({k: Array(a.numpy().astype("float32")) for k, a in stepped.items()}), trained
 
-    def _evaluate_round(self, server_round: int, arrays: ArrayRecord, job: TrainingJob) -> dict[str, float]:
+    def _evaluate_round(self, server_round: int, arrays: ArrayRecord, job: TrainingJob, features: FeatureSpec) -> dict:
         """Federated metrics on every node's held-out rows, from summed evaluation sums."""
-        config = ConfigRecord({keys.JOB: job.to_json()})
-        messages = self.strategy.configure_evaluate(server_round, arrays, config, self.grid)
-        replies = self._exchange(messages, f"round {server_round} evaluation")
-        record: dict[str, float] = {}
-        for task, from_sums in (("readmission", evaluation.readmission_from_sums), ("cost", evaluation.cost_from_sums)):
-            parts = [reply.content[keys.ARRAYS][task].numpy() for reply in replies if task in reply.content[keys.ARRAYS]]
-            if parts:
-                record.update({f"{task}_{k}": v for k, v in from_sums(np.sum(parts, axis=0)).items()})
-        return record
-
-    def _exchange(self, messages: Iterable[Message], stage: str) -> list[Message]:
-        """Send, wait for every reply, refuse the stage if any node failed, order by name."""
-        messages = list(messages)
-        replies = list(self.grid.send_and_receive(messages))
-        failures = [reply for reply in replies if reply.has_error()]
-        if failures or len(replies) < len(messages):
-            reasons = "; ".join(f"node {r.metadata.src_node_id}: {r.error.reason}" for r in failures)
-            raise FederationError(
-                f"{stage}: {len(replies) - len(failures)} of {len(messages)} nodes replied"
-                + (f" ({reasons})" if reasons else "")
+        messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid))
+        sizes = {"readmission": evaluation.readmission_sums_size(), "cost": len(evaluation.COST_SUMS)}
+        shapes = [(sizes[task],) for task in job.model.tasks]
+        node_ids = [m.metadata.dst_node_id for m in messages]
+        summed = self.sums.run("evaluate", server_round, shapes, node_ids, arrays, job.to_json())
+        record: dict = {}
+        for task, sums in zip(job.model.tasks, summed.arrays):
+            metrics = (
+                evaluation.readmission_from_sums(sums)
+                if task == "readmission"
+                else evaluation.cost_from_sums(sums, features.cost_scale)
             )
-        return sorted(replies, key=_site)
-
-
-def _site(reply: Message) -> str:
-    return str(reply.content[keys.NODE]["name"])
+            record.update({f"{task}_{k}": v for k, v in metrics.items()})
+        return record

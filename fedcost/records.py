@@ -1,0 +1,61 @@
+"""Flower records for fedcost's messages, shared by the node and coordinator bindings.
+
+Every exchange between coordinator and node is one of three transports:
+
+* ``hello``: the node names itself (name and role, nothing else);
+* ``plain``: the node sends its contribution to a shared sum in the clear (only when a
+  run turns secure aggregation off);
+* ``secagg``: one stage of a SecAgg+ round whose masked input is that contribution.
+
+A contribution's purpose is ``statistics``, ``train`` or ``evaluate``; train and
+evaluate requests carry the global weights and the job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+# Record names inside Flower messages.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+NODE = "node"
+SECAGG = "secagg"
+CONTRIBUTION = "contribution"
+
+# Keys inside the config record.
+TRANSPORT = "transport"
+PURPOSE = "purpose"
+JOB = "job"
+ROUND = "round"
+QUANTIZER = "quantizer"
+WEIGHT = "weight"
+
+HELLO, PLAIN, SECURE = "hello", "plain", "secagg"
+
+
+def split_message_dict(data: dict[str, Any]) -> tuple[ConfigRecord, ArrayRecord]:
+    """A protocol message's dict as records: numpy arrays apart from everything else."""
+    arrays = {k: Array(v) for k, v in data.items() if isinstance(v, np.ndarray)}
+    config = {k: v for k, v in data.items() if not isinstance(v, np.ndarray)}
+    return ConfigRecord(config), ArrayRecord(arrays)
+
+
+def join_message_dict(config: ConfigRecord, arrays: ArrayRecord | None) -> dict[str, Any]:
+    """The inverse of ``split_message_dict``."""
+    data: dict[str, Any] = dict(config)
+    if arrays is not None:
+        data.update({k: a.numpy() for k, a in arrays.items()})
+    return data
+
+
+def arrays_record(arrays: list[np.ndarray]) -> ArrayRecord:
+    """An ordered list of arrays as a record (keys keep the order)."""
+    return ArrayRecord({f"{i:04d}": Array(np.asarray(a)) for i, a in enumerate(arrays)})
+
+
+def arrays_list(record: ArrayRecord) -> list[np.ndarray]:
+    return [record[key].numpy() for key in sorted(record)]

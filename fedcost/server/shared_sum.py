@@ -1,0 +1,228 @@
+"""Shared sums over the nodes: the only way the coordinator learns anything from them.
+
+With secure aggregation on (the default), each sum is one SecAgg+ round over Flower
+messages and the coordinator sees only the total of the surviving nodes' quantised
+contributions. With it off (an explicit setting, recorded in the run summary), nodes
+send their contributions in the clear and the coordinator adds them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedcost import records as rec
+from fedcost.config import SecureAggregationSection
+from fedcost.errors import FederationError, ProtocolAbort
+from fedcost.secagg import Coordinator as SecAggCoordinator
+from fedcost.secagg import MaskedInputRequest, Quantizer, RoundConfig, reply_from_dict
+
+log = logging.getLogger("fedcost.coordinator")
+
+MESSAGE_TYPES = {"statistics": MessageType.QUERY, "train": MessageType.TRAIN, "evaluate": MessageType.EVALUATE}
+# Statistics and evaluation sums are counts and moderate totals: fixed point in steps of
+# 2**-10 up to ±2**30 keeps counts exact and totals to a thousandth.
+SUMS_CLIP, SUMS_LEVELS = float(2**30), 2**40
+# A sum over two nodes would tell each of them the other's contribution.
+MIN_SECURE_NODES = 3
+
+
+@dataclass
+class SumResult:
+    """A shared sum: the summed arrays, the summed weight, who was in it and who dropped."""
+
+    arrays: list[np.ndarray]
+    weight: float
+    included: list[str]
+    dropouts: dict[str, str] = field(default_factory=dict)
+
+
+class SharedSums:
+    """Runs shared sums over a fixed set of sites (Flower node id -> site name)."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        sites: dict[int, str],
+        settings: SecureAggregationSection,
+        run_id: str,
+        roster: tuple[tuple[str, bytes], ...],
+    ):
+        self.grid = grid
+        self.sites = sites
+        self.settings = settings
+        self.run_id = run_id
+        names = [name for name, _ in roster]
+        self.secure_ids = {name: names.index(name) + 1 for name in sites.values()}
+        self.identities = {i + 1: Ed25519PublicKey.from_public_bytes(key) for i, (_, key) in enumerate(roster)}
+
+    def run(
+        self,
+        purpose: str,
+        server_round: int,
+        shapes: list[tuple[int, ...]],
+        node_ids: list[int],
+        arrays: ArrayRecord | None = None,
+        job: str | None = None,
+    ) -> SumResult:
+        """Sum the contributions of ``node_ids`` for ``purpose``.
+
+        ``arrays`` (the global weights) ride with the request that asks for the
+        contribution; ``job`` with every request.
+        """
+        base = {rec.PURPOSE: purpose, rec.ROUND: server_round, **({rec.JOB: job} if job else {})}
+        payload = RecordDict({rec.ARRAYS: arrays}) if arrays is not None else None
+        if not self.settings.enabled:
+            return self._plain(purpose, shapes, node_ids, base, payload)
+        quantizer = self._quantizer(purpose, len(node_ids))
+        attempts = self.settings.retries + 1 if self.settings.on_abort == "retry" else 1
+        dropouts: dict[str, str] = {}
+        for attempt in range(1, attempts + 1):
+            try:
+                result = self._secure(purpose, server_round, shapes, node_ids, base, payload, quantizer, attempt)
+                result.dropouts = {**dropouts, **result.dropouts}
+                return result
+            except _Aborted as aborted:
+                dropouts.update(aborted.dropouts)
+                node_ids = [n for n in node_ids if self.sites[n] not in aborted.dropouts]
+                log.warning("round %s %s: secure aggregation aborted (%s)", server_round, purpose, aborted.reason)
+                if attempt == attempts or len(node_ids) < MIN_SECURE_NODES:
+                    raise FederationError(
+                        f"round {server_round} {purpose}: secure aggregation aborted after {attempt} attempt(s): "
+                        f"{aborted.reason}. Too many nodes dropped out for the sum to be recovered; "
+                        "check the nodes' logs, or raise [secure_aggregation] dropout_tolerance or retries"
+                    ) from None
+        raise AssertionError("unreachable")
+
+    def _quantizer(self, purpose: str, nodes: int) -> Quantizer:
+        if purpose == "train":
+            return Quantizer(self.settings.update_clip, self.settings.update_levels, nodes, self.settings.max_examples)
+        return Quantizer(SUMS_CLIP, SUMS_LEVELS, nodes)
+
+    def _message(self, node_id: int, purpose: str, config: dict, content: dict) -> Message:
+        return Message(
+            RecordDict({rec.CONFIG: ConfigRecord(config), **content}),
+            dst_node_id=node_id,
+            message_type=MESSAGE_TYPES[purpose],
+        )
+
+    def _plain(
+        self, purpose: str, shapes: list[tuple[int, ...]], node_ids: list[int], base: dict, payload: RecordDict | None
+    ) -> SumResult:
+        """Contributions in the clear, weighted as the quantiser weights them under SecAgg+."""
+        config = {**base, rec.TRANSPORT: rec.PLAIN}
+        messages = [self._message(n, purpose, config, dict(payload or {})) for n in node_ids]
+        total = [np.zeros(shape) for shape in shapes]
+        weight, included, dropouts = 0.0, [], {}
+        for reply in self.grid.send_and_receive(messages):
+            site = self.sites.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
+            if reply.has_error():
+                dropouts[site] = reply.error.reason
+                continue
+            arrays = rec.arrays_list(reply.content[rec.CONTRIBUTION])
+            if [a.shape for a in arrays] != shapes:
+                dropouts[site] = "contribution has the wrong shape"
+                continue
+            node_weight = float(reply.content[rec.METRICS][rec.WEIGHT])
+            total = [t + a * node_weight for t, a in zip(total, arrays)]
+            weight += node_weight
+            included.append(site)
+        if not included:
+            raise FederationError(f"{purpose}: no node contributed ({_reasons(dropouts)})")
+        return SumResult(total, weight, sorted(included), dropouts)
+
+    def _secure(
+        self,
+        purpose: str,
+        server_round: int,
+        shapes: list[tuple[int, ...]],
+        node_ids: list[int],
+        base: dict,
+        payload: RecordDict | None,
+        quantizer: Quantizer,
+        attempt: int,
+    ) -> SumResult:
+        """One SecAgg+ round: drive the coordinator's stage machine over Flower messages."""
+        by_secure_id = {self.secure_ids[self.sites[n]]: n for n in node_ids}
+        round_config = RoundConfig.create(
+            run_id=f"{self.run_id}:{purpose}:{attempt}",
+            round=server_round,
+            node_ids=sorted(by_secure_id),
+            dim=quantizer.length(shapes),
+            bits=quantizer.bits,
+            dropout_tolerance=self.settings.dropout_tolerance,
+        )
+        coordinator = SecAggCoordinator(round_config, {i: self.identities[i] for i in by_secure_id})
+        config = {
+            **base,
+            rec.TRANSPORT: rec.SECURE,
+            "q_clip": quantizer.clip,
+            "q_levels": quantizer.levels,
+            "q_max_nodes": quantizer.max_nodes,
+            "q_max_weight": quantizer.max_weight,
+        }
+        errors: dict[str, str] = {}
+        try:
+            requests = coordinator.start()
+            while not coordinator.done:
+                messages = []
+                for secure_id, request in requests.items():
+                    secagg, _ = rec.split_message_dict(request.to_dict())
+                    content = {rec.SECAGG: secagg}
+                    if isinstance(request, MaskedInputRequest) and payload is not None:
+                        content.update(dict(payload))
+                    messages.append(self._message(by_secure_id[secure_id], purpose, config, content))
+                replies = []
+                for reply in self.grid.send_and_receive(messages):
+                    parsed = self._parse(reply, errors)
+                    if parsed is not None:
+                        replies.append(parsed)
+                requests = coordinator.handle(replies)
+        except ProtocolAbort as abort:
+            raise _Aborted(str(abort), self._dropouts(coordinator, by_secure_id, errors)) from None
+        sums, weight = quantizer.decode(coordinator.result.total, shapes)
+        included = sorted(self.sites[by_secure_id[i]] for i in coordinator.result.included)
+        return SumResult(sums, float(weight), included, self._dropouts(coordinator, by_secure_id, errors))
+
+    def _parse(self, reply: Message, errors: dict[str, str]):
+        """A node's reply as a protocol message; a failed or forged one counts as a dropout."""
+        site = self.sites.get(reply.metadata.src_node_id)
+        if site is None:
+            return None
+        if reply.has_error():
+            errors[site] = reply.error.reason
+            return None
+        try:
+            parsed = reply_from_dict(
+                rec.join_message_dict(reply.content[rec.SECAGG], reply.content.array_records.get(rec.CONTRIBUTION))
+            )
+        except (ProtocolAbort, KeyError) as error:
+            errors[site] = f"malformed secure-aggregation reply: {error}"
+            return None
+        if parsed.node_id != self.secure_ids[site]:
+            errors[site] = f"reply claims to come from node {parsed.node_id}"
+            return None
+        return parsed
+
+    def _dropouts(self, coordinator: SecAggCoordinator, by_secure_id: dict[int, int], errors: dict[str, str]) -> dict[str, str]:
+        dropouts = {}
+        for secure_id, reason in coordinator.dropouts.items():
+            site = self.sites[by_secure_id[secure_id]]
+            dropouts[site] = f"{reason} ({errors[site]})" if site in errors else reason
+        return dropouts
+
+
+class _Aborted(Exception):
+    def __init__(self, reason: str, dropouts: dict[str, str]):
+        super().__init__(reason)
+        self.reason = reason
+        self.dropouts = dropouts
+
+
+def _reasons(dropouts: dict[str, str]) -> str:
+    return "; ".join(f"{site}: {reason}" for site, reason in dropouts.items()) or "no replies"
