@@ -27,14 +27,18 @@ from fedcost.secagg import Node as SecAggNode
 SetupResolver = Callable[[Context], NodeSetup]
 
 
-def make_client_app(resolve_setup: SetupResolver) -> ClientApp:
-    """A ClientApp whose node is found by ``resolve_setup`` from Flower's node context."""
+def make_client_app(resolve_setup: SetupResolver, node_factory: Callable[[NodeSetup], Node] = Node) -> ClientApp:
+    """A ClientApp whose node is found by ``resolve_setup`` from Flower's node context.
+
+    ``node_factory`` builds the node's local side; benchmarks swap in one that contributes
+    synthetic vectors without training.
+    """
     app = ClientApp()
 
     def respond(message: Message, context: Context) -> Message:
         torch.set_num_threads(1)
         setup = resolve_setup(context)
-        node = Node(setup)
+        node = node_factory(setup)
         config = message.content[rec.CONFIG]
         transport = config[rec.TRANSPORT]
         content = RecordDict({rec.NODE: ConfigRecord({"name": node.name, "role": node.role})})
