@@ -11,12 +11,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedcost.audit.cli import audit_app
 from fedcost.config import SimulationConfig
 from fedcost.errors import FedcostError
 from fedcost.report.html import MODELS, comparison_rows, format_value
 
 app = typer.Typer(help="Privacy-preserving multi-party cost analysis for health-care ecosystems.", no_args_is_help=True)
-console = Console()
+app.add_typer(audit_app, name="audit", help="Verify a run's signed audit logs and report what each site sent.")
+console = Console(emoji=False)
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 
 

@@ -13,10 +13,11 @@ evaluate requests carry the global weights and the job.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 # Record names inside Flower messages.
 ARRAYS = "arrays"
@@ -34,7 +35,7 @@ ROUND = "round"
 QUANTIZER = "quantizer"
 WEIGHT = "weight"
 
-HELLO, PLAIN, SECURE = "hello", "plain", "secagg"
+HELLO, PLAIN, SECURE, CLOSE = "hello", "plain", "secagg", "close"
 
 
 def split_message_dict(data: dict[str, Any]) -> tuple[ConfigRecord, ArrayRecord]:
@@ -59,3 +60,38 @@ def arrays_record(arrays: list[np.ndarray]) -> ArrayRecord:
 
 def arrays_list(record: ArrayRecord) -> list[np.ndarray]:
     return [record[key].numpy() for key in sorted(record)]
+
+
+def content_bytes(content: RecordDict) -> bytes:
+    """The bytes an audit log digests for a message: a canonical form of its records.
+
+    Flower's envelope (message ids, timestamps) differs between sender and receiver; the
+    records do not, so both sides hash this and their log entries reconcile.
+    """
+    parts: list[bytes] = []
+    for name in sorted(content):
+        record = content[name]
+        parts.append(f"{name}:{type(record).__name__}\n".encode())
+        if isinstance(record, ArrayRecord):
+            for key in record:
+                array = record[key]
+                parts.append(f"{key}:{array.dtype}:{list(array.shape)}\n".encode() + array.data)
+        else:
+            values = {key: _json_value(value) for key, value in record.items()}
+            parts.append(json.dumps(values, sort_keys=True).encode())
+    return b"".join(parts)
+
+
+def message_kind(request: RecordDict) -> str:
+    """What a request is, e.g. ``secagg:train:masked-input``; its reply's kind adds ``>reply``."""
+    config = request[CONFIG]
+    stage = str(request[SECAGG]["stage"]) if SECAGG in request else ""
+    return ":".join(part for part in (str(config[TRANSPORT]), str(config.get(PURPOSE, "")), stage) if part)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, list):
+        return [_json_value(item) for item in value]
+    return value

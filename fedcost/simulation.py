@@ -13,6 +13,7 @@ everything succeeded, so a folder at the final path always holds a complete run.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -28,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import tomli_w
 import torch
 from flwr.app import Context
@@ -43,7 +43,9 @@ from fedcost.data.loader import NodeData, load_node
 from fedcost.data.mapping import DataMapping
 from fedcost.data.files import MAPPING_FILE, write_node_files
 from fedcost.data.synthetic import generate_ecosystem
-from fedcost.errors import ConfigError, FederationError
+from fedcost.audit import AuditLog, verify_folder
+from fedcost.errors import AuditLogTamperedError, ConfigError, FederationError
+from fedcost.identity import Identity
 from fedcost.models.metrics import calibration_bins, cost_metrics, readmission_metrics
 from fedcost.models.nets import build_model
 from fedcost.models.training import TaskData, predict, train_local
@@ -52,6 +54,7 @@ from fedcost.server.app import CoordinatorPlan, make_server_app
 from fedcost.seeding import derive_seed
 
 MODELS = ("federated", "pooled", "local_only")
+COORDINATOR = "coordinator"
 # A site alone would train until its model settles: at least this many optimizer steps.
 MIN_LOCAL_STEPS = 300
 
@@ -140,7 +143,8 @@ def _run(
 
     recorder = RunRecorder(folder, on_round)
     on_start()
-    _federate(config, run_id, mapping, recorder)
+    _federate(config, run_id, folder, mapping, recorder)
+    audit = _verify_audit(folder)
     if recorder.features is None or recorder.weights is None:
         raise FederationError("the federation ended without a final model; see the log above")
     features = recorder.features
@@ -157,6 +161,7 @@ def _run(
         "local_only": _local_only_predictions(config, features, nodes),
     }
     summary = _summary(run_id, config, mapping, nodes, predictions, features, recorder.rounds)
+    summary["audit"] = audit
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     write_report(folder, summary, recorder.rounds)
@@ -171,20 +176,30 @@ def _load_nodes(mapping: DataMapping, config: SimulationConfig) -> list[NodeData
     ]
 
 
-def _federate(config: SimulationConfig, run_id: str, mapping: DataMapping, recorder: RunRecorder) -> None:
-    """The federation proper, on Flower's Simulation Engine, with a fresh identity per node."""
-    identity_keys = {node.name: Ed25519PrivateKey.generate() for node in mapping.nodes}
-    roster = tuple(sorted((name, _raw_public(key)) for name, key in identity_keys.items()))
+def _federate(config: SimulationConfig, run_id: str, folder: Path, mapping: DataMapping, recorder: RunRecorder) -> None:
+    """The federation proper, on Flower's Simulation Engine.
+
+    Every party gets a fresh identity; the public halves go to ``identities/`` and every
+    party keeps its signed log in ``audit/``, as an auditor receives them.
+    """
+    coordinator = Identity.generate(COORDINATOR, "coordinator")
+    identities = {node.name: Identity.generate(node.name, node.role) for node in mapping.nodes}
+    (folder / "identities").mkdir()
+    for identity in [coordinator, *identities.values()]:
+        identity.public().save(folder / "identities")
+    (folder / "audit").mkdir()
+    roster = tuple(sorted((name, _raw_public(identity)) for name, identity in identities.items()))
     setups = [
         NodeSetup(
             mapping.path.resolve(),
             node.name,
             config.run.seed,
             config.run.test_fraction,
-            identity_key=_raw_private(identity_keys[node.name]),
+            identity_key=_raw_private(identities[node.name]),
             roster=roster,
             drop_rounds=config.simulation.drop_nodes.get(node.name, ()),
             drop_stage=config.simulation.drop_stage,
+            audit_dir=(folder / "audit").resolve(),
         )
         for node in mapping.nodes
     ]
@@ -202,13 +217,15 @@ def _federate(config: SimulationConfig, run_id: str, mapping: DataMapping, recor
         training=config.training,
         strategy=config.strategy,
         secure_aggregation=config.secure_aggregation,
+        config_digest=hashlib.sha256((folder / "config.toml").read_bytes()).hexdigest(),
     )
     # Flower warns that run_simulation is deprecated in favour of `flwr run`, which needs a
     # packaged app; fedcost drives the engine from Python on purpose, so only errors show.
     logging.getLogger("flwr").setLevel(logging.ERROR)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    log = AuditLog(folder / "audit" / f"{COORDINATOR}.jsonl", coordinator)
     run_simulation(
-        server_app=make_server_app(plan, recorder),
+        server_app=make_server_app(plan, recorder, log),
         client_app=make_client_app(resolve_setup),
         num_supernodes=len(setups),
         backend_config={
@@ -218,12 +235,23 @@ def _federate(config: SimulationConfig, run_id: str, mapping: DataMapping, recor
     )
 
 
-def _raw_public(key: Ed25519PrivateKey) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+def _raw_public(identity: Identity) -> bytes:
+    return identity.private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def _raw_private(key: Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+def _raw_private(identity: Identity) -> bytes:
+    return identity.private_key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+
+
+def _verify_audit(folder: Path) -> dict:
+    """Every party's log must verify and reconcile before the run counts as finished."""
+    verification = verify_folder(folder)
+    if not verification.ok:
+        problems = "; ".join(str(p) for p in verification.problems[:5])
+        raise AuditLogTamperedError(f"the run's audit logs do not verify: {problems}")
+    return {"verified": True, "parties": sorted(verification.parties)}
 
 
 def _predict(model: torch.nn.Module, features: FeatureSpec, rows: pd.DataFrame) -> dict[str, np.ndarray]:

@@ -8,25 +8,23 @@ pharma-1 refuses round 2 (budget exhausted) and the coordinator logs it as dropp
 
 from __future__ import annotations
 
-import base64
 import itertools
 import json
 import random
 import re
 import shutil
-from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-import rfc8785
 from typer.testing import CliRunner
 
-from fedcost.audit import GENESIS_HASH, AuditLog, reconcile, verify_folder, verify_log
+from fedcost.audit import AuditLog, reconcile, verify_folder, verify_log
 from fedcost.audit.cli import audit_app
-from fedcost.audit.entry import CHECKPOINT_EVENTS, checkpoint_message, entry_hash
 from fedcost.errors import AuditLogTamperedError
 from fedcost.identity import Identity
+
+from audit_mutations import assert_mutations_detected, encode as _encode, rechain as _rechain, write_lines as _write
 
 T0 = datetime(2025, 3, 1, 9, 0, tzinfo=timezone.utc)
 NODES = {"hospital-1": "hospital", "insurer-1": "insurer", "pharma-1": "pharma"}
@@ -97,37 +95,6 @@ def _log(run: Path, party: str) -> Path:
 
 def _lines(path: Path) -> list[bytes]:
     return path.read_bytes().splitlines()
-
-
-def _write(path: Path, lines: list[bytes]) -> None:
-    path.write_bytes(b"".join(line + b"\n" for line in lines))
-
-
-def _encode(data: dict) -> bytes:
-    """Lay an entry dict out as the writer does: canonical body, then sig as last member."""
-    line = rfc8785.dumps({k: v for k, v in data.items() if k != "sig"})
-    return line if "sig" not in data else line[:-1] + b',"sig":' + json.dumps(data["sig"]).encode() + b"}"
-
-
-def _hash_of(line: bytes) -> str:
-    return entry_hash(rfc8785.dumps({k: v for k, v in json.loads(line).items() if k != "sig"}))
-
-
-def _rechain(lines: list[bytes], start: int, sign: Callable[[bytes], bytes] | None = None) -> list[bytes]:
-    """Renumber and relink from ``start`` on, as a forger would; re-sign only if given a key."""
-    out = lines[:start]
-    prev = _hash_of(out[-1]) if out else GENESIS_HASH
-    for seq, line in enumerate(lines[start:], start):
-        data = {**json.loads(line), "seq": seq, "prev": prev}
-        sig = data.pop("sig", None)
-        canonical = rfc8785.dumps(data)
-        prev = entry_hash(canonical)
-        if data["event"] in CHECKPOINT_EVENTS:
-            if sign is not None:
-                sig = base64.b64encode(sign(checkpoint_message(data["actor"], seq, prev))).decode()
-            data["sig"] = sig
-        out.append(_encode(data) if "sig" in data else canonical)
-    return out
 
 
 def _caught(run: Path, party: str) -> list[str]:
@@ -268,80 +235,9 @@ def test_logs_and_identities_side_by_side_verify(run: Path, tmp_path: Path) -> N
 
 # ---- many random single mutations ------------------------------------------------------
 
-def _changed(value: object, rng: random.Random) -> object:
-    """A different value of a plausible type (never one that canonicalises to the same bytes)."""
-    if isinstance(value, bool):
-        return not value
-    if isinstance(value, (int, float)):
-        return value + rng.randint(1, 9)
-    if isinstance(value, dict):
-        return {**value, "injected": rng.randint(0, 9)}
-    if value is None:
-        return rng.randbytes(32).hex()
-    if re.fullmatch(r"[0-9a-f]{64}", value):
-        return rng.randbytes(32).hex()
-    if len(value) == 88:  # a signature: change one base64 character
-        i = rng.randrange(86)
-        return value[:i] + ("B" if value[i] == "A" else "A") + value[i + 1:]
-    return value + "x"
-
-
-def _mutate(lines: list[bytes], rng: random.Random, impostor: Identity) -> tuple[str, list[bytes] | bytes]:
-    n = len(lines)
-    kind = rng.choice(["edit", "edit+relink", "delete", "insert", "insert+relink", "duplicate", "swap",
-                       "truncate lines", "truncate bytes", "re-signed by impostor"])
-    i = rng.randrange(n)
-    if kind.startswith("edit"):
-        data = json.loads(lines[i])
-        keys = [k for k in data] + [f"details.{k}" for k in data["details"]]
-        key = rng.choice(keys)
-        if key.startswith("details."):
-            data["details"][key[8:]] = _changed(data["details"][key[8:]], rng)
-        else:
-            data[key] = _changed(data[key], rng)
-        lines = lines[:i] + [_encode(data)] + lines[i + 1:]
-        return kind, _rechain(lines, i + 1) if kind == "edit+relink" else lines
-    if kind.startswith("insert"):
-        forged = {**json.loads(lines[i]), "event": "message_sent", "digest": rng.randbytes(32).hex(),
-                  "details": {"recipient": "coordinator", "kind": "masked_update", "bytes": 10}}
-        forged.pop("sig", None)
-        lines = lines[:i] + [_encode(forged)] + lines[i:]
-        return kind, _rechain(lines, i) if kind == "insert+relink" else lines
-    if kind == "delete":
-        return kind, lines[:i] + lines[i + 1:]
-    if kind == "duplicate":
-        return kind, lines[: i + 1] + lines[i:]
-    if kind == "swap":
-        j = rng.choice([j for j in range(n) if j != i])
-        lines = list(lines)
-        lines[i], lines[j] = lines[j], lines[i]
-        return kind, lines
-    if kind == "truncate lines":
-        return kind, lines[:i]
-    if kind == "truncate bytes":
-        whole = b"".join(line + b"\n" for line in lines)
-        return kind, whole[: rng.randrange(len(whole) - 1)]
-    return kind, _rechain(lines, 0, sign=impostor.sign)
-
-
 def test_a_thousand_random_mutations_are_all_detected(run: Path) -> None:
-    rng = random.Random(20250301)
-    originals = {party: _log(run, party).read_bytes() for party in PARTIES}
-    impostors = {party: Identity.generate(party, NODES.get(party, "coordinator")) for party in PARTIES}
-    kinds: dict[str, int] = {}
-    for _ in range(1000):
-        party = rng.choice(PARTIES)
-        kind, mutated = _mutate(originals[party].splitlines(), rng, impostors[party])
-        path = _log(run, party)
-        if isinstance(mutated, bytes):
-            path.write_bytes(mutated)
-        else:
-            _write(path, mutated)
-        assert path.read_bytes() != originals[party], kind
-        found = [str(p) for p in verify_folder(run).problems if p.party == party]
-        assert any(re.search(r"line \d+", p) for p in found), (kind, found)
-        path.write_bytes(originals[party])
-        kinds[kind] = kinds.get(kind, 0) + 1
+    roles = {party: NODES.get(party, "coordinator") for party in PARTIES}
+    kinds = assert_mutations_detected(run, roles, count=1000, seed=20250301)
     assert len(kinds) == 10 and min(kinds.values()) >= 50, kinds
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from audit_mutations import assert_mutations_detected
 from typer.testing import CliRunner
 
+from fedcost.audit import verify_folder
 from fedcost.cli import app
 
 SMALL = """
@@ -63,6 +66,34 @@ def test_federated_is_close_to_pooled_on_the_same_rows(small_run: tuple[subproce
     assert set(summary["per_site"]) == {"hospital-1", "hospital-2", "insurer-1"}
     held_out = sum(node["test_rows"] for node in summary["nodes"])
     assert summary["test_rows"] == held_out
+
+
+def test_every_party_of_a_real_run_keeps_a_log_that_verifies(small_run: tuple[subprocess.CompletedProcess, Path]) -> None:
+    _, run = small_run
+    parties = {"coordinator", "hospital-1", "hospital-2", "insurer-1"}
+    assert {p.stem for p in (run / "audit").glob("*.jsonl")} == parties
+    assert {p.name.removesuffix(".pub.json") for p in (run / "identities").glob("*.pub.json")} == parties
+    assert verify_folder(run).ok
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["audit"] == {"verified": True, "parties": sorted(parties)}
+    verify = CliRunner().invoke(app, ["audit", "verify", str(run)])
+    assert verify.exit_code == 0, verify.output
+    report = CliRunner().invoke(app, ["audit", "report", str(run), "--format", "json"])
+    sites = json.loads(report.output)["sites"]
+    assert sites["hospital-2"]["messages_sent"] > 0
+    assert sites["hospital-2"]["protections"]["secure_aggregation"] is True
+
+
+def test_a_thousand_random_mutations_of_a_real_runs_logs_are_all_detected(
+    small_run: tuple[subprocess.CompletedProcess, Path], tmp_path: Path
+) -> None:
+    _, run = small_run
+    copy = tmp_path / "run"
+    for part in ("audit", "identities"):
+        shutil.copytree(run / part, copy / part)
+    roles = {"coordinator": "coordinator", "hospital-1": "hospital", "hospital-2": "hospital", "insurer-1": "insurer"}
+    kinds = assert_mutations_detected(copy, roles, count=1000, seed=7)
+    assert len(kinds) == 10, kinds
 
 
 def test_bad_data_dir_exits_non_zero_and_leaves_no_run_folder(tmp_path: Path) -> None:

@@ -287,6 +287,19 @@ class AuditLog:
             return entry
 
 
+    def detach(self) -> None:
+        """Stop writing without closing the run: a later ``AuditLog`` on the same path
+        (in this process or another) verifies the log and continues its chain."""
+        with self._lock:
+            if self._fd is not None:
+                self._release()
+
+    def __enter__(self) -> "AuditLog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
     def _release(self) -> None:
         assert self._fd is not None
         os.close(self._fd)

@@ -87,7 +87,7 @@ def _table(report: dict[str, Any]) -> str:
     for party, site in report["sites"].items():
         table.add_row(*_cells(party, site))
     out = io.StringIO()
-    console = Console(file=out, width=160, color_system=None)
+    console = Console(file=out, width=160, color_system=None, emoji=False)
     console.print(table)
     console.print("verified and reconciled" if report["ok"] else "PROBLEMS:")
     for problem in report["problems"]:

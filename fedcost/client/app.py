@@ -18,13 +18,18 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcost import records as rec
+from fedcost.audit import AuditLog
 from fedcost.client.node import Contribution, Node, NodeSetup
 from fedcost.errors import FederationError
+from fedcost.identity import Identity
 from fedcost.job import TrainingJob
 from fedcost.secagg import MaskedInputRequest, Quantizer, SetupRequest, request_from_dict
 from fedcost.secagg import Node as SecAggNode
 
 SetupResolver = Callable[[Context], NodeSetup]
+COORDINATOR = "coordinator"
+# The last exchange of a round at a node: its log signs a checkpoint after it.
+ROUND_ENDS = ("secagg:evaluate:unmask", "plain:evaluate")
 
 
 def make_client_app(resolve_setup: SetupResolver, node_factory: Callable[[NodeSetup], Node] = Node) -> ClientApp:
@@ -39,27 +44,55 @@ def make_client_app(resolve_setup: SetupResolver, node_factory: Callable[[NodeSe
         torch.set_num_threads(1)
         setup = resolve_setup(context)
         node = node_factory(setup)
-        config = message.content[rec.CONFIG]
-        transport = config[rec.TRANSPORT]
-        content = RecordDict({rec.NODE: ConfigRecord({"name": node.name, "role": node.role})})
-        if transport == rec.PLAIN:
-            if _drops_out(setup, config, "masked-input"):
-                raise FederationError(f"node {node.name} drops out (injected fault)")
-            contribution = _contribution(node, message)
-            content[rec.CONTRIBUTION] = rec.arrays_record(contribution.arrays)
-            content[rec.METRICS] = MetricRecord({rec.WEIGHT: contribution.weight})
-        elif transport == rec.SECURE:
-            content[rec.SECAGG], arrays = _secure_stage(node, setup, message, context)
-            if arrays:
-                content[rec.CONTRIBUTION] = arrays
-        elif transport != rec.HELLO:
-            raise FederationError(f"node {node.name}: unknown transport {transport!r}")
+        with _audit_log(setup, node) as log:
+            kind = rec.message_kind(message.content)
+            config = message.content[rec.CONFIG]
+            round_ = int(config[rec.ROUND]) if rec.ROUND in config else None
+            log.message_received(rec.content_bytes(message.content), sender=COORDINATOR, kind=kind, round=round_)
+            try:
+                content = _reply_content(node, setup, message, context, log)
+            except Exception as error:
+                log.append("refusal", round=round_, details={"kind": kind, "reason": str(error)})
+                raise
+            log.message_sent(rec.content_bytes(content), recipient=COORDINATOR, kind=f"{kind}>reply", round=round_)
+            if kind in ROUND_ENDS:
+                log.checkpoint(round=round_)
+            if config[rec.TRANSPORT] == rec.CLOSE:
+                log.close()
         return Message(content, reply_to=message)
 
     app.query()(respond)
     app.train()(respond)
     app.evaluate()(respond)
     return app
+
+
+def _reply_content(node: Node, setup: NodeSetup, message: Message, context: Context, log: AuditLog) -> RecordDict:
+    config = message.content[rec.CONFIG]
+    transport = config[rec.TRANSPORT]
+    content = RecordDict({rec.NODE: ConfigRecord({"name": node.name, "role": node.role})})
+    if transport == rec.HELLO:
+        log.append("job_received", details={"run_id": str(config["run_id"]), "secure_aggregation": bool(config["secure_aggregation"])})
+        log.append("data_loaded", details={"train_rows": len(node.data.train), "test_rows": len(node.data.test), "schema_digest": node.schema_digest})
+    elif transport == rec.PLAIN:
+        if _drops_out(setup, config, "masked-input"):
+            raise FederationError(f"node {node.name} drops out (injected fault)")
+        contribution = _contribution(node, message)
+        content[rec.CONTRIBUTION] = rec.arrays_record(contribution.arrays)
+        content[rec.METRICS] = MetricRecord({rec.WEIGHT: contribution.weight})
+    elif transport == rec.SECURE:
+        content[rec.SECAGG], arrays = _secure_stage(node, setup, message, context)
+        if arrays:
+            content[rec.CONTRIBUTION] = arrays
+    elif transport != rec.CLOSE:
+        raise FederationError(f"node {node.name}: unknown transport {transport!r}")
+    return content
+
+
+def _audit_log(setup: NodeSetup, node: Node) -> AuditLog:
+    """The node's own signed log, reopened for each message (any worker may carry it)."""
+    identity = Identity(node.name, node.role, Ed25519PrivateKey.from_private_bytes(setup.identity_key))
+    return AuditLog(setup.audit_dir / f"{node.name}.jsonl", identity)
 
 
 def _contribution(node: Node, message: Message) -> Contribution:

@@ -5,6 +5,8 @@ Only sums, model weights and counts come out of here; rows stay inside ``NodeDat
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -44,6 +46,7 @@ class NodeSetup:
     roster: tuple[tuple[str, bytes], ...] = ()
     drop_rounds: tuple[int, ...] = ()
     drop_stage: str = "masked-input"
+    audit_dir: Path = Path("audit")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,11 @@ class Node:
     def __init__(self, setup: NodeSetup):
         self.mapping, self.data = _load(setup)
         self.layout = StatisticsLayout(self.mapping.feature_columns, tuple(self.mapping.targets))
+
+    @property
+    def schema_digest(self) -> str:
+        """SHA-256 of the columns, levels and targets this node's rows were checked against."""
+        return hashlib.sha256(json.dumps(self.layout.slots()).encode()).hexdigest()
 
     @property
     def name(self) -> str:

@@ -10,6 +10,7 @@ The coordinator only ever handles sums; it never receives rows or a single node'
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -20,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from fedcost import records as rec
+from fedcost.audit import AuditLog
 from fedcost.config import SecureAggregationSection, StrategySection
 from fedcost.data.features import FeatureSpec, StatisticsLayout
 from fedcost.errors import FederationError
@@ -27,6 +29,7 @@ from fedcost.job import TrainingJob
 from fedcost.models import evaluation
 from fedcost.models.nets import ModelSpec, build_model
 from fedcost.models.training import TrainConfig
+from fedcost.server.audited_grid import AuditedGrid
 from fedcost.server.shared_sum import SharedSums, SumResult
 
 NODE_WAIT_SECONDS = 120.0
@@ -48,6 +51,7 @@ class CoordinatorPlan:
     training: TrainConfig
     strategy: StrategySection
     secure_aggregation: SecureAggregationSection
+    config_digest: str
 
 
 class RunObserver(Protocol):
@@ -60,13 +64,13 @@ class RunObserver(Protocol):
     def on_model(self, weights: dict[str, np.ndarray]) -> None: ...
 
 
-def make_server_app(plan: CoordinatorPlan, observer: RunObserver) -> ServerApp:
-    """A ServerApp that runs ``plan`` and reports to ``observer``."""
+def make_server_app(plan: CoordinatorPlan, observer: RunObserver, log: AuditLog) -> ServerApp:
+    """A ServerApp that runs ``plan``, reports to ``observer`` and keeps ``log``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        Coordinator(plan, grid, observer).run()
+        Coordinator(plan, grid, observer, log).run()
 
     return app
 
@@ -84,15 +88,27 @@ def make_strategy(section: StrategySection, nodes: int) -> Strategy:
 class Coordinator:
     """One run: hello, statistics, model initialisation, ``rounds`` train/evaluate rounds."""
 
-    def __init__(self, plan: CoordinatorPlan, grid: Grid, observer: RunObserver):
+    def __init__(self, plan: CoordinatorPlan, grid: Grid, observer: RunObserver, log: AuditLog):
         self.plan = plan
-        self.grid = grid
+        self.grid = AuditedGrid(grid, log)
+        self.log = log
         self.observer = observer
         self.strategy = make_strategy(plan.strategy, len(plan.roster))
         proximal_mu = plan.strategy.proximal_mu if plan.strategy.name == "fedprox" else 0.0
         self.training = replace(plan.training, proximal_mu=proximal_mu)
 
     def run(self) -> None:
+        self.log.append(
+            "run_started",
+            details={
+                "run_id": self.plan.run_id,
+                "config_digest": self.plan.config_digest,
+                "secure_aggregation": self.plan.secure_aggregation.enabled,
+                "strategy": self.plan.strategy.name,
+                "rounds": self.plan.rounds,
+                "nodes": [name for name, _ in self.plan.roster],
+            },
+        )
         sites = self._hello(self._wait_for_nodes())
         self.sums = SharedSums(self.grid, sites, self.plan.secure_aggregation, self.plan.run_id, self.plan.roster)
         features = self._federated_features(sorted(sites))
@@ -110,8 +126,31 @@ class Coordinator:
                 secure_aggregation=self.plan.secure_aggregation.enabled,
                 seconds=round(time.perf_counter() - started, 3),
             )
+            self.log.append("checkpoint_model", round=server_round, digest=_digest(arrays))
+            self.log.checkpoint(round=server_round)
             self.observer.on_round(record)
         self.observer.on_model({k: a.numpy().astype("float32") for k, a in arrays.items()})
+        self._close(sorted(sites))
+
+    def _close(self, node_ids: list[int]) -> None:
+        """Tell every node the run is over, so each signs and closes its log; then close ours."""
+        config = ConfigRecord({rec.TRANSPORT: rec.CLOSE})
+        messages = [Message(RecordDict({rec.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+        self.grid.send_and_receive(messages)
+        self.log.close()
+
+    def _sum(self, purpose: str, server_round: int, *args, **kwargs) -> SumResult:
+        """A shared sum, with its dropouts and the digest of the aggregate in the log."""
+        result = self.sums.run(purpose, server_round, *args, **kwargs)
+        for site, reason in result.dropouts.items():
+            self.log.append("dropout", round=server_round, details={"party": site, "reason": reason, "purpose": purpose})
+        self.log.append(
+            "aggregate",
+            round=server_round,
+            digest=hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in result.arrays)).hexdigest(),
+            details={"purpose": purpose, "included": result.included},
+        )
+        return result
 
     def _wait_for_nodes(self) -> list[int]:
         deadline = time.monotonic() + NODE_WAIT_SECONDS
@@ -124,7 +163,13 @@ class Coordinator:
 
     def _hello(self, node_ids: list[int]) -> dict[int, str]:
         """Each node names itself; every name must be an enrolled roster member, once."""
-        config = ConfigRecord({rec.TRANSPORT: rec.HELLO})
+        config = ConfigRecord(
+            {
+                rec.TRANSPORT: rec.HELLO,
+                "run_id": self.plan.run_id,
+                "secure_aggregation": self.plan.secure_aggregation.enabled,
+            }
+        )
         messages = [Message(RecordDict({rec.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
         sites: dict[int, str] = {}
         enrolled = {name for name, _ in self.plan.roster}
@@ -142,7 +187,7 @@ class Coordinator:
     def _federated_features(self, node_ids: list[int]) -> FeatureSpec:
         """Sum every node's statistics vector; the totals give the shared encoding."""
         size = len(self.plan.layout.slots())
-        result = self.sums.run("statistics", 0, [(size,)], node_ids)
+        result = self._sum("statistics", 0, [(size,)], node_ids)
         if result.dropouts:
             raise FederationError(f"the statistics stage needs every node; missing: {result.dropouts}")
         features = self.plan.layout.feature_spec(result.arrays[0])
@@ -153,7 +198,7 @@ class Coordinator:
         """Sum the example-weighted updates, then let Flower's strategy take its step."""
         messages = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid))
         shapes = [a.numpy().shape for a in arrays.values()] + [(1,)]
-        trained = self.sums.run(
+        trained = self._sum(
             "train", server_round, shapes, [m.metadata.dst_node_id for m in messages], arrays, job.to_json()
         )
         mean_update = {k: u / trained.weight for k, u in zip(arrays.keys(), trained.arrays[:-1])}
@@ -174,7 +219,7 @@ class Coordinator:
         sizes = {"readmission": evaluation.readmission_sums_size(), "cost": len(evaluation.COST_SUMS)}
         shapes = [(sizes[task],) for task in job.model.tasks]
         node_ids = [m.metadata.dst_node_id for m in messages]
-        summed = self.sums.run("evaluate", server_round, shapes, node_ids, arrays, job.to_json())
+        summed = self._sum("evaluate", server_round, shapes, node_ids, arrays, job.to_json())
         record: dict = {}
         for task, sums in zip(job.model.tasks, summed.arrays):
             metrics = (
@@ -184,3 +229,7 @@ class Coordinator:
             )
             record.update({f"{task}_{k}": v for k, v in metrics.items()})
         return record
+
+
+def _digest(arrays: ArrayRecord) -> str:
+    return hashlib.sha256(rec.content_bytes(RecordDict({rec.ARRAYS: arrays}))).hexdigest()
