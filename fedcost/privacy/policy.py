@@ -1,0 +1,281 @@
+"""A site's policy: what may leave the site, and the check of a job against it.
+
+The policy is a TOML file that the site writes and only the site can change: the
+coordinator it trusts, whether secure aggregation is required, the smallest cohort
+any shared statistic may describe, the metrics the site shares (and at what precision),
+its differential-privacy budget and hard limits on rounds and sizes. See
+``configs/policies/*.toml`` for one commented example per role.
+
+``check_job`` runs before the node reads any data; the egress guard
+(:mod:`fedcost.privacy.egress`) checks every outgoing message against the same policy.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from fedcost.errors import ConfigError, PolicyViolationError
+
+# Always shared with a model update or sum: the FedAvg weight. Never a policy metric.
+EXAMPLES = "num-examples"
+# A key id is the SHA-256 (hex) of the coordinator's raw Ed25519 public key
+# (``fedcost.identity.PublicIdentity.key_id``).
+_KEY_ID = re.compile(r"[0-9a-f]{64}")
+_METRIC_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+MAX_PRECISION = 12
+
+JOB_KINDS = ("train", "evaluate", "statistics", "analytics")
+# What each kind of job may ask for besides the site's whitelisted metrics.
+_KIND_OUTPUTS = {
+    "train": ("weights", EXAMPLES),
+    "evaluate": ("sums", EXAMPLES),
+    "statistics": ("sums", EXAMPLES),
+    "analytics": ("sums", EXAMPLES),
+}
+# Outputs no policy can allow, with the reason shown to the user.
+_NEVER = {
+    "rows": "raw rows never leave a site",
+    "predictions": "per-record predictions are per-record values and never leave a site",
+    "identifiers": "record identifiers never leave a site",
+    "gradients": "per-example gradients are per-record values and never leave a site",
+}
+_OUTPUT_NAMES = {output for outputs in _KIND_OUTPUTS.values() for output in outputs} | set(_NEVER)
+
+
+class _FieldError(ValueError):
+    """A policy field is missing or wrong; carries its dotted name for ``ConfigError``."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"field '{field}': {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def _number(where: str, value: Any, hint: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _FieldError(where, f"expected a number, got {type(value).__name__}; write e.g. {hint}")
+    return float(value)
+
+
+def _integer(where: str, value: Any, minimum: int, hint: str) -> int:
+    if not _is_int(value):
+        raise _FieldError(where, f"expected an integer, got {value!r}; write e.g. {hint}")
+    if value < minimum:
+        raise _FieldError(where, f"must be at least {minimum}, got {value}; write e.g. {hint}")
+    return value
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """The site's record-level DP budget (Abadi et al. 2016) for all the training it does.
+
+    ``epsilon = inf`` means no differential privacy: then ``delta``, ``max_grad_norm`` and
+    ``noise_multiplier`` must be absent, so a policy never looks protected when it is not.
+    With a finite ``epsilon``, ``delta`` and ``max_grad_norm`` are required. Without a
+    ``noise_multiplier`` the node derives one per round from the budget left and the
+    rounds left (:func:`fedcost.privacy.dp.dp_config_for`), so the job's rounds exactly
+    fit the budget; with one, rounds run at that noise until the budget is spent.
+    """
+
+    epsilon: float
+    delta: float | None = None
+    max_grad_norm: float | None = None
+    noise_multiplier: float | None = None
+
+    def __post_init__(self) -> None:
+        epsilon = _number("privacy.epsilon", self.epsilon, "epsilon = 8.0 (or inf for no DP)")
+        if math.isnan(epsilon) or epsilon <= 0:
+            raise _FieldError("privacy.epsilon", f"must be > 0 or inf, got {epsilon}; write e.g. epsilon = 8.0")
+        if not self.enabled:
+            for name in ("delta", "max_grad_norm", "noise_multiplier"):
+                if getattr(self, name) is not None:
+                    raise _FieldError(
+                        f"privacy.{name}", "epsilon = inf turns DP off; remove this field or set a finite epsilon"
+                    )
+            return
+        if self.delta is None:
+            raise _FieldError("privacy.delta", "required with a finite epsilon; write e.g. delta = 1e-5 (below 1/rows)")
+        if not 0 < _number("privacy.delta", self.delta, "delta = 1e-5") < 1:
+            raise _FieldError("privacy.delta", f"must lie in (0, 1), got {self.delta}; write e.g. delta = 1e-5")
+        if self.max_grad_norm is None:
+            raise _FieldError("privacy.max_grad_norm", "required with a finite epsilon; write e.g. max_grad_norm = 1.0")
+        for name in ("max_grad_norm", "noise_multiplier"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not (math.isfinite(_number(f"privacy.{name}", value, f"{name} = 1.0")) and value > 0):
+                reason = f"must be a positive finite number, got {value}; write e.g. {name} = 1.0"
+                raise _FieldError(f"privacy.{name}", reason)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the site trains with differential privacy at all."""
+        return math.isfinite(self.epsilon)
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """What may leave a site. Limits are per job; ``metrics`` maps a metric to its decimal places."""
+
+    coordinator: str
+    privacy: PrivacySettings
+    max_rounds: int
+    require_secure_aggregation: bool = True
+    min_cohort: int = 11
+    metrics: Mapping[str, int] = field(default_factory=dict)
+    max_model_parameters: int = 1_000_000
+    max_message_bytes: int = 16 * 2**20
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.coordinator, str) or not _KEY_ID.fullmatch(self.coordinator):
+            raise _FieldError(
+                "coordinator",
+                "expected the coordinator's key id: 64 lower-case hex digits "
+                "(the key_id in the coordinator's .pub.json)",
+            )
+        if not isinstance(self.privacy, PrivacySettings):
+            raise _FieldError("privacy", "expected a [privacy] table with at least epsilon = ...")
+        if not isinstance(self.require_secure_aggregation, bool):
+            raise _FieldError("require_secure_aggregation", "expected true or false")
+        _integer("min_cohort", self.min_cohort, 2, "min_cohort = 11")
+        _integer("max_rounds", self.max_rounds, 1, "max_rounds = 50")
+        _integer("max_model_parameters", self.max_model_parameters, 1, "max_model_parameters = 1_000_000")
+        _integer("max_message_bytes", self.max_message_bytes, 1, "max_message_bytes = 16_777_216")
+        if not isinstance(self.metrics, Mapping):
+            raise _FieldError("metrics", "expected a [metrics] table of name = decimal places, e.g. auroc = 3")
+        for name, places in self.metrics.items():
+            if not isinstance(name, str) or not _METRIC_NAME.fullmatch(name):
+                raise _FieldError(f"metrics.{name}", f"a metric name must match {_METRIC_NAME.pattern}")
+            if name == EXAMPLES:
+                raise _FieldError(f"metrics.{name}", "the example count is always shared with an update; remove it")
+            if name in _OUTPUT_NAMES:
+                raise _FieldError(f"metrics.{name}", f"'{name}' names a job output, not a metric; rename the metric")
+            _integer(f"metrics.{name}", places, 0, f"{name} = 3")
+            if places > MAX_PRECISION:
+                raise _FieldError(f"metrics.{name}", f"at most {MAX_PRECISION} decimal places, got {places}")
+        object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> SitePolicy:
+        """Read and validate a policy file; any defect is a ``ConfigError`` naming file and field."""
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("policy file not found", path=str(path)) from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(f"not valid TOML: {error}", path=str(path)) from None
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "<dict>") -> SitePolicy:
+        """The strict inverse of ``to_dict``: unknown keys and wrong types are refused."""
+        try:
+            return cls._from_dict(data)
+        except _FieldError as error:
+            raise ConfigError(error.reason, path=source, field=error.field) from None
+
+    @classmethod
+    def _from_dict(cls, data: Mapping[str, Any]) -> SitePolicy:
+        _known("", data, cls)
+        required = {"coordinator": 'coordinator = "<64 hex digits>"', "privacy": "[privacy] epsilon = 8.0",
+                    "max_rounds": "max_rounds = 50"}
+        for name, hint in required.items():
+            if name not in data:
+                raise _FieldError(name, f"required; write {hint}")
+        privacy = data["privacy"]
+        if not isinstance(privacy, Mapping):
+            raise _FieldError("privacy", "expected a [privacy] table")
+        _known("privacy.", privacy, PrivacySettings)
+        if "epsilon" not in privacy:
+            raise _FieldError("privacy.epsilon", "required; write epsilon = 8.0 (or inf for no DP)")
+        return cls(**{**data, "privacy": PrivacySettings(**privacy)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, defaults filled in, as TOML-able data (``epsilon`` may be ``inf``)."""
+        privacy = {k: v for k, v in asdict(self.privacy).items() if v is not None}
+        return {
+            "coordinator": self.coordinator,
+            "require_secure_aggregation": self.require_secure_aggregation,
+            "min_cohort": self.min_cohort,
+            "max_rounds": self.max_rounds,
+            "max_model_parameters": self.max_model_parameters,
+            "max_message_bytes": self.max_message_bytes,
+            "metrics": dict(self.metrics),
+            "privacy": privacy,
+        }
+
+
+def _known(prefix: str, data: Mapping[str, Any], cls: type) -> None:
+    allowed = [f.name for f in fields(cls)]
+    for key in data:
+        if key not in allowed:
+            raise _FieldError(f"{prefix}{key}", f"unknown field; allowed: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What a coordinator asks of a node, reduced to what the site policy rules on.
+
+    ``outputs`` names everything the job wants back: ``"weights"`` (train), ``"sums"``
+    (evaluation, statistics and analytics sums), ``"num-examples"`` and metric names.
+    ``coordinator`` is the key id of the party that sent the job, as authenticated by
+    the transport, never as claimed inside the job.
+    """
+
+    kind: str
+    coordinator: str
+    rounds: int
+    secure_aggregation: bool
+    min_cohort: int
+    outputs: tuple[str, ...]
+    model_parameters: int = 0
+
+
+def check_job(policy: SitePolicy, job: JobRequest) -> None:
+    """Refuse ``job`` unless ``policy`` allows all of it; run it before reading any data.
+
+    Raises ``PolicyViolationError`` with a reason the coordinator can show its user.
+    """
+    # (1) The job comes from the coordinator this site trusts.
+    if job.coordinator != policy.coordinator:
+        raise _refusal(f"it comes from coordinator {job.coordinator!r}; this site trusts only {policy.coordinator}")
+    # (2) The job is of a kind the site knows.
+    if job.kind not in JOB_KINDS:
+        raise _refusal(f"unknown job kind {job.kind!r}; a site runs {', '.join(JOB_KINDS)} jobs")
+    # (3) Updates and sums go through secure aggregation when the site requires it.
+    if policy.require_secure_aggregation and job.secure_aggregation is not True:
+        raise _refusal("it switches secure aggregation off; this site requires secure aggregation")
+    # (4) No statistic describes fewer rows than the site's smallest cohort.
+    if not _is_int(job.min_cohort) or job.min_cohort < policy.min_cohort:
+        raise _refusal(f"its min_cohort {job.min_cohort!r} is below this site's min_cohort {policy.min_cohort}")
+    # (5) Rounds and model size stay within the site's limits.
+    if not _is_int(job.rounds) or not 1 <= job.rounds <= policy.max_rounds:
+        raise _refusal(f"it asks for {job.rounds!r} rounds; this site allows 1 to {policy.max_rounds}")
+    if not _is_int(job.model_parameters) or not 0 <= job.model_parameters <= policy.max_model_parameters:
+        limit = policy.max_model_parameters
+        raise _refusal(f"its model has {job.model_parameters!r} parameters; this site allows at most {limit}")
+    # (6) Every output asked for is one this kind of job may send.
+    if isinstance(job.outputs, str) or not all(isinstance(output, str) for output in job.outputs):
+        raise _refusal("its outputs must be a list of output names")
+    allowed = (*_KIND_OUTPUTS[job.kind], *policy.metrics)
+    for output in job.outputs:
+        if output in _NEVER:
+            raise _refusal(f"it asks for {output!r}: {_NEVER[output]}")
+        if output not in allowed:
+            raise _refusal(f"it asks for {output!r}; a {job.kind} job at this site may send only {', '.join(allowed)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _refusal(reason: str) -> PolicyViolationError:
+    return PolicyViolationError(f"the site policy refuses this job: {reason}")
