@@ -1,0 +1,17 @@
+"""Federated cost analytics: grouped statistics with small-cell suppression, and
+risk-adjusted benchmarking (O/E, funnel plots, value). Pure: arrays in, arrays and
+dataclasses out; no Flower, no network."""
+
+from fedcost.analytics.benchmarking import SITE_SLOTS, Benchmark, SiteBenchmark, benchmark, plot_funnel, site_totals
+from fedcost.analytics.statistics import GroupedStatistics, GroupedStatisticsLayout
+
+__all__ = [
+    "SITE_SLOTS",
+    "Benchmark",
+    "GroupedStatistics",
+    "GroupedStatisticsLayout",
+    "SiteBenchmark",
+    "benchmark",
+    "plot_funnel",
+    "site_totals",
+]

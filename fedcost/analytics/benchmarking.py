@@ -1,0 +1,218 @@
+"""Risk-adjusted benchmarking: observed against expected readmissions and costs per site,
+funnel-plot control limits, and value (outcome per cost).
+
+Each site scores its own rows with the federated model and shares only six totals
+(``site_totals``, in ``SITE_SLOTS`` order): rows n, observed readmissions O, expected
+readmissions E = sum of predicted risks, observed cost C, expected cost C_E = sum of
+predicted costs, and the sum of squared cost residuals sum (c - c_hat)^2. The coordinator
+turns them into ``Benchmark`` (``benchmark``).
+
+Formulas
+--------
+- O/E readmissions, 95% CI by Byar's approximation to the exact Poisson interval:
+  low = O (1 - 1/(9O) - z/(3 sqrt O))^3 / E, high = (O+1) (1 - 1/(9(O+1)) + z/(3 sqrt(O+1)))^3 / E.
+- Funnel control limits around 1 (Spiegelhalter, Stat Med 2005;24:1185): the same Byar
+  formulas at O = E, i.e. Poisson limits for a site whose readmissions are exactly as
+  expected, at z = 1.96 (95%) and z = 3.09 (99.8%); volume on the funnel's x axis is E.
+  A site is flagged ``above_998`` when its O/E lies above the upper 99.8% limit, etc.
+- Cost ratio C / C_E with a normal-approximation CI: Var(C) is estimated by the sum of
+  squared residuals (costs independent given case mix; the expected-cost model right on
+  average), so SE = sqrt(sum (c - c_hat)^2) / C_E. No bootstrap; fine for hundreds of
+  episodes, optimistic for a few dozen heavy-tailed ones.
+- Value: risk-adjusted readmission rate RAR = O/E x federation rate (sum O / sum n),
+  risk-adjusted cost RAC = C/C_E x federation mean cost (sum C / sum n), value =
+  (1 - RAR) / RAC, readmission-free episodes per currency unit; ``value_index`` divides
+  it by the federation's (1 - rate) / mean cost, so 1 is the federation average and
+  above 1 is better value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import NormalDist
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from fedcost.errors import PolicyViolationError  # noqa: E402
+
+SITE_SLOTS = ("n", "observed", "expected", "cost_observed", "cost_expected", "cost_residual_ss")
+Z_95 = NormalDist().inv_cdf(0.975)
+Z_998 = NormalDist().inv_cdf(0.999)
+
+
+def site_totals(
+    readmitted: np.ndarray,
+    expected_risk: np.ndarray,
+    cost: np.ndarray,
+    expected_cost: np.ndarray,
+    *,
+    min_cohort: int = 11,
+) -> np.ndarray:
+    """The six totals a site shares (``SITE_SLOTS``); refuses a cohort under ``min_cohort``."""
+    readmitted, expected_risk, cost, expected_cost = (
+        np.asarray(a, dtype="float64") for a in (readmitted, expected_risk, cost, expected_cost)
+    )
+    n = len(readmitted)
+    if not len(expected_risk) == len(cost) == len(expected_cost) == n:
+        raise ValueError("readmitted, expected_risk, cost and expected_cost need one value per row")
+    if n < min_cohort:
+        raise PolicyViolationError(f"a benchmark of {n} rows describes fewer than {min_cohort} patients; not shared")
+    if not np.isin(readmitted, (0.0, 1.0)).all():
+        raise ValueError("readmitted must be 0 or 1")
+    if not ((expected_risk >= 0) & (expected_risk <= 1)).all():
+        raise ValueError("expected_risk must be a probability in [0, 1]")
+    if not ((cost >= 0) & (expected_cost >= 0)).all():
+        raise ValueError("costs must be non-negative numbers")
+    return np.array(
+        [n, readmitted.sum(), expected_risk.sum(), cost.sum(), expected_cost.sum(), np.square(cost - expected_cost).sum()]
+    )
+
+
+def byar_interval(observed: float, z: float) -> tuple[float, float]:
+    """Byar's approximation to the exact Poisson interval for a count ``observed``."""
+    low = 0.0 if observed <= 0 else observed * (1 - 1 / (9 * observed) - z / (3 * math.sqrt(observed))) ** 3
+    upper = observed + 1
+    high = upper * (1 - 1 / (9 * upper) + z / (3 * math.sqrt(upper))) ** 3
+    return max(low, 0.0), high
+
+
+def funnel_limits(expected: float | np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
+    """Control limits for O/E around 1 at volume ``expected`` (Byar at O = E)."""
+    expected = np.asarray(expected, dtype="float64")
+    low = expected * np.clip(1 - 1 / (9 * expected) - z / (3 * np.sqrt(expected)), 0, None) ** 3
+    upper = expected + 1
+    high = upper * (1 - 1 / (9 * upper) + z / (3 * np.sqrt(upper))) ** 3
+    return low / expected, high / expected
+
+
+@dataclass(frozen=True)
+class SiteBenchmark:
+    """One site's risk-adjusted results; ``oe_*`` and ``cost_ratio_*`` are 95% CIs."""
+
+    site: str
+    n: int
+    observed: float
+    expected: float
+    oe: float
+    oe_low: float
+    oe_high: float
+    limit_95_low: float
+    limit_95_high: float
+    limit_998_low: float
+    limit_998_high: float
+    above_998: bool
+    above_95: bool
+    below_95: bool
+    below_998: bool
+    cost_observed: float
+    cost_expected: float
+    cost_ratio: float
+    cost_ratio_low: float
+    cost_ratio_high: float
+    risk_adjusted_rate: float
+    risk_adjusted_cost: float
+    value: float
+    value_index: float
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """Every site's results and the federation figures they are scaled by."""
+
+    sites: tuple[SiteBenchmark, ...]
+    federation_rate: float
+    federation_mean_cost: float
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([asdict(site) for site in self.sites])
+
+    def to_dict(self) -> dict:
+        return {
+            "federation_rate": self.federation_rate,
+            "federation_mean_cost": self.federation_mean_cost,
+            "sites": [asdict(site) for site in self.sites],
+        }
+
+
+def benchmark(sites: Mapping[str, np.ndarray]) -> Benchmark:
+    """Risk-adjusted results for every site from the totals each shared (``site_totals``)."""
+    totals = {
+        name: dict(zip(SITE_SLOTS, np.asarray(vector, dtype="float64").tolist(), strict=True)) for name, vector in sites.items()
+    }
+    n_all = sum(t["n"] for t in totals.values())
+    rate = sum(t["observed"] for t in totals.values()) / n_all
+    mean_cost = sum(t["cost_observed"] for t in totals.values()) / n_all
+    results = []
+    for name, t in totals.items():
+        observed, expected = t["observed"], t["expected"]
+        oe = observed / expected
+        oe_low, oe_high = (bound / expected for bound in byar_interval(observed, Z_95))
+        (l95,), (h95,) = funnel_limits([expected], Z_95)
+        (l998,), (h998,) = funnel_limits([expected], Z_998)
+        ratio = t["cost_observed"] / t["cost_expected"]
+        half_width = Z_95 * math.sqrt(t["cost_residual_ss"]) / t["cost_expected"]
+        rar, rac = oe * rate, ratio * mean_cost
+        value = (1 - rar) / rac
+        results.append(
+            SiteBenchmark(
+                site=name,
+                n=int(t["n"]),
+                observed=observed,
+                expected=expected,
+                oe=oe,
+                oe_low=oe_low,
+                oe_high=oe_high,
+                limit_95_low=float(l95),
+                limit_95_high=float(h95),
+                limit_998_low=float(l998),
+                limit_998_high=float(h998),
+                above_998=bool(oe > h998),
+                above_95=bool(oe > h95),
+                below_95=bool(oe < l95),
+                below_998=bool(oe < l998),
+                cost_observed=t["cost_observed"],
+                cost_expected=t["cost_expected"],
+                cost_ratio=ratio,
+                cost_ratio_low=max(ratio - half_width, 0.0),
+                cost_ratio_high=ratio + half_width,
+                risk_adjusted_rate=rar,
+                risk_adjusted_cost=rac,
+                value=value,
+                value_index=value / ((1 - rate) / mean_cost),
+            )
+        )
+    return Benchmark(tuple(results), rate, mean_cost)
+
+
+def _colour(site: SiteBenchmark) -> str:
+    flags = (site.above_998, site.above_95, site.below_998, site.below_95, True)
+    return ("#d62728", "#ff7f0e", "#006d2c", "#74c476", "#1f77b4")[flags.index(True)]
+
+
+def plot_funnel(result: Benchmark, path: Path) -> None:
+    """Funnel plot PNG: O/E against expected readmissions, 95% and 99.8% limits, sites labelled."""
+    expected = np.array([s.expected for s in result.sites])
+    volume = np.geomspace(max(expected.min() / 2, 1.0), expected.max() * 1.2, 200)
+    figure, ax = plt.subplots(figsize=(7, 4.5))
+    for z, style, label in ((Z_95, "--", "95% limits"), (Z_998, "-", "99.8% limits")):
+        low, high = funnel_limits(volume, z)
+        ax.plot(volume, high, style, color="grey", label=label)
+        ax.plot(volume, low, style, color="grey")
+    ax.axhline(1.0, color="black", lw=0.8)
+    for site in result.sites:
+        ax.scatter(site.expected, site.oe, color=_colour(site), zorder=3)
+        ax.annotate(site.site, (site.expected, site.oe), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set(xlabel="expected readmissions (E)", ylabel="observed / expected", title="Risk-adjusted 30-day readmission")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
