@@ -80,6 +80,7 @@ img {{ max-width: 100%; }}
 <h1>fedcost run {html.escape(summary['run_id'])}</h1>
 <p>{len(summary['nodes'])} nodes, {summary['rounds']} rounds of {summary['strategy']}, model {summary['model']};
 all models scored on the same {summary['test_rows']:,} held-out rows.</p>
+<p>{_protections(summary)}</p>
 <h2>Federated against pooled and local-only</h2>
 <table><tr><th>task</th><th>metric</th>{''.join(f'<th>{m}</th>' for m in MODELS)}</tr>{table}</table>
 <h2>Per site</h2>
@@ -88,6 +89,23 @@ all models scored on the same {summary['test_rows']:,} held-out rows.</p>
 {figures}
 </body></html>
 """
+
+
+def _protections(summary: dict) -> str:
+    secure = (
+        "Secure aggregation (SecAgg+) was on: the coordinator saw only sums."
+        if summary.get("secure_aggregation")
+        else "<strong>Secure aggregation was OFF</strong>: the coordinator saw each node's contribution."
+    )
+    audit = summary.get("audit", {})
+    logs = (
+        f"The signed audit logs of all {len(audit['parties'])} parties verified and reconciled."
+        if audit.get("verified")
+        else ""
+    )
+    dropouts = summary.get("dropouts") or {}
+    lost = f" Dropouts recovered in round(s) {', '.join(map(str, dropouts))}." if dropouts else ""
+    return f"{secure} {logs}{lost}"
 
 
 def _site_cells(site: dict, task: str) -> str:

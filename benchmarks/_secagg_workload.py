@@ -1,0 +1,425 @@
+"""One benchmark cell of ``secagg_bench.py``: one system, N nodes, D parameters, in Flower's
+Simulation Engine, on a no-training workload.
+
+Kept apart from the CLI because Ray's actor processes must import it by name (the cell's
+parent puts ``benchmarks/`` on ``PYTHONPATH``): functions defined in ``__main__`` would be
+pickled by value along with whatever they close over.
+
+Every node contributes the same fixed float32 vector every round (``node_vector``: uniform
+in [-1, 1), seeded by the node's partition id) with weight 1, and every system sends the
+D-entry global model down with the request for the contribution, as a training round would.
+
+Measurements (per round; the first round is a warm-up and is not reported):
+
+* wall: ``time.perf_counter`` in the ServerApp thread around one round — Ray start-up,
+  node registration and fedcost's hello exchange are outside it;
+* coordinator thread CPU: ``time.thread_time`` of the ServerApp thread (the coordinator's
+  own logic: SharedSums / SecAggPlusWorkflow, quantisation, unmasking, record building);
+* driver process CPU: ``time.process_time`` of the driver process, which adds the
+  simulation engine's threads (message routing through the in-memory link state, pickling
+  messages into Ray's object store) and Ray's driver threads;
+* node CPU: a client mod outermost on every ClientApp takes ``time.process_time`` deltas
+  around each message inside the Ray actor process (so it includes Flower's record
+  handling in the app and secaggplus_mod, not Ray's transport), summed per round and
+  divided by N;
+* bytes sent per node: the same mod sizes each reply's records (``reply_bytes``), summed
+  per round and divided by N.
+
+The mod appends one line per message to a log file; the cell assigns lines to rounds by
+their wall-clock end time, which lies inside the round's [start, end] window.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import json
+import logging
+import os
+import pstats
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+SYSTEMS = ("plain", "fedcost", "flower")
+NODE_WAIT_SECONDS = 600.0
+
+
+@lru_cache(maxsize=None)
+def node_vector(partition_id: int, dim: int) -> np.ndarray:
+    """The node's fixed contribution; cached so that only the warm-up round pays for it."""
+    return np.random.default_rng(partition_id).uniform(-1.0, 1.0, dim).astype(np.float32)
+
+
+def expected_sum(nodes: int, dim: int) -> np.ndarray:
+    """The exact float64 sum of every node's vector, to check each system's result."""
+    total = np.zeros(dim)
+    for pid in range(nodes):
+        total += np.random.default_rng(pid).uniform(-1.0, 1.0, dim).astype(np.float32)
+    return total
+
+
+def site_name(partition_id: int) -> str:
+    return f"site-{partition_id:04d}"
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def _value_bytes(value: Any) -> int:
+    """Bytes of one record value: bytes/str by length, numbers 8, lists element by element."""
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, (list, tuple)):
+        return sum(_value_bytes(v) for v in value)
+    return 8
+
+
+def reply_bytes(content: Any) -> int:
+    """Payload bytes of a reply's RecordDict: array data, config and metric values.
+
+    Keys, record names and protobuf framing are not counted; they are tens of bytes
+    per message, the same order for every system.
+    """
+    from flwr.app import ArrayRecord
+
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(array.data) for array in record.values())
+        else:
+            total += sum(_value_bytes(v) for v in record.values())
+    return total
+
+
+def make_measure_mod(log_path: str) -> Callable:
+    """A client mod, outermost, that logs CPU seconds and reply bytes of each message."""
+
+    def measure_mod(message: Any, context: Any, call_next: Callable) -> Any:
+        cpu = time.process_time()
+        reply = call_next(message, context)
+        cpu = time.process_time() - cpu
+        size = reply_bytes(reply.content) if reply.has_content() else 0
+        with open(log_path, "a") as out:
+            out.write(f"{time.time():.6f} {context.node_id} {cpu:.6f} {size}\n")
+        return reply
+
+    return measure_mod
+
+
+@dataclass
+class RoundClock:
+    """Clocks around each round, read in the ServerApp thread."""
+
+    rounds: list[dict[str, float]] = field(default_factory=list)
+    max_abs_error: float = float("nan")
+
+    def timed(self, run: Callable[[], object]) -> object:
+        started, wall0 = time.time(), time.perf_counter()
+        thread0, process0 = time.thread_time(), time.process_time()
+        result = run()
+        self.rounds.append(
+            {
+                "start": started,
+                "end": time.time(),
+                "wall": time.perf_counter() - wall0,
+                "thread_cpu": time.thread_time() - thread0,
+                "process_cpu": time.process_time() - process0,
+            }
+        )
+        return result
+
+
+class MaybeProfile:
+    """cProfile of the ServerApp thread over the measured rounds, when a path is given."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.profile = cProfile.Profile() if path else None
+
+    def measure(self, run: Callable[[], object], warm_up: bool) -> object:
+        if self.profile is None or warm_up:
+            return run()
+        self.profile.enable()
+        try:
+            return run()
+        finally:
+            self.profile.disable()
+
+    def dump(self) -> None:
+        if self.profile is not None and self.path:
+            self.profile.dump_stats(self.path)
+
+
+# --------------------------------------------------------------------------- fedcost
+
+
+@dataclass(frozen=True)
+class _NoRows:
+    """Stands in for ``NodeData`` where the node binding reports row counts (hello)."""
+
+    train: tuple = ()
+    test: tuple = ()
+
+
+@dataclass(frozen=True)
+class BenchNode:
+    """fedcost's node side for the benchmark: no rows, no training, a fixed vector.
+
+    ``data`` and ``schema_digest`` exist only for the hello exchange's audit entries.
+    """
+
+    name: str
+    dim: int
+    role: str = "hospital"
+    data: _NoRows = _NoRows()
+    schema_digest: str = "benchmark"
+
+    def contribution(self, purpose: str, job: object, weights: dict, server_round: int):
+        from fedcost.client.node import Contribution
+
+        return Contribution([node_vector(int(self.name.split("-")[1]), self.dim)], 1)
+
+
+def _raw_public(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _raw_private(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+
+
+def fedcost_apps(system: str, nodes: int, dim: int, rounds: int, clock: RoundClock, profile: MaybeProfile, log_path: str):
+    """fedcost's ServerApp (SharedSums, plain or SecAgg+) and its ClientApp, as ``simulation._federate`` builds them."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    from fedcost import records as rec
+    from fedcost.client.app import make_client_app
+    from fedcost.client.node import NodeSetup
+    from fedcost.config import SecureAggregationSection
+    from fedcost.errors import FederationError
+    from fedcost.server.shared_sum import SharedSums
+
+    keys = {site_name(i): Ed25519PrivateKey.generate() for i in range(nodes)}
+    roster = tuple(sorted((name, _raw_public(key)) for name, key in keys.items()))
+    # Nodes keep signed audit logs when this fedcost has them; a throwaway folder per cell.
+    audit = {"audit_dir": Path(tempfile.mkdtemp(prefix="secagg_bench_audit_"))} if _has_field(NodeSetup, "audit_dir") else {}
+    setups = [
+        NodeSetup(Path("."), site_name(i), 0, identity_key=_raw_private(keys[site_name(i)]), roster=roster, **audit)
+        for i in range(nodes)
+    ]
+    settings = SecureAggregationSection(enabled=system == "fedcost")
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context) -> None:  # noqa: ANN001 - Flower's signature
+        node_ids = _wait_for_nodes(grid, nodes)
+        hello = {rec.TRANSPORT: rec.HELLO, "run_id": "bench", "secure_aggregation": settings.enabled}
+        sites = _hello(grid, node_ids, ConfigRecord(hello), rec, Message, MessageType, RecordDict, FederationError)
+        sums = SharedSums(grid, sites, settings, "bench", roster)
+        weights = ArrayRecord({"w": Array(np.zeros(dim, np.float32))})
+        result = None
+        for server_round in range(rounds + 1):
+            run = lambda r=server_round: sums.run("train", r + 1, [(dim,)], sorted(sites), arrays=weights)  # noqa: E731
+            result = profile.measure(lambda: clock.timed(run), warm_up=server_round == 0)
+        assert result is not None and len(result.included) == nodes, "a node dropped out"
+        clock.max_abs_error = float(np.max(np.abs(result.arrays[0] - expected_sum(nodes, dim))))
+
+    inner = make_client_app(lambda context: setups[int(context.node_config["partition-id"])], lambda s: BenchNode(s.name, dim))
+    client = ClientApp(mods=[make_measure_mod(log_path)])
+    for register in (client.query, client.train, client.evaluate):
+        register()(lambda message, context: inner(message, context))
+    return server, client
+
+
+def _wait_for_nodes(grid: Any, expected: int) -> list[int]:
+    deadline = time.monotonic() + NODE_WAIT_SECONDS
+    while len(node_ids := sorted(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(node_ids)} of {expected} nodes registered")
+        time.sleep(0.2)
+    return node_ids
+
+
+def _has_field(cls: type, name: str) -> bool:
+    return name in {f.name for f in fields(cls)}
+
+
+def _hello(grid, node_ids, config, rec, Message, MessageType, RecordDict, FederationError) -> dict[int, str]:  # noqa: ANN001, N803
+    """fedcost's hello (``server.app.Coordinator._hello``): Flower node id -> site name.
+
+    Duplicated because ``_hello`` is a method of a Coordinator that needs a whole training
+    plan; see the report for the seam this suggests.
+    """
+    messages = [Message(RecordDict({rec.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+    sites = {}
+    for reply in grid.send_and_receive(messages):
+        if reply.has_error():
+            raise FederationError(f"node {reply.metadata.src_node_id} failed: {reply.error.reason}")
+        sites[reply.metadata.src_node_id] = str(reply.content[rec.NODE]["name"])
+    return sites
+
+
+# --------------------------------------------------------------------------- Flower
+
+
+def flower_secagg_parameters(nodes: int) -> tuple[int, int]:
+    """Flower's (num_shares, reconstruction_threshold) matched to fedcost's neighbourhood.
+
+    fedcost gives each node ``choose_degree(N)`` neighbours and needs ``choose_threshold``
+    of their shares; Flower's ``num_shares`` counts the node's own share too, so it is the
+    degree plus one (at most N), with the same threshold.
+    """
+    from fedcost.secagg import choose_degree, choose_threshold
+
+    degree = choose_degree(nodes)
+    return min(degree + 1, nodes), choose_threshold(degree)
+
+
+def flower_apps(nodes: int, dim: int, rounds: int, clock: RoundClock, profile: MaybeProfile, log_path: str):
+    """Flower's SecAggPlusWorkflow (legacy DefaultWorkflow + FedAvg) and a NumPyClient with secaggplus_mod."""
+    from flwr.client import NumPyClient
+    from flwr.client.mod import secaggplus_mod
+    from flwr.clientapp import ClientApp
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server import LegacyContext, ServerApp, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+
+    class BenchClient(NumPyClient):
+        def __init__(self, partition_id: int):
+            self.partition_id = partition_id
+
+        def fit(self, parameters, config):  # noqa: ANN001 - Flower's signature
+            return [node_vector(self.partition_id, dim)], 1, {}
+
+    def client_fn(context) -> Any:  # noqa: ANN001
+        return BenchClient(int(context.node_config["partition-id"])).to_client()
+
+    num_shares, threshold = flower_secagg_parameters(nodes)
+    secagg = SecAggPlusWorkflow(num_shares=num_shares, reconstruction_threshold=threshold)
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context) -> None:  # noqa: ANN001
+        strategy = FedAvg(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=nodes,
+            min_available_clients=nodes,
+            initial_parameters=ndarrays_to_parameters([np.zeros(dim, np.float32)]),
+        )
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds + 1), strategy=strategy)
+
+        def fit_workflow(grid, context) -> None:  # noqa: ANN001
+            warm_up = not clock.rounds
+            profile.measure(lambda: clock.timed(lambda: secagg(grid, context)), warm_up=warm_up)
+
+        DefaultWorkflow(fit_workflow=fit_workflow, evaluate_workflow=lambda grid, context: None)(grid, legacy)
+        average = legacy.state.array_records[MAIN_PARAMS_RECORD]
+        mean = next(iter(average.values())).numpy()
+        clock.max_abs_error = float(np.max(np.abs(mean * nodes - expected_sum(nodes, dim))))
+
+    client = ClientApp(client_fn=client_fn, mods=[make_measure_mod(log_path), secaggplus_mod])
+    return server, client
+
+
+# --------------------------------------------------------------------------- one cell
+
+
+def _node_totals(log_path: str, clock: RoundClock, nodes: int) -> list[tuple[float, float]]:
+    """Per measured round: (node CPU seconds per node, bytes sent per node)."""
+    lines = [line.split() for line in Path(log_path).read_text().splitlines()] if Path(log_path).exists() else []
+    totals = []
+    for window in clock.rounds[1:]:
+        inside = [(float(cpu), int(size)) for t, _, cpu, size in lines if window["start"] <= float(t) <= window["end"]]
+        totals.append((sum(c for c, _ in inside) / nodes, sum(s for _, s in inside) / nodes))
+    return totals
+
+
+def run_cell(system: str, nodes: int, dim: int, rounds: int, profile_path: str | None = None) -> dict[str, Any]:
+    """Run one cell in this process (a fresh one per cell) and return its medians."""
+    from flwr.simulation import run_simulation
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    os.environ["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "0"
+    log_path = f"/tmp/secagg_bench_{os.getpid()}_{time.time_ns()}.log"
+    clock, profile = RoundClock(), MaybeProfile(profile_path)
+    if system == "flower":
+        server, client = flower_apps(nodes, dim, rounds, clock, profile, log_path)
+    else:
+        server, client = fedcost_apps(system, nodes, dim, rounds, clock, profile, log_path)
+    started = time.perf_counter()
+    run_simulation(
+        server_app=server,
+        client_app=client,
+        num_supernodes=nodes,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False},
+        },
+    )
+    total = time.perf_counter() - started
+    profile.dump()
+    measured = clock.rounds[1:]
+    if len(measured) < rounds:
+        raise RuntimeError(f"{system}: only {len(clock.rounds)} rounds ran (a round failed; see stderr)")
+    per_node = _node_totals(log_path, clock, nodes)
+    Path(log_path).unlink(missing_ok=True)
+    return asdict(
+        CellResult(
+            system=system,
+            nodes=nodes,
+            dim=dim,
+            rounds=len(measured),
+            wall=statistics.median(r["wall"] for r in measured),
+            thread_cpu=statistics.median(r["thread_cpu"] for r in measured),
+            process_cpu=statistics.median(r["process_cpu"] for r in measured),
+            node_cpu=statistics.median(c for c, _ in per_node),
+            node_bytes=statistics.median(b for _, b in per_node),
+            warm_up=clock.rounds[0]["wall"],
+            total=total,
+            max_abs_error=clock.max_abs_error,
+        )
+    )
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """Medians over the measured rounds of one (system, N, D) cell; seconds and bytes."""
+
+    system: str
+    nodes: int
+    dim: int
+    rounds: int
+    wall: float
+    thread_cpu: float
+    process_cpu: float
+    node_cpu: float
+    node_bytes: float
+    warm_up: float
+    total: float
+    max_abs_error: float
+
+
+def print_profile(path: str, top: int = 10) -> None:
+    """The top functions of a ServerApp-thread profile, by own time and by cumulative time."""
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(path).sort_stats(key).print_stats(top)
+
+
+def dump_json(result: dict[str, Any]) -> str:
+    return json.dumps(result)
