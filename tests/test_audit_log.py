@@ -157,11 +157,11 @@ def _line(**changes: object) -> bytes:
 
 
 BAD_LINES = {
-    "not JSON": (b"{oops", "line 2: Expecting property name"),
+    "not JSON": (b"{oops", "line 2: not valid JSON: unexpected character"),
     "not an object": (b"[1, 2]", "expected a JSON object, got list"),
-    "trailing data": (_line() + b" {}", "extra data after the JSON value"),
-    "NaN": (_line()[:-1] + b',"x":NaN}', "NaN is not JSON"),
-    "not UTF-8": (b'{"actor":"\xff"}', "can't decode byte 0xff"),
+    "trailing data": (_line() + b" {}", "unexpected content after document"),
+    "NaN": (_line()[:-1] + b',"x":NaN}', "not valid JSON: unexpected character, expected a JSON value"),
+    "not UTF-8": (b'{"actor":"\xff"}', "not valid UTF-8"),
     "missing field": (_line(prev=...), "field 'prev' is missing"),
     "seq as text": (_line(seq="1"), "field 'seq' must be an integer"),
     "seq as boolean": (_line(seq=True), "field 'seq' must be an integer"),
