@@ -18,6 +18,7 @@ from fedcost.data.synthetic import EcosystemSpec
 from fedcost.errors import ConfigError
 from fedcost.models.nets import ModelSpec
 from fedcost.models.training import TrainConfig
+from fedcost.privacy import SitePolicy
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 
@@ -108,11 +109,18 @@ class SimulationSection:
 
     ``drop_nodes`` makes the named nodes drop out of the rounds listed, after they have
     shared their keys (``drop_stage``): a scenario knob for dropout recovery.
+
+    ``policies`` maps node names to site policy files, ``default_policy`` is the file of
+    every other node ("" for the permissive default: no DP, min cohort 11, secure
+    aggregation held if on). Paths are relative to the config file's folder and are
+    stored resolved, so a run folder's ``config.toml`` reruns with the same policies.
     """
 
     cpus_per_node: float = 1.0
     drop_nodes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     drop_stage: Literal["advertise-keys", "share-keys", "masked-input", "unmask"] = "masked-input"
+    policies: dict[str, str] = field(default_factory=dict)
+    default_policy: str = ""
 
     def __post_init__(self) -> None:
         if self.cpus_per_node <= 0:
@@ -153,6 +161,7 @@ class SimulationConfig:
             name: _build(typing.get_type_hints(cls)[name], raw.get(name, {}), source, name)
             for name in sections
         }
+        built["simulation"] = _with_policy_paths(built["simulation"], source)
         return cls(**built, source=source)
 
     def resolved(self) -> dict[str, Any]:
@@ -204,6 +213,23 @@ def _coerce(hint: Any, value: Any, source: str, where: str) -> Any:
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"must be {hint.__name__}, not {type(value).__name__} {value!r}", path=source, field=where)
     return value
+
+
+def _with_policy_paths(section: SimulationSection, source: str) -> SimulationSection:
+    """Resolve policy paths against the config file's folder and check every policy file now."""
+    folder = Path(source).parent if Path(source).is_file() else Path.cwd()
+
+    def resolved(path: str, where: str) -> str:
+        absolute = (folder / path).resolve()
+        try:
+            SitePolicy.load(absolute)
+        except ConfigError as error:
+            raise ConfigError(f"policy file is invalid: {error}", path=source, field=where) from None
+        return str(absolute)
+
+    policies = {name: resolved(path, f"simulation.policies.{name}") for name, path in section.policies.items()}
+    default = resolved(section.default_policy, "simulation.default_policy") if section.default_policy else ""
+    return dataclasses.replace(section, policies=policies, default_policy=default)
 
 
 def _plain(value: Any) -> Any:

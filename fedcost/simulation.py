@@ -36,6 +36,7 @@ from flwr.simulation import run_simulation
 
 from fedcost import schema
 from fedcost.client.app import make_client_app
+from fedcost.client.budget import ledger_path
 from fedcost.client.node import NodeSetup
 from fedcost.config import SimulationConfig
 from fedcost.data.features import FeatureSpec, StatisticsLayout
@@ -49,6 +50,8 @@ from fedcost.identity import Identity
 from fedcost.models.metrics import calibration_bins, cost_metrics, readmission_metrics
 from fedcost.models.nets import build_model
 from fedcost.models.training import TaskData, predict, train_local
+from fedcost.privacy import SitePolicy
+from fedcost.privacy.accounting import PrivacyLedger
 from fedcost.report import write_report
 from fedcost.server.app import CoordinatorPlan, make_server_app
 from fedcost.seeding import derive_seed
@@ -162,6 +165,7 @@ def _run(
     }
     summary = _summary(run_id, config, mapping, nodes, predictions, features, recorder.rounds)
     summary["audit"] = audit
+    summary["privacy"] = _privacy_summary(folder, nodes)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     write_report(folder, summary, recorder.rounds)
@@ -189,6 +193,7 @@ def _federate(config: SimulationConfig, run_id: str, folder: Path, mapping: Data
         identity.public().save(folder / "identities")
     (folder / "audit").mkdir()
     roster = tuple(sorted((name, _raw_public(identity)) for name, identity in identities.items()))
+    policies = _site_policies(config, folder, [node.name for node in mapping.nodes], coordinator.public().key_id)
     setups = [
         NodeSetup(
             mapping.path.resolve(),
@@ -200,6 +205,7 @@ def _federate(config: SimulationConfig, run_id: str, folder: Path, mapping: Data
             drop_rounds=config.simulation.drop_nodes.get(node.name, ()),
             drop_stage=config.simulation.drop_stage,
             audit_dir=(folder / "audit").resolve(),
+            policy=policies.get(node.name),
         )
         for node in mapping.nodes
     ]
@@ -209,6 +215,7 @@ def _federate(config: SimulationConfig, run_id: str, folder: Path, mapping: Data
 
     plan = CoordinatorPlan(
         run_id=run_id,
+        coordinator_key_id=coordinator.public().key_id,
         roster=roster,
         rounds=config.run.rounds,
         seed=config.run.seed,
@@ -233,6 +240,48 @@ def _federate(config: SimulationConfig, run_id: str, folder: Path, mapping: Data
             "init_args": {"logging_level": "ERROR", "log_to_driver": True, "include_dashboard": False},
         },
     )
+
+
+def _site_policies(config: SimulationConfig, folder: Path, names: list[str], coordinator: str) -> dict[str, Path]:
+    """Each site's policy as the node reads it, written to ``policies/<name>.toml`` in the run.
+
+    A simulation creates every identity afresh, so each policy's ``coordinator`` is set to
+    the simulated coordinator's key id; everything else applies as the file says. Nodes
+    with no policy (no entry and no ``default_policy``) run under the permissive default.
+    """
+    unknown = sorted(set(config.simulation.policies) - set(names))
+    if unknown:
+        raise ConfigError(f"policy for unknown node {unknown[0]!r}; nodes: {', '.join(names)}", path=config.source,
+                          field=f"simulation.policies.{unknown[0]}")
+    written: dict[str, Path] = {}
+    for name in names:
+        source = config.simulation.policies.get(name) or config.simulation.default_policy
+        if not source:
+            continue
+        policy = {**SitePolicy.load(source).to_dict(), "coordinator": coordinator}
+        (folder / "policies").mkdir(exist_ok=True)
+        written[name] = (folder / "policies" / f"{name}.toml").resolve()
+        written[name].write_bytes(tomli_w.dumps(policy).encode())
+    return written
+
+
+def _privacy_summary(folder: Path, nodes: list[NodeData]) -> dict:
+    """ε spent per site from its ledger file; a site without DP reports ``dp: false``."""
+    summary = {}
+    for node in nodes:
+        path = ledger_path(folder / "audit", node.name)
+        if not path.exists():
+            summary[node.name] = {"dp": False}
+            continue
+        ledger = PrivacyLedger.from_dict(json.loads(path.read_text()))
+        summary[node.name] = {
+            "dp": True,
+            "epsilon_budget": ledger.epsilon_budget,
+            "epsilon_spent": ledger.epsilon,
+            "delta": ledger.delta,
+            "rounds_trained": len(ledger.history),
+        }
+    return summary
 
 
 def _raw_public(identity: Identity) -> bytes:

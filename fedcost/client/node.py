@@ -23,6 +23,7 @@ from fedcost.job import TrainingJob
 from fedcost.models import evaluation
 from fedcost.models.nets import build_model
 from fedcost.models.training import TrainResult, predict, train_local
+from fedcost.privacy.dp import DPConfig, train_local_dp
 from fedcost.seeding import derive_seed
 
 
@@ -35,7 +36,9 @@ class NodeSetup:
 
     ``identity_key`` is the node's raw Ed25519 private key; ``roster`` pairs every
     federation member's name with its raw public key, as the federation's certificates
-    say — the node trusts these, never keys relayed by the coordinator.
+    say — the node trusts these, never keys relayed by the coordinator. ``policy`` is
+    the site's policy file (``fedcost.privacy.SitePolicy``); without one the node runs
+    under the permissive default of ``fedcost.client.site.site_policy``.
     """
 
     mapping: Path
@@ -47,6 +50,7 @@ class NodeSetup:
     drop_rounds: tuple[int, ...] = ()
     drop_stage: str = "masked-input"
     audit_dir: Path = Path("audit")
+    policy: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -88,36 +92,47 @@ class Node:
         return self.layout.local_statistics(self.data.train)
 
     def contribution(
-        self, purpose: Purpose, job: TrainingJob | None, weights: dict[str, np.ndarray], server_round: int
+        self,
+        purpose: Purpose,
+        job: TrainingJob | None,
+        weights: dict[str, np.ndarray],
+        server_round: int,
+        dp: DPConfig | None = None,
     ) -> Contribution:
         """This node's part of a shared sum; the coordinator learns only the sum over nodes.
 
         train: the example-weighted update (new weights minus the global ones) and the
         training loss, weighted by the example count. evaluate: additive evaluation sums
         per task, costs in cost-scale units. statistics: the feature statistics.
+        ``dp``: train with record-level DP-SGD at these settings (already paid for).
         """
         if purpose == "statistics":
             return Contribution([self.statistics()], 1)
         assert job is not None
         if purpose == "train":
-            new_weights, result = self.train(job, weights, server_round)
+            new_weights, result = self.train(job, weights, server_round, dp)
             update = [new_weights[k] - weights[k] for k in weights]
             return Contribution(update + [np.array([result.loss])], result.examples)
         sums = self.evaluate(job, weights)
         return Contribution([sums[task] for task in job.model.tasks], 1)
 
-    def train(self, job: TrainingJob, weights: dict[str, np.ndarray], server_round: int) -> tuple[dict[str, np.ndarray], TrainResult]:
-        """Local epochs from the global weights; returns the new weights, not an update."""
+    def train(
+        self, job: TrainingJob, weights: dict[str, np.ndarray], server_round: int, dp: DPConfig | None = None
+    ) -> tuple[dict[str, np.ndarray], TrainResult]:
+        """Local epochs from the global weights; returns the new weights, not an update.
+
+        With ``dp``, DP-SGD (``train_local_dp``); its seed is derived from the job so a
+        simulation is reproducible (a deployment would draw it from ``secrets``).
+        """
         features = _require_features(job)
         model = self._model(job, weights)
         global_params = [w.copy() for w in weights.values()] if job.training.proximal_mu > 0 else None
-        result = train_local(
-            model,
-            features.task_data(self.data.train),
-            job.training,
-            seed=derive_seed(job.seed, "train", self.name, server_round),
-            global_params=global_params,
-        )
+        data = features.task_data(self.data.train)
+        seed = derive_seed(job.seed, "train", self.name, server_round)
+        if dp is None:
+            result = train_local(model, data, job.training, seed=seed, global_params=global_params)
+        else:
+            result = train_local_dp(model, data, job.training, seed=seed, dp=dp, global_params=global_params)
         return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, result
 
     def evaluate(self, job: TrainingJob, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -33,16 +33,24 @@ from fedcost.server.audited_grid import AuditedGrid
 from fedcost.server.shared_sum import SharedSums, SumResult
 
 NODE_WAIT_SECONDS = 120.0
+# The smallest cohort any sum of this coordinator describes: a site's whole training or
+# held-out rows, which the sites' policies hold to at least their own min_cohort.
+MIN_COHORT = 11
+# What each kind of request sends back, as the hello states it to every site.
+JOB_OUTPUTS = {"statistics": ["sums"], "train": ["weights", "num-examples"], "evaluate": ["sums"]}
 
 
 @dataclass(frozen=True)
 class CoordinatorPlan:
     """Everything the coordinator needs to run a training job over the roster's nodes.
 
-    ``roster`` pairs each enrolled node's name with its Ed25519 public identity key.
+    ``roster`` pairs each enrolled node's name with its Ed25519 public identity key;
+    ``coordinator_key_id`` is the key id of the coordinator's own identity, which each
+    site's policy names as the coordinator it trusts.
     """
 
     run_id: str
+    coordinator_key_id: str
     roster: tuple[tuple[str, bytes], ...]
     rounds: int
     seed: int
@@ -162,12 +170,21 @@ class Coordinator:
         return node_ids
 
     def _hello(self, node_ids: list[int]) -> dict[int, str]:
-        """Each node names itself; every name must be an enrolled roster member, once."""
+        """State the job to every node; each checks it against its site policy and names itself.
+
+        Every name must be an enrolled roster member, once. A site that refuses the job
+        stops the run: a federation runs only on a job every site accepted.
+        """
         config = ConfigRecord(
             {
                 rec.TRANSPORT: rec.HELLO,
                 "run_id": self.plan.run_id,
+                "coordinator": self.plan.coordinator_key_id,
                 "secure_aggregation": self.plan.secure_aggregation.enabled,
+                "rounds": self.plan.rounds,
+                "min_cohort": MIN_COHORT,
+                "model_parameters": _max_model_parameters(self.plan),
+                **{f"outputs.{kind}": outputs for kind, outputs in JOB_OUTPUTS.items()},
             }
         )
         messages = [Message(RecordDict({rec.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
@@ -175,7 +192,11 @@ class Coordinator:
         enrolled = {name for name, _ in self.plan.roster}
         for reply in self.grid.send_and_receive(messages):
             if reply.has_error():
-                raise FederationError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
+                raise FederationError(
+                    f"node {reply.metadata.src_node_id} refused or failed to start the job: {reply.error.reason}. "
+                    "The run stops: every enrolled site must accept the job; change the run's config "
+                    "or ask the site to change its policy"
+                )
             name = str(reply.content[rec.NODE]["name"])
             if name not in enrolled or name in sites.values():
                 raise FederationError(f"node {reply.metadata.src_node_id} calls itself {name!r}, not an enrolled, unclaimed site")
@@ -229,6 +250,18 @@ class Coordinator:
             )
             record.update({f"{task}_{k}": v for k, v in metrics.items()})
         return record
+
+
+def _max_model_parameters(plan: CoordinatorPlan) -> int:
+    """The model's parameter count at the most features the layout can give (before statistics).
+
+    Every numeric column and every category level may become a feature, and every column
+    a missing flag; the model the nodes later receive is never larger than this.
+    """
+    columns = plan.layout.columns
+    features = sum(1 if column.kind == "numeric" else len(column.levels) for column in columns) + len(columns)
+    model = build_model(plan.model, features, seed=plan.seed)
+    return sum(parameter.numel() for parameter in model.state_dict().values())
 
 
 def _digest(arrays: ArrayRecord) -> str:
