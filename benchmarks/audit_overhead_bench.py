@@ -2,8 +2,8 @@
 
 Runs `fedcost simulate` on a config (default: the default config), then, for every
 party, replays exactly the logging its run did — the same events in the same order with
-payloads of the logged sizes, and for nodes one reopen (verify + continue) per message
-received, as the node binding does — and times it. The replay time over the federated
+payloads of the logged sizes, and for nodes one reopen per message received, resumed
+from the recorded end as the node binding does — and times it. The replay time over the federated
 rounds' wall time is the overhead; node work runs in parallel workers, so the critical
 path is about the coordinator's time plus the node time over the worker count.
 
@@ -36,8 +36,9 @@ def replay(entries: list, identity: Identity, path: Path, reopen_per_message: bo
         details = {k: v for k, v in entry.details.items() if k not in ("sender", "recipient", "kind", "bytes")}
         if entry.event == "message_received":
             if reopen_per_message:
+                position = log.position
                 log.detach()
-                log = AuditLog(path, identity)
+                log = AuditLog(path, identity, resume=position)
             log.message_received(os.urandom(entry.details["bytes"]), sender=entry.details["sender"],
                                  kind=entry.details["kind"], round=entry.round, details=details)
         elif entry.event == "message_sent":

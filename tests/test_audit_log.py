@@ -184,3 +184,41 @@ def test_reader_names_the_first_bad_line(tmp_path: Path, line: bytes, reason: st
     with pytest.raises(AuditLogTamperedError, match=r"hospital-1.jsonl\), line 2: ") as caught:
         read_log(path)
     assert reason in str(caught.value)
+
+
+def test_resuming_at_the_recorded_end_continues_the_chain(tmp_path: Path) -> None:
+    identity = Identity.generate("hospital-1", "hospital")
+    path = tmp_path / "hospital-1.jsonl"
+    with AuditLog(path, identity) as log:
+        log.append("data_loaded", details={"train_rows": 10})
+        position = log.position
+    with AuditLog(path, identity, resume=position) as log:
+        log.append("job_received")
+        log.close()
+    assert verify_log(path, identity.public()).closed
+
+
+def test_resuming_a_log_that_no_longer_ends_there_verifies_it_in_full(tmp_path: Path) -> None:
+    identity = Identity.generate("hospital-1", "hospital")
+    path = tmp_path / "hospital-1.jsonl"
+    with AuditLog(path, identity) as log:
+        log.append("data_loaded", details={"train_rows": 10})
+        log.append("job_received")
+        position = log.position
+    path.write_bytes(path.read_bytes().replace(b'"train_rows":10', b'"train_rows":100'))
+    with pytest.raises(AuditLogTamperedError, match="line 2"):
+        AuditLog(path, identity, resume=position)
+
+
+def test_an_edit_behind_a_resumed_log_is_still_caught_by_verification(tmp_path: Path) -> None:
+    identity = Identity.generate("hospital-1", "hospital")
+    path = tmp_path / "hospital-1.jsonl"
+    with AuditLog(path, identity) as log:
+        log.append("data_loaded", details={"train_rows": 10})
+        log.append("job_received")
+        position = log.position
+    path.write_bytes(path.read_bytes().replace(b'"train_rows":10', b'"train_rows":99'))
+    with AuditLog(path, identity, resume=position) as log:
+        log.close()
+    with pytest.raises(AuditLogTamperedError, match="line 2"):
+        verify_log(path, identity.public())

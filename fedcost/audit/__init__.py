@@ -6,7 +6,7 @@ sub-app lives in ``fedcost.audit.cli`` (``audit_app``).
 
 from fedcost.audit.entry import GENESIS_HASH, Entry
 from fedcost.audit.folder import FolderVerification, PartyStatus, verify_folder
-from fedcost.audit.log import AuditLog, Cut, LogVerification, read_log, verify_log
+from fedcost.audit.log import AuditLog, Cut, LogPosition, LogVerification, read_log, verify_log
 from fedcost.audit.reconcile import Problem, reconcile
 from fedcost.audit.report import audit_report, render_report
 
@@ -16,6 +16,7 @@ __all__ = [
     "Cut",
     "Entry",
     "FolderVerification",
+    "LogPosition",
     "LogVerification",
     "PartyStatus",
     "Problem",

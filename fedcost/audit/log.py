@@ -57,6 +57,10 @@ class LogVerification:
         return text
 
 
+# A resumed log's last line is read from at most this many bytes before its end.
+_LAST_LINE_WINDOW = 1 << 20
+
+
 def _tampered(party: str, path: Path, line: int, seq: int | None, what: str) -> AuditLogTamperedError:
     at = f"line {line}" + ("" if seq is None else f" (seq {seq})")
     return AuditLogTamperedError(f"audit log of {party} ({path}), {at}: {what}")
@@ -167,6 +171,32 @@ def verify_log(path: str | os.PathLike[str], identity: PublicIdentity) -> LogVer
     return result
 
 
+@dataclass(frozen=True)
+class LogPosition:
+    """The end of a log as its writer left it: entries written, last hash, file size."""
+
+    seq: int
+    head: str
+    size: int
+
+
+def _ends_at(path: Path, position: LogPosition) -> bool:
+    """Whether the file still ends where ``position`` says: same size, same last entry."""
+    if position.seq == 0 or not path.exists() or path.stat().st_size != position.size:
+        return False
+    with path.open("rb") as file:
+        file.seek(max(0, position.size - _LAST_LINE_WINDOW))
+        tail = file.read()
+    if not tail.endswith(b"\n"):
+        return False
+    last = tail[:-1].rsplit(b"\n", 1)[-1]
+    try:
+        entry = Entry.from_bytes(last)
+    except ValueError:
+        return False
+    return entry.hash == position.head and entry.seq == position.seq - 1 and entry.event != "run_closed"
+
+
 class AuditLog:
     """Append-only writer of one party's log; safe to share between threads.
 
@@ -176,12 +206,21 @@ class AuditLog:
     ("tail_discarded", with the digest of the discarded bytes).
     """
 
-    def __init__(self, path: str | os.PathLike[str], identity: Identity):
+    def __init__(self, path: str | os.PathLike[str], identity: Identity, *, resume: LogPosition | None = None):
+        """Open (or create) the log; ``resume`` is where this party's own last writer left it.
+
+        With ``resume``, a log that still ends exactly there (same size, same last hash) is
+        continued without re-verifying every line — a node reopens its log for each
+        message, and a full check each time would grow with the run. Anything else falls
+        back to full verification.
+        """
         self.path = Path(path)
         self._identity = identity
         self._lock = threading.Lock()
         self._seq, self._head, cut = 0, GENESIS_HASH, None
-        if self.path.exists():
+        if resume is not None and _ends_at(self.path, resume):
+            self._seq, self._head = resume.seq, resume.head
+        elif self.path.exists():
             state = _verify_chain(self.path, identity.public())
             if state.closed:
                 raise ValueError(f"{self.path} ends with run_closed; a closed log takes no more entries")
@@ -286,6 +325,12 @@ class AuditLog:
             self._seq, self._head = self._seq + 1, entry.hash
             return entry
 
+
+    @property
+    def position(self) -> LogPosition:
+        """Where the log ends now: what a later writer passes as ``resume``."""
+        with self._lock:
+            return LogPosition(self._seq, self._head, self.path.stat().st_size)
 
     def detach(self) -> None:
         """Stop writing without closing the run: a later ``AuditLog`` on the same path

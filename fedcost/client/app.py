@@ -14,7 +14,8 @@ paid for before it trains, and the egress guard inspects every reply last.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 
 from fedcost import records as rec
-from fedcost.audit import AuditLog
+from fedcost.audit import AuditLog, LogPosition
 from fedcost.client import budget, outgoing, site
 from fedcost.client.node import Contribution, Node, NodeSetup
 from fedcost.data.mapping import DataMapping
@@ -45,6 +46,7 @@ ROUND_ENDS = ("secagg:evaluate:unmask", "plain:evaluate")
 # The training loss is computed without DP noise: it rides in the update's last slot
 # only where the site policy shares it as a metric; elsewhere that slot is zero.
 TRAIN_LOSS = "train-loss"
+AUDIT_POSITION = "audit-position"
 
 
 def make_client_app(resolve_setup: SetupResolver, node_factory: Callable[[NodeSetup], Node] = Node) -> ClientApp:
@@ -60,7 +62,7 @@ def make_client_app(resolve_setup: SetupResolver, node_factory: Callable[[NodeSe
     def respond(message: Message, context: Context) -> Message:
         torch.set_num_threads(1)
         setup = resolve_setup(context)
-        with _audit_log(setup) as log:
+        with _audit_log(setup, context) as log:
             kind, round_ = _kind(message), _round(message)
             log.message_received(rec.content_bytes(message.content), sender=COORDINATOR, kind=kind, round=round_)
             try:
@@ -158,15 +160,26 @@ def _round(message: Message) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _audit_log(setup: NodeSetup) -> AuditLog:
+@contextmanager
+def _audit_log(setup: NodeSetup, context: Context) -> Iterator[AuditLog]:
     """The node's own signed log, reopened for each message (any worker may carry it).
 
+    The node keeps where its log ended in its own context, so reopening continues the
+    chain without re-verifying every line (a changed file falls back to the full check).
     Its role comes from the mapping file, not the rows, so a refusal is logged before
     any data is read.
     """
     role = _mapping(setup.mapping).node(setup.name).role
     identity = Identity(setup.name, role, Ed25519PrivateKey.from_private_bytes(setup.identity_key))
-    return AuditLog(setup.audit_dir / f"{setup.name}.jsonl", identity)
+    saved = context.state[AUDIT_POSITION] if AUDIT_POSITION in context.state else None
+    resume = LogPosition(int(saved["seq"]), str(saved["head"]), int(saved["size"])) if saved else None
+    log = AuditLog(setup.audit_dir / f"{setup.name}.jsonl", identity, resume=resume)
+    try:
+        yield log
+    finally:
+        position = log.position
+        context.state[AUDIT_POSITION] = ConfigRecord({"seq": position.seq, "head": position.head, "size": position.size})
+        log.detach()
 
 
 @lru_cache(maxsize=8)
