@@ -6,7 +6,7 @@ parent puts ``benchmarks/`` on ``PYTHONPATH``): functions defined in ``__main__`
 pickled by value along with whatever they close over.
 
 Every node contributes the same fixed float32 vector every round (``node_vector``: uniform
-in [-1, 1), seeded by the node's partition id) with weight 1, and every system sends the
+in [-1, 1), seeded by the node's partition id) with weight BENCH_ROWS, and every system sends the
 D-entry global model down with the request for the contribution, as a training round would.
 
 Measurements (per round; the first round is a warm-up and is not reported):
@@ -40,7 +40,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -164,12 +164,17 @@ class MaybeProfile:
 # --------------------------------------------------------------------------- fedcost
 
 
-@dataclass(frozen=True)
-class _NoRows:
-    """Stands in for ``NodeData`` where the node binding reports row counts (hello)."""
+# Rows each benchmark node claims: the smallest cohort a site's egress guard lets a
+# contribution describe; the contribution's weight is this count, as a training node's is.
+BENCH_ROWS = 11
 
-    train: tuple = ()
-    test: tuple = ()
+
+@dataclass(frozen=True)
+class _BenchRows:
+    """Stands in for ``NodeData``: the node binding reports row counts (hello, egress guard)."""
+
+    train: tuple = (None,) * BENCH_ROWS
+    test: tuple = (None,) * BENCH_ROWS
 
 
 @dataclass(frozen=True)
@@ -182,13 +187,14 @@ class BenchNode:
     name: str
     dim: int
     role: str = "hospital"
-    data: _NoRows = _NoRows()
+    data: _BenchRows = _BenchRows()
     schema_digest: str = "benchmark"
 
-    def contribution(self, purpose: str, job: object, weights: dict, server_round: int):
+    def contribution(self, purpose: str, job: object, weights: dict, server_round: int, dp: object = None):
         from fedcost.client.node import Contribution
 
-        return Contribution([node_vector(int(self.name.split("-")[1]), self.dim)], 1)
+        # A training contribution's shape: the update, then the one-entry loss slot.
+        return Contribution([node_vector(int(self.name.split("-")[1]), self.dim), np.zeros(1)], BENCH_ROWS)
 
 
 def _raw_public(key: Ed25519PrivateKey) -> bytes:
@@ -201,41 +207,46 @@ def _raw_private(key: Ed25519PrivateKey) -> bytes:
 
 def fedcost_apps(system: str, nodes: int, dim: int, rounds: int, clock: RoundClock, profile: MaybeProfile, log_path: str):
     """fedcost's ServerApp (SharedSums, plain or SecAgg+) and its ClientApp, as ``simulation._federate`` builds them."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+    from flwr.app import Array, ArrayRecord
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
 
-    from fedcost import records as rec
     from fedcost.client.app import make_client_app
     from fedcost.client.node import NodeSetup
     from fedcost.config import SecureAggregationSection
-    from fedcost.errors import FederationError
+    from fedcost.identity import Identity
+    from fedcost.server.app import hello_config, say_hello
     from fedcost.server.shared_sum import SharedSums
 
     keys = {site_name(i): Ed25519PrivateKey.generate() for i in range(nodes)}
     roster = tuple(sorted((name, _raw_public(key)) for name, key in keys.items()))
     # Nodes keep signed audit logs when this fedcost has them; a throwaway folder per cell.
-    audit = {"audit_dir": Path(tempfile.mkdtemp(prefix="secagg_bench_audit_"))} if _has_field(NodeSetup, "audit_dir") else {}
+    scratch = Path(tempfile.mkdtemp(prefix="secagg_bench_"))
+    mapping = _bench_mapping(scratch, nodes)
     setups = [
-        NodeSetup(Path("."), site_name(i), 0, identity_key=_raw_private(keys[site_name(i)]), roster=roster, **audit)
+        NodeSetup(mapping, site_name(i), 0, identity_key=_raw_private(keys[site_name(i)]), roster=roster, audit_dir=scratch)
         for i in range(nodes)
     ]
     settings = SecureAggregationSection(enabled=system == "fedcost")
+    coordinator_key_id = Identity.generate("coordinator", "coordinator").public().key_id
     server = ServerApp()
 
     @server.main()
     def main(grid, context) -> None:  # noqa: ANN001 - Flower's signature
         node_ids = _wait_for_nodes(grid, nodes)
-        hello = {rec.TRANSPORT: rec.HELLO, "run_id": "bench", "secure_aggregation": settings.enabled}
-        sites = _hello(grid, node_ids, ConfigRecord(hello), rec, Message, MessageType, RecordDict, FederationError)
+        config = hello_config(
+            run_id="bench", coordinator_key_id=coordinator_key_id, secure_aggregation=settings.enabled, rounds=rounds + 1,
+            model_parameters=dim,
+        )
+        sites = say_hello(grid, node_ids, config, {site_name(i) for i in range(nodes)})
         sums = SharedSums(grid, sites, settings, "bench", roster)
         weights = ArrayRecord({"w": Array(np.zeros(dim, np.float32))})
         result = None
         for server_round in range(rounds + 1):
-            run = lambda r=server_round: sums.run("train", r + 1, [(dim,)], sorted(sites), arrays=weights)  # noqa: E731
+            run = lambda r=server_round: sums.run("train", r + 1, [(dim,), (1,)], sorted(sites), arrays=weights)  # noqa: E731
             result = profile.measure(lambda: clock.timed(run), warm_up=server_round == 0)
         assert result is not None and len(result.included) == nodes, "a node dropped out"
-        clock.max_abs_error = float(np.max(np.abs(result.arrays[0] - expected_sum(nodes, dim))))
+        clock.max_abs_error = float(np.max(np.abs(result.arrays[0] / BENCH_ROWS - expected_sum(nodes, dim))))
 
     inner = make_client_app(lambda context: setups[int(context.node_config["partition-id"])], lambda s: BenchNode(s.name, dim))
     client = ClientApp(mods=[make_measure_mod(log_path)])
@@ -253,23 +264,13 @@ def _wait_for_nodes(grid: Any, expected: int) -> list[int]:
     return node_ids
 
 
-def _has_field(cls: type, name: str) -> bool:
-    return name in {f.name for f in fields(cls)}
-
-
-def _hello(grid, node_ids, config, rec, Message, MessageType, RecordDict, FederationError) -> dict[int, str]:  # noqa: ANN001, N803
-    """fedcost's hello (``server.app.Coordinator._hello``): Flower node id -> site name.
-
-    Duplicated because ``_hello`` is a method of a Coordinator that needs a whole training
-    plan; see the report for the seam this suggests.
-    """
-    messages = [Message(RecordDict({rec.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-    sites = {}
-    for reply in grid.send_and_receive(messages):
-        if reply.has_error():
-            raise FederationError(f"node {reply.metadata.src_node_id} failed: {reply.error.reason}")
-        sites[reply.metadata.src_node_id] = str(reply.content[rec.NODE]["name"])
-    return sites
+def _bench_mapping(folder: Path, nodes: int) -> Path:
+    """A mapping that names every benchmark site (the node binding reads each site's role
+    from it); the data files it names are never read."""
+    path = folder / "mapping.toml"
+    sites = "".join(f'[nodes.{site_name(i)}]\nrole = "hospital"\nfile = "unused.csv"\n' for i in range(nodes))
+    path.write_text("[targets.total_cost]\n" + sites)
+    return path
 
 
 # --------------------------------------------------------------------------- Flower

@@ -170,40 +170,14 @@ class Coordinator:
         return node_ids
 
     def _hello(self, node_ids: list[int]) -> dict[int, str]:
-        """State the job to every node; each checks it against its site policy and names itself.
-
-        Every name must be an enrolled roster member, once. A site that refuses the job
-        stops the run: a federation runs only on a job every site accepted.
-        """
-        config = ConfigRecord(
-            {
-                rec.TRANSPORT: rec.HELLO,
-                "run_id": self.plan.run_id,
-                "coordinator": self.plan.coordinator_key_id,
-                "secure_aggregation": self.plan.secure_aggregation.enabled,
-                "rounds": self.plan.rounds,
-                "min_cohort": MIN_COHORT,
-                "model_parameters": _max_model_parameters(self.plan),
-                **{f"outputs.{kind}": outputs for kind, outputs in JOB_OUTPUTS.items()},
-            }
+        config = hello_config(
+            run_id=self.plan.run_id,
+            coordinator_key_id=self.plan.coordinator_key_id,
+            secure_aggregation=self.plan.secure_aggregation.enabled,
+            rounds=self.plan.rounds,
+            model_parameters=_max_model_parameters(self.plan),
         )
-        messages = [Message(RecordDict({rec.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-        sites: dict[int, str] = {}
-        enrolled = {name for name, _ in self.plan.roster}
-        for reply in self.grid.send_and_receive(messages):
-            if reply.has_error():
-                raise FederationError(
-                    f"node {reply.metadata.src_node_id} refused or failed to start the job: {reply.error.reason}. "
-                    "The run stops: every enrolled site must accept the job; change the run's config "
-                    "or ask the site to change its policy"
-                )
-            name = str(reply.content[rec.NODE]["name"])
-            if name not in enrolled or name in sites.values():
-                raise FederationError(f"node {reply.metadata.src_node_id} calls itself {name!r}, not an enrolled, unclaimed site")
-            sites[reply.metadata.src_node_id] = name
-        if len(sites) < len(enrolled):
-            raise FederationError(f"sites that never answered: {', '.join(sorted(enrolled - set(sites.values())))}")
-        return sites
+        return say_hello(self.grid, node_ids, config, {name for name, _ in self.plan.roster})
 
     def _federated_features(self, node_ids: list[int]) -> FeatureSpec:
         """Sum every node's statistics vector; the totals give the shared encoding."""
@@ -250,6 +224,48 @@ class Coordinator:
             )
             record.update({f"{task}_{k}": v for k, v in metrics.items()})
         return record
+
+
+def hello_config(
+    *, run_id: str, coordinator_key_id: str, secure_aggregation: bool, rounds: int, model_parameters: int
+) -> ConfigRecord:
+    """The job as a hello states it: what each site checks against its policy."""
+    return ConfigRecord(
+        {
+            rec.TRANSPORT: rec.HELLO,
+            "run_id": run_id,
+            "coordinator": coordinator_key_id,
+            "secure_aggregation": secure_aggregation,
+            "rounds": rounds,
+            "min_cohort": MIN_COHORT,
+            "model_parameters": model_parameters,
+            **{f"outputs.{kind}": outputs for kind, outputs in JOB_OUTPUTS.items()},
+        }
+    )
+
+
+def say_hello(grid: Grid, node_ids: list[int], config: ConfigRecord, enrolled: set[str]) -> dict[int, str]:
+    """State the job to every node; each checks it against its site policy and names itself.
+
+    Every name must be an enrolled roster member, once. A site that refuses the job
+    stops the run: a federation runs only on a job every site accepted.
+    """
+    messages = [Message(RecordDict({rec.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+    sites: dict[int, str] = {}
+    for reply in grid.send_and_receive(messages):
+        if reply.has_error():
+            raise FederationError(
+                f"node {reply.metadata.src_node_id} refused or failed to start the job: {reply.error.reason}. "
+                "The run stops: every enrolled site must accept the job; change the run's config "
+                "or ask the site to change its policy"
+            )
+        name = str(reply.content[rec.NODE]["name"])
+        if name not in enrolled or name in sites.values():
+            raise FederationError(f"node {reply.metadata.src_node_id} calls itself {name!r}, not an enrolled, unclaimed site")
+        sites[reply.metadata.src_node_id] = name
+    if len(sites) < len(enrolled):
+        raise FederationError(f"sites that never answered: {', '.join(sorted(enrolled - set(sites.values())))}")
+    return sites
 
 
 def _max_model_parameters(plan: CoordinatorPlan) -> int:
