@@ -8,7 +8,6 @@ defaults filled in; it is what a run folder records.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from fedcost.errors import ConfigError
 from fedcost.models.nets import ModelSpec
 from fedcost.models.training import TrainConfig
 from fedcost.privacy import SitePolicy
+from fedcost.tomlfile import read_toml
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 
@@ -143,13 +143,7 @@ class SimulationConfig:
     @classmethod
     def load(cls, path: Path | str) -> "SimulationConfig":
         path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError("config file not found", path=str(path)) from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise ConfigError(f"not valid TOML: {error}", path=str(path)) from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_toml(path, "config file"), source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source: str = "<dict>") -> "SimulationConfig":

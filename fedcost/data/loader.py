@@ -22,7 +22,7 @@ from fedcost.data.mapping import DataMapping, NodeSource, TargetReading, as_toke
 from fedcost.errors import DataValidationError
 from fedcost.seeding import derive_seed
 
-_READERS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+_SUFFIXES = (".csv", ".parquet", ".pq")
 
 
 @dataclass(frozen=True)
@@ -98,26 +98,29 @@ def _required_features(mapping: DataMapping, node: NodeSource) -> set[str]:
 
 
 def _read_table(path: Path) -> pd.DataFrame:
-    kind = _READERS.get(path.suffix.lower())
-    if kind is None:
+    if path.suffix.lower() not in _SUFFIXES:
         raise DataValidationError(
             f"unsupported file type '{path.suffix}'; use .csv or .parquet", path=str(path)
         )
     if not path.is_file():
         raise DataValidationError("file not found; check the node's file in the mapping", path=str(path))
-    try:
-        if kind == "csv":
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-        else:
-            frame = pd.read_parquet(path)
-    except pd.errors.EmptyDataError:
-        raise DataValidationError("file is empty; it needs a header and at least one row", path=str(path)) from None
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as error:
-        raise DataValidationError(f"cannot be read as {kind.upper()}: {error}", path=str(path)) from None
+    frame = read_frame(path)
     if frame.empty:
         raise DataValidationError("file has a header but no rows", path=str(path))
     frame.columns = [str(c).strip() for c in frame.columns]
     return frame
+
+
+def read_frame(path: Path) -> pd.DataFrame:
+    """A CSV (every cell as text, for cell-by-cell checks) or Parquet file, or an error naming it."""
+    try:
+        if path.suffix.lower() == ".csv":
+            return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        return pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        raise DataValidationError("file is empty; it needs a header and at least one row", path=str(path)) from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as error:
+        raise DataValidationError(f"cannot be read as {path.suffix.lstrip('.').upper()}: {error}", path=str(path)) from None
 
 
 def _require_header(raw: pd.DataFrame, path: Path, node: NodeSource, source: str, field_name: str) -> None:

@@ -7,13 +7,13 @@ strict: every problem names the mapping file and the TOML field at fault.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedcost import schema
 from fedcost.errors import MappingError
+from fedcost.tomlfile import read_toml
 
 DEFAULT_POSITIVE = ("1",)
 DEFAULT_NEGATIVE = ("0",)
@@ -88,13 +88,7 @@ class DataMapping:
     def load(cls, path: Path | str) -> "DataMapping":
         """Read and validate a mapping file; relative data paths are taken from its folder."""
         path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise MappingError("mapping file not found", path=str(path)) from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise MappingError(f"not valid TOML: {error}", path=str(path)) from None
-        return _MappingParser(path, raw).parse()
+        return _MappingParser(path, read_toml(path, "mapping file", MappingError)).parse()
 
 
 class _MappingParser:

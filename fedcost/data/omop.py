@@ -63,6 +63,7 @@ import numpy as np
 import pandas as pd
 
 from fedcost import schema
+from fedcost.data.loader import read_frame
 from fedcost.errors import ConfigError, DataValidationError
 
 INPATIENT = (9201, 262)
@@ -195,15 +196,7 @@ def _read_table(folder: Path, name: str, *, required: bool) -> _Table | None:
     if len(found) > 1:
         raise DataValidationError(f"both {found[0].name} and {found[1].name} exist; keep one", path=str(found[0]))
     path = found[0]
-    try:
-        if path.suffix == ".csv":
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-        else:
-            frame = pd.read_parquet(path)
-    except pd.errors.EmptyDataError:
-        raise DataValidationError("file is empty; it needs at least a header", path=str(path)) from None
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as error:
-        raise DataValidationError(f"cannot be read: {error}", path=str(path)) from None
+    frame = read_frame(path)
     frame.columns = [str(c).strip().lower() for c in frame.columns]
     return _Table(path, frame)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -22,6 +21,7 @@ from types import MappingProxyType
 from typing import Any
 
 from fedcost.errors import ConfigError, PolicyViolationError
+from fedcost.tomlfile import read_toml
 
 # Always shared with a model update or sum: the FedAvg weight. Never a policy metric.
 EXAMPLES = "num-examples"
@@ -166,13 +166,7 @@ class SitePolicy:
     def load(cls, path: str | Path) -> SitePolicy:
         """Read and validate a policy file; any defect is a ``ConfigError`` naming file and field."""
         path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError("policy file not found", path=str(path)) from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise ConfigError(f"not valid TOML: {error}", path=str(path)) from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_toml(path, "policy file"), source=str(path))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "<dict>") -> SitePolicy:
