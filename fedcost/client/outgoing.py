@@ -35,8 +35,7 @@ def contribution_shapes(request: Message, statistics_size: int) -> Shapes:
         return [(statistics_size,)]
     if purpose == "train":
         return [array.numpy().shape for array in request.content[rec.ARRAYS].values()] + [(1,)]
-    sizes = {"readmission": evaluation.readmission_sums_size(), "cost": len(evaluation.COST_SUMS)}
-    return [(sizes[task],) for task in TrainingJob.from_json(str(config[rec.JOB])).model.tasks]
+    return evaluation.sums_shapes(TrainingJob.from_json(str(config[rec.JOB])).model.tasks)
 
 
 def expected_arrays(request: Message, statistics_size: int) -> dict[str, tuple[int, ...]]:

@@ -37,6 +37,12 @@ def readmission_sums_size() -> int:
     return len(READMISSION_SUMS) + 2 * SCORE_BINS
 
 
+def sums_shapes(tasks: tuple[str, ...]) -> list[tuple[int]]:
+    """The shape of each task's evaluation sums vector, in task order."""
+    sizes = {"readmission": readmission_sums_size(), "cost": len(COST_SUMS)}
+    return [(sizes[task],) for task in tasks]
+
+
 def readmission_from_sums(sums: np.ndarray) -> dict[str, float]:
     """Federated AUROC, Brier score and log loss from summed ``readmission_sums``."""
     k = len(READMISSION_SUMS)

@@ -211,8 +211,7 @@ class Coordinator:
     def _evaluate_round(self, server_round: int, arrays: ArrayRecord, job: TrainingJob, features: FeatureSpec) -> dict:
         """Federated metrics on every node's held-out rows, from summed evaluation sums."""
         messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid))
-        sizes = {"readmission": evaluation.readmission_sums_size(), "cost": len(evaluation.COST_SUMS)}
-        shapes = [(sizes[task],) for task in job.model.tasks]
+        shapes = evaluation.sums_shapes(job.model.tasks)
         node_ids = [m.metadata.dst_node_id for m in messages]
         summed = self._sum("evaluate", server_round, shapes, node_ids, arrays, job.to_json())
         record: dict = {}
