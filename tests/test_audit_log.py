@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 import rfc8785
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedcost.audit import GENESIS_HASH, AuditLog, Entry, read_log, verify_log
+from fedcost.audit.entry import canonical_json
 from fedcost.errors import AuditLogTamperedError
 from fedcost.identity import Identity
 
@@ -222,3 +225,13 @@ def test_an_edit_behind_a_resumed_log_is_still_caught_by_verification(tmp_path: 
         log.close()
     with pytest.raises(AuditLogTamperedError, match="line 2"):
         verify_log(path, identity.public())
+
+
+_JSON_LEAVES = st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | st.text() | st.floats(allow_nan=False, allow_infinity=False)
+_JSON_VALUES = st.recursive(_JSON_LEAVES, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)
+
+
+@given(_JSON_VALUES)
+@settings(max_examples=400, deadline=None)
+def test_canonical_json_is_byte_for_byte_rfc8785(value: object) -> None:
+    assert canonical_json(value) == rfc8785.dumps(value)
