@@ -44,12 +44,22 @@ def _site(status: PartyStatus) -> dict[str, Any]:
         bytes_sent=_bytes(sent),
         messages_received=len(received),
         bytes_received=_bytes(received),
-        output_kinds=sorted({str(e.details.get("kind")) for e in sent}),
+        output_kinds=sorted({_family(str(e.details.get("kind"))) for e in sent}),
+        message_kinds=sorted({str(e.details.get("kind")) for e in sent}),
         protections=protections,
         refusals=[{"seq": e.seq, "time": e.time, "round": e.round, **e.details}
                   for e in entries if e.event == "refusal"],
     )
     return site
+
+
+def _family(kind: str) -> str:
+    """A message kind without its protocol stage: ``secagg:train:unmask>reply`` → ``secagg:train``.
+
+    What an auditor asks is which kinds of output left (training updates under secure
+    aggregation, evaluation sums, ...), not every stage of the protocol that carried them.
+    """
+    return ":".join(kind.split(">", 1)[0].split(":")[:2])
 
 
 def audit_report(path: str | os.PathLike[str]) -> dict[str, Any]:
