@@ -110,6 +110,8 @@ class Role:
 
 
 _SHARED = ("age", "sex", "region", "diagnosis_group", "comorbidity_index", "payer")
+# What both a hospital's record and an insurer's claim show of the stay and prior use.
+_STAY = ("admission_type", "prior_admissions_12m", "ed_visits_12m", "length_of_stay", "discharge_disposition")
 
 ROLES: dict[str, Role] = {
     role.name: role
@@ -118,12 +120,8 @@ ROLES: dict[str, Role] = {
             "hospital",
             "index stays: clinical detail, facility cost, readmissions to any hospital",
             _SHARED
+            + _STAY
             + (
-                "admission_type",
-                "prior_admissions_12m",
-                "ed_visits_12m",
-                "length_of_stay",
-                "discharge_disposition",
                 "num_medications",
                 "num_procedures",
                 "icu_stay",
@@ -134,12 +132,8 @@ ROLES: dict[str, Role] = {
             "insurer",
             "claim episodes: paid amounts, follow-up use, readmissions seen across providers",
             _SHARED
+            + _STAY
             + (
-                "admission_type",
-                "prior_admissions_12m",
-                "ed_visits_12m",
-                "length_of_stay",
-                "discharge_disposition",
                 "medication_adherence",
                 "follow_up_7d",
             ),

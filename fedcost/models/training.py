@@ -141,19 +141,24 @@ def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.o
     return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
 
 
-def train_local(
-    model: FedcostNet,
-    data: TaskData,
-    config: TrainConfig,
-    *,
-    seed: int,
-    global_params: list[np.ndarray] | None = None,
-) -> TrainResult:
-    """Train ``model`` in place on ``data`` for ``config.epochs`` epochs.
+@dataclass
+class TrainingSetup:
+    """What every local trainer (plain or DP-SGD) starts from, checked once."""
 
-    Only the tasks both the model and the data have are trained: a head whose target the data
-    lacks is left exactly as it is. ``global_params`` (the round's global weights, state-dict
-    order) anchor the FedProx term when ``config.proximal_mu > 0``.
+    targets: dict[str, torch.Tensor]
+    params: dict[str, torch.nn.Parameter]
+    anchors: dict[str, torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    features: torch.Tensor
+
+
+def prepare_training(
+    model: FedcostNet, data: TaskData, config: TrainConfig, global_params: list[np.ndarray] | None
+) -> TrainingSetup:
+    """Check data against the model; pick the trained parameters, FedProx anchors, optimizer.
+
+    Only the tasks both the model and the data have are trained: a head whose target the
+    data lacks is left exactly as it is.
     """
     targets = {task: _tensor(y) for task in model.spec.tasks if (y := data.target(task)) is not None}
     if not targets:
@@ -169,8 +174,26 @@ def train_local(
     if config.proximal_mu > 0 and global_params is not None:
         state = _checked_state(model, global_params)
         anchors = {name: state[name] for name in params}
-    optimizer = _optimizer(list(params.values()), config)
-    x = _tensor(data.features)
+    return TrainingSetup(targets, params, anchors, _optimizer(list(params.values()), config), _tensor(data.features))
+
+
+def train_local(
+    model: FedcostNet,
+    data: TaskData,
+    config: TrainConfig,
+    *,
+    seed: int,
+    global_params: list[np.ndarray] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on ``data`` for ``config.epochs`` epochs.
+
+    Only the tasks both the model and the data have are trained: a head whose target the data
+    lacks is left exactly as it is. ``global_params`` (the round's global weights, state-dict
+    order) anchor the FedProx term when ``config.proximal_mu > 0``.
+    """
+    setup = prepare_training(model, data, config, global_params)
+    targets, params, anchors, optimizer, x = setup.targets, setup.params, setup.anchors, setup.optimizer, setup.features
+    n = len(x)
     gen = torch.Generator().manual_seed(seed)
     dropouts = [m for m in model.modules() if isinstance(m, SeededDropout)]
     was_training = model.training

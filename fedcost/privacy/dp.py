@@ -33,7 +33,7 @@ import torch
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedcost.models.nets import FedcostNet, SeededDropout
-from fedcost.models.training import TaskData, TrainConfig, TrainResult, _checked_state, _optimizer, loss_terms
+from fedcost.models.training import TaskData, TrainConfig, TrainResult, loss_terms, prepare_training
 from fedcost.privacy.accounting import PrivacyLedger
 from fedcost.privacy.policy import PrivacySettings
 
@@ -119,25 +119,13 @@ def train_local_dp(
     site only if the site policy lists it as a metric. Models with dropout are refused:
     dropout masks inside ``vmap`` would need per-example generators.
     """
-    targets = {
-        task: torch.tensor(y, dtype=torch.float32) for task in model.spec.tasks if (y := data.target(task)) is not None
-    }
-    if not targets:
-        raise ValueError(f"the data's targets and the model's tasks {list(model.spec.tasks)} do not overlap")
-    n, d = data.features.shape
-    if d != model.n_features:
-        raise ValueError(f"data has {d} features, the model expects {model.n_features}")
     if any(isinstance(m, SeededDropout) for m in model.modules()):
         raise ValueError("DP-SGD does not support dropout; build the model with dropout = 0")
+    setup = prepare_training(model, data, config, global_params)
+    targets, params, anchors, optimizer, x = setup.targets, setup.params, setup.anchors, setup.optimizer, setup.features
+    n = len(x)
     sample_rate, steps = dp_sampling(n, config)
-    params = model.task_parameters(tuple(targets))
-    anchors = {}
-    if config.proximal_mu > 0 and global_params is not None:
-        state = _checked_state(model, global_params)
-        anchors = {name: state[name] for name in params}
-    optimizer = _optimizer(list(params.values()), config)
     gen = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
-    x = torch.tensor(data.features, dtype=torch.float32)
     per_example = vmap(grad_and_value(_example_loss(model, config)), in_dims=(None, 0, 0))
     expected_batch = sample_rate * n
     noise_std = dp.noise_multiplier * dp.max_grad_norm
