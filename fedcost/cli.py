@@ -69,7 +69,8 @@ class RoundProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.progress.live.is_started:
+            self.progress.stop()
 
     def start(self) -> None:
         self.progress.start()
