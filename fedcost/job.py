@@ -16,13 +16,14 @@ from fedcost.data.features import FeatureSpec
 from fedcost.models.nets import ModelSpec
 from fedcost.models.training import TrainConfig
 
+
 @dataclass(frozen=True)
 class TrainingJob:
     """A round's work order: model, local training, features and the run seed."""
 
     model: ModelSpec
     training: TrainConfig
-    features: FeatureSpec | None
+    features: FeatureSpec
     seed: int
 
     def to_json(self) -> str:
@@ -30,7 +31,7 @@ class TrainingJob:
             {
                 "model": dataclasses.asdict(self.model),
                 "training": dataclasses.asdict(self.training),
-                "features": self.features.to_dict() if self.features else None,
+                "features": self.features.to_dict(),
                 "seed": self.seed,
             }
         )
@@ -43,6 +44,6 @@ class TrainingJob:
         return cls(
             model=ModelSpec(**model),
             training=TrainConfig(**data["training"]),
-            features=FeatureSpec.from_dict(data["features"]) if data["features"] else None,
+            features=FeatureSpec.from_dict(data["features"]),
             seed=int(data["seed"]),
         )

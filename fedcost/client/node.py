@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedcost import schema
-from fedcost.data.features import FeatureSpec, StatisticsLayout
+from fedcost.data.features import StatisticsLayout
 from fedcost.data.loader import NodeData, load_node
 from fedcost.data.mapping import DataMapping
 from fedcost.job import TrainingJob
@@ -124,7 +124,7 @@ class Node:
         With ``dp``, DP-SGD (``train_local_dp``); its seed is derived from the job so a
         simulation is reproducible (a deployment would draw it from ``secrets``).
         """
-        features = _require_features(job)
+        features = job.features
         model = self._model(job, weights)
         global_params = [w.copy() for w in weights.values()] if job.training.proximal_mu > 0 else None
         data = features.task_data(self.data.train)
@@ -137,7 +137,7 @@ class Node:
 
     def evaluate(self, job: TrainingJob, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Additive evaluation sums over the held-out rows (see ``models.evaluation``)."""
-        features = _require_features(job)
+        features = job.features
         rows = self.data.test
         predictions = predict(self._model(job, weights), features.encode(rows))
         sums: dict[str, np.ndarray] = {}
@@ -148,13 +148,6 @@ class Node:
         return sums
 
     def _model(self, job: TrainingJob, weights: dict[str, np.ndarray]) -> torch.nn.Module:
-        features = _require_features(job)
-        model = build_model(job.model, features.n_features, seed=job.seed)
+        model = build_model(job.model, job.features.n_features, seed=job.seed)
         model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})
         return model
-
-
-def _require_features(job: TrainingJob) -> FeatureSpec:
-    if job.features is None:
-        raise ValueError("the job carries no federation-wide feature spec; run the statistics stage first")
-    return job.features
