@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -42,14 +43,18 @@ def simulate(
         settings = SimulationConfig.load(config) if config else _default_config()
         if not settings.secure_aggregation.enabled:
             console.print(
-                "[yellow]warning:[/yellow] secure aggregation is OFF ([secure_aggregation] enabled = false): "
-                "the coordinator sees every node's contribution in the clear",
+                "[yellow]warning:[/yellow] "
+                + escape("secure aggregation is OFF ([secure_aggregation] enabled = false): ")
+                + "the coordinator sees every node's contribution in the clear",
                 soft_wrap=True,
             )
         with RoundProgress(settings.run.rounds) as progress:
             result = run(settings, out=out, data_dir=data_dir, on_start=progress.start, on_round=progress.advance)
     except FedcostError as error:
-        console.print(f"[red]error:[/red] {error}", soft_wrap=True, highlight=False)
+        # Messages name TOML tables such as [nodes.st-mary]: print them as text, not markup.
+        console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True, highlight=False)
+        for note in getattr(error, "__notes__", ()):
+            console.print(escape(note), soft_wrap=True, highlight=False)
         raise typer.Exit(code=2) from None
     console.print(_comparison_table(result.summary))
     console.print(f"run folder: [bold]{result.run_dir}[/bold] (report: {result.run_dir / 'report.html'})")

@@ -7,7 +7,8 @@ the coordinator sees only sums and weights — and then, outside the federation,
 site alone: the floor), and scores all three on the same held-out rows.
 
 The run folder is built under a hidden staging name and renamed into place only when
-everything succeeded, so a folder at the final path always holds a complete run.
+everything succeeded, so a folder at the final path always holds a complete run; a run
+that fails leaves what it wrote (the parties' audit logs above all) in ``<name>.failed``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -118,10 +118,24 @@ def simulate(
         if final.exists():
             final.rmdir()
         staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as error:
+        _keep_failed(staging, final, error)
         raise
     return RunResult(final, summary)
+
+
+def _keep_failed(staging: Path, final: Path, error: BaseException) -> None:
+    """Keep what a failed run wrote (audit logs above all) under ``<name>.failed``, never
+    under the final name, and say where in a note on the error."""
+    if not any(staging.iterdir()):
+        staging.rmdir()
+        return
+    failed = final.with_name(f"{final.name}.failed")
+    if failed.exists():
+        failed = final.with_name(f"{final.name}.failed-{uuid.uuid4().hex[:6]}")
+    (staging / "error.txt").write_text(f"{type(error).__name__}: {error}\n")
+    staging.rename(failed)
+    error.add_note(f"what the run wrote before it stopped (audit logs, config) is in {failed}")
 
 
 def _run(

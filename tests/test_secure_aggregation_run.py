@@ -54,7 +54,7 @@ def test_secure_aggregation_is_on_by_default_and_matches_plaintext(folder: Path)
     assert secure_summary["secure_aggregation"] is True
     assert plain_summary["secure_aggregation"] is False
     assert all(r["secure_aggregation"] for r in rounds(secure_run))
-    assert "secure aggregation is OFF" in plain.stdout
+    assert "secure aggregation is OFF ([secure_aggregation] enabled = false)" in plain.stdout
     # Quantisation is the only difference: steps of 8 / 2**20 per update entry.
     assert abs(secure_summary["readmission"]["federated"]["auroc"] - plain_summary["readmission"]["federated"]["auroc"]) < 0.002
     assert abs(secure_summary["cost"]["federated"]["r2"] - plain_summary["cost"]["federated"]["r2"]) < 0.005
@@ -79,3 +79,8 @@ def test_too_many_dropouts_stop_the_run_with_a_clear_message(folder: Path) -> No
     assert result.returncode != 0
     assert "secure aggregation aborted" in result.stdout
     assert not run.exists(), "a stopped run leaves no folder that claims success"
+    failed = run.with_name("abort.failed")
+    assert "secure aggregation aborted" in (failed / "error.txt").read_text()
+    assert {p.stem for p in (failed / "audit").glob("*.jsonl")} >= {"coordinator", "hospital-3"}, "the logs are kept"
+    assert "is in abort.failed" in result.stdout
+    assert "raise [secure_aggregation] dropout_tolerance" in result.stdout, "TOML table names survive the terminal"
