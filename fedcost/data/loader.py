@@ -6,7 +6,8 @@ data rows (the header is not counted).
 
 The result is a frame with every feature column (schema and extra) and the declared
 targets: numeric columns as float64 with NaN where the node lacks the value (imputed
-and flagged later, never silently zero), categorical columns as schema levels or None.
+and flagged later, never silently zero), categorical columns as schema levels or missing
+(None or NaN: pandas decides; every reader tests with ``isna``).
 """
 
 from __future__ import annotations
