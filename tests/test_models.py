@@ -15,13 +15,7 @@ from fedcost.models.training import TaskData, TrainConfig, get_weights, predict,
 D = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Bit-identical training assumes a fixed thread count; one thread is also fastest here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def logistic_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -20,12 +20,7 @@ SGD = TrainConfig(epochs=1, batch_size=10, optimizer="sgd", learning_rate=1.0, m
 NO_NOISE = DPConfig(max_grad_norm=1e6, noise_multiplier=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def logistic(n: int, seed: int) -> TaskData:

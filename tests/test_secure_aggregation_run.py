@@ -4,35 +4,12 @@ tolerance, a clear stop beyond it, and the same model quality as plaintext."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from simulations import SMALL_FEDERATION, simulate
 
-BASE = """
-[run]
-seed = 5
-rounds = 3
-
-[ecosystem.sizes]
-hospital = [1500, 900, 600]
-insurer = [1200]
-pharma = [500]
-
-[model]
-kind = "glm"
-"""
-
-
-def simulate(folder: Path, config: str, name: str) -> tuple[subprocess.CompletedProcess, Path]:
-    (folder / f"{name}.toml").write_text(config)
-    command = [sys.executable, "-c", "from fedcost.cli import app; app()", "simulate", f"{name}.toml", "--out", name]
-    result = subprocess.run(
-        command, cwd=folder, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "150"}
-    )
-    return result, folder / name
+BASE = SMALL_FEDERATION
 
 
 def rounds(run: Path) -> list[dict]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from audit_mutations import assert_mutations_detected
+from simulations import fedcost
 from typer.testing import CliRunner
 
 from fedcost.audit import verify_folder
@@ -31,11 +30,6 @@ kind = "glm"
 # Stated margin: on this small federation the federated model may fall short of the
 # pooled one by at most this much AUROC (the default config is held to 0.01 in RESULTS.md).
 AUROC_MARGIN = 0.02
-
-
-def fedcost(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", "from fedcost.cli import app; app()", *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "120"})
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomli_w
+from simulations import SMALL_FEDERATION, simulate
 from cryptography.hazmat.primitives import serialization
 from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.app.message.message import make_message
@@ -277,31 +276,11 @@ def test_a_dp_round_is_paid_in_the_ledger_before_training_and_refused_once_spent
 
 # --- accounting in real simulations --------------------------------------------------------
 
-SIMULATION = """
-[run]
-seed = 5
-rounds = {rounds}
-
-[ecosystem.sizes]
-hospital = [1500, 900, 600]
-insurer = [1200]
-pharma = [500]
-
-[model]
-kind = "glm"
-
-[simulation]
-{policies}
-"""
+SIMULATION = SMALL_FEDERATION.replace("rounds = 3", "rounds = {rounds}") + "\n[simulation]\n{policies}\n"
 
 
 def _simulate(folder: Path, name: str, rounds: int, policies: str) -> tuple[subprocess.CompletedProcess, Path]:
-    (folder / f"{name}.toml").write_text(SIMULATION.format(rounds=rounds, policies=policies))
-    command = [sys.executable, "-c", "from fedcost.cli import app; app()", "simulate", f"{name}.toml", "--out", name]
-    result = subprocess.run(
-        command, cwd=folder, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"}
-    )
-    return result, folder / name
+    return simulate(folder, SIMULATION.format(rounds=rounds, policies=policies), name)
 
 
 @pytest.mark.slow

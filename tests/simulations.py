@@ -1,0 +1,38 @@
+"""Real `fedcost simulate` processes for the scenario tests, and the small federation
+most of them run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Five nodes, three rounds: big enough for secure aggregation to tolerate one dropout.
+SMALL_FEDERATION = """
+[run]
+seed = 5
+rounds = 3
+
+[ecosystem.sizes]
+hospital = [1500, 900, 600]
+insurer = [1200]
+pharma = [500]
+
+[model]
+kind = "glm"
+"""
+
+
+def fedcost(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The `fedcost` command as a separate process, output captured as text."""
+    command = [sys.executable, "-c", "from fedcost.cli import app; app()", *args]
+    return subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"}
+    )
+
+
+def simulate(folder: Path, config: str, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """Write ``config`` as ``<name>.toml`` in ``folder`` and simulate it into ``<name>/``."""
+    (folder / f"{name}.toml").write_text(config)
+    return fedcost("simulate", f"{name}.toml", "--out", name, cwd=folder), folder / name
