@@ -14,7 +14,10 @@ evaluate requests carry the global weights and the job.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -95,3 +98,17 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, list):
         return [_json_value(item) for item in value]
     return value
+
+
+Roster = tuple[tuple[str, bytes], ...]
+
+
+def secure_id(roster: Roster, name: str) -> int:
+    """A site's SecAgg+ node id: its 1-based place in the roster, the same at every party."""
+    return [member for member, _ in roster].index(name) + 1
+
+
+@lru_cache(maxsize=4)
+def roster_identities(roster: Roster) -> dict[int, Ed25519PublicKey]:
+    """Every roster member's Ed25519 identity key by SecAgg+ node id (parsed once per roster)."""
+    return {i + 1: Ed25519PublicKey.from_public_bytes(key) for i, (_, key) in enumerate(roster)}

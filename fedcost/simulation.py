@@ -53,10 +53,10 @@ from fedcost.models.training import TaskData, predict, train_local
 from fedcost.privacy import SitePolicy
 from fedcost.privacy.accounting import PrivacyLedger
 from fedcost.report import write_report
+from fedcost.report.html import MODELS
 from fedcost.server.app import CoordinatorPlan, make_server_app
 from fedcost.seeding import derive_seed
 
-MODELS = ("federated", "pooled", "local_only")
 COORDINATOR = "coordinator"
 # A site alone would train until its model settles: at least this many optimizer steps.
 MIN_LOCAL_STEPS = 300

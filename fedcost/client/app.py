@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
@@ -234,11 +234,10 @@ def _secure_stage(
     """One SecAgg+ stage; the node's round state lives in its own context between stages."""
     config = message.content[rec.CONFIG]
     request = request_from_dict(rec.join_message_dict(message.content[rec.SECAGG], None))
-    names = [name for name, _ in setup.roster]
-    identities = {i + 1: Ed25519PublicKey.from_public_bytes(key) for i, (_, key) in enumerate(setup.roster)}
+    identities = rec.roster_identities(setup.roster)
     identity_key = Ed25519PrivateKey.from_private_bytes(setup.identity_key)
     if isinstance(request, SetupRequest):
-        secure = SecAggNode(names.index(node.name) + 1, identity_key, identities)
+        secure = SecAggNode(rec.secure_id(setup.roster, node.name), identity_key, identities)
     else:
         secure = SecAggNode.restore(bytes(context.state[rec.SECAGG]["state"]), identity_key, identities)
     vector = None

@@ -14,6 +14,7 @@ from pathlib import Path
 from fedcost.report.plots import plot_calibration, plot_rounds, plot_sites
 
 METRICS = {"readmission": ("auroc", "auprc", "brier"), "cost": ("mae", "rmse", "r2")}
+# The three models every run compares, in table order.
 MODELS = ("federated", "pooled", "local_only")
 PLOTS = ("rounds.png", "sites.png", "calibration.png")
 

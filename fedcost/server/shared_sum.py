@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -57,9 +56,8 @@ class SharedSums:
         self.sites = sites
         self.settings = settings
         self.run_id = run_id
-        names = [name for name, _ in roster]
-        self.secure_ids = {name: names.index(name) + 1 for name in sites.values()}
-        self.identities = {i + 1: Ed25519PublicKey.from_public_bytes(key) for i, (_, key) in enumerate(roster)}
+        self.secure_ids = {name: rec.secure_id(roster, name) for name in sites.values()}
+        self.identities = rec.roster_identities(roster)
 
     def run(
         self,
