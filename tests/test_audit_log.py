@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedcost.audit import GENESIS_HASH, AuditLog, Entry, read_log, verify_log
-from fedcost.audit.entry import canonical_json
+from fedcost.audit.entry import CHECKPOINT_EVENTS, canonical_json, entry_hash, format_time, read_lines, seal
 from fedcost.errors import AuditLogTamperedError
 from fedcost.identity import Identity
 
@@ -159,6 +160,7 @@ def _line(**changes: object) -> bytes:
     return rfc8785.dumps({k: v for k, v in data.items() if v is not ...})
 
 
+NOT_CANONICAL = "not in RFC 8785 canonical form"
 BAD_LINES = {
     "not JSON": (b"{oops", "line 2: not valid JSON: unexpected character"),
     "not an object": (b"[1, 2]", "expected a JSON object, got list"),
@@ -177,6 +179,13 @@ BAD_LINES = {
     "unsigned checkpoint": (_line(event="checkpoint"), "field 'sig' must be a base64 Ed25519 signature"),
     "signed ordinary entry": (_line()[:-1] + f',"sig":"{SIG}"}}'.encode(), "field 'sig'"),
     "sig not last": (_line(event="checkpoint", sig=SIG), "'sig' must be a string and the last member"),
+    "event as list": (_line(event=["checkpoint"]), "field 'event' must be a non-empty string"),
+    "spaced": (_line().replace(b'":', b'": ', 1), NOT_CANONICAL),
+    "keys out of order": (json.dumps(VALID, separators=(",", ":")).encode(), NOT_CANONICAL),
+    "repeated key": (_line()[:-1] + b',"seq":0}', NOT_CANONICAL),
+    "escaped letter": (_line().replace(b'"hospital-1"', b'"\\u0068ospital-1"'), NOT_CANONICAL),
+    "negative zero": (_line(round=0).replace(b'"round":0', b'"round":-0'), NOT_CANONICAL),
+    "float as orjson writes it": (_line(details={"x": 1.0}).replace(b'"x":1', b'"x":1.0'), NOT_CANONICAL),
 }
 
 
@@ -187,6 +196,28 @@ def test_reader_names_the_first_bad_line(tmp_path: Path, line: bytes, reason: st
     with pytest.raises(AuditLogTamperedError, match=r"hospital-1.jsonl\), line 2: ") as caught:
         read_log(path)
     assert reason in str(caught.value)
+
+
+def test_a_float_written_as_orjson_would_fails_verification(tmp_path: Path, identity: Identity) -> None:
+    path = tmp_path / "hospital-1.jsonl"
+    log = AuditLog(path, identity)
+    log.append("dp_round", round=0, details={"dp_epsilon_spent": 1.0}, at=T0)
+    log.close(at=T0)
+    lines = path.read_bytes().splitlines()
+    assert b'"dp_epsilon_spent":1}' in lines[0]
+    lines[0] = lines[0].replace(b'"dp_epsilon_spent":1}', b'"dp_epsilon_spent":1.0}')  # same value
+    # Even linked to the edited bytes and re-signed by the party's own key, as a party
+    # would do to show different verifiers different entries.
+    close = {key: value for key, value in json.loads(lines[1]).items() if key != "sig"}
+    lines[1] = seal({**close, "prev": entry_hash(lines[0])}, identity.sign)[1]
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    with pytest.raises(AuditLogTamperedError, match=r"line 1: not in RFC 8785 canonical form"):
+        verify_log(path, identity.public())
+
+
+@pytest.mark.parametrize("line, reason", BAD_LINES.values(), ids=BAD_LINES.keys())
+def test_bulk_reader_leaves_every_bad_line_to_the_line_reader(line: bytes, reason: str) -> None:
+    assert read_lines([_line(), line]) is None
 
 
 def test_resuming_at_the_recorded_end_continues_the_chain(tmp_path: Path) -> None:
@@ -235,3 +266,72 @@ _JSON_VALUES = st.recursive(_JSON_LEAVES, lambda inner: st.lists(inner, max_size
 @settings(max_examples=400, deadline=None)
 def test_canonical_json_is_byte_for_byte_rfc8785(value: object) -> None:
     assert canonical_json(value) == rfc8785.dumps(value)
+
+
+_IDENTITY = Identity.generate("hospital-1", "hospital")
+_EVENTS = st.sampled_from(["message_sent", "data_loaded", "checkpoint"])
+# Mostly flat and ASCII, as real details are; the rest is left to the line reader.
+_ASCII = st.text(st.characters(max_codepoint=0x7F), max_size=6)
+_FLAT = (st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | _ASCII
+         | st.floats(allow_nan=False, allow_infinity=False))
+_DETAILS = (st.dictionaries(_ASCII, _FLAT, max_size=4)
+            | st.dictionaries(st.text(max_size=8), _JSON_VALUES, max_size=3))
+_INSERTS = st.sampled_from([b" ", b"0", b".0", b"-", b'"', b",", b"\\u0041", b'"seq":1,', b"\xc3\xa9"])
+
+
+@st.composite
+def _written_lines(draw: st.DrawFn) -> list[bytes]:
+    """A short log as the writer lays it out: random details, checkpoints signed."""
+    lines, head = [], GENESIS_HASH
+    for seq in range(draw(st.integers(1, 5))):
+        event = draw(_EVENTS)
+        body = {"seq": seq, "time": format_time(T0), "actor": "hospital-1", "event": event,
+                "round": draw(st.none() | st.integers(0, 3)), "details": draw(_DETAILS),
+                "digest": draw(st.none() | st.just("ab" * 32)), "prev": head}
+        entry, line = seal(body, _IDENTITY.sign if event in CHECKPOINT_EVENTS else None)
+        lines.append(line)
+        head = entry.hash
+    return lines
+
+
+@st.composite
+def _edited(draw: st.DrawFn, lines: list[bytes]) -> list[bytes]:
+    """``lines`` with at most one line changed: a byte inserted, dropped or replaced, its first
+    integer written as a float (the same number, as orjson would write it), or the line
+    re-encoded by the standard library (its own float forms, escapes, spacing)."""
+    i = draw(st.integers(0, len(lines) - 1))
+    line, at = lines[i], draw(st.integers(0, len(lines[i]) - 1))
+    edit = draw(st.sampled_from(["none", "insert", "drop", "replace", "float", "stdlib"]))
+    if edit == "none":
+        return lines
+    if edit == "insert":
+        line = line[:at] + draw(_INSERTS) + line[at:]
+    elif edit == "drop":
+        line = line[:at] + line[at + 1:]
+    elif edit == "replace":
+        line = line[:at] + bytes([draw(st.integers(0, 255))]) + line[at + 1:]
+    elif edit == "float":
+        line = re.sub(rb"(?<=[:\[,])(-?[0-9]+)(?=[,}\]])", rb"\1.0", line, count=1)
+    else:
+        line = json.dumps(json.loads(line), ensure_ascii=draw(st.booleans()), separators=(",", ":")).encode()
+    return lines[:i] + [line] + lines[i + 1:]
+
+
+def _line_by_line(lines: list[bytes]) -> list[Entry] | None:
+    try:
+        return [Entry.from_bytes(line) for line in lines]
+    except ValueError:
+        return None
+
+
+@given(_written_lines().flatmap(_edited))
+@settings(max_examples=500, deadline=None)
+def test_bulk_reader_agrees_with_the_line_reader(lines: list[bytes]) -> None:
+    assert read_lines(lines) == _line_by_line(lines)
+
+
+def test_bulk_reader_reads_a_written_log_without_help(tmp_path: Path, identity: Identity) -> None:
+    path = tmp_path / "hospital-1.jsonl"
+    _small_log(path, identity)
+    lines = path.read_bytes().splitlines()
+    assert read_lines(lines) == _line_by_line(lines) is not None
