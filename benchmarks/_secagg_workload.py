@@ -27,6 +27,14 @@ Measurements (per round; the first round is a warm-up and is not reported):
 
 The mod appends one line per message to a log file; the cell assigns lines to rounds by
 their wall-clock end time, which lies inside the round's [start, end] window.
+
+Flower's engine pickles the ClientApp with every message it hands to a Ray actor (the
+app rides in the closure of the engine's app loader). A ClientApp whose handlers are
+closures is pickled by value, and cloudpickle then scans ``sys.modules`` for every
+function: about 15 ms of driver CPU per message, whatever the system. Every system's
+ClientApp here is therefore a ``ClientAppByRecipe``, which pickles as the module-level
+function and small arguments that build it; each actor builds it once. This is a
+harness fix applied to all three systems alike.
 """
 
 from __future__ import annotations
@@ -205,30 +213,90 @@ def _raw_private(key: Ed25519PrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
 
 
-def fedcost_apps(system: str, nodes: int, dim: int, rounds: int, clock: RoundClock, profile: MaybeProfile, log_path: str):
-    """fedcost's ServerApp (SharedSums, plain or SecAgg+) and its ClientApp, as ``simulation._federate`` builds them."""
-    from flwr.app import Array, ArrayRecord
+class ClientAppByRecipe:
+    """A ClientApp that pickles as ``build_client_app(*recipe)`` (see the module docstring)."""
+
+    def __init__(self, recipe: tuple):
+        self.recipe = recipe
+        self._app = build_client_app(*recipe)
+
+    def __call__(self, message: Any, context: Any) -> Any:
+        return self._app(message, context)
+
+    def __reduce__(self) -> tuple:
+        return (_client_app_by_recipe, (self.recipe,))
+
+
+@lru_cache(maxsize=4)
+def _client_app_by_recipe(recipe: tuple) -> ClientAppByRecipe:
+    return ClientAppByRecipe(recipe)
+
+
+@lru_cache(maxsize=4)
+def build_client_app(system: str, nodes: int, dim: int, scratch: str, log_path: str) -> Any:
+    """The ClientApp of ``system`` for one cell; built once per process."""
+    if system == "flower":
+        return _flower_client_app(nodes, dim, log_path)
+    return _fedcost_client_app(nodes, dim, Path(scratch), log_path)
+
+
+def _write_identity_keys(scratch: Path, nodes: int) -> None:
+    """Every site's raw Ed25519 private key, for the driver and the actors to read alike."""
+    keys = b"".join(_raw_private(Ed25519PrivateKey.generate()) for _ in range(nodes))
+    (scratch / "keys.bin").write_bytes(keys)
+
+
+def _identity_keys(scratch: Path, nodes: int) -> dict[str, Ed25519PrivateKey]:
+    raw = (scratch / "keys.bin").read_bytes()
+    return {site_name(i): Ed25519PrivateKey.from_private_bytes(raw[32 * i : 32 * (i + 1)]) for i in range(nodes)}
+
+
+def _roster(keys: dict[str, Ed25519PrivateKey]) -> tuple[tuple[str, bytes], ...]:
+    return tuple(sorted((name, _raw_public(key)) for name, key in keys.items()))
+
+
+def _fedcost_client_app(nodes: int, dim: int, scratch: Path, log_path: str) -> Any:
+    """fedcost's ClientApp as ``simulation._federate`` builds it, behind the measuring mod."""
     from flwr.clientapp import ClientApp
-    from flwr.serverapp import ServerApp
 
     from fedcost.client.app import make_client_app
     from fedcost.client.node import NodeSetup
+
+    keys = _identity_keys(scratch, nodes)
+    roster = _roster(keys)
+    mapping, policy = scratch / "mapping.toml", scratch / "policy.toml"
+    setups = [
+        NodeSetup(
+            mapping, site_name(i), 0, identity_key=_raw_private(keys[site_name(i)]), roster=roster, audit_dir=scratch,
+            policy=policy,
+        )
+        for i in range(nodes)
+    ]
+    inner = make_client_app(lambda context: setups[int(context.node_config["partition-id"])], lambda s: BenchNode(s.name, dim))
+    client = ClientApp(mods=[make_measure_mod(log_path)])
+    for register in (client.query, client.train, client.evaluate):
+        register()(lambda message, context: inner(message, context))
+    return client
+
+
+def fedcost_apps(system: str, nodes: int, dim: int, rounds: int, clock: RoundClock, profile: MaybeProfile, log_path: str):
+    """fedcost's ServerApp (SharedSums, plain or SecAgg+) and its ClientApp."""
+    from flwr.app import Array, ArrayRecord
+    from flwr.serverapp import ServerApp
+
     from fedcost.config import SecureAggregationSection
     from fedcost.identity import Identity
     from fedcost.server.app import hello_config, say_hello
-    from fedcost.server.shared_sum import SharedSums
+    from fedcost.server.shared_sum import PollingGrid, SharedSums
 
-    keys = {site_name(i): Ed25519PrivateKey.generate() for i in range(nodes)}
-    roster = tuple(sorted((name, _raw_public(key)) for name, key in keys.items()))
-    # Nodes keep signed audit logs when this fedcost has them; a throwaway folder per cell.
+    # Nodes keep signed audit logs; a throwaway folder per cell holds them, the mapping and the keys.
     scratch = Path(tempfile.mkdtemp(prefix="secagg_bench_"))
-    mapping = _bench_mapping(scratch, nodes)
-    setups = [
-        NodeSetup(mapping, site_name(i), 0, identity_key=_raw_private(keys[site_name(i)]), roster=roster, audit_dir=scratch)
-        for i in range(nodes)
-    ]
+    _bench_mapping(scratch, nodes)
+    _write_identity_keys(scratch, nodes)
+    roster = _roster(_identity_keys(scratch, nodes))
     settings = SecureAggregationSection(enabled=system == "fedcost")
     coordinator_key_id = Identity.generate("coordinator", "coordinator").public().key_id
+    _bench_policy(scratch, coordinator_key_id, dim, settings.enabled)
     server = ServerApp()
 
     @server.main()
@@ -239,7 +307,7 @@ def fedcost_apps(system: str, nodes: int, dim: int, rounds: int, clock: RoundClo
             model_parameters=dim,
         )
         sites = say_hello(grid, node_ids, config, {site_name(i) for i in range(nodes)})
-        sums = SharedSums(grid, sites, settings, "bench", roster)
+        sums = SharedSums(PollingGrid(grid), sites, settings, "bench", roster)
         weights = ArrayRecord({"w": Array(np.zeros(dim, np.float32))})
         result = None
         for server_round in range(rounds + 1):
@@ -248,11 +316,7 @@ def fedcost_apps(system: str, nodes: int, dim: int, rounds: int, clock: RoundClo
         assert result is not None and len(result.included) == nodes, "a node dropped out"
         clock.max_abs_error = float(np.max(np.abs(result.arrays[0] / BENCH_ROWS - expected_sum(nodes, dim))))
 
-    inner = make_client_app(lambda context: setups[int(context.node_config["partition-id"])], lambda s: BenchNode(s.name, dim))
-    client = ClientApp(mods=[make_measure_mod(log_path)])
-    for register in (client.query, client.train, client.evaluate):
-        register()(lambda message, context: inner(message, context))
-    return server, client
+    return server, ClientAppByRecipe((system, nodes, dim, str(scratch), log_path))
 
 
 def _wait_for_nodes(grid: Any, expected: int) -> list[int]:
@@ -262,6 +326,23 @@ def _wait_for_nodes(grid: Any, expected: int) -> list[int]:
             raise RuntimeError(f"only {len(node_ids)} of {expected} nodes registered")
         time.sleep(0.2)
     return node_ids
+
+
+def _bench_policy(folder: Path, coordinator_key_id: str, dim: int, secure: bool) -> Path:
+    """The permissive default site policy (``site.site_policy``), with room for a D-entry model.
+
+    The default allows 1M model parameters; a D = 1M update plus its loss slot and weight
+    is 2 entries more, and its masked vector 8 MB, so the limits grow with D.
+    """
+    path = folder / "policy.toml"
+    path.write_text(
+        f'coordinator = "{coordinator_key_id}"\n'
+        f"require_secure_aggregation = {str(secure).lower()}\n"
+        f"max_rounds = 1000\nmin_cohort = {BENCH_ROWS}\n"
+        f"max_model_parameters = {dim + 2}\nmax_message_bytes = {max(16 * 2**20, 10 * (dim + 2))}\n"
+        '[metrics]\n"train-loss" = 6\n[privacy]\nepsilon = inf\n'
+    )
+    return path
 
 
 def _bench_mapping(folder: Path, nodes: int) -> Path:
@@ -289,16 +370,11 @@ def flower_secagg_parameters(nodes: int) -> tuple[int, int]:
     return min(degree + 1, nodes), choose_threshold(degree)
 
 
-def flower_apps(nodes: int, dim: int, rounds: int, clock: RoundClock, profile: MaybeProfile, log_path: str):
-    """Flower's SecAggPlusWorkflow (legacy DefaultWorkflow + FedAvg) and a NumPyClient with secaggplus_mod."""
+def _flower_client_app(nodes: int, dim: int, log_path: str) -> Any:
+    """A NumPyClient that returns the node's vector, with secaggplus_mod behind the measuring mod."""
     from flwr.client import NumPyClient
     from flwr.client.mod import secaggplus_mod
     from flwr.clientapp import ClientApp
-    from flwr.common import ndarrays_to_parameters
-    from flwr.server import LegacyContext, ServerApp, ServerConfig
-    from flwr.server.strategy import FedAvg
-    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-    from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 
     class BenchClient(NumPyClient):
         def __init__(self, partition_id: int):
@@ -309,6 +385,17 @@ def flower_apps(nodes: int, dim: int, rounds: int, clock: RoundClock, profile: M
 
     def client_fn(context) -> Any:  # noqa: ANN001
         return BenchClient(int(context.node_config["partition-id"])).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[make_measure_mod(log_path), secaggplus_mod])
+
+
+def flower_apps(nodes: int, dim: int, rounds: int, clock: RoundClock, profile: MaybeProfile, log_path: str):
+    """Flower's SecAggPlusWorkflow (legacy DefaultWorkflow + FedAvg) and its ClientApp."""
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server import LegacyContext, ServerApp, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 
     num_shares, threshold = flower_secagg_parameters(nodes)
     secagg = SecAggPlusWorkflow(num_shares=num_shares, reconstruction_threshold=threshold)
@@ -334,8 +421,7 @@ def flower_apps(nodes: int, dim: int, rounds: int, clock: RoundClock, profile: M
         mean = next(iter(average.values())).numpy()
         clock.max_abs_error = float(np.max(np.abs(mean * nodes - expected_sum(nodes, dim))))
 
-    client = ClientApp(client_fn=client_fn, mods=[make_measure_mod(log_path), secaggplus_mod])
-    return server, client
+    return server, ClientAppByRecipe(("flower", nodes, dim, "", log_path))
 
 
 # --------------------------------------------------------------------------- one cell

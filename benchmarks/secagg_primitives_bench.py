@@ -17,8 +17,8 @@ from collections.abc import Callable
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedcost.secagg import Coordinator, Node, Quantizer, RoundConfig, Stage, choose_threshold, shamir
-from fedcost.secagg.prg import expand
+from fedcost.secagg import Coordinator, Node, Quantizer, RoundConfig, Stage, choose_degree, choose_threshold, shamir
+from fedcost.secagg.prg import MaskSum, expand
 
 ROUNDS = [
     (10, 10_000),
@@ -41,21 +41,33 @@ def _median_ms(call: Callable[[], object], repeat: int = 7) -> float:
     return 1000 * statistics.median(times)
 
 
+def _mask_sum(start: np.ndarray, keys: list[bytes]) -> np.ndarray:
+    total = MaskSum(start, 48)
+    for key in keys:
+        total.add(key)
+    return total.reduced()
+
+
 def bench_primitives() -> None:
     key = secrets.token_bytes(32)
     quantizer = Quantizer(clip=1.0, levels=2**15, max_nodes=1000)
     update = [np.linspace(-2, 2, 1_000_000)]
-    expand_ms = _median_ms(lambda: expand(key, 1_000_000, 32))
+    expand_ms = _median_ms(lambda: expand(key, 1_000_000, 48))
+    degree = choose_degree(100)
+    keys = [secrets.token_bytes(32) for _ in range(degree + 1)]
+    masking_ms = _median_ms(lambda: _mask_sum(np.zeros(1_000_000, np.uint64), keys))
     quantise_ms = _median_ms(lambda: quantizer.encode(update, seed=key))
     print("| primitive | time (ms, median of 7) |\n| --- | ---: |")
-    print(f"| mask expansion, 1M entries mod 2^32 (AES-256-CTR) | {expand_ms:.1f} |")
+    print(f"| mask expansion, 1M entries mod 2^48 (AES-256-CTR) | {expand_ms:.1f} |")
+    print(f"| one node's masking at N=100: self mask + {degree} pair masks, 1M entries (MaskSum) | {masking_ms:.1f} |")
     print(f"| quantise 1M floats (clip + stochastic rounding) | {quantise_ms:.1f} |")
-    for n in (10, 50, 100):
-        t = choose_threshold(n)
-        shares = shamir.share(key, t, n)
-        share_ms = _median_ms(lambda n=n, t=t: shamir.share(key, t, n))
+    for nodes in (10, 50, 100, 1000):  # a node shares among its k neighbours, t of them recover
+        k = choose_degree(nodes)
+        t = choose_threshold(k)
+        shares = shamir.share(key, t, k)
+        share_ms = _median_ms(lambda k=k, t=t: shamir.share(key, t, k))
         combine_ms = _median_ms(lambda shares=shares, t=t: shamir.combine(shares, t))
-        print(f"| Shamir 32-byte secret, n={n}, t={t}: share / combine | {share_ms:.2f} / {combine_ms:.2f} |")
+        print(f"| Shamir 32-byte secret, N={nodes}: k={k} shares, t={t}: share / combine | {share_ms:.2f} / {combine_ms:.2f} |")
 
 
 def run_round(n: int, dim: int, dropout: float = 0.0) -> dict[str, float]:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from fedcost.errors import InvalidSignatureError
 from fedcost.secagg import crypto, shamir
-from fedcost.secagg.prg import expand
+from fedcost.secagg.prg import MaskSum, expand
 
 # --- HKDF labels -------------------------------------------------------------------
 
@@ -137,10 +137,27 @@ def test_prg_uses_every_bit_of_the_key():
     assert len(masks) == 3
 
 
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), length=st.integers(1, 70_000), bits=st.integers(1, 64))
+def test_mask_sum_equals_adding_every_expansion_one_at_a_time(data, length, bits):
+    # 70k entries spans several of MaskSum's chunks, and a last partial one.
+    start = expand(secrets.token_bytes(32), length, bits)
+    terms = data.draw(st.lists(st.tuples(st.binary(min_size=32, max_size=32), st.booleans()), max_size=5))
+    original = start.copy()
+    total, expected = MaskSum(start, bits), start.copy()
+    for key, plus in terms:
+        (total.add if plus else total.subtract)(key)
+        expected = expected + expand(key, length, 64) if plus else expected - expand(key, length, 64)
+    assert np.array_equal(total.reduced(), expected & np.uint64((1 << bits) - 1))
+    assert np.array_equal(start, original)  # the start vector is left alone
+
+
 @pytest.mark.parametrize("key,bits", [(bytes(16), 32), (bytes(32), 0), (bytes(32), 65)])
 def test_prg_refuses_short_keys_and_odd_moduli(key, bits):
     with pytest.raises(ValueError):
         expand(key, 4, bits)
+    with pytest.raises(ValueError):
+        MaskSum(np.zeros(4, np.uint64), bits).add(key)
 
 
 # --- Shamir ------------------------------------------------------------------------

@@ -1,13 +1,17 @@
 """Secure aggregation in a real simulation: on by default, exact under dropouts within
-tolerance, a clear stop beyond it, and the same model quality as plaintext."""
+tolerance, a clear stop beyond it, and the same model quality as plaintext; and the
+coordinator's reply polling."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from simulations import SMALL_FEDERATION, simulate
+
+from fedcost.server.shared_sum import PollingGrid
 
 BASE = SMALL_FEDERATION
 
@@ -61,3 +65,24 @@ def test_too_many_dropouts_stop_the_run_with_a_clear_message(folder: Path) -> No
     assert {p.stem for p in (failed / "audit").glob("*.jsonl")} >= {"coordinator", "hospital-3"}, "the logs are kept"
     assert "is in abort.failed" in result.stdout
     assert "raise [secure_aggregation] dropout_tolerance" in result.stdout, "TOML table names survive the terminal"
+
+
+class _OneReplyPerPull:
+    """A grid that answers one pending request per pull, as a busy engine would."""
+
+    def __init__(self) -> None:
+        self.pulls = 0
+
+    def push_messages(self, messages: list[str]) -> list[str]:
+        return [f"id-{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, pending: set[str]) -> list[SimpleNamespace]:
+        self.pulls += 1
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=min(pending)))]
+
+
+def test_polling_grid_waits_for_every_reply_and_no_longer() -> None:
+    grid = _OneReplyPerPull()
+    replies = PollingGrid(grid).send_and_receive(["a", "b", "c"])  # type: ignore[arg-type]
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["id-0", "id-1", "id-2"]
+    assert grid.pulls == 3

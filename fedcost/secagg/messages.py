@@ -126,7 +126,7 @@ class RoundConfig:
     ) -> RoundConfig:
         """A config with degree and threshold from ``graph``'s rule and a fresh graph seed."""
         ids = tuple(sorted(node_ids))
-        degree = graph.choose_degree(len(ids))
+        degree = graph.choose_degree(len(ids), dropout_tolerance)
         return cls(
             run_id=run_id,
             round=round,

