@@ -8,6 +8,7 @@ import torch
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import average_precision_score, brier_score_loss, r2_score, roc_auc_score
 
+from fedcost.models.calibration import CostCalibration, fit_site_calibration
 from fedcost.models.metrics import calibration_bins, cost_metrics, readmission_metrics
 from fedcost.models.nets import TASKS, ModelSpec, build_model
 from fedcost.models.training import TaskData, TrainConfig, get_weights, predict, set_weights, train_local
@@ -305,3 +306,57 @@ def test_calibration_bins_count_every_row_and_match_sklearn():
     np.testing.assert_allclose(bins["mean_predicted"], predicted)
     tied = calibration_bins(np.array([0, 1, 0, 1]), np.full(4, 0.5))  # empty bins are dropped
     assert tied == {"mean_predicted": [0.5], "observed_rate": [0.5], "count": [4.0]}
+
+
+# --- site calibration of costs ------------------------------------------------------------
+
+
+def priced_site(n: int, price_level: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A site's skewed observed costs at ``price_level`` times a model's expected costs."""
+    rng = np.random.default_rng(seed)
+    expected = np.exp(rng.normal(0.0, 0.8, n))
+    observed = price_level * expected * rng.lognormal(-0.5, 1.0, n)  # lognormal(-σ²/2, σ) has mean 1
+    return observed, expected
+
+
+def test_a_sites_price_level_is_recovered_as_its_observed_over_expected_ratio():
+    observed, expected = priced_site(50_000, 1.3, seed=1)
+    calibration = CostCalibration.fit(observed, expected)
+    assert calibration.observed_over_expected == pytest.approx(observed.sum() / expected.sum())
+    assert calibration.observed_over_expected == pytest.approx(1.3, rel=0.03)
+    np.testing.assert_allclose(calibration.apply(expected), expected * calibration.observed_over_expected)
+
+
+def test_site_calibrated_expected_costs_add_up_to_the_observed_even_at_a_small_site():
+    observed, expected = priced_site(200, 0.5, seed=2)  # a level the global model misses by 2x
+    calibrated = CostCalibration.fit(observed, expected).apply(expected)
+    assert calibrated.sum() == pytest.approx(observed.sum()), "the mean is fixed, not shrunk towards the model's"
+    assert CostCalibration.fit(np.array([2.0, 4.0, 6.0]), np.array([1.0, 2.0, 3.0])).observed_over_expected == 2.0
+
+
+@pytest.mark.parametrize(
+    "observed, expected",
+    [
+        ([], []),
+        ([1.0, 2.0], [1.0]),
+        ([-1.0, 2.0], [1.0, 1.0]),
+        ([1.0, 2.0], [0.0, 1.0]),
+        ([np.nan, 2.0], [1.0, 1.0]),
+    ],
+    ids=["empty", "lengths differ", "negative cost", "zero expected cost", "nan"],
+)
+def test_site_calibration_rejects_bad_inputs(observed, expected):
+    with pytest.raises(ValueError):
+        CostCalibration.fit(np.array(observed), np.array(expected))
+
+
+def test_fit_site_calibration_scales_a_models_costs_to_the_sites_level():
+    model = build_model(ModelSpec(kind="glm"), D, seed=0)
+    x = np.random.default_rng(3).normal(size=(500, D)).astype(np.float32)
+    with torch.no_grad():
+        model.heads["cost"].weight.copy_(torch.linspace(-0.3, 0.3, D))
+    expected = predict(model, x)["cost"]
+    calibration = fit_site_calibration(model, TaskData(x, None, (1.5 * expected).astype(np.float32)))
+    assert calibration.observed_over_expected == pytest.approx(1.5, rel=1e-5)
+    with pytest.raises(ValueError, match="no costs"):
+        fit_site_calibration(model, TaskData(x, np.zeros(500, dtype=np.float32), None))
