@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fedcost import schema
+from fedcost.analytics import GroupedStatisticsLayout
 from fedcost.data.synthetic import EcosystemSpec
 from fedcost.errors import ConfigError
 from fedcost.models.nets import ModelSpec
@@ -25,15 +27,20 @@ StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 
 @dataclass(frozen=True)
 class RunSection:
-    """What the whole run shares: the seed, the rounds and the held-out share."""
+    """What the whole run shares: the seed, the rounds, the held-out share, and the smallest
+    cohort any shared statistic may describe (the hello states it; a site whose policy
+    asks for more refuses the job)."""
 
     seed: int = 7
     rounds: int = 10
     test_fraction: float = 0.2
+    min_cohort: int = 11
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError(f"rounds must be at least 1, not {self.rounds}")
+        if self.min_cohort < 2:
+            raise ValueError(f"min_cohort must be at least 2, not {self.min_cohort}")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction must lie in (0, 1), not {self.test_fraction}")
 
@@ -104,6 +111,32 @@ class SecureAggregationSection:
 
 
 @dataclass(frozen=True)
+class AnalyticsSection:
+    """Federated cost analytics in a run: grouped statistics and risk-adjusted benchmarking.
+
+    ``group_by``: the fields whose cells get counts, exact sums, means, variances and
+    cost quantiles (``fedcost.analytics.statistics``), before any training; empty for
+    none. ``measures``: the numeric columns summarised per cell. ``benchmark``: after
+    training, each site scores its own rows with the federated model and shares its
+    observed and expected totals, for O/E ratios, a funnel plot and value per site.
+    """
+
+    group_by: tuple[str, ...] = ("diagnosis_group", "payer")
+    measures: tuple[str, ...] = (schema.COST, schema.READMISSION, "length_of_stay")
+    benchmark: bool = True
+
+    def __post_init__(self) -> None:
+        self.layout()
+
+    def layout(self) -> GroupedStatisticsLayout:
+        """The grouped statistics' layout; raises ``ValueError`` for unknown fields."""
+        try:
+            return GroupedStatisticsLayout(self.group_by, self.measures)
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
+
+
+@dataclass(frozen=True)
 class SimulationSection:
     """How Flower's Simulation Engine places nodes on this machine, and injected faults.
 
@@ -137,6 +170,7 @@ class SimulationConfig:
     training: TrainConfig = TrainConfig()
     strategy: StrategySection = StrategySection()
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
+    analytics: AnalyticsSection = AnalyticsSection()
     simulation: SimulationSection = SimulationSection()
     source: str = "<defaults>"
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,8 @@ from flwr.app import Context
 from flwr.simulation import run_simulation
 
 from fedcost import schema
+from fedcost.analytics import Benchmark, GroupedStatistics
+from fedcost.report.analytics import save_benchmark, save_statistics
 from fedcost.client.app import make_client_app
 from fedcost.client.budget import ledger_path
 from fedcost.client.node import NodeSetup
@@ -47,19 +50,22 @@ from fedcost.data.synthetic import generate_ecosystem
 from fedcost.audit import AuditLog, verify_folder
 from fedcost.errors import AuditLogTamperedError, ConfigError, FederationError
 from fedcost.identity import Identity
+from fedcost.models.calibration import fit_site_calibration
 from fedcost.models.metrics import calibration_bins, cost_metrics, readmission_metrics
 from fedcost.models.nets import build_model
 from fedcost.models.training import TaskData, predict, train_local
 from fedcost.privacy import SitePolicy
 from fedcost.privacy.accounting import PrivacyLedger
 from fedcost.report import write_report
-from fedcost.report.html import MODELS
 from fedcost.server.app import CoordinatorPlan, make_server_app
 from fedcost.seeding import derive_seed
 
 COORDINATOR = "coordinator"
+Task = Literal["train", "analyze"]
 # A site alone would train until its model settles: at least this many optimizer steps.
 MIN_LOCAL_STEPS = 300
+# The federated model's costs before site calibration, reported next to the three models.
+FEDERATED_GLOBAL = "federated_global"
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,7 @@ class RunRecorder:
         self.sites: list[str] = []
         self.rounds: list[dict] = []
         self.weights: dict[str, np.ndarray] | None = None
+        self.analytics: dict = {}
 
     def on_features(self, features: FeatureSpec, sites: list[str]) -> None:
         self.features, self.sites = features, sites
@@ -94,6 +101,12 @@ class RunRecorder:
     def on_model(self, weights: dict[str, np.ndarray]) -> None:
         self.weights = weights
 
+    def on_statistics(self, statistics: GroupedStatistics, sites: list[str]) -> None:
+        self.analytics["statistics"] = save_statistics(self.folder, statistics, sites)
+
+    def on_benchmark(self, result: Benchmark, sites: list[str]) -> None:
+        self.analytics["benchmark"] = save_benchmark(self.folder, result, sites)
+
 
 def simulate(
     config: SimulationConfig,
@@ -103,8 +116,12 @@ def simulate(
     runs_root: Path = Path("runs"),
     on_start: Callable[[], None] = lambda: None,
     on_round: Callable[[dict], None] = lambda record: None,
+    task: Task = "train",
 ) -> RunResult:
-    """Run ``config`` and return the finished run folder; raises before leaving a half run."""
+    """Run ``config`` and return the finished run folder; raises before leaving a half run.
+
+    ``task="analyze"`` runs the federated analytics alone (grouped statistics, no model).
+    """
     run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     final = Path(out) if out else runs_root / run_id
     if final.exists() and any(final.iterdir()):
@@ -114,7 +131,7 @@ def simulate(
     staging = final.parent / f".{final.name}.incomplete-{uuid.uuid4().hex[:6]}"
     staging.mkdir(parents=True)
     try:
-        summary = _run(config, run_id, staging, mapping, nodes, on_start, on_round)
+        summary = _run(config, run_id, staging, mapping, nodes, on_start, on_round, task)
         if final.exists():
             final.rmdir()
         staging.rename(final)
@@ -146,6 +163,7 @@ def _run(
     nodes: list[NodeData] | None,
     on_start: Callable[[], None],
     on_round: Callable[[dict], None],
+    task: Task,
 ) -> dict:
     started = time.perf_counter()
     if mapping is None:
@@ -160,8 +178,25 @@ def _run(
 
     recorder = RunRecorder(folder, on_round)
     on_start()
-    _federate(config, run_id, folder, mapping, recorder)
+    _federate(config, run_id, folder, mapping, recorder, task)
     audit = _verify_audit(folder)
+    if task == "analyze":
+        summary = _run_header(run_id, config, nodes, task)
+    else:
+        summary = _trained(config, run_id, folder, mapping, nodes, recorder)
+    summary["analytics"] = recorder.analytics
+    summary["audit"] = audit
+    summary["privacy"] = _privacy_summary(folder, nodes)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_report(folder, summary, recorder.rounds)
+    return summary
+
+
+def _trained(
+    config: SimulationConfig, run_id: str, folder: Path, mapping: DataMapping, nodes: list[NodeData], recorder: RunRecorder
+) -> dict:
+    """Save the federated model and score it next to the pooled and local-only baselines."""
     if recorder.features is None or recorder.weights is None:
         raise FederationError("the federation ended without a final model; see the log above")
     features = recorder.features
@@ -173,17 +208,13 @@ def _run(
     )
 
     predictions = {
-        "federated": [_predict(federated, features, node.test) for node in nodes],
+        "federated": [_site_calibrated(federated, features, node) for node in nodes],
         "pooled": _pooled_predictions(config, features, nodes),
         "local_only": _local_only_predictions(config, features, nodes),
     }
-    summary = _summary(run_id, config, mapping, nodes, predictions, features, recorder.rounds)
-    summary["audit"] = audit
-    summary["privacy"] = _privacy_summary(folder, nodes)
-    summary["seconds"] = round(time.perf_counter() - started, 1)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_report(folder, summary, recorder.rounds)
-    return summary
+    if "cost" in config.model.tasks:
+        predictions[FEDERATED_GLOBAL] = [{"cost": _predict(federated, features, node.test)["cost"]} for node in nodes]
+    return _summary(run_id, config, mapping, nodes, predictions, features, recorder.rounds)
 
 
 def _load_nodes(mapping: DataMapping, config: SimulationConfig) -> list[NodeData]:
@@ -194,7 +225,9 @@ def _load_nodes(mapping: DataMapping, config: SimulationConfig) -> list[NodeData
     ]
 
 
-def _federate(config: SimulationConfig, run_id: str, folder: Path, mapping: DataMapping, recorder: RunRecorder) -> None:
+def _federate(
+    config: SimulationConfig, run_id: str, folder: Path, mapping: DataMapping, recorder: RunRecorder, task: Task
+) -> None:
     """The federation proper, on Flower's Simulation Engine.
 
     Every party gets a fresh identity; the public halves go to ``identities/`` and every
@@ -239,6 +272,9 @@ def _federate(config: SimulationConfig, run_id: str, folder: Path, mapping: Data
         strategy=config.strategy,
         secure_aggregation=config.secure_aggregation,
         config_digest=hashlib.sha256((folder / "config.toml").read_bytes()).hexdigest(),
+        min_cohort=config.run.min_cohort,
+        analytics=config.analytics,
+        task=task,
     )
     # Flower warns that run_simulation is deprecated in favour of `flwr run`, which needs a
     # packaged app; fedcost drives the engine from Python on purpose, so only errors show.
@@ -324,6 +360,18 @@ def _predict(model: torch.nn.Module, features: FeatureSpec, rows: pd.DataFrame) 
     return predictions
 
 
+def _site_calibrated(model: torch.nn.Module, features: FeatureSpec, node: NodeData) -> dict[str, np.ndarray]:
+    """A global model's predictions on ``node``'s held-out rows, costs at the site's own level.
+
+    The calibration every node applies to its federated evaluation sums
+    (``models.calibration``), fitted on the node's training rows.
+    """
+    predictions = _predict(model, features, node.test)
+    if "cost" in predictions:
+        predictions["cost"] = fit_site_calibration(model, features.task_data(node.train)).apply(predictions["cost"])
+    return predictions
+
+
 def _train(config: SimulationConfig, features: FeatureSpec, data: TaskData, epochs: int, label: str) -> torch.nn.Module:
     torch.set_num_threads(1)
     model = build_model(config.model, features.n_features, seed=config.run.seed, readmission_rate=features.initial_readmission_rate)
@@ -333,10 +381,14 @@ def _train(config: SimulationConfig, features: FeatureSpec, data: TaskData, epoc
 
 
 def _pooled_predictions(config: SimulationConfig, features: FeatureSpec, nodes: list[NodeData]) -> list[dict]:
-    """All training rows in one place, the same number of epochs as the federation ran."""
+    """All training rows in one place, the same number of epochs as the federation ran.
+
+    Costs get the same site calibration as the federated model's: with every site's rows
+    in one place it is as available, so the gap to pooled is the price of federating alone.
+    """
     data = features.task_data(pd.concat([node.train for node in nodes], ignore_index=True))
     model = _train(config, features, data, config.run.rounds * config.training.epochs, "pooled")
-    return [_predict(model, features, node.test) for node in nodes]
+    return [_site_calibrated(model, features, node) for node in nodes]
 
 
 def _local_only_predictions(config: SimulationConfig, features: FeatureSpec, nodes: list[NodeData]) -> list[dict]:
@@ -360,6 +412,19 @@ def _scores(rows: pd.DataFrame, predictions: dict[str, np.ndarray]) -> dict[str,
     return scores
 
 
+def _run_header(run_id: str, config: SimulationConfig, nodes: list[NodeData], task: Task) -> dict:
+    """What every run's summary opens with: the run, its protection and its sites."""
+    return {
+        "run_id": run_id,
+        "task": task,
+        "secure_aggregation": config.secure_aggregation.enabled,
+        "min_cohort": config.run.min_cohort,
+        "nodes": [
+            {"name": n.name, "role": n.role, "train_rows": len(n.train), "test_rows": len(n.test)} for n in nodes
+        ],
+    }
+
+
 def _summary(
     run_id: str,
     config: SimulationConfig,
@@ -370,17 +435,13 @@ def _summary(
     rounds: list[dict],
 ) -> dict:
     all_test = pd.concat([node.test for node in nodes], ignore_index=True)
-    summary: dict = {
-        "run_id": run_id,
+    summary = _run_header(run_id, config, nodes, "train")
+    summary |= {
         "rounds": config.run.rounds,
         "strategy": config.strategy.name,
-        "secure_aggregation": config.secure_aggregation.enabled,
         "dropouts": {r["round"]: r["dropouts"] for r in rounds if r.get("dropouts")},
         "model": config.model.kind,
         "tasks": list(config.model.tasks),
-        "nodes": [
-            {"name": n.name, "role": n.role, "train_rows": len(n.train), "test_rows": len(n.test)} for n in nodes
-        ],
         "test_rows": len(all_test),
         "missing_flagged": list(features.flagged),
         "federated_evaluation": rounds[-1] if rounds else {},
@@ -388,21 +449,19 @@ def _summary(
     for task in config.model.tasks:
         summary[task] = {}
     calibration = {}
-    for model_name in MODELS:
+    for model_name in predictions:
         pooled = {k: np.concatenate([p[k] for p in predictions[model_name]]) for k in predictions[model_name][0]}
         for task, scores in _scores(all_test, pooled).items():
             summary[task][model_name] = scores
         if "readmission" in pooled:
             calibration[model_name] = calibration_bins(all_test[schema.READMISSION].to_numpy(), pooled["readmission"])
     summary["calibration"] = calibration
+    site_scores = [{m: _scores(node.test, predictions[m][i]) for m in predictions} for i, node in enumerate(nodes)]
     summary["per_site"] = {
         node.name: {
             "role": node.role,
-            **{
-                task: {m: _scores(node.test, predictions[m][i])[task] for m in MODELS}
-                for task in config.model.tasks
-            },
+            **{task: {m: s[task] for m, s in scores.items() if task in s} for task in config.model.tasks},
         }
-        for i, node in enumerate(nodes)
+        for node, scores in zip(nodes, site_scores)
     }
     return summary

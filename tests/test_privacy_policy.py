@@ -51,6 +51,7 @@ INVALID = {
     "min_cohort as float": ("min_cohort", 11.0, "min_cohort", "expected an integer"),
     "min_cohort as bool": ("min_cohort", True, "min_cohort", "expected an integer"),
     "secure aggregation as text": ("require_secure_aggregation", "yes", "require_secure_aggregation", "true or false"),
+    "share_benchmark as text": ("share_benchmark", "no", "share_benchmark", "true or false"),
     "max_message_bytes negative": ("max_message_bytes", -1, "max_message_bytes", "at least 1"),
     "max_model_parameters as float": ("max_model_parameters", 1e6, "max_model_parameters", "expected an integer"),
     "metrics not a table": ("metrics", ["auroc"], "metrics", "[metrics] table"),
@@ -152,8 +153,9 @@ JOB = JobRequest(
         dataclasses.replace(JOB, kind="evaluate", outputs=("sums", "num-examples", "auroc", "brier")),
         dataclasses.replace(JOB, kind="statistics", outputs=("sums",), model_parameters=0, rounds=1),
         dataclasses.replace(JOB, kind="analytics", outputs=("sums",), min_cohort=50),
+        dataclasses.replace(JOB, kind="benchmark", outputs=("sums",)),
     ],
-    ids=["train", "evaluate", "statistics", "analytics"],
+    ids=["train", "evaluate", "statistics", "analytics", "benchmark"],
 )
 def test_job_within_policy_is_accepted(job):
     check_job(POLICY, job)
@@ -175,3 +177,10 @@ def test_job_outside_policy_is_refused_with_a_reason(case):
     with pytest.raises(PolicyViolationError, match="the site policy refuses this job") as caught:
         check_job(POLICY, dataclasses.replace(JOB, **changes))
     assert reason in str(caught.value)
+
+
+def test_a_site_that_does_not_share_benchmark_totals_refuses_a_benchmark_job():
+    private = SitePolicy.from_dict({**VALID, "share_benchmark": False})
+    check_job(private, JOB)
+    with pytest.raises(PolicyViolationError, match="share_benchmark = false"):
+        check_job(private, dataclasses.replace(JOB, kind="benchmark", outputs=("sums",)))

@@ -7,13 +7,22 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 from audit_mutations import assert_mutations_detected
 from simulations import fedcost
 from typer.testing import CliRunner
 
+from fedcost import schema
+from fedcost.analytics.benchmarking import without_site_level
 from fedcost.audit import verify_folder
 from fedcost.cli import app
+from fedcost.data.features import FeatureSpec
+from fedcost.data.loader import load_node
+from fedcost.data.mapping import DataMapping
+from fedcost.models.nets import ModelSpec, build_model
+from fedcost.models.training import predict
 
 SMALL = """
 [run]
@@ -106,3 +115,34 @@ def test_bad_data_dir_exits_non_zero_and_leaves_no_run_folder(tmp_path: Path) ->
     assert "h1.csv, row 2, column 'age'" in result.output
     assert not (tmp_path / "run").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")], "no staging folder left behind"
+
+
+def test_each_site_shares_the_totals_its_own_rows_give_under_the_final_model(
+    small_run: tuple[subprocess.CompletedProcess, Path],
+) -> None:
+    """Recomputed at each site from the saved model: O and n exactly, E without region and
+    standardised to the federation (one common factor), expected cost with region."""
+    result, run = small_run
+    benchmark = json.loads((run / "summary.json").read_text())["analytics"]["benchmark"]
+    shared = {site["site"]: site for site in benchmark["sites"]}
+    assert set(shared) == {"hospital-1", "hospital-2", "insurer-1"}
+    assert (run / "plots" / "funnel.png").is_file() and (run / "benchmark.csv").is_file()
+    assert "Risk-adjusted benchmarking" in result.stdout and "Risk-adjusted benchmarking" in (run / "report.html").read_text()
+    saved = json.loads((run / "model.json").read_text())
+    spec = ModelSpec(**{**saved["model"], "hidden": tuple(saved["model"]["hidden"]), "tasks": tuple(saved["model"]["tasks"])})
+    features = FeatureSpec.from_dict(saved["features"])
+    model = build_model(spec, features.n_features, seed=3)
+    model.load_state_dict(torch.load(run / "model.pt"))
+    mapping = DataMapping.load(run / "data" / "mapping.toml")
+    local_expected = {}
+    for name, site in shared.items():
+        data = load_node(mapping, name, split_seed=3, test_fraction=0.2)
+        rows = pd.concat([data.train, data.test], ignore_index=True)
+        encoded = features.encode(rows)
+        local_expected[name] = predict(model, without_site_level(encoded, features.feature_names))["readmission"].sum()
+        assert site["n"] == len(rows) and site["observed"] == rows[schema.READMISSION].sum()
+        assert site["cost_observed"] == pytest.approx(rows[schema.COST].sum(), abs=0.01)
+        assert site["cost_expected"] == pytest.approx(predict(model, encoded)["cost"].sum() * features.cost_scale, rel=1e-6)
+    factor = sum(site["observed"] for site in shared.values()) / sum(local_expected.values())
+    for name, site in shared.items():
+        assert site["expected"] == pytest.approx(local_expected[name] * factor, rel=1e-6), name

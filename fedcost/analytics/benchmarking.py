@@ -7,6 +7,19 @@ readmissions E = sum of predicted risks, observed cost C, expected cost C_E = su
 predicted costs, and the sum of squared cost residuals sum (c - c_hat)^2. The coordinator
 turns them into ``Benchmark`` (``benchmark``).
 
+Risk adjustment uses patient-level case mix only. A model feature that describes the
+site rather than the patient (``SITE_LEVEL_COLUMNS``: region) would soak up the very
+quality effect a benchmark looks for wherever few sites share a level, so a site scores
+its expected readmissions with those columns zeroed (``without_site_level``), and
+``standardised`` then scales every site's E by the federation's sum O / sum E: indirect
+standardisation, each site against the federation as a whole (whose O/E is 1). Costs keep
+region: regional price levels are a legitimate adjustment, not a provider's doing.
+
+In a federation the totals travel as one shared sum over the roster (``shared_vector``):
+each site writes its totals, in exact integer units (``TOTAL_UNITS``) as 30-bit limbs, into
+its own block and zeros elsewhere, so the sum is every site's totals side by side —
+exactly what the sites agreed to share, and nothing finer.
+
 Formulas
 --------
 - O/E readmissions, 95% CI by Byar's approximation to the exact Poisson interval:
@@ -41,9 +54,16 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from fedcost.analytics import exact  # noqa: E402
 from fedcost.errors import PolicyViolationError  # noqa: E402
 
 SITE_SLOTS = ("n", "observed", "expected", "cost_observed", "cost_expected", "cost_residual_ss")
+# Model features that describe the site, not the patient: left out of expected readmissions.
+SITE_LEVEL_COLUMNS = ("region",)
+# The unit each total travels in: rows and readmissions whole, expected readmissions in
+# millionths, costs in cents, squared cost residuals in squared cents.
+TOTAL_UNITS = (1.0, 1.0, 1e-6, 0.01, 0.01, 1e-4)
+TOTAL_LIMBS = 3
 Z_95 = NormalDist().inv_cdf(0.975)
 Z_998 = NormalDist().inv_cdf(0.999)
 
@@ -74,6 +94,48 @@ def site_totals(
     return np.array(
         [n, readmitted.sum(), expected_risk.sum(), cost.sum(), expected_cost.sum(), np.square(cost - expected_cost).sum()]
     )
+
+
+def without_site_level(features: np.ndarray, names: list[str]) -> np.ndarray:
+    """Encoded features with every site-level column (``SITE_LEVEL_COLUMNS``) zeroed."""
+    site_level = [i for i, name in enumerate(names) if name.split("=")[0].split("__")[0] in SITE_LEVEL_COLUMNS]
+    neutral = np.array(features, copy=True)
+    neutral[:, site_level] = 0.0
+    return neutral
+
+
+def standardised(sites: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every site's totals with E scaled so the federation's sum E equals its sum O."""
+    slot = SITE_SLOTS.index("expected")
+    observed = sum(float(t[SITE_SLOTS.index("observed")]) for t in sites.values())
+    factor = observed / sum(float(t[slot]) for t in sites.values())
+    scaled = {}
+    for name, totals in sites.items():
+        scaled[name] = np.array(totals, dtype="float64")
+        scaled[name][slot] *= factor
+    return scaled
+
+
+def shared_vector(totals: np.ndarray, slot: int, sites: int) -> np.ndarray:
+    """A site's totals in block ``slot`` of a vector with one block per roster site."""
+    if not 0 <= slot < sites:
+        raise ValueError(f"slot {slot} is outside a roster of {sites} sites")
+    units = [round(float(total) / unit) for total, unit in zip(totals, TOTAL_UNITS, strict=True)]
+    block = exact.split(units, TOTAL_LIMBS)
+    vector = np.zeros(sites * block.size)
+    vector[slot * block.size : (slot + 1) * block.size] = block
+    return vector
+
+
+def shared_vector_size(sites: int) -> int:
+    return sites * len(SITE_SLOTS) * TOTAL_LIMBS
+
+
+def totals_from_shared_vector(vector: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    """Every site's six totals from the summed vector; a site whose block is all zero
+    (it dropped out or shared nothing) is left out."""
+    units = np.array(exact.join(vector, TOTAL_LIMBS), dtype="float64").reshape(len(names), len(SITE_SLOTS))
+    return {name: row * np.array(TOTAL_UNITS) for name, row in zip(names, units, strict=True) if row[0] > 0}
 
 
 def byar_interval(observed: float, z: float) -> tuple[float, float]:

@@ -5,10 +5,13 @@ Cells are the cartesian product of the group-by fields' public levels (schema le
 age bands, roles, each with a ``missing`` level for rows that lack the value), so every
 node lays its rows out the same way. A node sends ONE additive float64 vector
 (``GroupedStatisticsLayout.local_vector``): per cell the row count, per measure the count
-of present values, their sum and sum of squares, and a histogram of cost over fixed
-public bins; after the cells, one slot per cell that is 1 where this node withheld the
-cell. The coordinator only adds the vectors, so the step runs under secure aggregation
-unchanged, and reads the sum with ``GroupedStatistics.from_totals``.
+of present values and the exact integer sum and sum of squares of its values in the
+measure's unit (``measure_unit``: cents for cost, whole numbers for counts and 0/1
+outcomes), each as 30-bit limbs (``fedcost.analytics.exact``), and a histogram of cost
+over fixed public bins; after the cells, one slot per cell that is 1 where this node
+withheld the cell. Every entry is a whole number below 2**30, so the coordinator's sum,
+plain or under secure aggregation, is exact, and ``GroupedStatistics.from_totals``
+reads counts and sums that equal the pooled computation exactly.
 
 Small cells. A node zeroes every cell it holds 1..min_cohort-1 rows of before the vector
 leaves it; summed, the suppression slots say at how many nodes each cell was withheld
@@ -38,6 +41,7 @@ matters.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -47,6 +51,7 @@ import numpy as np
 import pandas as pd
 
 from fedcost import schema
+from fedcost.analytics import exact
 from fedcost.errors import ConfigError
 
 AGE_BANDS = ("<45", "45-64", "65-74", "75-84", "85+")
@@ -55,7 +60,18 @@ MISSING = "missing"
 ROLE = "role"
 AGE_BAND = "age_band"
 QUANTILES = {"median": 0.5, "p90": 0.9}
-_MEASURE_SLOTS = ("n", "sum", "sumsq")
+# Limbs of a measure's sum and sum of squares: 90 bits hold a million rows' squared
+# costs of up to 10 million in cents.
+LIMBS = 3
+_MEASURE_SLOTS = ("n",) + tuple(f"{total}.limb{j}" for total in ("sum", "sumsq") for j in range(LIMBS))
+
+
+def measure_unit(measure: str) -> float:
+    """The unit a measure is summed in, exactly: cents for cost, 1 for whole numbers,
+    10**-4 for any other numeric column."""
+    if measure == schema.COST:
+        return 0.01
+    return 1.0 if schema.COLUMNS[measure].integer else 1e-4
 
 
 def group_levels(field: str) -> tuple[str, ...]:
@@ -110,13 +126,31 @@ class GroupedStatisticsLayout:
             raise ConfigError("a field appears twice", field="group_by")
         for measure in self.measures:
             column = schema.COLUMNS.get(measure)
-            if column is None or column.kind != "numeric":
+            if column is None or column.kind != "numeric" or column.minimum is None or column.minimum < 0:
                 numeric = [c.name for c in schema.COLUMNS.values() if c.kind == "numeric"]
                 raise ConfigError(f"'{measure}' is not a numeric schema column ({', '.join(numeric)})", field="measures")
         if not 1 < self.bin_ratio <= 1.1:
             raise ConfigError(f"bin_ratio must lie in (1, 1.1], not {self.bin_ratio}", field="bin_ratio")
         if not self.max_cost > 1:
             raise ConfigError(f"max_cost must exceed 1, not {self.max_cost}", field="max_cost")
+
+    def to_json(self) -> str:
+        """The layout as a request states it to the nodes."""
+        return json.dumps({"group_by": list(self.group_by), "measures": list(self.measures)})
+
+    @classmethod
+    def from_json(cls, text: str) -> GroupedStatisticsLayout:
+        """The layout a request states: group-by fields and measures, nothing else."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict) or set(data) != {"group_by", "measures"}:
+            raise ConfigError("a statistics request must state exactly group_by and measures", field="layout")
+        for key, names in data.items():
+            if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+                raise ConfigError("must be a list of field names", field=key)
+        return cls(tuple(data["group_by"]), tuple(data["measures"]))
 
     @cached_property
     def dims(self) -> tuple[int, ...]:
@@ -156,8 +190,13 @@ class GroupedStatisticsLayout:
 
     @property
     def width(self) -> int:
-        """Slots per cell: rows, (n, sum, sumsq) per measure, cost histogram."""
+        """Slots per cell: rows, (n, sum limbs, sumsq limbs) per measure, cost histogram."""
         return 1 + len(_MEASURE_SLOTS) * len(self.measures) + self.n_bins
+
+    def measure_slots(self, i: int) -> slice:
+        """Where measure ``i``'s count and limbs sit inside a cell's slots."""
+        start = 1 + len(_MEASURE_SLOTS) * i
+        return slice(start, start + len(_MEASURE_SLOTS))
 
     @property
     def size(self) -> int:
@@ -208,14 +247,7 @@ class GroupedStatisticsLayout:
         block = np.zeros((n_cells, self.width))
         block[:, 0] = np.bincount(cell, minlength=n_cells)
         for i, measure in enumerate(self.measures):
-            values = rows[measure].to_numpy(dtype="float64")
-            present = ~np.isnan(values)
-            where, values = cell[present], values[present]
-            block[:, 1 + 3 * i] = np.bincount(where, minlength=n_cells)
-            block[:, 2 + 3 * i] = np.bincount(where, weights=values, minlength=n_cells)
-            block[:, 3 + 3 * i] = np.bincount(where, weights=values * values, minlength=n_cells)
-            few = (block[:, 1 + 3 * i] > 0) & (block[:, 1 + 3 * i] < min_cohort)
-            block[few, 1 + 3 * i : 4 + 3 * i] = 0.0
+            block[:, self.measure_slots(i)] = self._measure_block(rows, measure, cell, min_cohort)
         costs = rows[schema.COST].to_numpy(dtype="float64")
         present = ~np.isnan(costs)
         if (costs[present] < 0).any():
@@ -226,6 +258,43 @@ class GroupedStatisticsLayout:
         block[small] = 0.0
         return np.concatenate([block.ravel(), small.astype("float64")])
 
+    def _measure_block(self, rows: pd.DataFrame, measure: str, cell: np.ndarray, min_cohort: int) -> np.ndarray:
+        """Per cell: the count of present values, then the limbs of their exact integer sum
+        and sum of squares in ``measure_unit``; zero where 1..min_cohort-1 values are present."""
+        values = rows[measure].to_numpy(dtype="float64")
+        present = ~np.isnan(values)
+        if (values[present] < 0).any():
+            raise ValueError(f"{measure} must not be negative")
+        units = np.rint(values[present] / measure_unit(measure)).astype(np.int64)
+        where = cell[present]
+        order = np.argsort(where, kind="stable")
+        bounds = np.searchsorted(where[order], np.arange(self.n_cells + 1))
+        sorted_units = units[order].tolist()
+        block = np.zeros((self.n_cells, len(_MEASURE_SLOTS)))
+        for c in range(self.n_cells):
+            chunk = sorted_units[bounds[c] : bounds[c + 1]]
+            if min_cohort <= len(chunk):
+                totals = [sum(chunk), sum(v * v for v in chunk)]
+                block[c] = np.concatenate([[len(chunk)], exact.split(totals, LIMBS)])
+        return block
+
+
+def _measure_record(measure: str, slots: np.ndarray, *, shown: bool, min_cohort: int) -> dict:
+    """A measure's count, exact sum, mean and sample variance in one cell, or withheld."""
+    count = round(float(slots[0]))
+    total, squares = exact.join(slots[1:], LIMBS)
+    unit = measure_unit(measure)
+    withheld = not shown or 0 < count < min_cohort
+    shown = not withheld and count > 0
+    mean = total * unit / count if shown else math.nan
+    variance = (count * squares - total * total) * unit * unit / (count * (count - 1)) if shown and count > 1 else math.nan
+    return {
+        f"{measure}_n": None if withheld else count,
+        f"{measure}_sum": total * unit if shown else math.nan,
+        f"{measure}_mean": mean,
+        f"{measure}_var": variance,
+    }
+
 
 @dataclass(frozen=True)
 class GroupedStatistics:
@@ -233,7 +302,8 @@ class GroupedStatistics:
 
     One record per cell: the group levels, ``n``, ``suppressed`` (withheld at the
     coordinator), ``nodes_suppressed`` (nodes that withheld their rows of the cell), per
-    measure ``<m>_n``, ``<m>_mean``, ``<m>_var`` (sample variance), ``readmission_rate``,
+    measure ``<m>_n``, ``<m>_sum`` (exact in the measure's unit), ``<m>_mean``, ``<m>_var``
+    (sample variance), ``readmission_rate``,
     and per cost quantile the estimate with its bin's ``_low`` and ``_high`` edges.
     """
 
@@ -256,13 +326,7 @@ class GroupedStatistics:
             record: dict = dict(zip(layout.group_by, levels))
             record |= {"n": None if suppressed else n, "suppressed": suppressed, "nodes_suppressed": int(nodes)}
             for i, measure in enumerate(layout.measures):
-                count, total, squares = sums[1 + 3 * i : 4 + 3 * i]
-                count = round(count)
-                shown = not suppressed and count >= min_cohort
-                mean = total / count if shown else math.nan
-                variance = max(squares - total * mean, 0.0) / (count - 1) if shown and count > 1 else math.nan
-                record[f"{measure}_n"] = None if suppressed or 0 < count < min_cohort else count
-                record |= {f"{measure}_mean": mean, f"{measure}_var": variance}
+                record |= _measure_record(measure, sums[layout.measure_slots(i)], shown=not suppressed, min_cohort=min_cohort)
             if schema.READMISSION in layout.measures:
                 record["readmission_rate"] = record[f"{schema.READMISSION}_mean"]
             histogram = np.rint(sums[-layout.n_bins :])

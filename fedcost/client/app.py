@@ -27,11 +27,13 @@ from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 
 from fedcost import records as rec
+from fedcost.analytics import GroupedStatisticsLayout
+from fedcost.analytics.benchmarking import shared_vector, shared_vector_size
 from fedcost.audit import AuditLog, LogPosition
 from fedcost.client import budget, outgoing, site
 from fedcost.client.node import Contribution, Node, NodeSetup
 from fedcost.data.mapping import DataMapping
-from fedcost.errors import FederationError, PolicyViolationError, PrivacyBudgetExhausted
+from fedcost.errors import ConfigError, FederationError, PolicyViolationError, PrivacyBudgetExhausted
 from fedcost.identity import Identity
 from fedcost.job import TrainingJob
 from fedcost.privacy import SitePolicy
@@ -112,10 +114,37 @@ def _guarded_reply(
     node = node_factory(setup)
     content = _reply_content(node, setup, policy, job, message, context, log)
     purpose = config.get(rec.PURPOSE)
-    statistics_size = len(node.layout.slots()) if purpose == "statistics" else 0
-    cohort = len(node.data.test) if purpose == "evaluate" else len(node.data.train)
-    expected = outgoing.expected_arrays(message, statistics_size)
-    return outgoing.guard(policy, content, outgoing.outgoing_message(message, content, expected, cohort))
+    expected = outgoing.expected_arrays(message, _vector_size(node, setup, message))
+    return outgoing.guard(policy, content, outgoing.outgoing_message(message, content, expected, _cohort(node, purpose)))
+
+
+def _cohort(node: Node, purpose: object) -> int:
+    """The rows a reply describes: held-out rows for evaluation, training rows for training
+    and the feature statistics, every row of the site for its analytics."""
+    if purpose == "evaluate":
+        return len(node.data.test)
+    if purpose in ("train", "statistics"):
+        return len(node.data.train)
+    return len(node.data.train) + len(node.data.test)
+
+
+def _vector_size(node: Node, setup: NodeSetup, message: Message) -> int:
+    """The length of the one vector a statistics, analytics or benchmark reply carries."""
+    config = message.content[rec.CONFIG]
+    purpose = config.get(rec.PURPOSE)
+    if purpose == "statistics":
+        return len(node.layout.slots())
+    if purpose == "analytics":
+        return _analytics_layout(config).size
+    return shared_vector_size(len(setup.roster)) if purpose == "benchmark" else 0
+
+
+def _analytics_layout(config: ConfigRecord) -> GroupedStatisticsLayout:
+    """The statistics layout a request states; one this node cannot read is refused."""
+    try:
+        return GroupedStatisticsLayout.from_json(str(config.get(rec.JOB, "")))
+    except ConfigError as error:
+        raise PolicyViolationError(f"the site policy refuses this job: its statistics layout is invalid: {error}") from None
 
 
 def _reply_content(
@@ -193,9 +222,15 @@ def _contribution(
     """The node's part of the sum; a training round under DP is paid for before it trains."""
     config = message.content[rec.CONFIG]
     purpose = str(config[rec.PURPOSE])
+    if purpose == "analytics":
+        return Contribution([node.grouped_statistics(_analytics_layout(config), accepted.min_cohort)], 1)
     job = TrainingJob.from_json(str(config[rec.JOB])) if rec.JOB in config else None
     weights = {k: a.numpy() for k, a in message.content[rec.ARRAYS].items()} if rec.ARRAYS in message.content else {}
     round_ = int(config[rec.ROUND])  # type: ignore[arg-type]  # site.check_request checked it
+    if purpose == "benchmark" and job is not None:
+        totals = node.benchmark_totals(job, weights, accepted.min_cohort)
+        slot = rec.secure_id(setup.roster, node.name) - 1
+        return Contribution([shared_vector(totals, slot, len(setup.roster))], 1)
     if purpose != "train" or job is None:
         return node.contribution(purpose, job, weights, round_)  # type: ignore[arg-type]
     dp = _paid_round(node, setup, policy, accepted, job, round_, log) if policy.privacy.enabled else None

@@ -13,21 +13,25 @@ from typing import Literal
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from fedcost import schema
+from fedcost.analytics import GroupedStatisticsLayout, site_totals
+from fedcost.analytics.benchmarking import without_site_level
 from fedcost.data.features import StatisticsLayout
 from fedcost.data.loader import NodeData, load_node
 from fedcost.data.mapping import DataMapping
 from fedcost.job import TrainingJob
 from fedcost.models import evaluation
+from fedcost.models.calibration import fit_site_calibration
 from fedcost.models.nets import build_model
 from fedcost.models.training import TrainResult, predict, train_local
 from fedcost.privacy.dp import DPConfig, train_local_dp
 from fedcost.seeding import derive_seed
 
 
-Purpose = Literal["statistics", "train", "evaluate"]
+Purpose = Literal["statistics", "train", "evaluate", "analytics", "benchmark"]
 
 
 @dataclass(frozen=True)
@@ -136,16 +140,47 @@ class Node:
         return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, result
 
     def evaluate(self, job: TrainingJob, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Additive evaluation sums over the held-out rows (see ``models.evaluation``)."""
+        """Additive evaluation sums over the held-out rows (see ``models.evaluation``).
+
+        Costs are scored at this site's own cost level (``models.calibration``), fitted on
+        its training rows and kept here, exactly as ``fedcost simulate`` scores the
+        federated model, so the per-round metrics and the run's summary agree.
+        """
         features = job.features
         rows = self.data.test
-        predictions = predict(self._model(job, weights), features.encode(rows))
+        model = self._model(job, weights)
+        predictions = predict(model, features.encode(rows))
         sums: dict[str, np.ndarray] = {}
         if "readmission" in predictions and schema.READMISSION in rows:
             sums["readmission"] = evaluation.readmission_sums(rows[schema.READMISSION].to_numpy(), predictions["readmission"])
         if "cost" in predictions and schema.COST in rows:
-            sums["cost"] = evaluation.cost_sums(rows[schema.COST].to_numpy() / features.cost_scale, predictions["cost"])
+            calibration = fit_site_calibration(model, features.task_data(self.data.train))
+            sums["cost"] = evaluation.cost_sums(
+                rows[schema.COST].to_numpy() / features.cost_scale, calibration.apply(predictions["cost"])
+            )
         return sums
+
+    @property
+    def rows(self) -> pd.DataFrame:
+        """Every row of the site, training and held-out: what its analytics describe."""
+        return pd.concat([self.data.train, self.data.test], ignore_index=True)
+
+    def grouped_statistics(self, layout: GroupedStatisticsLayout, min_cohort: int) -> np.ndarray:
+        """The site's cell sums over all its rows; cells under ``min_cohort`` withheld."""
+        return layout.local_vector(self.rows, role=self.role, min_cohort=min_cohort)
+
+    def benchmark_totals(self, job: TrainingJob, weights: dict[str, np.ndarray], min_cohort: int) -> np.ndarray:
+        """Observed and expected readmissions and costs over the site's rows with both outcomes.
+
+        Expected values come from the federated model as the federation trained it, so
+        they say what the federation would expect of this site's case mix; expected
+        readmissions leave out site-level columns (``analytics.benchmarking``).
+        """
+        rows = self.rows.dropna(subset=[schema.READMISSION, schema.COST])
+        model, encoded = self._model(job, weights), job.features.encode(rows)
+        risk = predict(model, without_site_level(encoded, job.features.feature_names))["readmission"]
+        cost = predict(model, encoded)["cost"] * job.features.cost_scale
+        return site_totals(rows[schema.READMISSION].to_numpy(), risk, rows[schema.COST].to_numpy(), cost, min_cohort=min_cohort)
 
     def _model(self, job: TrainingJob, weights: dict[str, np.ndarray]) -> torch.nn.Module:
         model = build_model(job.model, job.features.n_features, seed=job.seed)

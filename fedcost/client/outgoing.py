@@ -23,33 +23,34 @@ Shapes = list[tuple[int, ...]]
 MASKED = "masked"  # the masked vector's name in a masked-input reply (MaskedInputReply)
 
 
-def contribution_shapes(request: Message, statistics_size: int) -> Shapes:
+def contribution_shapes(request: Message, vector_size: int) -> Shapes:
     """The shapes of the contribution the request asks for, from the request and the job.
 
     train: the global weights' shapes and the training-loss slot; evaluate: one sums
-    vector per task of the job's model; statistics: the statistics layout's vector.
+    vector per task of the job's model; statistics, analytics and benchmark: one vector
+    of ``vector_size``, which the node works out from its own layout and roster.
     """
     config = request.content[rec.CONFIG]
     purpose = config[rec.PURPOSE]
-    if purpose == "statistics":
-        return [(statistics_size,)]
+    if purpose in ("statistics", "analytics", "benchmark"):
+        return [(vector_size,)]
     if purpose == "train":
         return [array.numpy().shape for array in request.content[rec.ARRAYS].values()] + [(1,)]
     return evaluation.sums_shapes(TrainingJob.from_json(str(config[rec.JOB])).model.tasks)
 
 
-def expected_arrays(request: Message, statistics_size: int) -> dict[str, tuple[int, ...]]:
+def expected_arrays(request: Message, vector_size: int) -> dict[str, tuple[int, ...]]:
     """The vectors the reply to ``request`` may carry, named as the reply names them."""
     config = request.content[rec.CONFIG]
     transport = config[rec.TRANSPORT]
     if transport == rec.PLAIN:
-        shapes = contribution_shapes(request, statistics_size)
+        shapes = contribution_shapes(request, vector_size)
         return {f"{i:04d}": shape for i, shape in enumerate(shapes)}
     if transport == rec.SECURE and request.content[rec.SECAGG]["stage"] == Stage.MASKED_INPUT:
         quantizer = Quantizer(
             float(config["q_clip"]), int(config["q_levels"]), int(config["q_max_nodes"]), int(config["q_max_weight"])
         )
-        return {MASKED: (quantizer.length(contribution_shapes(request, statistics_size)),)}
+        return {MASKED: (quantizer.length(contribution_shapes(request, vector_size)),)}
     return {}
 
 

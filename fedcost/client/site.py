@@ -26,7 +26,9 @@ from fedcost.privacy import JobRequest, PrivacySettings, SitePolicy, check_job
 # each kind of request (statistics, train, evaluate) sends back.
 HELLO_FIELDS = ("run_id", "coordinator", "secure_aggregation", "rounds", "min_cohort", "model_parameters")
 OUTPUTS = "outputs."
-PURPOSES = ("statistics", "train", "evaluate")
+PURPOSES = ("statistics", "train", "evaluate", "analytics", "benchmark")
+# Requests that come before any training, at round 0; the others name a training round.
+BEFORE_TRAINING = ("statistics", "analytics")
 ACCEPTED_JOB = "site-job"  # where the accepted job lives in the node's Flower context state
 # A site without a policy file still never shares a statistic over fewer rows than this.
 DEFAULT_MIN_COHORT = 11
@@ -151,7 +153,7 @@ def check_request(policy: SitePolicy, job: AcceptedJob, message: Message) -> Non
     if purpose not in PURPOSES or purpose not in job.outputs:
         raise _refusal(f"the request's purpose {str(purpose)!r:.40} is not part of the accepted job")
     round_ = config.get(rec.ROUND)
-    first = 0 if purpose == "statistics" else 1
+    first = 0 if purpose in BEFORE_TRAINING else 1
     if isinstance(round_, bool) or not isinstance(round_, int) or not first <= round_ <= job.rounds:
         raise _refusal(f"it asks for round {round_!r:.20} of a job of {job.rounds} rounds")
     parameters = _check_weights(message)

@@ -31,13 +31,14 @@ _KEY_ID = re.compile(r"[0-9a-f]{64}")
 _METRIC_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 MAX_PRECISION = 12
 
-JOB_KINDS = ("train", "evaluate", "statistics", "analytics")
+JOB_KINDS = ("train", "evaluate", "statistics", "analytics", "benchmark")
 # What each kind of job may ask for besides the site's whitelisted metrics.
 _KIND_OUTPUTS = {
     "train": ("weights", EXAMPLES),
     "evaluate": ("sums", EXAMPLES),
     "statistics": ("sums", EXAMPLES),
     "analytics": ("sums", EXAMPLES),
+    "benchmark": ("sums", EXAMPLES),
 }
 # Outputs no policy can allow, with the reason shown to the user.
 _NEVER = {
@@ -122,7 +123,8 @@ class PrivacySettings:
 
 @dataclass(frozen=True)
 class SitePolicy:
-    """What may leave a site. Limits are per job; ``metrics`` maps a metric to its decimal places."""
+    """What may leave a site. Limits are per job; ``metrics`` maps a metric to its decimal places;
+    ``share_benchmark`` says whether the site shares its risk-adjusted totals after training."""
 
     coordinator: str
     privacy: PrivacySettings
@@ -132,6 +134,7 @@ class SitePolicy:
     metrics: Mapping[str, int] = field(default_factory=dict)
     max_model_parameters: int = 1_000_000
     max_message_bytes: int = 16 * 2**20
+    share_benchmark: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.coordinator, str) or not _KEY_ID.fullmatch(self.coordinator):
@@ -142,8 +145,9 @@ class SitePolicy:
             )
         if not isinstance(self.privacy, PrivacySettings):
             raise _FieldError("privacy", "expected a [privacy] table with at least epsilon = ...")
-        if not isinstance(self.require_secure_aggregation, bool):
-            raise _FieldError("require_secure_aggregation", "expected true or false")
+        for flag in ("require_secure_aggregation", "share_benchmark"):
+            if not isinstance(getattr(self, flag), bool):
+                raise _FieldError(flag, "expected true or false")
         _integer("min_cohort", self.min_cohort, 2, "min_cohort = 11")
         _integer("max_rounds", self.max_rounds, 1, "max_rounds = 50")
         _integer("max_model_parameters", self.max_model_parameters, 1, "max_model_parameters = 1_000_000")
@@ -202,6 +206,7 @@ class SitePolicy:
             "max_rounds": self.max_rounds,
             "max_model_parameters": self.max_model_parameters,
             "max_message_bytes": self.max_message_bytes,
+            "share_benchmark": self.share_benchmark,
             "metrics": dict(self.metrics),
             "privacy": privacy,
         }
@@ -244,6 +249,12 @@ def check_job(policy: SitePolicy, job: JobRequest) -> None:
     # (2) The job is of a kind the site knows.
     if job.kind not in JOB_KINDS:
         raise _refusal(f"unknown job kind {job.kind!r}; a site runs {', '.join(JOB_KINDS)} jobs")
+    # (2b) Risk-adjusted totals leave only a site that shares them.
+    if job.kind == "benchmark" and not policy.share_benchmark:
+        raise _refusal(
+            "it asks for this site's risk-adjusted totals (observed and expected readmissions and costs); "
+            "this site does not share them (share_benchmark = false)"
+        )
     # (3) Updates and sums go through secure aggregation when the site requires it.
     if policy.require_secure_aggregation and job.secure_aggregation is not True:
         raise _refusal("it switches secure aggregation off; this site requires secure aggregation")

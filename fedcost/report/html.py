@@ -16,7 +16,7 @@ from fedcost.report.plots import plot_calibration, plot_rounds, plot_sites
 METRICS = {"readmission": ("auroc", "auprc", "brier"), "cost": ("mae", "rmse", "r2")}
 # The three models every run compares, in table order.
 MODELS = ("federated", "pooled", "local_only")
-PLOTS = ("rounds.png", "sites.png", "calibration.png")
+PLOTS = ("rounds.png", "sites.png", "calibration.png", "funnel.png")
 
 
 def comparison_rows(summary: dict) -> list[tuple[str, str, dict[str, float]]]:
@@ -39,8 +39,9 @@ def write_report(folder: Path, summary: dict, rounds: list[dict]) -> Path:
     """Write the PNG plots into ``folder/plots`` and the report next to them."""
     plots = folder / "plots"
     plots.mkdir(exist_ok=True)
-    plot_rounds(rounds, summary, plots / "rounds.png")
-    plot_sites(summary, plots / "sites.png")
+    if summary["task"] == "train":
+        plot_rounds(rounds, summary, plots / "rounds.png")
+        plot_sites(summary, plots / "sites.png")
     if summary.get("calibration"):
         plot_calibration(summary, plots / "calibration.png")
     path = folder / "report.html"
@@ -49,6 +50,37 @@ def write_report(folder: Path, summary: dict, rounds: list[dict]) -> Path:
 
 
 def _page(summary: dict, images: list[Path]) -> str:
+    figures = "".join(
+        f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"></figure>'
+        for p in images
+    )
+    body = _training_sections(summary) if summary["task"] == "train" else _sites_line(summary)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>fedcost run {html.escape(summary['run_id'])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; }}
+table {{ border-collapse: collapse; margin: 1rem 0; }}
+td, th {{ border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+img {{ max-width: 100%; }}
+</style></head><body>
+<h1>fedcost run {html.escape(summary['run_id'])}</h1>
+{body}
+<p>{_protections(summary)}</p>
+{_benchmark_section(summary.get("analytics", {}).get("benchmark"))}
+{_statistics_section(summary.get("analytics", {}).get("statistics"))}
+<h2>Plots</h2>
+{figures}
+</body></html>
+"""
+
+
+def _sites_line(summary: dict) -> str:
+    names = ", ".join(f"{html.escape(n['name'])} ({n['role']})" for n in summary["nodes"])
+    return f"<p>Federated analytics over {len(summary['nodes'])} sites: {names}.</p>"
+
+
+def _training_sections(summary: dict) -> str:
     table = "".join(
         f"<tr><td>{task}</td><td>{metric}</td>" + "".join(f"<td>{format_value(v[m])}</td>" for m in MODELS) + "</tr>"
         for task, metric, v in comparison_rows(summary)
@@ -65,31 +97,73 @@ def _page(summary: dict, images: list[Path]) -> str:
         if task in summary
         for m in MODELS
     )
-    figures = "".join(
-        f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"></figure>'
-        for p in images
-    )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>fedcost run {html.escape(summary['run_id'])}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; }}
-table {{ border-collapse: collapse; margin: 1rem 0; }}
-td, th {{ border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }}
-td:first-child, th:first-child {{ text-align: left; }}
-img {{ max-width: 100%; }}
-</style></head><body>
-<h1>fedcost run {html.escape(summary['run_id'])}</h1>
-<p>{len(summary['nodes'])} nodes, {summary['rounds']} rounds of {summary['strategy']}, model {summary['model']};
+    return f"""<p>{len(summary['nodes'])} nodes, {summary['rounds']} rounds of {summary['strategy']}, model {summary['model']};
 all models scored on the same {summary['test_rows']:,} held-out rows.</p>
-<p>{_protections(summary)}</p>
 <h2>Federated against pooled and local-only</h2>
 <table><tr><th>task</th><th>metric</th>{''.join(f'<th>{m}</th>' for m in MODELS)}</tr>{table}</table>
 <h2>Per site</h2>
-<table><tr><th>site</th><th>role</th><th>train rows</th><th>test rows</th>{site_heads}</tr>{sites}</table>
-<h2>Plots</h2>
-{figures}
-</body></html>
-"""
+<table><tr><th>site</th><th>role</th><th>train rows</th><th>test rows</th>{site_heads}</tr>{sites}</table>"""
+
+
+def funnel_position(site: dict) -> str:
+    for flag, words in (("above_998", "above 99.8% limit"), ("above_95", "above 95% limit"),
+                        ("below_998", "below 99.8% limit"), ("below_95", "below 95% limit")):
+        if site[flag]:
+            return words
+    return "within limits"
+
+
+def _benchmark_section(result: dict | None) -> str:
+    """Risk-adjusted O/E, cost ratio and value per site, as the sites shared them."""
+    if not result:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(s['site'])}</td><td>{s['n']:,}</td><td>{s['observed']:,.0f}</td><td>{s['expected']:,.1f}</td>"
+        f"<td>{s['oe']:.2f} ({s['oe_low']:.2f}–{s['oe_high']:.2f})</td><td>{funnel_position(s)}</td>"
+        f"<td>{s['cost_ratio']:.2f} ({s['cost_ratio_low']:.2f}–{s['cost_ratio_high']:.2f})</td><td>{s['value_index']:.2f}</td></tr>"
+        for s in result["sites"]
+    )
+    return f"""<h2>Risk-adjusted benchmarking</h2>
+<p>Each site scored its own rows with the federated model and shared only its totals: observed and
+expected readmissions and costs. Federation readmission rate {result['federation_rate']:.3f}, mean cost
+{result['federation_mean_cost']:,.0f}. O/E and cost ratio with 95% intervals; the funnel's control limits are
+Poisson limits around 1 at each site's expected count; value index 1 is the federation's
+readmission-free episodes per cost, above 1 better value.</p>
+<table><tr><th>site</th><th>rows</th><th>observed</th><th>expected</th><th>O/E (95% CI)</th><th>funnel</th>
+<th>cost O/E (95% CI)</th><th>value index</th></tr>{rows}</table>"""
+
+
+def _statistics_section(result: dict | None) -> str:
+    """Grouped statistics: every cell that holds rows, suppressed cells shown as such."""
+    if not result:
+        return ""
+    groups = result["group_by"]
+    cells = [c for c in result["cells"] if c["suppressed"] or c["n"] or c["nodes_suppressed"]]
+    heads = "".join(f"<th>{html.escape(g)}</th>" for g in groups)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c[g]))}</td>" for g in groups) + _cell_figures(c) + "</tr>" for c in cells
+    )
+    return f"""<h2>Federated statistics</h2>
+<p>{html.escape(result['note'])}</p>
+<table><tr>{heads}<th>rows</th><th>mean cost</th><th>median cost</th><th>p90 cost</th><th>readmission rate</th>
+<th>nodes that withheld the cell</th></tr>{rows}</table>"""
+
+
+def _cell_figures(cell: dict) -> str:
+    if cell["suppressed"]:
+        return f'<td colspan="5">suppressed: too few rows</td><td>{cell["nodes_suppressed"]}</td>'
+    figures = [
+        f"{cell['n']:,}",
+        _money(cell.get("total_cost_mean")),
+        _money(cell.get("cost_median")),
+        _money(cell.get("cost_p90")),
+        "n/a" if cell.get("readmission_rate") is None else f"{cell['readmission_rate']:.3f}",
+    ]
+    return "".join(f"<td>{f}</td>" for f in figures) + f"<td>{cell['nodes_suppressed']}</td>"
+
+
+def _money(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
 
 
 def _protections(summary: dict) -> str:
