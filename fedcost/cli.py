@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -15,10 +15,19 @@ from rich.table import Table
 from fedcost.audit.cli import audit_app
 from fedcost.config import SimulationConfig
 from fedcost.errors import FedcostError
-from fedcost.report.html import MODELS, comparison_rows, format_value
+from fedcost.federation.cli import coordinator_app, federation_app, node_app
+from fedcost.federation.cli import run as run_job
+from fedcost.report.html import MODELS, funnel_position, comparison_rows, format_value
+
+if TYPE_CHECKING:
+    from fedcost.simulation import RunResult
 
 app = typer.Typer(help="Privacy-preserving multi-party cost analysis for health-care ecosystems.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit", help="Verify a run's signed audit logs and report what each site sent.")
+app.add_typer(federation_app, name="federation", help="Provision a federation: CA, coordinator, node startup kits.")
+app.add_typer(coordinator_app, name="coordinator", help="Run the federation's coordinator (Flower SuperLink).")
+app.add_typer(node_app, name="node", help="Run a site's node (Flower SuperNode) from its startup kit.")
+app.command(name="run")(run_job)
 console = Console(emoji=False)
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 
@@ -37,6 +46,34 @@ def simulate(
     ] = None,
 ) -> None:
     """Run a federation on Flower's Simulation Engine and compare it with pooled and local-only training."""
+    result = _run(config, out, data_dir, "train")
+    console.print(_comparison_table(result.summary))
+    if "benchmark" in result.summary["analytics"]:
+        console.print(_benchmark_table(result.summary["analytics"]["benchmark"]))
+    console.print(f"run folder: [bold]{result.run_dir}[/bold] (report: {result.run_dir / 'report.html'})")
+
+
+@app.command()
+def analyze(
+    config: Annotated[Optional[Path], typer.Argument(help="Config (TOML) whose [analytics] group_by sets the cells")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder to create (default: runs/<run-id>)")] = None,
+    data_dir: Annotated[
+        Optional[Path], typer.Option(help="Your own data: a folder with mapping.toml and one file per node")
+    ] = None,
+) -> None:
+    """Federated cost statistics by group (counts, exact sums, means, variances, quantiles), small cells suppressed."""
+    result = _run(config, out, data_dir, "analyze")
+    statistics = result.summary["analytics"].get("statistics")
+    if statistics is None:
+        console.print("[yellow]warning:[/yellow] " + escape("[analytics] group_by is empty: no statistics were computed"))
+    else:
+        console.print(_statistics_table(statistics))
+        console.print(escape(statistics["note"]), soft_wrap=True)
+    console.print(f"run folder: [bold]{result.run_dir}[/bold] (statistics.csv, report: {result.run_dir / 'report.html'})")
+
+
+def _run(config: Optional[Path], out: Optional[Path], data_dir: Optional[Path], task: str) -> "RunResult":
+    """Load the config, run the simulation with progress shown, and turn errors into exit code 2."""
     from fedcost.simulation import simulate as run
 
     try:
@@ -48,16 +85,17 @@ def simulate(
                 + "the coordinator sees every node's contribution in the clear",
                 soft_wrap=True,
             )
+        if task == "analyze":
+            with console.status("federated statistics under way…"):
+                return run(settings, out=out, data_dir=data_dir, task="analyze")
         with RoundProgress(settings.run.rounds) as progress:
-            result = run(settings, out=out, data_dir=data_dir, on_start=progress.start, on_round=progress.advance)
+            return run(settings, out=out, data_dir=data_dir, on_start=progress.start, on_round=progress.advance)
     except FedcostError as error:
         # Messages name TOML tables such as [nodes.st-mary]: print them as text, not markup.
         console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True, highlight=False)
         for note in getattr(error, "__notes__", ()):
             console.print(escape(note), soft_wrap=True, highlight=False)
         raise typer.Exit(code=2) from None
-    console.print(_comparison_table(result.summary))
-    console.print(f"run folder: [bold]{result.run_dir}[/bold] (report: {result.run_dir / 'report.html'})")
 
 
 class RoundProgress:
@@ -105,4 +143,34 @@ def _comparison_table(summary: dict) -> Table:
         table.add_column(model, justify="right")
     for task, metric, values in comparison_rows(summary):
         table.add_row(task, metric, *(format_value(values[m]) for m in MODELS))
+    return table
+
+
+def _benchmark_table(result: dict) -> Table:
+    table = Table(title="Risk-adjusted benchmarking (each site shared only its totals)")
+    for head in ("site", "rows", "O/E readmissions (95% CI)", "funnel", "cost O/E (95% CI)", "value index"):
+        table.add_column(head, justify="left" if head in ("site", "funnel") else "right")
+    for s in result["sites"]:
+        table.add_row(
+            s["site"], f"{s['n']:,}", f"{s['oe']:.2f} ({s['oe_low']:.2f}–{s['oe_high']:.2f})", funnel_position(s),
+            f"{s['cost_ratio']:.2f} ({s['cost_ratio_low']:.2f}–{s['cost_ratio_high']:.2f})", f"{s['value_index']:.2f}",
+        )
+    return table
+
+
+def _statistics_table(result: dict) -> Table:
+    groups = result["group_by"]
+    table = Table(title=f"Federated statistics by {', '.join(groups) or 'everything'}")
+    for head in (*groups, "rows", "mean cost", "median cost", "p90 cost", "readmission rate"):
+        table.add_column(head, justify="left" if head in groups else "right")
+    for cell in result["cells"]:
+        if cell["suppressed"]:
+            table.add_row(*(str(cell[g]) for g in groups), "suppressed", "", "", "", "")
+        elif cell["n"]:
+            figures = (cell.get("total_cost_mean"), cell.get("cost_median"), cell.get("cost_p90"))
+            rate = cell.get("readmission_rate")
+            table.add_row(
+                *(str(cell[g]) for g in groups), f"{cell['n']:,}", *("n/a" if f is None else f"{f:,.0f}" for f in figures),
+                "n/a" if rate is None else f"{rate:.3f}",
+            )
     return table

@@ -74,3 +74,15 @@ class AuditLogTamperedError(FedcostError):
 
 class FederationError(FedcostError):
     """A federated run failed (nodes unreachable, every reply an error, ...)."""
+
+
+class CertificateError(FedcostError):
+    """A federation certificate or revocation list fails its check against the CA."""
+
+
+class KitError(ConfigError):
+    """A startup kit is incomplete, expired or revoked; says what the site must ask for."""
+
+
+class CoordinatorUnreachableError(FederationError):
+    """The coordinator's address does not answer, or not with the federation's certificate."""

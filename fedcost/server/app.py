@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, replace
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -21,8 +22,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from fedcost import records as rec
+from fedcost.analytics import Benchmark, GroupedStatistics, benchmark
+from fedcost.analytics.benchmarking import shared_vector_size, standardised, totals_from_shared_vector
 from fedcost.audit import AuditLog
-from fedcost.config import SecureAggregationSection, StrategySection
+from fedcost.config import AnalyticsSection, SecureAggregationSection, StrategySection
 from fedcost.data.features import FeatureSpec, StatisticsLayout
 from fedcost.errors import FederationError
 from fedcost.job import TrainingJob
@@ -30,14 +33,17 @@ from fedcost.models import evaluation
 from fedcost.models.nets import ModelSpec, build_model
 from fedcost.models.training import TrainConfig
 from fedcost.server.audited_grid import AuditedGrid
-from fedcost.server.shared_sum import SharedSums, SumResult
+from fedcost.server.shared_sum import PollingGrid, SharedSums, SumResult
 
 NODE_WAIT_SECONDS = 120.0
-# The smallest cohort any sum of this coordinator describes: a site's whole training or
-# held-out rows, which the sites' policies hold to at least their own min_cohort.
-MIN_COHORT = 11
 # What each kind of request sends back, as the hello states it to every site.
-JOB_OUTPUTS = {"statistics": ["sums"], "train": ["weights", "num-examples"], "evaluate": ["sums"]}
+JOB_OUTPUTS = {
+    "statistics": ["sums"],
+    "train": ["weights", "num-examples"],
+    "evaluate": ["sums"],
+    "analytics": ["sums"],
+    "benchmark": ["sums"],
+}
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,42 @@ class CoordinatorPlan:
     strategy: StrategySection
     secure_aggregation: SecureAggregationSection
     config_digest: str
+    # Extra records every hello carries: in a deployment, the roster as CA-signed
+    # certificates, which each node checks against its own CA before trusting any key.
+    hello_records: tuple[tuple[str, ConfigRecord], ...] = ()
+    resume: ResumePoint | None = None
+    # The fewest connected nodes a round waits for (0: the whole roster). A deployment
+    # lowers it, so a node that died mid-run does not stall every later round.
+    min_nodes: int = 0
+    # The smallest cohort any shared statistic describes, as the hello states it.
+    min_cohort: int = 11
+    analytics: AnalyticsSection = AnalyticsSection()
+    # "train": the training job (with the analytics the section asks for);
+    # "analyze": the grouped statistics alone, no model.
+    task: str = "train"
+
+    def job_kinds(self) -> list[str]:
+        """The kinds of request this run will send, in order: what the hello states."""
+        statistics = ["analytics"] if self.analytics.group_by else []
+        if self.task == "analyze":
+            return statistics
+        training = ["statistics", *statistics, "train", "evaluate"]
+        return training + (["benchmark"] if self.analytics.benchmark and len(self.model.tasks) == 2 else [])
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A completed round, as a restarted coordinator picks the run up from it.
+
+    ``arrays`` is the global model after round ``round``; ``features`` the run's shared
+    encoding (the statistics stage is not repeated); ``strategy_state`` the server-side
+    optimiser's moments (FedAdam), empty for stateless strategies.
+    """
+
+    round: int
+    arrays: dict[str, np.ndarray]
+    features: FeatureSpec
+    strategy_state: dict[str, dict[str, np.ndarray]]
 
 
 class RunObserver(Protocol):
@@ -71,14 +113,19 @@ class RunObserver(Protocol):
 
     def on_model(self, weights: dict[str, np.ndarray]) -> None: ...
 
+    def on_statistics(self, statistics: GroupedStatistics, sites: list[str]) -> None: ...
+
+    def on_benchmark(self, result: Benchmark, sites: list[str]) -> None: ...
+
 
 def make_server_app(plan: CoordinatorPlan, observer: RunObserver, log: AuditLog) -> ServerApp:
-    """A ServerApp that runs ``plan``, reports to ``observer`` and keeps ``log``."""
+    """A ServerApp for Flower's Simulation Engine that runs ``plan``, reports to ``observer``
+    and keeps ``log``; it polls for replies every few milliseconds (``PollingGrid``)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        Coordinator(plan, grid, observer, log).run()
+        Coordinator(plan, PollingGrid(grid), observer, log).run()
 
     return app
 
@@ -96,12 +143,20 @@ def make_strategy(section: StrategySection, nodes: int) -> Strategy:
 class Coordinator:
     """One run: hello, statistics, model initialisation, ``rounds`` train/evaluate rounds."""
 
-    def __init__(self, plan: CoordinatorPlan, grid: Grid, observer: RunObserver, log: AuditLog):
+    def __init__(
+        self,
+        plan: CoordinatorPlan,
+        grid: Grid,
+        observer: RunObserver,
+        log: AuditLog,
+        on_checkpoint: Callable[[ResumePoint], None] | None = None,
+    ):
         self.plan = plan
+        self.on_checkpoint = on_checkpoint
         self.grid = AuditedGrid(grid, log)
         self.log = log
         self.observer = observer
-        self.strategy = make_strategy(plan.strategy, len(plan.roster))
+        self.strategy = make_strategy(plan.strategy, plan.min_nodes or len(plan.roster))
         proximal_mu = plan.strategy.proximal_mu if plan.strategy.name == "fedprox" else 0.0
         self.training = replace(plan.training, proximal_mu=proximal_mu)
 
@@ -119,11 +174,24 @@ class Coordinator:
         )
         sites = self._hello(self._wait_for_nodes())
         self.sums = SharedSums(self.grid, sites, self.plan.secure_aggregation, self.plan.run_id, self.plan.roster)
-        features = self._federated_features(sorted(sites))
+        kinds = self.plan.job_kinds()
+        if "analytics" in kinds and self.plan.resume is None:
+            self._grouped_statistics(sorted(sites))
+        if self.plan.task == "analyze":
+            self._close(sorted(sites))
+            return
+        resume = self.plan.resume
+        if resume is None:
+            features = self._federated_features(sorted(sites))
+            model = build_model(self.plan.model, features.n_features, seed=self.plan.seed, readmission_rate=features.initial_readmission_rate)
+            arrays = ArrayRecord({k: Array(v.detach().numpy()) for k, v in model.state_dict().items()})
+        else:
+            features, arrays = resume.features, ArrayRecord({k: Array(v) for k, v in resume.arrays.items()})
+            _restore_strategy(self.strategy, resume.strategy_state)
+            self.log.append("run_resumed", details={"after_round": resume.round, "digest": _digest(arrays)})
+            self.observer.on_features(features, sorted(sites.values()))
         job = TrainingJob(self.plan.model, self.training, features, self.plan.seed)
-        model = build_model(self.plan.model, features.n_features, seed=self.plan.seed, readmission_rate=features.initial_readmission_rate)
-        arrays = ArrayRecord({k: Array(v.detach().numpy()) for k, v in model.state_dict().items()})
-        for server_round in range(1, self.plan.rounds + 1):
+        for server_round in range((resume.round if resume else 0) + 1, self.plan.rounds + 1):
             started = time.perf_counter()
             arrays, trained = self._train_round(server_round, arrays, job)
             record = {"round": server_round, "train_loss": trained.arrays[-1][0] / trained.weight}
@@ -137,7 +205,12 @@ class Coordinator:
             self.log.append("checkpoint_model", round=server_round, digest=_digest(arrays))
             self.log.checkpoint(round=server_round)
             self.observer.on_round(record)
+            if self.on_checkpoint is not None:  # after the round's record: a resumed run drops records past it
+                weights = {k: a.numpy() for k, a in arrays.items()}
+                self.on_checkpoint(ResumePoint(server_round, weights, features, _strategy_state(self.strategy)))
         self.observer.on_model({k: a.numpy().astype("float32") for k, a in arrays.items()})
+        if "benchmark" in kinds:
+            self._benchmark(sorted(sites), arrays, job)
         self._close(sorted(sites))
 
     def _close(self, node_ids: list[int]) -> None:
@@ -174,10 +247,12 @@ class Coordinator:
             run_id=self.plan.run_id,
             coordinator_key_id=self.plan.coordinator_key_id,
             secure_aggregation=self.plan.secure_aggregation.enabled,
-            rounds=self.plan.rounds,
-            model_parameters=_max_model_parameters(self.plan),
+            rounds=self.plan.rounds if self.plan.task == "train" else 1,
+            model_parameters=_max_model_parameters(self.plan) if self.plan.task == "train" else 0,
+            min_cohort=self.plan.min_cohort,
+            kinds=self.plan.job_kinds(),
         )
-        return say_hello(self.grid, node_ids, config, {name for name, _ in self.plan.roster})
+        return say_hello(self.grid, node_ids, config, {name for name, _ in self.plan.roster}, dict(self.plan.hello_records))
 
     def _federated_features(self, node_ids: list[int]) -> FeatureSpec:
         """Sum every node's statistics vector; the totals give the shared encoding."""
@@ -188,6 +263,20 @@ class Coordinator:
         features = self.plan.layout.feature_spec(result.arrays[0])
         self.observer.on_features(features, result.included)
         return features
+
+    def _grouped_statistics(self, node_ids: list[int]) -> None:
+        """Grouped cost statistics: every node's cell sums, small cells withheld at the node."""
+        layout = self.plan.analytics.layout()
+        result = self._sum("analytics", 0, [(layout.size,)], node_ids, job=layout.to_json())
+        self.observer.on_statistics(GroupedStatistics.from_totals(layout, result.arrays[0], self.plan.min_cohort), result.included)
+
+    def _benchmark(self, node_ids: list[int], arrays: ArrayRecord, job: TrainingJob) -> None:
+        """Each site's observed and expected totals under the final model, side by side."""
+        names = [name for name, _ in self.plan.roster]
+        shape = (shared_vector_size(len(names)),)
+        result = self._sum("benchmark", self.plan.rounds, [shape], node_ids, arrays, job.to_json())
+        totals = standardised(totals_from_shared_vector(result.arrays[0], names))
+        self.observer.on_benchmark(benchmark(totals), result.included)
 
     def _train_round(self, server_round: int, arrays: ArrayRecord, job: TrainingJob) -> tuple[ArrayRecord, SumResult]:
         """Sum the example-weighted updates, then let Flower's strategy take its step."""
@@ -226,7 +315,14 @@ class Coordinator:
 
 
 def hello_config(
-    *, run_id: str, coordinator_key_id: str, secure_aggregation: bool, rounds: int, model_parameters: int
+    *,
+    run_id: str,
+    coordinator_key_id: str,
+    secure_aggregation: bool,
+    rounds: int,
+    model_parameters: int,
+    min_cohort: int = 11,
+    kinds: list[str] | None = None,
 ) -> ConfigRecord:
     """The job as a hello states it: what each site checks against its policy."""
     return ConfigRecord(
@@ -236,20 +332,24 @@ def hello_config(
             "coordinator": coordinator_key_id,
             "secure_aggregation": secure_aggregation,
             "rounds": rounds,
-            "min_cohort": MIN_COHORT,
+            "min_cohort": min_cohort,
             "model_parameters": model_parameters,
-            **{f"outputs.{kind}": outputs for kind, outputs in JOB_OUTPUTS.items()},
+            **{f"outputs.{kind}": JOB_OUTPUTS[kind] for kind in (kinds or ["statistics", "train", "evaluate"])},
         }
     )
 
 
-def say_hello(grid: Grid, node_ids: list[int], config: ConfigRecord, enrolled: set[str]) -> dict[int, str]:
+def say_hello(
+    grid: Grid, node_ids: list[int], config: ConfigRecord, enrolled: set[str], extra: dict[str, ConfigRecord] | None = None
+) -> dict[int, str]:
     """State the job to every node; each checks it against its site policy and names itself.
 
     Every name must be an enrolled roster member, once. A site that refuses the job
-    stops the run: a federation runs only on a job every site accepted.
+    stops the run: a federation runs only on a job every site accepted. ``extra``
+    records ride along (a deployment's roster certificates).
     """
-    messages = [Message(RecordDict({rec.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+    content = {**(extra or {}), rec.CONFIG: config}
+    messages = [Message(RecordDict(content), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
     sites: dict[int, str] = {}
     for reply in grid.send_and_receive(messages):
         if reply.has_error():
@@ -277,6 +377,19 @@ def _max_model_parameters(plan: CoordinatorPlan) -> int:
     features = sum(1 if column.kind == "numeric" else len(column.levels) for column in columns) + len(columns)
     model = build_model(plan.model, features, seed=plan.seed)
     return sum(parameter.numel() for parameter in model.state_dict().values())
+
+
+# The server-side optimiser's moments (Flower's FedOpt family: FedAdam); FedAvg has none.
+_STRATEGY_STATE = ("m_t", "v_t")
+
+
+def _strategy_state(strategy: Strategy) -> dict[str, dict[str, np.ndarray]]:
+    return {name: dict(getattr(strategy, name)) for name in _STRATEGY_STATE if getattr(strategy, name, None) is not None}
+
+
+def _restore_strategy(strategy: Strategy, state: dict[str, dict[str, np.ndarray]]) -> None:
+    for name, arrays in state.items():
+        setattr(strategy, name, dict(arrays))
 
 
 def _digest(arrays: ArrayRecord) -> str:

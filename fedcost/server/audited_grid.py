@@ -41,9 +41,11 @@ class AuditedGrid:
                 self._log_sent(message)
         replies = list(self.grid.send_and_receive(messages))
         for reply in replies:
-            request = requests[reply.metadata.src_node_id]
+            # An error reply may come from the SuperLink itself (a node gone offline), so
+            # it names no node of ours: check for it before looking up its request.
             if reply.has_error():
                 continue
+            request = requests[reply.metadata.src_node_id]
             if reply.metadata.src_node_id not in self.sites:
                 self.sites[reply.metadata.src_node_id] = str(reply.content[rec.NODE]["name"])
                 self._log_sent(request)

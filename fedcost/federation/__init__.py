@@ -1,0 +1,1 @@
+"""Real federations: provisioning, startup kits, the coordinator and node processes."""

@@ -1,0 +1,151 @@
+"""Provisioning: federation folder, startup kits, revocation, expiry, the roster a node trusts,
+job files and the checks a node runs before it starts. All in-process and quick."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from fedcost.data.files import write_node_files
+from fedcost.data.synthetic import EcosystemSpec, generate_ecosystem
+from fedcost.errors import CertificateError, ConfigError, CoordinatorUnreachableError, DataValidationError, KitError
+from fedcost.federation import roster
+from fedcost.federation.job import FederationJob
+from fedcost.federation.processes import free_port, prepare_node, probe_coordinator
+from fedcost.federation.provision import Federation, FederationConfig, Kit
+from fedcost.identity import Identity
+from fedcost.identity.federation_ca import Authority, utc_now
+
+NOW = utc_now()
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory) -> Federation:
+    root = tmp_path_factory.mktemp("federations") / "demo"
+    federation = Federation.init(root, FederationConfig("demo", "127.0.0.1:9093"), at=NOW)
+    for name, role in (("h1", "hospital"), ("i1", "insurer"), ("p1", "pharma")):
+        federation.add_node(name, role, at=NOW)
+    return federation
+
+
+def _private_key_blobs(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()}
+
+
+def test_startup_kit_holds_no_other_partys_secret(federation):
+    kit = federation.kit_dir("h1")
+    assert sorted(p.name for p in kit.iterdir()) == [
+        "auth.key.pem", "auth.pub", "ca.cert.pem", "coordinator.cert.pem", "h1.key.pem", "h1.pub.json", "kit.toml",
+        "node.cert.pem",
+    ]
+    own = set(_private_key_blobs(kit).values())
+    others = {
+        **_private_key_blobs(federation.root / "ca"),
+        **_private_key_blobs(federation.coordinator_dir),
+        **_private_key_blobs(federation.kit_dir("i1")),
+        **_private_key_blobs(federation.kit_dir("p1")),
+    }
+    assert others and not own & set(others.values())
+    assert set(_private_key_blobs(kit)) == {"auth.key.pem", "h1.key.pem"}
+
+
+def test_operator_keeps_no_node_secret_outside_the_kits(federation):
+    assert _private_key_blobs(federation.root / "nodes") == {}
+
+
+def test_kit_loads_and_names_the_coordinator_key(federation):
+    kit = Kit.load(federation.kit_dir("h1"))
+    assert (kit.name, kit.role, kit.address) == ("h1", "hospital", "127.0.0.1:9093")
+    assert kit.coordinator.key_id == federation.coordinator_identity().public().key_id
+
+
+def test_kit_with_a_swapped_certificate_is_refused(federation, tmp_path):
+    kit = tmp_path / "kit"
+    shutil.copytree(federation.kit_dir("h1"), kit)
+    (kit / "node.cert.pem").write_bytes((federation.kit_dir("i1") / "node.cert.pem").read_bytes())
+    with pytest.raises(KitError, match="does not certify this kit's identity key"):
+        Kit.load(kit)
+
+
+def test_every_enrolled_node_is_admitted(federation):
+    assert {name: reason for name, (_, reason) in federation.admission(at=NOW).items()} == {
+        "h1": None, "i1": None, "p1": None,
+    }
+
+
+def test_revoked_and_expired_nodes_are_not_admitted_and_say_why(tmp_path):
+    federation = Federation.init(tmp_path / "f", FederationConfig("f", "127.0.0.1:9093"), at=NOW)
+    federation.add_node("ok", "hospital", at=NOW)
+    federation.add_node("gone", "insurer", at=NOW)
+    federation.add_node("short", "pharma", at=NOW, days=1 / 86400)
+    federation.revoke("gone", at=NOW)
+    reasons = {name: reason for name, (_, reason) in federation.admission(at=NOW + timedelta(seconds=5)).items()}
+    assert reasons["ok"] is None
+    assert "revoked" in reasons["gone"]
+    assert "expired" in reasons["short"]
+    with pytest.raises(KitError, match="expired .* ask your federation operator for a new kit"):
+        Kit.load(federation.kit_dir("short")).check_valid(at=NOW + timedelta(seconds=5))
+
+
+def test_a_name_is_enrolled_once(federation):
+    with pytest.raises(ConfigError, match="already enrolled"):
+        federation.add_node("h1", "hospital", at=NOW)
+
+
+def test_node_trusts_the_roster_its_ca_signed(federation):
+    kit = Kit.load(federation.kit_dir("h1"))
+    record = roster.roster_record([federation.node(n).certificate for n in ("h1", "i1", "p1")], federation.crl())
+    members = roster.trusted_roster(record, kit, at=NOW)
+    assert [name for name, _ in members] == ["h1", "i1", "p1"]
+
+
+def test_node_refuses_a_roster_key_the_coordinator_substituted(federation):
+    """A coordinator without the CA key mints its own certificate for i1: refused."""
+    rogue = Authority.generate("demo", lifetime=timedelta(days=1), at=NOW)
+    forged = rogue.issue_party(Identity.generate("i1", "insurer").public(), lifetime=timedelta(days=1), at=NOW)
+    record = roster.roster_record([federation.node("h1").certificate, forged], federation.crl())
+    with pytest.raises(CertificateError, match="'i1' is not issued by the federation's CA"):
+        roster.trusted_roster(record, Kit.load(federation.kit_dir("h1")), at=NOW)
+
+
+def test_node_refuses_a_roster_without_its_own_certificate(federation):
+    record = roster.roster_record([federation.node(n).certificate for n in ("i1", "p1")], federation.crl())
+    with pytest.raises(CertificateError, match="own certificate"):
+        roster.trusted_roster(record, Kit.load(federation.kit_dir("h1")), at=NOW)
+
+
+def test_job_refuses_simulation_sections(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text("[run]\nrounds = 2\n[ecosystem]\ncase_mix_shift = 0.1\n")
+    with pytest.raises(ConfigError, match=r"job.toml, field 'ecosystem'.*fedcost simulate"):
+        FederationJob.load(path)
+
+
+def test_job_round_trips_with_its_data_section(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('[run]\nrounds = 2\n[data]\ntargets = ["readmitted_30d"]\n')
+    job = FederationJob.load(path)
+    (tmp_path / "again.toml").write_bytes(job.to_toml())
+    again = FederationJob.load(tmp_path / "again.toml")
+    assert again.to_dict() == job.to_dict()
+    assert again.config.model.tasks == ("readmission",)
+
+
+def test_node_with_a_bad_cell_fails_before_it_connects(federation, tmp_path):
+    """``--data`` replaces the mapping's file; its first bad cell is named by file, row and column."""
+    node = generate_ecosystem(EcosystemSpec.from_sizes({"hospital": (60,)}), 3).nodes[0]
+    mapping = write_node_files([("h1", "hospital", node.frame)], tmp_path)
+    frame = node.frame.astype({"age": "object"})
+    frame.loc[16, "age"] = "abc"
+    frame.to_csv(tmp_path / "h1.csv", index=False)
+    with pytest.raises(DataValidationError, match=r"h1.csv, row 17, column 'age'"):
+        prepare_node(federation.kit_dir("h1"), data=tmp_path / "h1.csv", mapping=mapping, policy=None,
+                     state=tmp_path / "state", split_seed=1, test_fraction=0.2, at=NOW)
+
+
+def test_unreachable_coordinator_is_named_with_what_to_do(federation):
+    with pytest.raises(CoordinatorUnreachableError, match="cannot reach the coordinator at 127.0.0.1:.*check that it is running"):
+        probe_coordinator(f"127.0.0.1:{free_port()}", federation.ca_cert_file, timeout=2)

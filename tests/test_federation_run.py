@@ -1,0 +1,192 @@
+"""A real federation on 127.0.0.1: `fedcost coordinator start`, `fedcost node start` and
+`fedcost run` as separate OS processes, over TLS with SuperNode authentication.
+
+Each test provisions its own federation on a free port. Every exchange spawns a
+ClientApp process per node (Flower's subprocess isolation), so a two-round run takes
+minutes: all tests here are ``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from federation_processes import JOB, Processes, ecosystem, fedcost, wait_for
+
+from fedcost.audit import verify_folder
+from fedcost.federation.processes import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+
+RUN_TIMEOUT = 1800
+NO_ANALYTICS = "\n[analytics]\ngroup_by = []\nbenchmark = false\n"
+
+
+class Federation:
+    """A provisioned federation folder, its node data and its running processes."""
+
+    def __init__(self, folder: Path, sizes: dict[str, tuple[int, ...]], *, days: dict[str, float] | None = None):
+        self.folder = folder
+        self.root = folder / "fed"
+        self.mapping, self.roles = ecosystem(folder / "data", sizes)
+        self.processes = Processes(folder)
+        port = free_port()
+        assert fedcost("federation", "init", "fed", "--address", f"127.0.0.1:{port}", cwd=folder).returncode == 0
+        for name, role in self.roles.items():
+            extra = ["--days", str(days[name])] if days and name in days else []
+            done = fedcost("federation", "add-node", name, "--role", role, "-f", "fed", *extra, cwd=folder)
+            assert done.returncode == 0, done.stdout + done.stderr
+
+    def start_coordinator(self, name: str = "coordinator") -> None:
+        self.processes.start(name, "coordinator", "start", "fed", cwd=self.folder)
+        wait_for(lambda: "coordinator ready" in self.processes.output(name), 300, "the coordinator")
+
+    def node_args(self, name: str, kit: Path | None = None) -> list[str]:
+        return ["node", "start", str(kit or self.root / "kits" / name), "--data", str(self.folder / "data" / f"{name}.parquet"),
+                "--mapping", str(self.mapping), "--state", str(self.folder / "state" / name)]
+
+    def start_nodes(self, names: list[str] | None = None) -> None:
+        for name in names or list(self.roles):
+            self.processes.start(name, *self.node_args(name), cwd=self.folder)
+
+    def submit(self, rounds: int) -> Path:
+        (self.folder / "job.toml").write_text(JOB.format(rounds=rounds) + NO_ANALYTICS)
+        done = fedcost("run", "fed", "job.toml", cwd=self.folder, timeout=RUN_TIMEOUT)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return self.latest_run()
+
+    def latest_run(self) -> Path:
+        return sorted((self.root / "runs").iterdir())[-1]
+
+    def collect_audit(self, run: Path, into: Path) -> Path:
+        """The coordinator's and every node's audit log with their identities, as an auditor gets them."""
+        (into / "audit").mkdir(parents=True)
+        shutil.copytree(run / "identities", into / "identities")
+        shutil.copy(run / "audit" / "coordinator.jsonl", into / "audit")
+        for name in self.roles:
+            shutil.copy(self.folder / "state" / name / "audit" / run.name / f"{name}.jsonl", into / "audit")
+        return into
+
+    def coordinator_log(self) -> str:
+        return (self.root / "logs" / "coordinator.log").read_text()
+
+
+@pytest.fixture
+def make_federation(tmp_path):
+    made: list[Federation] = []
+
+    def make(sizes: dict[str, tuple[int, ...]], **kwargs) -> Federation:
+        federation = Federation(tmp_path / f"f{len(made)}", sizes, **kwargs)
+        federation.folder.mkdir(exist_ok=True)
+        made.append(federation)
+        return federation
+
+    yield make
+    for federation in made:
+        federation.processes.kill_all()
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_three_nodes_train_two_rounds_over_tls_and_every_log_reconciles(make_federation, tmp_path):
+    federation = make_federation({"hospital": (500,), "insurer": (400,), "pharma": (300,)})
+    federation.start_coordinator()
+    federation.start_nodes()
+    run = federation.submit(rounds=2)
+    rounds = _metrics(run)
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["secure_aggregation"] and r["nodes_included"] == 3 and not r["dropouts"] for r in rounds)
+    assert rounds[-1]["readmission_auroc"] > 0.6
+    assert torch.load(run / "model.pt")
+    verification = verify_folder(federation.collect_audit(run, tmp_path / "auditor"))
+    assert verification.ok, verification.problems
+    assert set(verification.parties) == {"coordinator", *federation.roles}
+
+
+def test_unenrolled_revoked_and_expired_nodes_are_refused_with_the_reason_in_the_coordinator_log(make_federation):
+    federation = make_federation(
+        {"hospital": (200, 200), "insurer": (200,)}, days={"hospital-2": 1 / 86400},
+    )
+    assert fedcost("federation", "revoke", "hospital-1", "-f", "fed", cwd=federation.folder).returncode == 0
+    # A stranger with the federation's CA certificate and a kit copied from insurer-1, but its own key.
+    stranger = federation.folder / "stranger-kit"
+    shutil.copytree(federation.root / "kits" / "insurer-1", stranger)
+    (stranger / "auth.key.pem").write_bytes(ec.generate_private_key(ec.SECP384R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    federation.start_coordinator()
+    log = federation.coordinator_log
+    wait_for(lambda: "'hospital-1'" in log() and "'hospital-2'" in log(), 60, "the admission decisions")
+    assert "not admitted: node 'hospital-1'" in log() and "was revoked" in log()
+    assert "not admitted: node 'hospital-2'" in log() and "expired" in log()
+    assert "admitted node 'insurer-1'" in log()
+
+    revoked = fedcost(*federation.node_args("hospital-1"), cwd=federation.folder, timeout=600)
+    assert revoked.returncode == 2 and "refused this node's key" in revoked.stdout
+    assert "refused a SuperNode: node 'hospital-1'" in log()
+
+    expired = fedcost(*federation.node_args("hospital-2"), cwd=federation.folder, timeout=600)
+    assert expired.returncode == 2 and "expired" in expired.stdout and "ask your federation operator" in expired.stdout
+
+    unknown = fedcost(*federation.node_args("insurer-1", kit=stranger), cwd=federation.folder, timeout=600)
+    assert unknown.returncode == 2 and "refused this node's key" in unknown.stdout
+    assert "never enrolled in this federation" in log()
+
+
+def test_a_node_killed_mid_round_drops_out_and_the_run_goes_on(make_federation):
+    federation = make_federation({"hospital": (400, 300), "insurer": (300,), "pharma": (250,)})
+    federation.start_coordinator()
+    federation.start_nodes()
+    victim = "pharma-1"
+
+    def shared_keys_in_round_1() -> bool:
+        logs = list((federation.folder / "state" / victim / "audit").glob(f"*/{victim}.jsonl"))
+        return bool(logs) and '"secagg:train:share-keys>reply"' in logs[0].read_text()
+
+    (federation.folder / "job.toml").write_text(JOB.format(rounds=2) + NO_ANALYTICS)
+    submitted = federation.processes.start("run", "run", "fed", "job.toml", cwd=federation.folder)
+    wait_for(shared_keys_in_round_1, RUN_TIMEOUT, "the victim to share its keys in round 1")
+    federation.processes.kill(victim)
+    submitted.wait(timeout=RUN_TIMEOUT)
+    assert submitted.returncode == 0, federation.processes.output("run")
+    rounds = _metrics(federation.latest_run())
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert victim in rounds[0]["dropouts"] and rounds[0]["nodes_included"] == 3
+    assert rounds[1]["nodes_included"] == 3
+
+
+def test_a_restarted_coordinator_resumes_from_its_checkpoint(make_federation):
+    """The final model of a run interrupted in round 2 equals an uninterrupted one's, up to
+    SecAgg+'s stochastic rounding (seeded from ``secrets``) and the statistics' fixed point:
+    quantisation steps of 8/2**20 per update entry and 2**-10 per statistics total."""
+    federation = make_federation({"hospital": (400,), "insurer": (300,), "pharma": (250,)})
+    federation.start_coordinator()
+    federation.start_nodes()
+    reference = federation.submit(rounds=2)
+
+    (federation.folder / "job.toml").write_text(JOB.format(rounds=2) + NO_ANALYTICS)
+    federation.processes.start("run", "run", "fed", "job.toml", cwd=federation.folder)
+    wait_for(lambda: federation.latest_run() != reference and (federation.latest_run() / "checkpoint.npz").exists(),
+             RUN_TIMEOUT, "the checkpoint of round 1")
+    interrupted = federation.latest_run()
+    federation.processes.kill("coordinator")
+    federation.processes.kill("run")
+    assert [r["round"] for r in _metrics(interrupted)] == [1]
+
+    federation.start_coordinator("coordinator-again")
+    resumed = fedcost("run", "fed", "--resume", interrupted.name, cwd=federation.folder, timeout=RUN_TIMEOUT)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert [r["round"] for r in _metrics(interrupted)] == [1, 2]
+    audit = (interrupted / "audit" / "coordinator.jsonl").read_text()
+    assert '"run_resumed"' in audit and '"after_round":1' in audit.replace(" ", "")
+    expected, got = torch.load(reference / "model.pt"), torch.load(interrupted / "model.pt")
+    for name in expected:
+        np.testing.assert_allclose(got[name].numpy(), expected[name].numpy(), atol=1e-3)
