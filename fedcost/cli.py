@@ -30,6 +30,10 @@ app.add_typer(node_app, name="node", help="Run a site's node (Flower SuperNode) 
 app.command(name="run")(run_job)
 console = Console(emoji=False)
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
+RunFolder = Annotated[Optional[Path], typer.Option("--out", help="Run folder to create (default: runs/<run-id>)")]
+DataDir = Annotated[
+    Optional[Path], typer.Option("--data-dir", help="Your own data: a folder with mapping.toml and one file per node")
+]
 
 
 @app.callback()
@@ -40,10 +44,8 @@ def main() -> None:
 @app.command()
 def simulate(
     config: Annotated[Optional[Path], typer.Argument(help="Simulation config (TOML); default: configs/default.toml")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder to create (default: runs/<run-id>)")] = None,
-    data_dir: Annotated[
-        Optional[Path], typer.Option(help="Your own data: a folder with mapping.toml and one file per node")
-    ] = None,
+    out: RunFolder = None,
+    data_dir: DataDir = None,
 ) -> None:
     """Run a federation on Flower's Simulation Engine and compare it with pooled and local-only training."""
     result = _run(config, out, data_dir, "train")
@@ -56,10 +58,8 @@ def simulate(
 @app.command()
 def analyze(
     config: Annotated[Optional[Path], typer.Argument(help="Config (TOML) whose [analytics] group_by sets the cells")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder to create (default: runs/<run-id>)")] = None,
-    data_dir: Annotated[
-        Optional[Path], typer.Option(help="Your own data: a folder with mapping.toml and one file per node")
-    ] = None,
+    out: RunFolder = None,
+    data_dir: DataDir = None,
 ) -> None:
     """Federated cost statistics by group (counts, exact sums, means, variances, quantiles), small cells suppressed."""
     result = _run(config, out, data_dir, "analyze")

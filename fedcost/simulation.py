@@ -29,7 +29,6 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from cryptography.hazmat.primitives import serialization
 import tomli_w
 import torch
 from flwr.app import Context
@@ -239,7 +238,7 @@ def _federate(
     for identity in [coordinator, *identities.values()]:
         identity.public().save(folder / "identities")
     (folder / "audit").mkdir()
-    roster = tuple(sorted((name, _raw_public(identity)) for name, identity in identities.items()))
+    roster = tuple(sorted((name, identity.public().raw_key) for name, identity in identities.items()))
     policies = _site_policies(config, folder, [node.name for node in mapping.nodes], coordinator.public().key_id)
     setups = [
         NodeSetup(
@@ -247,7 +246,7 @@ def _federate(
             node.name,
             config.run.seed,
             config.run.test_fraction,
-            identity_key=_raw_private(identities[node.name]),
+            identity_key=identities[node.name].raw_private_key,
             roster=roster,
             drop_rounds=config.simulation.drop_nodes.get(node.name, ()),
             drop_stage=config.simulation.drop_stage,
@@ -332,16 +331,6 @@ def _privacy_summary(folder: Path, nodes: list[NodeData]) -> dict:
             "rounds_trained": len(ledger.history),
         }
     return summary
-
-
-def _raw_public(identity: Identity) -> bytes:
-    return identity.private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def _raw_private(identity: Identity) -> bytes:
-    return identity.private_key.private_bytes(
-        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-    )
 
 
 def _verify_audit(folder: Path) -> dict:

@@ -32,7 +32,8 @@ def fedcost(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def simulate(folder: Path, config: str, name: str) -> tuple[subprocess.CompletedProcess, Path]:
-    """Write ``config`` as ``<name>.toml`` in ``folder`` and simulate it into ``<name>/``."""
+def simulate(folder: Path, config: str, name: str, command: str = "simulate") -> tuple[subprocess.CompletedProcess, Path]:
+    """Write ``config`` as ``<name>.toml`` in ``folder`` and run ``fedcost <command>`` on it
+    into ``<name>/`` (``simulate``, or ``analyze``)."""
     (folder / f"{name}.toml").write_text(config)
-    return fedcost("simulate", f"{name}.toml", "--out", name, cwd=folder), folder / name
+    return fedcost(command, f"{name}.toml", "--out", name, cwd=folder), folder / name

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from simulations import fedcost
+from simulations import fedcost, simulate
 
 from fedcost import schema
 from fedcost.analytics.statistics import MISSING, GroupedStatisticsLayout, measure_unit
@@ -39,9 +39,7 @@ MIN_COHORT = 11
 
 @pytest.fixture(scope="module")
 def analysis(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
-    folder = tmp_path_factory.mktemp("analyze")
-    (folder / "analysis.toml").write_text(CONFIG)
-    return fedcost("analyze", "analysis.toml", "--out", "run", cwd=folder), folder / "run"
+    return simulate(tmp_path_factory.mktemp("analyze"), CONFIG, "run", command="analyze")
 
 
 def _node_rows(run: Path) -> dict[str, pd.DataFrame]:

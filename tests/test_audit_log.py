@@ -13,7 +13,7 @@ import rfc8785
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcost.audit import GENESIS_HASH, AuditLog, Entry, read_log, verify_log
+from fedcost.audit import GENESIS_HASH, AuditLog, Entry, LogPosition, read_log, verify_log
 from fedcost.audit.entry import CHECKPOINT_EVENTS, canonical_json, entry_hash, format_time, read_lines, seal
 from fedcost.errors import AuditLogTamperedError
 from fedcost.identity import Identity
@@ -232,25 +232,25 @@ def test_resuming_at_the_recorded_end_continues_the_chain(tmp_path: Path) -> Non
     assert verify_log(path, identity.public()).closed
 
 
-def test_resuming_a_log_that_no_longer_ends_there_verifies_it_in_full(tmp_path: Path) -> None:
+def _two_entry_log(tmp_path: Path) -> tuple[Identity, Path, LogPosition]:
+    """A node's log of two entries and where it ends, as a node keeps it to resume."""
     identity = Identity.generate("hospital-1", "hospital")
     path = tmp_path / "hospital-1.jsonl"
     with AuditLog(path, identity) as log:
         log.append("data_loaded", details={"train_rows": 10})
         log.append("job_received")
-        position = log.position
+        return identity, path, log.position
+
+
+def test_resuming_a_log_that_no_longer_ends_there_verifies_it_in_full(tmp_path: Path) -> None:
+    identity, path, position = _two_entry_log(tmp_path)
     path.write_bytes(path.read_bytes().replace(b'"train_rows":10', b'"train_rows":100'))
     with pytest.raises(AuditLogTamperedError, match="line 2"):
         AuditLog(path, identity, resume=position)
 
 
 def test_an_edit_behind_a_resumed_log_is_still_caught_by_verification(tmp_path: Path) -> None:
-    identity = Identity.generate("hospital-1", "hospital")
-    path = tmp_path / "hospital-1.jsonl"
-    with AuditLog(path, identity) as log:
-        log.append("data_loaded", details={"train_rows": 10})
-        log.append("job_received")
-        position = log.position
+    identity, path, position = _two_entry_log(tmp_path)
     path.write_bytes(path.read_bytes().replace(b'"train_rows":10', b'"train_rows":99'))
     with AuditLog(path, identity, resume=position) as log:
         log.close()

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from audit_mutations import assert_mutations_detected
-from simulations import fedcost
+from simulations import simulate
 from typer.testing import CliRunner
 
 from fedcost import schema
@@ -43,9 +43,7 @@ AUROC_MARGIN = 0.02
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
-    folder = tmp_path_factory.mktemp("simulate")
-    (folder / "small.toml").write_text(SMALL)
-    return fedcost("simulate", "small.toml", "--out", "run", cwd=folder), folder / "run"
+    return simulate(tmp_path_factory.mktemp("simulate"), SMALL, "run")
 
 
 def test_small_federation_writes_a_complete_run_folder(small_run: tuple[subprocess.CompletedProcess, Path]) -> None:

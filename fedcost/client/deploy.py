@@ -13,7 +13,6 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
@@ -54,9 +53,7 @@ def resolve_setup(context: Context) -> NodeSetup:
         name=kit.name,
         split_seed=int(config[SPLIT_SEED]),
         test_fraction=float(config[TEST_FRACTION]),
-        identity_key=kit.identity.private_key.private_bytes(
-            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-        ),
+        identity_key=kit.identity.raw_private_key,
         roster=tuple((str(name), bytes(key)) for name, key in members),
         audit_dir=state / "audit" / run,
         policy=Path(str(config[POLICY])) if str(config.get(POLICY, "")) else None,

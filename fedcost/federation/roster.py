@@ -12,7 +12,6 @@ from collections.abc import Iterable
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from flwr.app import ConfigRecord
 
 from fedcost.errors import CertificateError
@@ -50,7 +49,4 @@ def trusted_roster(record: ConfigRecord, kit: Kit, *, at: datetime) -> tuple[tup
     own = {identity.name: identity for identity in identities}.get(kit.name)
     if own is None or own.public_key != kit.identity.private_key.public_key():
         raise CertificateError(f"the roster does not carry this site's own certificate for {kit.name!r}")
-    return tuple(
-        (identity.name, identity.public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
-        for identity in identities
-    )
+    return tuple((identity.name, identity.raw_key) for identity in identities)

@@ -63,9 +63,14 @@ class PublicIdentity:
         _check_name_and_role(self.name, self.role)
 
     @property
+    def raw_key(self) -> bytes:
+        """The 32 raw public-key bytes, as rosters and SecAgg+ carry them."""
+        return _raw(self.public_key)
+
+    @property
     def key_id(self) -> str:
         """SHA-256 (hex) of the raw public key: a short, unforgeable handle for the key."""
-        return hashlib.sha256(_raw(self.public_key)).hexdigest()
+        return hashlib.sha256(self.raw_key).hexdigest()
 
     def verify(self, signature: bytes, message: bytes) -> None:
         """Raise ``InvalidSignatureError`` (and say nothing more) unless the signature holds."""
@@ -136,6 +141,13 @@ class Identity:
     @classmethod
     def generate(cls, name: str, role: str) -> Identity:
         return cls(name, role, Ed25519PrivateKey.generate())
+
+    @property
+    def raw_private_key(self) -> bytes:
+        """The 32 raw private-key bytes a node's setup carries into its ClientApp."""
+        return self.private_key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
 
     def public(self) -> PublicIdentity:
         return PublicIdentity(self.name, self.role, self.private_key.public_key())

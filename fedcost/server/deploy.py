@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives import serialization
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -68,8 +67,7 @@ def coordinate(grid: Grid, federation: Federation, folder: Path) -> None:
     plan = CoordinatorPlan(
         run_id=folder.name,
         coordinator_key_id=coordinator.public().key_id,
-        roster=tuple(sorted((i.name, i.public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
-                            for i in identities)),
+        roster=tuple(sorted((i.name, i.raw_key) for i in identities)),
         rounds=config.run.rounds,
         seed=config.run.seed,
         layout=job.data.layout(),
