@@ -88,3 +88,11 @@ def test_private_key_of_another_party_is_refused(tmp_path: Path) -> None:
     (other / "pharma-1.key.pem").rename(tmp_path / "pharma-1.key.pem")
     with pytest.raises(ConfigError, match="does not match pharma-1.pub.json"):
         Identity.load(tmp_path, "pharma-1")
+
+
+@pytest.mark.parametrize("missing", ["hospital-1.key.pem", "hospital-1.pub.json"])
+def test_a_missing_identity_file_is_named_with_what_to_do(tmp_path: Path, missing: str) -> None:
+    Identity.generate("hospital-1", "hospital").save(tmp_path)
+    (tmp_path / missing).unlink()
+    with pytest.raises(ConfigError, match=f"{missing}: cannot be read .*restore it"):
+        Identity.load(tmp_path, "hospital-1")

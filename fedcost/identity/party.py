@@ -47,6 +47,16 @@ def _check_name_and_role(name: object, role: object) -> None:
         raise _FieldError("role", f"must be one of {', '.join(ROLES)}, got {role!r}")
 
 
+def _read(path: Path) -> bytes:
+    """An identity file's bytes; a missing or unreadable one is a ``ConfigError`` naming it."""
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot be read ({e.strerror}); restore it from the party's identity folder or startup kit", path=str(path)
+        ) from None
+
+
 def _raw(public_key: Ed25519PublicKey) -> bytes:
     return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
@@ -120,7 +130,7 @@ class PublicIdentity:
     def load(cls, path: str | os.PathLike[str]) -> PublicIdentity:
         """Read a ``.pub.json`` file; any defect is a ``ConfigError`` naming file and field."""
         try:
-            return cls.from_dict(json.loads(Path(path).read_bytes()))
+            return cls.from_dict(json.loads(_read(Path(path))))
         except _FieldError as e:
             raise ConfigError(e.reason, path=str(path), field=e.field) from e
         except ValueError as e:
@@ -179,7 +189,7 @@ class Identity:
             raise ConfigError(f"holds the identity of {public.name!r}", path=str(public_path), field="name")
         key_path = Path(folder) / f"{name}.key.pem"
         try:
-            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            key = serialization.load_pem_private_key(_read(key_path), password=None)
         except (ValueError, TypeError, UnsupportedAlgorithm) as e:
             raise ConfigError(f"not an unencrypted PEM private key: {e}", path=str(key_path)) from e
         if not isinstance(key, Ed25519PrivateKey):
