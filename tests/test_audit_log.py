@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import threading
@@ -220,6 +221,26 @@ def test_bulk_reader_leaves_every_bad_line_to_the_line_reader(line: bytes, reaso
     assert read_lines([_line(), line]) is None
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_reading_leaves_the_callers_garbage_collector_as_it_was(tmp_path: Path, identity: Identity,
+                                                                enabled: bool) -> None:
+    """The reader pauses the cyclic GC and files its entries with the long-lived objects; a
+    caller's own setting and its frozen objects (kept frozen before a fork) survive that."""
+    path = tmp_path / "hospital-1.jsonl"
+    _small_log(path, identity)
+    was_enabled = gc.isenabled()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        assert verify_log(path, identity.public()).ok
+        assert gc.isenabled() is enabled
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+        (gc.enable if was_enabled else gc.disable)()
+
+
 def test_resuming_at_the_recorded_end_continues_the_chain(tmp_path: Path) -> None:
     identity = Identity.generate("hospital-1", "hospital")
     path = tmp_path / "hospital-1.jsonl"
@@ -298,12 +319,17 @@ def _written_lines(draw: st.DrawFn) -> list[bytes]:
 def _edited(draw: st.DrawFn, lines: list[bytes]) -> list[bytes]:
     """``lines`` with at most one line changed: a byte inserted, dropped or replaced, its first
     integer written as a float (the same number, as orjson would write it), or the line
-    re-encoded by the standard library (its own float forms, escapes, spacing)."""
+    re-encoded by the standard library (its own float forms, escapes, spacing); or whole
+    lines deleted or swapped, which leaves every line well-formed and breaks the chain."""
     i = draw(st.integers(0, len(lines) - 1))
     line, at = lines[i], draw(st.integers(0, len(lines[i]) - 1))
-    edit = draw(st.sampled_from(["none", "insert", "drop", "replace", "float", "stdlib"]))
+    edit = draw(st.sampled_from(["none", "insert", "drop", "replace", "float", "stdlib", "delete line", "swap"]))
     if edit == "none":
         return lines
+    if edit == "delete line":  # every line still well-formed; the chain is broken
+        return lines[:i] + lines[i + 1:]
+    if edit == "swap":
+        return [lines[-1], *lines[1:-1], lines[0]] if len(lines) > 1 else lines
     if edit == "insert":
         line = line[:at] + draw(_INSERTS) + line[at:]
     elif edit == "drop":
@@ -324,14 +350,28 @@ def _line_by_line(lines: list[bytes]) -> list[Entry] | None:
         return None
 
 
+def _bulk(lines: list[bytes]) -> list[Entry] | None:
+    """The bulk reader's entries, after checking what it says of the chain against them."""
+    read = read_lines(lines)
+    if read is None:
+        return None
+    entries = read.entries
+    hashes = [entry.hash for entry in entries]
+    assert read.linked == ([entry.seq for entry in entries] == list(range(len(entries)))
+                           and [entry.prev for entry in entries] == [GENESIS_HASH, *hashes][:-1])
+    assert read.actors == {entry.actor for entry in entries}
+    assert read.checkpoints == [i for i, entry in enumerate(entries) if entry.event in CHECKPOINT_EVENTS]
+    return entries
+
+
 @given(_written_lines().flatmap(_edited))
 @settings(max_examples=500, deadline=None)
 def test_bulk_reader_agrees_with_the_line_reader(lines: list[bytes]) -> None:
-    assert read_lines(lines) == _line_by_line(lines)
+    assert _bulk(lines) == _line_by_line(lines)
 
 
 def test_bulk_reader_reads_a_written_log_without_help(tmp_path: Path, identity: Identity) -> None:
     path = tmp_path / "hospital-1.jsonl"
     _small_log(path, identity)
     lines = path.read_bytes().splitlines()
-    assert read_lines(lines) == _line_by_line(lines) is not None
+    assert _bulk(lines) == _line_by_line(lines) is not None

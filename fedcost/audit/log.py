@@ -76,32 +76,47 @@ def _tampered(party: str, path: Path, line: int, seq: int | None, what: str) -> 
 
 @contextmanager
 def _gc_paused() -> Iterator[None]:
-    """Hold off the cyclic GC while building many objects that all stay alive.
+    """Hold off the cyclic GC while building many objects that all stay alive, and then
+    file them with the long-lived objects.
 
     Its collections would only re-scan the entries built so far: pausing it makes
-    reading a long log 10-15% faster (measured). The caller's setting is restored.
+    reading a long log 10-15% faster (measured). Once resumed, its next young-generation
+    collection would still walk every new entry once (about 0.4 µs each, 80 ms for 200k)
+    only to find them all alive; freezing and at once unfreezing the tracked objects
+    moves them straight to the oldest generation instead, in constant time. That is
+    skipped where the caller froze objects of its own (``gc.freeze`` before a fork), whose
+    unfreezing would undo their purpose. The caller's setting is restored.
     """
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        if gc.get_freeze_count() == 0:
+            gc.freeze()
+            gc.unfreeze()
         if was_enabled:
             gc.enable()
 
 
-def _read(path: Path, party: str) -> tuple[list[Entry], Cut | None]:
+def _read(path: Path, party: str) -> tuple[list[Entry], Cut | None, list[int] | None]:
+    """The entries, the cut tail if any, and, when the bulk reader found the log linked and
+    the party's own (checks (2)-(4) of ``verify_log``), the positions of its checkpoints:
+    all that is left to verify. None there means every entry must be looked at."""
     lines = path.read_bytes().split(b"\n")
     # Every whole line ends in "\n", so the last piece is b"" unless a write was cut short.
     whole = lines[:-1]
     with _gc_paused():
-        entries = read_lines(whole)
-        if entries is None:  # something is wrong: read line by line to name the first bad one
+        bulk = read_lines(whole)
+        if bulk is None:  # something is wrong: read line by line to name the first bad one
             entries = [_read_line(line, number, party, path) for number, line in enumerate(whole, 1)]
+        else:
+            entries = bulk.entries
+    todo = bulk.checkpoints if bulk is not None and bulk.linked and bulk.actors <= {party} else None
     if not lines[-1]:
-        return entries, None
+        return entries, None, todo
     offset = sum(len(line) + 1 for line in whole)
-    return entries, Cut(line=len(lines), offset=offset, tail=lines[-1])
+    return entries, Cut(line=len(lines), offset=offset, tail=lines[-1]), todo
 
 
 def _read_line(line: bytes, number: int, party: str, path: Path) -> Entry:
@@ -119,27 +134,16 @@ def read_log(path: str | os.PathLike[str]) -> tuple[list[Entry], Cut | None]:
     that is ``verify_log``'s job. A partial last line is returned as a ``Cut``, not an error.
     """
     path = Path(path)
-    return _read(path, path.name.removesuffix(".jsonl"))
-
-
-def _links_hold(entries: list[Entry], party: str) -> bool:
-    """Checks (2)-(4) for all entries at once: a fast way to learn that the loop over every
-    entry in ``_verify_chain`` would find nothing (seq is an int, by the field rules)."""
-    hashes = [entry.hash for entry in entries]
-    return ([entry.prev for entry in entries] == [GENESIS_HASH, *hashes][:-1]
-            and [entry.seq for entry in entries] == list(range(len(entries)))
-            and {entry.actor for entry in entries} <= {party})
+    entries, cut, _ = _read(path, path.name.removesuffix(".jsonl"))
+    return entries, cut
 
 
 def _verify_chain(path: Path, identity: PublicIdentity) -> LogVerification:
     party = identity.name
     # (1) every line is a whole, well-formed entry, or the tail cut by an interrupted write.
-    entries, cut = _read(path, party)
+    entries, cut, left = _read(path, party)
     # Where (2)-(4) hold throughout, only the checkpoints are left to look at.
-    if _links_hold(entries, party):
-        todo = [i for i, entry in enumerate(entries) if entry.event in CHECKPOINT_EVENTS]
-    else:
-        todo = range(len(entries))
+    todo = range(len(entries)) if left is None else left
     checkpoints, signed_through, closed_at = 0, None, None
     for i in todo:
         entry, line = entries[i], i + 1
