@@ -19,7 +19,6 @@ from fedcost.analytics.benchmarking import (
     benchmark,
     byar_interval,
     funnel_limits,
-    plot_funnel,
     site_totals,
     standardised,
     without_site_level,
@@ -27,6 +26,7 @@ from fedcost.analytics.benchmarking import (
 from fedcost.data.features import StatisticsLayout
 from fedcost.data.synthetic import EXPECTED_RISK, RISK, EcosystemSpec, generate_ecosystem, latent_frames
 from fedcost.errors import PolicyViolationError
+from fedcost.report.plots import plot_funnel
 
 HOSPITAL_SIZES = [1500, 2000, 2500, 3000, 3500, 4000, 4500, 5000, 5500, 6000]
 SEEDS = range(10)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 from opacus.accountants import RDPAccountant
@@ -128,3 +130,17 @@ def test_no_noise_fits_a_spent_budget():
     assert ledger.epsilon == math.inf
     with pytest.raises(PrivacyBudgetExhausted, match="no noise multiplier"):
         ledger.noise_multiplier_for(sample_rate=0.02, steps=100)
+
+
+def test_orders_are_opacus_own():
+    from fedcost.privacy.accounting import ORDERS
+
+    assert ORDERS == tuple(RDPAccountant.DEFAULT_ALPHAS)
+
+
+def test_loading_the_node_imports_neither_opacus_nor_matplotlib():
+    """A deployed node imports its ClientApp once per message: opacus (torch.distributed) and
+    matplotlib cost seconds there, and only DP accounting and the coordinator's report use them."""
+    probe = "import sys, fedcost.client.app; print(sorted({m.split('.')[0] for m in sys.modules} & {'opacus', 'matplotlib'}))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

@@ -2,7 +2,7 @@
 risk-adjusted benchmarking (O/E, funnel plots, value). Pure: arrays in, arrays and
 dataclasses out; no Flower, no network."""
 
-from fedcost.analytics.benchmarking import SITE_SLOTS, Benchmark, SiteBenchmark, benchmark, plot_funnel, site_totals
+from fedcost.analytics.benchmarking import SITE_SLOTS, Benchmark, SiteBenchmark, benchmark, site_totals
 from fedcost.analytics.statistics import GroupedStatistics, GroupedStatisticsLayout
 
 __all__ = [
@@ -12,6 +12,5 @@ __all__ = [
     "GroupedStatisticsLayout",
     "SiteBenchmark",
     "benchmark",
-    "plot_funnel",
     "site_totals",
 ]

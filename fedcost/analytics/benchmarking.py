@@ -44,18 +44,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from statistics import NormalDist
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from fedcost.analytics import exact  # noqa: E402
-from fedcost.errors import PolicyViolationError  # noqa: E402
+from fedcost.analytics import exact
+from fedcost.errors import PolicyViolationError
 
 SITE_SLOTS = ("n", "observed", "expected", "cost_observed", "cost_expected", "cost_residual_ss")
 # Model features that describe the site, not the patient: left out of expected readmissions.
@@ -252,29 +247,3 @@ def benchmark(sites: Mapping[str, np.ndarray]) -> Benchmark:
             )
         )
     return Benchmark(tuple(results), rate, mean_cost)
-
-
-def _colour(site: SiteBenchmark) -> str:
-    flags = (site.above_998, site.above_95, site.below_998, site.below_95, True)
-    return ("#d62728", "#ff7f0e", "#006d2c", "#74c476", "#1f77b4")[flags.index(True)]
-
-
-def plot_funnel(result: Benchmark, path: Path) -> None:
-    """Funnel plot PNG: O/E against expected readmissions, 95% and 99.8% limits, sites labelled."""
-    expected = np.array([s.expected for s in result.sites])
-    volume = np.geomspace(max(expected.min() / 2, 1.0), expected.max() * 1.2, 200)
-    figure, ax = plt.subplots(figsize=(7, 4.5))
-    for z, style, label in ((Z_95, "--", "95% limits"), (Z_998, "-", "99.8% limits")):
-        low, high = funnel_limits(volume, z)
-        ax.plot(volume, high, style, color="grey", label=label)
-        ax.plot(volume, low, style, color="grey")
-    ax.axhline(1.0, color="black", lw=0.8)
-    for site in result.sites:
-        ax.scatter(site.expected, site.oe, color=_colour(site), zorder=3)
-        ax.annotate(site.site, (site.expected, site.oe), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set(xlabel="expected readmissions (E)", ylabel="observed / expected", title="Risk-adjusted 30-day readmission")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)

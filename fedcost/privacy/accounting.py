@@ -18,13 +18,15 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from types import ModuleType
+
 import numpy as np
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp
 
 from fedcost.errors import PrivacyBudgetExhausted
 
-ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)
+# opacus.accountants.RDPAccountant.DEFAULT_ALPHAS (a test keeps them equal), written out so
+# that importing this module does not import opacus: see _opacus_rdp.
+ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 MAX_NOISE_MULTIPLIER = 1e4  # no budget worth having needs more; beyond it the search gives up
 NOISE_TOLERANCE = 1e-3  # relative precision of noise_multiplier_for
 
@@ -41,6 +43,15 @@ def _check(noise_multiplier: float, sample_rate: float, steps: int) -> Step:
     return float(noise_multiplier), float(sample_rate), steps
 
 
+def _opacus_rdp() -> ModuleType:
+    """Opacus's RDP analysis, imported when first needed. Importing opacus loads
+    ``torch.distributed`` and its optimizers (about 2.5 s), which a node that trains
+    without DP never uses, and a deployed node pays every import once per message."""
+    from opacus.accountants.analysis import rdp
+
+    return rdp
+
+
 def _rdp(step: Step) -> np.ndarray:
     """RDP of one run of steps at every order in ``ORDERS`` (inf without noise)."""
     noise_multiplier, sample_rate, steps = step
@@ -48,7 +59,7 @@ def _rdp(step: Step) -> np.ndarray:
         return np.zeros(len(ORDERS))
     if noise_multiplier == 0:
         return np.full(len(ORDERS), np.inf)
-    return np.asarray(rdp.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=ORDERS))
+    return np.asarray(_opacus_rdp().compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=ORDERS))
 
 
 def _check_delta(delta: float) -> float:
@@ -63,7 +74,7 @@ def _to_epsilon(total_rdp: np.ndarray, delta: float) -> float:
         return math.inf
     if not total_rdp.any():
         return 0.0
-    epsilon, _ = rdp.get_privacy_spent(orders=ORDERS, rdp=total_rdp, delta=delta)
+    epsilon, _ = _opacus_rdp().get_privacy_spent(orders=ORDERS, rdp=total_rdp, delta=delta)
     return float(epsilon)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedcost.analytics import Benchmark, GroupedStatistics, plot_funnel
+from fedcost.analytics import Benchmark, GroupedStatistics
+from fedcost.report.plots import plot_funnel
 
 
 def save_statistics(folder: Path, statistics: GroupedStatistics, sites: list[str]) -> dict:

@@ -1,4 +1,4 @@
-"""The run's PNG plots: metrics per round, per-site comparison, calibration."""
+"""The run's PNG plots: metrics per round, per-site comparison, calibration, funnel."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
+
+from fedcost.analytics.benchmarking import Z_95, Z_998, Benchmark, SiteBenchmark, funnel_limits  # noqa: E402
 
 MODEL_COLOURS = {"federated": "#1f77b4", "pooled": "#2ca02c", "local_only": "#d62728"}
 ROUND_PANELS = (
@@ -71,3 +73,28 @@ def _save(figure: plt.Figure, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def _colour(site: SiteBenchmark) -> str:
+    flags = (site.above_998, site.above_95, site.below_998, site.below_95, True)
+    return ("#d62728", "#ff7f0e", "#006d2c", "#74c476", "#1f77b4")[flags.index(True)]
+
+
+def plot_funnel(result: Benchmark, path: Path) -> None:
+    """Funnel plot PNG: O/E against expected readmissions, 95% and 99.8% limits, sites labelled."""
+    expected = np.array([s.expected for s in result.sites])
+    volume = np.geomspace(max(expected.min() / 2, 1.0), expected.max() * 1.2, 200)
+    figure, ax = plt.subplots(figsize=(7, 4.5))
+    for z, style, label in ((Z_95, "--", "95% limits"), (Z_998, "-", "99.8% limits")):
+        low, high = funnel_limits(volume, z)
+        ax.plot(volume, high, style, color="grey", label=label)
+        ax.plot(volume, low, style, color="grey")
+    ax.axhline(1.0, color="black", lw=0.8)
+    for site in result.sites:
+        ax.scatter(site.expected, site.oe, color=_colour(site), zorder=3)
+        ax.annotate(site.site, (site.expected, site.oe), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set(xlabel="expected readmissions (E)", ylabel="observed / expected", title="Risk-adjusted 30-day readmission")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(figure, path)
