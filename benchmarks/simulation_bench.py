@@ -2,8 +2,9 @@
 
 For each config: wall time of the whole command, federated against pooled (AUROC within
 0.01, cost R² within 0.02), federated against local-only on the mean of the three
-smallest sites (federated and pooled costs site-calibrated, as the summary scores them;
-the global model's figures alongside); and for the default config, the same run with secure aggregation off
+smallest sites (federated and pooled models adapted at each site and their costs
+site-calibrated, as the summary scores them; the shared global model's figures alongside);
+and for the default config, the same run with secure aggregation off
 (AUROC within 0.002, cost R² within 0.005 of the secure run).
 
     .venv/bin/python benchmarks/simulation_bench.py [--out benchmarks/RESULTS.md]
@@ -23,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ("configs/default.toml", "configs/heterogeneous.toml")
-# The federated model's costs before each site's calibration (see fedcost.models.calibration).
+# The federated model as shared, before each site adapted and calibrated it (fedcost.models.adaptation).
 GLOBAL = "federated_global"
 
 
@@ -73,7 +74,7 @@ def main() -> None:
         "",
         "| config | wall | AUROC fed / pooled / local | pooled − fed | cost R² fed / pooled / local | pooled − fed "
         "| 3 smallest: AUROC fed vs local | MAE fed vs local | R² fed vs local "
-        "| global fed (uncalibrated): R²; 3 smallest MAE, R² |",
+        "| global fed (as shared): R²; 3 smallest MAE, R² |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     with tempfile.TemporaryDirectory() as scratch:

@@ -17,7 +17,7 @@ from fedcost.config import SimulationConfig
 from fedcost.errors import FedcostError
 from fedcost.federation.cli import coordinator_app, federation_app, node_app
 from fedcost.federation.cli import run as run_job
-from fedcost.report.html import MODELS, funnel_position, comparison_rows, format_value
+from fedcost.report.html import MODELS, comparison_rows, format_value, funnel_position, scoring_note
 
 if TYPE_CHECKING:
     from fedcost.simulation import RunResult
@@ -136,7 +136,9 @@ def _round_text(record: dict) -> str:
 
 
 def _comparison_table(summary: dict) -> Table:
-    table = Table(title=f"Held-out rows: {summary['test_rows']:,} (same rows for every model)")
+    table = Table(
+        title=f"Held-out rows: {summary['test_rows']:,} (same rows for every model)", caption=scoring_note(summary)
+    )
     table.add_column("task")
     table.add_column("metric")
     for model in MODELS:

@@ -27,18 +27,22 @@ StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 
 @dataclass(frozen=True)
 class RunSection:
-    """What the whole run shares: the seed, the rounds, the held-out share, and the smallest
+    """What the whole run shares: the seed, the rounds, the held-out share, the smallest
     cohort any shared statistic may describe (the hello states it; a site whose policy
-    asks for more refuses the job)."""
+    asks for more refuses the job), and the epochs each site adapts the final model to its
+    own rows before it is scored (``fedcost.models.adaptation``; 0: scored as shared)."""
 
     seed: int = 7
     rounds: int = 10
     test_fraction: float = 0.2
     min_cohort: int = 11
+    adaptation_epochs: int = 5
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError(f"rounds must be at least 1, not {self.rounds}")
+        if self.adaptation_epochs < 0:
+            raise ValueError(f"adaptation_epochs must be 0 (none) or more, not {self.adaptation_epochs}")
         if self.min_cohort < 2:
             raise ValueError(f"min_cohort must be at least 2, not {self.min_cohort}")
         if not 0 < self.test_fraction < 1:

@@ -49,9 +49,10 @@ from fedcost.data.synthetic import generate_ecosystem
 from fedcost.audit import AuditLog, verify_folder
 from fedcost.errors import AuditLogTamperedError, ConfigError, FederationError
 from fedcost.identity import Identity
+from fedcost.models.adaptation import adapted_to_site
 from fedcost.models.calibration import fit_site_calibration
 from fedcost.models.metrics import calibration_bins, cost_metrics, readmission_metrics
-from fedcost.models.nets import build_model
+from fedcost.models.nets import FedcostNet, build_model
 from fedcost.models.training import TaskData, predict, train_local
 from fedcost.privacy import SitePolicy
 from fedcost.privacy.accounting import PrivacyLedger
@@ -63,7 +64,8 @@ COORDINATOR = "coordinator"
 Task = Literal["train", "analyze"]
 # A site alone would train until its model settles: at least this many optimizer steps.
 MIN_LOCAL_STEPS = 300
-# The federated model's costs before site calibration, reported next to the three models.
+# The federated model as it left the federation, before any site adapted or calibrated it,
+# reported next to the three models.
 FEDERATED_GLOBAL = "federated_global"
 
 
@@ -207,12 +209,11 @@ def _trained(
     )
 
     predictions = {
-        "federated": [_site_calibrated(federated, features, node) for node in nodes],
+        "federated": [_at_site(config, federated, features, node) for node in nodes],
         "pooled": _pooled_predictions(config, features, nodes),
         "local_only": _local_only_predictions(config, features, nodes),
     }
-    if "cost" in config.model.tasks:
-        predictions[FEDERATED_GLOBAL] = [{"cost": _predict(federated, features, node.test)["cost"]} for node in nodes]
+    predictions[FEDERATED_GLOBAL] = [_predict(federated, features, node.test) for node in nodes]
     return _summary(run_id, config, mapping, nodes, predictions, features, recorder.rounds)
 
 
@@ -349,19 +350,25 @@ def _predict(model: torch.nn.Module, features: FeatureSpec, rows: pd.DataFrame) 
     return predictions
 
 
-def _site_calibrated(model: torch.nn.Module, features: FeatureSpec, node: NodeData) -> dict[str, np.ndarray]:
-    """A global model's predictions on ``node``'s held-out rows, costs at the site's own level.
+def _at_site(config: SimulationConfig, model: FedcostNet, features: FeatureSpec, node: NodeData) -> dict[str, np.ndarray]:
+    """A shared model's predictions on ``node``'s held-out rows as the site would use it.
 
-    The calibration every node applies to its federated evaluation sums
-    (``models.calibration``), fitted on the node's training rows.
+    The site first adapts it to its training rows for ``[run] adaptation_epochs``
+    (``models.adaptation``), then puts its costs at the site's own level with the
+    calibration every node also applies to its federated evaluation sums
+    (``models.calibration``), fitted on the same rows.
     """
+    train = features.task_data(node.train)
+    if config.run.adaptation_epochs:
+        seed = derive_seed(config.run.seed, "adaptation", node.name)
+        model = adapted_to_site(model, train, config.training, epochs=config.run.adaptation_epochs, seed=seed)
     predictions = _predict(model, features, node.test)
     if "cost" in predictions:
-        predictions["cost"] = fit_site_calibration(model, features.task_data(node.train)).apply(predictions["cost"])
+        predictions["cost"] = fit_site_calibration(model, train).apply(predictions["cost"])
     return predictions
 
 
-def _train(config: SimulationConfig, features: FeatureSpec, data: TaskData, epochs: int, label: str) -> torch.nn.Module:
+def _train(config: SimulationConfig, features: FeatureSpec, data: TaskData, epochs: int, label: str) -> FedcostNet:
     torch.set_num_threads(1)
     model = build_model(config.model, features.n_features, seed=config.run.seed, readmission_rate=features.initial_readmission_rate)
     training = replace(config.training, epochs=epochs, proximal_mu=0.0)
@@ -372,12 +379,13 @@ def _train(config: SimulationConfig, features: FeatureSpec, data: TaskData, epoc
 def _pooled_predictions(config: SimulationConfig, features: FeatureSpec, nodes: list[NodeData]) -> list[dict]:
     """All training rows in one place, the same number of epochs as the federation ran.
 
-    Costs get the same site calibration as the federated model's: with every site's rows
-    in one place it is as available, so the gap to pooled is the price of federating alone.
+    Each site adapts and calibrates it as it does the federated model: with every site's
+    rows in one place that is as available, so the gap to pooled is the price of
+    federating alone.
     """
     data = features.task_data(pd.concat([node.train for node in nodes], ignore_index=True))
     model = _train(config, features, data, config.run.rounds * config.training.epochs, "pooled")
-    return [_site_calibrated(model, features, node) for node in nodes]
+    return [_at_site(config, model, features, node) for node in nodes]
 
 
 def _local_only_predictions(config: SimulationConfig, features: FeatureSpec, nodes: list[NodeData]) -> list[dict]:
@@ -433,6 +441,7 @@ def _summary(
         "tasks": list(config.model.tasks),
         "test_rows": len(all_test),
         "missing_flagged": list(features.flagged),
+        "adaptation_epochs": config.run.adaptation_epochs,
         "federated_evaluation": rounds[-1] if rounds else {},
     }
     for task in config.model.tasks:

@@ -8,6 +8,7 @@ import torch
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import average_precision_score, brier_score_loss, r2_score, roc_auc_score
 
+from fedcost.models.adaptation import adapted_to_site
 from fedcost.models.calibration import CostCalibration, fit_site_calibration
 from fedcost.models.metrics import calibration_bins, cost_metrics, readmission_metrics
 from fedcost.models.nets import TASKS, ModelSpec, build_model
@@ -360,3 +361,36 @@ def test_fit_site_calibration_scales_a_models_costs_to_the_sites_level():
     assert calibration.observed_over_expected == pytest.approx(1.5, rel=1e-5)
     with pytest.raises(ValueError, match="no costs"):
         fit_site_calibration(model, TaskData(x, np.zeros(500, dtype=np.float32), None))
+
+
+# --- site adaptation ----------------------------------------------------------------------
+
+
+def test_adaptation_learns_a_sites_own_slope_from_the_shared_start_and_leaves_the_shared_model_alone():
+    x, y, _ = logistic_data(20_000, seed=1)
+    shared = build_model(ModelSpec(kind="glm", tasks=("readmission",)), D, seed=0)
+    train_local(shared, TaskData(x, y, None), TrainConfig(epochs=3, learning_rate=0.01), seed=0)
+    shared_weights = get_weights(shared)
+    # A site whose rows follow the federation's model except for a much stronger first feature.
+    rng = np.random.default_rng(2)
+    site_x = rng.normal(size=(1_000, D)).astype(np.float32)
+    slopes = np.linspace(-0.5, 0.5, D)
+    slopes[0] = 1.5
+    site_y = (rng.random(1_000) < 1.0 / (1.0 + np.exp(-(site_x @ slopes - 1.2)))).astype(np.float32)
+    train, (test_x, test_y) = TaskData(site_x[:600], site_y[:600], None), (site_x[600:], site_y[600:])
+    training = TrainConfig(learning_rate=0.01)
+
+    site = adapted_to_site(shared, train, training, epochs=5, seed=3)
+
+    assert distance(get_weights(shared), shared_weights) == 0.0
+    assert roc_auc_score(test_y, predict(site, test_x)["readmission"]) > roc_auc_score(
+        test_y, predict(shared, test_x)["readmission"]
+    ) + 0.02
+    assert distance(get_weights(adapted_to_site(shared, train, training, epochs=5, seed=3)), get_weights(site)) == 0.0
+
+
+@pytest.mark.parametrize("epochs", [0, -1, 1.5, True])
+def test_adaptation_refuses_a_number_of_epochs_that_is_not_positive(epochs):
+    model = build_model(ModelSpec(kind="glm"), D, seed=0)
+    with pytest.raises(ValueError, match="epochs"):
+        adapted_to_site(model, full_data(50, 0), TrainConfig(), epochs=epochs, seed=0)

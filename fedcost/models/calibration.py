@@ -64,8 +64,9 @@ class CostCalibration:
 def fit_site_calibration(model: FedcostNet, train: TaskData) -> CostCalibration:
     """``model``'s cost level at a site, from the site's training rows (``train``).
 
-    The one place both scorers of a federated model fit it: a node for its federated
-    evaluation sums, ``fedcost simulate`` for the summary, so the two always agree.
+    The one place both scorers of a federated model fit it, so they fit it alike: a node
+    for its federated evaluation sums (the shared model each round), ``fedcost simulate``
+    for the summary (the model as the site adapted it, ``models.adaptation``).
     """
     if train.cost is None:
         raise ValueError("the site's training rows hold no costs to calibrate against")

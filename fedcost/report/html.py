@@ -19,6 +19,13 @@ MODELS = ("federated", "pooled", "local_only")
 PLOTS = ("rounds.png", "sites.png", "calibration.png", "funnel.png")
 
 
+def scoring_note(summary: dict) -> str:
+    """How the federated and pooled models were scored: as each site would use them."""
+    epochs = summary.get("adaptation_epochs", 0)
+    adapted = f"adapted at each site ({epochs} epochs on its own rows)" if epochs else "as shared"
+    return f"federated and pooled {adapted}, costs at each site's own level"
+
+
 def comparison_rows(summary: dict) -> list[tuple[str, str, dict[str, float]]]:
     """(task, metric, value per model) rows: the table the terminal and the report show."""
     return [
@@ -98,7 +105,7 @@ def _training_sections(summary: dict) -> str:
         for m in MODELS
     )
     return f"""<p>{len(summary['nodes'])} nodes, {summary['rounds']} rounds of {summary['strategy']}, model {summary['model']};
-all models scored on the same {summary['test_rows']:,} held-out rows.</p>
+all models scored on the same {summary['test_rows']:,} held-out rows; {scoring_note(summary)}.</p>
 <h2>Federated against pooled and local-only</h2>
 <table><tr><th>task</th><th>metric</th>{''.join(f'<th>{m}</th>' for m in MODELS)}</tr>{table}</table>
 <h2>Per site</h2>
