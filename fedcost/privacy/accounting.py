@@ -16,9 +16,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
-
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
