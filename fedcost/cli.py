@@ -49,10 +49,10 @@ def simulate(
 ) -> None:
     """Run a federation on Flower's Simulation Engine and compare it with pooled and local-only training."""
     result = _run(config, out, data_dir, "train")
-    console.print(_comparison_table(result.summary))
     if "benchmark" in result.summary["analytics"]:
         console.print(_benchmark_table(result.summary["analytics"]["benchmark"]))
     console.print(f"run folder: [bold]{result.run_dir}[/bold] (report: {result.run_dir / 'report.html'})")
+    console.print(_comparison_table(result.summary))  # the headline: the terminal ends with it
 
 
 @app.command()

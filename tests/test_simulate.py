@@ -54,7 +54,9 @@ def test_small_federation_writes_a_complete_run_folder(small_run: tuple[subproce
         assert (run / name).is_file(), name
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
-    assert "federated" in result.stdout and "local_only" in result.stdout, "the terminal ends with the comparison"
+    comparison = result.stdout.rindex("Held-out rows")
+    assert "local_only" in result.stdout[comparison:], "the terminal ends with the comparison"
+    assert comparison > result.stdout.rindex("run folder:") > result.stdout.rindex("Risk-adjusted benchmarking")
 
 
 def test_federated_is_close_to_pooled_on_the_same_rows(small_run: tuple[subprocess.CompletedProcess, Path]) -> None:
