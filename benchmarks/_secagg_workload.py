@@ -54,8 +54,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedcost.identity import Identity
 
 SYSTEMS = ("plain", "fedcost", "flower")
 NODE_WAIT_SECONDS = 600.0
@@ -205,14 +206,6 @@ class BenchNode:
         return Contribution([node_vector(int(self.name.split("-")[1]), self.dim), np.zeros(1)], BENCH_ROWS)
 
 
-def _raw_public(key: Ed25519PrivateKey) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def _raw_private(key: Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-
-
 class ClientAppByRecipe:
     """A ClientApp that pickles as ``build_client_app(*recipe)`` (see the module docstring)."""
 
@@ -242,17 +235,18 @@ def build_client_app(system: str, nodes: int, dim: int, scratch: str, log_path: 
 
 def _write_identity_keys(scratch: Path, nodes: int) -> None:
     """Every site's raw Ed25519 private key, for the driver and the actors to read alike."""
-    keys = b"".join(_raw_private(Ed25519PrivateKey.generate()) for _ in range(nodes))
+    keys = b"".join(Identity.generate(site_name(i), "hospital").raw_private_key for i in range(nodes))
     (scratch / "keys.bin").write_bytes(keys)
 
 
-def _identity_keys(scratch: Path, nodes: int) -> dict[str, Ed25519PrivateKey]:
+def _identity_keys(scratch: Path, nodes: int) -> dict[str, Identity]:
     raw = (scratch / "keys.bin").read_bytes()
-    return {site_name(i): Ed25519PrivateKey.from_private_bytes(raw[32 * i : 32 * (i + 1)]) for i in range(nodes)}
+    keys = (Ed25519PrivateKey.from_private_bytes(raw[32 * i : 32 * (i + 1)]) for i in range(nodes))
+    return {site_name(i): Identity(site_name(i), "hospital", key) for i, key in enumerate(keys)}
 
 
-def _roster(keys: dict[str, Ed25519PrivateKey]) -> tuple[tuple[str, bytes], ...]:
-    return tuple(sorted((name, _raw_public(key)) for name, key in keys.items()))
+def _roster(identities: dict[str, Identity]) -> tuple[tuple[str, bytes], ...]:
+    return tuple(sorted((name, identity.public().raw_key) for name, identity in identities.items()))
 
 
 def _fedcost_client_app(nodes: int, dim: int, scratch: Path, log_path: str) -> Any:
@@ -267,7 +261,7 @@ def _fedcost_client_app(nodes: int, dim: int, scratch: Path, log_path: str) -> A
     mapping, policy = scratch / "mapping.toml", scratch / "policy.toml"
     setups = [
         NodeSetup(
-            mapping, site_name(i), 0, identity_key=_raw_private(keys[site_name(i)]), roster=roster, audit_dir=scratch,
+            mapping, site_name(i), 0, identity_key=keys[site_name(i)].raw_private_key, roster=roster, audit_dir=scratch,
             policy=policy,
         )
         for i in range(nodes)
@@ -285,7 +279,6 @@ def fedcost_apps(system: str, nodes: int, dim: int, rounds: int, clock: RoundClo
     from flwr.serverapp import ServerApp
 
     from fedcost.config import SecureAggregationSection
-    from fedcost.identity import Identity
     from fedcost.server.app import hello_config, say_hello
     from fedcost.server.shared_sum import PollingGrid, SharedSums
 

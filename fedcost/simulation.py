@@ -23,7 +23,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
@@ -57,7 +56,7 @@ from fedcost.models.training import TaskData, predict, train_local
 from fedcost.privacy import SitePolicy
 from fedcost.privacy.accounting import PrivacyLedger
 from fedcost.report import write_report
-from fedcost.server.app import CoordinatorPlan, make_server_app
+from fedcost.server.app import CoordinatorPlan, make_server_app, new_run_id
 from fedcost.seeding import derive_seed
 
 COORDINATOR = "coordinator"
@@ -123,7 +122,7 @@ def simulate(
 
     ``task="analyze"`` runs the federated analytics alone (grouped statistics, no model).
     """
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    run_id = new_run_id()
     final = Path(out) if out else runs_root / run_id
     if final.exists() and any(final.iterdir()):
         raise ConfigError("the output folder exists and is not empty; choose another --out", path=str(final))

@@ -297,7 +297,8 @@ def _columns_keep_the_rules(seqs: list[Any], times: list[Any], actors: set[Any],
 
     The bulk reader's form of the rules: a few C-level passes over each column instead of
     a Python call per entry (tested to agree with the line reader). Actors and events come
-    as sets of the distinct values. In an intact chain every prev is the hash before it,
+    as sets of the distinct values; details are objects already (``_written_alike`` raised
+    otherwise). In an intact chain every prev is the hash before it,
     so that one comparison also proves them hex.
     """
     rounds = [value for value in rounds if value is not None]
@@ -307,7 +308,6 @@ def _columns_keep_the_rules(seqs: list[Any], times: list[Any], actors: set[Any],
             and _all_of(str, actors) and all(actors)
             and _all_of(str, events) and all(events)
             and _all_of(int, rounds) and min(rounds, default=0) >= 0
-            and _all_of(dict, details)
             and _all_of(str, digests) and _all_hex64(digests)
             and (chained or _all_of(str, prevs) and _all_hex64(prevs))
             and _only_checkpoints_signed(checkpoints, sigs))

@@ -16,6 +16,7 @@ from typing import Any
 from fedcost.audit.entry import (
     CHECKPOINT_EVENTS,
     GENESIS_HASH,
+    BulkRead,
     Entry,
     checkpoint_message,
     format_time,
@@ -99,10 +100,9 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _read(path: Path, party: str) -> tuple[list[Entry], Cut | None, list[int] | None]:
-    """The entries, the cut tail if any, and, when the bulk reader found the log linked and
-    the party's own (checks (2)-(4) of ``verify_log``), the positions of its checkpoints:
-    all that is left to verify. None there means every entry must be looked at."""
+def _read(path: Path, party: str) -> tuple[list[Entry], Cut | None, BulkRead | None]:
+    """The entries, the cut tail if any, and what the bulk reader saw of the whole log (None
+    when it had doubts and the line-by-line reader read it)."""
     lines = path.read_bytes().split(b"\n")
     # Every whole line ends in "\n", so the last piece is b"" unless a write was cut short.
     whole = lines[:-1]
@@ -112,11 +112,10 @@ def _read(path: Path, party: str) -> tuple[list[Entry], Cut | None, list[int] | 
             entries = [_read_line(line, number, party, path) for number, line in enumerate(whole, 1)]
         else:
             entries = bulk.entries
-    todo = bulk.checkpoints if bulk is not None and bulk.linked and bulk.actors <= {party} else None
     if not lines[-1]:
-        return entries, None, todo
+        return entries, None, bulk
     offset = sum(len(line) + 1 for line in whole)
-    return entries, Cut(line=len(lines), offset=offset, tail=lines[-1]), todo
+    return entries, Cut(line=len(lines), offset=offset, tail=lines[-1]), bulk
 
 
 def _read_line(line: bytes, number: int, party: str, path: Path) -> Entry:
@@ -141,9 +140,10 @@ def read_log(path: str | os.PathLike[str]) -> tuple[list[Entry], Cut | None]:
 def _verify_chain(path: Path, identity: PublicIdentity) -> LogVerification:
     party = identity.name
     # (1) every line is a whole, well-formed entry, or the tail cut by an interrupted write.
-    entries, cut, left = _read(path, party)
-    # Where (2)-(4) hold throughout, only the checkpoints are left to look at.
-    todo = range(len(entries)) if left is None else left
+    entries, cut, bulk = _read(path, party)
+    # Where the bulk reader proved (2)-(4) throughout, only the checkpoints are left to look at.
+    linked = bulk is not None and bulk.linked and bulk.actors <= {party}
+    todo = bulk.checkpoints if linked else range(len(entries))
     checkpoints, signed_through, closed_at = 0, None, None
     for i in todo:
         entry, line = entries[i], i + 1

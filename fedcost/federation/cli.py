@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,6 +24,7 @@ from fedcost.federation.job import FederationJob
 from fedcost.federation.provision import NODE_ROLES, Federation, FederationConfig
 from fedcost.identity.federation_ca import utc_now
 from fedcost.server import deploy
+from fedcost.server.app import new_run_id
 
 federation_app = typer.Typer(help="Provision a federation: CA, coordinator, node startup kits.", no_args_is_help=True)
 coordinator_app = typer.Typer(help="Run the federation's coordinator (Flower SuperLink).", no_args_is_help=True)
@@ -165,8 +164,7 @@ def _run_folder(federation: Federation, job: Path | None, resume: str | None) ->
         return folder
     assert job is not None
     checked = FederationJob.load(job)
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    folder = federation.runs_dir / run_id
+    folder = federation.runs_dir / new_run_id()
     folder.mkdir(parents=True)
     (folder / "job.toml").write_bytes(checked.to_toml())
     return folder

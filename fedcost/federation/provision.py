@@ -40,10 +40,11 @@ from fedcost.identity.federation_ca import (
     Authority,
     certificate_from_pem,
     certificate_to_pem,
+    check_crl,
     crl_from_pem,
     crl_to_pem,
     party_identity,
-    verify_party,
+    verify_certificate,
 )
 from fedcost.tomlfile import read_toml
 
@@ -294,9 +295,6 @@ class Federation:
     def coordinator_identity(self) -> Identity:
         return Identity.load(self.coordinator_dir, COORDINATOR)
 
-    def coordinator_certificate(self) -> x509.Certificate:
-        return _read_certificate(self.coordinator_dir / "coordinator.cert.pem")
-
     def node(self, name: str) -> EnrolledNode:
         folder = self.root / "nodes" / name
         if not folder.is_dir():
@@ -316,14 +314,15 @@ class Federation:
     def admission(self, *, at: datetime) -> dict[str, tuple[EnrolledNode, str | None]]:
         """Every enrolled node with ``None`` if it is admitted at ``at``, else the reason it is not."""
         ca, crl = self.ca_certificate(), self.crl()
+        try:
+            check_crl(ca, crl, at=at)
+            crl_problem = None
+        except CertificateError as error:  # then no node is admitted, each for this reason
+            crl_problem = str(error)
         decisions: dict[str, tuple[EnrolledNode, str | None]] = {}
         for name in self.node_names():
             node = self.node(name)
-            try:
-                verify_party(node.certificate, ca, crl, at=at)
-                decisions[name] = (node, None)
-            except CertificateError as error:
-                decisions[name] = (node, str(error))
+            decisions[name] = (node, crl_problem or _certificate_problem(node.certificate, ca, crl, at))
         return decisions
 
     # -- private ------------------------------------------------------------------------
@@ -358,6 +357,17 @@ def _strict(cls: type, raw: dict, path: Path):
         return cls(**raw)
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error), path=str(path)) from None
+
+
+def _certificate_problem(
+    certificate: x509.Certificate, ca: x509.Certificate, crl: x509.CertificateRevocationList, at: datetime
+) -> str | None:
+    """Why ``certificate`` is not admitted at ``at`` (its CRL already checked), or None."""
+    try:
+        verify_certificate(certificate, ca, crl, at=at)
+    except CertificateError as error:
+        return str(error)
+    return None
 
 
 def _read_certificate(path: Path) -> x509.Certificate:

@@ -122,13 +122,24 @@ def verify_party(
     4. its serial is not on the CRL;
     5. it is an end-entity certificate for an Ed25519 key with a valid name and role.
     """
-    who = _describe(certificate)
-    # (1)
+    check_crl(ca, crl, at=at)  # (1)
+    return verify_certificate(certificate, ca, crl, at=at)
+
+
+def check_crl(ca: x509.Certificate, crl: x509.CertificateRevocationList, *, at: datetime) -> None:
+    """Check (1) of ``verify_party``: one signature check for a whole roster, not one per entry."""
     if crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
         raise CertificateError("the revocation list is not signed by the federation's CA")
     if crl.next_update_utc is not None and at > crl.next_update_utc:
         raise CertificateError(f"the revocation list expired at {crl.next_update_utc:%Y-%m-%d %H:%M:%S} UTC; "
                                "the federation operator must issue a fresh one (fedcost federation revoke)")
+
+
+def verify_certificate(
+    certificate: x509.Certificate, ca: x509.Certificate, crl: x509.CertificateRevocationList, *, at: datetime
+) -> PublicIdentity:
+    """Checks (2)-(5) of ``verify_party``, for a CRL already checked with ``check_crl``."""
+    who = _describe(certificate)
     # (2)
     try:
         certificate.verify_directly_issued_by(ca)
@@ -172,7 +183,10 @@ def verify_roster(
     at: datetime,
 ) -> tuple[PublicIdentity, ...]:
     """Every roster entry checked by ``verify_party``, names unique; sorted by name."""
-    identities = [verify_party(certificate, ca, crl, at=at) for certificate in certificates]
+    certificates = list(certificates)
+    if certificates:
+        check_crl(ca, crl, at=at)
+    identities = [verify_certificate(certificate, ca, crl, at=at) for certificate in certificates]
     names = [identity.name for identity in identities]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:

@@ -31,7 +31,6 @@ _KEY_ID = re.compile(r"[0-9a-f]{64}")
 _METRIC_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 MAX_PRECISION = 12
 
-JOB_KINDS = ("train", "evaluate", "statistics", "analytics", "benchmark")
 # What each kind of job may ask for besides the site's whitelisted metrics.
 _KIND_OUTPUTS = {
     "train": ("weights", EXAMPLES),
@@ -40,6 +39,7 @@ _KIND_OUTPUTS = {
     "analytics": ("sums", EXAMPLES),
     "benchmark": ("sums", EXAMPLES),
 }
+JOB_KINDS = tuple(_KIND_OUTPUTS)
 # Outputs no policy can allow, with the reason shown to the user.
 _NEVER = {
     "rows": "raw rows never leave a site",

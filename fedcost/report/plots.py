@@ -59,9 +59,8 @@ def plot_calibration(summary: dict, path: Path) -> None:
     figure, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfect")
     top = 0.0
-    for model, bins in summary["calibration"].items():
-        if model not in MODEL_COLOURS:  # the shared model before site adaptation: in summary.json only
-            continue
+    for model in MODEL_COLOURS:
+        bins = summary["calibration"][model]
         ax.plot(bins["mean_predicted"], bins["observed_rate"], marker="o", color=MODEL_COLOURS[model], label=model)
         top = max(top, *bins["mean_predicted"], *bins["observed_rate"])
     ax.set(xlim=(0, min(1, top * 1.1)), ylim=(0, min(1, top * 1.1)), xlabel="predicted risk", ylabel="observed rate",

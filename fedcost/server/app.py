@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import time
+import uuid
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from collections.abc import Callable
 from typing import Protocol
 
@@ -45,6 +47,10 @@ JOB_OUTPUTS = {
     "benchmark": ["sums"],
 }
 
+
+def new_run_id() -> str:
+    """A fresh run id: its UTC start time (so run folders sort by start) and 6 random hex digits."""
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 @dataclass(frozen=True)
 class CoordinatorPlan:
