@@ -119,6 +119,7 @@ def test_node_file_that_is_not_there_is_refused(tmp_path: Path) -> None:
 BAD_MAPPINGS = {
     "unknown schema field": (MAPPING.replace('gender = "sex"', 'gender = "gender_code"'), "columns.gender", "unknown schema field"),
     "unknown role": (MAPPING.replace('role = "pharma"', 'role = "pharmacy"'), "nodes.pharmacy-north.role", "role must be one of"),
+    "missing role": (MAPPING.replace('role = "pharma"\n', ""), "nodes.pharmacy-north.role", 'missing; add role = "hospital"'),
     "no target": ('[nodes.pharmacy-north]\nrole = "pharma"\nfile = "pharmacy.csv"\n', "targets", "declare at least one target"),
     "unknown target": (MAPPING.replace("[targets.total_cost]", "[targets.mortality]"), "targets.mortality", "unknown target"),
     "recoding to an unknown level": (MAPPING.replace('M = "male"', 'M = "man"'), "values.sex.M", "not one of"),

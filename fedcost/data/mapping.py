@@ -212,6 +212,9 @@ class _MappingParser:
         if unknown:
             raise self.fail(f"{where}.{sorted(unknown)[0]}", "unknown option; use role, file, test_file, columns, lacks")
         role = spec.get("role")
+        if role is None:
+            choices = " | ".join(f'"{name}"' for name in schema.ROLES)
+            raise self.fail(f"{where}.role", f"missing; add role = {choices} under [{where}]")
         if role not in schema.ROLES:
             raise self.fail(f"{where}.role", f"role must be one of {', '.join(schema.ROLES)}, not {role!r}")
         if not isinstance(spec.get("file"), str):
