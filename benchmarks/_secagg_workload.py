@@ -8,6 +8,8 @@ pickled by value along with whatever they close over.
 Every node contributes the same fixed float32 vector every round (``node_vector``: uniform
 in [-1, 1), seeded by the node's partition id) with weight BENCH_ROWS, and every system sends the
 D-entry global model down with the request for the contribution, as a training round would.
+fedcost's sum is told the total weight (BENCH_ROWS * N), as a training round is told the
+federation's training rows, so its masked vector is 32-bit words as in training.
 
 Measurements (per round; the first round is a warm-up and is not reported):
 
@@ -304,7 +306,9 @@ def fedcost_apps(system: str, nodes: int, dim: int, rounds: int, clock: RoundClo
         weights = ArrayRecord({"w": Array(np.zeros(dim, np.float32))})
         result = None
         for server_round in range(rounds + 1):
-            run = lambda r=server_round: sums.run("train", r + 1, [(dim,), (1,)], sorted(sites), arrays=weights)  # noqa: E731
+            run = lambda r=server_round: sums.run(  # noqa: E731
+                "train", r + 1, [(dim,), (1,)], sorted(sites), arrays=weights, total_weight=BENCH_ROWS * nodes
+            )
             result = profile.measure(lambda: clock.timed(run), warm_up=server_round == 0)
         assert result is not None and len(result.included) == nodes, "a node dropped out"
         clock.max_abs_error = float(np.max(np.abs(result.arrays[0] / BENCH_ROWS - expected_sum(nodes, dim))))

@@ -18,7 +18,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedcost.secagg import Coordinator, Node, Quantizer, RoundConfig, Stage, choose_degree, choose_threshold, shamir
-from fedcost.secagg.prg import MaskSum, expand
+from fedcost.secagg.prg import MaskSum, expand, word
 
 ROUNDS = [
     (10, 10_000),
@@ -41,8 +41,8 @@ def _median_ms(call: Callable[[], object], repeat: int = 7) -> float:
     return 1000 * statistics.median(times)
 
 
-def _mask_sum(start: np.ndarray, keys: list[bytes]) -> np.ndarray:
-    total = MaskSum(start, 48)
+def _mask_sum(bits: int, keys: list[bytes]) -> np.ndarray:
+    total = MaskSum(np.zeros(1_000_000, word(bits)), bits)
     for key in keys:
         total.add(key)
     return total.reduced()
@@ -52,14 +52,16 @@ def bench_primitives() -> None:
     key = secrets.token_bytes(32)
     quantizer = Quantizer(clip=1.0, levels=2**15, max_nodes=1000)
     update = [np.linspace(-2, 2, 1_000_000)]
-    expand_ms = _median_ms(lambda: expand(key, 1_000_000, 48))
     degree = choose_degree(100)
     keys = [secrets.token_bytes(32) for _ in range(degree + 1)]
-    masking_ms = _median_ms(lambda: _mask_sum(np.zeros(1_000_000, np.uint64), keys))
     quantise_ms = _median_ms(lambda: quantizer.encode(update, seed=key))
     print("| primitive | time (ms, median of 7) |\n| --- | ---: |")
-    print(f"| mask expansion, 1M entries mod 2^48 (AES-256-CTR) | {expand_ms:.1f} |")
-    print(f"| one node's masking at N=100: self mask + {degree} pair masks, 1M entries (MaskSum) | {masking_ms:.1f} |")
+    for bits in (32, 48):  # 32-bit words (a scaled training sum) and 64-bit words
+        expand_ms = _median_ms(lambda bits=bits: expand(key, 1_000_000, bits))
+        masking_ms = _median_ms(lambda bits=bits: _mask_sum(bits, keys))
+        words = f"{word(bits).itemsize * 8}-bit words"
+        print(f"| mask expansion, 1M entries mod 2^{bits}, {words} (AES-256-CTR) | {expand_ms:.1f} |")
+        print(f"| one node's masking at N=100, {words}: self mask + {degree} pair masks, 1M entries (MaskSum) | {masking_ms:.1f} |")
     print(f"| quantise 1M floats (clip + stochastic rounding) | {quantise_ms:.1f} |")
     for nodes in (10, 50, 100, 1000):  # a node shares among its k neighbours, t of them recover
         k = choose_degree(nodes)

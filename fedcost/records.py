@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from fedcost.secagg import Quantizer
+
 # Record names inside Flower messages.
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -35,7 +37,6 @@ TRANSPORT = "transport"
 PURPOSE = "purpose"
 JOB = "job"
 ROUND = "round"
-QUANTIZER = "quantizer"
 WEIGHT = "weight"
 
 HELLO, PLAIN, SECURE, CLOSE = "hello", "plain", "secagg", "close"
@@ -54,6 +55,31 @@ def join_message_dict(config: ConfigRecord, arrays: ArrayRecord | None) -> dict[
     if arrays is not None:
         data.update({k: a.numpy() for k, a in arrays.items()})
     return data
+
+
+def quantizer_config(quantizer: Quantizer) -> dict[str, int | float]:
+    """The quantiser of a secure sum as config entries: every node encodes with the same one."""
+    config: dict[str, int | float] = {
+        "q_clip": quantizer.clip,
+        "q_levels": quantizer.levels,
+        "q_max_nodes": quantizer.max_nodes,
+        "q_max_weight": quantizer.max_weight,
+    }
+    if quantizer.total_weight is not None:
+        config["q_total_weight"] = quantizer.total_weight
+    return config
+
+
+def quantizer_from_config(config: ConfigRecord) -> Quantizer:
+    """The inverse of ``quantizer_config``; a missing or malformed entry raises KeyError or ValueError."""
+    total_weight = config.get("q_total_weight")
+    return Quantizer(
+        float(config["q_clip"]),
+        int(config["q_levels"]),
+        int(config["q_max_nodes"]),
+        int(config["q_max_weight"]),
+        None if total_weight is None else int(total_weight),
+    )
 
 
 def arrays_record(arrays: list[np.ndarray]) -> ArrayRecord:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from fedcost.analytics import exact
 from fedcost.secagg import Quantizer
+from fedcost.secagg.prg import word
 from fedcost.server.shared_sum import SUMS_CLIP, SUMS_LEVELS
 
 LIMBS = 3
@@ -31,7 +32,7 @@ def test_limbs_pass_the_shared_sum_quantiser_exactly(nodes: list[list[int]]) -> 
     quantizer = Quantizer(SUMS_CLIP, SUMS_LEVELS, len(nodes))
     shapes = [(3 * LIMBS,)]
     encoded = [quantizer.encode([exact.split(node, LIMBS)], seed=secrets.token_bytes(32)) for node in nodes]
-    total = np.sum(encoded, axis=0, dtype=np.uint64) % np.uint64(2**quantizer.bits)
+    total = np.sum(encoded, axis=0, dtype=word(quantizer.bits)) % word(quantizer.bits).type(2**quantizer.bits)
     (decoded,), _ = quantizer.decode(total, shapes)
     assert exact.join(decoded, LIMBS) == [sum(column) for column in zip(*nodes)]
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from fedcost.privacy import OutgoingMessage, PrivacySettings, SitePolicy, error_reply_reason, inspect_outgoing
 from fedcost.secagg import Coordinator, Node, RoundConfig, Stage
+from fedcost.secagg.prg import word
 
 POLICY = SitePolicy(
     coordinator="ab" * 32,
@@ -68,7 +69,7 @@ def test_every_reply_of_a_real_secure_aggregation_round_passes():
     while not coordinator.done:
         replies = []
         for u, request in requests.items():
-            vector = np.full(6, u, dtype=np.uint64) if request.stage is Stage.MASKED_INPUT else None
+            vector = np.full(6, u, dtype=word(config.bits)) if request.stage is Stage.MASKED_INPUT else None
             reply = nodes[u].handle(request, vector=vector)
             fields = reply.to_dict()
             arrays = {k: v for k, v in fields.items() if isinstance(v, np.ndarray)}

@@ -21,6 +21,7 @@ from fedcost.secagg import (
     crypto,
     shamir,
 )
+from fedcost.secagg.prg import word
 
 
 class _Federation:
@@ -34,7 +35,7 @@ class _Federation:
         self.nodes = {u: Node(u, self.keys[u], self.identities) for u in ids}
         self.coordinator = Coordinator(self.config, self.identities)
         self.requests = self.coordinator.start()
-        self.inputs = {u: np.array([u, 1, 0], dtype=np.uint64) for u in ids}
+        self.inputs = {u: np.array([u, 1, 0], dtype=word(self.config.bits)) for u in ids}
 
     def answer(self, u: int, request=None):
         request = request or self.requests[u]

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from fedcost.errors import InvalidSignatureError
 from fedcost.secagg import crypto, shamir
-from fedcost.secagg.prg import MaskSum, expand
+from fedcost.secagg.prg import MaskSum, expand, word
 
 # --- HKDF labels -------------------------------------------------------------------
 
@@ -108,6 +108,9 @@ def test_prg_matches_the_aes256_known_answer():
     # dc95c078a2408989ad48a21492842087, read as two little-endian uint64.
     expected = [int.from_bytes(bytes.fromhex(h), "little") for h in ("dc95c078a2408989", "ad48a21492842087")]
     assert expand(bytes(32), 2, 64).tolist() == expected
+    # 32-bit words read the same keystream four bytes at a time
+    assert expand(bytes(32), 4, 32).tolist() == [int.from_bytes(bytes.fromhex(h), "little") for h in
+                                                  ("dc95c078", "a2408989", "ad48a214", "92842087")]
 
 
 def test_prg_same_key_same_mask_and_different_label_different_mask():
@@ -118,12 +121,13 @@ def test_prg_same_key_same_mask_and_different_label_different_mask():
     assert np.array_equal(first, expand(key, 1000, 40))
     assert not np.array_equal(first, expand(other, 1000, 40))
     assert first.dtype == np.uint64 and first.shape == (1000,)
+    assert expand(key, 1000, 32).dtype == np.uint32
 
 
 @given(bits=st.integers(1, 64), length=st.integers(0, 300))
 def test_prg_stays_below_the_modulus(bits, length):
     mask = expand(secrets.token_bytes(32), length, bits)
-    assert mask.shape == (length,)
+    assert mask.shape == (length,) and mask.dtype == word(bits)
     assert all(int(v) < 2**bits for v in mask)
 
 
@@ -145,10 +149,13 @@ def test_mask_sum_equals_adding_every_expansion_one_at_a_time(data, length, bits
     terms = data.draw(st.lists(st.tuples(st.binary(min_size=32, max_size=32), st.booleans()), max_size=5))
     original = start.copy()
     total, expected = MaskSum(start, bits), start.copy()
+    full = 8 * word(bits).itemsize  # a whole word of keystream, wrapping at the word's size
     for key, plus in terms:
         (total.add if plus else total.subtract)(key)
-        expected = expected + expand(key, length, 64) if plus else expected - expand(key, length, 64)
-    assert np.array_equal(total.reduced(), expected & np.uint64((1 << bits) - 1))
+        expected = expected + expand(key, length, full) if plus else expected - expand(key, length, full)
+    reduced = total.reduced()
+    assert reduced.dtype == word(bits)
+    assert np.array_equal(reduced, expected & word(bits).type((1 << bits) - 1))
     assert np.array_equal(start, original)  # the start vector is left alone
 
 
@@ -158,6 +165,12 @@ def test_prg_refuses_short_keys_and_odd_moduli(key, bits):
         expand(key, 4, bits)
     with pytest.raises(ValueError):
         MaskSum(np.zeros(4, np.uint64), bits).add(key)
+
+
+@pytest.mark.parametrize("dtype,bits", [(np.uint64, 32), (np.uint32, 33), (np.int64, 48)])
+def test_mask_sum_refuses_a_start_vector_of_another_word(dtype, bits):
+    with pytest.raises(ValueError, match="starts from"):
+        MaskSum(np.zeros(4, dtype), bits)
 
 
 # --- Shamir ------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from fedcost.secagg import (
     request_from_dict,
     simulate_round,
 )
+from fedcost.secagg.prg import WORDS, word
 
 DROP_STAGES = [Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK]
 
@@ -76,13 +77,18 @@ def test_round_gives_the_exact_sum_of_survivors_or_aborts(data):
         degree // 2 + 1 + data.draw(st.integers(0, degree - degree // 2 - 1), label="threshold - minimum")
     )
     max_weight = data.draw(st.integers(1, 50), label="max_weight")
+    weights = {u: data.draw(st.integers(1, max_weight)) for u in ids}
+    known_total = data.draw(st.booleans(), label="total weight known")
     quantizer = Quantizer(
-        clip=1.0, levels=data.draw(st.integers(1, 2**12)), max_nodes=n, max_weight=max_weight
+        clip=1.0,
+        levels=data.draw(st.integers(1, 2**12) | st.integers(2**20, 2**34), label="levels"),
+        max_nodes=n,
+        max_weight=max_weight,
+        total_weight=sum(weights.values()) if known_total else None,
     )
     shapes = data.draw(st.lists(array_shapes(max_dims=2, max_side=4), min_size=1, max_size=2), label="shapes")
     floats = st.floats(-3.0, 3.0, allow_nan=False)  # values beyond the clip of 1.0 too
     updates = {u: [data.draw(arrays(np.float64, s, elements=floats)) for s in shapes] for u in ids}
-    weights = {u: data.draw(st.integers(1, max_weight)) for u in ids}
     inputs = {u: quantizer.encode(updates[u], seed=secrets.token_bytes(32), weight=weights[u]) for u in ids}
     leaving = data.draw(st.permutations(ids))[: data.draw(st.integers(1, n // 2 + 1), label="dropout count")]
     dropouts = {u: data.draw(st.sampled_from(DROP_STAGES), label=f"stage node {u} drops in") for u in leaving}
@@ -98,6 +104,7 @@ def test_round_gives_the_exact_sum_of_survivors_or_aborts(data):
     )
     included = _expected_outcome(config, dropouts)
     event("aborted" if included is None else f"summed with {len(dropouts)} dropouts")
+    event(f"{word(quantizer.bits)} words, scale {'1' if quantizer.scale == 1 else '> 1'}")
     if included is None:
         with pytest.raises(ProtocolAbort, match="round aborted"):
             simulate_round(config, inputs, dropouts=dropouts)
@@ -109,7 +116,7 @@ def test_round_gives_the_exact_sum_of_survivors_or_aborts(data):
     assert summed_weight == sum(weights[u] for u in included)
     for i, got in enumerate(sums):
         want = sum(weights[u] * np.clip(updates[u][i], -1.0, 1.0) for u in included)
-        assert np.all(np.abs(got - want) <= quantizer.step * summed_weight + 1e-9)
+        assert np.all(np.abs(got - want) <= quantizer.step * quantizer.scale * len(included) * (1 + 1e-9) + 1e-9)
 
 
 @pytest.mark.parametrize("n,degree,threshold,most", [(5, 4, 3, 5), (6, 4, 3, 2)])
@@ -131,7 +138,7 @@ def test_every_dropout_set_after_share_keys_and_after_masked_input(n, degree, th
         bits=20,
         dim=3,
     )
-    inputs = {u: np.array([u, 1000 * u, 2**19 - u], dtype=np.uint64) for u in ids}
+    inputs = {u: np.array([u, 1000 * u, 2**19 - u], dtype=word(config.bits)) for u in ids}
     outcomes = {"summed": 0, "aborted": 0}
     for choice in itertools.product([None, Stage.MASKED_INPUT, Stage.UNMASK], repeat=n):
         dropouts = {u: stage for u, stage in zip(ids, choice) if stage}
@@ -154,7 +161,7 @@ def test_every_dropout_set_after_share_keys_and_after_masked_input(n, degree, th
 def test_dropouts_are_recorded_with_their_stage():
     ids = tuple(range(1, 8))
     config = RoundConfig.create(run_id="log", round=2, node_ids=ids, dim=2, bits=16)
-    inputs = {u: np.array([u, 1], dtype=np.uint64) for u in ids}
+    inputs = {u: np.array([u, 1], dtype=word(config.bits)) for u in ids}
     identity_keys = {u: Ed25519PrivateKey.generate() for u in ids}
     identities = {u: k.public_key() for u, k in identity_keys.items()}
     nodes = {u: Node(u, identity_keys[u], identities) for u in ids}
@@ -198,7 +205,7 @@ class _Round:
         self.identities = {u: key.public_key() for u, key in keys.items()}
         self.nodes = {u: Node(u, keys[u], self.identities) for u in ids}
         self.coordinator = Coordinator(self.config, self.identities)
-        self.inputs = {u: np.array([u, 2 * u, 3 * u, 1], dtype=np.uint64) for u in ids}
+        self.inputs = {u: np.array([u, 2 * u, 3 * u, 1], dtype=word(self.config.bits)) for u in ids}
         self.via_dicts = via_dicts
         self.requests = self.coordinator.start() if start else {}
         self.replies: list = []
@@ -314,8 +321,11 @@ def test_the_input_vector_goes_with_the_masked_input_request_only():
     with pytest.raises(ValueError, match="masked-input request"):
         node.handle(round_.requests[1], vector=round_.inputs[1])
     round_, node = _node_in_state(2)
-    with pytest.raises(ValueError, match="uint64 vector of 4"):
-        node.handle(round_.requests[1], vector=np.zeros(3, dtype=np.uint64))
+    with pytest.raises(ValueError, match="4 entries of uint32"):
+        node.handle(round_.requests[1], vector=np.zeros(3, dtype=np.uint32))
+    round_, node = _node_in_state(2)
+    with pytest.raises(ValueError, match="4 entries of uint32"):  # 64-bit words in a 24-bit round
+        node.handle(round_.requests[1], vector=np.zeros(4, dtype=np.uint64))
 
 
 def test_a_node_outside_the_round_refuses_it():
@@ -383,7 +393,7 @@ def _plain(value) -> bool:
     if isinstance(value, list):
         return len({type(v) for v in value}) <= 1 and all(isinstance(v, (int, str, bytes)) for v in value)
     return isinstance(value, (int, str, bytes)) or (
-        isinstance(value, np.ndarray) and value.dtype == np.uint64
+        isinstance(value, np.ndarray) and value.dtype in WORDS
     )
 
 
@@ -460,7 +470,7 @@ def test_a_node_restored_from_its_exported_state_finishes_the_round() -> None:
     keys = {n: Ed25519PrivateKey.generate() for n in config.node_ids}
     identities = {n: k.public_key() for n, k in keys.items()}
     states = {n: Node(n, keys[n], identities).export_state() for n in config.node_ids}
-    inputs = {n: np.arange(5, dtype=np.uint64) * np.uint64(n) for n in config.node_ids}
+    inputs = {n: np.arange(5, dtype=word(config.bits)) * n for n in config.node_ids}
     coordinator = Coordinator(config, identities)
     requests = coordinator.start()
     while not coordinator.done:

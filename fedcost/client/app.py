@@ -38,7 +38,7 @@ from fedcost.identity import Identity
 from fedcost.job import TrainingJob
 from fedcost.privacy import SitePolicy
 from fedcost.privacy.dp import DPConfig
-from fedcost.secagg import MaskedInputRequest, Quantizer, SetupRequest, request_from_dict
+from fedcost.secagg import MaskedInputRequest, SetupRequest, request_from_dict
 from fedcost.secagg import Node as SecAggNode
 
 SetupResolver = Callable[[Context], NodeSetup]
@@ -278,9 +278,7 @@ def _secure_stage(
     vector = None
     if isinstance(request, MaskedInputRequest):
         contribution = _contribution(node, setup, policy, accepted, message, log)
-        quantizer = Quantizer(
-            float(config["q_clip"]), int(config["q_levels"]), int(config["q_max_nodes"]), int(config["q_max_weight"])
-        )
+        quantizer = rec.quantizer_from_config(config)
         vector = quantizer.encode(contribution.arrays, seed=secrets.token_bytes(32), weight=contribution.weight)
     reply = secure.handle(request, vector=vector)
     if _drops_out(setup, config, reply.stage.value):

@@ -16,7 +16,6 @@ from fedcost.job import TrainingJob
 from fedcost.models import evaluation
 from fedcost.privacy import OutgoingMessage, SitePolicy, error_reply_reason, inspect_outgoing
 from fedcost.privacy.policy import EXAMPLES
-from fedcost.secagg import Quantizer
 from fedcost.secagg.messages import Stage
 
 Shapes = list[tuple[int, ...]]
@@ -47,9 +46,7 @@ def expected_arrays(request: Message, vector_size: int) -> dict[str, tuple[int, 
         shapes = contribution_shapes(request, vector_size)
         return {f"{i:04d}": shape for i, shape in enumerate(shapes)}
     if transport == rec.SECURE and request.content[rec.SECAGG]["stage"] == Stage.MASKED_INPUT:
-        quantizer = Quantizer(
-            float(config["q_clip"]), int(config["q_levels"]), int(config["q_max_nodes"]), int(config["q_max_weight"])
-        )
+        quantizer = rec.quantizer_from_config(config)
         return {MASKED: (quantizer.length(contribution_shapes(request, vector_size)),)}
     return {}
 

@@ -4,7 +4,7 @@ A pure function over a description of a reply, for the client mod that runs last
 the wire. Everything not explicitly allowed is refused:
 
 - arrays: only the update or sum vectors the accepted job fixed (names and shapes),
-  masked (uint64, secure aggregation) or, where the policy does not require secure
+  masked (32- or 64-bit unsigned words, secure aggregation) or, where the policy does not require secure
   aggregation, plain finite floats; never more numbers or bytes than the policy allows;
 - metrics: the example count used for weighting, and the policy's metrics, rounded to
   the policy's precision;
@@ -33,6 +33,7 @@ from fedcost.privacy.policy import EXAMPLES, SitePolicy
 from fedcost.schema import ROLES
 from fedcost.secagg.crypto import KEY_SIZE
 from fedcost.secagg.messages import Stage
+from fedcost.secagg.prg import WORDS
 
 MESSAGE_KINDS = ("train", "evaluate", "query")
 ConfigValue = str | int | float | bool | bytes | list[int] | list[bytes]
@@ -221,8 +222,8 @@ def _arrays(policy: SitePolicy, message: OutgoingMessage) -> dict[str, np.ndarra
         raise _Refused(f"more numbers than the site's max_model_parameters ({limit})", f"{total} numbers")
     copies = {}
     for name, array in message.arrays.items():
-        if message.masked and array.dtype != np.uint64:
-            raise _Refused("a masked array that is not uint64", f"array {name!r:.80} dtype {array.dtype}")
+        if message.masked and array.dtype not in WORDS:
+            raise _Refused("a masked array that is not uint32 or uint64", f"array {name!r:.80} dtype {array.dtype}")
         if not message.masked:
             if not np.issubdtype(array.dtype, np.floating):
                 raise _Refused("a plain array that is not floating point", f"array {name!r:.80} dtype {array.dtype}")

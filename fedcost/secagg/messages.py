@@ -1,7 +1,7 @@
 """The messages of one SecAgg+ round, and the round's public configuration.
 
 Frozen dataclasses that validate their own field types. ``to_dict`` gives a flat dict of
-ints, strs, bytes and lists of those (plus one uint64 numpy array for a masked input),
+ints, strs, bytes and lists of those (plus one numpy array of 32- or 64-bit words for a masked input),
 so a binding can put it into Flower ConfigRecords and ArrayRecords as it is;
 ``from_dict`` is its strict inverse. ``request_from_dict`` and ``reply_from_dict`` are
 the boundary: anything malformed there becomes a ``ProtocolAbort``.
@@ -20,6 +20,7 @@ import numpy as np
 from fedcost.errors import ProtocolAbort
 from fedcost.secagg import graph
 from fedcost.secagg.crypto import KEY_SIZE, PROTOCOL, canonical, check_run_id
+from fedcost.secagg.prg import WORDS
 from fedcost.secagg.quantize import MAX_BITS
 
 
@@ -325,8 +326,8 @@ class MaskedInputReply(_Message):
 
     def __post_init__(self) -> None:
         _check_int("node_id", self.node_id, minimum=1)
-        if not isinstance(self.masked, np.ndarray) or self.masked.dtype != np.uint64 or self.masked.ndim != 1:
-            raise TypeError("masked must be a one-dimensional uint64 numpy array")
+        if not isinstance(self.masked, np.ndarray) or self.masked.dtype not in WORDS or self.masked.ndim != 1:
+            raise TypeError("masked must be a one-dimensional uint32 or uint64 numpy array")
 
     def _payload(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "masked": self.masked}

@@ -2,15 +2,18 @@
 
 The keystream is AES-256-CTR from pyca/cryptography (AES-NI makes it several times
 faster than ChaCha20 on the servers fedcost targets), written by ``update_into`` straight
-into the memory of a uint64 numpy array and read as little-endian: no Python loop
+into the memory of a numpy array and read as little-endian words: no Python loop
 touches an entry and no intermediate bytes object is made (about 2 ms per million
-entries, against about 19 ms through ``update`` and ``np.frombuffer``). Each key is
-derived for exactly one expansion (see ``crypto.label``), so a fixed all-zero initial
+64-bit entries, against about 19 ms through ``update`` and ``np.frombuffer``). Each key
+is derived for exactly one expansion (see ``crypto.label``), so a fixed all-zero initial
 counter block is safe. Never ``numpy.random``, never a seed folded to fewer bits
 (flwrlabs/flower#7522).
 
-Masks are added and subtracted mod 2**64 and reduced mod 2**bits once at the end
-(``MaskSum``): 2**bits divides 2**64, so this equals reducing every mask first.
+Words: a modulus of at most 2**32 takes 32-bit words (``word``), a larger one 64-bit
+words. The word sets the keystream bytes per entry and the bytes on the wire, so a
+32-bit round expands and sends half as much. Masks are added and subtracted mod
+2**(word size) and reduced mod 2**bits once at the end (``MaskSum``): 2**bits divides
+the word's modulus, so this equals reducing every mask first.
 """
 
 from __future__ import annotations
@@ -23,18 +26,25 @@ from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algori
 from fedcost.secagg.crypto import KEY_SIZE
 
 _INITIAL_COUNTER = bytes(16)
-_ENTRY = np.dtype("<u8")
-_CHUNK = 32_768  # entries per chunk in MaskSum: 256 KiB, inside a core's L2 cache
+_CHUNK_BYTES = 256 * 1024  # one chunk of MaskSum: inside a core's L2 cache
+
+
+WORDS = (np.dtype("<u4"), np.dtype("<u8"))
+
+
+def word(bits: int) -> np.dtype:
+    """The unsigned little-endian integer type that holds entries mod 2**bits: 32 or 64 bits."""
+    _check_bits(bits)
+    return WORDS[0] if bits <= 32 else WORDS[1]
 
 
 def expand(key: bytes, length: int, bits: int) -> np.ndarray:
-    """``length`` uniform integers in [0, 2**bits) as uint64, from the keystream of ``key``."""
-    _check_bits(bits)
+    """``length`` uniform integers in [0, 2**bits) as ``word(bits)``, from the keystream of ``key``."""
     if length < 0:
         raise ValueError(f"length must be non-negative, got {length}")
-    out = np.empty(length, dtype=_ENTRY)
+    out = np.empty(length, dtype=word(bits))
     _keystream_into(key, out)
-    out &= np.uint64((1 << bits) - 1)
+    out &= out.dtype.type((1 << bits) - 1)
     return out
 
 
@@ -50,9 +60,8 @@ class MaskSum:
     """
 
     def __init__(self, start: np.ndarray, bits: int):
-        _check_bits(bits)
-        if start.dtype != np.uint64 or start.ndim != 1:
-            raise ValueError("a mask sum starts from a one-dimensional uint64 vector")
+        if start.dtype != word(bits) or start.ndim != 1:
+            raise ValueError(f"a mask sum mod 2**{bits} starts from a one-dimensional {word(bits)} vector")
         self._start = start
         self._bits = bits
         self._terms: list[tuple[bytes, bool]] = []
@@ -66,18 +75,19 @@ class MaskSum:
         self._terms.append((_checked_key(key), False))
 
     def reduced(self) -> np.ndarray:
-        """The start vector plus and minus every recorded expansion, mod 2**bits (uint64)."""
-        total = np.array(self._start, dtype=np.uint64, copy=True)
+        """The start vector plus and minus every recorded expansion, mod 2**bits (``word(bits)``)."""
+        total = self._start.copy()
         streams = [(_encryptor(key), plus) for key, plus in self._terms]
-        scratch = np.empty(min(_CHUNK, total.size), dtype=_ENTRY)
-        for begin in range(0, total.size, _CHUNK):
-            chunk = total[begin : begin + _CHUNK]
+        entries = _CHUNK_BYTES // total.itemsize
+        scratch = np.empty(min(entries, total.size), dtype=total.dtype)
+        for begin in range(0, total.size, entries):
+            chunk = total[begin : begin + entries]
             mask = scratch[: chunk.size]
             zeros, view = _zeros(mask.nbytes), memoryview(mask).cast("B")
             for encryptor, plus in streams:
                 encryptor.update_into(zeros, view)
                 (np.add if plus else np.subtract)(chunk, mask, out=chunk)
-        total &= np.uint64((1 << self._bits) - 1)
+        total &= total.dtype.type((1 << self._bits) - 1)
         return total
 
 
@@ -97,7 +107,7 @@ def _encryptor(key: bytes) -> CipherContext:
 
 
 def _keystream_into(key: bytes, out: np.ndarray) -> np.ndarray:
-    """Overwrite ``out`` (C-contiguous little-endian uint64) with the keystream of ``key``."""
+    """Overwrite ``out`` (C-contiguous, little-endian words) with the keystream of ``key``."""
     _encryptor(key).update_into(_zeros(out.nbytes), memoryview(out).cast("B"))
     return out
 

@@ -43,7 +43,7 @@ from fedcost.secagg.messages import (
     UnmaskReply,
     UnmaskRequest,
 )
-from fedcost.secagg.prg import MaskSum
+from fedcost.secagg.prg import MaskSum, word
 
 _X_SIZE = 4  # bytes of a share's x-coordinate inside the encrypted plaintext
 _PLAINTEXT_SIZE = _X_SIZE + 2 * shamir.SHARE_SIZE
@@ -93,9 +93,13 @@ def _check_stage(
         )
 
 
-def _below_modulus(config: RoundConfig, vector: np.ndarray) -> bool:
-    """Whether every entry of a non-empty uint64 vector is below 2**bits (one pass, no copy)."""
-    return int(vector.max()) >> config.bits == 0
+def _in_round_words(config: RoundConfig, vector: np.ndarray) -> bool:
+    """Whether a vector is ``dim`` of the round's words, each below 2**bits (one pass, no copy)."""
+    return (
+        vector.dtype == word(config.bits)
+        and vector.shape == (config.dim,)
+        and int(vector.max()) >> config.bits == 0
+    )
 
 
 def _self_mask_key(config: RoundConfig, node: int, seed: bytes) -> bytes:
@@ -189,8 +193,9 @@ class Node:
     def handle(self, request: Request, *, vector: np.ndarray | None = None) -> Reply:
         """Answer the coordinator's request for the next stage.
 
-        ``vector`` is this node's quantised input (uint64, ``config.dim`` entries, below
-        2**bits); pass it with the masked-input request and only then.
+        ``vector`` is this node's quantised input (``config.dim`` entries of
+        ``prg.word(config.bits)``, below 2**bits); pass it with the masked-input request
+        and only then.
         """
         expected, self._next = self._next, None  # whatever raises below ends the round for this node
         _check_stage(expected, request, _NODE_STAGES)
@@ -266,10 +271,8 @@ class Node:
     def _masked_input(self, request: MaskedInputRequest, vector: np.ndarray) -> MaskedInputReply:
         """Decrypt the shares held for neighbours, then mask the input with every pair key."""
         config = self._config
-        if not isinstance(vector, np.ndarray) or vector.dtype != np.uint64 or vector.shape != (config.dim,):
-            raise ValueError(f"input must be a uint64 vector of {config.dim} entries")
-        if not _below_modulus(config, vector):
-            raise ValueError(f"input has entries of {config.bits} bits or more")
+        if not isinstance(vector, np.ndarray) or not _in_round_words(config, vector):
+            raise ValueError(f"input must be {config.dim} entries of {word(config.bits)} below 2**{config.bits}")
         held: dict[int, tuple[int, bytes, bytes]] = {}
         for share in request.shares:
             if share.recipient != self.node_id or share.sender not in self._peers or share.sender in held:
@@ -353,7 +356,7 @@ class Coordinator:
         self._advertised: dict[int, KeyAdvertisement] = {}
         self._shared: set[int] = set()
         self._masked: set[int] = set()
-        self._total = np.zeros(config.dim, dtype=np.uint64)
+        self._total = np.zeros(config.dim, dtype=word(config.bits))
         self._unmask_requests: dict[int, UnmaskRequest] = {}
         self._result: Aggregate | None = None
 
@@ -473,13 +476,14 @@ class Coordinator:
         """Add up the masked inputs; ask each survivor for one share per neighbour."""
         config = self.config
         for node, reply in by_node.items():
-            masked = reply.masked
-            if masked.shape != (config.dim,) or not _below_modulus(config, masked):
+            if not _in_round_words(config, reply.masked):
                 self._drop(
-                    node, Stage.MASKED_INPUT, f"masked input is not {config.dim} entries mod 2**{config.bits}"
+                    node,
+                    Stage.MASKED_INPUT,
+                    f"masked input is not {config.dim} entries of {word(config.bits)} mod 2**{config.bits}",
                 )
                 continue
-            self._total += masked
+            self._total += reply.masked
             self._masked.add(node)
         self._check_threshold(self._shared, self._masked, Stage.MASKED_INPUT)
         dropped = self._shared - self._masked

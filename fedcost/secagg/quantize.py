@@ -1,23 +1,28 @@
 """Quantisation of float updates into integers mod 2**bits, and back.
 
-A node clips every entry to [-clip, clip] and rounds it stochastically onto the grid
--clip, -clip + step, ..., clip with ``step = clip / levels``: grid index q in 0..2*levels,
-unbiased (E[q * step - clip] = x). The uniforms come from the PRG keyed with a
-caller-supplied 256-bit seed, never from ``numpy.random``.
+A node clips every entry to [-clip, clip] and maps it onto a grid of ``step = clip /
+levels``: g = (x + clip) / step, in 0..2*levels. Weighting (FedAvg by example count):
+with its integer weight w (1..max_weight) and the public ``scale`` s, the node sends
+q = floor(w * g / s + u), u uniform in [0, 1) from the PRG keyed with a caller-supplied
+256-bit seed (never ``numpy.random``): stochastic rounding, so E[q] = w * g / s exactly.
+It appends w itself as one last entry, and the protocol sums both in the same round.
+The coordinator recovers ``sum(w_i * x_i) = step * (s * sum(q_i) - levels * sum(w_i))``,
+taking the offset from the summed weights, so the decoder never needs to know who
+dropped out. The weighted mean is that over sum(w_i).
 
-Weighting (FedAvg by example count): the node multiplies its grid indices by its integer
-weight w (1..max_weight) and appends w itself as one last entry; the protocol sums both
-in the same round. Everything stays an exact integer, and the coordinator recovers
-``sum(w_i * x_i) = step * (sum(w_i * q_i) - levels * sum(w_i))``: the offset shift of the
-survivors is taken from the summed weights (the survivor count when every w is 1), so
-the decoder never needs to know who dropped out. The weighted mean is that over sum(w_i).
+Scale and modulus: the largest possible sum is about ``2 * levels * W / s + max_nodes``,
+W the public bound on the summed weight (``total_weight``, else max_nodes * max_weight),
+and ``bits`` is its bit length. With s = 1 that is 2 * levels * W exactly, as many bits
+as ``levels`` and W need (48 for 2**20 levels and 100 nodes of up to 2**20 examples).
+When a round knows its total weight (the federation's training rows, from the
+statistics stage), s is the smallest integer that brings the sum below 2**32, so every
+entry is a 32-bit word (``prg.word``): half the mask keystream and half the bytes of
+64-bit words. The scale is only taken while s * max_nodes <= W (see Error).
 
-Modulus: the largest possible sum is ``max_nodes * max_weight * 2 * levels``; ``bits`` is
-its bit length, so max_nodes inputs at +clip never wrap mod 2**bits. It must be at most
-62 so that every sum also fits an int64 while decoding.
-
-Error: each entry of each node is off by less than one step, so a decoded weighted sum
-is within ``step * sum(w_i)`` of the clipped float sum (n * clip / levels unweighted).
+Error: each node's entry is off by at most one grid unit, ``step * s`` in units of
+weight times value, so a decoded weighted sum is within ``step * s * n`` of the clipped
+float sum: n * step unweighted, and at most ``step * W`` with a total weight, i.e. one
+step on the weighted mean of nodes whose weights add up to W.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedcost.secagg.crypto import KEY_SIZE
-from fedcost.secagg.prg import expand
+from fedcost.secagg.prg import expand, word
 
 MAX_BITS = 62
+WORD_BITS = 32  # the narrow word a scaled sum is brought into
 _UNIFORM_BITS = 53  # a float64 holds 53-bit integers exactly
 
 
@@ -49,51 +55,88 @@ class Quantizer:
         Most nodes whose inputs are summed in one round.
     max_weight:
         Largest per-node weight (example count); 1 for an unweighted sum.
+    total_weight:
+        The most the weights of one round's nodes add up to, when the round knows it
+        (the federation's training rows); it lets a weighted sum fit 32-bit words.
     """
 
     clip: float
     levels: int
     max_nodes: int
     max_weight: int = 1
+    total_weight: int | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.clip, (int, float)) and math.isfinite(self.clip) and self.clip > 0):
             raise ValueError(f"clip must be a positive finite number, got {self.clip!r}")
-        for name in ("levels", "max_nodes", "max_weight"):
+        for name in ("levels", "max_nodes", "max_weight", "total_weight"):
             value = getattr(self, name)
+            if name == "total_weight" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.bits > MAX_BITS:
+        needed = (self._span + self.max_nodes * self.scale).bit_length()
+        if needed > MAX_BITS:
             raise ValueError(
-                f"max_nodes * max_weight * 2 * levels needs {self.bits} bits, more than "
-                f"{MAX_BITS}; lower levels or max_weight"
+                f"2 * levels * the summed weight needs {needed} bits, more than {MAX_BITS}; "
+                "lower levels or max_weight"
             )
 
     @property
     def step(self) -> float:
-        """Grid spacing: the most one entry of one node can be off by."""
+        """Grid spacing of one unit of weight: the most one entry of one node can be off by."""
         return self.clip / self.levels
 
     @property
+    def weight_bound(self) -> int:
+        """The most a round's weights add up to: ``total_weight``, else every node at max_weight."""
+        return self.total_weight if self.total_weight is not None else self.max_nodes * self.max_weight
+
+    @property
+    def scale(self) -> int:
+        """Units of weight per unit of a node's input: 1, or what brings the sum into 32 bits.
+
+        Only with a known ``total_weight``, and only while scale * max_nodes stays within
+        it (the error bound in the module docstring); otherwise 1 and 64-bit words.
+        """
+        room = 2**WORD_BITS - 1 - self.max_nodes
+        if self.total_weight is None or self._span <= room or self.total_weight > room:
+            return 1
+        scale = -(-self._span // room)
+        return scale if scale * self.max_nodes <= self.total_weight else 1
+
+    @property
     def bits(self) -> int:
-        """Modulus exponent m: 2**m exceeds the largest possible sum."""
-        return (self.max_nodes * self.max_weight * 2 * self.levels).bit_length()
+        """Modulus exponent m: 2**m exceeds the largest possible sum, and the summed weight."""
+        scale = self.scale
+        largest = (self._span + self.max_nodes * (scale - 1) + scale - 1) // scale
+        return max(largest, self.weight_bound).bit_length()
+
+    @property
+    def _span(self) -> int:
+        """The largest weighted sum of grid indices: 2 * levels per unit of weight."""
+        return 2 * self.levels * self.weight_bound
 
     def length(self, shapes: Sequence[tuple[int, ...]]) -> int:
         """Entries of one encoded input: every array, flattened, plus the weight."""
         return sum(math.prod(shape) for shape in shapes) + 1
 
     def encode(self, arrays: Sequence[np.ndarray], *, seed: bytes, weight: int = 1) -> np.ndarray:
-        """Clip, round and weight ``arrays`` into one uint64 vector ending with ``weight``.
+        """Clip, weight and round ``arrays`` into one ``word(bits)`` vector ending with ``weight``.
 
         ``seed`` must be 32 fresh secret bytes (``secrets.token_bytes(32)``) used for
         nothing else: it drives the stochastic rounding.
         """
         if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= self.max_weight:
             raise ValueError(f"weight must be an integer in 1..{self.max_weight}, got {weight!r}")
+        if weight > self.weight_bound:
+            raise ValueError(
+                f"weight {weight} is more than the round's total weight {self.weight_bound}: the rows "
+                "changed since the statistics stage counted them; restart the run"
+            )
         if not isinstance(seed, bytes) or len(seed) != KEY_SIZE:
             raise ValueError(f"seed must be {KEY_SIZE} bytes")
-        # One float64 buffer and one uint64 buffer, updated in place: a 1M-entry update
+        # One float64 buffer and one integer buffer, updated in place: a 1M-entry update
         # makes no other full-size temporaries.
         flat = [np.asarray(a).ravel() for a in arrays]
         scaled = np.concatenate(flat, out=np.empty(sum(a.size for a in flat)), casting="unsafe")
@@ -101,27 +144,27 @@ class Quantizer:
         if math.isnan(scaled.sum()):  # clipping keeps infinities finite and NaN NaN
             raise ValueError("update contains NaN")
         scaled += self.clip
-        scaled /= self.step
+        scaled *= weight / (self.step * self.scale)
         uniforms = expand(seed, scaled.size, _UNIFORM_BITS)
         scaled += np.multiply(uniforms, 2.0**-_UNIFORM_BITS, out=uniforms.view(np.float64), casting="unsafe")
         np.floor(scaled, out=scaled)
-        np.minimum(scaled, 2 * self.levels, out=scaled)
-        encoded = np.empty(scaled.size + 1, dtype=np.uint64)
+        np.minimum(scaled, -(-2 * self.levels * weight // self.scale), out=scaled)
+        encoded = np.empty(scaled.size + 1, dtype=word(self.bits))
         np.copyto(encoded[:-1], scaled, casting="unsafe")
-        encoded[:-1] *= np.uint64(weight)
         encoded[-1] = weight
         return encoded
 
     def decode(self, total: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> tuple[list[np.ndarray], int]:
         """The weighted sums of the arrays (float64, in ``shapes``) and the summed weight."""
-        if total.dtype != np.uint64 or total.shape != (self.length(shapes),):
+        expected = word(self.bits)
+        if total.dtype != expected or total.shape != (self.length(shapes),):
             raise ValueError(
-                f"expected a uint64 vector of {self.length(shapes)} entries, got {total.dtype} {total.shape}"
+                f"expected a {expected} vector of {self.length(shapes)} entries, got {total.dtype} {total.shape}"
             )
-        if (total >> np.uint64(self.bits)).any():
+        if int(total.max()) >> self.bits:
             raise ValueError(f"sum has entries of {self.bits} bits or more; it wrapped")
         summed_weight = int(total[-1])
-        centred = total[:-1].astype(np.int64) - np.int64(self.levels * summed_weight)
+        centred = total[:-1].astype(np.int64) * np.int64(self.scale) - np.int64(self.levels * summed_weight)
         flat = centred * self.step
         sums, start = [], 0
         for shape in shapes:

@@ -288,9 +288,8 @@ class Coordinator:
         """Sum the example-weighted updates, then let Flower's strategy take its step."""
         messages = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid))
         shapes = [a.numpy().shape for a in arrays.values()] + [(1,)]
-        trained = self._sum(
-            "train", server_round, shapes, [m.metadata.dst_node_id for m in messages], arrays, job.to_json()
-        )
+        node_ids = [m.metadata.dst_node_id for m in messages]
+        trained = self._sum("train", server_round, shapes, node_ids, arrays, job.to_json(), job.features.rows)
         mean_update = {k: u / trained.weight for k, u in zip(arrays.keys(), trained.arrays[:-1])}
         averaged = ArrayRecord({k: Array(a.numpy() + mean_update[k]) for k, a in arrays.items()})
         aggregate = Message(

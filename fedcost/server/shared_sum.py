@@ -75,17 +75,20 @@ class SharedSums:
         node_ids: list[int],
         arrays: ArrayRecord | None = None,
         job: str | None = None,
+        total_weight: int | None = None,
     ) -> SumResult:
         """Sum the contributions of ``node_ids`` for ``purpose``.
 
         ``arrays`` (the global weights) ride with the request that asks for the
-        contribution; ``job`` with every request.
+        contribution; ``job`` with every request. ``total_weight``: what the nodes'
+        training weights add up to at most (the federation's training rows), which lets
+        a training sum travel in 32-bit words (``Quantizer``).
         """
         base = {rec.PURPOSE: purpose, rec.ROUND: server_round, **({rec.JOB: job} if job else {})}
         payload = RecordDict({rec.ARRAYS: arrays}) if arrays is not None else None
         if not self.settings.enabled:
             return self._plain(purpose, shapes, node_ids, base, payload)
-        quantizer = self._quantizer(purpose, len(node_ids))
+        quantizer = self._quantizer(purpose, len(node_ids), total_weight)
         attempts = self.settings.retries + 1 if self.settings.on_abort == "retry" else 1
         dropouts: dict[str, str] = {}
         for attempt in range(1, attempts + 1):
@@ -105,9 +108,10 @@ class SharedSums:
                     ) from None
         raise AssertionError("unreachable")
 
-    def _quantizer(self, purpose: str, nodes: int) -> Quantizer:
+    def _quantizer(self, purpose: str, nodes: int, total_weight: int | None) -> Quantizer:
         if purpose == "train":
-            return Quantizer(self.settings.update_clip, self.settings.update_levels, nodes, self.settings.max_examples)
+            settings = self.settings
+            return Quantizer(settings.update_clip, settings.update_levels, nodes, settings.max_examples, total_weight)
         return Quantizer(SUMS_CLIP, SUMS_LEVELS, nodes)
 
     def _message(self, node_id: int, purpose: str, config: dict, content: dict) -> Message:
@@ -167,10 +171,7 @@ class SharedSums:
         config = {
             **base,
             rec.TRANSPORT: rec.SECURE,
-            "q_clip": quantizer.clip,
-            "q_levels": quantizer.levels,
-            "q_max_nodes": quantizer.max_nodes,
-            "q_max_weight": quantizer.max_weight,
+            **rec.quantizer_config(quantizer),
         }
         errors: dict[str, str] = {}
         try:
