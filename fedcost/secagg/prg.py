@@ -21,12 +21,12 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fedcost.secagg.crypto import KEY_SIZE
 
 _INITIAL_COUNTER = bytes(16)
-_CHUNK_BYTES = 256 * 1024  # one chunk of MaskSum: inside a core's L2 cache
+CHUNK_BYTES = 256 * 1024  # one chunk of MaskSum: inside a core's L2 cache
 
 
 WORDS = (np.dtype("<u4"), np.dtype("<u8"))
@@ -42,10 +42,22 @@ def expand(key: bytes, length: int, bits: int) -> np.ndarray:
     """``length`` uniform integers in [0, 2**bits) as ``word(bits)``, from the keystream of ``key``."""
     if length < 0:
         raise ValueError(f"length must be non-negative, got {length}")
-    out = np.empty(length, dtype=word(bits))
-    _keystream_into(key, out)
+    out = Keystream(key).fill(np.empty(length, dtype=word(bits)))
     out &= out.dtype.type((1 << bits) - 1)
     return out
+
+
+class Keystream:
+    """The keystream of one key, read piece by piece: each ``fill`` continues where the
+    last one stopped (CTR mode), so a long vector can be worked on in cache-sized chunks."""
+
+    def __init__(self, key: bytes):
+        self._encryptor = Cipher(algorithms.AES(_checked_key(key)), modes.CTR(_INITIAL_COUNTER)).encryptor()
+
+    def fill(self, out: np.ndarray) -> np.ndarray:
+        """Overwrite ``out`` (C-contiguous, little-endian words) with the next ``out.nbytes`` bytes."""
+        self._encryptor.update_into(_zeros(out.nbytes), memoryview(out).cast("B"))
+        return out
 
 
 class MaskSum:
@@ -77,16 +89,14 @@ class MaskSum:
     def reduced(self) -> np.ndarray:
         """The start vector plus and minus every recorded expansion, mod 2**bits (``word(bits)``)."""
         total = self._start.copy()
-        streams = [(_encryptor(key), plus) for key, plus in self._terms]
-        entries = _CHUNK_BYTES // total.itemsize
+        streams = [(Keystream(key), plus) for key, plus in self._terms]
+        entries = CHUNK_BYTES // total.itemsize
         scratch = np.empty(min(entries, total.size), dtype=total.dtype)
         for begin in range(0, total.size, entries):
             chunk = total[begin : begin + entries]
             mask = scratch[: chunk.size]
-            zeros, view = _zeros(mask.nbytes), memoryview(mask).cast("B")
-            for encryptor, plus in streams:
-                encryptor.update_into(zeros, view)
-                (np.add if plus else np.subtract)(chunk, mask, out=chunk)
+            for stream, plus in streams:
+                (np.add if plus else np.subtract)(chunk, stream.fill(mask), out=chunk)
         total &= total.dtype.type((1 << self._bits) - 1)
         return total
 
@@ -100,16 +110,6 @@ def _checked_key(key: bytes) -> bytes:
     if not isinstance(key, bytes) or len(key) != KEY_SIZE:
         raise ValueError(f"mask key must be {KEY_SIZE} bytes")
     return key
-
-
-def _encryptor(key: bytes) -> CipherContext:
-    return Cipher(algorithms.AES(_checked_key(key)), modes.CTR(_INITIAL_COUNTER)).encryptor()
-
-
-def _keystream_into(key: bytes, out: np.ndarray) -> np.ndarray:
-    """Overwrite ``out`` (C-contiguous, little-endian words) with the keystream of ``key``."""
-    _encryptor(key).update_into(_zeros(out.nbytes), memoryview(out).cast("B"))
-    return out
 
 
 @lru_cache(maxsize=4)

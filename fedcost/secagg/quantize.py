@@ -34,11 +34,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedcost.secagg.crypto import KEY_SIZE
-from fedcost.secagg.prg import expand, word
+from fedcost.secagg.prg import CHUNK_BYTES, Keystream, word
 
 MAX_BITS = 62
 WORD_BITS = 32  # the narrow word a scaled sum is brought into
 _UNIFORM_BITS = 53  # a float64 holds 53-bit integers exactly
+_CHUNK = CHUNK_BYTES // 8  # float64 entries per chunk
 
 
 @dataclass(frozen=True)
@@ -136,21 +137,31 @@ class Quantizer:
             )
         if not isinstance(seed, bytes) or len(seed) != KEY_SIZE:
             raise ValueError(f"seed must be {KEY_SIZE} bytes")
-        # One float64 buffer and one integer buffer, updated in place: a 1M-entry update
-        # makes no other full-size temporaries.
         flat = [np.asarray(a).ravel() for a in arrays]
-        scaled = np.concatenate(flat, out=np.empty(sum(a.size for a in flat)), casting="unsafe")
-        np.clip(scaled, -self.clip, self.clip, out=scaled)
-        if math.isnan(scaled.sum()):  # clipping keeps infinities finite and NaN NaN
-            raise ValueError("update contains NaN")
-        scaled += self.clip
-        scaled *= weight / (self.step * self.scale)
-        uniforms = expand(seed, scaled.size, _UNIFORM_BITS)
-        scaled += np.multiply(uniforms, 2.0**-_UNIFORM_BITS, out=uniforms.view(np.float64), casting="unsafe")
-        np.floor(scaled, out=scaled)
-        np.minimum(scaled, -(-2 * self.levels * weight // self.scale), out=scaled)
-        encoded = np.empty(scaled.size + 1, dtype=word(self.bits))
-        np.copyto(encoded[:-1], scaled, casting="unsafe")
+        encoded = np.empty(sum(a.size for a in flat) + 1, dtype=word(self.bits))
+        uniforms = Keystream(seed)
+        factor, top = weight / (self.step * self.scale), -(-2 * self.levels * weight // self.scale)
+        # Chunk by chunk, so each chunk stays in the CPU cache through every step below
+        # (about twice as fast as whole-vector passes over a 1M-entry update).
+        grid, draws = np.empty(_CHUNK), np.empty(_CHUNK, dtype=np.uint64)
+        start = 0
+        for array in flat:
+            for begin in range(0, array.size, _CHUNK):
+                piece = array[begin : begin + _CHUNK]
+                values, uniform = grid[: piece.size], draws[: piece.size]
+                np.copyto(values, piece, casting="unsafe")
+                np.clip(values, -self.clip, self.clip, out=values)
+                if math.isnan(values.sum()):  # clipping keeps infinities finite and NaN NaN
+                    raise ValueError("update contains NaN")
+                values += self.clip
+                values *= factor
+                uniforms.fill(uniform)
+                uniform &= np.uint64(2**_UNIFORM_BITS - 1)
+                values += np.multiply(uniform, 2.0**-_UNIFORM_BITS, out=uniform.view(np.float64), casting="unsafe")
+                np.floor(values, out=values)
+                np.minimum(values, top, out=values)
+                np.copyto(encoded[start : start + piece.size], values, casting="unsafe")
+                start += piece.size
         encoded[-1] = weight
         return encoded
 
