@@ -172,3 +172,26 @@ def test_coordinator_lying_about_a_node_gets_fewer_than_threshold_shares_of_each
     for shares in (seed_shares, key_shares):
         with pytest.raises(ValueError, match="need 3 shares"):
             shamir.combine(shares, federation.config.threshold)
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        lambda masked: masked.astype(np.uint64),  # 64-bit words in a 20-bit round
+        lambda masked: masked[:-1],  # an entry short
+        lambda masked: masked | np.uint32(1 << 20),  # entries at 2**bits or more
+    ],
+)
+def test_a_masked_input_outside_the_rounds_words_drops_its_node_and_the_rest_still_sum(forge):
+    federation = _Federation()
+    federation.step()
+    federation.step()
+    replies = [federation.answer(u) for u in federation.requests]
+    replies[2] = dataclasses.replace(replies[2], masked=forge(replies[2].masked))
+    federation.requests = federation.coordinator.handle(replies)
+    assert federation.coordinator.dropouts == {
+        3: "refused in stage masked-input: masked input is not 3 entries of uint32 mod 2**20"
+    }
+    federation.step()
+    assert federation.coordinator.result.included == (1, 2, 4, 5)
+    assert federation.coordinator.result.total.tolist() == [1 + 2 + 4 + 5, 4, 0]

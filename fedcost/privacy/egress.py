@@ -4,8 +4,9 @@ A pure function over a description of a reply, for the client mod that runs last
 the wire. Everything not explicitly allowed is refused:
 
 - arrays: only the update or sum vectors the accepted job fixed (names and shapes),
-  masked (32- or 64-bit unsigned words, secure aggregation) or, where the policy does not require secure
-  aggregation, plain finite floats; never more numbers or bytes than the policy allows;
+  masked (32- or 64-bit unsigned words, secure aggregation) or, where the policy does
+  not require secure aggregation, plain finite floats; never more numbers or bytes than
+  the policy allows;
 - metrics: the example count used for weighting, and the policy's metrics, rounded to
   the policy's precision;
 - configs: the node's name and role, and the secure-aggregation protocol fields of the

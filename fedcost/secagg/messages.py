@@ -1,8 +1,8 @@
 """The messages of one SecAgg+ round, and the round's public configuration.
 
 Frozen dataclasses that validate their own field types. ``to_dict`` gives a flat dict of
-ints, strs, bytes and lists of those (plus one numpy array of 32- or 64-bit words for a masked input),
-so a binding can put it into Flower ConfigRecords and ArrayRecords as it is;
+ints, strs, bytes and lists of those (plus, for a masked input, one numpy array of 32- or
+64-bit words), so a binding can put it into Flower ConfigRecords and ArrayRecords as it is;
 ``from_dict`` is its strict inverse. ``request_from_dict`` and ``reply_from_dict`` are
 the boundary: anything malformed there becomes a ``ProtocolAbort``.
 """

@@ -27,9 +27,7 @@ from fedcost.secagg.crypto import KEY_SIZE
 
 _INITIAL_COUNTER = bytes(16)
 CHUNK_BYTES = 256 * 1024  # one chunk of MaskSum: inside a core's L2 cache
-
-
-WORDS = (np.dtype("<u4"), np.dtype("<u8"))
+WORDS = (np.dtype("<u4"), np.dtype("<u8"))  # the two word sizes a masked vector travels in
 
 
 def word(bits: int) -> np.dtype:

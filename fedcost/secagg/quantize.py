@@ -37,7 +37,7 @@ from fedcost.secagg.crypto import KEY_SIZE
 from fedcost.secagg.prg import CHUNK_BYTES, Keystream, word
 
 MAX_BITS = 62
-WORD_BITS = 32  # the narrow word a scaled sum is brought into
+_WORD_BITS = 32  # the narrow word a scaled sum is brought into
 _UNIFORM_BITS = 53  # a float64 holds 53-bit integers exactly
 _CHUNK = CHUNK_BYTES // 8  # float64 entries per chunk
 
@@ -100,7 +100,7 @@ class Quantizer:
         Only with a known ``total_weight``, and only while scale * max_nodes stays within
         it (the error bound in the module docstring); otherwise 1 and 64-bit words.
         """
-        room = 2**WORD_BITS - 1 - self.max_nodes
+        room = 2**_WORD_BITS - 1 - self.max_nodes
         if self.total_weight is None or self._span <= room or self.total_weight > room:
             return 1
         scale = -(-self._span // room)
@@ -140,30 +140,35 @@ class Quantizer:
         flat = [np.asarray(a).ravel() for a in arrays]
         encoded = np.empty(sum(a.size for a in flat) + 1, dtype=word(self.bits))
         uniforms = Keystream(seed)
-        factor, top = weight / (self.step * self.scale), -(-2 * self.levels * weight // self.scale)
-        # Chunk by chunk, so each chunk stays in the CPU cache through every step below
-        # (about twice as fast as whole-vector passes over a 1M-entry update).
-        grid, draws = np.empty(_CHUNK), np.empty(_CHUNK, dtype=np.uint64)
+        # Chunk by chunk, so each chunk stays in the CPU cache through every step of
+        # _round_piece (about twice as fast as whole-vector passes over 1M entries).
+        scratch = (np.empty(_CHUNK), np.empty(_CHUNK, dtype=np.uint64))
         start = 0
         for array in flat:
             for begin in range(0, array.size, _CHUNK):
                 piece = array[begin : begin + _CHUNK]
-                values, uniform = grid[: piece.size], draws[: piece.size]
-                np.copyto(values, piece, casting="unsafe")
-                np.clip(values, -self.clip, self.clip, out=values)
-                if math.isnan(values.sum()):  # clipping keeps infinities finite and NaN NaN
-                    raise ValueError("update contains NaN")
-                values += self.clip
-                values *= factor
-                uniforms.fill(uniform)
-                uniform &= np.uint64(2**_UNIFORM_BITS - 1)
-                values += np.multiply(uniform, 2.0**-_UNIFORM_BITS, out=uniform.view(np.float64), casting="unsafe")
-                np.floor(values, out=values)
-                np.minimum(values, top, out=values)
-                np.copyto(encoded[start : start + piece.size], values, casting="unsafe")
+                self._round_piece(piece, weight, uniforms, encoded[start : start + piece.size], scratch)
                 start += piece.size
         encoded[-1] = weight
         return encoded
+
+    def _round_piece(
+        self, piece: np.ndarray, weight: int, uniforms: Keystream, out: np.ndarray, scratch: tuple[np.ndarray, np.ndarray]
+    ) -> None:
+        """Clip, weight and stochastically round one cache-sized piece of an update into ``out``."""
+        values, uniform = scratch[0][: piece.size], scratch[1][: piece.size]
+        np.copyto(values, piece, casting="unsafe")
+        np.clip(values, -self.clip, self.clip, out=values)
+        if math.isnan(values.sum()):  # clipping keeps infinities finite and NaN NaN
+            raise ValueError("update contains NaN")
+        values += self.clip
+        values *= weight / (self.step * self.scale)
+        uniforms.fill(uniform)
+        uniform &= np.uint64(2**_UNIFORM_BITS - 1)
+        values += np.multiply(uniform, 2.0**-_UNIFORM_BITS, out=uniform.view(np.float64), casting="unsafe")
+        np.floor(values, out=values)
+        np.minimum(values, -(-2 * self.levels * weight // self.scale), out=values)
+        np.copyto(out, values, casting="unsafe")
 
     def decode(self, total: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> tuple[list[np.ndarray], int]:
         """The weighted sums of the arrays (float64, in ``shapes``) and the summed weight."""
