@@ -82,6 +82,12 @@ def quantizer_from_config(config: ConfigRecord) -> Quantizer:
     )
 
 
+def update_shapes(weights: ArrayRecord) -> list[tuple[int, ...]]:
+    """The shapes of a training contribution: every weight array's, then the one-entry
+    training-loss slot. Read from the records' headers, without deserialising the model."""
+    return [tuple(array.shape) for array in weights.values()] + [(1,)]
+
+
 def arrays_record(arrays: list[np.ndarray]) -> ArrayRecord:
     """An ordered list of arrays as a record (keys keep the order)."""
     return ArrayRecord({f"{i:04d}": Array(np.asarray(a)) for i, a in enumerate(arrays)})

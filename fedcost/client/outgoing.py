@@ -34,7 +34,7 @@ def contribution_shapes(request: Message, vector_size: int) -> Shapes:
     if purpose in ("statistics", "analytics", "benchmark"):
         return [(vector_size,)]
     if purpose == "train":
-        return [tuple(array.shape) for array in request.content[rec.ARRAYS].values()] + [(1,)]
+        return rec.update_shapes(request.content[rec.ARRAYS])
     return evaluation.sums_shapes(TrainingJob.from_json(str(config[rec.JOB])).model.tasks)
 
 

@@ -52,6 +52,7 @@ def new_run_id() -> str:
     """A fresh run id: its UTC start time (so run folders sort by start) and 6 random hex digits."""
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
+
 @dataclass(frozen=True)
 class CoordinatorPlan:
     """Everything the coordinator needs to run a training job over the roster's nodes.
@@ -287,7 +288,7 @@ class Coordinator:
     def _train_round(self, server_round: int, arrays: ArrayRecord, job: TrainingJob) -> tuple[ArrayRecord, SumResult]:
         """Sum the example-weighted updates, then let Flower's strategy take its step."""
         messages = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid))
-        shapes = [a.numpy().shape for a in arrays.values()] + [(1,)]
+        shapes = rec.update_shapes(arrays)
         node_ids = [m.metadata.dst_node_id for m in messages]
         trained = self._sum("train", server_round, shapes, node_ids, arrays, job.to_json(), job.features.rows)
         mean_update = {k: u / trained.weight for k, u in zip(arrays.keys(), trained.arrays[:-1])}
