@@ -19,7 +19,7 @@ from fedcost.data.synthetic import EcosystemSpec
 from fedcost.errors import ConfigError
 from fedcost.models.nets import ModelSpec
 from fedcost.models.training import TrainConfig
-from fedcost.privacy import SitePolicy
+from fedcost.privacy import MIN_COHORT, SitePolicy
 from fedcost.tomlfile import read_toml
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam"]
@@ -35,7 +35,7 @@ class RunSection:
     seed: int = 7
     rounds: int = 10
     test_fraction: float = 0.2
-    min_cohort: int = 11
+    min_cohort: int = MIN_COHORT
     adaptation_epochs: int = 5
 
     def __post_init__(self) -> None:

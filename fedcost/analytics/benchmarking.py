@@ -51,6 +51,7 @@ import pandas as pd
 
 from fedcost.analytics import exact
 from fedcost.errors import PolicyViolationError
+from fedcost.privacy.policy import MIN_COHORT
 
 SITE_SLOTS = ("n", "observed", "expected", "cost_observed", "cost_expected", "cost_residual_ss")
 # Model features that describe the site, not the patient: left out of expected readmissions.
@@ -69,7 +70,7 @@ def site_totals(
     cost: np.ndarray,
     expected_cost: np.ndarray,
     *,
-    min_cohort: int = 11,
+    min_cohort: int = MIN_COHORT,
 ) -> np.ndarray:
     """The six totals a site shares (``SITE_SLOTS``); refuses a cohort under ``min_cohort``."""
     readmitted, expected_risk, cost, expected_cost = (

@@ -53,6 +53,7 @@ import pandas as pd
 from fedcost import schema
 from fedcost.analytics import exact
 from fedcost.errors import ConfigError
+from fedcost.privacy.policy import MIN_COHORT
 
 AGE_BANDS = ("<45", "45-64", "65-74", "75-84", "85+")
 _AGE_BAND_STARTS = np.array([45.0, 65.0, 75.0, 85.0])
@@ -238,7 +239,7 @@ class GroupedStatisticsLayout:
                 codes.append(cells.map(index).to_numpy(dtype=np.int64))
         return np.ravel_multi_index(codes, self.dims) if codes else np.zeros(len(rows), dtype=np.int64)
 
-    def local_vector(self, rows: pd.DataFrame, *, role: str | None = None, min_cohort: int = 11) -> np.ndarray:
+    def local_vector(self, rows: pd.DataFrame, *, role: str | None = None, min_cohort: int = MIN_COHORT) -> np.ndarray:
         """This node's sums over ``rows``, small cells zeroed, as one float64 vector."""
         if min_cohort < 1:
             raise ValueError(f"min_cohort must be at least 1, not {min_cohort}")
@@ -312,7 +313,7 @@ class GroupedStatistics:
     records: tuple[dict, ...]
 
     @classmethod
-    def from_totals(cls, layout: GroupedStatisticsLayout, totals: np.ndarray, min_cohort: int = 11) -> GroupedStatistics:
+    def from_totals(cls, layout: GroupedStatisticsLayout, totals: np.ndarray, min_cohort: int = MIN_COHORT) -> GroupedStatistics:
         totals = np.asarray(totals, dtype="float64")
         if totals.shape != (layout.size,):
             raise ValueError(f"expected a vector of {layout.size} sums for this layout, got shape {totals.shape}")

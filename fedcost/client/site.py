@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, Message
 
 from fedcost import records as rec
 from fedcost.errors import PolicyViolationError
-from fedcost.privacy import JobRequest, PrivacySettings, SitePolicy, check_job
+from fedcost.privacy import MIN_COHORT, JobRequest, PrivacySettings, SitePolicy, check_job
 
 # The hello's job fields (besides transport and run id); ``outputs.<kind>`` lists what
 # each kind of request (statistics, train, evaluate) sends back.
@@ -30,8 +30,6 @@ PURPOSES = ("statistics", "train", "evaluate", "analytics", "benchmark")
 # Requests that come before any training, at round 0; the others name a training round.
 BEFORE_TRAINING = ("statistics", "analytics")
 ACCEPTED_JOB = "site-job"  # where the accepted job lives in the node's Flower context state
-# A site without a policy file still never shares a statistic over fewer rows than this.
-DEFAULT_MIN_COHORT = 11
 DEFAULT_MAX_ROUNDS = 10_000
 
 
@@ -121,7 +119,7 @@ def site_policy(path: Path | None, job: AcceptedJob) -> SitePolicy:
     """The site's policy file, or the permissive default for a site that has none.
 
     The default trusts the coordinator that sent the job, allows any number of rounds
-    and no DP, but still never lets a statistic describe fewer than 11 rows, shares no
+    and no DP, but still never lets a statistic describe fewer than ``MIN_COHORT`` rows, shares no
     metric but the training loss, and holds the job to secure aggregation if the job
     turned it on (a later plain request is refused).
     """
@@ -132,7 +130,7 @@ def site_policy(path: Path | None, job: AcceptedJob) -> SitePolicy:
         privacy=PrivacySettings(epsilon=math.inf),
         max_rounds=DEFAULT_MAX_ROUNDS,
         require_secure_aggregation=job.secure_aggregation,
-        min_cohort=DEFAULT_MIN_COHORT,
+        min_cohort=MIN_COHORT,
         metrics={"train-loss": 6},
     )
 

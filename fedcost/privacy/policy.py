@@ -23,6 +23,10 @@ from typing import Any
 from fedcost.errors import ConfigError, PolicyViolationError
 from fedcost.tomlfile import read_toml
 
+# The smallest cohort a shared statistic may describe unless a policy or run asks for
+# more: the small-cell rule (counts of 1 to 10 suppressed) that CMS and most registries
+# apply to published health data.
+MIN_COHORT = 11
 # Always shared with a model update or sum: the FedAvg weight. Never a policy metric.
 EXAMPLES = "num-examples"
 # A key id is the SHA-256 (hex) of the coordinator's raw Ed25519 public key
@@ -130,7 +134,7 @@ class SitePolicy:
     privacy: PrivacySettings
     max_rounds: int
     require_secure_aggregation: bool = True
-    min_cohort: int = 11
+    min_cohort: int = MIN_COHORT
     metrics: Mapping[str, int] = field(default_factory=dict)
     max_model_parameters: int = 1_000_000
     max_message_bytes: int = 16 * 2**20
@@ -148,7 +152,7 @@ class SitePolicy:
         for flag in ("require_secure_aggregation", "share_benchmark"):
             if not isinstance(getattr(self, flag), bool):
                 raise _FieldError(flag, "expected true or false")
-        _integer("min_cohort", self.min_cohort, 2, "min_cohort = 11")
+        _integer("min_cohort", self.min_cohort, 2, f"min_cohort = {MIN_COHORT}")
         _integer("max_rounds", self.max_rounds, 1, "max_rounds = 50")
         _integer("max_model_parameters", self.max_model_parameters, 1, "max_model_parameters = 1_000_000")
         _integer("max_message_bytes", self.max_message_bytes, 1, "max_message_bytes = 16_777_216")

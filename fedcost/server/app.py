@@ -34,6 +34,7 @@ from fedcost.job import TrainingJob
 from fedcost.models import evaluation
 from fedcost.models.nets import ModelSpec, build_model
 from fedcost.models.training import TrainConfig
+from fedcost.privacy import MIN_COHORT
 from fedcost.server.audited_grid import AuditedGrid
 from fedcost.server.shared_sum import PollingGrid, SharedSums, SumResult
 
@@ -81,7 +82,7 @@ class CoordinatorPlan:
     # lowers it, so a node that died mid-run does not stall every later round.
     min_nodes: int = 0
     # The smallest cohort any shared statistic describes, as the hello states it.
-    min_cohort: int = 11
+    min_cohort: int = MIN_COHORT
     analytics: AnalyticsSection = AnalyticsSection()
     # "train": the training job (with the analytics the section asks for);
     # "analyze": the grouped statistics alone, no model.
@@ -327,7 +328,7 @@ def hello_config(
     secure_aggregation: bool,
     rounds: int,
     model_parameters: int,
-    min_cohort: int = 11,
+    min_cohort: int = MIN_COHORT,
     kinds: list[str] | None = None,
 ) -> ConfigRecord:
     """The job as a hello states it: what each site checks against its policy."""
