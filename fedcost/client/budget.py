@@ -9,9 +9,9 @@ no restart can train twice on one payment.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from fedcost.files import replace_atomically
 from fedcost.models.training import TrainConfig
 from fedcost.privacy.accounting import PrivacyLedger
 from fedcost.privacy.dp import DPConfig, dp_config_for, dp_sampling
@@ -32,13 +32,8 @@ def load_ledger(path: Path, privacy: PrivacySettings) -> PrivacyLedger:
 
 
 def save_ledger(path: Path, ledger: PrivacyLedger) -> None:
-    """Write the ledger atomically (temporary file, fsync, rename): never a half-written spend."""
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w") as out:
-        json.dump(ledger.to_dict(), out)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, path)
+    """Write the ledger atomically: never a half-written spend."""
+    replace_atomically(path, json.dumps(ledger.to_dict()).encode())
 
 
 def pay_for_round(

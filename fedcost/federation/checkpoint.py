@@ -7,14 +7,15 @@ either the previous checkpoint or the new one, never half of one.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from fedcost.data.features import FeatureSpec
 from fedcost.errors import ConfigError
+from fedcost.files import replace_atomically
 from fedcost.server.app import ResumePoint
 
 FILE = "checkpoint.npz"
@@ -26,12 +27,9 @@ def save(folder: Path, point: ResumePoint) -> None:
     for name, state in point.strategy_state.items():
         arrays.update({f"{_STRATEGY}{name}/{k}": v for k, v in state.items()})
     meta = json.dumps({"round": point.round, "features": point.features.to_dict()}).encode()
-    temporary = folder / f".{FILE}.tmp"
-    with temporary.open("wb") as out:
-        np.savez(out, **arrays, **{_META: np.frombuffer(meta, dtype=np.uint8)})
-        out.flush()
-        os.fsync(out.fileno())
-    temporary.replace(folder / FILE)
+    archive = io.BytesIO()
+    np.savez(archive, **arrays, **{_META: np.frombuffer(meta, dtype=np.uint8)})
+    replace_atomically(folder / FILE, archive.getvalue())
 
 
 def load(folder: Path) -> ResumePoint | None:

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedcost.errors import CertificateError, ConfigError, KitError
+from fedcost.files import replace_atomically
 from fedcost.identity import Identity, PublicIdentity
 from fedcost.identity.federation_ca import (
     Authority,
@@ -342,9 +343,7 @@ class Federation:
 
     def _write_crl(self, authority: Authority, revoked: dict[int, datetime], at: datetime) -> None:
         crl = authority.revocation_list(revoked, lifetime=CA_LIFETIME, at=at)
-        temporary = self.crl_file.with_suffix(".tmp")
-        temporary.write_bytes(crl_to_pem(crl))
-        temporary.replace(self.crl_file)
+        replace_atomically(self.crl_file, crl_to_pem(crl))
 
 
 def _strict(cls: type, raw: dict, path: Path):
