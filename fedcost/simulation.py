@@ -34,8 +34,6 @@ from flwr.app import Context
 from flwr.simulation import run_simulation
 
 from fedcost import schema
-from fedcost.analytics import Benchmark, GroupedStatistics
-from fedcost.report.analytics import save_benchmark, save_statistics
 from fedcost.client.app import make_client_app
 from fedcost.client.budget import ledger_path
 from fedcost.client.node import NodeSetup
@@ -56,6 +54,7 @@ from fedcost.models.training import TaskData, predict, train_local
 from fedcost.privacy import SitePolicy
 from fedcost.privacy.accounting import PrivacyLedger
 from fedcost.report import write_report
+from fedcost.report.progress import ProgressRecorder
 from fedcost.server.app import CoordinatorPlan, make_server_app, new_run_id
 from fedcost.seeding import derive_seed
 
@@ -76,36 +75,21 @@ class RunResult:
     summary: dict
 
 
-class RunRecorder:
-    """Receives the coordinator's progress and writes it into the staging folder."""
+class RunRecorder(ProgressRecorder):
+    """Records the coordinator's progress in the staging folder, hands each round to
+    ``on_round`` (the CLI's progress) and keeps the final model for scoring."""
 
     def __init__(self, folder: Path, on_round: Callable[[dict], None]):
-        self.folder = folder
+        super().__init__(folder)
         self.on_round_hook = on_round
-        self.features: FeatureSpec | None = None
-        self.sites: list[str] = []
-        self.rounds: list[dict] = []
         self.weights: dict[str, np.ndarray] | None = None
-        self.analytics: dict = {}
-
-    def on_features(self, features: FeatureSpec, sites: list[str]) -> None:
-        self.features, self.sites = features, sites
-        (self.folder / "features.json").write_text(json.dumps(features.to_dict(), indent=2))
 
     def on_round(self, record: dict) -> None:
-        self.rounds.append(record)
-        with (self.folder / "metrics.jsonl").open("a") as out:
-            out.write(json.dumps(record) + "\n")
+        super().on_round(record)
         self.on_round_hook(record)
 
     def on_model(self, weights: dict[str, np.ndarray]) -> None:
         self.weights = weights
-
-    def on_statistics(self, statistics: GroupedStatistics, sites: list[str]) -> None:
-        self.analytics["statistics"] = save_statistics(self.folder, statistics, sites)
-
-    def on_benchmark(self, result: Benchmark, sites: list[str]) -> None:
-        self.analytics["benchmark"] = save_benchmark(self.folder, result, sites)
 
 
 def simulate(

@@ -23,6 +23,7 @@ from fedcost.federation.control import Control
 from fedcost.federation.job import FederationJob
 from fedcost.federation.provision import NODE_ROLES, Federation, FederationConfig
 from fedcost.identity.federation_ca import utc_now
+from fedcost.report.progress import METRICS_FILE
 from fedcost.server import deploy
 from fedcost.server.app import new_run_id
 
@@ -175,7 +176,7 @@ def _follow(control: Control, flower_run: int, folder: Path, progress) -> None: 
     shown = 0
     while True:
         status, sub_status = control.run_status(flower_run)
-        metrics = folder / deploy.METRICS_FILE
+        metrics = folder / METRICS_FILE
         records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
         for record in records[shown:]:
             progress.advance(record)

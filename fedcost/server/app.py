@@ -113,7 +113,8 @@ class ResumePoint:
 
 
 class RunObserver(Protocol):
-    """Receives the coordinator's progress: the simulation writes it to the run folder."""
+    """Receives the coordinator's progress: a simulation or a deployment records it in the
+    run folder (``fedcost.report.progress``)."""
 
     def on_features(self, features: FeatureSpec, sites: list[str]) -> None: ...
 

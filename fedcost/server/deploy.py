@@ -20,21 +20,19 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedcost.analytics import Benchmark, GroupedStatistics
-from fedcost.report.analytics import save_benchmark, save_statistics
 from fedcost.audit import AuditLog
-from fedcost.data.features import FeatureSpec
 from fedcost.errors import FederationError
 from fedcost.federation import checkpoint, roster
 from fedcost.federation.job import FederationJob
 from fedcost.federation.provision import COORDINATOR, Federation
 from fedcost.identity.federation_ca import party_identity, utc_now
 from fedcost.models.nets import build_model
+from fedcost.report.progress import METRICS_FILE, ProgressRecorder
 from fedcost.server.app import Coordinator, CoordinatorPlan, ResumePoint
 from fedcost.server.shared_sum import MIN_SECURE_NODES
 
 FEDERATION_DIR, RUN_ID = "federation-dir", "run-id"  # the run-config keys fedcost's Flower app declares
-ERROR_FILE, SUMMARY_FILE, METRICS_FILE = "error.txt", "summary.json", "metrics.jsonl"
+ERROR_FILE, SUMMARY_FILE = "error.txt", "summary.json"
 
 app = ServerApp()
 
@@ -88,32 +86,16 @@ def coordinate(grid: Grid, federation: Federation, folder: Path) -> None:
     recorder.finish(sorted(i.name for i in identities))
 
 
-class RunFolderRecorder:
-    """Writes the coordinator's progress into the run folder; a resumed run keeps its rounds."""
+class RunFolderRecorder(ProgressRecorder):
+    """Records the coordinator's progress in the run folder and saves the final model; a
+    resumed run keeps its rounds."""
 
     def __init__(self, folder: Path, job: FederationJob, resume: ResumePoint | None):
-        self.folder = folder
-        self.job = job
-        self.features: FeatureSpec | None = None
-        self.analytics: dict = {}
-        self.rounds = _rounds(folder / METRICS_FILE, up_to=resume.round if resume else 0)
+        rounds = _rounds(folder / METRICS_FILE, up_to=resume.round if resume else 0)
         # A round that ran past its checkpoint before a crash is run again: drop its record.
-        (folder / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.rounds))
-
-    def on_features(self, features: FeatureSpec, sites: list[str]) -> None:
-        self.features = features
-        (self.folder / "features.json").write_text(json.dumps(features.to_dict(), indent=2))
-
-    def on_round(self, record: dict) -> None:
-        self.rounds.append(record)
-        with (self.folder / METRICS_FILE).open("a") as out:
-            out.write(json.dumps(record) + "\n")
-
-    def on_statistics(self, statistics: GroupedStatistics, sites: list[str]) -> None:
-        self.analytics["statistics"] = save_statistics(self.folder, statistics, sites)
-
-    def on_benchmark(self, result: Benchmark, sites: list[str]) -> None:
-        self.analytics["benchmark"] = save_benchmark(self.folder, result, sites)
+        (folder / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rounds))
+        super().__init__(folder, rounds)
+        self.job = job
 
     def on_model(self, weights: dict[str, np.ndarray]) -> None:
         assert self.features is not None
