@@ -137,7 +137,7 @@ class RoundClock:
 
     def timed(self, run: Callable[[], object]) -> object:
         started, wall0 = time.time(), time.perf_counter()
-        thread0, process0 = time.thread_time(), time.process_time()
+        thread0, process0, machine0 = time.thread_time(), time.process_time(), machine_busy_seconds()
         result = run()
         self.rounds.append(
             {
@@ -146,9 +146,25 @@ class RoundClock:
                 "wall": time.perf_counter() - wall0,
                 "thread_cpu": time.thread_time() - thread0,
                 "process_cpu": time.process_time() - process0,
+                "machine_cpu": machine_busy_seconds() - machine0,
             }
         )
         return result
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy since boot (Linux ``/proc/stat``; NaN elsewhere).
+
+    Every process counts: the driver, the Ray actors and Ray's own daemons, which the
+    per-process clocks miss. A round's difference against wall × cores says whether
+    the round is bound by the machine's CPU or waits on something else.
+    """
+    try:
+        ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return float("nan")
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 class MaybeProfile:
@@ -472,6 +488,7 @@ def run_cell(system: str, nodes: int, dim: int, rounds: int, profile_path: str |
             wall=statistics.median(r["wall"] for r in measured),
             thread_cpu=statistics.median(r["thread_cpu"] for r in measured),
             process_cpu=statistics.median(r["process_cpu"] for r in measured),
+            machine_cpu=statistics.median(r["machine_cpu"] for r in measured),
             node_cpu=statistics.median(c for c, _ in per_node),
             node_bytes=statistics.median(b for _, b in per_node),
             warm_up=clock.rounds[0]["wall"],
@@ -492,6 +509,7 @@ class CellResult:
     wall: float
     thread_cpu: float
     process_cpu: float
+    machine_cpu: float
     node_cpu: float
     node_bytes: float
     warm_up: float

@@ -209,17 +209,17 @@ def detail_table(results: dict[Cell, dict]) -> str:
     """Every measured cell: medians of wall, CPU and bytes, and the result's error."""
     lines = [
         "| system | N | D | rounds | round wall (s) | coordinator thread CPU (s) | driver process CPU (s) "
-        "| node CPU / node (s) | bytes sent / node | warm-up round (s) | max abs error |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| machine CPU (core-s) | node CPU / node (s) | bytes sent / node | warm-up round (s) | max abs error |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for cell, r in sorted(results.items(), key=lambda kv: (kv[0].nodes, kv[0].dim, SYSTEMS.index(kv[0].system))):
         if "wall" not in r:
-            lines.append(f"| {cell.system} | {cell.nodes:,} | {cell.dim:,} | 0 | {_seconds(r)} | | | | | | |")
+            lines.append(f"| {cell.system} | {cell.nodes:,} | {cell.dim:,} | 0 | {_seconds(r)} | | | | | | | |")
             continue
         lines.append(
             f"| {cell.system} | {cell.nodes:,} | {cell.dim:,} | {r['rounds']} | {r['wall']:.3f} | {r['thread_cpu']:.3f} "
-            f"| {r['process_cpu']:.3f} | {r['node_cpu']:.4f} | {r['node_bytes']:,.0f} | {r['warm_up']:.2f} "
-            f"| {r['max_abs_error']:.2e} |"
+            f"| {r['process_cpu']:.3f} | {r['machine_cpu']:.2f} | {r['node_cpu']:.4f} | {r['node_bytes']:,.0f} "
+            f"| {r['warm_up']:.2f} | {r['max_abs_error']:.2e} |"
         )
     return "\n".join(lines)
 
@@ -246,7 +246,9 @@ the ServerApp thread (Ray start-up, registration and hello excluded); † = one 
 round (the cell's estimate would not fit its time limit). Coordinator thread CPU:
 `time.thread_time` of the ServerApp thread. Driver process CPU: `time.process_time` of the
 driver process (ServerApp thread + Flower's simulation engine threads, which route and
-pickle messages to the Ray actors, + Ray's driver threads). Node CPU: `time.process_time`
+pickle messages to the Ray actors, + Ray's driver threads). Machine CPU: busy core-seconds
+of the whole machine over the round (`/proc/stat`: every process, Ray's daemons and object
+store included; compare with wall × cores). Node CPU: `time.process_time`
 deltas in the Ray actor around each message's ClientApp call, summed per round / N.
 Bytes sent: per reply, ArrayRecord `Array.data` lengths + ConfigRecord/MetricRecord values
 (bytes/str by length, numbers 8 bytes, lists summed), summed per round / N; framing and keys
