@@ -17,7 +17,17 @@ from collections.abc import Callable
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedcost.secagg import Coordinator, Node, Quantizer, RoundConfig, Stage, choose_degree, choose_threshold, crypto, shamir
+from fedcost.secagg import (
+    Coordinator,
+    Node,
+    Quantizer,
+    RoundConfig,
+    Stage,
+    choose_degree,
+    choose_threshold,
+    crypto,
+    shamir,
+)
 from fedcost.secagg.prg import MaskSum, expand, word
 
 ROUNDS = [
@@ -78,7 +88,8 @@ def bench_primitives() -> None:
         print(f"| one node's masking at N=100, {words}: self mask + {degree} pair masks, 1M entries (MaskSum) | {masking_ms:.1f} |")
     print(f"| quantise 1M floats (clip + stochastic rounding) | {quantise_ms:.1f} |")
     checks_ms = _median_ms(lambda: _key_checks(degree))
-    print(f"| one node's key checks at N=100: {degree} Ed25519 verifications + {2 * degree} X25519 agreements | {checks_ms:.1f} |")
+    checks = f"{degree} Ed25519 verifications + {2 * degree} X25519 agreements"
+    print(f"| one node's key checks at N=100: {checks} | {checks_ms:.1f} |")
     for nodes in (10, 50, 100, 1000):  # a node shares among its k neighbours, t of them recover
         k = choose_degree(nodes)
         t = choose_threshold(k)

@@ -313,7 +313,9 @@ class GroupedStatistics:
     records: tuple[dict, ...]
 
     @classmethod
-    def from_totals(cls, layout: GroupedStatisticsLayout, totals: np.ndarray, min_cohort: int = MIN_COHORT) -> GroupedStatistics:
+    def from_totals(
+        cls, layout: GroupedStatisticsLayout, totals: np.ndarray, min_cohort: int = MIN_COHORT
+    ) -> GroupedStatistics:
         totals = np.asarray(totals, dtype="float64")
         if totals.shape != (layout.size,):
             raise ValueError(f"expected a vector of {layout.size} sums for this layout, got shape {totals.shape}")

@@ -119,9 +119,9 @@ def site_policy(path: Path | None, job: AcceptedJob) -> SitePolicy:
     """The site's policy file, or the permissive default for a site that has none.
 
     The default trusts the coordinator that sent the job, allows any number of rounds
-    and no DP, but still never lets a statistic describe fewer than ``MIN_COHORT`` rows, shares no
-    metric but the training loss, and holds the job to secure aggregation if the job
-    turned it on (a later plain request is refused).
+    and no DP, but still never lets a statistic describe fewer than ``MIN_COHORT`` rows,
+    shares no metric but the training loss, and holds the job to secure aggregation if
+    the job turned it on (a later plain request is refused).
     """
     if path is not None:
         return SitePolicy.load(path)
