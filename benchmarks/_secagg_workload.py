@@ -153,7 +153,7 @@ class RoundClock:
 
 
 def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has been busy since boot (Linux ``/proc/stat``; NaN elsewhere).
+    """Busy CPU seconds of the whole machine since boot (Linux ``/proc/stat``; NaN elsewhere).
 
     Every process counts: the driver, the Ray actors and Ray's own daemons, which the
     per-process clocks miss. A round's difference against wall × cores says whether
