@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fedcost.secagg import (
     Coordinator,
@@ -72,6 +73,15 @@ def _key_checks(degree: int) -> None:
         crypto.agree(own, peer)
 
 
+def _keystream_ms(algorithm: algorithms.AES | algorithms.ChaCha20) -> float:
+    """One 4 MB keystream (1M 32-bit words) of ``algorithm``: what each mask costs a node,
+    so a cheaper cipher's saving on the masking can be read off."""
+    mode = modes.CTR(bytes(16)) if isinstance(algorithm, algorithms.AES) else None
+    encryptor = Cipher(algorithm, mode).encryptor()
+    zeros, out = bytearray(4_000_000), bytearray(4_000_000 + 16)
+    return _median_ms(lambda: encryptor.update_into(zeros, out))
+
+
 def bench_primitives() -> None:
     key = secrets.token_bytes(32)
     quantizer = Quantizer(clip=1.0, levels=2**15, max_nodes=1000)
@@ -87,6 +97,13 @@ def bench_primitives() -> None:
         print(f"| mask expansion, 1M entries mod 2^{bits}, {words} (AES-256-CTR) | {expand_ms:.1f} |")
         print(f"| one node's masking at N=100, {words}: self mask + {degree} pair masks, 1M entries (MaskSum) | {masking_ms:.1f} |")
     print(f"| quantise 1M floats (clip + stochastic rounding) | {quantise_ms:.1f} |")
+    ciphers = {
+        "AES-256-CTR (fedcost's)": algorithms.AES(secrets.token_bytes(32)),
+        "AES-128-CTR": algorithms.AES(secrets.token_bytes(16)),
+        "ChaCha20": algorithms.ChaCha20(secrets.token_bytes(32), bytes(16)),
+    }
+    keystreams = " / ".join(f"{_keystream_ms(algorithm):.2f}" for algorithm in ciphers.values())
+    print(f"| one 4 MB keystream: {' / '.join(ciphers)} | {keystreams} |")
     checks_ms = _median_ms(lambda: _key_checks(degree))
     checks = f"{degree} Ed25519 verifications + {2 * degree} X25519 agreements"
     print(f"| one node's key checks at N=100: {checks} | {checks_ms:.1f} |")
