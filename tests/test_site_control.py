@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.app.message.message import make_message
 
-from fedcost import records as rec
+from fedcost.wire import records as rec
 from fedcost.client.app import make_client_app
 from fedcost.client.node import Node, NodeSetup
 from fedcost.data.files import write_node_files

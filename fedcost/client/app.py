@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 
-from fedcost import records as rec
+from fedcost.wire import records as rec
 from fedcost.analytics import GroupedStatisticsLayout
 from fedcost.analytics.benchmarking import shared_vector, shared_vector_size
 from fedcost.audit import AuditLog, LogPosition

@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from fedcost import records as rec
+from fedcost.wire import records as rec
 from fedcost.client.app import make_client_app
 from fedcost.client.node import NodeSetup
 from fedcost.errors import CertificateError

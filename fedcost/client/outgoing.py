@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from flwr.app import Message, RecordDict
 
-from fedcost import records as rec
+from fedcost.wire import records as rec
 from fedcost.errors import PolicyViolationError
 from fedcost.job import TrainingJob
 from fedcost.models import evaluation

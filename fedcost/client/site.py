@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord, Message
 
-from fedcost import records as rec
+from fedcost.wire import records as rec
 from fedcost.errors import PolicyViolationError
 from fedcost.privacy import MIN_COHORT, JobRequest, PrivacySettings, SitePolicy, check_job
 

@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
-from fedcost import records as rec
+from fedcost.wire import records as rec
 from fedcost.analytics import Benchmark, GroupedStatistics, benchmark
 from fedcost.analytics.benchmarking import shared_vector_size, standardised, totals_from_shared_vector
 from fedcost.audit import AuditLog

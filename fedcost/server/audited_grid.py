@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedcost import records as rec
+from fedcost.wire import records as rec
 from fedcost.audit import AuditLog
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedcost import records as rec
+from fedcost.wire import records as rec
 from fedcost.config import SecureAggregationSection
 from fedcost.errors import FederationError, ProtocolAbort
 from fedcost.secagg import Coordinator as SecAggCoordinator
