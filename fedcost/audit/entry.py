@@ -42,13 +42,15 @@ from typing import Any, NamedTuple
 import orjson
 import rfc8785
 
+from fedcost.wire.events import SIGNED
+
 # Domain separation: an entry hash, the genesis value and a checkpoint signature can never
 # be mistaken for one another, nor for anything else the identity key signs (SecAgg+).
 ENTRY_HASH_PREFIX = b"fedcost/audit/entry/v1\x00"
 CHECKPOINT_CONTEXT = b"fedcost/audit/checkpoint/v1\x00"
 GENESIS_HASH = hashlib.sha256(b"fedcost/audit/genesis/v1").hexdigest()
 
-CHECKPOINT_EVENTS = frozenset({"checkpoint", "run_closed"})
+CHECKPOINT_EVENTS = SIGNED
 
 _REQUIRED = ("seq", "time", "actor", "event", "round", "details", "digest", "prev")
 _KNOWN = frozenset(_REQUIRED) | {"sig"}

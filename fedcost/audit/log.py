@@ -25,6 +25,7 @@ from fedcost.audit.entry import (
 )
 from fedcost.errors import AuditLogTamperedError, InvalidSignatureError
 from fedcost.identity import Identity, PublicIdentity
+from fedcost.wire.events import Event
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ def _verify_chain(path: Path, identity: PublicIdentity) -> LogVerification:
             except InvalidSignatureError:
                 problem = f"checkpoint signature does not verify against {party}'s key {identity.key_id[:16]}"
             checkpoints, signed_through = checkpoints + 1, entry.seq
-            if entry.event == "run_closed" and closed_at is None:
+            if entry.event == Event.RUN_CLOSED and closed_at is None:
                 closed_at = line
         if problem is not None:
             raise _tampered(party, path, line, entry.seq, problem)
@@ -227,7 +228,7 @@ def _ends_at(path: Path, position: LogPosition) -> bool:
         entry = Entry.from_bytes(last)
     except ValueError:
         return False
-    return entry.hash == position.head and entry.seq == position.seq - 1 and entry.event != "run_closed"
+    return entry.hash == position.head and entry.seq == position.seq - 1 and entry.event != Event.RUN_CLOSED
 
 
 class AuditLog:
@@ -264,7 +265,7 @@ class AuditLog:
         if self._seq == 0:
             _fsync_dir(self.path.parent)
         if cut is not None:
-            self.append("tail_discarded", details={"line": cut.line, "bytes": len(cut.tail)},
+            self.append(Event.TAIL_DISCARDED, details={"line": cut.line, "bytes": len(cut.tail)},
                         digest=hashlib.sha256(cut.tail).hexdigest())
 
     def append(
@@ -292,7 +293,7 @@ class AuditLog:
         at: datetime | None = None,
     ) -> Entry:
         """Log the exact bytes about to leave; call it just before sending them."""
-        return self.append("message_sent", round=round, at=at, digest=hashlib.sha256(payload).hexdigest(),
+        return self.append(Event.MESSAGE_SENT, round=round, at=at, digest=hashlib.sha256(payload).hexdigest(),
                            details={**(details or {}), "recipient": recipient, "kind": kind,
                                     "bytes": len(payload)})
 
@@ -307,7 +308,7 @@ class AuditLog:
         at: datetime | None = None,
     ) -> Entry:
         """Log the exact bytes that arrived, before acting on them."""
-        return self.append("message_received", round=round, at=at, digest=hashlib.sha256(payload).hexdigest(),
+        return self.append(Event.MESSAGE_RECEIVED, round=round, at=at, digest=hashlib.sha256(payload).hexdigest(),
                            details={**(details or {}), "sender": sender, "kind": kind,
                                     "bytes": len(payload)})
 
@@ -315,11 +316,11 @@ class AuditLog:
         self, *, round: int | None = None, details: Mapping[str, Any] | None = None, at: datetime | None = None
     ) -> Entry:
         """Sign the head of the log (at each round end) and fsync it."""
-        return self._write("checkpoint", round, details, None, at, signed=True)
+        return self._write(Event.CHECKPOINT, round, details, None, at, signed=True)
 
     def close(self, *, details: Mapping[str, Any] | None = None, at: datetime | None = None) -> Entry:
         """Write the signed run_closed checkpoint that makes the log complete; no entries after."""
-        return self._write("run_closed", None, details, None, at, signed=True)
+        return self._write(Event.RUN_CLOSED, None, details, None, at, signed=True)
 
     def _write(
         self,
@@ -339,7 +340,7 @@ class AuditLog:
                 "seq": self._seq,
                 "time": format_time(at),
                 "actor": self._identity.name,
-                "event": event,
+                "event": str(event),
                 "round": round_,
                 "details": dict(details or {}),
                 "digest": digest,
@@ -353,7 +354,7 @@ class AuditLog:
             except OSError:
                 self._release()  # part of the line may be on disk: only a reopen can repair it
                 raise
-            if event == "run_closed":
+            if event == Event.RUN_CLOSED:
                 self._release()
             self._seq, self._head = self._seq + 1, entry.hash
             return entry

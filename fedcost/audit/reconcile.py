@@ -13,10 +13,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from fedcost.audit.entry import Entry
+from fedcost.wire.events import Event
 
 # A message is identified by (sender, recipient, round, kind, digest, bytes).
 _Key = tuple[str, str, int | None, str, str, int]
-_PEER = {"message_sent": "recipient", "message_received": "sender"}
+_PEER = {Event.MESSAGE_SENT: "recipient", Event.MESSAGE_RECEIVED: "sender"}
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def _message_key(party: str, entry: Entry) -> _Key | str:
     if type(peer) is not str or type(kind) is not str or type(size) is not int or entry.digest is None:
         return (f"{entry.event} needs details.{peer_field} and details.kind (strings), "
                 "details.bytes (integer) and a digest")
-    if entry.event == "message_sent":
+    if entry.event == Event.MESSAGE_SENT:
         return party, peer, entry.round, kind, entry.digest, size
     return peer, party, entry.round, kind, entry.digest, size
 
@@ -64,18 +65,18 @@ def reconcile(logs: Mapping[str, Sequence[Entry]]) -> list[Problem]:
     received: dict[_Key, list[tuple[str, int]]] = defaultdict(list)
     dropped: set[tuple[str, int | None, object]] = set()  # (logged by, round, party)
     for party, entries in logs.items():
-        if not entries or entries[-1].event != "run_closed":
+        if not entries or entries[-1].event != Event.RUN_CLOSED:
             last = entries[-1].seq if entries else None
             problems.append(Problem(party, last, "log does not end with run_closed"))
         for entry in entries:
-            if entry.event == "dropout":
+            if entry.event == Event.DROPOUT:
                 dropped.add((party, entry.round, entry.details.get("party")))
             elif entry.event in _PEER:
                 key = _message_key(party, entry)
                 if isinstance(key, str):
                     problems.append(Problem(party, entry.seq, key))
                 else:
-                    (sent if entry.event == "message_sent" else received)[key].append((party, entry.seq))
+                    (sent if entry.event == Event.MESSAGE_SENT else received)[key].append((party, entry.seq))
 
     unlogged: dict[str, int] = defaultdict(int)
     for key, receipts in received.items():

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedcost.audit.entry import Entry
+from fedcost.wire.events import Event
 from fedcost.audit.folder import PartyStatus, verify_folder
 
 FORMATS = ("table", "json", "html")
@@ -28,11 +29,11 @@ def _site(status: PartyStatus) -> dict[str, Any]:
     if status.verification is None:  # nothing here can be trusted, so nothing is summarised
         return site
     entries = status.verification.entries
-    sent = [e for e in entries if e.event == "message_sent"]
-    received = [e for e in entries if e.event == "message_received"]
+    sent = [e for e in entries if e.event == Event.MESSAGE_SENT]
+    received = [e for e in entries if e.event == Event.MESSAGE_RECEIVED]
     protections: dict[str, Any] = {}
     for e in entries:
-        if e.event in ("run_started", "job_received"):
+        if e.event in (Event.RUN_STARTED, Event.JOB_RECEIVED):
             protections.update(e.details)
         elif "dp_epsilon_spent" in e.details:  # the budget is spent round by round: keep the latest
             protections["dp_epsilon_spent"] = e.details["dp_epsilon_spent"]
@@ -48,7 +49,7 @@ def _site(status: PartyStatus) -> dict[str, Any]:
         message_kinds=sorted({str(e.details.get("kind")) for e in sent}),
         protections=protections,
         refusals=[{"seq": e.seq, "time": e.time, "round": e.round, **e.details}
-                  for e in entries if e.event == "refusal"],
+                  for e in entries if e.event == Event.REFUSAL],
     )
     return site
 
