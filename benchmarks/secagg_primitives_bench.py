@@ -117,7 +117,11 @@ def bench_primitives() -> None:
 
 
 def run_round(n: int, dim: int, dropout: float = 0.0) -> dict[str, float]:
-    """One timed round; the loop is ``simulate_round``'s, with clocks around each side."""
+    """One timed round; the loop is ``simulate_round``'s, with clocks around each side.
+
+    Messages go to nodes as objects, without ``simulate_round``'s dict round trip, so
+    the clocks time the protocol alone; the consistency stage is timed with the rest.
+    """
     quantizer = Quantizer(clip=1.0, levels=2**12, max_nodes=n)
     ids = list(range(1, n + 1))
     inputs = {

@@ -15,6 +15,8 @@ from hypothesis.extra.numpy import array_shapes, arrays
 
 from fedcost.errors import ProtocolAbort
 from fedcost.secagg import (
+    ConsistencyReply,
+    ConsistencyRequest,
     Coordinator,
     KeyAdvertisement,
     Node,
@@ -31,7 +33,7 @@ from fedcost.secagg import (
 )
 from fedcost.secagg.prg import WORDS, word
 
-DROP_STAGES = [Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK]
+DROP_STAGES = [Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.CONSISTENCY, Stage.UNMASK]
 
 
 def _expected_outcome(config: RoundConfig, dropouts: dict[int, Stage]) -> set[int] | None:
@@ -39,7 +41,8 @@ def _expected_outcome(config: RoundConfig, dropouts: dict[int, Stage]) -> set[in
 
     The round survives while every node still counted keeps t live neighbours: each
     node that advertised among those that advertised, and each node that shared its
-    keys among those that answer the unmask stage.
+    keys among those that answer the unmask stage; and while every node whose masked
+    input is summed signs the survivor set (no dropout in the consistency stage).
     """
     graph = neighbours(config.node_ids, config.graph_seed, config.degree)
 
@@ -56,6 +59,8 @@ def _expected_outcome(config: RoundConfig, dropouts: dict[int, Stage]) -> set[in
         return None
     if any(len(graph[u] & answered) < t for u in shared):
         return None
+    if Stage.CONSISTENCY in dropouts.values():
+        return None
     return masked
 
 
@@ -68,7 +73,7 @@ def _exact_sum(inputs: dict[int, np.ndarray], included: set[int]) -> list[int]:
 )
 @given(data=st.data())
 def test_round_gives_the_exact_sum_of_survivors_or_aborts(data):
-    n = data.draw(st.integers(2, 12), label="n")
+    n = data.draw(st.integers(3, 12), label="n")
     first = data.draw(st.integers(1, 2**62), label="first id")
     gaps = data.draw(st.lists(st.integers(1, 2**40), min_size=n - 1, max_size=n - 1), label="id gaps")
     ids = list(itertools.accumulate(gaps, initial=first))  # distinct, up to 63 bits
@@ -184,12 +189,13 @@ def test_dropouts_are_recorded_with_their_stage():
 
 # --- stage order -----------------------------------------------------------------------
 
-NODE_ORDER = [Stage.SETUP, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK, None]
+NODE_ORDER = [Stage.SETUP, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.CONSISTENCY, Stage.UNMASK, None]
 COORDINATOR_ORDER = [
     Stage.SETUP,
     Stage.ADVERTISE_KEYS,
     Stage.SHARE_KEYS,
     Stage.MASKED_INPUT,
+    Stage.CONSISTENCY,
     Stage.UNMASK,
     None,
 ]
@@ -201,9 +207,9 @@ class _Round:
     def __init__(self, n: int = 3, *, via_dicts: bool = False, start: bool = True):
         ids = tuple(range(1, n + 1))
         self.config = RoundConfig.create(run_id="stages", round=1, node_ids=ids, dim=4, bits=24)
-        keys = {u: Ed25519PrivateKey.generate() for u in ids}
-        self.identities = {u: key.public_key() for u, key in keys.items()}
-        self.nodes = {u: Node(u, keys[u], self.identities) for u in ids}
+        self.keys = {u: Ed25519PrivateKey.generate() for u in ids}
+        self.identities = {u: key.public_key() for u, key in self.keys.items()}
+        self.nodes = {u: Node(u, self.keys[u], self.identities) for u in ids}
         self.coordinator = Coordinator(self.config, self.identities)
         self.inputs = {u: np.array([u, 2 * u, 3 * u, 1], dtype=word(self.config.bits)) for u in ids}
         self.via_dicts = via_dicts
@@ -249,7 +255,7 @@ def _node_in_state(done: int) -> tuple[_Round, Node]:
     return round_, round_.nodes[1]
 
 
-@pytest.mark.parametrize("done,stage", list(itertools.product(range(5), Stage)))
+@pytest.mark.parametrize("done,stage", list(itertools.product(range(len(NODE_ORDER)), Stage)))
 def test_node_accepts_only_the_next_stage(done, stage):
     round_, node = _node_in_state(done)
     expected = NODE_ORDER[done]
@@ -264,7 +270,7 @@ def test_node_accepts_only_the_next_stage(done, stage):
         node.handle(SAMPLE_REQUESTS[stage])
 
 
-@pytest.mark.parametrize("done,stage", list(itertools.product(range(6), Stage)))
+@pytest.mark.parametrize("done,stage", list(itertools.product(range(len(COORDINATOR_ORDER)), Stage)))
 def test_coordinator_accepts_only_the_next_stage(done, stage):
     round_ = _Round(start=done > 0)
     for _ in range(done - 1):
@@ -335,55 +341,98 @@ def test_a_node_outside_the_round_refuses_it():
         outsider.handle(round_.requests[1])
 
 
-# --- never both shares -------------------------------------------------------------
+# --- survivor sets and never both shares ---------------------------------------------
 
 
-def test_a_node_never_reveals_both_shares_of_one_neighbour():
-    round_ = _Round(5)
-    for _ in range(3):
-        round_.step()  # every node now holds shares and waits for unmask
-    node = round_.nodes[1]
-    with pytest.raises(ProtocolAbort, match=r"both the seed and the key shares of node\(s\) \[2\]"):
-        node.handle(UnmaskRequest(survivors=(2, 3), dropped=(2, 4)))
-    with pytest.raises(ProtocolAbort, match="expected stage none"):
-        node.handle(UnmaskRequest(survivors=(2, 3, 4, 5), dropped=()))
-
-
-def test_a_neighbours_status_cannot_flip_between_requests():
-    round_ = _Round(5)
-    for _ in range(3):
-        round_.step()
-    node = round_.nodes[1]
-    first = node.handle(UnmaskRequest(survivors=(2, 3, 4), dropped=(5,)))
-    assert [s.owner for s in first.seed_shares] == [2, 3, 4]
-    assert [s.owner for s in first.key_shares] == [5]
-    with pytest.raises(ProtocolAbort, match="expected stage none"):
-        node.handle(UnmaskRequest(survivors=(2, 3, 4, 5), dropped=()))
-
-
-def test_a_node_reveals_nothing_about_nodes_it_holds_no_shares_of():
-    round_ = _Round(5)
-    for _ in range(3):
-        round_.step()
-    with pytest.raises(ProtocolAbort, match=r"holds no shares of node\(s\) \[1\]"):
-        round_.nodes[1].handle(UnmaskRequest(survivors=(1, 2, 3), dropped=()))
-
-
-def test_in_a_round_with_dropouts_each_reply_holds_one_share_per_neighbour():
-    round_ = _Round(6)
-    round_.step()
-    round_.step()
-    round_.requests = round_.coordinator.handle(
-        [r for r in round_.answer() if r.node_id != 4]  # node 4 drops before its masked input
+def test_a_node_refuses_a_round_smaller_than_its_minimum():
+    """A node never takes part in a sum over fewer than min_survivors nodes (at least 3)."""
+    keys = {u: Ed25519PrivateKey.generate() for u in (1, 2)}
+    identities = {u: key.public_key() for u, key in keys.items()}
+    pair = RoundConfig(
+        run_id="pair", round=0, node_ids=(1, 2), graph_seed=bytes(32), degree=1, threshold=1, bits=8, dim=1
     )
+    request = Coordinator(pair, identities).start()[1]
+    with pytest.raises(ProtocolAbort, match="^the round has 2 nodes, fewer than the 3 node 1 needs to take part in"):
+        Node(1, keys[1], identities).handle(request)
+    round_ = _Round(4)
+    strict = Node(1, Ed25519PrivateKey.generate(), round_.identities, min_survivors=5)
+    with pytest.raises(ProtocolAbort, match="the round has 4 nodes, fewer than the 5 node 1 needs"):
+        strict.handle(round_.requests[1])
+
+
+@pytest.mark.parametrize("minimum", [2, 0, -3, True, 3.0, "3"])
+def test_min_survivors_must_be_an_int_of_at_least_three(minimum):
+    with pytest.raises(ValueError, match="min_survivors must be an int of at least 3"):
+        Node(1, Ed25519PrivateKey.generate(), {}, min_survivors=minimum)
+
+
+def test_a_node_needs_the_identity_key_of_every_node_of_the_round():
+    """Any node of the round may be in the survivor set whose signatures it verifies."""
+    round_ = _Round(4)
+    known = {u: key for u, key in round_.identities.items() if u != 4}
+    with pytest.raises(ProtocolAbort, match=r"no identity key for node\(s\) \[4\] of the round"):
+        Node(1, Ed25519PrivateKey.generate(), known).handle(round_.requests[1])
+
+
+def _at_unmask(n: int, *, absent: int | None = None) -> _Round:
+    """A round whose nodes have all signed the survivor set; ``absent`` skips its masked input."""
+    round_ = _Round(n)
+    round_.step()
+    round_.step()
+    round_.requests = round_.coordinator.handle([r for r in round_.answer() if r.node_id != absent])
+    round_.step()
+    return round_
+
+
+def test_a_node_reveals_the_seed_share_of_members_and_the_key_share_of_the_others():
+    round_ = _at_unmask(6, absent=4)  # node 4 drops out before its masked input
+    request = round_.requests[1]
+    assert request.survivors == (1, 2, 3, 5, 6) and len(request.signatures) == 5
+    graph = neighbours(round_.config.node_ids, round_.config.graph_seed, round_.config.degree)
     replies = round_.answer()
     for reply in replies:
-        seeds = {s.owner for s in reply.seed_shares}
-        keys = {s.owner for s in reply.key_shares}
-        assert not seeds & keys
-        assert keys == {4}
+        assert {s.owner for s in reply.seed_shares} == graph[reply.node_id] - {4}
+        assert {s.owner for s in reply.key_shares} == {4}
     round_.requests = round_.coordinator.handle(replies)
     assert round_.coordinator.result.included == (1, 2, 3, 5, 6)
+    assert round_.coordinator.result.total.tolist() == [17, 34, 51, 5]
+
+
+def test_a_node_answers_one_unmask_request_only():
+    round_ = _at_unmask(5)
+    node, request = round_.nodes[1], round_.requests[1]
+    node.handle(request)
+    with pytest.raises(ProtocolAbort, match="expected stage none"):
+        node.handle(request)
+
+
+def test_a_dropout_in_the_consistency_stage_aborts_the_round():
+    """The others have signed S: no result, and no smaller set is offered in its place."""
+    round_ = _Round(6)
+    for _ in range(3):
+        round_.step()
+    replies = [r for r in round_.answer() if r.node_id != 4]
+    with pytest.raises(
+        ProtocolAbort,
+        match=re.escape(
+            "round aborted in stage consistency: node(s) [4] did not sign the survivor set; "
+            "a sum is unmasked only over a set every member signed"
+        ),
+    ):
+        round_.coordinator.handle(replies)
+    assert round_.coordinator.dropouts == {4: "no reply in stage consistency"}
+    assert not round_.coordinator.done
+    with pytest.raises(ValueError, match="has not finished"):
+        round_.coordinator.result
+    with pytest.raises(ProtocolAbort, match="expected stage none"):
+        round_.coordinator.handle(replies)
+
+
+def test_a_dropout_in_the_consistency_stage_aborts_a_simulated_round():
+    config = RoundConfig.create(run_id="consistency", round=3, node_ids=range(1, 8), dim=2, bits=16)
+    inputs = {u: np.array([u, 1], dtype=word(config.bits)) for u in config.node_ids}
+    with pytest.raises(ProtocolAbort, match=re.escape("node(s) [2, 6] did not sign the survivor set")):
+        simulate_round(config, inputs, dropouts={2: Stage.CONSISTENCY, 6: Stage.CONSISTENCY, 5: Stage.SHARE_KEYS})
 
 
 # --- wire format -------------------------------------------------------------------
@@ -404,6 +453,8 @@ def test_a_round_runs_through_plain_dicts():
         messages += [r.to_dict() for r in round_.requests.values()]
         round_.step()
         messages += [r.to_dict() for r in round_.replies]
+    stages = {message["stage"] for message in messages}
+    assert stages == {stage.value for stage in Stage}
     assert all(_plain(value) for message in messages for value in message.values())
     assert round_.coordinator.result.total.tolist() == [10, 20, 30, 4]
 
@@ -426,12 +477,37 @@ def test_malformed_replies_become_protocol_aborts(change, why):
 
 
 @pytest.mark.parametrize(
+    "change,why",
+    [
+        (lambda d: d.pop("signature"), "needs keys"),
+        (lambda d: d.update(survivors=[1, 2, 3]), "needs keys"),
+        (lambda d: d.update(signature="ab" * 32), "must be bytes"),
+        (lambda d: d.update(node_id=0), "at least 1"),
+    ],
+)
+def test_malformed_consistency_replies_become_protocol_aborts(change, why):
+    data = SAMPLE_REPLIES[Stage.CONSISTENCY].to_dict()
+    change(data)
+    with pytest.raises(ProtocolAbort, match=f"malformed consistency reply: .*{why}"):
+        reply_from_dict(data)
+
+
+@pytest.mark.parametrize(
     "data,why",
     [
         ({"stage": "advertise-keys"}, "no secure-aggregation request has stage 'advertise-keys'"),
         ({"stage": "teardown"}, "no secure-aggregation request"),
         ([1, 2], "no secure-aggregation request"),
-        ({**SAMPLE_REQUESTS[Stage.UNMASK].to_dict(), "survivors": [3, 2]}, "sorted and distinct"),
+        ({**SAMPLE_REQUESTS[Stage.UNMASK].to_dict(), "survivors": [3, 2, 1]}, "sorted and distinct"),
+        ({**SAMPLE_REQUESTS[Stage.UNMASK].to_dict(), "dropped": []}, "needs keys"),
+        (
+            {**SAMPLE_REQUESTS[Stage.UNMASK].to_dict(), "signatures": SAMPLE_REQUESTS[Stage.UNMASK].signatures[1:]},
+            "one per survivor, got 2 for 3 survivors",
+        ),
+        ({**SAMPLE_REQUESTS[Stage.UNMASK].to_dict(), "signatures": ["ab", "cd", "ef"]}, "tuple of bytes"),
+        ({**SAMPLE_REQUESTS[Stage.CONSISTENCY].to_dict(), "survivors": [1, 2, 2]}, "sorted and distinct"),
+        ({**SAMPLE_REQUESTS[Stage.CONSISTENCY].to_dict(), "survivors": [0, 1, 2]}, "at least 1"),
+        ({**SAMPLE_REQUESTS[Stage.CONSISTENCY].to_dict(), "survivors": "123"}, "tuple of int"),
         ({**SAMPLE_REQUESTS[Stage.SETUP].to_dict(), "threshold": 1, "degree": 2}, "strict majority"),
         ({**SAMPLE_REQUESTS[Stage.SETUP].to_dict(), "run_id": "a|b"}, "run id"),
         ({**SAMPLE_REQUESTS[Stage.SETUP].to_dict(), "degree": 1}, "even degree"),
@@ -457,6 +533,8 @@ def test_messages_survive_their_dict_round_trip():
     assert isinstance(SAMPLE_REQUESTS[Stage.SHARE_KEYS], ShareKeysRequest)
     assert isinstance(SAMPLE_REPLIES[Stage.ADVERTISE_KEYS], KeyAdvertisement)
     assert isinstance(SAMPLE_REPLIES[Stage.SHARE_KEYS], ShareKeysReply)
+    assert isinstance(SAMPLE_REQUESTS[Stage.CONSISTENCY], ConsistencyRequest)
+    assert isinstance(SAMPLE_REPLIES[Stage.CONSISTENCY], ConsistencyReply)
 
 
 def test_a_node_restored_from_its_exported_state_finishes_the_round() -> None:
@@ -482,3 +560,19 @@ def test_a_node_restored_from_its_exported_state_finishes_the_round() -> None:
             states[n] = node.export_state()
         requests = coordinator.handle(replies)
     np.testing.assert_array_equal(coordinator.result.total, sum(inputs.values()))
+
+
+def test_a_restored_node_keeps_the_survivor_set_it_signed_and_its_minimum():
+    round_ = _at_unmask(5)
+    state, key, request = round_.nodes[1].export_state(), round_.keys[1], round_.requests[1]
+    other = UnmaskRequest(request.survivors[:-1], request.signatures[:-1])
+    with pytest.raises(ProtocolAbort, match="survivor set is not the one node 1 signed"):
+        Node.restore(state, key, round_.identities).handle(other)
+    reply = Node.restore(state, key, round_.identities).handle(request)
+    assert {s.owner for s in reply.seed_shares} == {2, 3, 4, 5}
+    strict = Node(1, key, round_.identities, min_survivors=7)
+    assert Node.restore(strict.export_state(), key, round_.identities).min_survivors == 7
+    assert Node.restore(strict.export_state(), key, round_.identities, min_survivors=4).min_survivors == 7
+    assert Node.restore(state, key, round_.identities, min_survivors=6).min_survivors == 6  # the site now asks more
+    with pytest.raises(ValueError, match="min_survivors must be an int of at least 3"):
+        Node.restore(state, key, round_.identities, min_survivors=2)

@@ -9,14 +9,18 @@ in a public random graph (``graph``), threshold t among them:
    and its mask private key, and encrypts each neighbour's shares (ChaCha20-Poly1305).
 3. masked input: u decrypts the shares it holds and sends
    y_u = x_u + PRG(seed_u) + sum_v +-PRG(pair key u,v) mod 2**bits (AES-CTR PRG, HKDF keys).
-4. unmask: for each neighbour u returns its seed share if it survived, its key share if
-   it dropped, never both; the coordinator rebuilds seeds and keys and strips the masks.
+4. consistency (Bonawitz et al. 2017, section 4): the coordinator names the survivor set S,
+   the nodes whose masked inputs it holds; every member checks S and signs it, once.
+5. unmask: u verifies every member's signature on the S it signed, then for each
+   neighbour returns its seed share if it is in S, its key share if not, never both; the
+   coordinator rebuilds seeds and keys and strips the masks. A node's input is thus
+   unmasked only in a sum over a set it signed; a dropout during consistency aborts.
 
 API. Coordinator: ``c = Coordinator(RoundConfig.create(...), identities)``;
 ``requests = c.start()``; then, while ``not c.done``: send each node its request,
 collect the replies that arrive, ``requests = c.handle(replies)``; finally ``c.result``
 (``Aggregate(total, included)``). Node: ``node = Node(node_id, identity_key,
-identities)``; ``reply = node.handle(request)`` for each request, passing
+identities, min_survivors=3)``; ``reply = node.handle(request)`` for each request, passing
 ``vector=Quantizer.encode(...)`` with the masked-input one. Messages convert with
 ``to_dict`` and ``request_from_dict``/``reply_from_dict``. ``simulate_round`` runs the loop
 in memory. Too few survivors, a stage out of order, a repeated stage: ``ProtocolAbort``;
@@ -25,6 +29,8 @@ a bad signature or tag: ``InvalidSignatureError``.
 
 from fedcost.secagg.graph import choose_degree, choose_threshold, neighbours
 from fedcost.secagg.messages import (
+    ConsistencyReply,
+    ConsistencyRequest,
     EncryptedShare,
     KeyAdvertisement,
     MaskedInputReply,
@@ -48,6 +54,8 @@ from fedcost.secagg.simulation import simulate_round
 
 __all__ = [
     "Aggregate",
+    "ConsistencyReply",
+    "ConsistencyRequest",
     "Coordinator",
     "EncryptedShare",
     "KeyAdvertisement",

@@ -4,7 +4,9 @@ Frozen dataclasses that validate their own field types. ``to_dict`` gives a flat
 ints, strs, bytes and lists of those (plus, for a masked input, one numpy array of 32- or
 64-bit words), so a binding can put it into Flower ConfigRecords and ArrayRecords as it is;
 ``from_dict`` is its strict inverse. ``request_from_dict`` and ``reply_from_dict`` are
-the boundary: anything malformed there becomes a ``ProtocolAbort``.
+the boundary: anything malformed there becomes a ``ProtocolAbort``. What a node signs
+(its keys, the survivor set) is ``crypto.canonical`` bytes from ``signed_bytes``, never
+the dict, so no change of wire format can change a signature's meaning.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Stage(StrEnum):
     ADVERTISE_KEYS = "advertise-keys"
     SHARE_KEYS = "share-keys"
     MASKED_INPUT = "masked-input"
+    CONSISTENCY = "consistency"
     UNMASK = "unmask"
 
 
@@ -338,25 +341,85 @@ class MaskedInputReply(_Message):
         return cls(data["node_id"], data["masked"])
 
 
-@dataclass(frozen=True)
-class UnmaskRequest(_Message):
-    """Coordinator to node: which of its neighbours survived and which dropped out."""
+def _survivor_set_bytes(run_id: str, round_number: int, survivors: tuple[int, ...]) -> bytes:
+    return canonical(PROTOCOL, "survivors", run_id, round_number, *survivors)
 
-    stage: ClassVar[Stage] = Stage.UNMASK
+
+@dataclass(frozen=True)
+class ConsistencyRequest(_Message):
+    """Coordinator to node: the survivor set S, the nodes whose masked inputs it holds."""
+
+    stage: ClassVar[Stage] = Stage.CONSISTENCY
     survivors: tuple[int, ...]
-    dropped: tuple[int, ...]
 
     def __post_init__(self) -> None:
         _check_node_ids("survivors", self.survivors)
-        _check_node_ids("dropped", self.dropped)
+
+    def signed_bytes(self, run_id: str, round_number: int) -> bytes:
+        """What a member's identity key signs: the survivor set bound to run and round."""
+        return _survivor_set_bytes(run_id, round_number, self.survivors)
 
     def _payload(self) -> dict[str, Any]:
-        return {"survivors": list(self.survivors), "dropped": list(self.dropped)}
+        return {"survivors": list(self.survivors)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ConsistencyRequest:
+        _check_keys(data, cls, ("survivors",))
+        return cls(tuple(data["survivors"]))
+
+
+@dataclass(frozen=True)
+class ConsistencyReply(_Message):
+    """Node to coordinator: its identity-key signature over the survivor set it was sent."""
+
+    stage: ClassVar[Stage] = Stage.CONSISTENCY
+    node_id: int
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _check_int("node_id", self.node_id, minimum=1)
+        _check_bytes("signature", self.signature)
+
+    def _payload(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "signature": self.signature}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ConsistencyReply:
+        _check_keys(data, cls, ("node_id", "signature"))
+        return cls(data["node_id"], data["signature"])
+
+
+@dataclass(frozen=True)
+class UnmaskRequest(_Message):
+    """Coordinator to node: the signed survivor set S and every member's signature, in S's order.
+
+    Each node derives its own split from S: a neighbour in S survived, one outside it dropped.
+    """
+
+    stage: ClassVar[Stage] = Stage.UNMASK
+    survivors: tuple[int, ...]
+    signatures: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        _check_node_ids("survivors", self.survivors)
+        _check_tuple("signatures", self.signatures, bytes)
+        if len(self.signatures) != len(self.survivors):
+            raise ValueError(
+                f"signatures must be one per survivor, got {len(self.signatures)} "
+                f"for {len(self.survivors)} survivors"
+            )
+
+    def signed_bytes(self, run_id: str, round_number: int) -> bytes:
+        """What each member signed: the same bytes as ``ConsistencyRequest.signed_bytes``."""
+        return _survivor_set_bytes(run_id, round_number, self.survivors)
+
+    def _payload(self) -> dict[str, Any]:
+        return {"survivors": list(self.survivors), "signatures": list(self.signatures)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> UnmaskRequest:
-        _check_keys(data, cls, ("survivors", "dropped"))
-        return cls(tuple(data["survivors"]), tuple(data["dropped"]))
+        _check_keys(data, cls, ("survivors", "signatures"))
+        return cls(tuple(data["survivors"]), tuple(data["signatures"]))
 
 
 class RevealedShare(NamedTuple):
@@ -384,7 +447,7 @@ def _revealed_from_dict(prefix: str, data: Mapping[str, Any]) -> tuple[RevealedS
 
 @dataclass(frozen=True)
 class UnmaskReply(_Message):
-    """Node to coordinator: seed shares of surviving and key shares of dropped neighbours."""
+    """Node to coordinator: seed shares of neighbours in the signed set, key shares of the others."""
 
     stage: ClassVar[Stage] = Stage.UNMASK
     node_id: int
@@ -415,14 +478,16 @@ class UnmaskReply(_Message):
         return cls(data["node_id"], _revealed_from_dict("seed", data), _revealed_from_dict("key", data))
 
 
-Request = SetupRequest | ShareKeysRequest | MaskedInputRequest | UnmaskRequest
-Reply = KeyAdvertisement | ShareKeysReply | MaskedInputReply | UnmaskReply
+Request = SetupRequest | ShareKeysRequest | MaskedInputRequest | ConsistencyRequest | UnmaskRequest
+Reply = KeyAdvertisement | ShareKeysReply | MaskedInputReply | ConsistencyReply | UnmaskReply
 
 _REQUESTS: dict[str, type[_Message]] = {
-    cls.stage.value: cls for cls in (SetupRequest, ShareKeysRequest, MaskedInputRequest, UnmaskRequest)
+    cls.stage.value: cls
+    for cls in (SetupRequest, ShareKeysRequest, MaskedInputRequest, ConsistencyRequest, UnmaskRequest)
 }
 _REPLIES: dict[str, type[_Message]] = {
-    cls.stage.value: cls for cls in (KeyAdvertisement, ShareKeysReply, MaskedInputReply, UnmaskReply)
+    cls.stage.value: cls
+    for cls in (KeyAdvertisement, ShareKeysReply, MaskedInputReply, ConsistencyReply, UnmaskReply)
 }
 
 

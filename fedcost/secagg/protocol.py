@@ -2,13 +2,36 @@
 
 Both sides are driven by messages: ``Node.handle(request) -> reply`` on each node,
 ``Coordinator.start()`` then ``Coordinator.handle(replies) -> requests`` on the
-coordinator. Every handler checks, in this order, the stage, the message and config
-types, and only then does crypto. A message for any stage but the expected one raises
+coordinator. Stages: setup, advertise-keys, share-keys, masked-input, consistency,
+unmask. Every handler checks, in this order, the stage, the message and config types,
+and only then does crypto. A message for any stage but the expected one raises
 ``ProtocolAbort("expected stage X, received stage Y")``. Anything that raises ends the
 round for that object, which then refuses every later message.
 
 Masks, with u < v for the sign and ``+``/``-`` mod 2**bits:
 ``y_u = x_u + PRG(self seed of u) + sum over neighbours v of +-PRG(pair key of u, v)``.
+
+Consistency (Bonawitz et al., CCS 2017, section 4, "ConsistencyCheck"). After masked
+input the coordinator names the survivor set S, the nodes whose masked inputs it holds;
+every member signs S with its identity key, and the unmask request carries S and every
+member's signature. A node verifies all of them against the identity keys it was given
+(never keys from the coordinator), then reveals, per neighbour whose shares it holds, the
+seed share if the neighbour is in S and the key share if it is not. Why that suffices:
+
+* an honest node signs one set per round and reveals only for that set, once every member
+  has signed it too: any set shares are revealed for is one all its members signed, and
+  the coordinator cannot show the members of one sum different survivor sets;
+* an honest node reveals a neighbour's seed share only if the neighbour signed the set,
+  its key share only if the neighbour is outside it, one share per neighbour; t is a
+  strict majority of the k neighbours, so no node's seed and key can both be rebuilt
+  (unless more than the threshold collude, which the threat model leaves out);
+* so a node's input is unmasked only as part of a sum over a set that node signed.
+
+Consequence: a node that drops out between masked input and consistency aborts the
+round. The others have already signed S, and the coordinator must not ask them to sign
+a smaller set over the same inputs (two sums that differ by one node give its input);
+a node refuses a second set within a round, and "one set per release" across rounds of
+the same input is the site binding's rule.
 """
 
 from __future__ import annotations
@@ -28,6 +51,8 @@ from fedcost.errors import InvalidSignatureError, ProtocolAbort
 from fedcost.secagg import crypto, shamir
 from fedcost.secagg.graph import neighbours, neighbours_of
 from fedcost.secagg.messages import (
+    ConsistencyReply,
+    ConsistencyRequest,
     EncryptedShare,
     KeyAdvertisement,
     MaskedInputReply,
@@ -47,19 +72,23 @@ from fedcost.secagg.prg import MaskSum, word
 
 _X_SIZE = 4  # bytes of a share's x-coordinate inside the encrypted plaintext
 _PLAINTEXT_SIZE = _X_SIZE + 2 * shamir.SHARE_SIZE
+# No node takes part in a sum over fewer nodes: with two, the sum and one input give the other.
+MIN_SURVIVORS = 3
 
 # Stage of each request a node accepts: the request type and the stage after it.
 _NODE_STAGES: dict[Stage, tuple[type, Stage | None]] = {
     Stage.SETUP: (SetupRequest, Stage.SHARE_KEYS),
     Stage.SHARE_KEYS: (ShareKeysRequest, Stage.MASKED_INPUT),
-    Stage.MASKED_INPUT: (MaskedInputRequest, Stage.UNMASK),
+    Stage.MASKED_INPUT: (MaskedInputRequest, Stage.CONSISTENCY),
+    Stage.CONSISTENCY: (ConsistencyRequest, Stage.UNMASK),
     Stage.UNMASK: (UnmaskRequest, None),
 }
 # Stage of the replies the coordinator collects: the reply type and the stage after it.
 _COORDINATOR_STAGES: dict[Stage, tuple[type, Stage | None]] = {
     Stage.ADVERTISE_KEYS: (KeyAdvertisement, Stage.SHARE_KEYS),
     Stage.SHARE_KEYS: (ShareKeysReply, Stage.MASKED_INPUT),
-    Stage.MASKED_INPUT: (MaskedInputReply, Stage.UNMASK),
+    Stage.MASKED_INPUT: (MaskedInputReply, Stage.CONSISTENCY),
+    Stage.CONSISTENCY: (ConsistencyReply, Stage.UNMASK),
     Stage.UNMASK: (UnmaskReply, None),
 }
 
@@ -75,6 +104,11 @@ def _unhex_dict(data: Mapping[str, object]) -> dict[str, object]:
 def _unexpected(expected: Stage | None, received: str) -> ProtocolAbort:
     wanted = expected.value if expected else "none (the round is over)"
     return ProtocolAbort(f"expected stage {wanted}, received {received}")
+
+
+def _check_min_survivors(min_survivors: int) -> None:
+    if isinstance(min_survivors, bool) or not isinstance(min_survivors, int) or min_survivors < MIN_SURVIVORS:
+        raise ValueError(f"min_survivors must be an int of at least {MIN_SURVIVORS}, got {min_survivors!r}")
 
 
 def _check_stage(
@@ -126,7 +160,9 @@ class Node:
     """One node's side of one round; make a new one for every round.
 
     ``identities`` holds the Ed25519 identity keys of the federation's nodes, from its
-    certificates, never from the coordinator: they are what detects substituted keys.
+    certificates, never from the coordinator: they are what detects substituted keys and
+    forged survivor-set signatures. ``min_survivors`` (at least ``MIN_SURVIVORS``) is the
+    fewest nodes this node's input may be summed with, itself included.
     """
 
     def __init__(
@@ -134,8 +170,12 @@ class Node:
         node_id: int,
         identity_key: Ed25519PrivateKey,
         identities: Mapping[int, Ed25519PublicKey],
+        *,
+        min_survivors: int = MIN_SURVIVORS,
     ):
+        _check_min_survivors(min_survivors)
         self.node_id = node_id
+        self.min_survivors = min_survivors
         self._identity_key = identity_key
         self._identities = dict(identities)
         self._next: Stage | None = Stage.SETUP
@@ -147,6 +187,7 @@ class Node:
         self._peers: dict[int, bytes] = {}  # neighbour whose advertisement verified -> its mask public key
         self._share_secrets: dict[int, bytes] = {}  # neighbour -> X25519 secret of the share keys
         self._held: dict[int, tuple[int, bytes, bytes]] = {}  # neighbour -> (x, seed share, key share)
+        self._signed: tuple[int, ...] | None = None  # the one survivor set this node signed this round
 
     def export_state(self) -> bytes:
         """This node's round state as bytes, for a binding that keeps it between messages.
@@ -157,6 +198,7 @@ class Node:
         """
         state = {
             "node_id": self.node_id,
+            "min_survivors": self.min_survivors,
             "next": self._next.value if self._next else None,
             "config": _hex_dict(self._config.to_dict()) if self._config else None,
             "neighbours": sorted(self._neighbours),
@@ -166,17 +208,30 @@ class Node:
             "peers": {str(k): v.hex() for k, v in self._peers.items()},
             "share_secrets": {str(k): v.hex() for k, v in self._share_secrets.items()},
             "held": {str(k): [x, a.hex(), b.hex()] for k, (x, a, b) in self._held.items()},
+            "signed": list(self._signed) if self._signed is not None else None,
         }
         return json.dumps(state).encode()
 
     @classmethod
     def restore(
-        cls, state: bytes, identity_key: Ed25519PrivateKey, identities: Mapping[int, Ed25519PublicKey]
+        cls,
+        state: bytes,
+        identity_key: Ed25519PrivateKey,
+        identities: Mapping[int, Ed25519PublicKey],
+        *,
+        min_survivors: int = MIN_SURVIVORS,
     ) -> "Node":
-        """The node ``export_state`` saved; a malformed state ends the round (ProtocolAbort)."""
+        """The node ``export_state`` saved; a malformed state ends the round (ProtocolAbort).
+
+        ``min_survivors`` can only raise the saved minimum: the node never joins a sum over
+        fewer nodes than it required at setup, nor than its site requires now.
+        """
+        _check_min_survivors(min_survivors)
         try:
             data = json.loads(state)
-            node = cls(data["node_id"], identity_key, identities)
+            saved = data["min_survivors"]
+            _check_min_survivors(saved)
+            node = cls(data["node_id"], identity_key, identities, min_survivors=max(saved, min_survivors))
             node._next = Stage(data["next"]) if data["next"] else None
             node._config = RoundConfig.from_dict(_unhex_dict(data["config"])) if data["config"] else None
             node._neighbours = frozenset(data["neighbours"])
@@ -186,6 +241,7 @@ class Node:
             node._peers = {int(k): bytes.fromhex(v) for k, v in data["peers"].items()}
             node._share_secrets = {int(k): bytes.fromhex(v) for k, v in data["share_secrets"].items()}
             node._held = {int(k): (x, bytes.fromhex(a), bytes.fromhex(b)) for k, (x, a, b) in data["held"].items()}
+            node._signed = tuple(data["signed"]) if data["signed"] is not None else None
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolAbort(f"the node's saved secure-aggregation state is unreadable: {exc}") from exc
         return node
@@ -207,20 +263,31 @@ class Node:
             reply = self._share_keys(request)
         elif isinstance(request, MaskedInputRequest):
             reply = self._masked_input(request, vector)
+        elif isinstance(request, ConsistencyRequest):
+            reply = self._consistency(request)
         else:
             reply = self._unmask(request)
         self._next = _NODE_STAGES[request.stage][1]
         return reply
 
     def _setup(self, request: SetupRequest) -> KeyAdvertisement:
-        """Check the round, make fresh keys and a self-mask seed, sign the public keys."""
+        """Check the round, make fresh keys and a self-mask seed, sign the public keys.
+
+        Every node of the round needs an identity key here, not just the neighbours: any of
+        them may be in the survivor set whose signatures this node verifies before unmasking.
+        """
         config = request.config
         if self.node_id not in config.node_ids:
             raise ProtocolAbort(f"node {self.node_id} is not among the round's nodes")
-        self._neighbours = neighbours_of(self.node_id, config.node_ids, config.graph_seed, config.degree)
-        unknown = self._neighbours - self._identities.keys()
+        if len(config.node_ids) < self.min_survivors:
+            raise ProtocolAbort(
+                f"the round has {len(config.node_ids)} nodes, fewer than the {self.min_survivors} "
+                f"node {self.node_id} needs to take part in a sum"
+            )
+        unknown = set(config.node_ids) - self._identities.keys()
         if unknown:
-            raise ProtocolAbort(f"no identity key for neighbour(s) {sorted(unknown)}")
+            raise ProtocolAbort(f"no identity key for node(s) {sorted(unknown)} of the round")
+        self._neighbours = neighbours_of(self.node_id, config.node_ids, config.graph_seed, config.degree)
         self._config = config
         self._mask_key = crypto.generate_agreement_key()
         self._share_key = crypto.generate_agreement_key()
@@ -306,24 +373,58 @@ class Node:
         self._seed, self._mask_key, self._share_secrets = None, None, {}
         return MaskedInputReply(self.node_id, masked.reduced())
 
-    def _unmask(self, request: UnmaskRequest) -> UnmaskReply:
-        """Reveal one share per neighbour: its seed share if it survived, its key share if not.
+    def _consistency(self, request: ConsistencyRequest) -> ConsistencyReply:
+        """Check the survivor set S, then sign it: the one set this node signs this round.
 
-        Never both: a request that names a neighbour in both lists is refused, and the
-        round ends here, so no later request can flip a neighbour's status.
+        The message itself refuses an S that is not sorted and distinct. Here, in order: S
+        lies within the round, holds this node and at least ``min_survivors`` nodes, and
+        every neighbour in S is one whose shares this node holds (a neighbour it holds no
+        shares of never had its pair mask in this node's input, so no sum over S unmasks).
         """
-        survivors, dropped = set(request.survivors), set(request.dropped)
-        both = survivors & dropped
-        if both:
-            raise ProtocolAbort(f"asked for both the seed and the key shares of node(s) {sorted(both)}")
-        unknown = (survivors | dropped) - self._held.keys()
-        if unknown:
-            raise ProtocolAbort(f"node {self.node_id} holds no shares of node(s) {sorted(unknown)}")
-        held, self._held = self._held, {}
+        config, survivors = self._config, request.survivors
+        members = frozenset(survivors)
+        outside = members - set(config.node_ids)
+        if outside:
+            raise ProtocolAbort(f"the survivor set names node(s) {sorted(outside)} outside the round")
+        if self.node_id not in members:
+            raise ProtocolAbort(f"node {self.node_id} is not in the survivor set")
+        if len(members) < self.min_survivors:
+            raise ProtocolAbort(
+                f"the survivor set has {len(members)} nodes, fewer than the {self.min_survivors} "
+                f"node {self.node_id} needs to take part in a sum"
+            )
+        unheld = (members & self._neighbours) - self._held.keys()
+        if unheld:
+            raise ProtocolAbort(
+                f"the survivor set names neighbour(s) {sorted(unheld)} whose shares node {self.node_id} does not hold"
+            )
+        self._signed = survivors
+        signature = crypto.sign(self._identity_key, request.signed_bytes(config.run_id, config.round))
+        return ConsistencyReply(self.node_id, signature)
+
+    def _unmask(self, request: UnmaskRequest) -> UnmaskReply:
+        """Verify that every member signed the set this node signed, then reveal one share per neighbour.
+
+        Per neighbour whose shares it holds: the seed share if the neighbour is in S (it
+        signed S), the key share if it is not. Never both, by construction: S is fixed by
+        this node's own signature, and the round ends here.
+        """
+        config = self._config
+        if request.survivors != self._signed:
+            raise ProtocolAbort(f"the unmask request's survivor set is not the one node {self.node_id} signed")
+        signed_bytes = request.signed_bytes(config.run_id, config.round)
+        for member, signature in zip(request.survivors, request.signatures, strict=True):
+            try:
+                crypto.verify(self._identities[member], signature, signed_bytes)
+            except InvalidSignatureError as exc:
+                exc.add_note(f"in the survivor-set signature of node {member}")
+                raise
+        members = frozenset(request.survivors)
+        held, self._held = sorted(self._held.items()), {}
         return UnmaskReply(
             self.node_id,
-            tuple(RevealedShare(owner, held[owner][0], held[owner][1]) for owner in request.survivors),
-            tuple(RevealedShare(owner, held[owner][0], held[owner][2]) for owner in request.dropped),
+            tuple(RevealedShare(owner, x, seed) for owner, (x, seed, _) in held if owner in members),
+            tuple(RevealedShare(owner, x, key) for owner, (x, _, key) in held if owner not in members),
         )
 
 
@@ -340,7 +441,9 @@ class Coordinator:
 
     ``dropouts`` says, for every node that left the round, in which stage and why (no
     reply, or a reply that failed its checks); a node that drops out during unmask is
-    still in the sum, it just gives no shares.
+    still in the sum, it just gives no shares. A node that drops out during consistency
+    aborts the round: the sum is unmasked only over a set every member of it signed, and
+    the others have signed this one (see the module docstring).
     """
 
     def __init__(self, config: RoundConfig, identities: Mapping[int, Ed25519PublicKey]):
@@ -357,7 +460,7 @@ class Coordinator:
         self._shared: set[int] = set()
         self._masked: set[int] = set()
         self._total = np.zeros(config.dim, dtype=word(config.bits))
-        self._unmask_requests: dict[int, UnmaskRequest] = {}
+        self._survivors: tuple[int, ...] = ()  # S, sorted: the nodes whose masked inputs are in the total
         self._result: Aggregate | None = None
 
     @property
@@ -409,6 +512,8 @@ class Coordinator:
             requests = self._share_keys(by_node)
         elif stage is Stage.MASKED_INPUT:
             requests = self._masked_input(by_node)
+        elif stage is Stage.CONSISTENCY:
+            requests = self._consistency(by_node)
         else:
             requests = self._unmask(by_node)
         self._next = _COORDINATOR_STAGES[stage][1]
@@ -472,8 +577,8 @@ class Coordinator:
             for node in sorted(self._shared)
         }
 
-    def _masked_input(self, by_node: dict[int, MaskedInputReply]) -> dict[int, UnmaskRequest]:
-        """Add up the masked inputs; ask each survivor for one share per neighbour."""
+    def _masked_input(self, by_node: dict[int, MaskedInputReply]) -> dict[int, ConsistencyRequest]:
+        """Add up the masked inputs; ask every node in the survivor set S to sign S."""
         config = self.config
         for node, reply in by_node.items():
             if not _in_round_words(config, reply.masked):
@@ -486,30 +591,53 @@ class Coordinator:
             self._total += reply.masked
             self._masked.add(node)
         self._check_threshold(self._shared, self._masked, Stage.MASKED_INPUT)
-        dropped = self._shared - self._masked
-        self._unmask_requests = {
-            node: UnmaskRequest(
-                tuple(sorted(self._neighbours[node] & self._masked)),
-                tuple(sorted(self._neighbours[node] & dropped)),
+        self._survivors = tuple(sorted(self._masked))
+        request = ConsistencyRequest(self._survivors)
+        return {node: request for node in self._survivors}
+
+    def _consistency(self, by_node: dict[int, ConsistencyReply]) -> dict[int, UnmaskRequest]:
+        """Check every member's signature on S; send S and all of them to every member.
+
+        No smaller set is ever offered in S's place: the members have signed S, and a
+        second sum over the same inputs would reveal the difference.
+        """
+        config = self.config
+        signed_bytes = ConsistencyRequest(self._survivors).signed_bytes(config.run_id, config.round)
+        signatures: dict[int, bytes] = {}
+        for node, reply in by_node.items():
+            try:
+                crypto.verify(self._identities[node], reply.signature, signed_bytes)
+            except InvalidSignatureError:
+                self._drop(node, Stage.CONSISTENCY, "survivor-set signature fails its check")
+                continue
+            signatures[node] = reply.signature
+        unsigned = [node for node in self._survivors if node not in signatures]
+        if unsigned:
+            raise ProtocolAbort(
+                f"round aborted in stage {Stage.CONSISTENCY.value}: node(s) {unsigned} did not sign the "
+                "survivor set; a sum is unmasked only over a set every member signed"
             )
-            for node in sorted(self._masked)
-        }
-        return dict(self._unmask_requests)
+        request = UnmaskRequest(self._survivors, tuple(signatures[node] for node in self._survivors))
+        return {node: request for node in self._survivors}
 
     def _unmask(self, by_node: dict[int, UnmaskReply]) -> dict[int, Request]:
-        """Rebuild survivors' seeds and dropped nodes' keys; remove every mask from the sum."""
+        """Rebuild survivors' seeds and dropped nodes' keys; remove every mask from the sum.
+
+        Node u owes the seed shares of its neighbours in S and the key shares of its
+        neighbours that shared keys but are not in S, as it derives them from S itself.
+        """
         config = self.config
+        outside = self._shared - self._masked
         seed_shares: dict[int, list[shamir.Share]] = defaultdict(list)
         key_shares: dict[int, list[shamir.Share]] = defaultdict(list)
         answered = set()
         for node, reply in by_node.items():
-            request = self._unmask_requests[node]
             if (
-                sorted(s.owner for s in reply.seed_shares) != list(request.survivors)
-                or sorted(s.owner for s in reply.key_shares) != list(request.dropped)
+                sorted(s.owner for s in reply.seed_shares) != sorted(self._neighbours[node] & self._masked)
+                or sorted(s.owner for s in reply.key_shares) != sorted(self._neighbours[node] & outside)
                 or any(len(s.value) != shamir.SHARE_SIZE for s in reply.seed_shares + reply.key_shares)
             ):
-                self._drop(node, Stage.UNMASK, "shares do not match the request")
+                self._drop(node, Stage.UNMASK, "shares do not match the survivor set")
                 continue
             answered.add(node)
             for share in reply.seed_shares:
@@ -518,9 +646,9 @@ class Coordinator:
                 key_shares[share.owner].append((share.x, share.value))
         self._check_threshold(self._shared, answered, Stage.UNMASK)
         total = MaskSum(self._total, config.bits)
-        for node in sorted(self._masked):
+        for node in self._survivors:
             total.subtract(_self_mask_key(config, node, self._combine(seed_shares[node], node, "seed")))
-        for dropped in sorted(self._shared - self._masked):
+        for dropped in sorted(outside):
             private = crypto.load_agreement_key(self._combine(key_shares[dropped], dropped, "mask key"))
             if crypto.public_bytes(private) != self._advertised[dropped].mask_key:
                 raise ProtocolAbort(
@@ -532,7 +660,7 @@ class Coordinator:
                     total.subtract(key)
                 else:
                     total.add(key)
-        self._result = Aggregate(total.reduced(), tuple(sorted(self._masked)))
+        self._result = Aggregate(total.reduced(), self._survivors)
         return {}
 
     def _combine(self, shares: list[shamir.Share], owner: int, what: str) -> bytes:
