@@ -1,5 +1,6 @@
-"""Grouped federated statistics: summed node vectors give the pooled figures, small cells
-never leave a node or the coordinator, and cost quantiles keep their stated bound."""
+"""Grouped federated statistics: summed node vectors give the pooled figures over the rows
+released, small cells never leave a node or the coordinator, and cost quantiles keep what
+the module states of them."""
 
 from __future__ import annotations
 
@@ -16,13 +17,16 @@ from fedcost import schema
 from fedcost.analytics.statistics import (
     AGE_BANDS,
     MISSING,
+    QUANTILES,
     GroupedStatistics,
     GroupedStatisticsLayout,
     histogram_quantile,
     measure_unit,
+    plan_release,
 )
 from fedcost.data.synthetic import EcosystemSpec, generate_ecosystem
 from fedcost.errors import ConfigError
+from fedcost.privacy.smallcells import coarsen_histogram, histogram_groups
 
 COLUMNS = [c.name for c in schema.FEATURES] + [schema.READMISSION, schema.COST]
 LAYOUT = GroupedStatisticsLayout(("diagnosis_group", "payer"), measures=(schema.COST, schema.READMISSION, "length_of_stay"))
@@ -40,15 +44,16 @@ def pooled(ecosystem: list[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
     return pd.concat([rows for _, rows in ecosystem], ignore_index=True)
 
 
-def _split(layout: GroupedStatisticsLayout, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    cells = vector[: layout.n_cells * layout.width].reshape(layout.n_cells, layout.width)
-    return cells, vector[layout.n_cells * layout.width :]
+def _cells(layout: GroupedStatisticsLayout, vector: np.ndarray) -> np.ndarray:
+    assert vector.shape == (layout.n_cells * layout.width,), "a cell's slots and nothing else"
+    return vector.reshape(layout.n_cells, layout.width)
 
 
 def test_summed_node_vectors_give_the_pooled_counts_and_sums_exactly(ecosystem, pooled) -> None:
     summed = np.sum([LAYOUT.local_vector(rows, min_cohort=1) for _, rows in ecosystem], axis=0)
     assert summed.shape == (LAYOUT.size,) and len(LAYOUT.slots()) == LAYOUT.size
-    assert (summed == np.rint(summed)).all() and summed.max() < 2**53, "every summed entry is a whole number"
+    counts_and_limbs = _cells(LAYOUT, summed)[:, : -LAYOUT.n_bins]
+    assert (counts_and_limbs == np.rint(counts_and_limbs)).all() and summed.max() < 2**53, "counts and limbs are whole"
     records = GroupedStatistics.from_totals(LAYOUT, summed, min_cohort=1).records
     keys = pooled[["diagnosis_group", "payer"]].fillna(MISSING)
     groups = dict(list(pooled.groupby([keys["diagnosis_group"], keys["payer"]])))
@@ -98,23 +103,21 @@ def test_any_split_of_rows_into_nodes_sums_to_the_pooled_counts(owners: list[int
     rows = SMALL_ROWS
     layout = GroupedStatisticsLayout(("admission_type", "age_band"))
     owner = np.array(owners)
-    vectors = [layout.local_vector(rows[owner == k], min_cohort=min_cohort) for k in range(5)]
-    summed_cells, summed_flags = _split(layout, np.sum(vectors, axis=0))
-    pooled_cells, _ = _split(layout, layout.local_vector(rows, min_cohort=1))
-    # the suppressed node-cells are exactly what the sum misses
+    summed = np.zeros(layout.size)
     missed = np.zeros(layout.n_cells)
-    flagged = np.zeros(layout.n_cells)
-    for k, vector in enumerate(vectors):
-        local_cells, flags = _split(layout, vector)
-        raw_cells, _ = _split(layout, layout.local_vector(rows[owner == k], min_cohort=1))
-        small = (raw_cells[:, 0] > 0) & (raw_cells[:, 0] < min_cohort)
-        np.testing.assert_array_equal(flags, small)
-        assert not ((local_cells[:, 0] > 0) & (local_cells[:, 0] < min_cohort)).any()
-        assert (local_cells[small] == 0).all()
-        missed += raw_cells[:, 0] * small
-        flagged += small
-    np.testing.assert_array_equal(summed_cells[:, 0] + missed, pooled_cells[:, 0])
-    np.testing.assert_array_equal(summed_flags, flagged)
+    for k in range(5):
+        local = rows[owner == k]
+        release = plan_release([layout], local, role=None, min_cohort=min_cohort)[0]
+        cells = _cells(layout, layout.local_vector(local, min_cohort=min_cohort, release=release))
+        raw = np.bincount(layout.cell_codes(local, None), minlength=layout.n_cells)
+        assert not ((cells[:, 0] > 0) & (cells[:, 0] < min_cohort)).any(), "no cell of 1..min_cohort-1 rows leaves"
+        withheld = np.flatnonzero(~np.array(release.rows))
+        assert (cells[withheld] == 0).all()
+        assert raw[withheld].sum() == 0 or raw[withheld].sum() >= min_cohort, "the withheld union is no small cell"
+        missed += raw * ~np.array(release.rows)
+        summed += cells.ravel()
+    pooled = np.bincount(layout.cell_codes(rows, None), minlength=layout.n_cells)
+    np.testing.assert_array_equal(_cells(layout, summed)[:, 0] + missed, pooled)
 
 
 def _small_rows(n: int = 120) -> pd.DataFrame:
@@ -135,27 +138,30 @@ SMALL_ROWS = _small_rows()
 def test_small_cells_are_suppressed_at_nodes_and_at_the_coordinator(ecosystem) -> None:
     layout = GroupedStatisticsLayout(("diagnosis_group", "payer", "age_band"))
     vectors = [layout.local_vector(rows, min_cohort=11) for _, rows in ecosystem]
-    for vector in vectors:
-        cells, _ = _split(layout, vector)
+    withheld_somewhere = False
+    for _, rows in ecosystem:
+        cells = _cells(layout, layout.local_vector(rows, min_cohort=11))
         assert not ((cells[:, 0] > 0) & (cells[:, 0] < 11)).any(), "no cell of 1..10 rows leaves a node"
+        raw = np.bincount(layout.cell_codes(rows, None), minlength=layout.n_cells)
+        withheld_somewhere |= bool((raw > cells[:, 0]).any())
     result = GroupedStatistics.from_totals(layout, np.sum(vectors, axis=0), min_cohort=25)
     frame = result.to_frame()
-    cells, flags = _split(layout, np.sum(vectors, axis=0))
+    cells = _cells(layout, np.sum(vectors, axis=0))
     small = (cells[:, 0] > 0) & (cells[:, 0] < 25)
-    assert small.any() and flags.sum() > 0, "the fixture must exercise both suppressions"
+    assert small.any() and withheld_somewhere, "the fixture must exercise both suppressions"
     np.testing.assert_array_equal(frame["suppressed"].to_numpy(), small)
     withheld = frame[frame["suppressed"]]
     assert withheld["n"].isna().all() and withheld[f"{schema.COST}_mean"].isna().all() and withheld["cost_median"].isna().all()
-    np.testing.assert_array_equal(frame["nodes_suppressed"].to_numpy(), flags)
+    assert "nodes_suppressed" not in frame, "which nodes withheld a cell is not said"
     assert f"{int(small.sum())} of {layout.n_cells} cells suppressed at the coordinator" in result.note
-    assert f"{int((flags > 0).sum())} cells suppressed at node level ({int(flags.sum())} node-cells" in result.note
+    assert "complementary cells" in result.note and "does not say which" in result.note
     json.dumps(result.to_dict(), allow_nan=False)
 
 
 def test_a_measure_few_rows_hold_is_withheld_like_a_small_cell() -> None:
     layout = GroupedStatisticsLayout((), measures=(schema.COST, "length_of_stay"))
     rows = SMALL_ROWS.assign(length_of_stay=np.where(np.arange(len(SMALL_ROWS)) < 6, 3.0, np.nan))
-    cells, _ = _split(layout, layout.local_vector(rows, min_cohort=11))
+    cells = _cells(layout, layout.local_vector(rows, min_cohort=11))
     stay = cells[0, layout.measure_slots(1)]
     assert cells[0, 0] == len(rows) and stay.size > 3 and (stay == 0).all(), "6 stay lengths do not leave the node"
     totals = layout.local_vector(rows, min_cohort=5) + layout.local_vector(rows, min_cohort=5)
@@ -176,20 +182,66 @@ def test_role_and_age_band_group_rows(ecosystem) -> None:
         layout.local_vector(ecosystem[0][1])
 
 
-def test_federated_quantiles_lie_within_the_stated_bound_of_the_exact_pooled_quantile(ecosystem, pooled) -> None:
-    layout = GroupedStatisticsLayout(("diagnosis_group",))
-    totals = np.sum([layout.local_vector(rows) for _, rows in ecosystem], axis=0)
-    frame = GroupedStatistics.from_totals(layout, totals).to_frame().set_index("diagnosis_group")
-    assert layout.quantile_relative_error == pytest.approx(0.01, abs=1e-12)
+# Measured bounds (module docstring): relative error of the federated quantile against the
+# exact one over the rows released, by the cell's size; min_cohort 11.
+QUANTILE_BOUNDS = {"median": ((300, 0.15), (1000, 0.06), (3000, 0.015)), "p90": ((1000, 0.75), (3000, 0.08))}
+
+
+@pytest.mark.parametrize("group_by", [("diagnosis_group",), ("diagnosis_group", "payer")])
+def test_federated_quantiles_stay_within_the_measured_bounds_of_the_exact_pooled_quantile(group_by) -> None:
+    """At the sizes ``fedcost simulate`` runs by default, on a seed the bounds were not measured on."""
+    sizes = {"hospital": [24000, 9000, 2500, 400], "insurer": [18000, 5000], "pharma": [6000, 700]}
+    ecosystem = generate_ecosystem(EcosystemSpec.from_sizes(sizes), seed=3)
+    layout = GroupedStatisticsLayout(group_by)
+    totals = np.zeros(layout.size)
+    released = []
+    for node in ecosystem.nodes:
+        rows = node.frame.reindex(columns=COLUMNS)
+        release = plan_release([layout], rows, role=None, min_cohort=11)[0]
+        totals += layout.local_vector(rows, min_cohort=11, release=release)
+        cells = layout.cell_codes(rows, None)
+        released.append(rows.assign(cell=cells)[np.array(release.measures[schema.COST])[cells]])
+    records = GroupedStatistics.from_totals(layout, totals, min_cohort=11).records
     checked = 0
-    for group, costs in pooled.groupby(pooled["diagnosis_group"].fillna(MISSING))[schema.COST]:
-        for name, p in (("median", 0.5), ("p90", 0.9)):
+    for cell, costs in pd.concat(released).groupby("cell")[schema.COST]:
+        for name, p in QUANTILES.items():
             exact = float(np.quantile(costs, p, method="inverted_cdf"))
-            estimate = frame.loc[group, f"cost_{name}"]
-            assert frame.loc[group, f"cost_{name}_low"] <= exact <= frame.loc[group, f"cost_{name}_high"]
-            assert abs(estimate - exact) <= layout.quantile_relative_error * exact, (group, name, estimate, exact)
-            checked += 1
-    assert checked >= 18
+            bound = min((b for n, b in QUANTILE_BOUNDS[name] if len(costs) >= n), default=None)
+            if bound is not None:
+                error = abs(records[cell][f"cost_{name}"] - exact) / exact
+                assert error <= bound, (records[cell], name, len(costs), error)
+                checked += 1
+    assert checked >= 15
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.one_of(st.just(0.0), st.floats(1.0, 9e6), st.floats(0.01, 0.99)), min_size=1, max_size=300),
+    st.sampled_from([0.1, 0.5, 0.9, 0.99]),
+    st.integers(1, 25),
+)
+def test_a_coarsened_quantile_is_the_quantile_of_rows_moved_within_their_groups(
+    costs: list[float], p: float, min_cohort: int
+) -> None:
+    """What the module states: the estimate lies between the rank-th smallest lower and upper
+    group edge of the rows, so it is exact wherever the groups near that rank are one bin."""
+    layout = GroupedStatisticsLayout(())
+    values = np.array(costs)
+    bins = layout.cost_bins(values)
+    counts = np.bincount(bins, minlength=layout.n_bins)
+    coarse = coarsen_histogram(counts, min_cohort)
+    if len(values) < min_cohort:
+        assert not coarse.any()
+        return
+    lower, upper = layout.bin_bounds
+    estimate, _, _ = histogram_quantile(coarse, lower, upper, p)
+    spread_of_bin = np.empty((layout.n_bins, 2), dtype=int)
+    for held, spread in histogram_groups(counts, min_cohort):
+        spread_of_bin[held] = (spread.start, spread.stop - 1)
+    rank = max(math.ceil(p * len(values)), 1)
+    low = np.sort(lower[spread_of_bin[bins, 0]])[rank - 1]
+    high = np.sort(upper[spread_of_bin[bins, 1]])[rank - 1]
+    assert low <= estimate <= high
 
 
 @settings(max_examples=60, deadline=None)

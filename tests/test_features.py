@@ -1,13 +1,16 @@
-"""Federated preprocessing: summed node statistics give exactly the pooled encoding."""
+"""Federated preprocessing: summed node statistics give exactly the pooled encoding, and no
+count in them describes 1 to min_cohort - 1 training rows."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedcost import schema
-from fedcost.data.features import FeatureSpec, StatisticsLayout
+from fedcost.data.features import FeatureSpec, StatisticsLayout, withhold_small_counts
 from fedcost.data.synthetic import EcosystemSpec, generate_ecosystem
 
 LAYOUT = StatisticsLayout(schema.FEATURES, (schema.READMISSION, schema.COST))
@@ -20,8 +23,8 @@ def node_rows() -> list[pd.DataFrame]:
 
 
 def test_summed_node_statistics_equal_the_pooled_statistics(node_rows: list[pd.DataFrame]) -> None:
-    summed = np.sum([LAYOUT.local_statistics(rows) for rows in node_rows], axis=0)
-    pooled = LAYOUT.local_statistics(pd.concat(node_rows, ignore_index=True))
+    summed = np.sum([LAYOUT.local_statistics(rows, min_cohort=1) for rows in node_rows], axis=0)
+    pooled = LAYOUT.local_statistics(pd.concat(node_rows, ignore_index=True), min_cohort=1)
     np.testing.assert_allclose(summed, pooled, rtol=1e-12)
 
 
@@ -56,3 +59,56 @@ def test_spec_round_trips_through_json_form(node_rows: list[pd.DataFrame]) -> No
     again = FeatureSpec.from_dict(spec.to_dict())
     assert again == spec
     np.testing.assert_array_equal(again.encode(node_rows[1]), spec.encode(node_rows[1]))
+
+
+def _slots(rows: pd.DataFrame, min_cohort: int = 11) -> dict[str, float]:
+    return dict(zip(LAYOUT.slots(), LAYOUT.local_statistics(rows, min_cohort=min_cohort).tolist(), strict=True))
+
+
+def _frame(n: int, **columns: list) -> pd.DataFrame:
+    base = {c.name: [None] * n if c.kind == "categorical" else [np.nan] * n for c in schema.FEATURES}
+    return pd.DataFrame(base | columns | {schema.READMISSION: [0.0] * n, schema.COST: [100.0] * n})
+
+
+def test_a_small_level_and_the_complement_that_would_give_it_away_are_withheld() -> None:
+    types = ["emergency"] * 50 + ["urgent"] * 5 + ["elective"] * 30
+    slots = _slots(_frame(85, admission_type=types))
+    # 5 urgent alone would be rows - 50 - 30; the smallest released level goes with it
+    assert [slots[f"admission_type={t}"] for t in ("emergency", "urgent", "elective")] == [50, 0, 0]
+    assert slots["admission_type.missing"] == 0 and slots["rows"] == 85
+    slots = _slots(_frame(85, admission_type=["emergency"] * 50 + ["urgent"] * 5 + ["elective"] * 8 + [None] * 22))
+    assert [slots[f"admission_type={t}"] for t in ("emergency", "urgent", "elective")] == [50, 0, 0]
+    assert slots["admission_type.missing"] == 22, "13 withheld rows are no small cell"
+
+
+def test_a_numeric_column_leaves_only_where_it_and_its_absence_are_no_small_cell() -> None:
+    def age_slots(values: list) -> list[float]:
+        slots = _slots(_frame(len(values), age=values))
+        return [slots["age.count"], slots["age.sum"], slots["age.sumsq"]]
+
+    assert age_slots([60.0] * 40) == [40, 2400, 144000]
+    assert age_slots([60.0] * 40 + [np.nan] * 5) == [0, 0, 0], "rows - count would count the 5 without an age"
+    assert age_slots([60.0] * 8 + [np.nan] * 40) == [0, 0, 0]
+    assert age_slots([60.0] * 40 + [np.nan] * 12) == [40, 2400, 144000]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 30), min_size=4, max_size=4), st.integers(2, 15))
+def test_no_released_count_or_withheld_union_describes_a_small_group(counts: list[int], min_cohort: int) -> None:
+    released = withhold_small_counts(counts, min_cohort)
+    assert all(n == 0 or n >= min_cohort for n in released)
+    assert all(r in (0, n) for r, n in zip(released, counts)), "counts are released whole or not at all"
+    union = sum(counts) - sum(released)
+    assert union == 0 or union >= min_cohort or not any(released)
+
+
+def test_flags_and_vocabularies_follow_the_released_counts(node_rows: list[pd.DataFrame]) -> None:
+    totals = np.sum([LAYOUT.local_statistics(rows) for rows in node_rows], axis=0)
+    slots = dict(zip(LAYOUT.slots(), totals.tolist(), strict=True))
+    spec = LAYOUT.feature_spec(totals)
+    assert "admission_type" in spec.flagged and slots["admission_type.missing"] > 0, "pharma has no admission type"
+    assert "sex" not in spec.flagged and slots["sex.missing"] == 0
+    slots["sex=female"] = 0.0
+    slots["sex.missing"] = 7.0
+    spec = LAYOUT.feature_spec(np.array(list(slots.values())))
+    assert spec.vocabularies["sex"] == ("male",) and "sex" in spec.flagged

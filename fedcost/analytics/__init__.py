@@ -3,7 +3,7 @@ risk-adjusted benchmarking (O/E, funnel limits, value). Pure: arrays in, arrays 
 dataclasses out; no Flower, no network, no plots (the funnel plot is the report's)."""
 
 from fedcost.analytics.benchmarking import SITE_SLOTS, Benchmark, SiteBenchmark, benchmark, site_totals
-from fedcost.analytics.statistics import GroupedStatistics, GroupedStatisticsLayout
+from fedcost.analytics.statistics import GroupedStatistics, GroupedStatisticsLayout, TableRelease, plan_release
 
 __all__ = [
     "SITE_SLOTS",
@@ -11,6 +11,8 @@ __all__ = [
     "GroupedStatistics",
     "GroupedStatisticsLayout",
     "SiteBenchmark",
+    "TableRelease",
     "benchmark",
+    "plan_release",
     "site_totals",
 ]

@@ -1,51 +1,70 @@
 """Federated statistics by group: counts, means, variances and cost quantiles per cell,
-with small cells suppressed before anything leaves a node.
+with small cells suppressed, over the job's whole plan, before anything leaves a node.
 
 Cells are the cartesian product of the group-by fields' public levels (schema levels,
 age bands, roles, each with a ``missing`` level for rows that lack the value), so every
 node lays its rows out the same way. A node sends ONE additive float64 vector
-(``GroupedStatisticsLayout.local_vector``): per cell the row count, per measure the count
-of present values and the exact integer sum and sum of squares of its values in the
-measure's unit (``measure_unit``: cents for cost, whole numbers for counts and 0/1
-outcomes), each as 30-bit limbs (``fedcost.analytics.exact``), and a histogram of cost
-over fixed public bins; after the cells, one slot per cell that is 1 where this node
-withheld the cell. Every entry is a whole number below 2**30, so the coordinator's sum,
-plain or under secure aggregation, is exact, and ``GroupedStatistics.from_totals``
-reads counts and sums that equal the pooled computation exactly.
+(``GroupedStatisticsLayout.local_vector``), ``width`` slots per cell and nothing else:
+the row count, per measure the count of present values and the exact integer sum and
+sum of squares of its values in the measure's unit (``measure_unit``: cents for cost,
+whole numbers for counts and 0/1 outcomes), each as 30-bit limbs
+(``fedcost.analytics.exact``), and a histogram of cost over fixed public bins. Counts and
+limbs are whole numbers below 2**30, so the coordinator's sum, plain or under secure
+aggregation, is exact, and ``GroupedStatistics.from_totals`` reads counts and sums that
+equal the pooled computation over the rows released exactly. Histogram entries are
+fractions (a group's rows spread over its bins, below), summed to secure aggregation's
+grid (2**-10 per node), which moves a quantile by far less than a bin.
 
-Small cells. A node zeroes every cell it holds 1..min_cohort-1 rows of before the vector
-leaves it; summed, the suppression slots say at how many nodes each cell was withheld
-(those cells' figures leave those nodes' rows out). The coordinator withholds every
-aggregated cell with 1..min_cohort-1 rows. Both show in the result: ``suppressed``,
-``nodes_suppressed`` per cell and a note. A measure present in only 1..min_cohort-1 rows
-of a cell (a column most rows lack) is withheld the same way, at the node and in the
-result. Event counts (readmissions) are not suppressed on their own: the cohort a rate
-describes is its denominator.
+Small cells. A node decides what it releases over the job's whole plan of tables
+(``plan_release``), not cell by cell: a cell withheld in one table could otherwise be
+rebuilt from an overlapping table (by diagnosis group, and by diagnosis group and sex)
+or from the grand total, which other releases give away. It withholds every cell, and
+every measure within a cell, of 1 to min_cohort - 1 rows, then complementary cells until
+no combination of released cells (of the plan, of tables it released before over the
+same rows, and the grand total) isolates 1 to min_cohort - 1 rows
+(``fedcost.privacy.smallcells.complementary_suppression``). The vector carries no trace
+of which cells a node withheld. The coordinator withholds every summed cell of 1 to
+min_cohort - 1 rows (``suppressed``), and measures the same way. Event counts
+(readmissions) are not suppressed on their own: the cohort a rate describes is its
+denominator.
 
 Quantiles. Cost bins: one for exactly 0, one for (0, 1), geometric bins
-[r^k, r^(k+1)) from 1 up to ``max_cost``, and [``max_cost``, inf). The p-quantile is the
-ceil(p n)-th smallest cost (the inverted CDF; ``numpy.quantile(method="inverted_cdf")``).
-It lies in the bin where the cumulative count first reaches ceil(p n); the estimate
-interpolates linearly within that bin (the j-th of the bin's h costs is put at
-lo + (j - 1/2)/h (hi - lo)), and the bin's edges are reported with it. Exact value and
-estimate both lie in [lo, hi), so the error is below hi - lo = (r - 1) lo <= (r - 1) x:
-a relative error below r - 1 (1% at the default r = 1.01) for costs of at least 1, and
-below 1 currency unit under that. The price is the vector's length: about 1,620 bins
-per cell at the defaults.
+[r^k, r^(k+1)) from 1 up to ``max_cost``, and [``max_cost``, inf). Fine bins would list a
+small cell's costs, so each node coarsens every cell's histogram into groups of at least
+min_cohort of its rows (``fedcost.privacy.smallcells.coarsen_histogram``), the first
+group starting at bin 0 and the last ending at the top bin. The p-quantile is the
+ceil(p n)-th smallest cost (the inverted CDF); the estimate reads it from the summed
+histogram, counts spread evenly within each bin (``histogram_quantile``). It is the exact
+quantile of the costs after each node moved each of its rows somewhere within its group:
+within one bin (``quantile_relative_error``, 1% at the default r = 1.01) where the groups
+near that rank are single bins, and no worst-case bound otherwise: a node's first group
+reaches down to 0 and its last up to ``max_cost``, so a quantile near a node's extremes
+moves far. Measured on the synthetic ecosystem (5 and 8 sites, seeds 0-9, by diagnosis
+group and by diagnosis group and payer, min_cohort 11; against the exact quantile of the
+rows released), the relative error of the median averages 0.2% (worst 0.9%) in cells of
+over 3,000 rows, 0.8% (worst 4.6%) in cells of 1,000 to 3,000 rows, 2% (worst 10%) in
+cells of 300 to 1,000 rows, and 7% to 45% below; of the p90, 2% (worst 6.3%) over 3,000
+rows and 10% (worst 61%) for 1,000 to 3,000 rows; below 1,000 rows the p90 is
+meaningless (off by a factor of 8 to 70 on average), since each node's top group of 11
+to 21 rows is spread up to ``max_cost``. Means and variances stay exact.
 
-Caveat for bindings: the summed histogram of a cell with a few dozen rows nearly lists
-their costs; the released result holds only quantiles, but the coordinator sees the sum
-(secure aggregation hides the nodes, not the sum). Add noise or coarser bins where that
-matters.
+Residual. Each cell's histogram is coarsened on its own, so the histograms of two
+overlapping tables are coarsened differently: at a bin where both groupings happen to
+close a group, a parent cell's histogram minus its released children's counts the
+withheld rows (at least min_cohort of them) below that bin, which may be fewer than
+min_cohort. Coarsening each atom's histogram instead would close it; it needs the whole
+plan at ``local_vector``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import product
+from types import MappingProxyType
 
 import numpy as np
 import pandas as pd
@@ -53,7 +72,9 @@ import pandas as pd
 from fedcost import schema
 from fedcost.analytics import exact
 from fedcost.errors import ConfigError
+from fedcost.privacy import smallcells
 from fedcost.privacy.policy import MIN_COHORT
+from fedcost.privacy.smallcells import coarsen_histogram
 
 AGE_BANDS = ("<45", "45-64", "65-74", "75-84", "85+")
 _AGE_BAND_STARTS = np.array([45.0, 65.0, 75.0, 85.0])
@@ -89,21 +110,27 @@ def group_levels(field: str) -> tuple[str, ...]:
 
 
 def histogram_quantile(counts: np.ndarray, lower: np.ndarray, upper: np.ndarray, p: float) -> tuple[float, float, float]:
-    """The p-quantile (inverted CDF) of the values a histogram counts, and its bin's edges.
+    """The p-quantile (inverted CDF) of the values a histogram counts, and the edges of the
+    bin the estimate lies in.
 
-    Returns (estimate, lo, hi); the exact quantile lies in [lo, hi].
+    Counts may be fractions (a coarsened histogram spreads a group's rows over its bins):
+    within a bin they are taken as spread evenly, and the estimate is where that CDF
+    reaches ``ceil(p n) - 1/2``, which for whole counts puts the j-th of a bin's h values
+    at ``lo + (j - 1/2) / h (hi - lo)``. Returns (estimate, lo, hi); for a histogram of
+    whole counts the exact quantile lies in [lo, hi] too.
     """
-    total = int(counts.sum())
+    counts = np.clip(np.asarray(counts, dtype="float64"), 0.0, None)
+    total = round(float(counts.sum()))
     if total == 0:
         return math.nan, math.nan, math.nan
-    rank = max(math.ceil(p * total), 1)
+    target = max(math.ceil(p * total), 1) - 0.5
     cumulative = np.cumsum(counts)
-    b = int(np.searchsorted(cumulative, rank))
+    b = min(int(np.searchsorted(cumulative, target)), len(counts) - 1)
     lo, hi = float(lower[b]), float(upper[b])
-    if not math.isfinite(hi) or hi == lo:
+    if not math.isfinite(hi) or hi == lo or counts[b] == 0:
         return lo, lo, hi
-    within = rank - (cumulative[b] - counts[b])
-    return lo + (hi - lo) * (within - 0.5) / counts[b], lo, hi
+    within = (target - (cumulative[b] - counts[b])) / counts[b]
+    return lo + (hi - lo) * min(max(within, 0.0), 1.0), lo, hi
 
 
 @dataclass(frozen=True)
@@ -184,8 +211,9 @@ class GroupedStatisticsLayout:
 
     @cached_property
     def quantile_relative_error(self) -> float:
-        """Bound on |estimate - exact| / exact for cost quantiles of at least 1: the
-        widest finite bin's hi / lo - 1 (``bin_ratio`` - 1 up to rounding)."""
+        """The bins' precision: the widest finite bin's hi / lo - 1 (``bin_ratio`` - 1 up to
+        rounding). It bounds the relative error of a quantile (of at least 1) read from a
+        histogram of whole counts; a coarsened histogram is coarser (module docstring)."""
         edges = self.cost_edges[1:]
         return float(np.max(edges[1:] / edges[:-1]) - 1)
 
@@ -201,15 +229,14 @@ class GroupedStatisticsLayout:
 
     @property
     def size(self) -> int:
-        """Length of a node's vector: the cells, then one suppression slot per cell."""
-        return self.n_cells * (self.width + 1)
+        """Length of a node's vector: ``width`` slots per cell, nothing else."""
+        return self.n_cells * self.width
 
     def slots(self) -> list[str]:
         """Every slot's name, in vector order (for audit logs and egress checks)."""
         inner = ["rows"] + [f"{m}.{s}" for m in self.measures for s in _MEASURE_SLOTS]
         inner += [f"{schema.COST}.bin[{k}]" for k in range(self.n_bins)]
-        names = [f"{self._label(cell)}:{slot}" for cell in self.cells for slot in inner]
-        return names + [f"{self._label(cell)}:suppressed_at_node" for cell in self.cells]
+        return [f"{self._label(cell)}:{slot}" for cell in self.cells for slot in inner]
 
     def _label(self, cell: tuple[str, ...]) -> str:
         return ",".join(f"{field}={level}" for field, level in zip(self.group_by, cell))
@@ -218,7 +245,14 @@ class GroupedStatisticsLayout:
         """The histogram bin of each (non-negative) cost."""
         return np.where(costs == 0, 0, np.searchsorted(self.cost_edges, costs, side="right"))
 
-    def _cell_codes(self, rows: pd.DataFrame, role: str | None) -> np.ndarray:
+    @property
+    def released_measures(self) -> tuple[str, ...]:
+        """What a release decides per cell besides its rows: the measures, and the cost
+        whose histogram every cell carries (a histogram counts the rows holding a cost)."""
+        return self.measures if schema.COST in self.measures else (*self.measures, schema.COST)
+
+    def cell_codes(self, rows: pd.DataFrame, role: str | None) -> np.ndarray:
+        """Each row's cell, in vector order; ``role`` is the node's, for grouping by role."""
         codes = []
         for field in self.group_by:
             levels = group_levels(field)
@@ -239,29 +273,46 @@ class GroupedStatisticsLayout:
                 codes.append(cells.map(index).to_numpy(dtype=np.int64))
         return np.ravel_multi_index(codes, self.dims) if codes else np.zeros(len(rows), dtype=np.int64)
 
-    def local_vector(self, rows: pd.DataFrame, *, role: str | None = None, min_cohort: int = MIN_COHORT) -> np.ndarray:
-        """This node's sums over ``rows``, small cells zeroed, as one float64 vector."""
+    def local_vector(
+        self,
+        rows: pd.DataFrame,
+        *,
+        role: str | None = None,
+        min_cohort: int = MIN_COHORT,
+        release: TableRelease | None = None,
+    ) -> np.ndarray:
+        """This node's sums over ``rows`` as one float64 vector, withheld cells zeroed.
+
+        ``release``: the cells this table may release, as ``plan_release`` decided them over
+        the job's whole plan; None decides a plan of this table alone.
+        """
         if min_cohort < 1:
             raise ValueError(f"min_cohort must be at least 1, not {min_cohort}")
-        cell = self._cell_codes(rows, role)
+        cell = self.cell_codes(rows, role)
+        if release is None:
+            release = plan_release([self], rows, role=role, min_cohort=min_cohort)[0]
+        release.check(self)
+        shown = np.array(release.rows)
         n_cells = self.n_cells
         block = np.zeros((n_cells, self.width))
         block[:, 0] = np.bincount(cell, minlength=n_cells)
         for i, measure in enumerate(self.measures):
-            block[:, self.measure_slots(i)] = self._measure_block(rows, measure, cell, min_cohort)
+            shown_measure = np.array(release.measures[measure])
+            block[:, self.measure_slots(i)] = self._measure_block(rows, measure, cell, shown_measure)
         costs = rows[schema.COST].to_numpy(dtype="float64")
         present = ~np.isnan(costs)
         if (costs[present] < 0).any():
             raise ValueError(f"{schema.COST} must not be negative")
         flat = cell[present] * self.n_bins + self.cost_bins(costs[present])
-        block[:, -self.n_bins :] = np.bincount(flat, minlength=n_cells * self.n_bins).reshape(n_cells, self.n_bins)
-        small = (block[:, 0] > 0) & (block[:, 0] < min_cohort)
-        block[small] = 0.0
-        return np.concatenate([block.ravel(), small.astype("float64")])
+        histograms = np.bincount(flat, minlength=n_cells * self.n_bins).reshape(n_cells, self.n_bins)
+        for c in np.flatnonzero(release.measures[schema.COST]):
+            block[c, -self.n_bins :] = coarsen_histogram(histograms[c], min_cohort)
+        block[~shown] = 0.0
+        return block.ravel()
 
-    def _measure_block(self, rows: pd.DataFrame, measure: str, cell: np.ndarray, min_cohort: int) -> np.ndarray:
+    def _measure_block(self, rows: pd.DataFrame, measure: str, cell: np.ndarray, shown: np.ndarray) -> np.ndarray:
         """Per cell: the count of present values, then the limbs of their exact integer sum
-        and sum of squares in ``measure_unit``; zero where 1..min_cohort-1 values are present."""
+        and sum of squares in ``measure_unit``; zero where the release withholds the measure."""
         values = rows[measure].to_numpy(dtype="float64")
         present = ~np.isnan(values)
         if (values[present] < 0).any():
@@ -272,12 +323,93 @@ class GroupedStatisticsLayout:
         bounds = np.searchsorted(where[order], np.arange(self.n_cells + 1))
         sorted_units = units[order].tolist()
         block = np.zeros((self.n_cells, len(_MEASURE_SLOTS)))
-        for c in range(self.n_cells):
+        for c in np.flatnonzero(shown):
             chunk = sorted_units[bounds[c] : bounds[c + 1]]
-            if min_cohort <= len(chunk):
-                totals = [sum(chunk), sum(v * v for v in chunk)]
-                block[c] = np.concatenate([[len(chunk)], exact.split(totals, LIMBS)])
+            totals = [sum(chunk), sum(v * v for v in chunk)]
+            block[c] = np.concatenate([[len(chunk)], exact.split(totals, LIMBS)])
         return block
+
+
+@dataclass(frozen=True)
+class TableRelease:
+    """What a node releases of one table: per cell whether its rows (and so anything of it)
+    leave, and per measure in ``released_measures`` whether that measure leaves.
+
+    A site records it in its release ledger (``to_dict``), so a later plan over the same
+    rows is decided against it (``plan_release(..., earlier=...)``).
+    """
+
+    rows: tuple[bool, ...]
+    measures: Mapping[str, tuple[bool, ...]]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "measures", MappingProxyType(dict(self.measures)))
+
+    def check(self, layout: GroupedStatisticsLayout) -> None:
+        """Refuse a release that is not one of ``layout``'s."""
+        if len(self.rows) != layout.n_cells:
+            raise ValueError(f"a release of this table flags {layout.n_cells} cells, not {len(self.rows)}")
+        if set(self.measures) != set(layout.released_measures):
+            names = ", ".join(layout.released_measures)
+            raise ValueError(f"a release of this table flags exactly {names}, not {', '.join(self.measures)}")
+        for name, flags in self.measures.items():
+            if len(flags) != layout.n_cells:
+                raise ValueError(f"a release of this table flags {layout.n_cells} cells of {name}, not {len(flags)}")
+            if any(flag and not shown for flag, shown in zip(flags, self.rows)):
+                raise ValueError(f"{name} is released in a cell whose rows are withheld")
+
+    def to_dict(self) -> dict:
+        """JSON-able, for the release ledger."""
+        return {"rows": list(self.rows), "measures": {name: list(flags) for name, flags in self.measures.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> TableRelease:
+        """The strict inverse of ``to_dict``: unknown keys and anything but booleans are refused."""
+        if not isinstance(data, Mapping) or set(data) != {"rows", "measures"}:
+            raise ValueError("a table release states exactly rows and measures")
+        if not isinstance(data["measures"], Mapping) or not all(isinstance(k, str) for k in data["measures"]):
+            raise ValueError("a table release's measures map measure names to flags")
+        for flags in (data["rows"], *data["measures"].values()):
+            if not isinstance(flags, list) or not all(isinstance(flag, bool) for flag in flags):
+                raise ValueError("a table release's flags must be lists of true or false")
+        return cls(tuple(data["rows"]), {name: tuple(flags) for name, flags in data["measures"].items()})
+
+
+def plan_release(
+    layouts: Sequence[GroupedStatisticsLayout],
+    rows: pd.DataFrame,
+    *,
+    role: str | None,
+    min_cohort: int,
+    earlier: Sequence[tuple[GroupedStatisticsLayout, TableRelease]] = (),
+) -> list[TableRelease]:
+    """Which cells and measures each table of a plan releases, decided over the plan as a
+    whole (complementary suppression, ``fedcost.privacy.smallcells``).
+
+    ``rows``: every row the tables describe; ``earlier``: tables this node released before
+    over the same rows, taken as they are. No combination of the released cells of these
+    tables and the grand total isolates 1 to ``min_cohort - 1`` rows, or the values of a
+    measure in 1 to ``min_cohort - 1`` rows.
+    """
+    def table(layout: GroupedStatisticsLayout) -> smallcells.CellTable:
+        return smallcells.CellTable(layout.cell_codes(rows, role), layout.n_cells, layout.released_measures)
+
+    measures = {m for layout in [*layouts, *(e for e, _ in earlier)] for m in layout.released_measures}
+    presence = {m: rows[m].notna().to_numpy() for m in sorted(measures)}
+    before = []
+    for layout, release in earlier:
+        release.check(layout)
+        flags = {smallcells.ROWS: np.array(release.rows)} | {m: np.array(f) for m, f in release.measures.items()}
+        before.append((table(layout), flags))
+    tables = [table(layout) for layout in layouts]
+    decided = smallcells.complementary_suppression(tables, presence, min_cohort=min_cohort, earlier=before)
+    return [
+        TableRelease(
+            tuple(bool(flag) for flag in flags[smallcells.ROWS]),
+            {m: tuple(bool(flag) for flag in flags[m]) for m in layout.released_measures},
+        )
+        for layout, flags in zip(layouts, decided)
+    ]
 
 
 def _measure_record(measure: str, slots: np.ndarray, *, shown: bool, min_cohort: int) -> dict:
@@ -302,10 +434,9 @@ class GroupedStatistics:
     """Per-cell results from the federation's summed vectors; small cells withheld.
 
     One record per cell: the group levels, ``n``, ``suppressed`` (withheld at the
-    coordinator), ``nodes_suppressed`` (nodes that withheld their rows of the cell), per
-    measure ``<m>_n``, ``<m>_sum`` (exact in the measure's unit), ``<m>_mean``, ``<m>_var``
-    (sample variance), ``readmission_rate``,
-    and per cost quantile the estimate with its bin's ``_low`` and ``_high`` edges.
+    coordinator), per measure ``<m>_n``, ``<m>_sum`` (exact in the measure's unit),
+    ``<m>_mean``, ``<m>_var`` (sample variance), ``readmission_rate``, and per cost
+    quantile its estimate (``cost_median``, ``cost_p90``).
     """
 
     layout: GroupedStatisticsLayout
@@ -319,23 +450,23 @@ class GroupedStatistics:
         totals = np.asarray(totals, dtype="float64")
         if totals.shape != (layout.size,):
             raise ValueError(f"expected a vector of {layout.size} sums for this layout, got shape {totals.shape}")
-        block = totals[: layout.n_cells * layout.width].reshape(layout.n_cells, layout.width)
-        node_suppressed = np.rint(totals[layout.n_cells * layout.width :]).astype(int)
+        block = totals.reshape(layout.n_cells, layout.width)
         lower, upper = layout.bin_bounds
         records = []
-        for levels, sums, nodes in zip(layout.cells, block, node_suppressed):
+        for levels, sums in zip(layout.cells, block):
             n = int(round(sums[0]))
             suppressed = 0 < n < min_cohort
             record: dict = dict(zip(layout.group_by, levels))
-            record |= {"n": None if suppressed else n, "suppressed": suppressed, "nodes_suppressed": int(nodes)}
+            record |= {"n": None if suppressed else n, "suppressed": suppressed}
             for i, measure in enumerate(layout.measures):
                 record |= _measure_record(measure, sums[layout.measure_slots(i)], shown=not suppressed, min_cohort=min_cohort)
             if schema.READMISSION in layout.measures:
                 record["readmission_rate"] = record[f"{schema.READMISSION}_mean"]
-            histogram = np.rint(sums[-layout.n_bins :])
+            histogram = sums[-layout.n_bins :]
+            costs = round(float(histogram.sum()))
+            shown = not suppressed and not 0 < costs < min_cohort
             for name, p in QUANTILES.items():
-                estimate, lo, hi = histogram_quantile(histogram, lower, upper, p) if not suppressed else (math.nan,) * 3
-                record |= {f"cost_{name}": estimate, f"cost_{name}_low": lo, f"cost_{name}_high": hi}
+                record[f"cost_{name}"] = histogram_quantile(histogram, lower, upper, p)[0] if shown else math.nan
             records.append(record)
         return cls(layout, min_cohort, tuple(records))
 
@@ -343,22 +474,24 @@ class GroupedStatistics:
     def note(self) -> str:
         """What was withheld and how precise the quantiles are, in words for a report."""
         withheld = sum(r["suppressed"] for r in self.records)
-        partial = [r["nodes_suppressed"] for r in self.records if r["nodes_suppressed"]]
         return (
-            f"{withheld} of {len(self.records)} cells suppressed at the coordinator (1 to {self.min_cohort - 1} rows); "
-            f"{len(partial)} cells suppressed at node level ({sum(partial)} node-cells withheld: those cells' "
-            f"figures leave those nodes' rows out). Cost quantiles are within "
-            f"{self.layout.quantile_relative_error:.1%} of the exact pooled quantile (costs of at least 1)."
+            f"{withheld} of {len(self.records)} cells suppressed at the coordinator (1 to {self.min_cohort - 1} rows). "
+            f"Before anything leaves a node, the node withholds its cells and measures of 1 to {self.min_cohort - 1} "
+            "rows, and complementary cells so that no difference of released figures rebuilds them: a cell's figures "
+            "may leave some nodes' rows out, and the release does not say which. Counts, sums and means are exact over "
+            "the rows released. Cost quantiles are estimates from histograms each node coarsened to groups of at least "
+            f"{self.min_cohort} of its rows, the top group spread up to the top bin: typically a median within 2% "
+            "and a p90 within 10% in cells of over 1,000 rows, but a small cell's p90 can be off many times over."
         )
 
     def to_frame(self) -> pd.DataFrame:
         frame = pd.DataFrame(list(self.records))
-        for column in ["n", "nodes_suppressed"] + [f"{m}_n" for m in self.layout.measures]:
+        for column in ["n"] + [f"{m}_n" for m in self.layout.measures]:
             frame[column] = frame[column].astype("Int64")
         return frame
 
     def to_dict(self) -> dict:
-        """JSON-able: NaN and infinite edges become None."""
+        """JSON-able: NaN becomes None."""
         def clean(value: object) -> object:
             return None if isinstance(value, float) and not math.isfinite(value) else value
 
@@ -366,7 +499,6 @@ class GroupedStatistics:
             "group_by": list(self.layout.group_by),
             "measures": list(self.layout.measures),
             "min_cohort": self.min_cohort,
-            "quantile_relative_error": self.layout.quantile_relative_error,
             "note": self.note,
             "cells": [{k: clean(v) for k, v in record.items()} for record in self.records],
         }

@@ -2,15 +2,26 @@
 
 Before training, every node computes *sums* over its training rows — per numeric
 feature the count of present values, their sum and sum of squares; per categorical
-feature the count of each level; the row count, the readmissions and the cost total —
-laid out as one flat vector (``StatisticsLayout``). The coordinator only adds those
-vectors, so the step runs under secure aggregation unchanged. From the federation-wide
-totals come the vocabularies, means and scales (``FeatureSpec``); no site's own
-distribution is needed and no rows are pooled.
+feature the count of each level and of rows lacking a level (``missing``); the row
+count, the readmissions and the cost total — laid out as one flat vector
+(``StatisticsLayout``). The coordinator only adds those vectors, so the step runs under
+secure aggregation unchanged. From the federation-wide totals come the vocabularies,
+means and scales (``FeatureSpec``); no site's own distribution is needed and no rows are
+pooled.
 
 Values a node lacks (a column its role does not hold, or an empty cell) are imputed with
 the federation-wide mean (numeric) or no level (categorical) and flagged in an extra
 ``<column>__missing`` feature, never silently zero.
+
+Small cells. A level's count is a cell of the training rows, so a node withholds every
+level (and missing) count of 1 to ``min_cohort - 1`` rows; and because the row count is
+released, the withheld counts of a column add up to ``rows`` minus the released ones, so
+while that union is 1 to ``min_cohort - 1`` rows the node also withholds the column's
+smallest released count (complementary suppression). A numeric column's (count, sum,
+sum of squares) leave only where at least ``min_cohort`` rows hold the value and the
+rows lacking it are 0 or at least ``min_cohort`` (``rows - count`` is a count too);
+otherwise zeros. Withheld counts make vocabularies and flags follow the counts that were
+released: a level no node could release is not in the vocabulary.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import pandas as pd
 
 from fedcost import schema
 from fedcost.models.training import TaskData
+from fedcost.privacy.policy import MIN_COHORT
 
 _MISSING = "__missing"
 
@@ -30,6 +42,17 @@ _MISSING = "__missing"
 def model_scale(column: schema.Column, values: np.ndarray) -> np.ndarray:
     """Values as models see them before standardising: log1p for skewed counts."""
     return np.log1p(values) if column.log_scale else values
+
+
+def withhold_small_counts(counts: list[int], min_cohort: int) -> list[float]:
+    """``counts`` of one column's slots (which partition the rows) with every count of 1 to
+    ``min_cohort - 1`` zeroed, then the smallest released counts too while the withheld
+    ones add up to 1 to ``min_cohort - 1`` rows (the released total would give it away)."""
+    released = [n if n >= min_cohort else 0 for n in counts]
+    while 0 < sum(counts) - sum(released) < min_cohort and any(released):
+        smallest = min((n, i) for i, n in enumerate(released) if n > 0)[1]
+        released[smallest] = 0
+    return [float(n) for n in released]
 
 
 @dataclass(frozen=True)
@@ -45,24 +68,31 @@ class StatisticsLayout:
             if column.kind == "numeric":
                 names += [f"{column.name}.count", f"{column.name}.sum", f"{column.name}.sumsq"]
             else:
-                names += [f"{column.name}={level}" for level in column.levels]
+                names += [f"{column.name}={level}" for level in column.levels] + [f"{column.name}.missing"]
         if schema.READMISSION in self.targets:
             names.append(f"{schema.READMISSION}.sum")
         if schema.COST in self.targets:
             names.append(f"{schema.COST}.sum")
         return names
 
-    def local_statistics(self, rows: pd.DataFrame) -> np.ndarray:
-        """This node's sums over ``rows``, as one float64 vector in layout order."""
+    def local_statistics(self, rows: pd.DataFrame, min_cohort: int = MIN_COHORT) -> np.ndarray:
+        """This node's sums over ``rows``, small counts withheld, as one float64 vector in layout order."""
+        if min_cohort < 1:
+            raise ValueError(f"min_cohort must be at least 1, not {min_cohort}")
         values: list[float] = [float(len(rows))]
         for column in self.columns:
             cells = rows[column.name]
             if column.kind == "numeric":
                 present = model_scale(column, cells.dropna().to_numpy(dtype="float64"))
-                values += [float(present.size), float(present.sum()), float(np.square(present).sum())]
+                lacking = len(rows) - present.size
+                if present.size >= min_cohort and not 0 < lacking < min_cohort:
+                    values += [float(present.size), float(present.sum()), float(np.square(present).sum())]
+                else:
+                    values += [0.0, 0.0, 0.0]
             else:
                 counts = cells.value_counts()
-                values += [float(counts.get(level, 0)) for level in column.levels]
+                levels = [int(counts.get(level, 0)) for level in column.levels]
+                values += withhold_small_counts([*levels, len(rows) - sum(levels)], min_cohort)
         for target in (schema.READMISSION, schema.COST):
             if target in self.targets:
                 values.append(float(rows[target].sum()))
@@ -86,14 +116,15 @@ class StatisticsLayout:
                 mean = slots[f"{column.name}.sum"] / count
                 variance = max(slots[f"{column.name}.sumsq"] / count - mean**2, 0.0)
                 numeric[column.name] = (mean, math.sqrt(variance) or 1.0)
+                if count < rows:
+                    flagged.append(column.name)
             else:
                 counts = {level: slots[f"{column.name}={level}"] for level in column.levels}
-                count = sum(counts.values())
-                if count == 0:
+                if not any(n > 0 for n in counts.values()):
                     continue
                 vocabularies[column.name] = tuple(level for level, n in counts.items() if n > 0)
-            if count < rows:
-                flagged.append(column.name)
+                if slots[f"{column.name}.missing"] > 0:
+                    flagged.append(column.name)
         return FeatureSpec(
             numeric=numeric,
             vocabularies=vocabularies,

@@ -145,20 +145,20 @@ def _statistics_section(result: dict | None) -> str:
     if not result:
         return ""
     groups = result["group_by"]
-    cells = [c for c in result["cells"] if c["suppressed"] or c["n"] or c["nodes_suppressed"]]
+    cells = [c for c in result["cells"] if c["suppressed"] or c["n"]]
     heads = "".join(f"<th>{html.escape(g)}</th>" for g in groups)
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(c[g]))}</td>" for g in groups) + _cell_figures(c) + "</tr>" for c in cells
     )
     return f"""<h2>Federated statistics</h2>
 <p>{html.escape(result['note'])}</p>
-<table><tr>{heads}<th>rows</th><th>mean cost</th><th>median cost</th><th>p90 cost</th><th>readmission rate</th>
-<th>nodes that withheld the cell</th></tr>{rows}</table>"""
+<table><tr>{heads}<th>rows</th><th>mean cost</th><th>median cost</th><th>p90 cost</th><th>readmission rate</th></tr>
+{rows}</table>"""
 
 
 def _cell_figures(cell: dict) -> str:
     if cell["suppressed"]:
-        return f'<td colspan="5">suppressed: too few rows</td><td>{cell["nodes_suppressed"]}</td>'
+        return '<td colspan="5">suppressed: too few rows</td>'
     figures = [
         f"{cell['n']:,}",
         _money(cell.get("total_cost_mean")),
@@ -166,7 +166,7 @@ def _cell_figures(cell: dict) -> str:
         _money(cell.get("cost_p90")),
         "n/a" if cell.get("readmission_rate") is None else f"{cell['readmission_rate']:.3f}",
     ]
-    return "".join(f"<td>{f}</td>" for f in figures) + f"<td>{cell['nodes_suppressed']}</td>"
+    return "".join(f"<td>{f}</td>" for f in figures)
 
 
 def _money(value: float | None) -> str:
