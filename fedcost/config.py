@@ -155,7 +155,7 @@ class SimulationSection:
 
     cpus_per_node: float = 1.0
     drop_nodes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    drop_stage: Literal["advertise-keys", "share-keys", "masked-input", "unmask"] = "masked-input"
+    drop_stage: Literal["advertise-keys", "share-keys", "masked-input", "consistency", "unmask"] = "masked-input"
     policies: dict[str, str] = field(default_factory=dict)
     default_policy: str = ""
 

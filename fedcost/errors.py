@@ -68,6 +68,11 @@ class PolicyViolationError(FedcostError):
     """A job or an outgoing message breaks the site's policy."""
 
 
+class LedgerError(FedcostError):
+    """A site's release ledger is missing, cut short or edited: nothing leaves the site
+    until the site restores it or resets it explicitly."""
+
+
 class AuditLogTamperedError(FedcostError):
     """An audit log fails verification; names the party, the entry and what is wrong."""
 

@@ -35,7 +35,7 @@ from flwr.simulation import run_simulation
 
 from fedcost import schema
 from fedcost.client.app import make_client_app
-from fedcost.client.budget import ledger_path
+from fedcost.client.budget import accountant
 from fedcost.client.node import NodeSetup
 from fedcost.config import SimulationConfig
 from fedcost.data.features import FeatureSpec, StatisticsLayout
@@ -45,20 +45,23 @@ from fedcost.data.files import MAPPING_FILE, write_node_files
 from fedcost.data.synthetic import generate_ecosystem
 from fedcost.audit import AuditLog, verify_folder
 from fedcost.errors import AuditLogTamperedError, ConfigError, FederationError
-from fedcost.identity import Identity
+from fedcost.identity import Identity, PublicIdentity
 from fedcost.models.adaptation import adapted_to_site
 from fedcost.models.calibration import fit_site_calibration
 from fedcost.models.metrics import calibration_bins, cost_metrics, readmission_metrics
 from fedcost.models.nets import FedcostNet, build_model
 from fedcost.models.training import TaskData, predict, train_local
 from fedcost.privacy import SitePolicy
-from fedcost.privacy.accounting import PrivacyLedger
+from fedcost.privacy.accounting import DpSgdSteps
+from fedcost.privacy.ledger import SUFFIX as LEDGER_SUFFIX
+from fedcost.privacy.ledger import recorded_spending
 from fedcost.report import write_report
 from fedcost.report.progress import ProgressRecorder
 from fedcost.server.app import CoordinatorPlan, make_server_app, new_run_id
 from fedcost.seeding import derive_seed
 
 COORDINATOR = "coordinator"
+LEDGERS = "ledgers"  # each site's release ledger: a simulation's sites live as long as the run
 Task = Literal["train", "analyze"]
 # A site alone would train until its model settles: at least this many optimizer steps.
 MIN_LOCAL_STEPS = 300
@@ -170,7 +173,7 @@ def _run(
         summary = _trained(config, run_id, folder, mapping, nodes, recorder)
     summary["analytics"] = recorder.analytics
     summary["audit"] = audit
-    summary["privacy"] = _privacy_summary(folder, nodes)
+    summary["privacy"] = _privacy_summary(config, folder, nodes)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     write_report(folder, summary, recorder.rounds)
@@ -236,9 +239,11 @@ def _federate(
             drop_stage=config.simulation.drop_stage,
             audit_dir=(folder / "audit").resolve(),
             policy=policies.get(node.name),
+            ledger=(folder / LEDGERS / f"{node.name}{LEDGER_SUFFIX}").resolve(),
         )
         for node in mapping.nodes
     ]
+    (folder / LEDGERS).mkdir()
 
     def resolve_setup(context: Context) -> NodeSetup:
         return setups[int(context.node_config["partition-id"])]
@@ -298,21 +303,25 @@ def _site_policies(config: SimulationConfig, folder: Path, names: list[str], coo
     return written
 
 
-def _privacy_summary(folder: Path, nodes: list[NodeData]) -> dict:
-    """ε spent per site from its ledger file; a site without DP reports ``dp: false``."""
+def _privacy_summary(config: SimulationConfig, folder: Path, nodes: list[NodeData]) -> dict:
+    """ε spent per site, from its release ledger under its policy; a site without DP reports
+    ``dp: false``."""
     summary = {}
     for node in nodes:
-        path = ledger_path(folder / "audit", node.name)
-        if not path.exists():
+        source = config.simulation.policies.get(node.name) or config.simulation.default_policy
+        privacy = SitePolicy.load(source).privacy if source else None
+        if privacy is None or not privacy.enabled:
             summary[node.name] = {"dp": False}
             continue
-        ledger = PrivacyLedger.from_dict(json.loads(path.read_text()))
+        identity = PublicIdentity.load(folder / "identities" / f"{node.name}.pub.json")
+        spending = recorded_spending(folder / LEDGERS / f"{node.name}{LEDGER_SUFFIX}", identity)
+        ledger = accountant(spending, privacy)
         summary[node.name] = {
             "dp": True,
             "epsilon_budget": ledger.epsilon_budget,
             "epsilon_spent": ledger.epsilon,
             "delta": ledger.delta,
-            "rounds_trained": len(ledger.history),
+            "rounds_trained": sum(isinstance(release, DpSgdSteps) for release in ledger.history),
         }
     return summary
 

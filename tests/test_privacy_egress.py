@@ -88,7 +88,7 @@ def test_every_reply_of_a_real_secure_aggregation_round_passes():
             stages.add(reply.stage)
             replies.append(reply)
         requests = coordinator.handle(replies)
-    assert stages == {Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK}
+    assert stages == set(Stage) - {Stage.SETUP}
     assert coordinator.result.total.tolist() == [6] * 6
 
 
@@ -111,3 +111,29 @@ def test_shared_metrics_never_carry_more_decimals_than_the_policy(value):
     shared = inspect_outgoing(POLICY, message).metrics["brier"]
     assert shared == round(shared, 4)
     assert abs(shared - value) <= 0.5e-4 * (1 + 1e-9) + abs(value) * 1e-15
+
+
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        ({}, None),
+        ({"signature": bytes(63)}, "config field 'signature' whose value has the wrong form"),
+        ({"signature": "ab" * 64}, "config field 'signature' whose value has the wrong form"),
+        ({"survivors": [1, 2, 3]}, "config field outside the site's whitelist"),
+    ],
+)
+def test_a_consistency_reply_carries_its_node_id_and_one_signature_only(change, reason):
+    configs = {"stage": "consistency", "node_id": 3, "signature": bytes(64), "name": "node-3", "role": "insurer"}
+    message = OutgoingMessage(
+        kind="train",
+        stage="consistency",
+        arrays={},
+        metrics={},
+        configs={**configs, **change},
+        cohort_size=500,
+        expected_arrays={},
+    )
+    decision = inspect_outgoing(POLICY, message)
+    assert decision.allowed == (reason is None), decision.detail
+    if reason:
+        assert reason in decision.reason

@@ -34,7 +34,7 @@ from fedcost.identity import Identity
 from fedcost.job import TrainingJob
 from fedcost.models.nets import ModelSpec, build_model
 from fedcost.models.training import TrainConfig
-from fedcost.server.app import JOB_OUTPUTS
+from fedcost.wire.purposes import PURPOSES
 
 COORDINATOR = Identity.generate("coordinator", "coordinator").public().key_id
 BIG, TINY = "hospital-1", "hospital-2"  # 300 rows; 15 rows, so 3 held-out rows
@@ -113,7 +113,7 @@ def hello(**overrides: object) -> dict:
         "rounds": 2,
         "min_cohort": 11,
         "model_parameters": 10_000,
-        **{f"outputs.{kind}": outputs for kind, outputs in JOB_OUTPUTS.items()},
+        **{f"outputs.{kind}": list(p.outputs) for kind, p in PURPOSES.items() if kind != "analytics"},
     }
     config.update(overrides)
     return config
@@ -186,8 +186,9 @@ def test_more_rounds_than_the_policy_allows(mapping: Path, tmp_path: Path) -> No
     site = _site(mapping, tmp_path)
     site.assert_refused(site.send(hello(rounds=50)), "it asks for 50 rounds; this site allows 1 to 5")
     assert not site.send(hello(rounds=2)).has_error()
-    beyond = {rec.TRANSPORT: rec.SECURE, rec.PURPOSE: "train", rec.ROUND: 3}
-    site.assert_refused(site.send(beyond, message_type=MessageType.TRAIN), "round 3 of a job of 2 rounds")
+    job, weights = _job_and_weights(site.setup)
+    beyond = site.send(*plain_request("train", 3, job, weights), message_type=MessageType.TRAIN)
+    site.assert_refused(beyond, "round 3 of train; the accepted job of 2 rounds asks for it in rounds 1 to 2")
 
 
 def test_secure_aggregation_switched_off_when_the_policy_requires_it(mapping: Path, tmp_path: Path) -> None:
@@ -213,8 +214,8 @@ def test_data_smuggled_in_metric_names_or_string_values(mapping: Path, tmp_path:
     leaky.assert_refused(leaky.send(hello()), "a config field 'role' whose value has the wrong form")
 
     class LeakyMetric(Node):  # node code that would put a value in the weight of a sum
-        def contribution(self, purpose, job, weights, server_round, dp=None):  # noqa: ANN001, ANN201
-            found = super().contribution(purpose, job, weights, server_round, dp)
+        def contribution(self, ask, dp=None):  # noqa: ANN001, ANN201
+            found = super().contribution(ask, dp)
             return type(found)(found.arrays, 1961)
 
     metric = _site(mapping, tmp_path / "metric", node_factory=LeakyMetric, require_secure_aggregation=False)
@@ -230,7 +231,7 @@ def test_oversized_model_or_one_with_nan_or_inf(mapping: Path, tmp_path: Path) -
     job, weights = _job_and_weights(site.setup)
     oversized = site.send(*plain_request("train", 1, job, weights), message_type=MessageType.TRAIN)
     site.assert_refused(oversized, "the accepted job stated 50")
-    assert not site.send(hello(secure_aggregation=False)).has_error()
+    assert not site.send(hello(secure_aggregation=False, run_id="another")).has_error()
     for bad in (np.nan, np.inf):
         poisoned = ArrayRecord({k: Array(np.full_like(a.numpy(), bad)) for k, a in weights.items()})
         reply = site.send(*plain_request("train", 1, job, poisoned), message_type=MessageType.TRAIN)
@@ -270,8 +271,8 @@ def test_a_dp_round_is_paid_in_the_ledger_before_training_and_refused_once_spent
         spent.append(site.events("dp_round")[-1]["details"]["dp_epsilon_spent"])
     assert len(spent) == 2 and spent == sorted(spent) and spent[-1] <= 4.0
     site.assert_refused(reply, "the site's privacy budget is epsilon=4")
-    ledger = json.loads((tmp_path / f"{BIG}.privacy.json").read_text())
-    assert len(ledger["history"]) == len(spent), "the refused round was not recorded"
+    ledger = [json.loads(line) for line in site.setup.ledger_path.read_text().splitlines()]
+    assert sum(entry["event"] == "dp_spent" for entry in ledger) == len(spent), "the refused round was not recorded"
 
 
 # --- accounting in real simulations --------------------------------------------------------

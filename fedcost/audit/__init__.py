@@ -6,7 +6,7 @@ sub-app lives in ``fedcost.audit.cli`` (``audit_app``).
 
 from fedcost.audit.entry import GENESIS_HASH, Entry
 from fedcost.audit.folder import FolderVerification, PartyStatus, verify_folder
-from fedcost.audit.log import AuditLog, Cut, LogPosition, LogVerification, read_log, verify_log
+from fedcost.audit.log import AuditLog, Cut, LogPosition, LogVerification, read_log, verify_chain, verify_log
 from fedcost.audit.reconcile import Problem, reconcile
 from fedcost.audit.report import audit_report, render_report
 
@@ -24,6 +24,7 @@ __all__ = [
     "read_log",
     "reconcile",
     "render_report",
+    "verify_chain",
     "verify_folder",
     "verify_log",
 ]

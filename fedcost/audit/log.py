@@ -205,6 +205,12 @@ def verify_log(path: str | os.PathLike[str], identity: PublicIdentity) -> LogVer
     return result
 
 
+def verify_chain(path: str | os.PathLike[str], identity: PublicIdentity) -> LogVerification:
+    """Checks (1)-(5) and (7) of ``verify_log``, without asking that the log be closed: for a
+    log that stays open for good, as a site's release ledger does."""
+    return _verify_chain(Path(path), identity)
+
+
 @dataclass(frozen=True)
 class LogPosition:
     """The end of a log as its writer left it: entries written, last hash, file size."""
@@ -214,7 +220,7 @@ class LogPosition:
     size: int
 
 
-def _ends_at(path: Path, position: LogPosition) -> bool:
+def ends_at(path: Path, position: LogPosition) -> bool:
     """Whether the file still ends where ``position`` says: same size, same last entry."""
     if position.seq == 0 or not path.exists() or path.stat().st_size != position.size:
         return False
@@ -252,7 +258,7 @@ class AuditLog:
         self._identity = identity
         self._lock = threading.Lock()
         self._seq, self._head, cut = 0, GENESIS_HASH, None
-        if resume is not None and _ends_at(self.path, resume):
+        if resume is not None and ends_at(self.path, resume):
             self._seq, self._head = resume.seq, resume.head
         elif self.path.exists():
             state = _verify_chain(self.path, identity.public())

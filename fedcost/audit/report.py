@@ -24,6 +24,10 @@ def _bytes(entries: list[Entry]) -> int:
     return sum(size for e in entries if type(size := e.details.get("bytes")) is int)
 
 
+# Details of the job entries that are not protections: the pinned keys, the plan's digest.
+_NOT_PROTECTIONS = frozenset({"key_ids", "plan"})
+
+
 def _site(status: PartyStatus) -> dict[str, Any]:
     site: dict[str, Any] = {"role": status.role, "status": status.status, "detail": status.detail}
     if status.verification is None:  # nothing here can be trusted, so nothing is summarised
@@ -34,7 +38,7 @@ def _site(status: PartyStatus) -> dict[str, Any]:
     protections: dict[str, Any] = {}
     for e in entries:
         if e.event in (Event.RUN_STARTED, Event.JOB_RECEIVED):
-            protections.update(e.details)
+            protections.update({k: v for k, v in e.details.items() if k not in _NOT_PROTECTIONS})
         elif "dp_epsilon_spent" in e.details:  # the budget is spent round by round: keep the latest
             protections["dp_epsilon_spent"] = e.details["dp_epsilon_spent"]
     site.update(

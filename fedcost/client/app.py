@@ -1,18 +1,31 @@
-"""The node's Flower ClientApp: a thin binding of ``Node`` to the Message API.
+"""The node's Flower ClientApp: the site guardian on the path of every reply.
 
-Train, evaluate and query messages all arrive here; the config record says which
-transport (see ``fedcost.records``) and purpose. Whatever the transport, the node only
-ever sends its name and role, or its contribution to a shared sum — masked under
-secure aggregation, in the clear only when the run turned it off. Never rows, never
-per-record values.
+Whatever a coordinator sends, a node releases only what its accepted job allows, once,
+within sums over enough sites, and accounted. Every message takes the same path:
 
-Site control (``fedcost.client.site``, ``outgoing``, ``budget``) wraps every exchange:
-the job is checked against the site policy before any rows are read, a DP round is
-paid for before it trains, and the egress guard inspects every reply last.
+1. the request is read strictly (``fedcost.wire.requests``): records, fields, types;
+2. a hello is checked as a whole plan (``fedcost.wire.hello``) against the site policy
+   before any row is read, and recorded in the site's release ledger; every later
+   request must be part of the accepted plan (``site.check_request``);
+3. the release ledger (``fedcost.privacy.ledger``) refuses a request the site has
+   answered before, and a secure sum whose survivor set — with the sums the same input
+   joined before — would let the coordinator isolate fewer than the site's minimum of
+   sites; a DP round is paid for in it before the node trains;
+4. the reply is built (rows are read only now) and the egress guard inspects exactly
+   what would leave (``outgoing``);
+5. the ledger records the reply (run, purpose, round, label, stage, digest) before it
+   leaves, and the audit log logs it.
+
+A refusal at any step is logged as ``refusal`` in the node's audit log and answered with
+an error that carries only the reason. A failure of the site's own data, files or code
+is answered without its text (which may quote a cell) and logged at the site.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,23 +36,39 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
-from fedcost.wire import records as rec
 from fedcost.analytics import GroupedStatisticsLayout
-from fedcost.analytics.benchmarking import shared_vector, shared_vector_size
+from fedcost.analytics.statistics import TableRelease, plan_release
 from fedcost.audit import AuditLog, LogPosition
 from fedcost.client import budget, outgoing, site
-from fedcost.client.node import Contribution, Node, NodeSetup
+from fedcost.client.exchanges import SHAPES, release_keys
+from fedcost.client.node import Ask, Contribution, Node, NodeSetup
 from fedcost.data.mapping import DataMapping
-from fedcost.errors import ConfigError, FederationError, PolicyViolationError, PrivacyBudgetExhausted
+from fedcost.errors import (
+    ConfigError,
+    DataValidationError,
+    FederationError,
+    InvalidSignatureError,
+    LedgerError,
+    PolicyViolationError,
+    PrivacyBudgetExhausted,
+    ProtocolAbort,
+)
 from fedcost.identity import Identity
 from fedcost.job import TrainingJob
+from fedcost.models.nets import build_model
 from fedcost.privacy import SitePolicy
-from fedcost.privacy.dp import DPConfig
-from fedcost.secagg import MaskedInputRequest, SetupRequest, request_from_dict
+from fedcost.privacy.ledger import ReleaseLedger
+from fedcost.secagg import ConsistencyRequest, MaskedInputRequest, SetupRequest, request_from_dict
 from fedcost.secagg import Node as SecAggNode
+from fedcost.wire import records as rec
+from fedcost.wire.events import Event
+from fedcost.wire.hello import Hello
+from fedcost.wire.requests import Request, read_request
+
+logger = logging.getLogger("fedcost.node")
 
 SetupResolver = Callable[[Context], NodeSetup]
 COORDINATOR = "coordinator"
@@ -49,38 +78,29 @@ ROUND_ENDS = ("secagg:evaluate:unmask", "plain:evaluate")
 # only where the site policy shares it as a metric; elsewhere that slot is zero.
 TRAIN_LOSS = "train-loss"
 AUDIT_POSITION = "audit-position"
+SECURE_SUM = "secure-sum"  # the node's state of the secure sum in progress, in its Flower context
+# Refusals: the site's rules at work. Their reasons name rules, never data, and are sent.
+REFUSALS = (PolicyViolationError, PrivacyBudgetExhausted, LedgerError, ProtocolAbort, InvalidSignatureError,
+            FederationError)
+# The site's own configuration or data at fault: logged at the site, never sent (the
+# message may quote a cell).
+SITE_FAULTS = (ConfigError, DataValidationError)
+# Stages whose reply releases something (an input, however masked; a signature that lets it
+# be unmasked; shares of the neighbours' secrets): the ledger is fsynced before they leave.
+RELEASING_STAGES = frozenset({"masked-input", "consistency", "unmask"})
 
 
 def make_client_app(resolve_setup: SetupResolver, node_factory: Callable[[NodeSetup], Node] = Node) -> ClientApp:
     """A ClientApp whose node is found by ``resolve_setup`` from Flower's node context.
 
     ``node_factory`` builds the node's local side; benchmarks swap in one that contributes
-    synthetic vectors without training. A request the site policy refuses (at the job
-    check, the privacy budget or the egress guard) is logged as a refusal and answered
-    with an error reply that carries only the reason.
+    synthetic vectors without training.
     """
     app = ClientApp()
 
     def respond(message: Message, context: Context) -> Message:
         torch.set_num_threads(1)
-        setup = resolve_setup(context)
-        with _audit_log(setup, context) as log:
-            kind, round_ = _kind(message), _round(message)
-            log.message_received(rec.content_bytes(message.content), sender=COORDINATOR, kind=kind, round=round_)
-            try:
-                content = _guarded_reply(setup, node_factory, message, context, log)
-            except (PolicyViolationError, PrivacyBudgetExhausted) as refusal:
-                log.append("refusal", round=round_, details={"kind": kind, "reason": str(refusal)})
-                return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"site {setup.name}: {refusal}"), reply_to=message)
-            except Exception as error:
-                log.append("refusal", round=round_, details={"kind": kind, "reason": str(error)})
-                raise
-            log.message_sent(rec.content_bytes(content), recipient=COORDINATOR, kind=f"{kind}>reply", round=round_)
-            if kind in ROUND_ENDS:
-                log.checkpoint(round=round_)
-            if kind == rec.CLOSE:
-                log.close()
-        return Message(content, reply_to=message)
+        return Guardian(resolve_setup(context), node_factory, context).answer(message)
 
     app.query()(respond)
     app.train()(respond)
@@ -88,127 +108,328 @@ def make_client_app(resolve_setup: SetupResolver, node_factory: Callable[[NodeSe
     return app
 
 
-def _guarded_reply(
-    setup: NodeSetup, node_factory: Callable[[NodeSetup], Node], message: Message, context: Context, log: AuditLog
-) -> RecordDict:
-    """Check the job, then read data and build the reply, then pass it through the egress guard.
+class Guardian:
+    """One message's way through site control at one node."""
 
-    The hello's job is checked against the site policy and kept in the node's context;
-    every later request must stay inside it. Rows are read (``node_factory``) only after
-    the checks, and the guard runs last, on exactly the records that would leave.
-    """
-    if rec.CONFIG not in message.content:
-        raise PolicyViolationError("the site policy refuses this job: the request carries no config record")
-    config = message.content[rec.CONFIG]
-    transport = config.get(rec.TRANSPORT)
-    if transport == rec.HELLO:
-        job = site.hello_job(config)
-        policy = site.site_policy(setup.policy, job)
-        site.check_hello(policy, job)
-        context.state[site.ACCEPTED_JOB] = job.to_record()
-    else:
-        job = site.accepted_job(context.state[site.ACCEPTED_JOB] if site.ACCEPTED_JOB in context.state else None)
-        policy = site.site_policy(setup.policy, job)
-        if transport != rec.CLOSE:
-            site.check_request(policy, job, message)
-    node = node_factory(setup)
-    content = _reply_content(node, setup, policy, job, message, context, log)
-    purpose = config.get(rec.PURPOSE)
-    expected = outgoing.expected_arrays(message, _vector_size(node, setup, message))
-    return outgoing.guard(policy, content, outgoing.outgoing_message(message, content, expected, _cohort(node, purpose)))
+    def __init__(self, setup: NodeSetup, node_factory: Callable[[NodeSetup], Node], context: Context):
+        self.setup = setup
+        self.node_factory = node_factory
+        self.context = context
+        role = _mapping_role(setup)
+        self.identity = Identity(setup.name, role, Ed25519PrivateKey.from_private_bytes(setup.identity_key))
 
+    def answer(self, message: Message) -> Message:
+        """The reply to ``message``: the guarded content, or an error that carries only a reason."""
+        try:
+            with self._audit_log() as audit:
+                return self._answer(message, audit)
+        except _RunClosed:
+            logger.warning("site %s: a request for a run it has closed was refused", self.setup.name)
+            return _error(message, f"site {self.setup.name}: this run is closed at this site; it answers nothing more")
 
-def _cohort(node: Node, purpose: object) -> int:
-    """The rows a reply describes: held-out rows for evaluation, training rows for training
-    and the feature statistics, every row of the site for its analytics."""
-    if purpose == "evaluate":
-        return len(node.data.test)
-    if purpose in ("train", "statistics"):
-        return len(node.data.train)
-    return len(node.data.train) + len(node.data.test)
+    def _answer(self, message: Message, audit: AuditLog) -> Message:
+        kind, round_ = _kind(message), _round(message)
+        audit.message_received(rec.content_bytes(message.content), sender=COORDINATOR, kind=kind, round=round_)
+        try:
+            ledger = ReleaseLedger.open(self.setup.ledger_path, self.identity, audit_logs=self.setup.audit_logs())
+            with ledger:
+                content = self._reply(message, audit, ledger)
+        except REFUSALS as refusal:
+            audit.append(Event.REFUSAL, round=round_, details={"kind": kind, "reason": str(refusal)})
+            return _error(message, f"site {self.setup.name}: {refusal}")
+        except SITE_FAULTS as fault:
+            logger.error("site %s cannot answer a %s request: %s", self.setup.name, kind, fault)
+            reason = "the site's own data or configuration failed its check; the site's log names the problem"
+            audit.append(Event.REFUSAL, round=round_, details={"kind": kind, "reason": reason})
+            return _error(message, f"site {self.setup.name}: {reason}")
+        except Exception as error:
+            logger.error("site %s failed on a %s request", self.setup.name, kind, exc_info=True)
+            reason = f"the site could not answer ({type(error).__name__}); the site's log has the details"
+            audit.append(Event.REFUSAL, round=round_, details={"kind": kind, "reason": reason})
+            return _error(message, f"site {self.setup.name}: {reason}")
+        audit.message_sent(rec.content_bytes(content), recipient=COORDINATOR, kind=f"{kind}>reply", round=round_)
+        if kind in ROUND_ENDS:
+            audit.checkpoint(round=round_)
+        if kind == rec.CLOSE:
+            audit.close()
+        return Message(content, reply_to=message)
 
+    # --- the steps -------------------------------------------------------------------------
 
-def _vector_size(node: Node, setup: NodeSetup, message: Message) -> int:
-    """The length of the one vector a statistics, analytics or benchmark reply carries."""
-    config = message.content[rec.CONFIG]
-    purpose = config.get(rec.PURPOSE)
-    if purpose == "statistics":
-        return len(node.layout.slots())
-    if purpose == "analytics":
-        return _analytics_layout(config).size
-    return shared_vector_size(len(setup.roster)) if purpose == "benchmark" else 0
+    def _reply(self, message: Message, audit: AuditLog, ledger: ReleaseLedger) -> RecordDict:
+        """The reply's content, through the egress guard, recorded in the ledger before it leaves."""
+        request = read_request(message.content)
+        exchange, expected, releasing = None, {}, False
+        if request.transport == rec.HELLO:
+            hello, node = self._hello(request, audit, ledger)
+            policy = site.site_policy(self.setup.policy, hello)
+            content, cohort = _identity_record(node.name, node.role), 0
+        else:
+            hello = site.accepted_hello(self.context.state)
+            ledger.check_run_open(hello.run_id)
+            policy = site.site_policy(self.setup.policy, hello)
+            if request.transport == rec.CLOSE:
+                exchange, releasing = f"{hello.run_id}/close", True
+                content, cohort = _identity_record(self.setup.name, self.identity.role), 0
+            else:
+                site.check_request(policy, hello, request)
+                node = self.node_factory(self.setup)
+                ask = self._ask(request, hello, node, ledger)
+                if request.transport == rec.PLAIN:
+                    exchange, content, expected = self._plain(ask, node, policy, hello, ledger, audit)
+                    releasing = True
+                else:
+                    exchange, content, expected = self._secure(request, ask, node, policy, hello, ledger, audit)
+                    releasing = str(request.stage) in RELEASING_STAGES
+                cohort = site.purpose_rows(request.purpose, len(node.data.train), len(node.data.test))  # type: ignore[arg-type]
+        guarded = outgoing.guard(policy, content, outgoing.outgoing_message(request, content, expected, cohort))
+        if exchange is not None:
+            ledger.answered(exchange, _digest(guarded), durable=releasing)
+        if request.transport == rec.CLOSE:
+            ledger.end_run(hello.run_id)
+        return guarded
 
+    def _hello(self, request: Request, audit: AuditLog, ledger: ReleaseLedger) -> tuple[Hello, Node]:
+        """Check the plan against the policy and record it; only then read the rows."""
+        hello = Hello.from_record(request.config)
+        policy = site.site_policy(self.setup.policy, hello)
+        tables = site.check_plan(policy, hello)
+        ledger.accept_plan(hello.run_id, hello.digest)
+        node = self.node_factory(self.setup)
+        if tables:
+            _check_tables_against_earlier(tables, node, hello, ledger)
+        self.context.state[site.ACCEPTED_JOB] = hello.to_record()
+        key_ids = {COORDINATOR: hello.coordinator, **{name: _key_id(key) for name, key in self.setup.roster}}
+        details = {
+            "run_id": hello.run_id,
+            "plan": hello.digest,
+            "secure_aggregation": hello.secure_aggregation,
+            "rounds": hello.rounds,
+            "dp_epsilon_budget": str(policy.privacy.epsilon),
+            "key_ids": key_ids,
+        }
+        audit.append(Event.JOB_RECEIVED, details=details)
+        audit.append(Event.DATA_LOADED, details={"train_rows": len(node.data.train), "test_rows": len(node.data.test),
+                                                 "schema_digest": node.schema_digest})
+        return hello, node
 
-def _analytics_layout(config: ConfigRecord) -> GroupedStatisticsLayout:
-    """The statistics layout a request states; one this node cannot read is refused."""
-    try:
-        return GroupedStatisticsLayout.from_json(str(config.get(rec.JOB, "")))
-    except ConfigError as error:
-        raise PolicyViolationError(f"the site policy refuses this job: its statistics layout is invalid: {error}") from None
-
-
-def _reply_content(
-    node: Node,
-    setup: NodeSetup,
-    policy: SitePolicy,
-    job: site.AcceptedJob,
-    message: Message,
-    context: Context,
-    log: AuditLog,
-) -> RecordDict:
-    config = message.content[rec.CONFIG]
-    transport = config[rec.TRANSPORT]
-    content = RecordDict({rec.NODE: ConfigRecord({"name": node.name, "role": node.role})})
-    if transport == rec.HELLO:
-        log.append("job_received", details={"run_id": str(config["run_id"]), "secure_aggregation": job.secure_aggregation, "rounds": job.rounds, "dp_epsilon_budget": str(policy.privacy.epsilon)})
-        log.append("data_loaded", details={"train_rows": len(node.data.train), "test_rows": len(node.data.test), "schema_digest": node.schema_digest})
-    elif transport == rec.PLAIN:
-        if _drops_out(setup, config, "masked-input"):
-            raise FederationError(f"node {node.name} drops out (injected fault)")
-        contribution = _contribution(node, setup, policy, job, message, log)
+    def _plain(
+        self, ask: Ask, node: Node, policy: SitePolicy, hello: Hello, ledger: ReleaseLedger, audit: AuditLog
+    ) -> tuple[str, RecordDict, dict[str, tuple[int, ...]]]:
+        """The contribution in the clear, where the job and the site's policy have it so."""
+        exchange = f"{hello.run_id}/{ask.purpose}/{ask.round}/plain{_table_suffix(ask)}"
+        ledger.check_unanswered(exchange)
+        contribution = self._contribution(node, ask, policy, hello, ledger, audit)
+        content = _identity_record(node.name, node.role)
         content[rec.CONTRIBUTION] = rec.arrays_record(contribution.arrays)
         content[rec.METRICS] = MetricRecord({rec.WEIGHT: contribution.weight})
-    elif transport == rec.SECURE:
-        content[rec.SECAGG], arrays = _secure_stage(node, setup, policy, job, message, context, log)
+        shapes = SHAPES[ask.purpose](ask, node)
+        return exchange, content, {f"{i:04d}": shape for i, shape in enumerate(shapes)}
+
+    def _ask(self, request: Request, hello: Hello, node: Node, ledger: ReleaseLedger) -> Ask:
+        """What the request asks of the rows, with everything the coordinator chose checked."""
+        purpose = request.purpose
+        assert purpose is not None and request.round is not None
+        job, weights = None, {}
+        if purpose.carries_model:
+            job = _job(request)
+            weights = {name: array.numpy() for name, array in request.weights.items()} if request.weights else {}
+            _check_model(job, weights, node)
+        layout = site.request_layout(request) if purpose.name == "analytics" else None
+        release = None
+        if layout is not None:
+            releases = _plan_releases(site.plan_tables(hello), node, hello, ledger)
+            release = releases[hello.tables.index(str(request.config[rec.JOB]))]
+        names = [name for name, _ in self.setup.roster]
+        slot = names.index(node.name) if node.name in names else 0
+        return Ask(purpose.name, request.round, hello.min_cohort, job, weights, layout, release, slot, len(names))
+
+    def _contribution(
+        self, node: Node, ask: Ask, policy: SitePolicy, hello: Hello, ledger: ReleaseLedger, audit: AuditLog
+    ) -> Contribution:
+        """The node's part of the sum; a DP training round is paid for before it trains."""
+        if ask.purpose != "train":
+            contribution = node.contribution(ask)
+            if ask.purpose == "analytics" and ask.release is not None and ask.layout is not None:
+                ledger.record_table(data=node.data_digest, layout=ask.layout.to_json(), release=ask.release.to_dict(),
+                                    run_id=hello.run_id)
+            return contribution
+        dp = None
+        if policy.privacy.enabled:
+            dp, spent, (seq, head) = budget.pay_for_round(
+                ledger, policy.privacy, examples=len(node.data.train), training=ask.job.training,  # type: ignore[union-attr]
+                rounds_left=hello.rounds - ask.round + 1, run_id=hello.run_id, round=ask.round,
+            )
+            details = {"dp_epsilon_spent": spent, "dp_epsilon_budget": policy.privacy.epsilon,
+                       "noise_multiplier": dp.noise_multiplier, "ledger_seq": seq, "ledger_head": head}
+            audit.append(Event.DP_ROUND, round=ask.round, details=details)
+        contribution = node.contribution(ask, dp)
+        if TRAIN_LOSS in policy.metrics:
+            return contribution
+        return Contribution([*contribution.arrays[:-1], np.zeros(1)], contribution.weight)
+
+    def _secure(
+        self, request: Request, ask: Ask, node: Node, policy: SitePolicy, hello: Hello, ledger: ReleaseLedger,
+        audit: AuditLog,
+    ) -> tuple[str, RecordDict, dict[str, tuple[int, ...]]]:
+        """One SecAgg+ stage; the node's round state lives in its own context between stages."""
+        stage_request = request_from_dict(rec.join_message_dict(request.content[rec.SECAGG], None))
+        identities = rec.roster_identities(self.setup.roster)
+        identity_key = Ed25519PrivateKey.from_private_bytes(self.setup.identity_key)
+        minimum = policy.min_nodes
+        if isinstance(stage_request, SetupRequest):
+            label = stage_request.config.run_id
+            _check_label(label, hello, ask, stage_request.config.round)
+            self._sites(stage_request.config.node_ids)
+            secure = SecAggNode(rec.secure_id(self.setup.roster, node.name), identity_key, identities,
+                                min_survivors=minimum)
+            state: dict = {"label": label, "purpose": ask.purpose, "round": ask.round, "keys": "[]"}
+        else:
+            saved = self.context.state.config_records.get(SECURE_SUM)
+            if saved is None:
+                raise _request_refusal("no secure sum is in progress at this node; a sum starts with its setup")
+            state = dict(saved)
+            if state["purpose"] != ask.purpose or state["round"] != ask.round:
+                raise _request_refusal(f"it continues the secure sum of {state['purpose']} round {state['round']} "
+                                       f"as one of {ask.purpose} round {ask.round}")
+            secure = SecAggNode.restore(bytes(state.pop("state")), identity_key, identities, min_survivors=minimum)
+        exchange = f"{hello.run_id}/{ask.purpose}/{ask.round}/{state['label']}/{request.stage}{_table_suffix(ask)}"
+        ledger.check_unanswered(exchange)
+        vector, expected = None, {}
+        if isinstance(stage_request, MaskedInputRequest):
+            contribution = self._contribution(node, ask, policy, hello, ledger, audit)
+            quantizer = rec.quantizer_from_config(request.config)
+            vector = quantizer.encode(contribution.arrays, seed=secrets.token_bytes(32), weight=contribution.weight)
+            state["keys"] = json.dumps(release_keys(ask, node, hello.run_id))
+            expected = {outgoing.MASKED: (quantizer.length(SHAPES[ask.purpose](ask, node)),)}
+        if isinstance(stage_request, ConsistencyRequest):
+            keys = [tuple(key) for key in json.loads(state["keys"])]
+            ledger.sign_set(keys, self._sites(stage_request.survivors), minimum=minimum, exchange=exchange)
+        reply = secure.handle(stage_request, vector=vector)
+        if _drops_out(self.setup, ask, reply.stage.value):
+            raise FederationError(f"node {node.name} drops out at stage {reply.stage.value} (injected fault)")
+        self.context.state[SECURE_SUM] = ConfigRecord({**state, "state": secure.export_state()})
+        secagg, arrays = rec.split_message_dict(reply.to_dict())
+        content = _identity_record(node.name, node.role)
+        content[rec.SECAGG] = secagg
         if arrays:
             content[rec.CONTRIBUTION] = arrays
-    return content
+        return exchange, content, expected
+
+    def _sites(self, node_ids: tuple[int, ...]) -> frozenset[str]:
+        """The roster names of a sum's SecAgg+ node ids; an id outside the roster is refused."""
+        names = [name for name, _ in self.setup.roster]
+        if any(not 1 <= node_id <= len(names) for node_id in node_ids):
+            raise _request_refusal("its secure sum names a node outside the federation's roster")
+        return frozenset(names[node_id - 1] for node_id in node_ids)
+
+    @contextmanager
+    def _audit_log(self) -> Iterator[AuditLog]:
+        """The node's own signed log, reopened for each message (any worker may carry it).
+
+        The node keeps where its log ended in its own context, so reopening continues the
+        chain without re-verifying every line (a changed file falls back to the full check).
+        """
+        state = self.context.state
+        saved = state.config_records.get(AUDIT_POSITION)
+        resume = LogPosition(int(saved["seq"]), str(saved["head"]), int(saved["size"])) if saved else None
+        try:
+            log = AuditLog(self.setup.audit_dir / f"{self.setup.name}.jsonl", self.identity, resume=resume)
+        except ValueError as closed:  # the log ends with run_closed: so does the run at this site
+            raise _RunClosed() from closed
+        try:
+            yield log
+        finally:
+            position = log.position
+            state[AUDIT_POSITION] = ConfigRecord({"seq": position.seq, "head": position.head, "size": position.size})
+            log.detach()
 
 
-def _kind(message: Message) -> str:
-    """The request's kind for the audit log; one without a transport is logged as ``unknown``."""
+class _RunClosed(Exception):
+    """The run's audit log at this node is closed."""
+
+
+def _plan_releases(
+    tables: list[GroupedStatisticsLayout], node: Node, hello: Hello, ledger: ReleaseLedger, *, earlier: bool = True
+) -> list[TableRelease]:
+    """The cells every table of the plan withholds, decided over the plan as a whole and the
+    tables this site released over the same rows in other runs."""
+    before = []
+    if earlier:
+        for table in ledger.tables(node.data_digest):
+            if table["run_id"] != hello.run_id:
+                before.append((GroupedStatisticsLayout.from_json(table["layout"]), TableRelease.from_dict(table["release"])))
+    return plan_release(tables, node.rows, role=node.role, min_cohort=hello.min_cohort, earlier=before)
+
+
+def _check_tables_against_earlier(
+    tables: list[GroupedStatisticsLayout], node: Node, hello: Hello, ledger: ReleaseLedger
+) -> None:
+    """Refuse a plan whose tables, next to tables released in earlier runs, would let the
+    coordinator rebuild cells either release withheld."""
+    if _plan_releases(tables, node, hello, ledger) != _plan_releases(tables, node, hello, ledger, earlier=False):
+        raise PolicyViolationError(
+            "the site policy refuses this job: its statistics tables, next to tables this site released in earlier "
+            "runs over the same rows, would let the coordinator rebuild cells one of them withheld; ask for the "
+            "tables released before, or for tables the site has not yet released anything like"
+        )
+
+
+def _job(request: Request) -> TrainingJob:
     try:
-        return rec.message_kind(message.content)
-    except KeyError:
-        return "unknown"
+        return TrainingJob.from_json(str(request.config[rec.JOB]))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise _request_refusal("its training job is malformed") from None
 
 
-def _round(message: Message) -> int | None:
-    """The request's round for the audit log, if it states one as an integer."""
-    value = message.content[rec.CONFIG].get(rec.ROUND) if rec.CONFIG in message.content else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-@contextmanager
-def _audit_log(setup: NodeSetup, context: Context) -> Iterator[AuditLog]:
-    """The node's own signed log, reopened for each message (any worker may carry it).
-
-    The node keeps where its log ended in its own context, so reopening continues the
-    chain without re-verifying every line (a changed file falls back to the full check).
-    Its role comes from the mapping file, not the rows, so a refusal is logged before
-    any data is read.
-    """
-    role = _mapping(setup.mapping).node(setup.name).role
-    identity = Identity(setup.name, role, Ed25519PrivateKey.from_private_bytes(setup.identity_key))
-    saved = context.state[AUDIT_POSITION] if AUDIT_POSITION in context.state else None
-    resume = LogPosition(int(saved["seq"]), str(saved["head"]), int(saved["size"])) if saved else None
-    log = AuditLog(setup.audit_dir / f"{setup.name}.jsonl", identity, resume=resume)
+def _check_model(job: TrainingJob, weights: dict[str, np.ndarray], node: Node) -> None:
+    """The job may use only the site's feature columns, and the weights (where the request
+    carries them) must be its model's."""
+    columns = {column.name: column for column in node.layout.columns}
+    features = job.features
+    named = [*features.numeric, *features.vocabularies, *features.flagged]
+    strangers = sorted(name for name in named if name not in columns)
+    if strangers:
+        raise _request_refusal(f"its job uses {', '.join(strangers)[:80]} as features, which are not feature columns")
+    for name, levels in features.vocabularies.items():
+        if columns[name].kind != "categorical" or not set(levels) <= set(columns[name].levels):
+            raise _request_refusal(f"its job's levels of {name!r} are not that column's levels")
+    if any(columns[name].kind != "numeric" for name in features.numeric):
+        raise _request_refusal("its job treats a categorical column as a number")
+    if not weights:  # a secure sum's stages before and after its masked input carry no model
+        return
     try:
-        yield log
-    finally:
-        position = log.position
-        context.state[AUDIT_POSITION] = ConfigRecord({"seq": position.seq, "head": position.head, "size": position.size})
-        log.detach()
+        model = build_model(job.model, features.n_features, seed=job.seed)
+    except (ValueError, TypeError):
+        raise _request_refusal("its job's model cannot be built") from None
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    if shapes != {name: tuple(array.shape) for name, array in weights.items()}:
+        raise _request_refusal("its model weights do not fit the model its job states")
+
+
+def _table_suffix(ask: Ask) -> str:
+    """What tells two requests of one purpose and round apart: the statistics table asked for."""
+    if ask.layout is None:
+        return ""
+    return "/" + hashlib.sha256(ask.layout.to_json().encode()).hexdigest()[:16]
+
+
+def _check_label(label: str, hello: Hello, ask: Ask, round_: int) -> None:
+    """A secure sum's label binds it to this run, its purpose and round."""
+    parts = label.split(":")
+    if len(parts) < 3 or parts[0] != hello.run_id or parts[-2] != ask.purpose or round_ != ask.round:
+        raise _request_refusal("its secure sum is labelled for another run, purpose or round")
+
+
+def _drops_out(setup: NodeSetup, ask: Ask, stage: str) -> bool:
+    """An injected fault: this node goes silent at ``stage`` of a training round."""
+    return ask.purpose == "train" and ask.round in setup.drop_rounds and stage == setup.drop_stage
+
+
+def _mapping_role(setup: NodeSetup) -> str:
+    """The node's role, from its mapping file (not its rows), so a refusal is logged before
+    any data is read."""
+    return _mapping(setup.mapping).node(setup.name).role
 
 
 @lru_cache(maxsize=8)
@@ -216,79 +437,37 @@ def _mapping(path: Path) -> DataMapping:
     return DataMapping.load(path)
 
 
-def _contribution(
-    node: Node, setup: NodeSetup, policy: SitePolicy, accepted: site.AcceptedJob, message: Message, log: AuditLog
-) -> Contribution:
-    """The node's part of the sum; a training round under DP is paid for before it trains."""
-    config = message.content[rec.CONFIG]
-    purpose = str(config[rec.PURPOSE])
-    if purpose == "analytics":
-        return Contribution([node.grouped_statistics(_analytics_layout(config), accepted.min_cohort)], 1)
-    job = TrainingJob.from_json(str(config[rec.JOB])) if rec.JOB in config else None
-    weights = {k: a.numpy() for k, a in message.content[rec.ARRAYS].items()} if rec.ARRAYS in message.content else {}
-    round_ = int(config[rec.ROUND])  # type: ignore[arg-type]  # site.check_request checked it
-    if purpose == "benchmark" and job is not None:
-        totals = node.benchmark_totals(job, weights, accepted.min_cohort)
-        slot = rec.secure_id(setup.roster, node.name) - 1
-        return Contribution([shared_vector(totals, slot, len(setup.roster))], 1)
-    if purpose != "train" or job is None:
-        return node.contribution(purpose, job, weights, round_)  # type: ignore[arg-type]
-    dp = _paid_round(node, setup, policy, accepted, job, round_, log) if policy.privacy.enabled else None
-    contribution = node.contribution("train", job, weights, round_, dp)
-    if TRAIN_LOSS in policy.metrics:
-        return contribution
-    return Contribution([*contribution.arrays[:-1], np.zeros(1)], contribution.weight)
+def _identity_record(name: str, role: str) -> RecordDict:
+    """What every reply carries: the site's name and role, nothing else."""
+    return RecordDict({rec.NODE: ConfigRecord({"name": name, "role": role})})
 
 
-def _paid_round(
-    node: Node, setup: NodeSetup, policy: SitePolicy, accepted: site.AcceptedJob, job: TrainingJob, round_: int,
-    log: AuditLog,
-) -> DPConfig:
-    """Pay for a DP-SGD round in the ledger file and log ε spent, before any training."""
-    dp, spent = budget.pay_for_round(
-        budget.ledger_path(setup.audit_dir, node.name),
-        policy.privacy,
-        examples=len(node.data.train),
-        training=job.training,
-        rounds_left=accepted.rounds - round_ + 1,
-    )
-    details = {"dp_epsilon_spent": spent, "dp_epsilon_budget": policy.privacy.epsilon, "noise_multiplier": dp.noise_multiplier}
-    log.append("dp_round", round=round_, details=details)
-    return dp
+def _key_id(raw_key: bytes) -> str:
+    return hashlib.sha256(raw_key).hexdigest()
 
 
-def _secure_stage(
-    node: Node,
-    setup: NodeSetup,
-    policy: SitePolicy,
-    accepted: site.AcceptedJob,
-    message: Message,
-    context: Context,
-    log: AuditLog,
-) -> tuple[ConfigRecord, ArrayRecord]:
-    """One SecAgg+ stage; the node's round state lives in its own context between stages."""
-    config = message.content[rec.CONFIG]
-    request = request_from_dict(rec.join_message_dict(message.content[rec.SECAGG], None))
-    identities = rec.roster_identities(setup.roster)
-    identity_key = Ed25519PrivateKey.from_private_bytes(setup.identity_key)
-    if isinstance(request, SetupRequest):
-        secure = SecAggNode(rec.secure_id(setup.roster, node.name), identity_key, identities)
-    else:
-        secure = SecAggNode.restore(bytes(context.state[rec.SECAGG]["state"]), identity_key, identities)
-    vector = None
-    if isinstance(request, MaskedInputRequest):
-        contribution = _contribution(node, setup, policy, accepted, message, log)
-        quantizer = rec.quantizer_from_config(config)
-        vector = quantizer.encode(contribution.arrays, seed=secrets.token_bytes(32), weight=contribution.weight)
-    reply = secure.handle(request, vector=vector)
-    if _drops_out(setup, config, reply.stage.value):
-        raise FederationError(f"node {node.name} drops out at stage {reply.stage.value} (injected fault)")
-    context.state[rec.SECAGG] = ConfigRecord({"state": secure.export_state()})
-    return rec.split_message_dict(reply.to_dict())
+def _digest(content: RecordDict) -> str:
+    return hashlib.sha256(rec.content_bytes(content)).hexdigest()
 
 
-def _drops_out(setup: NodeSetup, config: ConfigRecord, stage: str) -> bool:
-    """An injected fault: this node goes silent at ``stage`` of a training round."""
-    return (
-        config[rec.PURPOSE] == "train" and int(config[rec.ROUND]) in setup.drop_rounds and stage == setup.drop_stage
-    )
+def _kind(message: Message) -> str:
+    """The request's kind for the audit log; one without a transport is logged as ``unknown``."""
+    try:
+        return rec.message_kind(message.content)
+    except (KeyError, TypeError):
+        return "unknown"
+
+
+def _round(message: Message) -> int | None:
+    """The request's round for the audit log, if it states one as a whole number."""
+    config = message.content.config_records.get(rec.CONFIG)
+    value = config.get(rec.ROUND) if config is not None else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _error(message: Message, reason: str) -> Message:
+    return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message)
+
+
+def _request_refusal(reason: str) -> PolicyViolationError:
+    return PolicyViolationError(f"the site refuses this request: {reason}")

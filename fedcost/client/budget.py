@@ -1,51 +1,49 @@
-"""The node's differential-privacy budget: a ledger file next to its audit log, paid before training.
+"""The node's differential-privacy budget, paid in its release ledger before training.
 
-The ledger (``fedcost.privacy.accounting.PrivacyLedger``) lives in
-``<audit_dir>/<name>.privacy.json``. A round is priced and written to that file
-atomically before its training starts, so a round that crashes is still paid for and
-no restart can train twice on one payment.
+The ledger (``fedcost.privacy.ledger``) is the budget's only record. A round is priced
+and written to it, signed and fsynced, before its training starts, so a round that
+crashes is still paid for and no restart can train twice on one payment; the audit
+log's ``dp_round`` entry anchors the payment's place in the ledger, so a ledger that is
+later deleted, cut short or rewritten fails closed.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from fedcost.files import replace_atomically
 from fedcost.models.training import TrainConfig
-from fedcost.privacy.accounting import PrivacyLedger
+from fedcost.privacy.accounting import DpSgdSteps, PrivacyLedger, release_from_dict
 from fedcost.privacy.dp import DPConfig, dp_config_for, dp_sampling
+from fedcost.privacy.ledger import ReleaseLedger
 from fedcost.privacy.policy import PrivacySettings
 
-LEDGER_SUFFIX = ".privacy.json"
-
-
-def ledger_path(audit_dir: Path, name: str) -> Path:
-    return audit_dir / f"{name}{LEDGER_SUFFIX}"
-
-
-def load_ledger(path: Path, privacy: PrivacySettings) -> PrivacyLedger:
-    """The site's ledger under its current budget; a changed budget keeps the spent history."""
+def accountant(spending: Iterable[Mapping[str, Any]], privacy: PrivacySettings) -> PrivacyLedger:
+    """Every spend a release ledger recorded (DP-SGD rounds and noisy sums alike), under the
+    site's current budget."""
     assert privacy.delta is not None  # required by PrivacySettings when DP is on
-    history = PrivacyLedger.from_dict(json.loads(path.read_text())).history if path.exists() else ()
-    return PrivacyLedger(privacy.epsilon, privacy.delta, history=history)
-
-
-def save_ledger(path: Path, ledger: PrivacyLedger) -> None:
-    """Write the ledger atomically: never a half-written spend."""
-    replace_atomically(path, json.dumps(ledger.to_dict()).encode())
+    return PrivacyLedger(privacy.epsilon, privacy.delta, history=[release_from_dict(spend) for spend in spending])
 
 
 def pay_for_round(
-    path: Path, privacy: PrivacySettings, *, examples: int, training: TrainConfig, rounds_left: int
-) -> tuple[DPConfig, float]:
-    """Price one DP-SGD round, record it in the ledger file, and return its settings and ε spent.
+    ledger: ReleaseLedger,
+    privacy: PrivacySettings,
+    *,
+    examples: int,
+    training: TrainConfig,
+    rounds_left: int,
+    run_id: str,
+    round: int,
+) -> tuple[DPConfig, float, tuple[int, str]]:
+    """Price one DP-SGD round and record it in the ledger; returns its settings, the ε spent
+    after it, and the ledger anchor for the audit log.
 
     ``PrivacyBudgetExhausted`` (nothing recorded) when the round does not fit the budget left.
     """
-    ledger = load_ledger(path, privacy)
+    spent_so_far = accountant(ledger.spending, privacy)
     sample_rate, steps = dp_sampling(examples, training)
-    dp = dp_config_for(privacy, ledger, sample_rate=sample_rate, steps=steps, rounds_left=rounds_left)
-    spent = ledger.spend(noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate, steps=steps)
-    save_ledger(path, ledger)
-    return dp, spent
+    dp = dp_config_for(privacy, spent_so_far, sample_rate=sample_rate, steps=steps, rounds_left=rounds_left)
+    spent = spent_so_far.spend(noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate, steps=steps)
+    release = DpSgdSteps(dp.noise_multiplier, sample_rate, steps)
+    anchor = ledger.spend(release.to_dict(), run_id=run_id, round=round)
+    return dp, spent, anchor

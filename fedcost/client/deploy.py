@@ -24,6 +24,7 @@ from fedcost.errors import CertificateError
 from fedcost.federation import roster
 from fedcost.federation.provision import Kit
 from fedcost.identity.federation_ca import utc_now
+from fedcost.privacy.ledger import SUFFIX as LEDGER_SUFFIX
 
 # The node-config keys `fedcost node start` sets.
 KIT, STATE, POLICY, SPLIT_SEED, TEST_FRACTION = "kit", "state", "policy", "split-seed", "test-fraction"
@@ -57,6 +58,8 @@ def resolve_setup(context: Context) -> NodeSetup:
         roster=tuple((str(name), bytes(key)) for name, key in members),
         audit_dir=state / "audit" / run,
         policy=Path(str(config[POLICY])) if str(config.get(POLICY, "")) else None,
+        ledger=state / f"{kit.name}{LEDGER_SUFFIX}",
+        audit_root=state / "audit",
     )
 
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,8 @@ import torch
 
 from fedcost import schema
 from fedcost.analytics import GroupedStatisticsLayout, site_totals
-from fedcost.analytics.benchmarking import without_site_level
+from fedcost.analytics.benchmarking import shared_vector, without_site_level
+from fedcost.analytics.statistics import TableRelease
 from fedcost.data.features import StatisticsLayout
 from fedcost.data.loader import NodeData, load_node
 from fedcost.data.mapping import DataMapping
@@ -27,11 +27,10 @@ from fedcost.models import evaluation
 from fedcost.models.calibration import fit_site_calibration
 from fedcost.models.nets import build_model
 from fedcost.models.training import TrainResult, predict, train_local
+from fedcost.privacy import MIN_COHORT
 from fedcost.privacy.dp import DPConfig, train_local_dp
+from fedcost.privacy.ledger import SUFFIX as LEDGER_SUFFIX
 from fedcost.seeding import derive_seed
-
-
-Purpose = Literal["statistics", "train", "evaluate", "analytics", "benchmark"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,9 @@ class NodeSetup:
     federation member's name with its raw public key, as the federation's certificates
     say — the node trusts these, never keys relayed by the coordinator. ``policy`` is
     the site's policy file (``fedcost.privacy.SitePolicy``); without one the node runs
-    under the permissive default of ``fedcost.client.site.site_policy``.
+    under the permissive default of ``fedcost.client.site.site_policy``. ``ledger`` is
+    the site's release ledger (default: beside its audit log); ``audit_root`` the folder
+    under which all its audit logs lie (default: ``audit_dir``).
     """
 
     mapping: Path
@@ -55,6 +56,38 @@ class NodeSetup:
     drop_stage: str = "masked-input"
     audit_dir: Path = Path("audit")
     policy: Path | None = None
+    ledger: Path | None = None
+    audit_root: Path | None = None
+
+    @property
+    def ledger_path(self) -> Path:
+        """The site's release ledger (``fedcost.privacy.ledger``): kept across jobs."""
+        return self.ledger or self.audit_dir / f"{self.name}{LEDGER_SUFFIX}"
+
+    def audit_logs(self) -> list[Path]:
+        """Every audit log of this site's, of every run: they anchor its ledger."""
+        return sorted((self.audit_root or self.audit_dir).rglob(f"{self.name}.jsonl"))
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What an accepted request asks of the node's rows.
+
+    ``job`` and ``weights``: the training job and the global model, for the purposes
+    that carry a model; ``layout`` and ``release``: the statistics table and the cells
+    the plan withholds (analytics); ``slot`` and ``sites``: the site's block and the
+    roster's size (benchmark).
+    """
+
+    purpose: str
+    round: int
+    min_cohort: int
+    job: TrainingJob | None = None
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    layout: GroupedStatisticsLayout | None = None
+    release: TableRelease | None = None
+    slot: int = 0
+    sites: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,16 +99,26 @@ class Contribution:
 
 
 @lru_cache(maxsize=8)
-def _load(setup: NodeSetup) -> tuple[DataMapping, NodeData]:
+def _load(setup: NodeSetup) -> tuple[DataMapping, NodeData, str]:
     mapping = DataMapping.load(setup.mapping)
-    return mapping, load_node(mapping, setup.name, split_seed=setup.split_seed, test_fraction=setup.test_fraction)
+    data = load_node(mapping, setup.name, split_seed=setup.split_seed, test_fraction=setup.test_fraction)
+    return mapping, data, _rows_digest(data)
+
+
+def _rows_digest(data: NodeData) -> str:
+    """SHA-256 of the site's checked rows and their split: what fixed-data releases describe."""
+    digest = hashlib.sha256()
+    for part in (data.train, data.test):
+        digest.update(json.dumps(list(part.columns)).encode())
+        digest.update(pd.util.hash_pandas_object(part, index=False).to_numpy().tobytes())
+    return digest.hexdigest()
 
 
 class Node:
     """One site's rows and the three things the coordinator may ask of them."""
 
     def __init__(self, setup: NodeSetup):
-        self.mapping, self.data = _load(setup)
+        self.mapping, self.data, self.data_digest = _load(setup)
         self.layout = StatisticsLayout(self.mapping.feature_columns, tuple(self.mapping.targets))
 
     @property
@@ -91,34 +134,41 @@ class Node:
     def role(self) -> str:
         return self.data.role
 
-    def statistics(self) -> np.ndarray:
+    def statistics(self, min_cohort: int = MIN_COHORT) -> np.ndarray:
         """Sums over the training rows for the federation-wide feature encoding."""
-        return self.layout.local_statistics(self.data.train)
+        return self.layout.local_statistics(self.data.train, min_cohort=min_cohort)
 
-    def contribution(
-        self,
-        purpose: Purpose,
-        job: TrainingJob | None,
-        weights: dict[str, np.ndarray],
-        server_round: int,
-        dp: DPConfig | None = None,
-    ) -> Contribution:
-        """This node's part of a shared sum; the coordinator learns only the sum over nodes.
+    def contribution(self, ask: Ask, dp: DPConfig | None = None) -> Contribution:
+        """This node's part of a shared sum for ``ask``; the coordinator learns only the sum
+        over nodes. ``dp``: train with record-level DP-SGD at these settings (already paid)."""
+        return _CONTRIBUTIONS[ask.purpose](self, ask, dp)
 
-        train: the example-weighted update (new weights minus the global ones) and the
-        training loss, weighted by the example count. evaluate: additive evaluation sums
-        per task, costs in cost-scale units. statistics: the feature statistics.
-        ``dp``: train with record-level DP-SGD at these settings (already paid for).
-        """
-        if purpose == "statistics":
-            return Contribution([self.statistics()], 1)
-        assert job is not None
-        if purpose == "train":
-            new_weights, result = self.train(job, weights, server_round, dp)
-            update = [new_weights[k] - weights[k] for k in weights]
-            return Contribution(update + [np.array([result.loss])], result.examples)
-        sums = self.evaluate(job, weights)
-        return Contribution([sums[task] for task in job.model.tasks], 1)
+    def _statistics_contribution(self, ask: Ask, dp: DPConfig | None) -> Contribution:
+        return Contribution([self.statistics(ask.min_cohort)], 1)
+
+    def _analytics_contribution(self, ask: Ask, dp: DPConfig | None) -> Contribution:
+        assert ask.layout is not None
+        return Contribution([self.grouped_statistics(ask.layout, ask.min_cohort, ask.release)], 1)
+
+    def _train_contribution(self, ask: Ask, dp: DPConfig | None) -> Contribution:
+        """The example-weighted update (new weights minus the global ones) and the training
+        loss, weighted by the example count."""
+        assert ask.job is not None
+        new_weights, result = self.train(ask.job, ask.weights, ask.round, dp)
+        update = [new_weights[k] - ask.weights[k] for k in ask.weights]
+        return Contribution(update + [np.array([result.loss])], result.examples)
+
+    def _evaluate_contribution(self, ask: Ask, dp: DPConfig | None) -> Contribution:
+        """Additive evaluation sums per task, costs in cost-scale units."""
+        assert ask.job is not None
+        sums = self.evaluate(ask.job, ask.weights, ask.min_cohort)
+        return Contribution([sums[task] for task in ask.job.model.tasks], 1)
+
+    def _benchmark_contribution(self, ask: Ask, dp: DPConfig | None) -> Contribution:
+        """The site's totals in its own block of the federation's vector."""
+        assert ask.job is not None
+        totals = self.benchmark_totals(ask.job, ask.weights, ask.min_cohort)
+        return Contribution([shared_vector(totals, ask.slot, ask.sites)], 1)
 
     def train(
         self, job: TrainingJob, weights: dict[str, np.ndarray], server_round: int, dp: DPConfig | None = None
@@ -139,12 +189,15 @@ class Node:
             result = train_local_dp(model, data, job.training, seed=seed, dp=dp, global_params=global_params)
         return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, result
 
-    def evaluate(self, job: TrainingJob, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def evaluate(
+        self, job: TrainingJob, weights: dict[str, np.ndarray], min_cohort: int = MIN_COHORT
+    ) -> dict[str, np.ndarray]:
         """Additive evaluation sums over the held-out rows (see ``models.evaluation``).
 
         Costs are scored at this site's own cost level (``models.calibration``), fitted on
         its training rows and kept here, exactly as ``fedcost simulate`` scores the
-        federated model, so the per-round metrics and the run's summary agree.
+        federated model, so the per-round metrics and the run's summary agree. Score
+        histograms leave only in groups of at least ``min_cohort`` rows.
         """
         features = job.features
         rows = self.data.test
@@ -152,7 +205,8 @@ class Node:
         predictions = predict(model, features.encode(rows))
         sums: dict[str, np.ndarray] = {}
         if "readmission" in predictions and schema.READMISSION in rows:
-            sums["readmission"] = evaluation.readmission_sums(rows[schema.READMISSION].to_numpy(), predictions["readmission"])
+            readmitted = rows[schema.READMISSION].to_numpy()
+            sums["readmission"] = evaluation.readmission_sums(readmitted, predictions["readmission"], min_cohort=min_cohort)
         if "cost" in predictions and schema.COST in rows:
             calibration = fit_site_calibration(model, features.task_data(self.data.train))
             sums["cost"] = evaluation.cost_sums(
@@ -165,9 +219,12 @@ class Node:
         """Every row of the site, training and held-out: what its analytics describe."""
         return pd.concat([self.data.train, self.data.test], ignore_index=True)
 
-    def grouped_statistics(self, layout: GroupedStatisticsLayout, min_cohort: int) -> np.ndarray:
-        """The site's cell sums over all its rows; cells under ``min_cohort`` withheld."""
-        return layout.local_vector(self.rows, role=self.role, min_cohort=min_cohort)
+    def grouped_statistics(
+        self, layout: GroupedStatisticsLayout, min_cohort: int, release: TableRelease | None = None
+    ) -> np.ndarray:
+        """The site's cell sums over all its rows; cells withheld as ``release`` decided over the
+        job's plan (or, without one, for this table alone)."""
+        return layout.local_vector(self.rows, role=self.role, min_cohort=min_cohort, release=release)
 
     def benchmark_totals(self, job: TrainingJob, weights: dict[str, np.ndarray], min_cohort: int) -> np.ndarray:
         """Observed and expected readmissions and costs over the site's rows with both outcomes.
@@ -186,3 +243,12 @@ class Node:
         model = build_model(job.model, job.features.n_features, seed=job.seed)
         model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})
         return model
+
+
+_CONTRIBUTIONS = {
+    "statistics": Node._statistics_contribution,
+    "analytics": Node._analytics_contribution,
+    "train": Node._train_contribution,
+    "evaluate": Node._evaluate_contribution,
+    "benchmark": Node._benchmark_contribution,
+}

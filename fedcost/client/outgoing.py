@@ -1,58 +1,26 @@
 """The egress guard at the node: a reply's Flower records as the pure core's ``OutgoingMessage``.
 
 ``inspect_outgoing`` rules on a flat description of a reply; this module builds that
-description from exactly the records that would leave, and takes the vectors the
-reply may carry (``expected_arrays``) from the request the node accepted, never from
-the reply itself: a reply cannot vouch for its own shape.
+description from exactly the records that would leave. The vectors the reply may carry
+(``expected``) come from the request the node accepted (``fedcost.client.exchanges``),
+never from the reply itself: a reply cannot vouch for its own shape.
 """
 
 from __future__ import annotations
 
-from flwr.app import Message, RecordDict
+from flwr.app import RecordDict
 
-from fedcost.wire import records as rec
 from fedcost.errors import PolicyViolationError
-from fedcost.job import TrainingJob
-from fedcost.models import evaluation
 from fedcost.privacy import OutgoingMessage, SitePolicy, error_reply_reason, inspect_outgoing
 from fedcost.privacy.policy import EXAMPLES
-from fedcost.secagg.messages import Stage
+from fedcost.wire import records as rec
+from fedcost.wire.requests import Request
 
-Shapes = list[tuple[int, ...]]
 MASKED = "masked"  # the masked vector's name in a masked-input reply (MaskedInputReply)
 
 
-def contribution_shapes(request: Message, vector_size: int) -> Shapes:
-    """The shapes of the contribution the request asks for, from the request and the job.
-
-    train: the global weights' shapes and the training-loss slot; evaluate: one sums
-    vector per task of the job's model; statistics, analytics and benchmark: one vector
-    of ``vector_size``, which the node works out from its own layout and roster.
-    """
-    config = request.content[rec.CONFIG]
-    purpose = config[rec.PURPOSE]
-    if purpose in ("statistics", "analytics", "benchmark"):
-        return [(vector_size,)]
-    if purpose == "train":
-        return rec.update_shapes(request.content[rec.ARRAYS])
-    return evaluation.sums_shapes(TrainingJob.from_json(str(config[rec.JOB])).model.tasks)
-
-
-def expected_arrays(request: Message, vector_size: int) -> dict[str, tuple[int, ...]]:
-    """The vectors the reply to ``request`` may carry, named as the reply names them."""
-    config = request.content[rec.CONFIG]
-    transport = config[rec.TRANSPORT]
-    if transport == rec.PLAIN:
-        shapes = contribution_shapes(request, vector_size)
-        return {f"{i:04d}": shape for i, shape in enumerate(shapes)}
-    if transport == rec.SECURE and request.content[rec.SECAGG]["stage"] == Stage.MASKED_INPUT:
-        quantizer = rec.quantizer_from_config(config)
-        return {MASKED: (quantizer.length(contribution_shapes(request, vector_size)),)}
-    return {}
-
-
 def outgoing_message(
-    request: Message, content: RecordDict, expected: dict[str, tuple[int, ...]], cohort_size: int
+    request: Request, content: RecordDict, expected: dict[str, tuple[int, ...]], cohort_size: int
 ) -> OutgoingMessage:
     """Every record of ``content`` flattened: identity and protocol fields as configs.
 
@@ -65,7 +33,7 @@ def outgoing_message(
         if name in content:
             configs.update(content[name])
     metrics = dict(content[rec.METRICS]) if rec.METRICS in content else {}
-    purpose = request.content[rec.CONFIG].get(rec.PURPOSE)
+    purpose = request.purpose.name if request.purpose else None
     if rec.WEIGHT in metrics:
         weight = metrics.pop(rec.WEIGHT)
         if purpose == "train":
@@ -75,7 +43,7 @@ def outgoing_message(
     arrays = {key: array.numpy() for key, array in content[rec.CONTRIBUTION].items()} if rec.CONTRIBUTION in content else {}
     stage = content[rec.SECAGG]["stage"] if rec.SECAGG in content else None
     return OutgoingMessage(
-        kind=request.metadata.message_type.split(".")[0],
+        kind=request.purpose.message_type if request.purpose else "query",
         stage=None if stage is None else str(stage),
         arrays=arrays,
         metrics=metrics,

@@ -1,121 +1,38 @@
-"""Site control at the node: the job a coordinator asks for, checked against the site policy.
+"""Site control at the node: the job a coordinator states, checked against the site policy.
 
-The coordinator states the whole job in its hello (rounds, secure aggregation, model
-size, the outputs of each kind of request, the smallest cohort, its own key id). The
-node checks that job against its policy before it reads any data and keeps the accepted
-job in its Flower context; every later request must stay inside it (its round, its
-transport, its model) and is checked against the policy again. Everything here raises
-``PolicyViolationError`` with a reason that is safe to send: it names rules, never data.
+The coordinator states the whole job in its hello (``fedcost.wire.hello.Hello``): its key
+id, rounds, secure aggregation, model size, the smallest cohort, each purpose with what
+its replies carry, and every statistics table. The node checks that plan against its
+policy before it reads any data and keeps the accepted plan in its Flower context;
+every later request must be part of it (purpose, round, transport, model, table) and is
+checked against the policy again. Everything here raises ``PolicyViolationError`` with a
+reason that is safe to send: it names rules, never data.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Message
+from flwr.app import ArrayRecord
 
-from fedcost.wire import records as rec
-from fedcost.errors import PolicyViolationError
+from fedcost.analytics import GroupedStatisticsLayout
+from fedcost.errors import ConfigError, PolicyViolationError
 from fedcost.privacy import MIN_COHORT, JobRequest, PrivacySettings, SitePolicy, check_job
+from fedcost.wire import records as rec
+from fedcost.wire.hello import Hello
+from fedcost.wire.purposes import Purpose
+from fedcost.wire.requests import Request
 
-# The hello's job fields (besides transport and run id); ``outputs.<kind>`` lists what
-# each kind of request (statistics, train, evaluate) sends back.
-HELLO_FIELDS = ("run_id", "coordinator", "secure_aggregation", "rounds", "min_cohort", "model_parameters")
-OUTPUTS = "outputs."
-PURPOSES = ("statistics", "train", "evaluate", "analytics", "benchmark")
-# Requests that come before any training, at round 0; the others name a training round.
-BEFORE_TRAINING = ("statistics", "analytics")
-ACCEPTED_JOB = "site-job"  # where the accepted job lives in the node's Flower context state
+ACCEPTED_JOB = "site-job"  # where the accepted hello lives in the node's Flower context state
 DEFAULT_MAX_ROUNDS = 10_000
+# The largest model weight a node trains or scores with: a global model of larger weights
+# is not one a federation trained, and it would overflow a site's arithmetic.
+MAX_ABS_WEIGHT = 1e4
 
 
-@dataclass(frozen=True)
-class AcceptedJob:
-    """The job of a hello, as the node accepted it; later requests must stay inside it."""
-
-    coordinator: str
-    secure_aggregation: bool
-    rounds: int
-    min_cohort: int
-    model_parameters: int
-    outputs: Mapping[str, tuple[str, ...]]
-
-    def requests(self) -> list[JobRequest]:
-        """One ``check_job`` request per kind of request the job will send."""
-        return [self.request(kind) for kind in self.outputs]
-
-    def request(self, kind: str, *, rounds: int | None = None, secure: bool | None = None,
-                model_parameters: int | None = None) -> JobRequest:
-        return JobRequest(
-            kind=kind,
-            coordinator=self.coordinator,
-            rounds=self.rounds if rounds is None else rounds,
-            secure_aggregation=self.secure_aggregation if secure is None else secure,
-            min_cohort=self.min_cohort,
-            outputs=self.outputs[kind],
-            model_parameters=self.model_parameters if model_parameters is None else model_parameters,
-        )
-
-    def to_record(self) -> ConfigRecord:
-        fields = {
-            "coordinator": self.coordinator,
-            "secure_aggregation": self.secure_aggregation,
-            "rounds": self.rounds,
-            "min_cohort": self.min_cohort,
-            "model_parameters": self.model_parameters,
-        }
-        return ConfigRecord({**fields, **{OUTPUTS + kind: list(outputs) for kind, outputs in self.outputs.items()}})
-
-
-def hello_job(config: ConfigRecord) -> AcceptedJob:
-    """The job a hello states; a hello that hides part of it, or adds anything, is refused.
-
-    The node reads only fields it knows: an unknown field (a subgroup filter, a query)
-    is a request the site never agreed to answer.
-    """
-    known = {rec.TRANSPORT, *HELLO_FIELDS}
-    for key in config:
-        if key not in known and not key.startswith(OUTPUTS):
-            raise _refusal(f"the hello asks for {key!r}, which this node does not know")
-    missing = [key for key in HELLO_FIELDS if key not in config]
-    if missing:
-        raise _refusal(f"the hello does not state the job's {', '.join(missing)}; a site accepts only a stated job")
-    outputs = {key.removeprefix(OUTPUTS): config[key] for key in config if key.startswith(OUTPUTS)}
-    if not outputs:
-        raise _refusal("the hello states no outputs; a site accepts only a stated job")
-    for kind, names in outputs.items():
-        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-            raise _refusal(f"the hello's outputs of {kind!r} must be a list of output names")
-    return AcceptedJob(
-        coordinator=str(config["coordinator"]),
-        secure_aggregation=config["secure_aggregation"] is True,
-        rounds=config["rounds"],  # type: ignore[arg-type]  # check_job refuses a non-integer
-        min_cohort=config["min_cohort"],  # type: ignore[arg-type]
-        model_parameters=config["model_parameters"],  # type: ignore[arg-type]
-        outputs={kind: tuple(names) for kind, names in outputs.items()},  # type: ignore[arg-type]
-    )
-
-
-def accepted_job(record: ConfigRecord | None) -> AcceptedJob:
-    """The job this node accepted at its hello; a request before an accepted hello is refused."""
-    if record is None:
-        raise _refusal("no accepted job; a coordinator starts with a hello the site accepts")
-    outputs = {key.removeprefix(OUTPUTS): tuple(record[key]) for key in record if key.startswith(OUTPUTS)}
-    return AcceptedJob(
-        coordinator=str(record["coordinator"]),
-        secure_aggregation=bool(record["secure_aggregation"]),
-        rounds=int(record["rounds"]),  # type: ignore[arg-type]
-        min_cohort=int(record["min_cohort"]),  # type: ignore[arg-type]
-        model_parameters=int(record["model_parameters"]),  # type: ignore[arg-type]
-        outputs=outputs,  # type: ignore[arg-type]
-    )
-
-
-def site_policy(path: Path | None, job: AcceptedJob) -> SitePolicy:
+def site_policy(path: Path | None, hello: Hello) -> SitePolicy:
     """The site's policy file, or the permissive default for a site that has none.
 
     The default trusts the coordinator that sent the job, allows any number of rounds
@@ -126,52 +43,103 @@ def site_policy(path: Path | None, job: AcceptedJob) -> SitePolicy:
     if path is not None:
         return SitePolicy.load(path)
     return SitePolicy(
-        coordinator=job.coordinator,
+        coordinator=hello.coordinator,
         privacy=PrivacySettings(epsilon=math.inf),
         max_rounds=DEFAULT_MAX_ROUNDS,
-        require_secure_aggregation=job.secure_aggregation,
+        require_secure_aggregation=hello.secure_aggregation,
         min_cohort=MIN_COHORT,
         metrics={"train-loss": 6},
     )
 
 
-def check_hello(policy: SitePolicy, job: AcceptedJob) -> None:
-    """Every kind of request the job states must pass the site policy."""
-    for request in job.requests():
-        check_job(policy, request)
+def job_request(hello: Hello, purpose: str, *, secure: bool | None = None, parameters: int | None = None) -> JobRequest:
+    """What the site policy rules on for one purpose of the plan."""
+    return JobRequest(
+        kind=purpose,
+        coordinator=hello.coordinator,
+        rounds=hello.rounds,
+        secure_aggregation=hello.secure_aggregation if secure is None else secure,
+        min_cohort=hello.min_cohort,
+        outputs=hello.outputs[purpose],
+        model_parameters=hello.model_parameters if parameters is None else parameters,
+    )
 
 
-def check_request(policy: SitePolicy, job: AcceptedJob, message: Message) -> None:
-    """A request after the hello: inside the accepted job, and still within the policy."""
-    config = message.content[rec.CONFIG]
-    transport = config.get(rec.TRANSPORT)
-    if transport not in (rec.PLAIN, rec.SECURE):
-        raise _refusal(f"unknown request type {str(transport)!r:.40}; a node answers hello, plain, secagg and close")
-    purpose = config.get(rec.PURPOSE)
-    if purpose not in PURPOSES or purpose not in job.outputs:
-        raise _refusal(f"the request's purpose {str(purpose)!r:.40} is not part of the accepted job")
-    round_ = config.get(rec.ROUND)
-    first = 0 if purpose in BEFORE_TRAINING else 1
-    if isinstance(round_, bool) or not isinstance(round_, int) or not first <= round_ <= job.rounds:
-        raise _refusal(f"it asks for round {round_!r:.20} of a job of {job.rounds} rounds")
-    parameters = _check_weights(message)
-    if parameters > job.model_parameters:
-        raise _refusal(f"its model has {parameters} parameters; the accepted job stated {job.model_parameters}")
-    secure = transport == rec.SECURE
-    if job.secure_aggregation and not secure:
+def check_plan(policy: SitePolicy, hello: Hello) -> list[GroupedStatisticsLayout]:
+    """Every purpose of the plan must pass the site policy, and every table must be one the
+    node can compute; returns the plan's tables."""
+    for purpose in hello.purposes:
+        check_job(policy, job_request(hello, purpose))
+    if len(set(hello.tables)) != len(hello.tables):
+        raise _refusal("the plan states one statistics table twice")
+    return plan_tables(hello)
+
+
+def plan_tables(hello: Hello) -> list[GroupedStatisticsLayout]:
+    """The statistics tables of an accepted plan, in its order."""
+    return [_layout(table) for table in hello.tables]
+
+
+def accepted_hello(context_state: object) -> Hello:
+    """The plan this node accepted at its hello; a request before an accepted hello is refused."""
+    record = context_state[ACCEPTED_JOB] if ACCEPTED_JOB in context_state else None  # type: ignore[operator,index]
+    if record is None:
+        raise _refusal("no accepted job; a coordinator starts with a hello the site accepts")
+    return Hello.from_record(record)
+
+
+def check_request(policy: SitePolicy, hello: Hello, request: Request) -> None:
+    """A request after the hello: part of the accepted plan, and still within the policy."""
+    purpose = request.purpose
+    assert purpose is not None and request.round is not None  # read_request fixed both for contributions
+    if purpose.name not in hello.outputs:
+        raise _refusal(f"the request's purpose {purpose.name!r} is not part of the accepted job")
+    if request.round not in purpose.rounds(hello.rounds):
+        rounds = purpose.rounds(hello.rounds)
+        raise _refusal(
+            f"it asks for round {request.round} of {purpose.name}; the accepted job of {hello.rounds} rounds asks "
+            f"for it in round{'s' if len(rounds) > 1 else ''} {rounds.start}"
+            + (f" to {rounds.stop - 1}" if len(rounds) > 1 else "")
+        )
+    secure = request.transport == rec.SECURE
+    if hello.secure_aggregation and not secure:
         raise _refusal("it switches secure aggregation off after a job that had it on")
-    check_job(policy, job.request(purpose, secure=secure, model_parameters=parameters))
+    parameters = _check_weights(request.weights) if request.weights is not None else 0
+    if parameters > hello.model_parameters:
+        raise _refusal(f"its model has {parameters} parameters; the accepted job stated {hello.model_parameters}")
+    if purpose.name == "analytics" and str(request.config[rec.JOB]) not in hello.tables:
+        raise _refusal("it asks for a statistics table the accepted job did not state")
+    check_job(policy, job_request(hello, purpose.name, secure=secure, parameters=parameters))
 
 
-def _check_weights(message: Message) -> int:
-    """The number of model parameters a request carries; NaN or infinite weights are refused."""
-    if rec.ARRAYS not in message.content:
-        return 0
-    arrays = [array.numpy() for array in message.content[rec.ARRAYS].values()]
-    for array in arrays:
+def request_layout(request: Request) -> GroupedStatisticsLayout:
+    return _layout(str(request.config[rec.JOB]))
+
+
+def _layout(table: str) -> GroupedStatisticsLayout:
+    """A statistics table the plan states; one this node cannot read is refused."""
+    try:
+        return GroupedStatisticsLayout.from_json(table)
+    except ConfigError as error:
+        raise _refusal(f"its statistics layout is invalid: {error}") from None
+
+
+def _check_weights(weights: ArrayRecord) -> int:
+    """The number of model parameters a request carries; weights that are not finite
+    floats of at most ``MAX_ABS_WEIGHT`` are refused."""
+    total = 0
+    for array in (a.numpy() for a in weights.values()):
         if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
             raise _refusal("its model weights are not finite floating-point numbers")
-    return sum(array.size for array in arrays)
+        if array.size and float(np.abs(array).max()) > MAX_ABS_WEIGHT:
+            raise _refusal(f"its model weights exceed ±{MAX_ABS_WEIGHT:g}; no federation trains such a model")
+        total += array.size
+    return total
+
+
+def purpose_rows(purpose: Purpose, train: int, test: int) -> int:
+    """The rows a reply of ``purpose`` describes: its cohort."""
+    return {"train": train, "test": test, "all": train + test}[purpose.cohort]
 
 
 def _refusal(reason: str) -> PolicyViolationError:

@@ -14,12 +14,13 @@ Pure core: no Flower, no network. The node uses it in this order:
 """
 
 from fedcost.privacy.egress import EgressDecision, OutgoingMessage, error_reply_reason, inspect_outgoing
-from fedcost.privacy.policy import MIN_COHORT, JobRequest, PrivacySettings, SitePolicy, check_job
+from fedcost.privacy.policy import MIN_COHORT, MIN_SECURE_SITES, JobRequest, PrivacySettings, SitePolicy, check_job
 
 __all__ = [
     "EgressDecision",
     "JobRequest",
     "MIN_COHORT",
+    "MIN_SECURE_SITES",
     "OutgoingMessage",
     "PrivacySettings",
     "SitePolicy",

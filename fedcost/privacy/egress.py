@@ -71,6 +71,10 @@ _PROTOCOL: dict[str, dict[str, Callable[[Any], bool]]] = {
     },
     Stage.SHARE_KEYS: {"node_id": _is_count, "senders": _is_counts, "recipients": _is_counts, "ciphertexts": _is_blobs},
     Stage.MASKED_INPUT: {"node_id": _is_count},
+    Stage.CONSISTENCY: {
+        "node_id": _is_count,
+        "signature": lambda v: isinstance(v, bytes) and len(v) == _SIGNATURE_SIZE,
+    },
     Stage.UNMASK: {
         "node_id": _is_count,
         **{f"{p}_owners": _is_counts for p in ("seed", "key")},

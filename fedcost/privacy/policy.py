@@ -22,13 +22,15 @@ from typing import Any
 
 from fedcost.errors import ConfigError, PolicyViolationError
 from fedcost.tomlfile import read_toml
+from fedcost.wire.purposes import EXAMPLES, PURPOSES
 
 # The smallest cohort a shared statistic may describe unless a policy or run asks for
 # more: the small-cell rule (counts of 1 to 10 suppressed) that CMS and most registries
 # apply to published health data.
 MIN_COHORT = 11
-# Always shared with a model update or sum: the FedAvg weight. Never a policy metric.
-EXAMPLES = "num-examples"
+# The fewest sites a secure sum may add up: with two, each could subtract its own input
+# from the sum and read the other's.
+MIN_SECURE_SITES = 3
 # A key id is the SHA-256 (hex) of the coordinator's raw Ed25519 public key
 # (``fedcost.identity.PublicIdentity.key_id``).
 _KEY_ID = re.compile(r"[0-9a-f]{64}")
@@ -36,13 +38,7 @@ _METRIC_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 MAX_PRECISION = 12
 
 # What each kind of job may ask for besides the site's whitelisted metrics.
-_KIND_OUTPUTS = {
-    "train": ("weights", EXAMPLES),
-    "evaluate": ("sums", EXAMPLES),
-    "statistics": ("sums", EXAMPLES),
-    "analytics": ("sums", EXAMPLES),
-    "benchmark": ("sums", EXAMPLES),
-}
+_KIND_OUTPUTS = {name: tuple(dict.fromkeys((*purpose.outputs, EXAMPLES))) for name, purpose in PURPOSES.items()}
 JOB_KINDS = tuple(_KIND_OUTPUTS)
 # Outputs no policy can allow, with the reason shown to the user.
 _NEVER = {
@@ -128,7 +124,8 @@ class PrivacySettings:
 @dataclass(frozen=True)
 class SitePolicy:
     """What may leave a site. Limits are per job; ``metrics`` maps a metric to its decimal places;
-    ``share_benchmark`` says whether the site shares its risk-adjusted totals after training."""
+    ``share_benchmark`` says whether the site shares its risk-adjusted totals after training;
+    ``min_nodes`` is the fewest sites any secure sum of this site's may add up (at least 3)."""
 
     coordinator: str
     privacy: PrivacySettings
@@ -139,6 +136,7 @@ class SitePolicy:
     max_model_parameters: int = 1_000_000
     max_message_bytes: int = 16 * 2**20
     share_benchmark: bool = True
+    min_nodes: int = MIN_SECURE_SITES
 
     def __post_init__(self) -> None:
         if not isinstance(self.coordinator, str) or not _KEY_ID.fullmatch(self.coordinator):
@@ -153,6 +151,7 @@ class SitePolicy:
             if not isinstance(getattr(self, flag), bool):
                 raise _FieldError(flag, "expected true or false")
         _integer("min_cohort", self.min_cohort, 2, f"min_cohort = {MIN_COHORT}")
+        _integer("min_nodes", self.min_nodes, MIN_SECURE_SITES, f"min_nodes = {MIN_SECURE_SITES}")
         _integer("max_rounds", self.max_rounds, 1, "max_rounds = 50")
         _integer("max_model_parameters", self.max_model_parameters, 1, "max_model_parameters = 1_000_000")
         _integer("max_message_bytes", self.max_message_bytes, 1, "max_message_bytes = 16_777_216")
@@ -211,6 +210,7 @@ class SitePolicy:
             "max_model_parameters": self.max_model_parameters,
             "max_message_bytes": self.max_message_bytes,
             "share_benchmark": self.share_benchmark,
+            "min_nodes": self.min_nodes,
             "metrics": dict(self.metrics),
             "privacy": privacy,
         }

@@ -23,7 +23,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
-from fedcost.wire import records as rec
 from fedcost.analytics import Benchmark, GroupedStatistics, benchmark
 from fedcost.analytics.benchmarking import shared_vector_size, standardised, totals_from_shared_vector
 from fedcost.audit import AuditLog
@@ -37,16 +36,13 @@ from fedcost.models.training import TrainConfig
 from fedcost.privacy import MIN_COHORT
 from fedcost.server.audited_grid import AuditedGrid
 from fedcost.server.shared_sum import PollingGrid, SharedSums, SumResult
+from fedcost.wire import records as rec
+from fedcost.wire.events import Event
+from fedcost.wire.hello import Hello
+from fedcost.wire.purposes import PURPOSES
 
 NODE_WAIT_SECONDS = 120.0
-# What each kind of request sends back, as the hello states it to every site.
-JOB_OUTPUTS = {
-    "statistics": ["sums"],
-    "train": ["weights", "num-examples"],
-    "evaluate": ["sums"],
-    "analytics": ["sums"],
-    "benchmark": ["sums"],
-}
+COORDINATOR = "coordinator"
 
 
 def new_run_id() -> str:
@@ -88,13 +84,28 @@ class CoordinatorPlan:
     # "analyze": the grouped statistics alone, no model.
     task: str = "train"
 
-    def job_kinds(self) -> list[str]:
-        """The kinds of request this run will send, in order: what the hello states."""
+    def purposes(self) -> list[str]:
+        """The purposes this run will ask for, in order: what the hello states."""
         statistics = ["analytics"] if self.analytics.group_by else []
         if self.task == "analyze":
             return statistics
         training = ["statistics", *statistics, "train", "evaluate"]
         return training + (["benchmark"] if self.analytics.benchmark and len(self.model.tasks) == 2 else [])
+
+    def hello(self) -> Hello:
+        """The whole job as the nodes check it: every purpose, round and table it will ask for."""
+        purposes = self.purposes()
+        training = self.task == "train"
+        return Hello(
+            run_id=self.run_id,
+            coordinator=self.coordinator_key_id,
+            secure_aggregation=self.secure_aggregation.enabled,
+            rounds=self.rounds if training else 1,
+            min_cohort=self.min_cohort,
+            model_parameters=_max_model_parameters(self) if training else 0,
+            outputs={purpose: PURPOSES[purpose].outputs for purpose in purposes},
+            tables=(self.analytics.layout().to_json(),) if "analytics" in purposes else (),
+        )
 
 
 @dataclass(frozen=True)
@@ -171,7 +182,7 @@ class Coordinator:
 
     def run(self) -> None:
         self.log.append(
-            "run_started",
+            Event.RUN_STARTED,
             details={
                 "run_id": self.plan.run_id,
                 "config_digest": self.plan.config_digest,
@@ -179,12 +190,17 @@ class Coordinator:
                 "strategy": self.plan.strategy.name,
                 "rounds": self.plan.rounds,
                 "nodes": [name for name, _ in self.plan.roster],
+                "plan": self.plan.hello().digest,
+                "key_ids": {
+                    COORDINATOR: self.plan.coordinator_key_id,
+                    **{name: hashlib.sha256(key).hexdigest() for name, key in self.plan.roster},
+                },
             },
         )
         sites = self._hello(self._wait_for_nodes())
         self.sums = SharedSums(self.grid, sites, self.plan.secure_aggregation, self.plan.run_id, self.plan.roster)
-        kinds = self.plan.job_kinds()
-        if "analytics" in kinds and self.plan.resume is None:
+        purposes = self.plan.purposes()
+        if "analytics" in purposes and self.plan.resume is None:
             self._grouped_statistics(sorted(sites))
         if self.plan.task == "analyze":
             self._close(sorted(sites))
@@ -197,7 +213,7 @@ class Coordinator:
         else:
             features, arrays = resume.features, ArrayRecord({k: Array(v) for k, v in resume.arrays.items()})
             _restore_strategy(self.strategy, resume.strategy_state)
-            self.log.append("run_resumed", details={"after_round": resume.round, "digest": _digest(arrays)})
+            self.log.append(Event.RUN_RESUMED, details={"after_round": resume.round, "digest": _digest(arrays)})
             self.observer.on_features(features, sorted(sites.values()))
         job = TrainingJob(self.plan.model, self.training, features, self.plan.seed)
         for server_round in range((resume.round if resume else 0) + 1, self.plan.rounds + 1):
@@ -211,14 +227,14 @@ class Coordinator:
                 secure_aggregation=self.plan.secure_aggregation.enabled,
                 seconds=round(time.perf_counter() - started, 3),
             )
-            self.log.append("checkpoint_model", round=server_round, digest=_digest(arrays))
+            self.log.append(Event.CHECKPOINT_MODEL, round=server_round, digest=_digest(arrays))
             self.log.checkpoint(round=server_round)
             self.observer.on_round(record)
             if self.on_checkpoint is not None:  # after the round's record: a resumed run drops records past it
                 weights = {k: a.numpy() for k, a in arrays.items()}
                 self.on_checkpoint(ResumePoint(server_round, weights, features, _strategy_state(self.strategy)))
         self.observer.on_model({k: a.numpy().astype("float32") for k, a in arrays.items()})
-        if "benchmark" in kinds:
+        if "benchmark" in purposes:
             self._benchmark(sorted(sites), arrays, job)
         self._close(sorted(sites))
 
@@ -233,9 +249,9 @@ class Coordinator:
         """A shared sum, with its dropouts and the digest of the aggregate in the log."""
         result = self.sums.run(purpose, server_round, *args, **kwargs)
         for site, reason in result.dropouts.items():
-            self.log.append("dropout", round=server_round, details={"party": site, "reason": reason, "purpose": purpose})
+            self.log.append(Event.DROPOUT, round=server_round, details={"party": site, "reason": reason, "purpose": purpose})
         self.log.append(
-            "aggregate",
+            Event.AGGREGATE,
             round=server_round,
             digest=hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in result.arrays)).hexdigest(),
             details={"purpose": purpose, "included": result.included},
@@ -252,15 +268,7 @@ class Coordinator:
         return node_ids
 
     def _hello(self, node_ids: list[int]) -> dict[int, str]:
-        config = hello_config(
-            run_id=self.plan.run_id,
-            coordinator_key_id=self.plan.coordinator_key_id,
-            secure_aggregation=self.plan.secure_aggregation.enabled,
-            rounds=self.plan.rounds if self.plan.task == "train" else 1,
-            model_parameters=_max_model_parameters(self.plan) if self.plan.task == "train" else 0,
-            min_cohort=self.plan.min_cohort,
-            kinds=self.plan.job_kinds(),
-        )
+        config = self.plan.hello().to_record()
         return say_hello(self.grid, node_ids, config, {name for name, _ in self.plan.roster}, dict(self.plan.hello_records))
 
     def _federated_features(self, node_ids: list[int]) -> FeatureSpec:
@@ -320,31 +328,6 @@ class Coordinator:
             )
             record.update({f"{task}_{k}": v for k, v in metrics.items()})
         return record
-
-
-def hello_config(
-    *,
-    run_id: str,
-    coordinator_key_id: str,
-    secure_aggregation: bool,
-    rounds: int,
-    model_parameters: int,
-    min_cohort: int = MIN_COHORT,
-    kinds: list[str] | None = None,
-) -> ConfigRecord:
-    """The job as a hello states it: what each site checks against its policy."""
-    return ConfigRecord(
-        {
-            rec.TRANSPORT: rec.HELLO,
-            "run_id": run_id,
-            "coordinator": coordinator_key_id,
-            "secure_aggregation": secure_aggregation,
-            "rounds": rounds,
-            "min_cohort": min_cohort,
-            "model_parameters": model_parameters,
-            **{f"outputs.{kind}": JOB_OUTPUTS[kind] for kind in (kinds or ["statistics", "train", "evaluate"])},
-        }
-    )
 
 
 def say_hello(

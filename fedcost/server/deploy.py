@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from fedcost.errors import FederationError
 from fedcost.federation import checkpoint, roster
 from fedcost.federation.job import FederationJob
 from fedcost.federation.provision import COORDINATOR, Federation
-from fedcost.identity.federation_ca import party_identity, utc_now
+from fedcost.identity.federation_ca import certificate_to_pem, party_identity, utc_now
 from fedcost.models.nets import build_model
 from fedcost.report.progress import METRICS_FILE, ProgressRecorder
 from fedcost.server.app import Coordinator, CoordinatorPlan, ResumePoint
@@ -60,6 +61,10 @@ def coordinate(grid: Grid, federation: Federation, folder: Path) -> None:
     (folder / "identities").mkdir(exist_ok=True)
     for identity in [coordinator.public(), *identities]:
         identity.save(folder / "identities")
+    # The CA's word for every party's key, so `fedcost audit verify --ca` pins each one.
+    for node, identity in zip(admitted, identities):
+        (folder / "identities" / f"{identity.name}.cert.pem").write_bytes(certificate_to_pem(node.certificate))
+    shutil.copyfile(federation.coordinator_dir / f"{COORDINATOR}.cert.pem", folder / "identities" / f"{COORDINATOR}.cert.pem")
     resume = checkpoint.load(folder)
     config = job.config
     plan = CoordinatorPlan(

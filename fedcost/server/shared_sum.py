@@ -9,12 +9,13 @@ send their contributions in the clear and the coordinator adds them.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedcost.wire import records as rec
@@ -22,16 +23,10 @@ from fedcost.config import SecureAggregationSection
 from fedcost.errors import FederationError, ProtocolAbort
 from fedcost.secagg import Coordinator as SecAggCoordinator
 from fedcost.secagg import MaskedInputRequest, Quantizer, RoundConfig, reply_from_dict
+from fedcost.wire.purposes import PURPOSES
 
 log = logging.getLogger("fedcost.coordinator")
 
-MESSAGE_TYPES = {
-    "statistics": MessageType.QUERY,
-    "analytics": MessageType.QUERY,
-    "train": MessageType.TRAIN,
-    "evaluate": MessageType.EVALUATE,
-    "benchmark": MessageType.EVALUATE,
-}
 # Statistics and evaluation sums are counts and moderate totals: fixed point in steps of
 # 2**-10 up to ±2**30 keeps counts exact and totals to a thousandth.
 SUMS_CLIP, SUMS_LEVELS = float(2**30), 2**40
@@ -66,6 +61,9 @@ class SharedSums:
         self.run_id = run_id
         self.secure_ids = {name: rec.secure_id(roster, name) for name in sites.values()}
         self.identities = rec.roster_identities(roster)
+        # Labels every secure sum of this coordinator session apart from any a restarted
+        # coordinator runs: a node answers each labelled exchange once.
+        self.session = secrets.token_hex(4)
 
     def run(
         self,
@@ -118,7 +116,7 @@ class SharedSums:
         return Message(
             RecordDict({rec.CONFIG: ConfigRecord(config), **content}),
             dst_node_id=node_id,
-            message_type=MESSAGE_TYPES[purpose],
+            message_type=PURPOSES[purpose].message_type,
         )
 
     def _plain(
@@ -160,7 +158,7 @@ class SharedSums:
         """One SecAgg+ round: drive the coordinator's stage machine over Flower messages."""
         by_secure_id = {self.secure_ids[self.sites[n]]: n for n in node_ids}
         round_config = RoundConfig.create(
-            run_id=f"{self.run_id}:{purpose}:{attempt}",
+            run_id=f"{self.run_id}:{self.session}:{purpose}:{attempt}",
             round=server_round,
             node_ids=sorted(by_secure_id),
             dim=quantizer.length(shapes),

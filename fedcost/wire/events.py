@@ -33,3 +33,16 @@ class Event(StrEnum):
 
 # Plain strings: the bulk log reader tests membership for every line.
 SIGNED = frozenset({Event.CHECKPOINT.value, Event.RUN_CLOSED.value})
+
+
+class LedgerEvent(StrEnum):
+    """Every event a site's release ledger records (``fedcost.privacy.ledger``)."""
+
+    STARTED = "ledger_started"  # a new ledger: the site's first, or one an explicit reset began
+    PLAN_ACCEPTED = "plan_accepted"  # a job's plan, by digest
+    ANSWERED = "answered"  # one reply that left the site
+    SET_SIGNED = "set_signed"  # the site let one input be unmasked within a sum over these sites
+    DP_SPENT = "dp_spent"  # privacy budget spent by one release
+    TABLE_RELEASED = "table_released"  # a grouped-statistics table and the cells it withheld
+    RUN_ENDED = "run_ended"  # a run closed at this site: it answers nothing more of it
+    BUDGET_RESET = "budget_reset"  # an explicit site action: spending before it no longer counts

@@ -1,0 +1,120 @@
+"""The hello: the whole job a coordinator asks of a site, stated before anything else.
+
+A site decides on the plan as a whole, before it reads any data: which purposes the job
+will ask for (and what each reply carries), how many rounds, over what size of model,
+the smallest cohort any shared figure may describe, whether every sum is secure, and
+every grouped-statistics table it will request. Every later request must be part of
+this plan. The node keeps the accepted hello in its Flower context and its digest in
+its release ledger, so a coordinator that restarts a run must restate the same plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from types import MappingProxyType
+from typing import Any
+
+from flwr.app import ConfigRecord
+
+from fedcost.errors import PolicyViolationError
+from fedcost.wire import records as rec
+from fedcost.wire.purposes import PURPOSES
+
+OUTPUTS = "outputs."
+TABLES = "tables"
+_FIELDS = ("run_id", "coordinator", "secure_aggregation", "rounds", "min_cohort", "model_parameters")
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A job plan. ``outputs`` maps each purpose the job will ask for to what its replies
+    carry; ``tables`` holds every grouped-statistics layout (JSON) the analytics purpose
+    will request."""
+
+    run_id: str
+    coordinator: str
+    secure_aggregation: bool
+    rounds: int
+    min_cohort: int
+    model_parameters: int
+    outputs: Mapping[str, tuple[str, ...]]
+    tables: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "outputs", MappingProxyType({k: tuple(v) for k, v in self.outputs.items()}))
+
+    @property
+    def purposes(self) -> tuple[str, ...]:
+        """The purposes of the plan, in the order a job asks for them."""
+        return tuple(name for name in PURPOSES if name in self.outputs)
+
+    @cached_property
+    def digest(self) -> str:
+        """SHA-256 of the plan: a restarted run must state exactly the same one."""
+        return hashlib.sha256(json.dumps(self._plain(), sort_keys=True).encode()).hexdigest()
+
+    def _plain(self) -> dict[str, Any]:
+        fields = {name: getattr(self, name) for name in _FIELDS}
+        return {**fields, "outputs": {k: list(v) for k, v in self.outputs.items()}, TABLES: list(self.tables)}
+
+    def to_record(self) -> ConfigRecord:
+        """The hello as its config record travels (``transport = hello``)."""
+        plan = {name: getattr(self, name) for name in _FIELDS}
+        outputs = {OUTPUTS + purpose: list(names) for purpose, names in self.outputs.items()}
+        tables = {TABLES: list(self.tables)} if self.tables else {}
+        return ConfigRecord({rec.TRANSPORT: rec.HELLO, **plan, **outputs, **tables})
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> Hello:
+        """The plan a hello states, read strictly: a field this node does not know (a
+        subgroup filter, a query) is a request the site never agreed to answer."""
+        known = {rec.TRANSPORT, TABLES, *_FIELDS}
+        for key in record:
+            if key not in known and not key.startswith(OUTPUTS):
+                raise _refusal(f"the hello asks for {key!r:.60}, which this node does not know")
+        missing = [key for key in _FIELDS if key not in record]
+        if missing:
+            raise _refusal(f"the hello does not state the job's {', '.join(missing)}; a site accepts only a stated job")
+        outputs = {key.removeprefix(OUTPUTS): record[key] for key in record if key.startswith(OUTPUTS)}
+        if not outputs:
+            raise _refusal("the hello states no outputs; a site accepts only a stated job")
+        for purpose, names in outputs.items():
+            if purpose not in PURPOSES:
+                raise _refusal(f"the hello plans an exchange {purpose!r:.40}; a site answers {', '.join(PURPOSES)}")
+            if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+                raise _refusal(f"the hello's outputs of {purpose!r} must be a list of output names")
+        tables = record.get(TABLES, [])
+        if not isinstance(tables, list) or not all(isinstance(table, str) for table in tables):
+            raise _refusal("the hello's tables must be a list of statistics layouts")
+        if bool(tables) != ("analytics" in outputs):
+            raise _refusal("the hello must state every statistics table of its analytics, and tables only with them")
+        run_id, coordinator = record["run_id"], record["coordinator"]
+        if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+            raise _refusal(f"the hello's run id {str(run_id)[:40]!r} is not a plain name")
+        if not isinstance(coordinator, str):
+            raise _refusal("the hello's coordinator must be a key id")
+        if not isinstance(record["secure_aggregation"], bool):
+            raise _refusal("the hello's secure_aggregation must be true or false")
+        for name in ("rounds", "min_cohort", "model_parameters"):
+            if isinstance(record[name], bool) or not isinstance(record[name], int):
+                raise _refusal(f"the hello's {name} must be a whole number, not {record[name]!r:.20}")
+        return cls(
+            run_id=run_id,
+            coordinator=coordinator,
+            secure_aggregation=record["secure_aggregation"],
+            rounds=record["rounds"],  # type: ignore[arg-type]  # checked above
+            min_cohort=record["min_cohort"],  # type: ignore[arg-type]
+            model_parameters=record["model_parameters"],  # type: ignore[arg-type]
+            outputs={purpose: tuple(names) for purpose, names in outputs.items()},  # type: ignore[union-attr]
+            tables=tuple(tables),
+        )
+
+
+def _refusal(reason: str) -> PolicyViolationError:
+    return PolicyViolationError(f"the site policy refuses this job: {reason}")

@@ -1,0 +1,118 @@
+"""A request as a node reads it: every record and config field checked before anything acts on it.
+
+A request carries exactly the records and fields its transport, purpose and stage call
+for, each of its type; an extra record or field is refused, not ignored (data a site
+never agreed to read may hide in it, and a field a node ignores today may mean
+something tomorrow). Ranges that depend on the accepted job (rounds, model size, the
+plan's tables) are the site's to check (``fedcost.client.site``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from fedcost.errors import PolicyViolationError
+from fedcost.secagg import Stage
+from fedcost.wire import records as rec
+from fedcost.wire.purposes import PURPOSES, Purpose
+
+# Extra records a hello may carry: in a deployment, the roster as CA-signed certificates.
+ROSTER = "fedcost.roster"
+QUANTIZER = ("q_clip", "q_levels", "q_max_nodes", "q_max_weight")
+TOTAL_WEIGHT = "q_total_weight"  # a training sum's total weight, for 32-bit words
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked request: its transport, and for a contribution its purpose, round and stage."""
+
+    transport: str
+    config: ConfigRecord
+    content: RecordDict
+    purpose: Purpose | None = None
+    round: int | None = None
+    stage: Stage | None = None
+
+    @property
+    def weights(self) -> ArrayRecord | None:
+        """The global model a request carries, if any."""
+        return self.content.array_records.get(rec.ARRAYS)
+
+
+def read_request(content: RecordDict) -> Request:
+    """The request ``content`` states, or ``PolicyViolationError`` naming what is wrong."""
+    config = content.config_records.get(rec.CONFIG)
+    if config is None:
+        raise _refusal("it carries no config record")
+    transport = config.get(rec.TRANSPORT)
+    if transport == rec.HELLO:
+        _records(content, {rec.CONFIG}, optional={ROSTER})
+        return Request(rec.HELLO, config, content)
+    if transport == rec.CLOSE:
+        _records(content, {rec.CONFIG})
+        _fields(config, {rec.TRANSPORT})
+        return Request(rec.CLOSE, config, content)
+    if transport not in (rec.PLAIN, rec.SECURE):
+        raise _refusal(f"unknown request type {str(transport)!r:.40}; a node answers hello, plain, secagg and close")
+    purpose = PURPOSES.get(config.get(rec.PURPOSE))  # type: ignore[arg-type]
+    if purpose is None:
+        raise _refusal(f"unknown purpose {str(config.get(rec.PURPOSE))!r:.40}; a node answers {', '.join(PURPOSES)}")
+    round_ = config.get(rec.ROUND)
+    if isinstance(round_, bool) or not isinstance(round_, int):
+        raise _refusal(f"its round {round_!r:.20} is not a whole number")
+    needs_job = purpose.carries_model or purpose.name == "analytics"
+    expected = {rec.TRANSPORT, rec.PURPOSE, rec.ROUND, *([rec.JOB] if needs_job else [])}
+    if needs_job and not isinstance(config.get(rec.JOB), str):
+        raise _refusal(f"a {purpose.name} request must state its job")
+    if transport == rec.PLAIN:
+        _records(content, {rec.CONFIG, *([rec.ARRAYS] if purpose.carries_model else [])})
+        _fields(config, expected)
+        return Request(rec.PLAIN, config, content, purpose, round_)
+    stage = _stage(content)
+    model = purpose.carries_model and stage is Stage.MASKED_INPUT
+    _records(content, {rec.CONFIG, rec.SECAGG, *([rec.ARRAYS] if model else [])})
+    optional = {TOTAL_WEIGHT} if purpose.name == "train" else set()
+    _fields(config, expected | set(QUANTIZER), optional=optional)
+    for key in (*QUANTIZER, *optional):
+        value = config.get(key)
+        if key in config and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise _refusal(f"its secure-aggregation setting {key} is not a positive number")
+    return Request(rec.SECURE, config, content, purpose, round_, stage)
+
+
+def _stage(content: RecordDict) -> Stage:
+    secagg = content.config_records.get(rec.SECAGG)
+    stage = secagg.get("stage") if secagg is not None else None
+    if stage not in {s.value for s in Stage}:
+        raise _refusal(f"it names no secure-aggregation stage a node knows ({str(stage)!r:.30})")
+    return Stage(stage)
+
+
+def _records(content: RecordDict, required: set[str], *, optional: frozenset[str] | set[str] = frozenset()) -> None:
+    """Exactly the records a request of its kind carries, each of its type."""
+    names = set(content)
+    if not required <= names or not names <= required | set(optional):
+        extra, missing = sorted(names - required - set(optional)), sorted(required - names)
+        what = f"records it should not carry ({', '.join(extra)})" if extra else f"no {', '.join(missing)} record"
+        raise _refusal(f"it carries {what}")
+    for name in names:
+        expected = ArrayRecord if name == rec.ARRAYS else ConfigRecord
+        if not isinstance(content[name], expected):
+            raise _refusal(f"its {name!r} record is not a {expected.__name__}")
+
+
+def _fields(config: ConfigRecord, required: set[str], *, optional: set[str] | frozenset[str] = frozenset()) -> None:
+    """Exactly the config fields a request of its kind carries."""
+    keys = set(config)
+    extra = sorted(keys - required - set(optional))
+    if extra:
+        raise _refusal(f"it asks for {', '.join(repr(k) for k in extra)[:80]}, which a node does not read")
+    missing = sorted(required - keys)
+    if missing:
+        raise _refusal(f"it does not state its {', '.join(missing)}")
+
+
+def _refusal(reason: str) -> PolicyViolationError:
+    return PolicyViolationError(f"the site refuses this request: {reason}")
