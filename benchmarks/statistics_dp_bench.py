@@ -1,19 +1,14 @@
-"""Utility of distributed DP for released statistics: Skellam noise on counts, cost sums and mean costs.
+"""Utility of distributed DP for a statistics table: ε against the error of counts, sums and quantiles.
 
-For each ε at δ = 1e-6, one job's whole budget, priced in RDP by ``fedcost.privacy.distributed``:
-
-- a count: one record changes it by at most 1, so l1 = l2 = 1;
-- a cost sum in cents, each record's cost clipped at 100,000 currency units: one record changes
-  the (one-coordinate) sum by at most 10,000,000 cents, so l1 = l2 = 1e7;
-- a mean cost, the noisy sum over the noisy count: both releases must fit the one budget. The
-  count takes k times the variance it would need alone, the sum the smallest variance that fits
-  after it (``skellam_variance_for`` with ``prior_rdp``), and k is the one of ``SPLITS`` that
-  gives the smallest error (both error terms fall as 1/N, so the best k does not depend on N).
-
-Relative errors are one noise standard deviation over the true value: σ_N / N for a count of N
-rows, and for the mean (first order, delta method) sqrt((σ_S / S)² + (σ_N / N)²) with S = N ·
-10,000 currency units, i.e. a mean cost of 10,000. The noise is Sk(variance) in total, whatever
-the number of nodes that share it (``share_of_variance``).
+A `fedcost analyze` job on the default synthetic ecosystem (8 nodes, seed 7): one table by
+diagnosis group and payer, with cost, readmission and stay length. Every node's noisy-table
+vector (fedcost's own ``GroupedStatisticsLayout.noisy_vector``, costs clipped at 100,000)
+carries the job's noise (``calibrate_noise`` for the job's one noisy sum at δ = 1e-6, shared
+among the 6 sites a sum keeps when a third drop out); the vectors and the noise add up as
+secure aggregation adds them, and the coordinator decodes them as it does
+(``GroupedStatistics.from_noisy_totals``). Errors are against the exact pooled figures of the
+same rows, over the cells of at least 100 rows, median and 90th percentile over cells and 5
+noise draws; ``inf`` is the table without noise (small cells withheld, histograms grouped).
 
     .venv/bin/python benchmarks/statistics_dp_bench.py
 """
@@ -22,61 +17,65 @@ from __future__ import annotations
 
 import math
 
-from fedcost.privacy.distributed import MAX_POISSON_MEAN, skellam_rdp, skellam_variance_for
+import numpy as np
+import pandas as pd
 
-EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0)
-DELTA = 1e-6
-CENTS = 100  # per currency unit
-CLIP = 100_000 * CENTS  # a record's cost, clipped, in cents: the sum's l1 and l2 sensitivity
-MEAN_COST = 10_000  # currency units
-ROWS = (100, 1_000, 10_000)
-SPLITS = (1.25, 1.5, 2, 3, 5, 10, 20, 50)  # the count's variance over what it needs alone
+from fedcost import schema
+from fedcost.analytics.statistics import GroupedStatistics, GroupedStatisticsLayout
+from fedcost.config import SimulationConfig
+from fedcost.data.synthetic import generate_ecosystem
+from fedcost.privacy.distributed import NOISE_GRID, calibrate_noise, skellam_noise
 
-
-def mean_cost_noise(epsilon: float) -> tuple[float, float]:
-    """(sd of the count, sd of the cost sum in currency units) that give the best mean within ``epsilon``."""
-    alone = skellam_variance_for(epsilon=epsilon, delta=DELTA, l1=1, l2=1)
-    candidates = []
-    for k in SPLITS:
-        prior = skellam_rdp(variance=k * alone, l1=1, l2=1)
-        sum_variance = skellam_variance_for(epsilon=epsilon, delta=DELTA, l1=CLIP, l2=CLIP, prior_rdp=prior)
-        candidates.append((math.sqrt(k * alone), math.sqrt(sum_variance) / CENTS))
-    return min(candidates, key=lambda sds: math.hypot(sds[1] / MEAN_COST, sds[0]))
+EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
+DELTA, COST_CLIP, SITES, DRAWS, MIN_COHORT, BIG_CELL = 1e-6, 100_000.0, 6, 5, 11, 100
+LAYOUT = GroupedStatisticsLayout(("diagnosis_group", "payer"), (schema.COST, schema.READMISSION, "length_of_stay"))
 
 
-def percent(value: float) -> str:
-    return f"{100 * value:.3g}%"
+def exact_table(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    rows = pd.concat(frames, ignore_index=True)
+    grouped = rows.groupby(["diagnosis_group", "payer"], observed=True)[schema.COST]
+    return pd.DataFrame({
+        "n": grouped.size(), "cost_sum": grouped.sum(), "cost_mean": grouped.mean(),
+        "cost_median": grouped.median(), "cost_p90": grouped.quantile(0.9, interpolation="higher"),
+    })
+
+
+def released(frames: list[tuple[pd.DataFrame, str]], epsilon: float, rng: np.random.Generator) -> pd.DataFrame:
+    if math.isinf(epsilon):
+        total = sum(LAYOUT.local_vector(frame, role=role, min_cohort=MIN_COHORT) for frame, role in frames)
+        table = GroupedStatistics.from_totals(LAYOUT, total, MIN_COHORT)
+    else:
+        noise = calibrate_noise(epsilon=epsilon, delta=DELTA, touched=[LAYOUT.noisy_touched()], sites=SITES,
+                                cost_clip=COST_CLIP)
+        bounds = LAYOUT.noisy_bounds(COST_CLIP)
+        normalised = sum(LAYOUT.noisy_vector(frame, role=role, cost_clip=COST_CLIP) for frame, role in frames) / bounds
+        noisy = normalised + skellam_noise(normalised.size, noise.variance, rng=rng) / NOISE_GRID
+        table = GroupedStatistics.from_noisy_totals(LAYOUT, noisy * bounds, MIN_COHORT, noise.sd)
+    frame = table.to_frame().set_index(["diagnosis_group", "payer"])
+    return frame.rename(columns={"total_cost_sum": "cost_sum", "total_cost_mean": "cost_mean"})
 
 
 def main() -> None:
-    print(f"Skellam noise at delta={DELTA:g}; count l1 = l2 = 1; cost sum in cents, l1 = l2 = {CLIP:.0e}")
-    print()
-    print("Each released alone with the whole budget (noise standard deviation; count error = sd / N)")
-    header = ["epsilon", "sd count", "sd sum (units)"] + [f"count N={n}" for n in ROWS]
-    print("  ".join(f"{h:>14}" for h in header))
+    ecosystem = generate_ecosystem(SimulationConfig().ecosystem.spec(), 7)
+    columns = list(schema.COLUMNS)  # a node's loader gives every schema column, empty where its role lacks it
+    frames = [(node.frame.reindex(columns=columns), node.role) for node in ecosystem.nodes]
+    truth = exact_table([frame for frame, _ in frames])
+    truth = truth[truth["n"] >= BIG_CELL]
+    rng = np.random.default_rng(7)
+    print(f"{len(truth)} cells of at least {BIG_CELL} rows (median {int(truth['n'].median())} rows)")
+    print("| ε | noise sd (rows) | count | cost sum | mean cost | median cost | p90 cost | cells withheld |")
+    print("|---|---|---|---|---|---|---|---|")
     for epsilon in EPSILONS:
-        count_sd = math.sqrt(skellam_variance_for(epsilon=epsilon, delta=DELTA, l1=1, l2=1))
-        sum_sd = math.sqrt(skellam_variance_for(epsilon=epsilon, delta=DELTA, l1=CLIP, l2=CLIP)) / CENTS
-        cells = [f"{epsilon:g}", f"{count_sd:.3g}", f"{sum_sd:,.0f}"] + [percent(count_sd / n) for n in ROWS]
-        print("  ".join(f"{c:>14}" for c in cells))
-    print()
-    print(f"Mean cost (true mean {MEAN_COST:,}): count and sum released together within the one budget")
-    header = ["epsilon", "sd count", "sd sum (units)"] + [f"mean N={n}" for n in ROWS]
-    print("  ".join(f"{h:>14}" for h in header))
-    for epsilon in EPSILONS:
-        count_sd, sum_sd = mean_cost_noise(epsilon)
-        errors = [math.hypot(sum_sd / (n * MEAN_COST), count_sd / n) for n in ROWS]
-        cells = [f"{epsilon:g}", f"{count_sd:.3g}", f"{sum_sd:,.0f}"] + [percent(e) for e in errors]
-        print("  ".join(f"{c:>14}" for c in cells))
-    print()
-    largest = skellam_variance_for(epsilon=min(EPSILONS), delta=DELTA, l1=CLIP, l2=CLIP)
-    unit = 10 ** math.ceil(math.log10(math.sqrt(largest / (2 * MAX_POISSON_MEAN))))  # in cents
-    print(
-        f"numpy draws Skellam noise of variance up to {2 * MAX_POISSON_MEAN:g}; the cost sum in cents needs up to "
-        f"{largest:.3g}, so a node releases it in units of {unit // CENTS:g} currency units "
-        f"(l1 = l2 = {CLIP // unit:g}, variance / {unit**2:g}; rounding moves a record by at most "
-        f"{unit / 2 / CENTS:g}, far below the noise)."
-    )
+        errors: dict[str, list[float]] = {key: [] for key in ("n", "cost_sum", "cost_mean", "cost_median", "cost_p90")}
+        withheld = []
+        for _ in range(DRAWS if math.isfinite(epsilon) else 1):
+            table = released(frames, epsilon, rng).reindex(truth.index)
+            withheld.append(int(table["n"].isna().sum()))
+            for key in errors:
+                errors[key] += list((np.abs(table[key].astype(float) - truth[key]) / truth[key]).dropna())
+        sd = "—" if math.isinf(epsilon) else f"{calibrate_noise(epsilon=epsilon, delta=DELTA, touched=[LAYOUT.noisy_touched()], sites=SITES, cost_clip=COST_CLIP).sd:.3g}"  # noqa: E501
+        cells = " | ".join(f"{np.median(v):.2%} ({np.quantile(v, 0.9):.1%})" for v in errors.values())
+        print(f"| {epsilon:g} | {sd} | {cells} | {np.mean(withheld):.1f} |")
 
 
 if __name__ == "__main__":

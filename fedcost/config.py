@@ -8,6 +8,7 @@ defaults filled in; it is what a run folder records.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,34 @@ class SecureAggregationSection:
 
 
 @dataclass(frozen=True)
+class StatisticsPrivacySection:
+    """Distributed DP for every sum of the job but its training updates: feature statistics,
+    statistics tables, evaluation and benchmark totals (``fedcost.privacy.distributed``).
+
+    ``epsilon = inf`` (the default) adds none. With a finite ``epsilon``, every node adds its
+    share of Skellam noise to each such sum before masking, calibrated so that all of them
+    together spend at most (``epsilon``, ``delta``) at every site; each row's cost counts at
+    most ``cost_clip`` currency units in them. It needs secure aggregation.
+    """
+
+    epsilon: float = math.inf
+    delta: float = 1e-6
+    cost_clip: float = 100_000.0
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.epsilon) or self.epsilon <= 0:
+            raise ValueError(f"epsilon must be positive (inf for none), not {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must lie in (0, 1), not {self.delta}")
+        if not (math.isfinite(self.cost_clip) and self.cost_clip > 0):
+            raise ValueError(f"cost_clip must be a positive number, not {self.cost_clip}")
+
+    @property
+    def enabled(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+
+@dataclass(frozen=True)
 class AnalyticsSection:
     """Federated cost analytics in a run: grouped statistics and risk-adjusted benchmarking.
 
@@ -175,8 +204,14 @@ class SimulationConfig:
     strategy: StrategySection = StrategySection()
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
     analytics: AnalyticsSection = AnalyticsSection()
+    statistics_privacy: StatisticsPrivacySection = StatisticsPrivacySection()
     simulation: SimulationSection = SimulationSection()
     source: str = "<defaults>"
+
+    def __post_init__(self) -> None:
+        if self.statistics_privacy.enabled and not self.secure_aggregation.enabled:
+            raise ConfigError("noisy sums need secure aggregation: set [secure_aggregation] enabled = true, or "
+                              "[statistics_privacy] epsilon = inf", path=self.source, field="statistics_privacy")
 
     @classmethod
     def load(cls, path: Path | str) -> "SimulationConfig":

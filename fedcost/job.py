@@ -12,7 +12,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from fedcost.data.features import FeatureSpec
+from fedcost.analytics import benchmarking
+from fedcost.analytics.statistics import GroupedStatisticsLayout
+from fedcost.data.features import FeatureSpec, StatisticsLayout
+from fedcost.models import evaluation
 from fedcost.models.nets import ModelSpec
 from fedcost.models.training import TrainConfig
 
@@ -47,3 +50,23 @@ class TrainingJob:
             features=FeatureSpec.from_dict(data["features"]),
             seed=int(data["seed"]),
         )
+
+
+def noisy_releases(
+    *,
+    purposes: tuple[str, ...],
+    rounds: int,
+    statistics: StatisticsLayout,
+    tables: list[GroupedStatisticsLayout],
+    tasks: tuple[str, ...],
+) -> list[int]:
+    """Every noisy sum a job's plan asks a site for, as the most slots one of its rows changes
+    in it: what the job's noise is calibrated on (``privacy.distributed.calibrate_noise``) and
+    what each site checks it against."""
+    per_round = {
+        "statistics": [statistics.touched()],
+        "analytics": [table.noisy_touched() for table in tables],
+        "evaluate": [sum(evaluation.NOISY_TOUCHED[task] for task in tasks)] * rounds,
+        "benchmark": [benchmarking.NOISY_TOUCHED],
+    }
+    return [touched for purpose in purposes if purpose != "train" for touched in per_round[purpose]]

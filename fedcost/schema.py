@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 ColumnKind = Literal["numeric", "categorical"]
+# The range a differentially private release clips a numeric value without schema bounds to.
+UNBOUNDED_VALUE_CLIP = 1e4
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,13 @@ class Column:
     def __post_init__(self) -> None:
         if (self.kind == "categorical") != bool(self.levels):
             raise ValueError(f"column {self.name}: levels are for categorical columns only")
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """The values a numeric column may take: its bounds, else ±``UNBOUNDED_VALUE_CLIP``."""
+        low = self.minimum if self.minimum is not None else -UNBOUNDED_VALUE_CLIP
+        high = self.maximum if self.maximum is not None else UNBOUNDED_VALUE_CLIP
+        return float(low), float(high)
 
 
 def _numeric(

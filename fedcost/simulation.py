@@ -165,7 +165,7 @@ def _run(
 
     recorder = RunRecorder(folder, on_round)
     on_start()
-    _federate(config, run_id, folder, mapping, recorder, task)
+    plan = _federate(config, run_id, folder, mapping, recorder, task)
     audit = _verify_audit(folder)
     if task == "analyze":
         summary = _run_header(run_id, config, nodes, task)
@@ -174,6 +174,12 @@ def _run(
     summary["analytics"] = recorder.analytics
     summary["audit"] = audit
     summary["privacy"] = _privacy_summary(config, folder, nodes)
+    if plan.noise is not None:
+        noise = plan.noise
+        summary["statistics_privacy"] = {
+            "epsilon": config.statistics_privacy.epsilon, "delta": config.statistics_privacy.delta,
+            "noise_sd": noise.sd, "noise_sites": noise.sites, "cost_clip": noise.cost_clip,
+        }
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     write_report(folder, summary, recorder.rounds)
@@ -213,8 +219,8 @@ def _load_nodes(mapping: DataMapping, config: SimulationConfig) -> list[NodeData
 
 def _federate(
     config: SimulationConfig, run_id: str, folder: Path, mapping: DataMapping, recorder: RunRecorder, task: Task
-) -> None:
-    """The federation proper, on Flower's Simulation Engine.
+) -> CoordinatorPlan:
+    """The federation proper, on Flower's Simulation Engine; returns the plan it ran.
 
     Every party gets a fresh identity; the public halves go to ``identities/`` and every
     party keeps its signed log in ``audit/``, as an auditor receives them.
@@ -263,6 +269,7 @@ def _federate(
         min_cohort=config.run.min_cohort,
         analytics=config.analytics,
         task=task,
+        statistics_privacy=config.statistics_privacy,
     )
     # Flower warns that run_simulation is deprecated in favour of `flwr run`, which needs a
     # packaged app; fedcost drives the engine from Python on purpose, so only errors show.
@@ -278,6 +285,7 @@ def _federate(
             "init_args": {"logging_level": "ERROR", "log_to_driver": True, "include_dashboard": False},
         },
     )
+    return plan
 
 
 def _site_policies(config: SimulationConfig, folder: Path, names: list[str], coordinator: str) -> dict[str, Path]:

@@ -161,12 +161,13 @@ class Bench:
         job: str | None = None,
         weights: ArrayRecord | None = None,
         tamper: Callable[[str, Request], Request] | None = None,
+        quantizer: Quantizer | None = None,
     ) -> Outcome:
         """One SecAgg+ sum over ``names``, driven stage by stage; ``tamper`` may change any
         site's request before it is sent (a coordinator telling sites different things)."""
         names = sorted(names)
         ids = {rec.secure_id(self.roster, name): name for name in names}
-        quantizer = Quantizer(SUMS_CLIP, SUMS_LEVELS, len(names))
+        quantizer = quantizer or Quantizer(SUMS_CLIP, SUMS_LEVELS, len(names))
         config = RoundConfig.create(run_id=label or f"{RUN}:bench:{purpose}:1", round=round_, node_ids=sorted(ids),
                                     dim=quantizer.length(shapes), bits=quantizer.bits)
         identities = rec.roster_identities(self.roster)

@@ -23,8 +23,9 @@ from fedcost.client.node import Node
 from fedcost.data.files import write_node_files
 from fedcost.data.synthetic import EcosystemSpec, generate_ecosystem
 from fedcost.models.evaluation import READMISSION_SUMS, SCORE_BINS
+from fedcost.privacy.distributed import NOISE_CLIP, NOISE_GRID, StatisticsNoise
 from fedcost.privacy.ledger import start_anew
-from fedcost.secagg import ConsistencyRequest, SetupRequest
+from fedcost.secagg import ConsistencyRequest, Quantizer, SetupRequest
 from fedcost.wire import records as rec
 from fedcost.wire.purposes import PURPOSES
 from guardian_bench import RUN, Bench
@@ -398,3 +399,69 @@ def test_a_job_that_feeds_a_target_in_as_a_feature_is_refused(mapping: Path, tmp
     crafted["features"] = features
     config = {rec.TRANSPORT: rec.PLAIN, rec.PURPOSE: "evaluate", rec.ROUND: 1, rec.JOB: json.dumps(crafted)}
     site.assert_refused(site.send(config, {rec.ARRAYS: weights}, "evaluate"), "which are not feature columns")
+
+
+# --- distributed DP on every sum but training updates ------------------------------------
+
+STATISTICS_DP = {"epsilon": 8.0, "delta": 1e-6, "max_grad_norm": 1.0, "statistics": {"epsilon": 2.0}}
+
+
+def _noisy_hello(bench: Bench, sd: float, sites: int = 4):  # noqa: ANN202
+    return bench.hello(outputs={"statistics": PURPOSES["statistics"].outputs}, rounds=1, model_parameters=0,
+                       noise=StatisticsNoise(sd, sites, 1e5))
+
+
+def test_a_site_that_requires_noisy_statistics_refuses_a_job_without_noise(mapping: Path, tmp_path: Path) -> None:
+    bench = Bench(tmp_path, mapping, SITES, privacy=STATISTICS_DP)
+    for name, reply in bench.say_hello(bench.hello()).items():
+        bench.site(name).assert_refused(reply, "the job adds none")
+
+
+def test_a_job_whose_noise_is_too_weak_for_the_site_is_refused(mapping: Path, tmp_path: Path) -> None:
+    bench = Bench(tmp_path, mapping, SITES, privacy=STATISTICS_DP)
+    for name, reply in bench.say_hello(_noisy_hello(bench, sd=1.0)).items():
+        bench.site(name).assert_refused(reply, "this site allows 2")
+
+
+def _noisy_statistics(bench: Bench, label: str, sites=SITES):  # noqa: ANN001, ANN202
+    quantizer = Quantizer(NOISE_CLIP, int(NOISE_CLIP) * NOISE_GRID, len(sites))
+    return bench.secure_sum("statistics", 0, sites, _statistics_shape(bench), label=label, quantizer=quantizer)
+
+
+def test_noisy_sums_carry_the_noise_and_are_paid_for_in_the_ledger(mapping: Path, tmp_path: Path) -> None:
+    bench = Bench(tmp_path, mapping, SITES, privacy=STATISTICS_DP)
+    assert all(not r.has_error() for r in bench.say_hello(_noisy_hello(bench, sd=40.0)).values())
+    outcome = _noisy_statistics(bench, f"{RUN}:n:statistics:1")
+    assert outcome.sums is not None, outcome.refusals
+    layout = Node(bench.site(SITES[0]).setup).layout
+    exact = sum(layout.local_statistics(Node(site.setup).data.train, cost_clip=1e5) for site in bench.sites.values())
+    error = outcome.sums[0] - exact / layout.noisy_bounds(1e5)  # in normalised units, where the noise is sd = 40
+    assert 25 < float(np.std(error)) < 60, "each slot carries the job's noise, not less and not much more"
+    for site in bench.sites.values():
+        ledger = [json.loads(line) for line in site.setup.ledger_path.read_text().splitlines()]
+        spends = [entry["details"]["release"] for entry in ledger if entry["event"] == "dp_spent"]
+        assert [spend["mechanism"] for spend in spends] == ["skellam"]
+        assert site.events("dp_round")[-1]["details"]["noise_sd"] == 40.0
+
+
+def test_a_noisy_sum_is_not_unmasked_over_fewer_sites_than_its_noise_is_shared_among(
+    mapping: Path, tmp_path: Path
+) -> None:
+    bench = Bench(tmp_path, mapping, SITES, privacy=STATISTICS_DP)
+    assert all(not r.has_error() for r in bench.say_hello(_noisy_hello(bench, sd=40.0)).values())
+    outcome = _noisy_statistics(bench, f"{RUN}:n:statistics:1", sites=SITES[:3])
+    _refused_by_all(outcome, SITES[:3], "the job's noise is shared among 4")
+
+
+def test_noisy_sums_stop_at_the_sites_budget(mapping: Path, tmp_path: Path) -> None:
+    tight = {**STATISTICS_DP, "epsilon": 1.0, "statistics": {"epsilon": 1.0}}
+    bench = Bench(tmp_path, mapping, SITES, privacy=tight)
+    assert all(not r.has_error() for r in bench.say_hello(_noisy_hello(bench, sd=40.0)).values())
+    answered = 0
+    for attempt in range(1, 30):
+        outcome = _noisy_statistics(bench, f"{RUN}:b:statistics:{attempt}")
+        if outcome.sums is None:
+            _refused_by_all(outcome, SITES, "privacy budget")
+            break
+        answered += 1
+    assert 1 <= answered < 29, "the same job's sums are paid again each time, until the budget is spent"

@@ -112,24 +112,42 @@ def standardised(sites: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return scaled
 
 
-def shared_vector(totals: np.ndarray, slot: int, sites: int) -> np.ndarray:
-    """A site's totals in block ``slot`` of a vector with one block per roster site."""
+def shared_vector(totals: np.ndarray, slot: int, sites: int, *, noisy: bool = False) -> np.ndarray:
+    """A site's totals in block ``slot`` of a vector with one block per roster site: in exact
+    units as limbs, or, for a noisy release, as they are (the noise makes exactness moot)."""
     if not 0 <= slot < sites:
         raise ValueError(f"slot {slot} is outside a roster of {sites} sites")
-    units = [round(float(total) / unit) for total, unit in zip(totals, TOTAL_UNITS, strict=True)]
-    block = exact.split(units, TOTAL_LIMBS)
+    if noisy:
+        block = np.asarray(totals, dtype="float64")
+    else:
+        units = [round(float(total) / unit) for total, unit in zip(totals, TOTAL_UNITS, strict=True)]
+        block = exact.split(units, TOTAL_LIMBS)
     vector = np.zeros(sites * block.size)
     vector[slot * block.size : (slot + 1) * block.size] = block
     return vector
 
 
-def shared_vector_size(sites: int) -> int:
-    return sites * len(SITE_SLOTS) * TOTAL_LIMBS
+def shared_vector_size(sites: int, *, noisy: bool = False) -> int:
+    return sites * len(SITE_SLOTS) * (1 if noisy else TOTAL_LIMBS)
 
 
-def totals_from_shared_vector(vector: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+def noisy_bounds(sites: int, cost_clip: float) -> np.ndarray:
+    """The most one row adds to each slot of a noisy shared vector (costs clipped at ``cost_clip``)."""
+    return np.tile([1.0, 1.0, 1.0, cost_clip, cost_clip, cost_clip**2], sites)
+
+
+# The most slots of a shared vector one row changes: its site's six totals.
+NOISY_TOUCHED = len(SITE_SLOTS)
+
+
+def totals_from_shared_vector(vector: np.ndarray, names: list[str], *, noisy: bool = False) -> dict[str, np.ndarray]:
     """Every site's six totals from the summed vector; a site whose block is all zero
-    (it dropped out or shared nothing) is left out."""
+    (it dropped out or shared nothing) is left out, and of a noisy vector, a block whose
+    noisy row count is not positive."""
+    if noisy:  # post-processing: no total reads below zero, and a ratio needs a positive denominator
+        blocks = np.clip(np.asarray(vector, dtype="float64").reshape(len(names), len(SITE_SLOTS)), 0, None)
+        usable = [SITE_SLOTS.index(slot) for slot in ("n", "expected", "cost_expected")]
+        return {name: row for name, row in zip(names, blocks, strict=True) if (row[usable] >= 1).all()}
     units = np.array(exact.join(vector, TOTAL_LIMBS), dtype="float64").reshape(len(names), len(SITE_SLOTS))
     return {name: row * np.array(TOTAL_UNITS) for name, row in zip(names, units, strict=True) if row[0] > 0}
 

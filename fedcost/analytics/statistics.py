@@ -82,6 +82,9 @@ MISSING = "missing"
 ROLE = "role"
 AGE_BAND = "age_band"
 QUANTILES = {"median": 0.5, "p90": 0.9}
+# A noisy table's cost histogram merges this many fine bins (1% apart) into one: every bin
+# carries the whole noise, and a quantile reads the noise of every bin below it.
+NOISY_BIN_GROUP = 16
 # Limbs of a measure's sum and sum of squares: 90 bits hold a million rows' squared
 # costs of up to 10 million in cents.
 LIMBS = 3
@@ -310,6 +313,65 @@ class GroupedStatisticsLayout:
         block[~shown] = 0.0
         return block.ravel()
 
+    # A noisy table (distributed DP, ``fedcost.privacy.distributed.StatisticsNoise``): per cell
+    # the rows, then per measure the count of present values and their sum with each value
+    # clipped, then a cost histogram of wider bins; nothing withheld (the noise protects small
+    # cells) and no sums of squares (one record could move them by its value squared).
+
+    @property
+    def noisy_n_bins(self) -> int:
+        return 1 + math.ceil((self.n_bins - 1) / NOISY_BIN_GROUP)
+
+    def noisy_cost_bins(self, costs: np.ndarray) -> np.ndarray:
+        """The noisy histogram's bin of each cost: exact zeros alone, then ``NOISY_BIN_GROUP``
+        fine bins to a bin."""
+        fine = self.cost_bins(costs)
+        return np.where(fine == 0, 0, 1 + (fine - 1) // NOISY_BIN_GROUP)
+
+    @cached_property
+    def noisy_bin_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Lower and upper edge of every bin of the noisy histogram."""
+        lower, upper = self.bin_bounds
+        first = np.concatenate([[0], 1 + NOISY_BIN_GROUP * np.arange(self.noisy_n_bins - 1)])
+        last = np.concatenate([[0], np.minimum(first[1:] + NOISY_BIN_GROUP - 1, self.n_bins - 1)])
+        return lower[first], upper[last]
+
+    @property
+    def noisy_width(self) -> int:
+        return 1 + 2 * len(self.measures) + self.noisy_n_bins
+
+    @property
+    def noisy_size(self) -> int:
+        return self.n_cells * self.noisy_width
+
+    def noisy_touched(self) -> int:
+        """The most slots of a noisy table one row changes: its cell's rows, each measure's
+        count and sum, and one histogram bin."""
+        return 2 + 2 * len(self.measures)
+
+    def noisy_bounds(self, cost_clip: float) -> np.ndarray:
+        """The most one row adds to each slot of a noisy table."""
+        measures = [bound for m in self.measures for bound in (1.0, _measure_bound(m, cost_clip))]
+        return np.tile(np.array([1.0, *measures, *([1.0] * self.noisy_n_bins)]), self.n_cells)
+
+    def noisy_vector(self, rows: pd.DataFrame, *, role: str | None, cost_clip: float) -> np.ndarray:
+        """This node's noisy-table sums over ``rows``, values clipped, nothing withheld."""
+        cell = self.cell_codes(rows, role)
+        block = np.zeros((self.n_cells, self.noisy_width))
+        block[:, 0] = np.bincount(cell, minlength=self.n_cells)
+        for i, measure in enumerate(self.measures):
+            values = rows[measure].to_numpy(dtype="float64")
+            present = ~np.isnan(values)
+            clipped = np.minimum(values[present], _measure_bound(measure, cost_clip))
+            block[:, 1 + 2 * i] = np.bincount(cell[present], minlength=self.n_cells)
+            block[:, 2 + 2 * i] = np.bincount(cell[present], weights=clipped, minlength=self.n_cells)
+        costs = rows[schema.COST].to_numpy(dtype="float64")
+        present = ~np.isnan(costs)
+        bins = self.noisy_n_bins
+        flat = cell[present] * bins + self.noisy_cost_bins(costs[present])
+        block[:, -bins:] = np.bincount(flat, minlength=self.n_cells * bins).reshape(self.n_cells, bins)
+        return block.ravel()
+
     def _measure_block(self, rows: pd.DataFrame, measure: str, cell: np.ndarray, shown: np.ndarray) -> np.ndarray:
         """Per cell: the count of present values, then the limbs of their exact integer sum
         and sum of squares in ``measure_unit``; zero where the release withholds the measure."""
@@ -412,6 +474,13 @@ def plan_release(
     ]
 
 
+def _measure_bound(measure: str, cost_clip: float) -> float:
+    """The most one row's value of ``measure`` may be in a noisy table."""
+    if measure == schema.COST:
+        return cost_clip
+    return schema.COLUMNS[measure].value_range[1]
+
+
 def _measure_record(measure: str, slots: np.ndarray, *, shown: bool, min_cohort: int) -> dict:
     """A measure's count, exact sum, mean and sample variance in one cell, or withheld."""
     count = round(float(slots[0]))
@@ -442,6 +511,7 @@ class GroupedStatistics:
     layout: GroupedStatisticsLayout
     min_cohort: int
     records: tuple[dict, ...]
+    noise_sd: float | None = None
 
     @classmethod
     def from_totals(
@@ -470,18 +540,64 @@ class GroupedStatistics:
             records.append(record)
         return cls(layout, min_cohort, tuple(records))
 
+    @classmethod
+    def from_noisy_totals(
+        cls, layout: GroupedStatisticsLayout, totals: np.ndarray, min_cohort: int, noise_sd: float
+    ) -> GroupedStatistics:
+        """Per-cell results from a noisy table's sums (``noisy_vector`` plus every node's share of
+        Skellam noise of standard deviation ``noise_sd`` rows per slot). Post-processing only: a
+        cell whose noisy count is under ``min_cohort`` is withheld, a histogram bin within two
+        standard deviations of zero reads as empty (most bins of a skewed cost are, and their
+        noise would pile up in the upper quantiles); there are no variances."""
+        totals = np.asarray(totals, dtype="float64")
+        if totals.shape != (layout.noisy_size,):
+            raise ValueError(f"expected a vector of {layout.noisy_size} noisy sums for this layout, got {totals.shape}")
+        block = totals.reshape(layout.n_cells, layout.noisy_width)
+        lower, upper = layout.noisy_bin_bounds
+        records = []
+        for levels, sums in zip(layout.cells, block):
+            n = max(int(round(sums[0])), 0)
+            suppressed = n < min_cohort
+            record: dict = dict(zip(layout.group_by, levels))
+            record |= {"n": None if suppressed else n, "suppressed": suppressed and n > 0}
+            for i, measure in enumerate(layout.measures):
+                count = max(int(round(sums[1 + 2 * i])), 0)
+                shown = not suppressed and count >= min_cohort
+                record |= {
+                    f"{measure}_n": count if shown else None,
+                    f"{measure}_sum": float(sums[2 + 2 * i]) if shown else math.nan,
+                    f"{measure}_mean": float(sums[2 + 2 * i]) / count if shown else math.nan,
+                    f"{measure}_var": math.nan,
+                }
+            if schema.READMISSION in layout.measures:
+                record["readmission_rate"] = record[f"{schema.READMISSION}_mean"]
+            histogram = sums[-layout.noisy_n_bins :]
+            histogram = np.where(histogram > 2 * noise_sd, histogram, 0.0)  # mostly noise: an empty bin
+            for name, p in QUANTILES.items():
+                estimate = histogram_quantile(histogram, lower, upper, p)[0] if not suppressed else math.nan
+                record[f"cost_{name}"] = estimate
+            records.append(record)
+        return cls(layout, min_cohort, tuple(records), noise_sd)
+
     @property
     def note(self) -> str:
         """What was withheld and how precise the quantiles are, in words for a report."""
         withheld = sum(r["suppressed"] for r in self.records)
+        if self.noise_sd is not None:
+            return (
+                f"Distributed differential privacy: every count, sum and histogram bin carries Skellam noise of "
+                f"standard deviation {self.noise_sd:.3g} rows' worth (values clipped per row); {withheld} of "
+                f"{len(self.records)} cells with a noisy count under {self.min_cohort} are withheld. Means are noisy "
+                "sums over noisy counts; quantiles come from noisy histograms; no variances are released."
+            )
         return (
             f"{withheld} of {len(self.records)} cells suppressed at the coordinator (1 to {self.min_cohort - 1} rows). "
             f"Before anything leaves a node, the node withholds its cells and measures of 1 to {self.min_cohort - 1} "
             "rows, and complementary cells so that no difference of released figures rebuilds them: a cell's figures "
             "may leave some nodes' rows out, and the release does not say which. Counts, sums and means are exact over "
             "the rows released. Cost quantiles are estimates from histograms each node coarsened to groups of at least "
-            f"{self.min_cohort} of its rows, the top group spread up to the top bin: typically a median within 2% "
-            "and a p90 within 10% in cells of over 1,000 rows, but a small cell's p90 can be off many times over."
+            f"{self.min_cohort} of its rows (the end groups spread as wide as their neighbours): typically a median "
+            "within 2% and a p90 within 10% in cells of over 1,000 rows; a small cell's p90 is rough."
         )
 
     def to_frame(self) -> pd.DataFrame:

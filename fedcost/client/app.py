@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,8 +44,9 @@ from fedcost.analytics import GroupedStatisticsLayout
 from fedcost.analytics.statistics import TableRelease, plan_release
 from fedcost.audit import AuditLog, LogPosition
 from fedcost.client import budget, outgoing, site
-from fedcost.client.exchanges import SHAPES, release_keys
+from fedcost.client.exchanges import SHAPES, noisy_bounds, noisy_touched, release_keys
 from fedcost.client.node import Ask, Contribution, Node, NodeSetup
+from fedcost.data.features import StatisticsLayout
 from fedcost.data.mapping import DataMapping
 from fedcost.errors import (
     ConfigError,
@@ -57,11 +59,12 @@ from fedcost.errors import (
     ProtocolAbort,
 )
 from fedcost.identity import Identity
-from fedcost.job import TrainingJob
+from fedcost.job import TrainingJob, noisy_releases
 from fedcost.models.nets import build_model
 from fedcost.privacy import SitePolicy
+from fedcost.privacy.distributed import NOISE_GRID, secure_generator, skellam_noise
 from fedcost.privacy.ledger import ReleaseLedger
-from fedcost.secagg import ConsistencyRequest, MaskedInputRequest, SetupRequest, request_from_dict
+from fedcost.secagg import ConsistencyRequest, MaskedInputRequest, Quantizer, SetupRequest, request_from_dict
 from fedcost.secagg import Node as SecAggNode
 from fedcost.wire import records as rec
 from fedcost.wire.events import Event
@@ -194,6 +197,10 @@ class Guardian:
         hello = Hello.from_record(request.config)
         policy = site.site_policy(self.setup.policy, hello)
         tables = site.check_plan(policy, hello)
+        mapping = _mapping(self.setup.mapping)
+        releases = noisy_releases(purposes=hello.purposes, rounds=hello.rounds, tables=tables, tasks=mapping.tasks,
+                                  statistics=StatisticsLayout(mapping.feature_columns, tuple(mapping.targets)))
+        site.check_noise(policy, hello, releases)
         ledger.accept_plan(hello.run_id, hello.digest)
         node = self.node_factory(self.setup)
         if tables:
@@ -242,7 +249,8 @@ class Guardian:
             release = releases[hello.tables.index(str(request.config[rec.JOB]))]
         names = [name for name, _ in self.setup.roster]
         slot = names.index(node.name) if node.name in names else 0
-        return Ask(purpose.name, request.round, hello.min_cohort, job, weights, layout, release, slot, len(names))
+        return Ask(purpose.name, request.round, hello.min_cohort, job, weights, layout, release, slot, len(names),
+                   hello.noise)
 
     def _contribution(
         self, node: Node, ask: Ask, policy: SitePolicy, hello: Hello, ledger: ReleaseLedger, audit: AuditLog
@@ -299,12 +307,19 @@ class Guardian:
         if isinstance(stage_request, MaskedInputRequest):
             contribution = self._contribution(node, ask, policy, hello, ledger, audit)
             quantizer = rec.quantizer_from_config(request.config)
-            vector = quantizer.encode(contribution.arrays, seed=secrets.token_bytes(32), weight=contribution.weight)
+            if ask.cost_clip is None:
+                vector = quantizer.encode(contribution.arrays, seed=secrets.token_bytes(32), weight=contribution.weight)
+            else:
+                vector = self._noisy(contribution, quantizer, ask, node, policy, hello, ledger, audit)
             state["keys"] = json.dumps(release_keys(ask, node, hello.run_id))
             expected = {outgoing.MASKED: (quantizer.length(SHAPES[ask.purpose](ask, node)),)}
         if isinstance(stage_request, ConsistencyRequest):
+            survivors = self._sites(stage_request.survivors)
+            if ask.cost_clip is not None and len(survivors) < hello.noise.sites:  # type: ignore[union-attr]
+                raise _request_refusal(f"its noisy sum would be unmasked over {len(survivors)} sites; the job's noise "
+                                       f"is shared among {hello.noise.sites}")  # type: ignore[union-attr]
             keys = [tuple(key) for key in json.loads(state["keys"])]
-            ledger.sign_set(keys, self._sites(stage_request.survivors), minimum=minimum, exchange=exchange)
+            ledger.sign_set(keys, survivors, minimum=minimum, exchange=exchange)
         reply = secure.handle(stage_request, vector=vector)
         if _drops_out(self.setup, ask, reply.stage.value):
             raise FederationError(f"node {node.name} drops out at stage {reply.stage.value} (injected fault)")
@@ -315,6 +330,31 @@ class Guardian:
         if arrays:
             content[rec.CONTRIBUTION] = arrays
         return exchange, content, expected
+
+    def _noisy(
+        self, contribution: Contribution, quantizer: Quantizer, ask: Ask, node: Node, policy: SitePolicy, hello: Hello,
+        ledger: ReleaseLedger, audit: AuditLog,
+    ) -> np.ndarray:
+        """The contribution as a noisy sum: each slot divided by the most one row adds to it,
+        encoded on the noise grid, then this node's share of the job's Skellam noise added,
+        inside the mask. The release is paid for in the ledger before it is encoded."""
+        noise = hello.noise
+        assert noise is not None
+        if not math.isclose(quantizer.clip / quantizer.levels, 1 / NOISE_GRID):
+            raise _request_refusal(f"its noisy sum is not on the noise grid of 1/{NOISE_GRID} that its noise assumes")
+        release = noise.release(noisy_touched(ask, node))
+        spent, (seq, head) = budget.pay_for_noisy_sum(ledger, policy.privacy, release, run_id=hello.run_id,
+                                                      round=ask.round)
+        details = {"purpose": ask.purpose, "dp_epsilon_spent": spent, "noise_sd": noise.sd, "ledger_seq": seq,
+                   "ledger_head": head}
+        audit.append(Event.DP_ROUND, round=ask.round, details=details)
+        bounds = noisy_bounds(ask, node)
+        normalised = [array / bound for array, bound in zip(contribution.arrays, bounds, strict=True)]
+        vector = quantizer.encode(normalised, seed=secrets.token_bytes(32), weight=contribution.weight)
+        shares = skellam_noise(vector.size - 1, noise.share(), rng=secure_generator())
+        noisy = vector.astype(np.uint64)
+        noisy[:-1] += shares.astype(np.uint64)  # two's complement: mod 2**64, then mod 2**bits
+        return (noisy & np.uint64(2**quantizer.bits - 1)).astype(vector.dtype)
 
     def _sites(self, node_ids: tuple[int, ...]) -> frozenset[str]:
         """The roster names of a sum's SecAgg+ node ids; an id outside the roster is refused."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from fedcost.models.training import TrainConfig
 from fedcost.privacy.accounting import DpSgdSteps, PrivacyLedger, release_from_dict
+from fedcost.privacy.distributed import SkellamRelease
 from fedcost.privacy.dp import DPConfig, dp_config_for, dp_sampling
 from fedcost.privacy.ledger import ReleaseLedger
 from fedcost.privacy.policy import PrivacySettings
@@ -47,3 +48,20 @@ def pay_for_round(
     release = DpSgdSteps(dp.noise_multiplier, sample_rate, steps)
     anchor = ledger.spend(release.to_dict(), run_id=run_id, round=round)
     return dp, spent, anchor
+
+
+def pay_for_noisy_sum(
+    ledger: ReleaseLedger, privacy: PrivacySettings, release: SkellamRelease, *, run_id: str, round: int
+) -> tuple[float | None, tuple[int, str]]:
+    """Record a noisy sum's spend in the ledger, after checking it fits the site's budget;
+    returns the ε spent after it (None for a site without a budget, which still records the
+    spend) and the ledger anchor for the audit log.
+
+    ``PrivacyBudgetExhausted`` (nothing recorded) when it does not fit.
+    """
+    spent = None
+    if privacy.enabled:
+        spent = accountant(ledger.spending, privacy).spend_skellam(
+            variance=release.variance, l1=release.l1, l2=release.l2
+        )
+    return spent, ledger.spend(release.to_dict(), run_id=run_id, round=round)

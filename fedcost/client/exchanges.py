@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fedcost.analytics import benchmarking
 from fedcost.analytics.benchmarking import shared_vector_size
 from fedcost.client.node import Ask, Node
 from fedcost.models import evaluation
@@ -34,7 +35,7 @@ def _statistics_shapes(ask: Ask, node: Node) -> Shapes:
 
 def _analytics_shapes(ask: Ask, node: Node) -> Shapes:
     assert ask.layout is not None
-    return [(ask.layout.size,)]
+    return [(ask.layout.noisy_size if ask.cost_clip is not None else ask.layout.size,)]
 
 
 def _train_shapes(ask: Ask, node: Node) -> Shapes:
@@ -44,11 +45,11 @@ def _train_shapes(ask: Ask, node: Node) -> Shapes:
 
 def _evaluate_shapes(ask: Ask, node: Node) -> Shapes:
     assert ask.job is not None
-    return evaluation.sums_shapes(ask.job.model.tasks)
+    return evaluation.sums_shapes(ask.job.model.tasks, noisy=ask.cost_clip is not None)
 
 
 def _benchmark_shapes(ask: Ask, node: Node) -> Shapes:
-    return [(shared_vector_size(ask.sites),)]
+    return [(shared_vector_size(ask.sites, noisy=ask.cost_clip is not None),)]
 
 
 SHAPES: dict[str, Callable[[Ask, Node], Shapes]] = {
@@ -58,6 +59,38 @@ SHAPES: dict[str, Callable[[Ask, Node], Shapes]] = {
     "evaluate": _evaluate_shapes,
     "benchmark": _benchmark_shapes,
 }
+
+
+def noisy_bounds(ask: Ask, node: Node) -> list[np.ndarray]:
+    """Per contribution array, the most one row adds to each slot of a noisy sum: what the
+    node divides by so that one row moves a slot by at most 1, and the coordinator multiplies
+    the sum by."""
+    clip = ask.cost_clip
+    assert clip is not None, "only a noisy sum has bounds"
+    if ask.purpose == "statistics":
+        return [node.layout.noisy_bounds(clip)]
+    if ask.purpose == "analytics":
+        assert ask.layout is not None
+        return [ask.layout.noisy_bounds(clip)]
+    if ask.purpose == "benchmark":
+        return [benchmarking.noisy_bounds(ask.sites, clip)]
+    assert ask.job is not None
+    scale = ask.job.features.cost_scale
+    return [evaluation.readmission_bounds() if task == "readmission" else evaluation.cost_bounds(clip / scale)
+            for task in ask.job.model.tasks]
+
+
+def noisy_touched(ask: Ask, node: Node) -> int:
+    """The most slots of this noisy sum one row changes: what its noise's sensitivity is."""
+    if ask.purpose == "statistics":
+        return node.layout.touched()
+    if ask.purpose == "analytics":
+        assert ask.layout is not None
+        return ask.layout.noisy_touched()
+    if ask.purpose == "benchmark":
+        return benchmarking.NOISY_TOUCHED
+    assert ask.job is not None
+    return sum(evaluation.NOISY_TOUCHED[task] for task in ask.job.model.tasks)
 
 
 def release_keys(ask: Ask, node: Node, run_id: str) -> list[tuple[str, str]]:

@@ -28,6 +28,7 @@ from fedcost.models.calibration import fit_site_calibration
 from fedcost.models.nets import build_model
 from fedcost.models.training import TrainResult, predict, train_local
 from fedcost.privacy import MIN_COHORT
+from fedcost.privacy.distributed import StatisticsNoise
 from fedcost.privacy.dp import DPConfig, train_local_dp
 from fedcost.privacy.ledger import SUFFIX as LEDGER_SUFFIX
 from fedcost.seeding import derive_seed
@@ -76,7 +77,9 @@ class Ask:
     ``job`` and ``weights``: the training job and the global model, for the purposes
     that carry a model; ``layout`` and ``release``: the statistics table and the cells
     the plan withholds (analytics); ``slot`` and ``sites``: the site's block and the
-    roster's size (benchmark).
+    roster's size (benchmark); ``noise``: the job's distributed DP noise, under which a
+    sum other than a training update is released whole with its values clipped instead
+    of with small cells withheld.
     """
 
     purpose: str
@@ -88,6 +91,12 @@ class Ask:
     release: TableRelease | None = None
     slot: int = 0
     sites: int = 0
+    noise: StatisticsNoise | None = None
+
+    @property
+    def cost_clip(self) -> float | None:
+        """The most one row's cost counts in a noisy sum; None for a sum without noise."""
+        return self.noise.cost_clip if self.noise is not None and self.purpose != "train" else None
 
 
 @dataclass(frozen=True)
@@ -134,9 +143,9 @@ class Node:
     def role(self) -> str:
         return self.data.role
 
-    def statistics(self, min_cohort: int = MIN_COHORT) -> np.ndarray:
+    def statistics(self, min_cohort: int = MIN_COHORT, cost_clip: float | None = None) -> np.ndarray:
         """Sums over the training rows for the federation-wide feature encoding."""
-        return self.layout.local_statistics(self.data.train, min_cohort=min_cohort)
+        return self.layout.local_statistics(self.data.train, min_cohort=min_cohort, cost_clip=cost_clip)
 
     def contribution(self, ask: Ask, dp: DPConfig | None = None) -> Contribution:
         """This node's part of a shared sum for ``ask``; the coordinator learns only the sum
@@ -144,10 +153,12 @@ class Node:
         return _CONTRIBUTIONS[ask.purpose](self, ask, dp)
 
     def _statistics_contribution(self, ask: Ask, dp: DPConfig | None) -> Contribution:
-        return Contribution([self.statistics(ask.min_cohort)], 1)
+        return Contribution([self.statistics(ask.min_cohort, ask.cost_clip)], 1)
 
     def _analytics_contribution(self, ask: Ask, dp: DPConfig | None) -> Contribution:
         assert ask.layout is not None
+        if ask.cost_clip is not None:
+            return Contribution([ask.layout.noisy_vector(self.rows, role=self.role, cost_clip=ask.cost_clip)], 1)
         return Contribution([self.grouped_statistics(ask.layout, ask.min_cohort, ask.release)], 1)
 
     def _train_contribution(self, ask: Ask, dp: DPConfig | None) -> Contribution:
@@ -161,14 +172,15 @@ class Node:
     def _evaluate_contribution(self, ask: Ask, dp: DPConfig | None) -> Contribution:
         """Additive evaluation sums per task, costs in cost-scale units."""
         assert ask.job is not None
-        sums = self.evaluate(ask.job, ask.weights, ask.min_cohort)
+        sums = self.evaluate(ask.job, ask.weights, ask.min_cohort, ask.cost_clip)
         return Contribution([sums[task] for task in ask.job.model.tasks], 1)
 
     def _benchmark_contribution(self, ask: Ask, dp: DPConfig | None) -> Contribution:
         """The site's totals in its own block of the federation's vector."""
         assert ask.job is not None
-        totals = self.benchmark_totals(ask.job, ask.weights, ask.min_cohort)
-        return Contribution([shared_vector(totals, ask.slot, ask.sites)], 1)
+        totals = self.benchmark_totals(ask.job, ask.weights, ask.min_cohort, ask.cost_clip)
+        noisy = ask.cost_clip is not None
+        return Contribution([shared_vector(totals, ask.slot, ask.sites, noisy=noisy)], 1)
 
     def train(
         self, job: TrainingJob, weights: dict[str, np.ndarray], server_round: int, dp: DPConfig | None = None
@@ -190,14 +202,16 @@ class Node:
         return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, result
 
     def evaluate(
-        self, job: TrainingJob, weights: dict[str, np.ndarray], min_cohort: int = MIN_COHORT
+        self, job: TrainingJob, weights: dict[str, np.ndarray], min_cohort: int = MIN_COHORT,
+        cost_clip: float | None = None,
     ) -> dict[str, np.ndarray]:
         """Additive evaluation sums over the held-out rows (see ``models.evaluation``).
 
         Costs are scored at this site's own cost level (``models.calibration``), fitted on
         its training rows and kept here, exactly as ``fedcost simulate`` scores the
         federated model, so the per-round metrics and the run's summary agree. Score
-        histograms leave only in groups of at least ``min_cohort`` rows.
+        histograms leave only in groups of at least ``min_cohort`` rows; for a noisy release
+        (``cost_clip`` given) whole, with costs and predictions clipped.
         """
         features = job.features
         rows = self.data.test
@@ -206,11 +220,14 @@ class Node:
         sums: dict[str, np.ndarray] = {}
         if "readmission" in predictions and schema.READMISSION in rows:
             readmitted = rows[schema.READMISSION].to_numpy()
-            sums["readmission"] = evaluation.readmission_sums(readmitted, predictions["readmission"], min_cohort=min_cohort)
+            sums["readmission"] = evaluation.readmission_sums(
+                readmitted, predictions["readmission"], min_cohort=min_cohort, noisy=cost_clip is not None
+            )
         if "cost" in predictions and schema.COST in rows:
             calibration = fit_site_calibration(model, features.task_data(self.data.train))
+            clip = None if cost_clip is None else cost_clip / features.cost_scale
             sums["cost"] = evaluation.cost_sums(
-                rows[schema.COST].to_numpy() / features.cost_scale, calibration.apply(predictions["cost"])
+                rows[schema.COST].to_numpy() / features.cost_scale, calibration.apply(predictions["cost"]), clip=clip
             )
         return sums
 
@@ -226,7 +243,9 @@ class Node:
         job's plan (or, without one, for this table alone)."""
         return layout.local_vector(self.rows, role=self.role, min_cohort=min_cohort, release=release)
 
-    def benchmark_totals(self, job: TrainingJob, weights: dict[str, np.ndarray], min_cohort: int) -> np.ndarray:
+    def benchmark_totals(
+        self, job: TrainingJob, weights: dict[str, np.ndarray], min_cohort: int, cost_clip: float | None = None
+    ) -> np.ndarray:
         """Observed and expected readmissions and costs over the site's rows with both outcomes.
 
         Expected values come from the federated model as the federation trained it, so
@@ -237,7 +256,10 @@ class Node:
         model, encoded = self._model(job, weights), job.features.encode(rows)
         risk = predict(model, without_site_level(encoded, job.features.feature_names))["readmission"]
         cost = predict(model, encoded)["cost"] * job.features.cost_scale
-        return site_totals(rows[schema.READMISSION].to_numpy(), risk, rows[schema.COST].to_numpy(), cost, min_cohort=min_cohort)
+        observed = rows[schema.COST].to_numpy()
+        if cost_clip is not None:  # a noisy release: one row's share of every total is bounded
+            observed, cost = np.minimum(observed, cost_clip), np.minimum(cost, cost_clip)
+        return site_totals(rows[schema.READMISSION].to_numpy(), risk, observed, cost, min_cohort=min_cohort)
 
     def _model(self, job: TrainingJob, weights: dict[str, np.ndarray]) -> torch.nn.Module:
         model = build_model(job.model, job.features.n_features, seed=job.seed)

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord
 from fedcost.analytics import GroupedStatisticsLayout
 from fedcost.errors import ConfigError, PolicyViolationError
 from fedcost.privacy import MIN_COHORT, JobRequest, PrivacySettings, SitePolicy, check_job
+from fedcost.privacy.distributed import plan_epsilon
 from fedcost.wire import records as rec
 from fedcost.wire.hello import Hello
 from fedcost.wire.purposes import Purpose
@@ -73,6 +74,32 @@ def check_plan(policy: SitePolicy, hello: Hello) -> list[GroupedStatisticsLayout
     if len(set(hello.tables)) != len(hello.tables):
         raise _refusal("the plan states one statistics table twice")
     return plan_tables(hello)
+
+
+def check_noise(policy: SitePolicy, hello: Hello, releases: list[int]) -> None:
+    """A site that releases statistics only with distributed DP noise needs a job that adds
+    enough: its noisy sums (``releases``: the most slots one row changes in each) together
+    spend at most the site's ``[privacy.statistics] epsilon``. Noise travels only under
+    secure aggregation, where the sum over the sites carries every site's share."""
+    required = policy.privacy.statistics
+    if hello.noise is None:
+        if required is not None:
+            raise _refusal(
+                "this site releases sums other than training updates only with distributed DP noise "
+                f"([privacy.statistics] epsilon = {required.epsilon:g}); the job adds none: set the job's "
+                "[statistics_privacy] epsilon"
+            )
+        return
+    if not hello.secure_aggregation:
+        raise _refusal("its noisy sums would travel without secure aggregation, where one site's share is no noise")
+    if required is not None:
+        assert policy.privacy.delta is not None  # a statistics budget needs DP, hence delta
+        spent = plan_epsilon(hello.noise, touched=releases, delta=policy.privacy.delta)
+        if spent > required.epsilon:
+            raise _refusal(
+                f"its noise spends epsilon={spent:.3g} at delta={policy.privacy.delta:g} over its {len(releases)} noisy "
+                f"sums; this site allows {required.epsilon:g} ([privacy.statistics] epsilon)"
+            )
 
 
 def plan_tables(hello: Hello) -> list[GroupedStatisticsLayout]:

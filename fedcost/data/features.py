@@ -75,35 +75,69 @@ class StatisticsLayout:
             names.append(f"{schema.COST}.sum")
         return names
 
-    def local_statistics(self, rows: pd.DataFrame, min_cohort: int = MIN_COHORT) -> np.ndarray:
-        """This node's sums over ``rows``, small counts withheld, as one float64 vector in layout order."""
+    def local_statistics(
+        self, rows: pd.DataFrame, min_cohort: int = MIN_COHORT, *, cost_clip: float | None = None
+    ) -> np.ndarray:
+        """This node's sums over ``rows`` as one float64 vector in layout order: small counts
+        withheld, or, for a noisy release (``cost_clip`` given), every value clipped to what
+        ``noisy_bounds`` allows one record and nothing withheld: the noise protects small
+        counts there, and a rule that withholds by count is not differentially private."""
         if min_cohort < 1:
             raise ValueError(f"min_cohort must be at least 1, not {min_cohort}")
+        noisy = cost_clip is not None
         values: list[float] = [float(len(rows))]
         for column in self.columns:
             cells = rows[column.name]
             if column.kind == "numeric":
-                present = model_scale(column, cells.dropna().to_numpy(dtype="float64"))
+                raw = cells.dropna().to_numpy(dtype="float64")
+                present = model_scale(column, np.clip(raw, *column.value_range) if noisy else raw)
                 lacking = len(rows) - present.size
-                if present.size >= min_cohort and not 0 < lacking < min_cohort:
+                if noisy or (present.size >= min_cohort and not 0 < lacking < min_cohort):
                     values += [float(present.size), float(present.sum()), float(np.square(present).sum())]
                 else:
                     values += [0.0, 0.0, 0.0]
             else:
                 counts = cells.value_counts()
                 levels = [int(counts.get(level, 0)) for level in column.levels]
-                values += withhold_small_counts([*levels, len(rows) - sum(levels)], min_cohort)
+                slots = [*levels, len(rows) - sum(levels)]
+                values += [float(n) for n in slots] if noisy else withhold_small_counts(slots, min_cohort)
         for target in (schema.READMISSION, schema.COST):
             if target in self.targets:
-                values.append(float(rows[target].sum()))
+                target_values = rows[target].to_numpy(dtype="float64")
+                if noisy and target == schema.COST:
+                    target_values = np.minimum(target_values, cost_clip)
+                values.append(float(np.nansum(target_values)))
         return np.asarray(values, dtype="float64")
 
-    def feature_spec(self, totals: np.ndarray) -> "FeatureSpec":
-        """The federation-wide encoding from the summed statistics vectors."""
+    def noisy_bounds(self, cost_clip: float) -> np.ndarray:
+        """The most one record adds to each slot of a noisy statistics vector."""
+        bounds: list[float] = [1.0]
+        for column in self.columns:
+            if column.kind == "numeric":
+                largest = float(np.max(np.abs(model_scale(column, np.array(column.value_range)))))
+                bounds += [1.0, max(largest, 1.0), max(largest, 1.0) ** 2]
+            else:
+                bounds += [1.0] * (len(column.levels) + 1)
+        bounds += [1.0] * (schema.READMISSION in self.targets) + [cost_clip] * (schema.COST in self.targets)
+        return np.asarray(bounds)
+
+    def touched(self) -> int:
+        """The most slots of a statistics vector one record changes."""
+        numeric = sum(column.kind == "numeric" for column in self.columns)
+        return 1 + 3 * numeric + (len(self.columns) - numeric) + len(self.targets)
+
+    def feature_spec(self, totals: np.ndarray, *, noise_sd: float = 0.0) -> "FeatureSpec":
+        """The federation-wide encoding from the summed statistics vectors.
+
+        ``noise_sd``: the standard deviation of the noise on each count (a noisy release);
+        a level or a missing count within three of it of zero is taken as absent, so noise
+        alone does not add levels or missing flags.
+        """
         slots = dict(zip(self.slots(), totals.tolist(), strict=True))
         rows = slots["rows"]
         if rows < 1:
             raise ValueError("the federation reported no training rows")
+        absent = 3 * noise_sd
         numeric: dict[str, tuple[float, float]] = {}
         log_scaled = tuple(c.name for c in self.columns if c.log_scale)
         vocabularies: dict[str, tuple[str, ...]] = {}
@@ -111,19 +145,19 @@ class StatisticsLayout:
         for column in self.columns:
             if column.kind == "numeric":
                 count = slots[f"{column.name}.count"]
-                if count == 0:
+                if count <= absent:
                     continue
                 mean = slots[f"{column.name}.sum"] / count
                 variance = max(slots[f"{column.name}.sumsq"] / count - mean**2, 0.0)
                 numeric[column.name] = (mean, math.sqrt(variance) or 1.0)
-                if count < rows:
+                if count < rows - absent:
                     flagged.append(column.name)
             else:
                 counts = {level: slots[f"{column.name}={level}"] for level in column.levels}
-                if not any(n > 0 for n in counts.values()):
+                if not any(n > absent for n in counts.values()):
                     continue
-                vocabularies[column.name] = tuple(level for level, n in counts.items() if n > 0)
-                if slots[f"{column.name}.missing"] > 0:
+                vocabularies[column.name] = tuple(level for level, n in counts.items() if n > absent)
+                if slots[f"{column.name}.missing"] > absent:
                     flagged.append(column.name)
         return FeatureSpec(
             numeric=numeric,

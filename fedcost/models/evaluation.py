@@ -19,26 +19,43 @@ the 1,000 fine bins alone cost at most 0.00004), and at most 0.0045 for an ecosy
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fedcost.privacy.policy import MIN_COHORT
 from fedcost.privacy.smallcells import coarsen_histogram
 
 SCORE_BINS = 1000
+# A noisy release's histograms: every bin carries the full noise, so fewer, wider bins
+# (each 20 fine ones) keep the AUROC's error from summing the noise of a thousand.
+NOISY_SCORE_BINS = 50
 READMISSION_SUMS = ("rows", "positives", "brier_sum", "log_loss_sum")
 COST_SUMS = ("rows", "cost_sum", "cost_sq_sum", "abs_error_sum", "sq_error_sum")
 
 
-def readmission_sums(readmitted: np.ndarray, probability: np.ndarray, *, min_cohort: int = MIN_COHORT) -> np.ndarray:
-    """Additive totals and the coarsened per-class score histograms, as one float64 vector.
+# Predicted risks are clipped to [EPSILON, 1 - EPSILON]: one row's log loss is then at most
+# -log(EPSILON), the bound a noisy release needs.
+EPSILON = 1e-7
+LOG_LOSS_BOUND = -math.log(EPSILON)
+# The most slots one held-out row changes: each task's totals and one histogram bin.
+NOISY_TOUCHED = {"readmission": 5, "cost": len(COST_SUMS)}
 
-    Held-out rows fewer than ``min_cohort`` send zeros: their totals would describe a
-    handful of patients.
+
+def readmission_sums(
+    readmitted: np.ndarray, probability: np.ndarray, *, min_cohort: int = MIN_COHORT, noisy: bool = False
+) -> np.ndarray:
+    """Additive totals and the per-class score histograms, as one float64 vector.
+
+    The histograms are coarsened to groups of at least ``min_cohort`` rows, or, for a
+    noisy release (``noisy``), sent whole: the noise protects their bins, and a rule that
+    groups by count is not differentially private. Held-out rows fewer than ``min_cohort``
+    send zeros: their totals would describe a handful of patients.
     """
     y = readmitted.astype("float64")
     if y.size < min_cohort:
         return np.zeros(readmission_sums_size())
-    p = np.clip(probability.astype("float64"), 1e-7, 1 - 1e-7)
+    p = np.clip(probability.astype("float64"), EPSILON, 1 - EPSILON)
     bins = np.minimum((p * SCORE_BINS).astype(int), SCORE_BINS - 1)
     histograms = np.stack([np.bincount(bins[y == label], minlength=SCORE_BINS) for label in (1, 0)])
     totals = [
@@ -47,17 +64,26 @@ def readmission_sums(readmitted: np.ndarray, probability: np.ndarray, *, min_coh
         float(np.square(p - y).sum()),
         float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).sum()),
     ]
-    return np.concatenate([totals, coarsen_histogram(histograms, min_cohort).ravel()])
+    if noisy:
+        released = histograms.reshape(2, NOISY_SCORE_BINS, -1).sum(axis=2).astype("float64")
+    else:
+        released = coarsen_histogram(histograms, min_cohort)
+    return np.concatenate([totals, released.ravel()])
 
 
-def readmission_sums_size() -> int:
+def readmission_bounds() -> np.ndarray:
+    """The most one held-out row adds to each slot of a noisy ``readmission_sums``."""
+    return np.concatenate([[1.0, 1.0, 1.0, LOG_LOSS_BOUND], np.ones(2 * NOISY_SCORE_BINS)])
+
+
+def readmission_sums_size(*, noisy: bool = False) -> int:
     """Length of a ``readmission_sums`` vector: the totals and two histograms."""
-    return len(READMISSION_SUMS) + 2 * SCORE_BINS
+    return len(READMISSION_SUMS) + 2 * (NOISY_SCORE_BINS if noisy else SCORE_BINS)
 
 
-def sums_shapes(tasks: tuple[str, ...]) -> list[tuple[int]]:
+def sums_shapes(tasks: tuple[str, ...], *, noisy: bool = False) -> list[tuple[int]]:
     """The shape of each task's evaluation sums vector, in task order."""
-    sizes = {"readmission": readmission_sums_size(), "cost": len(COST_SUMS)}
+    sizes = {"readmission": readmission_sums_size(noisy=noisy), "cost": len(COST_SUMS)}
     return [(sizes[task],) for task in tasks]
 
 
@@ -65,8 +91,10 @@ def readmission_from_sums(sums: np.ndarray) -> dict[str, float]:
     """Federated AUROC, Brier score and log loss from summed ``readmission_sums``."""
     k = len(READMISSION_SUMS)
     totals = dict(zip(READMISSION_SUMS, sums[:k]))
-    positive_hist = sums[k : k + SCORE_BINS]
-    negative_hist = sums[k + SCORE_BINS :]
+    # A noisy release's bins may read below zero; no bin holds fewer than no rows.
+    bins = (len(sums) - k) // 2
+    positive_hist = np.clip(sums[k : k + bins], 0, None)
+    negative_hist = np.clip(sums[k + bins :], 0, None)
     return {
         "auroc": histogram_auroc(positive_hist, negative_hist),
         "brier": totals["brier_sum"] / totals["rows"],
@@ -85,12 +113,21 @@ def histogram_auroc(positive_hist: np.ndarray, negative_hist: np.ndarray) -> flo
     return float(wins / (positives * negatives))
 
 
-def cost_sums(cost: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    y = cost.astype("float64")
-    error = predicted.astype("float64") - y
+def cost_sums(cost: np.ndarray, predicted: np.ndarray, *, clip: float | None = None) -> np.ndarray:
+    """Additive cost totals; for a noisy release, costs and predictions clipped to ``clip``
+    (the same units) so one row's share of each total is bounded (``cost_bounds``)."""
+    y, predicted = cost.astype("float64"), predicted.astype("float64")
+    if clip is not None:
+        y, predicted = np.minimum(y, clip), np.minimum(predicted, clip)
+    error = predicted - y
     return np.array(
         [y.size, y.sum(), np.square(y).sum(), np.abs(error).sum(), np.square(error).sum()], dtype="float64"
     )
+
+
+def cost_bounds(clip: float) -> np.ndarray:
+    """The most one held-out row adds to each slot of ``cost_sums`` clipped at ``clip``."""
+    return np.array([1.0, clip, clip**2, clip, clip**2])
 
 
 def cost_from_sums(sums: np.ndarray, cost_scale: float = 1.0) -> dict[str, float]:

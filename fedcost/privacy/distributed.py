@@ -221,3 +221,89 @@ def skellam_noise(shape: int | tuple[int, ...], variance: float, *, rng: np.rand
             "sensitivities by f divides the variance by f squared)"
         )
     return rng.poisson(half, shape).astype(np.int64) - rng.poisson(half, shape).astype(np.int64)
+
+
+# A noisy sum travels in steps of 1/NOISE_GRID of a record's largest contribution to a
+# slot: far finer than any useful noise, and coarse enough that the noise's Poisson draws
+# stay below MAX_POISSON_MEAN for standard deviations up to thousands of records.
+NOISE_GRID = 16
+# Every slot of a noisy sum is normalised to at most one unit per record; a sum then never
+# exceeds the federation's rows, which this clip leaves room for.
+NOISE_CLIP = float(2**30)
+
+
+@dataclass(frozen=True)
+class StatisticsNoise:
+    """The noise a job adds to every sum that is not a training update, as its plan states it.
+
+    Each slot of such a sum is *normalised*: divided by the most one record can add to it
+    (values clipped; ``cost_clip`` bounds a record's cost, in currency units), so one record
+    moves a slot by at most 1. The summed vector carries, on every slot, symmetric Skellam
+    noise of standard deviation ``sd`` normalised units; each node adds ``1 / sites`` of its
+    variance (``share``), so a sum over at least ``sites`` honest nodes carries all of it, and
+    a node signs no survivor set smaller than ``sites``.
+    """
+
+    sd: float
+    sites: int
+    cost_clip: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sd", _real("sd", self.sd, positive=True))
+        object.__setattr__(self, "cost_clip", _real("cost_clip", self.cost_clip, positive=True))
+        if isinstance(self.sites, bool) or not isinstance(self.sites, int) or self.sites < 3:
+            raise ValueError(f"sites={self.sites!r}: a noisy sum is shared among at least 3 sites")
+
+    @property
+    def variance(self) -> float:
+        """The total noise variance per slot, in grid units (1 / ``NOISE_GRID`` of a normalised unit)."""
+        return (self.sd * NOISE_GRID) ** 2
+
+    def share(self, sites: int | None = None) -> float:
+        """The variance one node adds: its share among ``sites`` (default: the plan's; 1 for a
+        contribution that leaves in the clear, which must carry all of the noise itself)."""
+        return share_of_variance(self.variance, self.sites if sites is None else sites)
+
+    def release(self, touched: int) -> SkellamRelease:
+        """One noisy sum in which a record changes at most ``touched`` slots, each by at most
+        one normalised unit: ``NOISE_GRID`` + 1 grid units once stochastic rounding is counted."""
+        if isinstance(touched, bool) or not isinstance(touched, int) or touched < 1:
+            raise ValueError(f"touched={touched!r}: expected a positive integer")
+        step = NOISE_GRID + 1
+        return SkellamRelease(variance=self.variance, l1=touched * step, l2=math.sqrt(touched) * step)
+
+
+def plan_epsilon(noise: StatisticsNoise, *, touched: Sequence[int], delta: float) -> float:
+    """ε at ``delta`` of a job's noisy sums composed: one per entry of ``touched``."""
+    rdp = sum((noise.release(t).rdp() for t in touched), np.zeros(len(ORDERS)))
+    return epsilon_from_rdp(rdp=rdp, delta=delta)
+
+
+def calibrate_noise(
+    *, epsilon: float, delta: float, touched: Sequence[int], sites: int, cost_clip: float
+) -> StatisticsNoise:
+    """The least noise (to ``VARIANCE_TOLERANCE`` in standard deviation, on the safe side) with
+    which a job's noisy sums, one per entry of ``touched``, spend at most (``epsilon``, ``delta``)
+    at every site."""
+    epsilon = _real("epsilon", epsilon, positive=True)
+    if not touched:
+        raise ValueError("a job with no noisy sum needs no noise")
+
+    def spent(sd: float) -> float:
+        return plan_epsilon(StatisticsNoise(sd, sites, cost_clip), touched=touched, delta=delta)
+
+    low, high = 0.0, 1.0
+    while spent(high) > epsilon:
+        if high > MAX_NOISE_TO_SENSITIVITY:
+            raise PrivacyBudgetExhausted(
+                f"no noise up to {MAX_NOISE_TO_SENSITIVITY:g} records' worth keeps the job's {len(touched)} noisy "
+                f"sums within epsilon={epsilon:g} at delta={delta:g}; raise the job's statistics epsilon"
+            )
+        low, high = high, 2 * high
+    while high - low > VARIANCE_TOLERANCE * high:
+        middle = (low + high) / 2
+        if spent(middle) > epsilon:
+            low = middle
+        else:
+            high = middle
+    return StatisticsNoise(high, sites, cost_clip)

@@ -74,8 +74,22 @@ def _integer(where: str, value: Any, minimum: int, hint: str) -> int:
 
 
 @dataclass(frozen=True)
+class StatisticsPrivacy:
+    """``[privacy.statistics]``: the site releases sums other than training updates (feature
+    statistics, tables, evaluation and benchmark totals) only with distributed DP noise, and
+    a job's such sums together may spend at most ``epsilon`` (at the site's delta) of its budget."""
+
+    epsilon: float
+
+    def __post_init__(self) -> None:
+        epsilon = _number("privacy.statistics.epsilon", self.epsilon, "epsilon = 1.0")
+        if not (math.isfinite(epsilon) and epsilon > 0):
+            raise _FieldError("privacy.statistics.epsilon", f"must be a positive finite number, got {self.epsilon}")
+
+
+@dataclass(frozen=True)
 class PrivacySettings:
-    """The site's record-level DP budget (Abadi et al. 2016) for all the training it does.
+    """The site's record-level DP budget (Abadi et al. 2016) for all it releases.
 
     ``epsilon = inf`` means no differential privacy: then ``delta``, ``max_grad_norm`` and
     ``noise_multiplier`` must be absent, so a policy never looks protected when it is not.
@@ -83,19 +97,24 @@ class PrivacySettings:
     ``noise_multiplier`` the node derives one per round from the budget left and the
     rounds left (:func:`fedcost.privacy.dp.dp_config_for`), so the job's rounds exactly
     fit the budget; with one, rounds run at that noise until the budget is spent.
+    ``statistics`` (needs a finite ``epsilon``): every other sum the site releases carries
+    distributed DP noise, paid from the same budget (``StatisticsPrivacy``).
     """
 
     epsilon: float
     delta: float | None = None
     max_grad_norm: float | None = None
     noise_multiplier: float | None = None
+    statistics: StatisticsPrivacy | None = None
 
     def __post_init__(self) -> None:
         epsilon = _number("privacy.epsilon", self.epsilon, "epsilon = 8.0 (or inf for no DP)")
         if math.isnan(epsilon) or epsilon <= 0:
             raise _FieldError("privacy.epsilon", f"must be > 0 or inf, got {epsilon}; write e.g. epsilon = 8.0")
+        if self.statistics is not None and not isinstance(self.statistics, StatisticsPrivacy):
+            raise _FieldError("privacy.statistics", "expected a [privacy.statistics] table with epsilon = ...")
         if not self.enabled:
-            for name in ("delta", "max_grad_norm", "noise_multiplier"):
+            for name in ("delta", "max_grad_norm", "noise_multiplier", "statistics"):
                 if getattr(self, name) is not None:
                     raise _FieldError(
                         f"privacy.{name}", "epsilon = inf turns DP off; remove this field or set a finite epsilon"
@@ -197,6 +216,14 @@ class SitePolicy:
         _known("privacy.", privacy, PrivacySettings)
         if "epsilon" not in privacy:
             raise _FieldError("privacy.epsilon", "required; write epsilon = 8.0 (or inf for no DP)")
+        statistics = privacy.get("statistics")
+        if statistics is not None:
+            if not isinstance(statistics, Mapping):
+                raise _FieldError("privacy.statistics", "expected a [privacy.statistics] table")
+            _known("privacy.statistics.", statistics, StatisticsPrivacy)
+            if "epsilon" not in statistics:
+                raise _FieldError("privacy.statistics.epsilon", "required; write epsilon = 1.0")
+            privacy = {**privacy, "statistics": StatisticsPrivacy(**statistics)}
         return cls(**{**data, "privacy": PrivacySettings(**privacy)})
 
     def to_dict(self) -> dict[str, Any]:

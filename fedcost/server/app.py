@@ -11,9 +11,11 @@ The coordinator only ever handles sums; it never receives rows or a single node'
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 import uuid
 from dataclasses import dataclass, replace
+from functools import cached_property
 from datetime import datetime, timezone
 from collections.abc import Callable
 from typing import Protocol
@@ -24,16 +26,18 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from fedcost.analytics import Benchmark, GroupedStatistics, benchmark
+from fedcost.analytics import benchmarking
 from fedcost.analytics.benchmarking import shared_vector_size, standardised, totals_from_shared_vector
 from fedcost.audit import AuditLog
-from fedcost.config import AnalyticsSection, SecureAggregationSection, StrategySection
+from fedcost.config import AnalyticsSection, SecureAggregationSection, StatisticsPrivacySection, StrategySection
 from fedcost.data.features import FeatureSpec, StatisticsLayout
 from fedcost.errors import FederationError
-from fedcost.job import TrainingJob
+from fedcost.job import TrainingJob, noisy_releases
 from fedcost.models import evaluation
 from fedcost.models.nets import ModelSpec, build_model
 from fedcost.models.training import TrainConfig
-from fedcost.privacy import MIN_COHORT
+from fedcost.privacy import MIN_COHORT, MIN_SECURE_SITES
+from fedcost.privacy.distributed import StatisticsNoise, calibrate_noise
 from fedcost.server.audited_grid import AuditedGrid
 from fedcost.server.shared_sum import PollingGrid, SharedSums, SumResult
 from fedcost.wire import records as rec
@@ -83,6 +87,22 @@ class CoordinatorPlan:
     # "train": the training job (with the analytics the section asks for);
     # "analyze": the grouped statistics alone, no model.
     task: str = "train"
+    statistics_privacy: StatisticsPrivacySection = StatisticsPrivacySection()
+
+    @cached_property
+    def noise(self) -> StatisticsNoise | None:
+        """The distributed DP noise on every sum but training updates: the least with which the
+        plan's noisy sums spend the job's statistics (ε, δ) at every site, shared among the
+        sites a sum keeps when as many drop out as secure aggregation tolerates (at least 3)."""
+        section = self.statistics_privacy
+        if not section.enabled:
+            return None
+        kept = math.ceil(len(self.roster) * (1 - self.secure_aggregation.dropout_tolerance))
+        releases = noisy_releases(purposes=tuple(self.purposes()), rounds=self.rounds, statistics=self.layout,
+                                  tables=[self.analytics.layout()] if self.analytics.group_by else [],
+                                  tasks=self.model.tasks)
+        return calibrate_noise(epsilon=section.epsilon, delta=section.delta, touched=releases,
+                               sites=max(MIN_SECURE_SITES, kept), cost_clip=section.cost_clip)
 
     def purposes(self) -> list[str]:
         """The purposes this run will ask for, in order: what the hello states."""
@@ -105,6 +125,7 @@ class CoordinatorPlan:
             model_parameters=_max_model_parameters(self) if training else 0,
             outputs={purpose: PURPOSES[purpose].outputs for purpose in purposes},
             tables=(self.analytics.layout().to_json(),) if "analytics" in purposes else (),
+            noise=self.noise,
         )
 
 
@@ -247,7 +268,8 @@ class Coordinator:
 
     def _sum(self, purpose: str, server_round: int, *args, **kwargs) -> SumResult:
         """A shared sum, with its dropouts and the digest of the aggregate in the log."""
-        result = self.sums.run(purpose, server_round, *args, **kwargs)
+        noisy = self.plan.noise is not None and purpose != "train"
+        result = self.sums.run(purpose, server_round, *args, noisy=noisy, **kwargs)
         for site, reason in result.dropouts.items():
             self.log.append(Event.DROPOUT, round=server_round, details={"party": site, "reason": reason, "purpose": purpose})
         self.log.append(
@@ -277,22 +299,37 @@ class Coordinator:
         result = self._sum("statistics", 0, [(size,)], node_ids)
         if result.dropouts:
             raise FederationError(f"the statistics stage needs every node; missing: {result.dropouts}")
-        features = self.plan.layout.feature_spec(result.arrays[0])
+        noise = self.plan.noise
+        if noise is None:
+            features = self.plan.layout.feature_spec(result.arrays[0])
+        else:
+            totals = result.arrays[0] * self.plan.layout.noisy_bounds(noise.cost_clip)
+            features = self.plan.layout.feature_spec(totals, noise_sd=noise.sd)
         self.observer.on_features(features, result.included)
         return features
 
     def _grouped_statistics(self, node_ids: list[int]) -> None:
         """Grouped cost statistics: every node's cell sums, small cells withheld at the node."""
-        layout = self.plan.analytics.layout()
-        result = self._sum("analytics", 0, [(layout.size,)], node_ids, job=layout.to_json())
-        self.observer.on_statistics(GroupedStatistics.from_totals(layout, result.arrays[0], self.plan.min_cohort), result.included)
+        layout, noise, min_cohort = self.plan.analytics.layout(), self.plan.noise, self.plan.min_cohort
+        size = layout.size if noise is None else layout.noisy_size
+        result = self._sum("analytics", 0, [(size,)], node_ids, job=layout.to_json())
+        if noise is None:
+            statistics = GroupedStatistics.from_totals(layout, result.arrays[0], min_cohort)
+        else:
+            totals = result.arrays[0] * layout.noisy_bounds(noise.cost_clip)
+            statistics = GroupedStatistics.from_noisy_totals(layout, totals, min_cohort, noise.sd)
+        self.observer.on_statistics(statistics, result.included)
 
     def _benchmark(self, node_ids: list[int], arrays: ArrayRecord, job: TrainingJob) -> None:
         """Each site's observed and expected totals under the final model, side by side."""
-        names = [name for name, _ in self.plan.roster]
-        shape = (shared_vector_size(len(names)),)
+        names, noise = [name for name, _ in self.plan.roster], self.plan.noise
+        shape = (shared_vector_size(len(names), noisy=noise is not None),)
         result = self._sum("benchmark", self.plan.rounds, [shape], node_ids, arrays, job.to_json())
-        totals = standardised(totals_from_shared_vector(result.arrays[0], names))
+        if noise is None:
+            totals = standardised(totals_from_shared_vector(result.arrays[0], names))
+        else:
+            noisy = result.arrays[0] * benchmarking.noisy_bounds(len(names), noise.cost_clip)
+            totals = standardised(totals_from_shared_vector(noisy, names, noisy=True))
         self.observer.on_benchmark(benchmark(totals), result.included)
 
     def _train_round(self, server_round: int, arrays: ArrayRecord, job: TrainingJob) -> tuple[ArrayRecord, SumResult]:
@@ -316,11 +353,16 @@ class Coordinator:
     def _evaluate_round(self, server_round: int, arrays: ArrayRecord, job: TrainingJob, features: FeatureSpec) -> dict:
         """Federated metrics on every node's held-out rows, from summed evaluation sums."""
         messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid))
-        shapes = evaluation.sums_shapes(job.model.tasks)
+        noise, record = self.plan.noise, {}
+        shapes = evaluation.sums_shapes(job.model.tasks, noisy=noise is not None)
         node_ids = [m.metadata.dst_node_id for m in messages]
         summed = self._sum("evaluate", server_round, shapes, node_ids, arrays, job.to_json())
-        record: dict = {}
-        for task, sums in zip(job.model.tasks, summed.arrays):
+        by_task = summed.arrays
+        if noise is not None:
+            bounds = [evaluation.readmission_bounds() if task == "readmission"
+                      else evaluation.cost_bounds(noise.cost_clip / features.cost_scale) for task in job.model.tasks]
+            by_task = [array * bound for array, bound in zip(by_task, bounds, strict=True)]
+        for task, sums in zip(job.model.tasks, by_task):
             metrics = (
                 evaluation.readmission_from_sums(sums)
                 if task == "readmission"

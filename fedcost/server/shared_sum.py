@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from fedcost.wire import records as rec
 from fedcost.config import SecureAggregationSection
 from fedcost.errors import FederationError, ProtocolAbort
+from fedcost.privacy.distributed import NOISE_CLIP, NOISE_GRID
 from fedcost.secagg import Coordinator as SecAggCoordinator
 from fedcost.secagg import MaskedInputRequest, Quantizer, RoundConfig, reply_from_dict
 from fedcost.wire.purposes import PURPOSES
@@ -74,19 +75,21 @@ class SharedSums:
         arrays: ArrayRecord | None = None,
         job: str | None = None,
         total_weight: int | None = None,
+        noisy: bool = False,
     ) -> SumResult:
         """Sum the contributions of ``node_ids`` for ``purpose``.
 
         ``arrays`` (the global weights) ride with the request that asks for the
         contribution; ``job`` with every request. ``total_weight``: what the nodes'
         training weights add up to at most (the federation's training rows), which lets
-        a training sum travel in 32-bit words (``Quantizer``).
+        a training sum travel in 32-bit words (``Quantizer``). ``noisy``: a sum the nodes send
+        normalised and with their share of the job's noise, on its grid (``NOISE_GRID``).
         """
         base = {rec.PURPOSE: purpose, rec.ROUND: server_round, **({rec.JOB: job} if job else {})}
         payload = RecordDict({rec.ARRAYS: arrays}) if arrays is not None else None
         if not self.settings.enabled:
             return self._plain(purpose, shapes, node_ids, base, payload)
-        quantizer = self._quantizer(purpose, len(node_ids), total_weight)
+        quantizer = self._quantizer(purpose, len(node_ids), total_weight, noisy)
         attempts = self.settings.retries + 1 if self.settings.on_abort == "retry" else 1
         dropouts: dict[str, str] = {}
         for attempt in range(1, attempts + 1):
@@ -106,7 +109,9 @@ class SharedSums:
                     ) from None
         raise AssertionError("unreachable")
 
-    def _quantizer(self, purpose: str, nodes: int, total_weight: int | None) -> Quantizer:
+    def _quantizer(self, purpose: str, nodes: int, total_weight: int | None, noisy: bool) -> Quantizer:
+        if noisy:
+            return Quantizer(NOISE_CLIP, int(NOISE_CLIP) * NOISE_GRID, nodes)
         if purpose == "train":
             settings = self.settings
             return Quantizer(settings.update_clip, settings.update_levels, nodes, settings.max_examples, total_weight)

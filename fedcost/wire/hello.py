@@ -22,12 +22,15 @@ from typing import Any
 from flwr.app import ConfigRecord
 
 from fedcost.errors import PolicyViolationError
+from fedcost.privacy.distributed import StatisticsNoise
 from fedcost.wire import records as rec
 from fedcost.wire.purposes import PURPOSES
 
 OUTPUTS = "outputs."
 TABLES = "tables"
 _FIELDS = ("run_id", "coordinator", "secure_aggregation", "rounds", "min_cohort", "model_parameters")
+# The job's distributed DP noise on every sum but training updates: all three, or none.
+_NOISE = {"noise_sd": "sd", "noise_sites": "sites", "noise_cost_clip": "cost_clip"}
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -35,7 +38,8 @@ _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 class Hello:
     """A job plan. ``outputs`` maps each purpose the job will ask for to what its replies
     carry; ``tables`` holds every grouped-statistics layout (JSON) the analytics purpose
-    will request."""
+    will request; ``noise``, the distributed DP noise every sum but a training update
+    carries, if the job adds any."""
 
     run_id: str
     coordinator: str
@@ -45,6 +49,7 @@ class Hello:
     model_parameters: int
     outputs: Mapping[str, tuple[str, ...]]
     tables: tuple[str, ...] = ()
+    noise: StatisticsNoise | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "outputs", MappingProxyType({k: tuple(v) for k, v in self.outputs.items()}))
@@ -61,20 +66,22 @@ class Hello:
 
     def _plain(self) -> dict[str, Any]:
         fields = {name: getattr(self, name) for name in _FIELDS}
-        return {**fields, "outputs": {k: list(v) for k, v in self.outputs.items()}, TABLES: list(self.tables)}
+        noise = {key: getattr(self.noise, name) for key, name in _NOISE.items()} if self.noise else {}
+        return {**fields, "outputs": {k: list(v) for k, v in self.outputs.items()}, TABLES: list(self.tables), **noise}
 
     def to_record(self) -> ConfigRecord:
         """The hello as its config record travels (``transport = hello``)."""
         plan = {name: getattr(self, name) for name in _FIELDS}
         outputs = {OUTPUTS + purpose: list(names) for purpose, names in self.outputs.items()}
         tables = {TABLES: list(self.tables)} if self.tables else {}
-        return ConfigRecord({rec.TRANSPORT: rec.HELLO, **plan, **outputs, **tables})
+        noise = {key: getattr(self.noise, name) for key, name in _NOISE.items()} if self.noise else {}
+        return ConfigRecord({rec.TRANSPORT: rec.HELLO, **plan, **outputs, **tables, **noise})
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> Hello:
         """The plan a hello states, read strictly: a field this node does not know (a
         subgroup filter, a query) is a request the site never agreed to answer."""
-        known = {rec.TRANSPORT, TABLES, *_FIELDS}
+        known = {rec.TRANSPORT, TABLES, *_FIELDS, *_NOISE}
         for key in record:
             if key not in known and not key.startswith(OUTPUTS):
                 raise _refusal(f"the hello asks for {key!r:.60}, which this node does not know")
@@ -105,6 +112,7 @@ class Hello:
             if isinstance(record[name], bool) or not isinstance(record[name], int):
                 raise _refusal(f"the hello's {name} must be a whole number, not {record[name]!r:.20}")
         return cls(
+            noise=_noise(record),
             run_id=run_id,
             coordinator=coordinator,
             secure_aggregation=record["secure_aggregation"],
@@ -114,6 +122,19 @@ class Hello:
             outputs={purpose: tuple(names) for purpose, names in outputs.items()},  # type: ignore[union-attr]
             tables=tuple(tables),
         )
+
+
+def _noise(record: ConfigRecord) -> StatisticsNoise | None:
+    """The job's statistics noise, stated in full or not at all."""
+    stated = [key for key in _NOISE if key in record]
+    if not stated:
+        return None
+    if len(stated) != len(_NOISE):
+        raise _refusal(f"the hello states its noise only in part; it needs {', '.join(_NOISE)}")
+    try:
+        return StatisticsNoise(**{name: record[key] for key, name in _NOISE.items()})  # type: ignore[arg-type]
+    except ValueError as error:
+        raise _refusal(f"the hello's noise is not usable: {error}") from None
 
 
 def _refusal(reason: str) -> PolicyViolationError:
