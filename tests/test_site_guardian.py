@@ -22,6 +22,7 @@ from fedcost.analytics import GroupedStatisticsLayout
 from fedcost.client.node import Node
 from fedcost.data.files import write_node_files
 from fedcost.data.synthetic import EcosystemSpec, generate_ecosystem
+from fedcost.models import evaluation
 from fedcost.models.evaluation import READMISSION_SUMS, SCORE_BINS
 from fedcost.privacy.distributed import NOISE_CLIP, NOISE_GRID, StatisticsNoise
 from fedcost.privacy.ledger import start_anew
@@ -119,6 +120,32 @@ def test_three_site_sets_that_differ_by_one_site_are_refused(bench: Bench) -> No
     second = bench.secure_sum("statistics", 0, (SITES[0], SITES[1], SITES[3]), shapes,
                               label=f"{RUN}:b:statistics:2")
     _refused_by_all(second, SITES[:2], "could isolate")
+
+
+def test_differencing_a_fixed_input_across_two_jobs_is_refused(bench: Bench) -> None:
+    shapes = _statistics_shape(bench)
+    assert bench.secure_sum("statistics", 0, SITES, shapes, label=f"{RUN}:j:statistics:1").sums is not None
+    later = bench.hello(run_id="later")
+    assert all(not reply.has_error() for reply in bench.say_hello(later).values())
+    outcome = bench.secure_sum("statistics", 0, SITES[:3], shapes, label="later:j:statistics:1")
+    _refused_by_all(outcome, SITES[:3], "could isolate hospital-4")
+
+
+def test_evaluating_one_model_over_two_site_sets_is_refused(bench: Bench) -> None:
+    job, weights = bench.job_and_weights(SITES[0])
+    shapes = [(n,) for (n,) in evaluation.sums_shapes(job.model.tasks)]
+    first = bench.secure_sum("evaluate", 1, SITES, shapes, label=f"{RUN}:e:evaluate:1", job=job.to_json(),
+                             weights=weights)
+    assert first.sums is not None, first.refusals
+    # The same weights again, in the next round, without hospital-4: its evaluation sums by difference.
+    again = bench.secure_sum("evaluate", 2, SITES[:3], shapes, label=f"{RUN}:e:evaluate:2", job=job.to_json(),
+                             weights=weights)
+    _refused_by_all(again, SITES[:3], "this exact model")
+
+
+def test_a_secure_sum_labelled_for_another_purpose_is_refused(bench: Bench) -> None:
+    outcome = bench.secure_sum("statistics", 0, SITES, _statistics_shape(bench), label=f"{RUN}:x:analytics:1")
+    _refused_by_all(outcome, SITES, "labelled for another run, purpose or round")
 
 
 def test_the_same_site_set_may_sum_an_input_again(bench: Bench) -> None:
