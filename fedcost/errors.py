@@ -77,6 +77,10 @@ class AuditLogTamperedError(FedcostError):
     """An audit log fails verification; names the party, the entry and what is wrong."""
 
 
+class ModelFitError(FedcostError):
+    """A model cannot be fitted to the data as given; says why and what to change."""
+
+
 class FederationError(FedcostError):
     """A federated run failed (nodes unreachable, every reply an error, ...)."""
 
