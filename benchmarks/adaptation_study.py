@@ -2,8 +2,9 @@
 
 Runs ``fedcost simulate`` on both shipped configs with seeds 1-5 (never the configs' own
 seeds, which the acceptance figures use), then re-scores each run's final federated and
-pooled models adapted for 0, 3, 5 and 10 epochs at every site (``models.adaptation``,
-then site calibration, as the summary scores them). Prints per run the three smallest
+pooled models with 0, 3, 5 and 10 epochs of site fine-tuning on offer at every site
+(``models.site_steps``: each step kept only where the site's validation rows show it
+helps, as the summary scores ``federated_at_sites``). Prints per run the three smallest
 sites against local-only and the overall figures.
 
     .venv/bin/python benchmarks/adaptation_study.py [--seeds 1,2,3,4,5] [--keep DIR]
@@ -59,10 +60,11 @@ def scores(run: Path) -> dict[str, dict[str, float]]:
     pooled_rows = features.task_data(pd.concat([node.train for node in nodes], ignore_index=True))
     pooled = simulation._train(config, features, pooled_rows, config.run.rounds * config.training.epochs, "pooled")
     predictions = {"local": simulation._local_only_predictions(config, features, nodes)}
+    sites = run / "study-sites"
     for epochs in EPOCHS:
         adapted = replace(config, run=replace(config.run, adaptation_epochs=epochs))
-        predictions[f"federated/{epochs}"] = [simulation._at_site(adapted, federated, features, n) for n in nodes]
-        predictions[f"pooled/{epochs}"] = [simulation._at_site(adapted, pooled, features, n) for n in nodes]
+        predictions[f"federated/{epochs}"] = [simulation._site_steps(adapted, federated, features, n, sites)[1] for n in nodes]
+        predictions[f"pooled/{epochs}"] = [simulation._site_steps(adapted, pooled, features, n, sites)[1] for n in nodes]
     smallest = sorted(range(len(nodes)), key=lambda i: len(nodes[i].train) + len(nodes[i].test))[:3]
     return {name: _figures(nodes, site_predictions, smallest) for name, site_predictions in predictions.items()}
 

@@ -13,20 +13,25 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedcost.audit.cli import audit_app
-from fedcost.config import SimulationConfig
 from fedcost.errors import FedcostError
 from fedcost.federation.cli import coordinator_app, federation_app, node_app
 from fedcost.federation.cli import run as run_job
 from fedcost.report.html import MODELS, comparison_rows, format_value, funnel_position, scoring_note
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # both load torch: only the commands that need it import them
+    from fedcost.config import SimulationConfig
     from fedcost.simulation import RunResult
 
-app = typer.Typer(help="Privacy-preserving multi-party cost analysis for health-care ecosystems.", no_args_is_help=True)
+# A traceback that prints locals would print patient rows and keys: never show them.
+app = typer.Typer(
+    help="Privacy-preserving multi-party cost analysis for health-care ecosystems.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
 app.add_typer(audit_app, name="audit", help="Verify a run's signed audit logs and report what each site sent.")
 app.add_typer(federation_app, name="federation", help="Provision a federation: CA, coordinator, node startup kits.")
 app.add_typer(coordinator_app, name="coordinator", help="Run the federation's coordinator (Flower SuperLink).")
-app.add_typer(node_app, name="node", help="Run a site's node (Flower SuperNode) from its startup kit.")
+app.add_typer(node_app, name="node", help="Run a site's node from its startup kit.")
 app.command(name="run")(run_job)
 console = Console(emoji=False)
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
@@ -72,8 +77,39 @@ def analyze(
     console.print(f"run folder: [bold]{result.run_dir}[/bold] (statistics.csv, report: {result.run_dir / 'report.html'})")
 
 
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="A finished run's folder (it holds model.json and model.pt)")],
+    data: Annotated[Path, typer.Argument(help="The site's rows to score: a CSV or Parquet file")],
+    mapping: Annotated[Path, typer.Option("--mapping", help="The site's mapping file, as for `fedcost node start`")],
+    node: Annotated[str, typer.Option("--node", help="The site's [nodes.NAME] table in the mapping")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the predictions (CSV)")] = Path("predictions.csv"),
+    site: Annotated[
+        Optional[str], typer.Option("--site", help="Apply this site's saved steps (cost level, fine-tuning)")
+    ] = None,
+) -> None:
+    """Score a site's rows with a run's model; predictions stay at the site."""
+    from fedcost.data.loader import load_rows
+    from fedcost.data.mapping import DataMapping
+    from fedcost.files import replace_atomically
+    from fedcost.models.saved import SavedModel
+
+    try:
+        model = SavedModel.load(run)
+        checked = DataMapping.load(mapping)
+        rows = load_rows(checked, checked.node(node), data, targets=False)
+        scored = model.predict(rows, site=site)
+    except FedcostError as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(code=2) from None
+    scored.insert(0, "row", range(1, len(scored) + 1))
+    replace_atomically(out, scored.to_csv(index=False).encode())
+    console.print(f"wrote {len(scored):,} predictions to [bold]{escape(str(out))}[/bold]")
+
+
 def _run(config: Optional[Path], out: Optional[Path], data_dir: Optional[Path], task: str) -> "RunResult":
     """Load the config, run the simulation with progress shown, and turn errors into exit code 2."""
+    from fedcost.config import SimulationConfig
     from fedcost.simulation import simulate as run
 
     try:
@@ -121,8 +157,18 @@ class RoundProgress:
     def advance(self, record: dict) -> None:
         self.progress.update(self.task, advance=1, description=_round_text(record))
 
+    def stage(self, text: str) -> None:
+        """What is under way before a round completes (a federation run's stages)."""
+        self.progress.update(self.task, description=text)
+
+    def say(self, line: str) -> None:
+        """A line above the bar."""
+        self.progress.console.print(escape(line), soft_wrap=True, highlight=False)
+
 
 def _default_config() -> SimulationConfig:
+    from fedcost.config import SimulationConfig
+
     return SimulationConfig.load(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else SimulationConfig()
 
 

@@ -24,6 +24,9 @@ from fedcost.privacy import MIN_COHORT, SitePolicy
 from fedcost.tomlfile import read_toml
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam"]
+# Rounds when a config sets none: FedAvg runs them all; an exact GLM's Newton iteration stops
+# once it converges (well-posed data: 5-10 rounds), and this is its most.
+FEDAVG_ROUNDS, EXACT_GLM_ROUNDS = 10, 20
 
 
 @dataclass(frozen=True)
@@ -34,13 +37,13 @@ class RunSection:
     own rows before it is scored (``fedcost.models.adaptation``; 0: scored as shared)."""
 
     seed: int = 7
-    rounds: int = 10
+    rounds: int | None = None  # the model's own default: see SimulationConfig
     test_fraction: float = 0.2
     min_cohort: int = MIN_COHORT
     adaptation_epochs: int = 5
 
     def __post_init__(self) -> None:
-        if self.rounds < 1:
+        if self.rounds is not None and self.rounds < 1:
             raise ValueError(f"rounds must be at least 1, not {self.rounds}")
         if self.adaptation_epochs < 0:
             raise ValueError(f"adaptation_epochs must be 0 (none) or more, not {self.adaptation_epochs}")
@@ -209,6 +212,9 @@ class SimulationConfig:
     source: str = "<defaults>"
 
     def __post_init__(self) -> None:
+        if self.run.rounds is None:  # an exact GLM stops when it converges; FedAvg runs every round
+            rounds = EXACT_GLM_ROUNDS if self.model.exact else FEDAVG_ROUNDS
+            object.__setattr__(self, "run", dataclasses.replace(self.run, rounds=rounds))
         if self.statistics_privacy.enabled and not self.secure_aggregation.enabled:
             raise ConfigError("noisy sums need secure aggregation: set [secure_aggregation] enabled = true, or "
                               "[statistics_privacy] epsilon = inf", path=self.source, field="statistics_privacy")

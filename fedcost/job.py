@@ -12,12 +12,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from fedcost.analytics import benchmarking
 from fedcost.analytics.statistics import GroupedStatisticsLayout
 from fedcost.data.features import FeatureSpec, StatisticsLayout
 from fedcost.models import evaluation
 from fedcost.models.nets import ModelSpec
 from fedcost.models.training import TrainConfig
+from fedcost.wire.purposes import PURPOSES
 
 
 @dataclass(frozen=True)
@@ -69,4 +72,25 @@ def noisy_releases(
         "evaluate": [sum(evaluation.NOISY_TOUCHED[task] for task in tasks)] * rounds,
         "benchmark": [benchmarking.NOISY_TOUCHED],
     }
-    return [touched for purpose in purposes if purpose != "train" for touched in per_round[purpose]]
+    return [touched for purpose in purposes if not PURPOSES[purpose].trains for touched in per_round[purpose]]
+
+
+def glm_state(features: FeatureSpec, coefficients: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An exact GLM's coefficients per task (intercept first, over ``FeatureSpec.design_names``)
+    as the state of the torch GLM (``build_model`` of kind ``glm``) that predicts the same: its
+    head's weights over every feature, 0 for the reference levels, and its bias."""
+    state = {}
+    for task, beta in coefficients.items():
+        state[f"heads.{task}.weight"] = features.expand(np.asarray(beta)[1:])[None, :].astype("float32")
+        state[f"heads.{task}.bias"] = np.asarray(beta[:1], dtype="float32")
+    return state
+
+
+def glm_coefficients(features: FeatureSpec, state: dict[str, np.ndarray], tasks: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The inverse of ``glm_state``: each task's coefficients from a torch GLM's state."""
+    keep = np.setdiff1d(np.arange(features.n_features), features.reference_levels)
+    return {
+        task: np.concatenate([np.asarray(state[f"heads.{task}.bias"], dtype="float64"),
+                              np.asarray(state[f"heads.{task}.weight"], dtype="float64")[0, keep]])
+        for task in tasks
+    }

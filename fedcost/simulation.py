@@ -44,13 +44,14 @@ from fedcost.data.mapping import DataMapping
 from fedcost.data.files import MAPPING_FILE, write_node_files
 from fedcost.data.synthetic import generate_ecosystem
 from fedcost.audit import AuditLog, verify_folder
-from fedcost.errors import AuditLogTamperedError, ConfigError, FederationError
+from fedcost.errors import AuditLogTamperedError, ConfigError, FederationError, ModelFitError
 from fedcost.identity import Identity, PublicIdentity
-from fedcost.models.adaptation import adapted_to_site
-from fedcost.models.calibration import fit_site_calibration
+from fedcost.job import glm_state
+from fedcost.models import glm
+from fedcost.models.site_steps import SiteSteps, decide_site_steps
 from fedcost.models.metrics import calibration_bins, cost_metrics, readmission_metrics
 from fedcost.models.nets import FedcostNet, build_model
-from fedcost.models.training import TaskData, predict, train_local
+from fedcost.models.training import predict, train_local
 from fedcost.privacy import SitePolicy
 from fedcost.privacy.accounting import DpSgdSteps
 from fedcost.privacy.ledger import SUFFIX as LEDGER_SUFFIX
@@ -65,9 +66,10 @@ LEDGERS = "ledgers"  # each site's release ledger: a simulation's sites live as 
 Task = Literal["train", "analyze"]
 # A site alone would train until its model settles: at least this many optimizer steps.
 MIN_LOCAL_STEPS = 300
-# The federated model as it left the federation, before any site adapted or calibrated it,
-# reported next to the three models.
-FEDERATED_GLOBAL = "federated_global"
+# The federated model as each site would use it: with the steps (its own cost level, fine-
+# tuning) its validation rows show help, reported apart from the shared model itself.
+AT_SITES = "federated_at_sites"
+SITES_DIR = "sites"  # each site's steps: sites/<name>.json, and sites/<name>.pt when it fine-tunes
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,8 @@ def _run(
     else:
         summary = _trained(config, run_id, folder, mapping, nodes, recorder)
     summary["analytics"] = recorder.analytics
+    if recorder.inference:
+        summary["inference"] = recorder.inference
     summary["audit"] = audit
     summary["privacy"] = _privacy_summary(config, folder, nodes)
     if plan.noise is not None:
@@ -201,12 +205,15 @@ def _trained(
     )
 
     predictions = {
-        "federated": [_at_site(config, federated, features, node) for node in nodes],
+        "federated": [_predict(federated, features, node.test) for node in nodes],
         "pooled": _pooled_predictions(config, features, nodes),
         "local_only": _local_only_predictions(config, features, nodes),
     }
-    predictions[FEDERATED_GLOBAL] = [_predict(federated, features, node.test) for node in nodes]
-    return _summary(run_id, config, mapping, nodes, predictions, features, recorder.rounds)
+    steps = {node.name: _site_steps(config, federated, features, node, folder / SITES_DIR) for node in nodes}
+    predictions[AT_SITES] = [steps[node.name][1] for node in nodes]
+    summary = _summary(run_id, config, mapping, nodes, predictions, features, recorder.rounds)
+    summary["site_steps"] = {name: decided.to_dict() for name, (decided, _) in steps.items()}
+    return summary
 
 
 def _load_nodes(mapping: DataMapping, config: SimulationConfig) -> list[NodeData]:
@@ -350,42 +357,65 @@ def _predict(model: torch.nn.Module, features: FeatureSpec, rows: pd.DataFrame) 
     return predictions
 
 
-def _at_site(config: SimulationConfig, model: FedcostNet, features: FeatureSpec, node: NodeData) -> dict[str, np.ndarray]:
-    """A shared model's predictions on ``node``'s held-out rows as the site would use it.
-
-    The site first adapts it to its training rows for ``[run] adaptation_epochs``
-    (``models.adaptation``), then puts its costs at the site's own level with the
-    calibration every node also applies to its federated evaluation sums
-    (``models.calibration``), fitted on the same rows.
-    """
+def _site_steps(
+    config: SimulationConfig, model: FedcostNet, features: FeatureSpec, node: NodeData, folder: Path
+) -> tuple[SiteSteps, dict[str, np.ndarray]]:
+    """The shared model as ``node``'s site would use it, and its predictions on the site's
+    held-out rows: its cost level and ``[run] adaptation_epochs`` of fine-tuning, each kept
+    only where the site's own validation rows show it helps (``models.site_steps``). The
+    steps are saved under ``folder`` for ``fedcost predict --site``."""
     train = features.task_data(node.train)
-    if config.run.adaptation_epochs:
-        seed = derive_seed(config.run.seed, "adaptation", node.name)
-        model = adapted_to_site(model, train, config.training, epochs=config.run.adaptation_epochs, seed=seed)
-    predictions = _predict(model, features, node.test)
+    seed = derive_seed(config.run.seed, "adaptation", node.name)
+    steps, adapted = decide_site_steps(model, train, config.training, epochs=config.run.adaptation_epochs, seed=seed,
+                                       min_rows=config.run.min_cohort)
+    folder.mkdir(exist_ok=True)
+    (folder / f"{node.name}.json").write_text(json.dumps(steps.to_dict(), indent=2))
+    if adapted is not None:
+        torch.save(adapted.state_dict(), folder / f"{node.name}.pt")
+    predictions = steps.predict(model, adapted, features.encode(node.test))
     if "cost" in predictions:
-        predictions["cost"] = fit_site_calibration(model, train).apply(predictions["cost"])
-    return predictions
+        predictions["cost"] = predictions["cost"] * features.cost_scale
+    return steps, predictions
 
 
-def _train(config: SimulationConfig, features: FeatureSpec, data: TaskData, epochs: int, label: str) -> FedcostNet:
+def _train(config: SimulationConfig, features: FeatureSpec, rows: pd.DataFrame, epochs: int, label: str) -> FedcostNet:
+    """The baseline model on ``rows``: an exact GLM by the federation's own estimator fitted to
+    convergence (``_fit_glm``), or the network trained for ``epochs``."""
     torch.set_num_threads(1)
     model = build_model(config.model, features.n_features, seed=config.run.seed, readmission_rate=features.initial_readmission_rate)
+    if config.model.exact:
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in _fit_glm(config, features, rows).items()})
+        return model
+    data = features.task_data(rows)
     training = replace(config.training, epochs=epochs, proximal_mu=0.0)
     train_local(model, data, training, seed=derive_seed(config.run.seed, "baseline", label))
     return model
 
 
-def _pooled_predictions(config: SimulationConfig, features: FeatureSpec, nodes: list[NodeData]) -> list[dict]:
-    """All training rows in one place, the same number of epochs as the federation ran.
+def _fit_glm(config: SimulationConfig, features: FeatureSpec, rows: pd.DataFrame) -> dict[str, np.ndarray]:
+    """An exact GLM on ``rows`` alone, per task, as a torch GLM's state: the same iteration and
+    penalty as the federation's (``glm.fit_pooled``). Where the rows cannot give a fit (one
+    class only, at a small site), the task falls back to its mean: what such a site knows."""
+    spec, x, coefficients = config.model, features.design(rows), {}
+    for task in spec.tasks:
+        family = glm.task_family(task, cost_family=spec.cost_family, tweedie_power=spec.tweedie_power)
+        y = rows[schema.READMISSION if task == "readmission" else schema.COST].to_numpy("float64")
+        y = y if task == "readmission" else y / features.cost_scale
+        try:
+            coefficients[task] = glm.fit_pooled(x, y, family=family, penalty=spec.penalty).coefficients
+        except ModelFitError:
+            mean = float(np.clip((y.sum() + 0.5) / (y.size + 1), 1e-6, None if task == "cost" else 1 - 1e-6))
+            coefficients[task] = glm.start_coefficients(x.shape[1] + 1, family=family, mean=mean)
+    return glm_state(features, coefficients)
 
-    Each site adapts and calibrates it as it does the federated model: with every site's
-    rows in one place that is as available, so the gap to pooled is the price of
-    federating alone.
-    """
-    data = features.task_data(pd.concat([node.train for node in nodes], ignore_index=True))
-    model = _train(config, features, data, config.run.rounds * config.training.epochs, "pooled")
-    return [_at_site(config, model, features, node) for node in nodes]
+
+def _pooled_predictions(config: SimulationConfig, features: FeatureSpec, nodes: list[NodeData]) -> list[dict]:
+    """All training rows in one place, fitted by the federation's own estimator (an exact GLM
+    to convergence; a network for as many epochs as the federation ran) and scored as it is,
+    like the shared model: the gap between them is the price of federating alone."""
+    rows = pd.concat([node.train for node in nodes], ignore_index=True)
+    model = _train(config, features, rows, config.run.rounds * config.training.epochs, "pooled")
+    return [_predict(model, features, node.test) for node in nodes]
 
 
 def _local_only_predictions(config: SimulationConfig, features: FeatureSpec, nodes: list[NodeData]) -> list[dict]:
@@ -394,7 +424,7 @@ def _local_only_predictions(config: SimulationConfig, features: FeatureSpec, nod
     for node in nodes:
         steps_per_epoch = math.ceil(len(node.train) / config.training.batch_size)
         epochs = max(config.run.rounds * config.training.epochs, math.ceil(MIN_LOCAL_STEPS / steps_per_epoch))
-        model = _train(config, features, features.task_data(node.train), epochs, f"local/{node.name}")
+        model = _train(config, features, node.train, epochs, f"local/{node.name}")
         predictions.append(_predict(model, features, node.test))
     return predictions
 

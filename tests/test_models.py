@@ -9,7 +9,8 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import average_precision_score, brier_score_loss, r2_score, roc_auc_score
 
 from fedcost.models.adaptation import adapted_to_site
-from fedcost.models.calibration import CostCalibration, fit_site_calibration
+from fedcost.models.calibration import CostCalibration
+from fedcost.models.site_steps import SiteSteps, decide_site_steps
 from fedcost.models.metrics import calibration_bins, cost_metrics, readmission_metrics
 from fedcost.models.nets import TASKS, ModelSpec, build_model
 from fedcost.models.training import TaskData, TrainConfig, get_weights, predict, set_weights, train_local
@@ -351,16 +352,40 @@ def test_site_calibration_rejects_bad_inputs(observed, expected):
         CostCalibration.fit(np.array(observed), np.array(expected))
 
 
-def test_fit_site_calibration_scales_a_models_costs_to_the_sites_level():
+def _cost_model_and_rows(level: float, rows: int = 2_000) -> tuple[torch.nn.Module, TaskData]:
     model = build_model(ModelSpec(kind="glm"), D, seed=0)
-    x = np.random.default_rng(3).normal(size=(500, D)).astype(np.float32)
+    x = np.random.default_rng(3).normal(size=(rows, D)).astype(np.float32)
     with torch.no_grad():
         model.heads["cost"].weight.copy_(torch.linspace(-0.3, 0.3, D))
     expected = predict(model, x)["cost"]
-    calibration = fit_site_calibration(model, TaskData(x, None, (1.5 * expected).astype(np.float32)))
-    assert calibration.observed_over_expected == pytest.approx(1.5, rel=1e-5)
-    with pytest.raises(ValueError, match="no costs"):
-        fit_site_calibration(model, TaskData(x, np.zeros(500, dtype=np.float32), None))
+    noise = np.random.default_rng(4).gamma(4.0, 0.25, rows)  # mean 1: costs scatter around their level
+    y = (np.random.default_rng(5).random(rows) < 0.2).astype(np.float32)
+    return model, TaskData(x, y, (level * expected * noise).astype(np.float32))
+
+
+def test_a_site_keeps_its_cost_level_where_its_validation_rows_show_it_helps():
+    model, rows = _cost_model_and_rows(level=1.5)
+    steps, adapted = decide_site_steps(model, rows, TrainConfig(), epochs=0, seed=1, min_rows=11)
+    assert steps.calibration == pytest.approx(1.5, rel=0.05) and steps.adapted == () and adapted is None
+
+
+def test_a_site_at_the_models_level_keeps_the_shared_model():
+    model, rows = _cost_model_and_rows(level=1.0)
+    steps, _ = decide_site_steps(model, rows, TrainConfig(), epochs=0, seed=1, min_rows=11)
+    assert steps.calibration is None
+
+
+def test_a_site_with_too_few_validation_rows_decides_nothing():
+    model, rows = _cost_model_and_rows(level=3.0, rows=40)
+    assert decide_site_steps(model, rows, TrainConfig(), epochs=2, seed=1, min_rows=11) == (SiteSteps(), None)
+
+
+def test_site_steps_round_trip_strictly():
+    steps = SiteSteps(("cost",), 1.25)
+    assert SiteSteps.from_dict(steps.to_dict()) == steps
+    for bad in ({"adapted": []}, {"adapted": [], "calibration": -1.0}, {"adapted": [], "calibration": "x"}):
+        with pytest.raises(ValueError):
+            SiteSteps.from_dict(bad)
 
 
 # --- site adaptation ----------------------------------------------------------------------

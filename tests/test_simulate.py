@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -146,3 +148,46 @@ def test_each_site_shares_the_totals_its_own_rows_give_under_the_final_model(
     factor = sum(site["observed"] for site in shared.values()) / sum(local_expected.values())
     for name, site in shared.items():
         assert site["expected"] == pytest.approx(local_expected[name] * factor, rel=1e-6), name
+
+
+def test_an_unexpected_error_never_prints_the_locals_of_its_traceback() -> None:
+    script = (
+        "from fedcost.cli import app\n"
+        "@app.command('boom')\n"
+        "def boom() -> None:\n"
+        "    patient_row = 'SECRET-ROW-4711'\n"
+        "    raise RuntimeError('internal')\n"
+        "app(['boom'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode != 0
+    assert "RuntimeError" in result.stderr + result.stdout
+    assert "SECRET-ROW-4711" not in result.stderr + result.stdout
+
+
+def test_predict_scores_a_sites_rows_with_the_runs_model_and_its_kept_steps(
+    small_run: tuple[subprocess.CompletedProcess, Path], tmp_path: Path
+) -> None:
+    _, run = small_run
+    mapping = DataMapping.load(run / "data" / "mapping.toml")
+    node = mapping.node("hospital-2")
+    rows = pd.read_parquet(node.file).head(300).drop(columns=[schema.READMISSION, schema.COST])
+    rows.to_csv(tmp_path / "to-score.csv", index=False)
+    runner = CliRunner()
+    for site, out in ((None, "shared.csv"), ("hospital-2", "site.csv")):
+        args = ["predict", str(run), str(tmp_path / "to-score.csv"), "--mapping", str(run / "data" / "mapping.toml"),
+                "--node", "hospital-2", "--out", str(tmp_path / out)] + (["--site", site] if site else [])
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    shared, at_site = pd.read_csv(tmp_path / "shared.csv"), pd.read_csv(tmp_path / "site.csv")
+    assert len(shared) == len(rows) and list(shared["row"]) == list(range(1, len(rows) + 1))
+    assert shared["readmission_risk"].between(0, 1).all() and (shared["expected_cost"] >= 0).all()
+    steps = json.loads((run / "sites" / "hospital-2.json").read_text())
+    if steps["calibration"] is not None and "cost" not in steps["adapted"]:
+        ratio = at_site["expected_cost"] / shared["expected_cost"]
+        assert ratio.round(4).nunique() == 1 and abs(ratio.iloc[0] - steps["calibration"]) < 1e-4
+    outside = runner.invoke(app, ["predict", str(run), str(tmp_path / "to-score.csv"), "--mapping",
+                                  str(run / "data" / "mapping.toml"), "--node", "hospital-2", "--site", "../model",
+                                  "--out", str(tmp_path / "x.csv")])
+    assert outside.exit_code == 2 and "no steps for site" in outside.output
+    assert not (tmp_path / "x.csv").exists()

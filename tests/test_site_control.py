@@ -261,7 +261,9 @@ def test_a_dp_round_is_paid_in_the_ledger_before_training_and_refused_once_spent
     # 240 training rows, batch 64: rounds cost ε 2.61, 3.40, 4.02 at noise multiplier 1.5.
     privacy = {"epsilon": 4.0, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": 1.5}
     site = _site(mapping, tmp_path, require_secure_aggregation=False, privacy=privacy)
-    assert not site.send(hello(secure_aggregation=False, rounds=5)).has_error()
+    fedavg = hello(secure_aggregation=False, rounds=5)
+    del fedavg["outputs.newton"]  # a DP site trains only by DP-SGD: no exact Newton sums
+    assert not site.send(fedavg).has_error()
     job, weights = _job_and_weights(site.setup)
     spent = []
     for round_ in range(1, 6):
@@ -275,9 +277,19 @@ def test_a_dp_round_is_paid_in_the_ledger_before_training_and_refused_once_spent
     assert sum(entry["event"] == "dp_spent" for entry in ledger) == len(spent), "the refused round was not recorded"
 
 
+def test_a_dp_site_refuses_exact_newton_sums_and_says_to_fit_by_fedavg(mapping: Path, tmp_path: Path) -> None:
+    privacy = {"epsilon": 4.0, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": 1.5}
+    site = _site(mapping, tmp_path, require_secure_aggregation=False, privacy=privacy)
+    site.assert_refused(site.send(hello(secure_aggregation=False, rounds=5)), 'fit = "fedavg"')
+
+
 # --- accounting in real simulations --------------------------------------------------------
 
-SIMULATION = SMALL_FEDERATION.replace("rounds = 3", "rounds = {rounds}") + "\n[simulation]\n{policies}\n"
+# DP sites train only by DP-SGD, so these federations fit the GLM by FedAvg.
+SIMULATION = (
+    SMALL_FEDERATION.replace("rounds = 3", "rounds = {rounds}").replace('kind = "glm"', 'kind = "glm"\nfit = "fedavg"')
+    + "\n[simulation]\n{policies}\n"
+)
 
 
 def _simulate(folder: Path, name: str, rounds: int, policies: str) -> tuple[subprocess.CompletedProcess, Path]:

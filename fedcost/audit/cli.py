@@ -14,7 +14,9 @@ from fedcost.audit.report import audit_report, render_report
 from fedcost.errors import ConfigError
 from fedcost.identity.federation_ca import utc_now
 
-audit_app = typer.Typer(help="Verify audit logs and report what each site sent.", no_args_is_help=True)
+audit_app = typer.Typer(
+    help="Verify audit logs and report what each site sent.", no_args_is_help=True, pretty_exceptions_show_locals=False
+)
 
 RunFolder = Annotated[
     Path, typer.Argument(help="A run folder (audit/ and identities/), or one folder of *.jsonl and *.pub.json.")

@@ -69,6 +69,7 @@ from fedcost.secagg import Node as SecAggNode
 from fedcost.wire import records as rec
 from fedcost.wire.events import Event
 from fedcost.wire.hello import Hello
+from fedcost.wire.purposes import PURPOSES
 from fedcost.wire.requests import Request, read_request
 
 logger = logging.getLogger("fedcost.node")
@@ -241,7 +242,7 @@ class Guardian:
         if purpose.carries_model:
             job = _job(request)
             weights = {name: array.numpy() for name, array in request.weights.items()} if request.weights else {}
-            _check_model(job, weights, node)
+            _check_model(job, weights, node, purpose.name)
         layout = site.request_layout(request) if purpose.name == "analytics" else None
         release = None
         if layout is not None:
@@ -249,8 +250,9 @@ class Guardian:
             release = releases[hello.tables.index(str(request.config[rec.JOB]))]
         names = [name for name, _ in self.setup.roster]
         slot = names.index(node.name) if node.name in names else 0
+        limit = float(request.config.get("q_clip", math.inf))  # type: ignore[arg-type]  # read_request checked it
         return Ask(purpose.name, request.round, hello.min_cohort, job, weights, layout, release, slot, len(names),
-                   hello.noise)
+                   hello.noise, limit)
 
     def _contribution(
         self, node: Node, ask: Ask, policy: SitePolicy, hello: Hello, ledger: ReleaseLedger, audit: AuditLog
@@ -422,9 +424,10 @@ def _job(request: Request) -> TrainingJob:
         raise _request_refusal("its training job is malformed") from None
 
 
-def _check_model(job: TrainingJob, weights: dict[str, np.ndarray], node: Node) -> None:
+def _check_model(job: TrainingJob, weights: dict[str, np.ndarray], node: Node, purpose: str) -> None:
     """The job may use only the site's feature columns, and the weights (where the request
-    carries them) must be its model's."""
+    carries them) must be its model's: an exact GLM's coefficients (Newton sums), else the
+    torch model's state."""
     columns = {column.name: column for column in node.layout.columns}
     features = job.features
     named = [*features.numeric, *features.vocabularies, *features.flagged]
@@ -438,11 +441,14 @@ def _check_model(job: TrainingJob, weights: dict[str, np.ndarray], node: Node) -
         raise _request_refusal("its job treats a categorical column as a number")
     if not weights:  # a secure sum's stages before and after its masked input carry no model
         return
-    try:
-        model = build_model(job.model, features.n_features, seed=job.seed)
-    except (ValueError, TypeError):
-        raise _request_refusal("its job's model cannot be built") from None
-    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    if purpose == "newton":
+        shapes = {task: (len(features.design_names) + 1,) for task in job.model.tasks}
+    else:
+        try:
+            model = build_model(job.model, features.n_features, seed=job.seed)
+        except (ValueError, TypeError):
+            raise _request_refusal("its job's model cannot be built") from None
+        shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     if shapes != {name: tuple(array.shape) for name, array in weights.items()}:
         raise _request_refusal("its model weights do not fit the model its job states")
 
@@ -463,7 +469,7 @@ def _check_label(label: str, hello: Hello, ask: Ask, round_: int) -> None:
 
 def _drops_out(setup: NodeSetup, ask: Ask, stage: str) -> bool:
     """An injected fault: this node goes silent at ``stage`` of a training round."""
-    return ask.purpose == "train" and ask.round in setup.drop_rounds and stage == setup.drop_stage
+    return PURPOSES[ask.purpose].trains and ask.round in setup.drop_rounds and stage == setup.drop_stage
 
 
 def _mapping_role(setup: NodeSetup) -> str:

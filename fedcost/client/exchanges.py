@@ -24,7 +24,7 @@ import numpy as np
 from fedcost.analytics import benchmarking
 from fedcost.analytics.benchmarking import shared_vector_size
 from fedcost.client.node import Ask, Node
-from fedcost.models import evaluation
+from fedcost.models import evaluation, glm
 
 Shapes = list[tuple[int, ...]]
 
@@ -43,6 +43,13 @@ def _train_shapes(ask: Ask, node: Node) -> Shapes:
     return [tuple(array.shape) for array in ask.weights.values()] + [(1,)]
 
 
+def _newton_shapes(ask: Ask, node: Node) -> Shapes:
+    """One vector of score and information sums per task."""
+    assert ask.job is not None
+    size = glm.SumsLayout(len(ask.job.features.design_names) + 1).size
+    return [(size,) for _ in ask.job.model.tasks]
+
+
 def _evaluate_shapes(ask: Ask, node: Node) -> Shapes:
     assert ask.job is not None
     return evaluation.sums_shapes(ask.job.model.tasks, noisy=ask.cost_clip is not None)
@@ -56,6 +63,7 @@ SHAPES: dict[str, Callable[[Ask, Node], Shapes]] = {
     "statistics": _statistics_shapes,
     "analytics": _analytics_shapes,
     "train": _train_shapes,
+    "newton": _newton_shapes,
     "evaluate": _evaluate_shapes,
     "benchmark": _benchmark_shapes,
 }
@@ -101,7 +109,8 @@ def release_keys(ask: Ask, node: Node, run_id: str) -> list[tuple[str, str]]:
     if ask.purpose == "analytics":
         assert ask.layout is not None
         return [(f"analytics/{_digest(ask.layout.to_json())}/{data}", f"its table by {', '.join(ask.layout.group_by)}")]
-    what = {"train": "training update", "evaluate": "evaluation sums", "benchmark": "risk-adjusted totals"}[ask.purpose]
+    what = {"train": "training update", "newton": "GLM sums", "evaluate": "evaluation sums",
+            "benchmark": "risk-adjusted totals"}[ask.purpose]
     model = _model_digest(ask.weights)
     return [
         (f"{ask.purpose}/{run_id}/round-{ask.round}", f"its round-{ask.round} {what}"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -19,12 +20,12 @@ from fedcost import schema
 from fedcost.analytics import GroupedStatisticsLayout, site_totals
 from fedcost.analytics.benchmarking import shared_vector, without_site_level
 from fedcost.analytics.statistics import TableRelease
-from fedcost.data.features import StatisticsLayout
+from fedcost.data.features import FeatureSpec, StatisticsLayout
 from fedcost.data.loader import NodeData, load_node
 from fedcost.data.mapping import DataMapping
 from fedcost.job import TrainingJob
-from fedcost.models import evaluation
-from fedcost.models.calibration import fit_site_calibration
+from fedcost.errors import PolicyViolationError
+from fedcost.models import evaluation, glm
 from fedcost.models.nets import build_model
 from fedcost.models.training import TrainResult, predict, train_local
 from fedcost.privacy import MIN_COHORT
@@ -32,6 +33,7 @@ from fedcost.privacy.distributed import StatisticsNoise
 from fedcost.privacy.dp import DPConfig, train_local_dp
 from fedcost.privacy.ledger import SUFFIX as LEDGER_SUFFIX
 from fedcost.seeding import derive_seed
+from fedcost.wire.purposes import PURPOSES
 
 
 @dataclass(frozen=True)
@@ -92,11 +94,12 @@ class Ask:
     slot: int = 0
     sites: int = 0
     noise: StatisticsNoise | None = None
+    limit: float = math.inf  # the most any entry of an exact GLM's sums may be (the quantiser's clip)
 
     @property
     def cost_clip(self) -> float | None:
         """The most one row's cost counts in a noisy sum; None for a sum without noise."""
-        return self.noise.cost_clip if self.noise is not None and self.purpose != "train" else None
+        return self.noise.cost_clip if self.noise is not None and not PURPOSES[self.purpose].trains else None
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,31 @@ class Node:
         update = [new_weights[k] - ask.weights[k] for k in ask.weights]
         return Contribution(update + [np.array([result.loss])], result.examples)
 
+    def _newton_contribution(self, ask: Ask, dp: DPConfig | None) -> Contribution:
+        """An exact GLM's score and information sums per task at the coordinator's coefficients,
+        over the training rows; refused where those coefficients put the sums' weight on fewer
+        than ``min_cohort`` rows (``glm.effective_rows``)."""
+        assert ask.job is not None
+        spec, features = ask.job.model, ask.job.features
+        x, sums = features.design(self.data.train), []
+        for task in spec.tasks:
+            family = glm.task_family(task, cost_family=spec.cost_family, tweedie_power=spec.tweedie_power)
+            y = self._target(task, features)
+            beta = ask.weights[task]
+            if glm.effective_rows(x, y, beta, family=family) < ask.min_cohort:
+                raise PolicyViolationError(
+                    f"the site refuses this request: its {task} coefficients put the sums' weight on fewer than "
+                    f"{ask.min_cohort} rows (min_cohort): such sums describe a handful of patients"
+                )
+            sums.append(glm.site_sums(x, y, beta, family=family, limit=ask.limit))
+        return Contribution(sums, 1)
+
+    def _target(self, task: str, features: FeatureSpec) -> np.ndarray:
+        """A task's target over the training rows: readmitted (0/1), or cost in cost-scale units."""
+        if task == "readmission":
+            return self.data.train[schema.READMISSION].to_numpy(dtype="float64")
+        return self.data.train[schema.COST].to_numpy(dtype="float64") / features.cost_scale
+
     def _evaluate_contribution(self, ask: Ask, dp: DPConfig | None) -> Contribution:
         """Additive evaluation sums per task, costs in cost-scale units."""
         assert ask.job is not None
@@ -205,13 +233,10 @@ class Node:
         self, job: TrainingJob, weights: dict[str, np.ndarray], min_cohort: int = MIN_COHORT,
         cost_clip: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """Additive evaluation sums over the held-out rows (see ``models.evaluation``).
-
-        Costs are scored at this site's own cost level (``models.calibration``), fitted on
-        its training rows and kept here, exactly as ``fedcost simulate`` scores the
-        federated model, so the per-round metrics and the run's summary agree. Score
-        histograms leave only in groups of at least ``min_cohort`` rows; for a noisy release
-        (``cost_clip`` given) whole, with costs and predictions clipped.
+        """Additive evaluation sums over the held-out rows (see ``models.evaluation``) of the
+        shared model as it is, costs in cost-scale units: what the run reports as
+        ``federated``. Score histograms leave only in groups of at least ``min_cohort`` rows;
+        for a noisy release (``cost_clip`` given) whole, with costs and predictions clipped.
         """
         features = job.features
         rows = self.data.test
@@ -224,11 +249,9 @@ class Node:
                 readmitted, predictions["readmission"], min_cohort=min_cohort, noisy=cost_clip is not None
             )
         if "cost" in predictions and schema.COST in rows:
-            calibration = fit_site_calibration(model, features.task_data(self.data.train))
             clip = None if cost_clip is None else cost_clip / features.cost_scale
-            sums["cost"] = evaluation.cost_sums(
-                rows[schema.COST].to_numpy() / features.cost_scale, calibration.apply(predictions["cost"]), clip=clip
-            )
+            sums["cost"] = evaluation.cost_sums(rows[schema.COST].to_numpy() / features.cost_scale, predictions["cost"],
+                                                clip=clip)
         return sums
 
     @property
@@ -271,6 +294,7 @@ _CONTRIBUTIONS = {
     "statistics": Node._statistics_contribution,
     "analytics": Node._analytics_contribution,
     "train": Node._train_contribution,
+    "newton": Node._newton_contribution,
     "evaluate": Node._evaluate_contribution,
     "benchmark": Node._benchmark_contribution,
 }

@@ -71,6 +71,11 @@ def check_plan(policy: SitePolicy, hello: Hello) -> list[GroupedStatisticsLayout
     node can compute; returns the plan's tables."""
     for purpose in hello.purposes:
         check_job(policy, job_request(hello, purpose))
+    if "newton" in hello.outputs and policy.privacy.enabled:
+        raise _refusal(
+            f"an exact GLM's Newton sums carry no noise, and this site trains only under DP-SGD ([privacy] epsilon = "
+            f"{policy.privacy.epsilon:g}): fit the glm with [model] fit = \"fedavg\""
+        )
     if len(set(hello.tables)) != len(hello.tables):
         raise _refusal("the plan states one statistics table twice")
     return plan_tables(hello)

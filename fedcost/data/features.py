@@ -218,6 +218,33 @@ class FeatureSpec:
             blocks.append(rows[column].isna().to_numpy()[:, None])
         return np.concatenate(blocks, axis=1).astype("float32")
 
+    @property
+    def reference_levels(self) -> list[int]:
+        """Where in ``feature_names`` each categorical column's first level sits: the reference
+        a GLM's other levels are compared with (one-hot levels of every category would be
+        collinear with the intercept)."""
+        names = self.feature_names
+        return [names.index(f"{column}={levels[0]}") for column, levels in self.vocabularies.items()]
+
+    @property
+    def design_names(self) -> list[str]:
+        """A GLM's features: ``feature_names`` without the reference levels."""
+        skip = set(self.reference_levels)
+        return [name for i, name in enumerate(self.feature_names) if i not in skip]
+
+    def design(self, rows: pd.DataFrame) -> np.ndarray:
+        """``encode`` without the reference levels, as float64: a GLM's design matrix (its
+        intercept is added by ``fedcost.models.glm``)."""
+        return np.delete(self.encode(rows), self.reference_levels, axis=1).astype("float64")
+
+    def expand(self, coefficients: np.ndarray) -> np.ndarray:
+        """A GLM's coefficients over ``design_names`` as weights over every feature: 0 for the
+        reference levels, so a linear model on ``encode`` predicts exactly the same."""
+        full = np.zeros(self.n_features)
+        keep = np.setdiff1d(np.arange(self.n_features), self.reference_levels)
+        full[keep] = coefficients
+        return full
+
     def task_data(self, rows: pd.DataFrame) -> TaskData:
         """Features and targets of ``rows``; costs in ``cost_scale`` units."""
         readmitted = rows[schema.READMISSION].to_numpy("float32") if schema.READMISSION in rows else None

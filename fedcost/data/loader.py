@@ -62,8 +62,11 @@ def split_rows(
     return rows.iloc[np.sort(train)].reset_index(drop=True), rows.iloc[np.sort(test)].reset_index(drop=True)
 
 
-def load_rows(mapping: DataMapping, node: NodeSource, path: Path) -> pd.DataFrame:
-    """Read ``path`` for ``node`` and return schema-typed rows, or raise naming the fault."""
+def load_rows(mapping: DataMapping, node: NodeSource, path: Path, *, targets: bool = True) -> pd.DataFrame:
+    """Read ``path`` for ``node`` and return schema-typed rows, or raise naming the fault.
+
+    ``targets=False`` reads the features alone: rows to score, whose outcomes are not known.
+    """
     raw = _read_table(path)
     out: dict[str, pd.Series] = {}
     for column in mapping.feature_columns:
@@ -81,7 +84,7 @@ def load_rows(mapping: DataMapping, node: NodeSource, path: Path) -> pd.DataFram
             out[column.name] = _numeric(cells, column, path, source)
         else:
             out[column.name] = _categorical(cells, column, mapping.values.get(column.name, {}), path, source)
-    for target_name, reading in mapping.targets.items():
+    for target_name, reading in mapping.targets.items() if targets else ():
         source = node.source_of(target_name) or target_name
         if source not in raw.columns:
             raise _missing_column(path, node, target_name)

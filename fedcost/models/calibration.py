@@ -17,9 +17,10 @@ cost and understate every total. Nor is the ratio shrunk towards 1 for small sit
 the errors it corrects can be a factor of 2, many standard errors of even a 300-row site's
 O/E, and shrinkage would leave much of them in place.
 
-The factor is fitted on the site's own rows and never leaves it; only the evaluation sums of
-the calibrated predictions do. Risk-adjusted benchmarking (``fedcost.analytics``) compares a
-site against the *global* model: there the O/E is the result, not a correction.
+The factor is fitted on the site's own rows and never leaves it; a site keeps it only where
+its own validation rows show it helps (``models.site_steps``). Risk-adjusted benchmarking
+(``fedcost.analytics``) compares a site against the *global* model: there the O/E is the
+result, not a correction.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedcost.models.nets import FedcostNet
-from fedcost.models.training import TaskData, predict
 
 
 @dataclass(frozen=True)
@@ -59,15 +58,3 @@ class CostCalibration:
     def apply(self, expected: np.ndarray) -> np.ndarray:
         """``expected`` costs at this site's level."""
         return np.asarray(expected, dtype=np.float64) * self.observed_over_expected
-
-
-def fit_site_calibration(model: FedcostNet, train: TaskData) -> CostCalibration:
-    """``model``'s cost level at a site, from the site's training rows (``train``).
-
-    The one place both scorers of a federated model fit it, so they fit it alike: a node
-    for its federated evaluation sums (the shared model each round), ``fedcost simulate``
-    for the summary (the model as the site adapted it, ``models.adaptation``).
-    """
-    if train.cost is None:
-        raise ValueError("the site's training rows hold no costs to calibrate against")
-    return CostCalibration.fit(train.cost, predict(model, train.features)["cost"])

@@ -546,6 +546,31 @@ def site_sums(
     return vector
 
 
+def effective_rows(X: np.ndarray, y: np.ndarray, beta: np.ndarray, *, family: Family) -> float:
+    """How many rows the sums at ``beta`` effectively describe: (Σw)² / Σw² of the Fisher weights.
+
+    The coordinator chooses β. A β crafted to put (nearly) all the weight on one row, a
+    logit that is steep at one age or a log mean that explodes for one patient, would turn
+    the information sum into that row's features and the score into its outcome: a node
+    answers only where its sums describe at least a cohort's worth of rows (Kish's
+    effective sample size, 1965, §11.7, of the weights the sums apply).
+    """
+    x, target, eta = _prepared(X, y, beta, family, None)
+    with np.errstate(all="ignore"):
+        weight = _KERNELS[family.name].terms(target, eta, family.power or 0.0).weight
+    total, squares = float(weight.sum()), float(np.square(weight).sum())
+    if not (math.isfinite(total) and math.isfinite(squares)) or squares == 0:
+        return 0.0
+    return total * total / squares
+
+
+def task_family(task: str, *, cost_family: str, tweedie_power: float) -> Family:
+    """The family of an exact GLM for one of fedcost's tasks: logistic readmission, log-link cost."""
+    if task == "readmission":
+        return BINOMIAL
+    return tweedie(tweedie_power) if cost_family == "tweedie" else Family(cost_family)
+
+
 def site_meat(
     X: np.ndarray,
     y: np.ndarray,

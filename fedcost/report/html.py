@@ -14,16 +14,21 @@ from pathlib import Path
 from fedcost.report.plots import plot_calibration, plot_rounds, plot_sites
 
 METRICS = {"readmission": ("auroc", "auprc", "brier"), "cost": ("mae", "rmse", "r2")}
-# The three models every run compares, in table order.
-MODELS = ("federated", "pooled", "local_only")
+# The models every run compares, in table order: the shared model, pooled and local-only
+# fitted by the same estimator and scored as fitted, then the shared model as each site
+# would use it (``models.site_steps``).
+MODELS = ("federated", "pooled", "local_only", "federated_at_sites")
 PLOTS = ("rounds.png", "sites.png", "calibration.png", "funnel.png")
 
 
 def scoring_note(summary: dict) -> str:
-    """How the federated and pooled models were scored: as each site would use them."""
-    epochs = summary.get("adaptation_epochs", 0)
-    adapted = f"adapted at each site ({epochs} epochs on its own rows)" if epochs else "as shared"
-    return f"federated and pooled {adapted}, costs at each site's own level"
+    """How the models were scored: the first three as fitted; the last with each site's steps."""
+    steps = summary.get("site_steps", {})
+    calibrated = sum(step["calibration"] is not None for step in steps.values())
+    tuned = sum(bool(step["adapted"]) for step in steps.values())
+    return (f"federated, pooled and local-only scored as fitted; federated_at_sites: the shared model with the "
+            f"steps each site's validation rows kept ({calibrated} of {len(steps)} sites their cost level, "
+            f"{tuned} fine-tuning)")
 
 
 def comparison_rows(summary: dict) -> list[tuple[str, str, dict[str, float]]]:

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, replace
 from functools import cached_property
 from datetime import datetime, timezone
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 import numpy as np
@@ -32,8 +32,8 @@ from fedcost.audit import AuditLog
 from fedcost.config import AnalyticsSection, SecureAggregationSection, StatisticsPrivacySection, StrategySection
 from fedcost.data.features import FeatureSpec, StatisticsLayout
 from fedcost.errors import FederationError
-from fedcost.job import TrainingJob, noisy_releases
-from fedcost.models import evaluation
+from fedcost.job import TrainingJob, glm_coefficients, glm_state, noisy_releases
+from fedcost.models import evaluation, glm
 from fedcost.models.nets import ModelSpec, build_model
 from fedcost.models.training import TrainConfig
 from fedcost.privacy import MIN_COHORT, MIN_SECURE_SITES
@@ -109,7 +109,7 @@ class CoordinatorPlan:
         statistics = ["analytics"] if self.analytics.group_by else []
         if self.task == "analyze":
             return statistics
-        training = ["statistics", *statistics, "train", "evaluate"]
+        training = ["statistics", *statistics, "newton" if self.model.exact else "train", "evaluate"]
         return training + (["benchmark"] if self.analytics.benchmark and len(self.model.tasks) == 2 else [])
 
     def hello(self) -> Hello:
@@ -157,6 +157,8 @@ class RunObserver(Protocol):
     def on_statistics(self, statistics: GroupedStatistics, sites: list[str]) -> None: ...
 
     def on_benchmark(self, result: Benchmark, sites: list[str]) -> None: ...
+
+    def on_glm(self, fitted: dict[str, glm.FittedGlm]) -> None: ...
 
 
 def make_server_app(plan: CoordinatorPlan, observer: RunObserver, log: AuditLog) -> ServerApp:
@@ -237,10 +239,15 @@ class Coordinator:
             self.log.append(Event.RUN_RESUMED, details={"after_round": resume.round, "digest": _digest(arrays)})
             self.observer.on_features(features, sorted(sites.values()))
         job = TrainingJob(self.plan.model, self.training, features, self.plan.seed)
+        fit = _NewtonFit.start(self.plan.model, features, arrays) if self.plan.model.exact else None
         for server_round in range((resume.round if resume else 0) + 1, self.plan.rounds + 1):
             started = time.perf_counter()
-            arrays, trained = self._train_round(server_round, arrays, job)
-            record = {"round": server_round, "train_loss": trained.arrays[-1][0] / trained.weight}
+            if fit is None:
+                arrays, trained = self._train_round(server_round, arrays, job)
+                record = {"round": server_round, "train_loss": trained.arrays[-1][0] / trained.weight}
+            else:
+                arrays, trained = self._newton_round(server_round, job, fit, len(sites))
+                record = {"round": server_round, **fit.progress()}
             record.update(self._evaluate_round(server_round, arrays, job, features))
             record.update(
                 nodes_included=len(trained.included),
@@ -254,21 +261,34 @@ class Coordinator:
             if self.on_checkpoint is not None:  # after the round's record: a resumed run drops records past it
                 weights = {k: a.numpy() for k, a in arrays.items()}
                 self.on_checkpoint(ResumePoint(server_round, weights, features, _strategy_state(self.strategy)))
+            if fit is not None and fit.done:
+                break
+        if fit is not None and fit.done:  # not done only where a resumed run had no rounds left
+            self.observer.on_glm(fit.fitted(features))
         self.observer.on_model({k: a.numpy().astype("float32") for k, a in arrays.items()})
         if "benchmark" in purposes:
             self._benchmark(sorted(sites), arrays, job)
         self._close(sorted(sites))
 
-    def _close(self, node_ids: list[int]) -> None:
-        """Tell every node the run is over, so each signs and closes its log; then close ours."""
+    def close_stopped(self, reason: str, connected: Collection[int]) -> None:
+        """End a run that stopped with an error as a finished one ends: every site that said
+        hello and is still ``connected`` is told it is over (each signs and closes its log)
+        and the coordinator's log closes with the reason."""
+        sums = getattr(self, "sums", None)  # set once the sites said hello
+        self._close(sorted(n for n in (sums.sites if sums else ()) if n in connected), stopped=reason)
+
+    def _close(self, node_ids: list[int], *, stopped: str | None = None) -> None:
+        """Tell every node the run is over, so each signs and closes its log; then close ours
+        (with the reason, for a run that ``stopped``)."""
         config = ConfigRecord({rec.TRANSPORT: rec.CLOSE})
         messages = [Message(RecordDict({rec.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-        self.grid.send_and_receive(messages)
-        self.log.close()
+        if messages:
+            self.grid.send_and_receive(messages)
+        self.log.close(details={"stopped": stopped} if stopped else None)
 
     def _sum(self, purpose: str, server_round: int, *args, **kwargs) -> SumResult:
         """A shared sum, with its dropouts and the digest of the aggregate in the log."""
-        noisy = self.plan.noise is not None and purpose != "train"
+        noisy = self.plan.noise is not None and not PURPOSES[purpose].trains
         result = self.sums.run(purpose, server_round, *args, noisy=noisy, **kwargs)
         for site, reason in result.dropouts.items():
             self.log.append(Event.DROPOUT, round=server_round, details={"party": site, "reason": reason, "purpose": purpose})
@@ -350,6 +370,23 @@ class Coordinator:
             raise FederationError(f"round {server_round}: the strategy could not take its step")
         return ArrayRecord({k: Array(a.numpy().astype("float32")) for k, a in stepped.items()}), trained
 
+    def _newton_round(
+        self, server_round: int, job: TrainingJob, fit: _NewtonFit, nodes: int
+    ) -> tuple[ArrayRecord, SumResult]:
+        """One Newton–Raphson round of an exact GLM: every node's score and information sums at
+        the current coefficients, summed; each task's next coefficients from the total."""
+        features = job.features
+        precision = glm.sums_quantizer_settings(rows=features.rows, nodes=nodes)
+        shapes = [(glm.SumsLayout(fit.parameters).size,)] * len(fit.betas)
+        coefficients = ArrayRecord({task: Array(beta) for task, beta in fit.betas.items()})
+        node_ids = sorted(self.sums.sites)
+        summed = self._sum("newton", server_round, shapes, node_ids, coefficients, job.to_json(),
+                           quantizer=precision.quantizer())
+        fit.step(summed.arrays, summed.included, self.plan.model, rounds_left=self.plan.rounds - server_round,
+                 resolution=precision.error)
+        state = glm_state(features, fit.estimates())
+        return ArrayRecord({k: Array(v) for k, v in state.items()}), summed
+
     def _evaluate_round(self, server_round: int, arrays: ArrayRecord, job: TrainingJob, features: FeatureSpec) -> dict:
         """Federated metrics on every node's held-out rows, from summed evaluation sums."""
         messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid))
@@ -369,6 +406,11 @@ class Coordinator:
                 else evaluation.cost_from_sums(sums, features.cost_scale)
             )
             record.update({f"{task}_{k}": v for k, v in metrics.items()})
+        # What the figures cover: the sites in the sum, their held-out rows, and every site
+        # that withheld its sums (too few held-out rows, a refusal, a dropout) with its reason.
+        record["evaluated_sites"] = summed.included
+        record["evaluated_rows"] = int(round(float(by_task[0][0])))
+        record["withheld"] = summed.dropouts
         return record
 
 
@@ -398,6 +440,77 @@ def say_hello(
     if len(sites) < len(enrolled):
         raise FederationError(f"sites that never answered: {', '.join(sorted(enrolled - set(sites.values())))}")
     return sites
+
+
+@dataclass
+class _NewtonFit:
+    """An exact GLM's iteration at the coordinator: per task, the coefficients the nodes are
+    asked about next and what the last Newton step decided."""
+
+    betas: dict[str, np.ndarray]
+    families: dict[str, glm.Family]
+    names: list[str]
+    infos: dict[str, glm.StepInfo | None]
+    sites: frozenset[str] = frozenset()  # whose rows the last round's sums were over
+
+    @classmethod
+    def start(cls, spec: ModelSpec, features: FeatureSpec, arrays: ArrayRecord) -> _NewtonFit:
+        """From the model the run starts (or resumes) with: its biases are the base rate and
+        the mean cost, its weights zero (or a checkpoint's)."""
+        state = {k: a.numpy() for k, a in arrays.items()}
+        families = {t: glm.task_family(t, cost_family=spec.cost_family, tweedie_power=spec.tweedie_power)
+                    for t in spec.tasks}
+        betas = glm_coefficients(features, state, spec.tasks)
+        return cls(betas, families, features.design_names, {task: None for task in spec.tasks})
+
+    @property
+    def parameters(self) -> int:
+        return len(self.names) + 1
+
+    @property
+    def done(self) -> bool:
+        return all(info is not None and info.done for info in self.infos.values())
+
+    def step(
+        self, totals: list[np.ndarray], sites: list[str], spec: ModelSpec, *, rounds_left: int, resolution: float
+    ) -> None:
+        """The next coefficients from one round's sums over ``sites``. Sums over other sites than
+        the last round's (a dropout, or its return) are of other rows: their objective is not
+        comparable, so the iteration goes on from the current coefficients afresh, and it is
+        done only once a round over the same sites as the one before has converged, or when
+        the job has no ``rounds_left`` (then reported as not converged)."""
+        changed, self.sites = frozenset(sites) != self.sites, frozenset(sites)
+        for (task, beta), total in zip(self.betas.items(), totals, strict=True):
+            previous = None if changed else self.infos[task]
+            if previous is not None and previous.done:
+                continue
+            iteration = 1 if previous is None else previous.iteration + 1
+            self.betas[task], self.infos[task] = glm.newton_step(
+                total, beta, family=self.families[task], penalty=spec.penalty, previous=previous,
+                feature_names=self.names, max_iterations=iteration + rounds_left, resolution=resolution,
+            )
+
+    def estimates(self) -> dict[str, np.ndarray]:
+        """Each task's coefficients as they stand: the reported estimate once a task is done."""
+        return {task: info.estimate if info is not None and info.done else beta
+                for (task, beta), info in zip(self.betas.items(), self.infos.values())}
+
+    def progress(self) -> dict:
+        """What a round's record says of the iteration: each task's deviance and whether it converged."""
+        record: dict = {}
+        for task, info in self.infos.items():
+            if info is not None:
+                record[f"{task}_deviance"] = float(info.sums.deviance)
+                record[f"{task}_converged"] = bool(info.converged)
+        return record
+
+    def fitted(self, features: FeatureSpec) -> dict[str, glm.FittedGlm]:
+        """The fitted models, with their inference; a task whose iteration ran out of rounds is
+        reported as not converged (``FittedGlm.converged``)."""
+        fitted = {}
+        for task, info in self.infos.items():
+            fitted[task] = glm.FittedGlm.from_step(info, family=self.families[task], feature_names=self.names)
+        return fitted
 
 
 def _max_model_parameters(plan: CoordinatorPlan) -> int:

@@ -76,6 +76,7 @@ class SharedSums:
         job: str | None = None,
         total_weight: int | None = None,
         noisy: bool = False,
+        quantizer: Quantizer | None = None,
     ) -> SumResult:
         """Sum the contributions of ``node_ids`` for ``purpose``.
 
@@ -84,12 +85,13 @@ class SharedSums:
         training weights add up to at most (the federation's training rows), which lets
         a training sum travel in 32-bit words (``Quantizer``). ``noisy``: a sum the nodes send
         normalised and with their share of the job's noise, on its grid (``NOISE_GRID``).
+        ``quantizer``: the fixed point a sum needs beyond these (an exact GLM's Newton sums).
         """
         base = {rec.PURPOSE: purpose, rec.ROUND: server_round, **({rec.JOB: job} if job else {})}
         payload = RecordDict({rec.ARRAYS: arrays}) if arrays is not None else None
         if not self.settings.enabled:
             return self._plain(purpose, shapes, node_ids, base, payload)
-        quantizer = self._quantizer(purpose, len(node_ids), total_weight, noisy)
+        quantizer = quantizer or self._quantizer(purpose, len(node_ids), total_weight, noisy)
         attempts = self.settings.retries + 1 if self.settings.on_abort == "retry" else 1
         dropouts: dict[str, str] = {}
         for attempt in range(1, attempts + 1):

@@ -32,6 +32,8 @@ class Purpose:
     ``carries_model``: the request holds the global weights and the training job.
     ``fixed_data``: the reply is a function of the site's rows alone (not of a model the
     coordinator chose), so the same release recurs in every job over the same rows.
+    ``trains``: the reply is what the model is fitted from (an update, or a GLM's Newton
+    sums); every other sum is a statistic, which a job may make noisy.
     """
 
     name: str
@@ -41,6 +43,7 @@ class Purpose:
     when: When
     carries_model: bool
     fixed_data: bool
+    trains: bool = False
 
     def rounds(self, job_rounds: int) -> range:
         """The rounds in which a job of ``job_rounds`` rounds may ask for this purpose."""
@@ -53,9 +56,11 @@ class Purpose:
 
 STATISTICS = Purpose("statistics", "query", ("sums",), "train", "before", False, True)
 ANALYTICS = Purpose("analytics", "query", ("sums",), "all", "before", False, True)
-TRAIN = Purpose("train", "train", ("weights", EXAMPLES), "train", "each", True, False)
+TRAIN = Purpose("train", "train", ("weights", EXAMPLES), "train", "each", True, False, trains=True)
+# An exact GLM's round: the score and information sums at the coordinator's coefficients.
+NEWTON = Purpose("newton", "train", ("sums",), "train", "each", True, False, trains=True)
 EVALUATE = Purpose("evaluate", "evaluate", ("sums",), "test", "each", True, False)
 BENCHMARK = Purpose("benchmark", "evaluate", ("sums",), "all", "after", True, False)
 
 # In the order a job asks for them.
-PURPOSES: dict[str, Purpose] = {p.name: p for p in (STATISTICS, ANALYTICS, TRAIN, EVALUATE, BENCHMARK)}
+PURPOSES: dict[str, Purpose] = {p.name: p for p in (STATISTICS, ANALYTICS, TRAIN, NEWTON, EVALUATE, BENCHMARK)}
