@@ -1,15 +1,20 @@
 """A real federation on 127.0.0.1: `fedcost coordinator start`, `fedcost node start` and
 `fedcost run` as separate OS processes, over TLS with SuperNode authentication.
 
-Each test provisions its own federation on a free port. Every exchange spawns a
-ClientApp process per node (Flower's subprocess isolation), so a two-round run takes
-minutes: all tests here are ``slow``.
+Each test provisions its own federation on a free port and plays one operation through:
+a run to its end with every log reconciled, refused nodes, a node killed mid-round, a
+revocation mid-run that the run survives, a coordinator killed mid-run (resumed by hand,
+or by the `fedcost run` still following it). Each takes one to a few minutes on two
+cores: all are ``slow``; the README walkthrough (``test_federation_walkthrough.py``) is the
+deployment test of the default suite.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -65,14 +70,14 @@ class Federation:
     def latest_run(self) -> Path:
         return sorted((self.root / "runs").iterdir())[-1]
 
-    def collect_audit(self, run: Path, into: Path) -> Path:
-        """The coordinator's and every node's audit log with their identities, as an auditor gets them."""
-        (into / "audit").mkdir(parents=True)
-        shutil.copytree(run / "identities", into / "identities")
-        shutil.copy(run / "audit" / "coordinator.jsonl", into / "audit")
-        for name in self.roles:
-            shutil.copy(self.folder / "state" / name / "audit" / run.name / f"{name}.jsonl", into / "audit")
-        return into
+    def collect(self, run: Path, names: list[str] | None = None) -> subprocess.CompletedProcess:
+        """`fedcost federation collect`: the sites' logs and reports into the run folder, verified."""
+        states = [str(self.folder / "state" / name) for name in names or self.roles]
+        return fedcost("federation", "collect", run.name, *states, "-f", "fed", cwd=self.folder)
+
+    def wait_connected(self, names: list[str] | None = None) -> None:
+        for name in names or list(self.roles):
+            wait_for(lambda: "waiting for jobs" in self.processes.output(name), 120, f"node {name}")
 
     def coordinator_log(self) -> str:
         return (self.root / "logs" / "coordinator.log").read_text()
@@ -94,22 +99,31 @@ def make_federation(tmp_path):
 
 
 def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_three_nodes_train_two_rounds_over_tls_and_every_log_reconciles(make_federation, tmp_path):
+def test_three_nodes_train_two_rounds_over_tls_and_every_log_reconciles(make_federation):
     federation = make_federation({"hospital": (500,), "insurer": (400,), "pharma": (300,)})
     federation.start_coordinator()
     federation.start_nodes()
+    federation.wait_connected()
     run = federation.submit(rounds=2)
     rounds = _metrics(run)
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["secure_aggregation"] and r["nodes_included"] == 3 and not r["dropouts"] for r in rounds)
     assert rounds[-1]["readmission_auroc"] > 0.6
     assert torch.load(run / "model.pt")
-    verification = verify_folder(federation.collect_audit(run, tmp_path / "auditor"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["federation"] and (run / "report.html").exists()
+    collected = federation.collect(run)
+    assert collected.returncode == 0, collected.stdout
+    verification = verify_folder(run)
     assert verification.ok, verification.problems
     assert set(verification.parties) == {"coordinator", *federation.roles}
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["sites_reported"] == sorted(federation.roles)
+    assert all(summary["privacy"][name] == {"dp": False} for name in federation.roles)
 
 
 def test_unenrolled_revoked_and_expired_nodes_are_refused_with_the_reason_in_the_coordinator_log(make_federation):
@@ -147,9 +161,11 @@ def test_a_node_killed_mid_round_drops_out_and_the_run_goes_on(make_federation):
     federation.start_nodes()
     victim = "pharma-1"
 
-    def shared_keys_in_round_1() -> bool:
+    def shared_keys_in_round_1() -> bool:  # of the round's model step: FedAvg's train or an exact GLM's newton
         logs = list((federation.folder / "state" / victim / "audit").glob(f"*/{victim}.jsonl"))
-        return bool(logs) and '"secagg:train:share-keys>reply"' in logs[0].read_text()
+        return bool(logs) and re.search(r'"secagg:(train|newton):share-keys>reply","recipient":"coordinator"\},'
+                                        r'"digest":"[0-9a-f]+","event":"message_sent",[^\n]*"round":1',
+                                        logs[0].read_text()) is not None
 
     (federation.folder / "job.toml").write_text(JOB.format(rounds=2) + NO_ANALYTICS)
     submitted = federation.processes.start("run", "run", "fed", "job.toml", cwd=federation.folder)
@@ -190,3 +206,64 @@ def test_a_restarted_coordinator_resumes_from_its_checkpoint(make_federation):
     expected, got = torch.load(reference / "model.pt"), torch.load(interrupted / "model.pt")
     for name in expected:
         np.testing.assert_allclose(got[name].numpy(), expected[name].numpy(), atol=1e-3)
+
+
+def test_a_node_revoked_mid_run_is_dropped_and_the_run_completes_without_it(make_federation):
+    """Four sites: the revoked one's exchanges come back as dropouts, the other three finish the
+    run; the revoked node is told and exits; a site enrolled meanwhile is admitted; the
+    coordinator keeps serving throughout."""
+    federation = make_federation({"hospital": (400, 300), "insurer": (300,), "pharma": (250,)})
+    federation.start_coordinator()
+    federation.start_nodes()
+    federation.wait_connected()
+    victim = "pharma-1"
+    (federation.folder / "job.toml").write_text(JOB.format(rounds=3) + NO_ANALYTICS)
+    submitted = federation.processes.start("run", "run", "fed", "job.toml", cwd=federation.folder)
+    wait_for(lambda: any(_metrics(r) for r in (federation.root / "runs").iterdir()), RUN_TIMEOUT, "round 1")
+    assert fedcost("federation", "revoke", victim, "-f", "fed", cwd=federation.folder).returncode == 0
+    assert fedcost("federation", "add-node", "hospital-9", "--role", "hospital", "-f", "fed",
+                   cwd=federation.folder).returncode == 0
+    submitted.wait(timeout=RUN_TIMEOUT)
+    assert submitted.returncode == 0, federation.processes.output("run")
+    rounds = _metrics(federation.latest_run())
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert rounds[0]["nodes_included"] == 4 and rounds[-1]["nodes_included"] == 3
+    wait_for(lambda: federation.processes.started[victim].poll() is not None, 60, "the revoked node to stop")
+    assert federation.processes.started[victim].returncode == 2
+    assert "refused this node's key" in federation.processes.output(victim)
+    assert federation.processes.started["coordinator"].poll() is None
+    log = federation.coordinator_log()
+    assert f"dropped node '{victim}'" in log and "admitted node 'hospital-9'" in log and "Traceback" not in log
+
+
+def test_a_coordinator_killed_mid_run_comes_back_and_the_run_resumes_by_itself(make_federation):
+    """`fedcost run` keeps following: it waits for the restarted coordinator, which has forgotten
+    the run (its state is in memory), and submits it again; the run resumes after its last
+    checkpoint, no round is counted twice, and every party's log verifies. The logs
+    reconcile but for the replies in flight when the coordinator was killed: sent by the
+    nodes in the interrupted round, never received by the coordinator (an auditor sees
+    exactly those, before the coordinator's ``run_resumed``)."""
+    federation = make_federation({"hospital": (400,), "insurer": (300,), "pharma": (250,)})
+    federation.start_coordinator()
+    federation.start_nodes()
+    federation.wait_connected()
+    (federation.folder / "job.toml").write_text(JOB.format(rounds=3) + NO_ANALYTICS)
+    submitted = federation.processes.start("run", "run", "fed", "job.toml", cwd=federation.folder)
+    runs = federation.root / "runs"
+    wait_for(lambda: any(runs.iterdir()) and (federation.latest_run() / "checkpoint.npz").exists(),
+             RUN_TIMEOUT, "the checkpoint of round 1")
+    run = federation.latest_run()
+    federation.processes.kill("coordinator")
+    interrupted = len(_metrics(run)) + 1
+    federation.start_coordinator("coordinator-again")
+    submitted.wait(timeout=RUN_TIMEOUT)
+    output = federation.processes.output("run")
+    assert submitted.returncode == 0, output
+    assert "lost the coordinator" in output and "resumes from its last checkpoint" in output
+    assert [r["round"] for r in _metrics(run)] == [1, 2, 3]
+    assert '"run_resumed"' in (run / "audit" / "coordinator.jsonl").read_text()
+    federation.collect(run)
+    verification = verify_folder(run)
+    assert all(status.status == "ok" for status in verification.parties.values()), verification.parties
+    for problem in map(str, verification.problems):
+        assert "was never logged as received by coordinator" in problem and f"(round {interrupted}," in problem

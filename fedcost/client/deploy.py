@@ -1,8 +1,9 @@
-"""The node's ClientApp on Flower's deployment engine (a SuperNode's ClientApp process).
+"""The node's ClientApp on Flower's deployment engine.
 
-``fedcost node start`` runs the SuperNode with a node config naming the startup kit, the
-node's state folder (its checked mapping, audit log and DP ledger), its policy and its
-held-out split. Before the node's own ClientApp (``make_client_app``) sees a hello,
+``fedcost node start`` runs it in the site's one long-lived worker
+(``fedcost.federation.worker``), with a node config naming the startup kit, the node's
+state folder (its checked mapping, audit log and DP ledger), its policy and its held-out
+split. Before the node's own ClientApp (``make_client_app``) sees a hello,
 the roster the hello carries is checked against the kit's CA (``roster.trusted_roster``)
 and kept in the node's context: SecAgg+ then trusts only those keys. A hello from
 another coordinator than the kit's, or with a roster that fails its check, is refused.
@@ -61,6 +62,11 @@ def resolve_setup(context: Context) -> NodeSetup:
         ledger=state / f"{kit.name}{LEDGER_SUFFIX}",
         audit_root=state / "audit",
     )
+
+
+def run_name(context: Context) -> str | None:
+    """The fedcost run id of the hello this node accepted in ``context``, if any."""
+    return str(context.state[RUN]["id"]) if RUN in context.state else None
 
 
 node_app = make_client_app(resolve_setup)

@@ -1,39 +1,40 @@
 """``fedcost federation | coordinator | node | run``: a real federation from the command line.
 
 The operator provisions (``federation init``, ``add-node``, ``revoke``), starts the
-coordinator and submits jobs; each site starts its node from its startup kit. Every
-command takes the federation folder (or the kit folder) as its first argument.
+coordinator, submits jobs and collects the sites' logs and reports afterwards
+(``federation collect``); each site starts its node from its startup kit. Every command
+takes the federation folder (or the kit folder) as its first argument. Provisioning
+imports neither torch nor Flower's runtime: those load only for the commands that run.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
-from fedcost.errors import ConfigError, FedcostError, FederationError
-from fedcost.federation import processes
-from fedcost.federation.control import Control
-from fedcost.federation.job import FederationJob
+from fedcost.errors import ConfigError, FedcostError
 from fedcost.federation.provision import NODE_ROLES, Federation, FederationConfig
 from fedcost.identity.federation_ca import utc_now
-from fedcost.report.progress import METRICS_FILE
-from fedcost.server import deploy
-from fedcost.server.app import new_run_id
 
 federation_app = typer.Typer(help="Provision a federation: CA, coordinator, node startup kits.", no_args_is_help=True)
 coordinator_app = typer.Typer(help="Run the federation's coordinator (Flower SuperLink).", no_args_is_help=True)
-node_app = typer.Typer(help="Run a site's node (Flower SuperNode) from its startup kit.", no_args_is_help=True)
+node_app = typer.Typer(help="Run a site's node from its startup kit.", no_args_is_help=True)
 console = Console(emoji=False)
 
 FederationDir = Annotated[Path, typer.Argument(help="The federation folder (made by `fedcost federation init`).")]
-RUN_POLL_SECONDS = 1.0
+_COORDINATOR_LINE = re.compile(r'^coordinator\s*=\s*"[^"\n]*"', re.MULTILINE)
+
+
+def _say(line: str) -> None:
+    console.print(escape(line), soft_wrap=True, highlight=False)
 
 
 def _fail(error: FedcostError) -> typer.Exit:
@@ -87,12 +88,14 @@ def revoke(
         Federation.load(federation_dir).revoke(name, at=utc_now())
     except FedcostError as error:
         raise _fail(error) from None
-    console.print(f"revoked {name}")
+    console.print(f"revoked {name}; a running coordinator drops it within seconds")
 
 
 @coordinator_app.command("start")
 def coordinator_start(federation_dir: FederationDir) -> None:
     """Start the coordinator: TLS, SuperNode authentication, only enrolled, unrevoked nodes."""
+    from fedcost.federation import processes
+
     try:
         federation = Federation.load(federation_dir)
         code = processes.run_coordinator(
@@ -114,54 +117,131 @@ def node_start(
     split_seed: Annotated[int, typer.Option(help="Seed of the site's own train/held-out split.")] = 7,
     test_fraction: Annotated[float, typer.Option(help="Share of the site's rows held out for evaluation.")] = 0.2,
 ) -> None:
-    """Check the kit, policy and data, then start the site's node and keep it connected."""
+    """Check the kit, policy and data, then serve the site's node in this process until stopped."""
+    from fedcost.federation import processes
+
     state = state or kit / "state"
     try:
         checked = processes.prepare_node(kit, data=data, mapping=mapping, policy=policy, state=state,
                                          split_seed=split_seed, test_fraction=test_fraction, at=utc_now())
         console.print(f"kit, policy and data of {checked.name} checked; connecting to {checked.address} "
-                      f"(log: {state / 'node.log'})")
+                      f"(log: {state / 'node.log'})", soft_wrap=True, highlight=False)
         code = processes.run_node(checked, state=state, policy=policy, split_seed=split_seed,
-                                  test_fraction=test_fraction)
+                                  test_fraction=test_fraction, say=_say)
     except FedcostError as error:
         raise _fail(error) from None
     raise typer.Exit(code=code)
 
 
+@node_app.command("policy")
+def node_policy(
+    kit: Annotated[Path, typer.Argument(help="The site's startup kit folder.")],
+    template: Annotated[Path, typer.Argument(help="A policy to start from, e.g. configs/policies/hospital.toml.")],
+    out: Annotated[Path, typer.Argument(help="The site's policy file to write.")],
+) -> None:
+    """Write the site's policy: the template, trusting the coordinator its kit names."""
+    from fedcost.federation.provision import Kit
+    from fedcost.privacy import SitePolicy
+
+    try:
+        checked = Kit.load(kit)
+        text = template.read_text(encoding="utf-8") if template.is_file() else None
+        if text is None or not _COORDINATOR_LINE.search(text):
+            raise ConfigError("not a policy file with a `coordinator = \"...\"` line", path=str(template))
+        if out.exists():
+            raise ConfigError("exists; choose another file or remove it", path=str(out))
+        out.write_text(_COORDINATOR_LINE.sub(f'coordinator = "{checked.coordinator.key_id}"', text, count=1),
+                       encoding="utf-8")
+        SitePolicy.load(out)
+    except FedcostError as error:
+        raise _fail(error) from None
+    console.print(f"wrote {out}: {template.name} trusting coordinator {checked.coordinator.key_id[:16]}… of "
+                  f"federation {checked.federation}; review the rest before starting the node", soft_wrap=True)
+
+
 def run(
     federation_dir: FederationDir,
     job: Annotated[Optional[Path], typer.Argument(help="The job (TOML): [run], [model], [training], [strategy], "
-                                                       "[secure_aggregation], [data].")] = None,
+                                                       "[secure_aggregation], [analytics], [data]; "
+                                                       "configs/job.toml is one.")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Resume this run id from its checkpoint.")] = None,
 ) -> None:
-    """Submit a training job to the running coordinator and follow it; outputs in runs/<run-id>/."""
+    """Submit a job to the running coordinator and follow it; outputs in FEDERATION/runs/<run-id>/."""
     from fedcost.cli import RoundProgress
+    from fedcost.federation.follow import Follower, submit_and_follow
+    from fedcost.federation.job import FederationJob
+    from fedcost.server import deploy
 
     try:
         federation = Federation.load(federation_dir)
         folder = _run_folder(federation, job, resume)
         rounds = FederationJob.load(folder / "job.toml").config.run.rounds
-        with Control(federation.config.address, federation.ca_cert_file) as control:
-            flower_run = control.start_run({deploy.FEDERATION_DIR: str(federation.root.resolve()), deploy.RUN_ID: folder.name})
-            console.print(f"run [bold]{folder.name}[/bold] submitted (Flower run {flower_run}); folder: {folder}")
-            with RoundProgress(rounds) as progress:
-                progress.start()
-                _follow(control, flower_run, folder, progress)
+        with RoundProgress(rounds) as progress:
+            progress.start()
+            submit_and_follow(federation, folder, Follower(progress.advance, progress.stage, progress.say))
     except FedcostError as error:
         raise _fail(error) from None
     summary = json.loads((folder / deploy.SUMMARY_FILE).read_text())
-    console.print(f"finished: {escape(json.dumps(summary['federated_evaluation']))}", soft_wrap=True, highlight=False)
+    console.print(f"run folder: [bold]{folder}[/bold] (report: {folder / 'report.html'})", soft_wrap=True)
+    console.print(f"sites' logs and reports: fedcost federation collect {folder.name} SITE_STATE... "
+                  f"-f {federation_dir}", soft_wrap=True, highlight=False, markup=False)
+    console.print(federation_table(summary))
+
+
+def federation_table(summary: dict) -> Table:
+    """The federated model's metrics on every site's held-out rows: how a federation run ends."""
+    from fedcost.report.html import federation_rows, format_value
+
+    last = summary.get("federated_evaluation", {})
+    table = Table(title=f"Federated model after round {last.get('round', '?')}", min_width=60,
+                  caption=f"from the summed evaluation sums of the held-out rows of {len(summary['nodes'])} sites; "
+                          "no party holds the rows a pooled or local-only model needs")
+    for head in ("task", "metric", "federated"):
+        table.add_column(head, justify="right" if head == "federated" else "left")
+    for task, metric, value in federation_rows(summary):
+        table.add_row(task, metric, format_value(value))
+    return table
+
+
+@federation_app.command("collect")
+def collect(
+    run_id: Annotated[str, typer.Argument(help="The run id (its folder under runs/).")],
+    sources: Annotated[list[Path], typer.Argument(help="Each site's node state folder, or a copy of its "
+                                                       "audit/<run-id>/ and reports/<run-id>.json.")],
+    federation_dir: Annotated[Path, typer.Option("--federation", "-f", help="The federation folder.")] = Path("."),
+) -> None:
+    """Put the sites' audit logs and own reports into a run folder and verify every log."""
+    from fedcost.federation.collect import collect as collect_run
+
+    try:
+        federation = Federation.load(federation_dir)
+        collected = collect_run(federation, run_id, sources)
+    except FedcostError as error:
+        raise _fail(error) from None
+    folder = federation.runs_dir / run_id
+    console.print(f"collected {len(collected.logs)} site log(s) and {len(collected.reports)} site report(s) into "
+                  f"{folder}", soft_wrap=True)
+    if collected.verified:
+        console.print(f"every log verified and reconciled against the federation's CA; an auditor runs: "
+                      f"fedcost audit verify {folder} --federation {federation_dir}",
+                      soft_wrap=True, highlight=False, markup=False)
+        return
+    for problem in collected.problems[:10]:
+        console.print(f"[red]problem:[/red] {escape(problem)}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code=1)
 
 
 def _run_folder(federation: Federation, job: Path | None, resume: str | None) -> Path:
     """A new run folder holding the validated job, or the existing one to resume."""
+    from fedcost.federation.job import FederationJob
+    from fedcost.server.app import new_run_id
+
     if (job is None) == (resume is None):
         raise ConfigError("give either a job file or --resume RUN_ID")
     if resume is not None:
         folder = federation.runs_dir / resume
         if not (folder / "job.toml").is_file():
             raise ConfigError("no such run (no job.toml) to resume", path=str(folder))
-        (folder / deploy.ERROR_FILE).unlink(missing_ok=True)
         return folder
     assert job is not None
     checked = FederationJob.load(job)
@@ -169,22 +249,3 @@ def _run_folder(federation: Federation, job: Path | None, resume: str | None) ->
     folder.mkdir(parents=True)
     (folder / "job.toml").write_bytes(checked.to_toml())
     return folder
-
-
-def _follow(control: Control, flower_run: int, folder: Path, progress) -> None:  # type: ignore[no-untyped-def]
-    """Advance the progress bar per finished round until Flower reports the run finished."""
-    shown = 0
-    while True:
-        status, sub_status = control.run_status(flower_run)
-        metrics = folder / METRICS_FILE
-        records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-        for record in records[shown:]:
-            progress.advance(record)
-        shown = max(shown, len(records))
-        if status == "finished":
-            break
-        time.sleep(RUN_POLL_SECONDS)
-    if sub_status != "completed" or not (folder / deploy.SUMMARY_FILE).exists():
-        error = folder / deploy.ERROR_FILE
-        reason = error.read_text().strip() if error.exists() else f"Flower reports the run {sub_status}"
-        raise FederationError(f"the run stopped: {reason}; the coordinator's audit log is in {folder / 'audit'}")

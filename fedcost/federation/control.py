@@ -22,7 +22,9 @@ from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
     StartRunRequest,
     UnregisterNodeRequest,
 )
+from flwr.supercore.constant import NodeStatus
 from flwr.supercore.control import ControlHttpClient
+from flwr.supercore.error import ApiErrorCode, FlowerError
 from flwr.supercore.fab import Fab
 from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
 
@@ -50,10 +52,11 @@ class Control:
         self.client.close()
 
     def registered(self) -> dict[bytes, int]:
-        """Node id per registered SuperNode auth key (PEM)."""
+        """Node id per registered SuperNode auth key (PEM); an unregistered node (Flower keeps
+        its row, status ``unregistered``) is not."""
         response = self._call(self.client.ListNodes, ListNodesRequest())
         return {info.public_key.encode() if isinstance(info.public_key, str) else info.public_key: info.node_id
-                for info in response.nodes_info}
+                for info in response.nodes_info if info.status != NodeStatus.UNREGISTERED}
 
     def register(self, public_key_pem: bytes, name: str) -> int:
         return int(self._call(self.client.RegisterNode, RegisterNodeRequest(public_key=public_key_pem, name=name)).node_id)
@@ -75,18 +78,33 @@ class Control:
             raise FederationError("the coordinator did not start the run; see its log")
         return int(response.run_id)
 
-    def run_status(self, run_id: int) -> tuple[str, str]:
-        """Flower's (status, sub-status) of a run, e.g. ("finished", "completed")."""
-        status = self._call(self.client.ListRuns, ListRunsRequest(run_id=run_id)).run_dict[run_id].status
-        return status.status, status.sub_status
+    def run_status(self, run_id: int) -> tuple[str, str] | None:
+        """Flower's (status, sub-status) of a run, e.g. ("finished", "completed"); None for a run
+        this coordinator does not know (it was restarted since: its state lives in memory)."""
+        try:
+            runs = self.client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict
+        except (httpx.HTTPStatusError, httpx.TransportError) as error:
+            if isinstance(error, httpx.HTTPStatusError):
+                flower = FlowerError.from_json(error.response.text)
+                if flower is not None and flower.code == ApiErrorCode.RUN_ID_NOT_FOUND:
+                    return None
+            raise self._translated(error) from None
+        if run_id not in runs:
+            return None
+        return runs[run_id].status.status, runs[run_id].status.sub_status
 
     def _call(self, method, request):  # type: ignore[no-untyped-def]
         try:
             return method(request)
-        except httpx.ConnectError as error:
-            raise CoordinatorUnreachableError(
-                f"cannot reach the coordinator at {self.address} ({error}); is `fedcost coordinator start` running?"
-            ) from None
-        except httpx.HTTPStatusError as error:
-            raise FederationError(f"the coordinator refused the request ({error.response.status_code}); "
-                                  "see its log") from None
+        except (httpx.HTTPStatusError, httpx.TransportError) as error:
+            raise self._translated(error) from None
+
+    def _translated(self, error: httpx.HTTPError) -> FederationError:
+        """An HTTP failure as the fedcost error that says what to do."""
+        if isinstance(error, httpx.HTTPStatusError):
+            flower = FlowerError.from_json(error.response.text)
+            detail = f"{error.response.status_code}: {flower.message}" if flower else str(error.response.status_code)
+            return FederationError(f"the coordinator refused the request ({detail}); see its log")
+        return CoordinatorUnreachableError(
+            f"cannot reach the coordinator at {self.address} ({error}); is `fedcost coordinator start` running?"
+        )

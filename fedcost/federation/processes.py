@@ -1,21 +1,24 @@
-"""The coordinator and node processes: Flower's SuperLink and SuperNode, wrapped.
+"""The coordinator and node processes: Flower's SuperLink, and the site's own worker.
 
 ``run_coordinator`` starts a SuperLink with the federation's TLS material and SuperNode
 authentication on, then keeps Flower's list of admitted SuperNode keys equal to the
 federation's enrolled, unrevoked, unexpired nodes (re-checked every few seconds, so a
 revocation or an expiry takes effect while it runs). Flower refuses an unknown key
 without saying why; the coordinator's log (``logs/coordinator.log``) gets a fedcost line
-with the reason: never enrolled, revoked, or expired.
+with the reason: never enrolled, revoked, or expired. No answer of Flower's Control API
+stops the coordinator: a failed admission step is logged and tried again.
 
-``run_node`` checks everything a site can get wrong before it starts a SuperNode: the
-kit, the policy, the data (file, row and column named), and that the coordinator
-answers with the federation's certificate.
+``run_node`` checks everything a site can get wrong before it connects: the kit, the
+policy, the data (file, row and column named), and that the coordinator answers with the
+federation's certificate. Then the site's worker (``fedcost.federation.worker``) serves
+the node in this one process for as long as it runs.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import logging
 import os
 import re
 import signal
@@ -25,7 +28,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import IO
@@ -35,26 +39,30 @@ import tomli_w
 from fedcost.client import deploy as node_app
 from fedcost.data.loader import load_node
 from fedcost.data.mapping import DataMapping
-from fedcost.errors import ConfigError, CoordinatorUnreachableError, FederationError, KitError, MappingError
+from fedcost.errors import ConfigError, CoordinatorUnreachableError, FederationError, MappingError
 from fedcost.federation.control import Control
 from fedcost.federation.provision import Federation, Kit
+from fedcost.federation.site_report import SiteReports
+from fedcost.federation.worker import NodeWorker
 from fedcost.identity.federation_ca import utc_now
 from fedcost.privacy import SitePolicy
 from fedcost.tomlfile import read_toml
 
-ADMISSION_REFRESH_SECONDS = 10.0
+ADMISSION_REFRESH_SECONDS = 3.0
+IN_MEMORY = ":flwr-in-memory:"  # the SuperLink's state: see run_coordinator
 STARTUP_SECONDS = 60.0
-# What flower-supernode logs when the SuperLink refuses to activate its key (the
-# process itself exits with 1, as for any error).
-SUPERNODE_REFUSED = "Exit Code: 305"
+# The SuperLink's SuperExec looks for a submitted run to start every this many seconds
+# (Flower's default is 1 s): part of the time from `fedcost run` to the first round.
+SUPEREXEC_POLL_SECONDS = "0.25"
 _REFUSED_KEY = re.compile(r"Attempted to register SuperNode with public key: (b'[^']*')")
 
 
 def _flower_env(flwr_home: Path) -> dict[str, str]:
     """The environment of a Flower process: its own FLWR_HOME, and this interpreter's
-    scripts first on PATH (the SuperLink and SuperNode start ``flower-superexec`` by name)."""
+    scripts first on PATH (the SuperLink starts ``flower-superexec`` by name)."""
     scripts = str(Path(sys.executable).parent)
-    return {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")])}
+    return {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")]),
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_SECONDS}
 
 
 # -- coordinator ------------------------------------------------------------------------
@@ -79,59 +87,88 @@ class CoordinatorLog:
 
 
 def run_coordinator(federation: Federation, *, echo: IO[str] | None = None, on_ready: Callable[[], None] = lambda: None) -> int:
-    """Run the SuperLink until it exits or this process is told to stop; returns its exit code."""
-    state = federation.root / "state"
-    state.mkdir(exist_ok=True)
+    """Run the SuperLink until this process is told to stop; returns 0, or the SuperLink's exit code.
+
+    The SuperLink keeps its state in memory: a restarted coordinator rebuilds what it
+    needs from the federation folder (the admitted nodes, re-registered within seconds;
+    each node's worker reconnects by itself) and from the run folders (an interrupted run
+    resumes from its checkpoint). Flower's SQLite state was both the slower (every
+    message is several transactions) and the one that could keep a restarted coordinator
+    from starting; fedcost needs nothing of it.
+    """
     log = CoordinatorLog(federation.log_file, echo)
-    config = federation.config
-    tls = federation.coordinator_dir
-    command = [
-        "flower-superlink",
-        "--ssl-certfile", str(tls / "tls.cert.pem"),
-        "--ssl-keyfile", str(tls / "tls.key.pem"),
-        "--ssl-ca-certfile", str(federation.ca_cert_file),
-        "--enable-supernode-auth",
-        "--disable-runtime-dependency-installation",
-        "--database", str(state / "superlink.db"),
-        "--host", config.bind_host,
-        "--port", str(config.port),
-    ]
-    log.fedcost(f"starting the coordinator of federation {config.name!r} on {config.bind_host}:{config.port} "
-                "(TLS, SuperNode authentication on)")
-    superlink = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_flower_env(state / "flwr-home"),
-    )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    admission = Admission(federation, log)
-    reader = threading.Thread(target=_pipe_log, args=(superlink, log, admission), daemon=True)
-    reader.start()
+    log.fedcost(f"starting the coordinator of federation {federation.config.name!r} on "
+                f"{federation.config.bind_host}:{federation.config.port} (TLS, SuperNode authentication on)")
+    superlink = _SuperLink(federation, log)
+    superlink.start()
     try:
-        _admit_until_stopped(federation, superlink, admission, stop, on_ready)
+        _admit_until_stopped(federation, superlink, stop, on_ready)
     finally:
-        if superlink.poll() is None:
-            superlink.terminate()
+        code = superlink.stop()
+        log.fedcost(f"coordinator stopped (SuperLink exit code {code})")
+    return 0 if stop.is_set() else code
+
+
+class _SuperLink:
+    """The SuperLink process, its output copied into the coordinator's log."""
+
+    def __init__(self, federation: Federation, log: CoordinatorLog):
+        self.federation = federation
+        self.log = log
+        self.admission = Admission(federation, log)
+        self.process: subprocess.Popen | None = None
+        self.reader: threading.Thread | None = None
+
+    def start(self) -> None:
+        config, tls = self.federation.config, self.federation.coordinator_dir
+        command = [
+            "flower-superlink",
+            "--ssl-certfile", str(tls / "tls.cert.pem"),
+            "--ssl-keyfile", str(tls / "tls.key.pem"),
+            "--ssl-ca-certfile", str(self.federation.ca_cert_file),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+            "--database", IN_MEMORY,
+            "--host", config.bind_host,
+            "--port", str(config.port),
+        ]
+        state = self.federation.root / "state"
+        state.mkdir(exist_ok=True)
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env=_flower_env(state / "flwr-home"))
+        self.reader = threading.Thread(target=_pipe_log, args=(self.process, self.log, self.admission), daemon=True)
+        self.reader.start()
+
+    def poll(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def stop(self) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.terminate()
             try:
-                superlink.wait(timeout=15)
+                self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                superlink.kill()
-        reader.join(timeout=5)
-        log.fedcost(f"coordinator stopped (SuperLink exit code {superlink.wait()})")
-    return 0 if stop.is_set() else superlink.returncode
+                self.process.kill()
+        if self.reader is not None:
+            self.reader.join(timeout=5)
+        return self.process.wait()
 
 
 def _admit_until_stopped(
-    federation: Federation, superlink: subprocess.Popen, admission: Admission, stop: threading.Event,
-    on_ready: Callable[[], None],
+    federation: Federation, superlink: _SuperLink, stop: threading.Event, on_ready: Callable[[], None]
 ) -> None:
+    """Keep admission in step with the federation folder until stopped or the SuperLink exits."""
     address = f"127.0.0.1:{federation.config.port}"
     deadline = time.monotonic() + STARTUP_SECONDS
     ready = False
     while not stop.is_set() and superlink.poll() is None:
         try:
             with Control(address, federation.ca_cert_file) as control:
-                admission.sync(control, at=utc_now())
+                superlink.admission.sync(control, at=utc_now())
         except CoordinatorUnreachableError:
             if not ready and time.monotonic() > deadline:
                 raise
@@ -144,10 +181,17 @@ def _admit_until_stopped(
     if not ready and not stop.is_set():
         raise FederationError(f"the SuperLink stopped while starting (exit code {superlink.poll()}); "
                               f"see {federation.log_file}")
+    if not stop.is_set():
+        superlink.log.fedcost(f"the SuperLink exited unexpectedly (exit code {superlink.poll()}); start the "
+                              "coordinator again: it rebuilds its state from the federation folder")
 
 
 class Admission:
-    """Keeps the SuperLink's registered keys equal to the federation's admitted nodes."""
+    """Keeps the SuperLink's registered keys equal to the federation's admitted nodes.
+
+    A step Flower's Control API refuses is logged (once per node and reason) and tried
+    again at the next sync: no answer of the SuperLink's stops the coordinator.
+    """
 
     def __init__(self, federation: Federation, log: CoordinatorLog):
         self.federation = federation
@@ -155,19 +199,34 @@ class Admission:
         self.reported: set[tuple[str, str]] = set()
 
     def sync(self, control: Control, *, at: datetime) -> None:
-        registered = control.registered()
+        try:
+            registered = control.registered()
+        except CoordinatorUnreachableError:
+            raise
+        except FederationError as error:
+            self._once("*", f"could not list the admitted nodes: {error}")
+            return
         for name, (node, reason) in self.federation.admission(at=at).items():
             key = node.auth_key_pem()
-            if reason is None and key not in registered:
-                control.register(key, name)
-                self.log.fedcost(f"admitted node {name!r} (certificate valid until "
-                                 f"{node.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC)")
-            elif reason is not None:
-                if key in registered:
-                    control.unregister(registered[key])
-                if (name, reason) not in self.reported:
-                    self.reported.add((name, reason))
-                    self.log.fedcost(f"not admitted: node {name!r}: {reason}")
+            try:
+                if reason is None and key not in registered:
+                    control.register(key, name)
+                    self.log.fedcost(f"admitted node {name!r} (certificate valid until "
+                                     f"{node.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC)")
+                elif reason is not None:
+                    if key in registered:
+                        control.unregister(registered[key])
+                        self.log.fedcost(f"dropped node {name!r}: {reason}")
+                    self._once(name, f"not admitted: node {name!r}: {reason}")
+            except CoordinatorUnreachableError:
+                raise
+            except FederationError as error:
+                self._once(name, f"could not update the admission of node {name!r}: {error}; trying again")
+
+    def _once(self, name: str, line: str) -> None:
+        if (name, line) not in self.reported:
+            self.reported.add((name, line))
+            self.log.fedcost(line)
 
     def explain_refusal(self, public_key_pem: bytes) -> str:
         """Why the SuperLink refused this SuperNode key, from the federation's records."""
@@ -197,7 +256,7 @@ def prepare_node(
     kit_dir: Path, *, data: Path, mapping: Path, policy: Path | None, state: Path, split_seed: int,
     test_fraction: float, at: datetime,
 ) -> Kit:
-    """Every check a site can fail before its SuperNode starts; returns the checked kit.
+    """Every check a site can fail before its node connects; returns the checked kit.
 
     Writes the site's mapping, resolved to ``data``, into the state folder: the node's
     ClientApp reads exactly the file that was checked here.
@@ -259,45 +318,59 @@ def probe_coordinator(address: str, ca_file: Path, *, timeout: float = 10.0) -> 
         ) from None
 
 
-def run_node(kit: Kit, *, state: Path, policy: Path | None, split_seed: int, test_fraction: float) -> int:
-    """Run the site's SuperNode until it exits or this process is told to stop; its output
-    goes to ``<state>/node.log``."""
+def run_node(
+    kit: Kit, *, state: Path, policy: Path | None, split_seed: int, test_fraction: float,
+    say: Callable[[str], None] = print,
+) -> int:
+    """Serve the site's node in this process until it is told to stop (SIGINT, SIGTERM).
+
+    The worker (``fedcost.federation.worker``) holds the connection to the coordinator and
+    answers every message with the node's ClientApp in-process; its log, with any
+    traceback, is ``<state>/node.log``. A lost coordinator is retried with back-off; a
+    refused key raises ``KitError`` (the kit was revoked, expired or never enrolled).
+    """
     probe_coordinator(kit.address, kit.ca_file)
-    node_config = " ".join([
-        f'{node_app.KIT}="{kit.folder.resolve()}"',
-        f'{node_app.STATE}="{state.resolve()}"',
-        f'{node_app.POLICY}="{policy.resolve() if policy else ""}"',
-        f"{node_app.SPLIT_SEED}={split_seed}",
-        f"{node_app.TEST_FRACTION}={test_fraction}",
-    ])
-    command = [
-        "flower-supernode",
-        "--superlink", kit.address,
-        "--root-certificates", str(kit.ca_file),
-        "--auth-supernode-private-key", str(kit.auth_key),
-        "--node-config", node_config,
-        "--port", str(free_port()),
-    ]
-    # Flower's output goes straight to the file: a pipe would be inherited by the
-    # SuperExec the SuperNode starts, and reading it to its end would outlive the SuperNode.
-    log_path = state / "node.log"
-    start = log_path.stat().st_size if log_path.exists() else 0
-    with log_path.open("a", encoding="utf-8") as out:
-        supernode = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_flower_env(state / "flwr-home"))
+    node_config: dict[str, bool | bytes | float | int | str] = {
+        node_app.KIT: str(kit.folder.resolve()),
+        node_app.STATE: str(state.resolve()),
+        node_app.POLICY: str(policy.resolve()) if policy else "",
+        node_app.SPLIT_SEED: split_seed,
+        node_app.TEST_FRACTION: test_fraction,
+    }
+    reports = SiteReports(state, kit.identity.public(), kit.role, policy, node_app.resolve_setup, node_app.run_name)
+    worker = NodeWorker(kit, node_app.app, node_config, reports, say=say)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: supernode.terminate())
-    # Reaping the SuperNode at once lets its SuperExec see it gone and exit too.
-    code = supernode.wait()
-    with log_path.open("rb") as log:
-        log.seek(start)
-        refused = SUPERNODE_REFUSED in log.read().decode("utf-8", "replace")
-    if code != 0 and refused:
-        raise KitError(
-            f"the coordinator at {kit.address} refused this node's key: the kit was revoked, has expired or was "
-            "never enrolled in this federation; ask your federation operator (details in their coordinator log)",
-            path=str(kit.folder),
-        )
-    return code
+        signal.signal(signum, lambda *_: worker.stop.set())
+    with _logging_to(state / "node.log"):
+        worker.serve()
+    say(f"node {kit.name} stopped")
+    return 0
+
+
+@contextmanager
+def _logging_to(path: Path) -> Iterator[None]:
+    """fedcost's and Flower's log records, tracebacks included, into the node's log file only."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("fedcost", "flwr")]
+    saved = [(logger.level, logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    flower_console = [h for h in logging.getLogger("flwr").handlers if h is not handler]
+    for console in flower_console:
+        logging.getLogger("flwr").removeHandler(console)
+    try:
+        yield
+    finally:
+        for logger, (level, propagate) in zip(loggers, saved):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
+        for console in flower_console:
+            logging.getLogger("flwr").addHandler(console)
+        handler.close()
 
 
 def free_port() -> int:

@@ -11,7 +11,6 @@ import html
 import math
 from pathlib import Path
 
-from fedcost.report.plots import plot_calibration, plot_rounds, plot_sites
 
 METRICS = {"readmission": ("auroc", "auprc", "brier"), "cost": ("mae", "rmse", "r2")}
 # The models every run compares, in table order: the shared model, pooled and local-only
@@ -49,6 +48,9 @@ def format_value(value: float) -> str:
 
 def write_report(folder: Path, summary: dict, rounds: list[dict]) -> Path:
     """Write the PNG plots into ``folder/plots`` and the report next to them."""
+    # matplotlib loads only here: the command line's tables need this module, not the plots.
+    from fedcost.report.plots import plot_calibration, plot_rounds, plot_sites
+
     plots = folder / "plots"
     plots.mkdir(exist_ok=True)
     if summary["task"] == "train":
@@ -66,7 +68,10 @@ def _page(summary: dict, images: list[Path]) -> str:
         f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"></figure>'
         for p in images
     )
-    body = _training_sections(summary) if summary["task"] == "train" else _sites_line(summary)
+    if summary.get("federation"):
+        body = _federation_sections(summary)
+    else:
+        body = _training_sections(summary) if summary["task"] == "train" else _sites_line(summary)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>fedcost run {html.escape(summary['run_id'])}</title>
 <style>
@@ -115,6 +120,54 @@ all models scored on the same {summary['test_rows']:,} held-out rows; {scoring_n
 <table><tr><th>task</th><th>metric</th>{''.join(f'<th>{m}</th>' for m in MODELS)}</tr>{table}</table>
 <h2>Per site</h2>
 <table><tr><th>site</th><th>role</th><th>train rows</th><th>test rows</th>{site_heads}</tr>{sites}</table>"""
+
+
+def federation_rows(summary: dict) -> list[tuple[str, str, float]]:
+    """(task, metric, value) of the federated model: the table a federation run ends with."""
+    return [
+        (task, metric, value)
+        for task in METRICS
+        if task in summary
+        for metric, value in summary[task]["federated"].items()
+    ]
+
+
+def _federation_sections(summary: dict) -> str:
+    """A federation run: the federated model's metrics, then each site as it reported itself."""
+    table = "".join(f"<tr><td>{task}</td><td>{metric}</td><td>{format_value(v)}</td></tr>"
+                    for task, metric, v in federation_rows(summary))
+    reported = summary.get("sites_reported", [])
+    sites = "".join(_reported_site(n, summary) for n in summary["nodes"])
+    note = (f"{len(reported)} of {len(summary['nodes'])} sites sent their own report"
+            if reported else "No site report collected yet (`fedcost federation collect`)")
+    return f"""<p>A federation of {len(summary['nodes'])} sites, {summary['rounds']} rounds of {summary['strategy']},
+model {summary['model']}. Metrics of the federated model from the summed evaluation sums of every site's
+held-out rows; no party holds the rows a pooled or local-only model would need.</p>
+<h2>Federated model</h2>
+<table><tr><th>task</th><th>metric</th><th>federated</th></tr>{table}</table>
+<h2>Per site</h2>
+<p>{note}: rows, privacy spent, and the final model on the site's own held-out rows (the metrics its
+policy shares).</p>
+<table><tr><th>site</th><th>role</th><th>train rows</th><th>test rows</th><th>ε spent / budget</th>
+<th>held-out figures</th></tr>{sites}</table>"""
+
+
+def _reported_site(node: dict, summary: dict) -> str:
+    privacy = summary.get("privacy", {}).get(node["name"])
+    if privacy is None:
+        spent = ""
+    elif privacy.get("dp"):
+        spent = f"{privacy['epsilon_spent']:.2f} / {privacy['epsilon_budget']:g}"
+    else:
+        spent = "no DP"
+    figures = "; ".join(
+        f"{task} {metric} {format_value(value)}"
+        for task, models in summary.get("per_site", {}).get(node["name"], {}).items() if isinstance(models, dict)
+        for metric, value in models.get("federated", {}).items()
+    )
+    rows = [f"{node[k]:,}" if k in node else "" for k in ("train_rows", "test_rows")]
+    return (f"<tr><td>{html.escape(node['name'])}</td><td>{node['role']}</td><td>{rows[0]}</td><td>{rows[1]}</td>"
+            f"<td>{spent}</td><td>{html.escape(figures)}</td></tr>")
 
 
 def funnel_position(site: dict) -> str:

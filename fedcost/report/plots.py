@@ -28,7 +28,8 @@ def plot_rounds(rounds: list[dict], summary: dict, path: Path) -> None:
     x = [r["round"] for r in rounds]
     for ax, (key, task, metric, title) in zip(axes[0], panels):
         ax.plot(x, [r[key] for r in rounds], marker="o", color=MODEL_COLOURS["federated"], label="federated")
-        ax.axhline(summary[task]["pooled"][metric], ls="--", color=MODEL_COLOURS["pooled"], label="pooled (final)")
+        if "pooled" in summary.get(task, {}):  # a federation has no pooled model
+            ax.axhline(summary[task]["pooled"][metric], ls="--", color=MODEL_COLOURS["pooled"], label="pooled (final)")
         ax.set(title=title, xlabel="round")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -36,14 +37,21 @@ def plot_rounds(rounds: list[dict], summary: dict, path: Path) -> None:
 
 
 def plot_sites(summary: dict, path: Path) -> None:
-    """Per-site readmission AUROC and cost MAE for the three models."""
-    panels = [(t, m, label) for t, m, label in (("readmission", "auroc", "AUROC"), ("cost", "mae", "cost MAE")) if t in summary]
+    """Per-site readmission AUROC and cost MAE for the models the summary scored per site
+    (a federation's: the federated model, as far as each site reported it)."""
     sites = list(summary["per_site"])
+    panels = [
+        (t, m, label) for t, m, label in (("readmission", "auroc", "AUROC"), ("cost", "mae", "cost MAE"))
+        if any(m in scores for s in sites for scores in summary["per_site"][s].get(t, {}).values())
+    ]
+    if not panels:
+        return
     figure, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.9 * len(sites) + 2), 3.2 * len(panels)), squeeze=False)
     positions = np.arange(len(sites))
     for ax, (task, metric, label) in zip(axes[:, 0], panels):
-        for offset, model in zip((-0.27, 0, 0.27), MODEL_COLOURS):
-            values = [summary["per_site"][s][task][model][metric] for s in sites]
+        models = [m for m in MODEL_COLOURS if any(m in summary["per_site"][s].get(task, {}) for s in sites)]
+        for offset, model in zip((-0.27, 0, 0.27) if len(models) > 1 else (0,), models):
+            values = [summary["per_site"][s].get(task, {}).get(model, {}).get(metric, np.nan) for s in sites]
             ax.bar(positions + offset, values, width=0.27, color=MODEL_COLOURS[model], label=model)
         ax.set_xticks(positions, sites, rotation=30, ha="right", fontsize=8)
         ax.set(ylabel=label, title=f"{label} per site (held-out rows)")

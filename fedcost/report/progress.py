@@ -11,12 +11,16 @@ import numpy as np
 import pandas as pd
 
 from fedcost.analytics import Benchmark, GroupedStatistics
+from fedcost.config import SimulationConfig
 from fedcost.data.features import FeatureSpec
 from fedcost.models.glm import FittedGlm
 from fedcost.report.analytics import save_benchmark, save_statistics
 
 FEATURES_FILE, METRICS_FILE = "features.json", "metrics.jsonl"
 GLM_FILE, COEFFICIENTS_FILE = "glm.json", "coefficients.csv"
+PROGRESS_FILE = "progress.json"  # a federation run's stage under way: {"kind", "round", "at"}
+# The federated metrics a round's evaluation sums give, per task.
+SCORED = {"readmission": ("auroc", "brier", "log_loss"), "cost": ("mae", "rmse", "r2")}
 
 
 def glm_inference(model: FittedGlm) -> dict:
@@ -65,3 +69,36 @@ class ProgressRecorder:
         (self.folder / GLM_FILE).write_text(json.dumps({task: m.to_dict() for task, m in fitted.items()}, indent=2))
         rows = [{"task": task, **row} for task, table in self.inference.items() for row in table["coefficients"]]
         pd.DataFrame(rows).to_csv(self.folder / COEFFICIENTS_FILE, index=False)
+
+
+def federation_summary(
+    run_id: str, config: SimulationConfig, roles: dict[str, str], rounds: list[dict], analytics: dict, *,
+    seconds: float,
+) -> dict:
+    """A federation run's ``summary.json``, in a simulation's shape where the two agree.
+
+    Only the federated model is scored (from the summed evaluation sums of the last
+    round): no party of a federation holds the rows a pooled or local-only model needs.
+    ``per_site``, ``privacy`` and the sites' rows come from the sites' own reports
+    (``fedcost federation collect``); until then they are empty.
+    """
+    last = rounds[-1] if rounds else {}
+    summary: dict = {
+        "run_id": run_id,
+        "task": "train",
+        "federation": True,
+        "secure_aggregation": config.secure_aggregation.enabled,
+        "min_cohort": config.run.min_cohort,
+        "nodes": [{"name": name, "role": roles[name]} for name in sorted(roles)],
+        "rounds": config.run.rounds,
+        "strategy": config.strategy.name,
+        "model": config.model.kind,
+        "tasks": list(config.model.tasks),
+        "dropouts": {r["round"]: r["dropouts"] for r in rounds if r.get("dropouts")},
+        "federated_evaluation": last,
+    }
+    for task in config.model.tasks:
+        scores = {metric: last[f"{task}_{metric}"] for metric in SCORED[task] if f"{task}_{metric}" in last}
+        summary[task] = {"federated": scores}
+    return summary | {"per_site": {}, "privacy": {}, "sites_reported": [], "analytics": analytics,
+                      "seconds": round(seconds, 1)}

@@ -5,48 +5,90 @@ submits fedcost's Flower app with two run-config values: the federation folder a
 run id. This module turns those into a ``CoordinatorPlan`` — the roster is every
 admitted node's CA-signed certificate, sent with the hello — and runs the same
 ``Coordinator`` as a simulation, checkpointing after each round and resuming from the
-run's checkpoint when one exists. Its outputs land in the run folder.
+run's checkpoint when one exists. Its outputs land in the run folder: ``metrics.jsonl``,
+``summary.json`` and ``report.html`` as a simulation writes them (the federated model
+only: no party holds the rows a pooled or local-only baseline needs; the sites' own
+reports are added by ``fedcost federation collect``), and ``progress.json``, the stage
+under way, which ``fedcost run`` shows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import logging
 import shutil
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context
+from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import http_grid
+from flwr.supercore.inflatable import inflatable_utils
 
 from fedcost.audit import AuditLog
-from fedcost.errors import FederationError
+from fedcost.errors import FedcostError, FederationError
+from fedcost.files import replace_atomically
 from fedcost.federation import checkpoint, roster
 from fedcost.federation.job import FederationJob
 from fedcost.federation.provision import COORDINATOR, Federation
 from fedcost.identity.federation_ca import certificate_to_pem, party_identity, utc_now
 from fedcost.models.nets import build_model
-from fedcost.report.progress import METRICS_FILE, ProgressRecorder
+from fedcost.report import write_report
+from fedcost.report.progress import METRICS_FILE, PROGRESS_FILE, ProgressRecorder, federation_summary
 from fedcost.server.app import Coordinator, CoordinatorPlan, ResumePoint
 from fedcost.server.shared_sum import MIN_SECURE_NODES
+from fedcost.wire import records as rec
 
 FEDERATION_DIR, RUN_ID = "federation-dir", "run-id"  # the run-config keys fedcost's Flower app declares
-ERROR_FILE, SUMMARY_FILE = "error.txt", "summary.json"
+ERROR_FILE, SUMMARY_FILE, LOG_FILE = "error.txt", "summary.json", "coordinator.log"
+# Replies are polled for every 5 ms at first, backing off to 100 ms: Flower's HTTP grid
+# polls every 3 s, and a secure sum is six exchanges.
+POLL_FIRST, POLL_MAX, POLL_GROWTH = 0.005, 0.1, 1.5
+OBJECT_BACKOFF, OBJECT_BACKOFF_CAP = 0.01, 0.2  # see _pull_objects_promptly
+# How long a round waits for enough of the run's nodes to be connected before the run
+# stops with the reason (a node lost mid-run may come back within it).
+NODE_PATIENCE_SECONDS = 60.0
 
+logger = logging.getLogger("fedcost.coordinator")
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    _pull_objects_promptly()
     federation = Federation.load(Path(str(context.run_config[FEDERATION_DIR])))
     folder = federation.runs_dir / str(context.run_config[RUN_ID])
+    handler = logging.FileHandler(folder / LOG_FILE, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger("fedcost").addHandler(handler)
+    logging.getLogger("fedcost").setLevel(logging.INFO)
     try:
         coordinate(grid, federation, folder)
     except BaseException as error:
+        logger.error("the run stopped", exc_info=True)
         (folder / ERROR_FILE).write_text(f"{type(error).__name__}: {error}\n")
         raise
+    finally:
+        logging.getLogger("fedcost").removeHandler(handler)
+        handler.close()
+
+
+def _pull_objects_promptly() -> None:
+    """Make Flower's HTTP grid ask again for a reply's missing objects after 10 ms, not 1 s.
+
+    A node sends a reply's envelope before its objects, so the coordinator often finds an
+    object missing; Flower's ``pull_objects`` then waits 1 s first (``PULL_INITIAL_BACKOFF``,
+    a default argument no setting reaches), six times per secure sum. The grid calls it by
+    its module's name, which this rebinds, in this ServerApp process only.
+    """
+    http_grid.pull_objects = functools.partial(
+        inflatable_utils.pull_objects, initial_backoff=OBJECT_BACKOFF, backoff_cap=OBJECT_BACKOFF_CAP)
 
 
 def coordinate(grid: Grid, federation: Federation, folder: Path) -> None:
@@ -84,11 +126,99 @@ def coordinate(grid: Grid, federation: Federation, folder: Path) -> None:
         min_nodes=MIN_SECURE_NODES if config.secure_aggregation.enabled else 1,
         min_cohort=config.run.min_cohort,
         analytics=config.analytics,
+        statistics_privacy=config.statistics_privacy,
     )
     recorder = RunFolderRecorder(folder, job, resume)
     log = AuditLog(folder / "audit" / f"{COORDINATOR}.jsonl", coordinator)
-    Coordinator(plan, grid, recorder, log, on_checkpoint=lambda point: checkpoint.save(folder, point)).run()
-    recorder.finish(sorted(i.name for i in identities))
+    names = {identity.name for identity in identities}
+    deployed = DeployedGrid(grid, folder / PROGRESS_FILE, minimum=plan.min_nodes, names=names,
+                            withdrawn=lambda: _withdrawn(federation, names))
+    started = time.perf_counter()
+    running = Coordinator(plan, deployed, recorder, log, on_checkpoint=lambda point: checkpoint.save(folder, point))
+    try:
+        running.run()
+    except FedcostError as stopped:
+        # A clean stop: every party's log of the run ends signed, with the reason at the coordinator.
+        running.close_stopped(str(stopped), connected=deployed.connected())
+        raise
+    recorder.finish({i.name: i.role for i in identities}, seconds=time.perf_counter() - started)
+
+
+class DeployedGrid:
+    """Flower's grid as the deployed coordinator drives it.
+
+    Replies are polled for within milliseconds (Flower's ``send_and_receive`` sleeps 3 s
+    between polls); the stage under way goes to ``progress.json`` for ``fedcost run``; the
+    nodes are the run's own (the coordinator registers each under its site's name: one
+    admitted after the run began is not asked); and waiting for enough connected nodes
+    ends: Flower's strategies wait for them forever, so a run that lost too many nodes
+    (revoked, gone) stops with the reason instead.
+    """
+
+    def __init__(
+        self, grid: Grid, progress: Path, *, minimum: int, names: set[str],
+        withdrawn: Callable[[], dict[str, str]] = dict, patience: float = NODE_PATIENCE_SECONDS,
+    ):
+        self.grid = grid
+        self.progress = progress
+        self.minimum = minimum
+        self.names = names
+        self.withdrawn = withdrawn
+        self.patience = patience
+
+    def connected(self) -> set[int]:
+        """The run's nodes connected now, however few."""
+        return {info.node_id for info in self.grid.get_nodes() if info.name in self.names or not info.name}
+
+    def get_node_ids(self) -> list[int]:
+        """The connected nodes, once at least ``minimum`` are; a shortfall that lasts, or
+        that a revocation or expiry explains, stops the run with the reason."""
+        deadline = time.monotonic() + self.patience
+        while len(node_ids := sorted(self.connected())) < self.minimum:
+            gone = self.withdrawn()
+            if gone or time.monotonic() > deadline:
+                why = "; ".join(f"node {name!r} is no longer admitted: {reason}" for name, reason in gone.items())
+                raise FederationError(
+                    f"{why + '; ' if why else ''}only {len(node_ids)} of the run's nodes are connected, fewer than "
+                    f"the {self.minimum} this run needs (secure aggregation sums over at least {MIN_SECURE_NODES} "
+                    "sites), so the run stops. Start the missing nodes (or admit others) and run the job again"
+                )
+            time.sleep(0.5)
+        return node_ids
+
+    def send_and_receive(self, messages: Iterable[Message]) -> list[Message]:
+        """Send ``messages`` and wait, without a time limit, for every reply (the SuperLink
+        answers for a node that went offline)."""
+        messages = list(messages)
+        kind = self._stage(messages[0]) if messages else ""
+        started = time.perf_counter()
+        pending = set(self.grid.push_messages(messages))
+        pushed = time.perf_counter()
+        replies: list[Message] = []
+        wait, polls = POLL_FIRST, 0
+        while pending:
+            arrived = list(self.grid.pull_messages(pending))
+            polls += 1
+            replies += arrived
+            pending -= {reply.metadata.reply_to_message_id for reply in arrived}
+            if pending:
+                time.sleep(wait)
+                wait = min(POLL_MAX, wait * POLL_GROWTH)
+        logger.info("%s to %d nodes: seconds: send %.3f, replies %.3f (%d polls)", kind, len(messages),
+                 pushed - started, time.perf_counter() - pushed, polls)
+        return replies
+
+    def _stage(self, message: Message) -> str:
+        config = message.content[rec.CONFIG]
+        stage = {"kind": rec.message_kind(message.content), "round": config.get(rec.ROUND), "at": time.time()}
+        replace_atomically(self.progress, json.dumps(stage).encode())
+        return str(stage["kind"])
+
+
+def _withdrawn(federation: Federation, names: set[str]) -> dict[str, str]:
+    """The run's nodes the federation no longer admits (revoked, expired), with the reason."""
+    return {name: reason for name, (_, reason) in federation.admission(at=utc_now()).items()
+            if name in names and reason is not None}
 
 
 class RunFolderRecorder(ProgressRecorder):
@@ -110,18 +240,21 @@ class RunFolderRecorder(ProgressRecorder):
         (self.folder / "model.json").write_text(json.dumps(
             {"model": dataclasses.asdict(self.job.config.model), "features": self.features.to_dict()}, indent=2))
 
-    def finish(self, nodes: list[str]) -> None:
-        summary = {
-            "run_id": self.folder.name,
-            "rounds": self.job.config.run.rounds,
-            "strategy": self.job.config.strategy.name,
-            "secure_aggregation": self.job.config.secure_aggregation.enabled,
-            "nodes": nodes,
-            "dropouts": {r["round"]: r["dropouts"] for r in self.rounds if r.get("dropouts")},
-            "federated_evaluation": self.rounds[-1] if self.rounds else {},
-            **self.analytics,
-        }
-        (self.folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    def on_round(self, record: dict) -> None:
+        # Sites that do not share their training loss add 0 to its sum: a loss of exactly 0
+        # is one no site shared, not a perfect fit.
+        if "train_loss" in record:
+            record = {**record, "train_loss": record["train_loss"] or None}
+        super().on_round(record)
+
+    def finish(self, roles: dict[str, str], *, seconds: float) -> None:
+        """``summary.json`` and ``report.html``, as a simulation's but for the federated model only."""
+        summary = federation_summary(self.folder.name, self.job.config, roles, self.rounds, self.analytics,
+                                     seconds=seconds)
+        if self.inference:
+            summary["inference"] = self.inference
+        replace_atomically(self.folder / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+        write_report(self.folder, summary, self.rounds)
 
 
 def _rounds(path: Path, *, up_to: int) -> list[dict]:

@@ -1,0 +1,445 @@
+"""A site's node: one long-lived process that holds the coordinator connection and the ClientApp.
+
+Flower's SuperNode polls the SuperLink every 3 s when idle, and for every message its
+SuperExec (polling every 1 s) starts a fresh ``flwr-clientapp`` process that imports
+Flower and the app (about 5 s on a 2-core machine), reads the site's rows again and
+exits; a SecAgg+ sum is six such exchanges (``benchmarks/RESULTS.md``, "Deployment").
+The worker keeps all of that in one process for the life of the node instead: it speaks
+Flower's Fleet API itself (Flower's own HTTP client, TLS, SuperNode authentication and
+heartbeats), polls quickly while a run is under way and slowly when idle, and answers
+each message by calling the node's ClientApp in-process, exactly the app a SuperNode
+would load (``fedcost.client.deploy.app``: roster check, then the site guardian with its
+policy check, egress guard, release ledger and audit log on the path of every reply).
+No per-message process exists, so there is no local channel to guard. The worker never
+runs code a run's app bundle (FAB) names: it answers every run with the site's own,
+installed ClientApp.
+
+The worker also keeps, per run, the site's own report (``reports/<run-id>.json`` in its
+state folder): rows, the privacy spent from its ledger, and the final model's figures on
+its held-out rows. It never leaves the site by itself; the site sends it with its audit
+log for the operator's ``fedcost federation collect``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.app.message import remove_content_from_message
+from flwr.app.user_config import UserConfig
+from flwr.clientapp import ClientApp
+from flwr.common.constant import HEARTBEAT_MIN_INTERVAL, ErrorCode
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.fleet_pb2 import (  # pylint: disable=no-name-in-module
+    ActivateNodeRequest,
+    DeactivateNodeRequest,
+    PullMessagesRequest,
+    PushMessagesRequest,
+)
+from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest  # pylint: disable=no-name-in-module
+from flwr.proto.message_pb2 import ObjectTree  # pylint: disable=no-name-in-module
+from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
+from flwr.supercore.error import ApiErrorCode, FlowerError
+from flwr.supercore.inflatable.inflatable_object import (
+    get_all_nested_objects,
+    get_object_tree,
+    no_object_id_recompute,
+)
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+    make_push_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import (
+    ObjectPullError,
+    pull_and_inflate_object_from_tree,
+    push_objects,
+)
+from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+from flwr.supernode.fleet_http_client import FleetHttpClient
+from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+from fedcost.errors import KitError
+from fedcost.federation.provision import Kit
+from fedcost.federation.site_report import SiteReports
+from fedcost.wire import records as rec
+
+log = logging.getLogger("fedcost.worker")
+
+# The node tells the coordinator to expect a heartbeat every 10 s (Flower's minimum) and
+# sends one every 4 s: a node that dies is offline for the coordinator, and its pending
+# exchanges come back as dropouts, about 20 s later (Flower allows two missed intervals).
+HEARTBEAT_SECONDS, BEAT_EVERY = float(HEARTBEAT_MIN_INTERVAL), 4.0
+# Polling (see Polling): after an exchange, half the last wait for a message, then every
+# 20 ms growing by a third per empty poll, up to 1 s when idle.
+POLL_FAST, POLL_IDLE, POLL_GROWTH, GAP_SHARE = 0.02, 1.0, 1.33, 0.5
+# A lost coordinator is retried after 1, 2, 4, ... seconds, at most 10 s apart: a restarted
+# one resumes its run once enough nodes are back.
+RETRY_FIRST, RETRY_MAX = 1.0, 10.0
+# Activation refused may pass: the coordinator admits a new key within seconds, and a node
+# that crashed stays online for it until two heartbeat intervals have passed. So long the
+# worker keeps asking before it takes a refusal as final: at its start, and once a node it
+# served no longer knows it (revoked, or a coordinator restarted that admits it again).
+ADMISSION_PATIENCE, READMISSION_PATIENCE = 25.0, 10.0
+# A reply that could not be sent is tried again for so long: the coordinator waits for it.
+PUSH_PATIENCE = 120.0
+# An object of a message not yet all uploaded is asked for again after 10 ms, doubling up
+# to 0.2 s (Flower's default waits 1 s first: most of an exchange on loopback).
+OBJECT_BACKOFF, OBJECT_BACKOFF_CAP = 0.01, 0.2
+KEEP_CONTEXTS = 16  # runs whose Flower context the worker keeps (the SuperNode keeps all)
+
+
+class NodeRefused(Exception):
+    """The coordinator does not (or no longer) admit this node's key."""
+
+
+class ConnectionLost(Exception):
+    """The coordinator did not answer (or answered that it cannot now); it may come back."""
+
+
+class Rejected(ConnectionLost):
+    """The coordinator answered, and refused the request (e.g. for a run it no longer has)."""
+
+
+@dataclass
+class Polling:
+    """The wait before the next poll.
+
+    After an exchange the next message of a run follows once every node has answered:
+    the first poll waits half the last such gap, then polls come 20 ms apart, a third
+    longer each time, up to 1 s while nothing comes. Polls are most of a node's requests
+    to the coordinator, whose one process serves every node: fewer of them is a faster
+    round on a small machine.
+    """
+
+    interval: float = POLL_IDLE
+    first: float = 0.0  # the wait before the first poll after an exchange
+    gap: float = 0.0  # from the last reply sent to the next message found
+    since: float | None = None
+    clock: Callable[[], float] = time.monotonic
+
+    def busy(self) -> None:
+        self.since = self.clock()
+        self.first = min(POLL_IDLE, GAP_SHARE * self.gap)
+        self.interval = POLL_FAST
+
+    def found(self) -> None:
+        if self.since is not None:
+            self.gap = self.clock() - self.since
+        self.since = None
+
+    def idle(self) -> float:
+        if self.first:
+            wait, self.first = self.first, 0.0
+            return wait
+        wait = self.interval
+        self.interval = min(POLL_IDLE, self.interval * POLL_GROWTH)
+        return wait
+
+
+@dataclass
+class Backoff:
+    """Waits of 1, 2, 4, ... seconds, at most ``RETRY_MAX``, until reset."""
+
+    wait: float = RETRY_FIRST
+
+    def next(self) -> float:
+        wait, self.wait = self.wait, min(RETRY_MAX, self.wait * 2)
+        return wait
+
+    def reset(self) -> None:
+        self.wait = RETRY_FIRST
+
+
+def load_auth_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """The kit's SuperNode authentication key (OpenSSH EC key, as the kit writes it)."""
+    try:
+        key = load_ssh_private_key(path.read_bytes(), None)
+    except (OSError, ValueError) as error:
+        raise KitError(f"not a readable OpenSSH private key ({error})", path=str(path)) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise KitError("expected an EC private key", path=str(path))
+    return key
+
+
+class FleetSession:
+    """This node's authenticated session with the coordinator's Fleet API (Flower's HTTP client)."""
+
+    def __init__(self, address: str, ca_file: Path, auth_key: ec.EllipticCurvePrivateKey):
+        self.address = address
+        self.client = FleetHttpClient.from_server_address(
+            address, False, ca_file.read_bytes(),
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperNode"),
+                          NodeAuthHttpInterceptor(auth_key, auth_key.public_key())],
+        )
+        self.public_key = auth_key.public_key()
+        self.node: Node | None = None
+        self.refused = threading.Event()
+        self.closed = threading.Event()
+        self.beats = threading.Thread(target=self._beat, daemon=True)
+        self.calls = 0  # Fleet API requests so far (a profile's unit of the coordinator's work)
+
+    @property
+    def node_id(self) -> int:
+        return 0 if self.node is None else int(self.node.node_id)
+
+    def activate(self) -> int:
+        """Go online as this node; raises ``NodeRefused`` or ``ConnectionLost``."""
+        request = ActivateNodeRequest(public_key=public_key_to_bytes(self.public_key),
+                                      heartbeat_interval=HEARTBEAT_SECONDS)
+        response = self._call(self.client.ActivateNode, request)
+        self.node = Node(node_id=response.node_id)
+        self.refused.clear()
+        if not self.beats.is_alive():
+            self.beats.start()
+        return self.node_id
+
+    def pull(self) -> tuple[Message, ObjectTree] | None:
+        """The next message for this node, its content still at the coordinator; None if none."""
+        response = self._call(self.client.PullMessages, PullMessagesRequest(node=self.node))
+        if not response.messages_list:
+            return None
+        return message_from_proto(response.messages_list[0]), response.message_object_trees[0]
+
+    def content(self, message: Message, tree: ObjectTree) -> Message:
+        """The message with its content, pulled object by object and confirmed received."""
+        assert self.node is not None
+        run_id = message.metadata.run_id
+        pull = make_pull_object_fn_protobuf(lambda r: self._call(self.client.PullObject, r), self.node, run_id)
+        confirm = make_confirm_message_received_fn_protobuf(
+            lambda r: self._call(self.client.ConfirmMessageReceived, r), self.node, run_id)
+        full = pull_and_inflate_object_from_tree(tree, pull, confirm, return_type=Message,
+                                                 initial_backoff=OBJECT_BACKOFF, backoff_cap=OBJECT_BACKOFF_CAP)
+        full.metadata.__dict__["_message_id"] = tree.object_id
+        return full
+
+    def push(self, reply: Message, runtime: float) -> None:
+        """Send a reply: its envelope, then every object the coordinator does not hold yet."""
+        assert self.node is not None
+        reply.metadata.__dict__["_message_id"] = reply.object_id
+        with no_object_id_recompute():
+            tree = get_object_tree(reply)
+            envelope = message_to_proto(remove_content_from_message(reply))
+            request = PushMessagesRequest(node=self.node, messages_list=[envelope], message_object_trees=[tree],
+                                          clientapp_runtime_list=[runtime])
+            response = self._call(self.client.PushMessages, request)
+            push = make_push_object_fn_protobuf(lambda r: self._call(self.client.PushObject, r), self.node,
+                                                reply.metadata.run_id, response.session_id)
+            push_objects(get_all_nested_objects(reply), push, object_ids_to_push=set(response.objects_to_push))
+
+    def close(self) -> None:
+        """Go offline at once (the coordinator need not wait for missed heartbeats), then disconnect."""
+        self.closed.set()
+        if self.node is not None:
+            try:
+                self.client.DeactivateNode(DeactivateNodeRequest(node_id=self.node.node_id))
+            except (httpx.HTTPError, ValueError):
+                pass
+        if self.beats.is_alive():
+            self.beats.join(timeout=10)
+        self.client.close()
+
+    def _beat(self) -> None:
+        """Heartbeats while the session lasts; one the coordinator refuses marks the node refused."""
+        while not self.closed.wait(BEAT_EVERY):
+            try:
+                self._call(self.client.SendNodeHeartbeat,
+                           SendNodeHeartbeatRequest(node=self.node, heartbeat_interval=HEARTBEAT_SECONDS))
+            except NodeRefused:
+                self.refused.set()
+            except ConnectionLost:
+                continue
+
+    def _call(self, method, request):  # type: ignore[no-untyped-def]
+        """One Fleet API call; Flower's and the network's failures as the worker's two."""
+        self.calls += 1
+        try:
+            return method(request)
+        except httpx.HTTPStatusError as error:
+            if error.response.status_code == httpx.codes.UNAUTHORIZED:
+                raise NodeRefused("the coordinator does not recognise this node's key") from None
+            flower = FlowerError.from_json(error.response.text)
+            detail = flower.message if flower else f"HTTP {error.response.status_code}"
+            if flower is not None and flower.code == ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED:
+                # Flower says no more: the key is not admitted, or the same node is still
+                # online from a session that ended without going offline (a crash).
+                raise NodeRefused("the coordinator did not activate this node's key") from None
+            if error.response.status_code >= 500:
+                raise ConnectionLost(detail) from None
+            raise Rejected(detail) from None
+        except (httpx.TransportError, ValueError) as error:
+            raise ConnectionLost(str(error) or type(error).__name__) from None
+
+
+class NodeWorker:
+    """Serves one site's node until told to stop: connect, answer messages, ride out outages."""
+
+    def __init__(
+        self,
+        kit: Kit,
+        app: ClientApp,
+        node_config: UserConfig,
+        reports: SiteReports,
+        *,
+        say: Callable[[str], None],
+        session: Callable[[], FleetSession] | None = None,
+    ):
+        self.kit = kit
+        self.app = app
+        self.node_config = node_config
+        self.reports = reports
+        self.say = say
+        self.new_session = session or (lambda: FleetSession(kit.address, kit.ca_file, load_auth_key(kit.auth_key)))
+        self.contexts: OrderedDict[int, Context] = OrderedDict()
+        self.stop = threading.Event()
+        self.calls = 0
+
+    def serve(self) -> None:
+        """Answer the coordinator until ``stop`` is set; raises ``KitError`` if it refuses this node."""
+        session = self.new_session()
+        try:
+            node_id = self._activate(session)
+            if node_id is None:
+                return
+            self.say(f"connected to the coordinator at {self.kit.address} as node {node_id}; waiting for jobs")
+            self._answer_until_stopped(session)
+        except NodeRefused as refused:
+            raise KitError(
+                f"the coordinator at {self.kit.address} refused this node's key ({refused}): the kit was revoked, "
+                "has expired or was never enrolled in this federation; ask your federation operator (details in "
+                "their coordinator log)", path=str(self.kit.folder),
+            ) from None
+        finally:
+            session.close()
+
+    def _activate(self, session: FleetSession, *, again: bool = False) -> int | None:
+        """Go online (``again``: after the coordinator forgot this node); None if stopped
+        meanwhile. A key the coordinator has not admitted is asked about again for a while;
+        a coordinator that does not answer, until it does."""
+        patience = READMISSION_PATIENCE if again else ADMISSION_PATIENCE
+        deadline, backoff = time.monotonic() + patience, Backoff()
+        while not self.stop.is_set():
+            try:
+                return session.activate()
+            except NodeRefused:
+                if time.monotonic() > deadline:
+                    raise
+                self.stop.wait(2.0 + random.random())
+            except ConnectionLost as lost:
+                self._wait_out(lost, backoff)
+        return None
+
+    def _answer_until_stopped(self, session: FleetSession) -> None:
+        polling, backoff, lost = Polling(), Backoff(), False
+        while not self.stop.is_set():
+            try:
+                if session.refused.is_set():
+                    raise NodeRefused("its heartbeat was refused")
+                pulled = session.pull()
+            except ConnectionLost as error:
+                lost = True
+                self._wait_out(error, backoff)
+                continue
+            except NodeRefused:
+                # A restarted coordinator (its state is in memory) admits this key again under a
+                # new node id; one that revoked it refuses it here too.
+                self.say(f"node {session.node_id} is no longer known to the coordinator; connecting again")
+                self._activate(session, again=True)
+                continue
+            if lost:
+                lost = False
+                backoff.reset()
+                self.say(f"reconnected to the coordinator at {self.kit.address}")
+            if pulled is None:
+                self.stop.wait(polling.idle())
+                continue
+            polling.found()
+            self._exchange(session, *pulled)
+            polling.busy()
+
+    def _exchange(self, session: FleetSession, envelope: Message, tree: ObjectTree) -> None:
+        """Pull one message's content, answer it, and send the reply (retried while the
+        coordinator is away: it waits for it)."""
+        started = time.perf_counter()
+        try:
+            message = session.content(envelope, tree)
+        except (ConnectionLost, NodeRefused, ObjectPullError) as lost:  # the next pull tells which
+            log.warning("site %s: a message could not be received (%s); the coordinator counts it lost",
+                        self.kit.name, lost)
+            return
+        received = time.perf_counter()
+        reply = self.answer(message, session.node_id)
+        answered = time.perf_counter()
+        deadline, backoff = time.monotonic() + PUSH_PATIENCE, Backoff()
+        while True:
+            try:
+                session.push(reply, answered - started)
+                log.info("run %s: %s answered%s; seconds: receive %.3f, answer %.3f, send %.3f; requests %d",
+                         message.metadata.run_id, _kind(message), " (error)" if reply.has_error() else "",
+                         received - started, answered - received, time.perf_counter() - answered,
+                         session.calls - self.calls)
+                self.calls = session.calls
+                return
+            except (Rejected, NodeRefused) as refused:
+                # Final: a restarted coordinator no longer has the run, nor this node under its
+                # old id (the next pull connects again).
+                log.warning("site %s: a reply could not be sent (%s)", self.kit.name, refused)
+                return
+            except ConnectionLost as lost:  # silence may pass: the coordinator waits for the reply
+                if time.monotonic() > deadline or self.stop.is_set():
+                    log.warning("site %s: a reply could not be sent (%s)", self.kit.name, lost)
+                    return
+                self._wait_out(lost, backoff)
+
+    def _wait_out(self, lost: ConnectionLost, backoff: Backoff) -> None:
+        wait = backoff.next()
+        self.say(f"lost the coordinator at {self.kit.address} ({lost}); retrying in {wait:.0f} s "
+                 "(the node keeps its state; Ctrl-C stops it)")
+        self.stop.wait(wait)
+
+    def answer(self, message: Message, node_id: int) -> Message:
+        """The node's ClientApp's reply to ``message``, in this run's context; never raises."""
+        context = self._context(message.metadata.run_id, node_id)
+        try:
+            reply = self.app(message, context)
+        except Exception as error:  # the guardian answers every refusal itself: this is a fault
+            log.error("site %s: the ClientApp failed on a message", self.kit.name, exc_info=True)
+            reason = f"site {self.kit.name}: the node failed ({type(error).__name__}); the site's node log has details"
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message)
+        self.reports.observe(message, reply, context)
+        if not reply.has_error() and _transport(message) == rec.CLOSE:
+            self.contexts.pop(message.metadata.run_id, None)
+        return reply
+
+    def _context(self, run_id: int, node_id: int) -> Context:
+        """This run's Flower context: the node's state between its messages (secure sum, log position)."""
+        if run_id not in self.contexts:
+            self.contexts[run_id] = Context(run_id=run_id, node_id=node_id, node_config=self.node_config,
+                                            state=RecordDict(), run_config={})
+            while len(self.contexts) > KEEP_CONTEXTS:
+                self.contexts.popitem(last=False)
+        self.contexts.move_to_end(run_id)
+        return self.contexts[run_id]
+
+
+def _kind(message: Message) -> str:
+    try:
+        return rec.message_kind(message.content)
+    except (KeyError, TypeError):
+        return "unknown"
+
+
+def _transport(message: Message) -> str | None:
+    config = message.content.config_records.get(rec.CONFIG) if message.has_content() else None
+    return None if config is None else str(config.get(rec.TRANSPORT))
