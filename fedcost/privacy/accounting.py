@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedcost.errors import PrivacyBudgetExhausted
-from fedcost.privacy.distributed import ORDERS, SkellamRelease, epsilon_from_rdp, skellam_variance_for
+from fedcost.privacy.distributed import ORDERS, SkellamRelease, epsilon_from_rdp, skellam_variance_for, smallest_within
 
 MAX_NOISE_MULTIPLIER = 1e4  # no budget worth having needs more; beyond it the search gives up
 NOISE_TOLERANCE = 1e-3  # relative precision of noise_multiplier_for
@@ -139,14 +139,7 @@ def _smallest_noise(epsilon_of: Callable[[float], float], target: float) -> floa
         high *= 2
         if high > MAX_NOISE_MULTIPLIER:
             raise ValueError(f"no noise multiplier up to {MAX_NOISE_MULTIPLIER:g} keeps epsilon within {target}")
-    low = 0.0
-    while high - low > NOISE_TOLERANCE * high:
-        middle = (low + high) / 2
-        if epsilon_of(middle) > target:
-            low = middle
-        else:
-            high = middle
-    return high
+    return smallest_within(lambda multiplier: epsilon_of(multiplier) > target, 0.0, high, NOISE_TOLERANCE)
 
 
 def noise_multiplier_for(*, epsilon: float, delta: float, sample_rate: float, steps: int) -> float:

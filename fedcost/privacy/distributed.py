@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import numbers
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -166,14 +166,21 @@ def skellam_variance_for(
                 f"{epsilon_from_rdp(rdp=prior, delta=delta):.4g} is already spent"
             )
         low, high = high, min(2 * high, maximum)
-    while high - low > VARIANCE_TOLERANCE * high:
+    return smallest_within(lambda variance: epsilon_of(variance) > epsilon, low, high, VARIANCE_TOLERANCE)
+
+
+
+def smallest_within(exceeds: Callable[[float], bool], low: float, high: float, tolerance: float) -> float:
+    """The smallest noise in (``low``, ``high``] (to ``tolerance`` relative) for which
+    ``exceeds`` is false, by bisection on a monotone test; the value returned is on the
+    safe side (``exceeds(high)`` is false on entry and stays so)."""
+    while high - low > tolerance * high:
         middle = (low + high) / 2
-        if epsilon_of(middle) > epsilon:
+        if exceeds(middle):
             low = middle
         else:
             high = middle
     return high
-
 
 def share_of_variance(variance: float, nodes: int) -> float:
     """The variance each of ``nodes`` nodes adds so that the sum of their shares is Sk(``variance``).
@@ -300,10 +307,5 @@ def calibrate_noise(
                 f"sums within epsilon={epsilon:g} at delta={delta:g}; raise the job's statistics epsilon"
             )
         low, high = high, 2 * high
-    while high - low > VARIANCE_TOLERANCE * high:
-        middle = (low + high) / 2
-        if spent(middle) > epsilon:
-            low = middle
-        else:
-            high = middle
-    return StatisticsNoise(high, sites, cost_clip)
+    variance = smallest_within(lambda variance: spent(variance) > epsilon, low, high, VARIANCE_TOLERANCE)
+    return StatisticsNoise(variance, sites, cost_clip)
