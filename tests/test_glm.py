@@ -510,3 +510,17 @@ def test_from_dict_is_strict(case):
     change, message = SPOILED[case]
     with pytest.raises(ValueError, match=message):
         glm.FittedGlm.from_dict(_spoiled(change))
+
+
+def test_crafted_coefficients_that_weigh_one_patient_describe_one_row_and_honest_ones_all():
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(500, 3))
+    costs = rng.gamma(2.0, 1.0, size=500)
+    readmitted = (rng.random(500) < 0.2).astype(float)
+    family = glm.task_family("cost", cost_family="tweedie", tweedie_power=1.5)
+    honest = glm.start_coefficients(4, family=family, mean=float(costs.mean()))
+    assert glm.effective_rows(x, costs, honest, family=family) == pytest.approx(500)
+    steep = np.array([0.0, 40.0, 0.0, 0.0])  # a log mean that explodes for the one patient highest on feature 0
+    assert glm.effective_rows(x, costs, steep, family=family) < 2
+    one_age = np.array([-400.0 * x[7, 0], 400.0, 0.0, 0.0])  # a logit steep at one patient's value
+    assert glm.effective_rows(x, readmitted, one_age, family=glm.BINOMIAL) < 11
