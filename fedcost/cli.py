@@ -185,7 +185,7 @@ def _comparison_table(summary: dict) -> Table:
     table = Table(
         title=f"Held-out rows: {summary['test_rows']:,} (same rows for every model)", caption=scoring_note(summary)
     )
-    table.add_column("task")
+    table.add_column("outcome")
     table.add_column("metric")
     for model in MODELS:
         table.add_column(model, justify="right")

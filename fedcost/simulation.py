@@ -37,7 +37,8 @@ from fedcost import schema
 from fedcost.client.app import make_client_app
 from fedcost.client.budget import accountant
 from fedcost.client.node import NodeSetup
-from fedcost.config import SimulationConfig
+from fedcost.analytics.statistics import AGE_BAND, ROLE
+from fedcost.config import AnalyticsSection, SimulationConfig
 from fedcost.data.features import FeatureSpec, StatisticsLayout
 from fedcost.data.loader import NodeData, load_node
 from fedcost.data.mapping import DataMapping
@@ -162,7 +163,7 @@ def _run(
         (folder / "truth.json").write_text(json.dumps(ecosystem.truth, indent=2))
         nodes = _load_nodes(mapping, config)
     assert nodes is not None
-    config = replace(config, model=replace(config.model, tasks=mapping.tasks))
+    config = replace(config, model=replace(config.model, tasks=mapping.tasks), analytics=_analytics_for(config, mapping))
     (folder / "config.toml").write_bytes(tomli_w.dumps(config.resolved()).encode())
 
     recorder = RunRecorder(folder, on_round)
@@ -170,7 +171,7 @@ def _run(
     plan = _federate(config, run_id, folder, mapping, recorder, task)
     audit = _verify_audit(folder)
     if task == "analyze":
-        summary = _run_header(run_id, config, nodes, task)
+        summary = _run_header(run_id, config, mapping, nodes, task)
     else:
         summary = _trained(config, run_id, folder, mapping, nodes, recorder)
     summary["analytics"] = recorder.analytics
@@ -214,6 +215,28 @@ def _trained(
     summary = _summary(run_id, config, mapping, nodes, predictions, features, recorder.rounds)
     summary["site_steps"] = {name: decided.to_dict() for name, (decided, _) in steps.items()}
     return summary
+
+
+def _analytics_for(config: SimulationConfig, mapping: DataMapping) -> AnalyticsSection:
+    """The run's analytics on this data set's fields: an outcome may be named as the data set
+    names it; the defaults (the ecosystem's fields) keep what the data set has; a field the
+    config names that the data set lacks is refused."""
+    analytics = config.analytics
+    slots = {reading.column: slot for slot, reading in mapping.targets.items()}
+    present = mapping.fields_present | set(mapping.targets)
+    if any(node.role != schema.SITE for node in mapping.nodes):
+        present.add(ROLE)
+    if "age" in present and schema.COLUMNS["age"] in mapping.feature_columns:
+        present.add(AGE_BAND)
+    chosen = {}
+    for part in ("group_by", "measures"):
+        names = list(dict.fromkeys(slots.get(name, name) for name in getattr(analytics, part)))
+        lacking = [name for name in names if name not in present]
+        if lacking and getattr(analytics, part) != getattr(AnalyticsSection(), part):
+            raise ConfigError(f"the data set has no field {lacking[0]!r}; its fields: {', '.join(sorted(present))}",
+                              path=config.source, field=f"analytics.{part}")
+        chosen[part] = tuple(name for name in names if name in present)
+    return replace(analytics, **chosen)
 
 
 def _load_nodes(mapping: DataMapping, config: SimulationConfig) -> list[NodeData]:
@@ -439,11 +462,17 @@ def _scores(rows: pd.DataFrame, predictions: dict[str, np.ndarray]) -> dict[str,
     return scores
 
 
-def _run_header(run_id: str, config: SimulationConfig, nodes: list[NodeData], task: Task) -> dict:
-    """What every run's summary opens with: the run, its protection and its sites."""
+def _run_header(run_id: str, config: SimulationConfig, mapping: DataMapping, nodes: list[NodeData], task: Task) -> dict:
+    """What every run's summary opens with: the run, its outcomes, its protection and its sites."""
+    families = {"readmission": "logistic", "cost": f"{config.model.cost_family}, log link"}
     return {
         "run_id": run_id,
         "task": task,
+        "outcomes": {
+            task_name: {"column": column, "kind": "binary" if task_name == "readmission" else "non-negative",
+                        **({"family": families[task_name]} if config.model.exact else {})}
+            for task_name, column in mapping.outcome_columns.items()
+        },
         "secure_aggregation": config.secure_aggregation.enabled,
         "min_cohort": config.run.min_cohort,
         "nodes": [
@@ -462,7 +491,7 @@ def _summary(
     rounds: list[dict],
 ) -> dict:
     all_test = pd.concat([node.test for node in nodes], ignore_index=True)
-    summary = _run_header(run_id, config, nodes, "train")
+    summary = _run_header(run_id, config, mapping, nodes, "train")
     summary |= {
         "rounds": config.run.rounds,
         "strategy": config.strategy.name,

@@ -174,5 +174,16 @@ def purpose_rows(purpose: Purpose, train: int, test: int) -> int:
     return {"train": train, "test": test, "all": train + test}[purpose.cohort]
 
 
+def check_cohort(policy: SitePolicy, cohort: int) -> None:
+    """Refuse a secure sum over fewer rows than the site's ``min_cohort`` at its first stage:
+    the egress guard would stop its masked input anyway, and a site gone after the keys were
+    shared costs every other site a recovery, or the sum an abort and a retry."""
+    if cohort < policy.min_cohort:
+        raise PolicyViolationError(
+            f"the site withholds this sum: it would describe {cohort} rows, fewer than its min_cohort "
+            f"({policy.min_cohort})"
+        )
+
+
 def _refusal(reason: str) -> PolicyViolationError:
     return PolicyViolationError(f"the site policy refuses this job: {reason}")

@@ -52,7 +52,7 @@ from fedcost.tomlfile import read_toml
 CONFIG_FILE = "federation.toml"
 KIT_FILE = "kit.toml"
 COORDINATOR = "coordinator"
-NODE_ROLES = ("hospital", "insurer", "pharma")
+NODE_ROLES = ("hospital", "insurer", "pharma", "site")
 # The CA outlives the certificates it issues; the revocation list is re-signed on every
 # revocation and lasts as long as the CA.
 CA_LIFETIME = timedelta(days=3650)

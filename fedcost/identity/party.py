@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fedcost.errors import ConfigError, InvalidSignatureError
 
-ROLES = ("coordinator", "hospital", "insurer", "pharma")
+ROLES = ("coordinator", "hospital", "insurer", "pharma", "site")
 
 # Names become file names (``<name>.pub.json``, ``audit/<name>.jsonl``), so no separators.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

@@ -30,10 +30,15 @@ def scoring_note(summary: dict) -> str:
             f"{tuned} fine-tuning)")
 
 
+def outcome_label(summary: dict, task: str) -> str:
+    """A task as the data set names its outcome (``died``), else the task's own name."""
+    return summary.get("outcomes", {}).get(task, {}).get("column", task)
+
+
 def comparison_rows(summary: dict) -> list[tuple[str, str, dict[str, float]]]:
-    """(task, metric, value per model) rows: the table the terminal and the report show."""
+    """(outcome, metric, value per model) rows: the table the terminal and the report show."""
     return [
-        (task, metric, {model: summary[task][model][metric] for model in MODELS})
+        (outcome_label(summary, task), metric, {model: summary[task][model][metric] for model in MODELS})
         for task, metrics in METRICS.items()
         if task in summary
         for metric in metrics
@@ -117,7 +122,7 @@ def _training_sections(summary: dict) -> str:
     return f"""<p>{len(summary['nodes'])} nodes, {summary['rounds']} rounds of {summary['strategy']}, model {summary['model']};
 all models scored on the same {summary['test_rows']:,} held-out rows; {scoring_note(summary)}.</p>
 <h2>Federated against pooled and local-only</h2>
-<table><tr><th>task</th><th>metric</th>{''.join(f'<th>{m}</th>' for m in MODELS)}</tr>{table}</table>
+<table><tr><th>outcome</th><th>metric</th>{''.join(f'<th>{m}</th>' for m in MODELS)}</tr>{table}</table>
 <h2>Per site</h2>
 <table><tr><th>site</th><th>role</th><th>train rows</th><th>test rows</th>{site_heads}</tr>{sites}</table>"""
 
@@ -125,7 +130,7 @@ all models scored on the same {summary['test_rows']:,} held-out rows; {scoring_n
 def federation_rows(summary: dict) -> list[tuple[str, str, float]]:
     """(task, metric, value) of the federated model: the table a federation run ends with."""
     return [
-        (task, metric, value)
+        (outcome_label(summary, task), metric, value)
         for task in METRICS
         if task in summary
         for metric, value in summary[task]["federated"].items()
@@ -144,7 +149,7 @@ def _federation_sections(summary: dict) -> str:
 model {summary['model']}. Metrics of the federated model from the summed evaluation sums of every site's
 held-out rows; no party holds the rows a pooled or local-only model would need.</p>
 <h2>Federated model</h2>
-<table><tr><th>task</th><th>metric</th><th>federated</th></tr>{table}</table>
+<table><tr><th>outcome</th><th>metric</th><th>federated</th></tr>{table}</table>
 <h2>Per site</h2>
 <p>{note}: rows, privacy spent, and the final model on the site's own held-out rows (the metrics its
 policy shares).</p>

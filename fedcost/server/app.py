@@ -202,6 +202,7 @@ class Coordinator:
         self.strategy = make_strategy(plan.strategy, plan.min_nodes or len(plan.roster))
         proximal_mu = plan.strategy.proximal_mu if plan.strategy.name == "fedprox" else 0.0
         self.training = replace(plan.training, proximal_mu=proximal_mu)
+        self._evaluation_withheld: dict[str, str] = {}
 
     def run(self) -> None:
         self.log.append(
@@ -392,8 +393,12 @@ class Coordinator:
         messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid))
         noise, record = self.plan.noise, {}
         shapes = evaluation.sums_shapes(job.model.tasks, noisy=noise is not None)
-        node_ids = [m.metadata.dst_node_id for m in messages]
+        # A site that withheld its evaluation (too few held-out rows, a refusal) withholds it in
+        # every round: asking it again would cost each round's secure sum an abort and a retry.
+        node_ids = [n for m in messages if self.sums.sites[n := m.metadata.dst_node_id] not in self._evaluation_withheld]
         summed = self._sum("evaluate", server_round, shapes, node_ids, arrays, job.to_json())
+        summed.dropouts = {**self._evaluation_withheld, **summed.dropouts}
+        self._evaluation_withheld.update(summed.dropouts)
         by_task = summed.arrays
         if noise is not None:
             bounds = [evaluation.readmission_bounds() if task == "readmission"
