@@ -10,6 +10,8 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from fedcost.data.features import StatisticsLayout
@@ -80,3 +82,30 @@ def test_an_example_copied_elsewhere_runs_from_its_own_folder(tmp_path: Path) ->
     mapping = DataMapping.load(tmp_path / "icu" / "mapping.toml")
     assert all(node.file.parent == tmp_path / "icu" for node in mapping.nodes)
     assert load_node(mapping, "harbour-icu", split_seed=1).train["age"].between(18, 99).all()
+
+
+def _write_small_sites(folder: Path) -> None:
+    """Four sites and one of 8 rows (fewer training rows than min_cohort), one binary outcome."""
+    rng = np.random.default_rng(11)
+    lines = ['[targets.died]\nkind = "binary"\n\n[features]\nnumeric = ["score"]\n']
+    for name, n in {"a": 150, "b": 100, "c": 60, "d": 40, "tiny": 8}.items():
+        score = rng.normal(0, 1, n)
+        died = (rng.random(n) < 1 / (1 + np.exp(1.5 - score))).astype(int)
+        pd.DataFrame({"score": score.round(3), "died": died}).to_csv(folder / f"{name}.csv", index=False)
+        lines.append(f'[nodes.{name}]\nfile = "{name}.csv"\n')
+    (folder / "mapping.toml").write_text("\n".join(lines))
+
+
+def test_a_site_with_fewer_rows_than_min_cohort_is_left_out_and_named(tmp_path: Path) -> None:
+    """Its policy withholds every sum over its rows: the run goes on without it (rather than
+    stopping at the statistics stage), says so, and never learns how many rows it has."""
+    _write_small_sites(tmp_path)
+    result = fedcost("simulate", "--data-dir", str(tmp_path), "--out", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    last = summary["federated_evaluation"]
+    assert "tiny" not in last["evaluated_sites"]
+    for reasons in (last["withheld"], last["dropouts"]):
+        assert "withholds this sum" in reasons["tiny"] and "min_cohort (11)" in reasons["tiny"]
+        assert not any(str(n) in reasons["tiny"].replace("(11)", "") for n in range(1, 11))
+    assert summary["readmission"]["federated"]["auroc"] > 0.6

@@ -179,12 +179,12 @@ class Guardian:
                 site.check_request(policy, hello, request)
                 node = self.node_factory(self.setup)
                 cohort = site.purpose_rows(request.purpose, len(node.data.train), len(node.data.test))  # type: ignore[arg-type]
+                site.check_cohort(policy, cohort)
                 ask = self._ask(request, hello, node, ledger)
                 if request.transport == rec.PLAIN:
                     exchange, content, expected = self._plain(ask, node, policy, hello, ledger, audit)
                     releasing = True
                 else:
-                    site.check_cohort(policy, cohort)
                     exchange, content, expected = self._secure(request, ask, node, policy, hello, ledger, audit)
                     releasing = str(request.stage) in RELEASING_STAGES
         guarded = outgoing.guard(policy, content, outgoing.outgoing_message(request, content, expected, cohort))

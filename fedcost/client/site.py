@@ -23,7 +23,7 @@ from fedcost.privacy import MIN_COHORT, JobRequest, PrivacySettings, SitePolicy,
 from fedcost.privacy.distributed import plan_epsilon
 from fedcost.wire import records as rec
 from fedcost.wire.hello import Hello
-from fedcost.wire.purposes import Purpose
+from fedcost.wire.purposes import WITHHOLDS, Purpose
 from fedcost.wire.requests import Request
 
 ACCEPTED_JOB = "site-job"  # where the accepted hello lives in the node's Flower context state
@@ -175,13 +175,13 @@ def purpose_rows(purpose: Purpose, train: int, test: int) -> int:
 
 
 def check_cohort(policy: SitePolicy, cohort: int) -> None:
-    """Refuse a secure sum over fewer rows than the site's ``min_cohort`` at its first stage:
-    the egress guard would stop its masked input anyway, and a site gone after the keys were
-    shared costs every other site a recovery, or the sum an abort and a retry."""
+    """Refuse a sum over fewer rows than the site's ``min_cohort`` before anything else (for a
+    secure sum, at its first stage): the egress guard would stop its contribution anyway, and
+    a site gone after the keys were shared costs every other site a recovery, or the sum an
+    abort and a retry. The reason does not say how many rows (a small count itself)."""
     if cohort < policy.min_cohort:
         raise PolicyViolationError(
-            f"the site withholds this sum: it would describe {cohort} rows, fewer than its min_cohort "
-            f"({policy.min_cohort})"
+            f"{WITHHOLDS}: a cohort smaller than the site's min_cohort ({policy.min_cohort})"
         )
 
 

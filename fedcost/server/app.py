@@ -43,7 +43,7 @@ from fedcost.server.shared_sum import PollingGrid, SharedSums, SumResult
 from fedcost.wire import records as rec
 from fedcost.wire.events import Event
 from fedcost.wire.hello import Hello
-from fedcost.wire.purposes import PURPOSES
+from fedcost.wire.purposes import PURPOSES, WITHHOLDS
 
 NODE_WAIT_SECONDS = 120.0
 COORDINATOR = "coordinator"
@@ -202,7 +202,7 @@ class Coordinator:
         self.strategy = make_strategy(plan.strategy, plan.min_nodes or len(plan.roster))
         proximal_mu = plan.strategy.proximal_mu if plan.strategy.name == "fedprox" else 0.0
         self.training = replace(plan.training, proximal_mu=proximal_mu)
-        self._evaluation_withheld: dict[str, str] = {}
+        self._withheld: dict[str, dict[str, str]] = {}  # cohort -> site -> why it withholds
 
     def run(self) -> None:
         self.log.append(
@@ -287,12 +287,21 @@ class Coordinator:
             self.grid.send_and_receive(messages)
         self.log.close(details={"stopped": stopped} if stopped else None)
 
-    def _sum(self, purpose: str, server_round: int, *args, **kwargs) -> SumResult:
-        """A shared sum, with its dropouts and the digest of the aggregate in the log."""
+    def _sum(self, purpose: str, server_round: int, shapes: list, node_ids: list[int], *args, **kwargs) -> SumResult:
+        """A shared sum, with its dropouts and the digest of the aggregate in the log.
+
+        A site that withheld a sum for too few rows withholds every later sum over the same
+        rows (its cohort): it is not asked again, since each ask would cost a secure sum an
+        abort and a retry, and it stays among the result's dropouts with its reason.
+        """
+        withheld = self._withheld.setdefault(PURPOSES[purpose].cohort, {})
+        node_ids = [n for n in node_ids if self.sums.sites[n] not in withheld]
         noisy = self.plan.noise is not None and not PURPOSES[purpose].trains
-        result = self.sums.run(purpose, server_round, *args, noisy=noisy, **kwargs)
+        result = self.sums.run(purpose, server_round, shapes, node_ids, *args, noisy=noisy, **kwargs)
         for site, reason in result.dropouts.items():
             self.log.append(Event.DROPOUT, round=server_round, details={"party": site, "reason": reason, "purpose": purpose})
+        withheld.update({site: reason for site, reason in result.dropouts.items() if WITHHOLDS in reason})
+        result.dropouts = {**withheld, **result.dropouts}
         self.log.append(
             Event.AGGREGATE,
             round=server_round,
@@ -318,8 +327,9 @@ class Coordinator:
         """Sum every node's statistics vector; the totals give the shared encoding."""
         size = len(self.plan.layout.slots())
         result = self._sum("statistics", 0, [(size,)], node_ids)
-        if result.dropouts:
-            raise FederationError(f"the statistics stage needs every node; missing: {result.dropouts}")
+        lost = {site: reason for site, reason in result.dropouts.items() if WITHHOLDS not in reason}
+        if lost:
+            raise FederationError(f"the statistics stage needs every node that has enough rows; missing: {lost}")
         noise = self.plan.noise
         if noise is None:
             features = self.plan.layout.feature_spec(result.arrays[0])
@@ -393,12 +403,8 @@ class Coordinator:
         messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid))
         noise, record = self.plan.noise, {}
         shapes = evaluation.sums_shapes(job.model.tasks, noisy=noise is not None)
-        # A site that withheld its evaluation (too few held-out rows, a refusal) withholds it in
-        # every round: asking it again would cost each round's secure sum an abort and a retry.
-        node_ids = [n for m in messages if self.sums.sites[n := m.metadata.dst_node_id] not in self._evaluation_withheld]
+        node_ids = [m.metadata.dst_node_id for m in messages]
         summed = self._sum("evaluate", server_round, shapes, node_ids, arrays, job.to_json())
-        summed.dropouts = {**self._evaluation_withheld, **summed.dropouts}
-        self._evaluation_withheld.update(summed.dropouts)
         by_task = summed.arrays
         if noise is not None:
             bounds = [evaluation.readmission_bounds() if task == "readmission"
