@@ -27,11 +27,11 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from fedcost.analytics import Benchmark, GroupedStatistics, benchmark
 from fedcost.analytics import benchmarking
-from fedcost.analytics.benchmarking import shared_vector_size, standardised, totals_from_shared_vector
+from fedcost.analytics.benchmarking import calibration, shared_vector_size, standardised, totals_from_shared_vector
 from fedcost.audit import AuditLog
 from fedcost.config import AnalyticsSection, SecureAggregationSection, StatisticsPrivacySection, StrategySection
 from fedcost.data.features import FeatureSpec, StatisticsLayout
-from fedcost.errors import FederationError
+from fedcost.errors import ConfigError, FederationError
 from fedcost.job import TrainingJob, glm_coefficients, glm_state, noisy_releases
 from fedcost.models import evaluation, glm
 from fedcost.models.nets import ModelSpec, build_model
@@ -88,6 +88,13 @@ class CoordinatorPlan:
     # "analyze": the grouped statistics alone, no model.
     task: str = "train"
     statistics_privacy: StatisticsPrivacySection = StatisticsPrivacySection()
+
+    def __post_init__(self) -> None:
+        names = {name for name, _ in self.roster}
+        for site in self.analytics.peer_groups:
+            if site not in names:
+                raise ConfigError(f"peer group for unknown site {site!r}; sites: {', '.join(sorted(names))}",
+                                  field=f"analytics.peer_groups.{site}")
 
     @cached_property
     def noise(self) -> StatisticsNoise | None:
@@ -346,11 +353,13 @@ class Coordinator:
         shape = (shared_vector_size(len(names), noisy=noise is not None),)
         result = self._sum("benchmark", self.plan.rounds, [shape], node_ids, arrays, job.to_json())
         if noise is None:
-            totals = standardised(totals_from_shared_vector(result.arrays[0], names))
+            totals = totals_from_shared_vector(result.arrays[0], names)
         else:
             noisy = result.arrays[0] * benchmarking.noisy_bounds(len(names), noise.cost_clip)
-            totals = standardised(totals_from_shared_vector(noisy, names, noisy=True))
-        self.observer.on_benchmark(benchmark(totals), result.included)
+            totals = totals_from_shared_vector(noisy, names, noisy=True)
+        peers = self.plan.analytics.peer_groups or None
+        compared = benchmark(standardised(totals), peer_groups=peers, calibration=calibration(totals))
+        self.observer.on_benchmark(compared, result.included)
 
     def _train_round(self, server_round: int, arrays: ArrayRecord, job: TrainingJob) -> tuple[ArrayRecord, SumResult]:
         """Sum the example-weighted updates, then let Flower's strategy take its step."""
