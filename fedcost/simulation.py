@@ -446,6 +446,7 @@ def _run_header(run_id: str, config: SimulationConfig, nodes: list[NodeData], ta
         "task": task,
         "secure_aggregation": config.secure_aggregation.enabled,
         "min_cohort": config.run.min_cohort,
+        "currency": config.analytics.currency,
         "nodes": [
             {"name": n.name, "role": n.role, "train_rows": len(n.train), "test_rows": len(n.test)} for n in nodes
         ],
