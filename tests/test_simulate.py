@@ -52,7 +52,7 @@ def test_small_federation_writes_a_complete_run_folder(small_run: tuple[subproce
     result, run = small_run
     assert result.returncode == 0, result.stdout + result.stderr
     for name in ("config.toml", "metrics.jsonl", "summary.json", "model.pt", "truth.json", "report.html",
-                 "plots/rounds.png", "plots/sites.png", "plots/calibration.png"):
+                 "plots/rounds.png", "plots/sites.png", "plots/calibration.png", "plots/funnel.png", "plots/err.png"):
         assert (run / name).is_file(), name
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]

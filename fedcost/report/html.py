@@ -200,7 +200,7 @@ def _benchmark_section(result: dict | None, summary: dict) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(s['site'])}</td><td>{s['n']:,}</td><td>{s['observed']:,.0f}</td><td>{s['expected']:,.1f}</td>"
         f"<td>{_interval(s['oe'], s['oe_low'], s['oe_high'])}</td><td>{_interval(s['err'], s['err_low'], s['err_high'])}</td>"
-        + (f"<td>{html.escape(s['peer_group'])}</td><td>{s['err_threshold']:.3f}</td>" if peers else "")
+        + (f"<td>{html.escape(s['peer_group']) or 'none'}</td><td>{s['err_threshold']:.3f}</td>" if peers else "")
         + f"<td>{s['funnel']}</td><td>{_interval(s['cost_ratio'], s['cost_ratio_low'], s['cost_ratio_high'])}</td>"
         f"<td>{_interval(s['value_index'], s['value_index_low'], s['value_index_high'])}</td></tr>"
         for s in result["sites"]
@@ -213,9 +213,8 @@ expected readmissions and costs. Federation readmission rate {result['federation
 <ul>
 <li><strong>O/E</strong>: observed over expected readmissions, exact-Poisson (Byar) interval.</li>
 <li><strong>ERR</strong> (excess readmission ratio, as CMS's readmissions programme computes it): predicted
-readmissions with the site's own random intercept over expected with the average site's, from a
-random-intercept logistic model that holds the federated model fixed as an offset ({html.escape(result['err_method'])};
-between-site SD τ = {result['between_site_sd']:.3f}). A small site's ERR is pulled toward 1: its own
+readmissions with the site's own random intercept over expected with the average site's. Method:
+{html.escape(result['err_method'])}; between-site SD τ = {result['between_site_sd']:.3f}. A small site's ERR is pulled toward 1: its own
 readmissions say little. ERR compares a site with the average site, O/E with the federation's pooled
 rate (which large sites dominate), so a large site's ERR and O/E can differ. Computed at the coordinator
 from the rows, O and E the sites already shared.
@@ -226,9 +225,18 @@ variation ({html.escape(result['funnel_method'])}; τ² = {result['funnel_tau2']
 <li><strong>Value index</strong>: readmission-free stays per {unit} against the federation's; above 1 better
 value; delta-method interval.</li>
 </ul>
+{_noise_note(summary)}
 <p>{_normalisation(result)}</p>
 <table><tr><th>site</th><th>rows</th><th>observed</th><th>expected</th><th>O/E (95% CI)</th><th>ERR (95% CI)</th>
 {peer_heads}<th>funnel</th><th>cost O/E (95% CI)</th><th>value index (95% CI)</th></tr>{rows}</table>"""
+
+
+def _noise_note(summary: dict) -> str:
+    noisy = summary.get("statistics_privacy")
+    if not noisy:
+        return ""
+    return (f"<p>The totals carried differential-privacy noise (SD {noisy['noise_sd']:.3g} readmissions or rows per "
+            "total, costs clipped): the intervals above leave that noise out, so they are too narrow for small sites.</p>")
 
 
 def _normalisation(result: dict) -> str:
@@ -257,7 +265,7 @@ def _privacy_section(summary: dict) -> str:
 <p>{_protections(summary)}</p>
 <p>Smallest cohort any shared figure describes (min cohort): {summary.get('min_cohort', 'not recorded')} rows.</p>
 {statistics}
-<table><tr><th>site</th><th>differential privacy: ε spent / budget (δ)</th></tr>{rows}</table>
+<table><tr><th>site</th><th>differential privacy in training: ε spent / budget (δ)</th></tr>{rows}</table>
 <p>Withheld: {_withheld(summary)}</p>"""
 
 
@@ -274,7 +282,7 @@ def _withheld(summary: dict) -> str:
     parts = []
     statistics = analytics.get("statistics")
     if statistics:
-        cells = statistics["cells"]
+        cells = _listed_cells(statistics)
         suppressed = sum(c["suppressed"] for c in cells)
         partial = sum(_partly_withheld(c) for c in cells)
         parts.append(f"{suppressed} of {len(cells)} statistics cells suppressed, {partial} partly withheld")
@@ -295,7 +303,7 @@ def _statistics_section(result: dict | None, summary: dict) -> str:
     if not result:
         return ""
     groups = result["group_by"]
-    cells = [c for c in result["cells"] if c["suppressed"] or c["n"]]
+    cells = _listed_cells(result)
     heads = "".join(f"<th>{html.escape(g)}</th>" for g in groups)
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(c[g]))}</td>" for g in groups) + _cell_figures(c) + "</tr>" for c in cells
@@ -311,6 +319,11 @@ def _statistics_section(result: dict | None, summary: dict) -> str:
 
 # The figures of a statistics cell the report shows, in column order.
 CELL_FIGURES = ("total_cost_mean", "cost_median", "cost_p90", "readmission_rate")
+
+
+def _listed_cells(result: dict) -> list[dict]:
+    """The cells the report lists: those that hold rows, suppressed ones included."""
+    return [c for c in result["cells"] if c["suppressed"] or c["n"]]
 
 
 def _partly_withheld(cell: dict) -> bool:
