@@ -43,6 +43,13 @@ SMALL = 4  # the smallest hospitals, for the shrinkage figures
 SEEDS = range(10)
 SPEC = EcosystemSpec.from_sizes({"hospital": HOSPITAL_SIZES}, quality_effect_sd=0.35)
 RULES = ("ratio > 1", "95% interval above 1", "top k")
+# The funnel's flags, on O/E: above the Poisson 99.8% limit (the flag before this change), above
+# the overdispersed (DerSimonian-Laird) 99.8% and 95% limits (the report's funnel column).
+FUNNEL_RULES = {
+    "above Poisson 99.8% limit": lambda s: s.above_998,
+    "above overdispersed 99.8% limit": lambda s: s.funnel == "above 99.8% limit",
+    "above overdispersed 95% limit": lambda s: s.funnel in ("above 99.8% limit", "above 95% limit"),
+}
 
 
 def shared_totals(seed: int) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float]]:
@@ -74,9 +81,25 @@ def flagged(sites: list, key: str, rule: str, k: int) -> set[str]:
     return {s.site for s in sorted(sites, key=lambda s: -getattr(s, key))[:k]}
 
 
+def tally_site_flags(tally: list[int], chosen: set[str], quality: dict[str, float], worse: set[str]) -> None:
+    """Add one seed's flags: flagged, flagged with q > 0, clearly worse, clearly worse flagged."""
+    tally[0] += len(chosen)
+    tally[1] += sum(quality[name] > 0 for name in chosen)
+    tally[2] += len(worse)
+    tally[3] += len(chosen & worse)
+
+
+def row(label: str, tally: list[int]) -> str:
+    flags, true_flags, worse_total, found = tally
+    precision = f"{true_flags / flags:.2f} ({true_flags}/{flags})" if flags else "n/a"
+    strict = f"{found / flags:.2f}" if flags else "n/a"
+    return f"| {label} | {flags} | {precision} | {found / worse_total:.2f} ({found}/{worse_total}) | {strict} |"
+
+
 def main() -> None:
     started = time.perf_counter()
     counts = {(key, rule): [0, 0, 0, 0] for key in ("oe", "err") for rule in RULES}  # flags, true flags, worse, found
+    counts |= {("funnel", rule): [0, 0, 0, 0] for rule in FUNNEL_RULES}
     small_log: dict[str, list[float]] = {"oe": [], "err": []}
     errors: dict[tuple[str, str], list[float]] = {(key, group): [] for key in ("oe", "err") for group in ("small", "all")}
     nearer, unshrunken_nearer, correlations = 0, 0, {"oe": [], "err": []}
@@ -89,14 +112,11 @@ def main() -> None:
         worse = {name for name, q in quality.items() if q > SPEC.quality_effect_sd}
         for key in ("oe", "err"):
             for rule in RULES:
-                chosen = flagged(list(result.sites), key, rule, len(worse))
-                tally = counts[key, rule]
-                tally[0] += len(chosen)
-                tally[1] += sum(quality[name] > 0 for name in chosen)
-                tally[2] += len(worse)
-                tally[3] += len(chosen & worse)
+                tally_site_flags(counts[key, rule], flagged(list(result.sites), key, rule, len(worse)), quality, worse)
             correlations[key].append(spearmanr([getattr(s, key) for s in result.sites],
                                                [quality[s.site] for s in result.sites]).statistic)
+        for rule, test in FUNNEL_RULES.items():
+            tally_site_flags(counts["funnel", rule], {s.site for s in result.sites if test(s)}, quality, worse)
         small = sorted(result.sites, key=lambda s: s.n)[:SMALL]
         for key in ("oe", "err"):
             for group, members in (("small", small), ("all", result.sites)):
@@ -114,10 +134,9 @@ def main() -> None:
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for rule in RULES:
         for key, label in (("oe", "O/E"), ("err", "ERR")):
-            flags, true_flags, worse_total, found = counts[key, rule]
-            precision = f"{true_flags / flags:.2f} ({true_flags}/{flags})" if flags else "n/a"
-            strict = f"{found / flags:.2f}" if flags else "n/a"
-            print(f"| {rule} | {label} | {flags} | {precision} | {found / worse_total:.2f} ({found}/{worse_total}) | {strict} |")
+            print(row(f"{rule} | {label}", counts[key, rule]))
+    for rule in FUNNEL_RULES:
+        print(row(f"funnel: {rule} | O/E", counts["funnel", rule]))
     print(f"\nSpearman correlation of ratio with true q, mean over seeds: O/E {np.mean(correlations['oe']):.3f}, "
           f"ERR {np.mean(correlations['err']):.3f}")
     total = len(small_log["oe"])

@@ -178,8 +178,10 @@ def _reported_site(node: dict, summary: dict) -> str:
 
 
 def funnel_position(site: dict) -> str:
-    """A site's position in the funnel, against limits widened for between-site variation."""
-    return site["funnel"]
+    """A site's position in the funnel, against limits widened for between-site variation, and
+    against the Poisson 99.8% limits where it lies outside them."""
+    poisson = "above" if site["above_998"] else "below" if site["below_998"] else ""
+    return f"{site['funnel']} ({poisson} Poisson 99.8%)" if poisson else site["funnel"]
 
 
 def _metric_label(task: str, metric: str, summary: dict) -> str:
@@ -201,7 +203,7 @@ def _benchmark_section(result: dict | None, summary: dict) -> str:
         f"<tr><td>{html.escape(s['site'])}</td><td>{s['n']:,}</td><td>{s['observed']:,.0f}</td><td>{s['expected']:,.1f}</td>"
         f"<td>{_interval(s['oe'], s['oe_low'], s['oe_high'])}</td><td>{_interval(s['err'], s['err_low'], s['err_high'])}</td>"
         + (f"<td>{html.escape(s['peer_group']) or 'none'}</td><td>{s['err_threshold']:.3f}</td>" if peers else "")
-        + f"<td>{s['funnel']}</td><td>{_interval(s['cost_ratio'], s['cost_ratio_low'], s['cost_ratio_high'])}</td>"
+        + f"<td>{funnel_position(s)}</td><td>{_interval(s['cost_ratio'], s['cost_ratio_low'], s['cost_ratio_high'])}</td>"
         f"<td>{_interval(s['value_index'], s['value_index_low'], s['value_index_high'])}</td></tr>"
         for s in result["sites"]
     )
@@ -220,7 +222,9 @@ rate (which large sites dominate), so a large site's ERR and O/E can differ. Com
 from the rows, O and E the sites already shared.
 {"ERR is compared with the median ERR of the site's peer group (CMS's threshold)." if peers else "Above 1: more readmissions than the average site with the same patients."}</li>
 <li><strong>Funnel</strong>: the site's O/E against control limits around 1 widened for real between-site
-variation ({html.escape(result['funnel_method'])}; τ² = {result['funnel_tau2']:.3g}). Above the limits is worse.</li>
+variation ({html.escape(result['funnel_method'])}; τ² = {result['funnel_tau2']:.3g}). Above the limits is worse:
+unusual even allowing for how much sites differ. In brackets, a site outside the Poisson 99.8% limits, which
+allow for chance alone.</li>
 <li><strong>Cost O/E</strong>: observed over expected cost, interval from the squared residuals.</li>
 <li><strong>Value index</strong>: readmission-free stays per {unit} against the federation's; above 1 better
 value; delta-method interval.</li>
