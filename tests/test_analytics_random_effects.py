@@ -96,7 +96,7 @@ def test_overdispersed_limits_hold_about_95_percent_of_sites_where_poisson_limit
     rng = np.random.default_rng(8)
     inside: dict[str, list[bool]] = {"untrimmed": [], "truncated": [], "poisson": []}
     for _ in range(20):
-        n, observed, expected, _ = _sites(rng, 0.2, k=60, sizes=(2000, 8000))
+        _, observed, expected, _ = _sites(rng, 0.2, k=60, sizes=(2000, 8000))
         oe = observed / expected
         for label, (low, high) in (
             ("untrimmed", overdispersed_limits(expected, Z_95, funnel_tau2(observed, expected, trim=0.0))),

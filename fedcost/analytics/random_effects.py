@@ -25,6 +25,12 @@ and its 95% interval is the Laplace (normal) approximation to the posterior of u
 through the same ratio. The interval leaves out the uncertainty in mu and tau^2 (CMS
 bootstraps hospitals for that), so it is a little narrow when there are few sites.
 
+Where the effects are estimated: under this model a site's posterior depends on its data
+only through its n, O and E, which it has already shared, so the coordinator computes
+every site's effect; the site itself, given mu and tau, would get the same number. The
+patient-level model (each patient's own offset) would have to run at the site and release
+the site's ERR: a new release, left out on purpose.
+
 Overdispersed funnel limits: the DerSimonian-Laird additive between-site variance on the
 log O/E scale with 10% truncation, FunnelPlotR's default ("SHMI") method (Spiegelhalter,
 Qual Saf Health Care 2005;14:347): z_i = log(O_i / E_i) sqrt(E_i); the lowest and highest
@@ -66,7 +72,7 @@ def funnel_tau2(observed: Sequence[float], expected: Sequence[float], trim: floa
     keep = (observed > 0) & (expected > 0)
     z, weight = np.log(observed[keep] / expected[keep]) * np.sqrt(expected[keep]), expected[keep]
     order = np.argsort(z)
-    cut = int(math.floor(trim * len(z)))
+    cut = math.floor(trim * len(z))
     kept = order[cut : len(z) - cut]
     k = len(kept)
     if k < 2:
