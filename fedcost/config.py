@@ -162,7 +162,9 @@ class AnalyticsSection:
     figure and axis (a label: nothing is converted); "" leaves them in unnamed currency
     units. ``peer_groups``: site name to peer group, a public fact about each site (CMS
     groups hospitals by their share of dually eligible patients), within which excess
-    readmission ratios are compared against the group's median; empty: against 1.
+    readmission ratios are compared against the group's median; empty: against 1. A
+    simulation refuses a name that is not one of its nodes; a deployment ignores names
+    not on the job's roster (a site revoked or not yet enrolled).
     """
 
     group_by: tuple[str, ...] = ("diagnosis_group", "payer")

@@ -195,3 +195,12 @@ def test_predict_scores_a_sites_rows_with_the_runs_model_and_its_kept_steps(
                                   "--out", str(tmp_path / "x.csv")])
     assert outside.exit_code == 2 and "no steps for site" in outside.output
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_a_peer_group_for_an_unknown_node_is_refused_naming_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "peers.toml"
+    config.write_text(SMALL + '\n[analytics]\npeer_groups = { hospital-9 = "teaching" }\n')
+    result = CliRunner().invoke(app, ["simulate", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "analytics.peer_groups.hospital-9" in result.output and "hospital-1" in result.output
+    assert not (tmp_path / "run").exists()

@@ -267,7 +267,7 @@ class Benchmark:
         return {**{k: v for k, v in asdict(self).items() if k != "sites"}, "sites": [asdict(site) for site in self.sites]}
 
 
-def funnel_position(oe: float, limits_95: tuple[float, float], limits_998: tuple[float, float]) -> str:
+def position_in_funnel(oe: float, limits_95: tuple[float, float], limits_998: tuple[float, float]) -> str:
     """Where an O/E lies against a funnel's limits, in words; above is worse (more readmissions)."""
     for bound, above, words in ((limits_998[1], True, "above 99.8% limit"), (limits_95[1], True, "above 95% limit"),
                                 (limits_998[0], False, "below 99.8% limit"), (limits_95[0], False, "below 95% limit")):
@@ -342,7 +342,7 @@ def benchmark(
                 od_limit_95_high=od95[1],
                 od_limit_998_low=od998[0],
                 od_limit_998_high=od998[1],
-                funnel=funnel_position(oe, od95, od998),
+                funnel=position_in_funnel(oe, od95, od998),
                 above_998=bool(oe > h998),
                 above_95=bool(oe > h95),
                 below_95=bool(oe < l95),

@@ -31,7 +31,7 @@ from fedcost.analytics.benchmarking import calibration, shared_vector_size, stan
 from fedcost.audit import AuditLog
 from fedcost.config import AnalyticsSection, SecureAggregationSection, StatisticsPrivacySection, StrategySection
 from fedcost.data.features import FeatureSpec, StatisticsLayout
-from fedcost.errors import ConfigError, FederationError
+from fedcost.errors import FederationError
 from fedcost.job import TrainingJob, glm_coefficients, glm_state, noisy_releases
 from fedcost.models import evaluation, glm
 from fedcost.models.nets import ModelSpec, build_model
@@ -88,13 +88,6 @@ class CoordinatorPlan:
     # "analyze": the grouped statistics alone, no model.
     task: str = "train"
     statistics_privacy: StatisticsPrivacySection = StatisticsPrivacySection()
-
-    def __post_init__(self) -> None:
-        names = {name for name, _ in self.roster}
-        for site in self.analytics.peer_groups:
-            if site not in names:
-                raise ConfigError(f"peer group for unknown site {site!r}; sites: {', '.join(sorted(names))}",
-                                  field=f"analytics.peer_groups.{site}")
 
     @cached_property
     def noise(self) -> StatisticsNoise | None:
