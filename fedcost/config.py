@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 # Rounds when a config sets none: FedAvg runs them all; an exact GLM's Newton iteration stops
 # once it converges (well-posed data: 5-10 rounds), and this is its most.
 FEDAVG_ROUNDS, EXACT_GLM_ROUNDS = 10, 20
+CURRENCY_CODE = re.compile(r"[A-Z]{3}")
+PEER_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,39}")
 
 
 @dataclass(frozen=True)
@@ -155,14 +158,28 @@ class AnalyticsSection:
     none. ``measures``: the numeric columns summarised per cell. ``benchmark``: after
     training, each site scores its own rows with the federated model and shares its
     observed and expected totals, for O/E ratios, a funnel plot and value per site.
+    ``currency``: the ISO 4217 code of the data's costs (e.g. "EUR"), printed on every cost
+    figure and axis (a label: nothing is converted); "" leaves them in unnamed currency
+    units. ``peer_groups``: site name to peer group, a public fact about each site (CMS
+    groups hospitals by their share of dually eligible patients), within which excess
+    readmission ratios are compared against the group's median; empty: against 1. A
+    simulation refuses a name that is not one of its nodes; a deployment ignores names
+    not on the job's roster (a site revoked or not yet enrolled).
     """
 
     group_by: tuple[str, ...] = ("diagnosis_group", "payer")
     measures: tuple[str, ...] = (schema.COST, schema.READMISSION, "length_of_stay")
     benchmark: bool = True
+    currency: str = ""
+    peer_groups: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layout()
+        if self.currency and not CURRENCY_CODE.fullmatch(self.currency):
+            raise ValueError(f"currency must be an ISO 4217 code of three capital letters (e.g. EUR, USD), not {self.currency!r}")
+        for site, group in self.peer_groups.items():
+            if not PEER_GROUP.fullmatch(group):
+                raise ValueError(f"peer group of {site!r} must be 1-40 letters, digits, spaces, '.', '_' or '-', not {group!r}")
 
     def layout(self) -> GroupedStatisticsLayout:
         """The grouped statistics' layout; raises ``ValueError`` for unknown fields."""

@@ -262,6 +262,7 @@ def _federate(
         identity.public().save(folder / "identities")
     (folder / "audit").mkdir()
     roster = tuple(sorted((name, identity.public().raw_key) for name, identity in identities.items()))
+    _check_peer_groups(config, [node.name for node in mapping.nodes])
     policies = _site_policies(config, folder, [node.name for node in mapping.nodes], coordinator.public().key_id)
     setups = [
         NodeSetup(
@@ -316,6 +317,14 @@ def _federate(
         },
     )
     return plan
+
+
+def _check_peer_groups(config: SimulationConfig, names: list[str]) -> None:
+    """Every site ``[analytics] peer_groups`` names is a node of the run."""
+    unknown = sorted(set(config.analytics.peer_groups) - set(names))
+    if unknown:
+        raise ConfigError(f"peer group for unknown node {unknown[0]!r}; nodes: {', '.join(names)}", path=config.source,
+                          field=f"analytics.peer_groups.{unknown[0]}")
 
 
 def _site_policies(config: SimulationConfig, folder: Path, names: list[str], coordinator: str) -> dict[str, Path]:
@@ -475,6 +484,7 @@ def _run_header(run_id: str, config: SimulationConfig, mapping: DataMapping, nod
         },
         "secure_aggregation": config.secure_aggregation.enabled,
         "min_cohort": config.run.min_cohort,
+        "currency": config.analytics.currency,
         "nodes": [
             {"name": n.name, "role": n.role, "train_rows": len(n.train), "test_rows": len(n.test)} for n in nodes
         ],

@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from fedcost.analytics import Benchmark, GroupedStatistics, benchmark
 from fedcost.analytics import benchmarking
-from fedcost.analytics.benchmarking import shared_vector_size, standardised, totals_from_shared_vector
+from fedcost.analytics.benchmarking import calibration, shared_vector_size, standardised, totals_from_shared_vector
 from fedcost.audit import AuditLog
 from fedcost.config import AnalyticsSection, SecureAggregationSection, StatisticsPrivacySection, StrategySection
 from fedcost.data.features import FeatureSpec, StatisticsLayout
@@ -357,11 +357,13 @@ class Coordinator:
         shape = (shared_vector_size(len(names), noisy=noise is not None),)
         result = self._sum("benchmark", self.plan.rounds, [shape], node_ids, arrays, job.to_json())
         if noise is None:
-            totals = standardised(totals_from_shared_vector(result.arrays[0], names))
+            totals = totals_from_shared_vector(result.arrays[0], names)
         else:
             noisy = result.arrays[0] * benchmarking.noisy_bounds(len(names), noise.cost_clip)
-            totals = standardised(totals_from_shared_vector(noisy, names, noisy=True))
-        self.observer.on_benchmark(benchmark(totals), result.included)
+            totals = totals_from_shared_vector(noisy, names, noisy=True)
+        peers = self.plan.analytics.peer_groups or None
+        compared = benchmark(standardised(totals), peer_groups=peers, calibration=calibration(totals))
+        self.observer.on_benchmark(compared, result.included)
 
     def _train_round(self, server_round: int, arrays: ArrayRecord, job: TrainingJob) -> tuple[ArrayRecord, SumResult]:
         """Sum the example-weighted updates, then let Flower's strategy take its step."""
