@@ -57,8 +57,9 @@ class ModelSpec:
         if self.fit not in FITS or (self.fit == "newton" and self.kind != "glm"):
             raise ValueError(f"ModelSpec.fit={self.fit!r}: expected auto or fedavg, or newton for kind = glm")
         if self.cost_family not in COST_FAMILIES or (self.cost_family != "tweedie" and not self.exact):
-            raise ValueError(f"ModelSpec.cost_family={self.cost_family!r}: expected tweedie, or gamma or poisson "
-                             "for an exact glm")
+            raise ValueError(
+                f"ModelSpec.cost_family={self.cost_family!r}: expected tweedie, or gamma or poisson for an exact glm"
+            )
         if isinstance(self.penalty, bool) or not (math.isfinite(self.penalty) and self.penalty >= 0):
             raise ValueError(f"ModelSpec.penalty={self.penalty!r}: expected a ridge penalty >= 0")
         object.__setattr__(self, "hidden", hidden)

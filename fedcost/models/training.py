@@ -16,6 +16,7 @@ import torch
 from fedcost.models.nets import FedcostNet, SeededDropout
 from fedcost.models.spec import TrainConfig
 
+
 @dataclass(frozen=True)
 class TaskData:
     """Features and targets of one data set; a target is None where the data set lacks it.
