@@ -12,7 +12,7 @@ from rich.table import Table
 from fedcost import __version__
 from fedcost.audit.cli import audit_app
 from fedcost.errors import ConfigError, FedcostError
-from fedcost.federation.cli import coordinator_app, federation_app, node_app
+from fedcost.federation.cli import OLD_FORMS, coordinator_app, federation_app, node_app
 from fedcost.federation.cli import run as run_job
 from fedcost.terminal import PoliteTyper, RoundProgress, console, fail
 
@@ -30,7 +30,7 @@ app.add_typer(audit_app, name="audit", help="Verify a run's signed audit logs an
 app.add_typer(federation_app, name="federation", help="Provision a federation: CA, coordinator, node startup kits.")
 app.add_typer(coordinator_app, name="coordinator", help="Run the federation's coordinator (Flower SuperLink).")
 app.add_typer(node_app, name="node", help="Run a site's node from its startup kit.")
-app.command(name="run")(run_job)
+app.command(name="run", context_settings=OLD_FORMS)(run_job)
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 RunFolder = Annotated[
     Optional[Path], typer.Option("--out", help="Run folder to create, new or empty (default: runs/<run-id>)")

@@ -174,3 +174,12 @@ def test_dash_f_always_means_the_federation_folder() -> None:
         for param in command.params:
             if "-f" in getattr(param, "opts", ()):
                 assert "--federation" in param.opts, f"fedcost {' '.join(path)}: -f is {param.opts}"
+
+
+def test_the_forms_from_before_dash_f_still_name_the_federation(tmp_path: Path) -> None:
+    assert fedcost("federation", "init", "fed", cwd=tmp_path).returncode == 0
+    for args in (["run", "job.toml", "-f", "fed"], ["run", "fed", "job.toml"]):
+        assert_user_error(fedcost(*args, cwd=tmp_path), "job.toml: job file not found")
+    assert_user_error(fedcost("run", "fed", "--resume", "r1", cwd=tmp_path), "no such run (no job.toml) to resume")
+    assert_user_error(fedcost("coordinator", "start", "elsewhere", cwd=tmp_path), "elsewhere: not a federation folder")
+    assert_user_error(fedcost("coordinator", "start", "fed", "more", cwd=tmp_path), "unexpected argument(s): more")

@@ -83,16 +83,24 @@ def revoke(
     console.print(f"revoked {name}; a running coordinator drops it within seconds")
 
 
-@coordinator_app.command("start")
-def coordinator_start(
-    federation_dir: FederationDir = Path("."),
-    old_form: Annotated[Optional[Path], typer.Argument(hidden=True, help="The federation folder (old form of -f).")] = None,
-) -> None:
+# The forms from before -f (`coordinator start DIR`, `run DIR [JOB]`) still work: the folder
+# arrives as an extra argument, left out of the usage line.
+OLD_FORMS = {"allow_extra_args": True}
+
+
+def _old_form(ctx: typer.Context, most: int) -> list[Path]:
+    if len(ctx.args) > most:
+        raise ConfigError(f"unexpected argument(s): {' '.join(ctx.args[most:])}; see --help", field="arguments")
+    return [Path(arg) for arg in ctx.args]
+
+
+@coordinator_app.command("start", context_settings=OLD_FORMS)
+def coordinator_start(ctx: typer.Context, federation_dir: FederationDir = Path(".")) -> None:
     """Start the coordinator: TLS, SuperNode authentication, only enrolled, unrevoked nodes."""
     from fedcost.federation import processes
 
     try:
-        federation = Federation.load(old_form or federation_dir)
+        federation = Federation.load(next(iter(_old_form(ctx, 1)), federation_dir))
         code = processes.run_coordinator(
             federation, echo=sys.stdout,
             on_ready=lambda: console.print(f"coordinator ready; log: {federation.log_file}"),
@@ -155,13 +163,12 @@ def node_policy(
 
 
 def run(
+    ctx: typer.Context,
     job: Annotated[Optional[Path], typer.Argument(help="The job (TOML): \\[run], \\[model], \\[training], "
                                                        "\\[strategy], \\[secure_aggregation], \\[analytics], "
                                                        "\\[data]; configs/job.toml is one.")] = None,
     federation_dir: FederationDir = Path("."),
     resume: Annotated[Optional[str], typer.Option(help="Resume this run id from its checkpoint.")] = None,
-    old_form: Annotated[Optional[Path], typer.Argument(hidden=True, help="The job, after the federation folder "
-                                                            "(old form: fedcost run FEDERATION JOB).")] = None,
 ) -> None:
     """Submit a job to the running coordinator and follow it; outputs in FEDERATION/runs/<run-id>/."""
     from fedcost.federation.follow import Follower, submit_and_follow
@@ -169,9 +176,10 @@ def run(
     from fedcost.server import deploy
     from fedcost.terminal import RoundProgress
 
-    if old_form is not None or (job is not None and job.is_dir()):  # `fedcost run FEDERATION [JOB]`, as before -f
-        federation_dir, job = job, old_form
     try:
+        old_job = _old_form(ctx, 1)
+        if old_job or (job is not None and job.is_dir()):  # `fedcost run DIR [JOB]`
+            federation_dir, job = job, next(iter(old_job), None)
         federation = Federation.load(federation_dir)
         folder = _run_folder(federation, job, resume)
         rounds = FederationJob.load(folder / "job.toml").config.run.rounds
