@@ -19,8 +19,7 @@ from fedcost import schema
 from fedcost.analytics import GroupedStatisticsLayout
 from fedcost.data.synthetic import EcosystemSpec
 from fedcost.errors import ConfigError
-from fedcost.models.nets import ModelSpec
-from fedcost.models.training import TrainConfig
+from fedcost.models.spec import ModelSpec, TrainConfig
 from fedcost.privacy import MIN_COHORT, SitePolicy
 from fedcost.tomlfile import read_toml
 
@@ -244,13 +243,18 @@ class SimulationConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source: str = "<dict>") -> "SimulationConfig":
         sections = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-        unknown = set(raw) - set(sections)
-        if unknown:
-            raise ConfigError(f"unknown section; allowed: {', '.join(sections)}", path=source, field=sorted(unknown)[0])
-        built = {
-            name: _build(typing.get_type_hints(cls)[name], raw.get(name, {}), source, name)
-            for name in sections
-        }
+        errors = [
+            ConfigError(f"unknown section; allowed: {', '.join(sections)}", path=source, field=name)
+            for name in sorted(set(raw) - set(sections))
+        ]
+        built = {}
+        for name in sections:
+            try:
+                built[name] = _build(typing.get_type_hints(cls)[name], raw.get(name, {}), source, name)
+            except ConfigError as error:
+                errors.append(error)
+        if errors:
+            raise ConfigError.of(errors)
         built["simulation"] = _with_policy_paths(built["simulation"], source)
         return cls(**built, source=source)
 
@@ -267,15 +271,24 @@ class SimulationConfig:
 
 
 def _build(cls: type, raw: Any, source: str, where: str) -> Any:
-    """Construct dataclass ``cls`` from a TOML table, checking keys and value types."""
+    """Construct dataclass ``cls`` from a TOML table, checking keys and value types; every
+    unknown key and mistyped value is reported at once (``ConfigErrors``)."""
     if not isinstance(raw, dict):
         raise ConfigError("must be a TOML table", path=source, field=where)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(raw) - names
-    if unknown:
-        raise ConfigError(f"unknown key; allowed: {', '.join(sorted(names))}", path=source, field=f"{where}.{sorted(unknown)[0]}")
-    values = {name: _coerce(hints[name], value, source, f"{where}.{name}") for name, value in raw.items()}
+    errors = [
+        ConfigError(f"unknown key; allowed: {', '.join(sorted(names))}", path=source, field=f"{where}.{key}")
+        for key in sorted(set(raw) - names)
+    ]
+    values = {}
+    for name in (key for key in raw if key in names):
+        try:
+            values[name] = _coerce(hints[name], raw[name], source, f"{where}.{name}")
+        except ConfigError as error:
+            errors.append(error)
+    if errors:
+        raise ConfigError.of(errors)
     try:
         return cls(**values)
     except ValueError as error:

@@ -7,6 +7,8 @@ into these at the boundary where fedcost meets files, configs, messages or libra
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class FedcostError(Exception):
     """Base of every error fedcost raises on purpose."""
@@ -20,6 +22,21 @@ class ConfigError(FedcostError):
         self.field = field
         where = ", ".join(part for part in (path, f"field '{field}'" if field else None) if part)
         super().__init__(f"{where}: {message}" if where else message)
+
+    @staticmethod
+    def of(errors: Sequence[ConfigError]) -> ConfigError:
+        """One error for every mistake found in a file: the error itself when there is one."""
+        return errors[0] if len(errors) == 1 else ConfigErrors(errors)
+
+
+class ConfigErrors(ConfigError):
+    """Several mistakes in one file, reported together, one line each, so the user fixes
+    them in one go instead of one per run."""
+
+    def __init__(self, errors: Sequence[ConfigError]):
+        self.errors = tuple(e for error in errors for e in getattr(error, "errors", (error,)))
+        self.path, self.field = self.errors[0].path, self.errors[0].field
+        FedcostError.__init__(self, "\n".join(map(str, self.errors)))
 
 
 class DataValidationError(FedcostError):

@@ -83,11 +83,13 @@ class RunResult:
 
 class RunRecorder(ProgressRecorder):
     """Records the coordinator's progress in the staging folder, hands each round to
-    ``on_round`` (the CLI's progress) and keeps the final model for scoring."""
+    ``on_round`` and each later stage to ``stage`` (the CLI's progress) and keeps the final
+    model for scoring."""
 
-    def __init__(self, folder: Path, on_round: Callable[[dict], None]):
+    def __init__(self, folder: Path, on_round: Callable[[dict], None], stage: Callable[[str], None]):
         super().__init__(folder)
         self.on_round_hook = on_round
+        self.stage = stage
         self.weights: dict[str, np.ndarray] | None = None
 
     def on_round(self, record: dict) -> None:
@@ -106,6 +108,7 @@ def simulate(
     runs_root: Path = Path("runs"),
     on_start: Callable[[], None] = lambda: None,
     on_round: Callable[[dict], None] = lambda record: None,
+    on_stage: Callable[[str], None] = lambda text: None,
     task: Task = "train",
 ) -> RunResult:
     """Run ``config`` and return the finished run folder; raises before leaving a half run.
@@ -121,7 +124,8 @@ def simulate(
     staging = final.parent / f".{final.name}.incomplete-{uuid.uuid4().hex[:6]}"
     staging.mkdir(parents=True)
     try:
-        summary = _run(config, run_id, staging, mapping, nodes, on_start, on_round, task)
+        recorder = RunRecorder(staging, on_round, on_stage)
+        summary = _run(config, run_id, staging, mapping, nodes, on_start, recorder, task)
         if final.exists():
             final.rmdir()
         staging.rename(final)
@@ -152,7 +156,7 @@ def _run(
     mapping: DataMapping | None,
     nodes: list[NodeData] | None,
     on_start: Callable[[], None],
-    on_round: Callable[[dict], None],
+    recorder: RunRecorder,
     task: Task,
 ) -> dict:
     started = time.perf_counter()
@@ -166,9 +170,9 @@ def _run(
     config = replace(config, model=replace(config.model, tasks=mapping.tasks), analytics=_analytics_for(config, mapping))
     (folder / "config.toml").write_bytes(tomli_w.dumps(config.resolved()).encode())
 
-    recorder = RunRecorder(folder, on_round)
     on_start()
     plan = _federate(config, run_id, folder, mapping, recorder, task)
+    recorder.stage("verifying the audit logs")
     audit = _verify_audit(folder)
     if task == "analyze":
         summary = _run_header(run_id, config, mapping, nodes, task)
@@ -187,6 +191,7 @@ def _run(
         }
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    recorder.stage("writing the report")
     write_report(folder, summary, recorder.rounds)
     return summary
 
@@ -205,12 +210,14 @@ def _trained(
         json.dumps({"model": dataclasses.asdict(config.model), "features": features.to_dict()}, indent=2)
     )
 
-    predictions = {
-        "federated": [_predict(federated, features, node.test) for node in nodes],
-        "pooled": _pooled_predictions(config, features, nodes),
-        "local_only": _local_only_predictions(config, features, nodes),
-    }
-    steps = {node.name: _site_steps(config, federated, features, node, folder / SITES_DIR) for node in nodes}
+    predictions = {"federated": [_predict(federated, features, node.test) for node in nodes]}
+    recorder.stage("pooled baseline: every site's rows in one place")
+    predictions["pooled"] = _pooled_predictions(config, features, nodes)
+    predictions["local_only"] = _local_only_predictions(config, features, nodes, recorder.stage)
+    steps = {}
+    for number, node in enumerate(nodes, 1):
+        recorder.stage(f"site steps at {node.name} ({number}/{len(nodes)})")
+        steps[node.name] = _site_steps(config, federated, features, node, folder / SITES_DIR)
     predictions[AT_SITES] = [steps[node.name][1] for node in nodes]
     summary = _summary(run_id, config, mapping, nodes, predictions, features, recorder.rounds)
     summary["site_steps"] = {name: decided.to_dict() for name, (decided, _) in steps.items()}
@@ -450,10 +457,14 @@ def _pooled_predictions(config: SimulationConfig, features: FeatureSpec, nodes: 
     return [_predict(model, features, node.test) for node in nodes]
 
 
-def _local_only_predictions(config: SimulationConfig, features: FeatureSpec, nodes: list[NodeData]) -> list[dict]:
+def _local_only_predictions(
+    config: SimulationConfig, features: FeatureSpec, nodes: list[NodeData],
+    stage: Callable[[str], None] = lambda text: None,
+) -> list[dict]:
     """Each site alone on its own rows, scored on its own held-out rows."""
     predictions = []
-    for node in nodes:
+    for number, node in enumerate(nodes, 1):
+        stage(f"local-only baseline at {node.name} ({number}/{len(nodes)})")
         steps_per_epoch = math.ceil(len(node.train) / config.training.batch_size)
         epochs = max(config.run.rounds * config.training.epochs, math.ceil(MIN_LOCAL_STEPS / steps_per_epoch))
         model = _train(config, features, node.train, epochs, f"local/{node.name}")

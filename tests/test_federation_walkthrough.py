@@ -99,7 +99,7 @@ def test_the_readme_walkthrough_runs_then_survives_a_revocation_mid_run(tmp_path
         output = processes.output("run")
         assert submitted.returncode == 2, output
         assert f"node '{REVOKED}' is no longer admitted" in output or "aborted" in output, output
-        assert f"to try again: fedcost run demo demo/runs/{second.name}/job.toml" in output
+        assert f"to try again: fedcost run demo/runs/{second.name}/job.toml -f demo" in output
         # The revoked node is told, and stops; the coordinator and the other nodes keep serving.
         wait_for(lambda: processes.started[REVOKED].poll() is not None, 60, "the revoked node to stop")
         assert processes.started[REVOKED].returncode == 2

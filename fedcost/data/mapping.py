@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from fedcost import schema
 from fedcost.errors import MappingError
+from fedcost.identity.party import check_party_name
 from fedcost.tomlfile import read_toml
 
 DEFAULT_POSITIVE = ("1",)
@@ -283,6 +284,7 @@ class _MappingParser:
         self, name: str, raw: Any, shared: dict[str, str], known_fields: set[str], extras: set[str]
     ) -> NodeSource:
         where = f"nodes.{name}"
+        check_party_name(name, path=str(self.path), field=where, error=MappingError)
         spec = self._table(where, raw)
         unknown = set(spec) - {"role", "file", "test_file", "columns", "lacks"}
         if unknown:
