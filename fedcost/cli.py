@@ -64,7 +64,7 @@ def simulate(
     """Run a federation on Flower's Simulation Engine and compare it with pooled and local-only training."""
     result = _run(config, out, data_dir, "train")
     if "benchmark" in result.summary["analytics"]:
-        console.print(_benchmark_table(result.summary["analytics"]["benchmark"]))
+        console.print(_benchmark_table(result.summary["analytics"]["benchmark"], result.summary))
     console.print(f"run folder: [bold]{result.run_dir}[/bold] (report: {result.run_dir / 'report.html'})")
     console.print(_comparison_table(result.summary))  # the headline: the terminal ends with it
 
@@ -179,18 +179,29 @@ def _comparison_table(summary: dict) -> Table:
     return table
 
 
-def _benchmark_table(result: dict) -> Table:
-    from fedcost.report.html import funnel_position
+def _benchmark_table(result: dict, summary: dict) -> Table:
+    from fedcost.report.html import funnel_position, outcome_label
 
-    table = Table(title="Risk-adjusted benchmarking (each site shared only its totals)")
-    for head in ("site", "rows", "O/E readmissions (95% CI)", "funnel", "cost O/E (95% CI)", "value index"):
+    binary, cost = outcome_label(summary, "readmission"), outcome_label(summary, "cost")
+    table = Table(title="Risk-adjusted benchmarking (each site shared only its totals; 1 = the federation)")
+    heads = ("site", "rows", f"O/E {binary} (95% CI)", "ERR (95% CI)", "funnel", f"O/E {cost} (95% CI)", "value index")
+    for head in heads:
         table.add_column(head, justify="left" if head in ("site", "funnel") else "right")
     for s in result["sites"]:
         table.add_row(
-            s["site"], f"{s['n']:,}", f"{s['oe']:.2f} ({s['oe_low']:.2f}–{s['oe_high']:.2f})", funnel_position(s),
-            f"{s['cost_ratio']:.2f} ({s['cost_ratio_low']:.2f}–{s['cost_ratio_high']:.2f})", f"{s['value_index']:.2f}",
+            s["site"], f"{s['n']:,}", _ratio(s, "oe"), _ratio(s, "err"), funnel_position(s), _ratio(s, "cost_ratio"),
+            _ratio(s, "value_index"),
         )
     return table
+
+
+def _ratio(site: dict, name: str) -> str:
+    """A site's ratio with its interval, where the benchmark gives one."""
+    if site.get(name) is None:
+        return "n/a"
+    low, high = site.get(f"{name}_low"), site.get(f"{name}_high")
+    interval = "" if low is None or high is None else f" ({low:.2f}–{high:.2f})"
+    return f"{site[name]:.2f}{interval}"
 
 
 def _statistics_table(result: dict) -> Table:
