@@ -85,6 +85,11 @@ class FederationError(FedcostError):
     """A federated run failed (nodes unreachable, every reply an error, ...)."""
 
 
+class RayClusterError(FedcostError):
+    """The Ray cluster a simulation is pointed at does not answer, or cannot hold one site
+    within the run's share of it."""
+
+
 class CertificateError(FedcostError):
     """A federation certificate or revocation list fails its check against the CA."""
 
