@@ -68,6 +68,11 @@ class PolicyViolationError(FedcostError):
     """A job or an outgoing message breaks the site's policy."""
 
 
+class DataMismatchError(PolicyViolationError):
+    """A job's ``[data]`` section is not the site's data (targets, extra columns, their
+    levels or order): the site refuses the job at its hello, naming the field."""
+
+
 class LedgerError(FedcostError):
     """A site's release ledger is missing, cut short or edited: nothing leaves the site
     until the site restores it or resets it explicitly."""
