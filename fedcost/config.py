@@ -207,7 +207,8 @@ class SimulationSection:
         address = _RAY_ADDRESS.fullmatch(self.ray_address)
         if not (self.ray_address in ("", "auto") or (address and int(address[3]) < 2**16)):
             raise ValueError(f'ray_address must be "" (a private Ray on this machine), "auto" (the cluster this '
-                             f'machine joined with `ray start`), "HOST:PORT" or "ray://HOST:PORT", not {self.ray_address!r}')
+                             'machine joined with `ray start`), "HOST:PORT" or "ray://HOST:PORT", '
+                             f"not {self.ray_address!r}")
         if math.isnan(self.max_cpus) or self.max_cpus < self.cpus_per_node:
             raise ValueError(f"max_cpus ({self.max_cpus:g}) must be at least cpus_per_node ({self.cpus_per_node:g}), "
                              "or no site could run; inf for no cap")

@@ -47,7 +47,8 @@ class Run:
             certificate = self.ca.issue_party(identity.public(), lifetime=timedelta(days=10), at=T0 - timedelta(days=1))
             (folder / "identities" / f"{name}.cert.pem").write_bytes(certificate_to_pem(certificate))
             self.certificates[name] = certificate
-        self.logs = {name: AuditLog(folder / "audit" / f"{name}.jsonl", identity) for name, identity in self.ids.items()}
+        self.logs = {name: AuditLog(folder / "audit" / f"{name}.jsonl", identity)
+                     for name, identity in self.ids.items()}
         self.coordinator = self.logs["coordinator"]
         self.clock = itertools.count()
         self.rng = random.Random(11)

@@ -22,7 +22,7 @@ from simulations import fedcost
 from fedcost.config import SimulationConfig, SimulationSection
 from fedcost.errors import ConfigError, RayClusterError
 from fedcost.federation.processes import free_port
-from fedcost.ray_engine import GIB, Placement, place, ray_engine
+from fedcost.ray_engine import GIB, place, ray_engine
 
 RAY = str(Path(sys.executable).with_name("ray"))
 NODE = {"CPU": 4.0, "memory": 8.0 * GIB}
@@ -79,9 +79,10 @@ def test_a_cluster_that_cannot_hold_one_site_is_refused_with_what_to_change() ->
 def test_an_address_where_nothing_answers_is_refused_at_once_with_the_command_to_start_a_head() -> None:
     port = free_port()
     started = time.monotonic()
-    with pytest.raises(RayClusterError, match=f"nothing answers at ray://127.0.0.1:{port}.*ray start --head --port={port}"):
-        with ray_engine(SimulationSection(ray_address=f"ray://127.0.0.1:{port}"), 3):
-            pass
+    refused = f"nothing answers at ray://127.0.0.1:{port}.*ray start --head --port={port}"
+    section = SimulationSection(ray_address=f"ray://127.0.0.1:{port}")
+    with pytest.raises(RayClusterError, match=refused), ray_engine(section, 3):
+        pass
     assert time.monotonic() - started < 30  # not Ray's minutes of retries
 
 
@@ -126,8 +127,8 @@ class LocalCluster:
         self.worker = self._start(env, "worker", f"--address={self.address}", "--num-cpus=2", *common)
 
     def _start(self, env: dict[str, str], name: str, *args: str) -> subprocess.Popen:
-        log = open(self.folder / f"{name}.log", "wb")
-        return subprocess.Popen([RAY, "start", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+        with open(self.folder / f"{name}.log", "wb") as log:  # the child keeps its own handle
+            return subprocess.Popen([RAY, "start", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def _wait_for_port(self) -> None:
         deadline = time.monotonic() + 180

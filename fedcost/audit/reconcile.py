@@ -84,7 +84,8 @@ class Withdrawal:
         """A message between the two, sent after the last one they share."""
         ends = {self.party, self.coordinator}
         sent = message.sent
-        return {message.sender, message.recipient} == ends and sent is not None and sent > self.shared_until[message.sender]
+        return ({message.sender, message.recipient} == ends and sent is not None
+                and sent > self.shared_until[message.sender])
 
     def __str__(self) -> str:
         reason = self.dropout.details.get("reason")
