@@ -139,4 +139,4 @@ def _check_answers(address: str) -> None:
 
 
 def _at(address: str) -> str:
-    return f" at {address}" if address else " on this machine"
+    return {"": " on this machine", "auto": " this machine joined (auto)"}.get(address, f" at {address}")

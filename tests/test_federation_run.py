@@ -265,3 +265,25 @@ def test_a_coordinator_killed_mid_run_comes_back_and_the_run_resumes_by_itself(m
     verification = verify_folder(run)
     assert all(status.status == "ok" for status in verification.parties.values()), verification.parties
     assert verification.ok, verification.problems
+
+
+def test_a_job_whose_data_section_is_not_the_sites_data_is_refused_at_the_hello(make_federation):
+    """Every site refuses a job that lists an extra column its mapping does not declare, at
+    the hello, naming the field and what to change; each logs the refusal; the run stops
+    with the reason and the coordinator keeps serving."""
+    federation = make_federation({"hospital": (400,), "insurer": (300,), "pharma": (250,)})
+    federation.start_coordinator()
+    federation.start_nodes()
+    federation.wait_connected()
+    job = JOB.format(rounds=1) + NO_ANALYTICS + '\n[data]\nextra_numeric = ["bmi"]\n'
+    (federation.folder / "job.toml").write_text(job)
+    done = fedcost("run", "fed", "job.toml", cwd=federation.folder, timeout=RUN_TIMEOUT)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "its [data] extra_numeric lists 'bmi', which this site's mapping does not declare" in output, output
+    refusals = [line for name in federation.roles
+                for log in (federation.folder / "state" / name / "audit").rglob(f"{name}.jsonl")
+                for line in log.read_text().splitlines() if '"event":"refusal"' in line]
+    assert refusals and all("extra_numeric lists 'bmi'" in line for line in refusals), refusals
+    assert not (federation.latest_run() / "metrics.jsonl").exists() or not _metrics(federation.latest_run())
+    assert federation.processes.started["coordinator"].poll() is None
