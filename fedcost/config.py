@@ -29,6 +29,7 @@ StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 FEDAVG_ROUNDS, EXACT_GLM_ROUNDS = 10, 20
 CURRENCY_CODE = re.compile(r"[A-Z]{3}")
 PEER_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,39}")
+_RAY_ADDRESS = re.compile(r"(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([1-9][0-9]{0,4})")
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,11 @@ class SimulationSection:
     ``drop_nodes`` makes the named nodes drop out of the rounds listed, after they have
     shared their keys (``drop_stage``): a scenario knob for dropout recovery.
 
+    ``ray_address`` says where the nodes run: "" a private Ray on this machine, for this
+    run only; "auto", "HOST:PORT" (the head's GCS port) or "ray://HOST:PORT" (Ray Client)
+    an existing Ray cluster. ``max_cpus`` and ``max_memory_gb`` cap what the run reserves
+    there at once (``fedcost.ray_engine``): on a shared cluster, its share.
+
     ``policies`` maps node names to site policy files, ``default_policy`` is the file of
     every other node ("" for the permissive default: no DP, min cohort 11, secure
     aggregation held if on). Paths are relative to the config file's folder and are
@@ -202,14 +208,27 @@ class SimulationSection:
     """
 
     cpus_per_node: float = 1.0
+    ray_address: str = ""
+    max_cpus: float = math.inf
+    max_memory_gb: float = math.inf
     drop_nodes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     drop_stage: Literal["advertise-keys", "share-keys", "masked-input", "consistency", "unmask"] = "masked-input"
     policies: dict[str, str] = field(default_factory=dict)
     default_policy: str = ""
 
     def __post_init__(self) -> None:
-        if self.cpus_per_node <= 0:
-            raise ValueError(f"cpus_per_node must be positive, not {self.cpus_per_node}")
+        if not (math.isfinite(self.cpus_per_node) and self.cpus_per_node > 0):
+            raise ValueError(f"cpus_per_node must be a positive number, not {self.cpus_per_node}")
+        address = _RAY_ADDRESS.fullmatch(self.ray_address)
+        if not (self.ray_address in ("", "auto") or (address and int(address[3]) < 2**16)):
+            raise ValueError(f'ray_address must be "" (a private Ray on this machine), "auto" (the cluster this '
+                             'machine joined with `ray start`), "HOST:PORT" or "ray://HOST:PORT", '
+                             f"not {self.ray_address!r}")
+        if math.isnan(self.max_cpus) or self.max_cpus < self.cpus_per_node:
+            raise ValueError(f"max_cpus ({self.max_cpus:g}) must be at least cpus_per_node ({self.cpus_per_node:g}), "
+                             "or no site could run; inf for no cap")
+        if math.isnan(self.max_memory_gb) or self.max_memory_gb <= 0:
+            raise ValueError(f"max_memory_gb must be positive (inf for no cap), not {self.max_memory_gb:g}")
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,11 @@ class PolicyViolationError(FedcostError):
     """A job or an outgoing message breaks the site's policy."""
 
 
+class DataMismatchError(PolicyViolationError):
+    """A job's ``[data]`` section is not the site's data (targets, extra columns, their
+    levels or order): the site refuses the job at its hello, naming the field."""
+
+
 class LedgerError(FedcostError):
     """A site's release ledger is missing, cut short or edited: nothing leaves the site
     until the site restores it or resets it explicitly."""
@@ -100,6 +105,11 @@ class ModelFitError(FedcostError):
 
 class FederationError(FedcostError):
     """A federated run failed (nodes unreachable, every reply an error, ...)."""
+
+
+class RayClusterError(FedcostError):
+    """The Ray cluster a simulation is pointed at does not answer, or cannot hold one site
+    within the run's share of it."""
 
 
 class CertificateError(FedcostError):

@@ -57,6 +57,7 @@ from fedcost.privacy import SitePolicy
 from fedcost.privacy.accounting import DpSgdSteps
 from fedcost.privacy.ledger import SUFFIX as LEDGER_SUFFIX
 from fedcost.privacy.ledger import recorded_spending
+from fedcost.ray_engine import ray_engine
 from fedcost.report import write_report
 from fedcost.report.progress import ProgressRecorder
 from fedcost.server.app import CoordinatorPlan, make_server_app, new_run_id
@@ -91,6 +92,7 @@ class RunRecorder(ProgressRecorder):
         self.on_round_hook = on_round
         self.stage = stage
         self.weights: dict[str, np.ndarray] | None = None
+        self.placement: dict[str, object] = {}  # where the sites ran (``ray_engine.Placement``)
 
     def on_round(self, record: dict) -> None:
         super().on_round(record)
@@ -182,6 +184,7 @@ def _run(
     if recorder.inference:
         summary["inference"] = recorder.inference
     summary["audit"] = audit
+    summary["engine"] = recorder.placement
     summary["privacy"] = _privacy_summary(config, folder, nodes)
     if plan.noise is not None:
         noise = plan.noise
@@ -314,15 +317,14 @@ def _federate(
     logging.getLogger("flwr").setLevel(logging.ERROR)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     log = AuditLog(folder / "audit" / f"{COORDINATOR}.jsonl", coordinator)
-    run_simulation(
-        server_app=make_server_app(plan, recorder, log),
-        client_app=make_client_app(resolve_setup),
-        num_supernodes=len(setups),
-        backend_config={
-            "client_resources": {"num_cpus": config.simulation.cpus_per_node, "num_gpus": 0.0},
-            "init_args": {"logging_level": "ERROR", "log_to_driver": True, "include_dashboard": False},
-        },
-    )
+    with ray_engine(config.simulation, len(setups)) as placement:
+        recorder.placement = placement.to_dict()
+        run_simulation(
+            server_app=make_server_app(plan, recorder, log),
+            client_app=make_client_app(resolve_setup),
+            num_supernodes=len(setups),
+            backend_config={"client_resources": placement.client_resources()},
+        )
     return plan
 
 

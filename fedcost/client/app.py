@@ -200,6 +200,7 @@ class Guardian:
         policy = site.site_policy(self.setup.policy, hello)
         tables = site.check_plan(policy, hello)
         mapping = _mapping(self.setup.mapping)
+        site.check_data(hello, mapping)
         releases = noisy_releases(purposes=hello.purposes, rounds=hello.rounds, tables=tables, tasks=mapping.tasks,
                                   statistics=StatisticsLayout(mapping.feature_columns, tuple(mapping.targets)))
         site.check_noise(policy, hello, releases)

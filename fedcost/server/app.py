@@ -126,6 +126,7 @@ class CoordinatorPlan:
             outputs={purpose: PURPOSES[purpose].outputs for purpose in purposes},
             tables=(self.analytics.layout().to_json(),) if "analytics" in purposes else (),
             noise=self.noise,
+            data=self.layout.data_json(),
         )
 
 
