@@ -67,8 +67,7 @@ class StatisticsLayout:
     def data_section(self) -> dict[str, Any]:
         """The targets and the columns beyond the schema's, as a job's ``[data]`` names them:
         what a coordinator and every site must agree on for their sums to line up."""
-        known = {column.name for column in schema.FEATURES}
-        extras = [column for column in self.columns if column.name not in known]
+        extras = [column for column in self.columns if schema.COLUMNS.get(column.name) != column]
         return {"targets": sorted(self.targets),
                 "extra_numeric": [column.name for column in extras if column.kind == "numeric"],
                 "extra_categorical": {column.name: list(column.levels) for column in extras
