@@ -217,11 +217,29 @@ def _trained(
 
 
 def _load_nodes(mapping: DataMapping, config: SimulationConfig) -> list[NodeData]:
-    """Load and check every node's rows before anything runs: a bad file stops it here."""
-    return [
+    """Load and check every node's rows before anything runs: a bad file stops it here, and so
+    does a site too small to send any sum (``_check_cohorts``)."""
+    nodes = [
         load_node(mapping, node.name, split_seed=config.run.seed, test_fraction=config.run.test_fraction)
         for node in mapping.nodes
     ]
+    _check_cohorts(nodes, config.run.min_cohort, mapping)
+    return nodes
+
+
+def _check_cohorts(nodes: list[NodeData], min_cohort: int, mapping: DataMapping) -> None:
+    """ConfigError for a site with fewer training rows than ``min_cohort``: its egress guard
+    refuses every sum over them (the statistics stage first, which needs every site), so the
+    run could only stop later with the same cause."""
+    small = [node for node in nodes if len(node.train) < min_cohort]
+    if small:
+        sites = ", ".join(f"{node.name} ({len(node.train)})" for node in small)
+        raise ConfigError(
+            f"sites with fewer training rows than [run] min_cohort = {min_cohort}: {sites}. Such a site refuses "
+            "to send any sum (each would describe fewer patients than the small-cell rule allows), so it cannot "
+            "take part: merge it with another site, leave it out of the mapping, or lower min_cohort",
+            path=str(mapping.path),
+        )
 
 
 def _federate(

@@ -701,7 +701,8 @@ def _factor(
     if zero:
         raise ModelFitError(
             f"the information matrix is singular: feature{'' if len(zero) == 1 else 's'} {_quoted(zero)} "
-            f"{'is' if len(zero) == 1 else 'are'} 0 at every row of every site; {hint}"
+            f"{'is' if len(zero) == 1 else 'are'} 0 at every row of every site (a numeric feature with one value "
+            f"everywhere is 0 once standardised); {hint}"
         )
     scale = 1.0 / np.sqrt(diagonal)
     unit = matrix * scale[:, None] * scale[None, :]
@@ -743,6 +744,9 @@ def _quoted(names: Sequence[str]) -> str:
     return ", ".join(f"'{name}'" for name in names)
 
 
+_TARGET_HINT = "check the target column and how the mapping reads it (its positive values), or leave the target out"
+
+
 def _check_target_sums(sums: GlmSums, family: Family, resolution: float) -> None:
     """ModelFitError for a target whose MLE lies at infinity whatever the features: one class, all zeros."""
     rows = round(sums.rows)
@@ -752,12 +756,12 @@ def _check_target_sums(sums: GlmSums, family: Family, resolution: float) -> None
     if family.name in ("binomial", "poisson", "tweedie") and sums.y_sum <= floor:
         raise ModelFitError(
             f"the target is 0 at every row of every site, so the intercept of a {family.name} model runs to "
-            "-infinity (the ridge penalty leaves the intercept free): there is nothing to fit"
+            f"-infinity (the ridge penalty leaves the intercept free): there is nothing to fit; {_TARGET_HINT}"
         )
     if family.name == "binomial" and sums.y_sum >= rows - 0.5:
         raise ModelFitError(
             "the target is 1 at every row of every site, so the intercept of a logistic model runs to "
-            "+infinity (the ridge penalty leaves the intercept free): there is nothing to fit"
+            f"+infinity (the ridge penalty leaves the intercept free): there is nothing to fit; {_TARGET_HINT}"
         )
 
 

@@ -452,6 +452,7 @@ class _NewtonFit:
     names: list[str]
     infos: dict[str, glm.StepInfo | None]
     sites: frozenset[str] = frozenset()  # whose rows the last round's sums were over
+    restarts: int = 0  # rounds whose sums were over other sites than the round before's
 
     @classmethod
     def start(cls, spec: ModelSpec, features: FeatureSpec, arrays: ArrayRecord) -> _NewtonFit:
@@ -479,7 +480,8 @@ class _NewtonFit:
         comparable, so the iteration goes on from the current coefficients afresh, and it is
         done only once a round over the same sites as the one before has converged, or when
         the job has no ``rounds_left`` (then reported as not converged)."""
-        changed, self.sites = frozenset(sites) != self.sites, frozenset(sites)
+        changed = bool(self.sites) and frozenset(sites) != self.sites
+        self.sites, self.restarts = frozenset(sites), self.restarts + changed
         for (task, beta), total in zip(self.betas.items(), totals, strict=True):
             previous = None if changed else self.infos[task]
             if previous is not None and previous.done:
@@ -506,10 +508,15 @@ class _NewtonFit:
 
     def fitted(self, features: FeatureSpec) -> dict[str, glm.FittedGlm]:
         """The fitted models, with their inference; a task whose iteration ran out of rounds is
-        reported as not converged (``FittedGlm.converged``)."""
+        reported as not converged (``FittedGlm.converged``), saying how often the sites changed."""
         fitted = {}
         for task, info in self.infos.items():
-            fitted[task] = glm.FittedGlm.from_step(info, family=self.families[task], feature_names=self.names)
+            model = glm.FittedGlm.from_step(info, family=self.families[task], feature_names=self.names)
+            if not model.converged and self.restarts:
+                note = (f"; the sites in the sums changed {self.restarts} times (dropouts or refusals, named in "
+                        "each round's record) and each change restarted the iteration")
+                model = replace(model, message=model.message + note)
+            fitted[task] = model
         return fitted
 
 
