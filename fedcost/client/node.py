@@ -185,8 +185,8 @@ class Node:
             beta = ask.weights[task]
             if glm.effective_rows(x, y, beta, family=family) < ask.min_cohort:
                 raise PolicyViolationError(
-                    f"the site refuses this request: its {task} coefficients put the sums' weight on fewer than "
-                    f"{ask.min_cohort} rows (min_cohort): such sums describe a handful of patients"
+                    f"the site refuses this request: its {task} {glm.CONCENTRATED} {ask.min_cohort} rows "
+                    "(min_cohort): such sums describe a handful of patients"
                 )
             sums.append(glm.site_sums(x, y, beta, family=family, limit=ask.limit))
         return Contribution(sums, 1)

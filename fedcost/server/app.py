@@ -380,10 +380,14 @@ class Coordinator:
         shapes = [(glm.SumsLayout(fit.parameters).size,)] * len(fit.betas)
         coefficients = ArrayRecord({task: Array(beta) for task, beta in fit.betas.items()})
         node_ids = sorted(self.sums.sites)
-        summed = self._sum("newton", server_round, shapes, node_ids, coefficients, job.to_json(),
-                           quantizer=precision.quantizer())
+        try:
+            summed = self._sum("newton", server_round, shapes, node_ids, coefficients, job.to_json(),
+                               quantizer=precision.quantizer())
+        except FederationError as error:
+            fit.explain(error)
+            raise
         fit.step(summed.arrays, summed.included, self.plan.model, rounds_left=self.plan.rounds - server_round,
-                 resolution=precision.error)
+                 resolution=precision.error, dropouts=summed.dropouts)
         state = glm_state(features, fit.estimates())
         return ArrayRecord({k: Array(v) for k, v in state.items()}), summed
 
@@ -453,6 +457,7 @@ class _NewtonFit:
     infos: dict[str, glm.StepInfo | None]
     sites: frozenset[str] = frozenset()  # whose rows the last round's sums were over
     restarts: int = 0  # rounds whose sums were over other sites than the round before's
+    refused: frozenset[str] = frozenset()  # sites that refused a round: its coefficients weighed few rows
 
     @classmethod
     def start(cls, spec: ModelSpec, features: FeatureSpec, arrays: ArrayRecord) -> _NewtonFit:
@@ -473,7 +478,8 @@ class _NewtonFit:
         return all(info is not None and info.done for info in self.infos.values())
 
     def step(
-        self, totals: list[np.ndarray], sites: list[str], spec: ModelSpec, *, rounds_left: int, resolution: float
+        self, totals: list[np.ndarray], sites: list[str], spec: ModelSpec, *, rounds_left: int, resolution: float,
+        dropouts: dict[str, str] | None = None,
     ) -> None:
         """The next coefficients from one round's sums over ``sites``. Sums over other sites than
         the last round's (a dropout, or its return) are of other rows: their objective is not
@@ -481,6 +487,7 @@ class _NewtonFit:
         done only once a round over the same sites as the one before has converged, or when
         the job has no ``rounds_left`` (then reported as not converged)."""
         changed = bool(self.sites) and frozenset(sites) != self.sites
+        self.refused |= {site for site, reason in (dropouts or {}).items() if glm.CONCENTRATED in reason}
         self.sites, self.restarts = frozenset(sites), self.restarts + changed
         for (task, beta), total in zip(self.betas.items(), totals, strict=True):
             previous = None if changed else self.infos[task]
@@ -490,6 +497,16 @@ class _NewtonFit:
             self.betas[task], self.infos[task] = glm.newton_step(
                 total, beta, family=self.families[task], penalty=spec.penalty, previous=previous,
                 feature_names=self.names, max_iterations=iteration + rounds_left, resolution=resolution,
+            )
+
+    def explain(self, error: Exception) -> None:
+        """A note on a round that failed after sites refused earlier ones for weighing few rows:
+        coefficients that run off, as separated classes make them without a penalty."""
+        if self.refused:
+            error.add_note(
+                f"earlier Newton rounds were refused by {', '.join(sorted(self.refused))}: the coefficients put "
+                "their sums' weight on fewer than min_cohort rows, as coefficients that keep growing do when "
+                "features separate the classes (or the zero costs); set [model] penalty > 0"
             )
 
     def estimates(self) -> dict[str, np.ndarray]:
