@@ -5,11 +5,12 @@ Gaye et al. 2014, Int J Epidemiol 43(6)): the coordinator holds the coefficients
 each iteration, every node computes ``site_sums(X, y, β)`` over its own training rows —
 its row count, its target total, the score (gradient of the log-likelihood), the upper
 triangles of the Fisher (expected) information X'WX and of the observed information, the
-deviance and the Pearson χ² — as one flat float64 vector (``SumsLayout``). The nodes' vectors are added (under secure aggregation,
-outside this module) and ``newton_step`` turns the total into the next β. Every entry is
-a sum over rows, so the total over the sites is the same quantity over the pooled rows
-and the iteration is the pooled one: the federated fit is the pooled penalised maximum-
-likelihood fit, to the precision the sums travel in (``sums_quantizer_settings``).
+deviance and the Pearson χ² — as one flat float64 vector (``SumsLayout``). The nodes'
+vectors are added (under secure aggregation, outside this module) and ``newton_step``
+turns the total into the next β. Every entry is a sum over rows, so the total over the
+sites is the same quantity over the pooled rows and the iteration is the pooled one: the
+federated fit is the pooled penalised maximum-likelihood fit, to the precision the sums
+travel in (``sums_quantizer_settings``).
 
 Design matrix: a node passes its features as ``FeatureSpec.encode`` gives them, without
 an intercept. ``site_sums`` adds the intercept as column 0, so β[0] is the intercept
