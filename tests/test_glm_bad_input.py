@@ -106,12 +106,6 @@ def _lines(run: Path) -> list[str]:
     return (run / "metrics.jsonl").read_text().splitlines()
 
 
-def test_a_site_smaller_than_min_cohort_is_refused_before_the_run_starts(tmp_path: Path) -> None:
-    result, run = _run(tmp_path, sites_frames([120, 90, 60, 5], seed=SEED))
-    _stopped(result, "fewer training rows than [run] min_cohort = 11: site-4 (4)", "leave it out of the mapping")
-    assert not run.exists()
-
-
 @pytest.mark.slow
 def test_without_a_penalty_a_constant_feature_is_named(tmp_path: Path) -> None:
     frames = sites_frames(SIZES, seed=SEED)
