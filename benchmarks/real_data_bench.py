@@ -55,10 +55,10 @@ from scipy.optimize import minimize
 from sklearn.metrics import r2_score, roc_auc_score
 
 from fedcost import schema
+from fedcost.config import RunSection
 from fedcost.data.features import FeatureSpec
 from fedcost.data.loader import load_node
 from fedcost.data.mapping import DataMapping
-from fedcost.config import RunSection
 from fedcost.privacy.policy import MIN_COHORT
 
 AUROC_BAR, R2_BAR = 0.002, 0.005
@@ -254,9 +254,9 @@ def bench(task: RealTask, workdir: Path, *, reuse: bool = False) -> dict:
 def report(result: dict) -> list[str]:
     task, summary, ref = result["task"], result["summary"], result["reference"]
     sizes = sorted(result["sizes"].values())
-    lines = [f"## {task.name}: {len(sizes)} sites ({task.site}), {sum(sizes)} rows "
-             f"(sites of {sizes[0]}–{sizes[-1]} rows, median {int(np.median(sizes))}); "
-             f"{result['train_rows']} training, {result['test_rows']} test rows; {result['seconds']:.0f} s wall"]
+    lines = [(f"## {task.name}: {len(sizes)} sites ({task.site}), {sum(sizes)} rows "
+              f"(sites of {sizes[0]}–{sizes[-1]} rows, median {int(np.median(sizes))}); "
+              f"{result['train_rows']} training, {result['test_rows']} test rows; {result['seconds']:.0f} s wall")]
     for slot, task_key, metric, bar, outcome in ((schema.READMISSION, "readmission", "auroc", AUROC_BAR, task.binary),
                                                  (schema.COST, "cost", "r2", R2_BAR, task.count)):
         fed = summary[task_key]["federated"][metric]
