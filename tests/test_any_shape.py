@@ -80,3 +80,15 @@ def test_an_example_copied_elsewhere_runs_from_its_own_folder(tmp_path: Path) ->
     mapping = DataMapping.load(tmp_path / "icu" / "mapping.toml")
     assert all(node.file.parent == tmp_path / "icu" for node in mapping.nodes)
     assert load_node(mapping, "harbour-icu", split_seed=1).train["age"].between(18, 99).all()
+
+
+def test_a_site_under_min_cohort_training_rows_is_named_with_what_to_do(tmp_path: Path) -> None:
+    data = tmp_path / "icu"
+    shutil.copytree(EXAMPLE, data)
+    rows = (data / "west-icu.csv").read_text().splitlines()
+    (data / "west-icu.csv").write_text("\n".join(rows[:11]) + "\n")  # 10 rows: 8 training rows
+    result = fedcost("simulate", "--data-dir", str(data), "--out", "run", cwd=tmp_path)
+    assert result.returncode != 0
+    output = result.stderr + result.stdout
+    assert "west-icu" in output and "min_cohort" in output and "leave it out" in output
+    assert "Traceback" not in result.stderr

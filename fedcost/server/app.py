@@ -319,7 +319,11 @@ class Coordinator:
         size = len(self.plan.layout.slots())
         result = self._sum("statistics", 0, [(size,)], node_ids)
         if result.dropouts:
-            raise FederationError(f"the statistics stage needs every node; missing: {result.dropouts}")
+            raise FederationError(
+                f"the statistics stage needs every node; missing: {result.dropouts}. A site with fewer training "
+                "rows than its min_cohort withholds every statistic: leave it out or merge it with another "
+                "site, or lower [run] min_cohort where the sites' policies allow"
+            )
         noise = self.plan.noise
         if noise is None:
             features = self.plan.layout.feature_spec(result.arrays[0])
