@@ -66,7 +66,16 @@ def simulate(
     if "benchmark" in result.summary["analytics"]:
         console.print(_benchmark_table(result.summary["analytics"]["benchmark"], result.summary))
     console.print(f"run folder: [bold]{result.run_dir}[/bold] (report: {result.run_dir / 'report.html'})")
+    _warn_unconverged(result.summary.get("inference", {}))
     console.print(_comparison_table(result.summary))  # the headline: the terminal ends with it
+
+
+def _warn_unconverged(inference: dict) -> None:
+    """Say so where an exact GLM ran out of rounds: its coefficients are not the fit's optimum."""
+    for task, table in inference.items():
+        if not table["converged"]:
+            text = f"the {task} GLM is not the maximum-likelihood fit: it {table['message']}"
+            console.print("[yellow]warning:[/yellow] " + escape(text), soft_wrap=True, highlight=False)
 
 
 @app.command()

@@ -250,11 +250,14 @@ def _analytics_for(config: SimulationConfig, mapping: DataMapping) -> AnalyticsS
 
 
 def _load_nodes(mapping: DataMapping, config: SimulationConfig) -> list[NodeData]:
-    """Load and check every node's rows before anything runs: a bad file stops it here."""
-    return [
+    """Load and check every node's rows before anything runs: a bad file stops it here. A site
+    with fewer training rows than min_cohort is not refused: its policy withholds every sum
+    over them, and the run goes on without it and names it."""
+    nodes = [
         load_node(mapping, node.name, split_seed=config.run.seed, test_fraction=config.run.test_fraction)
         for node in mapping.nodes
     ]
+    return nodes
 
 
 def _federate(

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from fedcost import schema
 from fedcost.data.features import FeatureSpec, StatisticsLayout, withhold_small_counts
 from fedcost.data.synthetic import EcosystemSpec, generate_ecosystem
+from fedcost.secagg.quantize import Quantizer
+from fedcost.server.shared_sum import SUMS_CLIP, SUMS_LEVELS
 
 LAYOUT = StatisticsLayout(schema.FEATURES, (schema.READMISSION, schema.COST))
 
@@ -112,3 +114,20 @@ def test_flags_and_vocabularies_follow_the_released_counts(node_rows: list[pd.Da
     slots["sex.missing"] = 7.0
     spec = LAYOUT.feature_spec(np.array(list(slots.values())))
     assert spec.vocabularies["sex"] == ("male",) and "sex" in spec.flagged
+
+
+def test_the_secure_sums_rounding_adds_no_level_and_no_missing_flag(node_rows: list[pd.DataFrame]) -> None:
+    """A zero count may decode as one grid step per node (fixed point, stochastic rounding):
+    that is no row, so no level and no missing flag may come of it."""
+    step = Quantizer(SUMS_CLIP, SUMS_LEVELS, max_nodes=len(node_rows)).step
+    totals = np.sum([LAYOUT.local_statistics(rows) for rows in node_rows], axis=0)
+    slots = dict(zip(LAYOUT.slots(), totals.tolist(), strict=True))
+    assert slots["sex.missing"] == 0 and slots["age.count"] == slots["rows"]
+    slots["payer=self_pay"] = 0.0  # a level no node has
+    exact = LAYOUT.feature_spec(np.array(list(slots.values())))
+    for name in ("rows", "sex.missing", "payer=self_pay"):
+        slots[name] += len(node_rows) * step
+    rounded = LAYOUT.feature_spec(np.array(list(slots.values())))
+    assert "self_pay" not in rounded.vocabularies["payer"]
+    assert "sex" not in rounded.flagged and "age" not in rounded.flagged
+    assert rounded.vocabularies == exact.vocabularies and rounded.flagged == exact.flagged

@@ -66,7 +66,9 @@ def _pooled(run: Path) -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
 
 def test_the_federated_glm_is_the_pooled_fit_with_its_standard_errors(run: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["dropouts"], "a site dropped out of a round, as the config asks"
+    assert summary["secure_aggregation"] and summary["dropouts"], "SecAgg+ on, and a site dropped out of a round"
+    rows = [node["train_rows"] for node in summary["nodes"]]
+    assert len(rows) >= 10 and sum(n < 30 for n in rows) >= 3, rows
     x, targets, names = _pooled(run)
     families = {"readmission": sm.families.Binomial(),
                 "cost": sm.families.Tweedie(var_power=1.5, link=sm.families.links.Log())}

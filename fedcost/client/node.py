@@ -188,9 +188,8 @@ class Node:
             beta = ask.weights[task]
             if glm.effective_rows(x, y, beta, family=family) < floor:
                 raise PolicyViolationError(
-                    f"the site refuses this request: its {task} coefficients put the sums' weight on fewer than "
-                    f"{floor:g} rows (min_cohort {ask.min_cohort}, or half the site's rows): such sums describe "
-                    "a handful of patients"
+                    f"the site refuses this request: its {task} {glm.CONCENTRATED} {floor:g} rows (min_cohort "
+                    f"{ask.min_cohort}, or half the site's rows): such sums describe a handful of patients"
                 )
             sums.append(glm.site_sums(x, y, beta, family=family, limit=ask.limit))
         return Contribution(sums, 1)

@@ -39,6 +39,12 @@ from fedcost.models.training import TaskData
 from fedcost.privacy.policy import MIN_COHORT
 
 _MISSING = "__missing"
+# Without noise a summed count is a whole number of rows give or take the secure sum's
+# rounding: a node's fixed-point entry may be one grid step high (2**-10 of a row in the
+# statistics stage), so a count every node sent as 0 can decode as a thousandth. Read as
+# rows, that made a level and a missing flag out of nothing (`sex=female` in a real-data
+# run whose nodes have no `sex`). Under half a row is none.
+ROUNDING = 0.5
 
 
 def model_scale(column: schema.Column, values: np.ndarray) -> np.ndarray:
@@ -146,13 +152,14 @@ class StatisticsLayout:
 
         ``noise_sd``: the standard deviation of the noise on each count (a noisy release);
         a level or a missing count within three of it of zero is taken as absent, so noise
-        alone does not add levels or missing flags.
+        alone does not add levels or missing flags. Without noise a count is a whole number
+        of rows off by the secure sum's rounding (``ROUNDING``), so under half a row is none.
         """
         slots = dict(zip(self.slots(), totals.tolist(), strict=True))
         rows = slots["rows"]
         if rows < 1:
             raise ValueError("the federation reported no training rows")
-        absent = 3 * noise_sd
+        absent = max(3 * noise_sd, ROUNDING)
         numeric: dict[str, tuple[float, float]] = {}
         log_scaled = tuple(c.name for c in self.columns if c.log_scale)
         vocabularies: dict[str, tuple[str, ...]] = {}

@@ -4,12 +4,13 @@ How a fit runs (DataSHIELD's ``ds.glm``: Jones et al. 2012, Norsk Epidemiologi 2
 Gaye et al. 2014, Int J Epidemiol 43(6)): the coordinator holds the coefficients β and,
 each iteration, every node computes ``site_sums(X, y, β)`` over its own training rows —
 its row count, its target total, the score (gradient of the log-likelihood), the upper
-triangle of the Fisher information X'WX, the deviance and the Pearson χ² — as one flat
-float64 vector (``SumsLayout``). The nodes' vectors are added (under secure aggregation,
-outside this module) and ``newton_step`` turns the total into the next β. Every entry is
-a sum over rows, so the total over the sites is the same quantity over the pooled rows
-and the iteration is the pooled one: the federated fit is the pooled penalised maximum-
-likelihood fit, to the precision the sums travel in (``sums_quantizer_settings``).
+triangles of the Fisher (expected) information X'WX and of the observed information, the
+deviance and the Pearson χ² — as one flat float64 vector (``SumsLayout``). The nodes'
+vectors are added (under secure aggregation, outside this module) and ``newton_step``
+turns the total into the next β. Every entry is a sum over rows, so the total over the
+sites is the same quantity over the pooled rows and the iteration is the pooled one: the
+federated fit is the pooled penalised maximum-likelihood fit, to the precision the sums
+travel in (``sums_quantizer_settings``).
 
 Design matrix: a node passes its features as ``FeatureSpec.encode`` gives them, without
 an intercept. ``site_sums`` adds the intercept as column 0, so β[0] is the intercept
@@ -28,16 +29,17 @@ The loop a binding runs (``fit`` is this loop over a callable)::
 Families and information (McCullagh & Nelder 1989, Generalized Linear Models, 2nd ed.,
 §2.5): binomial (logit), poisson (log), gaussian (identity) have canonical links, where
 the observed and the expected (Fisher) information coincide and IRLS is Newton–Raphson.
-gamma (log) and tweedie (log, 1 < p < 2) are fitted by Fisher scoring: the expected
-information X'WX with W = 1/(V(μ) g'(μ)²) (= 1 for gamma, μ^(2-p) for tweedie), as R's
-``glm`` and statsmodels' IRLS do, and their model-based standard errors use it too. It is
-positive definite wherever X has full rank, and the expected information needs no y.
-Scoring still converges to the MLE: its fixed points are exactly the zeros of the score,
-every step is an ascent direction of the log-likelihood, and with step halving on an
-objective that is concave in β (the log-likelihood is concave in η for all five
-families here when y >= 0: e.g. -y e^-η - η for gamma) the iteration is a monotone ascent
-to the unique maximiser (Osborne 1992, Int Stat Review 60(1), "Fisher's method of
-scoring"); it converges linearly where Newton's is quadratic.
+For gamma (log) and tweedie (log, 1 < p < 2) they differ: the step uses the observed
+information -d²ℓ/dβ² (Newton–Raphson, quadratic convergence: 4 to 6 rounds where Fisher
+scoring, R's ``glm`` and statsmodels' IRLS, took 8 to 10 on the same data), while the
+model-based standard errors use the expected information X'WX with W = 1/(V(μ) g'(μ)²)
+(= 1 for gamma, μ^(2-p) for tweedie), as R and statsmodels report them. Both are positive
+definite wherever X has full rank and y >= 0: the log-likelihood is concave in η for all
+five families here (e.g. -y e^-η - η for gamma, whose observed weight is y/μ), so every
+Newton step is an ascent direction, and with step halving the iteration is a monotone
+ascent to the unique maximiser, whose fixed points are exactly the zeros of the score.
+Each node sends both triangles (for the canonical families they are equal), so the
+standard errors need no extra round.
 
 Objective: maximise ℓ(β) - λ/2·|β_{-0}|², with ℓ = -D(β)/2 the log-likelihood at unit
 dispersion (the exact log-likelihood up to a constant for binomial and poisson; for the
@@ -63,7 +65,19 @@ rows; and the deviance travels in fixed point with an absolute error (nodes x st
 can exceed 1e-8, while the step comes from the score and information, which need the
 precision anyway. A step below what the sums' resolution can move it (``resolution``)
 also counts as converged. The estimate is then β plus that last step (statsmodels and R
-also report the last solve), with the information and Pearson χ² taken at β.
+also report the last solve), with the Fisher information and Pearson χ² taken at β.
+
+Bad input, and what each case does (tests/test_glm.py on arrays, tests/test_glm_bad_input.py
+end to end): a target with one class (or all zeros) at every site is refused, penalty or
+not, since the intercept is never penalised; a feature constant everywhere and collinear
+features make H singular: refused naming them without a penalty, while with the ridge
+penalty λ > 0 (fedcost's default is 1) H + λP is positive definite, the constant gets
+coefficient 0 and a collinear pair shares its effect equally; classes that features
+separate have no finite MLE: without a penalty the coefficients grow until the rounds run
+out (reported as not converged) or the sites refuse sums that weigh so few rows
+(``effective_rows``), which stops the run saying so; with one, the fit is finite. A site
+with fewer rows than coefficients only adds to the sums; one with fewer rows than the
+job's min_cohort can send no sum at all.
 """
 
 from __future__ import annotations
@@ -183,6 +197,7 @@ def _anything(y: np.ndarray) -> int:
 
 class _Kernel(NamedTuple):
     link: str
+    canonical: bool  # the family's canonical link: observed and expected information are equal
     fixed_dispersion: bool
     ratio: str | None  # what exp(coefficient) is called; None where it is not a ratio
     bad_rows: Callable[[np.ndarray], int]
@@ -192,11 +207,11 @@ class _Kernel(NamedTuple):
 
 
 _KERNELS: dict[str, _Kernel] = {
-    "binomial": _Kernel("logit", True, "odds ratio", _binary, "0 or 1", _binomial_terms, _binomial_observed),
-    "poisson": _Kernel("log", True, "rate ratio", _negative, ">= 0", _poisson_terms, _poisson_observed),
-    "gamma": _Kernel("log", False, "mean ratio", _not_positive, "> 0", _gamma_terms, _gamma_observed),
-    "tweedie": _Kernel("log", False, "mean ratio", _negative, ">= 0", _tweedie_terms, _tweedie_observed),
-    "gaussian": _Kernel("identity", False, None, _anything, "finite", _gaussian_terms, _gaussian_observed),
+    "binomial": _Kernel("logit", True, True, "odds ratio", _binary, "0 or 1", _binomial_terms, _binomial_observed),
+    "poisson": _Kernel("log", True, True, "rate ratio", _negative, ">= 0", _poisson_terms, _poisson_observed),
+    "gamma": _Kernel("log", False, False, "mean ratio", _not_positive, "> 0", _gamma_terms, _gamma_observed),
+    "tweedie": _Kernel("log", False, False, "mean ratio", _negative, ">= 0", _tweedie_terms, _tweedie_observed),
+    "gaussian": _Kernel("identity", True, False, None, _anything, "finite", _gaussian_terms, _gaussian_observed),
 }
 
 
@@ -333,15 +348,17 @@ class GlmSums:
     deviance: float
     pearson: float
     score: np.ndarray
-    information: np.ndarray
+    information: np.ndarray  # expected (Fisher): the standard errors'
+    observed: np.ndarray  # observed: the Newton step's; equal to ``information`` for canonical links
 
 
 @dataclass(frozen=True)
 class SumsLayout:
     """Where each sum sits in a ``site_sums`` vector of a model with ``parameters`` coefficients.
 
-    Scalars first (``SCALARS``), then the score (p entries), then the upper triangle of
-    the Fisher information, row by row (p(p+1)/2 entries).
+    Scalars first (``SCALARS``), then the score (p entries), then the upper triangles of
+    the Fisher information and of the observed information, row by row (p(p+1)/2 entries
+    each).
     """
 
     parameters: int
@@ -354,34 +371,40 @@ class SumsLayout:
     @property
     def size(self) -> int:
         p = self.parameters
-        return len(self.SCALARS) + p + p * (p + 1) // 2
+        return len(self.SCALARS) + p + p * (p + 1)
 
     @classmethod
     def for_size(cls, size: int) -> SumsLayout:
         """The layout whose vectors have ``size`` entries; ValueError if there is none."""
-        return cls(_parameters_for(size, len(cls.SCALARS), 1, 1))
+        return cls(_parameters_for(size, len(cls.SCALARS), 2, 1))
 
     def slots(self, names: Sequence[str] | None = None) -> list[str]:
         """A name for every entry, e.g. ``score[age]`` and ``information[intercept,age]``."""
         names = _names(self.parameters, names)
-        rows, cols = _triangle(self.parameters)
+        pairs = [f"{names[i]},{names[j]}" for i, j in zip(*_triangle(self.parameters))]
         return [
             *self.SCALARS,
             *(f"score[{name}]" for name in names),
-            *(f"information[{names[i]},{names[j]}]" for i, j in zip(rows, cols)),
+            *(f"information[{pair}]" for pair in pairs),
+            *(f"observed[{pair}]" for pair in pairs),
         ]
 
     def pack(self, sums: GlmSums) -> np.ndarray:
         scalars = [sums.rows, sums.y_sum, sums.overflowed, sums.deviance, sums.pearson]
-        upper = sums.information[_triangle(self.parameters)]
-        return np.concatenate([np.asarray(scalars, dtype=np.float64), sums.score, upper])
+        upper = _triangle(self.parameters)
+        return np.concatenate(
+            [np.asarray(scalars, dtype=np.float64), sums.score, sums.information[upper], sums.observed[upper]]
+        )
 
     def unpack(self, vector: np.ndarray) -> GlmSums:
         vector = _checked_vector(vector, self.size, "sums")
         k, p = len(self.SCALARS), self.parameters
         rows, y_sum, overflowed, deviance, pearson = (float(v) for v in vector[:k])
+        half = p * (p + 1) // 2
+        information, observed = vector[k + p : k + p + half], vector[k + p + half :]
         return GlmSums(
-            rows, y_sum, overflowed, deviance, pearson, vector[k : k + p].copy(), _symmetric(vector[k + p :], p)
+            rows, y_sum, overflowed, deviance, pearson, vector[k : k + p].copy(), _symmetric(information, p),
+            _symmetric(observed, p),
         )
 
 
@@ -512,8 +535,9 @@ def site_sums(
     """One node's sums at ``beta`` over its rows, as one float64 vector (``SumsLayout``).
 
     ``X``: the node's features without an intercept (column 0 of β is the intercept).
-    ``offset``: added to η (e.g. log exposure). The score is Xᵀ(dℓ/dη) and the
-    information Xᵀ W X with the Fisher weights, both at unit dispersion. ``limit``: the
+    ``offset``: added to η (e.g. log exposure). The score is Xᵀ(dℓ/dη), the
+    information Xᵀ W X with the Fisher weights and the observed information with
+    -d²ℓ/dη², all at unit dispersion. ``limit``: the
     most any entry may be in magnitude (the quantiser's clip). Where β makes some sum
     overflow float64 or exceed ``limit``, the node sends only its row count, its target
     total and ``overflowed = 1``: nothing is silently clipped, and the coordinator halves
@@ -529,8 +553,11 @@ def site_sums(
             f"the target's total ({rows:.0f} rows) exceeds the fixed-point clip {limit:g}: fit costs in "
             "cost-scale units (FeatureSpec.cost_scale), or raise the clip's row bound"
         )
+    kernel = _KERNELS[family.name]
     with np.errstate(all="ignore"):
-        terms = _KERNELS[family.name].terms(target, eta, family.power or 0.0)
+        terms = kernel.terms(target, eta, family.power or 0.0)
+        information = _gram(x, terms.weight)
+        observed = information if kernel.canonical else _gram(x, kernel.observed(target, terms.mu, family.power or 0.0))
         sums = GlmSums(
             rows,
             y_sum,
@@ -538,12 +565,17 @@ def site_sums(
             float(terms.deviance.sum()),
             float(terms.pearson.sum()),
             _score(x, terms.score),
-            _gram(x, terms.weight),
+            information,
+            observed,
         )
         vector = layout.pack(sums)
     if not np.isfinite(vector).all() or np.abs(vector).max(initial=0.0) > limit:
-        return layout.pack(GlmSums(rows, y_sum, 1.0, 0.0, 0.0, np.zeros(p), np.zeros((p, p))))
+        return layout.pack(GlmSums(rows, y_sum, 1.0, 0.0, 0.0, np.zeros(p), np.zeros((p, p)), np.zeros((p, p))))
     return vector
+
+
+# How a node says it refused a Newton round under ``effective_rows``; the coordinator looks for it.
+CONCENTRATED = "coefficients put the sums' weight on fewer than"
 
 
 def effective_rows(X: np.ndarray, y: np.ndarray, beta: np.ndarray, *, family: Family) -> float:
@@ -701,7 +733,8 @@ def _factor(
     if zero:
         raise ModelFitError(
             f"the information matrix is singular: feature{'' if len(zero) == 1 else 's'} {_quoted(zero)} "
-            f"{'is' if len(zero) == 1 else 'are'} 0 at every row of every site; {hint}"
+            f"{'is' if len(zero) == 1 else 'are'} 0 at every row of every site (a numeric feature with one value "
+            f"everywhere is 0 once standardised); {hint}"
         )
     scale = 1.0 / np.sqrt(diagonal)
     unit = matrix * scale[:, None] * scale[None, :]
@@ -743,6 +776,9 @@ def _quoted(names: Sequence[str]) -> str:
     return ", ".join(f"'{name}'" for name in names)
 
 
+_TARGET_HINT = "check the target column and how the mapping reads it (its positive values), or leave the target out"
+
+
 def _check_target_sums(sums: GlmSums, family: Family, resolution: float) -> None:
     """ModelFitError for a target whose MLE lies at infinity whatever the features: one class, all zeros."""
     rows = round(sums.rows)
@@ -752,12 +788,12 @@ def _check_target_sums(sums: GlmSums, family: Family, resolution: float) -> None
     if family.name in ("binomial", "poisson", "tweedie") and sums.y_sum <= floor:
         raise ModelFitError(
             f"the target is 0 at every row of every site, so the intercept of a {family.name} model runs to "
-            "-infinity (the ridge penalty leaves the intercept free): there is nothing to fit"
+            f"-infinity (the ridge penalty leaves the intercept free): there is nothing to fit; {_TARGET_HINT}"
         )
     if family.name == "binomial" and sums.y_sum >= rows - 0.5:
         raise ModelFitError(
             "the target is 1 at every row of every site, so the intercept of a logistic model runs to "
-            "+infinity (the ridge penalty leaves the intercept free): there is nothing to fit"
+            f"+infinity (the ridge penalty leaves the intercept free): there is nothing to fit; {_TARGET_HINT}"
         )
 
 
@@ -813,7 +849,7 @@ def newton_step(
         return _halve(previous, beta, objective, iteration, max_iterations, tolerance, family)
     # At the start every weight is positive, so a singular matrix there is the features' doing.
     late = family if previous is not None else None
-    factor = _factor(_penalised(sums.information, penalty), names, resolution=resolution, family=late)
+    factor = _factor(_penalised(sums.observed, penalty), names, resolution=resolution, family=late)
     gradient = sums.score.copy()
     gradient[1:] -= penalty * beta[1:]
     step = factor.solve(gradient)

@@ -26,13 +26,14 @@ SCORED = {"readmission": ("auroc", "brier", "log_loss"), "cost": ("mae", "rmse",
 def glm_inference(model: FittedGlm) -> dict:
     """A fitted GLM as a health economist reads it: per coefficient the estimate, its standard
     error, z, p, 95% interval and, for log and logit links, the ratio exp(estimate) with its
-    interval; and whether the fit converged."""
+    interval; and whether the fit converged, with the fit's own word on it."""
     rows = []
     for coefficient in model.summary():
         row = dataclasses.asdict(coefficient)
         rows.append({k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()})
     return {"family": model.family.name, "ratio": model.family.ratio, "converged": model.converged,
-            "iterations": model.iterations, "dispersion": model.dispersion, "coefficients": rows}
+            "iterations": model.iterations, "message": model.message, "dispersion": model.dispersion,
+            "coefficients": rows}
 
 
 class ProgressRecorder:

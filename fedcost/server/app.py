@@ -394,10 +394,14 @@ class Coordinator:
         shapes = [(glm.SumsLayout(fit.parameters).size,)] * len(fit.betas)
         coefficients = ArrayRecord({task: Array(beta) for task, beta in fit.betas.items()})
         node_ids = sorted(self.sums.sites)
-        summed = self._sum("newton", server_round, shapes, node_ids, coefficients, job.to_json(),
-                           quantizer=precision.quantizer())
+        try:
+            summed = self._sum("newton", server_round, shapes, node_ids, coefficients, job.to_json(),
+                               quantizer=precision.quantizer())
+        except FederationError as error:
+            fit.explain(error)
+            raise
         fit.step(summed.arrays, summed.included, self.plan.model, rounds_left=self.plan.rounds - server_round,
-                 resolution=precision.error)
+                 resolution=precision.error, dropouts=summed.dropouts)
         state = glm_state(features, fit.estimates())
         return ArrayRecord({k: Array(v) for k, v in state.items()}), summed
 
@@ -466,6 +470,8 @@ class _NewtonFit:
     names: list[str]
     infos: dict[str, glm.StepInfo | None]
     sites: frozenset[str] = frozenset()  # whose rows the last round's sums were over
+    restarts: int = 0  # rounds whose sums were over other sites than the round before's
+    refused: frozenset[str] = frozenset()  # sites that refused a round: its coefficients weighed few rows
 
     @classmethod
     def start(cls, spec: ModelSpec, features: FeatureSpec, arrays: ArrayRecord) -> _NewtonFit:
@@ -486,14 +492,17 @@ class _NewtonFit:
         return all(info is not None and info.done for info in self.infos.values())
 
     def step(
-        self, totals: list[np.ndarray], sites: list[str], spec: ModelSpec, *, rounds_left: int, resolution: float
+        self, totals: list[np.ndarray], sites: list[str], spec: ModelSpec, *, rounds_left: int, resolution: float,
+        dropouts: dict[str, str] | None = None,
     ) -> None:
         """The next coefficients from one round's sums over ``sites``. Sums over other sites than
         the last round's (a dropout, or its return) are of other rows: their objective is not
         comparable, so the iteration goes on from the current coefficients afresh, and it is
         done only once a round over the same sites as the one before has converged, or when
         the job has no ``rounds_left`` (then reported as not converged)."""
-        changed, self.sites = frozenset(sites) != self.sites, frozenset(sites)
+        changed = bool(self.sites) and frozenset(sites) != self.sites
+        self.refused |= {site for site, reason in (dropouts or {}).items() if glm.CONCENTRATED in reason}
+        self.sites, self.restarts = frozenset(sites), self.restarts + changed
         for (task, beta), total in zip(self.betas.items(), totals, strict=True):
             previous = None if changed else self.infos[task]
             if previous is not None and previous.done:
@@ -502,6 +511,16 @@ class _NewtonFit:
             self.betas[task], self.infos[task] = glm.newton_step(
                 total, beta, family=self.families[task], penalty=spec.penalty, previous=previous,
                 feature_names=self.names, max_iterations=iteration + rounds_left, resolution=resolution,
+            )
+
+    def explain(self, error: Exception) -> None:
+        """A note on a round that failed after sites refused earlier ones for weighing few rows:
+        coefficients that run off, as separated classes make them without a penalty."""
+        if self.refused:
+            error.add_note(
+                f"earlier Newton rounds were refused by {', '.join(sorted(self.refused))}: the coefficients put "
+                "their sums' weight on fewer than min_cohort rows, as coefficients that keep growing do when "
+                "features separate the classes (or the zero costs); set [model] penalty > 0"
             )
 
     def estimates(self) -> dict[str, np.ndarray]:
@@ -520,10 +539,15 @@ class _NewtonFit:
 
     def fitted(self, features: FeatureSpec) -> dict[str, glm.FittedGlm]:
         """The fitted models, with their inference; a task whose iteration ran out of rounds is
-        reported as not converged (``FittedGlm.converged``)."""
+        reported as not converged (``FittedGlm.converged``), saying how often the sites changed."""
         fitted = {}
         for task, info in self.infos.items():
-            fitted[task] = glm.FittedGlm.from_step(info, family=self.families[task], feature_names=self.names)
+            model = glm.FittedGlm.from_step(info, family=self.families[task], feature_names=self.names)
+            if not model.converged and self.restarts:
+                note = (f"; the sites in the sums changed {self.restarts} times (dropouts or refusals, named in "
+                        "each round's record) and each change restarted the iteration")
+                model = replace(model, message=model.message + note)
+            fitted[task] = model
         return fitted
 
 
