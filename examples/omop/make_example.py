@@ -30,24 +30,41 @@ class Extract:
         self.rng, self.price = rng, price
         self.tables: dict[str, list[dict]] = {
             name: []
-            for name in ("person", "visit_occurrence", "condition_occurrence", "drug_exposure", "cost", "payer_plan_period")
+            for name in (
+                "person",
+                "visit_occurrence",
+                "condition_occurrence",
+                "drug_exposure",
+                "cost",
+                "payer_plan_period",
+            )
         }
 
     def visit(self, person: int, concept: int, start: pd.Timestamp, days: int, cost: float, **extra: object) -> int:
         visit_id = len(self.tables["visit_occurrence"]) + 1
         end = start + pd.Timedelta(days=days)
-        self.tables["visit_occurrence"].append({
-            "visit_occurrence_id": visit_id, "person_id": person, "visit_concept_id": concept,
-            "visit_start_date": f"{start:%Y-%m-%d}", "visit_end_date": f"{end:%Y-%m-%d}",
-            "admitted_from_concept_id": extra.get("admitted_from", ""),
-            "discharged_to_concept_id": extra.get("discharged_to", ""),
-        })
+        self.tables["visit_occurrence"].append(
+            {
+                "visit_occurrence_id": visit_id,
+                "person_id": person,
+                "visit_concept_id": concept,
+                "visit_start_date": f"{start:%Y-%m-%d}",
+                "visit_end_date": f"{end:%Y-%m-%d}",
+                "admitted_from_concept_id": extra.get("admitted_from", ""),
+                "discharged_to_concept_id": extra.get("discharged_to", ""),
+            }
+        )
         charge = round(cost * self.price * self.rng.uniform(1.6, 2.4), 2)
-        self.tables["cost"].append({
-            "cost_id": len(self.tables["cost"]) + 1, "cost_event_id": visit_id, "cost_domain_id": "Visit",
-            "total_charge": charge, "total_cost": round(cost * self.price, 2),
-            "total_paid": round(cost * self.price * self.rng.uniform(0.7, 0.95), 2),
-        })
+        self.tables["cost"].append(
+            {
+                "cost_id": len(self.tables["cost"]) + 1,
+                "cost_event_id": visit_id,
+                "cost_domain_id": "Visit",
+                "total_charge": charge,
+                "total_cost": round(cost * self.price, 2),
+                "total_paid": round(cost * self.price * self.rng.uniform(0.7, 0.95), 2),
+            }
+        )
         return visit_id
 
     def stay(self, person: int, start: pd.Timestamp, diagnosis: int, age: float) -> pd.Timestamp:
@@ -56,30 +73,51 @@ class Extract:
         days = int(min(rng.gamma(2.0, 2.2 + 0.03 * max(age - 60, 0)), 60))
         emergency = rng.random() < 0.6
         visit_id = self.visit(
-            person, 262 if emergency and rng.random() < 0.5 else 9201, start, days,
+            person,
+            262 if emergency and rng.random() < 0.5 else 9201,
+            start,
+            days,
             rng.gamma(4.0, (2500 + 1200 * days) / 4.0),
-            admitted_from=8870 if emergency else "", discharged_to=rng.choice(DISCHARGES),
+            admitted_from=8870 if emergency else "",
+            discharged_to=rng.choice(DISCHARGES),
         )
         conditions = self.tables["condition_occurrence"]
-        conditions.append({"condition_occurrence_id": len(conditions) + 1, "person_id": person,
-                           "condition_concept_id": diagnosis, "visit_occurrence_id": visit_id,
-                           "condition_status_concept_id": 32902})
+        conditions.append(
+            {
+                "condition_occurrence_id": len(conditions) + 1,
+                "person_id": person,
+                "condition_concept_id": diagnosis,
+                "visit_occurrence_id": visit_id,
+                "condition_status_concept_id": 32902,
+            }
+        )
         for drug in rng.choice(np.arange(1100, 1160), rng.integers(0, 9), replace=False):
             drugs = self.tables["drug_exposure"]
-            drugs.append({"drug_exposure_id": len(drugs) + 1, "person_id": person, "drug_concept_id": int(drug),
-                          "drug_exposure_start_date": f"{start + pd.Timedelta(days=int(rng.integers(0, days + 1))):%Y-%m-%d}"})
+            drugs.append(
+                {
+                    "drug_exposure_id": len(drugs) + 1,
+                    "person_id": person,
+                    "drug_concept_id": int(drug),
+                    "drug_exposure_start_date": f"{start + pd.Timedelta(days=int(rng.integers(0, days + 1))):%Y-%m-%d}",
+                }
+            )
         return start + pd.Timedelta(days=days)
 
     def person(self, person: int, site_shift: float) -> None:
         rng = self.rng
         birth = int(rng.integers(1925, 1985))
-        self.tables["person"].append({"person_id": person, "gender_concept_id": int(rng.choice([8507, 8532])),
-                                      "year_of_birth": birth})
-        self.tables["payer_plan_period"].append({
-            "payer_plan_period_id": person, "person_id": person, "payer_plan_period_start_date": "2019-01-01",
-            "payer_plan_period_end_date": "2022-12-31",
-            "payer_concept_id": int(PAYERS[0] if 2021 - birth >= 65 else rng.choice(PAYERS[1:], p=[0.3, 0.6, 0.1])),
-        })
+        self.tables["person"].append(
+            {"person_id": person, "gender_concept_id": int(rng.choice([8507, 8532])), "year_of_birth": birth}
+        )
+        self.tables["payer_plan_period"].append(
+            {
+                "payer_plan_period_id": person,
+                "person_id": person,
+                "payer_plan_period_start_date": "2019-01-01",
+                "payer_plan_period_end_date": "2022-12-31",
+                "payer_concept_id": int(PAYERS[0] if 2021 - birth >= 65 else rng.choice(PAYERS[1:], p=[0.3, 0.6, 0.1])),
+            }
+        )
         for _ in range(int(rng.integers(0, 3))):
             self.visit(person, 9203, FIRST_DAY + pd.Timedelta(days=int(rng.integers(0, 1000))), 0, rng.gamma(2, 400))
         day = FIRST_DAY + pd.Timedelta(days=int(rng.integers(0, 300)))
