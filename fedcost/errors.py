@@ -54,6 +54,7 @@ class DataValidationError(FedcostError):
         row: int | None = None,
         column: str | None = None,
     ):
+        self.message = message
         self.path = path
         self.row = row
         self.column = column

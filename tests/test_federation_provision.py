@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedcost.data.files import write_node_files
+from fedcost.data.mapping import DataMapping
 from fedcost.data.synthetic import EcosystemSpec, generate_ecosystem
 from fedcost.errors import CertificateError, ConfigError, CoordinatorUnreachableError, DataValidationError, KitError
 from fedcost.federation import roster
@@ -149,3 +150,18 @@ def test_node_with_a_bad_cell_fails_before_it_connects(federation, tmp_path):
 def test_unreachable_coordinator_is_named_with_what_to_do(federation):
     with pytest.raises(CoordinatorUnreachableError, match="cannot reach the coordinator at 127.0.0.1:.*check that it is running"):
         probe_coordinator(f"127.0.0.1:{free_port()}", federation.ca_cert_file, timeout=2)
+
+
+def test_an_omop_sites_data_is_its_extracts_folder(federation, tmp_path):
+    """``--data`` replaces an OMOP node's folder: the node checks the extract it is given."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "omop"
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text((example / "mapping.toml").read_text().replace("[nodes.riverside]", "[nodes.h1]"))
+    state = tmp_path / "state"
+    kit = prepare_node(federation.kit_dir("h1"), data=example / "lakeside", mapping=mapping, policy=None,
+                       state=state, split_seed=1, test_fraction=0.2, at=NOW)
+    assert kit.name == "h1"
+    assert DataMapping.load(state / "mapping.toml").node("h1").omop.folder == (example / "lakeside").resolve()
+    with pytest.raises(DataValidationError, match="the OMOP person table is required"):
+        prepare_node(federation.kit_dir("h1"), data=tmp_path, mapping=mapping, policy=None,
+                     state=state, split_seed=1, test_fraction=0.2, at=NOW)

@@ -1,8 +1,10 @@
 """OMOP CDM input: a small extract built in code, with known stays, readmissions at 29
-and 31 days, censoring and costs, gives exactly the expected schema rows."""
+and 31 days, censoring and costs, gives exactly the expected schema rows; a mapping node
+with ``omop = "folder"`` reads it through the loader; the shipped example runs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +13,11 @@ import pytest
 
 from fedcost import schema
 from fedcost.data.files import write_node_files
-from fedcost.data.loader import load_rows
+from fedcost.data.loader import load_node, load_omop_rows, load_rows
 from fedcost.data.mapping import DataMapping
 from fedcost.data.omop import read_omop
-from fedcost.errors import ConfigError, DataValidationError
+from fedcost.errors import ConfigError, DataValidationError, MappingError
+from simulations import fedcost
 
 IP, ED, OP, ER_IP = 9201, 9203, 9202, 262
 PAYERS = {1001: "medicare", 1002: "commercial"}
@@ -48,7 +51,15 @@ def _tables() -> dict[str, pd.DataFrame]:
     ]
     visit_occurrence = pd.DataFrame(
         visits,
-        columns=["visit_occurrence_id", "person_id", "visit_concept_id", "visit_start_date", "visit_end_date", "discharged_to_concept_id", "admitted_from_concept_id"],
+        columns=[
+            "visit_occurrence_id",
+            "person_id",
+            "visit_concept_id",
+            "visit_start_date",
+            "visit_end_date",
+            "discharged_to_concept_id",
+            "admitted_from_concept_id",
+        ],
     ).astype({"discharged_to_concept_id": "Int64", "admitted_from_concept_id": "Int64"})
     cost = pd.DataFrame(
         [
@@ -78,15 +89,31 @@ def _tables() -> dict[str, pd.DataFrame]:
             (4, 2, 999999, 204, None),  # unmapped concept: other
             (5, 4, 132797, 403, None),
         ],
-        columns=["condition_occurrence_id", "person_id", "condition_concept_id", "visit_occurrence_id", "condition_status_concept_id"],
+        columns=[
+            "condition_occurrence_id",
+            "person_id",
+            "condition_concept_id",
+            "visit_occurrence_id",
+            "condition_status_concept_id",
+        ],
     ).astype({"condition_status_concept_id": "Int64"})
     drug_exposure = pd.DataFrame(
         [(1, 1, 11, "2021-01-02"), (2, 1, 12, "2021-01-03"), (3, 1, 11, "2021-01-04"), (4, 1, 13, "2021-01-10")],
         columns=["drug_exposure_id", "person_id", "drug_concept_id", "drug_exposure_start_date"],
     )
     payer_plan_period = pd.DataFrame(
-        [(1, 1, "2020-01-01", "2021-12-31", 1001), (2, 4, "2021-01-01", "2021-12-31", 1002), (3, 4, "2021-07-01", "2021-12-31", 1001)],
-        columns=["payer_plan_period_id", "person_id", "payer_plan_period_start_date", "payer_plan_period_end_date", "payer_concept_id"],
+        [
+            (1, 1, "2020-01-01", "2021-12-31", 1001),
+            (2, 4, "2021-01-01", "2021-12-31", 1002),
+            (3, 4, "2021-07-01", "2021-12-31", 1001),
+        ],
+        columns=[
+            "payer_plan_period_id",
+            "person_id",
+            "payer_plan_period_start_date",
+            "payer_plan_period_end_date",
+            "payer_concept_id",
+        ],
     )
     return {
         "person": person,
@@ -138,13 +165,38 @@ def test_features_derived_from_the_tables(extract_folder: Path) -> None:
     assert rows["length_of_stay"].to_dict() == {101: 4, 203: 3, 204: 6, 303: 2, 403: 0}
     assert rows["prior_admissions_12m"].to_dict() == {101: 0, 203: 0, 204: 1, 303: 0, 403: 1}
     assert rows["ed_visits_12m"].to_dict() == {101: 0, 203: 1, 204: 1, 303: 0, 403: 0}
-    assert rows["admission_type"].to_dict() == {101: "emergency", 203: None, 204: None, 303: "emergency", 403: "emergency"}
-    assert rows["discharge_disposition"].to_dict() == {101: "home", 203: "skilled_nursing", 204: "against_advice", 303: None, 403: "home"}
-    assert rows["diagnosis_group"].to_dict() == {101: "heart_failure", 203: "copd", 204: "other", 303: None, 403: "sepsis"}
+    assert rows["admission_type"].to_dict() == {
+        101: "emergency",
+        203: None,
+        204: None,
+        303: "emergency",
+        403: "emergency",
+    }
+    assert rows["discharge_disposition"].to_dict() == {
+        101: "home",
+        203: "skilled_nursing",
+        204: "against_advice",
+        303: None,
+        403: "home",
+    }
+    assert rows["diagnosis_group"].to_dict() == {
+        101: "heart_failure",
+        203: "copd",
+        204: "other",
+        303: None,
+        403: "sepsis",
+    }
     assert rows["num_medications"].to_dict() == {101: 2, 203: 0, 204: 0, 303: 0, 403: 0}
     assert rows["follow_up_7d"].to_dict() == {101: 1, 203: 0, 204: 0, 303: 0, 403: 0}
     assert rows["payer"].to_dict() == {101: "medicare", 203: None, 204: None, 303: None, 403: "medicare"}
-    for missing in ("region", "comorbidity_index", "icu_stay", "num_procedures", "abnormal_labs", "medication_adherence"):
+    for missing in (
+        "region",
+        "comorbidity_index",
+        "icu_stay",
+        "num_procedures",
+        "abnormal_labs",
+        "medication_adherence",
+    ):
         assert rows[missing].isna().all(), f"{missing} is not in the tables, so it stays missing"
 
 
@@ -177,7 +229,9 @@ def _fault(tmp_path: Path, table: str, row: int, column: str, value: object) -> 
         ("visit_occurrence", 7, "visit_occurrence_id", 101, "appears more than once"),
     ],
 )
-def test_bad_cells_are_refused_naming_file_row_and_column(tmp_path: Path, table: str, row: int, column: str, value: object, message: str) -> None:
+def test_bad_cells_are_refused_naming_file_row_and_column(
+    tmp_path: Path, table: str, row: int, column: str, value: object, message: str
+) -> None:
     error = _fault(tmp_path, table, row, column, value)
     assert Path(error.path).name == f"{table}.csv"
     assert (error.row, error.column) == (row, column)
@@ -208,7 +262,9 @@ def test_rows_pass_the_schema_bounds(extract_folder: Path) -> None:
         if column.kind == "categorical":
             assert present.isin(column.levels).all(), column.name
         else:
-            assert (present >= column.minimum).all() and (column.maximum is None or (present <= column.maximum).all()), column.name
+            assert (present >= column.minimum).all() and (
+                column.maximum is None or (present <= column.maximum).all()
+            ), column.name
             assert values.dtype == np.float64, column.name
 
 
@@ -218,3 +274,144 @@ def test_rows_load_through_the_node_loader(extract_folder: Path, tmp_path: Path)
     loaded = load_rows(mapping, mapping.node("hospital-omop"), mapping.node("hospital-omop").file)
     same = loaded[rows.columns].astype(object).where(loaded[rows.columns].notna(), None)
     pd.testing.assert_frame_equal(same, rows.astype(object).where(rows.notna(), None))
+
+
+# --- an OMOP node in the mapping file ---------------------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "omop"
+OMOP_MAPPING = """
+[targets.readmitted_30d]
+[targets.total_cost]
+
+[omop]
+payer_concepts = { 1001 = "medicare", 1002 = "commercial" }
+
+[nodes.st-omop]
+omop = "omop"
+"""
+
+
+def _mapping(folder: Path, text: str = OMOP_MAPPING) -> DataMapping:
+    path = folder / "mapping.toml"
+    path.write_text(text)
+    return DataMapping.load(path)
+
+
+def _none_for_missing(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.astype(object).where(frame.notna(), None)
+
+
+def test_an_omop_node_in_the_mapping_loads_the_rows_read_omop_gives(extract_folder: Path) -> None:
+    mapping = _mapping(extract_folder.parent)
+    node = mapping.node("st-omop")
+    assert node.role == "hospital" and node.file is None and node.omop is not None
+    assert node.omop.payer_concepts == PAYERS and node.omop.cost_column == "total_cost"
+    expected = read_omop(extract_folder, payer_concepts=PAYERS).rows
+    loaded = load_node(mapping, "st-omop", split_seed=3, test_fraction=0.4)
+    both = pd.concat([loaded.train, loaded.test])
+    assert len(loaded.test) == 2 and len(both) == len(expected)
+    key = ["age", "length_of_stay"]
+    got = _none_for_missing(both[expected.columns].sort_values(key).reset_index(drop=True))
+    pd.testing.assert_frame_equal(got, _none_for_missing(expected.sort_values(key).reset_index(drop=True)))
+
+
+def test_a_node_may_choose_its_own_cost_column_and_role(extract_folder: Path) -> None:
+    tables = _tables()
+    tables["cost"]["total_paid"] = tables["cost"]["total_cost"] / 2
+    _write(extract_folder, tables)
+    text = OMOP_MAPPING + 'cost_column = "total_paid"\nrole = "insurer"\n'
+    mapping = _mapping(extract_folder.parent, text)
+    assert mapping.node("st-omop").role == "insurer"
+    rows = load_omop_rows(mapping, mapping.node("st-omop"), mapping.node("st-omop").omop)
+    assert rows[schema.COST].tolist() == (read_omop(extract_folder).rows[schema.COST] / 2).tolist()
+
+
+def test_a_bad_omop_cell_is_refused_naming_the_table_file_row_and_column(tmp_path: Path) -> None:
+    tables = _tables()
+    tables["cost"] = tables["cost"].astype(object)
+    tables["cost"].loc[3, "total_cost"] = "lots"
+    extract_folder = _write(tmp_path / "omop", tables, parquet=())
+    mapping = _mapping(tmp_path)
+    with pytest.raises(DataValidationError) as caught:
+        load_node(mapping, "st-omop", split_seed=3)
+    assert Path(caught.value.path) == extract_folder / "cost.csv"
+    assert (caught.value.row, caught.value.column) == (4, "total_cost")
+
+
+def test_a_derived_value_out_of_bounds_is_named_at_its_stays_visit_row(extract_folder: Path) -> None:
+    tables = _tables()
+    many = pd.DataFrame(
+        {
+            "drug_exposure_id": range(100, 201),
+            "person_id": 2,
+            "drug_concept_id": range(5000, 5101),
+            "drug_exposure_start_date": "2021-03-02",
+        }
+    )
+    tables["drug_exposure"] = pd.concat([tables["drug_exposure"], many])
+    _write(extract_folder, tables)
+    mapping = _mapping(extract_folder.parent)
+    with pytest.raises(DataValidationError, match="index stay 203, num_medications") as caught:
+        load_node(mapping, "st-omop", split_seed=3)
+    assert Path(caught.value.path) == extract_folder / "visit_occurrence.csv"
+    assert (caught.value.row, caught.value.column) == (7, "num_medications")  # stay 203 is the 7th visit row
+    assert "above the maximum 100" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "message"),
+    [
+        (OMOP_MAPPING + 'file = "a.csv"\n', "nodes.st-omop", "one of the two"),
+        (OMOP_MAPPING.replace('omop = "omop"', 'role = "hospital"'), "nodes.st-omop", "one of the two"),
+        (OMOP_MAPPING + 'cost_column = "charges"\n', "nodes.st-omop.cost_column", "total_cost, total_charge"),
+        (OMOP_MAPPING.replace('"commercial"', '"private"'), "omop.payer_concepts.1002", "not one of"),
+        (OMOP_MAPPING.replace("1001 =", "medicare ="), "omop.payer_concepts.medicare", "whole number"),
+        (OMOP_MAPPING + 'test_file = "t.csv"\n', "nodes.st-omop.test_file", "leave test_file out"),
+        (OMOP_MAPPING + 'columns = { age_years = "age" }\n', "nodes.st-omop.columns", "leave [columns] out"),
+        (
+            OMOP_MAPPING.replace("[targets.readmitted_30d]", '[targets.died]\nkind = "binary"'),
+            "nodes.st-omop.omop",
+            "not 'died'",
+        ),
+        (
+            OMOP_MAPPING.replace('omop = "omop"', 'file = "a.csv"\ncost_column = "total_paid"'),
+            "nodes.st-omop.cost_column",
+            "option of an OMOP node",
+        ),
+        (OMOP_MAPPING + '[features]\nnumeric = ["lactate"]\n', "nodes.st-omop.lacks", "'lactate'"),
+        (OMOP_MAPPING.replace("[omop]", "[omop]\ndata_end = 2021-12-31"), "omop.data_end", "unknown option"),
+    ],
+)
+def test_mapping_mistakes_about_an_omop_node_name_the_field(
+    tmp_path: Path, text: str, field: str, message: str
+) -> None:
+    with pytest.raises(MappingError) as caught:
+        _mapping(tmp_path, text)
+    assert caught.value.field == field
+    assert message in str(caught.value)
+
+
+def test_the_shipped_omop_example_loads_enough_stays_at_every_site() -> None:
+    mapping = DataMapping.load(EXAMPLE / "mapping.toml")
+    assert [node.name for node in mapping.nodes] == ["riverside", "hillcrest", "lakeside"]
+    for node in mapping.nodes:
+        data = load_node(mapping, node.name, split_seed=7)
+        assert node.role == "hospital" and len(data.test) >= 11, node.name
+        assert set(data.train["payer"].dropna()) <= set(schema.COLUMNS["payer"].levels)
+        assert data.train[schema.READMISSION].sum() >= 11, "enough readmissions for a min_cohort of 11"
+    assert mapping.node("lakeside").omop.cost_column == "total_paid"
+
+
+@pytest.mark.slow
+def test_simulate_runs_a_federation_on_the_shipped_omop_example(tmp_path: Path) -> None:
+    result = fedcost("simulate", "--data-dir", str(EXAMPLE), "--out", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [(node["name"], node["role"]) for node in summary["nodes"]] == [
+        ("riverside", "hospital"),
+        ("hillcrest", "hospital"),
+        ("lakeside", "hospital"),
+    ]
+    assert summary["min_cohort"] == 11
+    for task, metric in (("readmission", "auroc"), ("cost", "r2")):
+        assert summary[task]["federated"][metric] == pytest.approx(summary[task]["pooled"][metric], abs=1e-9)

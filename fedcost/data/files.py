@@ -1,6 +1,6 @@
-"""Write a data set as the files a federation reads: one Parquet file per node and the
-mapping file that names each node's role. Columns already carry schema names, so the
-mapping needs no column section."""
+"""A data set's files: read one (CSV or Parquet) as a frame, or write a data set as the
+files a federation reads: one Parquet file per node and the mapping file that names each
+node's role. Columns already carry schema names, so the mapping needs no column section."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pandas as pd
 import tomli_w
 
 from fedcost import schema
+from fedcost.errors import DataValidationError
 
 MAPPING_FILE = "mapping.toml"
 
@@ -28,3 +29,17 @@ def write_node_files(nodes: Iterable[tuple[str, str, pd.DataFrame]], folder: Pat
     path = folder / MAPPING_FILE
     path.write_bytes(tomli_w.dumps(mapping).encode())
     return path
+
+
+def read_frame(path: Path) -> pd.DataFrame:
+    """A CSV (every cell as text, for cell-by-cell checks) or Parquet file, or an error naming it."""
+    try:
+        if path.suffix.lower() == ".csv":
+            return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        return pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        raise DataValidationError("file is empty; it needs a header and at least one row", path=str(path)) from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as error:
+        raise DataValidationError(
+            f"cannot be read as {path.suffix.lstrip('.').upper()}: {error}", path=str(path)
+        ) from None

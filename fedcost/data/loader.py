@@ -19,7 +19,9 @@ import numpy as np
 import pandas as pd
 
 from fedcost import schema
-from fedcost.data.mapping import DataMapping, NodeSource, TargetReading, as_token
+from fedcost.data.files import read_frame
+from fedcost.data.mapping import DataMapping, NodeSource, OmopReading, TargetReading, as_token
+from fedcost.data.omop import read_omop
 from fedcost.errors import DataValidationError
 from fedcost.seeding import derive_seed
 
@@ -41,7 +43,7 @@ def load_node(
 ) -> NodeData:
     """Load and validate a node's rows; split them unless it brings its own test file."""
     node = mapping.node(name)
-    rows = load_rows(mapping, node, node.file)
+    rows = load_omop_rows(mapping, node, node.omop) if node.omop else load_rows(mapping, node, _file(node))
     if node.test_file is not None:
         return NodeData(node.name, node.role, rows, load_rows(mapping, node, node.test_file))
     train, test = split_rows(rows, seed=split_seed, node=node.name, test_fraction=test_fraction)
@@ -67,7 +69,45 @@ def load_rows(mapping: DataMapping, node: NodeSource, path: Path, *, targets: bo
 
     ``targets=False`` reads the features alone: rows to score, whose outcomes are not known.
     """
-    raw = _read_table(path)
+    return _schema_rows(mapping, node, _read_table(path), path, targets=targets)
+
+
+def load_omop_rows(mapping: DataMapping, node: NodeSource, reading: OmopReading) -> pd.DataFrame:
+    """An OMOP CDM extract's index stays (``read_omop``), checked as a file's rows are.
+
+    ``read_omop`` names a bad cell of a table; a value it derives that the schema refuses
+    (say 140 distinct drugs in a stay) is named at its index stay's visit_occurrence row.
+    """
+    extract = read_omop(reading.folder, cost_column=reading.cost_column, payer_concepts=reading.payer_concepts)
+    if extract.rows.empty:
+        raise DataValidationError(
+            "the extract has no index stay with a cost and a full 30-day window; check visit_occurrence and cost",
+            path=str(reading.folder),
+        )
+    try:
+        return _schema_rows(mapping, node, extract.rows, reading.folder, targets=True)
+    except DataValidationError as error:
+        if error.row is None:
+            raise
+        stay = error.row - 1
+        raise DataValidationError(
+            f"index stay {extract.visit_occurrence_ids[stay]}, {error.column} as read from the extract: "
+            f"{error.message}",
+            path=str(extract.visit_table),
+            row=extract.visit_rows[stay],
+            column=error.column,
+        ) from None
+
+
+def _file(node: NodeSource) -> Path:
+    assert node.file is not None, "a node without an OMOP extract has a file (the mapping checks it)"
+    return node.file
+
+
+def _schema_rows(
+    mapping: DataMapping, node: NodeSource, raw: pd.DataFrame, path: Path, *, targets: bool
+) -> pd.DataFrame:
+    """``raw`` (read from ``path``) in the schema's columns, every cell checked."""
     out: dict[str, pd.Series] = {}
     for column in mapping.feature_columns:
         source = _source_column(mapping, node, raw, column.name)
@@ -108,8 +148,9 @@ def _source_column(mapping: DataMapping, node: NodeSource, raw: pd.DataFrame, fi
 def _found_by_name(mapping: DataMapping, node: NodeSource) -> set[str]:
     """Fields a node's file may carry under their own name, unmapped: every feature for a node
     of one of the ecosystem's roles, the declared ones only for a role-less node (whose
-    schema fields must be mapped explicitly, so a column that merely shares a name is not read)."""
-    if node.role == schema.SITE:
+    schema fields must be mapped explicitly, so a column that merely shares a name is not read).
+    An OMOP extract's rows carry schema fields under their own names, whatever the role."""
+    if node.role == schema.SITE and node.omop is None:
         return mapping.declared_features
     return {column.name for column in mapping.feature_columns}
 
@@ -130,18 +171,6 @@ def _read_table(path: Path) -> pd.DataFrame:
         raise DataValidationError("file has a header but no rows", path=str(path))
     frame.columns = [str(c).strip() for c in frame.columns]
     return frame
-
-
-def read_frame(path: Path) -> pd.DataFrame:
-    """A CSV (every cell as text, for cell-by-cell checks) or Parquet file, or an error naming it."""
-    try:
-        if path.suffix.lower() == ".csv":
-            return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-        return pd.read_parquet(path)
-    except pd.errors.EmptyDataError:
-        raise DataValidationError("file is empty; it needs a header and at least one row", path=str(path)) from None
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as error:
-        raise DataValidationError(f"cannot be read as {path.suffix.lstrip('.').upper()}: {error}", path=str(path)) from None
 
 
 def _require_header(raw: pd.DataFrame, path: Path, node: NodeSource, source: str, field_name: str) -> None:

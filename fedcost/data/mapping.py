@@ -26,6 +26,9 @@ TARGET_SLOTS: dict[str, str] = {"binary": schema.READMISSION, "non-negative": sc
 # The ecosystem's own outcomes need no kind: their names say it.
 _SCHEMA_TARGET_KINDS: dict[str, TargetKind] = {schema.READMISSION: "binary", schema.COST: "non-negative"}
 TASK_OF_SLOT = {schema.READMISSION: "readmission", schema.COST: "cost"}
+# The OMOP cost table's amounts an episode's cost may be summed from.
+OMOP_COST_COLUMNS = ("total_cost", "total_charge", "total_paid")
+_OMOP_OPTIONS = {"cost_column", "payer_concepts"}
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class TargetReading:
         return TARGET_SLOTS[self.kind]
 
     @classmethod
-    def named(cls, column: str, kind: str | None = None) -> "TargetReading":
+    def named(cls, column: str, kind: str | None = None) -> TargetReading:
         """An outcome with default tokens; ``kind`` may be left out for the schema's own targets.
 
         Raises ``ValueError`` naming what is missing or wrong.
@@ -71,15 +74,27 @@ def targets_by_slot(readings: list[TargetReading]) -> dict[str, TargetReading]:
 
 
 @dataclass(frozen=True)
+class OmopReading:
+    """How to read an OMOP CDM extract: its folder, the cost table's amount column and
+    which payer concept ids are which payer level (``fedcost.data.omop.read_omop``)."""
+
+    folder: Path
+    cost_column: str = "total_cost"
+    payer_concepts: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class NodeSource:
-    """One node's rows: its role, its file(s) and the source-to-schema column names."""
+    """One node's rows: its role, its file(s) or OMOP extract, and the source-to-schema
+    column names. Exactly one of ``file`` and ``omop`` is set."""
 
     name: str
     role: str
-    file: Path
+    file: Path | None
     test_file: Path | None
     columns: dict[str, str]
     lacks: tuple[str, ...] = ()
+    omop: OmopReading | None = None
 
     def source_of(self, field_name: str) -> str | None:
         """The source column mapped to ``field_name`` (or None when unmapped)."""
@@ -154,7 +169,7 @@ class DataMapping:
         )
 
     @classmethod
-    def load(cls, path: Path | str) -> "DataMapping":
+    def load(cls, path: Path | str) -> DataMapping:
         """Read and validate a mapping file; relative data paths are taken from its folder."""
         path = Path(path)
         return _MappingParser(path, read_toml(path, "mapping file", MappingError)).parse()
@@ -163,7 +178,7 @@ class DataMapping:
 class _MappingParser:
     """Turns the raw TOML dict into a DataMapping, naming the field of every problem."""
 
-    _TOP_LEVEL = {"targets", "columns", "values", "features", "nodes"}
+    _TOP_LEVEL = {"targets", "columns", "values", "features", "nodes", "omop"}
 
     def __init__(self, path: Path, raw: dict[str, Any]):
         self.path = path
@@ -181,7 +196,8 @@ class _MappingParser:
         mapping = DataMapping(self.path, (), targets, extra_numeric, extra_categorical)
         known_fields = {c.name for c in mapping.feature_columns} | {r.column for r in targets.values()}
         shared_columns = self._columns("columns", self.raw.get("columns", {}), known_fields)
-        nodes = self._nodes(shared_columns, known_fields, mapping.declared_features)
+        shared_omop = self._omop_options("omop", self._table("omop", self.raw.get("omop", {})))
+        nodes = self._nodes(shared_columns, shared_omop, known_fields, mapping)
         return replace(mapping, nodes=nodes, values=self._values(mapping.feature_columns))
 
     def _targets(self) -> dict[str, TargetReading]:
@@ -274,26 +290,39 @@ class _MappingParser:
                 )
         return dict(raw)
 
-    def _nodes(self, shared: dict[str, str], known_fields: set[str], extras: set[str]) -> tuple[NodeSource, ...]:
+    def _nodes(
+        self, shared: dict[str, str], shared_omop: dict[str, Any], known_fields: set[str], mapping: DataMapping
+    ) -> tuple[NodeSource, ...]:
         raw = self._table("nodes", self.raw.get("nodes"))
         if not raw:
             raise self.fail("nodes", "declare at least one node, e.g. [nodes.st-mary] with its file")
-        return tuple(self._node(name, spec, shared, known_fields, extras) for name, spec in raw.items())
+        return tuple(self._node(name, spec, shared, shared_omop, known_fields, mapping) for name, spec in raw.items())
 
     def _node(
-        self, name: str, raw: Any, shared: dict[str, str], known_fields: set[str], extras: set[str]
+        self,
+        name: str,
+        raw: Any,
+        shared: dict[str, str],
+        shared_omop: dict[str, Any],
+        known_fields: set[str],
+        mapping: DataMapping,
     ) -> NodeSource:
         where = f"nodes.{name}"
         check_party_name(name, path=str(self.path), field=where, error=MappingError)
         spec = self._table(where, raw)
-        unknown = set(spec) - {"role", "file", "test_file", "columns", "lacks"}
+        allowed = {"role", "file", "test_file", "columns", "lacks", "omop"} | _OMOP_OPTIONS
+        unknown = set(spec) - allowed
         if unknown:
-            raise self.fail(f"{where}.{sorted(unknown)[0]}", "unknown option; use role, file, test_file, columns, lacks")
-        role = spec.get("role", schema.SITE)
+            raise self.fail(f"{where}.{sorted(unknown)[0]}", f"unknown option; use {', '.join(sorted(allowed))}")
+        if ("file" in spec) == ("omop" in spec):
+            raise self.fail(where, "give the node's data file (file = \"...\", CSV or Parquet) or its OMOP CDM "
+                            "extract's folder (omop = \"...\"), one of the two")
+        source = "omop" if "omop" in spec else "file"
+        if not isinstance(spec[source], str) or not spec[source]:
+            raise self.fail(f"{where}.{source}", "must be a path, as a string")
+        role = spec.get("role", "hospital" if source == "omop" else schema.SITE)
         if role not in schema.ROLES:
             raise self.fail(f"{where}.role", f"role must be one of {', '.join(schema.ROLES)}, not {role!r}")
-        if not isinstance(spec.get("file"), str):
-            raise self.fail(f"{where}.file", "give the node's data file (CSV or Parquet)")
         test_file = spec.get("test_file")
         if test_file is not None and not isinstance(test_file, str):
             raise self.fail(f"{where}.test_file", "must be a file path")
@@ -304,18 +333,84 @@ class _MappingParser:
             field_name = sorted(duplicated)[0]
             raise self.fail(f"{where}.columns", f"several source columns map to '{field_name}'; keep one")
         lacks = spec.get("lacks", [])
-        role_fields = set(schema.ROLES[role].features) | extras
+        role_fields = set(schema.ROLES[role].features) | mapping.declared_features
         if not isinstance(lacks, list) or any(f not in role_fields for f in lacks):
-            raise self.fail(f"{where}.lacks", f"list fields of role {role} the node does not have: {', '.join(sorted(role_fields))}")
+            raise self.fail(
+                f"{where}.lacks", f"list fields of role {role} the node does not have: {', '.join(sorted(role_fields))}"
+            )
         folder = self.path.parent
+        if source == "file":
+            options = sorted(set(spec) & _OMOP_OPTIONS)
+            if options:
+                raise self.fail(f"{where}.{options[0]}", "is an option of an OMOP node (omop = \"folder\"); a file "
+                                "node maps its columns under [columns]")
+            return NodeSource(
+                name=name,
+                role=role,
+                file=folder / spec["file"],
+                test_file=folder / test_file if test_file else None,
+                columns=columns,
+                lacks=tuple(lacks),
+            )
+        self._check_omop_node(where, spec, columns, lacks, mapping)
+        options = self._omop_options(where, spec)
+        payers = {**shared_omop.get("payer_concepts", {}), **options.get("payer_concepts", {})}
         return NodeSource(
             name=name,
             role=role,
-            file=folder / spec["file"],
-            test_file=folder / test_file if test_file else None,
-            columns=columns,
+            file=None,
+            test_file=None,
+            columns={},
             lacks=tuple(lacks),
+            omop=OmopReading(
+                folder / spec["omop"],
+                options.get("cost_column", shared_omop.get("cost_column", "total_cost")),
+                payers,
+            ),
         )
+
+    def _check_omop_node(
+        self, where: str, spec: dict[str, Any], columns: dict[str, str], lacks: list[str], mapping: DataMapping
+    ) -> None:
+        """An OMOP extract gives the schema's fields and outcomes under their own names."""
+        if "test_file" in spec:
+            raise self.fail(f"{where}.test_file", "an OMOP node's stays are split into training and test rows; "
+                            "leave test_file out")
+        if columns:
+            raise self.fail(f"{where}.columns", "an OMOP extract is read into the schema's fields by fedcost "
+                            "(README, \"OMOP CDM\"); leave [columns] out for an OMOP node, or give it a file")
+        others = [r.column for r in mapping.targets.values() if r.column not in (schema.READMISSION, schema.COST)]
+        if others:
+            raise self.fail(f"{where}.omop", f"an OMOP extract gives the outcomes {schema.READMISSION} and "
+                            f"{schema.COST}, not '{others[0]}': declare those under [targets]")
+        unread = sorted(mapping.declared_features - set(lacks))
+        if unread:
+            raise self.fail(f"{where}.lacks", f"an OMOP extract lacks the declared feature '{unread[0]}': list it")
+
+    def _omop_options(self, where: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """The OMOP options in ``spec`` (the [omop] section or a node), checked; payer concept ids as integers."""
+        if where == "omop":
+            unknown = sorted(set(spec) - _OMOP_OPTIONS)
+            if unknown:
+                raise self.fail(f"omop.{unknown[0]}", f"unknown option; use {', '.join(sorted(_OMOP_OPTIONS))}")
+        options: dict[str, Any] = {}
+        if "cost_column" in spec:
+            if spec["cost_column"] not in OMOP_COST_COLUMNS:
+                raise self.fail(f"{where}.cost_column", f"must be one of {', '.join(OMOP_COST_COLUMNS)}, "
+                                f"not {spec['cost_column']!r}")
+            options["cost_column"] = spec["cost_column"]
+        if "payer_concepts" in spec:
+            payers = self._table(f"{where}.payer_concepts", spec["payer_concepts"])
+            levels = schema.COLUMNS["payer"].levels
+            options["payer_concepts"] = {}
+            for concept, level in payers.items():
+                at = f"{where}.payer_concepts.{concept}"
+                if not concept.strip().isdigit():
+                    raise self.fail(at, "a payer_concept_id is a whole number")
+                if level not in levels:
+                    raise self.fail(at, f"'{level}' is not one of {', '.join(levels)}")
+                options["payer_concepts"][int(concept)] = level
+        return options
 
     def _table(self, where: str, raw: Any) -> dict[str, Any]:
         if raw is None:

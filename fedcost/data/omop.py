@@ -63,7 +63,8 @@ import numpy as np
 import pandas as pd
 
 from fedcost import schema
-from fedcost.data.loader import read_frame
+from fedcost.data.files import read_frame
+from fedcost.data.mapping import OMOP_COST_COLUMNS as COST_COLUMNS
 from fedcost.errors import ConfigError, DataValidationError
 
 INPATIENT = (9201, 262)
@@ -73,7 +74,6 @@ EMERGENCY_ROOM_PLACE = 8870
 PRIMARY_DIAGNOSIS = 32902
 READMISSION_WINDOW_DAYS = 30
 LOOKBACK_DAYS = 365
-COST_COLUMNS = ("total_cost", "total_charge", "total_paid")
 
 GENDER_CONCEPTS = {8507: "male", 8532: "female"}
 DISCHARGE_CONCEPTS = {
@@ -107,12 +107,15 @@ _FORMATS = (".csv", ".parquet")
 class OmopExtract:
     """Schema rows (features and both targets) with what was left out and why.
 
-    ``visit_occurrence_ids`` names each row's index stay for local checks; identifiers
+    ``visit_occurrence_ids`` names each row's index stay for local checks, and
+    ``visit_rows`` its row in ``visit_table`` (1-based, as errors name rows); identifiers
     never belong in anything a node shares.
     """
 
     rows: pd.DataFrame
     visit_occurrence_ids: tuple[int, ...]
+    visit_table: Path
+    visit_rows: tuple[int, ...]
     data_end: pd.Timestamp
     readmission_stays: int
     censored: int
@@ -270,7 +273,9 @@ def _episodes(inpatient: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return is_index, readmitted
 
 
-def _index_stays(visits: pd.DataFrame, visit_cost: pd.Series, end_of_data: pd.Timestamp) -> tuple[pd.DataFrame, dict[str, int]]:
+def _index_stays(
+    visits: pd.DataFrame, visit_cost: pd.Series, end_of_data: pd.Timestamp
+) -> tuple[pd.DataFrame, dict[str, int]]:
     """The index stays kept, with their readmission flag, and how many stays were
     readmissions, censored or uncosted."""
     inpatient = visits[visits["concept"].isin(INPATIENT)].sort_values(["person_id", "start", "visit_id"])
@@ -279,7 +284,11 @@ def _index_stays(visits: pd.DataFrame, visit_cost: pd.Series, end_of_data: pd.Ti
     stays = inpatient[is_index].assign(readmitted=readmitted[is_index]).reset_index(drop=True)
     censored = (stays["end"] + pd.Timedelta(days=READMISSION_WINDOW_DAYS) > end_of_data).to_numpy()
     uncosted = ~censored & ~stays["visit_id"].isin(visit_cost.index).to_numpy()
-    counts = {"readmission_stays": int((~is_index).sum()), "censored": int(censored.sum()), "uncosted": int(uncosted.sum())}
+    counts = {
+        "readmission_stays": int((~is_index).sum()),
+        "censored": int(censored.sum()),
+        "uncosted": int(uncosted.sum()),
+    }
     return stays[~censored & ~uncosted].reset_index(drop=True), counts
 
 
@@ -301,7 +310,9 @@ def _history(stays: pd.DataFrame, visits: pd.DataFrame, visit_cost: pd.Series) -
     return {
         "prior_admissions_12m": per_stay(in_year & concept.isin(INPATIENT)),
         "ed_visits_12m": per_stay(in_year & concept.isin(EMERGENCY)),
-        "follow_up_7d": (per_stay((days_after >= 1) & (days_after <= 7) & concept.isin(OUTPATIENT)) > 0).astype("float64"),
+        "follow_up_7d": (per_stay((days_after >= 1) & (days_after <= 7) & concept.isin(OUTPATIENT)) > 0).astype(
+            "float64"
+        ),
         "ed_on_admission": per_stay((concept == 9203) & (pairs["other_end"] == pairs["start"])) > 0,
         "window_cost": per_stay(pairs["other_visit_id"].map(visit_cost).fillna(0.0).where(in_window, 0.0)),
     }
@@ -433,8 +444,12 @@ def read_omop(
     columns[schema.READMISSION] = stays["readmitted"].to_numpy(dtype="float64")
     columns[schema.COST] = stays["visit_id"].map(visit_cost).to_numpy(dtype="float64") + history["window_cost"]
     return OmopExtract(
-        rows=pd.DataFrame({name: pd.Series(values, dtype=values.dtype) for name, values in columns.items()}),  # keeps None
+        rows=pd.DataFrame(
+            {name: pd.Series(values, dtype=values.dtype) for name, values in columns.items()}
+        ),  # keeps None
         visit_occurrence_ids=tuple(int(v) for v in stays["visit_id"]),
+        visit_table=visit_table.path,
+        visit_rows=tuple(int(r) + 1 for r in stays["row"]),
         data_end=end_of_data,
         **counts,
     )

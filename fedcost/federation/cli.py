@@ -113,7 +113,7 @@ def coordinator_start(ctx: typer.Context, federation_dir: FederationDir = Path("
 @node_app.command("start")
 def node_start(
     kit: Annotated[Path, typer.Argument(help="The site's startup kit folder.")],
-    data: Annotated[Path, typer.Option(help="The site's data file (CSV or Parquet).")],
+    data: Annotated[Path, typer.Option(help="The site's data file (CSV or Parquet), or its OMOP CDM extract's folder.")],
     mapping: Annotated[Path, typer.Option(help="The mapping file with a \\[nodes.<name>] table for this site.")],
     policy: Annotated[Optional[Path], typer.Option(help="The site policy (TOML); default: the permissive one.")] = None,
     state: Annotated[Optional[Path], typer.Option(help="Folder for the node's audit log and state (default: KIT/state).")] = None,

@@ -284,14 +284,15 @@ def prepare_node(
 
 
 def _site_mapping(path: Path, name: str, data: Path) -> dict:
-    """The mapping with only this site's node, its file set to ``data``, paths made absolute."""
+    """The mapping with only this site's node, its file (or OMOP extract's folder) set to
+    ``data``, paths made absolute."""
     raw = read_toml(path, "mapping file", MappingError)
     nodes = raw.get("nodes")
     if not isinstance(nodes, dict) or not isinstance(nodes.get(name), dict):
         raise MappingError(f"has no [nodes.{name}] table for this site (the name in its startup kit)",
                            path=str(path), field=f"nodes.{name}")
     node = dict(nodes[name])
-    node["file"] = str(data.resolve())
+    node["omop" if "omop" in node else "file"] = str(data.resolve())
     if "test_file" in node:
         node["test_file"] = str((path.parent / str(node["test_file"])).resolve())
     return {**raw, "nodes": {name: node}}
