@@ -402,7 +402,7 @@ def _plan_releases(
         for table in ledger.tables(node.data_digest):
             if table["run_id"] != hello.run_id:
                 before.append((GroupedStatisticsLayout.from_json(table["layout"]), TableRelease.from_dict(table["release"])))
-    return plan_release(tables, node.rows, role=node.role, min_cohort=hello.min_cohort, earlier=before)
+    return plan_release(tables, node.rows, role=node.role, site=node.name, min_cohort=hello.min_cohort, earlier=before)
 
 
 def _check_tables_against_earlier(
