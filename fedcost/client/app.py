@@ -198,7 +198,7 @@ class Guardian:
         """Check the plan against the policy and record it; only then read the rows."""
         hello = Hello.from_record(request.config)
         policy = site.site_policy(self.setup.policy, hello)
-        tables = site.check_plan(policy, hello)
+        tables = site.check_plan(policy, hello, self.setup.name)
         mapping = _mapping(self.setup.mapping)
         releases = noisy_releases(purposes=hello.purposes, rounds=hello.rounds, tables=tables, tasks=mapping.tasks,
                                   statistics=StatisticsLayout(mapping.feature_columns, tuple(mapping.targets)))
