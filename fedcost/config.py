@@ -159,7 +159,8 @@ class AnalyticsSection:
     observed and expected totals, for O/E ratios, a funnel plot and value per site.
     ``group_costing``: before training, a table by site and disease group of cost and
     payment (``fedcost.analytics.group_costing``): margins, cost weights and a case-mix
-    index per site; a run on data without payments or disease groups leaves it out.
+    index per site; a run on data without payments or disease groups, or with statistics
+    noise, leaves it out.
     ``currency``: the ISO 4217 code of the data's costs (e.g. "EUR"), printed on every cost
     figure and axis (a label: nothing is converted); "" leaves them in unnamed currency
     units. ``peer_groups``: site name to peer group, a public fact about each site (CMS

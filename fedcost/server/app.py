@@ -106,10 +106,12 @@ class CoordinatorPlan:
                                sites=max(MIN_SECURE_SITES, kept), cost_clip=section.cost_clip)
 
     def tables(self) -> list[GroupedStatisticsLayout]:
-        """The statistics tables of the run: the grouped statistics, then group costing by site."""
+        """The statistics tables of the run: the grouped statistics, then group costing by site,
+        which needs exact sums (a margin per case needs the cases its cost and payment cover)
+        and is left out of a run with statistics noise."""
         tables = [self.analytics.layout()] if self.analytics.group_by else []
-        sites = tuple(name for name, _ in self.roster)
-        return tables + ([group_costing.layout(sites)] if self.analytics.group_costing else [])
+        costing = self.analytics.group_costing and not self.statistics_privacy.enabled
+        return tables + ([group_costing.layout(tuple(name for name, _ in self.roster))] if costing else [])
 
     def purposes(self) -> list[str]:
         """The purposes this run will ask for, in order: what the hello states."""
