@@ -155,7 +155,8 @@ def test_group_costing_equals_the_pooled_computation_over_the_released_cells_exa
     """Cost against payment per disease group, end to end: cases, mean cost, margin and cost
     weight per group as the pooled released rows give them in whole cents; the table and
     plot in the report, in the data's currency units."""
-    _, run = analysis
+    completed, run = analysis
+    assert "Cost against payment per disease group" in completed.stdout
     result = json.loads((run / "summary.json").read_text())["analytics"]["group_costing"]
     nodes = _node_rows(run)
     plan = [LAYOUT, group_costing.layout(tuple(nodes))]
