@@ -161,7 +161,8 @@ class Node:
     def _analytics_contribution(self, ask: Ask, dp: DPConfig | None) -> Contribution:
         assert ask.layout is not None
         if ask.cost_clip is not None:
-            return Contribution([ask.layout.noisy_vector(self.rows, role=self.role, site=self.name, cost_clip=ask.cost_clip)], 1)
+            vector = ask.layout.noisy_vector(self.rows, role=self.role, site=self.name, cost_clip=ask.cost_clip)
+            return Contribution([vector], 1)
         return Contribution([self.grouped_statistics(ask.layout, ask.min_cohort, ask.release)], 1)
 
     def _train_contribution(self, ask: Ask, dp: DPConfig | None) -> Contribution:
