@@ -14,6 +14,7 @@ from fedcost.audit.cli import audit_app
 from fedcost.errors import ConfigError, FedcostError
 from fedcost.federation.cli import OLD_FORMS, coordinator_app, federation_app, node_app
 from fedcost.federation.cli import run as run_job
+from fedcost.report.units import cost_unit
 from fedcost.terminal import PoliteTyper, RoundProgress, console, fail
 
 if TYPE_CHECKING:  # torch, Flower and pandas load only inside the commands that need them
@@ -65,6 +66,8 @@ def simulate(
     result = _run(config, out, data_dir, "train")
     if "benchmark" in result.summary["analytics"]:
         console.print(_benchmark_table(result.summary["analytics"]["benchmark"], result.summary))
+    if "group_costing" in result.summary["analytics"]:
+        console.print(_group_costing_table(result.summary["analytics"]["group_costing"], result.summary))
     console.print(f"run folder: [bold]{result.run_dir}[/bold] (report: {result.run_dir / 'report.html'})")
     _warn_unconverged(result.summary.get("inference", {}))
     console.print(_comparison_table(result.summary))  # the headline: the terminal ends with it
@@ -92,6 +95,8 @@ def analyze(
     else:
         console.print(_statistics_table(statistics))
         console.print(escape(statistics["note"]), soft_wrap=True)
+    if "group_costing" in result.summary["analytics"]:
+        console.print(_group_costing_table(result.summary["analytics"]["group_costing"], result.summary))
     console.print(f"run folder: [bold]{result.run_dir}[/bold] (statistics.csv, report: {result.run_dir / 'report.html'})")
 
 
@@ -211,6 +216,18 @@ def _ratio(site: dict, name: str) -> str:
     low, high = site.get(f"{name}_low"), site.get(f"{name}_high")
     interval = "" if low is None or high is None else f" ({low:.2f}–{high:.2f})"
     return f"{site[name]:.2f}{interval}"
+
+
+def _group_costing_table(result: dict, summary: dict) -> Table:
+    """Cost against payment per disease group, over the federation's released cells."""
+    unit = cost_unit(summary)
+    table = Table(title=f"Cost against payment per disease group ({unit}; cost weight 1 = the mean case)")
+    for head in ("disease group", "cases", "mean cost", "mean payment", "margin per case", "cost weight"):
+        table.add_column(head, justify="left" if head == "disease group" else "right")
+    for group in result["groups"]:
+        money = [("n/a" if group[k] is None else f"{group[k]:,.0f}") for k in ("mean_cost", "mean_payment", "margin")]
+        table.add_row(group["group"], f"{group['cases']:,}", *money, f"{group['cost_weight']:.3f}")
+    return table
 
 
 def _statistics_table(result: dict) -> Table:

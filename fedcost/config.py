@@ -158,6 +158,10 @@ class AnalyticsSection:
     none. ``measures``: the numeric columns summarised per cell. ``benchmark``: after
     training, each site scores its own rows with the federated model and shares its
     observed and expected totals, for O/E ratios, a funnel plot and value per site.
+    ``group_costing``: before training, a table by site and disease group of cost and
+    payment (``fedcost.analytics.group_costing``): margins, cost weights and a case-mix
+    index per site; a run on data without payments or disease groups, or with statistics
+    noise, leaves it out.
     ``currency``: the ISO 4217 code of the data's costs (e.g. "EUR"), printed on every cost
     figure and axis (a label: nothing is converted); "" leaves them in unnamed currency
     units. ``peer_groups``: site name to peer group, a public fact about each site (CMS
@@ -170,6 +174,7 @@ class AnalyticsSection:
     group_by: tuple[str, ...] = ("diagnosis_group", "payer")
     measures: tuple[str, ...] = (schema.COST, schema.READMISSION, "length_of_stay")
     benchmark: bool = True
+    group_costing: bool = True
     currency: str = ""
     peer_groups: dict[str, str] = field(default_factory=dict)
 

@@ -10,6 +10,10 @@ Data of other shapes fit the same model: a node of role ``site`` carries only th
 its mapping names, and a data set's own binary and non-negative outcomes (``died``,
 ``length_of_stay``) travel in the two target slots under their own names
 (``fedcost.data.mapping``).
+
+Accounting columns (``payment``: what the payer reimbursed for the episode) are read,
+validated and summed by the analytics, never model features: a payment set per disease
+group would hand the cost model the cost it is meant to predict.
 """
 
 from __future__ import annotations
@@ -111,16 +115,25 @@ TARGETS: tuple[Column, ...] = (
     _numeric(COST, "total episode cost, index stay through 30 days after discharge", minimum=0),
 )
 
-COLUMNS: dict[str, Column] = {column.name: column for column in FEATURES + TARGETS}
+PAYMENT = "payment"
+ACCOUNTING: tuple[Column, ...] = (
+    _numeric(PAYMENT, "what the payer reimbursed for the episode (e.g. its DRG / DIP payment)", minimum=0),
+)
+# The disease group that group costing (payment per group, cost weights) is by.
+DISEASE_GROUP = "diagnosis_group"
+
+COLUMNS: dict[str, Column] = {column.name: column for column in FEATURES + TARGETS + ACCOUNTING}
 
 
 @dataclass(frozen=True)
 class Role:
-    """A kind of ecosystem member and the schema features its rows carry."""
+    """A kind of ecosystem member, the schema features its rows carry and the accounting
+    columns its rows may carry (read by name when present)."""
 
     name: str
     description: str
     features: tuple[str, ...]
+    accounting: tuple[str, ...] = ()
 
 
 SITE = "site"
@@ -143,6 +156,7 @@ ROLES: dict[str, Role] = {
                 "icu_stay",
                 "abnormal_labs",
             ),
+            (PAYMENT,),
         ),
         Role(
             "insurer",
@@ -153,6 +167,7 @@ ROLES: dict[str, Role] = {
                 "medication_adherence",
                 "follow_up_7d",
             ),
+            (PAYMENT,),
         ),
         Role(
             "pharma",
@@ -167,6 +182,6 @@ ROLES: dict[str, Role] = {
 def feature(name: str) -> Column:
     """The schema feature called ``name``; raises ``KeyError`` listing the known ones."""
     column = COLUMNS.get(name)
-    if column is None or column in TARGETS:
+    if column is None or column in TARGETS or column in ACCOUNTING:
         raise KeyError(f"unknown schema field '{name}'; known fields: {', '.join(COLUMNS)}")
     return column

@@ -230,7 +230,8 @@ def _trained(
 def _analytics_for(config: SimulationConfig, mapping: DataMapping) -> AnalyticsSection:
     """The run's analytics on this data set's fields: an outcome may be named as the data set
     names it; the defaults (the ecosystem's fields) keep what the data set has; a field the
-    config names that the data set lacks is refused."""
+    config names that the data set lacks is refused. Group costing needs cost, disease
+    groups and a node that carries payments."""
     analytics = config.analytics
     slots = {reading.column: slot for slot, reading in mapping.targets.items()}
     present = mapping.fields_present | set(mapping.targets)
@@ -246,7 +247,10 @@ def _analytics_for(config: SimulationConfig, mapping: DataMapping) -> AnalyticsS
             raise ConfigError(f"the data set has no field {lacking[0]!r}; its fields: {', '.join(sorted(present))}",
                               path=config.source, field=f"analytics.{part}")
         chosen[part] = tuple(name for name in names if name in present)
-    return replace(analytics, **chosen)
+    paid = any(schema.PAYMENT in schema.ROLES[node.role].accounting or node.source_of(schema.PAYMENT)
+               for node in mapping.nodes)
+    costed = schema.COST in mapping.targets and schema.DISEASE_GROUP in present
+    return replace(analytics, **chosen, group_costing=analytics.group_costing and paid and costed)
 
 
 def _load_nodes(mapping: DataMapping, config: SimulationConfig) -> list[NodeData]:

@@ -15,6 +15,7 @@ import pytest
 from simulations import fedcost, simulate
 
 from fedcost import schema
+from fedcost.analytics import group_costing
 from fedcost.analytics.statistics import MISSING, QUANTILES, GroupedStatisticsLayout, measure_unit, plan_release
 from fedcost.audit import verify_folder
 from fedcost.data.loader import load_node
@@ -65,8 +66,10 @@ def _rows_that_may_leave(run: Path) -> tuple[pd.DataFrame, int]:
     whether its node released that measure in the row's cell, and how many node-cells the
     nodes withheld (cells of 1..10 rows and their complements stay home)."""
     shared, withheld = [], 0
-    for rows in _node_rows(run).values():
-        (release,) = plan_release([LAYOUT], rows, role=str(rows["role"].iloc[0]), min_cohort=MIN_COHORT)
+    nodes = _node_rows(run)
+    plan = [LAYOUT, group_costing.layout(tuple(nodes))]  # the job's plan: both tables decide what leaves
+    for name, rows in nodes.items():
+        release = plan_release(plan, rows, role=str(rows["role"].iloc[0]), site=name, min_cohort=MIN_COHORT)[0]
         codes = LAYOUT.cell_codes(rows, None)
         sizes = np.bincount(codes, minlength=LAYOUT.n_cells)
         withheld += int(((sizes > 0) & ~np.array(release.rows)).sum())
@@ -144,3 +147,38 @@ def test_a_group_by_field_the_schema_lacks_is_refused_before_anything_runs(tmp_p
     assert "bad.toml" in result.stdout and "cannot group by 'hospital_name'" in result.stdout
     assert not (tmp_path / "run").exists()
     assert GroupedStatisticsLayout.from_json(GroupedStatisticsLayout(("payer",)).to_json()).group_by == ("payer",)
+
+
+def test_group_costing_equals_the_pooled_computation_over_the_released_cells_exactly(
+    analysis: tuple[subprocess.CompletedProcess, Path],
+) -> None:
+    """Cost against payment per disease group, end to end: cases, mean cost, margin and cost
+    weight per group as the pooled released rows give them in whole cents; the table and
+    plot in the report, in the data's currency units."""
+    completed, run = analysis
+    assert "Cost against payment per disease group" in completed.stdout
+    result = json.loads((run / "summary.json").read_text())["analytics"]["group_costing"]
+    nodes = _node_rows(run)
+    plan = [LAYOUT, group_costing.layout(tuple(nodes))]
+    kept = []
+    for name, rows in nodes.items():
+        release = plan_release(plan, rows, role=str(rows["role"].iloc[0]), site=name, min_cohort=MIN_COHORT)[1]
+        shown = np.array(release.rows)[plan[1].cell_codes(rows, None, name)]
+        kept.append(rows[shown & rows["diagnosis_group"].notna().to_numpy()].assign(site=name))
+    pooled = pd.concat(kept, ignore_index=True)
+    cents = np.rint(pooled["total_cost"] * 100).astype("int64")
+    paid = pooled.groupby(["site", "diagnosis_group"])["payment"].transform(lambda p: p.notna().all())
+    mean_cost = int(cents.sum()) * 0.01 / len(pooled)
+    expected = {}
+    for group, part in pooled.groupby("diagnosis_group"):
+        part_cents, part_paid = cents[part.index], paid[part.index]
+        margin = int(np.rint(part["payment"][part_paid] * 100).sum()) - int(part_cents[part_paid].sum())
+        group_mean = int(part_cents.sum()) * 0.01 / len(part)
+        expected[group] = (len(part), group_mean, margin * 0.01 / int(part_paid.sum()), group_mean / mean_cost)
+    figures = {g["group"]: (g["cases"], g["mean_cost"], g["margin"], g["cost_weight"]) for g in result["groups"]}
+    assert figures == expected
+    assert all(s["cases"] >= MIN_COHORT for s in result["sites"])
+    assert {c["site"] for c in result["case_mix"]} == set(nodes)
+    assert (run / "group_costing.csv").is_file()
+    report = (run / "report.html").read_text()
+    assert "Cost against payment per disease group" in report and 'alt="group_costing"' in report

@@ -31,7 +31,7 @@ from fedcost.federation.processes import free_port
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 RUN_TIMEOUT = 1800
-NO_ANALYTICS = "\n[analytics]\ngroup_by = []\nbenchmark = false\n"
+NO_ANALYTICS = "\n[analytics]\ngroup_by = []\nbenchmark = false\ngroup_costing = false\n"
 
 
 class Federation:

@@ -256,3 +256,41 @@ def test_outcome_column_is_never_read_as_a_feature(tmp_path: Path) -> None:
     node = load_node(mapping, "ward-a", split_seed=1)
     assert "length_of_stay" not in node.train.columns
     assert sorted(pd.concat([node.train, node.test])["total_cost"]) == [3, 4, 5, 6, 7, 8]
+
+
+PAID_MAPPING = MAPPING.replace('cost_eur = "total_cost"', 'cost_eur = "total_cost"\npaid_eur = "payment"')
+BAD_PAYMENTS = {
+    "negative payment": (rows_with(paid_eur="-120.50"), 3, "below the minimum 0 for payment"),
+    "payment that is not a number": (rows_with(paid_eur="n/a"), 3, "not a number"),
+    "payment column mapped but absent": (without("paid_eur"), None, "missing required column"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PAYMENTS, ids=list(BAD_PAYMENTS))
+def test_bad_payment_is_refused_naming_file_row_and_column(tmp_path: Path, case: str) -> None:
+    rows, row, words = BAD_PAYMENTS[case]
+    if case != "payment column mapped but absent":
+        rows = [{**r, "paid_eur": r.get("paid_eur", "4000")} for r in rows]
+    mapping = write_case(tmp_path, rows, PAID_MAPPING)
+    with pytest.raises(DataValidationError) as caught:
+        load_node(mapping, "pharmacy-north", split_seed=1)
+    error = caught.value
+    assert error.path.endswith("pharmacy.csv") and error.row == row and error.column == "paid_eur"
+    assert words in str(error)
+
+
+def test_payment_is_read_but_never_a_feature(tmp_path: Path) -> None:
+    """A mapped payment is read and validated; a node without one has it missing; it is no
+    feature column (a payment set per group would leak cost into the cost model)."""
+    rows = [dict(GOOD_ROW, paid_eur=str(1000 + i)) for i in range(5)]
+    mapping = write_case(tmp_path, rows, PAID_MAPPING)
+    node = load_node(mapping, "pharmacy-north", split_seed=1)
+    assert sorted(pd.concat([node.train, node.test])["payment"]) == [1000.0 + i for i in range(5)]
+    assert "payment" not in {column.name for column in mapping.feature_columns}
+    unpaid = load_node(write_case(tmp_path, [dict(GOOD_ROW)] * 5), "pharmacy-north", split_seed=1)
+    assert unpaid.train["payment"].isna().all()
+
+
+def test_payment_cannot_be_declared_a_feature(tmp_path: Path) -> None:
+    with pytest.raises(MappingError, match="accounting column"):
+        write_case(tmp_path, None, MAPPING.replace('numeric = ["bmi"]', 'numeric = ["bmi", "payment"]'))

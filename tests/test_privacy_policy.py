@@ -52,6 +52,7 @@ INVALID = {
     "min_cohort as bool": ("min_cohort", True, "min_cohort", "expected an integer"),
     "secure aggregation as text": ("require_secure_aggregation", "yes", "require_secure_aggregation", "true or false"),
     "share_benchmark as text": ("share_benchmark", "no", "share_benchmark", "true or false"),
+    "share_site_tables as text": ("share_site_tables", "no", "share_site_tables", "true or false"),
     "max_message_bytes negative": ("max_message_bytes", -1, "max_message_bytes", "at least 1"),
     "max_model_parameters as float": ("max_model_parameters", 1e6, "max_model_parameters", "expected an integer"),
     "metrics not a table": ("metrics", ["auroc"], "metrics", "[metrics] table"),

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from fedcost.analytics import GroupedStatisticsLayout
+from fedcost import schema
+from fedcost.analytics import GroupedStatisticsLayout, group_costing
 from fedcost.client.node import Node
 from fedcost.data.files import write_node_files
 from fedcost.data.synthetic import EcosystemSpec, generate_ecosystem
@@ -252,6 +253,51 @@ def test_a_table_the_plan_did_not_state_is_refused(mapping: Path, tmp_path: Path
     config = {rec.TRANSPORT: rec.PLAIN, rec.PURPOSE: "analytics", rec.ROUND: 0, rec.JOB: BY_GROUP_AND_SEX.to_json()}
     site = bench.site(SITES[0])
     site.assert_refused(site.send(config), "a statistics table the accepted job did not state")
+
+
+BY_SITE_AND_GROUP = group_costing.layout(SITES)
+BY_GROUP_AND_PAYER = GroupedStatisticsLayout(("diagnosis_group", "payer"), ("total_cost",))
+
+
+def test_group_costing_by_site_rebuilds_no_withheld_cell_and_shows_only_the_sites_own_block(
+    mapping: Path, tmp_path: Path
+) -> None:
+    """Each node's cells by site and disease group, next to its table by group and payer of
+    the same plan: no difference of the two isolates 1 to 10 rows, no cell shown holds fewer
+    than 11, the node writes into its own block only, and a payment shows only with its cell."""
+    bench = _plain_bench(mapping, tmp_path)
+    replies = bench.say_hello(_analytics_hello(bench, [BY_GROUP_AND_PAYER, BY_SITE_AND_GROUP]))
+    assert all(not r.has_error() for r in replies.values())
+    payment = BY_SITE_AND_GROUP.measure_slots(BY_SITE_AND_GROUP.measures.index(schema.PAYMENT))
+    withheld = 0
+    for name in SITES:
+        vector = _table(bench, name, BY_SITE_AND_GROUP)
+        costing = _cells(BY_SITE_AND_GROUP, vector)
+        fine = _cells(BY_GROUP_AND_PAYER, _table(bench, name, BY_GROUP_AND_PAYER))
+        assert all(n == 0 for (site, _), (n, _) in costing.items() if site != name), "another site's block"
+        groups = {group: cell for (site, group), cell in costing.items() if site == name}
+        assert all(n == 0 or n >= 11 for n, _ in groups.values()), name
+        withheld += len(Node(bench.site(name).setup).rows) - sum(n for n, _ in groups.values())
+        for group, (n, _) in groups.items():
+            hidden = n - sum(m for (g, _payer), (m, _) in fine.items() if g == group)
+            assert hidden == 0 or hidden >= 11, (name, group, hidden)
+        paid = vector.reshape(BY_SITE_AND_GROUP.n_cells, BY_SITE_AND_GROUP.width)[:, payment][:, 0]
+        shown = np.array([n for n, _ in costing.values()])
+        assert ((paid == shown) | (paid == 0)).all() and (paid[shown == 0] == 0).all(), name
+    assert withheld > 0, "the small hospitals' small groups stayed home"
+
+
+def test_a_site_that_shares_no_site_tables_refuses_group_costing(mapping: Path, tmp_path: Path) -> None:
+    bench = Bench(tmp_path, mapping, SITES, require_secure_aggregation=False, share_site_tables=False)
+    for name, reply in bench.say_hello(_analytics_hello(bench, [BY_SITE_AND_GROUP])).items():
+        bench.site(name).assert_refused(reply, "share_site_tables = false")
+
+
+def test_a_table_by_site_that_does_not_name_the_site_is_refused(mapping: Path, tmp_path: Path) -> None:
+    bench = _plain_bench(mapping, tmp_path)
+    others = group_costing.layout(tuple(name for name in SITES if name != SITES[0]) + ("hospital-9",))
+    reply = bench.say_hello(_analytics_hello(bench, [others]), [SITES[0]])[SITES[0]]
+    bench.site(SITES[0]).assert_refused(reply, "does not name this site")
 
 
 # --- crafted models -----------------------------------------------------------------------

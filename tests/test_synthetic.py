@@ -86,7 +86,8 @@ def test_frames_hold_exactly_their_roles_columns_within_schema(mid):
     _, ecosystem = mid
     for node in ecosystem.nodes:
         frame = node.frame
-        assert list(frame.columns) == [*schema.ROLES[node.role].features, schema.READMISSION, schema.COST]
+        role = schema.ROLES[node.role]
+        assert list(frame.columns) == [*role.features, *role.accounting, schema.READMISSION, schema.COST]
         assert not frame.isna().any().any(), node.name
         assert (frame["region"] == node.region).all()
         for name in frame.columns:
@@ -204,3 +205,24 @@ def test_generation_is_fast():
 def test_spec_validation_names_the_culprit(make, names):
     with pytest.raises(ValueError, match=names):
         make()
+
+
+def test_payments_are_the_drg_formula_for_hospitals_and_insurers(mid):
+    """payment = base rate x group weight x regional price level, for hospitals and insurers
+    only, so a group's margin is known to be positive in some groups and negative in others."""
+    _, ecosystem = mid
+    truth = ecosystem.truth["payment"]
+    margins = []
+    for node in ecosystem.nodes:
+        frame = node.frame
+        if schema.PAYMENT not in schema.ROLES[node.role].accounting:
+            assert schema.PAYMENT not in frame.columns
+            continue
+        weights = frame[schema.DISEASE_GROUP].map(truth["group_weights"])
+        expected = (truth["base_rate"] * weights * ecosystem.truth["price_levels"][node.region]).round(2)
+        assert (frame[schema.PAYMENT] == expected).all(), node.name
+        margins.append(frame.groupby(schema.DISEASE_GROUP)[[schema.PAYMENT, schema.COST]].sum())
+    pooled = pd.concat(margins).groupby(level=0).sum()
+    margin = pooled[schema.PAYMENT] - pooled[schema.COST]
+    assert (margin > 0).any() and (margin < 0).any()
+    assert set(truth["roles"]) == {"hospital", "insurer"}

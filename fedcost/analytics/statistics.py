@@ -80,6 +80,10 @@ AGE_BANDS = ("<45", "45-64", "65-74", "75-84", "85+")
 _AGE_BAND_STARTS = np.array([45.0, 65.0, 75.0, 85.0])
 MISSING = "missing"
 ROLE = "role"
+# A node-level group-by whose levels are the sites a layout names: each node's rows fall in
+# its own block, so the sum is every site's table side by side (group costing per site).
+SITE = "site"
+_REQUIRED = {"group_by", "measures"}
 AGE_BAND = "age_band"
 QUANTILES = {"median": 0.5, "p90": 0.9}
 # A noisy table's cost histogram merges this many fine bins (1% apart) into one: every bin
@@ -94,20 +98,21 @@ _MEASURE_SLOTS = ("n",) + tuple(f"{total}.limb{j}" for total in ("sum", "sumsq")
 def measure_unit(measure: str) -> float:
     """The unit a measure is summed in, exactly: cents for cost, 1 for whole numbers,
     10**-4 for any other numeric column."""
-    if measure == schema.COST:
+    if measure in (schema.COST, schema.PAYMENT):
         return 0.01
     return 1.0 if schema.COLUMNS[measure].integer else 1e-4
 
 
 def group_levels(field: str) -> tuple[str, ...]:
-    """The public levels of a group-by field; every node uses the same ones."""
+    """The public levels of a group-by field; every node uses the same ones (a layout's own
+    sites for ``site``: ``GroupedStatisticsLayout.levels``)."""
     if field == ROLE:
         return tuple(schema.ROLES)
     if field == AGE_BAND:
         return AGE_BANDS + (MISSING,)
     column = schema.COLUMNS.get(field)
     if column is None or column.kind != "categorical":
-        known = [c.name for c in schema.FEATURES if c.kind == "categorical"] + [AGE_BAND, ROLE]
+        known = [c.name for c in schema.FEATURES if c.kind == "categorical"] + [AGE_BAND, ROLE, SITE]
         raise ConfigError(f"cannot group by '{field}'; group-by fields: {', '.join(known)}", field="group_by")
     return column.levels + (MISSING,)
 
@@ -140,19 +145,25 @@ def histogram_quantile(counts: np.ndarray, lower: np.ndarray, upper: np.ndarray,
 class GroupedStatisticsLayout:
     """Where each sum sits in a node's grouped-statistics vector; the same at every node.
 
-    ``group_by``: categorical schema columns, ``age_band`` (from age) and ``role``
-    (node-level). ``measures``: numeric schema columns, targets included. The cost
-    histogram is always of ``total_cost``; ``bin_ratio`` sets its precision.
+    ``group_by``: categorical schema columns, ``age_band`` (from age), and the node-level
+    ``role`` and ``site`` (whose levels are ``sites``, the roster's names). ``measures``:
+    numeric schema columns, targets and accounting columns included. The cost histogram
+    is always of ``total_cost``; ``bin_ratio`` sets its precision.
     """
 
     group_by: tuple[str, ...]
     measures: tuple[str, ...] = (schema.COST, schema.READMISSION)
     bin_ratio: float = 1.01
     max_cost: float = 1e7
+    sites: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if (SITE in self.group_by) != bool(self.sites):
+            raise ConfigError("a table by site names its sites, and only a table by site does", field="group_by")
+        if len(set(self.sites)) != len(self.sites) or not all(isinstance(name, str) and name for name in self.sites):
+            raise ConfigError("a table's sites must be distinct names", field="sites")
         for field in self.group_by:
-            group_levels(field)
+            self.levels(field)
         if len(set(self.group_by)) != len(self.group_by):
             raise ConfigError("a field appears twice", field="group_by")
         for measure in self.measures:
@@ -165,32 +176,38 @@ class GroupedStatisticsLayout:
         if not self.max_cost > 1:
             raise ConfigError(f"max_cost must exceed 1, not {self.max_cost}", field="max_cost")
 
+    def levels(self, field: str) -> tuple[str, ...]:
+        """The public levels of ``field`` in this table."""
+        return self.sites if field == SITE else group_levels(field)
+
     def to_json(self) -> str:
         """The layout as a request states it to the nodes."""
-        return json.dumps({"group_by": list(self.group_by), "measures": list(self.measures)})
+        sites = {"sites": list(self.sites)} if self.sites else {}
+        return json.dumps({"group_by": list(self.group_by), "measures": list(self.measures), **sites})
 
     @classmethod
     def from_json(cls, text: str) -> GroupedStatisticsLayout:
-        """The layout a request states: group-by fields and measures, nothing else."""
+        """The layout a request states: group-by fields and measures (and, by site, the
+        sites), nothing else."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
             data = None
-        if not isinstance(data, dict) or set(data) != {"group_by", "measures"}:
-            raise ConfigError("a statistics request must state exactly group_by and measures", field="layout")
+        if not isinstance(data, dict) or not _REQUIRED <= set(data) <= {*_REQUIRED, "sites"}:
+            raise ConfigError("a statistics request states exactly group_by and measures (and sites)", field="layout")
         for key, names in data.items():
             if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
                 raise ConfigError("must be a list of field names", field=key)
-        return cls(tuple(data["group_by"]), tuple(data["measures"]))
+        return cls(tuple(data["group_by"]), tuple(data["measures"]), sites=tuple(data.get("sites", ())))
 
     @cached_property
     def dims(self) -> tuple[int, ...]:
-        return tuple(len(group_levels(field)) for field in self.group_by)
+        return tuple(len(self.levels(field)) for field in self.group_by)
 
     @cached_property
     def cells(self) -> list[tuple[str, ...]]:
         """Every cell's levels, in vector order (row-major over ``group_by``)."""
-        return list(product(*(group_levels(field) for field in self.group_by)))
+        return list(product(*(self.levels(field) for field in self.group_by)))
 
     @property
     def n_cells(self) -> int:
@@ -254,15 +271,17 @@ class GroupedStatisticsLayout:
         whose histogram every cell carries (a histogram counts the rows holding a cost)."""
         return self.measures if schema.COST in self.measures else (*self.measures, schema.COST)
 
-    def cell_codes(self, rows: pd.DataFrame, role: str | None) -> np.ndarray:
-        """Each row's cell, in vector order; ``role`` is the node's, for grouping by role."""
+    def cell_codes(self, rows: pd.DataFrame, role: str | None, site: str | None = None) -> np.ndarray:
+        """Each row's cell, in vector order; ``role`` and ``site`` are the node's, for grouping
+        by role and by site."""
         codes = []
         for field in self.group_by:
-            levels = group_levels(field)
-            if field == ROLE:
-                if role not in levels:
-                    raise ValueError(f"grouping by role needs the node's role ({', '.join(levels)}), not {role!r}")
-                codes.append(np.full(len(rows), levels.index(role)))
+            levels = self.levels(field)
+            if field in (ROLE, SITE):
+                own = role if field == ROLE else site
+                if own not in levels:
+                    raise ValueError(f"grouping by {field} needs the node's {field} ({', '.join(levels)}), not {own!r}")
+                codes.append(np.full(len(rows), levels.index(own)))
             elif field == AGE_BAND:
                 age = rows["age"].to_numpy(dtype="float64")
                 band = np.searchsorted(_AGE_BAND_STARTS, age, side="right")
@@ -281,6 +300,7 @@ class GroupedStatisticsLayout:
         rows: pd.DataFrame,
         *,
         role: str | None = None,
+        site: str | None = None,
         min_cohort: int = MIN_COHORT,
         release: TableRelease | None = None,
     ) -> np.ndarray:
@@ -291,9 +311,9 @@ class GroupedStatisticsLayout:
         """
         if min_cohort < 1:
             raise ValueError(f"min_cohort must be at least 1, not {min_cohort}")
-        cell = self.cell_codes(rows, role)
+        cell = self.cell_codes(rows, role, site)
         if release is None:
-            release = plan_release([self], rows, role=role, min_cohort=min_cohort)[0]
+            release = plan_release([self], rows, role=role, site=site, min_cohort=min_cohort)[0]
         release.check(self)
         shown = np.array(release.rows)
         n_cells = self.n_cells
@@ -354,9 +374,11 @@ class GroupedStatisticsLayout:
         measures = [bound for m in self.measures for bound in (1.0, _measure_bound(m, cost_clip))]
         return np.tile(np.array([1.0, *measures, *([1.0] * self.noisy_n_bins)]), self.n_cells)
 
-    def noisy_vector(self, rows: pd.DataFrame, *, role: str | None, cost_clip: float) -> np.ndarray:
+    def noisy_vector(
+        self, rows: pd.DataFrame, *, role: str | None, cost_clip: float, site: str | None = None
+    ) -> np.ndarray:
         """This node's noisy-table sums over ``rows``, values clipped, nothing withheld."""
-        cell = self.cell_codes(rows, role)
+        cell = self.cell_codes(rows, role, site)
         block = np.zeros((self.n_cells, self.noisy_width))
         block[:, 0] = np.bincount(cell, minlength=self.n_cells)
         for i, measure in enumerate(self.measures):
@@ -444,17 +466,19 @@ def plan_release(
     role: str | None,
     min_cohort: int,
     earlier: Sequence[tuple[GroupedStatisticsLayout, TableRelease]] = (),
+    site: str | None = None,
 ) -> list[TableRelease]:
     """Which cells and measures each table of a plan releases, decided over the plan as a
     whole (complementary suppression, ``fedcost.privacy.smallcells``).
 
     ``rows``: every row the tables describe; ``earlier``: tables this node released before
-    over the same rows, taken as they are. No combination of the released cells of these
+    over the same rows, taken as they are; ``role`` and ``site``: the node's, for tables by
+    role or site. No combination of the released cells of these
     tables and the grand total isolates 1 to ``min_cohort - 1`` rows, or the values of a
     measure in 1 to ``min_cohort - 1`` rows.
     """
     def table(layout: GroupedStatisticsLayout) -> smallcells.CellTable:
-        return smallcells.CellTable(layout.cell_codes(rows, role), layout.n_cells, layout.released_measures)
+        return smallcells.CellTable(layout.cell_codes(rows, role, site), layout.n_cells, layout.released_measures)
 
     measures = {m for layout in [*layouts, *(e for e, _ in earlier)] for m in layout.released_measures}
     presence = {m: rows[m].notna().to_numpy() for m in sorted(measures)}
@@ -475,8 +499,9 @@ def plan_release(
 
 
 def _measure_bound(measure: str, cost_clip: float) -> float:
-    """The most one row's value of ``measure`` may be in a noisy table."""
-    if measure == schema.COST:
+    """The most one row's value of ``measure`` may be in a noisy table: a cost or payment
+    clipped at ``cost_clip``."""
+    if measure in (schema.COST, schema.PAYMENT):
         return cost_clip
     return schema.COLUMNS[measure].value_range[1]
 

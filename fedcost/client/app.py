@@ -198,7 +198,7 @@ class Guardian:
         """Check the plan against the policy and record it; only then read the rows."""
         hello = Hello.from_record(request.config)
         policy = site.site_policy(self.setup.policy, hello)
-        tables = site.check_plan(policy, hello)
+        tables = site.check_plan(policy, hello, self.setup.name)
         mapping = _mapping(self.setup.mapping)
         site.check_data(hello, mapping)
         releases = noisy_releases(purposes=hello.purposes, rounds=hello.rounds, tables=tables, tasks=mapping.tasks,
@@ -403,7 +403,7 @@ def _plan_releases(
         for table in ledger.tables(node.data_digest):
             if table["run_id"] != hello.run_id:
                 before.append((GroupedStatisticsLayout.from_json(table["layout"]), TableRelease.from_dict(table["release"])))
-    return plan_release(tables, node.rows, role=node.role, min_cohort=hello.min_cohort, earlier=before)
+    return plan_release(tables, node.rows, role=node.role, site=node.name, min_cohort=hello.min_cohort, earlier=before)
 
 
 def _check_tables_against_earlier(

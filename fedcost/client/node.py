@@ -161,7 +161,8 @@ class Node:
     def _analytics_contribution(self, ask: Ask, dp: DPConfig | None) -> Contribution:
         assert ask.layout is not None
         if ask.cost_clip is not None:
-            return Contribution([ask.layout.noisy_vector(self.rows, role=self.role, cost_clip=ask.cost_clip)], 1)
+            vector = ask.layout.noisy_vector(self.rows, role=self.role, site=self.name, cost_clip=ask.cost_clip)
+            return Contribution([vector], 1)
         return Contribution([self.grouped_statistics(ask.layout, ask.min_cohort, ask.release)], 1)
 
     def _train_contribution(self, ask: Ask, dp: DPConfig | None) -> Contribution:
@@ -267,7 +268,7 @@ class Node:
     ) -> np.ndarray:
         """The site's cell sums over all its rows; cells withheld as ``release`` decided over the
         job's plan (or, without one, for this table alone)."""
-        return layout.local_vector(self.rows, role=self.role, min_cohort=min_cohort, release=release)
+        return layout.local_vector(self.rows, role=self.role, site=self.name, min_cohort=min_cohort, release=release)
 
     def benchmark_totals(
         self, job: TrainingJob, weights: dict[str, np.ndarray], min_cohort: int, cost_clip: float | None = None

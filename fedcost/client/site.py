@@ -19,6 +19,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from fedcost.analytics import GroupedStatisticsLayout
+from fedcost.analytics.statistics import SITE
 from fedcost.data.features import StatisticsLayout
 from fedcost.data.mapping import DataMapping
 from fedcost.errors import ConfigError, DataMismatchError, PolicyViolationError
@@ -69,9 +70,13 @@ def job_request(hello: Hello, purpose: str, *, secure: bool | None = None, param
     )
 
 
-def check_plan(policy: SitePolicy, hello: Hello) -> list[GroupedStatisticsLayout]:
+def check_plan(policy: SitePolicy, hello: Hello, name: str) -> list[GroupedStatisticsLayout]:
     """Every purpose of the plan must pass the site policy, and every table must be one the
-    node can compute; returns the plan's tables."""
+    node (called ``name``) can compute; returns the plan's tables.
+
+    A table by site shows each site's cells beside the others' (secure aggregation hides
+    nothing of them): only a site whose policy shares such tables answers it, and only one
+    that names this node once."""
     for purpose in hello.purposes:
         check_job(policy, job_request(hello, purpose))
     if "newton" in hello.outputs and policy.privacy.enabled:
@@ -81,7 +86,14 @@ def check_plan(policy: SitePolicy, hello: Hello) -> list[GroupedStatisticsLayout
         )
     if len(set(hello.tables)) != len(hello.tables):
         raise _refusal("the plan states one statistics table twice")
-    return plan_tables(hello)
+    tables = plan_tables(hello)
+    for table in (t for t in tables if SITE in t.group_by):
+        if not policy.share_site_tables:
+            raise _refusal(f"its table by {', '.join(table.group_by)} would show this site's own cells beside the "
+                           "other sites'; this site does not share such tables (share_site_tables = false)")
+        if name not in table.sites:
+            raise _refusal("its table by site does not name this site among its sites")
+    return tables
 
 
 def check_data(hello: Hello, mapping: DataMapping) -> None:

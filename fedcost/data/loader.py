@@ -4,9 +4,10 @@ This is the loader both a simulation and a real node use. It refuses a file with
 file, row and column named, before any training sees a row. Row numbers are 1-based
 data rows (the header is not counted).
 
-The result is a frame with every feature column (schema and extra) and the declared
-targets: numeric columns as float64 with NaN where the node lacks the value (imputed
-and flagged later, never silently zero), categorical columns as schema levels or missing
+The result is a frame with every feature column (schema and extra), the accounting
+columns (``schema.ACCOUNTING``, NaN where the node has none) and the declared targets:
+numeric columns as float64 with NaN where the node lacks the value (imputed and flagged
+later, never silently zero), categorical columns as schema levels or missing
 (None or NaN: pandas decides; every reader tests with ``isna``).
 """
 
@@ -122,6 +123,13 @@ def _schema_rows(
             out[column.name] = _numeric(cells, column, path, source)
         else:
             out[column.name] = _categorical(cells, column, mapping.values.get(column.name, {}), path, source)
+    for column in schema.ACCOUNTING:
+        source = _source_column(mapping, node, raw, column.name)
+        if source is None:
+            out[column.name] = _absent(column, len(raw))
+            continue
+        _require_header(raw, path, node, source, column.name)
+        out[column.name] = _numeric(raw[source], column, path, source)
     for slot, reading in mapping.targets.items() if targets else ():
         source = node.source_of(reading.column) or reading.column
         if source not in raw.columns:
@@ -152,7 +160,7 @@ def _found_by_name(mapping: DataMapping, node: NodeSource) -> set[str]:
     An OMOP extract's rows carry schema fields under their own names, whatever the role."""
     if node.role == schema.SITE and node.omop is None:
         return mapping.declared_features
-    return {column.name for column in mapping.feature_columns}
+    return {column.name for column in mapping.feature_columns} | set(schema.ROLES[node.role].accounting)
 
 
 def _required_features(mapping: DataMapping, node: NodeSource) -> set[str]:

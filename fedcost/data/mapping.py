@@ -195,6 +195,7 @@ class _MappingParser:
         extra_numeric, extra_categorical = self._extra_features(targets)
         mapping = DataMapping(self.path, (), targets, extra_numeric, extra_categorical)
         known_fields = {c.name for c in mapping.feature_columns} | {r.column for r in targets.values()}
+        known_fields |= {column.name for column in schema.ACCOUNTING}
         shared_columns = self._columns("columns", self.raw.get("columns", {}), known_fields)
         shared_omop = self._omop_options("omop", self._table("omop", self.raw.get("omop", {})))
         nodes = self._nodes(shared_columns, shared_omop, known_fields, mapping)
@@ -254,6 +255,9 @@ class _MappingParser:
         for name in list(numeric) + list(categorical):
             if name in outcomes:
                 raise self.fail("features", f"'{name}' is an outcome under [targets]; a column is one or the other")
+            if name in {column.name for column in schema.ACCOUNTING}:
+                raise self.fail("features", f"'{name}' is fedcost's accounting column (what the payer reimbursed), "
+                                "never a feature; map the source column to it under [columns]")
             if name in (schema.READMISSION, schema.COST):
                 raise self.fail("features", f"'{name}' is the name fedcost gives its outcomes; rename the feature "
                                 "with [columns] (e.g. SOURCE = \"prior_cost\")")

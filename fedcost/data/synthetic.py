@@ -47,12 +47,20 @@ a 90-day stay is expensive but not absurd. A share ``ZERO_COST_SHARE`` of episod
 costs exactly 0 (written off or bundled into another episode). Regional price levels
 are exp(N(0, ``price_level_sd``)).
 
+*Payment.* ``payment`` = ``DRG_BASE_RATE`` x the diagnosis group's ``DRG_WEIGHTS`` x the
+region's price level: what a DRG-style payer reimburses for the episode, the same for
+every episode of a group in a region, whatever it cost. The weights are set off the
+groups' true costs on purpose, so margins (payment - cost) differ by group (some groups
+lose money) and by site (case mix and quality within a group). Payments take no random
+draw, so every other column is what it was without them. Hospitals and insurers carry
+them; pharma nodes do not.
+
 *Randomness.* ``np.random.SeedSequence(seed).spawn`` gives one stream to the ecosystem
 (regional case mix, price levels) and one to each node by its position, so a node's
 rows depend on the seed, its position and its own spec only.
 
-A node's ``frame`` holds its role's schema features (``schema.ROLES[role].features``)
-and both targets; ``latent_frames`` gives the full rows behind it (every feature, the
+A node's ``frame`` holds its role's schema features (``schema.ROLES[role].features``),
+its accounting columns and both targets; ``latent_frames`` gives the full rows behind it (every feature, the
 true risk with and without the site effect) for recovery checks.
 """
 
@@ -132,6 +140,19 @@ READMISSION_COST: dict = {
     "sigma": 0.8,
 }
 ZERO_COST_SHARE = 0.03
+DRG_BASE_RATE = 12000.0
+DRG_WEIGHTS: dict[str, float] = {
+    "heart_failure": 1.1,
+    "copd": 0.95,
+    "pneumonia": 0.95,
+    "acute_mi": 2.2,
+    "stroke": 1.6,
+    "diabetes": 0.8,
+    "sepsis": 2.0,
+    "renal_failure": 1.3,
+    "hip_knee_replacement": 1.9,
+    "other": 0.8,
+}
 
 # Per diagnosis: shifts of (log comorbidity rate, log length of stay, ICU log-odds,
 # log procedure rate) and the slope of its own logit per decade of age over 65.
@@ -398,6 +419,8 @@ def _outcomes(rng: np.random.Generator, frame: pd.DataFrame, quality_effect: flo
     cost = price_level * (index_cost + readmitted * readmission_cost) * (rng.random(n) >= ZERO_COST_SHARE)
     frame[schema.READMISSION] = readmitted
     frame[schema.COST] = np.round(cost, 2)
+    weights = frame[schema.DISEASE_GROUP].map(DRG_WEIGHTS).to_numpy(dtype="float64")
+    frame[schema.PAYMENT] = np.round(DRG_BASE_RATE * weights * price_level, 2)
 
 
 def _simulate(spec: EcosystemSpec, seed: int) -> _World:
@@ -442,7 +465,7 @@ def generate_ecosystem(spec: EcosystemSpec, seed: int) -> Ecosystem:
 
 
 def _project(frame: pd.DataFrame, role: str) -> pd.DataFrame:
-    return frame[[*schema.ROLES[role].features, schema.READMISSION, schema.COST]].copy()
+    return frame[[*schema.ROLES[role].features, *schema.ROLES[role].accounting, schema.READMISSION, schema.COST]].copy()
 
 
 def _spec_truth(spec: EcosystemSpec) -> dict:
@@ -470,6 +493,12 @@ def _truth(spec: EcosystemSpec, seed: int, world: _World) -> dict:
             "index_stay": copy.deepcopy(INDEX_STAY_COST),
             "readmission": copy.deepcopy(READMISSION_COST),
             "zero_share": ZERO_COST_SHARE,
+        },
+        "payment": {
+            "formula": "base_rate * group_weights[diagnosis_group] * price_levels[region]",
+            "base_rate": DRG_BASE_RATE,
+            "group_weights": dict(DRG_WEIGHTS),
+            "roles": [role.name for role in schema.ROLES.values() if schema.PAYMENT in role.accounting],
         },
         "nodes": {
             node.name: {

@@ -144,6 +144,8 @@ class PrivacySettings:
 class SitePolicy:
     """What may leave a site. Limits are per job; ``metrics`` maps a metric to its decimal places;
     ``share_benchmark`` says whether the site shares its risk-adjusted totals after training;
+    ``share_site_tables`` whether a statistics table may show the site's own cells beside the
+    other sites' (a table by site: its group costing, cost and payment per disease group);
     ``min_nodes`` is the fewest sites any secure sum of this site's may add up (at least 3)."""
 
     coordinator: str
@@ -155,6 +157,7 @@ class SitePolicy:
     max_model_parameters: int = 1_000_000
     max_message_bytes: int = 16 * 2**20
     share_benchmark: bool = True
+    share_site_tables: bool = True
     min_nodes: int = MIN_SECURE_SITES
 
     def __post_init__(self) -> None:
@@ -166,7 +169,7 @@ class SitePolicy:
             )
         if not isinstance(self.privacy, PrivacySettings):
             raise _FieldError("privacy", "expected a [privacy] table with at least epsilon = ...")
-        for flag in ("require_secure_aggregation", "share_benchmark"):
+        for flag in ("require_secure_aggregation", "share_benchmark", "share_site_tables"):
             if not isinstance(getattr(self, flag), bool):
                 raise _FieldError(flag, "expected true or false")
         _integer("min_cohort", self.min_cohort, 2, f"min_cohort = {MIN_COHORT}")
@@ -237,6 +240,7 @@ class SitePolicy:
             "max_model_parameters": self.max_model_parameters,
             "max_message_bytes": self.max_message_bytes,
             "share_benchmark": self.share_benchmark,
+            "share_site_tables": self.share_site_tables,
             "min_nodes": self.min_nodes,
             "metrics": dict(self.metrics),
             "privacy": privacy,

@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedcost.analytics import Benchmark, GroupedStatistics
+from fedcost.analytics.group_costing import GroupCosting
 from fedcost.report.plots import plot_excess_readmission, plot_funnel
+
+
+def save_group_costing(folder: Path, result: GroupCosting, sites: list[str]) -> dict:
+    """Write ``group_costing.csv`` (the federation's groups, then every site's); return the
+    summary's ``analytics.group_costing``."""
+    result.frame().to_csv(folder / "group_costing.csv", index=False)
+    return {**result.to_dict(), "included": sites}
 
 
 def save_statistics(folder: Path, statistics: GroupedStatistics, sites: list[str]) -> dict:

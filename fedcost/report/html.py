@@ -18,7 +18,7 @@ METRICS = {"readmission": ("auroc", "auprc", "brier"), "cost": ("mae", "rmse", "
 # fitted by the same estimator and scored as fitted, then the shared model as each site
 # would use it (``models.site_steps``).
 MODELS = ("federated", "pooled", "local_only", "federated_at_sites")
-PLOTS = ("rounds.png", "sites.png", "calibration.png", "funnel.png", "err.png")
+PLOTS = ("rounds.png", "sites.png", "calibration.png", "funnel.png", "err.png", "group_costing.png")
 # Metrics in currency units; the others are ratios or probabilities.
 MONEY_METRICS = {("cost", "mae"), ("cost", "rmse")}
 
@@ -57,7 +57,7 @@ def format_value(value: float) -> str:
 def write_report(folder: Path, summary: dict, rounds: list[dict]) -> Path:
     """Write the PNG plots into ``folder/plots`` and the report next to them."""
     # matplotlib loads only here: the command line's tables need this module, not the plots.
-    from fedcost.report.plots import plot_calibration, plot_rounds, plot_sites
+    from fedcost.report.plots import plot_calibration, plot_group_costing, plot_rounds, plot_sites
 
     plots = folder / "plots"
     plots.mkdir(exist_ok=True)
@@ -66,6 +66,8 @@ def write_report(folder: Path, summary: dict, rounds: list[dict]) -> Path:
         plot_sites(summary, plots / "sites.png")
     if summary.get("calibration"):
         plot_calibration(summary, plots / "calibration.png")
+    if summary.get("analytics", {}).get("group_costing"):
+        plot_group_costing(summary, plots / "group_costing.png")
     path = folder / "report.html"
     path.write_text(_page(summary, [plots / name for name in PLOTS if (plots / name).exists()]), encoding="utf-8")
     return path
@@ -96,6 +98,7 @@ details > summary {{ cursor: pointer; font-size: 1.2rem; font-weight: bold; marg
 {body}
 {_privacy_section(summary)}
 {_benchmark_section(summary.get("analytics", {}).get("benchmark"), summary)}
+{_group_costing_section(summary.get("analytics", {}).get("group_costing"), summary)}
 {_statistics_section(summary.get("analytics", {}).get("statistics"), summary)}
 <h2>Plots</h2>
 {figures}
@@ -238,6 +241,45 @@ value; delta-method interval.</li>
 <p>{_normalisation(result)}</p>
 <table><tr><th>site</th><th>rows</th><th>observed</th><th>expected</th><th>O/E (95% CI)</th><th>ERR (95% CI)</th>
 {peer_heads}<th>funnel</th><th>cost O/E (95% CI)</th><th>value index (95% CI)</th></tr>{rows}</table>"""
+
+
+def _money(value: float | None, places: int = 0) -> str:
+    return "–" if value is None else f"{value:,.{places}f}"
+
+
+def _group_costing_section(result: dict | None, summary: dict) -> str:
+    """Cost against payment per disease group: the federation's groups, each site's case mix,
+    and (folded away) every site's groups."""
+    if not result:
+        return ""
+    unit = html.escape(cost_unit(summary))
+    groups = "".join(
+        f"<tr><td>{html.escape(g['group'])}</td><td>{g['cases']:,}</td><td>{_money(g['mean_cost'])}</td>"
+        f"<td>{_money(g['mean_payment'])}</td><td>{_money(g['margin'])}</td><td>{_money(g['total_margin'])}</td>"
+        f"<td>{g['cost_weight']:.3f}</td></tr>"
+        for g in result["groups"]
+    )
+    mixes = "".join(
+        f"<tr><td>{html.escape(c['site'])}</td><td>{c['cases']:,}</td><td>{c['case_mix_index']:.3f}</td>"
+        f"<td>{c['cost_oe']:.3f}</td><td>{_money(c['mean_cost'])}</td><td>{_money(c['mean_payment'])}</td>"
+        f"<td>{_money(c['margin'])}</td></tr>"
+        for c in result["case_mix"]
+    )
+    cells = "".join(
+        f"<tr><td>{html.escape(s['site'])}</td><td>{html.escape(s['group'])}</td><td>{s['cases']:,}</td>"
+        f"<td>{_money(s['mean_cost'])}</td><td>{_money(s['mean_payment'])}</td><td>{_money(s['margin'])}</td>"
+        f"<td>{s['cost_oe']:.3f}</td></tr>"
+        for s in result["sites"]
+    )
+    return f"""<h2>Cost against payment per disease group</h2>
+<p>{html.escape(result['note'])} Mean cost of every case: {_money(result['mean_cost'])} {unit}.</p>
+<table><tr><th>disease group</th><th>cases</th><th>mean cost ({unit})</th><th>mean payment ({unit})</th>
+<th>margin per case ({unit})</th><th>total margin ({unit})</th><th>cost weight</th></tr>{groups}</table>
+<table><tr><th>site</th><th>cases</th><th>case-mix index</th><th>cost O/E</th><th>mean cost ({unit})</th>
+<th>mean payment ({unit})</th><th>margin per case ({unit})</th></tr>{mixes}</table>
+<details><summary>Per site and disease group: {len(result['sites'])} cells released</summary>
+<table><tr><th>site</th><th>disease group</th><th>cases</th><th>mean cost ({unit})</th><th>mean payment ({unit})</th>
+<th>margin per case ({unit})</th><th>cost O/E within group</th></tr>{cells}</table></details>"""
 
 
 def _noise_note(summary: dict) -> str:

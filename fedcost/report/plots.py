@@ -1,4 +1,5 @@
-"""The run's PNG plots: metrics per round, per-site comparison, calibration, funnel."""
+"""The run's PNG plots: metrics per round, per-site comparison, calibration, funnel, and
+cost against payment per disease group."""
 
 from __future__ import annotations
 
@@ -147,4 +148,35 @@ def plot_excess_readmission(result: Benchmark, path: Path) -> None:
            title=f"Shrunken against raw readmission ratios (between-site SD τ = {result.between_site_sd:.3f})")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncols=2, frameon=False)
+    _save(figure, path)
+
+
+def plot_group_costing(summary: dict, path: Path) -> None:
+    """Cost against payment per disease group (the federation's mean per case), and each
+    group's margin per case at the federation and at every site that released the group."""
+    result = summary["analytics"]["group_costing"]
+    groups = [g for g in result["groups"] if g["mean_payment"] is not None]
+    if not groups:
+        return
+    unit = cost_unit(summary)
+    names = [g["group"].replace("_", " ") for g in groups]
+    positions = np.arange(len(groups))
+    figure, (costs, margins) = plt.subplots(2, 1, figsize=(max(7, 0.8 * len(groups) + 2), 7), sharex=True)
+    costs.bar(positions - 0.2, [g["mean_cost"] for g in groups], width=0.4, color="#d62728", label="mean cost")
+    costs.bar(positions + 0.2, [g["mean_payment"] for g in groups], width=0.4, color="#2ca02c", label="mean payment")
+    costs.set(ylabel=f"per case ({unit})", title="Cost against payment per disease group (federation)")
+    costs.legend(fontsize=8)
+    margins.bar(positions, [g["margin"] for g in groups], width=0.5, color="#1f77b4", alpha=0.6,
+                label="federation")
+    index = {g["group"]: i for i, g in enumerate(groups)}
+    sites = [s for s in result["sites"] if s["margin"] is not None and s["group"] in index]
+    margins.scatter([index[s["group"]] for s in sites], [s["margin"] for s in sites], color="black", s=10, zorder=3,
+                    label="one site")
+    margins.axhline(0.0, color="black", lw=0.8)
+    margins.set(ylabel=f"margin per case ({unit})", title="Margin (payment - cost): below 0 the payer pays less "
+                "than the care costs")
+    margins.set_xticks(positions, names, rotation=30, ha="right", fontsize=8)
+    margins.legend(fontsize=8)
+    for ax in (costs, margins):
+        ax.grid(axis="y", alpha=0.3)
     _save(figure, path)

@@ -11,10 +11,11 @@ import numpy as np
 import pandas as pd
 
 from fedcost.analytics import Benchmark, GroupedStatistics
+from fedcost.analytics.group_costing import GroupCosting
 from fedcost.config import SimulationConfig
 from fedcost.data.features import FeatureSpec
 from fedcost.models.glm import FittedGlm
-from fedcost.report.analytics import save_benchmark, save_statistics
+from fedcost.report.analytics import save_benchmark, save_group_costing, save_statistics
 
 FEATURES_FILE, METRICS_FILE = "features.json", "metrics.jsonl"
 GLM_FILE, COEFFICIENTS_FILE = "glm.json", "coefficients.csv"
@@ -62,6 +63,9 @@ class ProgressRecorder:
 
     def on_benchmark(self, result: Benchmark, sites: list[str]) -> None:
         self.analytics["benchmark"] = save_benchmark(self.folder, result, sites)
+
+    def on_group_costing(self, result: GroupCosting, sites: list[str]) -> None:
+        self.analytics["group_costing"] = save_group_costing(self.folder, result, sites)
 
     def on_glm(self, fitted: dict[str, FittedGlm]) -> None:
         """An exact GLM's fit and inference: ``glm.json`` (what ``fedcost predict`` loads) and

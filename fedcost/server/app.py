@@ -25,8 +25,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
-from fedcost.analytics import Benchmark, GroupedStatistics, benchmark
-from fedcost.analytics import benchmarking
+from fedcost.analytics import Benchmark, GroupedStatistics, GroupedStatisticsLayout, benchmark
+from fedcost.analytics import benchmarking, group_costing
+from fedcost.analytics.group_costing import GroupCosting
 from fedcost.analytics.benchmarking import calibration, shared_vector_size, standardised, totals_from_shared_vector
 from fedcost.audit import AuditLog
 from fedcost.config import AnalyticsSection, SecureAggregationSection, StatisticsPrivacySection, StrategySection
@@ -99,14 +100,22 @@ class CoordinatorPlan:
             return None
         kept = math.ceil(len(self.roster) * (1 - self.secure_aggregation.dropout_tolerance))
         releases = noisy_releases(purposes=tuple(self.purposes()), rounds=self.rounds, statistics=self.layout,
-                                  tables=[self.analytics.layout()] if self.analytics.group_by else [],
+                                  tables=self.tables(),
                                   tasks=self.model.tasks)
         return calibrate_noise(epsilon=section.epsilon, delta=section.delta, touched=releases,
                                sites=max(MIN_SECURE_SITES, kept), cost_clip=section.cost_clip)
 
+    def tables(self) -> list[GroupedStatisticsLayout]:
+        """The statistics tables of the run: the grouped statistics, then group costing by site,
+        which needs exact sums (a margin per case needs the cases its cost and payment cover)
+        and is left out of a run with statistics noise."""
+        tables = [self.analytics.layout()] if self.analytics.group_by else []
+        costing = self.analytics.group_costing and not self.statistics_privacy.enabled
+        return tables + ([group_costing.layout(tuple(name for name, _ in self.roster))] if costing else [])
+
     def purposes(self) -> list[str]:
         """The purposes this run will ask for, in order: what the hello states."""
-        statistics = ["analytics"] if self.analytics.group_by else []
+        statistics = ["analytics"] if self.tables() else []
         if self.task == "analyze":
             return statistics
         training = ["statistics", *statistics, "newton" if self.model.exact else "train", "evaluate"]
@@ -124,7 +133,7 @@ class CoordinatorPlan:
             min_cohort=self.min_cohort,
             model_parameters=_max_model_parameters(self) if training else 0,
             outputs={purpose: PURPOSES[purpose].outputs for purpose in purposes},
-            tables=(self.analytics.layout().to_json(),) if "analytics" in purposes else (),
+            tables=tuple(table.to_json() for table in self.tables()) if "analytics" in purposes else (),
             noise=self.noise,
             data=self.layout.data_json(),
         )
@@ -158,6 +167,8 @@ class RunObserver(Protocol):
     def on_statistics(self, statistics: GroupedStatistics, sites: list[str]) -> None: ...
 
     def on_benchmark(self, result: Benchmark, sites: list[str]) -> None: ...
+
+    def on_group_costing(self, result: GroupCosting, sites: list[str]) -> None: ...
 
     def on_glm(self, fitted: dict[str, glm.FittedGlm]) -> None: ...
 
@@ -341,16 +352,20 @@ class Coordinator:
         return features
 
     def _grouped_statistics(self, node_ids: list[int]) -> None:
-        """Grouped cost statistics: every node's cell sums, small cells withheld at the node."""
-        layout, noise, min_cohort = self.plan.analytics.layout(), self.plan.noise, self.plan.min_cohort
-        size = layout.size if noise is None else layout.noisy_size
-        result = self._sum("analytics", 0, [(size,)], node_ids, job=layout.to_json())
-        if noise is None:
-            statistics = GroupedStatistics.from_totals(layout, result.arrays[0], min_cohort)
-        else:
-            totals = result.arrays[0] * layout.noisy_bounds(noise.cost_clip)
-            statistics = GroupedStatistics.from_noisy_totals(layout, totals, min_cohort, noise.sd)
-        self.observer.on_statistics(statistics, result.included)
+        """Every statistics table of the plan: every node's cell sums, small cells withheld at the node."""
+        noise, min_cohort = self.plan.noise, self.plan.min_cohort
+        for layout in self.plan.tables():
+            size = layout.size if noise is None else layout.noisy_size
+            result = self._sum("analytics", 0, [(size,)], node_ids, job=layout.to_json())
+            if noise is None:
+                statistics = GroupedStatistics.from_totals(layout, result.arrays[0], min_cohort)
+            else:
+                totals = result.arrays[0] * layout.noisy_bounds(noise.cost_clip)
+                statistics = GroupedStatistics.from_noisy_totals(layout, totals, min_cohort, noise.sd)
+            if group_costing.is_group_costing(layout):
+                self.observer.on_group_costing(group_costing.group_costing(statistics), result.included)
+            else:
+                self.observer.on_statistics(statistics, result.included)
 
     def _benchmark(self, node_ids: list[int], arrays: ArrayRecord, job: TrainingJob) -> None:
         """Each site's observed and expected totals under the final model, side by side."""
