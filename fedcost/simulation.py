@@ -37,7 +37,7 @@ from fedcost import schema
 from fedcost.client.app import make_client_app
 from fedcost.client.budget import accountant
 from fedcost.client.node import NodeSetup
-from fedcost.analytics.statistics import AGE_BAND, ROLE
+from fedcost.analytics.statistics import AGE_BAND, ROLE, SITE as BY_SITE
 from fedcost.config import AnalyticsSection, SimulationConfig
 from fedcost.data.features import FeatureSpec, StatisticsLayout
 from fedcost.data.loader import NodeData, load_node
@@ -234,7 +234,7 @@ def _analytics_for(config: SimulationConfig, mapping: DataMapping) -> AnalyticsS
     groups and a node that carries payments."""
     analytics = config.analytics
     slots = {reading.column: slot for slot, reading in mapping.targets.items()}
-    present = mapping.fields_present | set(mapping.targets)
+    present = mapping.fields_present | set(mapping.targets) | {BY_SITE}
     if any(node.role != schema.SITE for node in mapping.nodes):
         present.add(ROLE)
     if "age" in present and schema.COLUMNS["age"] in mapping.feature_columns:
