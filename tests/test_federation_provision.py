@@ -15,7 +15,7 @@ from fedcost.errors import CertificateError, ConfigError, CoordinatorUnreachable
 from fedcost.federation import roster
 from fedcost.federation.job import FederationJob
 from fedcost.federation.processes import free_port, prepare_node, probe_coordinator
-from fedcost.federation.provision import Federation, FederationConfig, Kit
+from fedcost.federation.provision import Federation, FederationConfig, Kit, fleet_address
 from fedcost.identity import Identity
 from fedcost.identity.federation_ca import Authority, utc_now
 
@@ -149,3 +149,10 @@ def test_node_with_a_bad_cell_fails_before_it_connects(federation, tmp_path):
 def test_unreachable_coordinator_is_named_with_what_to_do(federation):
     with pytest.raises(CoordinatorUnreachableError, match="cannot reach the coordinator at 127.0.0.1:.*check that it is running"):
         probe_coordinator(f"127.0.0.1:{free_port()}", federation.ca_cert_file, timeout=2)
+
+
+def test_nodes_reach_the_coordinator_on_the_port_after_its_address():
+    assert fleet_address("coordinator.example.org:9093") == "coordinator.example.org:9094"
+    assert fleet_address("[::1]:9093") == "[::1]:9094"
+    with pytest.raises(ValueError, match="below 65535.*its nodes use the next port"):
+        FederationConfig("demo", "127.0.0.1:65535")
