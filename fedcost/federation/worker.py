@@ -302,18 +302,20 @@ class FleetSession:
         try:
             return method(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
-            code, details = error.code(), error.details() or ""
-            if code == grpc.StatusCode.UNAUTHENTICATED:
-                raise NodeRefused("the coordinator does not recognise this node's key") from None
-            flower = FlowerError.from_json(details)
-            if flower is not None and flower.code == ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED:
-                # Flower says no more: the key is not admitted, or the same node is still
-                # online from a session that ended without going offline (a crash).
-                raise NodeRefused("the coordinator did not activate this node's key") from None
-            detail = flower.message if flower else f"{code.name}: {details}"
-            if code in LOST:
-                raise ConnectionLost(detail) from None
-            raise Rejected(detail) from None
+            raise fleet_failure(error.code(), error.details() or "") from None
+
+
+def fleet_failure(code: grpc.StatusCode, details: str) -> NodeRefused | ConnectionLost:
+    """A failed Fleet call as the worker acts on it: refused, lost (retry), or rejected."""
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return NodeRefused("the coordinator does not recognise this node's key")
+    flower = FlowerError.from_json(details)
+    if flower is not None and flower.code == ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED:
+        # Flower says no more: the key is not admitted, or the same node is still
+        # online from a session that ended without going offline (a crash).
+        return NodeRefused("the coordinator did not activate this node's key")
+    detail = flower.message if flower else f"{code.name}: {details}"
+    return ConnectionLost(detail) if code in LOST else Rejected(detail)
 
 
 class NodeWorker:
