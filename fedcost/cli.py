@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedcost import __version__
 from fedcost.audit.cli import audit_app
-from fedcost.errors import FedcostError
-from fedcost.federation.cli import coordinator_app, federation_app, node_app
+from fedcost.errors import ConfigError, FedcostError
+from fedcost.federation.cli import OLD_FORMS, coordinator_app, federation_app, node_app
 from fedcost.federation.cli import run as run_job
-from fedcost.report.html import MODELS, comparison_rows, format_value, funnel_position, scoring_note
+from fedcost.terminal import PoliteTyper, RoundProgress, console, fail
 
-if TYPE_CHECKING:  # both load torch: only the commands that need it import them
+if TYPE_CHECKING:  # torch, Flower and pandas load only inside the commands that need them
     from fedcost.config import SimulationConfig
     from fedcost.simulation import RunResult
 
 # A traceback that prints locals would print patient rows and keys: never show them.
-app = typer.Typer(
+app = PoliteTyper(
     help="Privacy-preserving multi-party cost analysis for health-care ecosystems.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -32,17 +30,28 @@ app.add_typer(audit_app, name="audit", help="Verify a run's signed audit logs an
 app.add_typer(federation_app, name="federation", help="Provision a federation: CA, coordinator, node startup kits.")
 app.add_typer(coordinator_app, name="coordinator", help="Run the federation's coordinator (Flower SuperLink).")
 app.add_typer(node_app, name="node", help="Run a site's node from its startup kit.")
-app.command(name="run")(run_job)
-console = Console(emoji=False)
+app.command(name="run", context_settings=OLD_FORMS)(run_job)
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
-RunFolder = Annotated[Optional[Path], typer.Option("--out", help="Run folder to create (default: runs/<run-id>)")]
+RunFolder = Annotated[
+    Optional[Path], typer.Option("--out", help="Run folder to create, new or empty (default: runs/<run-id>)")
+]
 DataDir = Annotated[
     Optional[Path], typer.Option("--data-dir", help="Your own data: a folder with mapping.toml and one file per node")
 ]
 
 
+def _version(shown: bool) -> None:
+    if shown:
+        console.print(f"fedcost {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print fedcost's version and exit.")
+    ] = False,
+) -> None:
     """fedcost: federated readmission and cost models for hospitals, insurers and pharma."""
 
 
@@ -55,14 +64,14 @@ def simulate(
     """Run a federation on Flower's Simulation Engine and compare it with pooled and local-only training."""
     result = _run(config, out, data_dir, "train")
     if "benchmark" in result.summary["analytics"]:
-        console.print(_benchmark_table(result.summary["analytics"]["benchmark"]))
+        console.print(_benchmark_table(result.summary["analytics"]["benchmark"], result.summary))
     console.print(f"run folder: [bold]{result.run_dir}[/bold] (report: {result.run_dir / 'report.html'})")
     console.print(_comparison_table(result.summary))  # the headline: the terminal ends with it
 
 
 @app.command()
 def analyze(
-    config: Annotated[Optional[Path], typer.Argument(help="Config (TOML) whose [analytics] group_by sets the cells")] = None,
+    config: Annotated[Optional[Path], typer.Argument(help="Config (TOML) whose \\[analytics] group_by sets the cells")] = None,
     out: RunFolder = None,
     data_dir: DataDir = None,
 ) -> None:
@@ -82,7 +91,7 @@ def predict(
     run: Annotated[Path, typer.Argument(help="A finished run's folder (it holds model.json and model.pt)")],
     data: Annotated[Path, typer.Argument(help="The site's rows to score: a CSV or Parquet file")],
     mapping: Annotated[Path, typer.Option("--mapping", help="The site's mapping file, as for `fedcost node start`")],
-    node: Annotated[str, typer.Option("--node", help="The site's [nodes.NAME] table in the mapping")],
+    node: Annotated[str, typer.Option("--node", help="The site's \\[nodes.NAME] table in the mapping")],
     out: Annotated[Path, typer.Option("--out", help="Where to write the predictions (CSV)")] = Path("predictions.csv"),
     site: Annotated[
         Optional[str], typer.Option("--site", help="Apply this site's saved steps (cost level, fine-tuning)")
@@ -100,20 +109,27 @@ def predict(
         rows = load_rows(checked, checked.node(node), data, targets=False)
         scored = model.predict(rows, site=site)
     except FedcostError as error:
-        console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True, highlight=False)
-        raise typer.Exit(code=2) from None
+        raise fail(error) from None
     scored.insert(0, "row", range(1, len(scored) + 1))
     replace_atomically(out, scored.to_csv(index=False).encode())
     console.print(f"wrote {len(scored):,} predictions to [bold]{escape(str(out))}[/bold]")
 
 
-def _run(config: Optional[Path], out: Optional[Path], data_dir: Optional[Path], task: str) -> "RunResult":
-    """Load the config, run the simulation with progress shown, and turn errors into exit code 2."""
+def _run(config: Optional[Path], out: Optional[Path], data_dir: Optional[Path], task: str) -> RunResult:
+    """Check the config and the run folder, run the simulation with progress shown, and turn
+    a user's mistakes into exit code 2. Torch and Flower load only once the config passed."""
     from fedcost.config import SimulationConfig
-    from fedcost.simulation import simulate as run
+    from fedcost.data.files import MAPPING_FILE
+    from fedcost.data.mapping import DataMapping
 
     try:
         settings = SimulationConfig.load(config) if config else _default_config()
+        if out is not None:
+            _check_new_folder(out)
+        if data_dir is not None:  # checked again by the run: a mistake in it shows before torch loads
+            DataMapping.load(data_dir / MAPPING_FILE)
+        from fedcost.simulation import simulate as run
+
         if not settings.secure_aggregation.enabled:
             console.print(
                 "[yellow]warning:[/yellow] "
@@ -125,45 +141,21 @@ def _run(config: Optional[Path], out: Optional[Path], data_dir: Optional[Path], 
             with console.status("federated statistics under way…"):
                 return run(settings, out=out, data_dir=data_dir, task="analyze")
         with RoundProgress(settings.run.rounds) as progress:
-            return run(settings, out=out, data_dir=data_dir, on_start=progress.start, on_round=progress.advance)
+            return run(settings, out=out, data_dir=data_dir, on_start=progress.start, on_round=progress.advance,
+                       on_stage=progress.stage)
     except FedcostError as error:
-        # Messages name TOML tables such as [nodes.st-mary]: print them as text, not markup.
-        console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True, highlight=False)
-        for note in getattr(error, "__notes__", ()):
-            console.print(escape(note), soft_wrap=True, highlight=False)
-        raise typer.Exit(code=2) from None
+        raise fail(error) from None
 
 
-class RoundProgress:
-    """A progress bar over federated rounds, shown once the data has passed its checks."""
-
-    def __init__(self, rounds: int):
-        self.progress = Progress(
-            TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.description}"), console=console,
-        )
-        self.task = self.progress.add_task("starting nodes…", total=rounds)
-
-    def __enter__(self) -> "RoundProgress":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.progress.live.is_started:
-            self.progress.stop()
-
-    def start(self) -> None:
-        self.progress.start()
-
-    def advance(self, record: dict) -> None:
-        self.progress.update(self.task, advance=1, description=_round_text(record))
-
-    def stage(self, text: str) -> None:
-        """What is under way before a round completes (a federation run's stages)."""
-        self.progress.update(self.task, description=text)
-
-    def say(self, line: str) -> None:
-        """A line above the bar."""
-        self.progress.console.print(escape(line), soft_wrap=True, highlight=False)
+def _check_new_folder(out: Path) -> None:
+    """``--out`` must be a folder to create (or an empty one), checked before any work."""
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError("is a file: give --out the path of a new folder", path=str(folder), field="--out")
+        if folder.exists():
+            break
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError("exists and is not empty: give --out a new or empty folder", path=str(out), field="--out")
 
 
 def _default_config() -> SimulationConfig:
@@ -172,20 +164,13 @@ def _default_config() -> SimulationConfig:
     return SimulationConfig.load(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else SimulationConfig()
 
 
-def _round_text(record: dict) -> str:
-    parts = []
-    if "readmission_auroc" in record:
-        parts.append(f"AUROC {record['readmission_auroc']:.3f}")
-    if "cost_r2" in record and not math.isnan(record["cost_r2"]):
-        parts.append(f"cost R² {record['cost_r2']:.3f}")
-    return "  ".join(parts)
-
-
 def _comparison_table(summary: dict) -> Table:
+    from fedcost.report.html import MODELS, comparison_rows, format_value, scoring_note
+
     table = Table(
         title=f"Held-out rows: {summary['test_rows']:,} (same rows for every model)", caption=scoring_note(summary)
     )
-    table.add_column("task")
+    table.add_column("outcome")
     table.add_column("metric")
     for model in MODELS:
         table.add_column(model, justify="right")
@@ -194,16 +179,29 @@ def _comparison_table(summary: dict) -> Table:
     return table
 
 
-def _benchmark_table(result: dict) -> Table:
-    table = Table(title="Risk-adjusted benchmarking (each site shared only its totals)")
-    for head in ("site", "rows", "O/E readmissions (95% CI)", "funnel", "cost O/E (95% CI)", "value index"):
+def _benchmark_table(result: dict, summary: dict) -> Table:
+    from fedcost.report.html import funnel_position, outcome_label
+
+    binary, cost = outcome_label(summary, "readmission"), outcome_label(summary, "cost")
+    table = Table(title="Risk-adjusted benchmarking (each site shared only its totals; 1 = the federation)")
+    heads = ("site", "rows", f"O/E {binary} (95% CI)", "ERR (95% CI)", "funnel", f"O/E {cost} (95% CI)", "value index")
+    for head in heads:
         table.add_column(head, justify="left" if head in ("site", "funnel") else "right")
     for s in result["sites"]:
         table.add_row(
-            s["site"], f"{s['n']:,}", f"{s['oe']:.2f} ({s['oe_low']:.2f}–{s['oe_high']:.2f})", funnel_position(s),
-            f"{s['cost_ratio']:.2f} ({s['cost_ratio_low']:.2f}–{s['cost_ratio_high']:.2f})", f"{s['value_index']:.2f}",
+            s["site"], f"{s['n']:,}", _ratio(s, "oe"), _ratio(s, "err"), funnel_position(s), _ratio(s, "cost_ratio"),
+            _ratio(s, "value_index"),
         )
     return table
+
+
+def _ratio(site: dict, name: str) -> str:
+    """A site's ratio with its interval, where the benchmark gives one."""
+    if site.get(name) is None:
+        return "n/a"
+    low, high = site.get(f"{name}_low"), site.get(f"{name}_high")
+    interval = "" if low is None or high is None else f" ({low:.2f}–{high:.2f})"
+    return f"{site[name]:.2f}{interval}"
 
 
 def _statistics_table(result: dict) -> Table:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,7 @@ from fedcost import schema
 from fedcost.analytics import GroupedStatisticsLayout
 from fedcost.data.synthetic import EcosystemSpec
 from fedcost.errors import ConfigError
-from fedcost.models.nets import ModelSpec
-from fedcost.models.training import TrainConfig
+from fedcost.models.spec import ModelSpec, TrainConfig
 from fedcost.privacy import MIN_COHORT, SitePolicy
 from fedcost.tomlfile import read_toml
 
@@ -27,6 +27,9 @@ StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 # Rounds when a config sets none: FedAvg runs them all; an exact GLM's Newton iteration stops
 # once it converges (well-posed data: 5-10 rounds), and this is its most.
 FEDAVG_ROUNDS, EXACT_GLM_ROUNDS = 10, 20
+CURRENCY_CODE = re.compile(r"[A-Z]{3}")
+PEER_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,39}")
+_RAY_ADDRESS = re.compile(r"(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([1-9][0-9]{0,4})")
 
 
 @dataclass(frozen=True)
@@ -155,14 +158,28 @@ class AnalyticsSection:
     none. ``measures``: the numeric columns summarised per cell. ``benchmark``: after
     training, each site scores its own rows with the federated model and shares its
     observed and expected totals, for O/E ratios, a funnel plot and value per site.
+    ``currency``: the ISO 4217 code of the data's costs (e.g. "EUR"), printed on every cost
+    figure and axis (a label: nothing is converted); "" leaves them in unnamed currency
+    units. ``peer_groups``: site name to peer group, a public fact about each site (CMS
+    groups hospitals by their share of dually eligible patients), within which excess
+    readmission ratios are compared against the group's median; empty: against 1. A
+    simulation refuses a name that is not one of its nodes; a deployment ignores names
+    not on the job's roster (a site revoked or not yet enrolled).
     """
 
     group_by: tuple[str, ...] = ("diagnosis_group", "payer")
     measures: tuple[str, ...] = (schema.COST, schema.READMISSION, "length_of_stay")
     benchmark: bool = True
+    currency: str = ""
+    peer_groups: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layout()
+        if self.currency and not CURRENCY_CODE.fullmatch(self.currency):
+            raise ValueError(f"currency must be an ISO 4217 code of three capital letters (e.g. EUR, USD), not {self.currency!r}")
+        for site, group in self.peer_groups.items():
+            if not PEER_GROUP.fullmatch(group):
+                raise ValueError(f"peer group of {site!r} must be 1-40 letters, digits, spaces, '.', '_' or '-', not {group!r}")
 
     def layout(self) -> GroupedStatisticsLayout:
         """The grouped statistics' layout; raises ``ValueError`` for unknown fields."""
@@ -179,6 +196,11 @@ class SimulationSection:
     ``drop_nodes`` makes the named nodes drop out of the rounds listed, after they have
     shared their keys (``drop_stage``): a scenario knob for dropout recovery.
 
+    ``ray_address`` says where the nodes run: "" a private Ray on this machine, for this
+    run only; "auto", "HOST:PORT" (the head's GCS port) or "ray://HOST:PORT" (Ray Client)
+    an existing Ray cluster. ``max_cpus`` and ``max_memory_gb`` cap what the run reserves
+    there at once (``fedcost.ray_engine``): on a shared cluster, its share.
+
     ``policies`` maps node names to site policy files, ``default_policy`` is the file of
     every other node ("" for the permissive default: no DP, min cohort 11, secure
     aggregation held if on). Paths are relative to the config file's folder and are
@@ -186,14 +208,27 @@ class SimulationSection:
     """
 
     cpus_per_node: float = 1.0
+    ray_address: str = ""
+    max_cpus: float = math.inf
+    max_memory_gb: float = math.inf
     drop_nodes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     drop_stage: Literal["advertise-keys", "share-keys", "masked-input", "consistency", "unmask"] = "masked-input"
     policies: dict[str, str] = field(default_factory=dict)
     default_policy: str = ""
 
     def __post_init__(self) -> None:
-        if self.cpus_per_node <= 0:
-            raise ValueError(f"cpus_per_node must be positive, not {self.cpus_per_node}")
+        if not (math.isfinite(self.cpus_per_node) and self.cpus_per_node > 0):
+            raise ValueError(f"cpus_per_node must be a positive number, not {self.cpus_per_node}")
+        address = _RAY_ADDRESS.fullmatch(self.ray_address)
+        if not (self.ray_address in ("", "auto") or (address and int(address[3]) < 2**16)):
+            raise ValueError(f'ray_address must be "" (a private Ray on this machine), "auto" (the cluster this '
+                             'machine joined with `ray start`), "HOST:PORT" or "ray://HOST:PORT", '
+                             f"not {self.ray_address!r}")
+        if math.isnan(self.max_cpus) or self.max_cpus < self.cpus_per_node:
+            raise ValueError(f"max_cpus ({self.max_cpus:g}) must be at least cpus_per_node ({self.cpus_per_node:g}), "
+                             "or no site could run; inf for no cap")
+        if math.isnan(self.max_memory_gb) or self.max_memory_gb <= 0:
+            raise ValueError(f"max_memory_gb must be positive (inf for no cap), not {self.max_memory_gb:g}")
 
 
 @dataclass(frozen=True)
@@ -227,13 +262,18 @@ class SimulationConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source: str = "<dict>") -> "SimulationConfig":
         sections = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-        unknown = set(raw) - set(sections)
-        if unknown:
-            raise ConfigError(f"unknown section; allowed: {', '.join(sections)}", path=source, field=sorted(unknown)[0])
-        built = {
-            name: _build(typing.get_type_hints(cls)[name], raw.get(name, {}), source, name)
-            for name in sections
-        }
+        errors = [
+            ConfigError(f"unknown section; allowed: {', '.join(sections)}", path=source, field=name)
+            for name in sorted(set(raw) - set(sections))
+        ]
+        built = {}
+        for name in sections:
+            try:
+                built[name] = _build(typing.get_type_hints(cls)[name], raw.get(name, {}), source, name)
+            except ConfigError as error:
+                errors.append(error)
+        if errors:
+            raise ConfigError.of(errors)
         built["simulation"] = _with_policy_paths(built["simulation"], source)
         return cls(**built, source=source)
 
@@ -250,15 +290,24 @@ class SimulationConfig:
 
 
 def _build(cls: type, raw: Any, source: str, where: str) -> Any:
-    """Construct dataclass ``cls`` from a TOML table, checking keys and value types."""
+    """Construct dataclass ``cls`` from a TOML table, checking keys and value types; every
+    unknown key and mistyped value is reported at once (``ConfigErrors``)."""
     if not isinstance(raw, dict):
         raise ConfigError("must be a TOML table", path=source, field=where)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(raw) - names
-    if unknown:
-        raise ConfigError(f"unknown key; allowed: {', '.join(sorted(names))}", path=source, field=f"{where}.{sorted(unknown)[0]}")
-    values = {name: _coerce(hints[name], value, source, f"{where}.{name}") for name, value in raw.items()}
+    errors = [
+        ConfigError(f"unknown key; allowed: {', '.join(sorted(names))}", path=source, field=f"{where}.{key}")
+        for key in sorted(set(raw) - names)
+    ]
+    values = {}
+    for name in (key for key in raw if key in names):
+        try:
+            values[name] = _coerce(hints[name], raw[name], source, f"{where}.{name}")
+        except ConfigError as error:
+            errors.append(error)
+    if errors:
+        raise ConfigError.of(errors)
     try:
         return cls(**values)
     except ValueError as error:

@@ -7,6 +7,8 @@ into these at the boundary where fedcost meets files, configs, messages or libra
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class FedcostError(Exception):
     """Base of every error fedcost raises on purpose."""
@@ -20,6 +22,21 @@ class ConfigError(FedcostError):
         self.field = field
         where = ", ".join(part for part in (path, f"field '{field}'" if field else None) if part)
         super().__init__(f"{where}: {message}" if where else message)
+
+    @staticmethod
+    def of(errors: Sequence[ConfigError]) -> ConfigError:
+        """One error for every mistake found in a file: the error itself when there is one."""
+        return errors[0] if len(errors) == 1 else ConfigErrors(errors)
+
+
+class ConfigErrors(ConfigError):
+    """Several mistakes in one file, reported together, one line each, so the user fixes
+    them in one go instead of one per run."""
+
+    def __init__(self, errors: Sequence[ConfigError]):
+        self.errors = tuple(e for error in errors for e in getattr(error, "errors", (error,)))
+        self.path, self.field = self.errors[0].path, self.errors[0].field
+        FedcostError.__init__(self, "\n".join(map(str, self.errors)))
 
 
 class DataValidationError(FedcostError):
@@ -68,6 +85,11 @@ class PolicyViolationError(FedcostError):
     """A job or an outgoing message breaks the site's policy."""
 
 
+class DataMismatchError(PolicyViolationError):
+    """A job's ``[data]`` section is not the site's data (targets, extra columns, their
+    levels or order): the site refuses the job at its hello, naming the field."""
+
+
 class LedgerError(FedcostError):
     """A site's release ledger is missing, cut short or edited: nothing leaves the site
     until the site restores it or resets it explicitly."""
@@ -83,6 +105,11 @@ class ModelFitError(FedcostError):
 
 class FederationError(FedcostError):
     """A federated run failed (nodes unreachable, every reply an error, ...)."""
+
+
+class RayClusterError(FedcostError):
+    """The Ray cluster a simulation is pointed at does not answer, or cannot hold one site
+    within the run's share of it."""
 
 
 class CertificateError(FedcostError):

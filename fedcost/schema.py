@@ -5,6 +5,11 @@ Every node maps its rows into these columns. Roles hold different slices: a colu
 role lacks is *missing by design*; features are imputed from federation-wide statistics
 and flagged (``fedcost.data.features``), never silently zero. The two targets are
 ``readmitted_30d`` (0/1) and ``total_cost`` (non-negative, heavy-tailed).
+
+Data of other shapes fit the same model: a node of role ``site`` carries only the fields
+its mapping names, and a data set's own binary and non-negative outcomes (``died``,
+``length_of_stay``) travel in the two target slots under their own names
+(``fedcost.data.mapping``).
 """
 
 from __future__ import annotations
@@ -118,6 +123,8 @@ class Role:
     features: tuple[str, ...]
 
 
+SITE = "site"
+
 _SHARED = ("age", "sex", "region", "diagnosis_group", "comorbidity_index", "payer")
 # What both a hospital's record and an insurer's claim show of the stay and prior use.
 _STAY = ("admission_type", "prior_admissions_12m", "ed_visits_12m", "length_of_stay", "discharge_disposition")
@@ -152,6 +159,7 @@ ROLES: dict[str, Role] = {
             "treated-patient episodes: drug exposure, adherence, real-world outcomes",
             _SHARED + ("num_medications", "medication_adherence"),
         ),
+        Role(SITE, "a node without a fixed role: its features are the ones its mapping names", ()),
     )
 }
 

@@ -37,7 +37,8 @@ from fedcost import schema
 from fedcost.client.app import make_client_app
 from fedcost.client.budget import accountant
 from fedcost.client.node import NodeSetup
-from fedcost.config import SimulationConfig
+from fedcost.analytics.statistics import AGE_BAND, ROLE
+from fedcost.config import AnalyticsSection, SimulationConfig
 from fedcost.data.features import FeatureSpec, StatisticsLayout
 from fedcost.data.loader import NodeData, load_node
 from fedcost.data.mapping import DataMapping
@@ -56,6 +57,7 @@ from fedcost.privacy import SitePolicy
 from fedcost.privacy.accounting import DpSgdSteps
 from fedcost.privacy.ledger import SUFFIX as LEDGER_SUFFIX
 from fedcost.privacy.ledger import recorded_spending
+from fedcost.ray_engine import ray_engine
 from fedcost.report import write_report
 from fedcost.report.progress import ProgressRecorder
 from fedcost.server.app import CoordinatorPlan, make_server_app, new_run_id
@@ -82,12 +84,15 @@ class RunResult:
 
 class RunRecorder(ProgressRecorder):
     """Records the coordinator's progress in the staging folder, hands each round to
-    ``on_round`` (the CLI's progress) and keeps the final model for scoring."""
+    ``on_round`` and each later stage to ``stage`` (the CLI's progress) and keeps the final
+    model for scoring."""
 
-    def __init__(self, folder: Path, on_round: Callable[[dict], None]):
+    def __init__(self, folder: Path, on_round: Callable[[dict], None], stage: Callable[[str], None]):
         super().__init__(folder)
         self.on_round_hook = on_round
+        self.stage = stage
         self.weights: dict[str, np.ndarray] | None = None
+        self.placement: dict[str, object] = {}  # where the sites ran (``ray_engine.Placement``)
 
     def on_round(self, record: dict) -> None:
         super().on_round(record)
@@ -105,6 +110,7 @@ def simulate(
     runs_root: Path = Path("runs"),
     on_start: Callable[[], None] = lambda: None,
     on_round: Callable[[dict], None] = lambda record: None,
+    on_stage: Callable[[str], None] = lambda text: None,
     task: Task = "train",
 ) -> RunResult:
     """Run ``config`` and return the finished run folder; raises before leaving a half run.
@@ -120,7 +126,8 @@ def simulate(
     staging = final.parent / f".{final.name}.incomplete-{uuid.uuid4().hex[:6]}"
     staging.mkdir(parents=True)
     try:
-        summary = _run(config, run_id, staging, mapping, nodes, on_start, on_round, task)
+        recorder = RunRecorder(staging, on_round, on_stage)
+        summary = _run(config, run_id, staging, mapping, nodes, on_start, recorder, task)
         if final.exists():
             final.rmdir()
         staging.rename(final)
@@ -151,7 +158,7 @@ def _run(
     mapping: DataMapping | None,
     nodes: list[NodeData] | None,
     on_start: Callable[[], None],
-    on_round: Callable[[dict], None],
+    recorder: RunRecorder,
     task: Task,
 ) -> dict:
     started = time.perf_counter()
@@ -162,21 +169,22 @@ def _run(
         (folder / "truth.json").write_text(json.dumps(ecosystem.truth, indent=2))
         nodes = _load_nodes(mapping, config)
     assert nodes is not None
-    config = replace(config, model=replace(config.model, tasks=mapping.tasks))
+    config = replace(config, model=replace(config.model, tasks=mapping.tasks), analytics=_analytics_for(config, mapping))
     (folder / "config.toml").write_bytes(tomli_w.dumps(config.resolved()).encode())
 
-    recorder = RunRecorder(folder, on_round)
     on_start()
     plan = _federate(config, run_id, folder, mapping, recorder, task)
+    recorder.stage("verifying the audit logs")
     audit = _verify_audit(folder)
     if task == "analyze":
-        summary = _run_header(run_id, config, nodes, task)
+        summary = _run_header(run_id, config, mapping, nodes, task)
     else:
         summary = _trained(config, run_id, folder, mapping, nodes, recorder)
     summary["analytics"] = recorder.analytics
     if recorder.inference:
         summary["inference"] = recorder.inference
     summary["audit"] = audit
+    summary["engine"] = recorder.placement
     summary["privacy"] = _privacy_summary(config, folder, nodes)
     if plan.noise is not None:
         noise = plan.noise
@@ -186,6 +194,7 @@ def _run(
         }
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    recorder.stage("writing the report")
     write_report(folder, summary, recorder.rounds)
     return summary
 
@@ -204,16 +213,40 @@ def _trained(
         json.dumps({"model": dataclasses.asdict(config.model), "features": features.to_dict()}, indent=2)
     )
 
-    predictions = {
-        "federated": [_predict(federated, features, node.test) for node in nodes],
-        "pooled": _pooled_predictions(config, features, nodes),
-        "local_only": _local_only_predictions(config, features, nodes),
-    }
-    steps = {node.name: _site_steps(config, federated, features, node, folder / SITES_DIR) for node in nodes}
+    predictions = {"federated": [_predict(federated, features, node.test) for node in nodes]}
+    recorder.stage("pooled baseline: every site's rows in one place")
+    predictions["pooled"] = _pooled_predictions(config, features, nodes)
+    predictions["local_only"] = _local_only_predictions(config, features, nodes, recorder.stage)
+    steps = {}
+    for number, node in enumerate(nodes, 1):
+        recorder.stage(f"site steps at {node.name} ({number}/{len(nodes)})")
+        steps[node.name] = _site_steps(config, federated, features, node, folder / SITES_DIR)
     predictions[AT_SITES] = [steps[node.name][1] for node in nodes]
     summary = _summary(run_id, config, mapping, nodes, predictions, features, recorder.rounds)
     summary["site_steps"] = {name: decided.to_dict() for name, (decided, _) in steps.items()}
     return summary
+
+
+def _analytics_for(config: SimulationConfig, mapping: DataMapping) -> AnalyticsSection:
+    """The run's analytics on this data set's fields: an outcome may be named as the data set
+    names it; the defaults (the ecosystem's fields) keep what the data set has; a field the
+    config names that the data set lacks is refused."""
+    analytics = config.analytics
+    slots = {reading.column: slot for slot, reading in mapping.targets.items()}
+    present = mapping.fields_present | set(mapping.targets)
+    if any(node.role != schema.SITE for node in mapping.nodes):
+        present.add(ROLE)
+    if "age" in present and schema.COLUMNS["age"] in mapping.feature_columns:
+        present.add(AGE_BAND)
+    chosen = {}
+    for part in ("group_by", "measures"):
+        names = list(dict.fromkeys(slots.get(name, name) for name in getattr(analytics, part)))
+        lacking = [name for name in names if name not in present]
+        if lacking and getattr(analytics, part) != getattr(AnalyticsSection(), part):
+            raise ConfigError(f"the data set has no field {lacking[0]!r}; its fields: {', '.join(sorted(present))}",
+                              path=config.source, field=f"analytics.{part}")
+        chosen[part] = tuple(name for name in names if name in present)
+    return replace(analytics, **chosen)
 
 
 def _load_nodes(mapping: DataMapping, config: SimulationConfig) -> list[NodeData]:
@@ -239,6 +272,7 @@ def _federate(
         identity.public().save(folder / "identities")
     (folder / "audit").mkdir()
     roster = tuple(sorted((name, identity.public().raw_key) for name, identity in identities.items()))
+    _check_peer_groups(config, [node.name for node in mapping.nodes])
     policies = _site_policies(config, folder, [node.name for node in mapping.nodes], coordinator.public().key_id)
     setups = [
         NodeSetup(
@@ -283,16 +317,23 @@ def _federate(
     logging.getLogger("flwr").setLevel(logging.ERROR)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     log = AuditLog(folder / "audit" / f"{COORDINATOR}.jsonl", coordinator)
-    run_simulation(
-        server_app=make_server_app(plan, recorder, log),
-        client_app=make_client_app(resolve_setup),
-        num_supernodes=len(setups),
-        backend_config={
-            "client_resources": {"num_cpus": config.simulation.cpus_per_node, "num_gpus": 0.0},
-            "init_args": {"logging_level": "ERROR", "log_to_driver": True, "include_dashboard": False},
-        },
-    )
+    with ray_engine(config.simulation, len(setups)) as placement:
+        recorder.placement = placement.to_dict()
+        run_simulation(
+            server_app=make_server_app(plan, recorder, log),
+            client_app=make_client_app(resolve_setup),
+            num_supernodes=len(setups),
+            backend_config={"client_resources": placement.client_resources()},
+        )
     return plan
+
+
+def _check_peer_groups(config: SimulationConfig, names: list[str]) -> None:
+    """Every site ``[analytics] peer_groups`` names is a node of the run."""
+    unknown = sorted(set(config.analytics.peer_groups) - set(names))
+    if unknown:
+        raise ConfigError(f"peer group for unknown node {unknown[0]!r}; nodes: {', '.join(names)}", path=config.source,
+                          field=f"analytics.peer_groups.{unknown[0]}")
 
 
 def _site_policies(config: SimulationConfig, folder: Path, names: list[str], coordinator: str) -> dict[str, Path]:
@@ -418,10 +459,14 @@ def _pooled_predictions(config: SimulationConfig, features: FeatureSpec, nodes: 
     return [_predict(model, features, node.test) for node in nodes]
 
 
-def _local_only_predictions(config: SimulationConfig, features: FeatureSpec, nodes: list[NodeData]) -> list[dict]:
+def _local_only_predictions(
+    config: SimulationConfig, features: FeatureSpec, nodes: list[NodeData],
+    stage: Callable[[str], None] = lambda text: None,
+) -> list[dict]:
     """Each site alone on its own rows, scored on its own held-out rows."""
     predictions = []
-    for node in nodes:
+    for number, node in enumerate(nodes, 1):
+        stage(f"local-only baseline at {node.name} ({number}/{len(nodes)})")
         steps_per_epoch = math.ceil(len(node.train) / config.training.batch_size)
         epochs = max(config.run.rounds * config.training.epochs, math.ceil(MIN_LOCAL_STEPS / steps_per_epoch))
         model = _train(config, features, node.train, epochs, f"local/{node.name}")
@@ -439,13 +484,20 @@ def _scores(rows: pd.DataFrame, predictions: dict[str, np.ndarray]) -> dict[str,
     return scores
 
 
-def _run_header(run_id: str, config: SimulationConfig, nodes: list[NodeData], task: Task) -> dict:
-    """What every run's summary opens with: the run, its protection and its sites."""
+def _run_header(run_id: str, config: SimulationConfig, mapping: DataMapping, nodes: list[NodeData], task: Task) -> dict:
+    """What every run's summary opens with: the run, its outcomes, its protection and its sites."""
+    families = {"readmission": "logistic", "cost": f"{config.model.cost_family}, log link"}
     return {
         "run_id": run_id,
         "task": task,
+        "outcomes": {
+            task_name: {"column": column, "kind": "binary" if task_name == "readmission" else "non-negative",
+                        **({"family": families[task_name]} if config.model.exact else {})}
+            for task_name, column in mapping.outcome_columns.items()
+        },
         "secure_aggregation": config.secure_aggregation.enabled,
         "min_cohort": config.run.min_cohort,
+        "currency": config.analytics.currency,
         "nodes": [
             {"name": n.name, "role": n.role, "train_rows": len(n.train), "test_rows": len(n.test)} for n in nodes
         ],
@@ -462,7 +514,7 @@ def _summary(
     rounds: list[dict],
 ) -> dict:
     all_test = pd.concat([node.test for node in nodes], ignore_index=True)
-    summary = _run_header(run_id, config, nodes, "train")
+    summary = _run_header(run_id, config, mapping, nodes, "train")
     summary |= {
         "rounds": config.run.rounds,
         "strategy": config.strategy.name,

@@ -174,7 +174,7 @@ def test_role_and_age_band_group_rows(ecosystem) -> None:
     layout = GroupedStatisticsLayout(("role", "age_band"))
     totals = np.sum([layout.local_vector(rows, role=role, min_cohort=1) for role, rows in ecosystem], axis=0)
     frame = GroupedStatistics.from_totals(layout, totals, min_cohort=1).to_frame().set_index(["role", "age_band"])
-    for role in schema.ROLES:
+    for role in {k for k, _ in ecosystem}:
         rows = pd.concat([r for k, r in ecosystem if k == role])
         bands = pd.cut(rows["age"], [-np.inf, 45, 65, 75, 85, np.inf], right=False, labels=AGE_BANDS)
         assert frame.loc[role, "n"].loc[list(AGE_BANDS)].tolist() == bands.value_counts().loc[list(AGE_BANDS)].tolist()

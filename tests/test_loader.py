@@ -117,11 +117,16 @@ def test_node_file_that_is_not_there_is_refused(tmp_path: Path) -> None:
 
 
 BAD_MAPPINGS = {
-    "unknown schema field": (MAPPING.replace('gender = "sex"', 'gender = "gender_code"'), "columns.gender", "unknown schema field"),
+    "unknown field": (MAPPING.replace('gender = "sex"', 'gender = "gender_code"'), "columns.gender", "unknown field"),
     "unknown role": (MAPPING.replace('role = "pharma"', 'role = "pharmacy"'), "nodes.pharmacy-north.role", "role must be one of"),
-    "missing role": (MAPPING.replace('role = "pharma"\n', ""), "nodes.pharmacy-north.role", 'missing; add role = "hospital"'),
-    "no target": ('[nodes.pharmacy-north]\nrole = "pharma"\nfile = "pharmacy.csv"\n', "targets", "declare at least one target"),
-    "unknown target": (MAPPING.replace("[targets.total_cost]", "[targets.mortality]"), "targets.mortality", "unknown target"),
+    "no target": ('[nodes.pharmacy-north]\nrole = "pharma"\nfile = "pharmacy.csv"\n', "targets", "declare at least one outcome"),
+    "outcome of no kind": (MAPPING.replace("[targets.total_cost]", "[targets.mortality]"), "targets.mortality.kind", "what kind of outcome"),
+    "outcome of an unknown kind": (MAPPING.replace("[targets.total_cost]", '[targets.stay]\nkind = "count"'), "targets.stay.kind", "kind must be"),
+    "two binary outcomes": (MAPPING.replace("[targets.total_cost]", '[targets.died]\nkind = "binary"'), "targets", "both binary outcomes"),
+    "the schema's outcome of another kind": (MAPPING.replace("[targets.total_cost]", '[targets.total_cost]\nkind = "binary"'), "targets.total_cost.kind", "non-negative outcome"),
+    "tokens for a non-negative outcome": (MAPPING.replace("[targets.total_cost]", '[targets.total_cost]\npositive = ["1"]'), "targets.total_cost.positive", "unknown option"),
+    "an outcome also a feature": (MAPPING.replace('numeric = ["bmi"]', 'numeric = ["bmi", "total_cost"]'), "features", "is an outcome"),
+    "a feature under an outcome slot's name": (MAPPING.replace("[targets.total_cost]", '[targets.stay]\nkind = "non-negative"').replace('cost_eur = "total_cost"', 'cost_eur = "stay"').replace('numeric = ["bmi"]', 'numeric = ["bmi", "total_cost"]'), "features", "the name fedcost gives its outcomes"),
     "recoding to an unknown level": (MAPPING.replace('M = "male"', 'M = "man"'), "values.sex.M", "not one of"),
     "lacks a field the role does not hold": (MAPPING.replace('file = "pharmacy.csv"', 'file = "pharmacy.csv"\nlacks = ["icu_stay"]'), "nodes.pharmacy-north.lacks", "list fields"),
     "invalid TOML": ("[nodes\n", None, "not valid TOML"),
@@ -170,3 +175,84 @@ def test_split_is_reproducible_and_seed_dependent(tmp_path: Path) -> None:
     other = load_node(mapping, "pharmacy-north", split_seed=6).test["age"].tolist()
     assert first == again
     assert first != other
+
+
+SITE_MAPPING = """
+[targets.died]
+kind = "binary"
+positive = ["yes"]
+negative = ["no"]
+
+[targets.length_of_stay]
+kind = "non-negative"
+
+[features]
+numeric = ["age", "creatinine"]
+categorical = { ward = ["medical", "surgical"] }
+
+[nodes.ward-a]
+file = "ward-a.csv"
+"""
+
+
+def write_site(folder: Path, rows: list[dict], mapping: str = SITE_MAPPING) -> DataMapping:
+    (folder / "mapping.toml").write_text(mapping)
+    pd.DataFrame(rows).to_csv(folder / "ward-a.csv", index=False)
+    return DataMapping.load(folder / "mapping.toml")
+
+
+SITE_ROW = {"age": "-1.25", "creatinine": "0.3", "ward": "surgical", "died": "no", "length_of_stay": "4.5",
+            "sex": "banana", "region": "moon"}
+
+
+def test_role_less_node_reads_its_own_outcomes_and_features(tmp_path: Path) -> None:
+    rows = [dict(SITE_ROW, died="yes" if i % 4 == 0 else "no", age=str(-2 + i / 5)) for i in range(20)]
+    mapping = write_site(tmp_path, rows)
+    assert mapping.node("ward-a").role == "site"
+    assert mapping.tasks == ("readmission", "cost")
+    assert mapping.outcome_columns == {"readmission": "died", "cost": "length_of_stay"}
+    columns = {c.name: c for c in mapping.feature_columns}
+    assert "length_of_stay" not in columns, "an outcome's name hides the schema feature it shares"
+    assert columns["age"].minimum is None, "a declared 'age' is a plain feature, without the schema's bounds"
+    node = load_node(mapping, "ward-a", split_seed=1)
+    both = pd.concat([node.train, node.test])
+    assert both["readmitted_30d"].sum() == 5 and both["total_cost"].eq(4.5).all()
+    assert both["age"].min() == pytest.approx(-2.0), "standardised values are kept as they are"
+    assert set(both["ward"]) == {"surgical"}
+    assert both["sex"].isna().all() and both["region"].isna().all(), (
+        "a role-less node's schema fields come only from the mapping, never from a column that happens to share a name"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "column", "words"),
+    [
+        ({"died": "maybe"}, "died", "[targets.died] positive and negative"),
+        ({"length_of_stay": "-1"}, "length_of_stay", "below the minimum 0 for length_of_stay"),
+        ({"length_of_stay": ""}, "length_of_stay", "length_of_stay is empty"),
+    ],
+)
+def test_role_less_node_refuses_bad_outcomes_under_their_own_names(
+    tmp_path: Path, change: dict, column: str, words: str
+) -> None:
+    mapping = write_site(tmp_path, [SITE_ROW, SITE_ROW, {**SITE_ROW, **change}])
+    with pytest.raises(DataValidationError) as caught:
+        load_node(mapping, "ward-a", split_seed=1)
+    assert (caught.value.row, caught.value.column) == (3, column)
+    assert words in str(caught.value)
+
+
+def test_outcome_column_is_never_read_as_a_feature(tmp_path: Path) -> None:
+    """A hospital's file with a ``length_of_stay`` column that is the outcome: the schema
+    feature of that name must not pick it up (that would put the outcome among the features)."""
+    mapping_text = SITE_MAPPING.replace('[nodes.ward-a]\n', '[nodes.ward-a]\nrole = "hospital"\nlacks = '
+                                        '["age", "sex", "region", "diagnosis_group", "comorbidity_index", "payer", '
+                                        '"admission_type", "prior_admissions_12m", "ed_visits_12m", '
+                                        '"discharge_disposition", "num_medications", "num_procedures", "icu_stay", '
+                                        '"abnormal_labs"]\n')
+    rows = [{k: v for k, v in SITE_ROW.items() if k not in ("sex", "region")} | {"length_of_stay": str(3 + i)}
+            for i in range(6)]
+    mapping = write_site(tmp_path, rows, mapping_text)
+    node = load_node(mapping, "ward-a", split_seed=1)
+    assert "length_of_stay" not in node.train.columns
+    assert sorted(pd.concat([node.train, node.test])["total_cost"]) == [3, 4, 5, 6, 7, 8]

@@ -12,7 +12,8 @@ from fedcost.models.adaptation import adapted_to_site
 from fedcost.models.calibration import CostCalibration
 from fedcost.models.site_steps import SiteSteps, decide_site_steps
 from fedcost.models.metrics import calibration_bins, cost_metrics, readmission_metrics
-from fedcost.models.nets import TASKS, ModelSpec, build_model
+from fedcost.models.nets import ModelSpec, build_model
+from fedcost.models.spec import TASKS
 from fedcost.models.training import TaskData, TrainConfig, get_weights, predict, set_weights, train_local
 
 D = 8

@@ -52,7 +52,7 @@ def test_small_federation_writes_a_complete_run_folder(small_run: tuple[subproce
     result, run = small_run
     assert result.returncode == 0, result.stdout + result.stderr
     for name in ("config.toml", "metrics.jsonl", "summary.json", "model.pt", "truth.json", "report.html",
-                 "plots/rounds.png", "plots/sites.png", "plots/calibration.png"):
+                 "plots/rounds.png", "plots/sites.png", "plots/calibration.png", "plots/funnel.png", "plots/err.png"):
         assert (run / name).is_file(), name
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
@@ -123,7 +123,8 @@ def test_each_site_shares_the_totals_its_own_rows_give_under_the_final_model(
     small_run: tuple[subprocess.CompletedProcess, Path],
 ) -> None:
     """Recomputed at each site from the saved model: O and n exactly, E without region and
-    standardised to the federation (one common factor), expected cost with region."""
+    expected cost with region, each standardised to the federation (one common factor per
+    outcome, kept as the model's calibration)."""
     result, run = small_run
     benchmark = json.loads((run / "summary.json").read_text())["analytics"]["benchmark"]
     shared = {site["site"]: site for site in benchmark["sites"]}
@@ -136,7 +137,7 @@ def test_each_site_shares_the_totals_its_own_rows_give_under_the_final_model(
     model = build_model(spec, features.n_features, seed=3)
     model.load_state_dict(torch.load(run / "model.pt"))
     mapping = DataMapping.load(run / "data" / "mapping.toml")
-    local_expected = {}
+    local_expected, local_cost = {}, {}
     for name, site in shared.items():
         data = load_node(mapping, name, split_seed=3, test_fraction=0.2)
         rows = pd.concat([data.train, data.test], ignore_index=True)
@@ -144,10 +145,13 @@ def test_each_site_shares_the_totals_its_own_rows_give_under_the_final_model(
         local_expected[name] = predict(model, without_site_level(encoded, features.feature_names))["readmission"].sum()
         assert site["n"] == len(rows) and site["observed"] == rows[schema.READMISSION].sum()
         assert site["cost_observed"] == pytest.approx(rows[schema.COST].sum(), abs=0.01)
-        assert site["cost_expected"] == pytest.approx(predict(model, encoded)["cost"].sum() * features.cost_scale, rel=1e-6)
+        local_cost[name] = predict(model, encoded)["cost"].sum() * features.cost_scale
     factor = sum(site["observed"] for site in shared.values()) / sum(local_expected.values())
+    cost_factor = sum(site["cost_observed"] for site in shared.values()) / sum(local_cost.values())
+    assert benchmark["calibration"] == pytest.approx({"readmission": factor, "cost": cost_factor}, rel=1e-6)
     for name, site in shared.items():
         assert site["expected"] == pytest.approx(local_expected[name] * factor, rel=1e-6), name
+        assert site["cost_expected"] == pytest.approx(local_cost[name] * cost_factor, rel=1e-6), name
 
 
 def test_an_unexpected_error_never_prints_the_locals_of_its_traceback() -> None:
@@ -191,3 +195,12 @@ def test_predict_scores_a_sites_rows_with_the_runs_model_and_its_kept_steps(
                                   "--out", str(tmp_path / "x.csv")])
     assert outside.exit_code == 2 and "no steps for site" in outside.output
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_a_peer_group_for_an_unknown_node_is_refused_naming_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "peers.toml"
+    config.write_text(SMALL + '\n[analytics]\npeer_groups = { hospital-9 = "teaching" }\n')
+    result = CliRunner().invoke(app, ["simulate", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "analytics.peer_groups.hospital-9" in result.output and "hospital-1" in result.output
+    assert not (tmp_path / "run").exists()

@@ -428,6 +428,42 @@ def test_a_job_that_feeds_a_target_in_as_a_feature_is_refused(mapping: Path, tmp
     site.assert_refused(site.send(config, {rec.ARRAYS: weights}, "evaluate"), "which are not feature columns")
 
 
+# --- a job whose [data] is not the site's data --------------------------------------------
+
+HONEST_DATA = {"targets": ["readmitted_30d", "total_cost"], "extra_numeric": [], "extra_categorical": {}}
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ({"extra_numeric": ["bmi"]}, "its [data] extra_numeric lists 'bmi', which this site's mapping does not declare "
+                                     "([features] numeric in mapping.toml)"),
+        ({"targets": ["total_cost"]}, "its [data] targets does not list 'readmitted_30d', which this site's mapping "
+                                      "declares ([targets.*] in mapping.toml)"),
+        ({"extra_categorical": {"ward": ["medical", "surgical"]}},
+         "its [data] extra_categorical lists 'ward', which this site's mapping does not declare"),
+    ],
+    ids=["an extra column", "one target", "an extra category"],
+)
+def test_a_job_whose_data_section_is_not_the_sites_data_is_refused_at_the_hello(
+    mapping: Path, tmp_path: Path, data: dict, reason: str
+) -> None:
+    bench = Bench(tmp_path, mapping, SITES)
+    replies = bench.say_hello(bench.hello(data=json.dumps({**HONEST_DATA, **data})))
+    for name, reply in replies.items():
+        bench.site(name).assert_refused(reply, reason)
+        assert "fix the job, or this site's mapping and restart its node" in reply.error.reason
+    statistics = bench.secure_sum("statistics", 0, SITES, _statistics_shape(bench), label=f"{RUN}:d:statistics:1")
+    _refused_by_all(statistics, SITES, "no accepted job")
+
+
+def test_a_job_whose_data_section_is_the_sites_data_is_accepted(mapping: Path, tmp_path: Path) -> None:
+    bench = Bench(tmp_path, mapping, SITES)
+    replies = bench.say_hello(bench.hello(data=json.dumps(HONEST_DATA)))
+    assert not any(reply.has_error() for reply in replies.values()), replies
+    assert bench.secure_sum("statistics", 0, SITES, _statistics_shape(bench), label=f"{RUN}:d:statistics:1").sums
+
+
 # --- distributed DP on every sum but training updates ------------------------------------
 
 STATISTICS_DP = {"epsilon": 8.0, "delta": 1e-6, "max_grad_norm": 1.0, "statistics": {"epsilon": 2.0}}

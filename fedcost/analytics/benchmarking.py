@@ -11,9 +11,12 @@ Risk adjustment uses patient-level case mix only. A model feature that describes
 site rather than the patient (``SITE_LEVEL_COLUMNS``: region) would soak up the very
 quality effect a benchmark looks for wherever few sites share a level, so a site scores
 its expected readmissions with those columns zeroed (``without_site_level``), and
-``standardised`` then scales every site's E by the federation's sum O / sum E: indirect
-standardisation, each site against the federation as a whole (whose O/E is 1). Costs keep
-region: regional price levels are a legitimate adjustment, not a provider's doing.
+``standardised`` then scales every site's E by the federation's sum O / sum E, and its
+expected cost by sum C / sum C_E: indirect standardisation, each site against the
+federation as a whole, whose O/E and cost O/E are then 1 (and its value index 1) in every
+run, however well or badly the model's overall level fits (a DP-trained model's often
+does not); ``calibration`` keeps the two factors, which say how far off it was. Costs
+keep region: regional price levels are a legitimate adjustment, not a provider's doing.
 
 In a federation the totals travel as one shared sum over the roster (``shared_vector``):
 each site writes its totals, in exact integer units (``TOTAL_UNITS``) as 30-bit limbs, into
@@ -36,20 +39,34 @@ Formulas
   risk-adjusted cost RAC = C/C_E x federation mean cost (sum C / sum n), value =
   (1 - RAR) / RAC, readmission-free episodes per currency unit; ``value_index`` divides
   it by the federation's (1 - rate) / mean cost, so 1 is the federation average and
-  above 1 is better value.
+  above 1 is better value. Its 95% interval by the delta method on log value index, O
+  Poisson (Var O/E = O / E^2) and the cost ratio's SE as above, taken as independent.
+- Excess readmission ratio (ERR, shrunken toward the average site) and funnel limits
+  widened for between-site variation: ``analytics.random_effects``, from n, O and E.
+  The funnel position (``funnel``) is read against the widened limits; the ``above_*``
+  and ``below_*`` flags against the Poisson ones.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
 
 from fedcost.analytics import exact
+from fedcost.analytics.random_effects import (
+    ERR_METHOD,
+    FUNNEL_METHOD,
+    excess_readmission_ratios,
+    fit_random_intercept,
+    funnel_tau2,
+    overdispersed_limits,
+    peer_medians,
+)
 from fedcost.errors import PolicyViolationError
 from fedcost.privacy.policy import MIN_COHORT
 
@@ -100,15 +117,27 @@ def without_site_level(features: np.ndarray, names: list[str]) -> np.ndarray:
     return neutral
 
 
+# What each standardised expected total is scaled to match: (expected slot, observed slot).
+STANDARDISED = {"readmission": ("expected", "observed"), "cost": ("cost_expected", "cost_observed")}
+
+
+def calibration(sites: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """The federation's observed over expected, per outcome, before standardising: the
+    model's calibration-in-the-large, the factor ``standardised`` scales expected by."""
+    def total(slot: str) -> float:
+        return sum(float(t[SITE_SLOTS.index(slot)]) for t in sites.values())
+
+    return {outcome: total(observed) / total(expected) for outcome, (expected, observed) in STANDARDISED.items()}
+
+
 def standardised(sites: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every site's totals with E scaled so the federation's sum E equals its sum O."""
-    slot = SITE_SLOTS.index("expected")
-    observed = sum(float(t[SITE_SLOTS.index("observed")]) for t in sites.values())
-    factor = observed / sum(float(t[slot]) for t in sites.values())
+    """Every site's totals with E and C_E scaled so the federation's sums equal sum O and sum C."""
+    factors = calibration(sites)
     scaled = {}
     for name, totals in sites.items():
         scaled[name] = np.array(totals, dtype="float64")
-        scaled[name][slot] *= factor
+        for outcome, (expected, _) in STANDARDISED.items():
+            scaled[name][SITE_SLOTS.index(expected)] *= factors[outcome]
     return scaled
 
 
@@ -171,7 +200,10 @@ def funnel_limits(expected: float | np.ndarray, z: float) -> tuple[np.ndarray, n
 
 @dataclass(frozen=True)
 class SiteBenchmark:
-    """One site's risk-adjusted results; ``oe_*`` and ``cost_ratio_*`` are 95% CIs."""
+    """One site's risk-adjusted results; ``oe_*``, ``cost_ratio_*``, ``value_index_*`` and
+    ``err_*`` are 95% intervals; ``od_limit_*`` the overdispersed funnel limits and
+    ``funnel`` the site's position against them; ``peer_group`` and ``err_threshold`` (the
+    peer group's median ERR, or 1 without peer groups) as CMS compares hospitals."""
 
     site: str
     n: int
@@ -184,6 +216,11 @@ class SiteBenchmark:
     limit_95_high: float
     limit_998_low: float
     limit_998_high: float
+    od_limit_95_low: float
+    od_limit_95_high: float
+    od_limit_998_low: float
+    od_limit_998_high: float
+    funnel: str
     above_998: bool
     above_95: bool
     below_95: bool
@@ -197,35 +234,83 @@ class SiteBenchmark:
     risk_adjusted_cost: float
     value: float
     value_index: float
+    value_index_low: float
+    value_index_high: float
+    err: float
+    err_low: float
+    err_high: float
+    peer_group: str
+    err_threshold: float
 
 
 @dataclass(frozen=True)
 class Benchmark:
-    """Every site's results and the federation figures they are scaled by."""
+    """Every site's results and the federation figures they are scaled by: its rate and
+    mean cost, the model's ``calibration`` before standardising (empty where the totals
+    came standardised or not at all), the funnel's between-site variance ``funnel_tau2``
+    and the random intercepts' ``average_intercept`` (mu) and ``between_site_sd`` (tau)."""
 
     sites: tuple[SiteBenchmark, ...]
     federation_rate: float
     federation_mean_cost: float
+    funnel_tau2: float
+    average_intercept: float
+    between_site_sd: float
+    calibration: dict[str, float] = field(default_factory=dict)
+    funnel_method: str = FUNNEL_METHOD
+    err_method: str = ERR_METHOD
 
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame([asdict(site) for site in self.sites])
 
     def to_dict(self) -> dict:
-        return {
-            "federation_rate": self.federation_rate,
-            "federation_mean_cost": self.federation_mean_cost,
-            "sites": [asdict(site) for site in self.sites],
-        }
+        return {**{k: v for k, v in asdict(self).items() if k != "sites"}, "sites": [asdict(site) for site in self.sites]}
 
 
-def benchmark(sites: Mapping[str, np.ndarray]) -> Benchmark:
-    """Risk-adjusted results for every site from the totals each shared (``site_totals``)."""
+def position_in_funnel(oe: float, limits_95: tuple[float, float], limits_998: tuple[float, float]) -> str:
+    """Where an O/E lies against a funnel's limits, in words; above is worse (more readmissions)."""
+    for bound, above, words in ((limits_998[1], True, "above 99.8% limit"), (limits_95[1], True, "above 95% limit"),
+                                (limits_998[0], False, "below 99.8% limit"), (limits_95[0], False, "below 95% limit")):
+        if (oe > bound) if above else (oe < bound):
+            return words
+    return "within limits"
+
+
+def value_index_interval(value_index: float, t: Mapping[str, float], rate: float, z: float) -> tuple[float, float]:
+    """The delta-method interval of a value index on the log scale (O Poisson, cost SE from
+    the squared residuals, the two independent)."""
+    oe, ratio = t["observed"] / t["expected"], t["cost_observed"] / t["cost_expected"]
+    readmission_free = 1 - oe * rate
+    if readmission_free <= 0 or ratio <= 0:
+        return value_index, value_index
+    variance = (rate**2 * t["observed"] / t["expected"] ** 2) / readmission_free**2 + (
+        t["cost_residual_ss"] / t["cost_expected"] ** 2) / ratio**2
+    spread = z * math.sqrt(variance)
+    return value_index * math.exp(-spread), value_index * math.exp(spread)
+
+
+def benchmark(
+    sites: Mapping[str, np.ndarray], *, peer_groups: Mapping[str, str] | None = None,
+    calibration: Mapping[str, float] | None = None,
+) -> Benchmark:
+    """Risk-adjusted results for every site from the totals each shared (``site_totals``).
+
+    ``peer_groups`` maps sites to their peer group (a site left out is in a group of its
+    own kind, "": every unnamed site together); ``calibration``: the factors the totals
+    were standardised by, kept for the report.
+    """
     totals = {
         name: dict(zip(SITE_SLOTS, np.asarray(vector, dtype="float64").tolist(), strict=True)) for name, vector in sites.items()
     }
     n_all = sum(t["n"] for t in totals.values())
     rate = sum(t["observed"] for t in totals.values()) / n_all
     mean_cost = sum(t["cost_observed"] for t in totals.values()) / n_all
+    counts = [[t[slot] for t in totals.values()] for slot in ("n", "observed", "expected")]
+    tau2 = funnel_tau2(counts[1], counts[2])
+    intercepts = fit_random_intercept(*counts)
+    ratios = dict(zip(totals, excess_readmission_ratios(*counts, intercepts, Z_95), strict=True))
+    thresholds = (peer_medians({name: r.err for name, r in ratios.items()}, peer_groups) if peer_groups is not None
+                  else dict.fromkeys(totals, 1.0))
     results = []
     for name, t in totals.items():
         observed, expected = t["observed"], t["expected"]
@@ -233,10 +318,13 @@ def benchmark(sites: Mapping[str, np.ndarray]) -> Benchmark:
         oe_low, oe_high = (bound / expected for bound in byar_interval(observed, Z_95))
         (l95,), (h95,) = funnel_limits([expected], Z_95)
         (l998,), (h998,) = funnel_limits([expected], Z_998)
+        od95, od998 = (tuple(float(b) for b in overdispersed_limits(expected, z, tau2)) for z in (Z_95, Z_998))
         ratio = t["cost_observed"] / t["cost_expected"]
         half_width = Z_95 * math.sqrt(t["cost_residual_ss"]) / t["cost_expected"]
         rar, rac = oe * rate, ratio * mean_cost
         value = (1 - rar) / rac
+        value_index = value / ((1 - rate) / mean_cost)
+        vi_low, vi_high = value_index_interval(value_index, t, rate, Z_95)
         results.append(
             SiteBenchmark(
                 site=name,
@@ -250,6 +338,11 @@ def benchmark(sites: Mapping[str, np.ndarray]) -> Benchmark:
                 limit_95_high=float(h95),
                 limit_998_low=float(l998),
                 limit_998_high=float(h998),
+                od_limit_95_low=od95[0],
+                od_limit_95_high=od95[1],
+                od_limit_998_low=od998[0],
+                od_limit_998_high=od998[1],
+                funnel=position_in_funnel(oe, od95, od998),
                 above_998=bool(oe > h998),
                 above_95=bool(oe > h95),
                 below_95=bool(oe < l95),
@@ -262,7 +355,14 @@ def benchmark(sites: Mapping[str, np.ndarray]) -> Benchmark:
                 risk_adjusted_rate=rar,
                 risk_adjusted_cost=rac,
                 value=value,
-                value_index=value / ((1 - rate) / mean_cost),
+                value_index=value_index,
+                value_index_low=vi_low,
+                value_index_high=vi_high,
+                err=ratios[name].err,
+                err_low=ratios[name].low,
+                err_high=ratios[name].high,
+                peer_group=(peer_groups or {}).get(name, ""),
+                err_threshold=thresholds[name],
             )
         )
-    return Benchmark(tuple(results), rate, mean_cost)
+    return Benchmark(tuple(results), rate, mean_cost, tau2, intercepts.mu, intercepts.tau, dict(calibration or {}))

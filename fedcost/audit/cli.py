@@ -26,7 +26,7 @@ CaFile = Annotated[Path | None, typer.Option(
     help="The federation's CA certificate (its ca/ca.cert.pem): every party's key must match a certificate "
          "it issued, identities/<party>.cert.pem. Without it, keys are pinned only by the other parties' logs.")]
 FederationDir = Annotated[Path | None, typer.Option(
-    "--federation", metavar="DIR",
+    "--federation", "-f", metavar="DIR",
     help="A federation folder: as --ca with DIR/ca/ca.cert.pem, certificates also from DIR/nodes/*/node.cert.pem "
          "and DIR/coordinator/coordinator.cert.pem, and revocations from DIR/ca/revoked.crl.pem.")]
 
@@ -78,7 +78,7 @@ def verify(path: RunFolder, ca: CaFile = None, federation: FederationDir = None)
 @audit_app.command()
 def report(
     path: RunFolder,
-    fmt: Annotated[ReportFormat, typer.Option("--format", "-f", help="Output format.")] = ReportFormat.table,
+    fmt: Annotated[ReportFormat, typer.Option("--format", help="Output format.")] = ReportFormat.table,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
 ) -> None:
     """Per site: rounds joined, messages and bytes sent, output kinds, protections and refusals."""
@@ -89,6 +89,10 @@ def report(
         raise typer.Exit(1) from e
     if out is None:
         typer.echo(text, nl=False)
-    else:
+        return
+    try:
         out.write_text(text, encoding="utf-8")
-        typer.echo(f"wrote {out}")
+    except OSError as e:
+        typer.echo(f"error: {out}, field '--out': cannot write it ({e.strerror}); give a file path", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {out}")

@@ -8,20 +8,27 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fedcost.audit.authority import CERTIFICATE_SUFFIX, TrustedCA, short
-from fedcost.audit.log import LogVerification, verify_log
+from fedcost.audit.log import LogVerification, verify_chain, verify_log
 from fedcost.audit.pins import Pins
-from fedcost.audit.reconcile import Problem, reconcile
+from fedcost.audit.reconcile import Problem, reconcile, withdrawals
 from fedcost.errors import AuditLogTamperedError, CertificateError, ConfigError
 from fedcost.identity import PublicIdentity
 
 LOG_SUFFIX = ".jsonl"
 IDENTITY_SUFFIX = ".pub.json"
-VERIFIED = ("ok", "cut")  # the statuses of a log that verified, as far as it was written
+# The statuses of a log that verified, as far as it was written: an "unclosed" one ends
+# whole but without run_closed, which only a withdrawal explains (``reconcile.withdrawals``).
+VERIFIED = ("ok", "cut", "unclosed")
+
+
+_UNCLOSED = (" (a site's log may end so only where the federation's CA revoked it (verify with --federation) and "
+             "the coordinator logged it dropped after their last shared message)")
 
 
 @dataclass(frozen=True)
 class PartyStatus:
-    """How one party fared: "ok", "cut", "tampered", a missing or bad file, or a key not pinned."""
+    """How one party fared: "ok", "cut", "unclosed", "tampered", a missing or bad file, or a key
+    not pinned; ``revoked``: the federation's CA revoked its certificate after its log ended."""
 
     party: str
     role: str | None
@@ -29,6 +36,7 @@ class PartyStatus:
     detail: str
     verification: LogVerification | None = None
     identity: PublicIdentity | None = None
+    revoked: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,23 +111,33 @@ def _check_party(party: str, layout: _Layout, trust: TrustedCA | None) -> tuple[
     # (3) a log.
     if not log.exists():
         return PartyStatus(party, identity.role, "missing log", f"no {party}{LOG_SUFFIX}", identity=identity), None
-    # (4) the log is the identity's own, unedited and complete (verify_log's checklist).
+    # (4) the log is the identity's own, unedited and complete (verify_log's checklist); one
+    # that is all of that but not closed is "unclosed", for reconciliation to explain or not.
     try:
         result = verify_log(log, identity)
+        status, detail = "ok" if result.ok else "cut", result.describe()
     except AuditLogTamperedError as e:
-        return PartyStatus(party, identity.role, "tampered", str(e), identity=identity), None
+        try:
+            result, status, detail = verify_chain(log, identity), "unclosed", str(e)
+        except AuditLogTamperedError:
+            return PartyStatus(party, identity.role, "tampered", str(e), identity=identity), None
     except OSError as e:
         return PartyStatus(party, identity.role, "unreadable log", f"{layout.shown(log)} cannot be read "
                            f"({e.strerror})", identity=identity), None
-    # (5) with a CA: the certificate was in force while the log was written.
+    # (5) with a CA: the certificate was in force while the log was written; for an unclosed
+    # log, up to its last signature (what follows it, no key vouches for).
     note = None
     if trust is not None and certified is not None and result.entries:
         certificate, shown = certified
+        last = result.entries[-1]
+        if status == "unclosed":
+            last = next((e for e in result.entries if e.seq == result.signed_through), result.entries[0])
         try:
-            note = trust.in_force(certificate, shown, party, result.entries[0].time, result.entries[-1].time)
+            note = trust.in_force(certificate, shown, party, result.entries[0].time, last.time)
         except CertificateError as e:
             return PartyStatus(party, identity.role, "uncertified", str(e), identity=identity), None
-    return PartyStatus(party, identity.role, "ok" if result.ok else "cut", result.describe(), result, identity), note
+    # in_force notes a revocation after the log's last entry, and nothing else.
+    return PartyStatus(party, identity.role, status, detail, result, identity, revoked=note is not None), note
 
 
 def _pin(parties: dict[str, PartyStatus], pins: Pins, layout: _Layout, *, certified: bool) -> dict[str, PartyStatus]:
@@ -161,7 +179,8 @@ def verify_folder(path: str | os.PathLike[str], *, trust: TrustedCA | None = Non
         party's name, role and key (``identities/<party>.cert.pem``, else the federation's);
     (3) it has a log (a deleted log is as suspect as an edited one);
     (4) the log verifies against the identity (``verify_log``); one cut by an interrupted
-        write verifies up to its last whole entry;
+        write verifies up to its last whole entry; one whole but not closed is "unclosed",
+        which fails the folder unless the site was withdrawn (``reconcile.withdrawals``);
     (5) with ``trust``: the certificate was in force from the log's first entry to its last.
     Then, from the logs that verified (``Pins``), the identity files must agree with what
     the other parties held at the start of the run:
@@ -183,15 +202,22 @@ def verify_folder(path: str | os.PathLike[str], *, trust: TrustedCA | None = Non
         raise ConfigError(f"no audit logs (*{LOG_SUFFIX}) or identities (*{IDENTITY_SUFFIX}) found",
                           path=str(root))
     checked = {party: _check_party(party, layout, trust) for party in sorted(names)}
-    verified = {party: s.verification.entries for party, (s, _) in checked.items() if s.verification}
+    statuses = {party: status for party, (status, _) in checked.items()}
+    coordinators = {party for party, s in statuses.items() if s.role == "coordinator" and s.status == "ok"}
+    revoked = {party for party, s in statuses.items() if s.revoked}
+    withdrawn = withdrawals({party: s.verification.entries for party, s in statuses.items() if s.verification},
+                            coordinators=coordinators, revoked=revoked)
+    # An unclosed log no withdrawal explains is as suspect as a truncated one: it pins and reconciles nothing.
+    statuses = {party: replace(s, status="tampered", detail=s.detail + _UNCLOSED, verification=None)
+                if s.status == "unclosed" and party not in withdrawn else s for party, s in statuses.items()}
+    verified = {party: s.verification.entries for party, s in statuses.items() if s.verification}
     pins = Pins.from_logs(verified)
-    parties = _pin({party: status for party, (status, _) in checked.items()}, pins, layout,
-                   certified=trust is not None)
+    parties = _pin(statuses, pins, layout, certified=trust is not None)
     problems = [Problem(s.party, None, f"{s.status.upper()}: {s.detail}")
-                for s in parties.values() if s.status != "ok"]
+                for s in parties.values() if s.status not in ("ok", "unclosed")]
     problems += pins.problems
-    problems += reconcile(verified)
-    notes = [note for _, note in checked.values() if note]
+    problems += reconcile(verified, coordinators=coordinators, revoked=revoked)
+    notes = [note for _, note in checked.values() if note] + [str(w) for w in withdrawn.values()]
     if trust is not None and trust.note:
         notes.append(trust.note)
     if trust is None and verified and not pins.recorders:

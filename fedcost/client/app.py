@@ -178,6 +178,8 @@ class Guardian:
             else:
                 site.check_request(policy, hello, request)
                 node = self.node_factory(self.setup)
+                cohort = site.purpose_rows(request.purpose, len(node.data.train), len(node.data.test))  # type: ignore[arg-type]
+                site.check_cohort(policy, cohort)
                 ask = self._ask(request, hello, node, ledger)
                 if request.transport == rec.PLAIN:
                     exchange, content, expected = self._plain(ask, node, policy, hello, ledger, audit)
@@ -185,7 +187,6 @@ class Guardian:
                 else:
                     exchange, content, expected = self._secure(request, ask, node, policy, hello, ledger, audit)
                     releasing = str(request.stage) in RELEASING_STAGES
-                cohort = site.purpose_rows(request.purpose, len(node.data.train), len(node.data.test))  # type: ignore[arg-type]
         guarded = outgoing.guard(policy, content, outgoing.outgoing_message(request, content, expected, cohort))
         if exchange is not None:
             ledger.answered(exchange, _digest(guarded), durable=releasing)
@@ -199,6 +200,7 @@ class Guardian:
         policy = site.site_policy(self.setup.policy, hello)
         tables = site.check_plan(policy, hello)
         mapping = _mapping(self.setup.mapping)
+        site.check_data(hello, mapping)
         releases = noisy_releases(purposes=hello.purposes, rounds=hello.rounds, tables=tables, tasks=mapping.tasks,
                                   statistics=StatisticsLayout(mapping.feature_columns, tuple(mapping.targets)))
         site.check_noise(policy, hello, releases)

@@ -175,18 +175,22 @@ class Node:
     def _newton_contribution(self, ask: Ask, dp: DPConfig | None) -> Contribution:
         """An exact GLM's score and information sums per task at the coordinator's coefficients,
         over the training rows; refused where those coefficients put the sums' weight on fewer
-        than ``min_cohort`` rows (``glm.effective_rows``)."""
+        than ``min_cohort`` rows and on less than half the site's rows (``glm.effective_rows``):
+        crafted coefficients weigh one or two patients, while an honest model's weights vary
+        too little to halve a site's rows, so a small site is not left out of an exact fit."""
         assert ask.job is not None
         spec, features = ask.job.model, ask.job.features
         x, sums = features.design(self.data.train), []
+        floor = min(ask.min_cohort, len(x) / 2)
         for task in spec.tasks:
             family = glm.task_family(task, cost_family=spec.cost_family, tweedie_power=spec.tweedie_power)
             y = self._target(task, features)
             beta = ask.weights[task]
-            if glm.effective_rows(x, y, beta, family=family) < ask.min_cohort:
+            if glm.effective_rows(x, y, beta, family=family) < floor:
                 raise PolicyViolationError(
                     f"the site refuses this request: its {task} coefficients put the sums' weight on fewer than "
-                    f"{ask.min_cohort} rows (min_cohort): such sums describe a handful of patients"
+                    f"{floor:g} rows (min_cohort {ask.min_cohort}, or half the site's rows): such sums describe "
+                    "a handful of patients"
                 )
             sums.append(glm.site_sums(x, y, beta, family=family, limit=ask.limit))
         return Contribution(sums, 1)

@@ -11,6 +11,7 @@ reason that is safe to send: it names rules, never data.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -18,12 +19,14 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from fedcost.analytics import GroupedStatisticsLayout
-from fedcost.errors import ConfigError, PolicyViolationError
+from fedcost.data.features import StatisticsLayout
+from fedcost.data.mapping import DataMapping
+from fedcost.errors import ConfigError, DataMismatchError, PolicyViolationError
 from fedcost.privacy import MIN_COHORT, JobRequest, PrivacySettings, SitePolicy, check_job
 from fedcost.privacy.distributed import plan_epsilon
 from fedcost.wire import records as rec
 from fedcost.wire.hello import Hello
-from fedcost.wire.purposes import Purpose
+from fedcost.wire.purposes import WITHHOLDS, Purpose
 from fedcost.wire.requests import Request
 
 ACCEPTED_JOB = "site-job"  # where the accepted hello lives in the node's Flower context state
@@ -79,6 +82,53 @@ def check_plan(policy: SitePolicy, hello: Hello) -> list[GroupedStatisticsLayout
     if len(set(hello.tables)) != len(hello.tables):
         raise _refusal("the plan states one statistics table twice")
     return plan_tables(hello)
+
+
+def check_data(hello: Hello, mapping: DataMapping) -> None:
+    """The job's ``[data]`` must be this site's data: the same targets, and the same extra
+    columns (levels, order) as the site's mapping declares, or no shared sum lines up.
+    Refused at the hello, naming the field, before the site reads a row."""
+    if not hello.data:
+        return
+    ours = StatisticsLayout(mapping.feature_columns, tuple(mapping.targets)).data_section()
+    try:
+        job = json.loads(hello.data)
+    except ValueError:
+        job = None
+    if not isinstance(job, dict) or set(job) != set(ours):
+        raise _refusal(f"the hello's data section is not one of {', '.join(ours)}")
+    for field, theirs in job.items():
+        if theirs != ours[field]:
+            raise DataMismatchError(
+                f"the site refuses this job: its [data] {field} {_difference(theirs, ours[field])} "
+                f"({_MAPPED[field]} in {mapping.path.name}); every site's mapping must declare what the job's [data] "
+                "says: fix the job, or this site's mapping and restart its node"
+            )
+
+
+_MAPPED = {"targets": "[targets.*]", "extra_numeric": "[features] numeric",
+           "extra_categorical": "[features] categorical"}
+
+
+def _difference(job: object, site: object) -> str:
+    """What the job's value of a ``[data]`` field says that the site's mapping does not."""
+    if isinstance(job, dict) and isinstance(site, dict):
+        for name in sorted(job.keys() | site.keys()):
+            if job.get(name) != site.get(name):
+                return (f"gives {name!r} the levels {_listed(job[name])}, this site's mapping {_listed(site[name])}"
+                        if name in job and name in site else _difference(list(job), list(site)))
+    if isinstance(job, list) and isinstance(site, list):
+        missing, extra = [x for x in job if x not in site], [x for x in site if x not in job]
+        if missing:
+            return f"lists {missing[0]!r}, which this site's mapping does not declare"
+        if extra:
+            return f"does not list {extra[0]!r}, which this site's mapping declares"
+        return f"lists {_listed(job)}, in another order than this site's mapping ({_listed(site)})"
+    return f"is {job!r:.60}, not a list of names"
+
+
+def _listed(values: object) -> str:
+    return ", ".join(map(str, values)) if isinstance(values, list) else repr(values)[:60]
 
 
 def check_noise(policy: SitePolicy, hello: Hello, releases: list[int]) -> None:
@@ -172,6 +222,17 @@ def _check_weights(weights: ArrayRecord) -> int:
 def purpose_rows(purpose: Purpose, train: int, test: int) -> int:
     """The rows a reply of ``purpose`` describes: its cohort."""
     return {"train": train, "test": test, "all": train + test}[purpose.cohort]
+
+
+def check_cohort(policy: SitePolicy, cohort: int) -> None:
+    """Refuse a sum over fewer rows than the site's ``min_cohort`` before anything else (for a
+    secure sum, at its first stage): the egress guard would stop its contribution anyway, and
+    a site gone after the keys were shared costs every other site a recovery, or the sum an
+    abort and a retry. The reason does not say how many rows (a small count itself)."""
+    if cohort < policy.min_cohort:
+        raise PolicyViolationError(
+            f"{WITHHOLDS}: a cohort smaller than the site's min_cohort ({policy.min_cohort})"
+        )
 
 
 def _refusal(reason: str) -> PolicyViolationError:

@@ -26,8 +26,10 @@ released: a level no node could release is not in the vocabulary.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -61,6 +63,20 @@ class StatisticsLayout:
 
     columns: tuple[schema.Column, ...]
     targets: tuple[str, ...]
+
+    def data_section(self) -> dict[str, Any]:
+        """The targets and the columns beyond the schema's, as a job's ``[data]`` names them:
+        what a coordinator and every site must agree on for their sums to line up."""
+        known = {column.name for column in schema.FEATURES}
+        extras = [column for column in self.columns if column.name not in known]
+        return {"targets": sorted(self.targets),
+                "extra_numeric": [column.name for column in extras if column.kind == "numeric"],
+                "extra_categorical": {column.name: list(column.levels) for column in extras
+                                      if column.kind == "categorical"}}
+
+    def data_json(self) -> str:
+        """``data_section`` as the hello carries it."""
+        return json.dumps(self.data_section(), sort_keys=True)
 
     def slots(self) -> list[str]:
         names = ["rows"]

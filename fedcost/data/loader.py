@@ -70,9 +70,7 @@ def load_rows(mapping: DataMapping, node: NodeSource, path: Path, *, targets: bo
     raw = _read_table(path)
     out: dict[str, pd.Series] = {}
     for column in mapping.feature_columns:
-        source = node.source_of(column.name)
-        if source is None and column.name in raw.columns and column.name not in node.columns:
-            source = column.name
+        source = _source_column(mapping, node, raw, column.name)
         if source is None:
             if column.name in _required_features(mapping, node):
                 raise _missing_column(path, node, column.name)
@@ -84,21 +82,40 @@ def load_rows(mapping: DataMapping, node: NodeSource, path: Path, *, targets: bo
             out[column.name] = _numeric(cells, column, path, source)
         else:
             out[column.name] = _categorical(cells, column, mapping.values.get(column.name, {}), path, source)
-    for target_name, reading in mapping.targets.items() if targets else ():
-        source = node.source_of(target_name) or target_name
+    for slot, reading in mapping.targets.items() if targets else ():
+        source = node.source_of(reading.column) or reading.column
         if source not in raw.columns:
-            raise _missing_column(path, node, target_name)
+            raise _missing_column(path, node, reading.column, outcome=True)
         cells = raw[source]
-        if target_name == schema.READMISSION:
-            out[target_name] = _binary_target(cells, reading, path, source)
+        if reading.kind == "binary":
+            out[slot] = _binary_target(cells, reading, path, source)
         else:
-            out[target_name] = _cost_target(cells, path, source)
+            out[slot] = _non_negative_target(cells, reading, path, source)
     return pd.DataFrame(out)
 
 
+def _source_column(mapping: DataMapping, node: NodeSource, raw: pd.DataFrame, field_name: str) -> str | None:
+    """The node's column for ``field_name``: the one mapped to it, else a column of that name
+    the node may carry unmapped, unless it is mapped to another field or holds an outcome."""
+    source = node.source_of(field_name)
+    if source is not None or field_name not in raw.columns or field_name in node.columns:
+        return source
+    if any((node.source_of(r.column) or r.column) == field_name for r in mapping.targets.values()):
+        return None
+    return field_name if field_name in _found_by_name(mapping, node) else None
+
+
+def _found_by_name(mapping: DataMapping, node: NodeSource) -> set[str]:
+    """Fields a node's file may carry under their own name, unmapped: every feature for a node
+    of one of the ecosystem's roles, the declared ones only for a role-less node (whose
+    schema fields must be mapped explicitly, so a column that merely shares a name is not read)."""
+    if node.role == schema.SITE:
+        return mapping.declared_features
+    return {column.name for column in mapping.feature_columns}
+
+
 def _required_features(mapping: DataMapping, node: NodeSource) -> set[str]:
-    extras = set(mapping.extra_numeric) | set(mapping.extra_categorical)
-    return (set(schema.ROLES[node.role].features) | extras) - set(node.lacks)
+    return (set(schema.ROLES[node.role].features) | mapping.declared_features) - set(node.lacks)
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -132,15 +149,18 @@ def _require_header(raw: pd.DataFrame, path: Path, node: NodeSource, source: str
         raise _missing_column(path, node, field_name, source)
 
 
-def _missing_column(path: Path, node: NodeSource, field_name: str, source: str | None = None) -> DataValidationError:
+def _missing_column(
+    path: Path, node: NodeSource, field_name: str, source: str | None = None, *, outcome: bool = False
+) -> DataValidationError:
     source = source or node.source_of(field_name) or field_name
     hint = (
-        f"map it under [nodes.{node.name}.columns] or list '{field_name}' in [nodes.{node.name}] lacks"
-        if field_name not in (schema.READMISSION, schema.COST)
-        else f"map the source column to '{field_name}' under [columns] or [nodes.{node.name}.columns]"
+        f"map the source column to '{field_name}' under [columns] or [nodes.{node.name}.columns]"
+        if outcome
+        else f"map it under [nodes.{node.name}.columns] or list '{field_name}' in [nodes.{node.name}] lacks"
     )
+    what = "outcome" if outcome else "field"
     return DataValidationError(
-        f"missing required column for schema field '{field_name}' (node {node.name}, role {node.role}); {hint}",
+        f"missing required column for {what} '{field_name}' (node {node.name}, role {node.role}); {hint}",
         path=str(path),
         column=source,
     )
@@ -218,8 +238,8 @@ def _binary_target(cells: pd.Series, reading: TargetReading, path: Path, source:
         row = _first_row(bad)
         raise DataValidationError(
             f"value {cells.iloc[row - 1]!r} is neither positive ({', '.join(sorted(reading.positive))}) "
-            f"nor negative ({', '.join(sorted(reading.negative))}); the target must be 0/1, or set "
-            f"[targets.{schema.READMISSION}] positive and negative in the mapping",
+            f"nor negative ({', '.join(sorted(reading.negative))}); the outcome must be 0/1, or set "
+            f"[targets.{reading.column}] positive and negative in the mapping",
             path=str(path),
             row=row,
             column=source,
@@ -227,8 +247,12 @@ def _binary_target(cells: pd.Series, reading: TargetReading, path: Path, source:
     return pd.Series(positive.astype("float64"))
 
 
-def _cost_target(cells: pd.Series, path: Path, source: str) -> pd.Series:
+def _non_negative_target(cells: pd.Series, reading: TargetReading, path: Path, source: str) -> pd.Series:
     blank = _blank(cells)
     if blank.any():
-        raise DataValidationError("the cost is empty; every row needs a cost", path=str(path), row=_first_row(blank), column=source)
-    return _numeric(cells, schema.COLUMNS[schema.COST], path, source)
+        raise DataValidationError(
+            f"{reading.column} is empty; every row needs a value of its outcome", path=str(path),
+            row=_first_row(blank), column=source,
+        )
+    column = schema.Column(reading.column, "numeric", "non-negative outcome", minimum=0)
+    return _numeric(cells, column, path, source)

@@ -7,24 +7,67 @@ strict: every problem names the mapping file and the TOML field at fault.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fedcost import schema
 from fedcost.errors import MappingError
+from fedcost.identity.party import check_party_name
 from fedcost.tomlfile import read_toml
 
 DEFAULT_POSITIVE = ("1",)
 DEFAULT_NEGATIVE = ("0",)
 
+TargetKind = Literal["binary", "non-negative"]
+# The model each kind of outcome gets: a binary one the logistic (readmission) head, a
+# non-negative one the log-link (cost) head. Internally the rows carry them under these names.
+TARGET_SLOTS: dict[str, str] = {"binary": schema.READMISSION, "non-negative": schema.COST}
+# The ecosystem's own outcomes need no kind: their names say it.
+_SCHEMA_TARGET_KINDS: dict[str, TargetKind] = {schema.READMISSION: "binary", schema.COST: "non-negative"}
+TASK_OF_SLOT = {schema.READMISSION: "readmission", schema.COST: "cost"}
+
 
 @dataclass(frozen=True)
 class TargetReading:
-    """How to read a target column: the tokens that mean positive and negative (0/1 only)."""
+    """A declared outcome: its column in the data set, its kind and, for a binary one, the
+    tokens that mean positive and negative."""
 
+    column: str
+    kind: TargetKind
     positive: frozenset[str] = frozenset(DEFAULT_POSITIVE)
     negative: frozenset[str] = frozenset(DEFAULT_NEGATIVE)
+
+    @property
+    def slot(self) -> str:
+        """The name the outcome has in the rows and the statistics layout."""
+        return TARGET_SLOTS[self.kind]
+
+    @classmethod
+    def named(cls, column: str, kind: str | None = None) -> "TargetReading":
+        """An outcome with default tokens; ``kind`` may be left out for the schema's own targets.
+
+        Raises ``ValueError`` naming what is missing or wrong.
+        """
+        kind = kind or _SCHEMA_TARGET_KINDS.get(column)
+        if kind is None:
+            raise ValueError(f"say what kind of outcome '{column}' is: kind = \"binary\" or \"non-negative\"")
+        if kind not in TARGET_SLOTS:
+            raise ValueError(f"kind must be \"binary\" or \"non-negative\", not {kind!r}")
+        return cls(column, kind)  # type: ignore[arg-type]
+
+
+def targets_by_slot(readings: list[TargetReading]) -> dict[str, TargetReading]:
+    """Declared outcomes keyed by slot, in schema order; ``ValueError`` for two of one kind."""
+    by_slot: dict[str, TargetReading] = {}
+    for reading in readings:
+        if reading.slot in by_slot:
+            raise ValueError(
+                f"'{by_slot[reading.slot].column}' and '{reading.column}' are both {reading.kind} outcomes; "
+                "a run models one binary and one non-negative outcome: keep one of them"
+            )
+        by_slot[reading.slot] = reading
+    return {slot: by_slot[slot] for slot in TARGET_SLOTS.values() if slot in by_slot}
 
 
 @dataclass(frozen=True)
@@ -48,7 +91,11 @@ class NodeSource:
 
 @dataclass(frozen=True)
 class DataMapping:
-    """A validated mapping file: targets, extra features, value recodings and nodes."""
+    """A validated mapping file: targets, features, value recodings and nodes.
+
+    ``targets`` are keyed by slot (``schema.READMISSION`` for the binary outcome,
+    ``schema.COST`` for the non-negative one), whatever the data set calls them.
+    """
 
     path: Path
     nodes: tuple[NodeSource, ...]
@@ -59,21 +106,43 @@ class DataMapping:
 
     @property
     def feature_columns(self) -> tuple[schema.Column, ...]:
-        """Schema features followed by the data set's declared extra features."""
-        extras = tuple(
-            schema.Column(name, "numeric", "extra numeric feature", minimum=None)
+        """Schema features, then the data set's declared features.
+
+        A declared feature with a schema field's name replaces that field (a plain feature,
+        without the schema's bounds); an outcome's name hides the schema field it shares.
+        """
+        extras = {
+            name: schema.Column(name, "numeric", "declared numeric feature", minimum=None)
             for name in self.extra_numeric
-        ) + tuple(
-            schema.Column(name, "categorical", "extra categorical feature", levels=levels)
+        } | {
+            name: schema.Column(name, "categorical", "declared categorical feature", levels=levels)
             for name, levels in self.extra_categorical.items()
-        )
-        return schema.FEATURES + extras
+        }
+        outcomes = {reading.column for reading in self.targets.values()}
+        kept = tuple(extras.pop(c.name, c) for c in schema.FEATURES if c.name not in outcomes)
+        return kept + tuple(extras.values())
 
     @property
     def tasks(self) -> tuple[str, ...]:
         """Model tasks this data set supports, in schema order."""
-        names = {schema.READMISSION: "readmission", schema.COST: "cost"}
-        return tuple(names[t.name] for t in schema.TARGETS if t.name in self.targets)
+        return tuple(TASK_OF_SLOT[slot] for slot in self.targets)
+
+    @property
+    def outcome_columns(self) -> dict[str, str]:
+        """Each task's outcome as the data set names it, e.g. ``{"readmission": "died"}``."""
+        return {TASK_OF_SLOT[slot]: reading.column for slot, reading in self.targets.items()}
+
+    @property
+    def declared_features(self) -> set[str]:
+        return set(self.extra_numeric) | set(self.extra_categorical)
+
+    @property
+    def fields_present(self) -> set[str]:
+        """Feature fields some node carries: its role's, the mapped and the declared ones."""
+        present = set(self.declared_features)
+        for node in self.nodes:
+            present |= (set(schema.ROLES[node.role].features) - set(node.lacks)) | set(node.columns.values())
+        return present & {column.name for column in self.feature_columns}
 
     def node(self, name: str) -> NodeSource:
         for node in self.nodes:
@@ -108,48 +177,51 @@ class _MappingParser:
         if unknown:
             raise self.fail(sorted(unknown)[0], f"unknown section; allowed: {', '.join(sorted(self._TOP_LEVEL))}")
         targets = self._targets()
-        extra_numeric, extra_categorical = self._extra_features()
-        known_fields = set(schema.COLUMNS) | set(extra_numeric) | set(extra_categorical)
+        extra_numeric, extra_categorical = self._extra_features(targets)
+        mapping = DataMapping(self.path, (), targets, extra_numeric, extra_categorical)
+        known_fields = {c.name for c in mapping.feature_columns} | {r.column for r in targets.values()}
         shared_columns = self._columns("columns", self.raw.get("columns", {}), known_fields)
-        nodes = self._nodes(shared_columns, known_fields, set(extra_numeric) | set(extra_categorical))
-        return DataMapping(
-            path=self.path,
-            nodes=nodes,
-            targets=targets,
-            extra_numeric=extra_numeric,
-            extra_categorical=extra_categorical,
-            values=self._values(extra_categorical),
-        )
+        nodes = self._nodes(shared_columns, known_fields, mapping.declared_features)
+        return replace(mapping, nodes=nodes, values=self._values(mapping.feature_columns))
 
     def _targets(self) -> dict[str, TargetReading]:
         raw = self._table("targets", self.raw.get("targets"))
         if not raw:
             raise self.fail(
                 "targets",
-                f"declare at least one target, e.g. [targets.{schema.READMISSION}] or [targets.{schema.COST}]",
+                "declare at least one outcome, e.g. [targets.died] with kind = \"binary\", "
+                "or [targets.length_of_stay] with kind = \"non-negative\"",
             )
-        targets: dict[str, TargetReading] = {}
-        for name, spec in raw.items():
-            where = f"targets.{name}"
-            if name not in (schema.READMISSION, schema.COST):
-                raise self.fail(where, f"unknown target; targets are {schema.READMISSION} and {schema.COST}")
-            spec = self._table(where, spec)
-            if name == schema.COST:
-                if spec:
-                    raise self.fail(where, f"{schema.COST} takes no options")
-                targets[name] = TargetReading()
-                continue
-            unknown = set(spec) - {"positive", "negative"}
-            if unknown:
-                raise self.fail(f"{where}.{sorted(unknown)[0]}", "unknown option; use positive and negative")
-            positive = self._tokens(f"{where}.positive", spec.get("positive", list(DEFAULT_POSITIVE)))
-            negative = self._tokens(f"{where}.negative", spec.get("negative", list(DEFAULT_NEGATIVE)))
-            if positive & negative:
-                raise self.fail(where, f"values {sorted(positive & negative)} are both positive and negative")
-            targets[name] = TargetReading(positive, negative)
-        return targets
+        readings = [self._target(name, spec) for name, spec in raw.items()]
+        try:
+            return targets_by_slot(readings)
+        except ValueError as error:
+            raise self.fail("targets", str(error)) from None
 
-    def _extra_features(self) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+    def _target(self, name: str, raw: Any) -> TargetReading:
+        where = f"targets.{name}"
+        spec = self._table(where, raw)
+        reserved = {schema.READMISSION: "binary", schema.COST: "non-negative"}
+        if name in reserved and spec.get("kind", reserved[name]) != reserved[name]:
+            raise self.fail(f"{where}.kind", f"'{name}' is fedcost's {reserved[name]} outcome; name yours otherwise")
+        try:
+            reading = TargetReading.named(name, spec.get("kind"))
+        except ValueError as error:
+            raise self.fail(f"{where}.kind", str(error)) from None
+        allowed = {"kind", "positive", "negative"} if reading.kind == "binary" else {"kind"}
+        unknown = set(spec) - allowed
+        if unknown:
+            raise self.fail(f"{where}.{sorted(unknown)[0]}", f"unknown option for a {reading.kind} outcome; "
+                            f"use {', '.join(sorted(allowed))}")
+        if reading.kind != "binary":
+            return reading
+        positive = self._tokens(f"{where}.positive", spec.get("positive", list(DEFAULT_POSITIVE)))
+        negative = self._tokens(f"{where}.negative", spec.get("negative", list(DEFAULT_NEGATIVE)))
+        if positive & negative:
+            raise self.fail(where, f"values {sorted(positive & negative)} are both positive and negative")
+        return replace(reading, positive=positive, negative=negative)
+
+    def _extra_features(self, targets: dict[str, TargetReading]) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
         raw = self._table("features", self.raw.get("features", {}))
         unknown = set(raw) - {"numeric", "categorical"}
         if unknown:
@@ -162,20 +234,24 @@ class _MappingParser:
         for name, levels in categorical_raw.items():
             tokens = self._tokens(f"features.categorical.{name}", levels)
             categorical[name] = tuple(sorted(tokens))
+        outcomes = {reading.column for reading in targets.values()}
         for name in list(numeric) + list(categorical):
-            if name in schema.COLUMNS:
-                raise self.fail("features", f"'{name}' is already a schema field; map a source column to it instead")
+            if name in outcomes:
+                raise self.fail("features", f"'{name}' is an outcome under [targets]; a column is one or the other")
+            if name in (schema.READMISSION, schema.COST):
+                raise self.fail("features", f"'{name}' is the name fedcost gives its outcomes; rename the feature "
+                                "with [columns] (e.g. SOURCE = \"prior_cost\")")
         if len(set(numeric) | set(categorical)) != len(numeric) + len(categorical):
             raise self.fail("features", "a feature is declared twice")
         return tuple(numeric), categorical
 
-    def _values(self, extra_categorical: dict[str, tuple[str, ...]]) -> dict[str, dict[str, str]]:
+    def _values(self, features: tuple[schema.Column, ...]) -> dict[str, dict[str, str]]:
         raw = self._table("values", self.raw.get("values", {}))
         values: dict[str, dict[str, str]] = {}
+        columns = {column.name: column for column in features}
         for field_name, recoding in raw.items():
             where = f"values.{field_name}"
-            column = schema.COLUMNS.get(field_name)
-            levels = column.levels if column else extra_categorical.get(field_name)
+            levels = columns[field_name].levels if field_name in columns else ()
             if not levels:
                 raise self.fail(where, "recodings are for categorical fields only")
             recoding = self._table(where, recoding)
@@ -189,32 +265,31 @@ class _MappingParser:
         raw = self._table(where, raw)
         for source, target in raw.items():
             if not isinstance(target, str):
-                raise self.fail(f"{where}.{source}", "must name a schema field as a string")
+                raise self.fail(f"{where}.{source}", "must name a field as a string")
             if target not in known_fields:
                 raise self.fail(
                     f"{where}.{source}",
-                    f"unknown schema field '{target}'; known fields: {', '.join(sorted(known_fields))}",
+                    f"unknown field '{target}': declare it under [features] or [targets], or use a schema field: "
+                    f"{', '.join(sorted(known_fields))}",
                 )
         return dict(raw)
 
     def _nodes(self, shared: dict[str, str], known_fields: set[str], extras: set[str]) -> tuple[NodeSource, ...]:
         raw = self._table("nodes", self.raw.get("nodes"))
         if not raw:
-            raise self.fail("nodes", "declare at least one node, e.g. [nodes.st-mary] with role and file")
+            raise self.fail("nodes", "declare at least one node, e.g. [nodes.st-mary] with its file")
         return tuple(self._node(name, spec, shared, known_fields, extras) for name, spec in raw.items())
 
     def _node(
         self, name: str, raw: Any, shared: dict[str, str], known_fields: set[str], extras: set[str]
     ) -> NodeSource:
         where = f"nodes.{name}"
+        check_party_name(name, path=str(self.path), field=where, error=MappingError)
         spec = self._table(where, raw)
         unknown = set(spec) - {"role", "file", "test_file", "columns", "lacks"}
         if unknown:
             raise self.fail(f"{where}.{sorted(unknown)[0]}", "unknown option; use role, file, test_file, columns, lacks")
-        role = spec.get("role")
-        if role is None:
-            choices = " | ".join(f'"{name}"' for name in schema.ROLES)
-            raise self.fail(f"{where}.role", f"missing; add role = {choices} under [{where}]")
+        role = spec.get("role", schema.SITE)
         if role not in schema.ROLES:
             raise self.fail(f"{where}.role", f"role must be one of {', '.join(schema.ROLES)}, not {role!r}")
         if not isinstance(spec.get("file"), str):

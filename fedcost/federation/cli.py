@@ -2,8 +2,9 @@
 
 The operator provisions (``federation init``, ``add-node``, ``revoke``), starts the
 coordinator, submits jobs and collects the sites' logs and reports afterwards
-(``federation collect``); each site starts its node from its startup kit. Every command
-takes the federation folder (or the kit folder) as its first argument. Provisioning
+(``federation collect``); each site starts its node from its startup kit. The folder a
+command creates (``init``) or a site's kit is its argument; the federation a command works
+in is ``--federation``/``-f`` (default: the current folder), in every command. Provisioning
 imports neither torch nor Flower's runtime: those load only for the commands that run.
 """
 
@@ -16,30 +17,21 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from fedcost.errors import ConfigError, FedcostError
 from fedcost.federation.provision import NODE_ROLES, Federation, FederationConfig, fleet_address
 from fedcost.identity.federation_ca import utc_now
+from fedcost.terminal import console, fail, say
 
 federation_app = typer.Typer(help="Provision a federation: CA, coordinator, node startup kits.", no_args_is_help=True)
 coordinator_app = typer.Typer(help="Run the federation's coordinator (Flower SuperLink).", no_args_is_help=True)
 node_app = typer.Typer(help="Run a site's node from its startup kit.", no_args_is_help=True)
-console = Console(emoji=False)
 
-FederationDir = Annotated[Path, typer.Argument(help="The federation folder (made by `fedcost federation init`).")]
+FederationDir = Annotated[Path, typer.Option(
+    "--federation", "-f", help="The federation folder (made by `fedcost federation init`); default: this folder.")]
 _COORDINATOR_LINE = re.compile(r'^coordinator\s*=\s*"[^"\n]*"', re.MULTILINE)
-
-
-def _say(line: str) -> None:
-    console.print(escape(line), soft_wrap=True, highlight=False)
-
-
-def _fail(error: FedcostError) -> typer.Exit:
-    console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True, highlight=False)
-    return typer.Exit(code=2)
 
 
 @federation_app.command("init")
@@ -53,11 +45,11 @@ def init(
     try:
         config = FederationConfig(name.name, address, bind_host, cert_days)
     except ValueError as error:
-        raise _fail(ConfigError(str(error), field="address")) from None
+        raise fail(ConfigError(str(error), field="address")) from None
     try:
         federation = Federation.init(name, config, at=utc_now())
     except FedcostError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     coordinator = federation.coordinator_identity().public()
     console.print(f"federation [bold]{config.name}[/bold] in {name}; coordinator at {address} "
                   f"(nodes connect to {fleet_address(address)})")
@@ -68,43 +60,54 @@ def init(
 def add_node(
     name: Annotated[str, typer.Argument(help="The site's name, as in its data mapping.")],
     role: Annotated[str, typer.Option(help=f"One of {', '.join(NODE_ROLES)}.")],
-    federation_dir: Annotated[Path, typer.Option("--federation", "-f", help="The federation folder.")] = Path("."),
+    federation_dir: FederationDir = Path("."),
     days: Annotated[Optional[float], typer.Option(help="Certificate lifetime in days (default: federation.toml).")] = None,
 ) -> None:
     """Enrol a node and write its startup kit (kits/NAME): hand the kit to the site, then delete it here."""
     try:
         kit = Federation.load(federation_dir).add_node(name, role, at=utc_now(), days=days)
     except FedcostError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     console.print(f"enrolled {name} ({role}); startup kit: [bold]{kit}[/bold]")
 
 
 @federation_app.command("revoke")
 def revoke(
     name: Annotated[str, typer.Argument(help="The enrolled node to revoke.")],
-    federation_dir: Annotated[Path, typer.Option("--federation", "-f", help="The federation folder.")] = Path("."),
+    federation_dir: FederationDir = Path("."),
 ) -> None:
     """Revoke a node's certificate; a running coordinator drops it within seconds."""
     try:
         Federation.load(federation_dir).revoke(name, at=utc_now())
     except FedcostError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     console.print(f"revoked {name}; a running coordinator drops it within seconds")
 
 
-@coordinator_app.command("start")
-def coordinator_start(federation_dir: FederationDir) -> None:
+# The forms from before -f (`coordinator start DIR`, `run DIR [JOB]`) still work: the folder
+# arrives as an extra argument, left out of the usage line.
+OLD_FORMS = {"allow_extra_args": True}
+
+
+def _old_form(ctx: typer.Context, most: int) -> list[Path]:
+    if len(ctx.args) > most:
+        raise ConfigError(f"unexpected argument(s): {' '.join(ctx.args[most:])}; see --help", field="arguments")
+    return [Path(arg) for arg in ctx.args]
+
+
+@coordinator_app.command("start", context_settings=OLD_FORMS)
+def coordinator_start(ctx: typer.Context, federation_dir: FederationDir = Path(".")) -> None:
     """Start the coordinator: TLS, SuperNode authentication, only enrolled, unrevoked nodes."""
     from fedcost.federation import processes
 
     try:
-        federation = Federation.load(federation_dir)
+        federation = Federation.load(next(iter(_old_form(ctx, 1)), federation_dir))
         code = processes.run_coordinator(
             federation, echo=sys.stdout,
             on_ready=lambda: console.print(f"coordinator ready; log: {federation.log_file}"),
         )
     except FedcostError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     raise typer.Exit(code=code)
 
 
@@ -112,7 +115,7 @@ def coordinator_start(federation_dir: FederationDir) -> None:
 def node_start(
     kit: Annotated[Path, typer.Argument(help="The site's startup kit folder.")],
     data: Annotated[Path, typer.Option(help="The site's data file (CSV or Parquet).")],
-    mapping: Annotated[Path, typer.Option(help="The mapping file with a [nodes.<name>] table for this site.")],
+    mapping: Annotated[Path, typer.Option(help="The mapping file with a \\[nodes.<name>] table for this site.")],
     policy: Annotated[Optional[Path], typer.Option(help="The site policy (TOML); default: the permissive one.")] = None,
     state: Annotated[Optional[Path], typer.Option(help="Folder for the node's audit log and state (default: KIT/state).")] = None,
     split_seed: Annotated[int, typer.Option(help="Seed of the site's own train/held-out split.")] = 7,
@@ -128,9 +131,9 @@ def node_start(
         console.print(f"kit, policy and data of {checked.name} checked; connecting to {fleet_address(checked.address)} "
                       f"(log: {state / 'node.log'})", soft_wrap=True, highlight=False)
         code = processes.run_node(checked, state=state, policy=policy, split_seed=split_seed,
-                                  test_fraction=test_fraction, say=_say)
+                                  test_fraction=test_fraction, say=say)
     except FedcostError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     raise typer.Exit(code=code)
 
 
@@ -155,25 +158,29 @@ def node_policy(
                        encoding="utf-8")
         SitePolicy.load(out)
     except FedcostError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     console.print(f"wrote {out}: {template.name} trusting coordinator {checked.coordinator.key_id[:16]}… of "
                   f"federation {checked.federation}; review the rest before starting the node", soft_wrap=True)
 
 
 def run(
-    federation_dir: FederationDir,
-    job: Annotated[Optional[Path], typer.Argument(help="The job (TOML): [run], [model], [training], [strategy], "
-                                                       "[secure_aggregation], [analytics], [data]; "
-                                                       "configs/job.toml is one.")] = None,
+    ctx: typer.Context,
+    job: Annotated[Optional[Path], typer.Argument(help="The job (TOML): \\[run], \\[model], \\[training], "
+                                                       "\\[strategy], \\[secure_aggregation], \\[analytics], "
+                                                       "\\[data]; configs/job.toml is one.")] = None,
+    federation_dir: FederationDir = Path("."),
     resume: Annotated[Optional[str], typer.Option(help="Resume this run id from its checkpoint.")] = None,
 ) -> None:
     """Submit a job to the running coordinator and follow it; outputs in FEDERATION/runs/<run-id>/."""
-    from fedcost.cli import RoundProgress
     from fedcost.federation.follow import Follower, submit_and_follow
     from fedcost.federation.job import FederationJob
     from fedcost.server import deploy
+    from fedcost.terminal import RoundProgress
 
     try:
+        old_job = _old_form(ctx, 1)
+        if old_job or (job is not None and job.is_dir()):  # `fedcost run DIR [JOB]`
+            federation_dir, job = job, next(iter(old_job), None)
         federation = Federation.load(federation_dir)
         folder = _run_folder(federation, job, resume)
         rounds = FederationJob.load(folder / "job.toml").config.run.rounds
@@ -181,7 +188,7 @@ def run(
             progress.start()
             submit_and_follow(federation, folder, Follower(progress.advance, progress.stage, progress.say))
     except FedcostError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     summary = json.loads((folder / deploy.SUMMARY_FILE).read_text())
     console.print(f"run folder: [bold]{folder}[/bold] (report: {folder / 'report.html'})", soft_wrap=True)
     console.print(f"sites' logs and reports: fedcost federation collect {folder.name} SITE_STATE... "
@@ -209,7 +216,7 @@ def collect(
     run_id: Annotated[str, typer.Argument(help="The run id (its folder under runs/).")],
     sources: Annotated[list[Path], typer.Argument(help="Each site's node state folder, or a copy of its "
                                                        "audit/<run-id>/ and reports/<run-id>.json.")],
-    federation_dir: Annotated[Path, typer.Option("--federation", "-f", help="The federation folder.")] = Path("."),
+    federation_dir: FederationDir = Path("."),
 ) -> None:
     """Put the sites' audit logs and own reports into a run folder and verify every log."""
     from fedcost.federation.collect import collect as collect_run
@@ -218,7 +225,7 @@ def collect(
         federation = Federation.load(federation_dir)
         collected = collect_run(federation, run_id, sources)
     except FedcostError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     folder = federation.runs_dir / run_id
     console.print(f"collected {len(collected.logs)} site log(s) and {len(collected.reports)} site report(s) into "
                   f"{folder}", soft_wrap=True)

@@ -88,7 +88,7 @@ def submit_and_follow(federation: Federation, folder: Path, follower: Follower) 
         error = folder / deploy.ERROR_FILE
         reason = error.read_text().strip() if error.exists() else f"Flower reports the run {status[1]}"
         raise FederationError(f"the run stopped: {reason}. Its log is {folder / deploy.LOG_FILE}; the sites closed "
-                              f"it; to try again: fedcost run {federation.root} {folder / 'job.toml'}")
+                              f"it; to try again: fedcost run {folder / 'job.toml'} -f {federation.root}")
 
 
 def _follow(federation: Federation, folder: Path, flower_run: int, follower: Follower) -> tuple[str, str] | None:
@@ -117,6 +117,6 @@ def _follow(federation: Federation, folder: Path, flower_run: int, follower: Fol
                              "for it to come back (its run resumes from the last checkpoint)")
             elif time.monotonic() - lost_since > RECONNECT_PATIENCE:
                 raise FederationError(f"the coordinator did not come back within {RECONNECT_PATIENCE / 60:.0f} min; "
-                                      f"when it does, resume with `fedcost run {federation.root} --resume "
-                                      f"{folder.name}`") from None
+                                      f"when it does, resume with `fedcost run --resume {folder.name} "
+                                      f"-f {federation.root}`") from None
             time.sleep(2 * POLL_SECONDS)

@@ -19,7 +19,7 @@ import tomli_w
 from fedcost import schema
 from fedcost.config import SimulationConfig
 from fedcost.data.features import StatisticsLayout
-from fedcost.data.mapping import DataMapping, TargetReading
+from fedcost.data.mapping import DataMapping, TargetReading, targets_by_slot
 from fedcost.errors import ConfigError
 from fedcost.tomlfile import read_toml
 
@@ -29,27 +29,28 @@ DATA_KEYS = ("targets", "extra_numeric", "extra_categorical")
 
 @dataclass(frozen=True)
 class DataSection:
-    """The columns every site's data set provides: targets and extra features."""
+    """The columns every site's data set provides: outcomes (name → kind) and extra features."""
 
-    targets: tuple[str, ...] = (schema.READMISSION, schema.COST)
+    targets: dict[str, str] = field(
+        default_factory=lambda: {schema.READMISSION: "binary", schema.COST: "non-negative"}
+    )
     extra_numeric: tuple[str, ...] = ()
     extra_categorical: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def layout(self) -> StatisticsLayout:
         """The statistics layout the nodes' mappings give (same columns, same targets)."""
-        return StatisticsLayout(self._mapping().feature_columns, self.targets)
+        mapping = self._mapping()
+        return StatisticsLayout(mapping.feature_columns, tuple(mapping.targets))
 
     def tasks(self) -> tuple[str, ...]:
         return self._mapping().tasks
 
     def _mapping(self) -> DataMapping:
-        return DataMapping(
-            Path("<job>"), (), {target: TargetReading() for target in self.targets},
-            self.extra_numeric, self.extra_categorical,
-        )
+        readings = targets_by_slot([TargetReading.named(name, kind) for name, kind in self.targets.items()])
+        return DataMapping(Path("<job>"), (), readings, self.extra_numeric, self.extra_categorical)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"targets": list(self.targets), "extra_numeric": list(self.extra_numeric),
+        return {"targets": dict(self.targets), "extra_numeric": list(self.extra_numeric),
                 "extra_categorical": {k: list(v) for k, v in self.extra_categorical.items()}}
 
 
@@ -95,10 +96,7 @@ def _data_section(raw: Any, source: str) -> DataSection:
     unknown = sorted(set(raw) - set(DATA_KEYS))
     if unknown:
         raise ConfigError(f"unknown key; allowed: {', '.join(DATA_KEYS)}", path=source, field=f"data.{unknown[0]}")
-    targets = raw.get("targets", list(DataSection.targets))
-    known_targets = [target.name for target in schema.TARGETS]
-    if not isinstance(targets, list) or not targets or any(t not in known_targets for t in targets):
-        raise ConfigError(f"must be a non-empty list of {', '.join(known_targets)}", path=source, field="data.targets")
+    targets = _targets(raw.get("targets", DataSection().targets), source)
     numeric = raw.get("extra_numeric", [])
     if not isinstance(numeric, list) or not all(isinstance(n, str) for n in numeric):
         raise ConfigError("must be a list of column names", path=source, field="data.extra_numeric")
@@ -108,4 +106,26 @@ def _data_section(raw: Any, source: str) -> DataSection:
         for levels in categorical.values()
     ):
         raise ConfigError("must map column names to lists of levels", path=source, field="data.extra_categorical")
-    return DataSection(tuple(targets), tuple(numeric), {k: tuple(v) for k, v in categorical.items()})
+    section = DataSection(targets, tuple(numeric), {k: tuple(v) for k, v in categorical.items()})
+    try:
+        section.layout()
+    except ValueError as error:
+        raise ConfigError(str(error), path=source, field="data.targets") from None
+    return section
+
+
+def _targets(raw: Any, source: str) -> dict[str, str]:
+    """``[data] targets``: a table of outcome name → kind, or a list of the schema's own outcomes."""
+    if isinstance(raw, list) and raw and all(isinstance(t, str) for t in raw):
+        raw = {name: None for name in raw}
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(
+            'must name the outcomes and their kinds, e.g. targets = { died = "binary", length_of_stay = '
+            '"non-negative" } (or a list of readmitted_30d and total_cost)', path=source, field="data.targets")
+    targets: dict[str, str] = {}
+    for name, kind in raw.items():
+        try:
+            targets[name] = TargetReading.named(name, kind).kind
+        except ValueError as error:
+            raise ConfigError(str(error), path=source, field=f"data.targets.{name}") from None
+    return targets

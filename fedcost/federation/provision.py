@@ -47,12 +47,13 @@ from fedcost.identity.federation_ca import (
     party_identity,
     verify_certificate,
 )
+from fedcost.identity.party import check_party_name
 from fedcost.tomlfile import read_toml
 
 CONFIG_FILE = "federation.toml"
 KIT_FILE = "kit.toml"
 COORDINATOR = "coordinator"
-NODE_ROLES = ("hospital", "insurer", "pharma")
+NODE_ROLES = ("hospital", "insurer", "pharma", "site")
 # The CA outlives the certificates it issues; the revocation list is re-signed on every
 # revocation and lasts as long as the CA.
 CA_LIFETIME = timedelta(days=3650)
@@ -250,6 +251,7 @@ class Federation:
 
     def add_node(self, name: str, role: str, *, at: datetime, days: float | None = None) -> Path:
         """Enrol a node: identity, SuperNode auth key, certificate; returns its startup kit folder."""
+        check_party_name(name)
         if role not in NODE_ROLES:
             raise ConfigError(f"must be one of {', '.join(NODE_ROLES)}, not {role!r}", field="role")
         keep = self.root / "nodes" / name

@@ -24,10 +24,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fedcost.errors import ConfigError, InvalidSignatureError
 
-ROLES = ("coordinator", "hospital", "insurer", "pharma")
+ROLES = ("coordinator", "hospital", "insurer", "pharma", "site")
 
 # Names become file names (``<name>.pub.json``, ``audit/<name>.jsonl``), so no separators.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+PARTY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _PUBLIC_FIELDS = ("name", "role", "public_key", "key_id")
 
 
@@ -40,9 +40,18 @@ class _FieldError(ValueError):
         self.reason = reason
 
 
+def check_party_name(
+    name: str, *, path: str | None = None, field: str = "name", error: type[ConfigError] = ConfigError
+) -> None:
+    """Refuse a party name that could not be a file name (``../../evil``) before it is used."""
+    if not PARTY_NAME.fullmatch(name):
+        raise error(f"a party's name becomes a file name: use up to 64 letters, digits, '.', '_' or '-', "
+                    f"starting with a letter or digit, not {name!r}", path=path, field=field)
+
+
 def _check_name_and_role(name: object, role: object) -> None:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise _FieldError("name", f"must match {_NAME.pattern}, got {name!r}")
+    if not isinstance(name, str) or not PARTY_NAME.fullmatch(name):
+        raise _FieldError("name", f"must match {PARTY_NAME.pattern}, got {name!r}")
     if role not in ROLES:
         raise _FieldError("role", f"must be one of {', '.join(ROLES)}, got {role!r}")
 

@@ -8,73 +8,11 @@ Models hold float32 parameters only (no buffers), so FedAvg can average state di
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
-TASKS = ("readmission", "cost")
-KINDS = ("glm", "mlp", "multitask")
-FITS = ("auto", "newton", "fedavg")
-COST_FAMILIES = ("tweedie", "gamma", "poisson")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What to build; the same spec on every node gives weight lists that line up.
-
-    ``tasks`` is stored in ``TASKS`` order whatever order it is given in, because FedAvg pairs
-    weights by position. ``hidden`` and ``dropout`` are ignored by ``glm``.
-
-    ``fit``: how a ``glm`` is fitted. ``newton`` (what ``auto`` means for a glm): exactly, by
-    distributed Newton–Raphson on shared sums (``fedcost.models.glm``), the pooled penalised
-    maximum-likelihood fit with standard errors; ``fedavg``: by local training and FedAvg,
-    which a site that trains under DP-SGD needs. ``cost_family`` is the exact GLM's cost
-    model (log link), ``penalty`` its ridge λ on every coefficient but the intercept (in
-    units of one row's log-likelihood: 1.0 keeps constant or collinear features from making
-    the fit singular and moves a well-posed fit of thousands of rows by far less than its
-    standard errors). The neural models and ``fedavg`` fit Tweedie costs (``tweedie_power``).
-    """
-
-    kind: Literal["glm", "mlp", "multitask"] = "multitask"
-    hidden: tuple[int, ...] = (64, 32)
-    dropout: float = 0.0
-    tasks: tuple[str, ...] = TASKS
-    tweedie_power: float = 1.5
-    fit: Literal["auto", "newton", "fedavg"] = "auto"
-    cost_family: Literal["tweedie", "gamma", "poisson"] = "tweedie"
-    penalty: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"ModelSpec.kind={self.kind!r}: expected one of {KINDS}")
-        hidden = tuple(self.hidden)
-        if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden) or (
-            self.kind != "glm" and not hidden
-        ):
-            raise ValueError(f"ModelSpec.hidden={self.hidden!r}: expected a non-empty tuple of positive layer widths")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"ModelSpec.dropout={self.dropout!r}: expected 0 <= dropout < 1")
-        tasks = tuple(self.tasks)
-        if not tasks or len(set(tasks)) != len(tasks) or any(t not in TASKS for t in tasks):
-            raise ValueError(f"ModelSpec.tasks={self.tasks!r}: expected a non-empty subset of {TASKS} without repeats")
-        if not 1.0 < self.tweedie_power < 2.0:
-            raise ValueError(f"ModelSpec.tweedie_power={self.tweedie_power!r}: expected 1 < power < 2")
-        if self.fit not in FITS or (self.fit == "newton" and self.kind != "glm"):
-            raise ValueError(f"ModelSpec.fit={self.fit!r}: expected auto or fedavg, or newton for kind = glm")
-        if self.cost_family not in COST_FAMILIES or (self.cost_family != "tweedie" and not self.exact):
-            raise ValueError(f"ModelSpec.cost_family={self.cost_family!r}: expected tweedie, or gamma or poisson "
-                             "for an exact glm")
-        if isinstance(self.penalty, bool) or not (math.isfinite(self.penalty) and self.penalty >= 0):
-            raise ValueError(f"ModelSpec.penalty={self.penalty!r}: expected a ridge penalty >= 0")
-        object.__setattr__(self, "hidden", hidden)
-        object.__setattr__(self, "tasks", tuple(t for t in TASKS if t in tasks))
-
-    @property
-    def exact(self) -> bool:
-        """Whether the model is an exact GLM, fitted by distributed Newton–Raphson."""
-        return self.kind == "glm" and self.fit in ("auto", "newton")
+from fedcost.models.spec import ModelSpec
 
 
 class SeededDropout(nn.Module):

@@ -8,48 +8,13 @@ DataLoader would cost more than the steps.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
 from fedcost.models.nets import FedcostNet, SeededDropout
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One round of local training. ``momentum`` is used by sgd only; ``proximal_mu`` > 0 is FedProx."""
-
-    epochs: int = 1
-    batch_size: int = 128
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    proximal_mu: float = 0.0
-    cost_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name}={value!r}: expected a positive integer")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"TrainConfig.optimizer={self.optimizer!r}: expected one of {OPTIMIZERS}")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"TrainConfig.learning_rate={self.learning_rate!r}: expected a positive number")
-        for name in ("weight_decay", "proximal_mu"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"TrainConfig.{name}={value!r}: expected a number >= 0")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"TrainConfig.momentum={self.momentum!r}: expected 0 <= momentum < 1")
-        if not (math.isfinite(self.cost_weight) and self.cost_weight > 0):
-            raise ValueError(f"TrainConfig.cost_weight={self.cost_weight!r}: expected a positive number")
+from fedcost.models.spec import TrainConfig
 
 
 @dataclass(frozen=True)

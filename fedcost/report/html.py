@@ -11,13 +11,16 @@ import html
 import math
 from pathlib import Path
 
+from fedcost.report.units import cost_unit
 
 METRICS = {"readmission": ("auroc", "auprc", "brier"), "cost": ("mae", "rmse", "r2")}
 # The models every run compares, in table order: the shared model, pooled and local-only
 # fitted by the same estimator and scored as fitted, then the shared model as each site
 # would use it (``models.site_steps``).
 MODELS = ("federated", "pooled", "local_only", "federated_at_sites")
-PLOTS = ("rounds.png", "sites.png", "calibration.png", "funnel.png")
+PLOTS = ("rounds.png", "sites.png", "calibration.png", "funnel.png", "err.png")
+# Metrics in currency units; the others are ratios or probabilities.
+MONEY_METRICS = {("cost", "mae"), ("cost", "rmse")}
 
 
 def scoring_note(summary: dict) -> str:
@@ -30,10 +33,15 @@ def scoring_note(summary: dict) -> str:
             f"{tuned} fine-tuning)")
 
 
+def outcome_label(summary: dict, task: str) -> str:
+    """A task as the data set names its outcome (``died``), else the task's own name."""
+    return summary.get("outcomes", {}).get(task, {}).get("column", task)
+
+
 def comparison_rows(summary: dict) -> list[tuple[str, str, dict[str, float]]]:
-    """(task, metric, value per model) rows: the table the terminal and the report show."""
+    """(outcome, metric, value per model) rows: the table the terminal and the report show."""
     return [
-        (task, metric, {model: summary[task][model][metric] for model in MODELS})
+        (outcome_label(summary, task), metric, {model: summary[task][model][metric] for model in MODELS})
         for task, metrics in METRICS.items()
         if task in summary
         for metric in metrics
@@ -80,12 +88,15 @@ table {{ border-collapse: collapse; margin: 1rem 0; }}
 td, th {{ border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }}
 td:first-child, th:first-child {{ text-align: left; }}
 img {{ max-width: 100%; }}
+.withheld {{ color: #a33; font-style: italic; }}
+details > summary {{ cursor: pointer; font-size: 1.2rem; font-weight: bold; margin: 1rem 0; }}
 </style></head><body>
 <h1>fedcost run {html.escape(summary['run_id'])}</h1>
+<p>Costs in {html.escape(cost_unit(summary))}{"" if summary.get("currency") else " (the config names no currency: [analytics] currency)"}.</p>
 {body}
-<p>{_protections(summary)}</p>
-{_benchmark_section(summary.get("analytics", {}).get("benchmark"))}
-{_statistics_section(summary.get("analytics", {}).get("statistics"))}
+{_privacy_section(summary)}
+{_benchmark_section(summary.get("analytics", {}).get("benchmark"), summary)}
+{_statistics_section(summary.get("analytics", {}).get("statistics"), summary)}
 <h2>Plots</h2>
 {figures}
 </body></html>
@@ -99,7 +110,8 @@ def _sites_line(summary: dict) -> str:
 
 def _training_sections(summary: dict) -> str:
     table = "".join(
-        f"<tr><td>{task}</td><td>{metric}</td>" + "".join(f"<td>{format_value(v[m])}</td>" for m in MODELS) + "</tr>"
+        f"<tr><td>{task}</td><td>{_metric_label(task, metric, summary)}</td>"
+        + "".join(f"<td>{format_value(v[m])}</td>" for m in MODELS) + "</tr>"
         for task, metric, v in comparison_rows(summary)
     )
     sites = "".join(
@@ -109,7 +121,7 @@ def _training_sections(summary: dict) -> str:
         for n in summary["nodes"]
     )
     site_heads = "".join(
-        f"<th>{task} {METRICS[task][0]} ({m})</th>"
+        f"<th>{task} {_metric_label(task, METRICS[task][0], summary)} ({m})</th>"
         for task in METRICS
         if task in summary
         for m in MODELS
@@ -117,7 +129,7 @@ def _training_sections(summary: dict) -> str:
     return f"""<p>{len(summary['nodes'])} nodes, {summary['rounds']} rounds of {summary['strategy']}, model {summary['model']};
 all models scored on the same {summary['test_rows']:,} held-out rows; {scoring_note(summary)}.</p>
 <h2>Federated against pooled and local-only</h2>
-<table><tr><th>task</th><th>metric</th>{''.join(f'<th>{m}</th>' for m in MODELS)}</tr>{table}</table>
+<table><tr><th>outcome</th><th>metric</th>{''.join(f'<th>{m}</th>' for m in MODELS)}</tr>{table}</table>
 <h2>Per site</h2>
 <table><tr><th>site</th><th>role</th><th>train rows</th><th>test rows</th>{site_heads}</tr>{sites}</table>"""
 
@@ -125,7 +137,7 @@ all models scored on the same {summary['test_rows']:,} held-out rows; {scoring_n
 def federation_rows(summary: dict) -> list[tuple[str, str, float]]:
     """(task, metric, value) of the federated model: the table a federation run ends with."""
     return [
-        (task, metric, value)
+        (outcome_label(summary, task), metric, value)
         for task in METRICS
         if task in summary
         for metric, value in summary[task]["federated"].items()
@@ -134,7 +146,7 @@ def federation_rows(summary: dict) -> list[tuple[str, str, float]]:
 
 def _federation_sections(summary: dict) -> str:
     """A federation run: the federated model's metrics, then each site as it reported itself."""
-    table = "".join(f"<tr><td>{task}</td><td>{metric}</td><td>{format_value(v)}</td></tr>"
+    table = "".join(f"<tr><td>{task}</td><td>{_metric_label(task, metric, summary)}</td><td>{format_value(v)}</td></tr>"
                     for task, metric, v in federation_rows(summary))
     reported = summary.get("sites_reported", [])
     sites = "".join(_reported_site(n, summary) for n in summary["nodes"])
@@ -144,7 +156,7 @@ def _federation_sections(summary: dict) -> str:
 model {summary['model']}. Metrics of the federated model from the summed evaluation sums of every site's
 held-out rows; no party holds the rows a pooled or local-only model would need.</p>
 <h2>Federated model</h2>
-<table><tr><th>task</th><th>metric</th><th>federated</th></tr>{table}</table>
+<table><tr><th>outcome</th><th>metric</th><th>federated</th></tr>{table}</table>
 <h2>Per site</h2>
 <p>{note}: rows, privacy spent, and the final model on the site's own held-out rows (the metrics its
 policy shares).</p>
@@ -161,7 +173,7 @@ def _reported_site(node: dict, summary: dict) -> str:
     else:
         spent = "no DP"
     figures = "; ".join(
-        f"{task} {metric} {format_value(value)}"
+        f"{task} {_metric_label(task, metric, summary)} {format_value(value)}"
         for task, models in summary.get("per_site", {}).get(node["name"], {}).items() if isinstance(models, dict)
         for metric, value in models.get("federated", {}).items()
     )
@@ -171,64 +183,175 @@ def _reported_site(node: dict, summary: dict) -> str:
 
 
 def funnel_position(site: dict) -> str:
-    for flag, words in (("above_998", "above 99.8% limit"), ("above_95", "above 95% limit"),
-                        ("below_998", "below 99.8% limit"), ("below_95", "below 95% limit")):
-        if site[flag]:
-            return words
-    return "within limits"
+    """A site's position in the funnel, against limits widened for between-site variation, and
+    against the Poisson 99.8% limits where it lies outside them."""
+    poisson = "above" if site["above_998"] else "below" if site["below_998"] else ""
+    return f"{site['funnel']} ({poisson} Poisson 99.8%)" if poisson else site["funnel"]
 
 
-def _benchmark_section(result: dict | None) -> str:
-    """Risk-adjusted O/E, cost ratio and value per site, as the sites shared them."""
+def _metric_label(task: str, metric: str, summary: dict) -> str:
+    return f"{metric} ({html.escape(cost_unit(summary))})" if (task, metric) in MONEY_METRICS else metric
+
+
+def _interval(centre: float, low: float, high: float) -> str:
+    return f"{centre:.2f} ({low:.2f}–{high:.2f})"
+
+
+def _benchmark_section(result: dict | None, summary: dict) -> str:
+    """Risk-adjusted O/E next to the shrunken excess readmission ratio, cost ratio and value
+    per site, each with its interval, and how they were computed."""
     if not result:
         return ""
+    unit = html.escape(cost_unit(summary))
+    peers = any(s["peer_group"] for s in result["sites"])
     rows = "".join(
         f"<tr><td>{html.escape(s['site'])}</td><td>{s['n']:,}</td><td>{s['observed']:,.0f}</td><td>{s['expected']:,.1f}</td>"
-        f"<td>{s['oe']:.2f} ({s['oe_low']:.2f}–{s['oe_high']:.2f})</td><td>{funnel_position(s)}</td>"
-        f"<td>{s['cost_ratio']:.2f} ({s['cost_ratio_low']:.2f}–{s['cost_ratio_high']:.2f})</td><td>{s['value_index']:.2f}</td></tr>"
+        f"<td>{_interval(s['oe'], s['oe_low'], s['oe_high'])}</td><td>{_interval(s['err'], s['err_low'], s['err_high'])}</td>"
+        + (f"<td>{html.escape(s['peer_group']) or 'none'}</td><td>{s['err_threshold']:.3f}</td>" if peers else "")
+        + f"<td>{funnel_position(s)}</td><td>{_interval(s['cost_ratio'], s['cost_ratio_low'], s['cost_ratio_high'])}</td>"
+        f"<td>{_interval(s['value_index'], s['value_index_low'], s['value_index_high'])}</td></tr>"
         for s in result["sites"]
     )
+    peer_heads = "<th>peer group</th><th>peer median ERR</th>" if peers else ""
     return f"""<h2>Risk-adjusted benchmarking</h2>
-<p>Each site scored its own rows with the federated model and shared only its totals: observed and
+<p>Each site scored its own rows with the federated model and shared only its totals: rows, observed and
 expected readmissions and costs. Federation readmission rate {result['federation_rate']:.3f}, mean cost
-{result['federation_mean_cost']:,.0f}. O/E and cost ratio with 95% intervals; the funnel's control limits are
-Poisson limits around 1 at each site's expected count; value index 1 is the federation's
-readmission-free episodes per cost, above 1 better value.</p>
-<table><tr><th>site</th><th>rows</th><th>observed</th><th>expected</th><th>O/E (95% CI)</th><th>funnel</th>
-<th>cost O/E (95% CI)</th><th>value index</th></tr>{rows}</table>"""
+{result['federation_mean_cost']:,.0f} {unit} per stay. All intervals are 95%.</p>
+<ul>
+<li><strong>O/E</strong>: observed over expected readmissions, exact-Poisson (Byar) interval.</li>
+<li><strong>ERR</strong> (excess readmission ratio, as CMS's readmissions programme computes it): predicted
+readmissions with the site's own random intercept over expected with the average site's. Method:
+{html.escape(result['err_method'])}; between-site SD τ = {result['between_site_sd']:.3f}. A small site's ERR is pulled toward 1: its own
+readmissions say little. ERR compares a site with the average site, O/E with the federation's pooled
+rate (which large sites dominate), so a large site's ERR and O/E can differ. Computed at the coordinator
+from the rows, O and E the sites already shared.
+{"ERR is compared with the median ERR of the site's peer group (CMS's threshold)." if peers else "Above 1: more readmissions than the average site with the same patients."}</li>
+<li><strong>Funnel</strong>: the site's O/E against control limits around 1 widened for real between-site
+variation ({html.escape(result['funnel_method'])}; τ² = {result['funnel_tau2']:.3g}). Above the limits is worse:
+unusual even allowing for how much sites differ. In brackets, a site outside the Poisson 99.8% limits, which
+allow for chance alone.</li>
+<li><strong>Cost O/E</strong>: observed over expected cost, interval from the squared residuals.</li>
+<li><strong>Value index</strong>: readmission-free stays per {unit} against the federation's; above 1 better
+value; delta-method interval.</li>
+</ul>
+{_noise_note(summary)}
+<p>{_normalisation(result)}</p>
+<table><tr><th>site</th><th>rows</th><th>observed</th><th>expected</th><th>O/E (95% CI)</th><th>ERR (95% CI)</th>
+{peer_heads}<th>funnel</th><th>cost O/E (95% CI)</th><th>value index (95% CI)</th></tr>{rows}</table>"""
 
 
-def _statistics_section(result: dict | None) -> str:
-    """Grouped statistics: every cell that holds rows, suppressed cells shown as such."""
+def _noise_note(summary: dict) -> str:
+    noisy = summary.get("statistics_privacy")
+    if not noisy:
+        return ""
+    return (f"<p>The totals carried differential-privacy noise (SD {noisy['noise_sd']:.3g} readmissions or rows per "
+            "total, costs clipped): the intervals above leave that noise out, so they are too narrow for small sites.</p>")
+
+
+def _normalisation(result: dict) -> str:
+    """Why the federation is 1 on every ratio, and how far the model's own level was off."""
+    factors = result.get("calibration") or {}
+    if not factors:
+        return "Expected readmissions are standardised to the federation (its O/E is 1); expected costs are the model's own."
+    return ("Expected readmissions and costs are standardised so that the federation as a whole has O/E, cost O/E "
+            "and value index 1, in every run. Before that, the federated model's totals were off by a factor of "
+            f"{factors['readmission']:.3f} (readmissions, observed/expected) and {factors['cost']:.3f} (costs): the "
+            "model's calibration in the large, which differential privacy and few rounds can move.")
+
+
+def _privacy_section(summary: dict) -> str:
+    """What protected the sites' data and what was held back: secure aggregation, differential
+    privacy per site, the smallest cohort any figure describes, and what was withheld."""
+    privacy = summary.get("privacy", {})
+    rows = "".join(f"<tr><td>{html.escape(n['name'])}</td><td>{_dp_spent(privacy.get(n['name']))}</td></tr>"
+                   for n in summary["nodes"])
+    noisy = summary.get("statistics_privacy")
+    statistics = (f"<p>Shared statistics (benchmark totals, grouped statistics, evaluation sums) carried distributed "
+                  f"noise for (ε = {noisy['epsilon']:g}, δ = {noisy['delta']:g}) per site, noise SD "
+                  f"{noisy['noise_sd']:.3g}, costs clipped at {noisy['cost_clip']:,.0f} {html.escape(cost_unit(summary))}.</p>"
+                  if noisy else "<p>Shared statistics were exact (no statistics noise).</p>")
+    return f"""<h2>Privacy</h2>
+<p>{_protections(summary)}</p>
+<p>Smallest cohort any shared figure describes (min cohort): {summary.get('min_cohort', 'not recorded')} rows.</p>
+{statistics}
+<table><tr><th>site</th><th>differential privacy in training: ε spent / budget (δ)</th></tr>{rows}</table>
+<p>Withheld: {_withheld(summary)}</p>"""
+
+
+def _dp_spent(privacy: dict | None) -> str:
+    if privacy is None:
+        return "not reported"
+    if not privacy.get("dp"):
+        return "no DP"
+    return f"{privacy['epsilon_spent']:.2f} / {privacy['epsilon_budget']:g} ({privacy['delta']:g})"
+
+
+def _withheld(summary: dict) -> str:
+    analytics = summary.get("analytics", {})
+    parts = []
+    statistics = analytics.get("statistics")
+    if statistics:
+        cells = _listed_cells(statistics)
+        suppressed = sum(c["suppressed"] for c in cells)
+        partial = sum(_partly_withheld(c) for c in cells)
+        parts.append(f"{suppressed} of {len(cells)} statistics cells suppressed, {partial} partly withheld")
+    bench = analytics.get("benchmark")
+    if bench:
+        missing = sorted({n["name"] for n in summary["nodes"]} - set(bench.get("included", [s["site"] for s in bench["sites"]])))
+        parts.append("every site shared its benchmark totals" if not missing
+                     else f"no benchmark totals from {', '.join(map(html.escape, missing))}")
+    dropouts = summary.get("dropouts") or {}
+    if dropouts:
+        parts.append(f"nodes dropped out in round(s) {', '.join(map(str, dropouts))}")
+    return "; ".join(parts) + "." if parts else "nothing."
+
+
+def _statistics_section(result: dict | None, summary: dict) -> str:
+    """Grouped statistics, folded away: every cell that holds rows, suppressed and partly
+    withheld cells flagged."""
     if not result:
         return ""
     groups = result["group_by"]
-    cells = [c for c in result["cells"] if c["suppressed"] or c["n"]]
+    cells = _listed_cells(result)
     heads = "".join(f"<th>{html.escape(g)}</th>" for g in groups)
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(c[g]))}</td>" for g in groups) + _cell_figures(c) + "</tr>" for c in cells
     )
-    return f"""<h2>Federated statistics</h2>
+    suppressed, partial = sum(c["suppressed"] for c in cells), sum(_partly_withheld(c) for c in cells)
+    unit = html.escape(cost_unit(summary))
+    return f"""<details><summary>Federated statistics: {len(cells)} cells ({suppressed} suppressed, {partial} partly withheld)</summary>
 <p>{html.escape(result['note'])}</p>
-<table><tr>{heads}<th>rows</th><th>mean cost</th><th>median cost</th><th>p90 cost</th><th>readmission rate</th></tr>
-{rows}</table>"""
+<table><tr>{heads}<th>rows</th><th>mean cost ({unit})</th><th>median cost ({unit})</th><th>p90 cost ({unit})</th>
+<th>readmission rate</th></tr>
+{rows}</table></details>"""
+
+
+# The figures of a statistics cell the report shows, in column order.
+CELL_FIGURES = ("total_cost_mean", "cost_median", "cost_p90", "readmission_rate")
+
+
+def _listed_cells(result: dict) -> list[dict]:
+    """The cells the report lists: those that hold rows, suppressed ones included."""
+    return [c for c in result["cells"] if c["suppressed"] or c["n"]]
+
+
+def _partly_withheld(cell: dict) -> bool:
+    """A released cell with some figure held back (a measure under min cohort at the nodes)."""
+    return not cell["suppressed"] and any(k in cell and cell[k] is None for k in CELL_FIGURES)
 
 
 def _cell_figures(cell: dict) -> str:
     if cell["suppressed"]:
-        return '<td colspan="5">suppressed: too few rows</td>'
-    figures = [
-        f"{cell['n']:,}",
-        _money(cell.get("total_cost_mean")),
-        _money(cell.get("cost_median")),
-        _money(cell.get("cost_p90")),
-        "n/a" if cell.get("readmission_rate") is None else f"{cell['readmission_rate']:.3f}",
-    ]
-    return "".join(f"<td>{f}</td>" for f in figures)
-
-
-def _money(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:,.0f}"
+        return '<td colspan="5" class="withheld">suppressed: too few rows</td>'
+    figures = [f"<td>{cell['n']:,}</td>"]
+    for key in CELL_FIGURES:
+        value = cell.get(key)
+        if key in cell and value is None:
+            figures.append('<td class="withheld" title="withheld: too few rows for this figure">withheld</td>')
+        else:
+            figures.append("<td>n/a</td>" if value is None else f"<td>{value:.3f}</td>" if key == "readmission_rate"
+                           else f"<td>{value:,.0f}</td>")
+    return "".join(figures)
 
 
 def _protections(summary: dict) -> str:

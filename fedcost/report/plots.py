@@ -10,15 +10,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 
-from fedcost.analytics.benchmarking import Z_95, Z_998, Benchmark, SiteBenchmark, funnel_limits  # noqa: E402
+from fedcost.analytics.benchmarking import Z_95, Z_998, Benchmark, funnel_limits  # noqa: E402
+from fedcost.analytics.random_effects import overdispersed_limits  # noqa: E402
+from fedcost.report.units import cost_unit  # noqa: E402
 
 MODEL_COLOURS = {"federated": "#1f77b4", "pooled": "#2ca02c", "local_only": "#d62728"}
 ROUND_PANELS = (
     ("readmission_auroc", "readmission", "auroc", "Readmission AUROC"),
     ("readmission_brier", "readmission", "brier", "Readmission Brier score"),
-    ("cost_mae", "cost", "mae", "Cost MAE"),
+    ("cost_mae", "cost", "mae", "Cost MAE ({unit})"),
     ("cost_r2", "cost", "r2", "Cost R²"),
 )
+# A site's funnel position (``SiteBenchmark.funnel``): its dot's colour and legend entry.
+FUNNEL_COLOURS = {
+    "above 99.8% limit": ("#d62728", "above 99.8% limit: worse"),
+    "above 95% limit": ("#ff7f0e", "above 95% limit"),
+    "within limits": ("#1f77b4", "within limits"),
+    "below 95% limit": ("#74c476", "below 95% limit"),
+    "below 99.8% limit": ("#006d2c", "below 99.8% limit: better"),
+}
 
 
 def plot_rounds(rounds: list[dict], summary: dict, path: Path) -> None:
@@ -30,7 +40,7 @@ def plot_rounds(rounds: list[dict], summary: dict, path: Path) -> None:
         ax.plot(x, [r[key] for r in rounds], marker="o", color=MODEL_COLOURS["federated"], label="federated")
         if "pooled" in summary.get(task, {}):  # a federation has no pooled model
             ax.axhline(summary[task]["pooled"][metric], ls="--", color=MODEL_COLOURS["pooled"], label="pooled (final)")
-        ax.set(title=title, xlabel="round")
+        ax.set(title=title.format(unit=cost_unit(summary)), xlabel="round")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     _save(figure, path)
@@ -41,7 +51,7 @@ def plot_sites(summary: dict, path: Path) -> None:
     (a federation's: the federated model, as far as each site reported it)."""
     sites = list(summary["per_site"])
     panels = [
-        (t, m, label) for t, m, label in (("readmission", "auroc", "AUROC"), ("cost", "mae", "cost MAE"))
+        (t, m, label) for t, m, label in (("readmission", "auroc", "AUROC"), ("cost", "mae", f"cost MAE ({cost_unit(summary)})"))
         if any(m in scores for s in sites for scores in summary["per_site"][s].get(t, {}).values())
     ]
     if not panels:
@@ -84,26 +94,57 @@ def _save(figure: plt.Figure, path: Path) -> None:
     plt.close(figure)
 
 
-def _colour(site: SiteBenchmark) -> str:
-    flags = (site.above_998, site.above_95, site.below_998, site.below_95, True)
-    return ("#d62728", "#ff7f0e", "#006d2c", "#74c476", "#1f77b4")[flags.index(True)]
-
-
 def plot_funnel(result: Benchmark, path: Path) -> None:
-    """Funnel plot PNG: O/E against expected readmissions, 95% and 99.8% limits, sites labelled."""
+    """Funnel plot PNG: O/E against expected readmissions, with 95% and 99.8% limits widened
+    for between-site variation (the method in the title), the Poisson 99.8% limits faintly
+    for reference, dots coloured by position with a legend, and which side is worse."""
     expected = np.array([s.expected for s in result.sites])
     volume = np.geomspace(max(expected.min() / 2, 1.0), expected.max() * 1.2, 200)
-    figure, ax = plt.subplots(figsize=(7, 4.5))
+    figure, ax = plt.subplots(figsize=(8, 5))
     for z, style, label in ((Z_95, "--", "95% limits"), (Z_998, "-", "99.8% limits")):
-        low, high = funnel_limits(volume, z)
+        low, high = overdispersed_limits(volume, z, result.funnel_tau2)
         ax.plot(volume, high, style, color="grey", label=label)
         ax.plot(volume, low, style, color="grey")
+    low, high = funnel_limits(volume, Z_998)
+    ax.plot(volume, high, ":", color="silver", label="99.8% Poisson limits (no overdispersion)")
+    ax.plot(volume, low, ":", color="silver")
     ax.axhline(1.0, color="black", lw=0.8)
+    for position, (colour, label) in FUNNEL_COLOURS.items():
+        members = [s for s in result.sites if s.funnel == position]
+        ax.scatter([s.expected for s in members], [s.oe for s in members], color=colour, zorder=3,
+                   label=f"{label} ({len(members)})")
     for site in result.sites:
-        ax.scatter(site.expected, site.oe, color=_colour(site), zorder=3)
         ax.annotate(site.site, (site.expected, site.oe), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set(xlabel="expected readmissions (E)", ylabel="observed / expected", title="Risk-adjusted 30-day readmission")
+    ax.text(1.01, 0.97, "worse ↑\n(more readmissions\nthan expected)", transform=ax.transAxes, va="top", fontsize=8,
+            color=FUNNEL_COLOURS["above 99.8% limit"][0])
+    ax.text(1.01, 0.03, "better ↓\n(fewer readmissions\nthan expected)", transform=ax.transAxes, va="bottom", fontsize=8,
+            color=FUNNEL_COLOURS["below 99.8% limit"][0])
+    ax.set(xlabel="expected readmissions (E)", ylabel="observed / expected readmissions (O/E)")
+    ax.set_title("Risk-adjusted 30-day readmission\n"
+                 f"limits: additive between-site variance τ² = {result.funnel_tau2:.3g} (DerSimonian–Laird on log O/E)",
+                 fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.8), frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _save(figure, path)
+
+
+def plot_excess_readmission(result: Benchmark, path: Path) -> None:
+    """Each site's raw O/E and its shrunken excess readmission ratio, with 95% intervals,
+    sites ordered by size: the smaller the site, the further its ERR is pulled toward 1."""
+    sites = sorted(result.sites, key=lambda s: s.expected)
+    figure, ax = plt.subplots(figsize=(8, max(3.0, 0.35 * len(sites) + 1.5)))
+    rows = np.arange(len(sites))
+    for offset, (key, colour, label) in zip((0.15, -0.15), (("oe", "#7f7f7f", "O/E (raw)"),
+                                                           ("err", "#1f77b4", "excess readmission ratio (ERR)"))):
+        centre = np.array([getattr(s, key) for s in sites])
+        low, high = (np.array([getattr(s, f"{key}_{b}") for s in sites]) for b in ("low", "high"))
+        ax.errorbar(centre, rows + offset, xerr=[centre - low, high - centre], fmt="o", color=colour, capsize=2,
+                    label=f"{label}, 95% interval")
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_yticks(rows, [f"{s.site} (E {s.expected:,.0f})" for s in sites], fontsize=8)
+    ax.set(xlabel="ratio (above 1: more readmissions than expected, worse)",
+           title=f"Shrunken against raw readmission ratios (between-site SD τ = {result.between_site_sd:.3f})")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncols=2, frameon=False)
     _save(figure, path)

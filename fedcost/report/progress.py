@@ -89,6 +89,7 @@ def federation_summary(
         "federation": True,
         "secure_aggregation": config.secure_aggregation.enabled,
         "min_cohort": config.run.min_cohort,
+        "currency": config.analytics.currency,
         "nodes": [{"name": name, "role": roles[name]} for name in sorted(roles)],
         "rounds": config.run.rounds,
         "strategy": config.strategy.name,

@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from fedcost.analytics import Benchmark, GroupedStatistics, benchmark
 from fedcost.analytics import benchmarking
-from fedcost.analytics.benchmarking import shared_vector_size, standardised, totals_from_shared_vector
+from fedcost.analytics.benchmarking import calibration, shared_vector_size, standardised, totals_from_shared_vector
 from fedcost.audit import AuditLog
 from fedcost.config import AnalyticsSection, SecureAggregationSection, StatisticsPrivacySection, StrategySection
 from fedcost.data.features import FeatureSpec, StatisticsLayout
@@ -43,7 +43,7 @@ from fedcost.server.shared_sum import PollingGrid, SharedSums, SumResult
 from fedcost.wire import records as rec
 from fedcost.wire.events import Event
 from fedcost.wire.hello import Hello
-from fedcost.wire.purposes import PURPOSES
+from fedcost.wire.purposes import PURPOSES, WITHHOLDS
 
 NODE_WAIT_SECONDS = 120.0
 COORDINATOR = "coordinator"
@@ -126,6 +126,7 @@ class CoordinatorPlan:
             outputs={purpose: PURPOSES[purpose].outputs for purpose in purposes},
             tables=(self.analytics.layout().to_json(),) if "analytics" in purposes else (),
             noise=self.noise,
+            data=self.layout.data_json(),
         )
 
 
@@ -202,6 +203,7 @@ class Coordinator:
         self.strategy = make_strategy(plan.strategy, plan.min_nodes or len(plan.roster))
         proximal_mu = plan.strategy.proximal_mu if plan.strategy.name == "fedprox" else 0.0
         self.training = replace(plan.training, proximal_mu=proximal_mu)
+        self._withheld: dict[str, dict[str, str]] = {}  # cohort -> site -> why it withholds
 
     def run(self) -> None:
         self.log.append(
@@ -286,12 +288,21 @@ class Coordinator:
             self.grid.send_and_receive(messages)
         self.log.close(details={"stopped": stopped} if stopped else None)
 
-    def _sum(self, purpose: str, server_round: int, *args, **kwargs) -> SumResult:
-        """A shared sum, with its dropouts and the digest of the aggregate in the log."""
+    def _sum(self, purpose: str, server_round: int, shapes: list, node_ids: list[int], *args, **kwargs) -> SumResult:
+        """A shared sum, with its dropouts and the digest of the aggregate in the log.
+
+        A site that withheld a sum for too few rows withholds every later sum over the same
+        rows (its cohort): it is not asked again, since each ask would cost a secure sum an
+        abort and a retry, and it stays among the result's dropouts with its reason.
+        """
+        withheld = self._withheld.setdefault(PURPOSES[purpose].cohort, {})
+        node_ids = [n for n in node_ids if self.sums.sites[n] not in withheld]
         noisy = self.plan.noise is not None and not PURPOSES[purpose].trains
-        result = self.sums.run(purpose, server_round, *args, noisy=noisy, **kwargs)
+        result = self.sums.run(purpose, server_round, shapes, node_ids, *args, noisy=noisy, **kwargs)
         for site, reason in result.dropouts.items():
             self.log.append(Event.DROPOUT, round=server_round, details={"party": site, "reason": reason, "purpose": purpose})
+        withheld.update({site: reason for site, reason in result.dropouts.items() if WITHHOLDS in reason})
+        result.dropouts = {**withheld, **result.dropouts}
         self.log.append(
             Event.AGGREGATE,
             round=server_round,
@@ -317,8 +328,9 @@ class Coordinator:
         """Sum every node's statistics vector; the totals give the shared encoding."""
         size = len(self.plan.layout.slots())
         result = self._sum("statistics", 0, [(size,)], node_ids)
-        if result.dropouts:
-            raise FederationError(f"the statistics stage needs every node; missing: {result.dropouts}")
+        lost = {site: reason for site, reason in result.dropouts.items() if WITHHOLDS not in reason}
+        if lost:
+            raise FederationError(f"the statistics stage needs every node that has enough rows; missing: {lost}")
         noise = self.plan.noise
         if noise is None:
             features = self.plan.layout.feature_spec(result.arrays[0])
@@ -346,11 +358,13 @@ class Coordinator:
         shape = (shared_vector_size(len(names), noisy=noise is not None),)
         result = self._sum("benchmark", self.plan.rounds, [shape], node_ids, arrays, job.to_json())
         if noise is None:
-            totals = standardised(totals_from_shared_vector(result.arrays[0], names))
+            totals = totals_from_shared_vector(result.arrays[0], names)
         else:
             noisy = result.arrays[0] * benchmarking.noisy_bounds(len(names), noise.cost_clip)
-            totals = standardised(totals_from_shared_vector(noisy, names, noisy=True))
-        self.observer.on_benchmark(benchmark(totals), result.included)
+            totals = totals_from_shared_vector(noisy, names, noisy=True)
+        peers = self.plan.analytics.peer_groups or None
+        compared = benchmark(standardised(totals), peer_groups=peers, calibration=calibration(totals))
+        self.observer.on_benchmark(compared, result.included)
 
     def _train_round(self, server_round: int, arrays: ArrayRecord, job: TrainingJob) -> tuple[ArrayRecord, SumResult]:
         """Sum the example-weighted updates, then let Flower's strategy take its step."""

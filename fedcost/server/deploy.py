@@ -44,6 +44,7 @@ from fedcost.report.progress import METRICS_FILE, PROGRESS_FILE, ProgressRecorde
 from fedcost.server.app import Coordinator, CoordinatorPlan, ResumePoint
 from fedcost.server.shared_sum import MIN_SECURE_NODES
 from fedcost.wire import records as rec
+from fedcost.wire.events import Event
 
 FEDERATION_DIR, RUN_ID = "federation-dir", "run-id"  # the run-config keys fedcost's Flower app declares
 ERROR_FILE, SUMMARY_FILE, LOG_FILE = "error.txt", "summary.json", "coordinator.log"
@@ -138,7 +139,10 @@ def coordinate(grid: Grid, federation: Federation, folder: Path) -> None:
     try:
         running.run()
     except FedcostError as stopped:
-        # A clean stop: every party's log of the run ends signed, with the reason at the coordinator.
+        # A clean stop: every party's log of the run ends signed, with the reason at the coordinator,
+        # and the sites the federation withdrew logged as dropped (their own logs cannot close).
+        for name, reason in _withdrawn(federation, names).items():
+            log.append(Event.DROPOUT, round=deployed.round, details={"party": name, "reason": reason})
         running.close_stopped(str(stopped), connected=deployed.connected())
         raise
     recorder.finish({i.name: i.role for i in identities}, seconds=time.perf_counter() - started)
@@ -165,6 +169,7 @@ class DeployedGrid:
         self.names = names
         self.withdrawn = withdrawn
         self.patience = patience
+        self.round: int | None = None  # the round of the stage under way
 
     def connected(self) -> set[int]:
         """The run's nodes connected now, however few."""
@@ -212,6 +217,7 @@ class DeployedGrid:
         config = message.content[rec.CONFIG]
         stage = {"kind": rec.message_kind(message.content), "round": config.get(rec.ROUND), "at": time.time()}
         replace_atomically(self.progress, json.dumps(stage).encode())
+        self.round = stage["round"] if isinstance(stage["round"], int) else self.round
         return str(stage["kind"])
 
 

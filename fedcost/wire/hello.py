@@ -28,6 +28,7 @@ from fedcost.wire.purposes import PURPOSES
 
 OUTPUTS = "outputs."
 TABLES = "tables"
+DATA = "data"
 _FIELDS = ("run_id", "coordinator", "secure_aggregation", "rounds", "min_cohort", "model_parameters")
 # The job's distributed DP noise on every sum but training updates: all three, or none.
 _NOISE = {"noise_sd": "sd", "noise_sites": "sites", "noise_cost_clip": "cost_clip"}
@@ -39,7 +40,8 @@ class Hello:
     """A job plan. ``outputs`` maps each purpose the job will ask for to what its replies
     carry; ``tables`` holds every grouped-statistics layout (JSON) the analytics purpose
     will request; ``noise``, the distributed DP noise every sum but a training update
-    carries, if the job adds any."""
+    carries, if the job adds any; ``data``, the job's targets and extra columns (JSON,
+    ``StatisticsLayout.data_json``), which the site's own data must match."""
 
     run_id: str
     coordinator: str
@@ -50,6 +52,7 @@ class Hello:
     outputs: Mapping[str, tuple[str, ...]]
     tables: tuple[str, ...] = ()
     noise: StatisticsNoise | None = None
+    data: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "outputs", MappingProxyType({k: tuple(v) for k, v in self.outputs.items()}))
@@ -67,7 +70,9 @@ class Hello:
     def _plain(self) -> dict[str, Any]:
         fields = {name: getattr(self, name) for name in _FIELDS}
         noise = {key: getattr(self.noise, name) for key, name in _NOISE.items()} if self.noise else {}
-        return {**fields, "outputs": {k: list(v) for k, v in self.outputs.items()}, TABLES: list(self.tables), **noise}
+        data = {DATA: self.data} if self.data else {}
+        return {**fields, "outputs": {k: list(v) for k, v in self.outputs.items()}, TABLES: list(self.tables), **noise,
+                **data}
 
     def to_record(self) -> ConfigRecord:
         """The hello as its config record travels (``transport = hello``)."""
@@ -75,13 +80,14 @@ class Hello:
         outputs = {OUTPUTS + purpose: list(names) for purpose, names in self.outputs.items()}
         tables = {TABLES: list(self.tables)} if self.tables else {}
         noise = {key: getattr(self.noise, name) for key, name in _NOISE.items()} if self.noise else {}
-        return ConfigRecord({rec.TRANSPORT: rec.HELLO, **plan, **outputs, **tables, **noise})
+        data = {DATA: self.data} if self.data else {}
+        return ConfigRecord({rec.TRANSPORT: rec.HELLO, **plan, **outputs, **tables, **noise, **data})
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> Hello:
         """The plan a hello states, read strictly: a field this node does not know (a
         subgroup filter, a query) is a request the site never agreed to answer."""
-        known = {rec.TRANSPORT, TABLES, *_FIELDS, *_NOISE}
+        known = {rec.TRANSPORT, TABLES, DATA, *_FIELDS, *_NOISE}
         for key in record:
             if key not in known and not key.startswith(OUTPUTS):
                 raise _refusal(f"the hello asks for {key!r:.60}, which this node does not know")
@@ -101,6 +107,9 @@ class Hello:
             raise _refusal("the hello's tables must be a list of statistics layouts")
         if bool(tables) != ("analytics" in outputs):
             raise _refusal("the hello must state every statistics table of its analytics, and tables only with them")
+        data = record.get(DATA, "")
+        if not isinstance(data, str):
+            raise _refusal("the hello's data section must be a JSON text")
         run_id, coordinator = record["run_id"], record["coordinator"]
         if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
             raise _refusal(f"the hello's run id {str(run_id)[:40]!r} is not a plain name")
@@ -121,6 +130,7 @@ class Hello:
             model_parameters=record["model_parameters"],  # type: ignore[arg-type]
             outputs={purpose: tuple(names) for purpose, names in outputs.items()},  # type: ignore[union-attr]
             tables=tuple(tables),
+            data=data,
         )
 
 

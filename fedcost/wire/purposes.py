@@ -62,5 +62,9 @@ NEWTON = Purpose("newton", "train", ("sums",), "train", "each", True, False, tra
 EVALUATE = Purpose("evaluate", "evaluate", ("sums",), "test", "each", True, False)
 BENCHMARK = Purpose("benchmark", "evaluate", ("sums",), "all", "after", True, False)
 
+# How a site's refusal for too few rows of a purpose's cohort begins: the coordinator
+# leaves that site out of every later sum over the same cohort (its rows will not grow).
+WITHHOLDS = "the site withholds this sum"
+
 # In the order a job asks for them.
 PURPOSES: dict[str, Purpose] = {p.name: p for p in (STATISTICS, ANALYTICS, TRAIN, NEWTON, EVALUATE, BENCHMARK)}
