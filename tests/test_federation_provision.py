@@ -16,7 +16,7 @@ from fedcost.errors import CertificateError, ConfigError, CoordinatorUnreachable
 from fedcost.federation import roster
 from fedcost.federation.job import FederationJob
 from fedcost.federation.processes import free_port, prepare_node, probe_coordinator
-from fedcost.federation.provision import Federation, FederationConfig, Kit
+from fedcost.federation.provision import Federation, FederationConfig, Kit, fleet_address
 from fedcost.identity import Identity
 from fedcost.identity.federation_ca import Authority, utc_now
 
@@ -165,3 +165,10 @@ def test_an_omop_sites_data_is_its_extracts_folder(federation, tmp_path):
     with pytest.raises(DataValidationError, match="the OMOP person table is required"):
         prepare_node(federation.kit_dir("h1"), data=tmp_path, mapping=mapping, policy=None,
                      state=state, split_seed=1, test_fraction=0.2, at=NOW)
+
+
+def test_nodes_reach_the_coordinator_on_the_port_after_its_address():
+    assert fleet_address("coordinator.example.org:9093") == "coordinator.example.org:9094"
+    assert fleet_address("[::1]:9093") == "[::1]:9094"
+    with pytest.raises(ValueError, match="below 65535.*its nodes use the next port"):
+        FederationConfig("demo", "127.0.0.1:65535")

@@ -217,7 +217,9 @@ def test_a_node_revoked_mid_run_is_dropped_and_the_run_completes_without_it(make
     federation.start_nodes()
     federation.wait_connected()
     victim = "pharma-1"
-    (federation.folder / "job.toml").write_text(JOB.format(rounds=3) + NO_ANALYTICS)
+    # Five rounds: a revocation takes a few seconds to reach the coordinator and the node
+    # (more on a loaded machine), and a round of four sites takes about two.
+    (federation.folder / "job.toml").write_text(JOB.format(rounds=5) + NO_ANALYTICS)
     submitted = federation.processes.start("run", "run", "fed", "job.toml", cwd=federation.folder)
     wait_for(lambda: any(_metrics(r) for r in (federation.root / "runs").iterdir()), RUN_TIMEOUT, "round 1")
     assert fedcost("federation", "revoke", victim, "-f", "fed", cwd=federation.folder).returncode == 0
@@ -226,7 +228,7 @@ def test_a_node_revoked_mid_run_is_dropped_and_the_run_completes_without_it(make
     submitted.wait(timeout=RUN_TIMEOUT)
     assert submitted.returncode == 0, federation.processes.output("run")
     rounds = _metrics(federation.latest_run())
-    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
     assert rounds[0]["nodes_included"] == 4 and rounds[-1]["nodes_included"] == 3
     wait_for(lambda: federation.processes.started[victim].poll() is not None, 60, "the revoked node to stop")
     assert federation.processes.started[victim].returncode == 2

@@ -10,15 +10,18 @@ import threading
 import time
 import uuid
 
+import grpc
 import pytest
 from flwr.app import DEFAULT_TTL, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.app.message.message import make_message
 from flwr.clientapp import ClientApp
+from flwr.supercore.error import ApiErrorCode, FlowerError
+from flwr.supercore.error.grpc import _flower_error_to_grpc_json
 
 from fedcost.errors import KitError
 from fedcost.federation import worker as worker_module
 from fedcost.federation.provision import Federation, FederationConfig, Kit
-from fedcost.federation.worker import ConnectionLost, NodeRefused, NodeWorker, Polling
+from fedcost.federation.worker import ConnectionLost, NodeRefused, NodeWorker, Polling, Rejected, fleet_failure
 from fedcost.identity.federation_ca import utc_now
 from fedcost.wire import records as rec
 
@@ -170,3 +173,18 @@ def test_polling_waits_half_the_last_gap_then_polls_quickly():
     assert polling.idle() == pytest.approx(0.4)
     waits = [polling.idle() for _ in range(3)]
     assert waits[0] == worker_module.POLL_FAST and waits[0] < waits[1] < waits[2] < 0.1
+
+
+def _flower_error(code: ApiErrorCode) -> str:
+    """What Flower's SuperLink puts in a failed call's details (its own serialiser)."""
+    return _flower_error_to_grpc_json(FlowerError(code, "internal detail"), "public message")
+
+
+@pytest.mark.parametrize("code, details, kind", [
+    (grpc.StatusCode.UNAUTHENTICATED, "Invalid node ID", NodeRefused),
+    (grpc.StatusCode.FAILED_PRECONDITION, _flower_error(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED), NodeRefused),
+    (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses", ConnectionLost),
+    (grpc.StatusCode.PERMISSION_DENIED, _flower_error(ApiErrorCode.FLEET_RUN_STATUS_NOT_ALLOWED), Rejected),
+])
+def test_a_failed_fleet_call_is_refused_lost_or_rejected(code, details, kind):
+    assert type(fleet_failure(code, details)) is kind

@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedcost.errors import ConfigError, FedcostError
-from fedcost.federation.provision import NODE_ROLES, Federation, FederationConfig
+from fedcost.federation.provision import NODE_ROLES, Federation, FederationConfig, fleet_address
 from fedcost.identity.federation_ca import utc_now
 from fedcost.terminal import console, fail, say
 
@@ -37,7 +37,7 @@ _COORDINATOR_LINE = re.compile(r'^coordinator\s*=\s*"[^"\n]*"', re.MULTILINE)
 @federation_app.command("init")
 def init(
     name: Annotated[Path, typer.Argument(help="The federation folder to create; its name names the federation.")],
-    address: Annotated[str, typer.Option(help="HOST:PORT where nodes reach the coordinator.")] = "127.0.0.1:9093",
+    address: Annotated[str, typer.Option(help="HOST:PORT where the coordinator is reached (nodes: PORT + 1).")] = "127.0.0.1:9093",
     bind_host: Annotated[str, typer.Option(help="Interface the coordinator listens on (0.0.0.0: all).")] = "127.0.0.1",
     cert_days: Annotated[float, typer.Option(help="Lifetime of issued certificates, in days.")] = 365.0,
 ) -> None:
@@ -51,7 +51,8 @@ def init(
     except FedcostError as error:
         raise fail(error) from None
     coordinator = federation.coordinator_identity().public()
-    console.print(f"federation [bold]{config.name}[/bold] in {name}; coordinator at {address}")
+    console.print(f"federation [bold]{config.name}[/bold] in {name}; coordinator at {address} "
+                  f"(nodes connect to {fleet_address(address)})")
     console.print(f"coordinator key id (sites put it in their policy): {coordinator.key_id}")
 
 
@@ -127,7 +128,7 @@ def node_start(
     try:
         checked = processes.prepare_node(kit, data=data, mapping=mapping, policy=policy, state=state,
                                          split_seed=split_seed, test_fraction=test_fraction, at=utc_now())
-        console.print(f"kit, policy and data of {checked.name} checked; connecting to {checked.address} "
+        console.print(f"kit, policy and data of {checked.name} checked; connecting to {fleet_address(checked.address)} "
                       f"(log: {state / 'node.log'})", soft_wrap=True, highlight=False)
         code = processes.run_node(checked, state=state, policy=policy, split_seed=split_seed,
                                   test_fraction=test_fraction, say=say)

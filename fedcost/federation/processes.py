@@ -35,13 +35,14 @@ from pathlib import Path
 from typing import IO
 
 import tomli_w
+from flwr.common.constant import FLWR_INTERNAL_GRPC_FLEET_API
 
 from fedcost.client import deploy as node_app
 from fedcost.data.loader import load_node
 from fedcost.data.mapping import DataMapping
 from fedcost.errors import ConfigError, CoordinatorUnreachableError, FederationError, MappingError
 from fedcost.federation.control import Control
-from fedcost.federation.provision import Federation, Kit
+from fedcost.federation.provision import Federation, Kit, fleet_address
 from fedcost.federation.site_report import SiteReports
 from fedcost.federation.worker import NodeWorker
 from fedcost.identity.federation_ca import utc_now
@@ -100,8 +101,9 @@ def run_coordinator(federation: Federation, *, echo: IO[str] | None = None, on_r
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    log.fedcost(f"starting the coordinator of federation {federation.config.name!r} on "
-                f"{federation.config.bind_host}:{federation.config.port} (TLS, SuperNode authentication on)")
+    bind = f"{federation.config.bind_host}:{federation.config.port}"
+    log.fedcost(f"starting the coordinator of federation {federation.config.name!r} on {bind} (the operator's "
+                f"port) and {fleet_address(bind)} (the nodes'), TLS, SuperNode authentication on")
     superlink = _SuperLink(federation, log)
     superlink.start()
     try:
@@ -134,11 +136,14 @@ class _SuperLink:
             "--database", IN_MEMORY,
             "--host", config.bind_host,
             "--port", str(config.port),
+            # The nodes' port: Flower's gRPC Fleet API (fedcost's worker speaks it), which
+            # Flower 1.41 starts only when FLWR_INTERNAL_GRPC_FLEET_API is set.
+            "--fleet-api-address", fleet_address(f"{config.bind_host}:{config.port}"),
         ]
         state = self.federation.root / "state"
         state.mkdir(exist_ok=True)
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env=_flower_env(state / "flwr-home"))
+                                        env={**_flower_env(state / "flwr-home"), FLWR_INTERNAL_GRPC_FLEET_API: "1"})
         self.reader = threading.Thread(target=_pipe_log, args=(self.process, self.log, self.admission), daemon=True)
         self.reader.start()
 
@@ -330,7 +335,7 @@ def run_node(
     traceback, is ``<state>/node.log``. A lost coordinator is retried with back-off; a
     refused key raises ``KitError`` (the kit was revoked, expired or never enrolled).
     """
-    probe_coordinator(kit.address, kit.ca_file)
+    probe_coordinator(fleet_address(kit.address), kit.ca_file)
     node_config: dict[str, bool | bytes | float | int | str] = {
         node_app.KIT: str(kit.folder.resolve()),
         node_app.STATE: str(state.resolve()),
@@ -375,7 +380,14 @@ def _logging_to(path: Path) -> Iterator[None]:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now, nor on the next one (a
+    coordinator's two ports: see ``provision.fleet_address``)."""
+    while True:
+        with socket.socket() as probe, socket.socket() as after:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+            try:
+                after.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port

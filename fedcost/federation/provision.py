@@ -60,6 +60,17 @@ CA_LIFETIME = timedelta(days=3650)
 _ADDRESS = re.compile(r"(?P<host>[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>[0-9]{1,5})")
 
 
+def fleet_address(address: str) -> str:
+    """Where the coordinator at ``address`` (``HOST:PORT``) serves its nodes: the port after.
+
+    The federation's port is the operator's (Flower's Control API, used by ``fedcost run``
+    and to admit nodes, and the ServerApp's link); the nodes' workers speak Flower's gRPC
+    Fleet API on the next one (``fedcost.federation.worker.FleetSession``).
+    """
+    host, port = address.rsplit(":", 1)
+    return f"{host}:{int(port) + 1}"
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """``federation.toml``: what every command reads about the federation."""
@@ -71,8 +82,9 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         match = _ADDRESS.fullmatch(self.address)
-        if not match or not 0 < int(match["port"]) < 65536:
-            raise ValueError(f"address must be HOST:PORT (the coordinator as nodes reach it), not {self.address!r}")
+        if not match or not 0 < int(match["port"]) < 65535:
+            raise ValueError(f"address must be HOST:PORT with PORT below 65535 (the coordinator as sites reach it; "
+                             f"its nodes use the next port), not {self.address!r}")
         if not self.cert_days > 0:
             raise ValueError(f"cert_days must be positive, not {self.cert_days}")
 

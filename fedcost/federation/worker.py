@@ -5,9 +5,9 @@ SuperExec (polling every 1 s) starts a fresh ``flwr-clientapp`` process that imp
 Flower and the app (about 5 s on a 2-core machine), reads the site's rows again and
 exits; a SecAgg+ sum is six such exchanges (``benchmarks/RESULTS.md``, "Deployment").
 The worker keeps all of that in one process for the life of the node instead: it speaks
-Flower's Fleet API itself (Flower's own HTTP client, TLS, SuperNode authentication and
-heartbeats), polls quickly while a run is under way and slowly when idle, and answers
-each message by calling the node's ClientApp in-process, exactly the app a SuperNode
+Flower's Fleet API itself (over gRPC, with TLS, SuperNode authentication and heartbeats:
+see ``FleetSession``), polls quickly while a run is under way and slowly when idle, and
+answers each message by calling the node's ClientApp in-process, exactly the app a SuperNode
 would load (``fedcost.client.deploy.app``: roster check, then the site guardian with its
 policy check, egress guard, release ledger and audit log on the path of every reply).
 No per-message process exists, so there is no local channel to guard. The worker never
@@ -31,14 +31,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.app.message import remove_content_from_message
 from flwr.app.user_config import UserConfig
 from flwr.clientapp import ClientApp
-from flwr.common.constant import HEARTBEAT_MIN_INTERVAL, ErrorCode
+from flwr.common.constant import (
+    HEARTBEAT_MIN_INTERVAL,
+    PUBLIC_KEY_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    ErrorCode,
+)
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.fleet_pb2 import (  # pylint: disable=no-name-in-module
     ActivateNodeRequest,
@@ -46,10 +52,13 @@ from flwr.proto.fleet_pb2 import (  # pylint: disable=no-name-in-module
     PullMessagesRequest,
     PushMessagesRequest,
 )
+from flwr.proto.fleet_pb2_grpc import FleetStub  # pylint: disable=no-name-in-module
 from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest  # pylint: disable=no-name-in-module
 from flwr.proto.message_pb2 import ObjectTree  # pylint: disable=no-name-in-module
 from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
+from flwr.supercore.date import now
 from flwr.supercore.error import ApiErrorCode, FlowerError
+from flwr.supercore.grpc import create_channel
 from flwr.supercore.inflatable.inflatable_object import (
     get_all_nested_objects,
     get_object_tree,
@@ -65,13 +74,13 @@ from flwr.supercore.inflatable.inflatable_utils import (
     pull_and_inflate_object_from_tree,
     push_objects,
 )
-from flwr.supercore.primitives.asymmetric import public_key_to_bytes
-from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
-from flwr.supernode.fleet_http_client import FleetHttpClient
-from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+from flwr.supercore.interceptors.runtime_version_interceptor import (
+    RuntimeVersionClientInterceptor,
+)
+from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
 
 from fedcost.errors import KitError
-from fedcost.federation.provision import Kit
+from fedcost.federation.provision import Kit, fleet_address
 from fedcost.federation.site_report import SiteReports
 from fedcost.wire import records as rec
 
@@ -97,6 +106,12 @@ PUSH_PATIENCE = 120.0
 # An object of a message not yet all uploaded is asked for again after 10 ms, doubling up
 # to 0.2 s (Flower's default waits 1 s first: most of an exchange on loopback).
 OBJECT_BACKOFF, OBJECT_BACKOFF_CAP = 0.01, 0.2
+# A Fleet call not answered within so long is a lost coordinator (Flower's SuperNode: 5 s
+# for a heartbeat); a pull of a large model's object may take longer on a slow link.
+CALL_TIMEOUT = 30.0
+# gRPC statuses that say the coordinator is away or failed, not that it refused the call.
+LOST = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
+                  grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED})
 KEEP_CONTEXTS = 16  # runs whose Flower context the worker keeps (the SuperNode keeps all)
 
 
@@ -173,16 +188,36 @@ def load_auth_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
+class NodeAuthInterceptor(grpc.UnaryUnaryClientInterceptor):
+    """Signs every Fleet call as Flower's SuperNode does: the node's public key, the time,
+    and the node's signature of that time (the coordinator refuses a call without them)."""
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey):
+        self.key = key
+        self.public = public_key_to_bytes(key.public_key())
+
+    def intercept_unary_unary(self, continuation, call, request):  # type: ignore[no-untyped-def]
+        timestamp = now().isoformat()
+        signed = [(PUBLIC_KEY_HEADER, self.public), (TIMESTAMP_HEADER, timestamp),
+                  (SIGNATURE_HEADER, sign_message(self.key, timestamp.encode("ascii")))]
+        return continuation(call._replace(metadata=[*(call.metadata or ()), *signed]), request)
+
+
 class FleetSession:
-    """This node's authenticated session with the coordinator's Fleet API (Flower's HTTP client)."""
+    """This node's authenticated session with the coordinator's Fleet API over gRPC (TLS).
+
+    Flower 1.41's SuperNode speaks the Fleet API as protobuf over HTTP, which the SuperLink
+    serves through its per-request web middleware; its gRPC Fleet service, on the port
+    after the federation's (``fleet_address``), answers the same calls from the same state
+    for a fraction of the SuperLink's time per request (``benchmarks/RESULTS.md``,
+    "Deployment"), and checks the same SuperNode authentication.
+    """
 
     def __init__(self, address: str, ca_file: Path, auth_key: ec.EllipticCurvePrivateKey):
         self.address = address
-        self.client = FleetHttpClient.from_server_address(
-            address, False, ca_file.read_bytes(),
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperNode"),
-                          NodeAuthHttpInterceptor(auth_key, auth_key.public_key())],
-        )
+        self.channel = create_channel(fleet_address(address), False, ca_file.read_bytes(), interceptors=[
+            RuntimeVersionClientInterceptor(component_name="SuperNode"), NodeAuthInterceptor(auth_key)])
+        self.client = FleetStub(self.channel)
         self.public_key = auth_key.public_key()
         self.node: Node | None = None
         self.refused = threading.Event()
@@ -243,12 +278,12 @@ class FleetSession:
         self.closed.set()
         if self.node is not None:
             try:
-                self.client.DeactivateNode(DeactivateNodeRequest(node_id=self.node.node_id))
-            except (httpx.HTTPError, ValueError):
+                self.client.DeactivateNode(DeactivateNodeRequest(node_id=self.node.node_id), timeout=CALL_TIMEOUT)
+            except grpc.RpcError:
                 pass
         if self.beats.is_alive():
             self.beats.join(timeout=10)
-        self.client.close()
+        self.channel.close()
 
     def _beat(self) -> None:
         """Heartbeats while the session lasts; one the coordinator refuses marks the node refused."""
@@ -265,21 +300,22 @@ class FleetSession:
         """One Fleet API call; Flower's and the network's failures as the worker's two."""
         self.calls += 1
         try:
-            return method(request)
-        except httpx.HTTPStatusError as error:
-            if error.response.status_code == httpx.codes.UNAUTHORIZED:
-                raise NodeRefused("the coordinator does not recognise this node's key") from None
-            flower = FlowerError.from_json(error.response.text)
-            detail = flower.message if flower else f"HTTP {error.response.status_code}"
-            if flower is not None and flower.code == ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED:
-                # Flower says no more: the key is not admitted, or the same node is still
-                # online from a session that ended without going offline (a crash).
-                raise NodeRefused("the coordinator did not activate this node's key") from None
-            if error.response.status_code >= 500:
-                raise ConnectionLost(detail) from None
-            raise Rejected(detail) from None
-        except (httpx.TransportError, ValueError) as error:
-            raise ConnectionLost(str(error) or type(error).__name__) from None
+            return method(request, timeout=CALL_TIMEOUT)
+        except grpc.RpcError as error:
+            raise fleet_failure(error.code(), error.details() or "") from None
+
+
+def fleet_failure(code: grpc.StatusCode, details: str) -> NodeRefused | ConnectionLost:
+    """A failed Fleet call as the worker acts on it: refused, lost (retry), or rejected."""
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return NodeRefused("the coordinator does not recognise this node's key")
+    flower = FlowerError.from_json(details)
+    if flower is not None and flower.code == ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED:
+        # Flower says no more: the key is not admitted, or the same node is still
+        # online from a session that ended without going offline (a crash).
+        return NodeRefused("the coordinator did not activate this node's key")
+    detail = flower.message if flower else f"{code.name}: {details}"
+    return ConnectionLost(detail) if code in LOST else Rejected(detail)
 
 
 class NodeWorker:
