@@ -51,7 +51,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ SYSTEMS = ("plain", "fedcost", "flower")
 NODE_WAIT_SECONDS = 600.0
 
 
-@lru_cache(maxsize=None)
+@cache
 def node_vector(partition_id: int, dim: int) -> np.ndarray:
     """The node's fixed contribution; cached so that only the warm-up round pays for it."""
     return np.random.default_rng(partition_id).uniform(-1.0, 1.0, dim).astype(np.float32)
@@ -279,19 +279,28 @@ def _fedcost_client_app(nodes: int, dim: int, scratch: Path, log_path: str) -> A
     mapping, policy = scratch / "mapping.toml", scratch / "policy.toml"
     setups = [
         NodeSetup(
-            mapping, site_name(i), 0, identity_key=keys[site_name(i)].raw_private_key, roster=roster, audit_dir=scratch,
+            mapping,
+            site_name(i),
+            0,
+            identity_key=keys[site_name(i)].raw_private_key,
+            roster=roster,
+            audit_dir=scratch,
             policy=policy,
         )
         for i in range(nodes)
     ]
-    inner = make_client_app(lambda context: setups[int(context.node_config["partition-id"])], lambda s: BenchNode(s.name, dim))
+    inner = make_client_app(
+        lambda context: setups[int(context.node_config["partition-id"])], lambda s: BenchNode(s.name, dim)
+    )
     client = ClientApp(mods=[make_measure_mod(log_path)])
     for register in (client.query, client.train, client.evaluate):
         register()(lambda message, context: inner(message, context))
     return client
 
 
-def fedcost_apps(system: str, nodes: int, dim: int, rounds: int, clock: RoundClock, profile: MaybeProfile, log_path: str):
+def fedcost_apps(
+    system: str, nodes: int, dim: int, rounds: int, clock: RoundClock, profile: MaybeProfile, log_path: str
+):
     """fedcost's ServerApp (SharedSums, plain or SecAgg+) and its ClientApp."""
     from flwr.app import Array, ArrayRecord
     from flwr.serverapp import ServerApp
@@ -314,7 +323,10 @@ def fedcost_apps(system: str, nodes: int, dim: int, rounds: int, clock: RoundClo
     def main(grid, context) -> None:  # noqa: ANN001 - Flower's signature
         node_ids = _wait_for_nodes(grid, nodes)
         config = hello_config(
-            run_id="bench", coordinator_key_id=coordinator_key_id, secure_aggregation=settings.enabled, rounds=rounds + 1,
+            run_id="bench",
+            coordinator_key_id=coordinator_key_id,
+            secure_aggregation=settings.enabled,
+            rounds=rounds + 1,
             model_parameters=dim,
         )
         sites = say_hello(grid, node_ids, config, {site_name(i) for i in range(nodes)})

@@ -43,8 +43,12 @@ def simulate(config: Path, seed: int, out: Path) -> Path:
     text = re.sub(r"(?m)^seed = \d+", f"seed = {seed}", config.read_text())
     seeded = out.with_suffix(".toml")
     seeded.write_text(text)
-    subprocess.run([sys.executable, "-c", "from fedcost.cli import app; app()", "simulate", str(seeded), "--out", str(out)],
-                   check=True, capture_output=True, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-c", "from fedcost.cli import app; app()", "simulate", str(seeded), "--out", str(out)],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
     return out
 
 
@@ -63,8 +67,12 @@ def scores(run: Path) -> dict[str, dict[str, float]]:
     sites = run / "study-sites"
     for epochs in EPOCHS:
         adapted = replace(config, run=replace(config.run, adaptation_epochs=epochs))
-        predictions[f"federated/{epochs}"] = [simulation._site_steps(adapted, federated, features, n, sites)[1] for n in nodes]
-        predictions[f"pooled/{epochs}"] = [simulation._site_steps(adapted, pooled, features, n, sites)[1] for n in nodes]
+        predictions[f"federated/{epochs}"] = [
+            simulation._site_steps(adapted, federated, features, n, sites)[1] for n in nodes
+        ]
+        predictions[f"pooled/{epochs}"] = [
+            simulation._site_steps(adapted, pooled, features, n, sites)[1] for n in nodes
+        ]
     smallest = sorted(range(len(nodes)), key=lambda i: len(nodes[i].train) + len(nodes[i].test))[:3]
     return {name: _figures(nodes, site_predictions, smallest) for name, site_predictions in predictions.items()}
 
@@ -74,9 +82,13 @@ def _figures(nodes: list, predictions: list[dict], smallest: list[int]) -> dict[
     costs = [n.test["total_cost"].to_numpy() for n in nodes]
     site_cost = [cost_metrics(costs[i], predictions[i]["cost"]) for i in smallest]
     return {
-        "auroc": readmission_metrics(np.concatenate(readmitted), np.concatenate([p["readmission"] for p in predictions]))["auroc"],
+        "auroc": readmission_metrics(
+            np.concatenate(readmitted), np.concatenate([p["readmission"] for p in predictions])
+        )["auroc"],
         "r2": cost_metrics(np.concatenate(costs), np.concatenate([p["cost"] for p in predictions]))["r2"],
-        "small_auroc": float(np.mean([readmission_metrics(readmitted[i], predictions[i]["readmission"])["auroc"] for i in smallest])),
+        "small_auroc": float(
+            np.mean([readmission_metrics(readmitted[i], predictions[i]["readmission"])["auroc"] for i in smallest])
+        ),
         "small_r2": float(np.mean([m["r2"] for m in site_cost])),
         "small_mae": float(np.mean([m["mae"] for m in site_cost])),
     }
@@ -97,20 +109,29 @@ def main() -> None:
                 run = simulate(ROOT / "configs" / f"{name}.toml", seed, folder / f"{name}-{seed}")
                 result = scores(run)
                 local = result["local"]
-                print(f"{name} seed {seed}: local-only 3 smallest AUROC {local['small_auroc']:.4f} "
-                      f"R² {local['small_r2']:.4f} MAE {local['small_mae']:,.0f}; overall R² {local['r2']:.4f}")
+                print(
+                    f"{name} seed {seed}: local-only 3 smallest AUROC {local['small_auroc']:.4f} "
+                    f"R² {local['small_r2']:.4f} MAE {local['small_mae']:,.0f}; overall R² {local['r2']:.4f}"
+                )
                 for epochs in EPOCHS:
                     fed, pooled = result[f"federated/{epochs}"], result[f"pooled/{epochs}"]
-                    beats = (fed["small_auroc"] > local["small_auroc"], fed["small_r2"] > local["small_r2"],
-                             fed["small_mae"] < local["small_mae"])
+                    beats = (
+                        fed["small_auroc"] > local["small_auroc"],
+                        fed["small_r2"] > local["small_r2"],
+                        fed["small_mae"] < local["small_mae"],
+                    )
                     wins[epochs] += all(beats)
-                    print(f"  adapted {epochs:2d} epochs: 3 smallest AUROC {fed['small_auroc']:.4f} R² {fed['small_r2']:.4f} "
-                          f"MAE {fed['small_mae']:,.0f} ({''.join('✓' if b else '✗' for b in beats)}); overall AUROC "
-                          f"{fed['auroc']:.4f} (pooled {pooled['auroc']:.4f}), R² {fed['r2']:.4f} (pooled {pooled['r2']:.4f})",
-                          flush=True)
+                    print(
+                        f"  adapted {epochs:2d} epochs: 3 smallest AUROC {fed['small_auroc']:.4f} R² {fed['small_r2']:.4f} "
+                        f"MAE {fed['small_mae']:,.0f} ({''.join('✓' if b else '✗' for b in beats)}); overall AUROC "
+                        f"{fed['auroc']:.4f} (pooled {pooled['auroc']:.4f}), R² {fed['r2']:.4f} (pooled {pooled['r2']:.4f})",
+                        flush=True,
+                    )
         runs = 2 * len(args.seeds.split(","))
-        print("runs where federated beats local-only on all three (3 smallest sites): "
-              + ", ".join(f"{epochs} epochs {wins[epochs]}/{runs}" for epochs in EPOCHS))
+        print(
+            "runs where federated beats local-only on all three (3 smallest sites): "
+            + ", ".join(f"{epochs} epochs {wins[epochs]}/{runs}" for epochs in EPOCHS)
+        )
 
 
 if __name__ == "__main__":

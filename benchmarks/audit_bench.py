@@ -52,8 +52,10 @@ def main() -> None:
         rows.append(("verify_log", *_timed(lambda: result.append(verify_log(path, identity.public())))))
         assert result[0].ok and len(result[0].entries) == args.entries
         size = path.stat().st_size
-    print(f"{args.entries:,} entries, checkpoint every {args.every:,}, {size / 2**20:.1f} MiB "
-          f"({size / args.entries:.0f} B/entry), {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+    print(
+        f"{args.entries:,} entries, checkpoint every {args.every:,}, {size / 2**20:.1f} MiB "
+        f"({size / args.entries:.0f} B/entry), {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
+    )
     print(f"| {'step':<28} | {'wall s':>7} | {'CPU s':>7} | {'entries/s (wall)':>16} | {'entries/s (CPU)':>15} |")
     print(f"|{'-' * 30}|{'-' * 8}:|{'-' * 8}:|{'-' * 17}:|{'-' * 16}:|")
     for step, wall, cpu in rows:

@@ -39,11 +39,21 @@ def replay(entries: list, identity: Identity, path: Path, reopen_per_message: bo
                 position = log.position
                 log.detach()
                 log = AuditLog(path, identity, resume=position)
-            log.message_received(os.urandom(entry.details["bytes"]), sender=entry.details["sender"],
-                                 kind=entry.details["kind"], round=entry.round, details=details)
+            log.message_received(
+                os.urandom(entry.details["bytes"]),
+                sender=entry.details["sender"],
+                kind=entry.details["kind"],
+                round=entry.round,
+                details=details,
+            )
         elif entry.event == "message_sent":
-            log.message_sent(os.urandom(entry.details["bytes"]), recipient=entry.details["recipient"],
-                             kind=entry.details["kind"], round=entry.round, details=details)
+            log.message_sent(
+                os.urandom(entry.details["bytes"]),
+                recipient=entry.details["recipient"],
+                kind=entry.details["kind"],
+                round=entry.round,
+                details=details,
+            )
         elif entry.event == "checkpoint":
             log.checkpoint(round=entry.round)
         elif entry.event == "run_closed":
@@ -57,26 +67,43 @@ def main() -> None:
     config = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "configs" / "default.toml"
     with tempfile.TemporaryDirectory() as scratch:
         run = Path(scratch) / "run"
-        subprocess.run([sys.executable, "-c", "from fedcost.cli import app; app()", "simulate", str(config),
-                        "--out", str(run)], check=True, capture_output=True, cwd=ROOT)
+        subprocess.run(
+            [sys.executable, "-c", "from fedcost.cli import app; app()", "simulate", str(config), "--out", str(run)],
+            check=True,
+            capture_output=True,
+            cwd=ROOT,
+        )
         rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         federated = sum(r["seconds"] for r in rounds)
         times: dict[str, float] = {}
         for log_path in sorted((run / "audit").glob("*.jsonl")):
             party = log_path.stem
             entries, _ = read_log(log_path)
-            role = "coordinator" if party == "coordinator" else json.loads(
-                (run / "identities" / f"{party}.pub.json").read_text())["role"]
-            times[party] = replay(entries, Identity.generate(party, role), Path(scratch) / f"{party}.jsonl",
-                                  reopen_per_message=party != "coordinator")
+            role = (
+                "coordinator"
+                if party == "coordinator"
+                else json.loads((run / "identities" / f"{party}.pub.json").read_text())["role"]
+            )
+            times[party] = replay(
+                entries,
+                Identity.generate(party, role),
+                Path(scratch) / f"{party}.jsonl",
+                reopen_per_message=party != "coordinator",
+            )
     coordinator = times.pop("coordinator")
     nodes = sum(times.values())
     critical = coordinator + nodes / WORKERS
-    print(f"Machine: {platform.platform()}, {WORKERS} cores; command: "
-          f"`.venv/bin/python benchmarks/audit_overhead_bench.py {config.relative_to(ROOT) if config.is_relative_to(ROOT) else config}`\n")
-    print("| federated rounds (wall) | coordinator logging | node logging (all nodes) | critical-path estimate | overhead |")
+    print(
+        f"Machine: {platform.platform()}, {WORKERS} cores; command: "
+        f"`.venv/bin/python benchmarks/audit_overhead_bench.py {config.relative_to(ROOT) if config.is_relative_to(ROOT) else config}`\n"
+    )
+    print(
+        "| federated rounds (wall) | coordinator logging | node logging (all nodes) | critical-path estimate | overhead |"
+    )
     print("|---|---|---|---|---|")
-    print(f"| {federated:.1f} s | {coordinator:.2f} s | {nodes:.2f} s | {critical:.2f} s | {critical / federated:.1%} |")
+    print(
+        f"| {federated:.1f} s | {coordinator:.2f} s | {nodes:.2f} s | {critical:.2f} s | {critical / federated:.1%} |"
+    )
 
 
 if __name__ == "__main__":

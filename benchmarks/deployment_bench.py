@@ -33,8 +33,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "byo"
-SITES = {"st-mary": ("hospital", "st-mary.csv"), "valley-general": ("hospital", "valley-general.csv"),
-         "northcare": ("insurer", "northcare-claims.parquet")}
+SITES = {
+    "st-mary": ("hospital", "st-mary.csv"),
+    "valley-general": ("hospital", "valley-general.csv"),
+    "northcare": ("insurer", "northcare-claims.parquet"),
+}
 COMMAND = [sys.executable, "-c", "from fedcost.cli import app; app()"]
 METRICS = ("readmission_auroc", "readmission_brier", "cost_mae", "cost_r2")
 # What a federation's job states of the sites' data (a simulation reads it from the mapping).
@@ -64,8 +67,14 @@ benchmark = false
 
 
 def fedcost(*args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-    done = subprocess.run([*COMMAND, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "200"})
+    done = subprocess.run(
+        [*COMMAND, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     if done.returncode != 0:
         raise SystemExit(f"fedcost {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
     return done
@@ -99,8 +108,20 @@ class Federation:
         self._spawn("coordinator", "coordinator", "start", "fed")
         self._wait("coordinator", "coordinator ready")
         for name, (_, data) in SITES.items():
-            self._spawn(name, "node", "start", f"fed/kits/{name}", "--data", str(DATA / data), "--mapping",
-                        str(DATA / "mapping.toml"), "--state", f"state/{name}", "--split-seed", str(self.seed))
+            self._spawn(
+                name,
+                "node",
+                "start",
+                f"fed/kits/{name}",
+                "--data",
+                str(DATA / data),
+                "--mapping",
+                str(DATA / "mapping.toml"),
+                "--state",
+                f"state/{name}",
+                "--split-seed",
+                str(self.seed),
+            )
         for name in SITES:
             self._wait(name, "waiting for jobs")
 
@@ -135,8 +156,14 @@ class Federation:
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen:
         out = (self.folder / f"{name}.out").open("w")
-        process = subprocess.Popen([*COMMAND, *args], cwd=self.folder, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True, env={**os.environ, "COLUMNS": "200"})
+        process = subprocess.Popen(
+            [*COMMAND, *args],
+            cwd=self.folder,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "COLUMNS": "200"},
+        )
         self.processes.append(process)
         return process
 
@@ -169,17 +196,30 @@ def main() -> None:
     report(args, simulation, deployed, first, plain, plain_first)
 
 
-def report(args: argparse.Namespace, simulation: list[dict], deployed: list[dict], first: float,
-           plain: list[dict], plain_first: float) -> None:
+def report(
+    args: argparse.Namespace,
+    simulation: list[dict],
+    deployed: list[dict],
+    first: float,
+    plain: list[dict],
+    plain_first: float,
+) -> None:
     rows = []
     for sim, dep, pln in zip(simulation, deployed, plain):
-        rows.append({"round": sim["round"], "simulated": sim["seconds"], "deployed": dep["seconds"],
-                     "deployed_plain": pln["seconds"], "ratio": dep["seconds"] / sim["seconds"],
-                     "secure_over_plain": dep["seconds"] / pln["seconds"]})
+        rows.append(
+            {
+                "round": sim["round"],
+                "simulated": sim["seconds"],
+                "deployed": dep["seconds"],
+                "deployed_plain": pln["seconds"],
+                "ratio": dep["seconds"] / sim["seconds"],
+                "secure_over_plain": dep["seconds"] / pln["seconds"],
+            }
+        )
     steady = rows[1:] or rows  # round 1 pays each process's first use of its code and data
     figures = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
-                   f"{platform.python_version()}",
+        f"{platform.python_version()}",
         "job": {"rounds": args.rounds, "fit": args.fit, "seed": args.seed, "sites": list(SITES)},
         "rounds": rows,
         "median_ratio_after_round_1": statistics.median(r["ratio"] for r in steady),
@@ -187,18 +227,24 @@ def report(args: argparse.Namespace, simulation: list[dict], deployed: list[dict
         "median_secure_over_plain_after_round_1": statistics.median(r["secure_over_plain"] for r in steady),
         "first_round_after_run_s": first,
         "first_round_after_run_plain_s": plain_first,
-        "final": {"simulated": {m: simulation[-1].get(m) for m in METRICS},
-                  "deployed": {m: deployed[-1].get(m) for m in METRICS}},
+        "final": {
+            "simulated": {m: simulation[-1].get(m) for m in METRICS},
+            "deployed": {m: deployed[-1].get(m) for m in METRICS},
+        },
     }
     print("| round | simulated s | deployed s | ratio | deployed, SecAgg off s | SecAgg on/off |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['round']} | {r['simulated']:.2f} | {r['deployed']:.2f} | {r['ratio']:.2f} | "
-              f"{r['deployed_plain']:.2f} | {r['secure_over_plain']:.2f} |")
-    print(f"\nmedian after round 1: deployed {figures['median_deployed_round_after_round_1']:.2f} s, "
-          f"{figures['median_ratio_after_round_1']:.2f}x simulated, SecAgg on/off "
-          f"{figures['median_secure_over_plain_after_round_1']:.2f}x; first round {first:.1f} s after `fedcost run` "
-          f"({plain_first:.1f} s without SecAgg)")
+        print(
+            f"| {r['round']} | {r['simulated']:.2f} | {r['deployed']:.2f} | {r['ratio']:.2f} | "
+            f"{r['deployed_plain']:.2f} | {r['secure_over_plain']:.2f} |"
+        )
+    print(
+        f"\nmedian after round 1: deployed {figures['median_deployed_round_after_round_1']:.2f} s, "
+        f"{figures['median_ratio_after_round_1']:.2f}x simulated, SecAgg on/off "
+        f"{figures['median_secure_over_plain_after_round_1']:.2f}x; first round {first:.1f} s after `fedcost run` "
+        f"({plain_first:.1f} s without SecAgg)"
+    )
     for side in ("simulated", "deployed"):
         print(f"{side}: " + ", ".join(f"{m} {v:.4f}" for m, v in figures["final"][side].items() if v is not None))
     if args.out:

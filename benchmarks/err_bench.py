@@ -55,7 +55,10 @@ FUNNEL_RULES = {
 def shared_totals(seed: int) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float]]:
     """Every hospital's totals under a fitted case-mix model, its true q and its true ratio."""
     latent = latent_frames(SPEC, seed)
-    rows = {name: frame[[*schema.ROLES["hospital"].features, schema.READMISSION, schema.COST]] for name, frame in latent.items()}
+    rows = {
+        name: frame[[*schema.ROLES["hospital"].features, schema.READMISSION, schema.COST]]
+        for name, frame in latent.items()
+    }
     held = next(iter(rows.values())).columns
     layout = StatisticsLayout(tuple(c for c in schema.FEATURES if c.name in held), (schema.READMISSION, schema.COST))
     features = layout.feature_spec(np.sum([layout.local_statistics(r) for r in rows.values()], axis=0))
@@ -64,8 +67,12 @@ def shared_totals(seed: int) -> tuple[dict[str, np.ndarray], dict[str, float], d
         np.concatenate(list(encoded.values())), np.concatenate([r[schema.READMISSION] for r in rows.values()])
     )
     totals = {
-        name: site_totals(r[schema.READMISSION], fit.predict_proba(without_site_level(encoded[name], features.feature_names))[:, 1],
-                          r[schema.COST], np.full(len(r), r[schema.COST].mean()))
+        name: site_totals(
+            r[schema.READMISSION],
+            fit.predict_proba(without_site_level(encoded[name], features.feature_names))[:, 1],
+            r[schema.COST],
+            np.full(len(r), r[schema.COST].mean()),
+        )
         for name, r in rows.items()
     }
     quality = {name: float(np.median(logit(f[RISK]) - logit(f[EXPECTED_RISK]))) for name, f in latent.items()}
@@ -101,7 +108,9 @@ def main() -> None:
     counts = {(key, rule): [0, 0, 0, 0] for key in ("oe", "err") for rule in RULES}  # flags, true flags, worse, found
     counts |= {("funnel", rule): [0, 0, 0, 0] for rule in FUNNEL_RULES}
     small_log: dict[str, list[float]] = {"oe": [], "err": []}
-    errors: dict[tuple[str, str], list[float]] = {(key, group): [] for key in ("oe", "err") for group in ("small", "all")}
+    errors: dict[tuple[str, str], list[float]] = {
+        (key, group): [] for key in ("oe", "err") for group in ("small", "all")
+    }
     nearer, unshrunken_nearer, correlations = 0, 0, {"oe": [], "err": []}
     fit_seconds = []
     for seed in SEEDS:
@@ -113,8 +122,9 @@ def main() -> None:
         for key in ("oe", "err"):
             for rule in RULES:
                 tally_site_flags(counts[key, rule], flagged(list(result.sites), key, rule, len(worse)), quality, worse)
-            correlations[key].append(spearmanr([getattr(s, key) for s in result.sites],
-                                               [quality[s.site] for s in result.sites]).statistic)
+            correlations[key].append(
+                spearmanr([getattr(s, key) for s in result.sites], [quality[s.site] for s in result.sites]).statistic
+            )
         for rule, test in FUNNEL_RULES.items():
             tally_site_flags(counts["funnel", rule], {s.site for s in result.sites if test(s)}, quality, worse)
         small = sorted(result.sites, key=lambda s: s.n)[:SMALL]
@@ -127,8 +137,10 @@ def main() -> None:
             nearer += abs(math.log(site.err)) < abs(math.log(site.oe))
             unshrunken = (site.observed / site.n) / expit(logit(site.expected / site.n) + result.average_intercept)
             unshrunken_nearer += abs(math.log(site.err)) < abs(math.log(unshrunken))
-        print(f"seed {seed}: tau {result.between_site_sd:.3f}, mu {result.average_intercept:+.3f}, "
-              f"funnel tau2 {result.funnel_tau2:.4f}, worse {sorted(worse)}")
+        print(
+            f"seed {seed}: tau {result.between_site_sd:.3f}, mu {result.average_intercept:+.3f}, "
+            f"funnel tau2 {result.funnel_tau2:.4f}, worse {sorted(worse)}"
+        )
     print(f"\n{len(SEEDS)} seeds, {len(HOSPITAL_SIZES)} hospitals of {min(HOSPITAL_SIZES)}-{max(HOSPITAL_SIZES)} stays")
     print("| rule | ratio | flagged | precision (q > 0) | recall (q > 1 SD) | strict precision (q > 1 SD) |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
@@ -137,18 +149,26 @@ def main() -> None:
             print(row(f"{rule} | {label}", counts[key, rule]))
     for rule in FUNNEL_RULES:
         print(row(f"funnel: {rule} | O/E", counts["funnel", rule]))
-    print(f"\nSpearman correlation of ratio with true q, mean over seeds: O/E {np.mean(correlations['oe']):.3f}, "
-          f"ERR {np.mean(correlations['err']):.3f}")
+    print(
+        f"\nSpearman correlation of ratio with true q, mean over seeds: O/E {np.mean(correlations['oe']):.3f}, "
+        f"ERR {np.mean(correlations['err']):.3f}"
+    )
     total = len(small_log["oe"])
-    print(f"{SMALL} smallest hospitals ({', '.join(map(str, HOSPITAL_SIZES[:SMALL]))} stays) x {len(SEEDS)} seeds: "
-          f"mean |log O/E| {np.mean(small_log['oe']):.3f}, mean |log ERR| {np.mean(small_log['err']):.3f}; "
-          f"ERR nearer 1 than O/E in {nearer}/{total}, than the unshrunken ratio to the average site "
-          f"(O/n over expit(logit(E/n) + mu)) in {unshrunken_nearer}/{total}")
+    print(
+        f"{SMALL} smallest hospitals ({', '.join(map(str, HOSPITAL_SIZES[:SMALL]))} stays) x {len(SEEDS)} seeds: "
+        f"mean |log O/E| {np.mean(small_log['oe']):.3f}, mean |log ERR| {np.mean(small_log['err']):.3f}; "
+        f"ERR nearer 1 than O/E in {nearer}/{total}, than the unshrunken ratio to the average site "
+        f"(O/n over expit(logit(E/n) + mu)) in {unshrunken_nearer}/{total}"
+    )
     for group in ("small", "all"):
-        print(f"mean |log ratio - log true ratio|, {group} hospitals: O/E {np.mean(errors['oe', group]):.3f}, "
-              f"ERR {np.mean(errors['err', group]):.3f}")
-    print(f"coordinator's benchmark (with the random-intercept fit) per seed: median {np.median(fit_seconds) * 1000:.0f} ms; "
-          f"whole script {time.perf_counter() - started:.0f} s")
+        print(
+            f"mean |log ratio - log true ratio|, {group} hospitals: O/E {np.mean(errors['oe', group]):.3f}, "
+            f"ERR {np.mean(errors['err', group]):.3f}"
+        )
+    print(
+        f"coordinator's benchmark (with the random-intercept fit) per seed: median {np.median(fit_seconds) * 1000:.0f} ms; "
+        f"whole script {time.perf_counter() - started:.0f} s"
+    )
 
 
 if __name__ == "__main__":

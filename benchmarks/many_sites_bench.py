@@ -41,7 +41,10 @@ def simulate(config: Path, out: Path, code: Path) -> tuple[float, float]:
     started, clock = time.time(), time.perf_counter()
     subprocess.run(
         [sys.executable, "-c", "from fedcost.cli import app; app()", "simulate", str(config), "--out", str(out)],
-        check=True, capture_output=True, cwd=code, env={**os.environ, "PYTHONPATH": str(code)},
+        check=True,
+        capture_output=True,
+        cwd=code,
+        env={**os.environ, "PYTHONPATH": str(code)},
     )
     return time.perf_counter() - clock, started
 
@@ -86,16 +89,19 @@ def breakdown(run: Path, started: float, wall: float) -> list[tuple[str, float]]
         return (run / name).stat().st_mtime
 
     site_steps = sorted(p.stat().st_mtime for p in (run / "sites").glob("*.json"))
-    marks = [("start-up: imports, synthetic data, checks", mtime("config.toml")),
-             ("Ray and the nodes start, hello", stages[0][1])]
-    for label, first, last in stages:
-        marks.append((label, last))
-    marks += [("close, audit verification, model saved", mtime("model.json")),
-              ("baselines: pooled and local-only fits, scoring", site_steps[0] if site_steps else mtime("model.json")),
-              ("site steps (validation, fine-tuning)", site_steps[-1] if site_steps else mtime("model.json")),
-              ("summary", mtime("summary.json")),
-              ("report (plots, HTML)", mtime("report.html")),
-              ("exit", started + wall)]
+    marks = [
+        ("start-up: imports, synthetic data, checks", mtime("config.toml")),
+        ("Ray and the nodes start, hello", stages[0][1]),
+    ]
+    marks += [(label, last) for label, _, last in stages]
+    marks += [
+        ("close, audit verification, model saved", mtime("model.json")),
+        ("baselines: pooled and local-only fits, scoring", site_steps[0] if site_steps else mtime("model.json")),
+        ("site steps (validation, fine-tuning)", site_steps[-1] if site_steps else mtime("model.json")),
+        ("summary", mtime("summary.json")),
+        ("report (plots, HTML)", mtime("report.html")),
+        ("exit", started + wall),
+    ]
     rows, before = [], started
     for label, at in marks:
         rows.append((label, at - before))
@@ -125,18 +131,24 @@ def measure(config: Path, code: Path, name: str) -> float:
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         rows = breakdown(out, started, wall)
         converged = {task: table["converged"] for task, table in summary.get("inference", {}).items()}
-        print(f"\n{name}: wall {wall:.1f} s ({'under' if wall < TARGET_SECONDS else 'OVER'} {TARGET_SECONDS:.0f} s); "
-              f"load before {before}, after {load()}; {len(summary['nodes'])} sites, {len(records)} rounds, "
-              f"converged {converged}; federated vs pooled AUROC {summary['readmission']['federated']['auroc']:.6f} / "
-              f"{summary['readmission']['pooled']['auroc']:.6f}, cost R² {summary['cost']['federated']['r2']:.6f} / "
-              f"{summary['cost']['pooled']['r2']:.6f}")
+        print(
+            f"\n{name}: wall {wall:.1f} s ({'under' if wall < TARGET_SECONDS else 'OVER'} {TARGET_SECONDS:.0f} s); "
+            f"load before {before}, after {load()}; {len(summary['nodes'])} sites, {len(records)} rounds, "
+            f"converged {converged}; federated vs pooled AUROC {summary['readmission']['federated']['auroc']:.6f} / "
+            f"{summary['readmission']['pooled']['auroc']:.6f}, cost R² {summary['cost']['federated']['r2']:.6f} / "
+            f"{summary['cost']['pooled']['r2']:.6f}"
+        )
         print("\n| stage | seconds | share |\n|---|---:|---:|")
         for label, seconds in grouped(rows).items():
             print(f"| {label} | {seconds:.1f} | {seconds / wall:.0%} |")
-        print("\n| round | seconds (coordinator's record) | sites in the Newton sum | evaluated sites |\n|---|---:|---:|---:|")
+        print(
+            "\n| round | seconds (coordinator's record) | sites in the Newton sum | evaluated sites |\n|---|---:|---:|---:|"
+        )
         for record in records:
-            print(f"| {record['round']} | {record['seconds']:.1f} | {record['nodes_included']} "
-                  f"| {len(record.get('evaluated_sites', []))} |")
+            print(
+                f"| {record['round']} | {record['seconds']:.1f} | {record['nodes_included']} "
+                f"| {len(record.get('evaluated_sites', []))} |"
+            )
     return wall
 
 

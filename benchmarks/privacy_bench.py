@@ -79,7 +79,9 @@ def table(rows: list[dict]) -> str:
         "| ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        lines.append(f"| {r['epsilon']:g} | {r['max_spent']:.3g} | {r['auroc']:.4f} | {r['r2']:.4f} | {r['seconds']:.0f} |")
+        lines.append(
+            f"| {r['epsilon']:g} | {r['max_spent']:.3g} | {r['auroc']:.4f} | {r['r2']:.4f} | {r['seconds']:.0f} |"
+        )
     first = rows[0]
     lines.append(
         f"\nBaselines without DP: pooled AUROC {first['pooled_auroc']:.4f}, R² {first['pooled_r2']:.4f}; "

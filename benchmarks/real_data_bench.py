@@ -113,14 +113,28 @@ def _medpar(raw: pd.DataFrame) -> pd.DataFrame:
 PREPARE = {"nmes1988": _nmes, "medpar": _medpar}
 TASKS = (
     RealTask(
-        "nmes1988", "Ecdat/OFP.csv", site="region", binary="hospitalised", count="office_visits",
+        "nmes1988",
+        "Ecdat/OFP.csv",
+        site="region",
+        binary="hospitalised",
+        count="office_visits",
         numeric=("numchron", "adldiff", "age", "school", "faminc"),
-        categorical={"hlth": ("other", "poor", "excellent"), "black": ("no", "yes"), "sex": ("female", "male"),
-                     "married": ("no", "yes"), "employed": ("no", "yes"), "privins": ("no", "yes"),
-                     "medicaid": ("no", "yes")},
+        categorical={
+            "hlth": ("other", "poor", "excellent"),
+            "black": ("no", "yes"),
+            "sex": ("female", "male"),
+            "married": ("no", "yes"),
+            "employed": ("no", "yes"),
+            "privins": ("no", "yes"),
+            "medicaid": ("no", "yes"),
+        },
     ),
     RealTask(
-        "medpar", "COUNT/medpar.csv", site="hospital", binary="died", count="length_of_stay",
+        "medpar",
+        "COUNT/medpar.csv",
+        site="hospital",
+        binary="died",
+        count="length_of_stay",
         numeric=("hmo", "white", "age80"),
         categorical={"admission": ("elective", "urgent", "emergency")},
     ),
@@ -138,10 +152,19 @@ def write_sites(task: RealTask, folder: Path) -> dict[str, int]:
     sizes = rows[task.site].value_counts()
     kept = sorted(site for site, n in sizes.items() if training_rows(n) >= MIN_COHORT)
     columns = [*task.numeric, *task.categorical, task.binary, task.count]
-    lines = [f'[targets.{task.binary}]', 'kind = "binary"', 'positive = ["yes"]', 'negative = ["no"]', "",
-             f"[targets.{task.count}]", 'kind = "non-negative"', "", "[features]",
-             f"numeric = {json.dumps(list(task.numeric))}",
-             "categorical = { " + ", ".join(f"{k} = {json.dumps(list(v))}" for k, v in task.categorical.items()) + " }"]
+    lines = [
+        f"[targets.{task.binary}]",
+        'kind = "binary"',
+        'positive = ["yes"]',
+        'negative = ["no"]',
+        "",
+        f"[targets.{task.count}]",
+        'kind = "non-negative"',
+        "",
+        "[features]",
+        f"numeric = {json.dumps(list(task.numeric))}",
+        "categorical = { " + ", ".join(f"{k} = {json.dumps(list(v))}" for k, v in task.categorical.items()) + " }",
+    ]
     for site in kept:
         rows.loc[rows[task.site] == site, columns].to_csv(folder / f"{site}.csv", index=False)
         lines += ["", f"[nodes.{site}]", f'file = "{site}.csv"']
@@ -151,8 +174,20 @@ def write_sites(task: RealTask, folder: Path) -> dict[str, int]:
 
 def simulate(data: Path, out: Path) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "from fedcost.cli import app; app()", "simulate", "--data-dir", str(data),
-                    "--out", str(out)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from fedcost.cli import app; app()",
+            "simulate",
+            "--data-dir",
+            str(data),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return time.perf_counter() - started
 
 
@@ -171,7 +206,9 @@ def standardised_design(task: RealTask, train: pd.DataFrame, rows: pd.DataFrame)
     return pd.DataFrame(columns)
 
 
-def ridge_fit(family: sm.families.Family, x: np.ndarray, y: np.ndarray, penalty: float, start: np.ndarray) -> np.ndarray:
+def ridge_fit(
+    family: sm.families.Family, x: np.ndarray, y: np.ndarray, penalty: float, start: np.ndarray
+) -> np.ndarray:
     """argmin of D(β)/2 + penalty/2·|β without the intercept|² with statsmodels' deviance."""
     mask = np.r_[0.0, np.ones(x.shape[1] - 1)]
 
@@ -196,8 +233,10 @@ def reference(
     assert sorted(x.columns) == sorted(names), f"fedcost's design {names} is not the reference's {list(x.columns)}"
     x, x_test = x[names].to_numpy(), x_test[names].to_numpy()
     out = {}
-    for slot, family in ((schema.READMISSION, sm.families.Binomial()),
-                         (schema.COST, sm.families.Tweedie(var_power=power, link=sm.families.links.Log()))):
+    for slot, family in (
+        (schema.READMISSION, sm.families.Binomial()),
+        (schema.COST, sm.families.Tweedie(var_power=power, link=sm.families.links.Log())),
+    ):
         scale = 1.0 if slot == schema.READMISSION else train[slot].mean()
         y, y_test = train[slot].to_numpy("float64") / scale, test[slot].to_numpy("float64")
         plain = sm.GLM(y, x, family=family).fit(tol=1e-12, maxiter=100).params
@@ -219,8 +258,11 @@ def federated_scores(summary: dict, model: dict, test: pd.DataFrame) -> dict:
         out[slot, "beta"] = beta
         eta = x @ beta
         y = test[slot].to_numpy("float64")
-        out[slot] = roc_auc_score(y, 1 / (1 + np.exp(-eta))) if task == "readmission" else \
-            r2_score(y, np.exp(eta) * features.cost_scale)
+        out[slot] = (
+            roc_auc_score(y, 1 / (1 + np.exp(-eta)))
+            if task == "readmission"
+            else r2_score(y, np.exp(eta) * features.cost_scale)
+        )
     return out
 
 
@@ -236,8 +278,10 @@ def bench(task: RealTask, workdir: Path, *, reuse: bool = False) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     config = tomllib.loads((run / "config.toml").read_text())
     mapping = DataMapping.load(data / "mapping.toml")
-    nodes = [load_node(mapping, node.name, split_seed=config["run"]["seed"], test_fraction=config["run"]["test_fraction"])
-             for node in mapping.nodes]
+    nodes = [
+        load_node(mapping, node.name, split_seed=config["run"]["seed"], test_fraction=config["run"]["test_fraction"])
+        for node in mapping.nodes
+    ]
     if reuse:
         sizes = {n.name: len(n.train) + len(n.test) for n in nodes}
     train = pd.concat([n.train for n in nodes], ignore_index=True)
@@ -247,30 +291,47 @@ def bench(task: RealTask, workdir: Path, *, reuse: bool = False) -> dict:
     names = [c["name"] for c in summary["inference"]["readmission"]["coefficients"]]
     ref = reference(task, train, test, config["model"]["penalty"], config["model"]["tweedie_power"], names)
     rebuilt = federated_scores(summary, model, test)
-    return {"task": task, "sizes": sizes, "seconds": seconds, "summary": summary, "reference": ref,
-            "rebuilt": rebuilt, "train_rows": len(train), "test_rows": len(test)}
+    return {
+        "task": task,
+        "sizes": sizes,
+        "seconds": seconds,
+        "summary": summary,
+        "reference": ref,
+        "rebuilt": rebuilt,
+        "train_rows": len(train),
+        "test_rows": len(test),
+    }
 
 
 def report(result: dict) -> list[str]:
     task, summary, ref = result["task"], result["summary"], result["reference"]
     sizes = sorted(result["sizes"].values())
-    lines = [(f"## {task.name}: {len(sizes)} sites ({task.site}), {sum(sizes)} rows "
-              f"(sites of {sizes[0]}–{sizes[-1]} rows, median {int(np.median(sizes))}); "
-              f"{result['train_rows']} training, {result['test_rows']} test rows; {result['seconds']:.0f} s wall")]
-    for slot, task_key, metric, bar, outcome in ((schema.READMISSION, "readmission", "auroc", AUROC_BAR, task.binary),
-                                                 (schema.COST, "cost", "r2", R2_BAR, task.count)):
+    lines = [
+        (
+            f"## {task.name}: {len(sizes)} sites ({task.site}), {sum(sizes)} rows "
+            f"(sites of {sizes[0]}–{sizes[-1]} rows, median {int(np.median(sizes))}); "
+            f"{result['train_rows']} training, {result['test_rows']} test rows; {result['seconds']:.0f} s wall"
+        )
+    ]
+    for slot, task_key, metric, bar, outcome in (
+        (schema.READMISSION, "readmission", "auroc", AUROC_BAR, task.binary),
+        (schema.COST, "cost", "r2", R2_BAR, task.count),
+    ):
         fed = summary[task_key]["federated"][metric]
         inference = summary["inference"][task_key]
         gap = ref[slot, "statsmodels"] - fed
         beta = result["rebuilt"][slot, "beta"]
-        dridge, dplain = (np.max(np.abs(beta - ref[slot, label, "beta"])) for label in ("statsmodels_ridge", "statsmodels"))
+        dridge, dplain = (
+            np.max(np.abs(beta - ref[slot, label, "beta"])) for label in ("statsmodels_ridge", "statsmodels")
+        )
         lines.append(
             f"{outcome} ({metric}): federated {fed:.4f} (rebuilt {result['rebuilt'][slot]:.4f}) | fedcost pooled "
             f"{summary[task_key]['pooled'][metric]:.4f} | statsmodels pooled {ref[slot, 'statsmodels']:.4f} "
             f"(same ridge {ref[slot, 'statsmodels_ridge']:.4f}) | local-only {summary[task_key]['local_only'][metric]:.4f} "
             f"| statsmodels − fed {gap:+.4f} ({'meets' if gap <= bar else 'MISSES'} {bar}) "
             f"| rounds {inference['iterations']} converged={inference['converged']} "
-            f"| max |Δβ| vs same ridge {dridge:.1e}, vs unpenalised {dplain:.1e}")
+            f"| max |Δβ| vs same ridge {dridge:.1e}, vs unpenalised {dplain:.1e}"
+        )
     return lines
 
 

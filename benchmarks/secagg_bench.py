@@ -61,8 +61,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--systems", type=lambda s: s.split(","), default=list(SYSTEMS))
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds per cell, after one warm-up round")
     parser.add_argument("--cell-timeout", type=float, default=420.0, help="seconds one cell subprocess may run")
-    parser.add_argument("--extra", action=argparse.BooleanOptionalAction, default=None,
-                        help="add fedcost at N=1000, D=10k (default: only when --nodes/--dims are not given)")
+    parser.add_argument(
+        "--extra",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add fedcost at N=1000, D=10k (default: only when --nodes/--dims are not given)",
+    )
     parser.add_argument("--primitives", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", type=Path, default=None, help="write the tables, machine and command here")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # "system,N,D": run one cell, print JSON
@@ -103,8 +107,9 @@ def estimate_round(cell: Cell, done: dict[Cell, dict]) -> tuple[float, bool] | N
     round at N = 50 barely grows from D = 10k to 100k, this bound says 10x), never a reason
     to skip.
     """
-    same_n = sorted((c for c in done if c.system == cell.system and c.nodes == cell.nodes and c.dim < cell.dim),
-                    key=lambda c: c.dim)
+    same_n = sorted(
+        (c for c in done if c.system == cell.system and c.nodes == cell.nodes and c.dim < cell.dim), key=lambda c: c.dim
+    )
     if len(same_n) >= 2:
         (d0, t0), (d1, t1) = [(c.dim, done[c]["wall"]) for c in same_n[-2:]]
         slope = max((t1 - t0) / (d1 - d0), 0.0)
@@ -134,8 +139,14 @@ def plan_rounds(cell: Cell, rounds: int, timeout: float, done: dict[Cell, dict])
 
 def run_subprocess(cell: Cell, rounds: int, timeout: float) -> dict[str, Any]:
     """One cell in a fresh interpreter; its last stdout line is the JSON result."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--cell", f"{cell.system},{cell.nodes},{cell.dim}",
-               "--rounds", str(rounds)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--cell",
+        f"{cell.system},{cell.nodes},{cell.dim}",
+        "--rounds",
+        str(rounds),
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
     try:
@@ -163,7 +174,11 @@ def run_grid(args: argparse.Namespace) -> dict[Cell, dict]:
                 results[cell]["note"] = f"1 measured round (est. {estimate:,.0f} s/round)"
             if "wall" in results[cell]:
                 measured[cell] = results[cell]
-        print(f"  {cell.system:8s} N={cell.nodes:<5d} D={cell.dim:<8d} {_summary(results[cell])}", file=sys.stderr, flush=True)
+        print(
+            f"  {cell.system:8s} N={cell.nodes:<5d} D={cell.dim:<8d} {_summary(results[cell])}",
+            file=sys.stderr,
+            flush=True,
+        )
     return results
 
 
@@ -235,8 +250,14 @@ def primitives_table() -> str:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     uname = subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip()
     return f"- `uname -a`: {uname}\n- CPU: {cpu}, {os.cpu_count()} cores\n- Python {platform.python_version()}"
 
@@ -264,8 +285,14 @@ message); fedcost's plain and SecAgg+ sums poll for replies through `PollingGrid
 
 
 def report(args: argparse.Namespace, results: dict[Cell, dict], primitives: str | None, command: str) -> str:
-    parts = ["## Secure aggregation round in Flower's Simulation Engine", summary_table(results), "", detail_table(results),
-             "", NOTES]
+    parts = [
+        "## Secure aggregation round in Flower's Simulation Engine",
+        summary_table(results),
+        "",
+        detail_table(results),
+        "",
+        NOTES,
+    ]
     if primitives:
         parts += ["", "## Primitives (fedcost.secagg, no Flower)", primitives]
     parts += ["", "## Machine", machine(), "", "## Command", f"`{command}`"]

@@ -95,7 +95,9 @@ def bench_primitives() -> None:
         masking_ms = _median_ms(lambda bits=bits: _mask_sum(bits, keys))
         words = f"{word(bits).itemsize * 8}-bit words"
         print(f"| mask expansion, 1M entries mod 2^{bits}, {words} (AES-256-CTR) | {expand_ms:.1f} |")
-        print(f"| one node's masking at N=100, {words}: self mask + {degree} pair masks, 1M entries (MaskSum) | {masking_ms:.1f} |")
+        print(
+            f"| one node's masking at N=100, {words}: self mask + {degree} pair masks, 1M entries (MaskSum) | {masking_ms:.1f} |"
+        )
     print(f"| quantise 1M floats (clip + stochastic rounding) | {quantise_ms:.1f} |")
     ciphers = {
         "AES-256-CTR (fedcost's)": algorithms.AES(secrets.token_bytes(32)),
@@ -113,7 +115,9 @@ def bench_primitives() -> None:
         shares = shamir.share(key, t, k)
         share_ms = _median_ms(lambda k=k, t=t: shamir.share(key, t, k))
         combine_ms = _median_ms(lambda shares=shares, t=t: shamir.combine(shares, t))
-        print(f"| Shamir 32-byte secret, N={nodes}: k={k} shares, t={t}: share / combine | {share_ms:.2f} / {combine_ms:.2f} |")
+        print(
+            f"| Shamir 32-byte secret, N={nodes}: k={k} shares, t={t}: share / combine | {share_ms:.2f} / {combine_ms:.2f} |"
+        )
 
 
 def run_round(n: int, dim: int, dropout: float = 0.0) -> dict[str, float]:
@@ -124,9 +128,7 @@ def run_round(n: int, dim: int, dropout: float = 0.0) -> dict[str, float]:
     """
     quantizer = Quantizer(clip=1.0, levels=2**12, max_nodes=n)
     ids = list(range(1, n + 1))
-    inputs = {
-        u: quantizer.encode([np.full(dim - 1, 0.01 * (u % 7))], seed=secrets.token_bytes(32)) for u in ids
-    }
+    inputs = {u: quantizer.encode([np.full(dim - 1, 0.01 * (u % 7))], seed=secrets.token_bytes(32)) for u in ids}
     config = RoundConfig.create(run_id="bench", round=0, node_ids=ids, dim=dim, bits=quantizer.bits)
     keys = {u: Ed25519PrivateKey.generate() for u in ids}
     identities = {u: key.public_key() for u, key in keys.items()}
@@ -141,9 +143,7 @@ def run_round(n: int, dim: int, dropout: float = 0.0) -> dict[str, float]:
         replies = []
         for u, request in requests.items():
             start = time.perf_counter()
-            reply = nodes[u].handle(
-                request, vector=inputs[u] if request.stage is Stage.MASKED_INPUT else None
-            )
+            reply = nodes[u].handle(request, vector=inputs[u] if request.stage is Stage.MASKED_INPUT else None)
             node_seconds[u] += time.perf_counter() - start
             if not (u in dropped and reply.stage is Stage.MASKED_INPUT):
                 replies.append(reply)

@@ -34,10 +34,15 @@ LAYOUT = GroupedStatisticsLayout(("diagnosis_group", "payer"), (schema.COST, sch
 def exact_table(frames: list[pd.DataFrame]) -> pd.DataFrame:
     rows = pd.concat(frames, ignore_index=True)
     grouped = rows.groupby(["diagnosis_group", "payer"], observed=True)[schema.COST]
-    return pd.DataFrame({
-        "n": grouped.size(), "cost_sum": grouped.sum(), "cost_mean": grouped.mean(),
-        "cost_median": grouped.median(), "cost_p90": grouped.quantile(0.9, interpolation="higher"),
-    })
+    return pd.DataFrame(
+        {
+            "n": grouped.size(),
+            "cost_sum": grouped.sum(),
+            "cost_mean": grouped.mean(),
+            "cost_median": grouped.median(),
+            "cost_p90": grouped.quantile(0.9, interpolation="higher"),
+        }
+    )
 
 
 def released(frames: list[tuple[pd.DataFrame, str]], epsilon: float, rng: np.random.Generator) -> pd.DataFrame:
@@ -45,8 +50,9 @@ def released(frames: list[tuple[pd.DataFrame, str]], epsilon: float, rng: np.ran
         total = sum(LAYOUT.local_vector(frame, role=role, min_cohort=MIN_COHORT) for frame, role in frames)
         table = GroupedStatistics.from_totals(LAYOUT, total, MIN_COHORT)
     else:
-        noise = calibrate_noise(epsilon=epsilon, delta=DELTA, touched=[LAYOUT.noisy_touched()], sites=SITES,
-                                cost_clip=COST_CLIP)
+        noise = calibrate_noise(
+            epsilon=epsilon, delta=DELTA, touched=[LAYOUT.noisy_touched()], sites=SITES, cost_clip=COST_CLIP
+        )
         bounds = LAYOUT.noisy_bounds(COST_CLIP)
         normalised = sum(LAYOUT.noisy_vector(frame, role=role, cost_clip=COST_CLIP) for frame, role in frames) / bounds
         noisy = normalised + skellam_noise(normalised.size, noise.variance, rng=rng) / NOISE_GRID
@@ -73,7 +79,11 @@ def main() -> None:
             withheld.append(int(table["n"].isna().sum()))
             for key in errors:
                 errors[key] += list((np.abs(table[key].astype(float) - truth[key]) / truth[key]).dropna())
-        sd = "—" if math.isinf(epsilon) else f"{calibrate_noise(epsilon=epsilon, delta=DELTA, touched=[LAYOUT.noisy_touched()], sites=SITES, cost_clip=COST_CLIP).sd:.3g}"  # noqa: E501
+        sd = (
+            "—"
+            if math.isinf(epsilon)
+            else f"{calibrate_noise(epsilon=epsilon, delta=DELTA, touched=[LAYOUT.noisy_touched()], sites=SITES, cost_clip=COST_CLIP).sd:.3g}"
+        )  # noqa: E501
         cells = " | ".join(f"{np.median(v):.2%} ({np.quantile(v, 0.9):.1%})" for v in errors.values())
         print(f"| {epsilon:g} | {sd} | {cells} | {np.mean(withheld):.1f} |")
 

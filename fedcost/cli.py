@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -34,10 +34,10 @@ app.add_typer(node_app, name="node", help="Run a site's node from its startup ki
 app.command(name="run", context_settings=OLD_FORMS)(run_job)
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 RunFolder = Annotated[
-    Optional[Path], typer.Option("--out", help="Run folder to create, new or empty (default: runs/<run-id>)")
+    Path | None, typer.Option("--out", help="Run folder to create, new or empty (default: runs/<run-id>)")
 ]
 DataDir = Annotated[
-    Optional[Path], typer.Option("--data-dir", help="Your own data: a folder with mapping.toml and one file per node")
+    Path | None, typer.Option("--data-dir", help="Your own data: a folder with mapping.toml and one file per node")
 ]
 
 
@@ -58,7 +58,9 @@ def main(
 
 @app.command()
 def simulate(
-    config: Annotated[Optional[Path], typer.Argument(help="Simulation config (TOML); default: configs/default.toml")] = None,
+    config: Annotated[
+        Path | None, typer.Argument(help="Simulation config (TOML); default: configs/default.toml")
+    ] = None,
     out: RunFolder = None,
     data_dir: DataDir = None,
 ) -> None:
@@ -83,7 +85,9 @@ def _warn_unconverged(inference: dict) -> None:
 
 @app.command()
 def analyze(
-    config: Annotated[Optional[Path], typer.Argument(help="Config (TOML) whose \\[analytics] group_by sets the cells")] = None,
+    config: Annotated[
+        Path | None, typer.Argument(help="Config (TOML) whose \\[analytics] group_by sets the cells")
+    ] = None,
     out: RunFolder = None,
     data_dir: DataDir = None,
 ) -> None:
@@ -91,13 +95,17 @@ def analyze(
     result = _run(config, out, data_dir, "analyze")
     statistics = result.summary["analytics"].get("statistics")
     if statistics is None:
-        console.print("[yellow]warning:[/yellow] " + escape("[analytics] group_by is empty: no statistics were computed"))
+        console.print(
+            "[yellow]warning:[/yellow] " + escape("[analytics] group_by is empty: no statistics were computed")
+        )
     else:
         console.print(_statistics_table(statistics))
         console.print(escape(statistics["note"]), soft_wrap=True)
     if "group_costing" in result.summary["analytics"]:
         console.print(_group_costing_table(result.summary["analytics"]["group_costing"], result.summary))
-    console.print(f"run folder: [bold]{result.run_dir}[/bold] (statistics.csv, report: {result.run_dir / 'report.html'})")
+    console.print(
+        f"run folder: [bold]{result.run_dir}[/bold] (statistics.csv, report: {result.run_dir / 'report.html'})"
+    )
 
 
 @app.command()
@@ -108,7 +116,7 @@ def predict(
     node: Annotated[str, typer.Option("--node", help="The site's \\[nodes.NAME] table in the mapping")],
     out: Annotated[Path, typer.Option("--out", help="Where to write the predictions (CSV)")] = Path("predictions.csv"),
     site: Annotated[
-        Optional[str], typer.Option("--site", help="Apply this site's saved steps (cost level, fine-tuning)")
+        str | None, typer.Option("--site", help="Apply this site's saved steps (cost level, fine-tuning)")
     ] = None,
 ) -> None:
     """Score a site's rows with a run's model; predictions stay at the site."""
@@ -129,7 +137,7 @@ def predict(
     console.print(f"wrote {len(scored):,} predictions to [bold]{escape(str(out))}[/bold]")
 
 
-def _run(config: Optional[Path], out: Optional[Path], data_dir: Optional[Path], task: str) -> RunResult:
+def _run(config: Path | None, out: Path | None, data_dir: Path | None, task: str) -> RunResult:
     """Check the config and the run folder, run the simulation with progress shown, and turn
     a user's mistakes into exit code 2. Torch and Flower load only once the config passed."""
     from fedcost.config import SimulationConfig
@@ -155,8 +163,14 @@ def _run(config: Optional[Path], out: Optional[Path], data_dir: Optional[Path], 
             with console.status("federated statistics under way…"):
                 return run(settings, out=out, data_dir=data_dir, task="analyze")
         with RoundProgress(settings.run.rounds) as progress:
-            return run(settings, out=out, data_dir=data_dir, on_start=progress.start, on_round=progress.advance,
-                       on_stage=progress.stage)
+            return run(
+                settings,
+                out=out,
+                data_dir=data_dir,
+                on_start=progress.start,
+                on_round=progress.advance,
+                on_stage=progress.stage,
+            )
     except FedcostError as error:
         raise fail(error) from None
 
@@ -203,7 +217,12 @@ def _benchmark_table(result: dict, summary: dict) -> Table:
         table.add_column(head, justify="left" if head in ("site", "funnel") else "right")
     for s in result["sites"]:
         table.add_row(
-            s["site"], f"{s['n']:,}", _ratio(s, "oe"), _ratio(s, "err"), funnel_position(s), _ratio(s, "cost_ratio"),
+            s["site"],
+            f"{s['n']:,}",
+            _ratio(s, "oe"),
+            _ratio(s, "err"),
+            funnel_position(s),
+            _ratio(s, "cost_ratio"),
             _ratio(s, "value_index"),
         )
     return table
@@ -242,7 +261,9 @@ def _statistics_table(result: dict) -> Table:
             figures = (cell.get("total_cost_mean"), cell.get("cost_median"), cell.get("cost_p90"))
             rate = cell.get("readmission_rate")
             table.add_row(
-                *(str(cell[g]) for g in groups), f"{cell['n']:,}", *("n/a" if f is None else f"{f:,.0f}" for f in figures),
+                *(str(cell[g]) for g in groups),
+                f"{cell['n']:,}",
+                *("n/a" if f is None else f"{f:,.0f}" for f in figures),
                 "n/a" if rate is None else f"{rate:.3f}",
             )
     return table

@@ -181,10 +181,14 @@ class AnalyticsSection:
     def __post_init__(self) -> None:
         self.layout()
         if self.currency and not CURRENCY_CODE.fullmatch(self.currency):
-            raise ValueError(f"currency must be an ISO 4217 code of three capital letters (e.g. EUR, USD), not {self.currency!r}")
+            raise ValueError(
+                f"currency must be an ISO 4217 code of three capital letters (e.g. EUR, USD), not {self.currency!r}"
+            )
         for site, group in self.peer_groups.items():
             if not PEER_GROUP.fullmatch(group):
-                raise ValueError(f"peer group of {site!r} must be 1-40 letters, digits, spaces, '.', '_' or '-', not {group!r}")
+                raise ValueError(
+                    f"peer group of {site!r} must be 1-40 letters, digits, spaces, '.', '_' or '-', not {group!r}"
+                )
 
     def layout(self) -> GroupedStatisticsLayout:
         """The grouped statistics' layout; raises ``ValueError`` for unknown fields."""
@@ -226,12 +230,16 @@ class SimulationSection:
             raise ValueError(f"cpus_per_node must be a positive number, not {self.cpus_per_node}")
         address = _RAY_ADDRESS.fullmatch(self.ray_address)
         if not (self.ray_address in ("", "auto") or (address and int(address[3]) < 2**16)):
-            raise ValueError(f'ray_address must be "" (a private Ray on this machine), "auto" (the cluster this '
-                             'machine joined with `ray start`), "HOST:PORT" or "ray://HOST:PORT", '
-                             f"not {self.ray_address!r}")
+            raise ValueError(
+                f'ray_address must be "" (a private Ray on this machine), "auto" (the cluster this '
+                'machine joined with `ray start`), "HOST:PORT" or "ray://HOST:PORT", '
+                f"not {self.ray_address!r}"
+            )
         if math.isnan(self.max_cpus) or self.max_cpus < self.cpus_per_node:
-            raise ValueError(f"max_cpus ({self.max_cpus:g}) must be at least cpus_per_node ({self.cpus_per_node:g}), "
-                             "or no site could run; inf for no cap")
+            raise ValueError(
+                f"max_cpus ({self.max_cpus:g}) must be at least cpus_per_node ({self.cpus_per_node:g}), "
+                "or no site could run; inf for no cap"
+            )
         if math.isnan(self.max_memory_gb) or self.max_memory_gb <= 0:
             raise ValueError(f"max_memory_gb must be positive (inf for no cap), not {self.max_memory_gb:g}")
 
@@ -256,16 +264,20 @@ class SimulationConfig:
             rounds = EXACT_GLM_ROUNDS if self.model.exact else FEDAVG_ROUNDS
             object.__setattr__(self, "run", dataclasses.replace(self.run, rounds=rounds))
         if self.statistics_privacy.enabled and not self.secure_aggregation.enabled:
-            raise ConfigError("noisy sums need secure aggregation: set [secure_aggregation] enabled = true, or "
-                              "[statistics_privacy] epsilon = inf", path=self.source, field="statistics_privacy")
+            raise ConfigError(
+                "noisy sums need secure aggregation: set [secure_aggregation] enabled = true, or "
+                "[statistics_privacy] epsilon = inf",
+                path=self.source,
+                field="statistics_privacy",
+            )
 
     @classmethod
-    def load(cls, path: Path | str) -> "SimulationConfig":
+    def load(cls, path: Path | str) -> SimulationConfig:
         path = Path(path)
         return cls.from_dict(read_toml(path, "config file"), source=str(path))
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], *, source: str = "<dict>") -> "SimulationConfig":
+    def from_dict(cls, raw: dict[str, Any], *, source: str = "<dict>") -> SimulationConfig:
         sections = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
         errors = [
             ConfigError(f"unknown section; allowed: {', '.join(sections)}", path=source, field=name)
@@ -290,7 +302,7 @@ class SimulationConfig:
             if f.name != "source"
         }
 
-    def with_overrides(self, **sections: Any) -> "SimulationConfig":
+    def with_overrides(self, **sections: Any) -> SimulationConfig:
         return dataclasses.replace(self, **sections)
 
 

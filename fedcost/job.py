@@ -43,7 +43,7 @@ class TrainingJob:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> "TrainingJob":
+    def from_json(cls, text: str) -> TrainingJob:
         data: dict[str, Any] = json.loads(text)
         model = data["model"]
         model = {**model, "hidden": tuple(model["hidden"]), "tasks": tuple(model["tasks"])}
@@ -86,11 +86,17 @@ def glm_state(features: FeatureSpec, coefficients: dict[str, np.ndarray]) -> dic
     return state
 
 
-def glm_coefficients(features: FeatureSpec, state: dict[str, np.ndarray], tasks: tuple[str, ...]) -> dict[str, np.ndarray]:
+def glm_coefficients(
+    features: FeatureSpec, state: dict[str, np.ndarray], tasks: tuple[str, ...]
+) -> dict[str, np.ndarray]:
     """The inverse of ``glm_state``: each task's coefficients from a torch GLM's state."""
     keep = np.setdiff1d(np.arange(features.n_features), features.reference_levels)
     return {
-        task: np.concatenate([np.asarray(state[f"heads.{task}.bias"], dtype="float64"),
-                              np.asarray(state[f"heads.{task}.weight"], dtype="float64")[0, keep]])
+        task: np.concatenate(
+            [
+                np.asarray(state[f"heads.{task}.bias"], dtype="float64"),
+                np.asarray(state[f"heads.{task}.weight"], dtype="float64")[0, keep],
+            ]
+        )
         for task in tasks
     }

@@ -50,8 +50,13 @@ class Placement:
         return {"num_cpus": self.cpus, "num_gpus": 0.0, **({"memory": self.memory} if self.memory else {})}
 
     def to_dict(self) -> dict[str, object]:
-        return {"ray_address": self.address or "private", "actors": self.actors, "cpus_per_actor": self.cpus,
-                "memory_gb_per_actor": round(self.memory / GIB, 3), "cluster_cpus": self.cluster_cpus}
+        return {
+            "ray_address": self.address or "private",
+            "actors": self.actors,
+            "cpus_per_actor": self.cpus,
+            "memory_gb_per_actor": round(self.memory / GIB, 3),
+            "cluster_cpus": self.cluster_cpus,
+        }
 
 
 def actors_that_fit(nodes: Iterable[Mapping[str, float]], cpus: float, memory: int) -> int:
@@ -90,12 +95,18 @@ def ray_engine(section: SimulationSection, sites: int) -> Iterator[Placement]:
     # Workers import fedcost as this process does (Flower passes its path on the same way).
     path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     try:
-        ray.init(address=section.ray_address or PRIVATE, runtime_env={"env_vars": {"PYTHONPATH": path}},
-                 logging_level="ERROR", log_to_driver=True,
-                 **({} if section.ray_address else {"include_dashboard": False}))
+        ray.init(
+            address=section.ray_address or PRIVATE,
+            runtime_env={"env_vars": {"PYTHONPATH": path}},
+            logging_level="ERROR",
+            log_to_driver=True,
+            **({} if section.ray_address else {"include_dashboard": False}),
+        )
     except ConnectionError as error:
-        raise RayClusterError(f"cannot join the Ray cluster{_at(section.ray_address)}: {error}; start it with "
-                              "`ray start --head`, or fix [simulation] ray_address") from None
+        raise RayClusterError(
+            f"cannot join the Ray cluster{_at(section.ray_address)}: {error}; start it with "
+            "`ray start --head`, or fix [simulation] ray_address"
+        ) from None
     try:
         placement = place(section, sites, [node["Resources"] for node in ray.nodes() if node["Alive"]])
         original = raybackend.RayBackend
@@ -115,8 +126,9 @@ def _placed_backend(actors: int) -> type[raybackend.RayBackend]:
 
     class PlacedRayBackend(raybackend.RayBackend):
         def build(self, app_fn: Callable[[], ClientApp]) -> None:
-            self.pool = BasicActorPool(actor_type=ClientAppActor, client_resources=self.client_resources,
-                                       actor_kwargs=self.actor_kwargs)
+            self.pool = BasicActorPool(
+                actor_type=ClientAppActor, client_resources=self.client_resources, actor_kwargs=self.actor_kwargs
+            )
             self.pool.add_actors_to_pool(actors)
             self.app_fn = app_fn
 

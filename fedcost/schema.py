@@ -91,8 +91,22 @@ FEATURES: tuple[Column, ...] = (
     _categorical("admission_type", "acuity of the index admission", ("emergency", "urgent", "elective")),
     _categorical("diagnosis_group", "principal diagnosis group of the index stay", DIAGNOSIS_GROUPS),
     _numeric("comorbidity_index", "Charlson comorbidity index", minimum=0, maximum=37, integer=True, log_scale=True),
-    _numeric("prior_admissions_12m", "inpatient admissions in the 12 months before", minimum=0, maximum=100, integer=True, log_scale=True),
-    _numeric("ed_visits_12m", "emergency-department visits in the 12 months before", minimum=0, maximum=200, integer=True, log_scale=True),
+    _numeric(
+        "prior_admissions_12m",
+        "inpatient admissions in the 12 months before",
+        minimum=0,
+        maximum=100,
+        integer=True,
+        log_scale=True,
+    ),
+    _numeric(
+        "ed_visits_12m",
+        "emergency-department visits in the 12 months before",
+        minimum=0,
+        maximum=200,
+        integer=True,
+        log_scale=True,
+    ),
     _numeric("length_of_stay", "length of the index stay in days", minimum=0, maximum=365, log_scale=True),
     _categorical(
         "discharge_disposition",
@@ -100,18 +114,37 @@ FEATURES: tuple[Column, ...] = (
         ("home", "home_health", "skilled_nursing", "rehab", "against_advice"),
     ),
     _categorical("payer", "primary payer of the episode", ("medicare", "medicaid", "commercial", "self_pay")),
-    _numeric("num_medications", "distinct medications at discharge", minimum=0, maximum=100, integer=True, log_scale=True),
+    _numeric(
+        "num_medications", "distinct medications at discharge", minimum=0, maximum=100, integer=True, log_scale=True
+    ),
     _numeric("medication_adherence", "proportion of days covered (PDC) after discharge", minimum=0, maximum=1),
-    _numeric("num_procedures", "procedures during the index stay", minimum=0, maximum=100, integer=True, log_scale=True),
+    _numeric(
+        "num_procedures", "procedures during the index stay", minimum=0, maximum=100, integer=True, log_scale=True
+    ),
     _numeric("icu_stay", "1 if the stay included intensive care", minimum=0, maximum=1, integer=True),
-    _numeric("abnormal_labs", "abnormal lab results in the last 48 h before discharge", minimum=0, maximum=100, integer=True, log_scale=True),
-    _numeric("follow_up_7d", "1 if an outpatient follow-up visit was claimed within 7 days", minimum=0, maximum=1, integer=True),
+    _numeric(
+        "abnormal_labs",
+        "abnormal lab results in the last 48 h before discharge",
+        minimum=0,
+        maximum=100,
+        integer=True,
+        log_scale=True,
+    ),
+    _numeric(
+        "follow_up_7d",
+        "1 if an outpatient follow-up visit was claimed within 7 days",
+        minimum=0,
+        maximum=1,
+        integer=True,
+    ),
 )
 
 READMISSION = "readmitted_30d"
 COST = "total_cost"
 TARGETS: tuple[Column, ...] = (
-    _numeric(READMISSION, "1 if readmitted to any hospital within 30 days of discharge", minimum=0, maximum=1, integer=True),
+    _numeric(
+        READMISSION, "1 if readmitted to any hospital within 30 days of discharge", minimum=0, maximum=1, integer=True
+    ),
     _numeric(COST, "total episode cost, index stay through 30 days after discharge", minimum=0),
 )
 

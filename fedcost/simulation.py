@@ -34,24 +34,25 @@ from flwr.app import Context
 from flwr.simulation import run_simulation
 
 from fedcost import schema
+from fedcost.analytics.statistics import AGE_BAND, ROLE
+from fedcost.analytics.statistics import SITE as BY_SITE
+from fedcost.audit import AuditLog, verify_folder
 from fedcost.client.app import make_client_app
 from fedcost.client.budget import accountant
 from fedcost.client.node import NodeSetup
-from fedcost.analytics.statistics import AGE_BAND, ROLE, SITE as BY_SITE
 from fedcost.config import AnalyticsSection, SimulationConfig
 from fedcost.data.features import FeatureSpec, StatisticsLayout
+from fedcost.data.files import MAPPING_FILE, write_node_files
 from fedcost.data.loader import NodeData, load_node
 from fedcost.data.mapping import DataMapping
-from fedcost.data.files import MAPPING_FILE, write_node_files
 from fedcost.data.synthetic import generate_ecosystem
-from fedcost.audit import AuditLog, verify_folder
 from fedcost.errors import AuditLogTamperedError, ConfigError, FederationError, ModelFitError
 from fedcost.identity import Identity, PublicIdentity
 from fedcost.job import glm_state
 from fedcost.models import glm
-from fedcost.models.site_steps import SiteSteps, decide_site_steps
 from fedcost.models.metrics import calibration_bins, cost_metrics, readmission_metrics
 from fedcost.models.nets import FedcostNet, build_model
+from fedcost.models.site_steps import SiteSteps, decide_site_steps
 from fedcost.models.training import predict, train_local
 from fedcost.privacy import SitePolicy
 from fedcost.privacy.accounting import DpSgdSteps
@@ -60,8 +61,8 @@ from fedcost.privacy.ledger import recorded_spending
 from fedcost.ray_engine import ray_engine
 from fedcost.report import write_report
 from fedcost.report.progress import ProgressRecorder
-from fedcost.server.app import CoordinatorPlan, make_server_app, new_run_id
 from fedcost.seeding import derive_seed
+from fedcost.server.app import CoordinatorPlan, make_server_app, new_run_id
 
 COORDINATOR = "coordinator"
 LEDGERS = "ledgers"  # each site's release ledger: a simulation's sites live as long as the run
@@ -169,7 +170,9 @@ def _run(
         (folder / "truth.json").write_text(json.dumps(ecosystem.truth, indent=2))
         nodes = _load_nodes(mapping, config)
     assert nodes is not None
-    config = replace(config, model=replace(config.model, tasks=mapping.tasks), analytics=_analytics_for(config, mapping))
+    config = replace(
+        config, model=replace(config.model, tasks=mapping.tasks), analytics=_analytics_for(config, mapping)
+    )
     (folder / "config.toml").write_bytes(tomli_w.dumps(config.resolved()).encode())
 
     on_start()
@@ -189,8 +192,11 @@ def _run(
     if plan.noise is not None:
         noise = plan.noise
         summary["statistics_privacy"] = {
-            "epsilon": config.statistics_privacy.epsilon, "delta": config.statistics_privacy.delta,
-            "noise_sd": noise.sd, "noise_sites": noise.sites, "cost_clip": noise.cost_clip,
+            "epsilon": config.statistics_privacy.epsilon,
+            "delta": config.statistics_privacy.delta,
+            "noise_sd": noise.sd,
+            "noise_sites": noise.sites,
+            "cost_clip": noise.cost_clip,
         }
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -200,7 +206,12 @@ def _run(
 
 
 def _trained(
-    config: SimulationConfig, run_id: str, folder: Path, mapping: DataMapping, nodes: list[NodeData], recorder: RunRecorder
+    config: SimulationConfig,
+    run_id: str,
+    folder: Path,
+    mapping: DataMapping,
+    nodes: list[NodeData],
+    recorder: RunRecorder,
 ) -> dict:
     """Save the federated model and score it next to the pooled and local-only baselines."""
     if recorder.features is None or recorder.weights is None:
@@ -244,11 +255,15 @@ def _analytics_for(config: SimulationConfig, mapping: DataMapping) -> AnalyticsS
         names = list(dict.fromkeys(slots.get(name, name) for name in getattr(analytics, part)))
         lacking = [name for name in names if name not in present]
         if lacking and getattr(analytics, part) != getattr(AnalyticsSection(), part):
-            raise ConfigError(f"the data set has no field {lacking[0]!r}; its fields: {', '.join(sorted(present))}",
-                              path=config.source, field=f"analytics.{part}")
+            raise ConfigError(
+                f"the data set has no field {lacking[0]!r}; its fields: {', '.join(sorted(present))}",
+                path=config.source,
+                field=f"analytics.{part}",
+            )
         chosen[part] = tuple(name for name in names if name in present)
-    paid = any(schema.PAYMENT in schema.ROLES[node.role].accounting or node.source_of(schema.PAYMENT)
-               for node in mapping.nodes)
+    paid = any(
+        schema.PAYMENT in schema.ROLES[node.role].accounting or node.source_of(schema.PAYMENT) for node in mapping.nodes
+    )
     costed = schema.COST in mapping.targets and schema.DISEASE_GROUP in present
     return replace(analytics, **chosen, group_costing=analytics.group_costing and paid and costed)
 
@@ -339,8 +354,11 @@ def _check_peer_groups(config: SimulationConfig, names: list[str]) -> None:
     """Every site ``[analytics] peer_groups`` names is a node of the run."""
     unknown = sorted(set(config.analytics.peer_groups) - set(names))
     if unknown:
-        raise ConfigError(f"peer group for unknown node {unknown[0]!r}; nodes: {', '.join(names)}", path=config.source,
-                          field=f"analytics.peer_groups.{unknown[0]}")
+        raise ConfigError(
+            f"peer group for unknown node {unknown[0]!r}; nodes: {', '.join(names)}",
+            path=config.source,
+            field=f"analytics.peer_groups.{unknown[0]}",
+        )
 
 
 def _site_policies(config: SimulationConfig, folder: Path, names: list[str], coordinator: str) -> dict[str, Path]:
@@ -352,8 +370,11 @@ def _site_policies(config: SimulationConfig, folder: Path, names: list[str], coo
     """
     unknown = sorted(set(config.simulation.policies) - set(names))
     if unknown:
-        raise ConfigError(f"policy for unknown node {unknown[0]!r}; nodes: {', '.join(names)}", path=config.source,
-                          field=f"simulation.policies.{unknown[0]}")
+        raise ConfigError(
+            f"policy for unknown node {unknown[0]!r}; nodes: {', '.join(names)}",
+            path=config.source,
+            field=f"simulation.policies.{unknown[0]}",
+        )
     written: dict[str, Path] = {}
     for name in names:
         source = config.simulation.policies.get(name) or config.simulation.default_policy
@@ -414,8 +435,9 @@ def _site_steps(
     steps are saved under ``folder`` for ``fedcost predict --site``."""
     train = features.task_data(node.train)
     seed = derive_seed(config.run.seed, "adaptation", node.name)
-    steps, adapted = decide_site_steps(model, train, config.training, epochs=config.run.adaptation_epochs, seed=seed,
-                                       min_rows=config.run.min_cohort)
+    steps, adapted = decide_site_steps(
+        model, train, config.training, epochs=config.run.adaptation_epochs, seed=seed, min_rows=config.run.min_cohort
+    )
     folder.mkdir(exist_ok=True)
     (folder / f"{node.name}.json").write_text(json.dumps(steps.to_dict(), indent=2))
     if adapted is not None:
@@ -430,7 +452,9 @@ def _train(config: SimulationConfig, features: FeatureSpec, rows: pd.DataFrame, 
     """The baseline model on ``rows``: an exact GLM by the federation's own estimator fitted to
     convergence (``_fit_glm``), or the network trained for ``epochs``."""
     torch.set_num_threads(1)
-    model = build_model(config.model, features.n_features, seed=config.run.seed, readmission_rate=features.initial_readmission_rate)
+    model = build_model(
+        config.model, features.n_features, seed=config.run.seed, readmission_rate=features.initial_readmission_rate
+    )
     if config.model.exact:
         model.load_state_dict({k: torch.from_numpy(v) for k, v in _fit_glm(config, features, rows).items()})
         return model
@@ -467,7 +491,9 @@ def _pooled_predictions(config: SimulationConfig, features: FeatureSpec, nodes: 
 
 
 def _local_only_predictions(
-    config: SimulationConfig, features: FeatureSpec, nodes: list[NodeData],
+    config: SimulationConfig,
+    features: FeatureSpec,
+    nodes: list[NodeData],
     stage: Callable[[str], None] = lambda text: None,
 ) -> list[dict]:
     """Each site alone on its own rows, scored on its own held-out rows."""
@@ -498,8 +524,11 @@ def _run_header(run_id: str, config: SimulationConfig, mapping: DataMapping, nod
         "run_id": run_id,
         "task": task,
         "outcomes": {
-            task_name: {"column": column, "kind": "binary" if task_name == "readmission" else "non-negative",
-                        **({"family": families[task_name]} if config.model.exact else {})}
+            task_name: {
+                "column": column,
+                "kind": "binary" if task_name == "readmission" else "non-negative",
+                **({"family": families[task_name]} if config.model.exact else {}),
+            }
             for task_name, column in mapping.outcome_columns.items()
         },
         "secure_aggregation": config.secure_aggregation.enabled,

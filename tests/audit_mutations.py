@@ -67,14 +67,26 @@ def changed(value: object, rng: random.Random) -> object:
         return rng.randbytes(32).hex()
     if len(value) == 88:  # a signature: change one base64 character
         i = rng.randrange(86)
-        return value[:i] + ("B" if value[i] == "A" else "A") + value[i + 1:]
+        return value[:i] + ("B" if value[i] == "A" else "A") + value[i + 1 :]
     return value + "x"
 
 
 def mutate(lines: list[bytes], rng: random.Random, impostor: Identity) -> tuple[str, list[bytes] | bytes]:
     n = len(lines)
-    kind = rng.choice(["edit", "edit+relink", "delete", "insert", "insert+relink", "duplicate", "swap",
-                       "truncate lines", "truncate bytes", "re-signed by impostor"])
+    kind = rng.choice(
+        [
+            "edit",
+            "edit+relink",
+            "delete",
+            "insert",
+            "insert+relink",
+            "duplicate",
+            "swap",
+            "truncate lines",
+            "truncate bytes",
+            "re-signed by impostor",
+        ]
+    )
     i = rng.randrange(n)
     if kind.startswith("edit"):
         data = json.loads(lines[i])
@@ -84,16 +96,20 @@ def mutate(lines: list[bytes], rng: random.Random, impostor: Identity) -> tuple[
             data["details"][key[8:]] = changed(data["details"][key[8:]], rng)
         else:
             data[key] = changed(data[key], rng)
-        lines = lines[:i] + [encode(data)] + lines[i + 1:]
+        lines = lines[:i] + [encode(data)] + lines[i + 1 :]
         return kind, rechain(lines, i + 1) if kind == "edit+relink" else lines
     if kind.startswith("insert"):
-        forged = {**json.loads(lines[i]), "event": "message_sent", "digest": rng.randbytes(32).hex(),
-                  "details": {"recipient": "coordinator", "kind": "masked_update", "bytes": 10}}
+        forged = {
+            **json.loads(lines[i]),
+            "event": "message_sent",
+            "digest": rng.randbytes(32).hex(),
+            "details": {"recipient": "coordinator", "kind": "masked_update", "bytes": 10},
+        }
         forged.pop("sig", None)
         lines = lines[:i] + [encode(forged)] + lines[i:]
         return kind, rechain(lines, i) if kind == "insert+relink" else lines
     if kind == "delete":
-        return kind, lines[:i] + lines[i + 1:]
+        return kind, lines[:i] + lines[i + 1 :]
     if kind == "duplicate":
         return kind, lines[: i + 1] + lines[i:]
     if kind == "swap":

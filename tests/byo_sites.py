@@ -30,20 +30,22 @@ def sites_frames(sizes: Sequence[int], *, seed: int) -> dict[str, pd.DataFrame]:
         eta = -1.6 + 0.02 * (age - 60) + 0.25 * comorbidity + 0.03 * (bmi - 27) + 0.1 * (k % 3)
         readmitted = (rng.random(size) < 1.0 / (1.0 + np.exp(-eta))).astype(int)
         cost = np.where(rng.random(size) < 0.15, 0.0, rng.gamma(2.0, 2000.0 * np.exp(0.1 * comorbidity), size)).round(2)
-        frames[f"site-{k}"] = pd.DataFrame({
-            "age": age,
-            "sex": rng.choice(["female", "male"], size),
-            "region": rng.choice(["north", "south", "east", "west"], size),
-            "diagnosis_group": rng.choice(["heart_failure", "copd", "pneumonia", "other"], size),
-            "comorbidity_index": comorbidity,
-            "payer": rng.choice(["medicare", "commercial"], size),
-            "num_medications": medications,
-            "medication_adherence": rng.uniform(0.2, 1.0, size).round(3),
-            "bmi": bmi,
-            "systolic_bp": pressure,
-            schema.READMISSION: readmitted,
-            schema.COST: cost,
-        })
+        frames[f"site-{k}"] = pd.DataFrame(
+            {
+                "age": age,
+                "sex": rng.choice(["female", "male"], size),
+                "region": rng.choice(["north", "south", "east", "west"], size),
+                "diagnosis_group": rng.choice(["heart_failure", "copd", "pneumonia", "other"], size),
+                "comorbidity_index": comorbidity,
+                "payer": rng.choice(["medicare", "commercial"], size),
+                "num_medications": medications,
+                "medication_adherence": rng.uniform(0.2, 1.0, size).round(3),
+                "bmi": bmi,
+                "systolic_bp": pressure,
+                schema.READMISSION: readmitted,
+                schema.COST: cost,
+            }
+        )
     return frames
 
 

@@ -34,8 +34,14 @@ COMMAND = [sys.executable, "-c", "from fedcost.cli import app; app()"]
 
 
 def fedcost(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*COMMAND, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [*COMMAND, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 def ecosystem(folder: Path, sizes: dict[str, tuple[int, ...]], seed: int = 5) -> tuple[Path, dict[str, str]]:
@@ -53,8 +59,14 @@ class Processes:
 
     def start(self, name: str, *args: str, cwd: Path) -> subprocess.Popen:
         out = (self.folder / f"{name}.out").open("w")
-        process = subprocess.Popen([*COMMAND, *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True, env={**os.environ, "COLUMNS": "200"})
+        process = subprocess.Popen(
+            [*COMMAND, *args],
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "COLUMNS": "200"},
+        )
         self.started[name] = process
         return process
 

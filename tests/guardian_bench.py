@@ -115,8 +115,15 @@ class Bench:
         for i, name in enumerate(names, start=1):
             audit = folder / name
             audit.mkdir(parents=True, exist_ok=True)
-            setup = NodeSetup(mapping, name, 3, identity_key=identities[name].raw_private_key, roster=self.roster,
-                              audit_dir=audit, policy=policy_file(audit, name, **policy))
+            setup = NodeSetup(
+                mapping,
+                name,
+                3,
+                identity_key=identities[name].raw_private_key,
+                roster=self.roster,
+                audit_dir=audit,
+                policy=policy_file(audit, name, **policy),
+            )
             self.sites[name] = Site(setup, i)
 
     def site(self, name: str) -> Site:
@@ -168,8 +175,13 @@ class Bench:
         names = sorted(names)
         ids = {rec.secure_id(self.roster, name): name for name in names}
         quantizer = quantizer or Quantizer(SUMS_CLIP, SUMS_LEVELS, len(names))
-        config = RoundConfig.create(run_id=label or f"{RUN}:bench:{purpose}:1", round=round_, node_ids=sorted(ids),
-                                    dim=quantizer.length(shapes), bits=quantizer.bits)
+        config = RoundConfig.create(
+            run_id=label or f"{RUN}:bench:{purpose}:1",
+            round=round_,
+            node_ids=sorted(ids),
+            dim=quantizer.length(shapes),
+            bits=quantizer.bits,
+        )
         identities = rec.roster_identities(self.roster)
         coordinator = SecAggCoordinator(config, {i: identities[i] for i in ids})
         base = {rec.TRANSPORT: rec.SECURE, rec.PURPOSE: purpose, rec.ROUND: round_, **rec.quantizer_config(quantizer)}

@@ -32,7 +32,9 @@ def fedcost(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def simulate(folder: Path, config: str, name: str, command: str = "simulate") -> tuple[subprocess.CompletedProcess, Path]:
+def simulate(
+    folder: Path, config: str, name: str, command: str = "simulate"
+) -> tuple[subprocess.CompletedProcess, Path]:
     """Write ``config`` as ``<name>.toml`` in ``folder`` and run ``fedcost <command>`` on it
     into ``<name>/`` (``simulate``, or ``analyze``)."""
     (folder / f"{name}.toml").write_text(config)

@@ -46,11 +46,18 @@ def _flags_and_truth(seed: int) -> tuple[set[str], dict[str, float], set[str]]:
     """
     frames = latent_frames(SPEC, seed)
     sites = {
-        name: site_totals(rows[schema.READMISSION], rows[EXPECTED_RISK], rows[schema.COST], np.full(len(rows), rows[schema.COST].mean()))
+        name: site_totals(
+            rows[schema.READMISSION],
+            rows[EXPECTED_RISK],
+            rows[schema.COST],
+            np.full(len(rows), rows[schema.COST].mean()),
+        )
         for name, rows in frames.items()
     }
     flagged = {site.site for site in benchmark(sites).sites if site.above_998}
-    quality = {name: float(np.median(_logit(rows[RISK]) - _logit(rows[EXPECTED_RISK]))) for name, rows in frames.items()}
+    quality = {
+        name: float(np.median(_logit(rows[RISK]) - _logit(rows[EXPECTED_RISK]))) for name, rows in frames.items()
+    }
     return flagged, quality, {name for name, q in quality.items() if q > SPEC.quality_effect_sd}
 
 
@@ -78,7 +85,9 @@ def test_hospitals_above_the_998_limit_are_the_truly_worse_ones() -> None:
     assert precision >= 0.8 and recall >= 0.8
 
 
-def _precision_and_recall(flags_and_truth: Callable[[int], tuple[set[str], dict[str, float], set[str]]], label: str) -> tuple[float, float]:
+def _precision_and_recall(
+    flags_and_truth: Callable[[int], tuple[set[str], dict[str, float], set[str]]], label: str
+) -> tuple[float, float]:
     """Over ``SEEDS``: flags that are truly worse (q > 0), and clearly worse hospitals flagged."""
     flagged_total = true_flags = worse_total = worse_found = 0
     for seed in SEEDS:
@@ -149,7 +158,9 @@ def test_site_level_columns_are_zeroed_and_standardising_makes_the_federation_as
 
 
 def test_site_totals_are_the_six_shared_sums_and_refuse_small_cohorts() -> None:
-    totals = site_totals([1, 0, 0, 1], [0.5, 0.1, 0.2, 0.4], [100.0, 0.0, 50.0, 250.0], [90.0, 10.0, 60.0, 200.0], min_cohort=4)
+    totals = site_totals(
+        [1, 0, 0, 1], [0.5, 0.1, 0.2, 0.4], [100.0, 0.0, 50.0, 250.0], [90.0, 10.0, 60.0, 200.0], min_cohort=4
+    )
     assert len(totals) == len(SITE_SLOTS)
     np.testing.assert_allclose(totals, [4, 2, 1.2, 400, 360, 100 + 100 + 100 + 2500])
     with pytest.raises(PolicyViolationError, match="fewer than 11"):
@@ -219,7 +230,9 @@ def test_funnel_png_is_written(tmp_path: Path) -> None:
     sites = {}
     for k, n in enumerate([300, 1200, 5000]):
         risk = rng.uniform(0.05, 0.2, n)
-        sites[f"hospital-{k + 1}"] = site_totals(rng.random(n) < risk * (1.6 if k == 2 else 1), risk, rng.lognormal(8, 1, n), np.full(n, 4000.0))
+        sites[f"hospital-{k + 1}"] = site_totals(
+            rng.random(n) < risk * (1.6 if k == 2 else 1), risk, rng.lognormal(8, 1, n), np.full(n, 4000.0)
+        )
     result = benchmark(sites)
     assert result.sites[2].above_998
     path = tmp_path / "plots" / "funnel.png"

@@ -44,11 +44,14 @@ def _pooled(released: list) -> tuple[dict, dict, dict]:
     """The same figures from the released rows, pooled, in whole cents with pandas."""
     rows = pd.concat([kept for _, _, kept in released], ignore_index=True)
     rows = rows[rows[GROUP].notna()]
-    rows = rows.assign(cost=np.rint(rows[schema.COST] * 100).astype("int64"),
-                       paid=np.rint(rows[schema.PAYMENT].fillna(0) * 100).astype("int64"),
-                       has_payment=rows[schema.PAYMENT].notna())
-    cells = rows.groupby([SITE, GROUP]).agg(n=("cost", "size"), cost=("cost", "sum"), payment=("paid", "sum"),
-                                            paid_n=("has_payment", "sum"))
+    rows = rows.assign(
+        cost=np.rint(rows[schema.COST] * 100).astype("int64"),
+        paid=np.rint(rows[schema.PAYMENT].fillna(0) * 100).astype("int64"),
+        has_payment=rows[schema.PAYMENT].notna(),
+    )
+    cells = rows.groupby([SITE, GROUP]).agg(
+        n=("cost", "size"), cost=("cost", "sum"), payment=("paid", "sum"), paid_n=("has_payment", "sum")
+    )
     cells["fully_paid"] = cells["paid_n"] == cells["n"]
     mean_cost = int(cells["cost"].sum()) * 0.01 / int(cells["n"].sum())
     groups = {}
@@ -56,8 +59,11 @@ def _pooled(released: list) -> tuple[dict, dict, dict]:
         paid = part[part["fully_paid"]]
         cases, paid_cases = int(part["n"].sum()), int(paid["n"].sum())
         margin = int(paid["payment"].sum() - paid["cost"].sum())
-        groups[group] = {"cases": cases, "mean_cost": int(part["cost"].sum()) * 0.01 / cases,
-                         "margin": margin * 0.01 / paid_cases if paid_cases else None}
+        groups[group] = {
+            "cases": cases,
+            "mean_cost": int(part["cost"].sum()) * 0.01 / cases,
+            "margin": margin * 0.01 / paid_cases if paid_cases else None,
+        }
         groups[group]["cost_weight"] = groups[group]["mean_cost"] / mean_cost
     per_site, case_mix = {}, {}
     levels = schema.COLUMNS[GROUP].levels
@@ -78,10 +84,12 @@ def test_margins_weights_and_case_mix_equal_the_pooled_computation_exactly(feder
     _, statistics, released = federation
     result = group_costing.group_costing(statistics).to_dict()
     groups, per_site, case_mix = _pooled(released)
-    assert {g["group"]: {k: g[k] for k in ("cases", "mean_cost", "margin", "cost_weight")}
-            for g in result["groups"]} == groups
-    assert {(s["site"], s["group"]): {k: s[k] for k in ("cases", "margin", "cost_oe")}
-            for s in result["sites"]} == per_site
+    assert {
+        g["group"]: {k: g[k] for k in ("cases", "mean_cost", "margin", "cost_weight")} for g in result["groups"]
+    } == groups
+    assert {
+        (s["site"], s["group"]): {k: s[k] for k in ("cases", "margin", "cost_oe")} for s in result["sites"]
+    } == per_site
     assert {c["site"]: c["case_mix_index"] for c in result["case_mix"]} == case_mix
     margins = [g["margin"] for g in result["groups"]]
     assert min(margins) < 0 < max(margins), "the synthetic payer underpays some groups and overpays others"
@@ -102,8 +110,12 @@ def test_small_site_group_cells_are_withheld(federation) -> None:
     result = group_costing.group_costing(statistics)
     shown = {(row.site, row.group) for row in result.sites}
     assert all(row.cases >= MIN_COHORT for row in result.sites)
-    small = [(name, group) for name, rows, _ in released
-             for group, n in rows[GROUP].value_counts().items() if 0 < n < MIN_COHORT]
+    small = [
+        (name, group)
+        for name, rows, _ in released
+        for group, n in rows[GROUP].value_counts().items()
+        if 0 < n < MIN_COHORT
+    ]
     assert small and not shown & set(small)
     cells = {(record[SITE], record[GROUP]): record["n"] for record in statistics.records}
     assert all(cells[cell] == 0 for cell in small), "the node zeroed them: the sum shows no trace of them"

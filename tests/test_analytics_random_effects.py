@@ -22,7 +22,9 @@ from fedcost.analytics.random_effects import (
 RISK = 0.15
 
 
-def _sites(rng: np.random.Generator, tau: float, k: int = 40, sizes: tuple[int, int] = (200, 5000)) -> tuple[np.ndarray, ...]:
+def _sites(
+    rng: np.random.Generator, tau: float, k: int = 40, sizes: tuple[int, int] = (200, 5000)
+) -> tuple[np.ndarray, ...]:
     """k sites with mean risk 0.15 and intercepts N(0, tau^2): (n, O, E, a)."""
     n = rng.integers(*sizes, k).astype("float64")
     effect = rng.normal(0, tau, k)

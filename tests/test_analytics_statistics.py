@@ -29,13 +29,17 @@ from fedcost.errors import ConfigError
 from fedcost.privacy.smallcells import coarsen_histogram, histogram_groups
 
 COLUMNS = [c.name for c in schema.FEATURES] + [schema.READMISSION, schema.COST]
-LAYOUT = GroupedStatisticsLayout(("diagnosis_group", "payer"), measures=(schema.COST, schema.READMISSION, "length_of_stay"))
+LAYOUT = GroupedStatisticsLayout(
+    ("diagnosis_group", "payer"), measures=(schema.COST, schema.READMISSION, "length_of_stay")
+)
 
 
 @pytest.fixture(scope="module")
 def ecosystem() -> list[tuple[str, pd.DataFrame]]:
     """(role, rows) per node; rows carry every schema column, NaN/None where the role lacks it."""
-    nodes = generate_ecosystem(EcosystemSpec.from_sizes({"hospital": [1500, 900, 400], "insurer": [800], "pharma": [300]}), seed=11).nodes
+    nodes = generate_ecosystem(
+        EcosystemSpec.from_sizes({"hospital": [1500, 900, 400], "insurer": [800], "pharma": [300]}), seed=11
+    ).nodes
     return [(node.role, node.frame.reindex(columns=COLUMNS)) for node in nodes]
 
 
@@ -68,13 +72,17 @@ def test_summed_node_vectors_give_the_pooled_counts_and_sums_exactly(ecosystem, 
                 assert round(record[f"{measure}_sum"] / unit) == sum(values), (record, measure)
                 squares = sum(v * v for v in values)
                 if len(values) > 1:
-                    exact_var = (len(values) * squares - sum(values) ** 2) * unit * unit / (len(values) * (len(values) - 1))
+                    exact_var = (
+                        (len(values) * squares - sum(values) ** 2) * unit * unit / (len(values) * (len(values) - 1))
+                    )
                     assert record[f"{measure}_var"] == pytest.approx(exact_var, rel=1e-12)
 
 
 def test_cell_figures_match_a_pandas_groupby_of_the_pooled_rows(ecosystem, pooled) -> None:
     totals = np.sum([LAYOUT.local_vector(rows, min_cohort=1) for _, rows in ecosystem], axis=0)
-    frame = GroupedStatistics.from_totals(LAYOUT, totals, min_cohort=1).to_frame().set_index(["diagnosis_group", "payer"])
+    frame = (
+        GroupedStatistics.from_totals(LAYOUT, totals, min_cohort=1).to_frame().set_index(["diagnosis_group", "payer"])
+    )
     keys = pooled[["diagnosis_group", "payer"]].fillna(MISSING)
     rounded = pooled.assign(cents=np.rint(pooled[schema.COST] * 100) / 100)
     grouped = rounded.groupby([keys["diagnosis_group"], keys["payer"]])
@@ -151,7 +159,11 @@ def test_small_cells_are_suppressed_at_nodes_and_at_the_coordinator(ecosystem) -
     assert small.any() and withheld_somewhere, "the fixture must exercise both suppressions"
     np.testing.assert_array_equal(frame["suppressed"].to_numpy(), small)
     withheld = frame[frame["suppressed"]]
-    assert withheld["n"].isna().all() and withheld[f"{schema.COST}_mean"].isna().all() and withheld["cost_median"].isna().all()
+    assert (
+        withheld["n"].isna().all()
+        and withheld[f"{schema.COST}_mean"].isna().all()
+        and withheld["cost_median"].isna().all()
+    )
     assert "nodes_suppressed" not in frame, "which nodes withheld a cell is not said"
     assert f"{int(small.sum())} of {layout.n_cells} cells suppressed at the coordinator" in result.note
     assert "complementary cells" in result.note and "does not say which" in result.note

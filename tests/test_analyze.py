@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from simulations import fedcost, simulate
 
 from fedcost import schema
 from fedcost.analytics import group_costing
@@ -20,6 +19,7 @@ from fedcost.analytics.statistics import MISSING, QUANTILES, GroupedStatisticsLa
 from fedcost.audit import verify_folder
 from fedcost.data.loader import load_node
 from fedcost.data.mapping import DataMapping
+from simulations import fedcost, simulate
 
 # hospital-3 is small enough that many of its cells hold 1..10 rows.
 CONFIG = """
@@ -78,7 +78,9 @@ def _rows_that_may_leave(run: Path) -> tuple[pd.DataFrame, int]:
     return pd.concat(shared, ignore_index=True), withheld
 
 
-def test_analyze_writes_statistics_and_a_verified_run_folder(analysis: tuple[subprocess.CompletedProcess, Path]) -> None:
+def test_analyze_writes_statistics_and_a_verified_run_folder(
+    analysis: tuple[subprocess.CompletedProcess, Path],
+) -> None:
     result, run = analysis
     assert result.returncode == 0, result.stdout + result.stderr
     for name in ("statistics.csv", "summary.json", "report.html", "config.toml"):

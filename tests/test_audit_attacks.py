@@ -13,10 +13,14 @@ import json
 import random
 import re
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from audit_mutations import assert_mutations_detected
+from audit_mutations import encode as _encode
+from audit_mutations import rechain as _rechain
+from audit_mutations import write_lines as _write
 from typer.testing import CliRunner
 
 from fedcost.audit import AuditLog, reconcile, verify_folder, verify_log
@@ -24,9 +28,7 @@ from fedcost.audit.cli import audit_app
 from fedcost.errors import AuditLogTamperedError
 from fedcost.identity import Identity
 
-from audit_mutations import assert_mutations_detected, encode as _encode, rechain as _rechain, write_lines as _write
-
-T0 = datetime(2025, 3, 1, 9, 0, tzinfo=timezone.utc)
+T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 NODES = {"hospital-1": "hospital", "insurer-1": "insurer", "pharma-1": "pharma"}
 PARTIES = ["coordinator", *NODES]
 Pristine = tuple[Path, dict[str, Identity]]  # the untouched run folder and every party's identity
@@ -62,8 +64,14 @@ def simulate_run(
                 coordinator.append("dropout", round=round_, details={"party": node}, at=at())
                 continue
             update = rng.randbytes(rng.randint(100, 400))
-            logs[node].message_sent(update, recipient="coordinator", kind="masked_update", round=round_,
-                                    details={"dp_epsilon_spent": 0.5 * (round_ + 1)}, at=at())
+            logs[node].message_sent(
+                update,
+                recipient="coordinator",
+                kind="masked_update",
+                round=round_,
+                details={"dp_epsilon_spent": 0.5 * (round_ + 1)},
+                at=at(),
+            )
             if lost_update == (node, round_):
                 if excused:
                     coordinator.append("dropout", round=round_, details={"party": node}, at=at())
@@ -112,8 +120,16 @@ def test_untouched_run_verifies_and_reconciles(run: Path) -> None:
     assert reconcile({p: s.verification.entries for p, s in result.parties.items()}) == []
 
 
-@pytest.mark.parametrize("keep", [10, 9, 7, 5], ids=["close removed", "last checkpoint and close removed",
-                                                     "cut after an earlier checkpoint", "cut before a checkpoint"])
+@pytest.mark.parametrize(
+    "keep",
+    [10, 9, 7, 5],
+    ids=[
+        "close removed",
+        "last checkpoint and close removed",
+        "cut after an earlier checkpoint",
+        "cut before a checkpoint",
+    ],
+)
 def test_truncation_is_detected(run: Path, pristine: Pristine, keep: int) -> None:
     path = _log(run, "hospital-1")
     _write(path, _lines(path)[:keep])
@@ -235,6 +251,7 @@ def test_logs_and_identities_side_by_side_verify(run: Path, tmp_path: Path) -> N
 
 # ---- many random single mutations ------------------------------------------------------
 
+
 def test_a_thousand_random_mutations_are_all_detected(run: Path) -> None:
     roles = {party: NODES.get(party, "coordinator") for party in PARTIES}
     kinds = assert_mutations_detected(run, roles, count=1000, seed=20250301)
@@ -242,6 +259,7 @@ def test_a_thousand_random_mutations_are_all_detected(run: Path) -> None:
 
 
 # ---- the command line ------------------------------------------------------------------
+
 
 def test_cli_verify_exit_codes(run: Path) -> None:
     runner = CliRunner()
@@ -275,7 +293,8 @@ def test_cli_report_json_summarises_what_each_site_sent(run: Path) -> None:
     assert report["ok"] and pharma["rounds_joined"] == [0, 1] and pharma["messages_sent"] == 2
     assert pharma["output_kinds"] == ["masked_update"]
     assert pharma["protections"] == {"secure_aggregation": True, "dp_epsilon": 3, "dp_epsilon_spent": 1}
-    assert pharma["refusals"] == [{"seq": 8, "time": pharma["refusals"][0]["time"], "round": 2,
-                                   "reason": "budget exhausted"}]
+    assert pharma["refusals"] == [
+        {"seq": 8, "time": pharma["refusals"][0]["time"], "round": 2, "reason": "budget exhausted"}
+    ]
     table = CliRunner().invoke(audit_app, ["report", str(run)]).output
     assert all(party in table for party in PARTIES)

@@ -6,7 +6,7 @@ import gc
 import json
 import re
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ from fedcost.audit.entry import CHECKPOINT_EVENTS, canonical_json, entry_hash, f
 from fedcost.errors import AuditLogTamperedError
 from fedcost.identity import Identity
 
-T0 = datetime(2025, 3, 1, 9, 0, tzinfo=timezone.utc)
+T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -60,8 +60,17 @@ def test_ordinary_lines_are_rfc8785_canonical_json(tmp_path: Path, identity: Ide
 
 
 def test_unrecognized_fields_survive_a_round_trip(identity: Identity) -> None:
-    data = {"seq": 0, "time": "2025-03-01T09:00:00.000000Z", "actor": "hospital-1", "event": "x",
-            "round": None, "details": {}, "digest": None, "prev": GENESIS_HASH, "site_note": [1, "a"]}
+    data = {
+        "seq": 0,
+        "time": "2025-03-01T09:00:00.000000Z",
+        "actor": "hospital-1",
+        "event": "x",
+        "round": None,
+        "details": {},
+        "digest": None,
+        "prev": GENESIS_HASH,
+        "site_note": [1, "a"],
+    }
     entry = Entry.from_dict(dict(data))
     assert entry.unrecognized_fields == {"site_note": [1, "a"]}
     again = Entry.from_bytes(entry.to_bytes())
@@ -151,8 +160,16 @@ def test_reopening_after_a_crash_discards_the_cut_tail_and_logs_it(tmp_path: Pat
     assert entries[-1].event == "run_closed"
 
 
-VALID = {"seq": 0, "time": "2025-03-01T09:00:00.000000Z", "actor": "hospital-1", "event": "data_loaded",
-         "round": None, "details": {}, "digest": None, "prev": GENESIS_HASH}
+VALID = {
+    "seq": 0,
+    "time": "2025-03-01T09:00:00.000000Z",
+    "actor": "hospital-1",
+    "event": "data_loaded",
+    "round": None,
+    "details": {},
+    "digest": None,
+    "prev": GENESIS_HASH,
+}
 SIG = "A" * 86 + "=="
 
 
@@ -222,8 +239,9 @@ def test_bulk_reader_leaves_every_bad_line_to_the_line_reader(line: bytes, reaso
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_reading_leaves_the_callers_garbage_collector_as_it_was(tmp_path: Path, identity: Identity,
-                                                                enabled: bool) -> None:
+def test_reading_leaves_the_callers_garbage_collector_as_it_was(
+    tmp_path: Path, identity: Identity, enabled: bool
+) -> None:
     """The reader pauses the cyclic GC and files its entries with the long-lived objects; a
     caller's own setting and its frozen objects (kept frozen before a fork) survive that."""
     path = tmp_path / "hospital-1.jsonl"
@@ -279,8 +297,18 @@ def test_an_edit_behind_a_resumed_log_is_still_caught_by_verification(tmp_path: 
         verify_log(path, identity.public())
 
 
-_JSON_LEAVES = st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | st.text() | st.floats(allow_nan=False, allow_infinity=False)
-_JSON_VALUES = st.recursive(_JSON_LEAVES, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)
+_JSON_LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53) + 1, 2**53 - 1)
+    | st.text()
+    | st.floats(allow_nan=False, allow_infinity=False)
+)
+_JSON_VALUES = st.recursive(
+    _JSON_LEAVES,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
 
 
 @given(_JSON_VALUES)
@@ -293,10 +321,14 @@ _IDENTITY = Identity.generate("hospital-1", "hospital")
 _EVENTS = st.sampled_from(["message_sent", "data_loaded", "checkpoint"])
 # Mostly flat and ASCII, as real details are; the rest is left to the line reader.
 _ASCII = st.text(st.characters(max_codepoint=0x7F), max_size=6)
-_FLAT = (st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | _ASCII
-         | st.floats(allow_nan=False, allow_infinity=False))
-_DETAILS = (st.dictionaries(_ASCII, _FLAT, max_size=4)
-            | st.dictionaries(st.text(max_size=8), _JSON_VALUES, max_size=3))
+_FLAT = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53) + 1, 2**53 - 1)
+    | _ASCII
+    | st.floats(allow_nan=False, allow_infinity=False)
+)
+_DETAILS = st.dictionaries(_ASCII, _FLAT, max_size=4) | st.dictionaries(st.text(max_size=8), _JSON_VALUES, max_size=3)
 _INSERTS = st.sampled_from([b" ", b"0", b".0", b"-", b'"', b",", b"\\u0041", b'"seq":1,', b"\xc3\xa9"])
 
 
@@ -306,9 +338,16 @@ def _written_lines(draw: st.DrawFn) -> list[bytes]:
     lines, head = [], GENESIS_HASH
     for seq in range(draw(st.integers(1, 5))):
         event = draw(_EVENTS)
-        body = {"seq": seq, "time": format_time(T0), "actor": "hospital-1", "event": event,
-                "round": draw(st.none() | st.integers(0, 3)), "details": draw(_DETAILS),
-                "digest": draw(st.none() | st.just("ab" * 32)), "prev": head}
+        body = {
+            "seq": seq,
+            "time": format_time(T0),
+            "actor": "hospital-1",
+            "event": event,
+            "round": draw(st.none() | st.integers(0, 3)),
+            "details": draw(_DETAILS),
+            "digest": draw(st.none() | st.just("ab" * 32)),
+            "prev": head,
+        }
         entry, line = seal(body, _IDENTITY.sign if event in CHECKPOINT_EVENTS else None)
         lines.append(line)
         head = entry.hash
@@ -327,20 +366,20 @@ def _edited(draw: st.DrawFn, lines: list[bytes]) -> list[bytes]:
     if edit == "none":
         return lines
     if edit == "delete line":  # every line still well-formed; the chain is broken
-        return lines[:i] + lines[i + 1:]
+        return lines[:i] + lines[i + 1 :]
     if edit == "swap":
         return [lines[-1], *lines[1:-1], lines[0]] if len(lines) > 1 else lines
     if edit == "insert":
         line = line[:at] + draw(_INSERTS) + line[at:]
     elif edit == "drop":
-        line = line[:at] + line[at + 1:]
+        line = line[:at] + line[at + 1 :]
     elif edit == "replace":
-        line = line[:at] + bytes([draw(st.integers(0, 255))]) + line[at + 1:]
+        line = line[:at] + bytes([draw(st.integers(0, 255))]) + line[at + 1 :]
     elif edit == "float":
         line = re.sub(rb"(?<=[:\[,])(-?[0-9]+)(?=[,}\]])", rb"\1.0", line, count=1)
     else:
         line = json.dumps(json.loads(line), ensure_ascii=draw(st.booleans()), separators=(",", ":")).encode()
-    return lines[:i] + [line] + lines[i + 1:]
+    return lines[:i] + [line] + lines[i + 1 :]
 
 
 def _line_by_line(lines: list[bytes]) -> list[Entry] | None:
@@ -357,8 +396,10 @@ def _bulk(lines: list[bytes]) -> list[Entry] | None:
         return None
     entries = read.entries
     hashes = [entry.hash for entry in entries]
-    assert read.linked == ([entry.seq for entry in entries] == list(range(len(entries)))
-                           and [entry.prev for entry in entries] == [GENESIS_HASH, *hashes][:-1])
+    assert read.linked == (
+        [entry.seq for entry in entries] == list(range(len(entries)))
+        and [entry.prev for entry in entries] == [GENESIS_HASH, *hashes][:-1]
+    )
     assert read.actors == {entry.actor for entry in entries}
     assert read.checkpoints == [i for i, entry in enumerate(entries) if entry.event in CHECKPOINT_EVENTS]
     return entries

@@ -12,10 +12,11 @@ from __future__ import annotations
 import itertools
 import shutil
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from audit_mutations import rechain, write_lines
 from cryptography import x509
 from typer.testing import CliRunner
 
@@ -27,9 +28,7 @@ from fedcost.identity import Identity, PublicIdentity
 from fedcost.identity.federation_ca import Authority, certificate_to_pem, crl_to_pem
 from fedcost.wire.events import Event
 
-from audit_mutations import rechain, write_lines
-
-T0 = datetime(2025, 3, 1, 9, 0, tzinfo=timezone.utc)
+T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 ROLES = {"coordinator": "coordinator", "hospital-1": "hospital", "insurer-1": "insurer", "pharma-1": "pharma"}
 OTHERS = {party: [other for other in ROLES if other != party] for party in ROLES}
 
@@ -97,6 +96,7 @@ def _problems(run: Path, trust: TrustedCA | None = None) -> list[str]:
 
 # ---- pinned by the other parties ---------------------------------------------------------
 
+
 def test_a_run_whose_parties_pinned_each_other_verifies(tmp_path: Path) -> None:
     result = verify_folder(write_run(tmp_path, _identities()))
     assert result.ok, result.problems
@@ -152,9 +152,11 @@ def test_logs_from_before_key_ids_verify_with_a_note_saying_what_they_trust(tmp_
 
     result = verify_folder(run)
     assert result.ok
-    assert result.notes == ["no log records the key ids its party held for the others (logs from before fedcost "
-                            "recorded them), so every key is trusted from this folder only; verify with --ca or "
-                            "--federation to pin the keys to the federation's CA"]
+    assert result.notes == [
+        "no log records the key ids its party held for the others (logs from before fedcost "
+        "recorded them), so every key is trusted from this folder only; verify with --ca or "
+        "--federation to pin the keys to the federation's CA"
+    ]
 
 
 def test_a_party_deleted_whole_is_named_by_those_who_pinned_it(tmp_path: Path) -> None:
@@ -168,7 +170,8 @@ def test_a_party_deleted_whole_is_named_by_those_who_pinned_it(tmp_path: Path) -
     assert _problems(run)[0] == (
         f"pharma-1: MISSING PARTY: coordinator, hospital-1 and insurer-1 recorded {short(_key_ids(ids)['pharma-1'])} "
         "for pharma-1 at the start of the run, but this folder has neither audit/pharma-1.jsonl nor "
-        "identities/pharma-1.pub.json: collect both from pharma-1")
+        "identities/pharma-1.pub.json: collect both from pharma-1"
+    )
 
 
 def test_a_tampered_log_cannot_accuse_another_party(tmp_path: Path) -> None:
@@ -190,8 +193,10 @@ def test_key_ids_that_are_no_key_ids_are_a_problem_of_the_log_that_holds_them(tm
     held = {party: _key_ids(ids) for party in ROLES}
     held["coordinator"] = {"hospital-1": "not a key id"}
     problems = _problems(write_run(tmp_path, ids, held=held))
-    assert problems == ["coordinator seq 0: details.key_ids of run_started must map party names to key ids "
-                        "(64 hex digits); the software that wrote this log is faulty, so it pins no key"]
+    assert problems == [
+        "coordinator seq 0: details.key_ids of run_started must map party names to key ids "
+        "(64 hex digits); the software that wrote this log is faulty, so it pins no key"
+    ]
 
 
 def test_an_unreadable_log_is_named_not_a_traceback(tmp_path: Path) -> None:
@@ -203,6 +208,7 @@ def test_an_unreadable_log_is_named_not_a_traceback(tmp_path: Path) -> None:
 
 
 # ---- pinned by the federation's CA -------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def authority() -> Authority:
@@ -238,8 +244,10 @@ def certified_run(tmp_path: Path, authority: Authority) -> tuple[Path, dict[str,
 def test_with_the_ca_a_run_of_certified_parties_verifies(certified_run: tuple[Path, dict], ca_file: Path) -> None:
     result = verify_folder(certified_run[0], trust=TrustedCA.from_file(ca_file))
     assert result.ok, result.problems
-    assert result.notes == [f"no revocation list came with {ca_file}, so revocations were not checked; "
-                            "--federation DIR checks them against DIR/ca/revoked.crl.pem"]
+    assert result.notes == [
+        f"no revocation list came with {ca_file}, so revocations were not checked; "
+        "--federation DIR checks them against DIR/ca/revoked.crl.pem"
+    ]
 
 
 def test_with_the_ca_a_fully_rewritten_run_is_caught(
@@ -258,7 +266,8 @@ def test_with_the_ca_a_fully_rewritten_run_is_caught(
         assert result.parties[party].detail == (
             f"identities/{party}.pub.json has key id {short(fresh[party].public().key_id)}, but "
             f"identities/{party}.cert.pem from the federation's CA certifies {short(ids[party].public().key_id)} "
-            f"for {party}: the identity file (or the log it verifies) was replaced")
+            f"for {party}: the identity file (or the log it verifies) was replaced"
+        )
 
 
 def test_a_certificate_from_another_ca_is_refused(certified_run: tuple[Path, dict], ca_file: Path) -> None:
@@ -272,7 +281,8 @@ def test_a_certificate_from_another_ca_is_refused(certified_run: tuple[Path, dic
     assert result.parties["hospital-1"].status == "uncertified"
     assert str(result.problems[0]) == (
         f"hospital-1: UNCERTIFIED: identities/hospital-1.cert.pem is not issued by the federation's CA ({ca_file}): "
-        "the key it certifies is not the federation's key for hospital-1")
+        "the key it certifies is not the federation's key for hospital-1"
+    )
 
 
 def test_a_missing_certificate_is_named(certified_run: tuple[Path, dict], ca_file: Path) -> None:
@@ -281,14 +291,21 @@ def test_a_missing_certificate_is_named(certified_run: tuple[Path, dict], ca_fil
     result = verify_folder(run, trust=TrustedCA.from_file(ca_file))
     assert result.parties["pharma-1"].detail == (
         "no certificate for pharma-1 (looked for identities/pharma-1.cert.pem): without one from the federation's "
-        "CA its key is trusted from this folder only; ask the federation operator for it")
+        "CA its key is trusted from this folder only; ask the federation operator for it"
+    )
 
 
-@pytest.mark.parametrize("forgery, expected", [
-    ("another party's", "identities/hospital-1.cert.pem certifies 'insurer-1', not hospital-1"),
-    ("another role", "identities/hospital-1.cert.pem certifies hospital-1 as insurer, but "
-                     "identities/hospital-1.pub.json says hospital: the identity file was replaced"),
-])
+@pytest.mark.parametrize(
+    "forgery, expected",
+    [
+        ("another party's", "identities/hospital-1.cert.pem certifies 'insurer-1', not hospital-1"),
+        (
+            "another role",
+            "identities/hospital-1.cert.pem certifies hospital-1 as insurer, but "
+            "identities/hospital-1.pub.json says hospital: the identity file was replaced",
+        ),
+    ],
+)
 def test_a_certificate_for_another_party_or_role_is_refused(
     certified_run: tuple[Path, dict], ca_file: Path, authority: Authority, forgery: str, expected: str
 ) -> None:
@@ -303,8 +320,11 @@ def test_a_certificate_for_another_party_or_role_is_refused(
     assert verify_folder(run, trust=TrustedCA.from_file(ca_file)).parties["hospital-1"].detail.startswith(expected)
 
 
-@pytest.mark.parametrize("revoked_at, fails", [(T0 + timedelta(days=1), False), (T0 + timedelta(seconds=5), True)],
-                         ids=["after the run", "during the run"])
+@pytest.mark.parametrize(
+    "revoked_at, fails",
+    [(T0 + timedelta(days=1), False), (T0 + timedelta(seconds=5), True)],
+    ids=["after the run", "during the run"],
+)
 def test_a_certificate_revoked_after_the_run_is_reported_not_failed(
     tmp_path: Path, authority: Authority, revoked_at: datetime, fails: bool
 ) -> None:
@@ -319,12 +339,14 @@ def test_a_certificate_revoked_after_the_run_is_reported_not_failed(
     when = f"{revoked_at:%Y-%m-%d %H:%M:%S} UTC"
     if fails:
         assert insurer.status == "uncertified"
-        assert insurer.detail.startswith(f"identities/insurer-1.cert.pem was revoked at {when}, before insurer-1's "
-                                         "log ended")
+        assert insurer.detail.startswith(
+            f"identities/insurer-1.cert.pem was revoked at {when}, before insurer-1's log ended"
+        )
     else:
         assert result.ok, result.problems
-        assert result.notes[0].startswith(f"insurer-1's certificate (identities/insurer-1.cert.pem) was revoked at "
-                                          f"{when}, after its log ended")
+        assert result.notes[0].startswith(
+            f"insurer-1's certificate (identities/insurer-1.cert.pem) was revoked at {when}, after its log ended"
+        )
 
 
 def test_a_log_signed_before_its_certificate_was_issued_is_refused(
@@ -340,10 +362,12 @@ def test_a_log_signed_before_its_certificate_was_issued_is_refused(
 
 # ---- pinned by a federation folder -------------------------------------------------------
 
+
 @pytest.fixture
 def federation(tmp_path: Path) -> Federation:
-    federation = Federation.init(tmp_path / "demo", FederationConfig("demo", "127.0.0.1:9093"),
-                                 at=T0 - timedelta(days=1))
+    federation = Federation.init(
+        tmp_path / "demo", FederationConfig("demo", "127.0.0.1:9093"), at=T0 - timedelta(days=1)
+    )
     for name, role in ROLES.items():
         if name != "coordinator":
             federation.add_node(name, role, at=T0 - timedelta(days=1))
@@ -369,10 +393,12 @@ def test_with_the_federation_folder_its_certificates_and_revocations_pin_the_run
     result = verify_folder(run, trust=TrustedCA.from_federation(federation.root, at=T0 + timedelta(days=2)))
     assert result.parties["insurer-1"].status == "uncertified"
     assert f"but {federation.root / 'nodes' / 'insurer-1' / 'node.cert.pem'} from the federation's CA" in (
-        result.parties["insurer-1"].detail)
+        result.parties["insurer-1"].detail
+    )
 
 
 # ---- the command line ----------------------------------------------------------------------
+
 
 def test_cli_verify_pins_with_the_ca_and_names_the_swapped_file(
     certified_run: tuple[Path, dict], ca_file: Path, tmp_path: Path, federation: Federation
@@ -398,23 +424,33 @@ def _foreign_crl(federation: Federation) -> None:
     federation.crl_file.write_bytes(crl_to_pem(other.revocation_list({}, lifetime=timedelta(days=3650), at=T0)))
 
 
-@pytest.mark.parametrize("case", ["no CA file", "a party's certificate", "not PEM", "not a federation",
-                                  "a foreign revocation list", "both options"])
+@pytest.mark.parametrize(
+    "case",
+    ["no CA file", "a party's certificate", "not PEM", "not a federation", "a foreign revocation list", "both options"],
+)
 def test_cli_a_bad_option_is_one_line_naming_the_file_and_exit_2(
     certified_run: tuple[Path, dict], federation: Federation, tmp_path: Path, case: str
 ) -> None:
     run, _ = certified_run
     options, expected = {
         "no CA file": (["--ca", str(tmp_path / "nowhere.pem")], f"{tmp_path / 'nowhere.pem'}: cannot be read"),
-        "a party's certificate": (["--ca", str(run / "identities" / "coordinator.cert.pem")],
-                                  "coordinator.cert.pem: not a CA certificate"),
-        "not PEM": (["--ca", str(run / "identities" / "coordinator.pub.json")],
-                    "coordinator.pub.json: not a PEM certificate"),
+        "a party's certificate": (
+            ["--ca", str(run / "identities" / "coordinator.cert.pem")],
+            "coordinator.cert.pem: not a CA certificate",
+        ),
+        "not PEM": (
+            ["--ca", str(run / "identities" / "coordinator.pub.json")],
+            "coordinator.pub.json: not a PEM certificate",
+        ),
         "not a federation": (["--federation", str(run)], f"{run}: not a federation folder"),
-        "a foreign revocation list": (["--federation", str(federation.root)],
-                                      f"{federation.crl_file}: the revocation list is not signed by the federation"),
-        "both options": (["--ca", str(federation.ca_cert_file), "--federation", str(federation.root)],
-                         "give --ca or --federation, not both"),
+        "a foreign revocation list": (
+            ["--federation", str(federation.root)],
+            f"{federation.crl_file}: the revocation list is not signed by the federation",
+        ),
+        "both options": (
+            ["--ca", str(federation.ca_cert_file), "--federation", str(federation.root)],
+            "give --ca or --federation, not both",
+        ),
     }[case]
     if case == "a foreign revocation list":
         _foreign_crl(federation)

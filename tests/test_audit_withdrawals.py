@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import itertools
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from audit_mutations import write_lines
 
 from fedcost.audit import AuditLog, verify_folder
 from fedcost.audit.authority import TrustedCA
 from fedcost.identity import Identity
 from fedcost.identity.federation_ca import Authority, certificate_to_pem
 
-from audit_mutations import write_lines
-
-T0 = datetime(2026, 1, 5, 9, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 NODES = {"hospital-1": "hospital", "insurer-1": "insurer", "pharma-1": "pharma"}
 WITHDRAWN = "pharma-1"
 
@@ -47,8 +47,9 @@ class Run:
             certificate = self.ca.issue_party(identity.public(), lifetime=timedelta(days=10), at=T0 - timedelta(days=1))
             (folder / "identities" / f"{name}.cert.pem").write_bytes(certificate_to_pem(certificate))
             self.certificates[name] = certificate
-        self.logs = {name: AuditLog(folder / "audit" / f"{name}.jsonl", identity)
-                     for name, identity in self.ids.items()}
+        self.logs = {
+            name: AuditLog(folder / "audit" / f"{name}.jsonl", identity) for name, identity in self.ids.items()
+        }
         self.coordinator = self.logs["coordinator"]
         self.clock = itertools.count()
         self.rng = random.Random(11)
@@ -121,16 +122,22 @@ def test_a_revoked_sites_unclosed_log_passes_where_the_coordinator_logged_it_dro
     result = verify_folder(tmp_path, trust=run.trust({WITHDRAWN: run.revoked_at}))
     assert result.ok, result.problems
     assert result.parties[WITHDRAWN].status == "unclosed"
-    assert any(note.startswith(f"{WITHDRAWN}'s log ends without run_closed: the federation's CA revoked it, and "
-                               "coordinator logged it dropped") for note in result.notes), result.notes
+    assert any(
+        note.startswith(
+            f"{WITHDRAWN}'s log ends without run_closed: the federation's CA revoked it, and "
+            "coordinator logged it dropped"
+        )
+        for note in result.notes
+    ), result.notes
 
 
 def test_without_the_cas_revocation_list_an_unclosed_log_is_truncated(tmp_path: Path) -> None:
     run = withdrawn_run(tmp_path)
     for trust in (None, run.trust({})):  # no CA, and a CA that revoked nothing
         problems = _problems(tmp_path, trust)
-        assert any(p.startswith(f"{WITHDRAWN}: TAMPERED:") and "not a signed run_closed" in p
-                   and "line" in p for p in problems), problems
+        assert any(
+            p.startswith(f"{WITHDRAWN}: TAMPERED:") and "not a signed run_closed" in p and "line" in p for p in problems
+        ), problems
 
 
 def test_a_dropout_the_coordinator_never_logged_explains_nothing(tmp_path: Path) -> None:
@@ -158,8 +165,10 @@ def test_a_withdrawn_sites_log_cut_before_what_the_coordinator_received_is_caugh
     lines = path.read_bytes().splitlines()
     write_lines(path, lines[:-4])  # drops its round-1 update, which the coordinator logged as received
     problems = _problems(tmp_path, run.trust({WITHDRAWN: run.revoked_at}))
-    assert any(p.startswith("coordinator seq") and f"message_received from {WITHDRAWN}" in p
-               and "matches no message_sent" in p for p in problems), problems
+    assert any(
+        p.startswith("coordinator seq") and f"message_received from {WITHDRAWN}" in p and "matches no message_sent" in p
+        for p in problems
+    ), problems
 
 
 def test_a_site_revoked_before_its_last_signature_is_not_vouched_for(tmp_path: Path) -> None:
@@ -168,8 +177,9 @@ def test_a_site_revoked_before_its_last_signature_is_not_vouched_for(tmp_path: P
     assert any(p.startswith(f"{WITHDRAWN}: UNCERTIFIED:") and "revoked" in p for p in problems), problems
 
 
-def restarted_run(folder: Path, *, resumed_after: int | None = 1, resumed_by: str = "coordinator",
-                  late_send: bool = False) -> Run:
+def restarted_run(
+    folder: Path, *, resumed_after: int | None = 1, resumed_by: str = "coordinator", late_send: bool = False
+) -> Run:
     """The coordinator dies in round 2 after the nodes sent their updates; it comes back, says
     hello again, logs ``run_resumed`` (by ``resumed_by``, after round ``resumed_after``) and
     runs round 2 again. ``late_send``: hospital-1 also claims an update sent after the

@@ -20,8 +20,13 @@ LAYOUT = StatisticsLayout(schema.FEATURES, (schema.READMISSION, schema.COST))
 
 @pytest.fixture(scope="module")
 def node_rows() -> list[pd.DataFrame]:
-    ecosystem = generate_ecosystem(EcosystemSpec.from_sizes({"hospital": [500, 80], "insurer": [300], "pharma": [120]}), seed=3)
-    return [node.frame.reindex(columns=[c.name for c in schema.FEATURES] + [schema.READMISSION, schema.COST]) for node in ecosystem.nodes]
+    ecosystem = generate_ecosystem(
+        EcosystemSpec.from_sizes({"hospital": [500, 80], "insurer": [300], "pharma": [120]}), seed=3
+    )
+    return [
+        node.frame.reindex(columns=[c.name for c in schema.FEATURES] + [schema.READMISSION, schema.COST])
+        for node in ecosystem.nodes
+    ]
 
 
 def test_summed_node_statistics_equal_the_pooled_statistics(node_rows: list[pd.DataFrame]) -> None:

@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import statsmodels.api as sm
-from simulations import simulate
 
 from fedcost import schema
 from fedcost.data.features import FeatureSpec
 from fedcost.data.loader import load_node
 from fedcost.data.mapping import DataMapping
+from simulations import simulate
 
 CONFIG = """
 [run]
@@ -55,12 +55,16 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _pooled(run: Path) -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
     mapping = DataMapping.load(run / "data" / "mapping.toml")
-    rows = pd.concat([load_node(mapping, node.name, split_seed=3, test_fraction=0.2).train for node in mapping.nodes],
-                     ignore_index=True)
+    rows = pd.concat(
+        [load_node(mapping, node.name, split_seed=3, test_fraction=0.2).train for node in mapping.nodes],
+        ignore_index=True,
+    )
     features = FeatureSpec.from_dict(json.loads((run / "features.json").read_text()))
     x = sm.add_constant(features.design(rows), has_constant="add")
-    targets = {"readmission": rows[schema.READMISSION].to_numpy(float), "cost": rows[schema.COST].to_numpy(float)
-               / features.cost_scale}
+    targets = {
+        "readmission": rows[schema.READMISSION].to_numpy(float),
+        "cost": rows[schema.COST].to_numpy(float) / features.cost_scale,
+    }
     return x, targets, ["intercept", *features.design_names]
 
 
@@ -70,8 +74,10 @@ def test_the_federated_glm_is_the_pooled_fit_with_its_standard_errors(run: Path)
     rows = [node["train_rows"] for node in summary["nodes"]]
     assert len(rows) >= 10 and sum(n < 30 for n in rows) >= 3, rows
     x, targets, names = _pooled(run)
-    families = {"readmission": sm.families.Binomial(),
-                "cost": sm.families.Tweedie(var_power=1.5, link=sm.families.links.Log())}
+    families = {
+        "readmission": sm.families.Binomial(),
+        "cost": sm.families.Tweedie(var_power=1.5, link=sm.families.links.Log()),
+    }
     for task, family in families.items():
         reference = sm.GLM(targets[task], x, family=family).fit(tol=1e-12, maxiter=100)
         table = summary["inference"][task]
@@ -88,7 +94,9 @@ def test_the_run_saves_the_fit_and_its_coefficient_table(run: Path) -> None:
     table = pd.read_csv(run / "coefficients.csv")
     assert {"task", "name", "estimate", "std_error", "lower", "upper", "ratio"} <= set(table.columns)
     readmission = table[table["task"] == "readmission"]
-    assert (readmission["lower"] < readmission["estimate"]).all() and (readmission["estimate"] < readmission["upper"]).all()
+    assert (readmission["lower"] < readmission["estimate"]).all() and (
+        readmission["estimate"] < readmission["upper"]
+    ).all()
     np.testing.assert_allclose(readmission["ratio"], np.exp(readmission["estimate"]))
     saved = json.loads((run / "glm.json").read_text())
     assert set(saved) == {"readmission", "cost"}

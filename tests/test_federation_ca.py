@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
@@ -19,7 +19,7 @@ from fedcost.identity.federation_ca import (
     verify_roster,
 )
 
-NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
 
 
@@ -39,8 +39,12 @@ def _crl(ca: Authority, revoked: dict[int, datetime] | None = None) -> x509.Cert
 def test_a_party_certificate_binds_name_role_and_identity_key(ca):
     identity = Identity.generate("st-mary", "hospital")
     certificate = ca.issue_party(identity.public(), lifetime=DAY, at=NOW)
-    bound = verify_party(certificate_from_pem(certificate_to_pem(certificate)), ca.certificate,
-                         crl_from_pem(crl_to_pem(_crl(ca))), at=NOW)
+    bound = verify_party(
+        certificate_from_pem(certificate_to_pem(certificate)),
+        ca.certificate,
+        crl_from_pem(crl_to_pem(_crl(ca))),
+        at=NOW,
+    )
     assert (bound.name, bound.role, bound.key_id) == ("st-mary", "hospital", identity.public().key_id)
 
 

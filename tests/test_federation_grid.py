@@ -49,8 +49,17 @@ class FakeGrid:
             if left:
                 self.pending[message_id] = (message, left - 1)
                 continue
-            metadata = Metadata(1, uuid.uuid4().hex, message.metadata.dst_node_id, 0, message_id, "", time.time(),
-                                DEFAULT_TTL, MessageType.QUERY)
+            metadata = Metadata(
+                1,
+                uuid.uuid4().hex,
+                message.metadata.dst_node_id,
+                0,
+                message_id,
+                "",
+                time.time(),
+                DEFAULT_TTL,
+                MessageType.QUERY,
+            )
             replies.append(make_message(metadata, RecordDict()))
         return replies
 
@@ -63,27 +72,44 @@ def _request(node_id: int) -> Message:
 
 def test_a_run_asks_only_its_own_nodes(tmp_path):
     grid = FakeGrid({1: "st-mary", 2: "valley-general", 3: "northcare", 4: "admitted-since"})
-    deployed = DeployedGrid(grid, tmp_path / "progress.json", minimum=3,  # type: ignore[arg-type]
-                            names={"st-mary", "valley-general", "northcare"})
+    deployed = DeployedGrid(
+        grid,
+        tmp_path / "progress.json",
+        minimum=3,  # type: ignore[arg-type]
+        names={"st-mary", "valley-general", "northcare"},
+    )
     assert deployed.get_node_ids() == [1, 2, 3] and deployed.connected() == {1, 2, 3}
 
 
 def test_a_run_that_lost_a_revoked_node_below_its_minimum_stops_at_once_with_the_reason(tmp_path):
     grid = FakeGrid({1: "st-mary", 2: "valley-general"})
-    deployed = DeployedGrid(grid, tmp_path / "progress.json", minimum=3,  # type: ignore[arg-type]
-                            names={"st-mary", "valley-general", "northcare"},
-                            withdrawn=lambda: {"northcare": "its certificate was revoked"}, patience=600)
+    deployed = DeployedGrid(
+        grid,
+        tmp_path / "progress.json",
+        minimum=3,  # type: ignore[arg-type]
+        names={"st-mary", "valley-general", "northcare"},
+        withdrawn=lambda: {"northcare": "its certificate was revoked"},
+        patience=600,
+    )
     started = time.monotonic()
-    with pytest.raises(FederationError, match="node 'northcare' is no longer admitted: its certificate was revoked; "
-                                              "only 2 of the run's nodes are connected"):
+    with pytest.raises(
+        FederationError,
+        match="node 'northcare' is no longer admitted: its certificate was revoked; "
+        "only 2 of the run's nodes are connected",
+    ):
         deployed.get_node_ids()
     assert time.monotonic() - started < 5
 
 
 def test_a_node_that_went_away_is_waited_for_then_the_run_stops(tmp_path):
     grid = FakeGrid({1: "st-mary", 2: "valley-general"})
-    deployed = DeployedGrid(grid, tmp_path / "progress.json", minimum=3,  # type: ignore[arg-type]
-                            names={"st-mary", "valley-general", "northcare"}, patience=1.0)
+    deployed = DeployedGrid(
+        grid,
+        tmp_path / "progress.json",
+        minimum=3,  # type: ignore[arg-type]
+        names={"st-mary", "valley-general", "northcare"},
+        patience=1.0,
+    )
     started = time.monotonic()
     with pytest.raises(FederationError, match="fewer than the 3 this run needs"):
         deployed.get_node_ids()

@@ -30,20 +30,45 @@ from fedcost.report.progress import federation_summary
 
 REPO = Path(__file__).resolve().parent.parent
 ROUNDS = [
-    {"round": 1, "train_loss": None, "readmission_auroc": 0.61, "readmission_brier": 0.17, "cost_mae": 9000.0,
-     "cost_rmse": 20000.0, "cost_r2": 0.1, "nodes_included": 3, "dropouts": {}, "seconds": 4.0},
-    {"round": 2, "train_loss": None, "readmission_auroc": 0.66, "readmission_brier": 0.16, "cost_mae": 8800.0,
-     "cost_rmse": 19800.0, "cost_r2": 0.2, "nodes_included": 2, "dropouts": {"northcare": "node unavailable"},
-     "seconds": 3.5},
+    {
+        "round": 1,
+        "train_loss": None,
+        "readmission_auroc": 0.61,
+        "readmission_brier": 0.17,
+        "cost_mae": 9000.0,
+        "cost_rmse": 20000.0,
+        "cost_r2": 0.1,
+        "nodes_included": 3,
+        "dropouts": {},
+        "seconds": 4.0,
+    },
+    {
+        "round": 2,
+        "train_loss": None,
+        "readmission_auroc": 0.66,
+        "readmission_brier": 0.16,
+        "cost_mae": 8800.0,
+        "cost_rmse": 19800.0,
+        "cost_r2": 0.2,
+        "nodes_included": 2,
+        "dropouts": {"northcare": "node unavailable"},
+        "seconds": 3.5,
+    },
 ]
 ROLES = {"st-mary": "hospital", "valley-general": "hospital", "northcare": "insurer"}
 
 
 def _report(site: str, **changes: object) -> dict:
-    report = {"site": site, "role": ROLES[site], "run_id": "r1", "written_at": "2026-01-01T00:00:00+00:00",
-              "train_rows": 400, "test_rows": 100,
-              "privacy": {"dp": True, "epsilon_budget": 8.0, "epsilon_spent": 2.5, "delta": 1e-5, "rounds_trained": 2},
-              "held_out": {"readmission": {"auroc": 0.655}}}
+    report = {
+        "site": site,
+        "role": ROLES[site],
+        "run_id": "r1",
+        "written_at": "2026-01-01T00:00:00+00:00",
+        "train_rows": 400,
+        "test_rows": 100,
+        "privacy": {"dp": True, "epsilon_budget": 8.0, "epsilon_spent": 2.5, "delta": 1e-5, "rounds_trained": 2},
+        "held_out": {"readmission": {"auroc": 0.655}},
+    }
     return {**report, **changes}
 
 
@@ -74,11 +99,14 @@ def test_site_reports_add_rows_privacy_and_per_site_figures_and_nothing_else():
     assert summary["test_rows"] == 300
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"train_rows": "400"}, "train_rows"),
-    ({"privacy": None}, "privacy"),
-    ({"run_id": 3}, "run_id"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"train_rows": "400"}, "train_rows"),
+        ({"privacy": None}, "privacy"),
+        ({"run_id": 3}, "run_id"),
+    ],
+)
 def test_a_malformed_site_report_is_refused_naming_the_file_and_field(tmp_path, change, field):
     path = tmp_path / "r1.json"
     path.write_text(json.dumps(_report("st-mary", **change)))
@@ -103,13 +131,16 @@ def test_the_report_and_terminal_table_of_a_federation_show_the_federated_model_
     assert "Federated model after round 2" in text and "0.6600" in text and "8,800" in text
 
 
-@pytest.mark.parametrize("progress, text", [
-    ({"kind": "hello", "round": None}, "stating the job to the sites"),
-    ({"kind": "secagg:statistics:share-keys", "round": 0}, "before training: statistics, share-keys"),
-    ({"kind": "secagg:train:masked-input", "round": 2}, "round 2: train, masked-input"),
-    ({"kind": "plain:evaluate", "round": 3}, "round 3: evaluate"),
-    ({"kind": "close", "round": None}, "closing the run"),
-])
+@pytest.mark.parametrize(
+    "progress, text",
+    [
+        ({"kind": "hello", "round": None}, "stating the job to the sites"),
+        ({"kind": "secagg:statistics:share-keys", "round": 0}, "before training: statistics, share-keys"),
+        ({"kind": "secagg:train:masked-input", "round": 2}, "round 2: train, masked-input"),
+        ({"kind": "plain:evaluate", "round": 3}, "round 3: evaluate"),
+        ({"kind": "close", "round": None}, "closing the run"),
+    ],
+)
 def test_fedcost_run_names_the_stage_under_way(progress, text):
     assert stage_text(progress) == text
 

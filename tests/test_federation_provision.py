@@ -33,13 +33,23 @@ def federation(tmp_path_factory) -> Federation:
 
 
 def _private_key_blobs(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file() and b"PRIVATE KEY" in p.read_bytes()
+    }
 
 
 def test_startup_kit_holds_no_other_partys_secret(federation):
     kit = federation.kit_dir("h1")
     assert sorted(p.name for p in kit.iterdir()) == [
-        "auth.key.pem", "auth.pub", "ca.cert.pem", "coordinator.cert.pem", "h1.key.pem", "h1.pub.json", "kit.toml",
+        "auth.key.pem",
+        "auth.pub",
+        "ca.cert.pem",
+        "coordinator.cert.pem",
+        "h1.key.pem",
+        "h1.pub.json",
+        "kit.toml",
         "node.cert.pem",
     ]
     own = set(_private_key_blobs(kit).values())
@@ -73,7 +83,9 @@ def test_kit_with_a_swapped_certificate_is_refused(federation, tmp_path):
 
 def test_every_enrolled_node_is_admitted(federation):
     assert {name: reason for name, (_, reason) in federation.admission(at=NOW).items()} == {
-        "h1": None, "i1": None, "p1": None,
+        "h1": None,
+        "i1": None,
+        "p1": None,
     }
 
 
@@ -143,12 +155,22 @@ def test_node_with_a_bad_cell_fails_before_it_connects(federation, tmp_path):
     frame.loc[16, "age"] = "abc"
     frame.to_csv(tmp_path / "h1.csv", index=False)
     with pytest.raises(DataValidationError, match=r"h1.csv, row 17, column 'age'"):
-        prepare_node(federation.kit_dir("h1"), data=tmp_path / "h1.csv", mapping=mapping, policy=None,
-                     state=tmp_path / "state", split_seed=1, test_fraction=0.2, at=NOW)
+        prepare_node(
+            federation.kit_dir("h1"),
+            data=tmp_path / "h1.csv",
+            mapping=mapping,
+            policy=None,
+            state=tmp_path / "state",
+            split_seed=1,
+            test_fraction=0.2,
+            at=NOW,
+        )
 
 
 def test_unreachable_coordinator_is_named_with_what_to_do(federation):
-    with pytest.raises(CoordinatorUnreachableError, match="cannot reach the coordinator at 127.0.0.1:.*check that it is running"):
+    with pytest.raises(
+        CoordinatorUnreachableError, match="cannot reach the coordinator at 127.0.0.1:.*check that it is running"
+    ):
         probe_coordinator(f"127.0.0.1:{free_port()}", federation.ca_cert_file, timeout=2)
 
 
@@ -158,13 +180,29 @@ def test_an_omop_sites_data_is_its_extracts_folder(federation, tmp_path):
     mapping = tmp_path / "mapping.toml"
     mapping.write_text((example / "mapping.toml").read_text().replace("[nodes.riverside]", "[nodes.h1]"))
     state = tmp_path / "state"
-    kit = prepare_node(federation.kit_dir("h1"), data=example / "lakeside", mapping=mapping, policy=None,
-                       state=state, split_seed=1, test_fraction=0.2, at=NOW)
+    kit = prepare_node(
+        federation.kit_dir("h1"),
+        data=example / "lakeside",
+        mapping=mapping,
+        policy=None,
+        state=state,
+        split_seed=1,
+        test_fraction=0.2,
+        at=NOW,
+    )
     assert kit.name == "h1"
     assert DataMapping.load(state / "mapping.toml").node("h1").omop.folder == (example / "lakeside").resolve()
     with pytest.raises(DataValidationError, match="the OMOP person table is required"):
-        prepare_node(federation.kit_dir("h1"), data=tmp_path, mapping=mapping, policy=None,
-                     state=state, split_seed=1, test_fraction=0.2, at=NOW)
+        prepare_node(
+            federation.kit_dir("h1"),
+            data=tmp_path,
+            mapping=mapping,
+            policy=None,
+            state=state,
+            split_seed=1,
+            test_fraction=0.2,
+            at=NOW,
+        )
 
 
 def test_nodes_reach_the_coordinator_on_the_port_after_its_address():

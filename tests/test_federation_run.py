@@ -22,7 +22,6 @@ import pytest
 import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-
 from federation_processes import JOB, Processes, ecosystem, fedcost, wait_for
 
 from fedcost.audit import verify_folder
@@ -54,8 +53,17 @@ class Federation:
         wait_for(lambda: "coordinator ready" in self.processes.output(name), 300, "the coordinator")
 
     def node_args(self, name: str, kit: Path | None = None) -> list[str]:
-        return ["node", "start", str(kit or self.root / "kits" / name), "--data", str(self.folder / "data" / f"{name}.parquet"),
-                "--mapping", str(self.mapping), "--state", str(self.folder / "state" / name)]
+        return [
+            "node",
+            "start",
+            str(kit or self.root / "kits" / name),
+            "--data",
+            str(self.folder / "data" / f"{name}.parquet"),
+            "--mapping",
+            str(self.mapping),
+            "--state",
+            str(self.folder / "state" / name),
+        ]
 
     def start_nodes(self, names: list[str] | None = None) -> None:
         for name in names or list(self.roles):
@@ -128,14 +136,18 @@ def test_three_nodes_train_two_rounds_over_tls_and_every_log_reconciles(make_fed
 
 def test_unenrolled_revoked_and_expired_nodes_are_refused_with_the_reason_in_the_coordinator_log(make_federation):
     federation = make_federation(
-        {"hospital": (200, 200), "insurer": (200,)}, days={"hospital-2": 1 / 86400},
+        {"hospital": (200, 200), "insurer": (200,)},
+        days={"hospital-2": 1 / 86400},
     )
     assert fedcost("federation", "revoke", "hospital-1", "-f", "fed", cwd=federation.folder).returncode == 0
     # A stranger with the federation's CA certificate and a kit copied from insurer-1, but its own key.
     stranger = federation.folder / "stranger-kit"
     shutil.copytree(federation.root / "kits" / "insurer-1", stranger)
-    (stranger / "auth.key.pem").write_bytes(ec.generate_private_key(ec.SECP384R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    (stranger / "auth.key.pem").write_bytes(
+        ec.generate_private_key(ec.SECP384R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+    )
     federation.start_coordinator()
     log = federation.coordinator_log
     wait_for(lambda: "'hospital-1'" in log() and "'hospital-2'" in log(), 60, "the admission decisions")
@@ -163,9 +175,15 @@ def test_a_node_killed_mid_round_drops_out_and_the_run_goes_on(make_federation):
 
     def shared_keys_in_round_1() -> bool:  # of the round's model step: FedAvg's train or an exact GLM's newton
         logs = list((federation.folder / "state" / victim / "audit").glob(f"*/{victim}.jsonl"))
-        return bool(logs) and re.search(r'"secagg:(train|newton):share-keys>reply","recipient":"coordinator"\},'
-                                        r'"digest":"[0-9a-f]+","event":"message_sent",[^\n]*"round":1',
-                                        logs[0].read_text()) is not None
+        return (
+            bool(logs)
+            and re.search(
+                r'"secagg:(train|newton):share-keys>reply","recipient":"coordinator"\},'
+                r'"digest":"[0-9a-f]+","event":"message_sent",[^\n]*"round":1',
+                logs[0].read_text(),
+            )
+            is not None
+        )
 
     (federation.folder / "job.toml").write_text(JOB.format(rounds=2) + NO_ANALYTICS)
     submitted = federation.processes.start("run", "run", "fed", "job.toml", cwd=federation.folder)
@@ -190,8 +208,11 @@ def test_a_restarted_coordinator_resumes_from_its_checkpoint(make_federation):
 
     (federation.folder / "job.toml").write_text(JOB.format(rounds=2) + NO_ANALYTICS)
     federation.processes.start("run", "run", "fed", "job.toml", cwd=federation.folder)
-    wait_for(lambda: federation.latest_run() != reference and (federation.latest_run() / "checkpoint.npz").exists(),
-             RUN_TIMEOUT, "the checkpoint of round 1")
+    wait_for(
+        lambda: federation.latest_run() != reference and (federation.latest_run() / "checkpoint.npz").exists(),
+        RUN_TIMEOUT,
+        "the checkpoint of round 1",
+    )
     interrupted = federation.latest_run()
     federation.processes.kill("coordinator")
     federation.processes.kill("run")
@@ -223,8 +244,12 @@ def test_a_node_revoked_mid_run_is_dropped_and_the_run_completes_without_it(make
     submitted = federation.processes.start("run", "run", "fed", "job.toml", cwd=federation.folder)
     wait_for(lambda: any(_metrics(r) for r in (federation.root / "runs").iterdir()), RUN_TIMEOUT, "round 1")
     assert fedcost("federation", "revoke", victim, "-f", "fed", cwd=federation.folder).returncode == 0
-    assert fedcost("federation", "add-node", "hospital-9", "--role", "hospital", "-f", "fed",
-                   cwd=federation.folder).returncode == 0
+    assert (
+        fedcost(
+            "federation", "add-node", "hospital-9", "--role", "hospital", "-f", "fed", cwd=federation.folder
+        ).returncode
+        == 0
+    )
     submitted.wait(timeout=RUN_TIMEOUT)
     assert submitted.returncode == 0, federation.processes.output("run")
     rounds = _metrics(federation.latest_run())
@@ -252,8 +277,11 @@ def test_a_coordinator_killed_mid_run_comes_back_and_the_run_resumes_by_itself(m
     (federation.folder / "job.toml").write_text(JOB.format(rounds=3) + NO_ANALYTICS)
     submitted = federation.processes.start("run", "run", "fed", "job.toml", cwd=federation.folder)
     runs = federation.root / "runs"
-    wait_for(lambda: any(runs.iterdir()) and (federation.latest_run() / "checkpoint.npz").exists(),
-             RUN_TIMEOUT, "the checkpoint of round 1")
+    wait_for(
+        lambda: any(runs.iterdir()) and (federation.latest_run() / "checkpoint.npz").exists(),
+        RUN_TIMEOUT,
+        "the checkpoint of round 1",
+    )
     run = federation.latest_run()
     federation.processes.kill("coordinator")
     federation.start_coordinator("coordinator-again")
@@ -283,9 +311,13 @@ def test_a_job_whose_data_section_is_not_the_sites_data_is_refused_at_the_hello(
     output = done.stdout + done.stderr
     assert done.returncode == 2, output
     assert "its [data] extra_numeric lists 'bmi', which this site's mapping does not declare" in output, output
-    refusals = [line for name in federation.roles
-                for log in (federation.folder / "state" / name / "audit").rglob(f"{name}.jsonl")
-                for line in log.read_text().splitlines() if '"event":"refusal"' in line]
+    refusals = [
+        line
+        for name in federation.roles
+        for log in (federation.folder / "state" / name / "audit").rglob(f"{name}.jsonl")
+        for line in log.read_text().splitlines()
+        if '"event":"refusal"' in line
+    ]
     assert refusals and all("extra_numeric lists 'bmi'" in line for line in refusals), refusals
     assert not (federation.latest_run() / "metrics.jsonl").exists() or not _metrics(federation.latest_run())
     assert federation.processes.started["coordinator"].poll() is None

@@ -22,7 +22,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-
 from federation_processes import Processes, fedcost, wait_for
 
 from fedcost.federation.processes import free_port

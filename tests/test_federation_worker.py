@@ -82,8 +82,14 @@ class Reports:
 
 
 def _worker(kit: Kit, session: FakeSession, app: ClientApp, said: list[str]) -> NodeWorker:
-    worker = NodeWorker(kit, app, {"kit": str(kit.folder)}, Reports(), say=said.append,  # type: ignore[arg-type]
-                        session=lambda: session)  # type: ignore[arg-type, return-value]
+    worker = NodeWorker(
+        kit,
+        app,
+        {"kit": str(kit.folder)},
+        Reports(),
+        say=said.append,  # type: ignore[arg-type]
+        session=lambda: session,
+    )  # type: ignore[arg-type, return-value]
     return worker
 
 
@@ -105,8 +111,9 @@ def _echo_app(seen: list[Context]) -> ClientApp:
     @app.query()
     def query(message: Message, context: Context) -> Message:
         seen.append(context)
-        context.state["count"] = ConfigRecord({"n": int(context.state["count"]["n"]) + 1
-                                               if "count" in context.state else 1})
+        context.state["count"] = ConfigRecord(
+            {"n": int(context.state["count"]["n"]) + 1 if "count" in context.state else 1}
+        )
         if message.content[rec.CONFIG][rec.TRANSPORT] == "boom":
             raise RuntimeError("a cell value that must not leave the site")
         return Message(RecordDict(), reply_to=message)
@@ -149,8 +156,9 @@ def test_a_node_the_coordinator_no_longer_knows_connects_again_or_stops_if_refus
 
 def test_each_run_has_its_own_context_and_a_failure_is_answered_without_its_text(kit):
     contexts: list[Context] = []
-    session = FakeSession([_message(5, "hello"), _message(5, "secagg"), _message(6, "hello"),
-                           _message(5, "boom"), _message(5, rec.CLOSE)])
+    session = FakeSession(
+        [_message(5, "hello"), _message(5, "secagg"), _message(6, "hello"), _message(5, "boom"), _message(5, rec.CLOSE)]
+    )
     worker = _worker(kit, session, _echo_app(contexts), [])
     _stop_when_drained(worker, session)
     worker.serve()
@@ -180,11 +188,14 @@ def _flower_error(code: ApiErrorCode) -> str:
     return _flower_error_to_grpc_json(FlowerError(code, "internal detail"), "public message")
 
 
-@pytest.mark.parametrize("code, details, kind", [
-    (grpc.StatusCode.UNAUTHENTICATED, "Invalid node ID", NodeRefused),
-    (grpc.StatusCode.FAILED_PRECONDITION, _flower_error(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED), NodeRefused),
-    (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses", ConnectionLost),
-    (grpc.StatusCode.PERMISSION_DENIED, _flower_error(ApiErrorCode.FLEET_RUN_STATUS_NOT_ALLOWED), Rejected),
-])
+@pytest.mark.parametrize(
+    "code, details, kind",
+    [
+        (grpc.StatusCode.UNAUTHENTICATED, "Invalid node ID", NodeRefused),
+        (grpc.StatusCode.FAILED_PRECONDITION, _flower_error(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED), NodeRefused),
+        (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses", ConnectionLost),
+        (grpc.StatusCode.PERMISSION_DENIED, _flower_error(ApiErrorCode.FLEET_RUN_STATUS_NOT_ALLOWED), Rejected),
+    ],
+)
 def test_a_failed_fleet_call_is_refused_lost_or_rejected(code, details, kind):
     assert type(fleet_failure(code, details)) is kind

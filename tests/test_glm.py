@@ -144,8 +144,11 @@ def test_coefficient_table_matches_statsmodels(name):
     np.testing.assert_allclose([r.p_value for r in table], reference.pvalues, rtol=1e-3, atol=1e-12)
     bounds = reference.conf_int(alpha=0.05)
     np.testing.assert_allclose([(r.lower, r.upper) for r in table], bounds, atol=1e-6)
-    np.testing.assert_allclose([(r.ratio_lower, r.ratio, r.ratio_upper) for r in table],
-                               np.exp(np.column_stack([bounds[:, 0], reference.params, bounds[:, 1]])), rtol=1e-5)
+    np.testing.assert_allclose(
+        [(r.ratio_lower, r.ratio, r.ratio_upper) for r in table],
+        np.exp(np.column_stack([bounds[:, 0], reference.params, bounds[:, 1]])),
+        rtol=1e-5,
+    )
     assert family.ratio == {"binomial": "odds ratio", "gamma": "mean ratio"}[name]
 
 

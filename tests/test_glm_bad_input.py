@@ -19,13 +19,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from byo_sites import sites_frames, write_sites
-from simulations import fedcost
 
 from fedcost import schema
 from fedcost.data.features import FeatureSpec
 from fedcost.data.loader import load_node
 from fedcost.data.mapping import DataMapping
 from fedcost.models import glm
+from simulations import fedcost
 
 SEED = 4
 # Seven sites; the last has 16 rows (13 for training), fewer than the model's coefficients.
@@ -87,8 +87,10 @@ def test_the_default_ridge_fits_a_constant_and_a_collinear_feature_as_pooled(rid
     assert len(nodes[-1].train) < parameters, "the smallest site has fewer rows than coefficients"
     rows = pd.concat([node.train for node in nodes], ignore_index=True)
     x = features.design(rows)
-    targets = {"readmission": rows[schema.READMISSION].to_numpy(float),
-               "cost": rows[schema.COST].to_numpy(float) / features.cost_scale}
+    targets = {
+        "readmission": rows[schema.READMISSION].to_numpy(float),
+        "cost": rows[schema.COST].to_numpy(float) / features.cost_scale,
+    }
     for task, table in summary["inference"].items():
         model = glm.FittedGlm.from_dict(json.loads((ridge_run / "glm.json").read_text())[task])
         assert table["converged"] and model.penalty == 1.0 and model.rows == len(rows)

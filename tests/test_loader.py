@@ -75,7 +75,12 @@ BAD_DATA = {
     "target outside its two values": (rows_with(readmit="maybe"), 3, "readmit", "neither positive"),
     "negative cost": (rows_with(cost_eur="-20"), 3, "cost_eur", "below the minimum 0"),
     "empty cost": (rows_with(cost_eur=""), 3, "cost_eur", "empty"),
-    "missing required column": (without("medication_adherence"), None, "medication_adherence", "missing required column"),
+    "missing required column": (
+        without("medication_adherence"),
+        None,
+        "medication_adherence",
+        "missing required column",
+    ),
     "missing target column": (without("cost_eur"), None, "cost_eur", "missing required column"),
     "missing extra feature": (without("bmi"), None, "bmi", "missing required column"),
 }
@@ -118,17 +123,59 @@ def test_node_file_that_is_not_there_is_refused(tmp_path: Path) -> None:
 
 BAD_MAPPINGS = {
     "unknown field": (MAPPING.replace('gender = "sex"', 'gender = "gender_code"'), "columns.gender", "unknown field"),
-    "unknown role": (MAPPING.replace('role = "pharma"', 'role = "pharmacy"'), "nodes.pharmacy-north.role", "role must be one of"),
-    "no target": ('[nodes.pharmacy-north]\nrole = "pharma"\nfile = "pharmacy.csv"\n', "targets", "declare at least one outcome"),
-    "outcome of no kind": (MAPPING.replace("[targets.total_cost]", "[targets.mortality]"), "targets.mortality.kind", "what kind of outcome"),
-    "outcome of an unknown kind": (MAPPING.replace("[targets.total_cost]", '[targets.stay]\nkind = "count"'), "targets.stay.kind", "kind must be"),
-    "two binary outcomes": (MAPPING.replace("[targets.total_cost]", '[targets.died]\nkind = "binary"'), "targets", "both binary outcomes"),
-    "the schema's outcome of another kind": (MAPPING.replace("[targets.total_cost]", '[targets.total_cost]\nkind = "binary"'), "targets.total_cost.kind", "non-negative outcome"),
-    "tokens for a non-negative outcome": (MAPPING.replace("[targets.total_cost]", '[targets.total_cost]\npositive = ["1"]'), "targets.total_cost.positive", "unknown option"),
-    "an outcome also a feature": (MAPPING.replace('numeric = ["bmi"]', 'numeric = ["bmi", "total_cost"]'), "features", "is an outcome"),
-    "a feature under an outcome slot's name": (MAPPING.replace("[targets.total_cost]", '[targets.stay]\nkind = "non-negative"').replace('cost_eur = "total_cost"', 'cost_eur = "stay"').replace('numeric = ["bmi"]', 'numeric = ["bmi", "total_cost"]'), "features", "the name fedcost gives its outcomes"),
+    "unknown role": (
+        MAPPING.replace('role = "pharma"', 'role = "pharmacy"'),
+        "nodes.pharmacy-north.role",
+        "role must be one of",
+    ),
+    "no target": (
+        '[nodes.pharmacy-north]\nrole = "pharma"\nfile = "pharmacy.csv"\n',
+        "targets",
+        "declare at least one outcome",
+    ),
+    "outcome of no kind": (
+        MAPPING.replace("[targets.total_cost]", "[targets.mortality]"),
+        "targets.mortality.kind",
+        "what kind of outcome",
+    ),
+    "outcome of an unknown kind": (
+        MAPPING.replace("[targets.total_cost]", '[targets.stay]\nkind = "count"'),
+        "targets.stay.kind",
+        "kind must be",
+    ),
+    "two binary outcomes": (
+        MAPPING.replace("[targets.total_cost]", '[targets.died]\nkind = "binary"'),
+        "targets",
+        "both binary outcomes",
+    ),
+    "the schema's outcome of another kind": (
+        MAPPING.replace("[targets.total_cost]", '[targets.total_cost]\nkind = "binary"'),
+        "targets.total_cost.kind",
+        "non-negative outcome",
+    ),
+    "tokens for a non-negative outcome": (
+        MAPPING.replace("[targets.total_cost]", '[targets.total_cost]\npositive = ["1"]'),
+        "targets.total_cost.positive",
+        "unknown option",
+    ),
+    "an outcome also a feature": (
+        MAPPING.replace('numeric = ["bmi"]', 'numeric = ["bmi", "total_cost"]'),
+        "features",
+        "is an outcome",
+    ),
+    "a feature under an outcome slot's name": (
+        MAPPING.replace("[targets.total_cost]", '[targets.stay]\nkind = "non-negative"')
+        .replace('cost_eur = "total_cost"', 'cost_eur = "stay"')
+        .replace('numeric = ["bmi"]', 'numeric = ["bmi", "total_cost"]'),
+        "features",
+        "the name fedcost gives its outcomes",
+    ),
     "recoding to an unknown level": (MAPPING.replace('M = "male"', 'M = "man"'), "values.sex.M", "not one of"),
-    "lacks a field the role does not hold": (MAPPING.replace('file = "pharmacy.csv"', 'file = "pharmacy.csv"\nlacks = ["icu_stay"]'), "nodes.pharmacy-north.lacks", "list fields"),
+    "lacks a field the role does not hold": (
+        MAPPING.replace('file = "pharmacy.csv"', 'file = "pharmacy.csv"\nlacks = ["icu_stay"]'),
+        "nodes.pharmacy-north.lacks",
+        "list fields",
+    ),
     "invalid TOML": ("[nodes\n", None, "not valid TOML"),
 }
 
@@ -201,8 +248,15 @@ def write_site(folder: Path, rows: list[dict], mapping: str = SITE_MAPPING) -> D
     return DataMapping.load(folder / "mapping.toml")
 
 
-SITE_ROW = {"age": "-1.25", "creatinine": "0.3", "ward": "surgical", "died": "no", "length_of_stay": "4.5",
-            "sex": "banana", "region": "moon"}
+SITE_ROW = {
+    "age": "-1.25",
+    "creatinine": "0.3",
+    "ward": "surgical",
+    "died": "no",
+    "length_of_stay": "4.5",
+    "sex": "banana",
+    "region": "moon",
+}
 
 
 def test_role_less_node_reads_its_own_outcomes_and_features(tmp_path: Path) -> None:
@@ -245,13 +299,18 @@ def test_role_less_node_refuses_bad_outcomes_under_their_own_names(
 def test_outcome_column_is_never_read_as_a_feature(tmp_path: Path) -> None:
     """A hospital's file with a ``length_of_stay`` column that is the outcome: the schema
     feature of that name must not pick it up (that would put the outcome among the features)."""
-    mapping_text = SITE_MAPPING.replace('[nodes.ward-a]\n', '[nodes.ward-a]\nrole = "hospital"\nlacks = '
-                                        '["age", "sex", "region", "diagnosis_group", "comorbidity_index", "payer", '
-                                        '"admission_type", "prior_admissions_12m", "ed_visits_12m", '
-                                        '"discharge_disposition", "num_medications", "num_procedures", "icu_stay", '
-                                        '"abnormal_labs"]\n')
-    rows = [{k: v for k, v in SITE_ROW.items() if k not in ("sex", "region")} | {"length_of_stay": str(3 + i)}
-            for i in range(6)]
+    mapping_text = SITE_MAPPING.replace(
+        "[nodes.ward-a]\n",
+        '[nodes.ward-a]\nrole = "hospital"\nlacks = '
+        '["age", "sex", "region", "diagnosis_group", "comorbidity_index", "payer", '
+        '"admission_type", "prior_admissions_12m", "ed_visits_12m", '
+        '"discharge_disposition", "num_medications", "num_procedures", "icu_stay", '
+        '"abnormal_labs"]\n',
+    )
+    rows = [
+        {k: v for k, v in SITE_ROW.items() if k not in ("sex", "region")} | {"length_of_stay": str(3 + i)}
+        for i in range(6)
+    ]
     mapping = write_site(tmp_path, rows, mapping_text)
     node = load_node(mapping, "ward-a", split_seed=1)
     assert "length_of_stay" not in node.train.columns

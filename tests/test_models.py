@@ -10,9 +10,9 @@ from sklearn.metrics import average_precision_score, brier_score_loss, r2_score,
 
 from fedcost.models.adaptation import adapted_to_site
 from fedcost.models.calibration import CostCalibration
-from fedcost.models.site_steps import SiteSteps, decide_site_steps
 from fedcost.models.metrics import calibration_bins, cost_metrics, readmission_metrics
 from fedcost.models.nets import ModelSpec, build_model
+from fedcost.models.site_steps import SiteSteps, decide_site_steps
 from fedcost.models.spec import TASKS
 from fedcost.models.training import TaskData, TrainConfig, get_weights, predict, set_weights, train_local
 
@@ -163,7 +163,9 @@ def test_training_is_bit_identical_for_a_seed_and_differs_across_seeds():
 def test_readmission_training_reaches_the_oracle_auroc(kind):
     x, y, _ = logistic_data(4000, seed=10)
     x_test, y_test, p_test = logistic_data(4000, seed=11)
-    model = build_model(ModelSpec(kind=kind, tasks=("readmission",), hidden=(16,)), D, seed=0, readmission_rate=float(y.mean()))
+    model = build_model(
+        ModelSpec(kind=kind, tasks=("readmission",), hidden=(16,)), D, seed=0, readmission_rate=float(y.mean())
+    )
     result = train_local(model, TaskData(x, y, None), TrainConfig(epochs=8, learning_rate=0.01), seed=0)
     auroc = readmission_metrics(y_test, predict(model, x_test)["readmission"])["auroc"]
     oracle = readmission_metrics(y_test, p_test)["auroc"]
@@ -187,9 +189,13 @@ def test_tweedie_training_beats_the_mean_and_predicts_no_negative_cost(kind, tai
 
 @pytest.mark.parametrize("zero_share", [0.98, 1.0])
 def test_cost_head_stays_finite_on_zero_heavy_costs(zero_share):
-    x, cost = cost_data(1000, 30, "lognormal", zero_share=zero_share) if zero_share < 1 else (
-        np.random.default_rng(30).normal(size=(1000, D)).astype(np.float32),
-        np.zeros(1000, np.float32),
+    x, cost = (
+        cost_data(1000, 30, "lognormal", zero_share=zero_share)
+        if zero_share < 1
+        else (
+            np.random.default_rng(30).normal(size=(1000, D)).astype(np.float32),
+            np.zeros(1000, np.float32),
+        )
     )
     model = build_model(ModelSpec(kind="multitask", tasks=("cost",), hidden=(16,)), D, seed=0)
     result = train_local(model, TaskData(x, None, cost), TrainConfig(epochs=20, learning_rate=0.05), seed=0)
@@ -205,7 +211,9 @@ def test_fedprox_with_a_large_mu_stays_near_the_global_weights():
 
     def drift(mu: float) -> float:
         model = build_model(spec, D, seed=0)
-        train_local(model, data, TrainConfig(epochs=5, learning_rate=0.01, proximal_mu=mu), seed=0, global_params=global_params)
+        train_local(
+            model, data, TrainConfig(epochs=5, learning_rate=0.01, proximal_mu=mu), seed=0, global_params=global_params
+        )
         return distance(get_weights(model), global_params)
 
     free, anchored = drift(0.0), drift(100.0)
@@ -252,14 +260,24 @@ def test_training_rejects_empty_or_non_overlapping_data():
     with pytest.raises(ValueError, match="overlap"):
         train_local(readmission_only, TaskData(x, None, cost), TrainConfig(), seed=0)
     with pytest.raises(ValueError, match="empty"):
-        train_local(readmission_only, TaskData(np.zeros((0, D), np.float32), np.zeros(0, np.float32), None), TrainConfig(), seed=0)
+        train_local(
+            readmission_only,
+            TaskData(np.zeros((0, D), np.float32), np.zeros(0, np.float32), None),
+            TrainConfig(),
+            seed=0,
+        )
 
 
 def test_diverging_training_raises_floating_point_error():
     x, cost = cost_data(500, 80, "lognormal")
     model = build_model(ModelSpec(kind="glm", tasks=("cost",)), D, seed=0)
     with pytest.raises(FloatingPointError, match="learning rate"):
-        train_local(model, TaskData(x * 100, None, cost * 1e4), TrainConfig(optimizer="sgd", learning_rate=10.0, epochs=3), seed=0)
+        train_local(
+            model,
+            TaskData(x * 100, None, cost * 1e4),
+            TrainConfig(optimizer="sgd", learning_rate=10.0, epochs=3),
+            seed=0,
+        )
 
 
 def test_predict_is_deterministic_with_dropout():
@@ -409,9 +427,10 @@ def test_adaptation_learns_a_sites_own_slope_from_the_shared_start_and_leaves_th
     site = adapted_to_site(shared, train, training, epochs=5, seed=3)
 
     assert distance(get_weights(shared), shared_weights) == 0.0
-    assert roc_auc_score(test_y, predict(site, test_x)["readmission"]) > roc_auc_score(
-        test_y, predict(shared, test_x)["readmission"]
-    ) + 0.02
+    assert (
+        roc_auc_score(test_y, predict(site, test_x)["readmission"])
+        > roc_auc_score(test_y, predict(shared, test_x)["readmission"]) + 0.02
+    )
     assert distance(get_weights(adapted_to_site(shared, train, training, epochs=5, seed=3)), get_weights(site)) == 0.0
 
 

@@ -73,10 +73,16 @@ def test_one_row_moves_the_evaluation_sums_within_their_bounds(rows: pd.DataFram
     keep = np.arange(len(rows)) != index
     readmitted = rows[schema.READMISSION].to_numpy()
     for part, bounds, touched in (
-        (lambda m: evaluation.readmission_sums(readmitted[m], risk[m], min_cohort=1, noisy=True),
-         evaluation.readmission_bounds(), evaluation.NOISY_TOUCHED["readmission"]),
-        (lambda m: evaluation.cost_sums(cost[m], predicted[m], clip=CLIP / 1e4),
-         evaluation.cost_bounds(CLIP / 1e4), evaluation.NOISY_TOUCHED["cost"]),
+        (
+            lambda m: evaluation.readmission_sums(readmitted[m], risk[m], min_cohort=1, noisy=True),
+            evaluation.readmission_bounds(),
+            evaluation.NOISY_TOUCHED["readmission"],
+        ),
+        (
+            lambda m: evaluation.cost_sums(cost[m], predicted[m], clip=CLIP / 1e4),
+            evaluation.cost_bounds(CLIP / 1e4),
+            evaluation.NOISY_TOUCHED["cost"],
+        ),
     ):
         _check(part(keep), part(np.ones(len(rows), dtype=bool)), bounds, touched)
 
@@ -91,11 +97,19 @@ def test_one_row_moves_a_sites_benchmark_totals_within_their_bounds(rows: pd.Dat
     observed = rows[schema.COST].to_numpy()
 
     def vector(mask: np.ndarray) -> np.ndarray:
-        totals = benchmarking.site_totals(rows[schema.READMISSION].to_numpy()[mask], risk[mask],
-                                          np.minimum(observed[mask], CLIP), np.minimum(expected[mask], CLIP),
-                                          min_cohort=1)
+        totals = benchmarking.site_totals(
+            rows[schema.READMISSION].to_numpy()[mask],
+            risk[mask],
+            np.minimum(observed[mask], CLIP),
+            np.minimum(expected[mask], CLIP),
+            min_cohort=1,
+        )
         return benchmarking.shared_vector(totals, 1, 3, noisy=True)
 
     keep = np.arange(len(rows)) != index
-    _check(vector(keep), vector(np.ones(len(rows), dtype=bool)), benchmarking.noisy_bounds(3, CLIP),
-           benchmarking.NOISY_TOUCHED)
+    _check(
+        vector(keep),
+        vector(np.ones(len(rows), dtype=bool)),
+        benchmarking.noisy_bounds(3, CLIP),
+        benchmarking.NOISY_TOUCHED,
+    )

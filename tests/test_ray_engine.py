@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from simulations import fedcost
-
 from fedcost.config import SimulationConfig, SimulationSection
 from fedcost.errors import ConfigError, RayClusterError
 from fedcost.federation.processes import free_port
 from fedcost.ray_engine import GIB, place, ray_engine
+from simulations import fedcost
 
 RAY = str(Path(sys.executable).with_name("ray"))
 NODE = {"CPU": 4.0, "memory": 8.0 * GIB}
@@ -121,8 +120,16 @@ class LocalCluster:
         self.address, self.client_address = f"127.0.0.1:{port}", f"ray://127.0.0.1:{free_port()}"
         env = {**os.environ, "RAY_TMPDIR": str(folder), "RAY_USAGE_STATS_ENABLED": "0"}
         common = ["--block", "--node-ip-address=127.0.0.1", f"--temp-dir={folder}", "--disable-usage-stats"]
-        self.head = self._start(env, "head", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                                f"--ray-client-server-port={self.client_address.rpartition(':')[2]}", *common)
+        self.head = self._start(
+            env,
+            "head",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=1",
+            "--include-dashboard=false",
+            f"--ray-client-server-port={self.client_address.rpartition(':')[2]}",
+            *common,
+        )
         self._wait_for_port()
         self.worker = self._start(env, "worker", f"--address={self.address}", "--num-cpus=2", *common)
 
@@ -144,10 +151,17 @@ class LocalCluster:
     def state(self, probe: str) -> dict:
         """What ``probe`` (Python over ``ray``, ending in a dict ``found``) finds on the cluster,
         asked from a driver process of its own."""
-        script = f"import json, time, ray, ray._private.state as state\nray.init(address={self.address!r}, " \
-                 f"logging_level='ERROR')\n{probe}\nprint('FOUND' + json.dumps(found))\n"
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
-                              env={**os.environ, "RAY_TMPDIR": str(self.folder)})
+        script = (
+            f"import json, time, ray, ray._private.state as state\nray.init(address={self.address!r}, "
+            f"logging_level='ERROR')\n{probe}\nprint('FOUND' + json.dumps(found))\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env={**os.environ, "RAY_TMPDIR": str(self.folder)},
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         return json.loads(done.stdout.split("FOUND", 1)[1])
 
@@ -174,8 +188,10 @@ def cluster() -> Iterator[LocalCluster]:
 def test_a_simulation_runs_on_an_existing_ray_cluster_within_its_cap_and_leaves_it_running(
     tmp_path: Path, cluster: LocalCluster, client: bool
 ) -> None:
-    nodes = ("found = {'cpus': 0}\nwhile found['cpus'] < 3:\n"
-             "    time.sleep(1)\n    found = {'cpus': ray.cluster_resources().get('CPU', 0)}")
+    nodes = (
+        "found = {'cpus': 0}\nwhile found['cpus'] < 3:\n"
+        "    time.sleep(1)\n    found = {'cpus': ray.cluster_resources().get('CPU', 0)}"
+    )
     assert cluster.state(nodes) == {"cpus": 3.0}
 
     address = cluster.client_address if client else cluster.address
@@ -183,8 +199,13 @@ def test_a_simulation_runs_on_an_existing_ray_cluster_within_its_cap_and_leaves_
     done = fedcost("simulate", "capped.toml", "--out", "run", cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["engine"] == {"ray_address": address, "actors": 2, "cpus_per_actor": 1.0,
-                                 "memory_gb_per_actor": 0.5, "cluster_cpus": 3.0}
+    assert summary["engine"] == {
+        "ray_address": address,
+        "actors": 2,
+        "cpus_per_actor": 1.0,
+        "memory_gb_per_actor": 0.5,
+        "cluster_cpus": 3.0,
+    }
     assert summary["audit"]["verified"] and len(summary["nodes"]) == 4
 
     # The cluster's own records: the sites ran in two actors of one job of this cluster, which

@@ -66,22 +66,45 @@ def _summary(folder: Path, currency: str) -> dict:
     for k, n in enumerate([80, 400, 1500, 4000]):
         risk = rng.uniform(0.05, 0.25, n)
         expected_cost = rng.lognormal(8, 0.5, n)
-        totals[f"hospital-{k + 1}"] = site_totals(rng.random(n) < risk * (1.5 if k == 3 else 1), risk * 0.9,
-                                                  expected_cost * rng.lognormal(0, 0.3, n), expected_cost)
+        totals[f"hospital-{k + 1}"] = site_totals(
+            rng.random(n) < risk * (1.5 if k == 3 else 1),
+            risk * 0.9,
+            expected_cost * rng.lognormal(0, 0.3, n),
+            expected_cost,
+        )
     result = benchmark(standardised(totals), calibration=calibration(totals))
-    cell = {"diagnosis_group": "copd", "payer": "medicare", "suppressed": False, "n": 400, "total_cost_mean": 9000.0,
-            "cost_median": 7000.0, "cost_p90": 21000.0, "readmission_rate": 0.2}
+    cell = {
+        "diagnosis_group": "copd",
+        "payer": "medicare",
+        "suppressed": False,
+        "n": 400,
+        "total_cost_mean": 9000.0,
+        "cost_median": 7000.0,
+        "cost_p90": 21000.0,
+        "readmission_rate": 0.2,
+    }
     statistics = {
-        "group_by": ["diagnosis_group", "payer"], "measures": ["total_cost", "readmitted_30d"], "min_cohort": 11,
+        "group_by": ["diagnosis_group", "payer"],
+        "measures": ["total_cost", "readmitted_30d"],
+        "min_cohort": 11,
         "note": "1 of 3 cells suppressed.",
-        "cells": [cell, {**cell, "payer": "private", "n": None, "suppressed": True},
-                  {**cell, "payer": "medicaid", "n": 30, "cost_p90": None, "readmission_rate": None}],
+        "cells": [
+            cell,
+            {**cell, "payer": "private", "n": None, "suppressed": True},
+            {**cell, "payer": "medicaid", "n": 30, "cost_p90": None, "readmission_rate": None},
+        ],
     }
     return {
-        "run_id": "test-run", "task": "analyze", "secure_aggregation": True, "min_cohort": 11, "currency": currency,
+        "run_id": "test-run",
+        "task": "analyze",
+        "secure_aggregation": True,
+        "min_cohort": 11,
+        "currency": currency,
         "nodes": [{"name": name, "role": "hospital", "train_rows": 1, "test_rows": 1} for name in totals],
-        "privacy": {"hospital-1": {"dp": True, "epsilon_budget": 8.0, "epsilon_spent": 2.5, "delta": 1e-5},
-                    **{name: {"dp": False} for name in list(totals)[1:]}},
+        "privacy": {
+            "hospital-1": {"dp": True, "epsilon_budget": 8.0, "epsilon_spent": 2.5, "delta": 1e-5},
+            **{name: {"dp": False} for name in list(totals)[1:]},
+        },
         "analytics": {"benchmark": save_benchmark(folder, result, list(totals)[:3]), "statistics": statistics},
     }
 
@@ -116,8 +139,10 @@ def test_a_report_without_a_currency_says_so(tmp_path: Path) -> None:
 
 def test_the_federation_is_1_on_every_ratio_after_standardising() -> None:
     rng = np.random.default_rng(9)
-    totals = {f"s{k}": site_totals(rng.random(500) < 0.3, np.full(500, 0.1), rng.lognormal(8, 1, 500), np.full(500, 900.0))
-              for k in range(3)}
+    totals = {
+        f"s{k}": site_totals(rng.random(500) < 0.3, np.full(500, 0.1), rng.lognormal(8, 1, 500), np.full(500, 900.0))
+        for k in range(3)
+    }
     result = benchmark(standardised(totals), calibration=calibration(totals))
     federation = np.sum([totals_row for totals_row in standardised(totals).values()], axis=0)
     assert federation[1] == pytest.approx(federation[2]) and federation[3] == pytest.approx(federation[4])

@@ -70,9 +70,7 @@ class _Federation:
 
 
 def _substitute(request: ShareKeysRequest, victim: int, **fields) -> ShareKeysRequest:
-    ads = tuple(
-        dataclasses.replace(ad, **fields) if ad.node_id == victim else ad for ad in request.advertisements
-    )
+    ads = tuple(dataclasses.replace(ad, **fields) if ad.node_id == victim else ad for ad in request.advertisements)
     return ShareKeysRequest(ads)
 
 

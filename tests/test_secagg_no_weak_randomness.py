@@ -89,10 +89,7 @@ def test_a_round_runs_with_weak_randomness_disabled(monkeypatch):
         monkeypatch.setattr(np.random, name, _refuse)
     quantizer = Quantizer(clip=1.0, levels=64, max_nodes=7, max_weight=3)
     ids = list(range(1, 8))
-    inputs = {
-        u: quantizer.encode([np.linspace(-2, 2, 5)], seed=secrets.token_bytes(32), weight=1 + u % 3)
-        for u in ids
-    }
+    inputs = {u: quantizer.encode([np.linspace(-2, 2, 5)], seed=secrets.token_bytes(32), weight=1 + u % 3) for u in ids}
     config = RoundConfig.create(run_id="no-weak-rng", round=0, node_ids=ids, dim=6, bits=quantizer.bits)
     aggregate = simulate_round(config, inputs, dropouts={2: Stage.MASKED_INPUT, 5: Stage.UNMASK})
     assert aggregate.total.tolist() == [sum(int(inputs[u][i]) for u in aggregate.included) for i in range(6)]

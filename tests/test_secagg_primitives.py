@@ -85,9 +85,7 @@ def test_bad_signature_fails_with_the_same_opaque_error():
     crypto.verify(identity.public_key(), signature, b"keys")
     messages = {
         _failure_message(lambda: crypto.verify(identity.public_key(), signature, b"other keys")),
-        _failure_message(
-            lambda: crypto.verify(Ed25519PrivateKey.generate().public_key(), signature, b"keys")
-        ),
+        _failure_message(lambda: crypto.verify(Ed25519PrivateKey.generate().public_key(), signature, b"keys")),
         _failure_message(lambda: crypto.verify(identity.public_key(), b"short", b"keys")),
     }
     assert messages == {"authentication failed"}
@@ -109,8 +107,9 @@ def test_prg_matches_the_aes256_known_answer():
     expected = [int.from_bytes(bytes.fromhex(h), "little") for h in ("dc95c078a2408989", "ad48a21492842087")]
     assert expand(bytes(32), 2, 64).tolist() == expected
     # 32-bit words read the same keystream four bytes at a time
-    assert expand(bytes(32), 4, 32).tolist() == [int.from_bytes(bytes.fromhex(h), "little") for h in
-                                                  ("dc95c078", "a2408989", "ad48a214", "92842087")]
+    assert expand(bytes(32), 4, 32).tolist() == [
+        int.from_bytes(bytes.fromhex(h), "little") for h in ("dc95c078", "a2408989", "ad48a214", "92842087")
+    ]
 
 
 def test_prg_same_key_same_mask_and_different_label_different_mask():

@@ -68,9 +68,7 @@ def _exact_sum(inputs: dict[int, np.ndarray], included: set[int]) -> list[int]:
     return [sum(int(inputs[u][i]) for u in included) for i in range(len(next(iter(inputs.values()))))]
 
 
-@settings(
-    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
-)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_round_gives_the_exact_sum_of_survivors_or_aborts(data):
     n = data.draw(st.integers(3, 12), label="n")
@@ -78,9 +76,7 @@ def test_round_gives_the_exact_sum_of_survivors_or_aborts(data):
     gaps = data.draw(st.lists(st.integers(1, 2**40), min_size=n - 1, max_size=n - 1), label="id gaps")
     ids = list(itertools.accumulate(gaps, initial=first))  # distinct, up to 63 bits
     degree = data.draw(st.sampled_from([n - 1, *range(2, n - 1, 2)]), label="degree")
-    threshold = (
-        degree // 2 + 1 + data.draw(st.integers(0, degree - degree // 2 - 1), label="threshold - minimum")
-    )
+    threshold = degree // 2 + 1 + data.draw(st.integers(0, degree - degree // 2 - 1), label="threshold - minimum")
     max_weight = data.draw(st.integers(1, 50), label="max_weight")
     weights = {u: data.draw(st.integers(1, max_weight)) for u in ids}
     known_total = data.draw(st.booleans(), label="total weight known")
@@ -264,9 +260,7 @@ def test_node_accepts_only_the_next_stage(done, stage):
         node.handle(request, vector=round_.inputs[1] if stage is Stage.MASKED_INPUT else None)
         return
     wanted = expected.value if expected else "none (the round is over)"
-    with pytest.raises(
-        ProtocolAbort, match=f"^{re.escape(f'expected stage {wanted}, received stage {stage.value}')}$"
-    ):
+    with pytest.raises(ProtocolAbort, match=f"^{re.escape(f'expected stage {wanted}, received stage {stage.value}')}$"):
         node.handle(SAMPLE_REQUESTS[stage])
 
 
@@ -283,9 +277,7 @@ def test_coordinator_accepts_only_the_next_stage(done, stage):
         else:
             round_.step()
         return
-    with pytest.raises(
-        ProtocolAbort, match=f"^{re.escape(f'expected stage {wanted}, received stage {stage.value}')}$"
-    ):
+    with pytest.raises(ProtocolAbort, match=f"^{re.escape(f'expected stage {wanted}, received stage {stage.value}')}$"):
         if stage is Stage.SETUP:
             round_.coordinator.start()
         else:
@@ -441,9 +433,7 @@ def test_a_dropout_in_the_consistency_stage_aborts_a_simulated_round():
 def _plain(value) -> bool:
     if isinstance(value, list):
         return len({type(v) for v in value}) <= 1 and all(isinstance(v, (int, str, bytes)) for v in value)
-    return isinstance(value, (int, str, bytes)) or (
-        isinstance(value, np.ndarray) and value.dtype in WORDS
-    )
+    return isinstance(value, (int, str, bytes)) or (isinstance(value, np.ndarray) and value.dtype in WORDS)
 
 
 def test_a_round_runs_through_plain_dicts():

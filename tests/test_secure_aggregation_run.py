@@ -9,9 +9,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from simulations import SMALL_FEDERATION, simulate
 
 from fedcost.server.shared_sum import PollingGrid
+from simulations import SMALL_FEDERATION, simulate
 
 BASE = SMALL_FEDERATION
 
@@ -37,7 +37,10 @@ def test_secure_aggregation_is_on_by_default_and_matches_plaintext(folder: Path)
     assert all(r["secure_aggregation"] for r in rounds(secure_run))
     assert "secure aggregation is OFF ([secure_aggregation] enabled = false)" in plain.stdout
     # Quantisation is the only difference: steps of 8 / 2**20 per update entry.
-    assert abs(secure_summary["readmission"]["federated"]["auroc"] - plain_summary["readmission"]["federated"]["auroc"]) < 0.002
+    assert (
+        abs(secure_summary["readmission"]["federated"]["auroc"] - plain_summary["readmission"]["federated"]["auroc"])
+        < 0.002
+    )
     assert abs(secure_summary["cost"]["federated"]["r2"] - plain_summary["cost"]["federated"]["r2"]) < 0.005
 
 
@@ -54,7 +57,9 @@ def test_a_node_lost_after_sharing_keys_is_recovered(folder: Path) -> None:
 
 
 def test_too_many_dropouts_stop_the_run_with_a_clear_message(folder: Path) -> None:
-    config = BASE.replace("hospital = [1500, 900, 600]\ninsurer = [1200]\npharma = [500]", "hospital = [1500, 900, 600]")
+    config = BASE.replace(
+        "hospital = [1500, 900, 600]\ninsurer = [1200]\npharma = [500]", "hospital = [1500, 900, 600]"
+    )
     config += '\n[secure_aggregation]\non_abort = "stop"\n[simulation.drop_nodes]\nhospital-3 = [2]\n'
     result, run = simulate(folder, config, "abort")
     assert result.returncode != 0

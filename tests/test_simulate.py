@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import torch
 from audit_mutations import assert_mutations_detected
-from simulations import simulate
 from typer.testing import CliRunner
 
 from fedcost import schema
@@ -25,6 +24,7 @@ from fedcost.data.loader import load_node
 from fedcost.data.mapping import DataMapping
 from fedcost.models.nets import ModelSpec, build_model
 from fedcost.models.training import predict
+from simulations import simulate
 
 SMALL = """
 [run]
@@ -51,8 +51,19 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
 def test_small_federation_writes_a_complete_run_folder(small_run: tuple[subprocess.CompletedProcess, Path]) -> None:
     result, run = small_run
     assert result.returncode == 0, result.stdout + result.stderr
-    for name in ("config.toml", "metrics.jsonl", "summary.json", "model.pt", "truth.json", "report.html",
-                 "plots/rounds.png", "plots/sites.png", "plots/calibration.png", "plots/funnel.png", "plots/err.png"):
+    for name in (
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "model.pt",
+        "truth.json",
+        "report.html",
+        "plots/rounds.png",
+        "plots/sites.png",
+        "plots/calibration.png",
+        "plots/funnel.png",
+        "plots/err.png",
+    ):
         assert (run / name).is_file(), name
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
@@ -73,7 +84,9 @@ def test_federated_is_close_to_pooled_on_the_same_rows(small_run: tuple[subproce
     assert summary["test_rows"] == held_out
 
 
-def test_every_party_of_a_real_run_keeps_a_log_that_verifies(small_run: tuple[subprocess.CompletedProcess, Path]) -> None:
+def test_every_party_of_a_real_run_keeps_a_log_that_verifies(
+    small_run: tuple[subprocess.CompletedProcess, Path],
+) -> None:
     _, run = small_run
     parties = {"coordinator", "hospital-1", "hospital-2", "insurer-1"}
     assert {p.stem for p in (run / "audit").glob("*.jsonl")} == parties
@@ -130,9 +143,14 @@ def test_each_site_shares_the_totals_its_own_rows_give_under_the_final_model(
     shared = {site["site"]: site for site in benchmark["sites"]}
     assert set(shared) == {"hospital-1", "hospital-2", "insurer-1"}
     assert (run / "plots" / "funnel.png").is_file() and (run / "benchmark.csv").is_file()
-    assert "Risk-adjusted benchmarking" in result.stdout and "Risk-adjusted benchmarking" in (run / "report.html").read_text()
+    assert (
+        "Risk-adjusted benchmarking" in result.stdout
+        and "Risk-adjusted benchmarking" in (run / "report.html").read_text()
+    )
     saved = json.loads((run / "model.json").read_text())
-    spec = ModelSpec(**{**saved["model"], "hidden": tuple(saved["model"]["hidden"]), "tasks": tuple(saved["model"]["tasks"])})
+    spec = ModelSpec(
+        **{**saved["model"], "hidden": tuple(saved["model"]["hidden"]), "tasks": tuple(saved["model"]["tasks"])}
+    )
     features = FeatureSpec.from_dict(saved["features"])
     model = build_model(spec, features.n_features, seed=3)
     model.load_state_dict(torch.load(run / "model.pt"))
@@ -163,7 +181,9 @@ def test_an_unexpected_error_never_prints_the_locals_of_its_traceback() -> None:
         "    raise RuntimeError('internal')\n"
         "app(['boom'])\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}
+    )
     assert result.returncode != 0
     assert "RuntimeError" in result.stderr + result.stdout
     assert "SECRET-ROW-4711" not in result.stderr + result.stdout
@@ -179,8 +199,17 @@ def test_predict_scores_a_sites_rows_with_the_runs_model_and_its_kept_steps(
     rows.to_csv(tmp_path / "to-score.csv", index=False)
     runner = CliRunner()
     for site, out in ((None, "shared.csv"), ("hospital-2", "site.csv")):
-        args = ["predict", str(run), str(tmp_path / "to-score.csv"), "--mapping", str(run / "data" / "mapping.toml"),
-                "--node", "hospital-2", "--out", str(tmp_path / out)] + (["--site", site] if site else [])
+        args = [
+            "predict",
+            str(run),
+            str(tmp_path / "to-score.csv"),
+            "--mapping",
+            str(run / "data" / "mapping.toml"),
+            "--node",
+            "hospital-2",
+            "--out",
+            str(tmp_path / out),
+        ] + (["--site", site] if site else [])
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
     shared, at_site = pd.read_csv(tmp_path / "shared.csv"), pd.read_csv(tmp_path / "site.csv")
@@ -190,9 +219,22 @@ def test_predict_scores_a_sites_rows_with_the_runs_model_and_its_kept_steps(
     if steps["calibration"] is not None and "cost" not in steps["adapted"]:
         ratio = at_site["expected_cost"] / shared["expected_cost"]
         assert ratio.round(4).nunique() == 1 and abs(ratio.iloc[0] - steps["calibration"]) < 1e-4
-    outside = runner.invoke(app, ["predict", str(run), str(tmp_path / "to-score.csv"), "--mapping",
-                                  str(run / "data" / "mapping.toml"), "--node", "hospital-2", "--site", "../model",
-                                  "--out", str(tmp_path / "x.csv")])
+    outside = runner.invoke(
+        app,
+        [
+            "predict",
+            str(run),
+            str(tmp_path / "to-score.csv"),
+            "--mapping",
+            str(run / "data" / "mapping.toml"),
+            "--node",
+            "hospital-2",
+            "--site",
+            "../model",
+            "--out",
+            str(tmp_path / "x.csv"),
+        ],
+    )
     assert outside.exit_code == 2 and "no steps for site" in outside.output
     assert not (tmp_path / "x.csv").exists()
 

@@ -19,12 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomli_w
-from simulations import SMALL_FEDERATION, simulate
 from cryptography.hazmat.primitives import serialization
 from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.app.message.message import make_message
 
-from fedcost.wire import records as rec
 from fedcost.client.app import make_client_app
 from fedcost.client.node import Node, NodeSetup
 from fedcost.data.files import write_node_files
@@ -34,7 +32,9 @@ from fedcost.identity import Identity
 from fedcost.job import TrainingJob
 from fedcost.models.nets import ModelSpec, build_model
 from fedcost.models.training import TrainConfig
+from fedcost.wire import records as rec
 from fedcost.wire.purposes import PURPOSES
+from simulations import SMALL_FEDERATION, simulate
 
 COORDINATOR = Identity.generate("coordinator", "coordinator").public().key_id
 BIG, TINY = "hospital-1", "hospital-2"  # 300 rows; 15 rows, so 3 held-out rows
@@ -86,7 +86,9 @@ class Site:
         assert any(reason in entry["details"]["reason"] for entry in self.events("refusal"))
 
 
-def _site(mapping: Path, folder: Path, name: str = BIG, node_factory: Callable[[NodeSetup], Node] = Node, **policy) -> Site:
+def _site(
+    mapping: Path, folder: Path, name: str = BIG, node_factory: Callable[[NodeSetup], Node] = Node, **policy
+) -> Site:
     folder.mkdir(parents=True, exist_ok=True)
     identity = Identity.generate(name, "hospital")
     key = identity.private_key.private_bytes(
@@ -146,7 +148,7 @@ def test_an_accepted_job_is_answered_through_the_guard(mapping: Path, tmp_path: 
     reply = site.send(*plain_request("train", 1, job, weights), message_type=MessageType.TRAIN)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert reply.content[rec.METRICS][rec.WEIGHT] == len(Node(site.setup).data.train)
-    assert reply.content[rec.CONTRIBUTION][f"{len(weights) :04d}"].numpy().tolist() == [0.0], "no train-loss metric"
+    assert reply.content[rec.CONTRIBUTION][f"{len(weights):04d}"].numpy().tolist() == [0.0], "no train-loss metric"
     assert not site.events("refusal")
 
 
@@ -309,7 +311,9 @@ def test_every_site_at_epsilon_1_reports_at_most_1(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_site_whose_budget_runs_out_stops_participating_with_a_clear_message(tmp_path: Path) -> None:
     # hospital-1 (1,200 training rows, batch 128): one round costs ε 3.6, two cost 4.45.
-    _policy(tmp_path, "tight-budget", privacy={"epsilon": 4.0, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": 1.0})
+    _policy(
+        tmp_path, "tight-budget", privacy={"epsilon": 4.0, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": 1.0}
+    )
     result, run = _simulate(tmp_path, "tight", 3, 'policies = { hospital-1 = "tight-budget.toml" }')
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((run / "summary.json").read_text())

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
+from guardian_bench import RUN, Bench
 
 from fedcost import schema
 from fedcost.analytics import GroupedStatisticsLayout, group_costing
@@ -30,7 +31,6 @@ from fedcost.privacy.ledger import start_anew
 from fedcost.secagg import ConsistencyRequest, Quantizer, SetupRequest
 from fedcost.wire import records as rec
 from fedcost.wire.purposes import PURPOSES
-from guardian_bench import RUN, Bench
 
 SITES = ("hospital-1", "hospital-2", "hospital-3", "hospital-4")
 
@@ -118,8 +118,7 @@ def test_three_site_sets_that_differ_by_one_site_are_refused(bench: Bench) -> No
     shapes = _statistics_shape(bench)
     first = bench.secure_sum("statistics", 0, SITES[:3], shapes, label=f"{RUN}:b:statistics:1")
     assert first.sums is not None
-    second = bench.secure_sum("statistics", 0, (SITES[0], SITES[1], SITES[3]), shapes,
-                              label=f"{RUN}:b:statistics:2")
+    second = bench.secure_sum("statistics", 0, (SITES[0], SITES[1], SITES[3]), shapes, label=f"{RUN}:b:statistics:2")
     _refused_by_all(second, SITES[:2], "could isolate")
 
 
@@ -135,12 +134,14 @@ def test_differencing_a_fixed_input_across_two_jobs_is_refused(bench: Bench) -> 
 def test_evaluating_one_model_over_two_site_sets_is_refused(bench: Bench) -> None:
     job, weights = bench.job_and_weights(SITES[0])
     shapes = [(n,) for (n,) in evaluation.sums_shapes(job.model.tasks)]
-    first = bench.secure_sum("evaluate", 1, SITES, shapes, label=f"{RUN}:e:evaluate:1", job=job.to_json(),
-                             weights=weights)
+    first = bench.secure_sum(
+        "evaluate", 1, SITES, shapes, label=f"{RUN}:e:evaluate:1", job=job.to_json(), weights=weights
+    )
     assert first.sums is not None, first.refusals
     # The same weights again, in the next round, without hospital-4: its evaluation sums by difference.
-    again = bench.secure_sum("evaluate", 2, SITES[:3], shapes, label=f"{RUN}:e:evaluate:2", job=job.to_json(),
-                             weights=weights)
+    again = bench.secure_sum(
+        "evaluate", 2, SITES[:3], shapes, label=f"{RUN}:e:evaluate:2", job=job.to_json(), weights=weights
+    )
     _refused_by_all(again, SITES[:3], "this exact model")
 
 
@@ -190,8 +191,14 @@ def _plain_bench(mapping: Path, folder: Path) -> Bench:
 
 
 def _analytics_hello(bench: Bench, tables: list[GroupedStatisticsLayout], run: str = RUN):  # noqa: ANN202
-    return bench.hello(run_id=run, secure_aggregation=False, outputs={"analytics": PURPOSES["analytics"].outputs},
-                       tables=tuple(t.to_json() for t in tables), rounds=1, model_parameters=0)
+    return bench.hello(
+        run_id=run,
+        secure_aggregation=False,
+        outputs={"analytics": PURPOSES["analytics"].outputs},
+        tables=tuple(t.to_json() for t in tables),
+        rounds=1,
+        model_parameters=0,
+    )
 
 
 def _table(bench: Bench, name: str, layout: GroupedStatisticsLayout) -> np.ndarray:
@@ -207,7 +214,7 @@ def _cells(layout: GroupedStatisticsLayout, vector: np.ndarray) -> dict[tuple[st
     slots = layout.measure_slots(0)
     out = {}
     for cell, row in zip(layout.cells, block):
-        limbs = row[slots][1:1 + 3]
+        limbs = row[slots][1 : 1 + 3]
         out[cell] = (int(round(row[0])), sum(int(round(v)) << (30 * j) for j, v in enumerate(limbs)))
     return out
 
@@ -216,7 +223,9 @@ def test_differencing_diagnosis_group_against_diagnosis_group_by_sex_rebuilds_no
     mapping: Path, tmp_path: Path
 ) -> None:
     bench = _plain_bench(mapping, tmp_path)
-    assert all(not r.has_error() for r in bench.say_hello(_analytics_hello(bench, [BY_GROUP, BY_GROUP_AND_SEX])).values())
+    assert all(
+        not r.has_error() for r in bench.say_hello(_analytics_hello(bench, [BY_GROUP, BY_GROUP_AND_SEX])).values()
+    )
     for name in SITES:
         coarse = _cells(BY_GROUP, _table(bench, name, BY_GROUP))
         fine = _cells(BY_GROUP_AND_SEX, _table(bench, name, BY_GROUP_AND_SEX))
@@ -426,10 +435,19 @@ def test_only_an_explicit_signed_reset_restarts_the_budget(mapping: Path, tmp_pa
 
 def test_a_secure_stage_before_its_setup_is_a_refusal(bench: Bench) -> None:
     site = bench.site(SITES[0])
-    config = {rec.TRANSPORT: rec.SECURE, rec.PURPOSE: "statistics", rec.ROUND: 0,
-              "q_clip": 1.0, "q_levels": 2, "q_max_nodes": 4, "q_max_weight": 1}
-    reply = site.send(config, {rec.SECAGG: ConfigRecord({"stage": "masked-input", "senders": [], "recipients": [],
-                                                          "ciphertexts": []})})
+    config = {
+        rec.TRANSPORT: rec.SECURE,
+        rec.PURPOSE: "statistics",
+        rec.ROUND: 0,
+        "q_clip": 1.0,
+        "q_levels": 2,
+        "q_max_nodes": 4,
+        "q_max_weight": 1,
+    }
+    reply = site.send(
+        config,
+        {rec.SECAGG: ConfigRecord({"stage": "masked-input", "senders": [], "recipients": [], "ciphertexts": []})},
+    )
     site.assert_refused(reply, "no secure sum is in progress")
 
 
@@ -482,12 +500,20 @@ HONEST_DATA = {"targets": ["readmitted_30d", "total_cost"], "extra_numeric": [],
 @pytest.mark.parametrize(
     ("data", "reason"),
     [
-        ({"extra_numeric": ["bmi"]}, "its [data] extra_numeric lists 'bmi', which this site's mapping does not declare "
-                                     "([features] numeric in mapping.toml)"),
-        ({"targets": ["total_cost"]}, "its [data] targets does not list 'readmitted_30d', which this site's mapping "
-                                      "declares ([targets.*] in mapping.toml)"),
-        ({"extra_categorical": {"ward": ["medical", "surgical"]}},
-         "its [data] extra_categorical lists 'ward', which this site's mapping does not declare"),
+        (
+            {"extra_numeric": ["bmi"]},
+            "its [data] extra_numeric lists 'bmi', which this site's mapping does not declare "
+            "([features] numeric in mapping.toml)",
+        ),
+        (
+            {"targets": ["total_cost"]},
+            "its [data] targets does not list 'readmitted_30d', which this site's mapping "
+            "declares ([targets.*] in mapping.toml)",
+        ),
+        (
+            {"extra_categorical": {"ward": ["medical", "surgical"]}},
+            "its [data] extra_categorical lists 'ward', which this site's mapping does not declare",
+        ),
     ],
     ids=["an extra column", "one target", "an extra category"],
 )
@@ -516,8 +542,12 @@ STATISTICS_DP = {"epsilon": 8.0, "delta": 1e-6, "max_grad_norm": 1.0, "statistic
 
 
 def _noisy_hello(bench: Bench, sd: float, sites: int = 4):  # noqa: ANN202
-    return bench.hello(outputs={"statistics": PURPOSES["statistics"].outputs}, rounds=1, model_parameters=0,
-                       noise=StatisticsNoise(sd, sites, 1e5))
+    return bench.hello(
+        outputs={"statistics": PURPOSES["statistics"].outputs},
+        rounds=1,
+        model_parameters=0,
+        noise=StatisticsNoise(sd, sites, 1e5),
+    )
 
 
 def test_a_site_that_requires_noisy_statistics_refuses_a_job_without_noise(mapping: Path, tmp_path: Path) -> None:

@@ -135,16 +135,28 @@ def _assert_nothing_small_is_derivable(tables: Tables, rows: pd.DataFrame) -> No
 def _rows(cells: dict[tuple[str, str], int], seed: int = 3) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     frames = [
-        pd.DataFrame({"diagnosis_group": dg, "sex": sex, schema.COST: np.round(rng.lognormal(9, 1, n), 2),
-                      schema.READMISSION: rng.integers(0, 2, n).astype(float)})
+        pd.DataFrame(
+            {
+                "diagnosis_group": dg,
+                "sex": sex,
+                schema.COST: np.round(rng.lognormal(9, 1, n), 2),
+                schema.READMISSION: rng.integers(0, 2, n).astype(float),
+            }
+        )
         for (dg, sex), n in cells.items()
     ]
     return pd.concat(frames, ignore_index=True)
 
 
 # heart failure holds 3 women: the classic differencing target
-CELLS = {("heart_failure", "female"): 3, ("heart_failure", "male"): 60, ("copd", "female"): 25,
-         ("copd", "male"): 30, ("pneumonia", "female"): 40, ("pneumonia", "male"): 12}
+CELLS = {
+    ("heart_failure", "female"): 3,
+    ("heart_failure", "male"): 60,
+    ("copd", "female"): 25,
+    ("copd", "male"): 30,
+    ("pneumonia", "female"): 40,
+    ("pneumonia", "male"): 12,
+}
 
 
 def test_differencing_diagnosis_group_against_diagnosis_group_by_sex_rebuilds_no_withheld_cell() -> None:
@@ -173,8 +185,12 @@ def test_differencing_against_a_table_released_earlier_rebuilds_no_withheld_cell
 
 
 def test_the_grand_total_rebuilds_no_withheld_union_of_one_table() -> None:
-    cells = {("heart_failure", "female"): 4, ("copd", "female"): 30, ("pneumonia", "female"): 14,
-             ("stroke", "male"): 50}
+    cells = {
+        ("heart_failure", "female"): 4,
+        ("copd", "female"): 30,
+        ("pneumonia", "female"): 14,
+        ("stroke", "male"): 50,
+    }
     rows = _rows(cells)
     (release,) = plan_release([DIAGNOSIS], rows, role=None, min_cohort=M)
     _assert_nothing_small_is_derivable([(DIAGNOSIS, release)], rows)
@@ -203,13 +219,21 @@ def test_the_vector_does_not_say_which_cells_a_node_withheld() -> None:
     kept = rows[np.array(release.rows)[layout.cell_codes(rows, None)]]
     assert len(kept) < len(rows)
     np.testing.assert_array_equal(
-        layout.local_vector(rows, min_cohort=M), layout.local_vector(kept, min_cohort=M),
+        layout.local_vector(rows, min_cohort=M),
+        layout.local_vector(kept, min_cohort=M),
         err_msg="a node that withheld cells sends what a node that never held those rows sends",
     )
 
 
-GROUPINGS = [("diagnosis_group",), ("sex",), ("payer",), ("diagnosis_group", "sex"), ("payer", "sex"), ("age_band",),
-             ("diagnosis_group", "age_band")]
+GROUPINGS = [
+    ("diagnosis_group",),
+    ("sex",),
+    ("payer",),
+    ("diagnosis_group", "sex"),
+    ("payer", "sex"),
+    ("age_band",),
+    ("diagnosis_group", "age_band"),
+]
 
 
 @settings(max_examples=40, deadline=None)
@@ -224,15 +248,17 @@ def test_no_combination_of_released_cells_isolates_a_small_group(
     n: int, seed: int, groupings: list[tuple[str, ...]], min_cohort: int, one_earlier: bool
 ) -> None:
     rng = np.random.default_rng(seed)
-    rows = pd.DataFrame({
-        "diagnosis_group": rng.choice(["heart_failure", "copd", "sepsis", None], n, p=[0.5, 0.3, 0.15, 0.05]),
-        "sex": rng.choice(["female", "male", None], n, p=[0.5, 0.45, 0.05]),
-        "payer": rng.choice(["medicare", "medicaid", "commercial"], n, p=[0.6, 0.3, 0.1]),
-        "age": np.where(rng.random(n) < 0.05, np.nan, rng.integers(20, 99, n)),
-        "length_of_stay": np.where(rng.random(n) < 0.1, np.nan, rng.integers(1, 20, n)),
-        schema.READMISSION: rng.integers(0, 2, n).astype(float),
-        schema.COST: np.round(rng.lognormal(8, 1, n), 2),
-    })
+    rows = pd.DataFrame(
+        {
+            "diagnosis_group": rng.choice(["heart_failure", "copd", "sepsis", None], n, p=[0.5, 0.3, 0.15, 0.05]),
+            "sex": rng.choice(["female", "male", None], n, p=[0.5, 0.45, 0.05]),
+            "payer": rng.choice(["medicare", "medicaid", "commercial"], n, p=[0.6, 0.3, 0.1]),
+            "age": np.where(rng.random(n) < 0.05, np.nan, rng.integers(20, 99, n)),
+            "length_of_stay": np.where(rng.random(n) < 0.1, np.nan, rng.integers(1, 20, n)),
+            schema.READMISSION: rng.integers(0, 2, n).astype(float),
+            schema.COST: np.round(rng.lognormal(8, 1, n), 2),
+        }
+    )
     layouts = [GroupedStatisticsLayout(g, measures=(schema.COST, "length_of_stay")) for g in groupings]
     if one_earlier:
         earlier = [(layouts[0], plan_release(layouts[:1], rows, role=None, min_cohort=min_cohort)[0])]

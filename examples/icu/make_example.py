@@ -21,16 +21,30 @@ def icu_stays(rng: np.random.Generator, n: int, site_effect: float) -> pd.DataFr
     lactate = rng.lognormal(0.6, 0.5, n).round(1)
     creatinine = rng.lognormal(0.1, 0.45, n).round(2)
     ventilated = (rng.random(n) < 0.35).astype(int)
-    risk = (-3.2 + 0.035 * (age - 64) + 0.45 * np.log(lactate) + 0.6 * np.log(creatinine) + 0.9 * ventilated
-            + 0.4 * (source == "emergency") + site_effect)
+    risk = (
+        -3.2
+        + 0.035 * (age - 64)
+        + 0.45 * np.log(lactate)
+        + 0.6 * np.log(creatinine)
+        + 0.9 * ventilated
+        + 0.4 * (source == "emergency")
+        + site_effect
+    )
     died = rng.random(n) < 1 / (1 + np.exp(-risk))
     mean_stay = np.exp(0.9 + 0.4 * ventilated + 0.2 * np.log(lactate) + 0.3 * (source == "theatre"))
     stay = np.where(rng.random(n) < 0.12, 0.0, rng.gamma(1.5, mean_stay / 1.5)).round(1)
-    return pd.DataFrame({
-        "age": age.astype(int), "sex": sex, "admission_source": source, "lactate": lactate,
-        "creatinine": creatinine, "ventilated": ventilated, "died": np.where(died, "yes", "no"),
-        "length_of_stay": stay,
-    })
+    return pd.DataFrame(
+        {
+            "age": age.astype(int),
+            "sex": sex,
+            "admission_source": source,
+            "lactate": lactate,
+            "creatinine": creatinine,
+            "ventilated": ventilated,
+            "died": np.where(died, "yes", "no"),
+            "length_of_stay": stay,
+        }
+    )
 
 
 def main() -> None:

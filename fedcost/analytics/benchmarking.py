@@ -105,7 +105,14 @@ def site_totals(
     if not ((cost >= 0) & (expected_cost >= 0)).all():
         raise ValueError("costs must be non-negative numbers")
     return np.array(
-        [n, readmitted.sum(), expected_risk.sum(), cost.sum(), expected_cost.sum(), np.square(cost - expected_cost).sum()]
+        [
+            n,
+            readmitted.sum(),
+            expected_risk.sum(),
+            cost.sum(),
+            expected_cost.sum(),
+            np.square(cost - expected_cost).sum(),
+        ]
     )
 
 
@@ -124,6 +131,7 @@ STANDARDISED = {"readmission": ("expected", "observed"), "cost": ("cost_expected
 def calibration(sites: Mapping[str, np.ndarray]) -> dict[str, float]:
     """The federation's observed over expected, per outcome, before standardising: the
     model's calibration-in-the-large, the factor ``standardised`` scales expected by."""
+
     def total(slot: str) -> float:
         return sum(float(t[SITE_SLOTS.index(slot)]) for t in sites.values())
 
@@ -264,13 +272,20 @@ class Benchmark:
         return pd.DataFrame([asdict(site) for site in self.sites])
 
     def to_dict(self) -> dict:
-        return {**{k: v for k, v in asdict(self).items() if k != "sites"}, "sites": [asdict(site) for site in self.sites]}
+        return {
+            **{k: v for k, v in asdict(self).items() if k != "sites"},
+            "sites": [asdict(site) for site in self.sites],
+        }
 
 
 def position_in_funnel(oe: float, limits_95: tuple[float, float], limits_998: tuple[float, float]) -> str:
     """Where an O/E lies against a funnel's limits, in words; above is worse (more readmissions)."""
-    for bound, above, words in ((limits_998[1], True, "above 99.8% limit"), (limits_95[1], True, "above 95% limit"),
-                                (limits_998[0], False, "below 99.8% limit"), (limits_95[0], False, "below 95% limit")):
+    for bound, above, words in (
+        (limits_998[1], True, "above 99.8% limit"),
+        (limits_95[1], True, "above 95% limit"),
+        (limits_998[0], False, "below 99.8% limit"),
+        (limits_95[0], False, "below 95% limit"),
+    ):
         if (oe > bound) if above else (oe < bound):
             return words
     return "within limits"
@@ -284,13 +299,16 @@ def value_index_interval(value_index: float, t: Mapping[str, float], rate: float
     if readmission_free <= 0 or ratio <= 0:
         return value_index, value_index
     variance = (rate**2 * t["observed"] / t["expected"] ** 2) / readmission_free**2 + (
-        t["cost_residual_ss"] / t["cost_expected"] ** 2) / ratio**2
+        t["cost_residual_ss"] / t["cost_expected"] ** 2
+    ) / ratio**2
     spread = z * math.sqrt(variance)
     return value_index * math.exp(-spread), value_index * math.exp(spread)
 
 
 def benchmark(
-    sites: Mapping[str, np.ndarray], *, peer_groups: Mapping[str, str] | None = None,
+    sites: Mapping[str, np.ndarray],
+    *,
+    peer_groups: Mapping[str, str] | None = None,
     calibration: Mapping[str, float] | None = None,
 ) -> Benchmark:
     """Risk-adjusted results for every site from the totals each shared (``site_totals``).
@@ -300,7 +318,8 @@ def benchmark(
     were standardised by, kept for the report.
     """
     totals = {
-        name: dict(zip(SITE_SLOTS, np.asarray(vector, dtype="float64").tolist(), strict=True)) for name, vector in sites.items()
+        name: dict(zip(SITE_SLOTS, np.asarray(vector, dtype="float64").tolist(), strict=True))
+        for name, vector in sites.items()
     }
     n_all = sum(t["n"] for t in totals.values())
     rate = sum(t["observed"] for t in totals.values()) / n_all
@@ -309,8 +328,11 @@ def benchmark(
     tau2 = funnel_tau2(counts[1], counts[2])
     intercepts = fit_random_intercept(*counts)
     ratios = dict(zip(totals, excess_readmission_ratios(*counts, intercepts, Z_95), strict=True))
-    thresholds = (peer_medians({name: r.err for name, r in ratios.items()}, peer_groups) if peer_groups is not None
-                  else dict.fromkeys(totals, 1.0))
+    thresholds = (
+        peer_medians({name: r.err for name, r in ratios.items()}, peer_groups)
+        if peer_groups is not None
+        else dict.fromkeys(totals, 1.0)
+    )
     results = []
     for name, t in totals.items():
         observed, expected = t["observed"], t["expected"]

@@ -170,7 +170,9 @@ def group_costing(statistics: GroupedStatistics) -> GroupCosting:
     federation = tuple(_row("", g, groups[g], group_means[g], weights[g]) for g in order)
     per_site = tuple(
         _row(site, group, sums, group_means[group], weights[group])
-            for site in statistics.layout.sites for group in order if (sums := cells.get((site, group))) is not None
+        for site in statistics.layout.sites
+        for group in order
+        if (sums := cells.get((site, group))) is not None
     )
     case_mix = _case_mix(cells, statistics.layout.sites, group_means, weights)
     return GroupCosting(federation, per_site, case_mix, mean_cost, _note(statistics))
@@ -193,15 +195,17 @@ def _case_mix(
         for sums in mine.values():
             total.add(sums)
         expected = sum(sums.cases * group_means[group] for group, sums in mine.items())
-        mixes.append(SiteCaseMix(
-            site=site,
-            cases=total.cases,
-            case_mix_index=sum(sums.cases * weights[group] for group, sums in mine.items()) / total.cases,
-            cost_oe=total.cost * unit / expected,
-            mean_cost=total.cost * unit / total.cases,
-            mean_payment=_ratio(total.payment * unit, total.paid_cases),
-            margin=_ratio((total.payment - total.paid_cost) * unit, total.paid_cases),
-        ))
+        mixes.append(
+            SiteCaseMix(
+                site=site,
+                cases=total.cases,
+                case_mix_index=sum(sums.cases * weights[group] for group, sums in mine.items()) / total.cases,
+                cost_oe=total.cost * unit / expected,
+                mean_cost=total.cost * unit / total.cases,
+                mean_payment=_ratio(total.payment * unit, total.paid_cases),
+                margin=_ratio((total.payment - total.paid_cost) * unit, total.paid_cases),
+            )
+        )
     return tuple(mixes)
 
 

@@ -130,11 +130,17 @@ def _posterior_mode(
     return u, n * p * (1 - p) + 1 / tau**2
 
 
-def _log_joint(n: np.ndarray, observed: np.ndarray, offset: np.ndarray, mu: float, tau: float, u: np.ndarray) -> np.ndarray:
+def _log_joint(
+    n: np.ndarray, observed: np.ndarray, offset: np.ndarray, mu: float, tau: float, u: np.ndarray
+) -> np.ndarray:
     """log p(O | a = mu + u) + log N(u; 0, tau^2), binomial coefficients left out."""
     eta = offset + mu + u
-    return (observed * log_expit(eta) + (n - observed) * log_expit(-eta)
-            - 0.5 * (u / tau) ** 2 - math.log(tau * math.sqrt(2 * math.pi)))
+    return (
+        observed * log_expit(eta)
+        + (n - observed) * log_expit(-eta)
+        - 0.5 * (u / tau) ** 2
+        - math.log(tau * math.sqrt(2 * math.pi))
+    )
 
 
 def marginal_log_likelihood(n: np.ndarray, observed: np.ndarray, expected: np.ndarray, mu: float, tau: float) -> float:
@@ -158,8 +164,12 @@ def fit_random_intercept(n: Sequence[float], observed: Sequence[float], expected
         mu, log_tau = parameters
         return -marginal_log_likelihood(n, observed, expected, mu, math.exp(min(max(log_tau, low), high)))
 
-    result = minimize(objective, x0=np.array([0.0, math.log(0.2)]), method="Nelder-Mead",
-                      options={"xatol": 1e-6, "fatol": 1e-8, "maxiter": 2000})
+    result = minimize(
+        objective,
+        x0=np.array([0.0, math.log(0.2)]),
+        method="Nelder-Mead",
+        options={"xatol": 1e-6, "fatol": 1e-8, "maxiter": 2000},
+    )
     mu, log_tau = result.x
     return RandomIntercept(float(mu), math.exp(min(max(float(log_tau), low), high)), bool(result.success))
 

@@ -117,7 +117,9 @@ def group_levels(field: str) -> tuple[str, ...]:
     return column.levels + (MISSING,)
 
 
-def histogram_quantile(counts: np.ndarray, lower: np.ndarray, upper: np.ndarray, p: float) -> tuple[float, float, float]:
+def histogram_quantile(
+    counts: np.ndarray, lower: np.ndarray, upper: np.ndarray, p: float
+) -> tuple[float, float, float]:
     """The p-quantile (inverted CDF) of the values a histogram counts, and the edges of the
     bin the estimate lies in.
 
@@ -170,7 +172,9 @@ class GroupedStatisticsLayout:
             column = schema.COLUMNS.get(measure)
             if column is None or column.kind != "numeric" or column.minimum is None or column.minimum < 0:
                 numeric = [c.name for c in schema.COLUMNS.values() if c.kind == "numeric"]
-                raise ConfigError(f"'{measure}' is not a numeric schema column ({', '.join(numeric)})", field="measures")
+                raise ConfigError(
+                    f"'{measure}' is not a numeric schema column ({', '.join(numeric)})", field="measures"
+                )
         if not 1 < self.bin_ratio <= 1.1:
             raise ConfigError(f"bin_ratio must lie in (1, 1.1], not {self.bin_ratio}", field="bin_ratio")
         if not self.max_cost > 1:
@@ -477,6 +481,7 @@ def plan_release(
     tables and the grand total isolates 1 to ``min_cohort - 1`` rows, or the values of a
     measure in 1 to ``min_cohort - 1`` rows.
     """
+
     def table(layout: GroupedStatisticsLayout) -> smallcells.CellTable:
         return smallcells.CellTable(layout.cell_codes(rows, role, site), layout.n_cells, layout.released_measures)
 
@@ -514,7 +519,9 @@ def _measure_record(measure: str, slots: np.ndarray, *, shown: bool, min_cohort:
     withheld = not shown or 0 < count < min_cohort
     shown = not withheld and count > 0
     mean = total * unit / count if shown else math.nan
-    variance = (count * squares - total * total) * unit * unit / (count * (count - 1)) if shown and count > 1 else math.nan
+    variance = (
+        (count * squares - total * total) * unit * unit / (count * (count - 1)) if shown and count > 1 else math.nan
+    )
     return {
         f"{measure}_n": None if withheld else count,
         f"{measure}_sum": total * unit if shown else math.nan,
@@ -554,7 +561,9 @@ class GroupedStatistics:
             record: dict = dict(zip(layout.group_by, levels))
             record |= {"n": None if suppressed else n, "suppressed": suppressed}
             for i, measure in enumerate(layout.measures):
-                record |= _measure_record(measure, sums[layout.measure_slots(i)], shown=not suppressed, min_cohort=min_cohort)
+                record |= _measure_record(
+                    measure, sums[layout.measure_slots(i)], shown=not suppressed, min_cohort=min_cohort
+                )
             if schema.READMISSION in layout.measures:
                 record["readmission_rate"] = record[f"{schema.READMISSION}_mean"]
             histogram = sums[-layout.n_bins :]
@@ -633,6 +642,7 @@ class GroupedStatistics:
 
     def to_dict(self) -> dict:
         """JSON-able: NaN becomes None."""
+
         def clean(value: object) -> object:
             return None if isinstance(value, float) and not math.isfinite(value) else value
 

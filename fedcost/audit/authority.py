@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -56,16 +56,20 @@ def _read_certificate(path: Path, shown: str, party: str) -> x509.Certificate:
     except OSError as e:
         raise CertificateError(f"{shown} cannot be read ({e.strerror})") from None
     except ValueError as e:
-        raise CertificateError(f"{shown} is not a PEM certificate ({e}): replace it with {party}'s certificate "
-                               "from the federation operator") from None
+        raise CertificateError(
+            f"{shown} is not a PEM certificate ({e}): replace it with {party}'s certificate "
+            "from the federation operator"
+        ) from None
 
 
 def _entry_time(time: str, party: str) -> datetime:
     try:
-        return datetime.strptime(time, _ENTRY_TIME).replace(tzinfo=timezone.utc)
+        return datetime.strptime(time, _ENTRY_TIME).replace(tzinfo=UTC)
     except ValueError:
-        raise CertificateError(f"{party}'s log has a time that is no date ({time!r}), so whether its certificate "
-                               "was in force cannot be told") from None
+        raise CertificateError(
+            f"{party}'s log has a time that is no date ({time!r}), so whether its certificate "
+            "was in force cannot be told"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -112,8 +116,10 @@ class TrustedCA:
         """What this verification cannot tell: revocations, without a revocation list."""
         if self.crl is not None:
             return None
-        return (f"no revocation list came with {self.source}, so revocations were not checked; "
-                "--federation DIR checks them against DIR/ca/revoked.crl.pem")
+        return (
+            f"no revocation list came with {self.source}, so revocations were not checked; "
+            "--federation DIR checks them against DIR/ca/revoked.crl.pem"
+        )
 
     def _federation_copy(self, party: str) -> Path | None:
         """Where the federation folder keeps ``party``'s certificate (see ``fedcost.federation.provision``)."""
@@ -142,7 +148,8 @@ class TrustedCA:
         if path is None:
             raise CertificateError(
                 f"no certificate for {party} (looked for {' and '.join(map(shown, candidates))}): without one from "
-                "the federation's CA its key is trusted from this folder only; ask the federation operator for it")
+                "the federation's CA its key is trusted from this folder only; ask the federation operator for it"
+            )
         name, id_name = shown(path), shown(identity_file)
         # (b)
         certificate = _read_certificate(path, name, party)
@@ -150,8 +157,10 @@ class TrustedCA:
         try:
             certificate.verify_directly_issued_by(self.certificate)
         except (ValueError, TypeError, InvalidSignature):
-            raise CertificateError(f"{name} is not issued by the federation's CA ({self.source}): the key it "
-                                   f"certifies is not the federation's key for {party}") from None
+            raise CertificateError(
+                f"{name} is not issued by the federation's CA ({self.source}): the key it "
+                f"certifies is not the federation's key for {party}"
+            ) from None
         # (d)
         try:
             certified = party_identity(certificate)
@@ -159,17 +168,22 @@ class TrustedCA:
             raise CertificateError(f"{name}: {e}") from None
         # (e)
         if certified.name != party:
-            raise CertificateError(f"{name} certifies {certified.name!r}, not {party}: it is another party's "
-                                   f"certificate; {party}'s is with the federation operator")
+            raise CertificateError(
+                f"{name} certifies {certified.name!r}, not {party}: it is another party's "
+                f"certificate; {party}'s is with the federation operator"
+            )
         # (f)
         if certified.role != identity.role:
-            raise CertificateError(f"{name} certifies {party} as {certified.role}, but {id_name} says "
-                                   f"{identity.role}: the identity file was replaced")
+            raise CertificateError(
+                f"{name} certifies {party} as {certified.role}, but {id_name} says "
+                f"{identity.role}: the identity file was replaced"
+            )
         # (g)
         if certified.key_id != identity.key_id:
             raise CertificateError(
                 f"{id_name} has key id {short(identity.key_id)}, but {name} from the federation's CA certifies "
-                f"{short(certified.key_id)} for {party}: the identity file (or the log it verifies) was replaced")
+                f"{short(certified.key_id)} for {party}: the identity file (or the log it verifies) was replaced"
+            )
         return certificate, name
 
     def in_force(self, certificate: x509.Certificate, name: str, party: str, first: str, last: str) -> str | None:
@@ -188,15 +202,21 @@ class TrustedCA:
             raise CertificateError(
                 f"{name} is valid from {_when(certificate.not_valid_before_utc)} to "
                 f"{_when(certificate.not_valid_after_utc)}, but {party}'s log runs from {_when(start)} to "
-                f"{_when(end)}: it was signed outside its certificate's validity")
+                f"{_when(end)}: it was signed outside its certificate's validity"
+            )
         # (i)
-        revoked = None if self.crl is None else self.crl.get_revoked_certificate_by_serial_number(
-            certificate.serial_number)
+        revoked = (
+            None if self.crl is None else self.crl.get_revoked_certificate_by_serial_number(certificate.serial_number)
+        )
         if revoked is None:
             return None
         at = revoked.revocation_date_utc
         if at <= end:
-            raise CertificateError(f"{name} was revoked at {_when(at)}, before {party}'s log ended ({_when(end)}): "
-                                   "what it signed since is not the federation's to vouch for; ask the operator why")
-        return (f"{party}'s certificate ({name}) was revoked at {_when(at)}, after its log ended ({_when(end)}), "
-                "so the log stands; by the log's own clock, so ask the operator whether the key leaked earlier")
+            raise CertificateError(
+                f"{name} was revoked at {_when(at)}, before {party}'s log ended ({_when(end)}): "
+                "what it signed since is not the federation's to vouch for; ask the operator why"
+            )
+        return (
+            f"{party}'s certificate ({name}) was revoked at {_when(at)}, after its log ended ({_when(end)}), "
+            "so the log stands; by the log's own clock, so ask the operator whether the key leaked earlier"
+        )

@@ -21,14 +21,25 @@ audit_app = typer.Typer(
 RunFolder = Annotated[
     Path, typer.Argument(help="A run folder (audit/ and identities/), or one folder of *.jsonl and *.pub.json.")
 ]
-CaFile = Annotated[Path | None, typer.Option(
-    "--ca", metavar="CA_CERT_PEM",
-    help="The federation's CA certificate (its ca/ca.cert.pem): every party's key must match a certificate "
-         "it issued, identities/<party>.cert.pem. Without it, keys are pinned only by the other parties' logs.")]
-FederationDir = Annotated[Path | None, typer.Option(
-    "--federation", "-f", metavar="DIR",
-    help="A federation folder: as --ca with DIR/ca/ca.cert.pem, certificates also from DIR/nodes/*/node.cert.pem "
-         "and DIR/coordinator/coordinator.cert.pem, and revocations from DIR/ca/revoked.crl.pem.")]
+CaFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca",
+        metavar="CA_CERT_PEM",
+        help="The federation's CA certificate (its ca/ca.cert.pem): every party's key must match a certificate "
+        "it issued, identities/<party>.cert.pem. Without it, keys are pinned only by the other parties' logs.",
+    ),
+]
+FederationDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--federation",
+        "-f",
+        metavar="DIR",
+        help="A federation folder: as --ca with DIR/ca/ca.cert.pem, certificates also from DIR/nodes/*/node.cert.pem "
+        "and DIR/coordinator/coordinator.cert.pem, and revocations from DIR/ca/revoked.crl.pem.",
+    ),
+]
 
 
 class ReportFormat(str, Enum):

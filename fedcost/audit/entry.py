@@ -34,7 +34,7 @@ import operator
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from itertools import chain, compress, count, repeat
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -140,18 +140,19 @@ def checkpoint_message(actor: str, seq: int, head: str) -> bytes:
 def format_time(at: datetime | None) -> str:
     """ISO-8601 UTC with microseconds; fixed width, so text order is time order."""
     if at is None:
-        at = datetime.now(timezone.utc)
+        at = datetime.now(UTC)
     elif at.tzinfo is None:
         raise ValueError("naive datetime: pass an aware one, e.g. datetime.now(timezone.utc)")
-    return at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _sig_trailer(sig: str) -> bytes:
-    return f',"sig":"{sig}"}}'.encode("utf-8")
+    return f',"sig":"{sig}"}}'.encode()
 
 
-def _first_bad_field(seq: Any, time: Any, actor: Any, event: Any, round_: Any, details: Any,
-                     digest: Any, prev: Any, sig: Any) -> str | None:
+def _first_bad_field(
+    seq: Any, time: Any, actor: Any, event: Any, round_: Any, details: Any, digest: Any, prev: Any, sig: Any
+) -> str | None:
     """Name the first field that breaks its rule in ``_RULES`` (None when all hold)."""
     if type(seq) is not int or seq < 0:
         return "seq"
@@ -254,8 +255,10 @@ class Entry(NamedTuple):
             body_data = {key: value for key, value in data.items() if key != "sig"}
         entry = cls._checked(data, entry_hash(body))
         if not _is_canonical(body, body_data):
-            raise ValueError("not in RFC 8785 canonical form (spacing, key order, escapes, number "
-                             "form or a repeated key), so its hash would not be the entry's")
+            raise ValueError(
+                "not in RFC 8785 canonical form (spacing, key order, escapes, number "
+                "form or a repeated key), so its hash would not be the entry's"
+            )
         return entry
 
     def to_bytes(self) -> bytes:
@@ -288,13 +291,24 @@ def _all_hex64(values: Sequence[str]) -> bool:
 
 
 def _all_times(values: Sequence[str]) -> bool:
-    return ({*map(len, values)} <= {len(_TIME_SHAPE)}
-            and _joined_ascii(values).translate(_DIGITS_AS_ZERO) == _TIME_SHAPE * len(values))
+    return {*map(len, values)} <= {len(_TIME_SHAPE)} and _joined_ascii(values).translate(
+        _DIGITS_AS_ZERO
+    ) == _TIME_SHAPE * len(values)
 
 
-def _columns_keep_the_rules(seqs: list[Any], times: list[Any], actors: set[Any], events: set[Any],
-                            rounds: list[Any], details: list[Any], digests: list[Any], prevs: list[Any],
-                            sigs: list[Any], chained: bool, checkpoints: list[int]) -> bool:
+def _columns_keep_the_rules(
+    seqs: list[Any],
+    times: list[Any],
+    actors: set[Any],
+    events: set[Any],
+    rounds: list[Any],
+    details: list[Any],
+    digests: list[Any],
+    prevs: list[Any],
+    sigs: list[Any],
+    chained: bool,
+    checkpoints: list[int],
+) -> bool:
     """Whether ``_first_bad_field`` would pass every entry, checked a column at a time.
 
     The bulk reader's form of the rules: a few C-level passes over each column instead of
@@ -305,14 +319,22 @@ def _columns_keep_the_rules(seqs: list[Any], times: list[Any], actors: set[Any],
     """
     rounds = [value for value in rounds if value is not None]
     digests = [value for value in digests if value is not None]
-    return (_all_of(int, seqs) and min(seqs, default=0) >= 0
-            and _all_of(str, times) and _all_times(times)
-            and _all_of(str, actors) and all(actors)
-            and _all_of(str, events) and all(events)
-            and _all_of(int, rounds) and min(rounds, default=0) >= 0
-            and _all_of(str, digests) and _all_hex64(digests)
-            and (chained or _all_of(str, prevs) and _all_hex64(prevs))
-            and _only_checkpoints_signed(checkpoints, sigs))
+    return (
+        _all_of(int, seqs)
+        and min(seqs, default=0) >= 0
+        and _all_of(str, times)
+        and _all_times(times)
+        and _all_of(str, actors)
+        and all(actors)
+        and _all_of(str, events)
+        and all(events)
+        and _all_of(int, rounds)
+        and min(rounds, default=0) >= 0
+        and _all_of(str, digests)
+        and _all_hex64(digests)
+        and (chained or _all_of(str, prevs) and _all_hex64(prevs))
+        and _only_checkpoints_signed(checkpoints, sigs)
+    )
 
 
 def _only_checkpoints_signed(checkpoints: list[int], sigs: list[Any]) -> bool:
@@ -326,8 +348,9 @@ _LEAVES = frozenset({str, int, bool, type(None)})
 _SORTED_SAFE = orjson.OPT_SORT_KEYS | orjson.OPT_STRICT_INTEGER  # unsafe integers raise
 
 
-def _written_alike(lines: list[bytes], objects: list[dict[str, Any]], details: list[Any],
-                   sigs: list[Any]) -> list[bool]:
+def _written_alike(
+    lines: list[bytes], objects: list[dict[str, Any]], details: list[Any], sigs: list[Any]
+) -> list[bool]:
     """Per line, whether orjson re-encodes it exactly as RFC 8785 would, as it does most lines.
 
     That needs the eight required members only (no signature, no unrecognised field), ASCII
@@ -404,8 +427,9 @@ def read_lines(lines: list[bytes]) -> BulkRead | None:
     for i, entry in others.items():
         hashes[i] = entry.hash  # a checkpoint's hash leaves out its signature
     linked = seqs == list(range(len(seqs))) and prevs == [GENESIS_HASH, *hashes][:-1]
-    if not _columns_keep_the_rules(seqs, times, actor_names, event_names, rounds, details, digests, prevs,
-                                   sigs, linked, checkpoints):
+    if not _columns_keep_the_rules(
+        seqs, times, actor_names, event_names, rounds, details, digests, prevs, sigs, linked, checkpoints
+    ):
         return None
     entries = list(map(tuple.__new__, repeat(Entry), zip(*columns, sigs, hashes, repeat(_NO_FIELDS))))
     for i, entry in others.items():

@@ -21,8 +21,10 @@ IDENTITY_SUFFIX = ".pub.json"
 VERIFIED = ("ok", "cut", "unclosed")
 
 
-_UNCLOSED = (" (a site's log may end so only where the federation's CA revoked it (verify with --federation) and "
-             "the coordinator logged it dropped after their last shared message)")
+_UNCLOSED = (
+    " (a site's log may end so only where the federation's CA revoked it (verify with --federation) and "
+    "the coordinator logged it dropped after their last shared message)"
+)
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,9 @@ class _Layout:
 
     def parties(self) -> set[str]:
         """Every party with a log or an identity file here."""
-        return ({p.name.removesuffix(LOG_SUFFIX) for p in self.logs.glob(f"*{LOG_SUFFIX}")}
-                | {p.name.removesuffix(IDENTITY_SUFFIX) for p in self.identities.glob(f"*{IDENTITY_SUFFIX}")})
+        return {p.name.removesuffix(LOG_SUFFIX) for p in self.logs.glob(f"*{LOG_SUFFIX}")} | {
+            p.name.removesuffix(IDENTITY_SUFFIX) for p in self.identities.glob(f"*{IDENTITY_SUFFIX}")
+        }
 
     def log(self, party: str) -> Path:
         return self.logs / f"{party}{LOG_SUFFIX}"
@@ -91,21 +94,24 @@ def _check_party(party: str, layout: _Layout, trust: TrustedCA | None) -> tuple[
     identity_file, log = layout.identity(party), layout.log(party)
     # (1) an identity file that loads and names the party.
     if not identity_file.exists():
-        return PartyStatus(party, None, "missing identity", f"no {party}{IDENTITY_SUFFIX}: "
-                           "the log cannot be attributed to anyone"), None
+        return PartyStatus(
+            party, None, "missing identity", f"no {party}{IDENTITY_SUFFIX}: the log cannot be attributed to anyone"
+        ), None
     try:
         identity = PublicIdentity.load(identity_file)
     except ConfigError as e:
         return PartyStatus(party, None, "bad identity", str(e)), None
     if identity.name != party:
-        return PartyStatus(party, identity.role, "bad identity",
-                           f"{identity_file} holds the identity of {identity.name!r}"), None
+        return PartyStatus(
+            party, identity.role, "bad identity", f"{identity_file} holds the identity of {identity.name!r}"
+        ), None
     # (2) with a CA: a certificate it issued binds the party's name, role and key.
     certified = None
     if trust is not None:
         try:
-            certified = trust.certify(identity, identity_file=identity_file, run_copy=layout.certificate(party),
-                                      shown=layout.shown)
+            certified = trust.certify(
+                identity, identity_file=identity_file, run_copy=layout.certificate(party), shown=layout.shown
+            )
         except CertificateError as e:
             return PartyStatus(party, identity.role, "uncertified", str(e), identity=identity), None
     # (3) a log.
@@ -122,8 +128,13 @@ def _check_party(party: str, layout: _Layout, trust: TrustedCA | None) -> tuple[
         except AuditLogTamperedError:
             return PartyStatus(party, identity.role, "tampered", str(e), identity=identity), None
     except OSError as e:
-        return PartyStatus(party, identity.role, "unreadable log", f"{layout.shown(log)} cannot be read "
-                           f"({e.strerror})", identity=identity), None
+        return PartyStatus(
+            party,
+            identity.role,
+            "unreadable log",
+            f"{layout.shown(log)} cannot be read ({e.strerror})",
+            identity=identity,
+        ), None
     # (5) with a CA: the certificate was in force while the log was written; for an unclosed
     # log, up to its last signature (what follows it, no key vouches for).
     note = None
@@ -150,22 +161,35 @@ def _pin(parties: dict[str, PartyStatus], pins: Pins, layout: _Layout, *, certif
         # (6) every key id the others recorded is the identity's.
         if pins.disputes(party, key_id):
             recorded = pins.describe(party, besides=key_id)
-            detail = (f"{shown} has key id {short(key_id)}, certified by the federation's CA; {recorded}: they ran "
-                      f"with a key the CA did not certify for {party} (a substituted key), or their logs are wrong"
-                      if certified else
-                      f"{shown} has key id {short(key_id)}; {recorded}: the identity file (or the log it verifies) "
-                      "was replaced, or they ran with a substituted key; verify with --ca to tell which")
+            detail = (
+                f"{shown} has key id {short(key_id)}, certified by the federation's CA; {recorded}: they ran "
+                f"with a key the CA did not certify for {party} (a substituted key), or their logs are wrong"
+                if certified
+                else f"{shown} has key id {short(key_id)}; {recorded}: the identity file (or the log it verifies) "
+                "was replaced, or they ran with a substituted key; verify with --ca to tell which"
+            )
             checked[party] = replace(status, status="key disputed", detail=detail)
         # (7) without a CA, once the run records key ids, someone else pinned this one.
         elif pins.recorders and not certified and party not in pins.recorded:
-            checked[party] = replace(status, status="key unpinned", detail=(
-                f"{party}'s key is pinned by no other party's log; its identity is trusted only from this folder "
-                f"({shown}): verify with --ca, or collect the logs of the parties that ran with it"))
+            checked[party] = replace(
+                status,
+                status="key unpinned",
+                detail=(
+                    f"{party}'s key is pinned by no other party's log; its identity is trusted only from this folder "
+                    f"({shown}): verify with --ca, or collect the logs of the parties that ran with it"
+                ),
+            )
     # (8) every pinned party is here.
     for party in pins.recorded.keys() - parties.keys():
-        checked[party] = PartyStatus(party, None, "missing party", (
-            f"{pins.describe(party)}, but this folder has neither {layout.shown(layout.log(party))} nor "
-            f"{layout.shown(layout.identity(party))}: collect both from {party}"))
+        checked[party] = PartyStatus(
+            party,
+            None,
+            "missing party",
+            (
+                f"{pins.describe(party)}, but this folder has neither {layout.shown(layout.log(party))} nor "
+                f"{layout.shown(layout.identity(party))}: collect both from {party}"
+            ),
+        )
     return dict(sorted(checked.items()))
 
 
@@ -199,29 +223,40 @@ def verify_folder(path: str | os.PathLike[str], *, trust: TrustedCA | None = Non
     layout = _Layout.of(root)
     names = layout.parties()
     if not names:
-        raise ConfigError(f"no audit logs (*{LOG_SUFFIX}) or identities (*{IDENTITY_SUFFIX}) found",
-                          path=str(root))
+        raise ConfigError(f"no audit logs (*{LOG_SUFFIX}) or identities (*{IDENTITY_SUFFIX}) found", path=str(root))
     checked = {party: _check_party(party, layout, trust) for party in sorted(names)}
     statuses = {party: status for party, (status, _) in checked.items()}
     coordinators = {party for party, s in statuses.items() if s.role == "coordinator" and s.status == "ok"}
     revoked = {party for party, s in statuses.items() if s.revoked}
-    withdrawn = withdrawals({party: s.verification.entries for party, s in statuses.items() if s.verification},
-                            coordinators=coordinators, revoked=revoked)
+    withdrawn = withdrawals(
+        {party: s.verification.entries for party, s in statuses.items() if s.verification},
+        coordinators=coordinators,
+        revoked=revoked,
+    )
     # An unclosed log no withdrawal explains is as suspect as a truncated one: it pins and reconciles nothing.
-    statuses = {party: replace(s, status="tampered", detail=s.detail + _UNCLOSED, verification=None)
-                if s.status == "unclosed" and party not in withdrawn else s for party, s in statuses.items()}
+    statuses = {
+        party: replace(s, status="tampered", detail=s.detail + _UNCLOSED, verification=None)
+        if s.status == "unclosed" and party not in withdrawn
+        else s
+        for party, s in statuses.items()
+    }
     verified = {party: s.verification.entries for party, s in statuses.items() if s.verification}
     pins = Pins.from_logs(verified)
     parties = _pin(statuses, pins, layout, certified=trust is not None)
-    problems = [Problem(s.party, None, f"{s.status.upper()}: {s.detail}")
-                for s in parties.values() if s.status not in ("ok", "unclosed")]
+    problems = [
+        Problem(s.party, None, f"{s.status.upper()}: {s.detail}")
+        for s in parties.values()
+        if s.status not in ("ok", "unclosed")
+    ]
     problems += pins.problems
     problems += reconcile(verified, coordinators=coordinators, revoked=revoked)
     notes = [note for _, note in checked.values() if note] + [str(w) for w in withdrawn.values()]
     if trust is not None and trust.note:
         notes.append(trust.note)
     if trust is None and verified and not pins.recorders:
-        notes.append("no log records the key ids its party held for the others (logs from before fedcost recorded "
-                     "them), so every key is trusted from this folder only; verify with --ca or --federation to "
-                     "pin the keys to the federation's CA")
+        notes.append(
+            "no log records the key ids its party held for the others (logs from before fedcost recorded "
+            "them), so every key is trusted from this folder only; verify with --ca or --federation to "
+            "pin the keys to the federation's CA"
+        )
     return FolderVerification(root, parties, problems, notes)

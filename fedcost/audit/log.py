@@ -62,8 +62,10 @@ class LogVerification:
         signed = "none" if self.signed_through is None else f"through seq {self.signed_through}"
         text = f"{len(self.entries)} entries, {self.checkpoints} checkpoints, signed {signed}"
         if self.cut is not None:
-            text += (f"; CUT: line {self.cut.line} is an interrupted write ({len(self.cut.tail)}"
-                     " bytes); verified up to the last whole entry")
+            text += (
+                f"; CUT: line {self.cut.line} is an interrupted write ({len(self.cut.tail)}"
+                " bytes); verified up to the last whole entry"
+            )
         return text
 
 
@@ -157,8 +159,11 @@ def _verify_chain(path: Path, identity: PublicIdentity) -> LogVerification:
             problem = f"actor is {entry.actor!r}, not {party!r}"
         # (4) each entry links to the hash of the one before (a fixed genesis for seq 0).
         elif entry.prev != (entries[i - 1].hash if i else GENESIS_HASH):
-            problem = (f"prev does not match the hash of line {i}: that entry was edited, or "
-                       "this entry's prev was" if i else "prev is not the genesis hash")
+            problem = (
+                f"prev does not match the hash of line {i}: that entry was edited, or this entry's prev was"
+                if i
+                else "prev is not the genesis hash"
+            )
         # (5) each checkpoint is signed by the party's identity key.
         elif entry.event in CHECKPOINT_EVENTS:
             try:
@@ -199,9 +204,14 @@ def verify_log(path: str | os.PathLike[str], identity: PublicIdentity) -> LogVer
         if not result.entries:
             raise _tampered(identity.name, path, 1, None, "log is empty")
         last = result.entries[-1]
-        raise _tampered(identity.name, path, len(result.entries), last.seq,
-                        f"log ends with '{last.event}', not a signed run_closed checkpoint (truncated, "
-                        f"or the run never closed; signed through seq {result.signed_through})")
+        raise _tampered(
+            identity.name,
+            path,
+            len(result.entries),
+            last.seq,
+            f"log ends with '{last.event}', not a signed run_closed checkpoint (truncated, "
+            f"or the run never closed; signed through seq {result.signed_through})",
+        )
     return result
 
 
@@ -271,8 +281,11 @@ class AuditLog:
         if self._seq == 0:
             _fsync_dir(self.path.parent)
         if cut is not None:
-            self.append(Event.TAIL_DISCARDED, details={"line": cut.line, "bytes": len(cut.tail)},
-                        digest=hashlib.sha256(cut.tail).hexdigest())
+            self.append(
+                Event.TAIL_DISCARDED,
+                details={"line": cut.line, "bytes": len(cut.tail)},
+                digest=hashlib.sha256(cut.tail).hexdigest(),
+            )
 
     def append(
         self,
@@ -299,9 +312,13 @@ class AuditLog:
         at: datetime | None = None,
     ) -> Entry:
         """Log the exact bytes about to leave; call it just before sending them."""
-        return self.append(Event.MESSAGE_SENT, round=round, at=at, digest=hashlib.sha256(payload).hexdigest(),
-                           details={**(details or {}), "recipient": recipient, "kind": kind,
-                                    "bytes": len(payload)})
+        return self.append(
+            Event.MESSAGE_SENT,
+            round=round,
+            at=at,
+            digest=hashlib.sha256(payload).hexdigest(),
+            details={**(details or {}), "recipient": recipient, "kind": kind, "bytes": len(payload)},
+        )
 
     def message_received(
         self,
@@ -314,9 +331,13 @@ class AuditLog:
         at: datetime | None = None,
     ) -> Entry:
         """Log the exact bytes that arrived, before acting on them."""
-        return self.append(Event.MESSAGE_RECEIVED, round=round, at=at, digest=hashlib.sha256(payload).hexdigest(),
-                           details={**(details or {}), "sender": sender, "kind": kind,
-                                    "bytes": len(payload)})
+        return self.append(
+            Event.MESSAGE_RECEIVED,
+            round=round,
+            at=at,
+            digest=hashlib.sha256(payload).hexdigest(),
+            details={**(details or {}), "sender": sender, "kind": kind, "bytes": len(payload)},
+        )
 
     def checkpoint(
         self, *, round: int | None = None, details: Mapping[str, Any] | None = None, at: datetime | None = None
@@ -340,8 +361,10 @@ class AuditLog:
     ) -> Entry:
         with self._lock:
             if self._fd is None:
-                raise ValueError(f"{self.path} is closed (by close(), or by a failed write: reopen "
-                                 "it to repair the tail); it takes no more entries")
+                raise ValueError(
+                    f"{self.path} is closed (by close(), or by a failed write: reopen "
+                    "it to repair the tail); it takes no more entries"
+                )
             body = {
                 "seq": self._seq,
                 "time": format_time(at),
@@ -365,7 +388,6 @@ class AuditLog:
             self._seq, self._head = self._seq + 1, entry.hash
             return entry
 
-
     @property
     def position(self) -> LogPosition:
         """Where the log ends now: what a later writer passes as ``resume``."""
@@ -379,7 +401,7 @@ class AuditLog:
             if self._fd is not None:
                 self._release()
 
-    def __enter__(self) -> "AuditLog":
+    def __enter__(self) -> AuditLog:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -395,7 +417,7 @@ def _write_all(fd: int, data: bytes) -> None:
     """One write in practice; loops only if the kernel accepts part (the lock keeps order)."""
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _fsync_dir(folder: Path) -> None:

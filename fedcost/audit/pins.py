@@ -52,9 +52,15 @@ class Pins:
                 if type(key_ids) is not dict or not all(
                     type(key_id) is str and _KEY_ID.fullmatch(key_id) for key_id in key_ids.values()
                 ):
-                    problems.append(Problem(recorder, entry.seq, f"details.{KEY_IDS} of {entry.event} must map "
-                                            "party names to key ids (64 hex digits); the software that wrote this "
-                                            "log is faulty, so it pins no key"))
+                    problems.append(
+                        Problem(
+                            recorder,
+                            entry.seq,
+                            f"details.{KEY_IDS} of {entry.event} must map "
+                            "party names to key ids (64 hex digits); the software that wrote this "
+                            "log is faulty, so it pins no key",
+                        )
+                    )
                     continue
                 for party, key_id in key_ids.items():
                     if party == recorder:
@@ -66,8 +72,11 @@ class Pins:
 
     def describe(self, party: str, *, besides: str | None = None) -> str:
         """Who recorded what for ``party``, leaving out key id ``besides``: "a and b recorded 9c1d… for party"."""
-        groups = [f"{_names(by)} recorded {short(key_id)}"
-                  for key_id, by in sorted(self.recorded.get(party, {}).items()) if key_id != besides]
+        groups = [
+            f"{_names(by)} recorded {short(key_id)}"
+            for key_id, by in sorted(self.recorded.get(party, {}).items())
+            if key_id != besides
+        ]
         return f"{'; '.join(groups)} for {party} at the start of the run"
 
     def disputes(self, party: str, key_id: str) -> bool:

@@ -84,14 +84,19 @@ class Withdrawal:
         """A message between the two, sent after the last one they share."""
         ends = {self.party, self.coordinator}
         sent = message.sent
-        return ({message.sender, message.recipient} == ends and sent is not None
-                and sent > self.shared_until[message.sender])
+        return (
+            {message.sender, message.recipient} == ends
+            and sent is not None
+            and sent > self.shared_until[message.sender]
+        )
 
     def __str__(self) -> str:
         reason = self.dropout.details.get("reason")
-        return (f"{self.party}'s log ends without run_closed: the federation's CA revoked it, and "
-                f"{self.coordinator} logged it dropped (seq {self.dropout.seq}{f': {reason}' if reason else ''}) after "
-                "the last message their logs share")
+        return (
+            f"{self.party}'s log ends without run_closed: the federation's CA revoked it, and "
+            f"{self.coordinator} logged it dropped (seq {self.dropout.seq}{f': {reason}' if reason else ''}) after "
+            "the last message their logs share"
+        )
 
 
 def _message_key(party: str, entry: Entry) -> _Key | str:
@@ -99,8 +104,9 @@ def _message_key(party: str, entry: Entry) -> _Key | str:
     peer_field = _PEER[entry.event]
     peer, kind, size = (entry.details.get(name) for name in (peer_field, "kind", "bytes"))
     if type(peer) is not str or type(kind) is not str or type(size) is not int or entry.digest is None:
-        return (f"{entry.event} needs details.{peer_field} and details.kind (strings), "
-                "details.bytes (integer) and a digest")
+        return (
+            f"{entry.event} needs details.{peer_field} and details.kind (strings), details.bytes (integer) and a digest"
+        )
     if entry.event == Event.MESSAGE_SENT:
         return party, peer, entry.round, kind, entry.digest, size
     return peer, party, entry.round, kind, entry.digest, size
@@ -129,8 +135,9 @@ def _messages(logs: Mapping[str, Sequence[Entry]]) -> tuple[list[_Message], list
     for key in dict.fromkeys([*sent, *received]):
         sends, receipts = sent.get(key, []), received.get(key, [])
         for i in range(max(len(sends), len(receipts))):
-            messages.append(_Message(key, sends[i] if i < len(sends) else None,
-                                     receipts[i] if i < len(receipts) else None))
+            messages.append(
+                _Message(key, sends[i] if i < len(sends) else None, receipts[i] if i < len(receipts) else None)
+            )
     return messages, problems
 
 
@@ -139,7 +146,9 @@ def _unclosed(entries: Sequence[Entry]) -> bool:
 
 
 def _withdrawals(
-    logs: Mapping[str, Sequence[Entry]], messages: list[_Message], coordinators: Collection[str],
+    logs: Mapping[str, Sequence[Entry]],
+    messages: list[_Message],
+    coordinators: Collection[str],
     revoked: Collection[str],
 ) -> dict[str, Withdrawal]:
     """The revoked parties whose unclosed logs a coordinator's log explains."""
@@ -148,11 +157,22 @@ def _withdrawals(
         if party not in logs or not _unclosed(logs[party]):
             continue
         for coordinator in sorted(set(coordinators) & logs.keys()):
-            shared = [m for m in messages if {m.sender, m.recipient} == {party, coordinator}
-                      and m.sent is not None and m.received is not None]
+            shared = [
+                m
+                for m in messages
+                if {m.sender, m.recipient} == {party, coordinator} and m.sent is not None and m.received is not None
+            ]
             until = {side: max((m.seq_at(side) for m in shared), default=-1) for side in (party, coordinator)}
-            dropout = next((entry for entry in logs[coordinator] if entry.event == Event.DROPOUT
-                            and entry.details.get("party") == party and entry.seq > until[coordinator]), None)
+            dropout = next(
+                (
+                    entry
+                    for entry in logs[coordinator]
+                    if entry.event == Event.DROPOUT
+                    and entry.details.get("party") == party
+                    and entry.seq > until[coordinator]
+                ),
+                None,
+            )
             if dropout is not None:
                 found[party] = Withdrawal(party, coordinator, until, dropout)
                 break
@@ -168,8 +188,14 @@ def _in_flight_at_restart(
     if coordinator is None or message.round is None or message.sent is None:
         return False
     node = message.recipient if coordinator == message.sender else message.sender
-    hellos = sorted((m for m in messages if m.key[:2] == (coordinator, node) and m.key[3] == HELLO
-                     and m.sent is not None and m.received is not None), key=lambda m: m.sent or 0)
+    hellos = sorted(
+        (
+            m
+            for m in messages
+            if m.key[:2] == (coordinator, node) and m.key[3] == HELLO and m.sent is not None and m.received is not None
+        ),
+        key=lambda m: m.sent or 0,
+    )
     after = next((h for h in hellos if h.seq_at(message.sender) > message.sent), None)  # type: ignore[operator]
     if after is None or after.sent is None:
         return False
@@ -219,18 +245,33 @@ def reconcile(
         if sender not in logs:
             unlogged[sender] += 1
         else:
-            problems.append(Problem(recipient, message.received, f"message_received from {sender} "
-                                    f"{_describe(message.key)} matches no message_sent in {sender}'s log"))
+            problems.append(
+                Problem(
+                    recipient,
+                    message.received,
+                    f"message_received from {sender} "
+                    f"{_describe(message.key)} matches no message_sent in {sender}'s log",
+                )
+            )
     for message in messages:
         sender, recipient, round_ = message.sender, message.recipient, message.round
         if message.received is None:
             if recipient not in logs:
                 unlogged[recipient] += 1
-            elif not ((sender, round_, recipient) in dropped or (recipient, round_, sender) in dropped
-                      or any(w.covers(message) for w in withdrawn.values())
-                      or _in_flight_at_restart(message, logs, messages, coordinators)):
-                problems.append(Problem(sender, message.sent, f"message_sent to {recipient} {_describe(message.key)} "
-                                        f"was never logged as received by {recipient}"))
+            elif not (
+                (sender, round_, recipient) in dropped
+                or (recipient, round_, sender) in dropped
+                or any(w.covers(message) for w in withdrawn.values())
+                or _in_flight_at_restart(message, logs, messages, coordinators)
+            ):
+                problems.append(
+                    Problem(
+                        sender,
+                        message.sent,
+                        f"message_sent to {recipient} {_describe(message.key)} "
+                        f"was never logged as received by {recipient}",
+                    )
+                )
     for party, count in sorted(unlogged.items()):
         problems.append(Problem(party, None, f"no verified audit log to check {count} message(s) against"))
     return problems

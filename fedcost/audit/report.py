@@ -12,12 +12,21 @@ from rich.console import Console
 from rich.table import Table
 
 from fedcost.audit.entry import Entry
-from fedcost.wire.events import Event
 from fedcost.audit.folder import PartyStatus, verify_folder
+from fedcost.wire.events import Event
 
 FORMATS = ("table", "json", "html")
-_COLUMNS = ("site", "role", "status", "rounds joined", "messages sent", "bytes sent",
-            "output kinds", "protections", "refusals")
+_COLUMNS = (
+    "site",
+    "role",
+    "status",
+    "rounds joined",
+    "messages sent",
+    "bytes sent",
+    "output kinds",
+    "protections",
+    "refusals",
+)
 
 
 def _bytes(entries: list[Entry]) -> int:
@@ -52,8 +61,9 @@ def _site(status: PartyStatus) -> dict[str, Any]:
         output_kinds=sorted({_family(str(e.details.get("kind"))) for e in sent}),
         message_kinds=sorted({str(e.details.get("kind")) for e in sent}),
         protections=protections,
-        refusals=[{"seq": e.seq, "time": e.time, "round": e.round, **e.details}
-                  for e in entries if e.event == Event.REFUSAL],
+        refusals=[
+            {"seq": e.seq, "time": e.time, "round": e.round, **e.details} for e in entries if e.event == Event.REFUSAL
+        ],
     )
     return site
 
@@ -120,15 +130,15 @@ def _html(report: dict[str, Any]) -> str:
     problems = "".join(f"<li>{esc(p)}</li>" for p in report["problems"])
     verdict = "Verified and reconciled" if report["ok"] else f"{len(report['problems'])} problem(s)"
     return (
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>fedcost audit report</title><style>"
         "body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse}"
         "th,td{border:1px solid #999;padding:.3em .6em;text-align:left}th{background:#eee}"
         ".bad{color:#a00}.good{color:#070}</style></head><body>"
         f"<h1>fedcost audit report</h1><p>{esc(report['path'])}</p>"
-        f"<p class=\"{'good' if report['ok'] else 'bad'}\">{esc(verdict)}</p>"
+        f'<p class="{"good" if report["ok"] else "bad"}">{esc(verdict)}</p>'
         f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
-        + (f"<h2>Problems</h2><ul class=\"bad\">{problems}</ul>" if problems else "")
+        + (f'<h2>Problems</h2><ul class="bad">{problems}</ul>' if problems else "")
         + "</body></html>\n"
     )
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
@@ -84,8 +84,14 @@ TRAIN_LOSS = "train-loss"
 AUDIT_POSITION = "audit-position"
 SECURE_SUM = "secure-sum"  # the node's state of the secure sum in progress, in its Flower context
 # Refusals: the site's rules at work. Their reasons name rules, never data, and are sent.
-REFUSALS = (PolicyViolationError, PrivacyBudgetExhausted, LedgerError, ProtocolAbort, InvalidSignatureError,
-            FederationError)
+REFUSALS = (
+    PolicyViolationError,
+    PrivacyBudgetExhausted,
+    LedgerError,
+    ProtocolAbort,
+    InvalidSignatureError,
+    FederationError,
+)
 # The site's own configuration or data at fault: logged at the site, never sent (the
 # message may quote a cell).
 SITE_FAULTS = (ConfigError, DataValidationError)
@@ -201,8 +207,13 @@ class Guardian:
         tables = site.check_plan(policy, hello, self.setup.name)
         mapping = _mapping(self.setup.mapping)
         site.check_data(hello, mapping)
-        releases = noisy_releases(purposes=hello.purposes, rounds=hello.rounds, tables=tables, tasks=mapping.tasks,
-                                  statistics=StatisticsLayout(mapping.feature_columns, tuple(mapping.targets)))
+        releases = noisy_releases(
+            purposes=hello.purposes,
+            rounds=hello.rounds,
+            tables=tables,
+            tasks=mapping.tasks,
+            statistics=StatisticsLayout(mapping.feature_columns, tuple(mapping.targets)),
+        )
         site.check_noise(policy, hello, releases)
         ledger.accept_plan(hello.run_id, hello.digest)
         node = self.node_factory(self.setup)
@@ -219,8 +230,14 @@ class Guardian:
             "key_ids": key_ids,
         }
         audit.append(Event.JOB_RECEIVED, details=details)
-        audit.append(Event.DATA_LOADED, details={"train_rows": len(node.data.train), "test_rows": len(node.data.test),
-                                                 "schema_digest": node.schema_digest})
+        audit.append(
+            Event.DATA_LOADED,
+            details={
+                "train_rows": len(node.data.train),
+                "test_rows": len(node.data.test),
+                "schema_digest": node.schema_digest,
+            },
+        )
         return hello, node
 
     def _plain(
@@ -253,8 +270,19 @@ class Guardian:
         names = [name for name, _ in self.setup.roster]
         slot = names.index(node.name) if node.name in names else 0
         limit = float(request.config.get("q_clip", math.inf))  # type: ignore[arg-type]  # read_request checked it
-        return Ask(purpose.name, request.round, hello.min_cohort, job, weights, layout, release, slot, len(names),
-                   hello.noise, limit)
+        return Ask(
+            purpose.name,
+            request.round,
+            hello.min_cohort,
+            job,
+            weights,
+            layout,
+            release,
+            slot,
+            len(names),
+            hello.noise,
+            limit,
+        )
 
     def _contribution(
         self, node: Node, ask: Ask, policy: SitePolicy, hello: Hello, ledger: ReleaseLedger, audit: AuditLog
@@ -263,17 +291,31 @@ class Guardian:
         if ask.purpose != "train":
             contribution = node.contribution(ask)
             if ask.purpose == "analytics" and ask.release is not None and ask.layout is not None:
-                ledger.record_table(data=node.data_digest, layout=ask.layout.to_json(), release=ask.release.to_dict(),
-                                    run_id=hello.run_id)
+                ledger.record_table(
+                    data=node.data_digest,
+                    layout=ask.layout.to_json(),
+                    release=ask.release.to_dict(),
+                    run_id=hello.run_id,
+                )
             return contribution
         dp = None
         if policy.privacy.enabled:
             dp, spent, (seq, head) = budget.pay_for_round(
-                ledger, policy.privacy, examples=len(node.data.train), training=ask.job.training,  # type: ignore[union-attr]
-                rounds_left=hello.rounds - ask.round + 1, run_id=hello.run_id, round=ask.round,
+                ledger,
+                policy.privacy,
+                examples=len(node.data.train),
+                training=ask.job.training,  # type: ignore[union-attr]
+                rounds_left=hello.rounds - ask.round + 1,
+                run_id=hello.run_id,
+                round=ask.round,
             )
-            details = {"dp_epsilon_spent": spent, "dp_epsilon_budget": policy.privacy.epsilon,
-                       "noise_multiplier": dp.noise_multiplier, "ledger_seq": seq, "ledger_head": head}
+            details = {
+                "dp_epsilon_spent": spent,
+                "dp_epsilon_budget": policy.privacy.epsilon,
+                "noise_multiplier": dp.noise_multiplier,
+                "ledger_seq": seq,
+                "ledger_head": head,
+            }
             audit.append(Event.DP_ROUND, round=ask.round, details=details)
         contribution = node.contribution(ask, dp)
         if TRAIN_LOSS in policy.metrics:
@@ -281,7 +323,13 @@ class Guardian:
         return Contribution([*contribution.arrays[:-1], np.zeros(1)], contribution.weight)
 
     def _secure(
-        self, request: Request, ask: Ask, node: Node, policy: SitePolicy, hello: Hello, ledger: ReleaseLedger,
+        self,
+        request: Request,
+        ask: Ask,
+        node: Node,
+        policy: SitePolicy,
+        hello: Hello,
+        ledger: ReleaseLedger,
         audit: AuditLog,
     ) -> tuple[str, RecordDict, dict[str, tuple[int, ...]]]:
         """One SecAgg+ stage; the node's round state lives in its own context between stages."""
@@ -293,8 +341,9 @@ class Guardian:
             label = stage_request.config.run_id
             _check_label(label, hello, ask, stage_request.config.round)
             self._sites(stage_request.config.node_ids)
-            secure = SecAggNode(rec.secure_id(self.setup.roster, node.name), identity_key, identities,
-                                min_survivors=minimum)
+            secure = SecAggNode(
+                rec.secure_id(self.setup.roster, node.name), identity_key, identities, min_survivors=minimum
+            )
             state: dict = {"label": label, "purpose": ask.purpose, "round": ask.round, "keys": "[]"}
         else:
             saved = self.context.state.config_records.get(SECURE_SUM)
@@ -302,8 +351,10 @@ class Guardian:
                 raise _request_refusal("no secure sum is in progress at this node; a sum starts with its setup")
             state = dict(saved)
             if state["purpose"] != ask.purpose or state["round"] != ask.round:
-                raise _request_refusal(f"it continues the secure sum of {state['purpose']} round {state['round']} "
-                                       f"as one of {ask.purpose} round {ask.round}")
+                raise _request_refusal(
+                    f"it continues the secure sum of {state['purpose']} round {state['round']} "
+                    f"as one of {ask.purpose} round {ask.round}"
+                )
             secure = SecAggNode.restore(bytes(state.pop("state")), identity_key, identities, min_survivors=minimum)
         exchange = f"{hello.run_id}/{ask.purpose}/{ask.round}/{state['label']}/{request.stage}{_table_suffix(ask)}"
         ledger.check_unanswered(exchange)
@@ -320,8 +371,10 @@ class Guardian:
         if isinstance(stage_request, ConsistencyRequest):
             survivors = self._sites(stage_request.survivors)
             if ask.cost_clip is not None and len(survivors) < hello.noise.sites:  # type: ignore[union-attr]
-                raise _request_refusal(f"its noisy sum would be unmasked over {len(survivors)} sites; the job's noise "
-                                       f"is shared among {hello.noise.sites}")  # type: ignore[union-attr]
+                raise _request_refusal(
+                    f"its noisy sum would be unmasked over {len(survivors)} sites; the job's noise "
+                    f"is shared among {hello.noise.sites}"
+                )  # type: ignore[union-attr]
             keys = [tuple(key) for key in json.loads(state["keys"])]
             ledger.sign_set(keys, survivors, minimum=minimum, exchange=exchange)
         reply = secure.handle(stage_request, vector=vector)
@@ -336,8 +389,15 @@ class Guardian:
         return exchange, content, expected
 
     def _noisy(
-        self, contribution: Contribution, quantizer: Quantizer, ask: Ask, node: Node, policy: SitePolicy, hello: Hello,
-        ledger: ReleaseLedger, audit: AuditLog,
+        self,
+        contribution: Contribution,
+        quantizer: Quantizer,
+        ask: Ask,
+        node: Node,
+        policy: SitePolicy,
+        hello: Hello,
+        ledger: ReleaseLedger,
+        audit: AuditLog,
     ) -> np.ndarray:
         """The contribution as a noisy sum: each slot divided by the most one row adds to it,
         encoded on the noise grid, then this node's share of the job's Skellam noise added,
@@ -347,10 +407,16 @@ class Guardian:
         if not math.isclose(quantizer.clip / quantizer.levels, 1 / NOISE_GRID):
             raise _request_refusal(f"its noisy sum is not on the noise grid of 1/{NOISE_GRID} that its noise assumes")
         release = noise.release(noisy_touched(ask, node))
-        spent, (seq, head) = budget.pay_for_noisy_sum(ledger, policy.privacy, release, run_id=hello.run_id,
-                                                      round=ask.round)
-        details = {"purpose": ask.purpose, "dp_epsilon_spent": spent, "noise_sd": noise.sd, "ledger_seq": seq,
-                   "ledger_head": head}
+        spent, (seq, head) = budget.pay_for_noisy_sum(
+            ledger, policy.privacy, release, run_id=hello.run_id, round=ask.round
+        )
+        details = {
+            "purpose": ask.purpose,
+            "dp_epsilon_spent": spent,
+            "noise_sd": noise.sd,
+            "ledger_seq": seq,
+            "ledger_head": head,
+        }
         audit.append(Event.DP_ROUND, round=ask.round, details=details)
         bounds = noisy_bounds(ask, node)
         normalised = [array / bound for array, bound in zip(contribution.arrays, bounds, strict=True)]
@@ -402,7 +468,9 @@ def _plan_releases(
     if earlier:
         for table in ledger.tables(node.data_digest):
             if table["run_id"] != hello.run_id:
-                before.append((GroupedStatisticsLayout.from_json(table["layout"]), TableRelease.from_dict(table["release"])))
+                before.append(
+                    (GroupedStatisticsLayout.from_json(table["layout"]), TableRelease.from_dict(table["release"]))
+                )
     return plan_release(tables, node.rows, role=node.role, site=node.name, min_cohort=hello.min_cohort, earlier=before)
 
 

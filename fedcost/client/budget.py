@@ -19,6 +19,7 @@ from fedcost.privacy.dp import DPConfig, dp_config_for, dp_sampling
 from fedcost.privacy.ledger import ReleaseLedger
 from fedcost.privacy.policy import PrivacySettings
 
+
 def accountant(spending: Iterable[Mapping[str, Any]], privacy: PrivacySettings) -> PrivacyLedger:
     """Every spend a release ledger recorded (DP-SGD rounds and noisy sums alike), under the
     site's current budget."""

@@ -18,7 +18,6 @@ from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from fedcost.wire import records as rec
 from fedcost.client.app import make_client_app
 from fedcost.client.node import NodeSetup
 from fedcost.errors import CertificateError
@@ -26,6 +25,7 @@ from fedcost.federation import roster
 from fedcost.federation.provision import Kit
 from fedcost.identity.federation_ca import utc_now
 from fedcost.privacy.ledger import SUFFIX as LEDGER_SUFFIX
+from fedcost.wire import records as rec
 
 # The node-config keys `fedcost node start` sets.
 KIT, STATE, POLICY, SPLIT_SEED, TEST_FRACTION = "kit", "state", "policy", "split-seed", "test-fraction"
@@ -86,7 +86,9 @@ def query(message: Message, context: Context) -> Message:
             members = roster.trusted_roster(message.content[roster.RECORD], kit, at=utc_now())
             run = _run_folder_name(config.get("run_id"))
         except CertificateError as refusal:
-            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"site {kit.name}: {refusal}"), reply_to=message)
+            return Message(
+                Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"site {kit.name}: {refusal}"), reply_to=message
+            )
         context.state[TRUSTED_ROSTER] = ConfigRecord(
             {"names": [name for name, _ in members], "keys": [key for _, key in members]}
         )

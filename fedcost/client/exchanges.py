@@ -84,8 +84,10 @@ def noisy_bounds(ask: Ask, node: Node) -> list[np.ndarray]:
         return [benchmarking.noisy_bounds(ask.sites, clip)]
     assert ask.job is not None
     scale = ask.job.features.cost_scale
-    return [evaluation.readmission_bounds() if task == "readmission" else evaluation.cost_bounds(clip / scale)
-            for task in ask.job.model.tasks]
+    return [
+        evaluation.readmission_bounds() if task == "readmission" else evaluation.cost_bounds(clip / scale)
+        for task in ask.job.model.tasks
+    ]
 
 
 def noisy_touched(ask: Ask, node: Node) -> int:
@@ -109,8 +111,12 @@ def release_keys(ask: Ask, node: Node, run_id: str) -> list[tuple[str, str]]:
     if ask.purpose == "analytics":
         assert ask.layout is not None
         return [(f"analytics/{_digest(ask.layout.to_json())}/{data}", f"its table by {', '.join(ask.layout.group_by)}")]
-    what = {"train": "training update", "newton": "GLM sums", "evaluate": "evaluation sums",
-            "benchmark": "risk-adjusted totals"}[ask.purpose]
+    what = {
+        "train": "training update",
+        "newton": "GLM sums",
+        "evaluate": "evaluation sums",
+        "benchmark": "risk-adjusted totals",
+    }[ask.purpose]
     model = _model_digest(ask.weights)
     return [
         (f"{ask.purpose}/{run_id}/round-{ask.round}", f"its round-{ask.round} {what}"),

@@ -23,8 +23,8 @@ from fedcost.analytics.statistics import TableRelease
 from fedcost.data.features import FeatureSpec, StatisticsLayout
 from fedcost.data.loader import NodeData, load_node
 from fedcost.data.mapping import DataMapping
-from fedcost.job import TrainingJob
 from fedcost.errors import PolicyViolationError
+from fedcost.job import TrainingJob
 from fedcost.models import evaluation, glm
 from fedcost.models.nets import build_model
 from fedcost.models.training import TrainResult, predict, train_local
@@ -234,7 +234,10 @@ class Node:
         return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, result
 
     def evaluate(
-        self, job: TrainingJob, weights: dict[str, np.ndarray], min_cohort: int = MIN_COHORT,
+        self,
+        job: TrainingJob,
+        weights: dict[str, np.ndarray],
+        min_cohort: int = MIN_COHORT,
         cost_clip: float | None = None,
     ) -> dict[str, np.ndarray]:
         """Additive evaluation sums over the held-out rows (see ``models.evaluation``) of the
@@ -254,8 +257,9 @@ class Node:
             )
         if "cost" in predictions and schema.COST in rows:
             clip = None if cost_clip is None else cost_clip / features.cost_scale
-            sums["cost"] = evaluation.cost_sums(rows[schema.COST].to_numpy() / features.cost_scale, predictions["cost"],
-                                                clip=clip)
+            sums["cost"] = evaluation.cost_sums(
+                rows[schema.COST].to_numpy() / features.cost_scale, predictions["cost"], clip=clip
+            )
         return sums
 
     @property

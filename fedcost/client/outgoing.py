@@ -40,7 +40,9 @@ def outgoing_message(
             metrics[EXAMPLES] = weight
         elif weight != 1:
             metrics[rec.WEIGHT] = weight
-    arrays = {key: array.numpy() for key, array in content[rec.CONTRIBUTION].items()} if rec.CONTRIBUTION in content else {}
+    arrays = (
+        {key: array.numpy() for key, array in content[rec.CONTRIBUTION].items()} if rec.CONTRIBUTION in content else {}
+    )
     stage = content[rec.SECAGG]["stage"] if rec.SECAGG in content else None
     return OutgoingMessage(
         kind=request.purpose.message_type if request.purpose else "query",

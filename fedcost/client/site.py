@@ -82,15 +82,17 @@ def check_plan(policy: SitePolicy, hello: Hello, name: str) -> list[GroupedStati
     if "newton" in hello.outputs and policy.privacy.enabled:
         raise _refusal(
             f"an exact GLM's Newton sums carry no noise, and this site trains only under DP-SGD ([privacy] epsilon = "
-            f"{policy.privacy.epsilon:g}): fit the glm with [model] fit = \"fedavg\""
+            f'{policy.privacy.epsilon:g}): fit the glm with [model] fit = "fedavg"'
         )
     if len(set(hello.tables)) != len(hello.tables):
         raise _refusal("the plan states one statistics table twice")
     tables = plan_tables(hello)
     for table in (t for t in tables if SITE in t.group_by):
         if not policy.share_site_tables:
-            raise _refusal(f"its table by {', '.join(table.group_by)} would show this site's own cells beside the "
-                           "other sites'; this site does not share such tables (share_site_tables = false)")
+            raise _refusal(
+                f"its table by {', '.join(table.group_by)} would show this site's own cells beside the "
+                "other sites'; this site does not share such tables (share_site_tables = false)"
+            )
         if name not in table.sites:
             raise _refusal("its table by site does not name this site among its sites")
     return tables
@@ -118,8 +120,11 @@ def check_data(hello: Hello, mapping: DataMapping) -> None:
             )
 
 
-_MAPPED = {"targets": "[targets.*]", "extra_numeric": "[features] numeric",
-           "extra_categorical": "[features] categorical"}
+_MAPPED = {
+    "targets": "[targets.*]",
+    "extra_numeric": "[features] numeric",
+    "extra_categorical": "[features] categorical",
+}
 
 
 def _difference(job: object, site: object) -> str:
@@ -127,8 +132,11 @@ def _difference(job: object, site: object) -> str:
     if isinstance(job, dict) and isinstance(site, dict):
         for name in sorted(job.keys() | site.keys()):
             if job.get(name) != site.get(name):
-                return (f"gives {name!r} the levels {_listed(job[name])}, this site's mapping {_listed(site[name])}"
-                        if name in job and name in site else _difference(list(job), list(site)))
+                return (
+                    f"gives {name!r} the levels {_listed(job[name])}, this site's mapping {_listed(site[name])}"
+                    if name in job and name in site
+                    else _difference(list(job), list(site))
+                )
     if isinstance(job, list) and isinstance(site, list):
         missing, extra = [x for x in job if x not in site], [x for x in site if x not in job]
         if missing:
@@ -164,8 +172,8 @@ def check_noise(policy: SitePolicy, hello: Hello, releases: list[int]) -> None:
         spent = plan_epsilon(hello.noise, touched=releases, delta=policy.privacy.delta)
         if spent > required.epsilon:
             raise _refusal(
-                f"its noise spends epsilon={spent:.3g} at delta={policy.privacy.delta:g} over its {len(releases)} noisy "
-                f"sums; this site allows {required.epsilon:g} ([privacy.statistics] epsilon)"
+                f"its noise spends epsilon={spent:.3g} at delta={policy.privacy.delta:g} over its {len(releases)} "
+                f"noisy sums; this site allows {required.epsilon:g} ([privacy.statistics] epsilon)"
             )
 
 
@@ -242,9 +250,7 @@ def check_cohort(policy: SitePolicy, cohort: int) -> None:
     a site gone after the keys were shared costs every other site a recovery, or the sum an
     abort and a retry. The reason does not say how many rows (a small count itself)."""
     if cohort < policy.min_cohort:
-        raise PolicyViolationError(
-            f"{WITHHOLDS}: a cohort smaller than the site's min_cohort ({policy.min_cohort})"
-        )
+        raise PolicyViolationError(f"{WITHHOLDS}: a cohort smaller than the site's min_cohort ({policy.min_cohort})")
 
 
 def _refusal(reason: str) -> PolicyViolationError:

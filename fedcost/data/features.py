@@ -74,10 +74,13 @@ class StatisticsLayout:
         """The targets and the columns beyond the schema's, as a job's ``[data]`` names them:
         what a coordinator and every site must agree on for their sums to line up."""
         extras = [column for column in self.columns if schema.COLUMNS.get(column.name) != column]
-        return {"targets": sorted(self.targets),
-                "extra_numeric": [column.name for column in extras if column.kind == "numeric"],
-                "extra_categorical": {column.name: list(column.levels) for column in extras
-                                      if column.kind == "categorical"}}
+        return {
+            "targets": sorted(self.targets),
+            "extra_numeric": [column.name for column in extras if column.kind == "numeric"],
+            "extra_categorical": {
+                column.name: list(column.levels) for column in extras if column.kind == "categorical"
+            },
+        }
 
     def data_json(self) -> str:
         """``data_section`` as the hello carries it."""
@@ -147,7 +150,7 @@ class StatisticsLayout:
         numeric = sum(column.kind == "numeric" for column in self.columns)
         return 1 + 3 * numeric + (len(self.columns) - numeric) + len(self.targets)
 
-    def feature_spec(self, totals: np.ndarray, *, noise_sd: float = 0.0) -> "FeatureSpec":
+    def feature_spec(self, totals: np.ndarray, *, noise_sd: float = 0.0) -> FeatureSpec:
         """The federation-wide encoding from the summed statistics vectors.
 
         ``noise_sd``: the standard deviation of the noise on each count (a noisy release);
@@ -270,7 +273,9 @@ class FeatureSpec:
     def task_data(self, rows: pd.DataFrame) -> TaskData:
         """Features and targets of ``rows``; costs in ``cost_scale`` units."""
         readmitted = rows[schema.READMISSION].to_numpy("float32") if schema.READMISSION in rows else None
-        cost = (rows[schema.COST].to_numpy("float64") / self.cost_scale).astype("float32") if schema.COST in rows else None
+        cost = (
+            (rows[schema.COST].to_numpy("float64") / self.cost_scale).astype("float32") if schema.COST in rows else None
+        )
         return TaskData(features=self.encode(rows), readmitted=readmitted, cost=cost)
 
     def to_dict(self) -> dict:
@@ -285,7 +290,7 @@ class FeatureSpec:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FeatureSpec":
+    def from_dict(cls, data: dict) -> FeatureSpec:
         return cls(
             numeric={k: (float(v[0]), float(v[1])) for k, v in data["numeric"].items()},
             vocabularies={k: tuple(v) for k, v in data["vocabularies"].items()},

@@ -39,9 +39,7 @@ class NodeData:
     test: pd.DataFrame
 
 
-def load_node(
-    mapping: DataMapping, name: str, *, split_seed: int, test_fraction: float = 0.2
-) -> NodeData:
+def load_node(mapping: DataMapping, name: str, *, split_seed: int, test_fraction: float = 0.2) -> NodeData:
     """Load and validate a node's rows; split them unless it brings its own test file."""
     node = mapping.node(name)
     rows = load_omop_rows(mapping, node, node.omop) if node.omop else load_rows(mapping, node, _file(node))
@@ -51,9 +49,7 @@ def load_node(
     return NodeData(node.name, node.role, train, test)
 
 
-def split_rows(
-    rows: pd.DataFrame, *, seed: int, node: str, test_fraction: float
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+def split_rows(rows: pd.DataFrame, *, seed: int, node: str, test_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A seeded train/test split that depends on the node's name, not its position."""
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must lie in (0, 1), not {test_fraction}")
@@ -169,9 +165,7 @@ def _required_features(mapping: DataMapping, node: NodeSource) -> set[str]:
 
 def _read_table(path: Path) -> pd.DataFrame:
     if path.suffix.lower() not in _SUFFIXES:
-        raise DataValidationError(
-            f"unsupported file type '{path.suffix}'; use .csv or .parquet", path=str(path)
-        )
+        raise DataValidationError(f"unsupported file type '{path.suffix}'; use .csv or .parquet", path=str(path))
     if not path.is_file():
         raise DataValidationError("file not found; check the node's file in the mapping", path=str(path))
     frame = read_frame(path)
@@ -288,8 +282,10 @@ def _non_negative_target(cells: pd.Series, reading: TargetReading, path: Path, s
     blank = _blank(cells)
     if blank.any():
         raise DataValidationError(
-            f"{reading.column} is empty; every row needs a value of its outcome", path=str(path),
-            row=_first_row(blank), column=source,
+            f"{reading.column} is empty; every row needs a value of its outcome",
+            path=str(path),
+            row=_first_row(blank),
+            column=source,
         )
     column = schema.Column(reading.column, "numeric", "non-negative outcome", minimum=0)
     return _numeric(cells, column, path, source)

@@ -54,9 +54,9 @@ class TargetReading:
         """
         kind = kind or _SCHEMA_TARGET_KINDS.get(column)
         if kind is None:
-            raise ValueError(f"say what kind of outcome '{column}' is: kind = \"binary\" or \"non-negative\"")
+            raise ValueError(f'say what kind of outcome \'{column}\' is: kind = "binary" or "non-negative"')
         if kind not in TARGET_SLOTS:
-            raise ValueError(f"kind must be \"binary\" or \"non-negative\", not {kind!r}")
+            raise ValueError(f'kind must be "binary" or "non-negative", not {kind!r}')
         return cls(column, kind)  # type: ignore[arg-type]
 
 
@@ -206,8 +206,8 @@ class _MappingParser:
         if not raw:
             raise self.fail(
                 "targets",
-                "declare at least one outcome, e.g. [targets.died] with kind = \"binary\", "
-                "or [targets.length_of_stay] with kind = \"non-negative\"",
+                'declare at least one outcome, e.g. [targets.died] with kind = "binary", '
+                'or [targets.length_of_stay] with kind = "non-negative"',
             )
         readings = [self._target(name, spec) for name, spec in raw.items()]
         try:
@@ -228,8 +228,10 @@ class _MappingParser:
         allowed = {"kind", "positive", "negative"} if reading.kind == "binary" else {"kind"}
         unknown = set(spec) - allowed
         if unknown:
-            raise self.fail(f"{where}.{sorted(unknown)[0]}", f"unknown option for a {reading.kind} outcome; "
-                            f"use {', '.join(sorted(allowed))}")
+            raise self.fail(
+                f"{where}.{sorted(unknown)[0]}",
+                f"unknown option for a {reading.kind} outcome; use {', '.join(sorted(allowed))}",
+            )
         if reading.kind != "binary":
             return reading
         positive = self._tokens(f"{where}.positive", spec.get("positive", list(DEFAULT_POSITIVE)))
@@ -256,11 +258,17 @@ class _MappingParser:
             if name in outcomes:
                 raise self.fail("features", f"'{name}' is an outcome under [targets]; a column is one or the other")
             if name in {column.name for column in schema.ACCOUNTING}:
-                raise self.fail("features", f"'{name}' is fedcost's accounting column (what the payer reimbursed), "
-                                "never a feature; map the source column to it under [columns]")
+                raise self.fail(
+                    "features",
+                    f"'{name}' is fedcost's accounting column (what the payer reimbursed), "
+                    "never a feature; map the source column to it under [columns]",
+                )
             if name in (schema.READMISSION, schema.COST):
-                raise self.fail("features", f"'{name}' is the name fedcost gives its outcomes; rename the feature "
-                                "with [columns] (e.g. SOURCE = \"prior_cost\")")
+                raise self.fail(
+                    "features",
+                    f"'{name}' is the name fedcost gives its outcomes; rename the feature "
+                    'with [columns] (e.g. SOURCE = "prior_cost")',
+                )
         if len(set(numeric) | set(categorical)) != len(numeric) + len(categorical):
             raise self.fail("features", "a feature is declared twice")
         return tuple(numeric), categorical
@@ -319,8 +327,11 @@ class _MappingParser:
         if unknown:
             raise self.fail(f"{where}.{sorted(unknown)[0]}", f"unknown option; use {', '.join(sorted(allowed))}")
         if ("file" in spec) == ("omop" in spec):
-            raise self.fail(where, "give the node's data file (file = \"...\", CSV or Parquet) or its OMOP CDM "
-                            "extract's folder (omop = \"...\"), one of the two")
+            raise self.fail(
+                where,
+                'give the node\'s data file (file = "...", CSV or Parquet) or its OMOP CDM '
+                'extract\'s folder (omop = "..."), one of the two',
+            )
         source = "omop" if "omop" in spec else "file"
         if not isinstance(spec[source], str) or not spec[source]:
             raise self.fail(f"{where}.{source}", "must be a path, as a string")
@@ -346,8 +357,10 @@ class _MappingParser:
         if source == "file":
             options = sorted(set(spec) & _OMOP_OPTIONS)
             if options:
-                raise self.fail(f"{where}.{options[0]}", "is an option of an OMOP node (omop = \"folder\"); a file "
-                                "node maps its columns under [columns]")
+                raise self.fail(
+                    f"{where}.{options[0]}",
+                    'is an option of an OMOP node (omop = "folder"); a file node maps its columns under [columns]',
+                )
             return NodeSource(
                 name=name,
                 role=role,
@@ -378,15 +391,22 @@ class _MappingParser:
     ) -> None:
         """An OMOP extract gives the schema's fields and outcomes under their own names."""
         if "test_file" in spec:
-            raise self.fail(f"{where}.test_file", "an OMOP node's stays are split into training and test rows; "
-                            "leave test_file out")
+            raise self.fail(
+                f"{where}.test_file", "an OMOP node's stays are split into training and test rows; leave test_file out"
+            )
         if columns:
-            raise self.fail(f"{where}.columns", "an OMOP extract is read into the schema's fields by fedcost "
-                            "(README, \"OMOP CDM\"); leave [columns] out for an OMOP node, or give it a file")
+            raise self.fail(
+                f"{where}.columns",
+                "an OMOP extract is read into the schema's fields by fedcost "
+                '(README, "OMOP CDM"); leave [columns] out for an OMOP node, or give it a file',
+            )
         others = [r.column for r in mapping.targets.values() if r.column not in (schema.READMISSION, schema.COST)]
         if others:
-            raise self.fail(f"{where}.omop", f"an OMOP extract gives the outcomes {schema.READMISSION} and "
-                            f"{schema.COST}, not '{others[0]}': declare those under [targets]")
+            raise self.fail(
+                f"{where}.omop",
+                f"an OMOP extract gives the outcomes {schema.READMISSION} and "
+                f"{schema.COST}, not '{others[0]}': declare those under [targets]",
+            )
         unread = sorted(mapping.declared_features - set(lacks))
         if unread:
             raise self.fail(f"{where}.lacks", f"an OMOP extract lacks the declared feature '{unread[0]}': list it")
@@ -400,8 +420,10 @@ class _MappingParser:
         options: dict[str, Any] = {}
         if "cost_column" in spec:
             if spec["cost_column"] not in OMOP_COST_COLUMNS:
-                raise self.fail(f"{where}.cost_column", f"must be one of {', '.join(OMOP_COST_COLUMNS)}, "
-                                f"not {spec['cost_column']!r}")
+                raise self.fail(
+                    f"{where}.cost_column",
+                    f"must be one of {', '.join(OMOP_COST_COLUMNS)}, not {spec['cost_column']!r}",
+                )
             options["cost_column"] = spec["cost_column"]
         if "payer_concepts" in spec:
             payers = self._table(f"{where}.payer_concepts", spec["payer_concepts"])

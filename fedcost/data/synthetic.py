@@ -168,9 +168,7 @@ _DIAGNOSIS_EFFECTS = {
     "hip_knee_replacement": (-0.2, -0.2, -1.5, 0.9, 0.0),
     "other": (0.0, 0.0, 0.0, 0.0, -0.1),
 }
-_DX_CCI, _DX_LOS, _DX_ICU, _DX_PROCEDURES, _DX_AGE_SLOPE = np.array(
-    [_DIAGNOSIS_EFFECTS[dx] for dx in DIAGNOSES]
-).T
+_DX_CCI, _DX_LOS, _DX_ICU, _DX_PROCEDURES, _DX_AGE_SLOPE = np.array([_DIAGNOSIS_EFFECTS[dx] for dx in DIAGNOSES]).T
 _DX_BASE_LOGITS = np.log([0.12, 0.08, 0.10, 0.06, 0.06, 0.07, 0.08, 0.05, 0.08, 0.30])
 _ADMISSION_LOGITS = np.array(
     [[-1.5, -0.5, 2.0] if dx == "hip_knee_replacement" else [1.2, 0.0, -0.6] for dx in DIAGNOSES]
@@ -427,7 +425,9 @@ def _simulate(spec: EcosystemSpec, seed: int) -> _World:
     ecosystem_seed, *node_seeds = np.random.SeedSequence(seed).spawn(1 + len(spec.nodes))
     ecosystem_rng = np.random.default_rng(ecosystem_seed)
     regional_normals = dict(zip(REGIONS, ecosystem_rng.standard_normal((len(REGIONS), len(_CASE_MIX_SCALES)))))
-    price_levels = dict(zip(REGIONS, np.exp(spec.price_level_sd * ecosystem_rng.standard_normal(len(REGIONS))).tolist()))
+    price_levels = dict(
+        zip(REGIONS, np.exp(spec.price_level_sd * ecosystem_rng.standard_normal(len(REGIONS))).tolist())
+    )
     frames, case_mixes, quality_effects = [], [], []
     for node, node_seed in zip(spec.nodes, node_seeds):
         rng = np.random.default_rng(node_seed)
@@ -478,9 +478,7 @@ def _spec_truth(spec: EcosystemSpec) -> dict:
 
 
 def _truth(spec: EcosystemSpec, seed: int, world: _World) -> dict:
-    quality = {
-        node.name: effect for node, effect in zip(spec.nodes, world.quality_effects) if node.role == "hospital"
-    }
+    quality = {node.name: effect for node, effect in zip(spec.nodes, world.quality_effects) if node.role == "hospital"}
     return {
         "seed": int(seed),
         "spec": _spec_truth(spec),

@@ -47,5 +47,6 @@ def load(folder: Path) -> ResumePoint | None:
                 strategy.setdefault(name, {})[array] = data[key]
         return ResumePoint(int(meta["round"]), model, FeatureSpec.from_dict(meta["features"]), strategy)
     except (OSError, ValueError, KeyError) as error:
-        raise ConfigError(f"not a readable checkpoint ({error}); move it away to restart the run from round 1",
-                          path=str(path)) from None
+        raise ConfigError(
+            f"not a readable checkpoint ({error}); move it away to restart the run from round 1", path=str(path)
+        ) from None

@@ -14,7 +14,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -29,15 +29,21 @@ federation_app = typer.Typer(help="Provision a federation: CA, coordinator, node
 coordinator_app = typer.Typer(help="Run the federation's coordinator (Flower SuperLink).", no_args_is_help=True)
 node_app = typer.Typer(help="Run a site's node from its startup kit.", no_args_is_help=True)
 
-FederationDir = Annotated[Path, typer.Option(
-    "--federation", "-f", help="The federation folder (made by `fedcost federation init`); default: this folder.")]
+FederationDir = Annotated[
+    Path,
+    typer.Option(
+        "--federation", "-f", help="The federation folder (made by `fedcost federation init`); default: this folder."
+    ),
+]
 _COORDINATOR_LINE = re.compile(r'^coordinator\s*=\s*"[^"\n]*"', re.MULTILINE)
 
 
 @federation_app.command("init")
 def init(
     name: Annotated[Path, typer.Argument(help="The federation folder to create; its name names the federation.")],
-    address: Annotated[str, typer.Option(help="HOST:PORT where the coordinator is reached (nodes: PORT + 1).")] = "127.0.0.1:9093",
+    address: Annotated[
+        str, typer.Option(help="HOST:PORT where the coordinator is reached (nodes: PORT + 1).")
+    ] = "127.0.0.1:9093",
     bind_host: Annotated[str, typer.Option(help="Interface the coordinator listens on (0.0.0.0: all).")] = "127.0.0.1",
     cert_days: Annotated[float, typer.Option(help="Lifetime of issued certificates, in days.")] = 365.0,
 ) -> None:
@@ -51,8 +57,10 @@ def init(
     except FedcostError as error:
         raise fail(error) from None
     coordinator = federation.coordinator_identity().public()
-    console.print(f"federation [bold]{config.name}[/bold] in {name}; coordinator at {address} "
-                  f"(nodes connect to {fleet_address(address)})")
+    console.print(
+        f"federation [bold]{config.name}[/bold] in {name}; coordinator at {address} "
+        f"(nodes connect to {fleet_address(address)})"
+    )
     console.print(f"coordinator key id (sites put it in their policy): {coordinator.key_id}")
 
 
@@ -61,7 +69,7 @@ def add_node(
     name: Annotated[str, typer.Argument(help="The site's name, as in its data mapping.")],
     role: Annotated[str, typer.Option(help=f"One of {', '.join(NODE_ROLES)}.")],
     federation_dir: FederationDir = Path("."),
-    days: Annotated[Optional[float], typer.Option(help="Certificate lifetime in days (default: federation.toml).")] = None,
+    days: Annotated[float | None, typer.Option(help="Certificate lifetime in days (default: federation.toml).")] = None,
 ) -> None:
     """Enrol a node and write its startup kit (kits/NAME): hand the kit to the site, then delete it here."""
     try:
@@ -103,7 +111,8 @@ def coordinator_start(ctx: typer.Context, federation_dir: FederationDir = Path("
     try:
         federation = Federation.load(next(iter(_old_form(ctx, 1)), federation_dir))
         code = processes.run_coordinator(
-            federation, echo=sys.stdout,
+            federation,
+            echo=sys.stdout,
             on_ready=lambda: console.print(f"coordinator ready; log: {federation.log_file}"),
         )
     except FedcostError as error:
@@ -114,10 +123,14 @@ def coordinator_start(ctx: typer.Context, federation_dir: FederationDir = Path("
 @node_app.command("start")
 def node_start(
     kit: Annotated[Path, typer.Argument(help="The site's startup kit folder.")],
-    data: Annotated[Path, typer.Option(help="The site's data file (CSV or Parquet), or its OMOP CDM extract's folder.")],
+    data: Annotated[
+        Path, typer.Option(help="The site's data file (CSV or Parquet), or its OMOP CDM extract's folder.")
+    ],
     mapping: Annotated[Path, typer.Option(help="The mapping file with a \\[nodes.<name>] table for this site.")],
-    policy: Annotated[Optional[Path], typer.Option(help="The site policy (TOML); default: the permissive one.")] = None,
-    state: Annotated[Optional[Path], typer.Option(help="Folder for the node's audit log and state (default: KIT/state).")] = None,
+    policy: Annotated[Path | None, typer.Option(help="The site policy (TOML); default: the permissive one.")] = None,
+    state: Annotated[
+        Path | None, typer.Option(help="Folder for the node's audit log and state (default: KIT/state).")
+    ] = None,
     split_seed: Annotated[int, typer.Option(help="Seed of the site's own train/held-out split.")] = 7,
     test_fraction: Annotated[float, typer.Option(help="Share of the site's rows held out for evaluation.")] = 0.2,
 ) -> None:
@@ -126,12 +139,25 @@ def node_start(
 
     state = state or kit / "state"
     try:
-        checked = processes.prepare_node(kit, data=data, mapping=mapping, policy=policy, state=state,
-                                         split_seed=split_seed, test_fraction=test_fraction, at=utc_now())
-        console.print(f"kit, policy and data of {checked.name} checked; connecting to {fleet_address(checked.address)} "
-                      f"(log: {state / 'node.log'})", soft_wrap=True, highlight=False)
-        code = processes.run_node(checked, state=state, policy=policy, split_seed=split_seed,
-                                  test_fraction=test_fraction, say=say)
+        checked = processes.prepare_node(
+            kit,
+            data=data,
+            mapping=mapping,
+            policy=policy,
+            state=state,
+            split_seed=split_seed,
+            test_fraction=test_fraction,
+            at=utc_now(),
+        )
+        console.print(
+            f"kit, policy and data of {checked.name} checked; connecting to {fleet_address(checked.address)} "
+            f"(log: {state / 'node.log'})",
+            soft_wrap=True,
+            highlight=False,
+        )
+        code = processes.run_node(
+            checked, state=state, policy=policy, split_seed=split_seed, test_fraction=test_fraction, say=say
+        )
     except FedcostError as error:
         raise fail(error) from None
     raise typer.Exit(code=code)
@@ -151,25 +177,34 @@ def node_policy(
         checked = Kit.load(kit)
         text = template.read_text(encoding="utf-8") if template.is_file() else None
         if text is None or not _COORDINATOR_LINE.search(text):
-            raise ConfigError("not a policy file with a `coordinator = \"...\"` line", path=str(template))
+            raise ConfigError('not a policy file with a `coordinator = "..."` line', path=str(template))
         if out.exists():
             raise ConfigError("exists; choose another file or remove it", path=str(out))
-        out.write_text(_COORDINATOR_LINE.sub(f'coordinator = "{checked.coordinator.key_id}"', text, count=1),
-                       encoding="utf-8")
+        out.write_text(
+            _COORDINATOR_LINE.sub(f'coordinator = "{checked.coordinator.key_id}"', text, count=1), encoding="utf-8"
+        )
         SitePolicy.load(out)
     except FedcostError as error:
         raise fail(error) from None
-    console.print(f"wrote {out}: {template.name} trusting coordinator {checked.coordinator.key_id[:16]}… of "
-                  f"federation {checked.federation}; review the rest before starting the node", soft_wrap=True)
+    console.print(
+        f"wrote {out}: {template.name} trusting coordinator {checked.coordinator.key_id[:16]}… of "
+        f"federation {checked.federation}; review the rest before starting the node",
+        soft_wrap=True,
+    )
 
 
 def run(
     ctx: typer.Context,
-    job: Annotated[Optional[Path], typer.Argument(help="The job (TOML): \\[run], \\[model], \\[training], "
-                                                       "\\[strategy], \\[secure_aggregation], \\[analytics], "
-                                                       "\\[data]; configs/job.toml is one.")] = None,
+    job: Annotated[
+        Path | None,
+        typer.Argument(
+            help="The job (TOML): \\[run], \\[model], \\[training], "
+            "\\[strategy], \\[secure_aggregation], \\[analytics], "
+            "\\[data]; configs/job.toml is one."
+        ),
+    ] = None,
     federation_dir: FederationDir = Path("."),
-    resume: Annotated[Optional[str], typer.Option(help="Resume this run id from its checkpoint.")] = None,
+    resume: Annotated[str | None, typer.Option(help="Resume this run id from its checkpoint.")] = None,
 ) -> None:
     """Submit a job to the running coordinator and follow it; outputs in FEDERATION/runs/<run-id>/."""
     from fedcost.federation.follow import Follower, submit_and_follow
@@ -191,8 +226,12 @@ def run(
         raise fail(error) from None
     summary = json.loads((folder / deploy.SUMMARY_FILE).read_text())
     console.print(f"run folder: [bold]{folder}[/bold] (report: {folder / 'report.html'})", soft_wrap=True)
-    console.print(f"sites' logs and reports: fedcost federation collect {folder.name} SITE_STATE... "
-                  f"-f {federation_dir}", soft_wrap=True, highlight=False, markup=False)
+    console.print(
+        f"sites' logs and reports: fedcost federation collect {folder.name} SITE_STATE... -f {federation_dir}",
+        soft_wrap=True,
+        highlight=False,
+        markup=False,
+    )
     console.print(federation_table(summary))
 
 
@@ -201,9 +240,12 @@ def federation_table(summary: dict) -> Table:
     from fedcost.report.html import federation_rows, format_value
 
     last = summary.get("federated_evaluation", {})
-    table = Table(title=f"Federated model after round {last.get('round', '?')}", min_width=60,
-                  caption=f"from the summed evaluation sums of the held-out rows of {len(summary['nodes'])} sites; "
-                          "no party holds the rows a pooled or local-only model needs")
+    table = Table(
+        title=f"Federated model after round {last.get('round', '?')}",
+        min_width=60,
+        caption=f"from the summed evaluation sums of the held-out rows of {len(summary['nodes'])} sites; "
+        "no party holds the rows a pooled or local-only model needs",
+    )
     for head in ("task", "metric", "federated"):
         table.add_column(head, justify="right" if head == "federated" else "left")
     for task, metric, value in federation_rows(summary):
@@ -214,8 +256,12 @@ def federation_table(summary: dict) -> Table:
 @federation_app.command("collect")
 def collect(
     run_id: Annotated[str, typer.Argument(help="The run id (its folder under runs/).")],
-    sources: Annotated[list[Path], typer.Argument(help="Each site's node state folder, or a copy of its "
-                                                       "audit/<run-id>/ and reports/<run-id>.json.")],
+    sources: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Each site's node state folder, or a copy of its audit/<run-id>/ and reports/<run-id>.json."
+        ),
+    ],
     federation_dir: FederationDir = Path("."),
 ) -> None:
     """Put the sites' audit logs and own reports into a run folder and verify every log."""
@@ -227,12 +273,18 @@ def collect(
     except FedcostError as error:
         raise fail(error) from None
     folder = federation.runs_dir / run_id
-    console.print(f"collected {len(collected.logs)} site log(s) and {len(collected.reports)} site report(s) into "
-                  f"{folder}", soft_wrap=True)
+    console.print(
+        f"collected {len(collected.logs)} site log(s) and {len(collected.reports)} site report(s) into {folder}",
+        soft_wrap=True,
+    )
     if collected.verified:
-        console.print(f"every log verified and reconciled against the federation's CA; an auditor runs: "
-                      f"fedcost audit verify {folder} --federation {federation_dir}",
-                      soft_wrap=True, highlight=False, markup=False)
+        console.print(
+            f"every log verified and reconciled against the federation's CA; an auditor runs: "
+            f"fedcost audit verify {folder} --federation {federation_dir}",
+            soft_wrap=True,
+            highlight=False,
+            markup=False,
+        )
         return
     for problem in collected.problems[:10]:
         console.print(f"[red]problem:[/red] {escape(problem)}", soft_wrap=True, highlight=False)

@@ -20,7 +20,8 @@ from fedcost.audit import verify_folder
 from fedcost.audit.authority import TrustedCA
 from fedcost.errors import ConfigError
 from fedcost.federation.provision import COORDINATOR, Federation
-from fedcost.federation.site_report import FOLDER as REPORTS, read_report
+from fedcost.federation.site_report import FOLDER as REPORTS
+from fedcost.federation.site_report import read_report
 from fedcost.files import replace_atomically
 from fedcost.identity.federation_ca import utc_now
 from fedcost.report import write_report
@@ -50,20 +51,26 @@ def collect(federation: Federation, run_id: str, sources: list[Path]) -> Collect
         logs = sorted((source / "audit" / run_id).glob("*.jsonl"))
         report = source / REPORTS / f"{run_id}.json"
         if not logs and not report.exists():
-            raise ConfigError(f"holds neither audit/{run_id}/<site>.jsonl nor {REPORTS}/{run_id}.json: give the "
-                              "site's node state folder (or a copy with that layout)", path=str(source))
+            raise ConfigError(
+                f"holds neither audit/{run_id}/<site>.jsonl nor {REPORTS}/{run_id}.json: give the "
+                "site's node state folder (or a copy with that layout)",
+                path=str(source),
+            )
         for log in logs:
             site = log.stem
             if site not in members:
-                raise ConfigError(f"is the log of {site!r}, not a node of run {run_id} "
-                                  f"({', '.join(sorted(members))})", path=str(log))
+                raise ConfigError(
+                    f"is the log of {site!r}, not a node of run {run_id} ({', '.join(sorted(members))})", path=str(log)
+                )
             shutil.copyfile(log, run / "audit" / log.name)
             collected.logs.append(site)
         if report.exists():
             content = read_report(report)
             if content["run_id"] != run_id or content["site"] not in members:
-                raise ConfigError(f"is {content['site']!r}'s report of run {content['run_id']!r}, not one of this "
-                                  "run's sites", path=str(report))
+                raise ConfigError(
+                    f"is {content['site']!r}'s report of run {content['run_id']!r}, not one of this run's sites",
+                    path=str(report),
+                )
             reports.append(content)
             collected.reports.append(content["site"])
     trust = TrustedCA.from_federation(federation.root, at=utc_now())
@@ -73,8 +80,11 @@ def collect(federation: Federation, run_id: str, sources: list[Path]) -> Collect
     if (run / SUMMARY_FILE).is_file():
         summary = json.loads((run / SUMMARY_FILE).read_text())
         add_reports(summary, reports)
-        summary["audit"] = {"verified": verification.ok, "parties": sorted(verification.parties),
-                            "checked_against": "the federation's CA"}
+        summary["audit"] = {
+            "verified": verification.ok,
+            "parties": sorted(verification.parties),
+            "checked_against": "the federation's CA",
+        }
         replace_atomically(run / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
         rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
         write_report(run, summary, rounds)
@@ -88,8 +98,10 @@ def add_reports(summary: dict, reports: list[dict]) -> None:
         site = report["site"]
         nodes[site].update(train_rows=report["train_rows"], test_rows=report["test_rows"])
         summary["privacy"][site] = report["privacy"]
-        summary["per_site"][site] = {"role": report["role"],
-                                     **{task: {"federated": figures} for task, figures in report["held_out"].items()}}
+        summary["per_site"][site] = {
+            "role": report["role"],
+            **{task: {"federated": figures} for task, figures in report["held_out"].items()},
+        }
     summary["sites_reported"] = sorted(set(summary.get("sites_reported", [])) | {r["site"] for r in reports})
     if all("test_rows" in node for node in nodes.values()):
         summary["test_rows"] = sum(node["test_rows"] for node in nodes.values())

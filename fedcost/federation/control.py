@@ -55,11 +55,16 @@ class Control:
         """Node id per registered SuperNode auth key (PEM); an unregistered node (Flower keeps
         its row, status ``unregistered``) is not."""
         response = self._call(self.client.ListNodes, ListNodesRequest())
-        return {info.public_key.encode() if isinstance(info.public_key, str) else info.public_key: info.node_id
-                for info in response.nodes_info if info.status != NodeStatus.UNREGISTERED}
+        return {
+            info.public_key.encode() if isinstance(info.public_key, str) else info.public_key: info.node_id
+            for info in response.nodes_info
+            if info.status != NodeStatus.UNREGISTERED
+        }
 
     def register(self, public_key_pem: bytes, name: str) -> int:
-        return int(self._call(self.client.RegisterNode, RegisterNodeRequest(public_key=public_key_pem, name=name)).node_id)
+        return int(
+            self._call(self.client.RegisterNode, RegisterNodeRequest(public_key=public_key_pem, name=name)).node_id
+        )
 
     def unregister(self, node_id: int) -> None:
         self._call(self.client.UnregisterNode, UnregisterNodeRequest(node_id=node_id))

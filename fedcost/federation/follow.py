@@ -41,9 +41,10 @@ class Follower:
 
     def update(self, folder: Path) -> None:
         metrics = folder / METRICS_FILE
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
-            if metrics.exists() else []
-        for record in records[self.shown:]:
+        records = (
+            [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+        )
+        for record in records[self.shown :]:
             self.on_round(record)
         self.shown = max(self.shown, len(records))
         progress = folder / PROGRESS_FILE
@@ -82,13 +83,16 @@ def submit_and_follow(federation: Federation, folder: Path, follower: Follower) 
         (folder / deploy.ERROR_FILE).unlink(missing_ok=True)
         with Control(address, ca) as control:
             flower_run = control.start_run(config)
-        follower.say(f"the coordinator restarted: run {folder.name} resumes from its last checkpoint "
-                     f"(Flower run {flower_run})")
+        follower.say(
+            f"the coordinator restarted: run {folder.name} resumes from its last checkpoint (Flower run {flower_run})"
+        )
     if status[1] != "completed" or not (folder / deploy.SUMMARY_FILE).exists():
         error = folder / deploy.ERROR_FILE
         reason = error.read_text().strip() if error.exists() else f"Flower reports the run {status[1]}"
-        raise FederationError(f"the run stopped: {reason}. Its log is {folder / deploy.LOG_FILE}; the sites closed "
-                              f"it; to try again: fedcost run {folder / 'job.toml'} -f {federation.root}")
+        raise FederationError(
+            f"the run stopped: {reason}. Its log is {folder / deploy.LOG_FILE}; the sites closed "
+            f"it; to try again: fedcost run {folder / 'job.toml'} -f {federation.root}"
+        )
 
 
 def _follow(federation: Federation, folder: Path, flower_run: int, follower: Follower) -> tuple[str, str] | None:
@@ -113,10 +117,14 @@ def _follow(federation: Federation, folder: Path, flower_run: int, follower: Fol
         except CoordinatorUnreachableError as error:
             if lost_since is None:
                 lost_since = time.monotonic()
-                follower.say(f"lost the coordinator ({error}); waiting up to {RECONNECT_PATIENCE / 60:.0f} min "
-                             "for it to come back (its run resumes from the last checkpoint)")
+                follower.say(
+                    f"lost the coordinator ({error}); waiting up to {RECONNECT_PATIENCE / 60:.0f} min "
+                    "for it to come back (its run resumes from the last checkpoint)"
+                )
             elif time.monotonic() - lost_since > RECONNECT_PATIENCE:
-                raise FederationError(f"the coordinator did not come back within {RECONNECT_PATIENCE / 60:.0f} min; "
-                                      f"when it does, resume with `fedcost run --resume {folder.name} "
-                                      f"-f {federation.root}`") from None
+                raise FederationError(
+                    f"the coordinator did not come back within {RECONNECT_PATIENCE / 60:.0f} min; "
+                    f"when it does, resume with `fedcost run --resume {folder.name} "
+                    f"-f {federation.root}`"
+                ) from None
             time.sleep(2 * POLL_SECONDS)

@@ -31,9 +31,7 @@ DATA_KEYS = ("targets", "extra_numeric", "extra_categorical")
 class DataSection:
     """The columns every site's data set provides: outcomes (name → kind) and extra features."""
 
-    targets: dict[str, str] = field(
-        default_factory=lambda: {schema.READMISSION: "binary", schema.COST: "non-negative"}
-    )
+    targets: dict[str, str] = field(default_factory=lambda: {schema.READMISSION: "binary", schema.COST: "non-negative"})
     extra_numeric: tuple[str, ...] = ()
     extra_categorical: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -50,8 +48,11 @@ class DataSection:
         return DataMapping(Path("<job>"), (), readings, self.extra_numeric, self.extra_categorical)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"targets": dict(self.targets), "extra_numeric": list(self.extra_numeric),
-                "extra_categorical": {k: list(v) for k, v in self.extra_categorical.items()}}
+        return {
+            "targets": dict(self.targets),
+            "extra_numeric": list(self.extra_numeric),
+            "extra_categorical": {k: list(v) for k, v in self.extra_categorical.items()},
+        }
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,17 @@ class FederationJob:
         raw = dict(raw)
         for section in SIMULATION_ONLY:
             if section in raw:
-                raise ConfigError(f"[{section}] is for `fedcost simulate`; a federation's sites bring their own data "
-                                  "and processes", path=source, field=section)
+                raise ConfigError(
+                    f"[{section}] is for `fedcost simulate`; a federation's sites bring their own data and processes",
+                    path=source,
+                    field=section,
+                )
         if "test_fraction" in raw.get("run", {}):
-            raise ConfigError("each site holds out its own rows (`fedcost node start --test-fraction`)",
-                              path=source, field="run.test_fraction")
+            raise ConfigError(
+                "each site holds out its own rows (`fedcost node start --test-fraction`)",
+                path=source,
+                field="run.test_fraction",
+            )
         data = _data_section(raw.pop("data", {}), source)
         config = SimulationConfig.from_dict(raw, source=source)
         return cls(replace(config, model=replace(config.model, tasks=data.tasks())), data)
@@ -121,7 +128,10 @@ def _targets(raw: Any, source: str) -> dict[str, str]:
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(
             'must name the outcomes and their kinds, e.g. targets = { died = "binary", length_of_stay = '
-            '"non-negative" } (or a list of readmitted_30d and total_cost)', path=source, field="data.targets")
+            '"non-negative" } (or a list of readmitted_30d and total_cost)',
+            path=source,
+            field="data.targets",
+        )
     targets: dict[str, str] = {}
     for name, kind in raw.items():
         try:

@@ -62,8 +62,12 @@ def _flower_env(flwr_home: Path) -> dict[str, str]:
     """The environment of a Flower process: its own FLWR_HOME, and this interpreter's
     scripts first on PATH (the SuperLink starts ``flower-superexec`` by name)."""
     scripts = str(Path(sys.executable).parent)
-    return {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")]),
-            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_SECONDS}
+    return {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")]),
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_SECONDS,
+    }
 
 
 # -- coordinator ------------------------------------------------------------------------
@@ -87,7 +91,9 @@ class CoordinatorLog:
         self.write(f"{utc_now():%Y-%m-%dT%H:%M:%SZ} fedcost: {message}")
 
 
-def run_coordinator(federation: Federation, *, echo: IO[str] | None = None, on_ready: Callable[[], None] = lambda: None) -> int:
+def run_coordinator(
+    federation: Federation, *, echo: IO[str] | None = None, on_ready: Callable[[], None] = lambda: None
+) -> int:
     """Run the SuperLink until this process is told to stop; returns 0, or the SuperLink's exit code.
 
     The SuperLink keeps its state in memory: a restarted coordinator rebuilds what it
@@ -102,8 +108,10 @@ def run_coordinator(federation: Federation, *, echo: IO[str] | None = None, on_r
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     bind = f"{federation.config.bind_host}:{federation.config.port}"
-    log.fedcost(f"starting the coordinator of federation {federation.config.name!r} on {bind} (the operator's "
-                f"port) and {fleet_address(bind)} (the nodes'), TLS, SuperNode authentication on")
+    log.fedcost(
+        f"starting the coordinator of federation {federation.config.name!r} on {bind} (the operator's "
+        f"port) and {fleet_address(bind)} (the nodes'), TLS, SuperNode authentication on"
+    )
     superlink = _SuperLink(federation, log)
     superlink.start()
     try:
@@ -128,22 +136,34 @@ class _SuperLink:
         config, tls = self.federation.config, self.federation.coordinator_dir
         command = [
             "flower-superlink",
-            "--ssl-certfile", str(tls / "tls.cert.pem"),
-            "--ssl-keyfile", str(tls / "tls.key.pem"),
-            "--ssl-ca-certfile", str(self.federation.ca_cert_file),
+            "--ssl-certfile",
+            str(tls / "tls.cert.pem"),
+            "--ssl-keyfile",
+            str(tls / "tls.key.pem"),
+            "--ssl-ca-certfile",
+            str(self.federation.ca_cert_file),
             "--enable-supernode-auth",
             "--disable-runtime-dependency-installation",
-            "--database", IN_MEMORY,
-            "--host", config.bind_host,
-            "--port", str(config.port),
+            "--database",
+            IN_MEMORY,
+            "--host",
+            config.bind_host,
+            "--port",
+            str(config.port),
             # The nodes' port: Flower's gRPC Fleet API (fedcost's worker speaks it), which
             # Flower 1.41 starts only when FLWR_INTERNAL_GRPC_FLEET_API is set.
-            "--fleet-api-address", fleet_address(f"{config.bind_host}:{config.port}"),
+            "--fleet-api-address",
+            fleet_address(f"{config.bind_host}:{config.port}"),
         ]
         state = self.federation.root / "state"
         state.mkdir(exist_ok=True)
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env={**_flower_env(state / "flwr-home"), FLWR_INTERNAL_GRPC_FLEET_API: "1"})
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**_flower_env(state / "flwr-home"), FLWR_INTERNAL_GRPC_FLEET_API: "1"},
+        )
         self.reader = threading.Thread(target=_pipe_log, args=(self.process, self.log, self.admission), daemon=True)
         self.reader.start()
 
@@ -184,11 +204,14 @@ def _admit_until_stopped(
             on_ready()
         stop.wait(ADMISSION_REFRESH_SECONDS)
     if not ready and not stop.is_set():
-        raise FederationError(f"the SuperLink stopped while starting (exit code {superlink.poll()}); "
-                              f"see {federation.log_file}")
+        raise FederationError(
+            f"the SuperLink stopped while starting (exit code {superlink.poll()}); see {federation.log_file}"
+        )
     if not stop.is_set():
-        superlink.log.fedcost(f"the SuperLink exited unexpectedly (exit code {superlink.poll()}); start the "
-                              "coordinator again: it rebuilds its state from the federation folder")
+        superlink.log.fedcost(
+            f"the SuperLink exited unexpectedly (exit code {superlink.poll()}); start the "
+            "coordinator again: it rebuilds its state from the federation folder"
+        )
 
 
 class Admission:
@@ -216,8 +239,10 @@ class Admission:
             try:
                 if reason is None and key not in registered:
                     control.register(key, name)
-                    self.log.fedcost(f"admitted node {name!r} (certificate valid until "
-                                     f"{node.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC)")
+                    self.log.fedcost(
+                        f"admitted node {name!r} (certificate valid until "
+                        f"{node.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC)"
+                    )
                 elif reason is not None:
                     if key in registered:
                         control.unregister(registered[key])
@@ -258,8 +283,15 @@ def _pipe_log(superlink: subprocess.Popen, log: CoordinatorLog, admission: Admis
 
 # -- node -------------------------------------------------------------------------------
 def prepare_node(
-    kit_dir: Path, *, data: Path, mapping: Path, policy: Path | None, state: Path, split_seed: int,
-    test_fraction: float, at: datetime,
+    kit_dir: Path,
+    *,
+    data: Path,
+    mapping: Path,
+    policy: Path | None,
+    state: Path,
+    split_seed: int,
+    test_fraction: float,
+    at: datetime,
 ) -> Kit:
     """Every check a site can fail before its node connects; returns the checked kit.
 
@@ -271,16 +303,22 @@ def prepare_node(
     if policy is not None:
         site_policy = SitePolicy.load(policy)
         if site_policy.coordinator != kit.coordinator.key_id:
-            raise ConfigError(f"names coordinator {site_policy.coordinator!r}, but this federation's coordinator is "
-                              f"{kit.coordinator.key_id!r} (kit.toml): put that key id in the policy",
-                              path=str(policy), field="coordinator")
+            raise ConfigError(
+                f"names coordinator {site_policy.coordinator!r}, but this federation's coordinator is "
+                f"{kit.coordinator.key_id!r} (kit.toml): put that key id in the policy",
+                path=str(policy),
+                field="coordinator",
+            )
     (state / "audit").mkdir(parents=True, exist_ok=True)
     resolved = state / node_app.MAPPING_FILE
     resolved.write_bytes(tomli_w.dumps(_site_mapping(mapping, kit.name, data)).encode())
     checked = DataMapping.load(resolved)
     if checked.node(kit.name).role != kit.role:
-        raise MappingError(f"gives node {kit.name!r} the role {checked.node(kit.name).role!r}; its kit says {kit.role!r}",
-                           path=str(mapping), field=f"nodes.{kit.name}.role")
+        raise MappingError(
+            f"gives node {kit.name!r} the role {checked.node(kit.name).role!r}; its kit says {kit.role!r}",
+            path=str(mapping),
+            field=f"nodes.{kit.name}.role",
+        )
     try:
         load_node(checked, kit.name, split_seed=split_seed, test_fraction=test_fraction)
     except ValueError as error:
@@ -294,8 +332,11 @@ def _site_mapping(path: Path, name: str, data: Path) -> dict:
     raw = read_toml(path, "mapping file", MappingError)
     nodes = raw.get("nodes")
     if not isinstance(nodes, dict) or not isinstance(nodes.get(name), dict):
-        raise MappingError(f"has no [nodes.{name}] table for this site (the name in its startup kit)",
-                           path=str(path), field=f"nodes.{name}")
+        raise MappingError(
+            f"has no [nodes.{name}] table for this site (the name in its startup kit)",
+            path=str(path),
+            field=f"nodes.{name}",
+        )
     node = dict(nodes[name])
     node["omop" if "omop" in node else "file"] = str(data.resolve())
     if "test_file" in node:
@@ -325,7 +366,12 @@ def probe_coordinator(address: str, ca_file: Path, *, timeout: float = 10.0) -> 
 
 
 def run_node(
-    kit: Kit, *, state: Path, policy: Path | None, split_seed: int, test_fraction: float,
+    kit: Kit,
+    *,
+    state: Path,
+    policy: Path | None,
+    split_seed: int,
+    test_fraction: float,
     say: Callable[[str], None] = print,
 ) -> int:
     """Serve the site's node in this process until it is told to stop (SIGINT, SIGTERM).

@@ -83,8 +83,10 @@ class FederationConfig:
     def __post_init__(self) -> None:
         match = _ADDRESS.fullmatch(self.address)
         if not match or not 0 < int(match["port"]) < 65535:
-            raise ValueError(f"address must be HOST:PORT with PORT below 65535 (the coordinator as sites reach it; "
-                             f"its nodes use the next port), not {self.address!r}")
+            raise ValueError(
+                f"address must be HOST:PORT with PORT below 65535 (the coordinator as sites reach it; "
+                f"its nodes use the next port), not {self.address!r}"
+            )
         if not self.cert_days > 0:
             raise ValueError(f"cert_days must be positive, not {self.cert_days}")
 
@@ -155,18 +157,24 @@ class Kit:
         coordinator_cert = _read_certificate(folder / "coordinator.cert.pem")
         if certificate.public_key() != identity.private_key.public_key():
             raise KitError("does not certify this kit's identity key", path=str(folder / "node.cert.pem"))
-        for path, cert in ((folder / "node.cert.pem", certificate), (folder / "coordinator.cert.pem", coordinator_cert)):
+        for path, cert in (
+            (folder / "node.cert.pem", certificate),
+            (folder / "coordinator.cert.pem", coordinator_cert),
+        ):
             try:
                 cert.verify_directly_issued_by(ca)
             except (ValueError, TypeError, InvalidSignature) as error:
                 raise KitError(f"not issued by the kit's CA ({type(error).__name__})", path=str(path)) from None
         coordinator = _bound_identity(coordinator_cert, folder / "coordinator.cert.pem")
         if coordinator.key_id != raw["coordinator_key_id"]:
-            raise KitError("does not match coordinator.cert.pem", path=str(folder / KIT_FILE), field="coordinator_key_id")
+            raise KitError(
+                "does not match coordinator.cert.pem", path=str(folder / KIT_FILE), field="coordinator_key_id"
+            )
         if not (folder / "auth.key.pem").is_file():
             raise KitError("missing: the SuperNode authentication key", path=str(folder / "auth.key.pem"))
-        return cls(folder, raw["federation"], raw["name"], raw["role"], raw["address"], identity, certificate, ca,
-                   coordinator)
+        return cls(
+            folder, raw["federation"], raw["name"], raw["role"], raw["address"], identity, certificate, ca, coordinator
+        )
 
 
 @dataclass(frozen=True)
@@ -230,9 +238,7 @@ class Federation:
         federation = cls(root, config)
         federation._write_crl(authority, {}, at)
         lifetime = timedelta(days=config.cert_days)
-        tls_key, tls_cert = authority.issue_tls(
-            [config.host, "127.0.0.1", "localhost"], lifetime=lifetime, at=at
-        )
+        tls_key, tls_cert = authority.issue_tls([config.host, "127.0.0.1", "localhost"], lifetime=lifetime, at=at)
         _write_private(root / COORDINATOR / "tls.key.pem", _private_pem(tls_key))
         (root / COORDINATOR / "tls.cert.pem").write_bytes(certificate_to_pem(tls_cert))
         identity = Identity.generate(COORDINATOR, "coordinator")
@@ -245,8 +251,9 @@ class Federation:
     @classmethod
     def load(cls, root: Path) -> Federation:
         if not (root / CONFIG_FILE).is_file():
-            raise ConfigError(f"not a federation folder (no {CONFIG_FILE}); create one with `fedcost federation init`",
-                              path=str(root))
+            raise ConfigError(
+                f"not a federation folder (no {CONFIG_FILE}); create one with `fedcost federation init`", path=str(root)
+            )
         return cls(root, FederationConfig.load(root / CONFIG_FILE))
 
     def add_node(self, name: str, role: str, *, at: datetime, days: float | None = None) -> Path:
@@ -266,13 +273,19 @@ class Federation:
             raise ConfigError(f"a certificate lifetime must be positive, not {days} days", field="days")
         certificate = self._authority().issue_party(identity.public(), lifetime=lifetime, at=at)
         auth_key = ec.generate_private_key(ec.SECP384R1())
-        auth_public = auth_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        auth_public = auth_key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
         kit = self.kit_dir(name)
         kit.mkdir(parents=True)
         keep.mkdir(parents=True)
         identity.save(kit)
-        _write_private(kit / "auth.key.pem", auth_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+        _write_private(
+            kit / "auth.key.pem",
+            auth_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            ),
+        )
         for folder in (kit, keep):
             (folder / "node.cert.pem").write_bytes(certificate_to_pem(certificate))
             (folder / "auth.pub").write_bytes(auth_public)
@@ -280,13 +293,17 @@ class Federation:
         shutil.copyfile(self.ca_cert_file, kit / "ca.cert.pem")
         shutil.copyfile(self.coordinator_dir / "coordinator.cert.pem", kit / "coordinator.cert.pem")
         coordinator = PublicIdentity.load(self.coordinator_dir / "coordinator.pub.json")
-        (kit / KIT_FILE).write_bytes(tomli_w.dumps({
-            "federation": self.config.name,
-            "name": name,
-            "role": role,
-            "address": self.config.address,
-            "coordinator_key_id": coordinator.key_id,
-        }).encode())
+        (kit / KIT_FILE).write_bytes(
+            tomli_w.dumps(
+                {
+                    "federation": self.config.name,
+                    "name": name,
+                    "role": role,
+                    "address": self.config.address,
+                    "coordinator_key_id": coordinator.key_id,
+                }
+            ).encode()
+        )
         return kit
 
     def revoke(self, name: str, *, at: datetime) -> None:
@@ -313,8 +330,10 @@ class Federation:
     def node(self, name: str) -> EnrolledNode:
         folder = self.root / "nodes" / name
         if not folder.is_dir():
-            raise ConfigError(f"no enrolled node named {name!r}; enrolled: {', '.join(self.node_names()) or 'none'}",
-                              path=str(self.root / "nodes"))
+            raise ConfigError(
+                f"no enrolled node named {name!r}; enrolled: {', '.join(self.node_names()) or 'none'}",
+                path=str(self.root / "nodes"),
+            )
         try:
             key = serialization.load_ssh_public_key((folder / "auth.pub").read_bytes())
         except (OSError, ValueError) as error:
@@ -346,8 +365,9 @@ class Federation:
         try:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except FileNotFoundError:
-            raise ConfigError("the CA key is not here; provisioning needs it (bring it back from offline storage)",
-                              path=str(path)) from None
+            raise ConfigError(
+                "the CA key is not here; provisioning needs it (bring it back from offline storage)", path=str(path)
+            ) from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ConfigError("expected an EC private key", path=str(path))
         return Authority(key, self.ca_certificate())
@@ -400,7 +420,9 @@ def _bound_identity(certificate: x509.Certificate, path: Path) -> PublicIdentity
 
 
 def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -29,10 +29,12 @@ CERTIFICATES, REVOCATIONS = "certificates", "revocations"
 
 
 def roster_record(certificates: Iterable[x509.Certificate], crl: x509.CertificateRevocationList) -> ConfigRecord:
-    return ConfigRecord({
-        CERTIFICATES: [certificate_to_pem(c).decode("ascii") for c in certificates],
-        REVOCATIONS: crl_to_pem(crl).decode("ascii"),
-    })
+    return ConfigRecord(
+        {
+            CERTIFICATES: [certificate_to_pem(c).decode("ascii") for c in certificates],
+            REVOCATIONS: crl_to_pem(crl).decode("ascii"),
+        }
+    )
 
 
 def trusted_roster(record: ConfigRecord, kit: Kit, *, at: datetime) -> tuple[tuple[str, bytes], ...]:

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,7 @@ class SiteReports:
             "site": self.identity.name,
             "role": self.role,
             "run_id": run,
-            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "train_rows": len(data.train),
             "test_rows": len(data.test),
             "privacy": self._privacy(setup),
@@ -149,8 +149,15 @@ def read_report(path: Path) -> dict[str, Any]:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise ConfigError(f"not a readable site report ({error})", path=str(path)) from None
-    for key, kind in (("site", str), ("role", str), ("run_id", str), ("train_rows", int), ("test_rows", int),
-                      ("privacy", dict), ("held_out", dict)):
+    for key, kind in (
+        ("site", str),
+        ("role", str),
+        ("run_id", str),
+        ("train_rows", int),
+        ("test_rows", int),
+        ("privacy", dict),
+        ("held_out", dict),
+    ):
         if not isinstance(report.get(key), kind):
             raise ConfigError(f"missing or not a {kind.__name__}", path=str(path), field=key)
     return report

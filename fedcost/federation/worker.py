@@ -110,8 +110,15 @@ OBJECT_BACKOFF, OBJECT_BACKOFF_CAP = 0.01, 0.2
 # for a heartbeat); a pull of a large model's object may take longer on a slow link.
 CALL_TIMEOUT = 30.0
 # gRPC statuses that say the coordinator is away or failed, not that it refused the call.
-LOST = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
-                  grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED})
+LOST = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,
+    }
+)
 KEEP_CONTEXTS = 16  # runs whose Flower context the worker keeps (the SuperNode keeps all)
 
 
@@ -198,8 +205,11 @@ class NodeAuthInterceptor(grpc.UnaryUnaryClientInterceptor):
 
     def intercept_unary_unary(self, continuation, call, request):  # type: ignore[no-untyped-def]
         timestamp = now().isoformat()
-        signed = [(PUBLIC_KEY_HEADER, self.public), (TIMESTAMP_HEADER, timestamp),
-                  (SIGNATURE_HEADER, sign_message(self.key, timestamp.encode("ascii")))]
+        signed = [
+            (PUBLIC_KEY_HEADER, self.public),
+            (TIMESTAMP_HEADER, timestamp),
+            (SIGNATURE_HEADER, sign_message(self.key, timestamp.encode("ascii"))),
+        ]
         return continuation(call._replace(metadata=[*(call.metadata or ()), *signed]), request)
 
 
@@ -215,8 +225,12 @@ class FleetSession:
 
     def __init__(self, address: str, ca_file: Path, auth_key: ec.EllipticCurvePrivateKey):
         self.address = address
-        self.channel = create_channel(fleet_address(address), False, ca_file.read_bytes(), interceptors=[
-            RuntimeVersionClientInterceptor(component_name="SuperNode"), NodeAuthInterceptor(auth_key)])
+        self.channel = create_channel(
+            fleet_address(address),
+            False,
+            ca_file.read_bytes(),
+            interceptors=[RuntimeVersionClientInterceptor(component_name="SuperNode"), NodeAuthInterceptor(auth_key)],
+        )
         self.client = FleetStub(self.channel)
         self.public_key = auth_key.public_key()
         self.node: Node | None = None
@@ -231,8 +245,9 @@ class FleetSession:
 
     def activate(self) -> int:
         """Go online as this node; raises ``NodeRefused`` or ``ConnectionLost``."""
-        request = ActivateNodeRequest(public_key=public_key_to_bytes(self.public_key),
-                                      heartbeat_interval=HEARTBEAT_SECONDS)
+        request = ActivateNodeRequest(
+            public_key=public_key_to_bytes(self.public_key), heartbeat_interval=HEARTBEAT_SECONDS
+        )
         response = self._call(self.client.ActivateNode, request)
         self.node = Node(node_id=response.node_id)
         self.refused.clear()
@@ -253,9 +268,11 @@ class FleetSession:
         run_id = message.metadata.run_id
         pull = make_pull_object_fn_protobuf(lambda r: self._call(self.client.PullObject, r), self.node, run_id)
         confirm = make_confirm_message_received_fn_protobuf(
-            lambda r: self._call(self.client.ConfirmMessageReceived, r), self.node, run_id)
-        full = pull_and_inflate_object_from_tree(tree, pull, confirm, return_type=Message,
-                                                 initial_backoff=OBJECT_BACKOFF, backoff_cap=OBJECT_BACKOFF_CAP)
+            lambda r: self._call(self.client.ConfirmMessageReceived, r), self.node, run_id
+        )
+        full = pull_and_inflate_object_from_tree(
+            tree, pull, confirm, return_type=Message, initial_backoff=OBJECT_BACKOFF, backoff_cap=OBJECT_BACKOFF_CAP
+        )
         full.metadata.__dict__["_message_id"] = tree.object_id
         return full
 
@@ -266,11 +283,13 @@ class FleetSession:
         with no_object_id_recompute():
             tree = get_object_tree(reply)
             envelope = message_to_proto(remove_content_from_message(reply))
-            request = PushMessagesRequest(node=self.node, messages_list=[envelope], message_object_trees=[tree],
-                                          clientapp_runtime_list=[runtime])
+            request = PushMessagesRequest(
+                node=self.node, messages_list=[envelope], message_object_trees=[tree], clientapp_runtime_list=[runtime]
+            )
             response = self._call(self.client.PushMessages, request)
-            push = make_push_object_fn_protobuf(lambda r: self._call(self.client.PushObject, r), self.node,
-                                                reply.metadata.run_id, response.session_id)
+            push = make_push_object_fn_protobuf(
+                lambda r: self._call(self.client.PushObject, r), self.node, reply.metadata.run_id, response.session_id
+            )
             push_objects(get_all_nested_objects(reply), push, object_ids_to_push=set(response.objects_to_push))
 
     def close(self) -> None:
@@ -289,8 +308,10 @@ class FleetSession:
         """Heartbeats while the session lasts; one the coordinator refuses marks the node refused."""
         while not self.closed.wait(BEAT_EVERY):
             try:
-                self._call(self.client.SendNodeHeartbeat,
-                           SendNodeHeartbeatRequest(node=self.node, heartbeat_interval=HEARTBEAT_SECONDS))
+                self._call(
+                    self.client.SendNodeHeartbeat,
+                    SendNodeHeartbeatRequest(node=self.node, heartbeat_interval=HEARTBEAT_SECONDS),
+                )
             except NodeRefused:
                 self.refused.set()
             except ConnectionLost:
@@ -354,7 +375,8 @@ class NodeWorker:
             raise KitError(
                 f"the coordinator at {self.kit.address} refused this node's key ({refused}): the kit was revoked, "
                 "has expired or was never enrolled in this federation; ask your federation operator (details in "
-                "their coordinator log)", path=str(self.kit.folder),
+                "their coordinator log)",
+                path=str(self.kit.folder),
             ) from None
         finally:
             session.close()
@@ -411,8 +433,9 @@ class NodeWorker:
         try:
             message = session.content(envelope, tree)
         except (ConnectionLost, NodeRefused, ObjectPullError) as lost:  # the next pull tells which
-            log.warning("site %s: a message could not be received (%s); the coordinator counts it lost",
-                        self.kit.name, lost)
+            log.warning(
+                "site %s: a message could not be received (%s); the coordinator counts it lost", self.kit.name, lost
+            )
             return
         received = time.perf_counter()
         reply = self.answer(message, session.node_id)
@@ -421,10 +444,16 @@ class NodeWorker:
         while True:
             try:
                 session.push(reply, answered - started)
-                log.info("run %s: %s answered%s; seconds: receive %.3f, answer %.3f, send %.3f; requests %d",
-                         message.metadata.run_id, _kind(message), " (error)" if reply.has_error() else "",
-                         received - started, answered - received, time.perf_counter() - answered,
-                         session.calls - self.calls)
+                log.info(
+                    "run %s: %s answered%s; seconds: receive %.3f, answer %.3f, send %.3f; requests %d",
+                    message.metadata.run_id,
+                    _kind(message),
+                    " (error)" if reply.has_error() else "",
+                    received - started,
+                    answered - received,
+                    time.perf_counter() - answered,
+                    session.calls - self.calls,
+                )
                 self.calls = session.calls
                 return
             except (Rejected, NodeRefused) as refused:
@@ -440,8 +469,10 @@ class NodeWorker:
 
     def _wait_out(self, lost: ConnectionLost, backoff: Backoff) -> None:
         wait = backoff.next()
-        self.say(f"lost the coordinator at {self.kit.address} ({lost}); retrying in {wait:.0f} s "
-                 "(the node keeps its state; Ctrl-C stops it)")
+        self.say(
+            f"lost the coordinator at {self.kit.address} ({lost}); retrying in {wait:.0f} s "
+            "(the node keeps its state; Ctrl-C stops it)"
+        )
         self.stop.wait(wait)
 
     def answer(self, message: Message, node_id: int) -> Message:
@@ -461,8 +492,9 @@ class NodeWorker:
     def _context(self, run_id: int, node_id: int) -> Context:
         """This run's Flower context: the node's state between its messages (secure sum, log position)."""
         if run_id not in self.contexts:
-            self.contexts[run_id] = Context(run_id=run_id, node_id=node_id, node_config=self.node_config,
-                                            state=RecordDict(), run_config={})
+            self.contexts[run_id] = Context(
+                run_id=run_id, node_id=node_id, node_config=self.node_config, state=RecordDict(), run_config={}
+            )
             while len(self.contexts) > KEEP_CONTEXTS:
                 self.contexts.popitem(last=False)
         self.contexts.move_to_end(run_id)

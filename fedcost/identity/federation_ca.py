@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -43,8 +43,12 @@ class Authority:
     @classmethod
     def generate(cls, federation: str, *, lifetime: timedelta, at: datetime) -> Authority:
         key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, federation),
-                          x509.NameAttribute(NameOID.COMMON_NAME, f"{federation} root CA")])
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, federation),
+                x509.NameAttribute(NameOID.COMMON_NAME, f"{federation} root CA"),
+            ]
+        )
         certificate = (
             _builder(name, name, key.public_key(), at, lifetime)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
@@ -59,11 +63,13 @@ class Authority:
 
     def issue_party(self, identity: PublicIdentity, *, lifetime: timedelta, at: datetime) -> x509.Certificate:
         """A certificate binding ``identity``'s name, role and Ed25519 key, until ``at + lifetime``."""
-        subject = x509.Name([
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, self.federation),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, identity.role),
-            x509.NameAttribute(NameOID.COMMON_NAME, identity.name),
-        ])
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, self.federation),
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, identity.role),
+                x509.NameAttribute(NameOID.COMMON_NAME, identity.name),
+            ]
+        )
         return (
             _builder(subject, self.certificate.subject, identity.public_key, at, lifetime)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -77,8 +83,12 @@ class Authority:
         """A TLS server key and certificate valid for ``hosts`` (IP addresses or DNS names)."""
         hosts = list(dict.fromkeys(hosts))
         key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, self.federation),
-                             x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, self.federation),
+                x509.NameAttribute(NameOID.COMMON_NAME, hosts[0]),
+            ]
+        )
         certificate = (
             _builder(subject, self.certificate.subject, key.public_key(), at, lifetime)
             .add_extension(x509.SubjectAlternativeName([_general_name(host) for host in hosts]), critical=False)
@@ -131,8 +141,10 @@ def check_crl(ca: x509.Certificate, crl: x509.CertificateRevocationList, *, at: 
     if crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
         raise CertificateError("the revocation list is not signed by the federation's CA")
     if crl.next_update_utc is not None and at > crl.next_update_utc:
-        raise CertificateError(f"the revocation list expired at {crl.next_update_utc:%Y-%m-%d %H:%M:%S} UTC; "
-                               "the federation operator must issue a fresh one (fedcost federation revoke)")
+        raise CertificateError(
+            f"the revocation list expired at {crl.next_update_utc:%Y-%m-%d %H:%M:%S} UTC; "
+            "the federation operator must issue a fresh one (fedcost federation revoke)"
+        )
 
 
 def verify_certificate(
@@ -230,9 +242,15 @@ def _builder(
 
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=not cert_sign, content_commitment=False, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign, crl_sign=cert_sign,
-        encipher_only=False, decipher_only=False,
+        digital_signature=not cert_sign,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 
@@ -257,4 +275,4 @@ def _describe(certificate: x509.Certificate) -> str:
 
 def utc_now() -> datetime:
     """The current time, timezone-aware, for callers at the edge (CLI, processes)."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)

@@ -45,8 +45,12 @@ def check_party_name(
 ) -> None:
     """Refuse a party name that could not be a file name (``../../evil``) before it is used."""
     if not PARTY_NAME.fullmatch(name):
-        raise error(f"a party's name becomes a file name: use up to 64 letters, digits, '.', '_' or '-', "
-                    f"starting with a letter or digit, not {name!r}", path=path, field=field)
+        raise error(
+            f"a party's name becomes a file name: use up to 64 letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit, not {name!r}",
+            path=path,
+            field=field,
+        )
 
 
 def _check_name_and_role(name: object, role: object) -> None:

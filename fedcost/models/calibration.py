@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import numpy as np
 
 
-
 @dataclass(frozen=True)
 class CostCalibration:
     """A site's cost level against a model: its observed-over-expected ratio (O/E)."""
@@ -46,9 +45,7 @@ class CostCalibration:
         y = np.asarray(observed, dtype=np.float64).ravel()
         mu = np.asarray(expected, dtype=np.float64).ravel()
         if y.size == 0 or y.size != mu.size:
-            raise ValueError(
-                f"observed has {y.size} costs and expected {mu.size}: expected the same, non-zero number"
-            )
+            raise ValueError(f"observed has {y.size} costs and expected {mu.size}: expected the same, non-zero number")
         if not (np.isfinite(y).all() and np.isfinite(mu).all()):
             raise ValueError("observed and expected costs must be finite")
         if (y < 0).any() or (mu <= 0).any():

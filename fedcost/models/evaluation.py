@@ -120,9 +120,7 @@ def cost_sums(cost: np.ndarray, predicted: np.ndarray, *, clip: float | None = N
     if clip is not None:
         y, predicted = np.minimum(y, clip), np.minimum(predicted, clip)
     error = predicted - y
-    return np.array(
-        [y.size, y.sum(), np.square(y).sum(), np.abs(error).sum(), np.square(error).sum()], dtype="float64"
-    )
+    return np.array([y.size, y.sum(), np.square(y).sum(), np.abs(error).sum(), np.square(error).sum()], dtype="float64")
 
 
 def cost_bounds(clip: float) -> np.ndarray:

@@ -91,8 +91,8 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 
 from fedcost.errors import ModelFitError
-from fedcost.secagg.quantize import MAX_BITS, Quantizer
 from fedcost.secagg.prg import word
+from fedcost.secagg.quantize import MAX_BITS, Quantizer
 
 FAMILY_NAMES = ("binomial", "poisson", "gamma", "tweedie", "gaussian")
 MAX_ITERATIONS = 25  # R's glm.control(maxit = 25); every round of sums counts, halvings too
@@ -403,7 +403,13 @@ class SumsLayout:
         half = p * (p + 1) // 2
         information, observed = vector[k + p : k + p + half], vector[k + p + half :]
         return GlmSums(
-            rows, y_sum, overflowed, deviance, pearson, vector[k : k + p].copy(), _symmetric(information, p),
+            rows,
+            y_sum,
+            overflowed,
+            deviance,
+            pearson,
+            vector[k : k + p].copy(),
+            _symmetric(information, p),
             _symmetric(observed, p),
         )
 

@@ -89,9 +89,7 @@ def _mlp(n_in: int, hidden: tuple[int, ...], dropout: float, gen: torch.Generato
     return layers
 
 
-def build_model(
-    spec: ModelSpec, n_features: int, *, seed: int, readmission_rate: float | None = None
-) -> FedcostNet:
+def build_model(spec: ModelSpec, n_features: int, *, seed: int, readmission_rate: float | None = None) -> FedcostNet:
     """Build ``spec`` for ``n_features`` inputs, deterministically from ``seed``.
 
     ``readmission_rate`` (the federation's base rate) sets the readmission bias to its logit, so

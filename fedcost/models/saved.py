@@ -51,12 +51,15 @@ class SavedModel:
         described = folder / MODEL_FILE
         try:
             data = json.loads(described.read_text())
-            spec = ModelSpec(**{**data["model"], "hidden": tuple(data["model"]["hidden"]),
-                                "tasks": tuple(data["model"]["tasks"])})
+            spec = ModelSpec(
+                **{**data["model"], "hidden": tuple(data["model"]["hidden"]), "tasks": tuple(data["model"]["tasks"])}
+            )
             features = FeatureSpec.from_dict(data["features"])
         except FileNotFoundError:
-            raise ConfigError("no model here: give a run folder of a finished run (it holds model.json and model.pt)",
-                              path=str(folder)) from None
+            raise ConfigError(
+                "no model here: give a run folder of a finished run (it holds model.json and model.pt)",
+                path=str(folder),
+            ) from None
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ConfigError(f"not a readable model description ({error})", path=str(described)) from None
         return cls(folder, spec, features, cls._network(spec, features, folder / WEIGHTS_FILE))
@@ -88,8 +91,10 @@ class SavedModel:
         path = self.folder / SITES_DIR / f"{site}.json"
         if site not in self.sites():
             known = ", ".join(self.sites()) or "none"
-            raise ConfigError(f"the run saved no steps for site {site!r} (it has: {known}); leave out --site to use "
-                              "the shared model", path=str(self.folder))
+            raise ConfigError(
+                f"the run saved no steps for site {site!r} (it has: {known}); leave out --site to use the shared model",
+                path=str(self.folder),
+            )
         try:
             steps = SiteSteps.from_dict(json.loads(path.read_text()))
         except ValueError as error:

@@ -40,9 +40,7 @@ class SiteSteps:
     adapted: tuple[str, ...] = ()
     calibration: float | None = None
 
-    def predict(
-        self, shared: FedcostNet, adapted: FedcostNet | None, features: np.ndarray
-    ) -> dict[str, np.ndarray]:
+    def predict(self, shared: FedcostNet, adapted: FedcostNet | None, features: np.ndarray) -> dict[str, np.ndarray]:
         """Predictions per task, in the model's units (costs in cost-scale units)."""
         out = predict(shared, features)
         if adapted is not None and self.adapted:

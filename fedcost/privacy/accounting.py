@@ -162,9 +162,7 @@ class PrivacyLedger:
     ``PrivacyLedger(new_epsilon, new_delta, history=old.history)``.
     """
 
-    def __init__(
-        self, epsilon_budget: float, delta: float, history: Iterable[Release | tuple[float, float, int]] = ()
-    ):
+    def __init__(self, epsilon_budget: float, delta: float, history: Iterable[Release | tuple[float, float, int]] = ()):
         if not (_is_real(epsilon_budget) and math.isfinite(epsilon_budget) and epsilon_budget > 0):
             raise ValueError(
                 f"epsilon_budget={epsilon_budget!r}: a ledger tracks a finite budget > 0 "

@@ -169,7 +169,6 @@ def skellam_variance_for(
     return smallest_within(lambda variance: epsilon_of(variance) > epsilon, low, high, VARIANCE_TOLERANCE)
 
 
-
 def smallest_within(exceeds: Callable[[float], bool], low: float, high: float, tolerance: float) -> float:
     """The smallest noise in (``low``, ``high``] (to ``tolerance`` relative) for which
     ``exceeds`` is false, by bisection on a monotone test; the value returned is on the
@@ -181,6 +180,7 @@ def smallest_within(exceeds: Callable[[float], bool], low: float, high: float, t
         else:
             high = middle
     return high
+
 
 def share_of_variance(variance: float, nodes: int) -> float:
     """The variance each of ``nodes`` nodes adds so that the sum of their shares is Sk(``variance``).

@@ -31,7 +31,7 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +172,9 @@ class ReleaseLedger:
     def check_unanswered(self, exchange: str) -> None:
         """Refuse a request this site has already answered: a replay gets nothing."""
         if exchange in self._record.answered:
-            raise _refusal(f"it repeats a request this site has already answered ({exchange}); a site answers each once")
+            raise _refusal(
+                f"it repeats a request this site has already answered ({exchange}); a site answers each once"
+            )
 
     # --- what the site records before a reply leaves ----------------------------------------
 
@@ -181,7 +183,9 @@ class ReleaseLedger:
         self.check_run_open(run_id)
         accepted = self._record.plans.get(run_id)
         if accepted is not None and accepted != plan:
-            raise _refusal(f"run {run_id!r} was accepted here with another plan; a restarted run must state the same job")
+            raise _refusal(
+                f"run {run_id!r} was accepted here with another plan; a restarted run must state the same job"
+            )
         if accepted is None:
             self._write(LedgerEvent.PLAN_ACCEPTED, {"run_id": run_id, "plan": plan}, durable=True)
 
@@ -190,9 +194,7 @@ class ReleaseLedger:
         self.check_unanswered(exchange)
         self._write(LedgerEvent.ANSWERED, {"exchange": exchange, "digest": digest}, durable=durable)
 
-    def sign_set(
-        self, keys: Sequence[tuple[str, str]], sites: frozenset[str], *, minimum: int, exchange: str
-    ) -> None:
+    def sign_set(self, keys: Sequence[tuple[str, str]], sites: frozenset[str], *, minimum: int, exchange: str) -> None:
         """Let one input be unmasked within a sum over ``sites``; ``keys`` are its release keys,
         each with the input in words.
 
@@ -265,7 +267,7 @@ def start_anew(path: Path, identity: Identity, *, reason: str, at: datetime | No
     path = Path(path)
     kept = None
     if path.exists():
-        stamp = (at or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+        stamp = (at or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
         kept = path.with_name(f"{path.name}.replaced-{stamp}")
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         path.rename(kept)

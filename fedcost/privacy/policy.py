@@ -208,8 +208,11 @@ class SitePolicy:
     @classmethod
     def _from_dict(cls, data: Mapping[str, Any]) -> SitePolicy:
         _known("", data, cls)
-        required = {"coordinator": 'coordinator = "<64 hex digits>"', "privacy": "[privacy] epsilon = 8.0",
-                    "max_rounds": "max_rounds = 50"}
+        required = {
+            "coordinator": 'coordinator = "<64 hex digits>"',
+            "privacy": "[privacy] epsilon = 8.0",
+            "max_rounds": "max_rounds = 50",
+        }
         for name, hint in required.items():
             if name not in data:
                 raise _FieldError(name, f"required; write {hint}")

@@ -214,9 +214,7 @@ def _fix(plan: _Plan, check: _Check, patterns: np.ndarray, sizes: np.ndarray, at
     for other in same_class[same_class != atom]:
         theirs = patterns[other]
         differ = np.flatnonzero(~fixed & (own != theirs))
-        options.append(
-            {(check.components[i], int(code)) for i in differ for code in (own[i], theirs[i]) if code >= 0}
-        )
+        options.append({(check.components[i], int(code)) for i in differ for code in (own[i], theirs[i]) if code >= 0})
     for component, cell in sorted(min((o for o in options if o), key=plan.cost)):
         plan.withhold(component, cell)
     return True

@@ -28,9 +28,11 @@ def scoring_note(summary: dict) -> str:
     steps = summary.get("site_steps", {})
     calibrated = sum(step["calibration"] is not None for step in steps.values())
     tuned = sum(bool(step["adapted"]) for step in steps.values())
-    return (f"federated, pooled and local-only scored as fitted; federated_at_sites: the shared model with the "
-            f"steps each site's validation rows kept ({calibrated} of {len(steps)} sites their cost level, "
-            f"{tuned} fine-tuning)")
+    return (
+        f"federated, pooled and local-only scored as fitted; federated_at_sites: the shared model with the "
+        f"steps each site's validation rows kept ({calibrated} of {len(steps)} sites their cost level, "
+        f"{tuned} fine-tuning)"
+    )
 
 
 def outcome_label(summary: dict, task: str) -> str:
@@ -83,7 +85,7 @@ def _page(summary: dict, images: list[Path]) -> str:
     else:
         body = _training_sections(summary) if summary["task"] == "train" else _sites_line(summary)
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>fedcost run {html.escape(summary['run_id'])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>fedcost run {html.escape(summary["run_id"])}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; }}
 table {{ border-collapse: collapse; margin: 1rem 0; }}
@@ -93,7 +95,7 @@ img {{ max-width: 100%; }}
 .withheld {{ color: #a33; font-style: italic; }}
 details > summary {{ cursor: pointer; font-size: 1.2rem; font-weight: bold; margin: 1rem 0; }}
 </style></head><body>
-<h1>fedcost run {html.escape(summary['run_id'])}</h1>
+<h1>fedcost run {html.escape(summary["run_id"])}</h1>
 <p>Costs in {html.escape(cost_unit(summary))}{"" if summary.get("currency") else " (the config names no currency: [analytics] currency)"}.</p>
 {body}
 {_privacy_section(summary)}
@@ -114,7 +116,8 @@ def _sites_line(summary: dict) -> str:
 def _training_sections(summary: dict) -> str:
     table = "".join(
         f"<tr><td>{task}</td><td>{_metric_label(task, metric, summary)}</td>"
-        + "".join(f"<td>{format_value(v[m])}</td>" for m in MODELS) + "</tr>"
+        + "".join(f"<td>{format_value(v[m])}</td>" for m in MODELS)
+        + "</tr>"
         for task, metric, v in comparison_rows(summary)
     )
     sites = "".join(
@@ -129,10 +132,10 @@ def _training_sections(summary: dict) -> str:
         if task in summary
         for m in MODELS
     )
-    return f"""<p>{len(summary['nodes'])} nodes, {summary['rounds']} rounds of {summary['strategy']}, model {summary['model']};
-all models scored on the same {summary['test_rows']:,} held-out rows; {scoring_note(summary)}.</p>
+    return f"""<p>{len(summary["nodes"])} nodes, {summary["rounds"]} rounds of {summary["strategy"]}, model {summary["model"]};
+all models scored on the same {summary["test_rows"]:,} held-out rows; {scoring_note(summary)}.</p>
 <h2>Federated against pooled and local-only</h2>
-<table><tr><th>outcome</th><th>metric</th>{''.join(f'<th>{m}</th>' for m in MODELS)}</tr>{table}</table>
+<table><tr><th>outcome</th><th>metric</th>{"".join(f"<th>{m}</th>" for m in MODELS)}</tr>{table}</table>
 <h2>Per site</h2>
 <table><tr><th>site</th><th>role</th><th>train rows</th><th>test rows</th>{site_heads}</tr>{sites}</table>"""
 
@@ -149,14 +152,19 @@ def federation_rows(summary: dict) -> list[tuple[str, str, float]]:
 
 def _federation_sections(summary: dict) -> str:
     """A federation run: the federated model's metrics, then each site as it reported itself."""
-    table = "".join(f"<tr><td>{task}</td><td>{_metric_label(task, metric, summary)}</td><td>{format_value(v)}</td></tr>"
-                    for task, metric, v in federation_rows(summary))
+    table = "".join(
+        f"<tr><td>{task}</td><td>{_metric_label(task, metric, summary)}</td><td>{format_value(v)}</td></tr>"
+        for task, metric, v in federation_rows(summary)
+    )
     reported = summary.get("sites_reported", [])
     sites = "".join(_reported_site(n, summary) for n in summary["nodes"])
-    note = (f"{len(reported)} of {len(summary['nodes'])} sites sent their own report"
-            if reported else "No site report collected yet (`fedcost federation collect`)")
-    return f"""<p>A federation of {len(summary['nodes'])} sites, {summary['rounds']} rounds of {summary['strategy']},
-model {summary['model']}. Metrics of the federated model from the summed evaluation sums of every site's
+    note = (
+        f"{len(reported)} of {len(summary['nodes'])} sites sent their own report"
+        if reported
+        else "No site report collected yet (`fedcost federation collect`)"
+    )
+    return f"""<p>A federation of {len(summary["nodes"])} sites, {summary["rounds"]} rounds of {summary["strategy"]},
+model {summary["model"]}. Metrics of the federated model from the summed evaluation sums of every site's
 held-out rows; no party holds the rows a pooled or local-only model would need.</p>
 <h2>Federated model</h2>
 <table><tr><th>outcome</th><th>metric</th><th>federated</th></tr>{table}</table>
@@ -177,12 +185,15 @@ def _reported_site(node: dict, summary: dict) -> str:
         spent = "no DP"
     figures = "; ".join(
         f"{task} {_metric_label(task, metric, summary)} {format_value(value)}"
-        for task, models in summary.get("per_site", {}).get(node["name"], {}).items() if isinstance(models, dict)
+        for task, models in summary.get("per_site", {}).get(node["name"], {}).items()
+        if isinstance(models, dict)
         for metric, value in models.get("federated", {}).items()
     )
     rows = [f"{node[k]:,}" if k in node else "" for k in ("train_rows", "test_rows")]
-    return (f"<tr><td>{html.escape(node['name'])}</td><td>{node['role']}</td><td>{rows[0]}</td><td>{rows[1]}</td>"
-            f"<td>{spent}</td><td>{html.escape(figures)}</td></tr>")
+    return (
+        f"<tr><td>{html.escape(node['name'])}</td><td>{node['role']}</td><td>{rows[0]}</td><td>{rows[1]}</td>"
+        f"<td>{spent}</td><td>{html.escape(figures)}</td></tr>"
+    )
 
 
 def funnel_position(site: dict) -> str:
@@ -218,19 +229,19 @@ def _benchmark_section(result: dict | None, summary: dict) -> str:
     peer_heads = "<th>peer group</th><th>peer median ERR</th>" if peers else ""
     return f"""<h2>Risk-adjusted benchmarking</h2>
 <p>Each site scored its own rows with the federated model and shared only its totals: rows, observed and
-expected readmissions and costs. Federation readmission rate {result['federation_rate']:.3f}, mean cost
-{result['federation_mean_cost']:,.0f} {unit} per stay. All intervals are 95%.</p>
+expected readmissions and costs. Federation readmission rate {result["federation_rate"]:.3f}, mean cost
+{result["federation_mean_cost"]:,.0f} {unit} per stay. All intervals are 95%.</p>
 <ul>
 <li><strong>O/E</strong>: observed over expected readmissions, exact-Poisson (Byar) interval.</li>
 <li><strong>ERR</strong> (excess readmission ratio, as CMS's readmissions programme computes it): predicted
 readmissions with the site's own random intercept over expected with the average site's. Method:
-{html.escape(result['err_method'])}; between-site SD τ = {result['between_site_sd']:.3f}. A small site's ERR is pulled toward 1: its own
+{html.escape(result["err_method"])}; between-site SD τ = {result["between_site_sd"]:.3f}. A small site's ERR is pulled toward 1: its own
 readmissions say little. ERR compares a site with the average site, O/E with the federation's pooled
 rate (which large sites dominate), so a large site's ERR and O/E can differ. Computed at the coordinator
 from the rows, O and E the sites already shared.
 {"ERR is compared with the median ERR of the site's peer group (CMS's threshold)." if peers else "Above 1: more readmissions than the average site with the same patients."}</li>
 <li><strong>Funnel</strong>: the site's O/E against control limits around 1 widened for real between-site
-variation ({html.escape(result['funnel_method'])}; τ² = {result['funnel_tau2']:.3g}). Above the limits is worse:
+variation ({html.escape(result["funnel_method"])}; τ² = {result["funnel_tau2"]:.3g}). Above the limits is worse:
 unusual even allowing for how much sites differ. In brackets, a site outside the Poisson 99.8% limits, which
 allow for chance alone.</li>
 <li><strong>Cost O/E</strong>: observed over expected cost, interval from the squared residuals.</li>
@@ -272,12 +283,12 @@ def _group_costing_section(result: dict | None, summary: dict) -> str:
         for s in result["sites"]
     )
     return f"""<h2>Cost against payment per disease group</h2>
-<p>{html.escape(result['note'])} Mean cost of every case: {_money(result['mean_cost'])} {unit}.</p>
+<p>{html.escape(result["note"])} Mean cost of every case: {_money(result["mean_cost"])} {unit}.</p>
 <table><tr><th>disease group</th><th>cases</th><th>mean cost ({unit})</th><th>mean payment ({unit})</th>
 <th>margin per case ({unit})</th><th>total margin ({unit})</th><th>cost weight</th></tr>{groups}</table>
 <table><tr><th>site</th><th>cases</th><th>case-mix index</th><th>cost O/E</th><th>mean cost ({unit})</th>
 <th>mean payment ({unit})</th><th>margin per case ({unit})</th></tr>{mixes}</table>
-<details><summary>Per site and disease group: {len(result['sites'])} cells released</summary>
+<details><summary>Per site and disease group: {len(result["sites"])} cells released</summary>
 <table><tr><th>site</th><th>disease group</th><th>cases</th><th>mean cost ({unit})</th><th>mean payment ({unit})</th>
 <th>margin per case ({unit})</th><th>cost O/E within group</th></tr>{cells}</table></details>"""
 
@@ -286,8 +297,10 @@ def _noise_note(summary: dict) -> str:
     noisy = summary.get("statistics_privacy")
     if not noisy:
         return ""
-    return (f"<p>The totals carried differential-privacy noise (SD {noisy['noise_sd']:.3g} readmissions or rows per "
-            "total, costs clipped): the intervals above leave that noise out, so they are too narrow for small sites.</p>")
+    return (
+        f"<p>The totals carried differential-privacy noise (SD {noisy['noise_sd']:.3g} readmissions or rows per "
+        "total, costs clipped): the intervals above leave that noise out, so they are too narrow for small sites.</p>"
+    )
 
 
 def _normalisation(result: dict) -> str:
@@ -295,26 +308,33 @@ def _normalisation(result: dict) -> str:
     factors = result.get("calibration") or {}
     if not factors:
         return "Expected readmissions are standardised to the federation (its O/E is 1); expected costs are the model's own."
-    return ("Expected readmissions and costs are standardised so that the federation as a whole has O/E, cost O/E "
-            "and value index 1, in every run. Before that, the federated model's totals were off by a factor of "
-            f"{factors['readmission']:.3f} (readmissions, observed/expected) and {factors['cost']:.3f} (costs): the "
-            "model's calibration in the large, which differential privacy and few rounds can move.")
+    return (
+        "Expected readmissions and costs are standardised so that the federation as a whole has O/E, cost O/E "
+        "and value index 1, in every run. Before that, the federated model's totals were off by a factor of "
+        f"{factors['readmission']:.3f} (readmissions, observed/expected) and {factors['cost']:.3f} (costs): the "
+        "model's calibration in the large, which differential privacy and few rounds can move."
+    )
 
 
 def _privacy_section(summary: dict) -> str:
     """What protected the sites' data and what was held back: secure aggregation, differential
     privacy per site, the smallest cohort any figure describes, and what was withheld."""
     privacy = summary.get("privacy", {})
-    rows = "".join(f"<tr><td>{html.escape(n['name'])}</td><td>{_dp_spent(privacy.get(n['name']))}</td></tr>"
-                   for n in summary["nodes"])
+    rows = "".join(
+        f"<tr><td>{html.escape(n['name'])}</td><td>{_dp_spent(privacy.get(n['name']))}</td></tr>"
+        for n in summary["nodes"]
+    )
     noisy = summary.get("statistics_privacy")
-    statistics = (f"<p>Shared statistics (benchmark totals, grouped statistics, evaluation sums) carried distributed "
-                  f"noise for (ε = {noisy['epsilon']:g}, δ = {noisy['delta']:g}) per site, noise SD "
-                  f"{noisy['noise_sd']:.3g}, costs clipped at {noisy['cost_clip']:,.0f} {html.escape(cost_unit(summary))}.</p>"
-                  if noisy else "<p>Shared statistics were exact (no statistics noise).</p>")
+    statistics = (
+        f"<p>Shared statistics (benchmark totals, grouped statistics, evaluation sums) carried distributed "
+        f"noise for (ε = {noisy['epsilon']:g}, δ = {noisy['delta']:g}) per site, noise SD "
+        f"{noisy['noise_sd']:.3g}, costs clipped at {noisy['cost_clip']:,.0f} {html.escape(cost_unit(summary))}.</p>"
+        if noisy
+        else "<p>Shared statistics were exact (no statistics noise).</p>"
+    )
     return f"""<h2>Privacy</h2>
 <p>{_protections(summary)}</p>
-<p>Smallest cohort any shared figure describes (min cohort): {summary.get('min_cohort', 'not recorded')} rows.</p>
+<p>Smallest cohort any shared figure describes (min cohort): {summary.get("min_cohort", "not recorded")} rows.</p>
 {statistics}
 <table><tr><th>site</th><th>differential privacy in training: ε spent / budget (δ)</th></tr>{rows}</table>
 <p>Withheld: {_withheld(summary)}</p>"""
@@ -339,9 +359,14 @@ def _withheld(summary: dict) -> str:
         parts.append(f"{suppressed} of {len(cells)} statistics cells suppressed, {partial} partly withheld")
     bench = analytics.get("benchmark")
     if bench:
-        missing = sorted({n["name"] for n in summary["nodes"]} - set(bench.get("included", [s["site"] for s in bench["sites"]])))
-        parts.append("every site shared its benchmark totals" if not missing
-                     else f"no benchmark totals from {', '.join(map(html.escape, missing))}")
+        missing = sorted(
+            {n["name"] for n in summary["nodes"]} - set(bench.get("included", [s["site"] for s in bench["sites"]]))
+        )
+        parts.append(
+            "every site shared its benchmark totals"
+            if not missing
+            else f"no benchmark totals from {', '.join(map(html.escape, missing))}"
+        )
     dropouts = summary.get("dropouts") or {}
     if dropouts:
         parts.append(f"nodes dropped out in round(s) {', '.join(map(str, dropouts))}")
@@ -357,12 +382,13 @@ def _statistics_section(result: dict | None, summary: dict) -> str:
     cells = _listed_cells(result)
     heads = "".join(f"<th>{html.escape(g)}</th>" for g in groups)
     rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c[g]))}</td>" for g in groups) + _cell_figures(c) + "</tr>" for c in cells
+        "<tr>" + "".join(f"<td>{html.escape(str(c[g]))}</td>" for g in groups) + _cell_figures(c) + "</tr>"
+        for c in cells
     )
     suppressed, partial = sum(c["suppressed"] for c in cells), sum(_partly_withheld(c) for c in cells)
     unit = html.escape(cost_unit(summary))
     return f"""<details><summary>Federated statistics: {len(cells)} cells ({suppressed} suppressed, {partial} partly withheld)</summary>
-<p>{html.escape(result['note'])}</p>
+<p>{html.escape(result["note"])}</p>
 <table><tr>{heads}<th>rows</th><th>mean cost ({unit})</th><th>median cost ({unit})</th><th>p90 cost ({unit})</th>
 <th>readmission rate</th></tr>
 {rows}</table></details>"""
@@ -391,8 +417,13 @@ def _cell_figures(cell: dict) -> str:
         if key in cell and value is None:
             figures.append('<td class="withheld" title="withheld: too few rows for this figure">withheld</td>')
         else:
-            figures.append("<td>n/a</td>" if value is None else f"<td>{value:.3f}</td>" if key == "readmission_rate"
-                           else f"<td>{value:,.0f}</td>")
+            figures.append(
+                "<td>n/a</td>"
+                if value is None
+                else f"<td>{value:.3f}</td>"
+                if key == "readmission_rate"
+                else f"<td>{value:,.0f}</td>"
+            )
     return "".join(figures)
 
 

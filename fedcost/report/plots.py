@@ -52,12 +52,15 @@ def plot_sites(summary: dict, path: Path) -> None:
     (a federation's: the federated model, as far as each site reported it)."""
     sites = list(summary["per_site"])
     panels = [
-        (t, m, label) for t, m, label in (("readmission", "auroc", "AUROC"), ("cost", "mae", f"cost MAE ({cost_unit(summary)})"))
+        (t, m, label)
+        for t, m, label in (("readmission", "auroc", "AUROC"), ("cost", "mae", f"cost MAE ({cost_unit(summary)})"))
         if any(m in scores for s in sites for scores in summary["per_site"][s].get(t, {}).values())
     ]
     if not panels:
         return
-    figure, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.9 * len(sites) + 2), 3.2 * len(panels)), squeeze=False)
+    figure, axes = plt.subplots(
+        len(panels), 1, figsize=(max(6, 0.9 * len(sites) + 2), 3.2 * len(panels)), squeeze=False
+    )
     positions = np.arange(len(sites))
     for ax, (task, metric, label) in zip(axes[:, 0], panels):
         models = [m for m in MODEL_COLOURS if any(m in summary["per_site"][s].get(task, {}) for s in sites)]
@@ -82,8 +85,13 @@ def plot_calibration(summary: dict, path: Path) -> None:
         bins = summary["calibration"][model]
         ax.plot(bins["mean_predicted"], bins["observed_rate"], marker="o", color=MODEL_COLOURS[model], label=model)
         top = max(top, *bins["mean_predicted"], *bins["observed_rate"])
-    ax.set(xlim=(0, min(1, top * 1.1)), ylim=(0, min(1, top * 1.1)), xlabel="predicted risk", ylabel="observed rate",
-           title="Readmission calibration")
+    ax.set(
+        xlim=(0, min(1, top * 1.1)),
+        ylim=(0, min(1, top * 1.1)),
+        xlabel="predicted risk",
+        ylabel="observed rate",
+        title="Readmission calibration",
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     _save(figure, path)
@@ -112,18 +120,39 @@ def plot_funnel(result: Benchmark, path: Path) -> None:
     ax.axhline(1.0, color="black", lw=0.8)
     for position, (colour, label) in FUNNEL_COLOURS.items():
         members = [s for s in result.sites if s.funnel == position]
-        ax.scatter([s.expected for s in members], [s.oe for s in members], color=colour, zorder=3,
-                   label=f"{label} ({len(members)})")
+        ax.scatter(
+            [s.expected for s in members],
+            [s.oe for s in members],
+            color=colour,
+            zorder=3,
+            label=f"{label} ({len(members)})",
+        )
     for site in result.sites:
         ax.annotate(site.site, (site.expected, site.oe), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.text(1.01, 0.97, "worse ↑\n(more readmissions\nthan expected)", transform=ax.transAxes, va="top", fontsize=8,
-            color=FUNNEL_COLOURS["above 99.8% limit"][0])
-    ax.text(1.01, 0.03, "better ↓\n(fewer readmissions\nthan expected)", transform=ax.transAxes, va="bottom", fontsize=8,
-            color=FUNNEL_COLOURS["below 99.8% limit"][0])
+    ax.text(
+        1.01,
+        0.97,
+        "worse ↑\n(more readmissions\nthan expected)",
+        transform=ax.transAxes,
+        va="top",
+        fontsize=8,
+        color=FUNNEL_COLOURS["above 99.8% limit"][0],
+    )
+    ax.text(
+        1.01,
+        0.03,
+        "better ↓\n(fewer readmissions\nthan expected)",
+        transform=ax.transAxes,
+        va="bottom",
+        fontsize=8,
+        color=FUNNEL_COLOURS["below 99.8% limit"][0],
+    )
     ax.set(xlabel="expected readmissions (E)", ylabel="observed / expected readmissions (O/E)")
-    ax.set_title("Risk-adjusted 30-day readmission\n"
-                 f"limits: additive between-site variance τ² = {result.funnel_tau2:.3g} (DerSimonian–Laird on log O/E)",
-                 fontsize=10)
+    ax.set_title(
+        "Risk-adjusted 30-day readmission\n"
+        f"limits: additive between-site variance τ² = {result.funnel_tau2:.3g} (DerSimonian–Laird on log O/E)",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.8), frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,16 +165,26 @@ def plot_excess_readmission(result: Benchmark, path: Path) -> None:
     sites = sorted(result.sites, key=lambda s: s.expected)
     figure, ax = plt.subplots(figsize=(8, max(3.0, 0.35 * len(sites) + 1.5)))
     rows = np.arange(len(sites))
-    for offset, (key, colour, label) in zip((0.15, -0.15), (("oe", "#7f7f7f", "O/E (raw)"),
-                                                           ("err", "#1f77b4", "excess readmission ratio (ERR)"))):
+    for offset, (key, colour, label) in zip(
+        (0.15, -0.15), (("oe", "#7f7f7f", "O/E (raw)"), ("err", "#1f77b4", "excess readmission ratio (ERR)"))
+    ):
         centre = np.array([getattr(s, key) for s in sites])
         low, high = (np.array([getattr(s, f"{key}_{b}") for s in sites]) for b in ("low", "high"))
-        ax.errorbar(centre, rows + offset, xerr=[centre - low, high - centre], fmt="o", color=colour, capsize=2,
-                    label=f"{label}, 95% interval")
+        ax.errorbar(
+            centre,
+            rows + offset,
+            xerr=[centre - low, high - centre],
+            fmt="o",
+            color=colour,
+            capsize=2,
+            label=f"{label}, 95% interval",
+        )
     ax.axvline(1.0, color="black", lw=0.8)
     ax.set_yticks(rows, [f"{s.site} (E {s.expected:,.0f})" for s in sites], fontsize=8)
-    ax.set(xlabel="ratio (above 1: more readmissions than expected, worse)",
-           title=f"Shrunken against raw readmission ratios (between-site SD τ = {result.between_site_sd:.3f})")
+    ax.set(
+        xlabel="ratio (above 1: more readmissions than expected, worse)",
+        title=f"Shrunken against raw readmission ratios (between-site SD τ = {result.between_site_sd:.3f})",
+    )
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncols=2, frameon=False)
     _save(figure, path)
@@ -166,15 +205,22 @@ def plot_group_costing(summary: dict, path: Path) -> None:
     costs.bar(positions + 0.2, [g["mean_payment"] for g in groups], width=0.4, color="#2ca02c", label="mean payment")
     costs.set(ylabel=f"per case ({unit})", title="Cost against payment per disease group (federation)")
     costs.legend(fontsize=8)
-    margins.bar(positions, [g["margin"] for g in groups], width=0.5, color="#1f77b4", alpha=0.6,
-                label="federation")
+    margins.bar(positions, [g["margin"] for g in groups], width=0.5, color="#1f77b4", alpha=0.6, label="federation")
     index = {g["group"]: i for i, g in enumerate(groups)}
     sites = [s for s in result["sites"] if s["margin"] is not None and s["group"] in index]
-    margins.scatter([index[s["group"]] for s in sites], [s["margin"] for s in sites], color="black", s=10, zorder=3,
-                    label="one site")
+    margins.scatter(
+        [index[s["group"]] for s in sites],
+        [s["margin"] for s in sites],
+        color="black",
+        s=10,
+        zorder=3,
+        label="one site",
+    )
     margins.axhline(0.0, color="black", lw=0.8)
-    margins.set(ylabel=f"margin per case ({unit})", title="Margin (payment - cost): below 0 the payer pays less "
-                "than the care costs")
+    margins.set(
+        ylabel=f"margin per case ({unit})",
+        title="Margin (payment - cost): below 0 the payer pays less than the care costs",
+    )
     margins.set_xticks(positions, names, rotation=30, ha="right", fontsize=8)
     margins.legend(fontsize=8)
     for ax in (costs, margins):

@@ -32,9 +32,15 @@ def glm_inference(model: FittedGlm) -> dict:
     for coefficient in model.summary():
         row = dataclasses.asdict(coefficient)
         rows.append({k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()})
-    return {"family": model.family.name, "ratio": model.family.ratio, "converged": model.converged,
-            "iterations": model.iterations, "message": model.message, "dispersion": model.dispersion,
-            "coefficients": rows}
+    return {
+        "family": model.family.name,
+        "ratio": model.family.ratio,
+        "converged": model.converged,
+        "iterations": model.iterations,
+        "message": model.message,
+        "dispersion": model.dispersion,
+        "coefficients": rows,
+    }
 
 
 class ProgressRecorder:
@@ -77,7 +83,12 @@ class ProgressRecorder:
 
 
 def federation_summary(
-    run_id: str, config: SimulationConfig, roles: dict[str, str], rounds: list[dict], analytics: dict, *,
+    run_id: str,
+    config: SimulationConfig,
+    roles: dict[str, str],
+    rounds: list[dict],
+    analytics: dict,
+    *,
     seconds: float,
 ) -> dict:
     """A federation run's ``summary.json``, in a simulation's shape where the two agree.
@@ -106,5 +117,10 @@ def federation_summary(
     for task in config.model.tasks:
         scores = {metric: last[f"{task}_{metric}"] for metric in SCORED[task] if f"{task}_{metric}" in last}
         summary[task] = {"federated": scores}
-    return summary | {"per_site": {}, "privacy": {}, "sites_reported": [], "analytics": analytics,
-                      "seconds": round(seconds, 1)}
+    return summary | {
+        "per_site": {},
+        "privacy": {},
+        "sites_reported": [],
+        "analytics": analytics,
+        "seconds": round(seconds, 1),
+    }

@@ -200,9 +200,7 @@ class KeyAdvertisement(_Message):
 
     def signed_bytes(self, run_id: str, round_number: int) -> bytes:
         """What the node's identity key signs: the keys bound to node, run and round."""
-        return canonical(
-            PROTOCOL, "advertise", run_id, round_number, self.node_id, self.mask_key, self.share_key
-        )
+        return canonical(PROTOCOL, "advertise", run_id, round_number, self.node_id, self.mask_key, self.share_key)
 
     def _payload(self) -> dict[str, Any]:
         return {
@@ -405,8 +403,7 @@ class UnmaskRequest(_Message):
         _check_tuple("signatures", self.signatures, bytes)
         if len(self.signatures) != len(self.survivors):
             raise ValueError(
-                f"signatures must be one per survivor, got {len(self.signatures)} "
-                f"for {len(self.survivors)} survivors"
+                f"signatures must be one per survivor, got {len(self.signatures)} for {len(self.survivors)} survivors"
             )
 
     def signed_bytes(self, run_id: str, round_number: int) -> bytes:
@@ -486,8 +483,7 @@ _REQUESTS: dict[str, type[_Message]] = {
     for cls in (SetupRequest, ShareKeysRequest, MaskedInputRequest, ConsistencyRequest, UnmaskRequest)
 }
 _REPLIES: dict[str, type[_Message]] = {
-    cls.stage.value: cls
-    for cls in (KeyAdvertisement, ShareKeysReply, MaskedInputReply, ConsistencyReply, UnmaskReply)
+    cls.stage.value: cls for cls in (KeyAdvertisement, ShareKeysReply, MaskedInputReply, ConsistencyReply, UnmaskReply)
 }
 
 

@@ -111,9 +111,7 @@ def _check_min_survivors(min_survivors: int) -> None:
         raise ValueError(f"min_survivors must be an int of at least {MIN_SURVIVORS}, got {min_survivors!r}")
 
 
-def _check_stage(
-    expected: Stage | None, message: object, kinds: Mapping[Stage, tuple[type, Stage | None]]
-) -> None:
+def _check_stage(expected: Stage | None, message: object, kinds: Mapping[Stage, tuple[type, Stage | None]]) -> None:
     """Refuse a message for any stage but ``expected``, then a message of the wrong type."""
     received = getattr(message, "stage", None)
     if not isinstance(received, Stage):
@@ -122,18 +120,12 @@ def _check_stage(
         raise _unexpected(expected, f"stage {received.value}")
     kind = kinds[received][0]
     if not isinstance(message, kind):
-        raise ProtocolAbort(
-            f"stage {received.value} needs a {kind.__name__}, received {type(message).__name__}"
-        )
+        raise ProtocolAbort(f"stage {received.value} needs a {kind.__name__}, received {type(message).__name__}")
 
 
 def _in_round_words(config: RoundConfig, vector: np.ndarray) -> bool:
     """Whether a vector is ``dim`` of the round's words, each below 2**bits (one pass, no copy)."""
-    return (
-        vector.dtype == word(config.bits)
-        and vector.shape == (config.dim,)
-        and int(vector.max()) >> config.bits == 0
-    )
+    return vector.dtype == word(config.bits) and vector.shape == (config.dim,) and int(vector.max()) >> config.bits == 0
 
 
 def _self_mask_key(config: RoundConfig, node: int, seed: bytes) -> bytes:
@@ -220,7 +212,7 @@ class Node:
         identities: Mapping[int, Ed25519PublicKey],
         *,
         min_survivors: int = MIN_SURVIVORS,
-    ) -> "Node":
+    ) -> Node:
         """The node ``export_state`` saved; a malformed state ends the round (ProtocolAbort).
 
         ``min_survivors`` can only raise the saved minimum: the node never joins a sum over
@@ -306,21 +298,15 @@ class Node:
             if ad.node_id not in self._neighbours or ad.node_id in peers:
                 raise ProtocolAbort(f"key advertisement of node {ad.node_id}, not a neighbour or repeated")
             try:
-                crypto.verify(
-                    self._identities[ad.node_id], ad.signature, ad.signed_bytes(config.run_id, config.round)
-                )
+                crypto.verify(self._identities[ad.node_id], ad.signature, ad.signed_bytes(config.run_id, config.round))
             except InvalidSignatureError as exc:
                 exc.add_note(f"in the key advertisement of node {ad.node_id}")
                 raise
             peers[ad.node_id] = ad
         if len(peers) < threshold:
-            raise ProtocolAbort(
-                f"{len(peers)} neighbours advertised keys, fewer than the threshold {threshold}"
-            )
+            raise ProtocolAbort(f"{len(peers)} neighbours advertised keys, fewer than the threshold {threshold}")
         self._peers = {peer: ad.mask_key for peer, ad in peers.items()}
-        self._share_secrets = {
-            peer: crypto.agree(self._share_key, ad.share_key) for peer, ad in peers.items()
-        }
+        self._share_secrets = {peer: crypto.agree(self._share_key, ad.share_key) for peer, ad in peers.items()}
         self._share_key = None
         recipients = sorted(peers)
         seed_shares = shamir.share(self._seed, threshold, len(recipients))
@@ -329,9 +315,7 @@ class Node:
         for recipient, (x, seed_share), (_, key_share) in zip(recipients, seed_shares, key_shares):
             key = _share_cipher_key(config, self._share_secrets[recipient], self.node_id, recipient)
             plaintext = x.to_bytes(_X_SIZE, "big") + seed_share + key_share
-            ciphertext = crypto.encrypt(
-                key, plaintext, _share_associated_data(config, self.node_id, recipient)
-            )
+            ciphertext = crypto.encrypt(key, plaintext, _share_associated_data(config, self.node_id, recipient))
             shares.append(EncryptedShare(self.node_id, recipient, ciphertext))
         return ShareKeysReply(self.node_id, tuple(shares))
 
@@ -357,9 +341,7 @@ class Node:
             seed_share, key_share = plaintext[_X_SIZE : -shamir.SHARE_SIZE], plaintext[-shamir.SHARE_SIZE :]
             held[share.sender] = (int.from_bytes(plaintext[:_X_SIZE], "big"), seed_share, key_share)
         if len(held) < config.threshold:
-            raise ProtocolAbort(
-                f"shares from {len(held)} neighbours, fewer than the threshold {config.threshold}"
-            )
+            raise ProtocolAbort(f"shares from {len(held)} neighbours, fewer than the threshold {config.threshold}")
         masked = MaskSum(vector, config.bits)
         masked.add(_self_mask_key(config, self.node_id, self._seed))
         for peer in sorted(held):
@@ -500,9 +482,7 @@ class Coordinator:
         by_node: dict[int, Reply] = {}
         for reply in replies:
             if reply.node_id not in self._asked or reply.node_id in by_node:
-                raise ProtocolAbort(
-                    f"unasked or repeated reply from node {reply.node_id} in stage {stage.value}"
-                )
+                raise ProtocolAbort(f"unasked or repeated reply from node {reply.node_id} in stage {stage.value}")
             by_node[reply.node_id] = reply
         for node in sorted(self._asked - by_node.keys()):
             self.dropouts[node] = f"no reply in stage {stage.value}"
@@ -541,9 +521,7 @@ class Coordinator:
         config = self.config
         for node, ad in by_node.items():
             try:
-                crypto.verify(
-                    self._identities[node], ad.signature, ad.signed_bytes(config.run_id, config.round)
-                )
+                crypto.verify(self._identities[node], ad.signature, ad.signed_bytes(config.run_id, config.round))
             except InvalidSignatureError:
                 self._drop(node, Stage.ADVERTISE_KEYS, "key advertisement fails its signature check")
                 continue
@@ -571,9 +549,7 @@ class Coordinator:
                 inbox[share.recipient][node] = share
         self._check_threshold(self._shared, self._shared, Stage.SHARE_KEYS)
         return {
-            node: MaskedInputRequest(
-                tuple(inbox[node][v] for v in sorted(self._neighbours[node] & self._shared))
-            )
+            node: MaskedInputRequest(tuple(inbox[node][v] for v in sorted(self._neighbours[node] & self._shared)))
             for node in sorted(self._shared)
         }
 
@@ -651,9 +627,7 @@ class Coordinator:
         for dropped in sorted(outside):
             private = crypto.load_agreement_key(self._combine(key_shares[dropped], dropped, "mask key"))
             if crypto.public_bytes(private) != self._advertised[dropped].mask_key:
-                raise ProtocolAbort(
-                    f"the rebuilt mask key of node {dropped} does not match its advertised key"
-                )
+                raise ProtocolAbort(f"the rebuilt mask key of node {dropped} does not match its advertised key")
             for node in sorted(self._neighbours[dropped] & self._masked):
                 key = _pair_mask_key(config, private, self._advertised[node].mask_key, dropped, node)
                 if node < dropped:  # the survivor added it; take it out

@@ -79,8 +79,7 @@ class Quantizer:
         needed = (self._span + self.max_nodes * self.scale).bit_length()
         if needed > MAX_BITS:
             raise ValueError(
-                f"2 * levels * the summed weight needs {needed} bits, more than {MAX_BITS}; "
-                "lower levels or max_weight"
+                f"2 * levels * the summed weight needs {needed} bits, more than {MAX_BITS}; lower levels or max_weight"
             )
 
     @property
@@ -153,7 +152,12 @@ class Quantizer:
         return encoded
 
     def _round_piece(
-        self, piece: np.ndarray, weight: int, uniforms: Keystream, out: np.ndarray, scratch: tuple[np.ndarray, np.ndarray]
+        self,
+        piece: np.ndarray,
+        weight: int,
+        uniforms: Keystream,
+        out: np.ndarray,
+        scratch: tuple[np.ndarray, np.ndarray],
     ) -> None:
         """Clip, weight and stochastically round one cache-sized piece of an update into ``out``."""
         values, uniform = scratch[0][: piece.size], scratch[1][: piece.size]

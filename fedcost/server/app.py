@@ -14,10 +14,10 @@ import hashlib
 import math
 import time
 import uuid
-from dataclasses import dataclass, replace
-from functools import cached_property
-from datetime import datetime, timezone
 from collections.abc import Callable, Collection
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -25,10 +25,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
-from fedcost.analytics import Benchmark, GroupedStatistics, GroupedStatisticsLayout, benchmark
-from fedcost.analytics import benchmarking, group_costing
-from fedcost.analytics.group_costing import GroupCosting
+from fedcost.analytics import (
+    Benchmark,
+    GroupedStatistics,
+    GroupedStatisticsLayout,
+    benchmark,
+    benchmarking,
+    group_costing,
+)
 from fedcost.analytics.benchmarking import calibration, shared_vector_size, standardised, totals_from_shared_vector
+from fedcost.analytics.group_costing import GroupCosting
 from fedcost.audit import AuditLog
 from fedcost.config import AnalyticsSection, SecureAggregationSection, StatisticsPrivacySection, StrategySection
 from fedcost.data.features import FeatureSpec, StatisticsLayout
@@ -52,7 +58,7 @@ COORDINATOR = "coordinator"
 
 def new_run_id() -> str:
     """A fresh run id: its UTC start time (so run folders sort by start) and 6 random hex digits."""
-    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
 @dataclass(frozen=True)
@@ -99,11 +105,20 @@ class CoordinatorPlan:
         if not section.enabled:
             return None
         kept = math.ceil(len(self.roster) * (1 - self.secure_aggregation.dropout_tolerance))
-        releases = noisy_releases(purposes=tuple(self.purposes()), rounds=self.rounds, statistics=self.layout,
-                                  tables=self.tables(),
-                                  tasks=self.model.tasks)
-        return calibrate_noise(epsilon=section.epsilon, delta=section.delta, touched=releases,
-                               sites=max(MIN_SECURE_SITES, kept), cost_clip=section.cost_clip)
+        releases = noisy_releases(
+            purposes=tuple(self.purposes()),
+            rounds=self.rounds,
+            statistics=self.layout,
+            tables=self.tables(),
+            tasks=self.model.tasks,
+        )
+        return calibrate_noise(
+            epsilon=section.epsilon,
+            delta=section.delta,
+            touched=releases,
+            sites=max(MIN_SECURE_SITES, kept),
+            cost_clip=section.cost_clip,
+        )
 
     def tables(self) -> list[GroupedStatisticsLayout]:
         """The statistics tables of the run: the grouped statistics, then group costing by site,
@@ -244,7 +259,12 @@ class Coordinator:
         resume = self.plan.resume
         if resume is None:
             features = self._federated_features(sorted(sites))
-            model = build_model(self.plan.model, features.n_features, seed=self.plan.seed, readmission_rate=features.initial_readmission_rate)
+            model = build_model(
+                self.plan.model,
+                features.n_features,
+                seed=self.plan.seed,
+                readmission_rate=features.initial_readmission_rate,
+            )
             arrays = ArrayRecord({k: Array(v.detach().numpy()) for k, v in model.state_dict().items()})
         else:
             features, arrays = resume.features, ArrayRecord({k: Array(v) for k, v in resume.arrays.items()})
@@ -294,7 +314,9 @@ class Coordinator:
         """Tell every node the run is over, so each signs and closes its log; then close ours
         (with the reason, for a run that ``stopped``)."""
         config = ConfigRecord({rec.TRANSPORT: rec.CLOSE})
-        messages = [Message(RecordDict({rec.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+        messages = [
+            Message(RecordDict({rec.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids
+        ]
         if messages:
             self.grid.send_and_receive(messages)
         self.log.close(details={"stopped": stopped} if stopped else None)
@@ -311,7 +333,9 @@ class Coordinator:
         noisy = self.plan.noise is not None and not PURPOSES[purpose].trains
         result = self.sums.run(purpose, server_round, shapes, node_ids, *args, noisy=noisy, **kwargs)
         for site, reason in result.dropouts.items():
-            self.log.append(Event.DROPOUT, round=server_round, details={"party": site, "reason": reason, "purpose": purpose})
+            self.log.append(
+                Event.DROPOUT, round=server_round, details={"party": site, "reason": reason, "purpose": purpose}
+            )
         withheld.update({site: reason for site, reason in result.dropouts.items() if WITHHOLDS in reason})
         result.dropouts = {**withheld, **result.dropouts}
         self.log.append(
@@ -327,13 +351,17 @@ class Coordinator:
         expected = len(self.plan.roster)
         while len(node_ids := sorted(self.grid.get_node_ids())) < expected:
             if time.monotonic() > deadline:
-                raise FederationError(f"only {len(node_ids)} of {expected} nodes connected within {NODE_WAIT_SECONDS:.0f} s")
+                raise FederationError(
+                    f"only {len(node_ids)} of {expected} nodes connected within {NODE_WAIT_SECONDS:.0f} s"
+                )
             time.sleep(0.2)
         return node_ids
 
     def _hello(self, node_ids: list[int]) -> dict[int, str]:
         config = self.plan.hello().to_record()
-        return say_hello(self.grid, node_ids, config, {name for name, _ in self.plan.roster}, dict(self.plan.hello_records))
+        return say_hello(
+            self.grid, node_ids, config, {name for name, _ in self.plan.roster}, dict(self.plan.hello_records)
+        )
 
     def _federated_features(self, node_ids: list[int]) -> FeatureSpec:
         """Sum every node's statistics vector; the totals give the shared encoding."""
@@ -410,13 +438,20 @@ class Coordinator:
         coefficients = ArrayRecord({task: Array(beta) for task, beta in fit.betas.items()})
         node_ids = sorted(self.sums.sites)
         try:
-            summed = self._sum("newton", server_round, shapes, node_ids, coefficients, job.to_json(),
-                               quantizer=precision.quantizer())
+            summed = self._sum(
+                "newton", server_round, shapes, node_ids, coefficients, job.to_json(), quantizer=precision.quantizer()
+            )
         except FederationError as error:
             fit.explain(error)
             raise
-        fit.step(summed.arrays, summed.included, self.plan.model, rounds_left=self.plan.rounds - server_round,
-                 resolution=precision.error, dropouts=summed.dropouts)
+        fit.step(
+            summed.arrays,
+            summed.included,
+            self.plan.model,
+            rounds_left=self.plan.rounds - server_round,
+            resolution=precision.error,
+            dropouts=summed.dropouts,
+        )
         state = glm_state(features, fit.estimates())
         return ArrayRecord({k: Array(v) for k, v in state.items()}), summed
 
@@ -429,8 +464,12 @@ class Coordinator:
         summed = self._sum("evaluate", server_round, shapes, node_ids, arrays, job.to_json())
         by_task = summed.arrays
         if noise is not None:
-            bounds = [evaluation.readmission_bounds() if task == "readmission"
-                      else evaluation.cost_bounds(noise.cost_clip / features.cost_scale) for task in job.model.tasks]
+            bounds = [
+                evaluation.readmission_bounds()
+                if task == "readmission"
+                else evaluation.cost_bounds(noise.cost_clip / features.cost_scale)
+                for task in job.model.tasks
+            ]
             by_task = [array * bound for array, bound in zip(by_task, bounds, strict=True)]
         for task, sums in zip(job.model.tasks, by_task):
             metrics = (
@@ -448,7 +487,11 @@ class Coordinator:
 
 
 def say_hello(
-    grid: Grid, node_ids: list[int], config: ConfigRecord, enrolled: set[str], extra: dict[str, ConfigRecord] | None = None
+    grid: Grid,
+    node_ids: list[int],
+    config: ConfigRecord,
+    enrolled: set[str],
+    extra: dict[str, ConfigRecord] | None = None,
 ) -> dict[int, str]:
     """State the job to every node; each checks it against its site policy and names itself.
 
@@ -468,7 +511,9 @@ def say_hello(
             )
         name = str(reply.content[rec.NODE]["name"])
         if name not in enrolled or name in sites.values():
-            raise FederationError(f"node {reply.metadata.src_node_id} calls itself {name!r}, not an enrolled, unclaimed site")
+            raise FederationError(
+                f"node {reply.metadata.src_node_id} calls itself {name!r}, not an enrolled, unclaimed site"
+            )
         sites[reply.metadata.src_node_id] = name
     if len(sites) < len(enrolled):
         raise FederationError(f"sites that never answered: {', '.join(sorted(enrolled - set(sites.values())))}")
@@ -493,8 +538,9 @@ class _NewtonFit:
         """From the model the run starts (or resumes) with: its biases are the base rate and
         the mean cost, its weights zero (or a checkpoint's)."""
         state = {k: a.numpy() for k, a in arrays.items()}
-        families = {t: glm.task_family(t, cost_family=spec.cost_family, tweedie_power=spec.tweedie_power)
-                    for t in spec.tasks}
+        families = {
+            t: glm.task_family(t, cost_family=spec.cost_family, tweedie_power=spec.tweedie_power) for t in spec.tasks
+        }
         betas = glm_coefficients(features, state, spec.tasks)
         return cls(betas, families, features.design_names, {task: None for task in spec.tasks})
 
@@ -507,7 +553,13 @@ class _NewtonFit:
         return all(info is not None and info.done for info in self.infos.values())
 
     def step(
-        self, totals: list[np.ndarray], sites: list[str], spec: ModelSpec, *, rounds_left: int, resolution: float,
+        self,
+        totals: list[np.ndarray],
+        sites: list[str],
+        spec: ModelSpec,
+        *,
+        rounds_left: int,
+        resolution: float,
         dropouts: dict[str, str] | None = None,
     ) -> None:
         """The next coefficients from one round's sums over ``sites``. Sums over other sites than
@@ -524,8 +576,14 @@ class _NewtonFit:
                 continue
             iteration = 1 if previous is None else previous.iteration + 1
             self.betas[task], self.infos[task] = glm.newton_step(
-                total, beta, family=self.families[task], penalty=spec.penalty, previous=previous,
-                feature_names=self.names, max_iterations=iteration + rounds_left, resolution=resolution,
+                total,
+                beta,
+                family=self.families[task],
+                penalty=spec.penalty,
+                previous=previous,
+                feature_names=self.names,
+                max_iterations=iteration + rounds_left,
+                resolution=resolution,
             )
 
     def explain(self, error: Exception) -> None:
@@ -540,8 +598,10 @@ class _NewtonFit:
 
     def estimates(self) -> dict[str, np.ndarray]:
         """Each task's coefficients as they stand: the reported estimate once a task is done."""
-        return {task: info.estimate if info is not None and info.done else beta
-                for (task, beta), info in zip(self.betas.items(), self.infos.values())}
+        return {
+            task: info.estimate if info is not None and info.done else beta
+            for (task, beta), info in zip(self.betas.items(), self.infos.values())
+        }
 
     def progress(self) -> dict:
         """What a round's record says of the iteration: each task's deviance and whether it converged."""
@@ -559,8 +619,10 @@ class _NewtonFit:
         for task, info in self.infos.items():
             model = glm.FittedGlm.from_step(info, family=self.families[task], feature_names=self.names)
             if not model.converged and self.restarts:
-                note = (f"; the sites in the sums changed {self.restarts} times (dropouts or refusals, named in "
-                        "each round's record) and each change restarted the iteration")
+                note = (
+                    f"; the sites in the sums changed {self.restarts} times (dropouts or refusals, named in "
+                    "each round's record) and each change restarted the iteration"
+                )
                 model = replace(model, message=model.message + note)
             fitted[task] = model
         return fitted
@@ -583,7 +645,9 @@ _STRATEGY_STATE = ("m_t", "v_t")
 
 
 def _strategy_state(strategy: Strategy) -> dict[str, dict[str, np.ndarray]]:
-    return {name: dict(getattr(strategy, name)) for name in _STRATEGY_STATE if getattr(strategy, name, None) is not None}
+    return {
+        name: dict(getattr(strategy, name)) for name in _STRATEGY_STATE if getattr(strategy, name, None) is not None
+    }
 
 
 def _restore_strategy(strategy: Strategy, state: dict[str, dict[str, np.ndarray]]) -> None:

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedcost.wire import records as rec
 from fedcost.audit import AuditLog
+from fedcost.wire import records as rec
 
 
 class AuditedGrid:

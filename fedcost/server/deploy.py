@@ -28,15 +28,15 @@ import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
-from flwr.superlink.grid import http_grid
 from flwr.supercore.inflatable import inflatable_utils
+from flwr.superlink.grid import http_grid
 
 from fedcost.audit import AuditLog
 from fedcost.errors import FedcostError, FederationError
-from fedcost.files import replace_atomically
 from fedcost.federation import checkpoint, roster
 from fedcost.federation.job import FederationJob
 from fedcost.federation.provision import COORDINATOR, Federation
+from fedcost.files import replace_atomically
 from fedcost.identity.federation_ca import certificate_to_pem, party_identity, utc_now
 from fedcost.models.nets import build_model
 from fedcost.report import write_report
@@ -89,7 +89,8 @@ def _pull_objects_promptly() -> None:
     its module's name, which this rebinds, in this ServerApp process only.
     """
     http_grid.pull_objects = functools.partial(
-        inflatable_utils.pull_objects, initial_backoff=OBJECT_BACKOFF, backoff_cap=OBJECT_BACKOFF_CAP)
+        inflatable_utils.pull_objects, initial_backoff=OBJECT_BACKOFF, backoff_cap=OBJECT_BACKOFF_CAP
+    )
 
 
 def coordinate(grid: Grid, federation: Federation, folder: Path) -> None:
@@ -107,7 +108,9 @@ def coordinate(grid: Grid, federation: Federation, folder: Path) -> None:
     # The CA's word for every party's key, so `fedcost audit verify --ca` pins each one.
     for node, identity in zip(admitted, identities):
         (folder / "identities" / f"{identity.name}.cert.pem").write_bytes(certificate_to_pem(node.certificate))
-    shutil.copyfile(federation.coordinator_dir / f"{COORDINATOR}.cert.pem", folder / "identities" / f"{COORDINATOR}.cert.pem")
+    shutil.copyfile(
+        federation.coordinator_dir / f"{COORDINATOR}.cert.pem", folder / "identities" / f"{COORDINATOR}.cert.pem"
+    )
     resume = checkpoint.load(folder)
     config = job.config
     plan = CoordinatorPlan(
@@ -132,8 +135,13 @@ def coordinate(grid: Grid, federation: Federation, folder: Path) -> None:
     recorder = RunFolderRecorder(folder, job, resume)
     log = AuditLog(folder / "audit" / f"{COORDINATOR}.jsonl", coordinator)
     names = {identity.name for identity in identities}
-    deployed = DeployedGrid(grid, folder / PROGRESS_FILE, minimum=plan.min_nodes, names=names,
-                            withdrawn=lambda: _withdrawn(federation, names))
+    deployed = DeployedGrid(
+        grid,
+        folder / PROGRESS_FILE,
+        minimum=plan.min_nodes,
+        names=names,
+        withdrawn=lambda: _withdrawn(federation, names),
+    )
     started = time.perf_counter()
     running = Coordinator(plan, deployed, recorder, log, on_checkpoint=lambda point: checkpoint.save(folder, point))
     try:
@@ -160,8 +168,14 @@ class DeployedGrid:
     """
 
     def __init__(
-        self, grid: Grid, progress: Path, *, minimum: int, names: set[str],
-        withdrawn: Callable[[], dict[str, str]] = dict, patience: float = NODE_PATIENCE_SECONDS,
+        self,
+        grid: Grid,
+        progress: Path,
+        *,
+        minimum: int,
+        names: set[str],
+        withdrawn: Callable[[], dict[str, str]] = dict,
+        patience: float = NODE_PATIENCE_SECONDS,
     ):
         self.grid = grid
         self.progress = progress
@@ -209,8 +223,14 @@ class DeployedGrid:
             if pending:
                 time.sleep(wait)
                 wait = min(POLL_MAX, wait * POLL_GROWTH)
-        logger.info("%s to %d nodes: seconds: send %.3f, replies %.3f (%d polls)", kind, len(messages),
-                 pushed - started, time.perf_counter() - pushed, polls)
+        logger.info(
+            "%s to %d nodes: seconds: send %.3f, replies %.3f (%d polls)",
+            kind,
+            len(messages),
+            pushed - started,
+            time.perf_counter() - pushed,
+            polls,
+        )
         return replies
 
     def _stage(self, message: Message) -> str:
@@ -223,8 +243,11 @@ class DeployedGrid:
 
 def _withdrawn(federation: Federation, names: set[str]) -> dict[str, str]:
     """The run's nodes the federation no longer admits (revoked, expired), with the reason."""
-    return {name: reason for name, (_, reason) in federation.admission(at=utc_now()).items()
-            if name in names and reason is not None}
+    return {
+        name: reason
+        for name, (_, reason) in federation.admission(at=utc_now()).items()
+        if name in names and reason is not None
+    }
 
 
 class RunFolderRecorder(ProgressRecorder):
@@ -243,8 +266,11 @@ class RunFolderRecorder(ProgressRecorder):
         model = build_model(self.job.config.model, self.features.n_features, seed=self.job.config.run.seed)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
         torch.save(model.state_dict(), self.folder / "model.pt")
-        (self.folder / "model.json").write_text(json.dumps(
-            {"model": dataclasses.asdict(self.job.config.model), "features": self.features.to_dict()}, indent=2))
+        (self.folder / "model.json").write_text(
+            json.dumps(
+                {"model": dataclasses.asdict(self.job.config.model), "features": self.features.to_dict()}, indent=2
+            )
+        )
 
     def on_round(self, record: dict) -> None:
         # Sites that do not share their training loss add 0 to its sum: a loss of exactly 0
@@ -255,8 +281,9 @@ class RunFolderRecorder(ProgressRecorder):
 
     def finish(self, roles: dict[str, str], *, seconds: float) -> None:
         """``summary.json`` and ``report.html``, as a simulation's but for the federated model only."""
-        summary = federation_summary(self.folder.name, self.job.config, roles, self.rounds, self.analytics,
-                                     seconds=seconds)
+        summary = federation_summary(
+            self.folder.name, self.job.config, roles, self.rounds, self.analytics, seconds=seconds
+        )
         if self.inference:
             summary["inference"] = self.inference
         replace_atomically(self.folder / SUMMARY_FILE, json.dumps(summary, indent=2).encode())

@@ -18,12 +18,12 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedcost.wire import records as rec
 from fedcost.config import SecureAggregationSection
 from fedcost.errors import FederationError, ProtocolAbort
 from fedcost.privacy.distributed import NOISE_CLIP, NOISE_GRID
 from fedcost.secagg import Coordinator as SecAggCoordinator
 from fedcost.secagg import MaskedInputRequest, Quantizer, RoundConfig, reply_from_dict
+from fedcost.wire import records as rec
 from fedcost.wire.purposes import PURPOSES
 
 log = logging.getLogger("fedcost.coordinator")
@@ -221,7 +221,9 @@ class SharedSums:
             return None
         return parsed
 
-    def _dropouts(self, coordinator: SecAggCoordinator, by_secure_id: dict[int, int], errors: dict[str, str]) -> dict[str, str]:
+    def _dropouts(
+        self, coordinator: SecAggCoordinator, by_secure_id: dict[int, int], errors: dict[str, str]
+    ) -> dict[str, str]:
         dropouts = {}
         for secure_id, reason in coordinator.dropouts.items():
             site = self.sites[by_secure_id[secure_id]]

@@ -71,8 +71,13 @@ class Hello:
         fields = {name: getattr(self, name) for name in _FIELDS}
         noise = {key: getattr(self.noise, name) for key, name in _NOISE.items()} if self.noise else {}
         data = {DATA: self.data} if self.data else {}
-        return {**fields, "outputs": {k: list(v) for k, v in self.outputs.items()}, TABLES: list(self.tables), **noise,
-                **data}
+        return {
+            **fields,
+            "outputs": {k: list(v) for k, v in self.outputs.items()},
+            TABLES: list(self.tables),
+            **noise,
+            **data,
+        }
 
     def to_record(self) -> ConfigRecord:
         """The hello as its config record travels (``transport = hello``)."""
