@@ -171,10 +171,29 @@ def test_a_withdrawn_sites_log_cut_before_what_the_coordinator_received_is_caugh
     ), problems
 
 
-def test_a_site_revoked_before_its_last_signature_is_not_vouched_for(tmp_path: Path) -> None:
+def test_a_site_revoked_before_its_log_began_is_not_vouched_for(tmp_path: Path) -> None:
     run = withdrawn_run(tmp_path)
     problems = _problems(tmp_path, run.trust({WITHDRAWN: T0}))
     assert any(p.startswith(f"{WITHDRAWN}: UNCERTIFIED:") and "revoked" in p for p in problems), problems
+
+
+def test_a_site_revoked_mid_run_that_signed_on_until_dropped_passes_as_witnessed(tmp_path: Path) -> None:
+    """Fast rounds: the site signs its round-2 checkpoint after the revocation, before the
+    coordinator (which logged every one of those messages) drops it."""
+    run = withdrawn_run(tmp_path)
+    first_signed = T0 + timedelta(seconds=13)  # after pharma-1 took the hello, before its round-1 checkpoint
+    result = verify_folder(tmp_path, trust=run.trust({WITHDRAWN: first_signed}))
+    assert result.ok, result.problems
+    assert any("while its log ran" in note for note in result.notes), result.notes
+
+
+def test_a_site_revoked_mid_run_cannot_claim_what_the_coordinator_never_sent(tmp_path: Path) -> None:
+    run = withdrawn_run(tmp_path)
+    forged = b"a model the coordinator never sent"
+    run.logs[WITHDRAWN].message_received(forged, sender="coordinator", kind="secagg:train:setup", round=2, at=run.at())
+    run.logs[WITHDRAWN].checkpoint(round=2, at=run.at())
+    problems = _problems(tmp_path, run.trust({WITHDRAWN: T0 + timedelta(seconds=13)}))
+    assert any(WITHDRAWN in p and "matches no message_sent" in p for p in problems), problems
 
 
 def restarted_run(

@@ -98,7 +98,9 @@ def test_the_default_ridge_fits_a_constant_and_a_collinear_feature_as_pooled(rid
         np.testing.assert_allclose(model.coefficients, pooled.coefficients, rtol=0, atol=1e-6, err_msg=task)
         estimates = {row["name"]: row["estimate"] for row in table["coefficients"]}
         assert abs(estimates["bmi"]) < 1e-9, "a feature with no variation gets no weight under the ridge"
-        assert estimates["systolic_bp"] == pytest.approx(estimates["medication_adherence"], abs=1e-6)
+        # Collinear: the ridge splits the effect equally at the optimum; each estimate is within
+        # 1e-6 of the pooled one (above), so the two within twice that of each other.
+        assert estimates["systolic_bp"] == pytest.approx(estimates["medication_adherence"], abs=2e-6)
         for row in table["coefficients"]:
             assert all(math.isfinite(row[k]) for k in ("estimate", "std_error", "lower", "upper")), row
     assert all(record["nodes_included"] == len(SIZES) for record in map(json.loads, _lines(ridge_run)))

@@ -186,7 +186,9 @@ class TrustedCA:
             )
         return certificate, name
 
-    def in_force(self, certificate: x509.Certificate, name: str, party: str, first: str, last: str) -> str | None:
+    def in_force(
+        self, certificate: x509.Certificate, name: str, party: str, first: str, last: str, *, withdrawn: bool = False
+    ) -> str | None:
         """Whether the certificate was in force from ``first`` to ``last`` (the log's entry times).
 
         Raises ``CertificateError`` unless (h) the certificate was valid from the log's first
@@ -195,6 +197,13 @@ class TrustedCA:
         from then on, and refusing every run a party ever signed whenever it leaves the
         federation would leave nothing to audit. The times are the party's own clock, so the
         note is kept for the auditor to ask whether the key could have leaked before.
+
+        ``withdrawn``: the log is unclosed, as a site's revoked mid-run is. Its exchanges go on
+        until the coordinator drops it, so a revocation after the log's first entry and before
+        its last is a note too, and the log stands only where a coordinator's log explains its
+        end (``reconcile.withdrawals``: the coordinator dropped it after their last shared
+        message) and witnesses its messages one for one (``reconcile``). A key revoked before
+        the log began was never in force for it.
         """
         start, end = _entry_time(first, party), _entry_time(last, party)
         # (h)
@@ -211,6 +220,11 @@ class TrustedCA:
         if revoked is None:
             return None
         at = revoked.revocation_date_utc
+        if start < at <= end and withdrawn:
+            return (
+                f"{party}'s certificate ({name}) was revoked at {_when(at)}, while its log ran (to {_when(end)}): "
+                "what it signed after that stands only as the coordinator's log witnesses it"
+            )
         if at <= end:
             raise CertificateError(
                 f"{name} was revoked at {_when(at)}, before {party}'s log ended ({_when(end)}): "

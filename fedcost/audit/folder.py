@@ -30,7 +30,8 @@ _UNCLOSED = (
 @dataclass(frozen=True)
 class PartyStatus:
     """How one party fared: "ok", "cut", "unclosed", "tampered", a missing or bad file, or a key
-    not pinned; ``revoked``: the federation's CA revoked its certificate after its log ended."""
+    not pinned; ``revoked``: the federation's CA revoked its certificate after its log ended, or
+    while an unclosed log ran (``TrustedCA.in_force``)."""
 
     party: str
     role: str | None
@@ -144,10 +145,11 @@ def _check_party(party: str, layout: _Layout, trust: TrustedCA | None) -> tuple[
         if status == "unclosed":
             last = next((e for e in result.entries if e.seq == result.signed_through), result.entries[0])
         try:
-            note = trust.in_force(certificate, shown, party, result.entries[0].time, last.time)
+            withdrawn = status == "unclosed"
+            note = trust.in_force(certificate, shown, party, result.entries[0].time, last.time, withdrawn=withdrawn)
         except CertificateError as e:
             return PartyStatus(party, identity.role, "uncertified", str(e), identity=identity), None
-    # in_force notes a revocation after the log's last entry, and nothing else.
+    # in_force notes a revocation (after the log's last entry, or during an unclosed one), and nothing else.
     return PartyStatus(party, identity.role, status, detail, result, identity, revoked=note is not None), note
 
 

@@ -207,7 +207,7 @@ def _in_flight_at_restart(
 def withdrawals(
     logs: Mapping[str, Sequence[Entry]], *, coordinators: Collection[str] = (), revoked: Collection[str] = ()
 ) -> dict[str, Withdrawal]:
-    """The parties in ``revoked`` (by the federation's CA, after their logs ended) whose
+    """The parties in ``revoked`` (by the federation's CA, after or while their logs ran) whose
     unclosed logs a log of one of ``coordinators`` explains (see the module's docstring)."""
     return _withdrawals(logs, _messages(logs)[0], coordinators, revoked)
 
@@ -227,7 +227,7 @@ def reconcile(
     - a party named in a message but absent from ``logs`` is reported once.
 
     ``coordinators``: the parties whose logs may explain a withdrawal or a restart (their
-    identity's role); ``revoked``: the parties the federation's CA revoked after their logs ended.
+    identity's role); ``revoked``: the parties the federation's CA revoked after or while their logs ran.
     """
     messages, problems = _messages(logs)
     withdrawn = _withdrawals(logs, messages, coordinators, revoked)
