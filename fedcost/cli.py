@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -230,7 +231,7 @@ def _benchmark_table(result: dict, summary: dict) -> Table:
 
 def _ratio(site: dict, name: str) -> str:
     """A site's ratio with its interval, where the benchmark gives one."""
-    if site.get(name) is None:
+    if site.get(name) is None or math.isnan(site[name]):
         return "n/a"
     low, high = site.get(f"{name}_low"), site.get(f"{name}_high")
     interval = "" if low is None or high is None else f" ({low:.2f}–{high:.2f})"

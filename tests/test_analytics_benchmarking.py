@@ -18,9 +18,12 @@ from fedcost.analytics.benchmarking import (
     Z_95,
     benchmark,
     byar_interval,
+    calibration,
     funnel_limits,
+    shared_vector,
     site_totals,
     standardised,
+    totals_from_shared_vector,
     without_site_level,
 )
 from fedcost.data.features import StatisticsLayout
@@ -238,3 +241,16 @@ def test_funnel_png_is_written(tmp_path: Path) -> None:
     path = tmp_path / "plots" / "funnel.png"
     plot_funnel(result, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_noisy_totals_that_read_zero_cost_give_no_value_rather_than_a_crash() -> None:
+    """Under DP noise on few rows a site's cost total can read 0 after clipping (seen in the
+    ε = 1 scenario): its value index is undefined (NaN), the other sites' figures stand."""
+    blocks = {"a": [300, 60, 55, 900, 950, 4e4], "b": [200, 40, 42, 640, 600, 3e4], "c": [40, 9, 8, -30, 120, 5e3]}
+    names = list(blocks)
+    vector = sum(shared_vector(np.array(t, float), i, len(names), noisy=True) for i, t in enumerate(blocks.values()))
+    totals = totals_from_shared_vector(vector, names, noisy=True)
+    result = benchmark(standardised(totals), calibration=calibration(totals))
+    by_site = {s.site: s for s in result.sites}
+    assert math.isnan(by_site["c"].value_index) and by_site["c"].cost_ratio == 0
+    assert all(math.isfinite(by_site[s].value_index) for s in ("a", "b"))

@@ -344,9 +344,12 @@ def benchmark(
         ratio = t["cost_observed"] / t["cost_expected"]
         half_width = Z_95 * math.sqrt(t["cost_residual_ss"]) / t["cost_expected"]
         rar, rac = oe * rate, ratio * mean_cost
-        value = (1 - rar) / rac
-        value_index = value / ((1 - rate) / mean_cost)
-        vi_low, vi_high = value_index_interval(value_index, t, rate, Z_95)
+        if rac > 0 and mean_cost > 0:
+            value = (1 - rar) / rac
+            value_index = value / ((1 - rate) / mean_cost)
+            vi_low, vi_high = value_index_interval(value_index, t, rate, Z_95)
+        else:  # a noisy cost total at or below zero (DP on few rows): no value to speak of
+            value = value_index = vi_low = vi_high = math.nan
         results.append(
             SiteBenchmark(
                 site=name,
