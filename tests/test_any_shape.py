@@ -67,7 +67,7 @@ def test_a_job_declares_the_same_outcomes_and_layout_as_the_sites(tmp_path: Path
     (tmp_path / "job.toml").write_text(
         '[data]\ntargets = { died = "binary", length_of_stay = "non-negative" }\n'
         'extra_numeric = ["age", "lactate", "creatinine", "ventilated"]\n'
-        'extra_categorical = { sex = ["f", "m"], admission_source = ["emergency", "theatre", "ward"] }\n'
+        'extra_categorical = { sex = ["f", "m"], admission_source = ["emergency", "ward", "theatre"] }\n'
     )
     job = FederationJob.load(tmp_path / "job.toml")
     layout = job.data.layout()

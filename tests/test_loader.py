@@ -158,6 +158,11 @@ BAD_MAPPINGS = {
         "targets.total_cost.positive",
         "unknown option",
     ),
+    "a level listed twice": (
+        MAPPING.replace('numeric = ["bmi"]', 'numeric = ["bmi"]\ncategorical = { ward = ["a", "b", "A"] }'),
+        "features.categorical.ward",
+        "listed twice",
+    ),
     "an outcome also a feature": (
         MAPPING.replace('numeric = ["bmi"]', 'numeric = ["bmi", "total_cost"]'),
         "features",
@@ -235,7 +240,7 @@ kind = "non-negative"
 
 [features]
 numeric = ["age", "creatinine"]
-categorical = { ward = ["medical", "surgical"] }
+categorical = { ward = ["surgical", "medical"] }
 
 [nodes.ward-a]
 file = "ward-a.csv"
@@ -268,6 +273,9 @@ def test_role_less_node_reads_its_own_outcomes_and_features(tmp_path: Path) -> N
     columns = {c.name: c for c in mapping.feature_columns}
     assert "length_of_stay" not in columns, "an outcome's name hides the schema feature it shares"
     assert columns["age"].minimum is None, "a declared 'age' is a plain feature, without the schema's bounds"
+    assert mapping.extra_categorical["ward"] == ("surgical", "medical"), (
+        "levels as declared: the first is the reference"
+    )
     node = load_node(mapping, "ward-a", split_seed=1)
     both = pd.concat([node.train, node.test])
     assert both["readmitted_30d"].sum() == 5 and both["total_cost"].eq(4.5).all()

@@ -251,8 +251,7 @@ class _MappingParser:
         categorical_raw = self._table("features.categorical", raw.get("categorical", {}))
         categorical: dict[str, tuple[str, ...]] = {}
         for name, levels in categorical_raw.items():
-            tokens = self._tokens(f"features.categorical.{name}", levels)
-            categorical[name] = tuple(sorted(tokens))
+            categorical[name] = self._levels(f"features.categorical.{name}", levels)
         outcomes = {reading.column for reading in targets.values()}
         for name in list(numeric) + list(categorical):
             if name in outcomes:
@@ -445,10 +444,22 @@ class _MappingParser:
             raise self.fail(where, "must be a TOML table")
         return raw
 
-    def _tokens(self, where: str, raw: Any) -> frozenset[str]:
+    def _levels(self, where: str, raw: Any) -> tuple[str, ...]:
+        """A declared feature's levels in the order given: the first is the reference level a
+        GLM compares the others with (odds and cost ratios against it)."""
+        levels = tuple(as_token(v) for v in self._list(where, raw))
+        twice = sorted({level for level in levels if levels.count(level) > 1})
+        if twice:
+            raise self.fail(where, f"level {twice[0]!r} is listed twice")
+        return levels
+
+    def _list(self, where: str, raw: Any) -> list:
         if not isinstance(raw, list) or not raw:
             raise self.fail(where, "must be a non-empty list of values")
-        return frozenset(as_token(v) for v in raw)
+        return raw
+
+    def _tokens(self, where: str, raw: Any) -> frozenset[str]:
+        return frozenset(as_token(v) for v in self._list(where, raw))
 
 
 def as_token(value: Any) -> str:
