@@ -383,14 +383,14 @@ def test_with_the_federation_folder_its_certificates_and_revocations_pin_the_run
     tmp_path: Path, federation: Federation
 ) -> None:
     run = _federation_run(tmp_path / "run", federation)  # no certificates in the run: the federation's count
-    assert verify_folder(run, trust=TrustedCA.from_federation(federation.root, at=T0 + timedelta(days=2))).ok
+    assert verify_folder(run, trust=federation.trusted_ca(at=T0 + timedelta(days=2))).ok
 
     federation.revoke("pharma-1", at=T0 + timedelta(days=1))
-    result = verify_folder(run, trust=TrustedCA.from_federation(federation.root, at=T0 + timedelta(days=2)))
+    result = verify_folder(run, trust=federation.trusted_ca(at=T0 + timedelta(days=2)))
     assert result.ok and len(result.notes) == 1 and result.notes[0].startswith("pharma-1's certificate")
 
     swap_in_fresh_key(run, "insurer-1")
-    result = verify_folder(run, trust=TrustedCA.from_federation(federation.root, at=T0 + timedelta(days=2)))
+    result = verify_folder(run, trust=federation.trusted_ca(at=T0 + timedelta(days=2)))
     assert result.parties["insurer-1"].status == "uncertified"
     assert f"but {federation.root / 'nodes' / 'insurer-1' / 'node.cert.pem'} from the federation's CA" in (
         result.parties["insurer-1"].detail

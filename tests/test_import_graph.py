@@ -58,3 +58,18 @@ def test_fedcost_has_no_import_cycle() -> None:
     except CycleError as error:
         raise AssertionError(f"import cycle: {' -> '.join(error.args[1])}") from None
     assert "fedcost.schema" in order and "fedcost.cli" in order
+
+
+def test_the_cores_import_neither_flower_nor_the_bindings() -> None:
+    """secagg, privacy, audit, analytics, models and data are pure (DESIGN.md): no eager
+    import of Flower, the bindings or deployment (an audit CLI may import it lazily)."""
+    cores = ("secagg", "privacy", "audit", "analytics", "models", "data")
+    bindings = ("flwr", "fedcost.client", "fedcost.server", "fedcost.federation")
+    for name, path in _modules().items():
+        if name.split(".")[1:2] and name.split(".")[1] in cores:
+            imported = {
+                alias.name if isinstance(statement, ast.Import) else statement.module or ""
+                for statement in _eager_imports(ast.parse(path.read_text()))
+                for alias in statement.names
+            }
+            assert not {m for m in imported if m.startswith(bindings)}, f"{name} imports {sorted(imported)}"

@@ -21,7 +21,6 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from fedcost.errors import CertificateError, ConfigError
-from fedcost.federation.provision import COORDINATOR, Federation
 from fedcost.identity import PublicIdentity
 from fedcost.identity.federation_ca import certificate_from_pem, check_crl, party_identity
 
@@ -79,7 +78,8 @@ class TrustedCA:
     certificate: x509.Certificate
     source: Path  # the CA certificate's file, for messages
     crl: x509.CertificateRevocationList | None = None
-    federation: Federation | None = None
+    # Where a federation folder keeps a party's certificate (``Federation.party_certificate``).
+    party_certificate: Callable[[str], Path] | None = None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> TrustedCA:
@@ -96,20 +96,28 @@ class TrustedCA:
         return cls(_checked_ca(certificate, path), path)
 
     @classmethod
-    def from_federation(cls, root: str | os.PathLike[str], *, at: datetime) -> TrustedCA:
-        """``--federation``: its CA, its revocation list (checked current at ``at``) and its party certificates.
+    def with_revocations(
+        cls,
+        certificate: x509.Certificate,
+        source: Path,
+        crl: x509.CertificateRevocationList,
+        crl_file: Path,
+        *,
+        at: datetime,
+        party_certificate: Callable[[str], Path],
+    ) -> TrustedCA:
+        """A federation's CA with its revocation list (checked current at ``at``) and its party
+        certificates (``Federation.trusted_ca``, behind ``--federation``).
 
         A revocation list that is not the CA's, or has expired, is a ``ConfigError``: an
         audit must not take an old or forged list's silence for "nothing was revoked".
         """
-        federation = Federation.load(Path(root))
-        certificate = _checked_ca(federation.ca_certificate(), federation.ca_cert_file)
-        crl = federation.crl()
+        certificate = _checked_ca(certificate, source)
         try:
             check_crl(certificate, crl, at=at)
         except CertificateError as e:
-            raise ConfigError(str(e), path=str(federation.crl_file)) from None
-        return cls(certificate, federation.ca_cert_file, crl, federation)
+            raise ConfigError(str(e), path=str(crl_file)) from None
+        return cls(certificate, source, crl, party_certificate)
 
     @property
     def note(self) -> str | None:
@@ -120,14 +128,6 @@ class TrustedCA:
             f"no revocation list came with {self.source}, so revocations were not checked; "
             "--federation DIR checks them against DIR/ca/revoked.crl.pem"
         )
-
-    def _federation_copy(self, party: str) -> Path | None:
-        """Where the federation folder keeps ``party``'s certificate (see ``fedcost.federation.provision``)."""
-        if self.federation is None:
-            return None
-        if party == COORDINATOR:
-            return self.federation.coordinator_dir / f"{COORDINATOR}{CERTIFICATE_SUFFIX}"
-        return self.federation.root / "nodes" / party / "node.cert.pem"
 
     def certify(
         self, identity: PublicIdentity, *, identity_file: Path, run_copy: Path, shown: Callable[[Path], str]
@@ -143,7 +143,11 @@ class TrustedCA:
         """
         party = identity.name
         # (a) the run's copy first: it is what the run recorded; the federation's is the fallback.
-        candidates = [path for path in (run_copy, self._federation_copy(party)) if path is not None]
+        candidates = [
+            path
+            for path in (run_copy, self.party_certificate(party) if self.party_certificate else None)
+            if path is not None
+        ]
         path = next((path for path in candidates if path.is_file()), None)
         if path is None:
             raise CertificateError(

@@ -53,7 +53,9 @@ def _trust(ca: Path | None, federation: Path | None) -> TrustedCA | None:
     if ca is not None and federation is not None:
         raise ConfigError("give --ca or --federation, not both (a federation folder brings its own CA)")
     if federation is not None:
-        return TrustedCA.from_federation(federation, at=utc_now())
+        from fedcost.federation.provision import Federation  # deployment, above the audit core
+
+        return Federation.load(Path(federation)).trusted_ca(at=utc_now())
     return None if ca is None else TrustedCA.from_file(ca)
 
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedcost.audit import verify_folder
-from fedcost.audit.authority import TrustedCA
 from fedcost.errors import ConfigError
 from fedcost.federation.provision import COORDINATOR, Federation
 from fedcost.federation.site_report import FOLDER as REPORTS
@@ -73,7 +72,7 @@ def collect(federation: Federation, run_id: str, sources: list[Path]) -> Collect
                 )
             reports.append(content)
             collected.reports.append(content["site"])
-    trust = TrustedCA.from_federation(federation.root, at=utc_now())
+    trust = federation.trusted_ca(at=utc_now())
     verification = verify_folder(run, trust=trust)
     collected.verified = verification.ok
     collected.problems = [str(p) for p in verification.problems]

@@ -34,6 +34,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedcost.audit.authority import TrustedCA
 from fedcost.errors import CertificateError, ConfigError, KitError
 from fedcost.files import replace_atomically
 from fedcost.identity import Identity, PublicIdentity
@@ -317,6 +318,24 @@ class Federation:
     # -- reading ------------------------------------------------------------------------
     def ca_certificate(self) -> x509.Certificate:
         return _read_certificate(self.ca_cert_file)
+
+    def party_certificate(self, party: str) -> Path:
+        """Where this folder keeps ``party``'s certificate."""
+        if party == COORDINATOR:
+            return self.coordinator_dir / f"{COORDINATOR}.cert.pem"
+        return self.root / "nodes" / party / "node.cert.pem"
+
+    def trusted_ca(self, *, at: datetime) -> TrustedCA:
+        """What ``--federation`` verifies audit logs against: the CA, its revocation list and
+        the party certificates of this folder."""
+        return TrustedCA.with_revocations(
+            self.ca_certificate(),
+            self.ca_cert_file,
+            self.crl(),
+            self.crl_file,
+            at=at,
+            party_certificate=self.party_certificate,
+        )
 
     def crl(self) -> x509.CertificateRevocationList:
         try:
