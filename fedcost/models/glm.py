@@ -380,11 +380,10 @@ class SumsLayout:
 
     def slots(self, names: Sequence[str] | None = None) -> list[str]:
         """A name for every entry, e.g. ``score[age]`` and ``information[intercept,age]``."""
-        names = _names(self.parameters, names)
-        pairs = [f"{names[i]},{names[j]}" for i, j in zip(*_triangle(self.parameters))]
+        pairs = _pair_names(self.parameters, names)
         return [
             *self.SCALARS,
-            *(f"score[{name}]" for name in names),
+            *(f"score[{name}]" for name in _names(self.parameters, names)),
             *(f"information[{pair}]" for pair in pairs),
             *(f"observed[{pair}]" for pair in pairs),
         ]
@@ -445,8 +444,7 @@ class MeatLayout:
         return cls(_parameters_for(size, len(cls.SCALARS), 2, 0))
 
     def slots(self, names: Sequence[str] | None = None) -> list[str]:
-        names = _names(self.parameters, names)
-        pairs = [f"{names[i]},{names[j]}" for i, j in zip(*_triangle(self.parameters))]
+        pairs = _pair_names(self.parameters, names)
         return [*self.SCALARS, *(f"meat[{pair}]" for pair in pairs), *(f"observed[{pair}]" for pair in pairs)]
 
     def pack(self, sums: ClusterSums) -> np.ndarray:
@@ -478,6 +476,12 @@ def _names(parameters: int, feature_names: Sequence[str] | None) -> tuple[str, .
     if len(names) != parameters:
         raise ValueError(f"{len(names) - 1} feature names for {parameters - 1} features")
     return names
+
+
+def _pair_names(parameters: int, feature_names: Sequence[str] | None) -> list[str]:
+    """``a,b`` for every entry of a symmetric matrix's upper triangle (``_triangle``'s order)."""
+    names = _names(parameters, feature_names)
+    return [f"{names[i]},{names[j]}" for i, j in zip(*_triangle(parameters))]
 
 
 # --- node side ------------------------------------------------------------------------------
