@@ -41,5 +41,7 @@ def read_frame(path: Path) -> pd.DataFrame:
         raise DataValidationError("file is empty; it needs a header and at least one row", path=str(path)) from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as error:
         raise DataValidationError(
-            f"cannot be read as {path.suffix.lstrip('.').upper()}: {error}", path=str(path)
+            f"cannot be read as {path.suffix.lstrip('.').upper()}: {error}; export the node's rows again "
+            "(CSV: UTF-8 with a header row and every quote closed) or point the mapping at the right file",
+            path=str(path),
         ) from None
