@@ -71,6 +71,8 @@ def simulate(
         console.print(_benchmark_table(result.summary["analytics"]["benchmark"], result.summary))
     if "group_costing" in result.summary["analytics"]:
         console.print(_group_costing_table(result.summary["analytics"]["group_costing"], result.summary))
+    if "episodes" in result.summary:
+        _print_episodes(result.summary)
     console.print(f"run folder: [bold]{result.run_dir}[/bold] (report: {result.run_dir / 'report.html'})")
     _warn_unconverged(result.summary.get("inference", {}))
     console.print(_comparison_table(result.summary))  # the headline: the terminal ends with it
@@ -104,6 +106,8 @@ def analyze(
         console.print(escape(statistics["note"]), soft_wrap=True)
     if "group_costing" in result.summary["analytics"]:
         console.print(_group_costing_table(result.summary["analytics"]["group_costing"], result.summary))
+    if "episodes" in result.summary:
+        _print_episodes(result.summary)
     console.print(
         f"run folder: [bold]{result.run_dir}[/bold] (statistics.csv, report: {result.run_dir / 'report.html'})"
     )
@@ -248,6 +252,32 @@ def _group_costing_table(result: dict, summary: dict) -> Table:
         money = [("n/a" if group[k] is None else f"{group[k]:,.0f}") for k in ("mean_cost", "mean_payment", "margin")]
         table.add_row(group["group"], f"{group['cases']:,}", *money, f"{group['cost_weight']:.3f}")
     return table
+
+
+def _print_episodes(summary: dict) -> None:
+    """Episode cost and value per hospital (``episodes.csv``), and what the figures are."""
+    result = summary["episodes"]
+    unit = cost_unit(summary)
+    table = Table(title=f"Episode cost per hospital ({unit}; value index 1 = the federation)")
+    for head in ("hospital", "stays", "episode cost", "mean per stay", "paid by others", "value index", "withheld"):
+        table.add_column(head, justify="left" if head in ("hospital", "withheld") else "right")
+    for name, h in result["hospitals"].items():
+        if h["episode_cost"] is None:
+            table.add_row(name, "", "", "", "", "", h["withheld"])
+            continue
+        others = sum(v for v in h["payers"].values() if v is not None) / h["episode_cost"]
+        index = "n/a" if h["value_index"] is None else f"{h['value_index']:.3f}"
+        table.add_row(
+            name,
+            f"{h['stays']:,}",
+            f"{h['episode_cost']:,.0f}",
+            f"{h['mean_per_stay']:,.0f}",
+            f"{others:.1%}",
+            index,
+            h["withheld"],
+        )
+    console.print(table)
+    console.print(escape(result["note"]), soft_wrap=True)
 
 
 def _statistics_table(result: dict) -> Table:

@@ -19,6 +19,7 @@ from fedcost import schema
 from fedcost.analytics import GroupedStatisticsLayout
 from fedcost.data.synthetic import EcosystemSpec
 from fedcost.errors import ConfigError
+from fedcost.linkage import EpisodeWindow
 from fedcost.models.spec import ModelSpec, TrainConfig
 from fedcost.privacy import MIN_COHORT, SitePolicy
 from fedcost.tomlfile import read_toml
@@ -169,6 +170,10 @@ class AnalyticsSection:
     readmission ratios are compared against the group's median; empty: against 1. A
     simulation refuses a name that is not one of its nodes; a deployment ignores names
     not on the job's roster (a site revoked or not yet enrolled).
+    ``episodes``: the episode window, e.g. ``{ before_days = 3, after_days = 30 }`` (a key
+    left out takes that default; empty: no episodes): each hospital's episode cost, its
+    stays plus what insurers and pharma paid within the window around them, linked by a
+    private intersection-sum of the nodes' pseudonymous keys (``fedcost.linkage``).
     """
 
     group_by: tuple[str, ...] = ("diagnosis_group", "payer")
@@ -177,9 +182,11 @@ class AnalyticsSection:
     group_costing: bool = True
     currency: str = ""
     peer_groups: dict[str, str] = field(default_factory=dict)
+    episodes: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layout()
+        self.episode_window()
         if self.currency and not CURRENCY_CODE.fullmatch(self.currency):
             raise ValueError(
                 f"currency must be an ISO 4217 code of three capital letters (e.g. EUR, USD), not {self.currency!r}"
@@ -189,6 +196,15 @@ class AnalyticsSection:
                 raise ValueError(
                     f"peer group of {site!r} must be 1-40 letters, digits, spaces, '.', '_' or '-', not {group!r}"
                 )
+
+    def episode_window(self) -> EpisodeWindow | None:
+        """The episode window, or None for a run without episodes; ``ValueError`` if invalid."""
+        if not self.episodes:
+            return None
+        unknown = sorted(set(self.episodes) - {"before_days", "after_days"})
+        if unknown:
+            raise ValueError(f"episodes.{unknown[0]} is not a setting; use before_days and after_days")
+        return EpisodeWindow(**self.episodes)
 
     def layout(self) -> GroupedStatisticsLayout:
         """The grouped statistics' layout; raises ``ValueError`` for unknown fields."""

@@ -46,9 +46,13 @@ from fedcost.data.files import MAPPING_FILE, write_node_files
 from fedcost.data.loader import NodeData, load_node
 from fedcost.data.mapping import DataMapping
 from fedcost.data.synthetic import generate_ecosystem
+from fedcost.data.synthetic_episodes import generate_linked_extracts
 from fedcost.errors import AuditLogTamperedError, ConfigError, FederationError, ModelFitError
 from fedcost.identity import Identity, PublicIdentity
 from fedcost.job import glm_state
+from fedcost.linkage import EpisodeWindow, link_episodes
+from fedcost.linkage.episodes import HOSPITAL, PAYER_ROLES, EpisodePlan, EpisodeSite
+from fedcost.linkage.windows import read_extract
 from fedcost.models import glm
 from fedcost.models.metrics import calibration_bins, cost_metrics, readmission_metrics
 from fedcost.models.nets import FedcostNet, build_model
@@ -163,11 +167,16 @@ def _run(
     task: Task,
 ) -> dict:
     started = time.perf_counter()
+    window = config.analytics.episode_window()
     if mapping is None:
         ecosystem = generate_ecosystem(config.ecosystem.spec(), config.run.seed)
-        files = write_node_files(((n.name, n.role, n.frame) for n in ecosystem.nodes), folder / "data")
+        linked = generate_linked_extracts(ecosystem, config.run.seed, window) if window else None
+        files = write_node_files(
+            ((n.name, n.role, n.frame) for n in ecosystem.nodes), folder / "data", linked.extracts if linked else None
+        )
         mapping = DataMapping.load(files)
-        (folder / "truth.json").write_text(json.dumps(ecosystem.truth, indent=2))
+        truth = ecosystem.truth | ({"episodes": linked.truth} if linked else {})
+        (folder / "truth.json").write_text(json.dumps(truth, indent=2))
         nodes = _load_nodes(mapping, config)
     assert nodes is not None
     config = replace(
@@ -176,7 +185,11 @@ def _run(
     (folder / "config.toml").write_bytes(tomli_w.dumps(config.resolved()).encode())
 
     on_start()
-    plan = _federate(config, run_id, folder, mapping, recorder, task)
+    parties = _parties(config, folder, mapping)
+    if window is not None:  # first: a site that refuses it, or a bad extract, stops the run before training
+        recorder.stage("linking episodes across the parties")
+        episodes = _episodes(config, run_id, folder, mapping, parties, window)
+    plan = _federate(config, run_id, folder, mapping, recorder, task, parties)
     recorder.stage("verifying the audit logs")
     audit = _verify_audit(folder)
     if task == "analyze":
@@ -184,6 +197,8 @@ def _run(
     else:
         summary = _trained(config, run_id, folder, mapping, nodes, recorder)
     summary["analytics"] = recorder.analytics
+    if window is not None:
+        summary["episodes"] = episodes
     if recorder.inference:
         summary["inference"] = recorder.inference
     summary["audit"] = audit
@@ -279,23 +294,44 @@ def _load_nodes(mapping: DataMapping, config: SimulationConfig) -> list[NodeData
     return nodes
 
 
-def _federate(
-    config: SimulationConfig, run_id: str, folder: Path, mapping: DataMapping, recorder: RunRecorder, task: Task
-) -> CoordinatorPlan:
-    """The federation proper, on Flower's Simulation Engine; returns the plan it ran.
+@dataclass(frozen=True)
+class Parties:
+    """Every party of a simulated run: fresh identities, and each site's policy file (none:
+    the permissive default)."""
 
-    Every party gets a fresh identity; the public halves go to ``identities/`` and every
-    party keeps its signed log in ``audit/``, as an auditor receives them.
-    """
+    coordinator: Identity
+    identities: dict[str, Identity]
+    policies: dict[str, Path]
+
+
+def _parties(config: SimulationConfig, folder: Path, mapping: DataMapping) -> Parties:
+    """Every party gets a fresh identity; the public halves go to ``identities/``."""
     coordinator = Identity.generate(COORDINATOR, "coordinator")
     identities = {node.name: Identity.generate(node.name, node.role) for node in mapping.nodes}
     (folder / "identities").mkdir()
     for identity in [coordinator, *identities.values()]:
         identity.public().save(folder / "identities")
+    policies = _site_policies(config, folder, [node.name for node in mapping.nodes], coordinator.public().key_id)
+    return Parties(coordinator, identities, policies)
+
+
+def _federate(
+    config: SimulationConfig,
+    run_id: str,
+    folder: Path,
+    mapping: DataMapping,
+    recorder: RunRecorder,
+    task: Task,
+    parties: Parties,
+) -> CoordinatorPlan:
+    """The federation proper, on Flower's Simulation Engine; returns the plan it ran.
+
+    Every party keeps its signed log in ``audit/``, as an auditor receives them.
+    """
+    coordinator, identities, policies = parties.coordinator, parties.identities, parties.policies
     (folder / "audit").mkdir()
     roster = tuple(sorted((name, identity.public().raw_key) for name, identity in identities.items()))
     _check_peer_groups(config, [node.name for node in mapping.nodes])
-    policies = _site_policies(config, folder, [node.name for node in mapping.nodes], coordinator.public().key_id)
     setups = [
         NodeSetup(
             mapping.path.resolve(),
@@ -348,6 +384,47 @@ def _federate(
             backend_config={"client_resources": placement.client_resources()},
         )
     return plan
+
+
+def _episodes(
+    config: SimulationConfig, run_id: str, folder: Path, mapping: DataMapping, parties: Parties, window: EpisodeWindow
+) -> dict:
+    """Episode cost per hospital (``fedcost.linkage``), each site on its own extract and key;
+    written to ``episodes.csv``, returned for the summary.
+
+    The sites act in this process, as every simulated site does; the coordinator's side
+    (``link_episodes``) handles only what they hand it. A site with a policy file takes
+    part only if it says ``share_episodes = true``; one without runs under the permissive
+    default, for which the researcher's config speaks.
+    """
+    linked = [node for node in mapping.nodes if node.episodes is not None]
+    hospitals = tuple(node.name for node in linked if node.role == HOSPITAL)
+    payers = tuple(node.name for node in linked if node.role in PAYER_ROLES)
+    if not hospitals or not payers:
+        raise ConfigError(
+            "episodes need a hospital's stays and an insurer's or pharma node's claims: give those nodes "
+            'their extracts in the mapping ([nodes.NAME] episodes = "file.csv"), or leave [analytics] episodes out',
+            path=str(mapping.path),
+        )
+    roster = {name: identity.private_key.public_key() for name, identity in parties.identities.items()}
+    sites = []
+    for node in linked:
+        policy = SitePolicy.load(parties.policies[node.name]) if node.name in parties.policies else None
+        sites.append(
+            EpisodeSite(
+                node.name,
+                node.role,
+                read_extract(node.role, node.episodes),  # type: ignore[arg-type]  # linked: it has one
+                parties.identities[node.name].private_key,
+                roster,
+                shares_episodes=policy.share_episodes if policy else True,
+                min_cohort=policy.min_cohort if policy else config.run.min_cohort,
+            )
+        )
+    plan = EpisodePlan(run_id, window, config.run.min_cohort, hospitals, payers)
+    result = link_episodes(plan, sites, roster)
+    result.frame().to_csv(folder / "episodes.csv", index=False)
+    return result.to_json()
 
 
 def _check_peer_groups(config: SimulationConfig, names: list[str]) -> None:

@@ -4,7 +4,7 @@ node's role. Columns already carry schema names, so the mapping needs no column 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -16,13 +16,19 @@ from fedcost.errors import DataValidationError
 MAPPING_FILE = "mapping.toml"
 
 
-def write_node_files(nodes: Iterable[tuple[str, str, pd.DataFrame]], folder: Path) -> Path:
-    """Write ``(name, role, rows)`` per node into ``folder``; returns the mapping file."""
+def write_node_files(
+    nodes: Iterable[tuple[str, str, pd.DataFrame]], folder: Path, episodes: Mapping[str, pd.DataFrame] | None = None
+) -> Path:
+    """Write ``(name, role, rows)`` per node into ``folder``, and each node's episode extract
+    that ``episodes`` holds (``<name>.episodes.csv``); returns the mapping file."""
     folder.mkdir(parents=True, exist_ok=True)
     mapping: dict = {"targets": {}, "nodes": {}}
     for name, role, rows in nodes:
         rows.to_parquet(folder / f"{name}.parquet", index=False)
         mapping["nodes"][name] = {"role": role, "file": f"{name}.parquet"}
+        if episodes is not None and name in episodes:
+            episodes[name].to_csv(folder / f"{name}.episodes.csv", index=False)
+            mapping["nodes"][name]["episodes"] = f"{name}.episodes.csv"
         for target in (schema.READMISSION, schema.COST):
             if target in rows:
                 mapping["targets"][target] = {}

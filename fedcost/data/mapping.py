@@ -95,6 +95,9 @@ class NodeSource:
     columns: dict[str, str]
     lacks: tuple[str, ...] = ()
     omop: OmopReading | None = None
+    # The node's episode extract (``fedcost.linkage.windows``): a hospital's stays, a payer's
+    # claims, under the pseudonymous patient key the parties share; read only by the linkage.
+    episodes: Path | None = None
 
     def source_of(self, field_name: str) -> str | None:
         """The source column mapped to ``field_name`` (or None when unmapped)."""
@@ -321,7 +324,7 @@ class _MappingParser:
         where = f"nodes.{name}"
         check_party_name(name, path=str(self.path), field=where, error=MappingError)
         spec = self._table(where, raw)
-        allowed = {"role", "file", "test_file", "columns", "lacks", "omop"} | _OMOP_OPTIONS
+        allowed = {"role", "file", "test_file", "columns", "lacks", "omop", "episodes"} | _OMOP_OPTIONS
         unknown = set(spec) - allowed
         if unknown:
             raise self.fail(f"{where}.{sorted(unknown)[0]}", f"unknown option; use {', '.join(sorted(allowed))}")
@@ -340,6 +343,13 @@ class _MappingParser:
         test_file = spec.get("test_file")
         if test_file is not None and not isinstance(test_file, str):
             raise self.fail(f"{where}.test_file", "must be a file path")
+        episodes = spec.get("episodes")
+        if episodes is not None and (not isinstance(episodes, str) or not episodes):
+            raise self.fail(f"{where}.episodes", "must be the path of the node's episode extract (CSV or Parquet)")
+        if episodes is not None and role not in ("hospital", "insurer", "pharma"):
+            raise self.fail(
+                f"{where}.episodes", "only a hospital (its stays) or an insurer or pharma node (its claims) has one"
+            )
         columns = {**shared, **self._columns(f"{where}.columns", spec.get("columns", {}), known_fields)}
         mapped = list(columns.values())
         duplicated = {f for f in mapped if mapped.count(f) > 1}
@@ -367,6 +377,7 @@ class _MappingParser:
                 test_file=folder / test_file if test_file else None,
                 columns=columns,
                 lacks=tuple(lacks),
+                episodes=folder / episodes if episodes else None,
             )
         self._check_omop_node(where, spec, columns, lacks, mapping)
         options = self._omop_options(where, spec)
@@ -378,6 +389,7 @@ class _MappingParser:
             test_file=None,
             columns={},
             lacks=tuple(lacks),
+            episodes=folder / episodes if episodes else None,
             omop=OmopReading(
                 folder / spec["omop"],
                 options.get("cost_column", shared_omop.get("cost_column", "total_cost")),

@@ -159,7 +159,7 @@ class EpisodeCosts:
     def frame(self) -> pd.DataFrame:
         """One row per hospital; a column per payer's share of the episode cost."""
         payers = sorted({payer for h in self.hospitals for payer in h.payers})
-        return pd.DataFrame(
+        frame = pd.DataFrame(
             [
                 {
                     "hospital": h.hospital,
@@ -175,9 +175,26 @@ class EpisodeCosts:
                 for h in self.hospitals
             ]
         )
+        return frame.astype({"stays": "Int64"})
+
+    @property
+    def note(self) -> str:
+        """What the figures are, for the report and the terminal."""
+        window = self.window
+        return (
+            f"An episode runs from {window.before_days} days before admission to {window.after_days} days after "
+            "discharge: the hospital's stays plus what each insurer and pharma node paid for the same patients "
+            "within it (one payment per patient and day, however many windows cover it), linked by a private "
+            "intersection-sum of pseudonymous keys: no party saw another's rows or keys, and the coordinator only "
+            "these sums. Value index: readmission-free stays per currency unit of episode cost over the released "
+            "hospitals' pooled (1 = the federation); not risk-adjusted. A hospital of fewer than "
+            f"{self.min_cohort} stays, and a payer's sum over 1 to {self.min_cohort - 1} of a hospital's "
+            "patients, are withheld at the hospital."
+        )
 
     def to_json(self) -> dict:
         return {
+            "note": self.note,
             "before_days": self.window.before_days,
             "after_days": self.window.after_days,
             "min_cohort": self.min_cohort,
@@ -247,8 +264,8 @@ def _with_value(rows: list) -> tuple[HospitalEpisodes, ...]:
                 stays=totals.stays,
                 stay_cost=totals.cost_cents / 100,
                 payers=paid,
-                episode_cost=costs[hospital],
-                mean_per_stay=costs[hospital] / totals.stays,
+                episode_cost=round(costs[hospital], 2),
+                mean_per_stay=round(costs[hospital] / totals.stays, 2),
                 readmission_rate=totals.readmitted / totals.stays,
                 value_index=value / federation if federation > 0 else None,
                 withheld=note,

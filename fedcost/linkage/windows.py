@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from fedcost import schema
+from fedcost.data.files import read_frame
 from fedcost.errors import DataValidationError
 
 KEY = "patient_key"
@@ -125,6 +126,12 @@ class Claims:
         for key, day, cents in zip(self.keys, self.days.tolist(), self.cost_cents.tolist()):
             totals[key, day] = totals.get((key, day), 0) + cents
         return totals
+
+
+def read_extract(role: str, path: Path) -> Stays | Claims:
+    """A node's episode extract: a hospital's stays, an insurer's or pharma node's claims."""
+    frame = read_frame(path)
+    return Stays.from_frame(frame, path) if role == "hospital" else Claims.from_frame(frame, path)
 
 
 def day_number(date: dt.date) -> int:

@@ -146,6 +146,9 @@ class SitePolicy:
     ``share_benchmark`` says whether the site shares its risk-adjusted totals after training;
     ``share_site_tables`` whether a statistics table may show the site's own cells beside the
     other sites' (a table by site: its group costing, cost and payment per disease group);
+    ``share_episodes`` whether the site takes part in the episode linkage (a hospital
+    releases its stays' totals and the sums payers paid within its episode windows; a payer
+    answers hospitals' private intersection-sums): off unless the site turns it on;
     ``min_nodes`` is the fewest sites any secure sum of this site's may add up (at least 3)."""
 
     coordinator: str
@@ -158,6 +161,7 @@ class SitePolicy:
     max_message_bytes: int = 16 * 2**20
     share_benchmark: bool = True
     share_site_tables: bool = True
+    share_episodes: bool = False
     min_nodes: int = MIN_SECURE_SITES
 
     def __post_init__(self) -> None:
@@ -169,7 +173,7 @@ class SitePolicy:
             )
         if not isinstance(self.privacy, PrivacySettings):
             raise _FieldError("privacy", "expected a [privacy] table with at least epsilon = ...")
-        for flag in ("require_secure_aggregation", "share_benchmark", "share_site_tables"):
+        for flag in ("require_secure_aggregation", "share_benchmark", "share_site_tables", "share_episodes"):
             if not isinstance(getattr(self, flag), bool):
                 raise _FieldError(flag, "expected true or false")
         _integer("min_cohort", self.min_cohort, 2, f"min_cohort = {MIN_COHORT}")
@@ -244,6 +248,7 @@ class SitePolicy:
             "max_message_bytes": self.max_message_bytes,
             "share_benchmark": self.share_benchmark,
             "share_site_tables": self.share_site_tables,
+            "share_episodes": self.share_episodes,
             "min_nodes": self.min_nodes,
             "metrics": dict(self.metrics),
             "privacy": privacy,

@@ -101,6 +101,7 @@ details > summary {{ cursor: pointer; font-size: 1.2rem; font-weight: bold; marg
 {_privacy_section(summary)}
 {_benchmark_section(summary.get("analytics", {}).get("benchmark"), summary)}
 {_group_costing_section(summary.get("analytics", {}).get("group_costing"), summary)}
+{_episodes_section(summary.get("episodes"), summary)}
 {_statistics_section(summary.get("analytics", {}).get("statistics"), summary)}
 <h2>Plots</h2>
 {figures}
@@ -291,6 +292,38 @@ def _group_costing_section(result: dict | None, summary: dict) -> str:
 <details><summary>Per site and disease group: {len(result["sites"])} cells released</summary>
 <table><tr><th>site</th><th>disease group</th><th>cases</th><th>mean cost ({unit})</th><th>mean payment ({unit})</th>
 <th>margin per case ({unit})</th><th>cost O/E within group</th></tr>{cells}</table></details>"""
+
+
+def _episodes_section(result: dict | None, summary: dict) -> str:
+    """Episode cost and value per hospital, each payer's part beside its stays, withheld rows flagged."""
+    if not result:
+        return ""
+    unit = html.escape(cost_unit(summary))
+    payers = sorted({payer for h in result["hospitals"].values() for payer in h["payers"]})
+    heads = "".join(f"<th>paid by {html.escape(p)} ({unit})</th>" for p in payers)
+    rows = []
+    for name, h in result["hospitals"].items():
+        if h["episode_cost"] is None:
+            span = 6 + len(payers)
+            rows.append(
+                f'<tr><td>{html.escape(name)}</td><td class="withheld" colspan="{span}">withheld: '
+                f"{html.escape(h['withheld'])}</td></tr>"
+            )
+            continue
+        paid = "".join(
+            '<td class="withheld">withheld</td>' if h["payers"].get(p) is None else f"<td>{_money(h['payers'][p])}</td>"
+            for p in payers
+        )
+        index = "–" if h["value_index"] is None else f"{h['value_index']:.3f}"
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td><td>{h['stays']:,}</td><td>{_money(h['stay_cost'])}</td>{paid}"
+            f"<td>{_money(h['episode_cost'])}</td><td>{_money(h['mean_per_stay'])}</td>"
+            f"<td>{h['readmission_rate']:.3f}</td><td>{index}</td></tr>"
+        )
+    return f"""<h2>Episode cost per hospital</h2>
+<p>{html.escape(result["note"])}</p>
+<table><tr><th>hospital</th><th>stays</th><th>stay cost ({unit})</th>{heads}<th>episode cost ({unit})</th>
+<th>mean per stay ({unit})</th><th>readmission rate</th><th>value index</th></tr>{"".join(rows)}</table>"""
 
 
 def _noise_note(summary: dict) -> str:
