@@ -61,9 +61,9 @@ def test_fedcost_has_no_import_cycle() -> None:
 
 
 def test_the_cores_import_neither_flower_nor_the_bindings() -> None:
-    """secagg, privacy, audit, analytics, models and data are pure (DESIGN.md): no eager
+    """secagg, privacy, audit, analytics, models, data and linkage are pure (DESIGN.md): no eager
     import of Flower, the bindings or deployment (an audit CLI may import it lazily)."""
-    cores = ("secagg", "privacy", "audit", "analytics", "models", "data")
+    cores = ("secagg", "privacy", "audit", "analytics", "models", "data", "linkage")
     bindings = ("flwr", "fedcost.client", "fedcost.server", "fedcost.federation")
     for name, path in _modules().items():
         if name.split(".")[1:2] and name.split(".")[1] in cores:

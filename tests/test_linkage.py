@@ -317,3 +317,73 @@ def test_the_linked_extracts_leave_the_ecosystem_as_it_was(ecosystem) -> None:
     stays = first["hospital-1"]
     assert (stays[schema.COST].to_numpy() == ecosystem.nodes[0].frame[schema.COST].to_numpy()).all()
     assert stays[KEY].duplicated().any()  # some patients come back: windows overlap and are deduplicated
+
+
+def test_a_stay_discharged_before_its_admission_is_refused(tmp_path) -> None:
+    from fedcost.data.files import read_frame
+
+    path = tmp_path / "stays.csv"
+    header = f"{KEY},{ADMISSION},{DISCHARGE},{schema.COST},{schema.READMISSION}"
+    path.write_text(f"{header}\np1,2024-02-01,2024-02-03,100,0\np2,2024-02-05,2024-02-04,100,0\n")
+    with pytest.raises(DataValidationError, match="before the admission") as caught:
+        Stays.from_frame(read_frame(path), path)
+    assert (caught.value.row, caught.value.column) == (2, DISCHARGE)
+
+
+MAPPING = """
+[targets.readmitted_30d]
+
+[nodes.st-mary]
+role = "{role}"
+file = "st-mary.csv"
+{episodes}
+"""
+
+
+@pytest.mark.parametrize(
+    ("role", "episodes", "message"),
+    [
+        ("site", 'episodes = "x.csv"', "only a hospital"),
+        ("hospital", "episodes = 3", "must be the path"),
+        ("hospital", 'episode = "x.csv"', "unknown option"),
+    ],
+)
+def test_a_mapping_names_an_episode_extract_only_where_one_makes_sense(tmp_path, role, episodes, message) -> None:
+    from fedcost.data.mapping import DataMapping
+    from fedcost.errors import MappingError
+
+    (tmp_path / "mapping.toml").write_text(MAPPING.format(role=role, episodes=episodes))
+    with pytest.raises(MappingError, match=message):
+        DataMapping.load(tmp_path / "mapping.toml")
+
+
+def test_a_mapping_reads_a_nodes_episode_extract(tmp_path) -> None:
+    from fedcost.data.mapping import DataMapping
+    from fedcost.linkage.windows import read_extract
+
+    (tmp_path / "mapping.toml").write_text(MAPPING.format(role="insurer", episodes='episodes = "claims.csv"'))
+    _write(tmp_path, [["p1", "2024-02-01", "12.50"], ["p1", "2024-02-01", "0.25"]])
+    node = DataMapping.load(tmp_path / "mapping.toml").node("st-mary")
+    assert node.episodes == tmp_path / "claims.csv"
+    claims = read_extract(node.role, node.episodes)
+    first = (pd.Timestamp("2024-02-01") - pd.Timestamp("1970-01-01")).days
+    assert claims.items() == {("p1", first): 1275}
+
+
+@pytest.mark.parametrize(
+    ("episodes", "message"),
+    [
+        ({"before_days": -1}, "before_days must be a whole number"),
+        ({"after_days": 400}, "after_days must be a whole number"),
+        ({"after": 30}, "episodes.after is not a setting"),
+    ],
+)
+def test_a_bad_episode_window_is_refused_naming_the_setting(episodes, message) -> None:
+    from fedcost.config import SimulationConfig
+    from fedcost.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        SimulationConfig.from_dict({"analytics": {"episodes": episodes}})
+    assert SimulationConfig.from_dict({"analytics": {"episodes": {"after_days": 7}}}).analytics.episode_window() == (
+        EpisodeWindow(3, 7)
+    )
