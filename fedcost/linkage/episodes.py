@@ -16,9 +16,11 @@ The index is not risk-adjusted: it compares case mixes as they are.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import pandas as pd
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -40,6 +42,34 @@ class EpisodePlan:
     min_cohort: int
     hospitals: tuple[str, ...]
     payers: tuple[str, ...]
+
+    def to_json(self) -> str:
+        """The plan as a hello states it (the run id and smallest cohort are the hello's own)."""
+        fields = {
+            "before_days": self.window.before_days,
+            "after_days": self.window.after_days,
+            "hospitals": list(self.hospitals),
+            "payers": list(self.payers),
+        }
+        return json.dumps(fields, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, run_id: str, min_cohort: int) -> EpisodePlan:
+        """A hello's episode plan, read strictly; ``ValueError`` says what is wrong."""
+        try:
+            raw = json.loads(text)
+        except ValueError:
+            raw = None
+        keys = {"before_days", "after_days", "hospitals", "payers"}
+        if not isinstance(raw, dict) or set(raw) != keys:
+            raise ValueError(f"its episode plan must state exactly {', '.join(sorted(keys))}")
+        parties = [raw["hospitals"], raw["payers"]]
+        if not all(isinstance(names, list) and all(isinstance(n, str) for n in names) for names in parties):
+            raise ValueError("its episode plan's hospitals and payers must be lists of site names")
+        if set(raw["hospitals"]) & set(raw["payers"]) or not raw["hospitals"] or not raw["payers"]:
+            raise ValueError("its episode plan needs hospitals and payers, no site both")
+        window = EpisodeWindow(raw["before_days"], raw["after_days"])
+        return cls(run_id, window, min_cohort, tuple(raw["hospitals"]), tuple(raw["payers"]))
 
 
 @dataclass(frozen=True)
@@ -63,8 +93,10 @@ class EpisodeSite:
     roster: dict[str, Ed25519PublicKey]
     shares_episodes: bool
     min_cohort: int
+    # A hospital's sessions between its offer and its report, by payer (``HospitalSide.export``):
+    # a node that answers each message afresh keeps them in its own state between messages.
+    sessions: dict[str, bytes] = field(default_factory=dict)
     _plan: EpisodePlan | None = field(default=None, init=False)
-    _open: dict[str, HospitalSide] = field(default_factory=dict, init=False)
 
     def accept(self, plan: EpisodePlan) -> None:
         """Check the plan against the site's policy; a refusal says which rule."""
@@ -102,20 +134,24 @@ class EpisodeSite:
         """Start the session with ``payer``: fresh keys, the windows' items blinded."""
         if payer not in self.plan.payers:
             raise PolicyViolationError(f"site {self.name} refuses: {payer} is not a payer of the accepted plan")
-        if payer in self._open:
+        if payer in self.sessions:
             raise PolicyViolationError(f"site {self.name} refuses: its intersection-sum with {payer} is under way")
         session = Session(self.plan.run_id, self.name, payer)
         side = HospitalSide(
             session, self.identity, self.roster[payer], self._stays().items(self.plan.window), self.cohort
         )
-        self._open[payer] = side
-        return side.offer()
+        offer = side.offer()
+        self.sessions[payer] = side.export()
+        return offer
 
     def report(self, answer: Answer) -> Report:
-        side = self._open.pop(answer.session.payer, None)
-        if side is None:
+        """The hospital's report on a payer's answer to its offer, once per offer."""
+        payer = answer.session.payer
+        state = self.sessions.pop(payer, None)
+        if state is None:
             raise PolicyViolationError(f"site {self.name} refuses an answer to an offer it did not make")
-        return side.report(answer)
+        session = Session(self.plan.run_id, self.name, payer)
+        return HospitalSide.restore(state, session, self.identity, self.roster[payer], self.cohort).report(answer)
 
     def answer(self, offer: Offer) -> tuple[Answer, Shares]:
         """The payer's half, for a hospital the accepted plan names."""
@@ -202,7 +238,26 @@ class EpisodeCosts:
         }
 
 
-def link_episodes(plan: EpisodePlan, sites: Sequence[EpisodeSite], roster: dict[str, Ed25519PublicKey]) -> EpisodeCosts:
+class EpisodeParty(Protocol):
+    """A site as the coordinator reaches it: in this process (``EpisodeSite``) or through
+    the bindings (``fedcost.server``), every call one request and its reply."""
+
+    name: str
+
+    def accept(self, plan: EpisodePlan) -> None: ...
+
+    def stay_totals(self) -> StayTotals | None: ...
+
+    def offer(self, payer: str) -> Offer: ...
+
+    def answer(self, offer: Offer) -> tuple[Answer, Shares]: ...
+
+    def report(self, answer: Answer) -> Report: ...
+
+
+def link_episodes(
+    plan: EpisodePlan, sites: Sequence[EpisodeParty], roster: dict[str, Ed25519PublicKey]
+) -> EpisodeCosts:
     """The coordinator's side, with the ``roster``'s public identity keys: every site accepts
     the plan (a refusal stops the linkage, naming the site and its reason), then one
     intersection-sum per hospital and payer, relayed; the coordinator adds up shares only."""
@@ -220,7 +275,7 @@ def link_episodes(plan: EpisodePlan, sites: Sequence[EpisodeSite], roster: dict[
         site = by_name[hospital]
         totals = site.stay_totals()
         if totals is None:
-            rows.append(_withheld(hospital, f"fewer than {site.cohort} stays"))
+            rows.append(_withheld(hospital, "fewer stays than the small-cell rule"))
             continue
         payers: dict[str, float | None] = {}
         for payer in plan.payers:

@@ -54,7 +54,18 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 
 from fedcost.errors import PolicyViolationError, ProtocolAbort
 from fedcost.linkage.windows import Item
-from fedcost.secagg.crypto import agree, canonical, decrypt, derive_key, encrypt, public_bytes, sign, verify
+from fedcost.secagg.crypto import (
+    agree,
+    canonical,
+    decrypt,
+    derive_key,
+    encrypt,
+    load_agreement_key,
+    private_bytes,
+    public_bytes,
+    sign,
+    verify,
+)
 
 PROTOCOL = b"fedcost/episode-intersection-sum/v1"
 POINT = 32
@@ -122,12 +133,12 @@ class Report:
     session: Session
     positions: tuple[int, ...]
     share_sum: int
-    withheld: str = ""
+    withheld: bool = False
     signature: bytes = b""
 
     def signed_bytes(self) -> bytes:
         positions = np.asarray(self.positions, dtype="<u4").tobytes()
-        return canonical(self.session.context("report"), positions, self.share_sum, self.withheld)
+        return canonical(self.session.context("report"), positions, self.share_sum, int(self.withheld))
 
 
 def item_bytes(item: Item) -> bytes:
@@ -144,8 +155,11 @@ def hash_to_curve(domain: bytes, data: bytes) -> bytes:
 class Blinding:
     """A fresh secret exponent: raises points to it (X25519 scalar multiplication)."""
 
-    def __init__(self) -> None:
-        self._key = X25519PrivateKey.generate()
+    def __init__(self, secret: bytes | None = None) -> None:
+        self._key = X25519PrivateKey.generate() if secret is None else X25519PrivateKey.from_private_bytes(secret)
+
+    def secret(self) -> bytes:
+        return private_bytes(self._key)
 
     def apply(self, points: Iterable[bytes]) -> list[bytes]:
         try:
@@ -172,11 +186,11 @@ def _split(fields: bytes, count: int) -> list[bytes]:
     for _ in range(count):
         size = int.from_bytes(fields[at : at + 4], "big")
         if at + 4 + size > len(fields):
-            raise ProtocolAbort("a sealed answer is malformed; the intersection-sum stops")
+            raise ProtocolAbort("a sealed message is malformed; the intersection-sum stops")
         out.append(fields[at + 4 : at + 4 + size])
         at += 4 + size
     if at != len(fields):
-        raise ProtocolAbort("a sealed answer is malformed; the intersection-sum stops")
+        raise ProtocolAbort("a sealed message is malformed; the intersection-sum stops")
     return out
 
 
@@ -200,6 +214,28 @@ class HospitalSide:
         self._blinding, self._reply = Blinding(), X25519PrivateKey.generate()
         self._items = [hash_to_curve(_ITEM, item_bytes(item)) for item in items]
         self._offered: int | None = None
+
+    def export(self) -> bytes:
+        """What H keeps between its offer and its report: both secrets and the offer's size."""
+        if self._offered is None:
+            raise PolicyViolationError("the site keeps an intersection-sum only between its offer and its report")
+        return canonical(self._blinding.secret(), private_bytes(self._reply), self._offered)
+
+    @classmethod
+    def restore(
+        cls,
+        state: bytes,
+        session: Session,
+        identity: Ed25519PrivateKey,
+        payer_identity: Ed25519PublicKey,
+        min_cohort: int,
+    ) -> HospitalSide:
+        """H's side after its offer, from ``export``: ready for the one report."""
+        blinding, reply, offered = _split(state, 3)
+        side = cls(session, identity, payer_identity, (), min_cohort)
+        side._blinding, side._reply = Blinding(blinding), load_agreement_key(reply)
+        side._offered = int(offered.decode())
+        return side
 
     def offer(self) -> Offer:
         blinded = self._blinding.apply(_shuffled(self._items))
@@ -228,9 +264,7 @@ class HospitalSide:
         positions = [j for j, point in enumerate(self._blinding.apply(points)) if point in ours]
         patients = len({tags_[j] for j in positions})
         if 0 < patients < self.min_cohort:
-            report = Report(
-                self.session, (), 0, withheld=f"the sum would describe fewer than {self.min_cohort} patients"
-            )
+            report = Report(self.session, (), 0, withheld=True)
         else:
             total = int(firsts[positions].sum(dtype=np.uint64)) if positions else 0
             report = Report(self.session, tuple(positions), total % MODULUS)
