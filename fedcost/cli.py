@@ -71,7 +71,7 @@ def simulate(
         console.print(_benchmark_table(result.summary["analytics"]["benchmark"], result.summary))
     if "group_costing" in result.summary["analytics"]:
         console.print(_group_costing_table(result.summary["analytics"]["group_costing"], result.summary))
-    if "episodes" in result.summary:
+    if "episodes" in result.summary["analytics"]:
         _print_episodes(result.summary)
     console.print(f"run folder: [bold]{result.run_dir}[/bold] (report: {result.run_dir / 'report.html'})")
     _warn_unconverged(result.summary.get("inference", {}))
@@ -106,7 +106,7 @@ def analyze(
         console.print(escape(statistics["note"]), soft_wrap=True)
     if "group_costing" in result.summary["analytics"]:
         console.print(_group_costing_table(result.summary["analytics"]["group_costing"], result.summary))
-    if "episodes" in result.summary:
+    if "episodes" in result.summary["analytics"]:
         _print_episodes(result.summary)
     console.print(
         f"run folder: [bold]{result.run_dir}[/bold] (statistics.csv, report: {result.run_dir / 'report.html'})"
@@ -256,7 +256,7 @@ def _group_costing_table(result: dict, summary: dict) -> Table:
 
 def _print_episodes(summary: dict) -> None:
     """Episode cost and value per hospital (``episodes.csv``), and what the figures are."""
-    result = summary["episodes"]
+    result = summary["analytics"]["episodes"]
     unit = cost_unit(summary)
     table = Table(title=f"Episode cost per hospital ({unit}; value index 1 = the federation)")
     for head in ("hospital", "stays", "episode cost", "mean per stay", "paid by others", "value index", "withheld"):

@@ -67,6 +67,7 @@ def noisy_releases(
     in it: what the job's noise is calibrated on (``privacy.distributed.calibrate_noise``) and
     what each site checks it against."""
     per_round = {
+        "episodes": [],  # exact sums: a site that releases only noisy ones refuses the linkage
         "statistics": [statistics.touched()],
         "analytics": [table.noisy_touched() for table in tables],
         "evaluate": [sum(evaluation.NOISY_TOUCHED[task] for task in tasks)] * rounds,

@@ -50,9 +50,7 @@ from fedcost.data.synthetic_episodes import generate_linked_extracts
 from fedcost.errors import AuditLogTamperedError, ConfigError, FederationError, ModelFitError
 from fedcost.identity import Identity, PublicIdentity
 from fedcost.job import glm_state
-from fedcost.linkage import EpisodeWindow, link_episodes
-from fedcost.linkage.episodes import HOSPITAL, PAYER_ROLES, EpisodePlan, EpisodeSite
-from fedcost.linkage.windows import read_extract
+from fedcost.linkage.episodes import HOSPITAL, PAYER_ROLES, EpisodePlan
 from fedcost.models import glm
 from fedcost.models.metrics import calibration_bins, cost_metrics, readmission_metrics
 from fedcost.models.nets import FedcostNet, build_model
@@ -185,11 +183,7 @@ def _run(
     (folder / "config.toml").write_bytes(tomli_w.dumps(config.resolved()).encode())
 
     on_start()
-    parties = _parties(config, folder, mapping)
-    if window is not None:  # first: a site that refuses it, or a bad extract, stops the run before training
-        recorder.stage("linking episodes across the parties")
-        episodes = _episodes(config, run_id, folder, mapping, parties, window)
-    plan = _federate(config, run_id, folder, mapping, recorder, task, parties)
+    plan = _federate(config, run_id, folder, mapping, recorder, task)
     recorder.stage("verifying the audit logs")
     audit = _verify_audit(folder)
     if task == "analyze":
@@ -197,8 +191,6 @@ def _run(
     else:
         summary = _trained(config, run_id, folder, mapping, nodes, recorder)
     summary["analytics"] = recorder.analytics
-    if window is not None:
-        summary["episodes"] = episodes
     if recorder.inference:
         summary["inference"] = recorder.inference
     summary["audit"] = audit
@@ -294,44 +286,23 @@ def _load_nodes(mapping: DataMapping, config: SimulationConfig) -> list[NodeData
     return nodes
 
 
-@dataclass(frozen=True)
-class Parties:
-    """Every party of a simulated run: fresh identities, and each site's policy file (none:
-    the permissive default)."""
+def _federate(
+    config: SimulationConfig, run_id: str, folder: Path, mapping: DataMapping, recorder: RunRecorder, task: Task
+) -> CoordinatorPlan:
+    """The federation proper, on Flower's Simulation Engine; returns the plan it ran.
 
-    coordinator: Identity
-    identities: dict[str, Identity]
-    policies: dict[str, Path]
-
-
-def _parties(config: SimulationConfig, folder: Path, mapping: DataMapping) -> Parties:
-    """Every party gets a fresh identity; the public halves go to ``identities/``."""
+    Every party gets a fresh identity; the public halves go to ``identities/`` and every
+    party keeps its signed log in ``audit/``, as an auditor receives them.
+    """
     coordinator = Identity.generate(COORDINATOR, "coordinator")
     identities = {node.name: Identity.generate(node.name, node.role) for node in mapping.nodes}
     (folder / "identities").mkdir()
     for identity in [coordinator, *identities.values()]:
         identity.public().save(folder / "identities")
-    policies = _site_policies(config, folder, [node.name for node in mapping.nodes], coordinator.public().key_id)
-    return Parties(coordinator, identities, policies)
-
-
-def _federate(
-    config: SimulationConfig,
-    run_id: str,
-    folder: Path,
-    mapping: DataMapping,
-    recorder: RunRecorder,
-    task: Task,
-    parties: Parties,
-) -> CoordinatorPlan:
-    """The federation proper, on Flower's Simulation Engine; returns the plan it ran.
-
-    Every party keeps its signed log in ``audit/``, as an auditor receives them.
-    """
-    coordinator, identities, policies = parties.coordinator, parties.identities, parties.policies
     (folder / "audit").mkdir()
     roster = tuple(sorted((name, identity.public().raw_key) for name, identity in identities.items()))
     _check_peer_groups(config, [node.name for node in mapping.nodes])
+    policies = _site_policies(config, folder, [node.name for node in mapping.nodes], coordinator.public().key_id)
     setups = [
         NodeSetup(
             mapping.path.resolve(),
@@ -369,6 +340,7 @@ def _federate(
         analytics=config.analytics,
         task=task,
         statistics_privacy=config.statistics_privacy,
+        episodes=_episode_plan(config, run_id, mapping),
     )
     # Flower warns that run_simulation is deprecated in favour of `flwr run`, which needs a
     # packaged app; fedcost drives the engine from Python on purpose, so only errors show.
@@ -386,17 +358,11 @@ def _federate(
     return plan
 
 
-def _episodes(
-    config: SimulationConfig, run_id: str, folder: Path, mapping: DataMapping, parties: Parties, window: EpisodeWindow
-) -> dict:
-    """Episode cost per hospital (``fedcost.linkage``), each site on its own extract and key;
-    written to ``episodes.csv``, returned for the summary.
-
-    The sites act in this process, as every simulated site does; the coordinator's side
-    (``link_episodes``) handles only what they hand it. A site with a policy file takes
-    part only if it says ``share_episodes = true``; one without runs under the permissive
-    default, for which the researcher's config speaks.
-    """
+def _episode_plan(config: SimulationConfig, run_id: str, mapping: DataMapping) -> EpisodePlan | None:
+    """The run's episode linkage: every hospital and payer whose mapping names an extract."""
+    window = config.analytics.episode_window()
+    if window is None:
+        return None
     linked = [node for node in mapping.nodes if node.episodes is not None]
     hospitals = tuple(node.name for node in linked if node.role == HOSPITAL)
     payers = tuple(node.name for node in linked if node.role in PAYER_ROLES)
@@ -406,25 +372,14 @@ def _episodes(
             'their extracts in the mapping ([nodes.NAME] episodes = "file.csv"), or leave [analytics] episodes out',
             path=str(mapping.path),
         )
-    roster = {name: identity.private_key.public_key() for name, identity in parties.identities.items()}
-    sites = []
-    for node in linked:
-        policy = SitePolicy.load(parties.policies[node.name]) if node.name in parties.policies else None
-        sites.append(
-            EpisodeSite(
-                node.name,
-                node.role,
-                read_extract(node.role, node.episodes),  # type: ignore[arg-type]  # linked: it has one
-                parties.identities[node.name].private_key,
-                roster,
-                shares_episodes=policy.share_episodes if policy else True,
-                min_cohort=policy.min_cohort if policy else config.run.min_cohort,
-            )
+    if config.statistics_privacy.enabled:
+        raise ConfigError(
+            "episode costs are exact sums and carry no statistics noise: leave [analytics] episodes out of a run "
+            "with [statistics_privacy], or that section out",
+            path=config.source,
+            field="analytics.episodes",
         )
-    plan = EpisodePlan(run_id, window, config.run.min_cohort, hospitals, payers)
-    result = link_episodes(plan, sites, roster)
-    result.frame().to_csv(folder / "episodes.csv", index=False)
-    return result.to_json()
+    return EpisodePlan(run_id, window, config.run.min_cohort, hospitals, payers)
 
 
 def _check_peer_groups(config: SimulationConfig, names: list[str]) -> None:

@@ -1,6 +1,7 @@
-"""`fedcost simulate` with episodes on: episode costs equal the pooled join of the synthetic
-truth exactly, land in the run folder, the report and the terminal; a site whose policy does
-not share episodes stops the run before training, naming itself and the setting."""
+"""`fedcost simulate` with episodes on, through the bindings: episode costs equal the pooled
+join of the synthetic truth exactly, land in the run folder, the report and the terminal, and
+every party's audit log verifies; a site whose policy does not share episodes refuses the job
+at its hello, naming the setting, and logs its refusal."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def test_simulate_reports_episode_costs_equal_to_the_pooled_join(tmp_path: Path)
     result, run = simulate(tmp_path, EPISODES.format(), "episodes")
     assert result.returncode == 0, result.stdout + result.stderr
     truth = json.loads((run / "truth.json").read_text())["episodes"]["hospitals"]
-    summary = json.loads((run / "summary.json").read_text())["episodes"]
+    summary = json.loads((run / "summary.json").read_text())["analytics"]["episodes"]
     table = pd.read_csv(run / "episodes.csv").set_index("hospital")
     for hospital, expected in truth.items():
         released = summary["hospitals"][hospital]
@@ -63,6 +64,10 @@ def test_simulate_reports_episode_costs_equal_to_the_pooled_join(tmp_path: Path)
     assert any(v > 0 for h in truth.values() for v in h["paid_by"].values())
     assert "Episode cost per hospital" in (run / "report.html").read_text()
     assert "Episode cost per hospital" in result.stdout
+    assert json.loads((run / "summary.json").read_text())["audit"]["verified"]
+    # Every step went through each site's guardian: in its audit log, reconciled with the coordinator's.
+    for party in ("hospital-1", "insurer-1", "coordinator"):
+        assert "linkage:episodes" in (run / "audit" / f"{party}.jsonl").read_text()
     # The extracts stay with their sites' data; the model rows carry no patient key.
     assert "patient_key" not in pd.read_parquet(run / "data" / "hospital-1.parquet").columns
 
@@ -74,7 +79,14 @@ def test_a_site_that_does_not_share_episodes_stops_the_run_before_training(tmp_p
     result, run = simulate(tmp_path, EPISODES.format(), "refused")
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    assert "pharma-1 refuses the episode linkage" in output and "share_episodes = true" in output, output
+    assert "site pharma-1: the site policy refuses this job" in output, output
+    assert "episode linkage" in output and "share_episodes = false" in output, output
     assert "Traceback" not in output
     failed = tmp_path / "refused.failed"
-    assert not (failed / "summary.json").exists()
+    assert not (failed / "summary.json").exists() and not (failed / "episodes.csv").exists()
+    refusals = [
+        json.loads(line)
+        for line in (failed / "audit" / "pharma-1.jsonl").read_text().splitlines()
+        if '"refusal"' in line
+    ]
+    assert refusals and "share_episodes = false" in refusals[0]["details"]["reason"]

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
@@ -60,6 +60,10 @@ from fedcost.errors import (
 )
 from fedcost.identity import Identity
 from fedcost.job import TrainingJob, noisy_releases
+from fedcost.linkage import Claims, Stays
+from fedcost.linkage.episodes import EpisodePlan, EpisodeSite
+from fedcost.linkage.intersection_sum import Answer, Offer, Session
+from fedcost.linkage.windows import read_extract
 from fedcost.models.nets import build_model
 from fedcost.privacy import SitePolicy
 from fedcost.privacy.distributed import NOISE_GRID, secure_generator, skellam_noise
@@ -83,6 +87,7 @@ ROUND_ENDS = ("secagg:evaluate:unmask", "plain:evaluate")
 TRAIN_LOSS = "train-loss"
 AUDIT_POSITION = "audit-position"
 SECURE_SUM = "secure-sum"  # the node's state of the secure sum in progress, in its Flower context
+EPISODE_SESSIONS = "episode-sessions"  # a hospital's intersection-sums between offer and report
 # Refusals: the site's rules at work. Their reasons name rules, never data, and are sent.
 REFUSALS = (
     PolicyViolationError,
@@ -181,6 +186,9 @@ class Guardian:
             if request.transport == rec.CLOSE:
                 exchange, releasing = f"{hello.run_id}/close", True
                 content, cohort = _identity_record(self.setup.name, self.identity.role), 0
+            elif request.transport == rec.LINK:
+                exchange, content = self._linkage(request, hello, policy, ledger)
+                cohort, releasing = 0, True
             else:
                 site.check_request(policy, hello, request)
                 node = self.node_factory(self.setup)
@@ -207,6 +215,8 @@ class Guardian:
         tables = site.check_plan(policy, hello, self.setup.name)
         mapping = _mapping(self.setup.mapping)
         site.check_data(hello, mapping)
+        if "episodes" in hello.outputs:
+            _check_extract(mapping, self.setup.name, site.episode_plan(hello))
         releases = noisy_releases(
             purposes=hello.purposes,
             rounds=hello.rounds,
@@ -252,6 +262,62 @@ class Guardian:
         content[rec.METRICS] = MetricRecord({rec.WEIGHT: contribution.weight})
         shapes = SHAPES[ask.purpose](ask, node)
         return exchange, content, {f"{i:04d}": shape for i, shape in enumerate(shapes)}
+
+    def _linkage(
+        self, request: Request, hello: Hello, policy: SitePolicy, ledger: ReleaseLedger
+    ) -> tuple[str, RecordDict]:
+        """One step of the episode linkage on the site's own extract (``fedcost.linkage``); a
+        hospital's session lives in the node's context between its offer and its report."""
+        plan = site.check_linkage_request(policy, hello, request, self.setup.name, self.identity.role)
+        config = request.config
+        stage, peer = str(config[rec.STAGE]), str(config[rec.PEER])
+        exchange = f"{hello.run_id}/episodes/{stage}/{peer}"
+        ledger.check_unanswered(exchange)
+        saved = self.context.state.config_records.get(EPISODE_SESSIONS)
+        party = EpisodeSite(
+            self.setup.name,
+            self.identity.role,
+            _extract(_mapping(self.setup.mapping), self.setup.name),
+            Ed25519PrivateKey.from_private_bytes(self.setup.identity_key),
+            {name: Ed25519PublicKey.from_public_bytes(key) for name, key in self.setup.roster},
+            shares_episodes=policy.share_episodes,
+            min_cohort=policy.min_cohort,
+            sessions={payer: bytes(state) for payer, state in saved.items()} if saved else {},  # type: ignore[arg-type]
+        )
+        party.accept(plan)
+        hospital = stage in ("totals", "offer", "report")
+        session = (
+            Session(hello.run_id, self.setup.name, peer) if hospital else Session(hello.run_id, peer, self.setup.name)
+        )
+        if stage == "totals":
+            totals = party.stay_totals()
+            fields: dict = {"withheld": True} if totals is None else {**vars(totals), "withheld": False}
+        elif stage == "offer":
+            offer = party.offer(peer)
+            fields = {"reply_key": offer.reply_key, "items": offer.items, "signature": offer.signature}
+        elif stage == "answer":
+            relayed = Offer(session, *(bytes(config[k]) for k in ("reply_key", "items", "signature")))  # type: ignore[arg-type]
+            answer, shares = party.answer(relayed)
+            fields = {
+                "sender_key": answer.sender_key,
+                "sealed": answer.sealed,
+                "signature": answer.signature,
+                "shares": shares.shares,
+                "shares_signature": shares.signature,
+            }
+        else:
+            relayed_answer = Answer(session, *(bytes(config[k]) for k in ("sender_key", "sealed", "signature")))  # type: ignore[arg-type]
+            report = party.report(relayed_answer)
+            fields = {
+                "positions": list(report.positions),
+                "share_sum": report.share_sum.to_bytes(8, "little"),
+                "withheld": report.withheld,
+                "signature": report.signature,
+            }
+        self.context.state[EPISODE_SESSIONS] = ConfigRecord(party.sessions)  # type: ignore[arg-type]
+        content = _identity_record(self.setup.name, self.identity.role)
+        content[rec.LINKAGE] = ConfigRecord({rec.STAGE: f"episodes-{stage}", **fields})
+        return exchange, content
 
     def _ask(self, request: Request, hello: Hello, node: Node, ledger: ReleaseLedger) -> Ask:
         """What the request asks of the rows, with everything the coordinator chose checked."""
@@ -551,6 +617,21 @@ def _mapping_role(setup: NodeSetup) -> str:
 @lru_cache(maxsize=8)
 def _mapping(path: Path) -> DataMapping:
     return DataMapping.load(path)
+
+
+def _check_extract(mapping: DataMapping, name: str, plan: EpisodePlan) -> None:
+    """A site the episode linkage names needs its extract, or it refuses at the hello."""
+    if name in (*plan.hospitals, *plan.payers) and mapping.node(name).episodes is None:
+        raise PolicyViolationError(
+            "the site policy refuses this job: it asks for episode costs, and this site's mapping names no "
+            f'episode extract ([nodes.{name}] episodes = "file.csv")'
+        )
+
+
+def _extract(mapping: DataMapping, name: str) -> Stays | Claims:
+    node = mapping.node(name)
+    assert node.episodes is not None  # the hello checked it (_check_extract)
+    return read_extract(node.role, node.episodes)
 
 
 def _identity_record(name: str, role: str) -> RecordDict:

@@ -29,7 +29,7 @@ def outgoing_message(
     it is left out only when it is exactly 1 (any other value meets the guard).
     """
     configs: dict = {}
-    for name in (rec.NODE, rec.SECAGG):
+    for name in (rec.NODE, rec.SECAGG, rec.LINKAGE):
         if name in content:
             configs.update(content[name])
     metrics = dict(content[rec.METRICS]) if rec.METRICS in content else {}
@@ -43,7 +43,8 @@ def outgoing_message(
     arrays = (
         {key: array.numpy() for key, array in content[rec.CONTRIBUTION].items()} if rec.CONTRIBUTION in content else {}
     )
-    stage = content[rec.SECAGG]["stage"] if rec.SECAGG in content else None
+    protocol = next((content[name] for name in (rec.SECAGG, rec.LINKAGE) if name in content), None)
+    stage = None if protocol is None else protocol["stage"]
     return OutgoingMessage(
         kind=request.purpose.message_type if request.purpose else "query",
         stage=None if stage is None else str(stage),

@@ -23,6 +23,7 @@ from fedcost.analytics.statistics import SITE
 from fedcost.data.features import StatisticsLayout
 from fedcost.data.mapping import DataMapping
 from fedcost.errors import ConfigError, DataMismatchError, PolicyViolationError
+from fedcost.linkage.episodes import HOSPITAL, EpisodePlan
 from fedcost.privacy import MIN_COHORT, JobRequest, PrivacySettings, SitePolicy, check_job
 from fedcost.privacy.distributed import plan_epsilon
 from fedcost.wire import records as rec
@@ -40,8 +41,10 @@ MAX_ABS_WEIGHT = 1e4
 def site_policy(path: Path | None, hello: Hello) -> SitePolicy:
     """The site's policy file, or the permissive default for a site that has none.
 
-    The default trusts the coordinator that sent the job, allows any number of rounds
-    and no DP, but still never lets a statistic describe fewer than ``MIN_COHORT`` rows,
+    The default trusts the coordinator that sent the job, allows any number of rounds,
+    no DP and the episode linkage when the job asks for it (a site with a policy file
+    takes part only where its file says so), but still never lets a statistic describe
+    fewer than ``MIN_COHORT`` rows,
     shares no metric but the training loss, and holds the job to secure aggregation if
     the job turned it on (a later plain request is refused).
     """
@@ -54,6 +57,7 @@ def site_policy(path: Path | None, hello: Hello) -> SitePolicy:
         require_secure_aggregation=hello.secure_aggregation,
         min_cohort=MIN_COHORT,
         metrics={"train-loss": 6},
+        share_episodes="episodes" in hello.outputs,
     )
 
 
@@ -77,7 +81,15 @@ def check_plan(policy: SitePolicy, hello: Hello, name: str) -> list[GroupedStati
     A table by site shows each site's cells beside the others' (secure aggregation hides
     nothing of them): only a site whose policy shares such tables answers it, and only one
     that names this node once."""
-    for purpose in hello.purposes:
+    linked = episode_plan(hello) if "episodes" in hello.outputs else None
+    if linked is not None and name in (*linked.hospitals, *linked.payers):
+        check_job(policy, job_request(hello, "episodes"))
+        if policy.privacy.statistics is not None:
+            raise _refusal(
+                "the episode linkage releases exact sums, and this site releases sums other than training "
+                "updates only with distributed DP noise ([privacy.statistics]): leave episodes out of the job"
+            )
+    for purpose in (p for p in hello.purposes if p != "episodes"):
         check_job(policy, job_request(hello, purpose))
     if "newton" in hello.outputs and policy.privacy.enabled:
         raise _refusal(
@@ -175,6 +187,32 @@ def check_noise(policy: SitePolicy, hello: Hello, releases: list[int]) -> None:
                 f"its noise spends epsilon={spent:.3g} at delta={policy.privacy.delta:g} over its {len(releases)} "
                 f"noisy sums; this site allows {required.epsilon:g} ([privacy.statistics] epsilon)"
             )
+
+
+def episode_plan(hello: Hello) -> EpisodePlan:
+    """The accepted job's episode linkage; a plan this node cannot read is refused."""
+    try:
+        return EpisodePlan.from_json(hello.episodes, hello.run_id, hello.min_cohort)
+    except ValueError as error:
+        raise _refusal(str(error)) from None
+
+
+def check_linkage_request(policy: SitePolicy, hello: Hello, request: Request, name: str, role: str) -> EpisodePlan:
+    """A step of the episode linkage: part of the accepted plan, for this node's part in it,
+    and still within the policy; returns the plan."""
+    if "episodes" not in hello.outputs:
+        raise _refusal("the request's purpose 'episodes' is not part of the accepted job")
+    plan = episode_plan(hello)
+    stage, peer = str(request.config[rec.STAGE]), str(request.config[rec.PEER])
+    ours, theirs = (
+        (plan.hospitals, plan.payers) if stage in ("totals", "offer", "report") else (plan.payers, plan.hospitals)
+    )
+    if name not in ours or (stage != "totals" and peer not in theirs):
+        raise _refusal(f"its {stage} step does not fit this site's part in the accepted episode linkage")
+    if (role == HOSPITAL) != (name in plan.hospitals):
+        raise _refusal(f"the accepted episode linkage gives this {role} site the part of another role")
+    check_job(policy, job_request(hello, "episodes"))
+    return plan
 
 
 def plan_tables(hello: Hello) -> list[GroupedStatisticsLayout]:

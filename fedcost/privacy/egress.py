@@ -9,9 +9,9 @@ the wire. Everything not explicitly allowed is refused:
   the policy allows;
 - metrics: the example count used for weighting, and the policy's metrics, rounded to
   the policy's precision;
-- configs: the node's name and role, and the secure-aggregation protocol fields of the
-  stage at hand; any other key, and any other string, is refused (data hides in strings
-  and in names as well as in values);
+- configs: the node's name and role, and the protocol fields of the stage at hand
+  (secure aggregation, or a step of the episode linkage); any other key, and any other
+  string, is refused (data hides in strings and in names as well as in values);
 - nothing that describes fewer rows than the policy's ``min_cohort``.
 
 A refusal has two texts: ``reason``, safe to send (it never repeats the message's
@@ -59,6 +59,46 @@ _IDENTITY: dict[str, Callable[[Any], bool]] = {
     "name": lambda v: isinstance(v, str) and _NAME.fullmatch(v) is not None,
     "role": lambda v: isinstance(v, str) and v in ROLES,
 }
+
+
+def _is_points(value: Any) -> bool:
+    return isinstance(value, bytes) and len(value) % KEY_SIZE == 0
+
+
+def _is_signature(value: Any) -> bool:
+    return isinstance(value, bytes) and len(value) == _SIGNATURE_SIZE
+
+
+def _is_key(value: Any) -> bool:
+    return isinstance(value, bytes) and len(value) == KEY_SIZE
+
+
+# The fields of each step of the episode linkage (``fedcost.linkage``): a hospital's stays'
+# totals (over at least min_cohort stays, checked at the node), and the intersection-sum's
+# curve points, sealed text, shares, signatures and matched positions, all protocol output.
+LINKAGE_STEPS: dict[str, dict[str, Callable[[Any], bool]]] = {
+    "episodes-totals": {
+        "stays": _is_count,
+        "cost_cents": _is_count,
+        "readmitted": _is_count,
+        "withheld": lambda v: isinstance(v, bool),
+    },
+    "episodes-offer": {"reply_key": _is_key, "items": _is_points, "signature": _is_signature},
+    "episodes-answer": {
+        "sender_key": _is_key,
+        "sealed": lambda v: isinstance(v, bytes),
+        "signature": _is_signature,
+        "shares": lambda v: isinstance(v, bytes) and len(v) % 8 == 0,
+        "shares_signature": _is_signature,
+    },
+    "episodes-report": {
+        "positions": _is_counts,
+        "share_sum": lambda v: isinstance(v, bytes) and len(v) == 8,
+        "withheld": lambda v: isinstance(v, bool),
+        "signature": _is_signature,
+    },
+}
+
 # The config fields of each secure-aggregation reply (fedcost.secagg.messages, to_dict),
 # the masked vector excepted: it travels as an array. Keys, shares and ciphertexts are
 # cryptographic material produced by the protocol, not by data-dependent code.
@@ -81,6 +121,7 @@ _PROTOCOL: dict[str, dict[str, Callable[[Any], bool]]] = {
         **{f"{p}_xs": _is_counts for p in ("seed", "key")},
         **{f"{p}_values": _is_blobs for p in ("seed", "key")},
     },
+    **LINKAGE_STEPS,
 }
 
 

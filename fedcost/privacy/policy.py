@@ -298,6 +298,12 @@ def check_job(policy: SitePolicy, job: JobRequest) -> None:
             "it asks for this site's risk-adjusted totals (observed and expected readmissions and costs); "
             "this site does not share them (share_benchmark = false)"
         )
+    # (2c) The episode linkage only at a site that takes part in it.
+    if job.kind == "episodes" and not policy.share_episodes:
+        raise _refusal(
+            "it asks this site to take part in the episode linkage (its stays' totals, or a payer's "
+            "private intersection-sums with hospitals); this site does not (share_episodes = false)"
+        )
     # (3) Updates and sums go through secure aggregation when the site requires it.
     if policy.require_secure_aggregation and job.secure_aggregation is not True:
         raise _refusal("it switches secure aggregation off; this site requires secure aggregation")

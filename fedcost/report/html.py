@@ -101,7 +101,7 @@ details > summary {{ cursor: pointer; font-size: 1.2rem; font-weight: bold; marg
 {_privacy_section(summary)}
 {_benchmark_section(summary.get("analytics", {}).get("benchmark"), summary)}
 {_group_costing_section(summary.get("analytics", {}).get("group_costing"), summary)}
-{_episodes_section(summary.get("episodes"), summary)}
+{_episodes_section(summary.get("analytics", {}).get("episodes"), summary)}
 {_statistics_section(summary.get("analytics", {}).get("statistics"), summary)}
 <h2>Plots</h2>
 {figures}

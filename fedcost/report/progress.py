@@ -14,6 +14,7 @@ from fedcost.analytics import Benchmark, GroupedStatistics
 from fedcost.analytics.group_costing import GroupCosting
 from fedcost.config import SimulationConfig
 from fedcost.data.features import FeatureSpec
+from fedcost.linkage import EpisodeCosts
 from fedcost.models.glm import FittedGlm
 from fedcost.report.analytics import save_benchmark, save_group_costing, save_statistics
 
@@ -72,6 +73,10 @@ class ProgressRecorder:
 
     def on_group_costing(self, result: GroupCosting, sites: list[str]) -> None:
         self.analytics["group_costing"] = save_group_costing(self.folder, result, sites)
+
+    def on_episodes(self, result: EpisodeCosts) -> None:
+        result.frame().to_csv(self.folder / "episodes.csv", index=False)
+        self.analytics["episodes"] = result.to_json()
 
     def on_glm(self, fitted: dict[str, FittedGlm]) -> None:
         """An exact GLM's fit and inference: ``glm.json`` (what ``fedcost predict`` loads) and

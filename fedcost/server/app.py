@@ -21,6 +21,7 @@ from functools import cached_property
 from typing import Protocol
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
@@ -40,12 +41,15 @@ from fedcost.config import AnalyticsSection, SecureAggregationSection, Statistic
 from fedcost.data.features import FeatureSpec, StatisticsLayout
 from fedcost.errors import FederationError
 from fedcost.job import TrainingJob, glm_coefficients, glm_state, noisy_releases
+from fedcost.linkage import EpisodeCosts, link_episodes
+from fedcost.linkage.episodes import EpisodePlan
 from fedcost.models import evaluation, glm
 from fedcost.models.nets import ModelSpec, build_model
 from fedcost.models.training import TrainConfig
 from fedcost.privacy import MIN_COHORT, MIN_SECURE_SITES
 from fedcost.privacy.distributed import StatisticsNoise, calibrate_noise
 from fedcost.server.audited_grid import AuditedGrid
+from fedcost.server.episodes import RemoteSite
 from fedcost.server.shared_sum import PollingGrid, SharedSums, SumResult
 from fedcost.wire import records as rec
 from fedcost.wire.events import Event
@@ -95,6 +99,8 @@ class CoordinatorPlan:
     # "analyze": the grouped statistics alone, no model.
     task: str = "train"
     statistics_privacy: StatisticsPrivacySection = StatisticsPrivacySection()
+    # The episode linkage before anything else, if the run asks for episode costs.
+    episodes: EpisodePlan | None = None
 
     @cached_property
     def noise(self) -> StatisticsNoise | None:
@@ -130,7 +136,7 @@ class CoordinatorPlan:
 
     def purposes(self) -> list[str]:
         """The purposes this run will ask for, in order: what the hello states."""
-        statistics = ["analytics"] if self.tables() else []
+        statistics = (["episodes"] if self.episodes else []) + (["analytics"] if self.tables() else [])
         if self.task == "analyze":
             return statistics
         training = ["statistics", *statistics, "newton" if self.model.exact else "train", "evaluate"]
@@ -151,6 +157,7 @@ class CoordinatorPlan:
             tables=tuple(table.to_json() for table in self.tables()) if "analytics" in purposes else (),
             noise=self.noise,
             data=self.layout.data_json(),
+            episodes=self.episodes.to_json() if self.episodes else "",
         )
 
 
@@ -184,6 +191,8 @@ class RunObserver(Protocol):
     def on_benchmark(self, result: Benchmark, sites: list[str]) -> None: ...
 
     def on_group_costing(self, result: GroupCosting, sites: list[str]) -> None: ...
+
+    def on_episodes(self, result: EpisodeCosts) -> None: ...
 
     def on_glm(self, fitted: dict[str, glm.FittedGlm]) -> None: ...
 
@@ -251,6 +260,8 @@ class Coordinator:
         sites = self._hello(self._wait_for_nodes())
         self.sums = SharedSums(self.grid, sites, self.plan.secure_aggregation, self.plan.run_id, self.plan.roster)
         purposes = self.plan.purposes()
+        if self.plan.episodes is not None and self.plan.resume is None:
+            self._episodes(sites, self.plan.episodes)
         if "analytics" in purposes and self.plan.resume is None:
             self._grouped_statistics(sorted(sites))
         if self.plan.task == "analyze":
@@ -362,6 +373,13 @@ class Coordinator:
         return say_hello(
             self.grid, node_ids, config, {name for name, _ in self.plan.roster}, dict(self.plan.hello_records)
         )
+
+    def _episodes(self, sites: dict[int, str], plan: EpisodePlan) -> None:
+        """Episode cost per hospital: each site's step of every intersection-sum, relayed."""
+        ids = {name: node_id for node_id, name in sites.items()}
+        parties = [RemoteSite(self.grid, ids[name], name, plan.run_id) for name in (*plan.hospitals, *plan.payers)]
+        roster = {name: Ed25519PublicKey.from_public_bytes(key) for name, key in self.plan.roster}
+        self.observer.on_episodes(link_episodes(plan, parties, roster))
 
     def _federated_features(self, node_ids: list[int]) -> FeatureSpec:
         """Sum every node's statistics vector; the totals give the shared encoding."""

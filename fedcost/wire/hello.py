@@ -29,6 +29,7 @@ from fedcost.wire.purposes import PURPOSES
 OUTPUTS = "outputs."
 TABLES = "tables"
 DATA = "data"
+EPISODES = "episodes"
 _FIELDS = ("run_id", "coordinator", "secure_aggregation", "rounds", "min_cohort", "model_parameters")
 # The job's distributed DP noise on every sum but training updates: all three, or none.
 _NOISE = {"noise_sd": "sd", "noise_sites": "sites", "noise_cost_clip": "cost_clip"}
@@ -41,7 +42,9 @@ class Hello:
     carry; ``tables`` holds every grouped-statistics layout (JSON) the analytics purpose
     will request; ``noise``, the distributed DP noise every sum but a training update
     carries, if the job adds any; ``data``, the job's targets and extra columns (JSON,
-    ``StatisticsLayout.data_json``), which the site's own data must match."""
+    ``StatisticsLayout.data_json``), which the site's own data must match; ``episodes``,
+    the episode linkage's plan (JSON, ``EpisodePlan.to_json``: window, hospitals, payers)
+    when the job asks for episodes."""
 
     run_id: str
     coordinator: str
@@ -53,6 +56,7 @@ class Hello:
     tables: tuple[str, ...] = ()
     noise: StatisticsNoise | None = None
     data: str = ""
+    episodes: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "outputs", MappingProxyType({k: tuple(v) for k, v in self.outputs.items()}))
@@ -71,12 +75,14 @@ class Hello:
         fields = {name: getattr(self, name) for name in _FIELDS}
         noise = {key: getattr(self.noise, name) for key, name in _NOISE.items()} if self.noise else {}
         data = {DATA: self.data} if self.data else {}
+        episodes = {EPISODES: self.episodes} if self.episodes else {}
         return {
             **fields,
             "outputs": {k: list(v) for k, v in self.outputs.items()},
             TABLES: list(self.tables),
             **noise,
             **data,
+            **episodes,
         }
 
     def to_record(self) -> ConfigRecord:
@@ -86,13 +92,14 @@ class Hello:
         tables = {TABLES: list(self.tables)} if self.tables else {}
         noise = {key: getattr(self.noise, name) for key, name in _NOISE.items()} if self.noise else {}
         data = {DATA: self.data} if self.data else {}
-        return ConfigRecord({rec.TRANSPORT: rec.HELLO, **plan, **outputs, **tables, **noise, **data})
+        episodes = {EPISODES: self.episodes} if self.episodes else {}
+        return ConfigRecord({rec.TRANSPORT: rec.HELLO, **plan, **outputs, **tables, **noise, **data, **episodes})
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> Hello:
         """The plan a hello states, read strictly: a field this node does not know (a
         subgroup filter, a query) is a request the site never agreed to answer."""
-        known = {rec.TRANSPORT, TABLES, DATA, *_FIELDS, *_NOISE}
+        known = {rec.TRANSPORT, TABLES, DATA, EPISODES, *_FIELDS, *_NOISE}
         for key in record:
             if key not in known and not key.startswith(OUTPUTS):
                 raise _refusal(f"the hello asks for {key!r:.60}, which this node does not know")
@@ -115,6 +122,9 @@ class Hello:
         data = record.get(DATA, "")
         if not isinstance(data, str):
             raise _refusal("the hello's data section must be a JSON text")
+        episodes = record.get(EPISODES, "")
+        if not isinstance(episodes, str) or bool(episodes) != ("episodes" in outputs):
+            raise _refusal("the hello must state the episode linkage's plan with its episodes, and only then")
         run_id, coordinator = record["run_id"], record["coordinator"]
         if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
             raise _refusal(f"the hello's run id {str(run_id)[:40]!r} is not a plain name")
@@ -136,6 +146,7 @@ class Hello:
             outputs={purpose: tuple(names) for purpose, names in outputs.items()},  # type: ignore[union-attr]
             tables=tuple(tables),
             data=data,
+            episodes=episodes,
         )
 
 

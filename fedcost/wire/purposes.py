@@ -54,6 +54,9 @@ class Purpose:
         return range(1, job_rounds + 1)
 
 
+# The episode linkage: a hospital's stays' totals and, per payer, one private intersection-sum
+# (each reply one step of it: blinded items, sealed shares, matched positions).
+EPISODES = Purpose("episodes", "query", ("episode-sums",), "all", "before", False, True)
 STATISTICS = Purpose("statistics", "query", ("sums",), "train", "before", False, True)
 ANALYTICS = Purpose("analytics", "query", ("sums",), "all", "before", False, True)
 TRAIN = Purpose("train", "train", ("weights", EXAMPLES), "train", "each", True, False, trains=True)
@@ -67,4 +70,6 @@ BENCHMARK = Purpose("benchmark", "evaluate", ("sums",), "all", "after", True, Fa
 WITHHOLDS = "the site withholds this sum"
 
 # In the order a job asks for them.
-PURPOSES: dict[str, Purpose] = {p.name: p for p in (STATISTICS, ANALYTICS, TRAIN, NEWTON, EVALUATE, BENCHMARK)}
+PURPOSES: dict[str, Purpose] = {
+    p.name: p for p in (EPISODES, STATISTICS, ANALYTICS, TRAIN, NEWTON, EVALUATE, BENCHMARK)
+}

@@ -5,7 +5,9 @@ Every exchange between coordinator and node is one of three transports:
 * ``hello``: the node names itself (name and role, nothing else);
 * ``plain``: the node sends its contribution to a shared sum in the clear (only when a
   run turns secure aggregation off);
-* ``secagg``: one stage of a SecAgg+ round whose masked input is that contribution.
+* ``secagg``: one stage of a SecAgg+ round whose masked input is that contribution;
+* ``linkage``: one step of the episode linkage's private intersection-sum between a
+  hospital and a payer, which the coordinator relays (``fedcost.linkage``).
 
 A contribution's purpose is ``statistics``, ``train`` or ``evaluate``; train and
 evaluate requests carry the global weights and the job.
@@ -39,6 +41,12 @@ ROUND = "round"
 WEIGHT = "weight"
 
 HELLO, PLAIN, SECURE, CLOSE = "hello", "plain", "secagg", "close"
+# The episode linkage's transport, and the record its replies carry (``fedcost.linkage``):
+# one step of a private intersection-sum, relayed by the coordinator.
+LINK = "linkage"
+LINKAGE = "linkage"
+STAGE = "stage"
+PEER = "peer"
 
 
 def split_message_dict(data: dict[str, Any]) -> tuple[ConfigRecord, ArrayRecord]:

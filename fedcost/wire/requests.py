@@ -22,6 +22,14 @@ from fedcost.wire.purposes import PURPOSES, Purpose
 ROSTER = "fedcost.roster"
 QUANTIZER = ("q_clip", "q_levels", "q_max_nodes", "q_max_weight")
 TOTAL_WEIGHT = "q_total_weight"  # a training sum's total weight, for 32-bit words
+# Each step of the episode linkage and the bytes its request relays: a payer's answer step
+# carries the hospital's offer, a hospital's report step the payer's answer (``fedcost.linkage``).
+LINK_STAGES: dict[str, tuple[str, ...]] = {
+    "totals": (),
+    "offer": (),
+    "answer": ("reply_key", "items", "signature"),
+    "report": ("sender_key", "sealed", "signature"),
+}
 
 
 @dataclass(frozen=True)
@@ -54,8 +62,12 @@ def read_request(content: RecordDict) -> Request:
         _records(content, {rec.CONFIG})
         _fields(config, {rec.TRANSPORT})
         return Request(rec.CLOSE, config, content)
+    if transport == rec.LINK:
+        return _linkage(content, config)
     if transport not in (rec.PLAIN, rec.SECURE):
-        raise _refusal(f"unknown request type {str(transport)!r:.40}; a node answers hello, plain, secagg and close")
+        raise _refusal(
+            f"unknown request type {str(transport)!r:.40}; a node answers hello, plain, secagg, linkage and close"
+        )
     purpose = PURPOSES.get(config.get(rec.PURPOSE))  # type: ignore[arg-type]
     if purpose is None:
         raise _refusal(f"unknown purpose {str(config.get(rec.PURPOSE))!r:.40}; a node answers {', '.join(PURPOSES)}")
@@ -80,6 +92,24 @@ def read_request(content: RecordDict) -> Request:
         if key in config and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
             raise _refusal(f"its secure-aggregation setting {key} is not a positive number")
     return Request(rec.SECURE, config, content, purpose, round_, stage)
+
+
+def _linkage(content: RecordDict, config: ConfigRecord) -> Request:
+    """One step of the episode linkage: its stage, the peer it concerns, the bytes it relays."""
+    _records(content, {rec.CONFIG})
+    stage = config.get(rec.STAGE)
+    if stage not in LINK_STAGES:
+        raise _refusal(f"it names no step of the episode linkage a node knows ({str(stage)!r:.30})")
+    relayed = LINK_STAGES[stage]  # type: ignore[index]  # checked above
+    _fields(config, {rec.TRANSPORT, rec.PURPOSE, rec.ROUND, rec.STAGE, rec.PEER, *relayed})
+    if config[rec.PURPOSE] != "episodes" or config[rec.ROUND] != 0:
+        raise _refusal("a linkage request is for the episodes of round 0")
+    if not isinstance(config[rec.PEER], str):
+        raise _refusal("its peer must be a site's name")
+    for key in relayed:
+        if not isinstance(config[key], bytes):
+            raise _refusal(f"its {key} must be bytes")
+    return Request(rec.LINK, config, content, PURPOSES["episodes"], 0)
 
 
 def _stage(content: RecordDict) -> Stage:
