@@ -140,7 +140,7 @@ def pooled_episode_costs(extracts: dict[str, pd.DataFrame], roles: dict[str, str
                 payer: sum(cents for item, cents in claims.items() if item in listed) for payer, claims in paid.items()
             },
             "patients": {
-                payer: len({key for key, _ in claims if (key, _) in listed}) for payer, claims in paid.items()
+                payer: len({key for key, day in claims if (key, day) in listed}) for payer, claims in paid.items()
             },
         }
     return out

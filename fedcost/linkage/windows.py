@@ -134,11 +134,6 @@ def read_extract(role: str, path: Path) -> Stays | Claims:
     return Stays.from_frame(frame, path) if role == "hospital" else Claims.from_frame(frame, path)
 
 
-def day_number(date: dt.date) -> int:
-    """Days since 1970-01-01: the day an item names."""
-    return (date - _EPOCH).days
-
-
 def _columns(frame: pd.DataFrame, needed: tuple[str, ...], path: Path) -> None:
     missing = [name for name in needed if name not in frame.columns]
     if missing:
