@@ -239,3 +239,55 @@ def test_a_hospital_of_few_stays_withholds_its_totals(mapping, tmp_path, identit
     reply = sites["hospital-2"].send(_step("totals", ""))
     assert not reply.has_error()
     assert dict(reply.content[rec.LINKAGE]) == {rec.STAGE: "episodes-totals", "withheld": True}
+
+
+def test_a_coordinator_without_an_episode_plan_refuses_a_job_that_asks_for_episodes() -> None:
+    """A deployed job's coordinator has no linkage plan yet: it says so instead of ignoring it."""
+    from fedcost import schema
+    from fedcost.config import AnalyticsSection, SecureAggregationSection, StrategySection
+    from fedcost.data.features import StatisticsLayout
+    from fedcost.errors import ConfigError
+    from fedcost.models.spec import ModelSpec, TrainConfig
+    from fedcost.server.app import CoordinatorPlan
+
+    with pytest.raises(ConfigError, match="does not run the episode linkage yet"):
+        CoordinatorPlan(
+            run_id=RUN,
+            coordinator_key_id=COORDINATOR.public().key_id,
+            roster=(),
+            rounds=1,
+            seed=0,
+            layout=StatisticsLayout(schema.FEATURES, (schema.READMISSION, schema.COST)),
+            model=ModelSpec(),
+            training=TrainConfig(),
+            strategy=StrategySection(),
+            secure_aggregation=SecureAggregationSection(),
+            config_digest="0" * 64,
+            analytics=AnalyticsSection(episodes={"after_days": 30}),
+        )
+
+
+@pytest.mark.parametrize(
+    ("configs", "allowed"),
+    [
+        ({"reply_key": bytes(32), "items": bytes(64), "signature": bytes(64)}, True),
+        ({"reply_key": bytes(32), "items": bytes(65), "signature": bytes(64)}, False),  # not whole points
+        ({"reply_key": bytes(32), "items": bytes(64), "signature": bytes(64), "note": "p1"}, False),
+        ({"reply_key": bytes(32), "items": "p1,2024-01-01", "signature": bytes(64)}, False),
+    ],
+)
+def test_the_egress_guard_lets_an_offer_carry_curve_points_and_nothing_else(configs, allowed) -> None:
+    from fedcost.privacy import OutgoingMessage, SitePolicy, inspect_outgoing
+    from fedcost.privacy.policy import PrivacySettings
+
+    policy = SitePolicy(COORDINATOR.public().key_id, PrivacySettings(epsilon=math.inf), 5, share_episodes=True)
+    message = OutgoingMessage(
+        kind="query",
+        stage="episodes-offer",
+        arrays={},
+        metrics={},
+        configs={"name": "hospital-1", "role": "hospital", "stage": "episodes-offer", **configs},
+        cohort_size=0,
+        expected_arrays={},
+    )
+    assert inspect_outgoing(policy, message).allowed is allowed

@@ -39,7 +39,7 @@ from fedcost.analytics.group_costing import GroupCosting
 from fedcost.audit import AuditLog
 from fedcost.config import AnalyticsSection, SecureAggregationSection, StatisticsPrivacySection, StrategySection
 from fedcost.data.features import FeatureSpec, StatisticsLayout
-from fedcost.errors import FederationError
+from fedcost.errors import ConfigError, FederationError
 from fedcost.job import TrainingJob, glm_coefficients, glm_state, noisy_releases
 from fedcost.linkage import EpisodeCosts, link_episodes
 from fedcost.linkage.episodes import EpisodePlan
@@ -101,6 +101,15 @@ class CoordinatorPlan:
     statistics_privacy: StatisticsPrivacySection = StatisticsPrivacySection()
     # The episode linkage before anything else, if the run asks for episode costs.
     episodes: EpisodePlan | None = None
+
+    def __post_init__(self) -> None:
+        if self.analytics.episodes and self.episodes is None:
+            raise ConfigError(
+                "the job asks for episodes, and this coordinator has no episode plan (which sites are hospitals "
+                "and which payers, each with its extract): a deployed federation does not run the episode "
+                "linkage yet (fedcost simulate does); leave [analytics] episodes out of the job",
+                field="analytics.episodes",
+            )
 
     @cached_property
     def noise(self) -> StatisticsNoise | None:
