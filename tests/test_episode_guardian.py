@@ -291,3 +291,20 @@ def test_the_egress_guard_lets_an_offer_carry_curve_points_and_nothing_else(conf
         expected_arrays={},
     )
     assert inspect_outgoing(policy, message).allowed is allowed
+
+
+def test_a_bad_extract_fails_the_hello_and_the_site_log_names_file_row_and_column(
+    mapping, tmp_path, identities, caplog
+) -> None:
+    import shutil
+
+    folder = tmp_path / "data"
+    shutil.copytree(mapping.parent, folder)
+    claims = folder / "insurer-1.episodes.csv"
+    lines = claims.read_text().splitlines()
+    lines[3] = lines[3].rsplit(",", 1)[0] + ",-12.50"
+    claims.write_text("\n".join(lines) + "\n")
+    sites = _sites(folder / mapping.name, tmp_path, identities)
+    reply = sites["insurer-1"].send(_hello(_plan()))
+    assert reply.has_error() and "the site's own data or configuration failed its check" in reply.error.reason
+    assert f"{claims}, row 3, column 'cost'" in caplog.text

@@ -620,12 +620,16 @@ def _mapping(path: Path) -> DataMapping:
 
 
 def _check_extract(mapping: DataMapping, name: str, plan: EpisodePlan) -> None:
-    """A site the episode linkage names needs its extract, or it refuses at the hello."""
-    if name in (*plan.hospitals, *plan.payers) and mapping.node(name).episodes is None:
+    """A site the episode linkage names needs its extract, read and checked cell by cell at
+    the hello: a missing one is refused, a bad one fails there, before anything leaves."""
+    if name not in (*plan.hospitals, *plan.payers):
+        return
+    if mapping.node(name).episodes is None:
         raise PolicyViolationError(
             "the site policy refuses this job: it asks for episode costs, and this site's mapping names no "
             f'episode extract ([nodes.{name}] episodes = "file.csv")'
         )
+    _extract(mapping, name)
 
 
 def _extract(mapping: DataMapping, name: str) -> Stays | Claims:
