@@ -277,13 +277,12 @@ def link_episodes(
         if totals is None:
             rows.append(_withheld(hospital, "fewer stays than the small-cell rule"))
             continue
-        payers: dict[str, float | None] = {}
+        paid: dict[str, int | None] = {}
         for payer in plan.payers:
             answer, shares = by_name[payer].answer(site.offer(payer))
             report = site.report(answer)
-            cents = add_up(report.session, shares, report, roster[payer], roster[hospital])
-            payers[payer] = None if cents is None else cents / 100
-        rows.append((hospital, totals, payers))
+            paid[payer] = add_up(report.session, shares, report, roster[payer], roster[hospital])
+        rows.append((hospital, totals, paid))
     return EpisodeCosts(plan.window, plan.min_cohort, _with_value(rows))
 
 
@@ -292,10 +291,11 @@ def _withheld(hospital: str, reason: str) -> HospitalEpisodes:
 
 
 def _with_value(rows: list) -> tuple[HospitalEpisodes, ...]:
-    """Each released hospital's episode cost and value index against the released ones pooled."""
+    """Each released hospital's episode cost (added in whole cents) and value index against the
+    released ones pooled; ``rows``: withheld hospitals, or (hospital, totals, cents per payer)."""
     released = [row for row in rows if not isinstance(row, HospitalEpisodes)]
     costs = {
-        hospital: totals.cost_cents / 100 + sum(v for v in paid.values() if v is not None)
+        hospital: (totals.cost_cents + sum(cents for cents in paid.values() if cents is not None)) / 100
         for hospital, totals, paid in released
     }
     stays = sum(totals.stays for _, totals, _ in released)
@@ -318,8 +318,8 @@ def _with_value(rows: list) -> tuple[HospitalEpisodes, ...]:
                 hospital=hospital,
                 stays=totals.stays,
                 stay_cost=totals.cost_cents / 100,
-                payers=paid,
-                episode_cost=round(costs[hospital], 2),
+                payers={payer: None if cents is None else cents / 100 for payer, cents in paid.items()},
+                episode_cost=costs[hospital],
                 mean_per_stay=round(costs[hospital] / totals.stays, 2),
                 readmission_rate=totals.readmitted / totals.stays,
                 value_index=value / federation if federation > 0 else None,
