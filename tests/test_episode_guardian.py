@@ -308,3 +308,16 @@ def test_a_bad_extract_fails_the_hello_and_the_site_log_names_file_row_and_colum
     reply = sites["insurer-1"].send(_hello(_plan()))
     assert reply.has_error() and "the site's own data or configuration failed its check" in reply.error.reason
     assert f"{claims}, row 3, column 'cost'" in caplog.text
+
+
+def test_a_second_job_with_another_window_over_the_same_extract_is_refused(mapping, tmp_path, identities) -> None:
+    """Sums over windows of 30 and 29 days after discharge differ by what a payer paid on the
+    30th day around a hospital's stays: a handful of patients. The first window holds."""
+    sites = _sites(mapping, tmp_path, identities)
+    insurer = sites["insurer-1"]
+    assert not insurer.send(_hello(_plan())).has_error()
+    narrower = EpisodePlan("episodes-2", EpisodeWindow(3, 29), 11, ("hospital-1", "hospital-2"), ("insurer-1",))
+    reply = insurer.send({**_hello(narrower), "run_id": "episodes-2"})
+    assert reply.has_error() and "a site keeps one window per extract" in reply.error.reason
+    same = EpisodePlan("episodes-3", WINDOW, 11, ("hospital-1", "hospital-2"), ("insurer-1",))
+    assert not insurer.send({**_hello(same), "run_id": "episodes-3"}).has_error()

@@ -216,7 +216,7 @@ class Guardian:
         mapping = _mapping(self.setup.mapping)
         site.check_data(hello, mapping)
         if "episodes" in hello.outputs:
-            _check_extract(mapping, self.setup.name, site.episode_plan(hello))
+            _check_extract(mapping, self.setup.name, site.episode_plan(hello), ledger, hello.run_id)
         releases = noisy_releases(
             purposes=hello.purposes,
             rounds=hello.rounds,
@@ -619,17 +619,21 @@ def _mapping(path: Path) -> DataMapping:
     return DataMapping.load(path)
 
 
-def _check_extract(mapping: DataMapping, name: str, plan: EpisodePlan) -> None:
+def _check_extract(mapping: DataMapping, name: str, plan: EpisodePlan, ledger: ReleaseLedger, run_id: str) -> None:
     """A site the episode linkage names needs its extract, read and checked cell by cell at
-    the hello: a missing one is refused, a bad one fails there, before anything leaves."""
+    the hello (a missing one is refused, a bad one fails there, before anything leaves), and
+    its sums over that extract keep the window of the first job (``fix_episode_window``)."""
     if name not in (*plan.hospitals, *plan.payers):
         return
-    if mapping.node(name).episodes is None:
+    extract = mapping.node(name).episodes
+    if extract is None:
         raise PolicyViolationError(
             "the site policy refuses this job: it asks for episode costs, and this site's mapping names no "
             f'episode extract ([nodes.{name}] episodes = "file.csv")'
         )
     _extract(mapping, name)
+    window = (plan.window.before_days, plan.window.after_days)
+    ledger.fix_episode_window(data=hashlib.sha256(extract.read_bytes()).hexdigest(), window=window, run_id=run_id)
 
 
 def _extract(mapping: DataMapping, name: str) -> Stays | Claims:

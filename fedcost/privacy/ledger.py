@@ -75,6 +75,7 @@ class _Record:
     signed: dict[str, list[frozenset[str]]] = field(default_factory=lambda: defaultdict(list))
     spending: list[dict[str, Any]] = field(default_factory=list)
     tables: list[dict[str, Any]] = field(default_factory=list)
+    episode_windows: dict[str, list[int]] = field(default_factory=dict)  # extract digest -> [before, after]
     ended: set[str] = field(default_factory=set)
     reset_at: str | None = None  # time of the last explicit reset: spending before it no longer counts
 
@@ -95,6 +96,8 @@ class _Record:
             self.spending.append(dict(details["release"]))
         elif entry.event == LedgerEvent.TABLE_RELEASED:
             self.tables.append(dict(details))
+        elif entry.event == LedgerEvent.EPISODE_WINDOW:
+            self.episode_windows.setdefault(details["data"], list(details["window"]))
         elif entry.event == LedgerEvent.RUN_ENDED:
             self.ended.add(details["run_id"])
 
@@ -223,6 +226,21 @@ class ReleaseLedger:
         """Record a released statistics table and the cells it withheld."""
         details = {"data": data, "layout": layout, "release": dict(release), "run_id": run_id}
         self._write(LedgerEvent.TABLE_RELEASED, details, durable=True)
+
+    def fix_episode_window(self, *, data: str, window: tuple[int, int], run_id: str) -> None:
+        """Hold the episode sums over one extract (digest ``data``) to one window (days before
+        admission, after discharge): two windows' sums differ by what was paid on the days
+        between them, which may describe a handful of patients. The first job fixes it."""
+        fixed = self._record.episode_windows.get(data)
+        if fixed is None:
+            details = {"data": data, "window": list(window), "run_id": run_id}
+            self._write(LedgerEvent.EPISODE_WINDOW, details, durable=True)
+        elif tuple(fixed) != tuple(window):
+            raise _refusal(
+                f"it asks for episodes from {window[0]} days before admission to {window[1]} after discharge; this "
+                f"site released them over the same extract from {fixed[0]} to {fixed[1]}, and the difference of "
+                "two windows' sums describes the days between them: a site keeps one window per extract"
+            )
 
     def end_run(self, run_id: str) -> None:
         self._write(LedgerEvent.RUN_ENDED, {"run_id": run_id}, durable=True)

@@ -44,5 +44,6 @@ class LedgerEvent(StrEnum):
     SET_SIGNED = "set_signed"  # the site let one input be unmasked within a sum over these sites
     DP_SPENT = "dp_spent"  # privacy budget spent by one release
     TABLE_RELEASED = "table_released"  # a grouped-statistics table and the cells it withheld
+    EPISODE_WINDOW = "episode_window"  # the window the site's episode sums over one extract are under
     RUN_ENDED = "run_ended"  # a run closed at this site: it answers nothing more of it
     BUDGET_RESET = "budget_reset"  # an explicit site action: spending before it no longer counts
