@@ -279,6 +279,13 @@ class SimulationConfig:
         if self.run.rounds is None:  # an exact GLM stops when it converges; FedAvg runs every round
             rounds = EXACT_GLM_ROUNDS if self.model.exact else FEDAVG_ROUNDS
             object.__setattr__(self, "run", dataclasses.replace(self.run, rounds=rounds))
+        if self.statistics_privacy.enabled and self.analytics.episodes:
+            raise ConfigError(
+                "episode costs are exact sums and carry no statistics noise: leave [analytics] episodes out of "
+                "a run with [statistics_privacy], or that section out",
+                path=self.source,
+                field="analytics.episodes",
+            )
         if self.statistics_privacy.enabled and not self.secure_aggregation.enabled:
             raise ConfigError(
                 "noisy sums need secure aggregation: set [secure_aggregation] enabled = true, or "

@@ -372,13 +372,6 @@ def _episode_plan(config: SimulationConfig, run_id: str, mapping: DataMapping) -
             'their extracts in the mapping ([nodes.NAME] episodes = "file.csv"), or leave [analytics] episodes out',
             path=str(mapping.path),
         )
-    if config.statistics_privacy.enabled:
-        raise ConfigError(
-            "episode costs are exact sums and carry no statistics noise: leave [analytics] episodes out of a run "
-            "with [statistics_privacy], or that section out",
-            path=config.source,
-            field="analytics.episodes",
-        )
     return EpisodePlan(run_id, window, config.run.min_cohort, hospitals, payers)
 
 

@@ -387,3 +387,12 @@ def test_a_bad_episode_window_is_refused_naming_the_setting(episodes, message) -
     assert SimulationConfig.from_dict({"analytics": {"episodes": {"after_days": 7}}}).analytics.episode_window() == (
         EpisodeWindow(3, 7)
     )
+
+
+def test_episodes_are_refused_in_a_run_with_statistics_noise() -> None:
+    from fedcost.config import SimulationConfig
+    from fedcost.errors import ConfigError
+
+    noisy = {"analytics": {"episodes": {"after_days": 30}}, "statistics_privacy": {"epsilon": 1.0}}
+    with pytest.raises(ConfigError, match="exact sums and carry no statistics noise"):
+        SimulationConfig.from_dict(noisy)
