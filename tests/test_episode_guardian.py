@@ -214,6 +214,14 @@ def test_a_hospital_refuses_a_set_the_coordinator_crafted(mapping, tmp_path, ide
     assert reply.has_error() and not reply.has_content()
     assert "authentication failed" in reply.error.reason
     assert hospital.refusals()
+    # The session is spent: not even the payer's genuine answer is taken after a crafted one.
+    answer, _ = answer_offer(
+        genuine, session, identities["insurer-1"].private_key, identities["hospital-1"].private_key.public_key(), {}
+    )
+    again = hospital.send(
+        _step("report", "insurer-1", sender_key=answer.sender_key, sealed=answer.sealed, signature=answer.signature)
+    )
+    assert again.has_error() and "an offer it did not make" in again.error.reason
 
 
 def test_a_step_is_answered_once_and_only_by_the_party_it_is_for(mapping, tmp_path, identities) -> None:

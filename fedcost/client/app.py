@@ -289,32 +289,10 @@ class Guardian:
         session = (
             Session(hello.run_id, self.setup.name, peer) if hospital else Session(hello.run_id, peer, self.setup.name)
         )
-        if stage == "totals":
-            totals = party.stay_totals()
-            fields: dict = {"withheld": True} if totals is None else {**vars(totals), "withheld": False}
-        elif stage == "offer":
-            offer = party.offer(peer)
-            fields = {"reply_key": offer.reply_key, "items": offer.items, "signature": offer.signature}
-        elif stage == "answer":
-            relayed = Offer(session, *(bytes(config[k]) for k in ("reply_key", "items", "signature")))  # type: ignore[arg-type]
-            answer, shares = party.answer(relayed)
-            fields = {
-                "sender_key": answer.sender_key,
-                "sealed": answer.sealed,
-                "signature": answer.signature,
-                "shares": shares.shares,
-                "shares_signature": shares.signature,
-            }
-        else:
-            relayed_answer = Answer(session, *(bytes(config[k]) for k in ("sender_key", "sealed", "signature")))  # type: ignore[arg-type]
-            report = party.report(relayed_answer)
-            fields = {
-                "positions": list(report.positions),
-                "share_sum": report.share_sum.to_bytes(8, "little"),
-                "withheld": report.withheld,
-                "signature": report.signature,
-            }
-        self.context.state[EPISODE_SESSIONS] = ConfigRecord(party.sessions)  # type: ignore[arg-type]
+        try:
+            fields = _linkage_step(party, stage, peer, session, config)
+        finally:  # a session is spent by any report on it, an answer refused included
+            self.context.state[EPISODE_SESSIONS] = ConfigRecord(party.sessions)  # type: ignore[arg-type]
         content = _identity_record(self.setup.name, self.identity.role)
         content[rec.LINKAGE] = ConfigRecord({rec.STAGE: f"episodes-{stage}", **fields})
         return exchange, content
@@ -617,6 +595,34 @@ def _mapping_role(setup: NodeSetup) -> str:
 @lru_cache(maxsize=8)
 def _mapping(path: Path) -> DataMapping:
     return DataMapping.load(path)
+
+
+def _linkage_step(party: EpisodeSite, stage: str, peer: str, session: Session, config: ConfigRecord) -> dict:
+    """The fields of this site's reply to one step of the linkage (``LINKAGE_STEPS``)."""
+    if stage == "totals":
+        totals = party.stay_totals()
+        return {"withheld": True} if totals is None else {**vars(totals), "withheld": False}
+    if stage == "offer":
+        offer = party.offer(peer)
+        return {"reply_key": offer.reply_key, "items": offer.items, "signature": offer.signature}
+    if stage == "answer":
+        relayed = Offer(session, *(bytes(config[k]) for k in ("reply_key", "items", "signature")))  # type: ignore[arg-type]
+        answer, shares = party.answer(relayed)
+        return {
+            "sender_key": answer.sender_key,
+            "sealed": answer.sealed,
+            "signature": answer.signature,
+            "shares": shares.shares,
+            "shares_signature": shares.signature,
+        }
+    relayed_answer = Answer(session, *(bytes(config[k]) for k in ("sender_key", "sealed", "signature")))  # type: ignore[arg-type]
+    report = party.report(relayed_answer)
+    return {
+        "positions": list(report.positions),
+        "share_sum": report.share_sum.to_bytes(8, "little"),
+        "withheld": report.withheld,
+        "signature": report.signature,
+    }
 
 
 def _check_extract(mapping: DataMapping, name: str, plan: EpisodePlan, ledger: ReleaseLedger, run_id: str) -> None:
