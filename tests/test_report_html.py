@@ -156,3 +156,34 @@ def test_a_bad_currency_or_peer_group_is_refused_with_its_field(raw: dict) -> No
     with pytest.raises(ConfigError, match="field 'analytics'"):
         SimulationConfig.from_dict({"analytics": raw})
     assert AnalyticsSection(currency="EUR").currency == "EUR"
+
+
+def test_the_episode_section_names_each_payers_part_and_flags_what_was_withheld(tmp_path: Path) -> None:
+    from fedcost.linkage import EpisodeWindow
+    from fedcost.linkage.episodes import EpisodeCosts, HospitalEpisodes
+
+    hospitals = (
+        HospitalEpisodes(
+            "hospital-1",
+            400,
+            7_000_000.0,
+            {"insurer-1": 300_000.0, "pharma-1": None},
+            7_300_000.0,
+            18_250.0,
+            0.17,
+            0.97,
+            withheld="the part paid by pharma-1 is withheld",
+        ),
+        HospitalEpisodes(
+            "hospital-2", None, None, {}, None, None, None, None, withheld="fewer stays than the small-cell rule"
+        ),
+    )
+    summary = _summary(tmp_path, "EUR")
+    summary["analytics"]["episodes"] = EpisodeCosts(EpisodeWindow(), 11, hospitals).to_json()
+    text = write_report(tmp_path, summary, []).read_text()
+    page = Page()
+    page.feed(text)
+    assert "Episode cost per hospital" in page.headings
+    assert "paid by insurer-1 (EUR)" in text and "episode cost (EUR)" in text and "7,300,000" in text
+    assert page.withheld_cells == 3 + 2, "the statistics' three, pharma-1's part and hospital-2's row"
+    assert "3 days before admission to 30 days after discharge" in text
