@@ -15,21 +15,19 @@ under way, which ``fedcost run`` shows.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
 import shutil
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.inflatable import inflatable_utils
-from flwr.superlink.grid import http_grid
 
 from fedcost.audit import AuditLog
 from fedcost.errors import FedcostError, FederationError
@@ -48,10 +46,10 @@ from fedcost.wire.events import Event
 
 FEDERATION_DIR, RUN_ID = "federation-dir", "run-id"  # the run-config keys fedcost's Flower app declares
 ERROR_FILE, SUMMARY_FILE, LOG_FILE = "error.txt", "summary.json", "coordinator.log"
-# Replies are polled for every 5 ms at first, backing off to 100 ms: Flower's HTTP grid
-# polls every 3 s, and a secure sum is six exchanges.
-POLL_FIRST, POLL_MAX, POLL_GROWTH = 0.005, 0.1, 1.5
-OBJECT_BACKOFF, OBJECT_BACKOFF_CAP = 0.01, 0.2  # see _pull_objects_promptly
+# Replies are polled for every 5 ms at first, backing off to 20 ms (a poll is a lookup in
+# the coordinator's own memory): Flower's grids poll every 0.1 s (in memory) or 3 s (over
+# HTTP), and a secure sum is six exchanges.
+POLL_FIRST, POLL_MAX, POLL_GROWTH = 0.005, 0.02, 1.5
 # How long a round waits for enough of the run's nodes to be connected before the run
 # stops with the reason (a node lost mid-run may come back within it).
 NODE_PATIENCE_SECONDS = 60.0
@@ -62,11 +60,37 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    _pull_objects_promptly()
+    """The run on a plain Flower SuperLink, whose SuperExec loads the FAB's ServerApp (fedcost's
+    coordinator hosts its SuperLink and calls ``serve`` itself)."""
     federation = Federation.load(Path(str(context.run_config[FEDERATION_DIR])))
-    folder = federation.runs_dir / str(context.run_config[RUN_ID])
+    serve(grid, federation, run_folder(federation, context.run_config))
+
+
+def run_folder(federation: Federation, run_config: Mapping[str, object]) -> Path:
+    """The run folder a submission names; refused unless it is one of this federation's runs."""
+    named = Path(str(run_config.get(FEDERATION_DIR, "")))
+    run_id = str(run_config.get(RUN_ID, ""))
+    folder = federation.runs_dir / run_id
+    if not named.is_absolute() or named.resolve() != federation.root.resolve():
+        raise FederationError(
+            f"the run names federation folder {str(named)!r}, not this coordinator's ({federation.root}); "
+            "submit it with `fedcost run` and this federation's folder"
+        )
+    if not run_id or Path(run_id).name != run_id or not (folder / "job.toml").is_file():
+        raise FederationError(
+            f"the run names run {run_id!r}, which has no job.toml in {federation.runs_dir}; "
+            "submit it with `fedcost run`"
+        )
+    return folder
+
+
+def serve(grid: Grid, federation: Federation, folder: Path) -> None:
+    """Run (or resume) the run in ``folder``: its log (this thread's records) and, if it
+    stops, the reason (``error.txt``) in the folder."""
     handler = logging.FileHandler(folder / LOG_FILE, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    thread = threading.get_ident()
+    handler.addFilter(lambda record: record.thread == thread)  # another run's thread logs to its own folder
     logging.getLogger("fedcost").addHandler(handler)
     logging.getLogger("fedcost").setLevel(logging.INFO)
     try:
@@ -78,19 +102,6 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         logging.getLogger("fedcost").removeHandler(handler)
         handler.close()
-
-
-def _pull_objects_promptly() -> None:
-    """Make Flower's HTTP grid ask again for a reply's missing objects after 10 ms, not 1 s.
-
-    A node sends a reply's envelope before its objects, so the coordinator often finds an
-    object missing; Flower's ``pull_objects`` then waits 1 s first (``PULL_INITIAL_BACKOFF``,
-    a default argument no setting reaches), six times per secure sum. The grid calls it by
-    its module's name, which this rebinds, in this ServerApp process only.
-    """
-    http_grid.pull_objects = functools.partial(
-        inflatable_utils.pull_objects, initial_backoff=OBJECT_BACKOFF, backoff_cap=OBJECT_BACKOFF_CAP
-    )
 
 
 def coordinate(grid: Grid, federation: Federation, folder: Path) -> None:
