@@ -1,8 +1,8 @@
 """Real coordinator and node processes on 127.0.0.1 for the federation tests.
 
-Every process is started in its own session and killed with its whole tree (the
-coordinator's SuperLink starts a SuperExec in a session of its own, so killing the group
-is not enough): no test leaves a coordinator or a node behind, however it ends.
+Every process is started in its own session and killed with its whole tree (whatever it
+may have started in a session of its own): no test leaves a coordinator or a node
+behind, however it ends.
 """
 
 from __future__ import annotations

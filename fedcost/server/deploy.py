@@ -1,8 +1,11 @@
-"""The coordinator's ServerApp on Flower's deployment engine (a SuperLink's ServerApp process).
+"""The coordinator's side of a federation run, on Flower's deployment engine.
 
 ``fedcost run`` creates the run folder (``<federation>/runs/<run-id>/job.toml``) and
 submits fedcost's Flower app with two run-config values: the federation folder and the
-run id. This module turns those into a ``CoordinatorPlan`` — the roster is every
+run id. The coordinator process claims the run from its in-process SuperLink
+(``fedcost.federation.link``) and calls ``serve`` in a thread of its own (a plain Flower
+SuperLink would load ``app`` in a ServerApp process instead). This module turns those
+values into a ``CoordinatorPlan`` — the roster is every
 admitted node's CA-signed certificate, sent with the hello — and runs the same
 ``Coordinator`` as a simulation, checkpointing after each round and resuming from the
 run's checkpoint when one exists. Its outputs land in the run folder: ``metrics.jsonl``,
