@@ -193,7 +193,10 @@ def test_a_node_killed_mid_round_drops_out_and_the_run_goes_on(make_federation):
     assert submitted.returncode == 0, federation.processes.output("run")
     rounds = _metrics(federation.latest_run())
     assert [r["round"] for r in rounds] == [1, 2]
-    assert victim in rounds[0]["dropouts"] and rounds[0]["nodes_included"] == 3
+    # A round takes about a second now: the victim may have signed the survivor set before it
+    # was killed; then it drops at the unmask, and its masked input still counts.
+    unmasked = rounds[0]["dropouts"][victim] == "no reply in stage unmask"
+    assert rounds[0]["nodes_included"] == (4 if unmasked else 3)
     assert rounds[1]["nodes_included"] == 3
 
 
@@ -231,7 +234,8 @@ def test_a_restarted_coordinator_resumes_from_its_checkpoint(make_federation):
 
 def test_a_node_revoked_mid_run_is_dropped_and_the_run_completes_without_it(make_federation):
     """Four sites: the revoked one's exchanges come back as dropouts, the other three finish the
-    run; the revoked node is told and exits; a site enrolled meanwhile is admitted; the
+    run (or it stops with the reason, if the revocation lands inside a secure sum: see below);
+    the revoked node is told and exits; a site enrolled meanwhile is admitted; the
     coordinator keeps serving throughout."""
     federation = make_federation({"hospital": (400, 300), "insurer": (300,), "pharma": (250,)})
     federation.start_coordinator()
@@ -251,10 +255,17 @@ def test_a_node_revoked_mid_run_is_dropped_and_the_run_completes_without_it(make
         == 0
     )
     submitted.wait(timeout=RUN_TIMEOUT)
-    assert submitted.returncode == 0, federation.processes.output("run")
     rounds = _metrics(federation.latest_run())
-    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
-    assert rounds[0]["nodes_included"] == 4 and rounds[-1]["nodes_included"] == 3
+    if submitted.returncode == 0:
+        assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
+        assert rounds[0]["nodes_included"] == 4 and rounds[-1]["nodes_included"] == 3
+    else:
+        # The revocation reached a secure sum after the victim's masked input and before it
+        # signed the survivor set (a round takes about two seconds, that window up to one):
+        # the sum aborts, and no smaller set may be summed over the same inputs (the sites
+        # refuse: it would isolate the victim's), so the run stops with the reason.
+        assert "did not sign the survivor set" in federation.processes.output("run")
+        assert rounds and rounds[0]["nodes_included"] == 4
     wait_for(lambda: federation.processes.started[victim].poll() is not None, 60, "the revoked node to stop")
     assert federation.processes.started[victim].returncode == 2
     assert "refused this node's key" in federation.processes.output(victim)
