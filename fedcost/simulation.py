@@ -47,6 +47,7 @@ from fedcost.data.loader import NodeData, load_node
 from fedcost.data.mapping import DataMapping
 from fedcost.data.synthetic import generate_ecosystem
 from fedcost.errors import AuditLogTamperedError, ConfigError, FederationError, ModelFitError
+from fedcost.federation.run_folder import new_run_id
 from fedcost.identity import Identity, PublicIdentity
 from fedcost.job import glm_state
 from fedcost.models import glm
@@ -62,7 +63,7 @@ from fedcost.ray_engine import ray_engine
 from fedcost.report import write_report
 from fedcost.report.progress import ProgressRecorder
 from fedcost.seeding import derive_seed
-from fedcost.server.app import CoordinatorPlan, make_server_app, new_run_id
+from fedcost.server.app import CoordinatorPlan, make_server_app
 
 COORDINATOR = "coordinator"
 LEDGERS = "ledgers"  # each site's release ledger: a simulation's sites live as long as the run

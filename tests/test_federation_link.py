@@ -32,8 +32,8 @@ from flwr.superlink.servicer.fleet import fleet_handlers
 
 from fedcost.errors import FederationError
 from fedcost.federation.provision import Federation, FederationConfig
+from fedcost.federation.run_folder import FEDERATION_DIR, RUN_ID, run_folder
 from fedcost.identity.federation_ca import utc_now
-from fedcost.server.deploy import FEDERATION_DIR, RUN_ID, run_folder
 from fedcost.server.link_grid import LinkGrid
 
 

@@ -21,6 +21,7 @@ import ast
 import logging
 import os
 import re
+import secrets
 import threading
 from collections.abc import Callable
 
@@ -51,6 +52,7 @@ from flwr.superlink.servicer.runtime import runtime_handlers
 
 from fedcost.errors import FederationError
 from fedcost.federation.provision import Federation, fleet_address
+from fedcost.federation.run_folder import run_folder
 from fedcost.server import deploy
 from fedcost.server.link_grid import LinkGrid
 
@@ -114,7 +116,7 @@ def _lifespan_config(federation: Federation) -> SuperLinkLifespanConfig:
     """What ``flower-superlink`` would parse from the arguments fedcost gave it: TLS with the
     federation's certificates, SuperNode authentication, state in memory, the gRPC Fleet API
     on the port after the federation's, and no SuperExec (the "process" isolation: runs are
-    started by someone else, here ``Runs``)."""
+    started by someone else, here ``Runs``, and no one else may claim them)."""
     config, tls = federation.config, federation.coordinator_dir
     files = (federation.ca_cert_file, tls / "tls.cert.pem", tls / "tls.key.pem")
     return SuperLinkLifespanConfig(
@@ -124,7 +126,9 @@ def _lifespan_config(federation: Federation) -> SuperLinkLifespanConfig:
         port=config.port,
         insecure=False,
         certificates=(files[0].read_bytes(), files[1].read_bytes(), files[2].read_bytes()),
-        superexec_auth_secret=None,
+        # Flower's HTTP Runtime API hands a submitted run to whoever claims it first; this
+        # secret, known to no one, refuses every claim made over HTTP (``Runs`` claims in memory).
+        superexec_auth_secret=secrets.token_bytes(32),
         authn_plugin=load_control_authn_plugin(),
         event_log_plugin=None,
         fleet_event_log_plugin=None,
@@ -216,7 +220,7 @@ class Runs:
         outcome, details = SubStatus.FAILED, ""
         try:
             run = run_from_proto(started.run)
-            folder = deploy.run_folder(self.federation, run.override_config)
+            folder = run_folder(self.federation, run.override_config)
             self.say(f"run {folder.name} (Flower run {run.run_id}) started")
             grid = LinkGrid(self.state_factory, task)
             grid.set_run(run)

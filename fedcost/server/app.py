@@ -13,10 +13,8 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from functools import cached_property
 from typing import Protocol
 
@@ -54,11 +52,6 @@ from fedcost.wire.purposes import PURPOSES, WITHHOLDS
 
 NODE_WAIT_SECONDS = 120.0
 COORDINATOR = "coordinator"
-
-
-def new_run_id() -> str:
-    """A fresh run id: its UTC start time (so run folders sort by start) and 6 random hex digits."""
-    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from fedcost.errors import FedcostError, FederationError
 from fedcost.federation import checkpoint, roster
 from fedcost.federation.job import FederationJob
 from fedcost.federation.provision import COORDINATOR, Federation
+from fedcost.federation.run_folder import ERROR_FILE, FEDERATION_DIR, LOG_FILE, SUMMARY_FILE, run_folder
 from fedcost.files import replace_atomically
 from fedcost.identity.federation_ca import certificate_to_pem, party_identity, utc_now
 from fedcost.models.nets import build_model
@@ -47,8 +48,6 @@ from fedcost.server.shared_sum import MIN_SECURE_NODES
 from fedcost.wire import records as rec
 from fedcost.wire.events import Event
 
-FEDERATION_DIR, RUN_ID = "federation-dir", "run-id"  # the run-config keys fedcost's Flower app declares
-ERROR_FILE, SUMMARY_FILE, LOG_FILE = "error.txt", "summary.json", "coordinator.log"
 # Replies are polled for every 5 ms at first, backing off to 20 ms (a poll is a lookup in
 # the coordinator's own memory): Flower's grids poll every 0.1 s (in memory) or 3 s (over
 # HTTP), and a secure sum is six exchanges.
@@ -67,24 +66,6 @@ def main(grid: Grid, context: Context) -> None:
     coordinator hosts its SuperLink and calls ``serve`` itself)."""
     federation = Federation.load(Path(str(context.run_config[FEDERATION_DIR])))
     serve(grid, federation, run_folder(federation, context.run_config))
-
-
-def run_folder(federation: Federation, run_config: Mapping[str, object]) -> Path:
-    """The run folder a submission names; refused unless it is one of this federation's runs."""
-    named = Path(str(run_config.get(FEDERATION_DIR, "")))
-    run_id = str(run_config.get(RUN_ID, ""))
-    folder = federation.runs_dir / run_id
-    if not named.is_absolute() or named.resolve() != federation.root.resolve():
-        raise FederationError(
-            f"the run names federation folder {str(named)!r}, not this coordinator's ({federation.root}); "
-            "submit it with `fedcost run` and this federation's folder"
-        )
-    if not run_id or Path(run_id).name != run_id or not (folder / "job.toml").is_file():
-        raise FederationError(
-            f"the run names run {run_id!r}, which has no job.toml in {federation.runs_dir}; "
-            "submit it with `fedcost run`"
-        )
-    return folder
 
 
 def serve(grid: Grid, federation: Federation, folder: Path) -> None:
