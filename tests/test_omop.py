@@ -322,7 +322,7 @@ def test_a_node_may_choose_its_own_cost_column_and_role(extract_folder: Path) ->
     text = OMOP_MAPPING + 'cost_column = "total_paid"\nrole = "insurer"\n'
     mapping = _mapping(extract_folder.parent, text)
     assert mapping.node("st-omop").role == "insurer"
-    rows = load_omop_rows(mapping, mapping.node("st-omop"), mapping.node("st-omop").omop)
+    rows = load_omop_rows(mapping, mapping.node("st-omop"), mapping.node("st-omop").omop)[0]
     assert rows[schema.COST].tolist() == (read_omop(extract_folder).rows[schema.COST] / 2).tolist()
 
 
