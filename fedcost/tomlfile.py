@@ -93,7 +93,7 @@ def unknown_keys(raw: Mapping[str, Any], allowed: typing.Iterable[str], where: s
         mistakes.add(dotted(where, key), f"unknown {noun}; allowed: {', '.join(allowed)}")
 
 
-def table(raw: Any, where: str) -> Mapping[str, Any]:
+def table(where: str, raw: Any) -> Mapping[str, Any]:
     """``raw`` if it is a TOML table, else a ``FieldError`` at ``where``."""
     if not isinstance(raw, Mapping):
         raise FieldError(where, f"expected a [{where}] table, got {raw!r:.60}")
@@ -107,7 +107,7 @@ def read_table(cls: type[T], raw: Any, *, source: str, where: str = "", error: t
     """
     mistakes = Mistakes(source, error)
     with mistakes.kept():
-        raw = table(raw, where)
+        raw = table(where, raw)
     mistakes.raise_any()
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
