@@ -96,6 +96,16 @@ class PrivacyBudgetExhausted(FedcostError):
 class PolicyViolationError(FedcostError):
     """A job or an outgoing message breaks the site's policy."""
 
+    @classmethod
+    def job_refused(cls, reason: str) -> PolicyViolationError:
+        """The site turns a job down (at its hello or later): ``reason`` names what it asked for."""
+        return cls(f"the site policy refuses this job: {reason}")
+
+    @classmethod
+    def request_refused(cls, reason: str) -> PolicyViolationError:
+        """The site turns one request down: malformed, out of turn or outside the accepted job."""
+        return cls(f"the site refuses this request: {reason}")
+
 
 class DataMismatchError(PolicyViolationError):
     """A job's ``[data]`` section is not the site's data (targets, extra columns, their

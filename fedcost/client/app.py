@@ -72,6 +72,8 @@ from fedcost.wire.hello import Hello
 from fedcost.wire.purposes import PURPOSES
 from fedcost.wire.requests import Request, read_request
 
+_request_refusal = PolicyViolationError.request_refused
+
 logger = logging.getLogger("fedcost.node")
 
 SetupResolver = Callable[[Context], NodeSetup]
@@ -583,7 +585,3 @@ def _round(message: Message) -> int | None:
 
 def _error(message: Message, reason: str) -> Message:
     return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message)
-
-
-def _request_refusal(reason: str) -> PolicyViolationError:
-    return PolicyViolationError(f"the site refuses this request: {reason}")

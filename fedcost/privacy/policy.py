@@ -24,6 +24,8 @@ from fedcost.errors import FieldError, PolicyViolationError
 from fedcost.tomlfile import example, read_table, read_toml
 from fedcost.wire.purposes import EXAMPLES, PURPOSES
 
+_refusal = PolicyViolationError.job_refused
+
 # The smallest cohort a shared statistic may describe unless a policy or run asks for
 # more: the small-cell rule (counts of 1 to 10 suppressed) that CMS and most registries
 # apply to published health data.
@@ -248,7 +250,3 @@ def check_job(policy: SitePolicy, job: JobRequest) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _refusal(reason: str) -> PolicyViolationError:
-    return PolicyViolationError(f"the site policy refuses this job: {reason}")
