@@ -63,8 +63,8 @@ from fedcost.report import write_report
 from fedcost.report.progress import ProgressRecorder
 from fedcost.seeding import derive_seed
 from fedcost.server.app import CoordinatorPlan, make_server_app, new_run_id
+from fedcost.wire import COORDINATOR
 
-COORDINATOR = "coordinator"
 LEDGERS = "ledgers"  # each site's release ledger: a simulation's sites live as long as the run
 Task = Literal["train", "analyze"]
 # A site alone would train until its model settles: at least this many optimizer steps.

@@ -50,10 +50,10 @@ from fedcost.identity.federation_ca import (
 )
 from fedcost.identity.party import check_party_name
 from fedcost.tomlfile import read_table, read_toml
+from fedcost.wire import COORDINATOR
 
 CONFIG_FILE = "federation.toml"
 KIT_FILE = "kit.toml"
-COORDINATOR = "coordinator"
 NODE_ROLES = ("hospital", "insurer", "pharma", "site")
 # The CA outlives the certificates it issues; the revocation list is re-signed on every
 # revocation and lasts as long as the CA.
