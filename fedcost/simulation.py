@@ -246,7 +246,7 @@ def _analytics_for(config: SimulationConfig, mapping: DataMapping) -> AnalyticsS
     analytics = config.analytics
     slots = {reading.column: slot for slot, reading in mapping.targets.items()}
     present = mapping.fields_present | set(mapping.targets) | {BY_SITE}
-    if any(node.role != schema.SITE for node in mapping.nodes):
+    if any(node.role != schema.ROLELESS for node in mapping.nodes):
         present.add(ROLE)
     if "age" in present and schema.COLUMNS["age"] in mapping.feature_columns:
         present.add(AGE_BAND)

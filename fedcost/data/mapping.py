@@ -351,7 +351,7 @@ class _MappingParser:
         source = "omop" if "omop" in spec else "file"
         if not isinstance(spec[source], str) or not spec[source]:
             raise FieldError(f"{where}.{source}", "must be a path, as a string")
-        role = spec.get("role", "hospital" if source == "omop" else schema.SITE)
+        role = spec.get("role", "hospital" if source == "omop" else schema.ROLELESS)
         if role not in schema.ROLES:
             raise FieldError(f"{where}.role", f"role must be one of {', '.join(schema.ROLES)}, not {role!r}")
         test_file = spec.get("test_file")
