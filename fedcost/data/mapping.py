@@ -2,7 +2,8 @@
 
 One TOML file describes every node of a data set (see the README, "Bring your own
 data"). A real node reads the same file format for its own data alone. Parsing is
-strict: every problem names the mapping file and the TOML field at fault.
+strict: every problem names the mapping file and the TOML field at fault, and one read
+reports them all (``fedcost.tomlfile.Mistakes``).
 """
 
 from __future__ import annotations
