@@ -307,19 +307,23 @@ class SimulationConfig:
 
 
 def _with_policy_paths(section: SimulationSection, source: str) -> SimulationSection:
-    """Resolve policy paths against the config file's folder and check every policy file now."""
+    """Resolve policy paths against the config file's folder and check every policy file
+    now: each mistake of each one is a line naming the config's field and the policy's."""
     folder = Path(source).parent if Path(source).is_file() else Path.cwd()
+    mistakes = Mistakes(source)
 
     def resolved(path: str, where: str) -> str:
         absolute = (folder / path).resolve()
         try:
             SitePolicy.load(absolute)
-        except ConfigError as error:
-            raise ConfigError(f"policy file is invalid: {error}", path=source, field=where) from None
+        except ConfigError as invalid:
+            for error in invalid.errors:
+                mistakes.add(where, f"policy file is invalid: {error}")
         return str(absolute)
 
     policies = {name: resolved(path, f"simulation.policies.{name}") for name, path in section.policies.items()}
     default = resolved(section.default_policy, "simulation.default_policy") if section.default_policy else ""
+    mistakes.raise_any()
     return dataclasses.replace(section, policies=policies, default_policy=default)
 
 
