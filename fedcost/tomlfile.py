@@ -17,7 +17,7 @@ import json
 import tomllib
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -45,7 +45,7 @@ def example(text: str) -> dict[str, str]:
     return {_EXAMPLE: text}
 
 
-def read_with(convert: typing.Callable[[Any], Any]) -> dict[str, Any]:
+def read_with(convert: Callable[[Any], Any]) -> dict[str, Any]:
     """A field's metadata: ``convert`` reads its TOML value instead of its type hint (a
     value of more than one shape); it raises ``FieldError`` naming a key inside the value,
     or "" for the value itself."""
@@ -84,7 +84,7 @@ class Mistakes:
             raise self.error.of(self.found)
 
 
-def unknown_keys(raw: Mapping[str, Any], allowed: typing.Iterable[str], where: str, mistakes: Mistakes) -> None:
+def unknown_keys(raw: Mapping[str, Any], allowed: Iterable[str], where: str, mistakes: Mistakes) -> None:
     """Refuse each key of ``raw`` not ``allowed``, listing the allowed ones; at a file's top
     a table is a section."""
     allowed = tuple(allowed)
@@ -115,15 +115,15 @@ def read_table(cls: type[T], raw: Any, *, source: str, where: str = "", error: t
     values = {}
     for name, field in fields.items():
         at = dotted(where, name)
-        hint = field.metadata.get(_EXAMPLE) or _default_example(name, field)
+        sample = field.metadata.get(_EXAMPLE) or _default_example(name, field)
         if name in raw and _READ in field.metadata:
             with mistakes.kept(at):
                 values[name] = field.metadata[_READ](raw[name])
         elif name in raw:
             with mistakes.kept():
-                values[name] = _value(hints[name], raw[name], at, hint, mistakes)
+                values[name] = _value(hints[name], raw[name], at, sample, mistakes)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            mistakes.add(at, f"required; write {hint or name + ' = ...'}")
+            mistakes.add(at, f"required; write {sample or name + ' = ...'}")
     mistakes.raise_any()
     try:
         return cls(**values)
