@@ -21,7 +21,7 @@ from fedcost.data.synthetic import EcosystemSpec
 from fedcost.errors import ConfigError
 from fedcost.models.spec import ModelSpec, TrainConfig
 from fedcost.privacy import MIN_COHORT, SitePolicy
-from fedcost.tomlfile import read_toml
+from fedcost.tomlfile import Mistakes, read_table, read_toml, unknown_keys
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 # Rounds when a config sets none: FedAvg runs them all; an exact GLM's Newton iteration stops
@@ -278,19 +278,19 @@ class SimulationConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source: str = "<dict>") -> SimulationConfig:
-        sections = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-        errors = [
-            ConfigError(f"unknown section; allowed: {', '.join(sections)}", path=source, field=name)
-            for name in sorted(set(raw) - set(sections))
-        ]
+        sections = [f for f in dataclasses.fields(cls) if f.name != "source"]
+        mistakes = Mistakes(source)
+        unknown_keys(raw, (f.name for f in sections), "", mistakes)
         built = {}
-        for name in sections:
-            try:
-                built[name] = _build(typing.get_type_hints(cls)[name], raw.get(name, {}), source, name)
-            except ConfigError as error:
-                errors.append(error)
-        if errors:
-            raise ConfigError.of(errors)
+        for section in sections:
+            with mistakes.kept():
+                built[section.name] = read_table(
+                    typing.get_type_hints(cls)[section.name],
+                    raw.get(section.name, {}),
+                    source=source,
+                    where=section.name,
+                )
+        mistakes.raise_any()
         built["simulation"] = _with_policy_paths(built["simulation"], source)
         return cls(**built, source=source)
 
@@ -306,68 +306,24 @@ class SimulationConfig:
         return dataclasses.replace(self, **sections)
 
 
-def _build(cls: type, raw: Any, source: str, where: str) -> Any:
-    """Construct dataclass ``cls`` from a TOML table, checking keys and value types; every
-    unknown key and mistyped value is reported at once (``ConfigErrors``)."""
-    if not isinstance(raw, dict):
-        raise ConfigError("must be a TOML table", path=source, field=where)
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    errors = [
-        ConfigError(f"unknown key; allowed: {', '.join(sorted(names))}", path=source, field=f"{where}.{key}")
-        for key in sorted(set(raw) - names)
-    ]
-    values = {}
-    for name in (key for key in raw if key in names):
-        try:
-            values[name] = _coerce(hints[name], raw[name], source, f"{where}.{name}")
-        except ConfigError as error:
-            errors.append(error)
-    if errors:
-        raise ConfigError.of(errors)
-    try:
-        return cls(**values)
-    except ValueError as error:
-        raise ConfigError(str(error), path=source, field=where) from None
-
-
-def _coerce(hint: Any, value: Any, source: str, where: str) -> Any:
-    """Check ``value`` against a type hint; TOML arrays become tuples."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"must be one of {', '.join(map(str, args))}, not {value!r}", path=source, field=where)
-        return value
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ConfigError("must be a list", path=source, field=where)
-        return tuple(_coerce(args[0], v, source, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError("must be a table", path=source, field=where)
-        return {k: _coerce(args[1], v, source, f"{where}.{k}") for k, v in value.items()}
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"must be {hint.__name__}, not {type(value).__name__} {value!r}", path=source, field=where)
-    return value
-
-
 def _with_policy_paths(section: SimulationSection, source: str) -> SimulationSection:
-    """Resolve policy paths against the config file's folder and check every policy file now."""
+    """Resolve policy paths against the config file's folder and check every policy file
+    now: each mistake of each one is a line naming the config's field and the policy's."""
     folder = Path(source).parent if Path(source).is_file() else Path.cwd()
+    mistakes = Mistakes(source)
 
     def resolved(path: str, where: str) -> str:
         absolute = (folder / path).resolve()
         try:
             SitePolicy.load(absolute)
-        except ConfigError as error:
-            raise ConfigError(f"policy file is invalid: {error}", path=source, field=where) from None
+        except ConfigError as invalid:
+            for error in invalid.errors:
+                mistakes.add(where, f"policy file is invalid: {error}")
         return str(absolute)
 
     policies = {name: resolved(path, f"simulation.policies.{name}") for name, path in section.policies.items()}
     default = resolved(section.default_policy, "simulation.default_policy") if section.default_policy else ""
+    mistakes.raise_any()
     return dataclasses.replace(section, policies=policies, default_policy=default)
 
 

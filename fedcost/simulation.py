@@ -63,8 +63,8 @@ from fedcost.report import write_report
 from fedcost.report.progress import ProgressRecorder
 from fedcost.seeding import derive_seed
 from fedcost.server.app import CoordinatorPlan, make_server_app, new_run_id
+from fedcost.wire import COORDINATOR
 
-COORDINATOR = "coordinator"
 LEDGERS = "ledgers"  # each site's release ledger: a simulation's sites live as long as the run
 Task = Literal["train", "analyze"]
 # A site alone would train until its model settles: at least this many optimizer steps.
@@ -246,7 +246,7 @@ def _analytics_for(config: SimulationConfig, mapping: DataMapping) -> AnalyticsS
     analytics = config.analytics
     slots = {reading.column: slot for slot, reading in mapping.targets.items()}
     present = mapping.fields_present | set(mapping.targets) | {BY_SITE}
-    if any(node.role != schema.SITE for node in mapping.nodes):
+    if any(node.role != schema.ROLELESS for node in mapping.nodes):
         present.add(ROLE)
     if "age" in present and schema.COLUMNS["age"] in mapping.feature_columns:
         present.add(AGE_BAND)

@@ -379,7 +379,11 @@ def test_a_derived_value_out_of_bounds_is_named_at_its_stays_visit_row(extract_f
             "option of an OMOP node",
         ),
         (OMOP_MAPPING + '[features]\nnumeric = ["lactate"]\n', "nodes.st-omop.lacks", "'lactate'"),
-        (OMOP_MAPPING.replace("[omop]", "[omop]\ndata_end = 2021-12-31"), "omop.data_end", "unknown option"),
+        (
+            OMOP_MAPPING.replace("[omop]", "[omop]\ndata_end = 2021-12-31"),
+            "omop.data_end",
+            "unknown key; allowed: cost_column",
+        ),
     ],
 )
 def test_mapping_mistakes_about_an_omop_node_name_the_field(

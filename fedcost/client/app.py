@@ -66,16 +66,18 @@ from fedcost.privacy.distributed import NOISE_GRID, secure_generator, skellam_no
 from fedcost.privacy.ledger import ReleaseLedger
 from fedcost.secagg import ConsistencyRequest, MaskedInputRequest, Quantizer, SetupRequest, request_from_dict
 from fedcost.secagg import Node as SecAggNode
+from fedcost.wire import COORDINATOR
 from fedcost.wire import records as rec
 from fedcost.wire.events import Event
 from fedcost.wire.hello import Hello
 from fedcost.wire.purposes import PURPOSES
 from fedcost.wire.requests import Request, read_request
 
+_request_refusal = PolicyViolationError.request_refused
+
 logger = logging.getLogger("fedcost.node")
 
 SetupResolver = Callable[[Context], NodeSetup]
-COORDINATOR = "coordinator"
 # The last exchange of a round at a node: its log signs a checkpoint after it.
 ROUND_ENDS = ("secagg:evaluate:unmask", "plain:evaluate")
 # The training loss is computed without DP noise: it rides in the update's last slot
@@ -583,7 +585,3 @@ def _round(message: Message) -> int | None:
 
 def _error(message: Message, reason: str) -> Message:
     return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message)
-
-
-def _request_refusal(reason: str) -> PolicyViolationError:
-    return PolicyViolationError(f"the site refuses this request: {reason}")

@@ -30,6 +30,8 @@ from fedcost.wire.hello import Hello
 from fedcost.wire.purposes import WITHHOLDS, Purpose
 from fedcost.wire.requests import Request
 
+_refusal = PolicyViolationError.job_refused
+
 ACCEPTED_JOB = "site-job"  # where the accepted hello lives in the node's Flower context state
 DEFAULT_MAX_ROUNDS = 10_000
 # The largest model weight a node trains or scores with: a global model of larger weights
@@ -251,7 +253,3 @@ def check_cohort(policy: SitePolicy, cohort: int) -> None:
     abort and a retry. The reason does not say how many rows (a small count itself)."""
     if cohort < policy.min_cohort:
         raise PolicyViolationError(f"{WITHHOLDS}: a cohort smaller than the site's min_cohort ({policy.min_cohort})")
-
-
-def _refusal(reason: str) -> PolicyViolationError:
-    return PolicyViolationError(f"the site policy refuses this job: {reason}")

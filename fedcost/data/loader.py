@@ -163,7 +163,7 @@ def _found_by_name(mapping: DataMapping, node: NodeSource) -> set[str]:
     of one of the ecosystem's roles, the declared ones only for a role-less node (whose
     schema fields must be mapped explicitly, so a column that merely shares a name is not read).
     An OMOP extract's rows carry schema fields under their own names, whatever the role."""
-    if node.role == schema.SITE and node.omop is None:
+    if node.role == schema.ROLELESS and node.omop is None:
         return mapping.declared_features
     return {column.name for column in mapping.feature_columns} | set(schema.ROLES[node.role].accounting)
 

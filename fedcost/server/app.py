@@ -47,13 +47,13 @@ from fedcost.privacy import MIN_COHORT, MIN_SECURE_SITES
 from fedcost.privacy.distributed import StatisticsNoise, calibrate_noise
 from fedcost.server.audited_grid import AuditedGrid
 from fedcost.server.shared_sum import PollingGrid, SharedSums, SumResult
+from fedcost.wire import COORDINATOR
 from fedcost.wire import records as rec
 from fedcost.wire.events import Event
 from fedcost.wire.hello import Hello
 from fedcost.wire.purposes import PURPOSES, WITHHOLDS
 
 NODE_WAIT_SECONDS = 120.0
-COORDINATOR = "coordinator"
 
 
 def new_run_id() -> str:

@@ -26,6 +26,8 @@ from fedcost.privacy.distributed import StatisticsNoise
 from fedcost.wire import records as rec
 from fedcost.wire.purposes import PURPOSES
 
+_refusal = PolicyViolationError.job_refused
+
 OUTPUTS = "outputs."
 TABLES = "tables"
 DATA = "data"
@@ -150,7 +152,3 @@ def _noise(record: ConfigRecord) -> StatisticsNoise | None:
         return StatisticsNoise(**{name: record[key] for key, name in _NOISE.items()})  # type: ignore[arg-type]
     except ValueError as error:
         raise _refusal(f"the hello's noise is not usable: {error}") from None
-
-
-def _refusal(reason: str) -> PolicyViolationError:
-    return PolicyViolationError(f"the site policy refuses this job: {reason}")
