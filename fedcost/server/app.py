@@ -124,7 +124,7 @@ class CoordinatorPlan:
             delta=section.delta,
             rounds=self.rounds,
             sites=self.noise_sites,
-            parameters=_max_features(self) + 1,
+            parameters=max_features(self.layout) + 1,
             blocks=newton_blocks(self.model),
             feature_clip=section.feature_clip,
             response_clip=section.response_clip,
@@ -684,17 +684,17 @@ class _NewtonFit:
         return fitted
 
 
-def _max_features(plan: CoordinatorPlan) -> int:
-    """The most features the layout can give (before statistics): every numeric column and
+def max_features(layout: StatisticsLayout) -> int:
+    """The most features ``layout`` can give (before statistics): every numeric column and
     every category level may become a feature, and every column a missing flag."""
-    columns = plan.layout.columns
+    columns = layout.columns
     return sum(1 if column.kind == "numeric" else len(column.levels) for column in columns) + len(columns)
 
 
 def _max_model_parameters(plan: CoordinatorPlan) -> int:
     """The model's parameter count at the most features the layout can give (before statistics);
     the model the nodes later receive is never larger than this."""
-    model = build_model(plan.model, _max_features(plan), seed=plan.seed)
+    model = build_model(plan.model, max_features(plan.layout), seed=plan.seed)
     return sum(parameter.numel() for parameter in model.state_dict().values())
 
 
