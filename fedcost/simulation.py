@@ -427,7 +427,8 @@ def _glm_privacy_summary(config: SimulationConfig, noise: NewtonNoise) -> dict:
         "grid": noise.grid,
         "feature_clip": section.feature_clip,
         "response_clip": section.response_clip,
-        "standard_errors": "include the DP noise on the last Newton step's score (see inference.*.dp_noise)",
+        "standard_errors": "include the DP noise on the score, not that on the information: a lower bound "
+        "(see inference.*.dp_noise)",
     }
 
 

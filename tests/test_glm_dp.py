@@ -19,7 +19,8 @@ import tomli_w
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcost.errors import PrivacyBudgetExhausted
+from fedcost.config import NOISY_GLM_ROUNDS, SimulationConfig
+from fedcost.errors import ConfigError, PrivacyBudgetExhausted
 from fedcost.models import glm
 from fedcost.privacy.distributed import (
     MAX_POISSON_MEAN,
@@ -235,6 +236,10 @@ def test_a_site_with_a_budget_joins_an_exact_glm_with_noise_and_accounts_every_r
     assert summary["readmission"]["federated"]["auroc"] > 0.6
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(record["readmission_deviance"] is None for record in rounds), "no deviance travels"
+    audit = [json.loads(line) for line in (run / "audit" / "hospital-1.jsonl").read_text().splitlines()]
+    paid = [entry["details"] for entry in audit if entry["event"] == "dp_round"]
+    assert [d["purpose"] for d in paid] == ["newton"] * 4, "each round paid before it left, in the audit log"
+    assert paid[-1]["dp_epsilon_spent"] == pytest.approx(site["epsilon_spent"])
 
 
 @pytest.mark.slow
@@ -246,3 +251,12 @@ def test_a_site_whose_budget_cannot_pay_stops_the_run_at_the_hello(tmp_path: Pat
     assert "hospital-1" in output and "lower the job's [glm_privacy] epsilon below what is left" in output, output[
         -2000:
     ]
+
+
+def test_a_config_puts_noise_on_newton_sums_only_under_secure_aggregation_and_for_an_exact_glm() -> None:
+    noisy = {"model": {"kind": "glm"}, "glm_privacy": {"epsilon": 3.0}}
+    assert SimulationConfig.from_dict(noisy).run.rounds == NOISY_GLM_ROUNDS
+    with pytest.raises(ConfigError, match="secure_aggregation"):
+        SimulationConfig.from_dict({**noisy, "secure_aggregation": {"enabled": False}})
+    with pytest.raises(ConfigError, match='kind = "glm"'):
+        SimulationConfig.from_dict({**noisy, "model": {"kind": "glm", "fit": "fedavg"}})

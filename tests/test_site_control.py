@@ -302,6 +302,9 @@ def test_a_dp_site_accepts_noisy_newton_sums_its_budget_pays_for(mapping: Path, 
     site = _site(mapping, tmp_path, privacy=privacy)
     reply = site.send(hello(rounds=5, **_newton_noise(2.0, 5)))
     assert not reply.has_error(), reply.error.reason
+    partial = {key: value for key, value in _newton_noise(2.0, 5).items() if key != "newton_noise_grid"}
+    again = _site(mapping, tmp_path / "again", privacy=privacy)
+    again.assert_refused(again.send(hello(rounds=5, **partial)), "states its noise only in part")
 
 
 def test_a_site_whose_budget_cannot_pay_for_the_noisy_plan_refuses_naming_what_to_change(

@@ -1039,7 +1039,8 @@ def noisy_newton_step(
     fresh draw), fewer leave the deterministic part of a log link's iteration unfinished.
     ``converged`` then says whether the last step was within 3 standard deviations of what
     the noise on the score moves each coefficient (σ_g·√diag((H + λP)⁻²)). The estimate is
-    the last step's point; its standard errors include the noise (``FittedGlm.score_noise``).
+    the last step's point; its standard errors include the noise on the score
+    (``FittedGlm.score_noise``), not that on the information.
     """
     beta = np.asarray(beta, dtype=np.float64)
     if beta.ndim != 1 or not np.isfinite(beta).all():

@@ -43,8 +43,9 @@ def glm_inference(model: FittedGlm) -> dict:
         "dp_noise": (
             {
                 "score_sd": model.score_noise,
-                "standard_errors": "include the DP noise: the model-based covariance plus the noise's, "
-                "sd^2 (H + penalty)^-2; the information H is itself noisy (eigenvalues floored)",
+                "standard_errors": "include the DP noise on the score (the model-based covariance plus "
+                "score_sd^2 (H + penalty)^-2) but not that on the information H (itself noisy, eigenvalues "
+                "floored) nor an unfinished step: a lower bound under noise",
             }
             if model.score_noise > 0
             else None
