@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,15 @@ import tomli_w
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedcost.client.exchanges import SHAPES
+from fedcost.client.node import Ask, Node, NodeSetup
 from fedcost.config import NOISY_GLM_ROUNDS, SimulationConfig
-from fedcost.errors import ConfigError, PrivacyBudgetExhausted
+from fedcost.data.files import write_node_files
+from fedcost.data.synthetic import EcosystemSpec, generate_ecosystem
+from fedcost.errors import ConfigError, PolicyViolationError, PrivacyBudgetExhausted
+from fedcost.job import TrainingJob
 from fedcost.models import glm
+from fedcost.models.spec import ModelSpec, TrainConfig
 from fedcost.privacy.distributed import (
     MAX_POISSON_MEAN,
     NewtonNoise,
@@ -260,3 +267,32 @@ def test_a_config_puts_noise_on_newton_sums_only_under_secure_aggregation_and_fo
         SimulationConfig.from_dict({**noisy, "secure_aggregation": {"enabled": False}})
     with pytest.raises(ConfigError, match='kind = "glm"'):
         SimulationConfig.from_dict({**noisy, "model": {"kind": "glm", "fit": "fedavg"}})
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Node:
+    ecosystem = generate_ecosystem(EcosystemSpec.from_sizes({"hospital": [300]}), seed=3)
+    folder = tmp_path_factory.mktemp("node")
+    return Node(
+        NodeSetup(write_node_files(((n.name, n.role, n.frame) for n in ecosystem.nodes), folder), "hospital-1", 3)
+    )
+
+
+def _newton_ask(node: Node, noise: NewtonNoise) -> Ask:
+    features = node.layout.feature_spec(node.statistics())
+    spec = ModelSpec(kind="glm", tasks=node.mapping.tasks)
+    p = len(features.design_names) + 1
+    weights = {task: np.zeros(p) for task in spec.tasks}
+    return Ask("newton", 1, 11, TrainingJob(spec, TrainConfig(), features, 0), weights, newton_noise=noise)
+
+
+def test_a_node_sends_the_blocks_the_plan_priced_and_refuses_a_larger_design(node: Node) -> None:
+    priced = NewtonNoise(sd=2.0, sites=3, grid=1024, parameters=80, blocks=5)
+    ask = _newton_ask(node, priced)
+    contribution = node.contribution(ask)
+    assert [array.shape for array in contribution.arrays] == SHAPES["newton"](ask, node)
+    assert all(np.abs(array).max() <= len(node.data.train) for array in contribution.arrays), "normalised"
+    with pytest.raises(PolicyViolationError, match="not those the plan's noise was priced for"):
+        node.contribution(_newton_ask(node, replace(priced, parameters=5)))
+    with pytest.raises(PolicyViolationError, match="not those the plan's noise was priced for"):
+        node.contribution(_newton_ask(node, replace(priced, blocks=4)))
