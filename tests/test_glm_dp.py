@@ -247,6 +247,7 @@ def test_a_site_with_a_budget_joins_an_exact_glm_with_noise_and_accounts_every_r
     paid = [entry["details"] for entry in audit if entry["event"] == "dp_round"]
     assert [d["purpose"] for d in paid] == ["newton"] * 4, "each round paid before it left, in the audit log"
     assert paid[-1]["dp_epsilon_spent"] == pytest.approx(site["epsilon_spent"])
+    assert "Newton sums carried distributed noise for (ε = 2" in (run / "report.html").read_text()
 
 
 @pytest.mark.slow
