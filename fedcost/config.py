@@ -27,6 +27,9 @@ StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 # Rounds when a config sets none: FedAvg runs them all; an exact GLM's Newton iteration stops
 # once it converges (well-posed data: 5-10 rounds), and this is its most.
 FEDAVG_ROUNDS, EXACT_GLM_ROUNDS = 10, 20
+# With DP noise on its Newton sums every round costs budget, and a step within the noise is
+# as far as the iteration gets: 5 rounds from the start at the mean reach it on such data.
+NOISY_GLM_ROUNDS = 5
 CURRENCY_CODE = re.compile(r"[A-Z]{3}")
 PEER_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,39}")
 _RAY_ADDRESS = re.compile(r"(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([1-9][0-9]{0,4})")
@@ -150,6 +153,41 @@ class StatisticsPrivacySection:
 
 
 @dataclass(frozen=True)
+class GlmPrivacySection:
+    """Distributed DP for an exact GLM's Newton sums (``fedcost.privacy.distributed.NewtonNoise``).
+
+    ``epsilon = inf`` (the default) adds none, and a site whose policy sets a DP budget
+    ([privacy] epsilon) refuses the job. With a finite ``epsilon``, every node adds its share
+    of Skellam noise to each round's sums before masking, calibrated so that the job's
+    rounds together spend at most (``epsilon``, ``delta``) at every site: set it to what
+    the strictest site allows (each site refuses a plan its remaining budget cannot pay
+    for, saying how much it has left). ``feature_clip``: a row's standardised features are
+    scaled to an L2 norm of at most this x √(number of features); ``response_clip``: a log
+    link's per-row score factor and weight are clipped at this (costs in cost-scale units,
+    mean 1). Each round costs budget: plan few (``[run] rounds``, default 5 with noise).
+    """
+
+    epsilon: float = math.inf
+    delta: float = 1e-6
+    feature_clip: float = 1.0
+    response_clip: float = 10.0
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.epsilon) or self.epsilon <= 0:
+            raise ValueError(f"epsilon must be positive (inf for none), not {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must lie in (0, 1), not {self.delta}")
+        for name in ("feature_clip", "response_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, not {value}")
+
+    @property
+    def enabled(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+
+@dataclass(frozen=True)
 class AnalyticsSection:
     """Federated cost analytics in a run: grouped statistics and risk-adjusted benchmarking.
 
@@ -256,19 +294,30 @@ class SimulationConfig:
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
     analytics: AnalyticsSection = AnalyticsSection()
     statistics_privacy: StatisticsPrivacySection = StatisticsPrivacySection()
+    glm_privacy: GlmPrivacySection = GlmPrivacySection()
     simulation: SimulationSection = SimulationSection()
     source: str = "<defaults>"
 
     def __post_init__(self) -> None:
         if self.run.rounds is None:  # an exact GLM stops when it converges; FedAvg runs every round
-            rounds = EXACT_GLM_ROUNDS if self.model.exact else FEDAVG_ROUNDS
+            rounds = FEDAVG_ROUNDS
+            if self.model.exact:
+                rounds = NOISY_GLM_ROUNDS if self.glm_privacy.enabled else EXACT_GLM_ROUNDS
             object.__setattr__(self, "run", dataclasses.replace(self.run, rounds=rounds))
-        if self.statistics_privacy.enabled and not self.secure_aggregation.enabled:
+        for section in ("statistics_privacy", "glm_privacy"):
+            if getattr(self, section).enabled and not self.secure_aggregation.enabled:
+                raise ConfigError(
+                    "noisy sums need secure aggregation: set [secure_aggregation] enabled = true, or "
+                    f"[{section}] epsilon = inf",
+                    path=self.source,
+                    field=section,
+                )
+        if self.glm_privacy.enabled and not self.model.exact:
             raise ConfigError(
-                "noisy sums need secure aggregation: set [secure_aggregation] enabled = true, or "
-                "[statistics_privacy] epsilon = inf",
+                '[glm_privacy] adds noise to an exact GLM\'s Newton sums: set [model] kind = "glm" (fit "auto" or '
+                '"newton"), or remove [glm_privacy]',
                 path=self.source,
-                field="statistics_privacy",
+                field="glm_privacy",
             )
 
     @classmethod

@@ -56,6 +56,7 @@ from fedcost.models.site_steps import SiteSteps, decide_site_steps
 from fedcost.models.training import predict, train_local
 from fedcost.privacy import SitePolicy
 from fedcost.privacy.accounting import DpSgdSteps
+from fedcost.privacy.distributed import NewtonNoise, SkellamRelease
 from fedcost.privacy.ledger import SUFFIX as LEDGER_SUFFIX
 from fedcost.privacy.ledger import recorded_spending
 from fedcost.ray_engine import ray_engine
@@ -198,6 +199,8 @@ def _run(
             "noise_sites": noise.sites,
             "cost_clip": noise.cost_clip,
         }
+    if plan.newton_noise is not None:
+        summary["glm_privacy"] = _glm_privacy_summary(config, plan.newton_noise)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     recorder.stage("writing the report")
@@ -333,6 +336,7 @@ def _federate(
         analytics=config.analytics,
         task=task,
         statistics_privacy=config.statistics_privacy,
+        glm_privacy=config.glm_privacy,
     )
     # Flower warns that run_simulation is deprecated in favour of `flwr run`, which needs a
     # packaged app; fedcost drives the engine from Python on purpose, so only errors show.
@@ -406,8 +410,26 @@ def _privacy_summary(config: SimulationConfig, folder: Path, nodes: list[NodeDat
             "epsilon_spent": ledger.epsilon,
             "delta": ledger.delta,
             "rounds_trained": sum(isinstance(release, DpSgdSteps) for release in ledger.history),
+            "noisy_sums": sum(isinstance(release, SkellamRelease) for release in ledger.history),
         }
     return summary
+
+
+def _glm_privacy_summary(config: SimulationConfig, noise: NewtonNoise) -> dict:
+    """The noise on the exact GLM's Newton sums, as planned before the first round."""
+    section = config.glm_privacy
+    return {
+        "epsilon": section.epsilon,
+        "delta": section.delta,
+        "rounds_planned": config.run.rounds,
+        "noise_sd": noise.sd,
+        "noise_sites": noise.sites,
+        "grid": noise.grid,
+        "feature_clip": section.feature_clip,
+        "response_clip": section.response_clip,
+        "standard_errors": "include the DP noise on the score, not that on the information: a lower bound "
+        "(see inference.*.dp_noise)",
+    }
 
 
 def _verify_audit(folder: Path) -> dict:
