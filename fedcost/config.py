@@ -21,7 +21,7 @@ from fedcost.data.synthetic import EcosystemSpec
 from fedcost.errors import ConfigError
 from fedcost.models.spec import ModelSpec, TrainConfig
 from fedcost.privacy import MIN_COHORT, SitePolicy
-from fedcost.tomlfile import Mistakes, read_table, read_toml, unknown_keys
+from fedcost.tomlfile import Mistakes, example, read_table, read_toml, unknown_keys
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 # Rounds when a config sets none: FedAvg runs them all; an exact GLM's Newton iteration stops
@@ -135,7 +135,7 @@ class StatisticsPrivacySection:
     most ``cost_clip`` currency units in them. It needs secure aggregation.
     """
 
-    epsilon: float = math.inf
+    epsilon: float = field(default=math.inf, metadata=example("epsilon = 3.0"))
     delta: float = 1e-6
     cost_clip: float = 100_000.0
 
@@ -167,7 +167,7 @@ class GlmPrivacySection:
     mean 1). Each round costs budget: plan few (``[run] rounds``, default 5 with noise).
     """
 
-    epsilon: float = math.inf
+    epsilon: float = field(default=math.inf, metadata=example("epsilon = 3.0"))
     delta: float = 1e-6
     feature_clip: float = 1.0
     response_clip: float = 10.0
