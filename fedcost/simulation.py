@@ -57,6 +57,7 @@ from fedcost.models.site_steps import SiteSteps, decide_site_steps
 from fedcost.models.training import predict, train_local
 from fedcost.privacy import SitePolicy
 from fedcost.privacy.accounting import DpSgdSteps
+from fedcost.privacy.distributed import NewtonNoise, SkellamRelease
 from fedcost.privacy.ledger import SUFFIX as LEDGER_SUFFIX
 from fedcost.privacy.ledger import recorded_spending
 from fedcost.ray_engine import ray_engine
@@ -64,8 +65,8 @@ from fedcost.report import write_report
 from fedcost.report.progress import ProgressRecorder
 from fedcost.seeding import derive_seed
 from fedcost.server.app import CoordinatorPlan, make_server_app
+from fedcost.wire import COORDINATOR
 
-COORDINATOR = "coordinator"
 LEDGERS = "ledgers"  # each site's release ledger: a simulation's sites live as long as the run
 Task = Literal["train", "analyze"]
 # A site alone would train until its model settles: at least this many optimizer steps.
@@ -199,6 +200,8 @@ def _run(
             "noise_sites": noise.sites,
             "cost_clip": noise.cost_clip,
         }
+    if plan.newton_noise is not None:
+        summary["glm_privacy"] = _glm_privacy_summary(config, plan.newton_noise)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     recorder.stage("writing the report")
@@ -247,7 +250,7 @@ def _analytics_for(config: SimulationConfig, mapping: DataMapping) -> AnalyticsS
     analytics = config.analytics
     slots = {reading.column: slot for slot, reading in mapping.targets.items()}
     present = mapping.fields_present | set(mapping.targets) | {BY_SITE}
-    if any(node.role != schema.SITE for node in mapping.nodes):
+    if any(node.role != schema.ROLELESS for node in mapping.nodes):
         present.add(ROLE)
     if "age" in present and schema.COLUMNS["age"] in mapping.feature_columns:
         present.add(AGE_BAND)
@@ -334,6 +337,7 @@ def _federate(
         analytics=config.analytics,
         task=task,
         statistics_privacy=config.statistics_privacy,
+        glm_privacy=config.glm_privacy,
     )
     # Flower warns that run_simulation is deprecated in favour of `flwr run`, which needs a
     # packaged app; fedcost drives the engine from Python on purpose, so only errors show.
@@ -407,8 +411,26 @@ def _privacy_summary(config: SimulationConfig, folder: Path, nodes: list[NodeDat
             "epsilon_spent": ledger.epsilon,
             "delta": ledger.delta,
             "rounds_trained": sum(isinstance(release, DpSgdSteps) for release in ledger.history),
+            "noisy_sums": sum(isinstance(release, SkellamRelease) for release in ledger.history),
         }
     return summary
+
+
+def _glm_privacy_summary(config: SimulationConfig, noise: NewtonNoise) -> dict:
+    """The noise on the exact GLM's Newton sums, as planned before the first round."""
+    section = config.glm_privacy
+    return {
+        "epsilon": section.epsilon,
+        "delta": section.delta,
+        "rounds_planned": config.run.rounds,
+        "noise_sd": noise.sd,
+        "noise_sites": noise.sites,
+        "grid": noise.grid,
+        "feature_clip": section.feature_clip,
+        "response_clip": section.response_clip,
+        "standard_errors": "include the DP noise on the score, not that on the information: a lower bound "
+        "(see inference.*.dp_noise)",
+    }
 
 
 def _verify_audit(folder: Path) -> dict:

@@ -27,7 +27,8 @@ SCORED = {"readmission": ("auroc", "brier", "log_loss"), "cost": ("mae", "rmse",
 def glm_inference(model: FittedGlm) -> dict:
     """A fitted GLM as a health economist reads it: per coefficient the estimate, its standard
     error, z, p, 95% interval and, for log and logit links, the ratio exp(estimate) with its
-    interval; and whether the fit converged, with the fit's own word on it."""
+    interval; and whether the fit converged, with the fit's own word on it. A fit on noisy
+    sums says so: its standard errors include the DP noise on the score (``dp_noise``)."""
     rows = []
     for coefficient in model.summary():
         row = dataclasses.asdict(coefficient)
@@ -39,6 +40,16 @@ def glm_inference(model: FittedGlm) -> dict:
         "iterations": model.iterations,
         "message": model.message,
         "dispersion": model.dispersion,
+        "dp_noise": (
+            {
+                "score_sd": model.score_noise,
+                "standard_errors": "include the DP noise on the score (the model-based covariance plus "
+                "score_sd^2 (H + penalty)^-2) but not that on the information H (itself noisy, eigenvalues "
+                "floored) nor an unfinished step: a lower bound under noise",
+            }
+            if model.score_noise > 0
+            else None
+        ),
         "coefficients": rows,
     }
 
