@@ -5,10 +5,15 @@ Fleet API serves it (Flower's own Fleet handlers on the same in-memory state: en
 then each object from the object store), and the node's reply, uploaded the same way,
 comes back with its content; both carry the grid's run even while another run is the
 process's latest. A submission naming another federation's folder, or a run folder that
-is not this federation's, is refused with what to do. Quick: no network, no process.
+is not this federation's, is refused with what to do. The coordinator's log gets the key
+Flower refused (for the reason fedcost adds) and no tracebacks. Quick: no network, no
+process.
 """
 
 from __future__ import annotations
+
+import logging
+import sys
 
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -31,6 +36,7 @@ from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.servicer.fleet import fleet_handlers
 
 from fedcost.errors import FederationError
+from fedcost.federation.link import LogCopy, refused_key
 from fedcost.federation.provision import Federation, FederationConfig
 from fedcost.federation.run_folder import FEDERATION_DIR, RUN_ID, run_folder
 from fedcost.identity.federation_ca import utc_now
@@ -145,3 +151,22 @@ def test_a_submitted_run_is_one_of_this_federations_run_folders(tmp_path):
     for run_id in ("", "../elsewhere", "20261207-000000-000000"):
         with pytest.raises(FederationError, match="has no job.toml"):
             run_folder(federation, {FEDERATION_DIR: root, RUN_ID: run_id})
+
+
+def test_the_coordinator_log_names_a_refused_key_and_keeps_tracebacks_to_their_last_line():
+    key = b"-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----\n"
+    line = f"[/flwr.proto.Fleet/ActivateNode][ApiError:7] Attempted to register SuperNode with public key: {key!r}, x"
+    assert refused_key(line) == key and refused_key("[Fleet.ActivateNode] Activated node_id=5") is None
+
+    lines: list[str] = []
+    handler = LogCopy(lines.append, lambda refused: lines.append(f"refused {refused!r}"))
+    try:
+        raise SystemExit("Port in server address 127.0.0.1:9094 is already in use.")
+    except SystemExit:
+        record = logging.LogRecord("uvicorn.error", logging.ERROR, "", 0, "startup failed", None, sys.exc_info())
+    handler.emit(record)
+    handler.emit(logging.LogRecord("flwr", logging.ERROR, "", 0, line, None, None))
+    assert lines[0].endswith(
+        "uvicorn.error: startup failed SystemExit: Port in server address 127.0.0.1:9094 is already in use."
+    )
+    assert "Traceback" not in lines[0] and lines[-1] == f"refused {key!r}"

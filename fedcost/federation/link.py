@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import threading
+import time
 from collections.abc import Callable
 
 import uvicorn
@@ -66,7 +67,7 @@ class Link:
 
     def __init__(self, federation: Federation, write: Callable[[str], None], on_refused: Callable[[bytes], None]):
         self.federation = federation
-        self.logs = _LogCopy(write, on_refused)
+        self.logs = LogCopy(write, on_refused)
         config = _lifespan_config(federation)
         self.app = create_app(config, SuperLinkLifespan)
         self.server = uvicorn.Server(
@@ -93,9 +94,8 @@ class Link:
         self.logs.attach()
         os.environ[FLWR_INTERNAL_GRPC_FLEET_API] = "1"  # read by SuperLinkLifespan.startup
         self.thread.start()
-        stopped = threading.Event()
         while not self.server.started and self.thread.is_alive():
-            stopped.wait(0.05)
+            time.sleep(0.05)
         if not self.server.started:
             self.thread.join()
             raise FederationError(
@@ -147,7 +147,18 @@ def _lifespan_config(federation: Federation) -> SuperLinkLifespanConfig:
     )
 
 
-class _LogCopy(logging.Handler):
+class _OneLine(logging.Formatter):
+    """A record with a traceback (attached, or in its message, as the web server logs a failed
+    start) as one line ending in the traceback's last (``SystemExit: Port … is already in
+    use``): the reason, not a traceback, in the log an operator reads."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        head, marker, trace = text.partition("Traceback (most recent call last):")
+        return head.rstrip() + " " + trace.strip().splitlines()[-1] if marker and trace.strip() else text
+
+
+class LogCopy(logging.Handler):
     """Flower's and the web server's log records into the coordinator's log (and not to the
     console by Flower's own handler); each refused SuperNode key is handed to ``on_refused``."""
 
@@ -155,7 +166,7 @@ class _LogCopy(logging.Handler):
 
     def __init__(self, write: Callable[[str], None], on_refused: Callable[[bytes], None]):
         super().__init__(logging.INFO)
-        self.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.setFormatter(_OneLine(LOG_FORMAT))
         self.write = write
         self.on_refused = on_refused
 
