@@ -57,12 +57,12 @@ from fedcost.models.site_steps import SiteSteps, decide_site_steps
 from fedcost.models.training import predict, train_local
 from fedcost.privacy import SitePolicy
 from fedcost.privacy.accounting import DpSgdSteps
-from fedcost.privacy.distributed import NewtonNoise, SkellamRelease
+from fedcost.privacy.distributed import SkellamRelease
 from fedcost.privacy.ledger import SUFFIX as LEDGER_SUFFIX
 from fedcost.privacy.ledger import recorded_spending
 from fedcost.ray_engine import ray_engine
 from fedcost.report import write_report
-from fedcost.report.progress import ProgressRecorder
+from fedcost.report.progress import ProgressRecorder, glm_privacy_summary
 from fedcost.seeding import derive_seed
 from fedcost.server.app import CoordinatorPlan, make_server_app
 from fedcost.wire import COORDINATOR
@@ -201,7 +201,7 @@ def _run(
             "cost_clip": noise.cost_clip,
         }
     if plan.newton_noise is not None:
-        summary["glm_privacy"] = _glm_privacy_summary(config, plan.newton_noise)
+        summary["glm_privacy"] = glm_privacy_summary(config, plan.newton_noise)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     recorder.stage("writing the report")
@@ -414,23 +414,6 @@ def _privacy_summary(config: SimulationConfig, folder: Path, nodes: list[NodeDat
             "noisy_sums": sum(isinstance(release, SkellamRelease) for release in ledger.history),
         }
     return summary
-
-
-def _glm_privacy_summary(config: SimulationConfig, noise: NewtonNoise) -> dict:
-    """The noise on the exact GLM's Newton sums, as planned before the first round."""
-    section = config.glm_privacy
-    return {
-        "epsilon": section.epsilon,
-        "delta": section.delta,
-        "rounds_planned": config.run.rounds,
-        "noise_sd": noise.sd,
-        "noise_sites": noise.sites,
-        "grid": noise.grid,
-        "feature_clip": section.feature_clip,
-        "response_clip": section.response_clip,
-        "standard_errors": "include the DP noise on the score, not that on the information: a lower bound "
-        "(see inference.*.dp_noise)",
-    }
 
 
 def _verify_audit(folder: Path) -> dict:

@@ -15,6 +15,7 @@ from fedcost.analytics.group_costing import GroupCosting
 from fedcost.config import SimulationConfig
 from fedcost.data.features import FeatureSpec
 from fedcost.models.glm import FittedGlm
+from fedcost.privacy.distributed import NewtonNoise
 from fedcost.report.analytics import save_benchmark, save_group_costing, save_statistics
 
 FEATURES_FILE, METRICS_FILE = "features.json", "metrics.jsonl"
@@ -101,6 +102,7 @@ def federation_summary(
     analytics: dict,
     *,
     seconds: float,
+    newton_noise: NewtonNoise | None = None,
 ) -> dict:
     """A federation run's ``summary.json``, in a simulation's shape where the two agree.
 
@@ -128,10 +130,29 @@ def federation_summary(
     for task in config.model.tasks:
         scores = {metric: last[f"{task}_{metric}"] for metric in SCORED[task] if f"{task}_{metric}" in last}
         summary[task] = {"federated": scores}
+    if newton_noise is not None:
+        summary["glm_privacy"] = glm_privacy_summary(config, newton_noise)
     return summary | {
         "per_site": {},
         "privacy": {},
         "sites_reported": [],
         "analytics": analytics,
         "seconds": round(seconds, 1),
+    }
+
+
+def glm_privacy_summary(config: SimulationConfig, noise: NewtonNoise) -> dict:
+    """The noise on the exact GLM's Newton sums, as planned before the first round."""
+    section = config.glm_privacy
+    return {
+        "epsilon": section.epsilon,
+        "delta": section.delta,
+        "rounds_planned": config.run.rounds,
+        "noise_sd": noise.sd,
+        "noise_sites": noise.sites,
+        "grid": noise.grid,
+        "feature_clip": section.feature_clip,
+        "response_clip": section.response_clip,
+        "standard_errors": "include the DP noise on the score, not that on the information: a lower bound "
+        "(see inference.*.dp_noise)",
     }

@@ -36,15 +36,17 @@ from fedcost.audit import AuditLog
 from fedcost.errors import FedcostError, FederationError
 from fedcost.federation import checkpoint, roster
 from fedcost.federation.job import FederationJob
-from fedcost.federation.provision import COORDINATOR, Federation
+from fedcost.federation.provision import Federation
 from fedcost.federation.run_folder import ERROR_FILE, FEDERATION_DIR, LOG_FILE, SUMMARY_FILE, run_folder
 from fedcost.files import replace_atomically
 from fedcost.identity.federation_ca import certificate_to_pem, party_identity, utc_now
 from fedcost.models.nets import build_model
+from fedcost.privacy.distributed import NewtonNoise
 from fedcost.report import write_report
 from fedcost.report.progress import METRICS_FILE, PROGRESS_FILE, ProgressRecorder, federation_summary
 from fedcost.server.app import Coordinator, CoordinatorPlan, ResumePoint
 from fedcost.server.shared_sum import MIN_SECURE_NODES
+from fedcost.wire import COORDINATOR
 from fedcost.wire import records as rec
 from fedcost.wire.events import Event
 
@@ -126,6 +128,7 @@ def coordinate(grid: Grid, federation: Federation, folder: Path) -> None:
         min_cohort=config.run.min_cohort,
         analytics=config.analytics,
         statistics_privacy=config.statistics_privacy,
+        glm_privacy=config.glm_privacy,
     )
     recorder = RunFolderRecorder(folder, job, resume)
     log = AuditLog(folder / "audit" / f"{COORDINATOR}.jsonl", coordinator)
@@ -148,7 +151,9 @@ def coordinate(grid: Grid, federation: Federation, folder: Path) -> None:
             log.append(Event.DROPOUT, round=deployed.round, details={"party": name, "reason": reason})
         running.close_stopped(str(stopped), connected=deployed.connected())
         raise
-    recorder.finish({i.name: i.role for i in identities}, seconds=time.perf_counter() - started)
+    recorder.finish(
+        {i.name: i.role for i in identities}, seconds=time.perf_counter() - started, newton_noise=plan.newton_noise
+    )
 
 
 class DeployedGrid:
@@ -274,10 +279,16 @@ class RunFolderRecorder(ProgressRecorder):
             record = {**record, "train_loss": record["train_loss"] or None}
         super().on_round(record)
 
-    def finish(self, roles: dict[str, str], *, seconds: float) -> None:
+    def finish(self, roles: dict[str, str], *, seconds: float, newton_noise: NewtonNoise | None) -> None:
         """``summary.json`` and ``report.html``, as a simulation's but for the federated model only."""
         summary = federation_summary(
-            self.folder.name, self.job.config, roles, self.rounds, self.analytics, seconds=seconds
+            self.folder.name,
+            self.job.config,
+            roles,
+            self.rounds,
+            self.analytics,
+            seconds=seconds,
+            newton_noise=newton_noise,
         )
         if self.inference:
             summary["inference"] = self.inference
