@@ -333,3 +333,19 @@ def test_a_job_whose_data_section_is_not_the_sites_data_is_refused_at_the_hello(
     assert refusals and all("extra_numeric lists 'bmi'" in line for line in refusals), refusals
     assert not (federation.latest_run() / "metrics.jsonl").exists() or not _metrics(federation.latest_run())
     assert federation.processes.started["coordinator"].poll() is None
+
+
+def test_a_deployed_exact_glm_carries_the_newton_noise_its_job_plans(make_federation):
+    """A job's [glm_privacy] reaches a deployed run as a simulated one: every site adds its
+    share of the planned noise to the Newton sums, and summary.json states the plan."""
+    federation = make_federation({"hospital": (400,), "insurer": (300,), "pharma": (250,)})
+    federation.start_coordinator()
+    federation.start_nodes()
+    federation.wait_connected()
+    job = JOB.format(rounds=2) + NO_ANALYTICS + "\n[glm_privacy]\nepsilon = 3.0\n"
+    (federation.folder / "job.toml").write_text(job)
+    done = fedcost("run", "fed", "job.toml", cwd=federation.folder, timeout=RUN_TIMEOUT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((federation.latest_run() / "summary.json").read_text())
+    assert summary["glm_privacy"]["epsilon"] == 3.0 and summary["glm_privacy"]["noise_sd"] > 0
+    assert all(np.isfinite(r["readmission_auroc"]) for r in _metrics(federation.latest_run()))
