@@ -9,7 +9,7 @@ sums, the same code in both), the deployed/simulated ratio per round, the time f
 starting ``fedcost run`` to the first round's record, the secure/plain ratio, and the
 final metrics of both (the same up to SecAgg+'s stochastic rounding).
 
-    .venv/bin/python benchmarks/deployment_bench.py [--rounds 5] [--fit newton] [--out FILE.json]
+    .venv/bin/python benchmarks/deployment_bench.py [--rounds 5] [--fit newton] [--out FILE.json] [--keep DIR]
 
 Targets (issue 15): a deployed round at most 1.5x the simulated one and at most 10 s; the
 first round at most 30 s after `fedcost run`; secure aggregation on against off at most
@@ -19,6 +19,7 @@ first round at most 30 s after `fedcost run`; secure aggregation on against off 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -181,8 +182,15 @@ def main() -> None:
     parser.add_argument("--fit", choices=("newton", "fedavg"), default="newton")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    parser.add_argument("--keep", type=Path, help="work in this new folder and keep it (the processes' logs)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="fedcost-deploy-bench-") as tmp:
+    if args.keep:
+        args.keep.mkdir(parents=True)
+    with (
+        contextlib.nullcontext(str(args.keep))
+        if args.keep
+        else tempfile.TemporaryDirectory(prefix="fedcost-deploy-bench-") as tmp
+    ):
         folder = Path(tmp)
         secure_job = job(args.rounds, args.fit, True, args.seed)
         simulation = simulated(folder, secure_job)

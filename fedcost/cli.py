@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -116,7 +118,9 @@ def analyze(
 @app.command()
 def predict(
     run: Annotated[Path, typer.Argument(help="A finished run's folder (it holds model.json and model.pt)")],
-    data: Annotated[Path, typer.Argument(help="The site's rows to score: a CSV or Parquet file")],
+    data: Annotated[
+        Path, typer.Argument(help="The site's rows to score: a CSV or Parquet file, or an OMOP CDM extract's folder")
+    ],
     mapping: Annotated[Path, typer.Option("--mapping", help="The site's mapping file, as for `fedcost node start`")],
     node: Annotated[str, typer.Option("--node", help="The site's \\[nodes.NAME] table in the mapping")],
     out: Annotated[Path, typer.Option("--out", help="Where to write the predictions (CSV)")] = Path("predictions.csv"),
@@ -124,20 +128,30 @@ def predict(
         str | None, typer.Option("--site", help="Apply this site's saved steps (cost level, fine-tuning)")
     ] = None,
 ) -> None:
-    """Score a site's rows with a run's model; predictions stay at the site."""
-    from fedcost.data.loader import load_rows
-    from fedcost.data.mapping import DataMapping
+    """Score a site's rows with a run's model; predictions stay at the site.
+
+    Each prediction names its row: the file's row number, or an OMOP extract's
+    visit_occurrence_id (every index stay is scored, recent ones too)."""
+    from fedcost.data.loader import load_omop_rows, load_rows
+    from fedcost.data.mapping import DataMapping, OmopReading
     from fedcost.files import replace_atomically
     from fedcost.models.saved import SavedModel
 
     try:
         model = SavedModel.load(run)
         checked = DataMapping.load(mapping)
-        rows = load_rows(checked, checked.node(node), data, targets=False)
+        source = checked.node(node)
+        if data.is_dir():
+            reading = dataclasses.replace(source.omop or OmopReading(data), folder=data)
+            rows, stays = load_omop_rows(checked, source, reading, targets=False)
+            names: tuple[str, Sequence[int]] = ("visit_occurrence_id", stays)
+        else:
+            rows = load_rows(checked, source, data, targets=False)
+            names = ("row", range(1, len(rows) + 1))
         scored = model.predict(rows, site=site)
     except FedcostError as error:
         raise fail(error) from None
-    scored.insert(0, "row", range(1, len(scored) + 1))
+    scored.insert(0, *names)
     replace_atomically(out, scored.to_csv(index=False).encode())
     console.print(f"wrote {len(scored):,} predictions to [bold]{escape(str(out))}[/bold]")
 

@@ -22,12 +22,15 @@ from fedcost.errors import ConfigError
 from fedcost.linkage import EpisodeWindow
 from fedcost.models.spec import ModelSpec, TrainConfig
 from fedcost.privacy import MIN_COHORT, SitePolicy
-from fedcost.tomlfile import read_toml
+from fedcost.tomlfile import Mistakes, example, read_table, read_toml, unknown_keys
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 # Rounds when a config sets none: FedAvg runs them all; an exact GLM's Newton iteration stops
 # once it converges (well-posed data: 5-10 rounds), and this is its most.
 FEDAVG_ROUNDS, EXACT_GLM_ROUNDS = 10, 20
+# With DP noise on its Newton sums every round costs budget, and a step within the noise is
+# as far as the iteration gets: 5 rounds from the start at the mean reach it on such data.
+NOISY_GLM_ROUNDS = 5
 CURRENCY_CODE = re.compile(r"[A-Z]{3}")
 PEER_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,39}")
 _RAY_ADDRESS = re.compile(r"(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([1-9][0-9]{0,4})")
@@ -133,7 +136,7 @@ class StatisticsPrivacySection:
     most ``cost_clip`` currency units in them. It needs secure aggregation.
     """
 
-    epsilon: float = math.inf
+    epsilon: float = field(default=math.inf, metadata=example("epsilon = 3.0"))
     delta: float = 1e-6
     cost_clip: float = 100_000.0
 
@@ -144,6 +147,41 @@ class StatisticsPrivacySection:
             raise ValueError(f"delta must lie in (0, 1), not {self.delta}")
         if not (math.isfinite(self.cost_clip) and self.cost_clip > 0):
             raise ValueError(f"cost_clip must be a positive number, not {self.cost_clip}")
+
+    @property
+    def enabled(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+
+@dataclass(frozen=True)
+class GlmPrivacySection:
+    """Distributed DP for an exact GLM's Newton sums (``fedcost.privacy.distributed.NewtonNoise``).
+
+    ``epsilon = inf`` (the default) adds none, and a site whose policy sets a DP budget
+    ([privacy] epsilon) refuses the job. With a finite ``epsilon``, every node adds its share
+    of Skellam noise to each round's sums before masking, calibrated so that the job's
+    rounds together spend at most (``epsilon``, ``delta``) at every site: set it to what
+    the strictest site allows (each site refuses a plan its remaining budget cannot pay
+    for, saying how much it has left). ``feature_clip``: a row's standardised features are
+    scaled to an L2 norm of at most this x √(number of features); ``response_clip``: a log
+    link's per-row score factor and weight are clipped at this (costs in cost-scale units,
+    mean 1). Each round costs budget: plan few (``[run] rounds``, default 5 with noise).
+    """
+
+    epsilon: float = field(default=math.inf, metadata=example("epsilon = 3.0"))
+    delta: float = 1e-6
+    feature_clip: float = 1.0
+    response_clip: float = 10.0
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.epsilon) or self.epsilon <= 0:
+            raise ValueError(f"epsilon must be positive (inf for none), not {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must lie in (0, 1), not {self.delta}")
+        for name in ("feature_clip", "response_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, not {value}")
 
     @property
     def enabled(self) -> bool:
@@ -272,12 +310,15 @@ class SimulationConfig:
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
     analytics: AnalyticsSection = AnalyticsSection()
     statistics_privacy: StatisticsPrivacySection = StatisticsPrivacySection()
+    glm_privacy: GlmPrivacySection = GlmPrivacySection()
     simulation: SimulationSection = SimulationSection()
     source: str = "<defaults>"
 
     def __post_init__(self) -> None:
         if self.run.rounds is None:  # an exact GLM stops when it converges; FedAvg runs every round
-            rounds = EXACT_GLM_ROUNDS if self.model.exact else FEDAVG_ROUNDS
+            rounds = FEDAVG_ROUNDS
+            if self.model.exact:
+                rounds = NOISY_GLM_ROUNDS if self.glm_privacy.enabled else EXACT_GLM_ROUNDS
             object.__setattr__(self, "run", dataclasses.replace(self.run, rounds=rounds))
         if self.statistics_privacy.enabled and self.analytics.episodes:
             raise ConfigError(
@@ -286,12 +327,20 @@ class SimulationConfig:
                 path=self.source,
                 field="analytics.episodes",
             )
-        if self.statistics_privacy.enabled and not self.secure_aggregation.enabled:
+        for section in ("statistics_privacy", "glm_privacy"):
+            if getattr(self, section).enabled and not self.secure_aggregation.enabled:
+                raise ConfigError(
+                    "noisy sums need secure aggregation: set [secure_aggregation] enabled = true, or "
+                    f"[{section}] epsilon = inf",
+                    path=self.source,
+                    field=section,
+                )
+        if self.glm_privacy.enabled and not self.model.exact:
             raise ConfigError(
-                "noisy sums need secure aggregation: set [secure_aggregation] enabled = true, or "
-                "[statistics_privacy] epsilon = inf",
+                '[glm_privacy] adds noise to an exact GLM\'s Newton sums: set [model] kind = "glm" (fit "auto" or '
+                '"newton"), or remove [glm_privacy]',
                 path=self.source,
-                field="statistics_privacy",
+                field="glm_privacy",
             )
 
     @classmethod
@@ -301,19 +350,19 @@ class SimulationConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source: str = "<dict>") -> SimulationConfig:
-        sections = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-        errors = [
-            ConfigError(f"unknown section; allowed: {', '.join(sections)}", path=source, field=name)
-            for name in sorted(set(raw) - set(sections))
-        ]
+        sections = [f for f in dataclasses.fields(cls) if f.name != "source"]
+        mistakes = Mistakes(source)
+        unknown_keys(raw, (f.name for f in sections), "", mistakes)
         built = {}
-        for name in sections:
-            try:
-                built[name] = _build(typing.get_type_hints(cls)[name], raw.get(name, {}), source, name)
-            except ConfigError as error:
-                errors.append(error)
-        if errors:
-            raise ConfigError.of(errors)
+        for section in sections:
+            with mistakes.kept():
+                built[section.name] = read_table(
+                    typing.get_type_hints(cls)[section.name],
+                    raw.get(section.name, {}),
+                    source=source,
+                    where=section.name,
+                )
+        mistakes.raise_any()
         built["simulation"] = _with_policy_paths(built["simulation"], source)
         return cls(**built, source=source)
 
@@ -329,68 +378,24 @@ class SimulationConfig:
         return dataclasses.replace(self, **sections)
 
 
-def _build(cls: type, raw: Any, source: str, where: str) -> Any:
-    """Construct dataclass ``cls`` from a TOML table, checking keys and value types; every
-    unknown key and mistyped value is reported at once (``ConfigErrors``)."""
-    if not isinstance(raw, dict):
-        raise ConfigError("must be a TOML table", path=source, field=where)
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    errors = [
-        ConfigError(f"unknown key; allowed: {', '.join(sorted(names))}", path=source, field=f"{where}.{key}")
-        for key in sorted(set(raw) - names)
-    ]
-    values = {}
-    for name in (key for key in raw if key in names):
-        try:
-            values[name] = _coerce(hints[name], raw[name], source, f"{where}.{name}")
-        except ConfigError as error:
-            errors.append(error)
-    if errors:
-        raise ConfigError.of(errors)
-    try:
-        return cls(**values)
-    except ValueError as error:
-        raise ConfigError(str(error), path=source, field=where) from None
-
-
-def _coerce(hint: Any, value: Any, source: str, where: str) -> Any:
-    """Check ``value`` against a type hint; TOML arrays become tuples."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"must be one of {', '.join(map(str, args))}, not {value!r}", path=source, field=where)
-        return value
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ConfigError("must be a list", path=source, field=where)
-        return tuple(_coerce(args[0], v, source, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError("must be a table", path=source, field=where)
-        return {k: _coerce(args[1], v, source, f"{where}.{k}") for k, v in value.items()}
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"must be {hint.__name__}, not {type(value).__name__} {value!r}", path=source, field=where)
-    return value
-
-
 def _with_policy_paths(section: SimulationSection, source: str) -> SimulationSection:
-    """Resolve policy paths against the config file's folder and check every policy file now."""
+    """Resolve policy paths against the config file's folder and check every policy file
+    now: each mistake of each one is a line naming the config's field and the policy's."""
     folder = Path(source).parent if Path(source).is_file() else Path.cwd()
+    mistakes = Mistakes(source)
 
     def resolved(path: str, where: str) -> str:
         absolute = (folder / path).resolve()
         try:
             SitePolicy.load(absolute)
-        except ConfigError as error:
-            raise ConfigError(f"policy file is invalid: {error}", path=source, field=where) from None
+        except ConfigError as invalid:
+            for error in invalid.errors:
+                mistakes.add(where, f"policy file is invalid: {error}")
         return str(absolute)
 
     policies = {name: resolved(path, f"simulation.policies.{name}") for name, path in section.policies.items()}
     default = resolved(section.default_policy, "simulation.default_policy") if section.default_policy else ""
+    mistakes.raise_any()
     return dataclasses.replace(section, policies=policies, default_policy=default)
 
 

@@ -20,23 +20,34 @@ class ConfigError(FedcostError):
     def __init__(self, message: str, *, path: str | None = None, field: str | None = None):
         self.path = path
         self.field = field
+        self.errors: tuple[ConfigError, ...] = (self,)
         where = ", ".join(part for part in (path, f"field '{field}'" if field else None) if part)
         super().__init__(f"{where}: {message}" if where else message)
 
-    @staticmethod
-    def of(errors: Sequence[ConfigError]) -> ConfigError:
-        """One error for every mistake found in a file: the error itself when there is one."""
-        return errors[0] if len(errors) == 1 else ConfigErrors(errors)
+    @classmethod
+    def of(cls, errors: Sequence[ConfigError]) -> ConfigError:
+        """One error for every mistake found in a file, one line each, so the user fixes them
+        in one go: the error itself when there is one, else one of this class (a
+        ``MappingError`` stays one) holding them all in ``errors``, its ``path`` and
+        ``field`` the first one's."""
+        every = tuple(e for error in errors for e in error.errors)
+        if len(every) == 1:
+            return every[0]
+        together = cls.__new__(cls)
+        FedcostError.__init__(together, "\n".join(map(str, every)))
+        together.path, together.field, together.errors = every[0].path, every[0].field, every
+        return together
 
 
-class ConfigErrors(ConfigError):
-    """Several mistakes in one file, reported together, one line each, so the user fixes
-    them in one go instead of one per run."""
+class FieldError(ValueError):
+    """A field of a file being read is missing or wrong: raised inside a ``from_dict`` or a
+    dataclass's checks, turned once at the file's boundary into the ``ConfigError`` that
+    names the file and the dotted field (``fedcost.tomlfile``)."""
 
-    def __init__(self, errors: Sequence[ConfigError]):
-        self.errors = tuple(e for error in errors for e in getattr(error, "errors", (error,)))
-        self.path, self.field = self.errors[0].path, self.errors[0].field
-        FedcostError.__init__(self, "\n".join(map(str, self.errors)))
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"field '{field}': {reason}")
+        self.field = field
+        self.reason = reason
 
 
 class DataValidationError(FedcostError):
@@ -84,6 +95,16 @@ class PrivacyBudgetExhausted(FedcostError):
 
 class PolicyViolationError(FedcostError):
     """A job or an outgoing message breaks the site's policy."""
+
+    @classmethod
+    def job_refused(cls, reason: str) -> PolicyViolationError:
+        """The site turns a job down (at its hello or later): ``reason`` names what it asked for."""
+        return cls(f"the site policy refuses this job: {reason}")
+
+    @classmethod
+    def request_refused(cls, reason: str) -> PolicyViolationError:
+        """The site turns one request down: malformed, out of turn or outside the accepted job."""
+        return cls(f"the site refuses this request: {reason}")
 
 
 class DataMismatchError(PolicyViolationError):

@@ -17,9 +17,10 @@ import numpy as np
 from fedcost.analytics import benchmarking
 from fedcost.analytics.statistics import GroupedStatisticsLayout
 from fedcost.data.features import FeatureSpec, StatisticsLayout
-from fedcost.models import evaluation
+from fedcost.models import evaluation, glm
 from fedcost.models.nets import ModelSpec
 from fedcost.models.training import TrainConfig
+from fedcost.privacy.distributed import NewtonNoise
 from fedcost.wire.purposes import PURPOSES
 
 
@@ -74,6 +75,26 @@ def noisy_releases(
         "benchmark": [benchmarking.NOISY_TOUCHED],
     }
     return [touched for purpose in purposes if not PURPOSES[purpose].trains for touched in per_round[purpose]]
+
+
+def glm_families(model: ModelSpec) -> dict[str, glm.Family]:
+    """Each task's family in an exact GLM."""
+    return {
+        task: glm.task_family(task, cost_family=model.cost_family, tweedie_power=model.tweedie_power)
+        for task in model.tasks
+    }
+
+
+def newton_bounds(model: ModelSpec, features: int, noise: NewtonNoise) -> dict[str, glm.NoisyBounds]:
+    """Per task of an exact GLM over ``features`` features, the bounds its noisy Newton sums
+    are normalised by: what node and coordinator both derive from the plan's ``noise``."""
+    clips = {"feature_clip": noise.feature_clip, "response_clip": noise.response_clip}
+    return {task: glm.NoisyBounds.of(family, features, **clips) for task, family in glm_families(model).items()}
+
+
+def newton_blocks(model: ModelSpec) -> int:
+    """How many blocks one record moves in a round of noisy Newton sums (``NoisyBounds.blocks``)."""
+    return sum(glm.noisy_blocks(family) for family in glm_families(model).values())
 
 
 def glm_state(features: FeatureSpec, coefficients: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -169,7 +169,9 @@ class Role:
     accounting: tuple[str, ...] = ()
 
 
-SITE = "site"
+# The role of a node without a fixed one ("site" in a mapping): its features are the ones
+# its mapping names. Not the group-by of the same spelling (``analytics.statistics.SITE``).
+ROLELESS = "site"
 
 _SHARED = ("age", "sex", "region", "diagnosis_group", "comorbidity_index", "payer")
 # What both a hospital's record and an insurer's claim show of the stay and prior use.
@@ -207,7 +209,7 @@ ROLES: dict[str, Role] = {
             "treated-patient episodes: drug exposure, adherence, real-world outcomes",
             _SHARED + ("num_medications", "medication_adherence"),
         ),
-        Role(SITE, "a node without a fixed role: its features are the ones its mapping names", ()),
+        Role(ROLELESS, "a node without a fixed role: its features are the ones its mapping names", ()),
     )
 }
 

@@ -48,6 +48,7 @@ from fedcost.data.mapping import DataMapping
 from fedcost.data.synthetic import generate_ecosystem
 from fedcost.data.synthetic_episodes import generate_linked_extracts
 from fedcost.errors import AuditLogTamperedError, ConfigError, FederationError, ModelFitError
+from fedcost.federation.run_folder import new_run_id
 from fedcost.identity import Identity, PublicIdentity
 from fedcost.job import glm_state
 from fedcost.linkage.episodes import HOSPITAL, PAYER_ROLES, EpisodePlan
@@ -58,15 +59,16 @@ from fedcost.models.site_steps import SiteSteps, decide_site_steps
 from fedcost.models.training import predict, train_local
 from fedcost.privacy import SitePolicy
 from fedcost.privacy.accounting import DpSgdSteps
+from fedcost.privacy.distributed import SkellamRelease
 from fedcost.privacy.ledger import SUFFIX as LEDGER_SUFFIX
 from fedcost.privacy.ledger import recorded_spending
 from fedcost.ray_engine import ray_engine
 from fedcost.report import write_report
-from fedcost.report.progress import ProgressRecorder
+from fedcost.report.progress import ProgressRecorder, glm_privacy_summary
 from fedcost.seeding import derive_seed
-from fedcost.server.app import CoordinatorPlan, make_server_app, new_run_id
+from fedcost.server.app import CoordinatorPlan, make_server_app
+from fedcost.wire import COORDINATOR
 
-COORDINATOR = "coordinator"
 LEDGERS = "ledgers"  # each site's release ledger: a simulation's sites live as long as the run
 Task = Literal["train", "analyze"]
 # A site alone would train until its model settles: at least this many optimizer steps.
@@ -205,6 +207,8 @@ def _run(
             "noise_sites": noise.sites,
             "cost_clip": noise.cost_clip,
         }
+    if plan.newton_noise is not None:
+        summary["glm_privacy"] = glm_privacy_summary(config, plan.newton_noise)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     recorder.stage("writing the report")
@@ -253,7 +257,7 @@ def _analytics_for(config: SimulationConfig, mapping: DataMapping) -> AnalyticsS
     analytics = config.analytics
     slots = {reading.column: slot for slot, reading in mapping.targets.items()}
     present = mapping.fields_present | set(mapping.targets) | {BY_SITE}
-    if any(node.role != schema.SITE for node in mapping.nodes):
+    if any(node.role != schema.ROLELESS for node in mapping.nodes):
         present.add(ROLE)
     if "age" in present and schema.COLUMNS["age"] in mapping.feature_columns:
         present.add(AGE_BAND)
@@ -341,6 +345,7 @@ def _federate(
         task=task,
         statistics_privacy=config.statistics_privacy,
         episodes=_episode_plan(config, run_id, mapping),
+        glm_privacy=config.glm_privacy,
     )
     # Flower warns that run_simulation is deprecated in favour of `flwr run`, which needs a
     # packaged app; fedcost drives the engine from Python on purpose, so only errors show.
@@ -431,6 +436,7 @@ def _privacy_summary(config: SimulationConfig, folder: Path, nodes: list[NodeDat
             "epsilon_spent": ledger.epsilon,
             "delta": ledger.delta,
             "rounds_trained": sum(isinstance(release, DpSgdSteps) for release in ledger.history),
+            "noisy_sums": sum(isinstance(release, SkellamRelease) for release in ledger.history),
         }
     return summary
 

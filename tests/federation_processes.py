@@ -1,8 +1,8 @@
 """Real coordinator and node processes on 127.0.0.1 for the federation tests.
 
-Every process is started in its own session and killed with its whole tree (the
-coordinator's SuperLink starts a SuperExec in a session of its own, so killing the group
-is not enough): no test leaves a coordinator or a node behind, however it ends.
+Every process is started in its own session and killed with its whole tree (whatever it
+may have started in a session of its own): no test leaves a coordinator or a node
+behind, however it ends.
 """
 
 from __future__ import annotations
@@ -104,9 +104,9 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, *, every: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.5)
+        time.sleep(every)

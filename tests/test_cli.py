@@ -65,6 +65,21 @@ def test_a_node_name_that_is_a_path_is_one_line_and_creates_nothing(tmp_path: Pa
     assert not any((tmp_path / "fed" / "kits").iterdir())
 
 
+def test_every_mistake_in_a_mapping_is_one_line_each(tmp_path: Path) -> None:
+    data = tmp_path / "byo"
+    shutil.copytree(EXAMPLE, data)
+    mapping = data / "mapping.toml"
+    text = mapping.read_text().replace("[nodes.st-mary]", '[nodes."../../evil"]')
+    mapping.write_text(text.replace('role = "insurer"', 'role = "payer"'))
+    result = fedcost("simulate", "--data-dir", "byo", "--out", "run", cwd=tmp_path)
+    assert_user_error(
+        result,
+        "byo/mapping.toml, field 'nodes.../../evil': a party's name becomes a file name",
+        "byo/mapping.toml, field 'nodes.northcare.role': role must be one of",
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_out_on_a_file_is_refused_before_any_work(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine\n")
     result = fedcost("simulate", "--out", "notes.txt", cwd=tmp_path)

@@ -40,3 +40,15 @@ def test_adaptation_can_be_turned_off(tmp_path: Path) -> None:
     path = tmp_path / "off.toml"
     path.write_text("[run]\nadaptation_epochs = 0\n")
     assert SimulationConfig.load(path).run.adaptation_epochs == 0
+
+
+def test_every_mistake_of_every_policy_a_config_names_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "h1.toml").write_text(f'coordinator = "{"ab" * 32}"\nmax_rounds = 0\nmin_cohort = "11"\n')
+    path = tmp_path / "run.toml"
+    path.write_text('[simulation]\npolicies = { h1 = "h1.toml", h2 = "none.toml" }\n')
+    with pytest.raises(ConfigError) as raised:
+        SimulationConfig.load(path)
+    lines = str(raised.value).splitlines()
+    assert [error.field for error in raised.value.errors] == ["simulation.policies.h1"] * 2 + ["simulation.policies.h2"]
+    assert "h1.toml, field 'privacy': required" in lines[0] and "h1.toml, field 'min_cohort'" in lines[1]
+    assert "none.toml: policy file not found" in lines[2]

@@ -210,3 +210,36 @@ def test_nodes_reach_the_coordinator_on_the_port_after_its_address():
     assert fleet_address("[::1]:9093") == "[::1]:9094"
     with pytest.raises(ValueError, match="below 65535.*its nodes use the next port"):
         FederationConfig("demo", "127.0.0.1:65535")
+
+
+def test_every_mistake_of_a_job_is_reported_together(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text(
+        "[run]\ntest_fraction = 0.3\nseeed = 1\n[ecosystem]\ncase_mix_shift = 0.1\n"
+        '[data]\ntargets = { died = "count" }\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        FederationJob.load(path)
+    assert [error.field for error in caught.value.errors] == [
+        "ecosystem",
+        "run.test_fraction",
+        "data.targets.died",
+        "run.seeed",
+    ]
+
+
+def test_a_federation_file_and_a_kit_file_name_each_mistake(federation, tmp_path):
+    root = tmp_path / "f"
+    root.mkdir()
+    (root / "federation.toml").write_text('name = "f"\naddress = "127.0.0.1:9093"\ncert_days = "ten"\nport = 1\n')
+    with pytest.raises(ConfigError) as caught:
+        Federation.load(root)
+    assert [error.field for error in caught.value.errors] == ["port", "cert_days"]
+    kit = tmp_path / "kit"
+    shutil.copytree(federation.kit_dir("h1"), kit)
+    text = (kit / "kit.toml").read_text()
+    (kit / "kit.toml").write_text(text.replace("role =", "rol =").replace('name = "h1"', "name = 1"))
+    with pytest.raises(KitError) as caught:
+        Kit.load(kit)
+    assert [error.field for error in caught.value.errors] == ["rol", "name", "role"]
+    assert "kit.toml, field 'role': required" in str(caught.value)

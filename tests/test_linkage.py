@@ -345,7 +345,7 @@ file = "st-mary.csv"
     [
         ("site", 'episodes = "x.csv"', "only a hospital"),
         ("hospital", "episodes = 3", "must be the path"),
-        ("hospital", 'episode = "x.csv"', "unknown option"),
+        ("hospital", 'episode = "x.csv"', "unknown key; allowed: .*episodes"),
     ],
 )
 def test_a_mapping_names_an_episode_extract_only_where_one_makes_sense(tmp_path, role, episodes, message) -> None:

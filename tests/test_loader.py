@@ -361,3 +361,24 @@ def test_payment_is_read_but_never_a_feature(tmp_path: Path) -> None:
 def test_payment_cannot_be_declared_a_feature(tmp_path: Path) -> None:
     with pytest.raises(MappingError, match="accounting column"):
         write_case(tmp_path, None, MAPPING.replace('numeric = ["bmi"]', 'numeric = ["bmi", "payment"]'))
+
+
+def test_every_mistake_of_a_mapping_is_reported_together(tmp_path: Path) -> None:
+    """One read names them all, each node on its own, so a user fixes the file in one go."""
+    text = (
+        MAPPING.replace('gender = "sex"', 'gender = "gender_code"')
+        .replace('M = "male"', 'M = "man"')
+        .replace('role = "pharma"', 'role = "pharmacy"')
+        + '\n[nodes.st-mary]\nfile = "h.csv"\ncolour = "red"\n[nodes.st-john]\n'
+    )
+    (tmp_path / "mapping.toml").write_text(text)
+    with pytest.raises(MappingError) as caught:
+        DataMapping.load(tmp_path / "mapping.toml")
+    assert [error.field for error in caught.value.errors] == [
+        "columns.gender",
+        "nodes.pharmacy-north.role",
+        "nodes.st-mary.colour",
+        "nodes.st-john",
+        "values.sex.M",
+    ]
+    assert all(str(error) in str(caught.value) for error in caught.value.errors)

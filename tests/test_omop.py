@@ -322,7 +322,7 @@ def test_a_node_may_choose_its_own_cost_column_and_role(extract_folder: Path) ->
     text = OMOP_MAPPING + 'cost_column = "total_paid"\nrole = "insurer"\n'
     mapping = _mapping(extract_folder.parent, text)
     assert mapping.node("st-omop").role == "insurer"
-    rows = load_omop_rows(mapping, mapping.node("st-omop"), mapping.node("st-omop").omop)
+    rows = load_omop_rows(mapping, mapping.node("st-omop"), mapping.node("st-omop").omop)[0]
     assert rows[schema.COST].tolist() == (read_omop(extract_folder).rows[schema.COST] / 2).tolist()
 
 
@@ -379,7 +379,11 @@ def test_a_derived_value_out_of_bounds_is_named_at_its_stays_visit_row(extract_f
             "option of an OMOP node",
         ),
         (OMOP_MAPPING + '[features]\nnumeric = ["lactate"]\n', "nodes.st-omop.lacks", "'lactate'"),
-        (OMOP_MAPPING.replace("[omop]", "[omop]\ndata_end = 2021-12-31"), "omop.data_end", "unknown option"),
+        (
+            OMOP_MAPPING.replace("[omop]", "[omop]\ndata_end = 2021-12-31"),
+            "omop.data_end",
+            "unknown key; allowed: cost_column",
+        ),
     ],
 )
 def test_mapping_mistakes_about_an_omop_node_name_the_field(

@@ -185,3 +185,15 @@ def test_a_site_that_does_not_share_benchmark_totals_refuses_a_benchmark_job():
     check_job(private, JOB)
     with pytest.raises(PolicyViolationError, match="share_benchmark = false"):
         check_job(private, dataclasses.replace(JOB, kind="benchmark", outputs=("sums",)))
+
+
+def test_every_mistake_of_a_policy_is_reported_together():
+    data = {**_with("privacy.delta", 2.0), "min_cohort": "11", "share_benchmark": "no", "max_round": 3}
+    with pytest.raises(ConfigError) as caught:
+        SitePolicy.from_dict(data, source="site.toml")
+    assert [error.field for error in caught.value.errors] == [
+        "max_round",
+        "privacy.delta",
+        "min_cohort",
+        "share_benchmark",
+    ]

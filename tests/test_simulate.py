@@ -22,6 +22,7 @@ from fedcost.cli import app
 from fedcost.data.features import FeatureSpec
 from fedcost.data.loader import load_node
 from fedcost.data.mapping import DataMapping
+from fedcost.data.omop import read_omop
 from fedcost.models.nets import ModelSpec, build_model
 from fedcost.models.training import predict
 from simulations import simulate
@@ -237,6 +238,29 @@ def test_predict_scores_a_sites_rows_with_the_runs_model_and_its_kept_steps(
     )
     assert outside.exit_code == 2 and "no steps for site" in outside.output
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_predict_scores_every_index_stay_of_an_omop_extract_naming_its_visit(
+    small_run: tuple[subprocess.CompletedProcess, Path], tmp_path: Path
+) -> None:
+    _, run = small_run
+    example = Path(__file__).resolve().parent.parent / "examples" / "omop"
+    extract = example / "riverside"
+    args = ["predict", str(run), str(extract), "--mapping", str(example / "mapping.toml"), "--node", "riverside"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "stays.csv")])
+    assert result.exit_code == 0, result.output
+    scored = pd.read_csv(tmp_path / "stays.csv")
+    every, outcomes_known = read_omop(extract, outcomes=False), read_omop(extract)
+    assert list(scored["visit_occurrence_id"]) == list(every.visit_occurrence_ids)
+    # the recent (censored) and uncosted stays are scored too: they are what a site scores
+    assert len(scored) == len(outcomes_known.rows) + outcomes_known.censored + outcomes_known.uncosted
+    assert schema.READMISSION not in every.rows and schema.COST not in every.rows
+    assert scored["readmission_risk"].between(0, 1).all() and (scored["expected_cost"] > 0).all()
+    empty = tmp_path / "empty-extract"
+    empty.mkdir()
+    refused = CliRunner().invoke(app, [*args[:2], str(empty), *args[3:], "--out", str(tmp_path / "none.csv")])
+    assert refused.exit_code == 2 and "person" in refused.output
+    assert not (tmp_path / "none.csv").exists()
 
 
 def test_a_peer_group_for_an_unknown_node_is_refused_naming_the_field(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ accounting tests run real simulations (``fedcost simulate`` in a subprocess).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -32,6 +33,7 @@ from fedcost.identity import Identity
 from fedcost.job import TrainingJob
 from fedcost.models.nets import ModelSpec, build_model
 from fedcost.models.training import TrainConfig
+from fedcost.privacy.distributed import calibrate_newton_noise
 from fedcost.wire import records as rec
 from fedcost.wire.purposes import PURPOSES
 from simulations import SMALL_FEDERATION, simulate
@@ -280,10 +282,43 @@ def test_a_dp_round_is_paid_in_the_ledger_before_training_and_refused_once_spent
     assert sum(entry["event"] == "dp_spent" for entry in ledger) == len(spent), "the refused round was not recorded"
 
 
-def test_a_dp_site_refuses_exact_newton_sums_and_says_to_fit_by_fedavg(mapping: Path, tmp_path: Path) -> None:
+def _newton_noise(epsilon: float, rounds: int) -> dict:
+    """The hello fields of a plan's Newton noise, calibrated as a coordinator does."""
+    noise = calibrate_newton_noise(
+        epsilon=epsilon, delta=1e-6, rounds=rounds, sites=3, parameters=60, blocks=5, feature_clip=1.0, response_clip=10
+    )
+    return {f"newton_noise_{name}": value for name, value in dataclasses.asdict(noise).items()}
+
+
+def test_a_dp_site_refuses_newton_sums_without_noise_naming_the_setting(mapping: Path, tmp_path: Path) -> None:
     privacy = {"epsilon": 4.0, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": 1.5}
-    site = _site(mapping, tmp_path, require_secure_aggregation=False, privacy=privacy)
-    site.assert_refused(site.send(hello(secure_aggregation=False, rounds=5)), 'fit = "fedavg"')
+    site = _site(mapping, tmp_path, privacy=privacy)
+    reply = site.send(hello(rounds=5))
+    site.assert_refused(reply, "set the job's [glm_privacy] epsilon to at most what is left")
+    assert 'fit = "fedavg"' in reply.error.reason and not site.reads
+
+
+def test_a_dp_site_accepts_noisy_newton_sums_its_budget_pays_for(mapping: Path, tmp_path: Path) -> None:
+    privacy = {"epsilon": 4.0, "delta": 1e-5, "max_grad_norm": 1.0}
+    site = _site(mapping, tmp_path, privacy=privacy)
+    reply = site.send(hello(rounds=5, **_newton_noise(2.0, 5)))
+    assert not reply.has_error(), reply.error.reason
+    partial = {key: value for key, value in _newton_noise(2.0, 5).items() if key != "newton_noise_grid"}
+    again = _site(mapping, tmp_path / "again", privacy=privacy)
+    again.assert_refused(again.send(hello(rounds=5, **partial)), "states its noise only in part")
+
+
+def test_a_site_whose_budget_cannot_pay_for_the_noisy_plan_refuses_naming_what_to_change(
+    mapping: Path, tmp_path: Path
+) -> None:
+    privacy = {"epsilon": 1.0, "delta": 1e-5, "max_grad_norm": 1.0}
+    site = _site(mapping, tmp_path, privacy=privacy)
+    reply = site.send(hello(rounds=5, **_newton_noise(3.0, 5)))
+    site.assert_refused(reply, "lower the job's [glm_privacy] epsilon below what is left, or its rounds")
+    assert "its budget is 1, of which 0 is spent" in reply.error.reason and not site.reads
+    plain = _site(mapping, tmp_path / "plain", require_secure_aggregation=False, privacy=privacy)
+    refused = plain.send(hello(rounds=5, secure_aggregation=False, **_newton_noise(0.5, 5)))
+    plain.assert_refused(refused, "without secure aggregation")
 
 
 # --- accounting in real simulations --------------------------------------------------------

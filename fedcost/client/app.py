@@ -66,20 +66,22 @@ from fedcost.linkage.intersection_sum import Answer, Offer, Session
 from fedcost.linkage.windows import read_extract
 from fedcost.models.nets import build_model
 from fedcost.privacy import SitePolicy
-from fedcost.privacy.distributed import NOISE_GRID, secure_generator, skellam_noise
+from fedcost.privacy.distributed import NOISE_GRID, NewtonNoise, StatisticsNoise, secure_generator, with_noise_share
 from fedcost.privacy.ledger import ReleaseLedger
 from fedcost.secagg import ConsistencyRequest, MaskedInputRequest, Quantizer, SetupRequest, request_from_dict
 from fedcost.secagg import Node as SecAggNode
+from fedcost.wire import COORDINATOR
 from fedcost.wire import records as rec
 from fedcost.wire.events import Event
 from fedcost.wire.hello import Hello
 from fedcost.wire.purposes import PURPOSES
 from fedcost.wire.requests import Request, read_request
 
+_request_refusal = PolicyViolationError.request_refused
+
 logger = logging.getLogger("fedcost.node")
 
 SetupResolver = Callable[[Context], NodeSetup]
-COORDINATOR = "coordinator"
 # The last exchange of a round at a node: its log signs a checkpoint after it.
 ROUND_ENDS = ("secagg:evaluate:unmask", "plain:evaluate")
 # The training loss is computed without DP noise: it rides in the update's last slot
@@ -225,6 +227,8 @@ class Guardian:
             statistics=StatisticsLayout(mapping.feature_columns, tuple(mapping.targets)),
         )
         site.check_noise(policy, hello, releases)
+        spent = budget.accountant(ledger.spending, policy.privacy) if policy.privacy.enabled else None
+        site.check_newton_noise(policy, hello, spent, releases)
         ledger.accept_plan(hello.run_id, hello.digest)
         node = self.node_factory(self.setup)
         if tables:
@@ -326,6 +330,7 @@ class Guardian:
             len(names),
             hello.noise,
             limit,
+            hello.newton_noise if purpose.name == "newton" else None,
         )
 
     def _contribution(
@@ -406,7 +411,7 @@ class Guardian:
         if isinstance(stage_request, MaskedInputRequest):
             contribution = self._contribution(node, ask, policy, hello, ledger, audit)
             quantizer = rec.quantizer_from_config(request.config)
-            if ask.cost_clip is None:
+            if ask.cost_clip is None and ask.newton_noise is None:
                 vector = quantizer.encode(contribution.arrays, seed=secrets.token_bytes(32), weight=contribution.weight)
             else:
                 vector = self._noisy(contribution, quantizer, ask, node, policy, hello, ledger, audit)
@@ -414,11 +419,12 @@ class Guardian:
             expected = {outgoing.MASKED: (quantizer.length(SHAPES[ask.purpose](ask, node)),)}
         if isinstance(stage_request, ConsistencyRequest):
             survivors = self._sites(stage_request.survivors)
-            if ask.cost_clip is not None and len(survivors) < hello.noise.sites:  # type: ignore[union-attr]
+            noise = ask.newton_noise or (hello.noise if ask.cost_clip is not None else None)
+            if noise is not None and len(survivors) < noise.sites:
                 raise _request_refusal(
                     f"its noisy sum would be unmasked over {len(survivors)} sites; the job's noise "
-                    f"is shared among {hello.noise.sites}"
-                )  # type: ignore[union-attr]
+                    f"is shared among {noise.sites}"
+                )
             keys = [tuple(key) for key in json.loads(state["keys"])]
             ledger.sign_set(keys, survivors, minimum=minimum, exchange=exchange)
         reply = secure.handle(stage_request, vector=vector)
@@ -443,14 +449,21 @@ class Guardian:
         ledger: ReleaseLedger,
         audit: AuditLog,
     ) -> np.ndarray:
-        """The contribution as a noisy sum: each slot divided by the most one row adds to it,
-        encoded on the noise grid, then this node's share of the job's Skellam noise added,
-        inside the mask. The release is paid for in the ledger before it is encoded."""
-        noise = hello.noise
-        assert noise is not None
-        if not math.isclose(quantizer.clip / quantizer.levels, 1 / NOISE_GRID):
-            raise _request_refusal(f"its noisy sum is not on the noise grid of 1/{NOISE_GRID} that its noise assumes")
-        release = noise.release(noisy_touched(ask, node))
+        """The contribution as a noisy sum: each slot divided by the most one row adds to it
+        (an exact GLM's Newton sums come so from the node), encoded on the noise grid, then this
+        node's share of the job's Skellam noise added, inside the mask. The release is paid for
+        in the ledger before it is encoded."""
+        noise: StatisticsNoise | NewtonNoise
+        if ask.newton_noise is not None:
+            noise, grid, release = ask.newton_noise, ask.newton_noise.grid, ask.newton_noise.release()
+            normalised = contribution.arrays
+        else:
+            assert hello.noise is not None
+            noise, grid, release = hello.noise, NOISE_GRID, hello.noise.release(noisy_touched(ask, node))
+            bounds = noisy_bounds(ask, node)
+            normalised = [array / bound for array, bound in zip(contribution.arrays, bounds, strict=True)]
+        if not math.isclose(quantizer.clip / quantizer.levels, 1 / grid):
+            raise _request_refusal(f"its noisy sum is not on the noise grid of 1/{grid} that its noise assumes")
         spent, (seq, head) = budget.pay_for_noisy_sum(
             ledger, policy.privacy, release, run_id=hello.run_id, round=ask.round
         )
@@ -462,13 +475,8 @@ class Guardian:
             "ledger_head": head,
         }
         audit.append(Event.DP_ROUND, round=ask.round, details=details)
-        bounds = noisy_bounds(ask, node)
-        normalised = [array / bound for array, bound in zip(contribution.arrays, bounds, strict=True)]
         vector = quantizer.encode(normalised, seed=secrets.token_bytes(32), weight=contribution.weight)
-        shares = skellam_noise(vector.size - 1, noise.share(), rng=secure_generator())
-        noisy = vector.astype(np.uint64)
-        noisy[:-1] += shares.astype(np.uint64)  # two's complement: mod 2**64, then mod 2**bits
-        return (noisy & np.uint64(2**quantizer.bits - 1)).astype(vector.dtype)
+        return with_noise_share(vector, noise.share(), quantizer.bits, rng=secure_generator())
 
     def _sites(self, node_ids: tuple[int, ...]) -> frozenset[str]:
         """The roster names of a sum's SecAgg+ node ids; an id outside the roster is refused."""
@@ -678,7 +686,3 @@ def _round(message: Message) -> int | None:
 
 def _error(message: Message, reason: str) -> Message:
     return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message)
-
-
-def _request_refusal(reason: str) -> PolicyViolationError:
-    return PolicyViolationError(f"the site refuses this request: {reason}")

@@ -24,6 +24,7 @@ import numpy as np
 from fedcost.analytics import benchmarking
 from fedcost.analytics.benchmarking import shared_vector_size
 from fedcost.client.node import Ask, Node
+from fedcost.job import newton_bounds
 from fedcost.models import evaluation, glm
 
 Shapes = list[tuple[int, ...]]
@@ -44,10 +45,13 @@ def _train_shapes(ask: Ask, node: Node) -> Shapes:
 
 
 def _newton_shapes(ask: Ask, node: Node) -> Shapes:
-    """One vector of score and information sums per task."""
+    """One vector of score and information sums per task (normalised blocks, with noise)."""
     assert ask.job is not None
-    size = glm.SumsLayout(len(ask.job.features.design_names) + 1).size
-    return [(size,) for _ in ask.job.model.tasks]
+    features = len(ask.job.features.design_names)
+    if ask.newton_noise is not None:
+        bounds = newton_bounds(ask.job.model, features, ask.newton_noise)
+        return [(bounds[task].size(features + 1),) for task in ask.job.model.tasks]
+    return [(glm.SumsLayout(features + 1).size,) for _ in ask.job.model.tasks]
 
 
 def _evaluate_shapes(ask: Ask, node: Node) -> Shapes:

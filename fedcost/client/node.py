@@ -24,12 +24,12 @@ from fedcost.data.features import FeatureSpec, StatisticsLayout
 from fedcost.data.loader import NodeData, load_node
 from fedcost.data.mapping import DataMapping
 from fedcost.errors import PolicyViolationError
-from fedcost.job import TrainingJob
+from fedcost.job import TrainingJob, newton_blocks, newton_bounds
 from fedcost.models import evaluation, glm
-from fedcost.models.nets import build_model
+from fedcost.models.nets import ModelSpec, build_model
 from fedcost.models.training import TrainResult, predict, train_local
 from fedcost.privacy import MIN_COHORT
-from fedcost.privacy.distributed import StatisticsNoise
+from fedcost.privacy.distributed import NewtonNoise, StatisticsNoise
 from fedcost.privacy.dp import DPConfig, train_local_dp
 from fedcost.privacy.ledger import SUFFIX as LEDGER_SUFFIX
 from fedcost.seeding import derive_seed
@@ -81,7 +81,8 @@ class Ask:
     the plan withholds (analytics); ``slot`` and ``sites``: the site's block and the
     roster's size (benchmark); ``noise``: the job's distributed DP noise, under which a
     sum other than a training update is released whole with its values clipped instead
-    of with small cells withheld.
+    of with small cells withheld; ``newton_noise``: the job's noise on an exact GLM's Newton
+    sums, which then leave normalised (``glm.noisy_site_sums``).
     """
 
     purpose: str
@@ -95,6 +96,7 @@ class Ask:
     sites: int = 0
     noise: StatisticsNoise | None = None
     limit: float = math.inf  # the most any entry of an exact GLM's sums may be (the quantiser's clip)
+    newton_noise: NewtonNoise | None = None
 
     @property
     def cost_clip(self) -> float | None:
@@ -183,6 +185,10 @@ class Node:
         spec, features = ask.job.model, ask.job.features
         x, sums = features.design(self.data.train), []
         floor = min(ask.min_cohort, len(x) / 2)
+        noise = ask.newton_noise
+        if noise is not None:
+            _check_newton_noise(noise, spec, x.shape[1] + 1)
+            bounds = newton_bounds(spec, x.shape[1], noise)
         for task in spec.tasks:
             family = glm.task_family(task, cost_family=spec.cost_family, tweedie_power=spec.tweedie_power)
             y = self._target(task, features)
@@ -192,7 +198,10 @@ class Node:
                     f"the site refuses this request: its {task} {glm.CONCENTRATED} {floor:g} rows (min_cohort "
                     f"{ask.min_cohort}, or half the site's rows): such sums describe a handful of patients"
                 )
-            sums.append(glm.site_sums(x, y, beta, family=family, limit=ask.limit))
+            if noise is None:
+                sums.append(glm.site_sums(x, y, beta, family=family, limit=ask.limit))
+            else:
+                sums.append(glm.noisy_site_sums(x, y, beta, family=family, bounds=bounds[task]))
         return Contribution(sums, 1)
 
     def _target(self, task: str, features: FeatureSpec) -> np.ndarray:
@@ -296,6 +305,16 @@ class Node:
         model = build_model(job.model, job.features.n_features, seed=job.seed)
         model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})
         return model
+
+
+def _check_newton_noise(noise: NewtonNoise, spec: ModelSpec, parameters: int) -> None:
+    """The job's Newton sums must be those the plan's noise was priced for: no more
+    coefficients, the same blocks."""
+    if parameters > noise.parameters or newton_blocks(spec) != noise.blocks:
+        raise PolicyViolationError(
+            f"the site refuses this request: its Newton sums ({parameters} coefficients, {newton_blocks(spec)} "
+            f"blocks) are not those the plan's noise was priced for ({noise.parameters}, {noise.blocks})"
+        )
 
 
 _CONTRIBUTIONS = {

@@ -25,11 +25,14 @@ from fedcost.data.mapping import DataMapping
 from fedcost.errors import ConfigError, DataMismatchError, PolicyViolationError
 from fedcost.linkage.episodes import HOSPITAL, EpisodePlan
 from fedcost.privacy import MIN_COHORT, JobRequest, PrivacySettings, SitePolicy, check_job
+from fedcost.privacy.accounting import PrivacyLedger
 from fedcost.privacy.distributed import plan_epsilon
 from fedcost.wire import records as rec
 from fedcost.wire.hello import Hello
 from fedcost.wire.purposes import WITHHOLDS, Purpose
 from fedcost.wire.requests import Request
+
+_refusal = PolicyViolationError.job_refused
 
 ACCEPTED_JOB = "site-job"  # where the accepted hello lives in the node's Flower context state
 DEFAULT_MAX_ROUNDS = 10_000
@@ -44,9 +47,8 @@ def site_policy(path: Path | None, hello: Hello) -> SitePolicy:
     The default trusts the coordinator that sent the job, allows any number of rounds,
     no DP and the episode linkage when the job asks for it (a site with a policy file
     takes part only where its file says so), but still never lets a statistic describe
-    fewer than ``MIN_COHORT`` rows,
-    shares no metric but the training loss, and holds the job to secure aggregation if
-    the job turned it on (a later plain request is refused).
+    fewer than ``MIN_COHORT`` rows, shares no metric but the training loss, and holds the
+    job to secure aggregation if the job turned it on (a later plain request is refused).
     """
     if path is not None:
         return SitePolicy.load(path)
@@ -91,11 +93,6 @@ def check_plan(policy: SitePolicy, hello: Hello, name: str) -> list[GroupedStati
             )
     for purpose in (p for p in hello.purposes if p != "episodes"):
         check_job(policy, job_request(hello, purpose))
-    if "newton" in hello.outputs and policy.privacy.enabled:
-        raise _refusal(
-            f"an exact GLM's Newton sums carry no noise, and this site trains only under DP-SGD ([privacy] epsilon = "
-            f'{policy.privacy.epsilon:g}): fit the glm with [model] fit = "fedavg"'
-        )
     if len(set(hello.tables)) != len(hello.tables):
         raise _refusal("the plan states one statistics table twice")
     tables = plan_tables(hello)
@@ -215,6 +212,38 @@ def check_linkage_request(policy: SitePolicy, hello: Hello, request: Request, na
     return plan
 
 
+def check_newton_noise(policy: SitePolicy, hello: Hello, spent: PrivacyLedger | None, releases: list[int]) -> None:
+    """A site with a DP budget answers an exact GLM's Newton rounds only with distributed DP
+    noise on their sums, and only if its budget left (``spent``: its ledger so far) pays for
+    every round the plan states, after the plan's noisy statistics (``releases``: the most
+    slots one row changes in each). A site without a budget adds its share and pays nothing."""
+    noise = hello.newton_noise
+    if "newton" not in hello.outputs or (noise is None and spent is None):
+        return
+    if noise is None:
+        assert spent is not None
+        raise _refusal(
+            f"an exact GLM's Newton sums would carry no noise, and this site releases only with DP ([privacy] "
+            f"epsilon = {spent.epsilon_budget:g}, of which {spent.epsilon:.3g} is spent): set the job's "
+            '[glm_privacy] epsilon to at most what is left, or fit the glm with [model] fit = "fedavg"'
+        )
+    if not hello.secure_aggregation:
+        raise _refusal(
+            "its noisy Newton sums would travel without secure aggregation, where one site's share is no noise"
+        )
+    if spent is None:
+        return
+    statistics = [hello.noise.release(t) for t in releases] if hello.noise is not None else []
+    after = spent.epsilon_after_releases([*statistics, *[noise.release()] * hello.rounds])
+    if after > spent.epsilon_budget:
+        what = f"its {hello.rounds} Newton rounds (noise of sd {noise.sd:.3g} bounds per slot)"
+        raise _refusal(
+            f"{what}{' and noisy statistics' if statistics else ''} would bring this site's spend to epsilon="
+            f"{after:.3g} at delta={spent.delta:g}; its budget is {spent.epsilon_budget:g}, of which "
+            f"{spent.epsilon:.3g} is spent: lower the job's [glm_privacy] epsilon below what is left, or its rounds"
+        )
+
+
 def plan_tables(hello: Hello) -> list[GroupedStatisticsLayout]:
     """The statistics tables of an accepted plan, in its order."""
     return [_layout(table) for table in hello.tables]
@@ -289,7 +318,3 @@ def check_cohort(policy: SitePolicy, cohort: int) -> None:
     abort and a retry. The reason does not say how many rows (a small count itself)."""
     if cohort < policy.min_cohort:
         raise PolicyViolationError(f"{WITHHOLDS}: a cohort smaller than the site's min_cohort ({policy.min_cohort})")
-
-
-def _refusal(reason: str) -> PolicyViolationError:
-    return PolicyViolationError(f"the site policy refuses this job: {reason}")

@@ -42,7 +42,7 @@ class NodeData:
 def load_node(mapping: DataMapping, name: str, *, split_seed: int, test_fraction: float = 0.2) -> NodeData:
     """Load and validate a node's rows; split them unless it brings its own test file."""
     node = mapping.node(name)
-    rows = load_omop_rows(mapping, node, node.omop) if node.omop else load_rows(mapping, node, _file(node))
+    rows = load_omop_rows(mapping, node, node.omop)[0] if node.omop else load_rows(mapping, node, _file(node))
     if node.test_file is not None:
         return NodeData(node.name, node.role, rows, load_rows(mapping, node, node.test_file))
     train, test = split_rows(rows, seed=split_seed, node=node.name, test_fraction=test_fraction)
@@ -69,20 +69,28 @@ def load_rows(mapping: DataMapping, node: NodeSource, path: Path, *, targets: bo
     return _schema_rows(mapping, node, _read_table(path), path, targets=targets)
 
 
-def load_omop_rows(mapping: DataMapping, node: NodeSource, reading: OmopReading) -> pd.DataFrame:
-    """An OMOP CDM extract's index stays (``read_omop``), checked as a file's rows are.
+def load_omop_rows(
+    mapping: DataMapping, node: NodeSource, reading: OmopReading, *, targets: bool = True
+) -> tuple[pd.DataFrame, tuple[int, ...]]:
+    """An OMOP CDM extract's index stays (``read_omop``), checked as a file's rows are, and
+    each row's ``visit_occurrence_id`` (for the site's own use: identifiers never leave it).
 
     ``read_omop`` names a bad cell of a table; a value it derives that the schema refuses
     (say 140 distinct drugs in a stay) is named at its index stay's visit_occurrence row.
+    ``targets=False`` reads every index stay's features, to score.
     """
-    extract = read_omop(reading.folder, cost_column=reading.cost_column, payer_concepts=reading.payer_concepts)
+    extract = read_omop(
+        reading.folder, cost_column=reading.cost_column, payer_concepts=reading.payer_concepts, outcomes=targets
+    )
     if extract.rows.empty:
         raise DataValidationError(
-            "the extract has no index stay with a cost and a full 30-day window; check visit_occurrence and cost",
+            "the extract has no index stay with a cost and a full 30-day window; check visit_occurrence and cost"
+            if targets
+            else "the extract has no inpatient stay to score; check visit_occurrence",
             path=str(reading.folder),
         )
     try:
-        return _schema_rows(mapping, node, extract.rows, reading.folder, targets=True)
+        rows = _schema_rows(mapping, node, extract.rows, reading.folder, targets=targets)
     except DataValidationError as error:
         if error.row is None:
             raise
@@ -94,6 +102,7 @@ def load_omop_rows(mapping: DataMapping, node: NodeSource, reading: OmopReading)
             row=extract.visit_rows[stay],
             column=error.column,
         ) from None
+    return rows, extract.visit_occurrence_ids
 
 
 def _file(node: NodeSource) -> Path:
@@ -154,7 +163,7 @@ def _found_by_name(mapping: DataMapping, node: NodeSource) -> set[str]:
     of one of the ecosystem's roles, the declared ones only for a role-less node (whose
     schema fields must be mapped explicitly, so a column that merely shares a name is not read).
     An OMOP extract's rows carry schema fields under their own names, whatever the role."""
-    if node.role == schema.SITE and node.omop is None:
+    if node.role == schema.ROLELESS and node.omop is None:
         return mapping.declared_features
     return {column.name for column in mapping.feature_columns} | set(schema.ROLES[node.role].accounting)
 

@@ -2,7 +2,8 @@
 
 One TOML file describes every node of a data set (see the README, "Bring your own
 data"). A real node reads the same file format for its own data alone. Parsing is
-strict: every problem names the mapping file and the TOML field at fault.
+strict: every problem names the mapping file and the TOML field at fault, and one read
+reports them all (``fedcost.tomlfile.Mistakes``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedcost import schema
-from fedcost.errors import MappingError
+from fedcost.errors import FieldError, MappingError
 from fedcost.identity.party import check_party_name
-from fedcost.tomlfile import read_toml
+from fedcost.tomlfile import Mistakes, read_toml, table, unknown_keys
 
 DEFAULT_POSITIVE = ("1",)
 DEFAULT_NEGATIVE = ("0",)
@@ -186,52 +187,69 @@ class _MappingParser:
     def __init__(self, path: Path, raw: dict[str, Any]):
         self.path = path
         self.raw = raw
-
-    def fail(self, field_name: str, message: str) -> MappingError:
-        return MappingError(message, path=str(self.path), field=field_name)
+        self.mistakes = Mistakes(str(path), MappingError)
 
     def parse(self) -> DataMapping:
-        unknown = set(self.raw) - self._TOP_LEVEL
-        if unknown:
-            raise self.fail(sorted(unknown)[0], f"unknown section; allowed: {', '.join(sorted(self._TOP_LEVEL))}")
-        targets = self._targets()
-        extra_numeric, extra_categorical = self._extra_features(targets)
+        """Every mistake of the file at once, but for those that only the targets and
+        features being right could reveal: found on the next read, once those are fixed."""
+        unknown_keys(self.raw, sorted(self._TOP_LEVEL), "", self.mistakes)
+        targets: dict[str, TargetReading] = {}
+        extra_numeric: tuple[str, ...] = ()
+        extra_categorical: dict[str, tuple[str, ...]] = {}
+        with self.mistakes.kept():
+            targets = self._targets()
+        with self.mistakes.kept():
+            extra_numeric, extra_categorical = self._extra_features(targets)
+        self.mistakes.raise_any()
         mapping = DataMapping(self.path, (), targets, extra_numeric, extra_categorical)
         known_fields = {c.name for c in mapping.feature_columns} | {r.column for r in targets.values()}
         known_fields |= {column.name for column in schema.ACCOUNTING}
-        shared_columns = self._columns("columns", self.raw.get("columns", {}), known_fields)
-        shared_omop = self._omop_options("omop", self._table("omop", self.raw.get("omop", {})))
-        nodes = self._nodes(shared_columns, shared_omop, known_fields, mapping)
-        return replace(mapping, nodes=nodes, values=self._values(mapping.feature_columns))
+        shared_columns: dict[str, str] = {}
+        shared_omop: dict[str, Any] = {}
+        with self.mistakes.kept():
+            shared_columns = self._columns("columns", self.raw.get("columns", {}), known_fields)
+        with self.mistakes.kept():
+            shared_omop = self._omop_options("omop", table("omop", self.raw.get("omop", {})))
+        nodes: list[NodeSource] = []
+        with self.mistakes.kept():
+            nodes = self._nodes(shared_columns, shared_omop, known_fields, mapping)
+        values: dict[str, dict[str, str]] = {}
+        with self.mistakes.kept():
+            values = self._values(mapping.feature_columns)
+        self.mistakes.raise_any()
+        return replace(mapping, nodes=tuple(nodes), values=values)
 
     def _targets(self) -> dict[str, TargetReading]:
-        raw = self._table("targets", self.raw.get("targets"))
+        raw = table("targets", self.raw.get("targets", {}))
         if not raw:
-            raise self.fail(
+            raise FieldError(
                 "targets",
                 'declare at least one outcome, e.g. [targets.died] with kind = "binary", '
                 'or [targets.length_of_stay] with kind = "non-negative"',
             )
-        readings = [self._target(name, spec) for name, spec in raw.items()]
+        readings: list[TargetReading] = []
+        for name, spec in raw.items():
+            with self.mistakes.kept():
+                readings.append(self._target(name, spec))
         try:
             return targets_by_slot(readings)
         except ValueError as error:
-            raise self.fail("targets", str(error)) from None
+            raise FieldError("targets", str(error)) from None
 
     def _target(self, name: str, raw: Any) -> TargetReading:
         where = f"targets.{name}"
-        spec = self._table(where, raw)
+        spec = table(where, raw)
         reserved = {schema.READMISSION: "binary", schema.COST: "non-negative"}
         if name in reserved and spec.get("kind", reserved[name]) != reserved[name]:
-            raise self.fail(f"{where}.kind", f"'{name}' is fedcost's {reserved[name]} outcome; name yours otherwise")
+            raise FieldError(f"{where}.kind", f"'{name}' is fedcost's {reserved[name]} outcome; name yours otherwise")
         try:
             reading = TargetReading.named(name, spec.get("kind"))
         except ValueError as error:
-            raise self.fail(f"{where}.kind", str(error)) from None
+            raise FieldError(f"{where}.kind", str(error)) from None
         allowed = {"kind", "positive", "negative"} if reading.kind == "binary" else {"kind"}
         unknown = set(spec) - allowed
         if unknown:
-            raise self.fail(
+            raise FieldError(
                 f"{where}.{sorted(unknown)[0]}",
                 f"unknown option for a {reading.kind} outcome; use {', '.join(sorted(allowed))}",
             )
@@ -240,64 +258,62 @@ class _MappingParser:
         positive = self._tokens(f"{where}.positive", spec.get("positive", list(DEFAULT_POSITIVE)))
         negative = self._tokens(f"{where}.negative", spec.get("negative", list(DEFAULT_NEGATIVE)))
         if positive & negative:
-            raise self.fail(where, f"values {sorted(positive & negative)} are both positive and negative")
+            raise FieldError(where, f"values {sorted(positive & negative)} are both positive and negative")
         return replace(reading, positive=positive, negative=negative)
 
     def _extra_features(self, targets: dict[str, TargetReading]) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
-        raw = self._table("features", self.raw.get("features", {}))
-        unknown = set(raw) - {"numeric", "categorical"}
-        if unknown:
-            raise self.fail(f"features.{sorted(unknown)[0]}", "unknown option; use numeric and categorical")
+        raw = table("features", self.raw.get("features", {}))
+        unknown_keys(raw, ("numeric", "categorical"), "features", self.mistakes)
         numeric = raw.get("numeric", [])
         if not isinstance(numeric, list) or not all(isinstance(n, str) and n for n in numeric):
-            raise self.fail("features.numeric", "must be a list of column names")
-        categorical_raw = self._table("features.categorical", raw.get("categorical", {}))
+            raise FieldError("features.numeric", "must be a list of column names")
+        categorical_raw = table("features.categorical", raw.get("categorical", {}))
         categorical: dict[str, tuple[str, ...]] = {}
         for name, levels in categorical_raw.items():
             categorical[name] = self._levels(f"features.categorical.{name}", levels)
         outcomes = {reading.column for reading in targets.values()}
         for name in list(numeric) + list(categorical):
             if name in outcomes:
-                raise self.fail("features", f"'{name}' is an outcome under [targets]; a column is one or the other")
+                raise FieldError("features", f"'{name}' is an outcome under [targets]; a column is one or the other")
             if name in {column.name for column in schema.ACCOUNTING}:
-                raise self.fail(
+                raise FieldError(
                     "features",
                     f"'{name}' is fedcost's accounting column (what the payer reimbursed), "
                     "never a feature; map the source column to it under [columns]",
                 )
             if name in (schema.READMISSION, schema.COST):
-                raise self.fail(
+                raise FieldError(
                     "features",
                     f"'{name}' is the name fedcost gives its outcomes; rename the feature "
                     'with [columns] (e.g. SOURCE = "prior_cost")',
                 )
         if len(set(numeric) | set(categorical)) != len(numeric) + len(categorical):
-            raise self.fail("features", "a feature is declared twice")
+            raise FieldError("features", "a feature is declared twice")
         return tuple(numeric), categorical
 
     def _values(self, features: tuple[schema.Column, ...]) -> dict[str, dict[str, str]]:
-        raw = self._table("values", self.raw.get("values", {}))
+        raw = table("values", self.raw.get("values", {}))
         values: dict[str, dict[str, str]] = {}
         columns = {column.name: column for column in features}
         for field_name, recoding in raw.items():
             where = f"values.{field_name}"
             levels = columns[field_name].levels if field_name in columns else ()
             if not levels:
-                raise self.fail(where, "recodings are for categorical fields only")
-            recoding = self._table(where, recoding)
+                raise FieldError(where, "recodings are for categorical fields only")
+            recoding = table(where, recoding)
             for source_value, level in recoding.items():
                 if level not in levels:
-                    raise self.fail(f"{where}.{source_value}", f"'{level}' is not one of {', '.join(levels)}")
+                    raise FieldError(f"{where}.{source_value}", f"'{level}' is not one of {', '.join(levels)}")
             values[field_name] = {str(k).strip().lower(): v for k, v in recoding.items()}
         return values
 
     def _columns(self, where: str, raw: Any, known_fields: set[str]) -> dict[str, str]:
-        raw = self._table(where, raw)
+        raw = table(where, raw)
         for source, target in raw.items():
             if not isinstance(target, str):
-                raise self.fail(f"{where}.{source}", "must name a field as a string")
+                raise FieldError(f"{where}.{source}", "must name a field as a string")
             if target not in known_fields:
-                raise self.fail(
+                raise FieldError(
                     f"{where}.{source}",
                     f"unknown field '{target}': declare it under [features] or [targets], or use a schema field: "
                     f"{', '.join(sorted(known_fields))}",
@@ -306,11 +322,15 @@ class _MappingParser:
 
     def _nodes(
         self, shared: dict[str, str], shared_omop: dict[str, Any], known_fields: set[str], mapping: DataMapping
-    ) -> tuple[NodeSource, ...]:
-        raw = self._table("nodes", self.raw.get("nodes"))
+    ) -> list[NodeSource]:
+        raw = table("nodes", self.raw.get("nodes", {}))
         if not raw:
-            raise self.fail("nodes", "declare at least one node, e.g. [nodes.st-mary] with its file")
-        return tuple(self._node(name, spec, shared, shared_omop, known_fields, mapping) for name, spec in raw.items())
+            raise FieldError("nodes", "declare at least one node, e.g. [nodes.st-mary] with its file")
+        nodes = []
+        for name, spec in raw.items():
+            with self.mistakes.kept():
+                nodes.append(self._node(name, spec, shared, shared_omop, known_fields, mapping))
+        return nodes
 
     def _node(
         self,
@@ -323,31 +343,29 @@ class _MappingParser:
     ) -> NodeSource:
         where = f"nodes.{name}"
         check_party_name(name, path=str(self.path), field=where, error=MappingError)
-        spec = self._table(where, raw)
+        spec = table(where, raw)
         allowed = {"role", "file", "test_file", "columns", "lacks", "omop", "episodes"} | _OMOP_OPTIONS
-        unknown = set(spec) - allowed
-        if unknown:
-            raise self.fail(f"{where}.{sorted(unknown)[0]}", f"unknown option; use {', '.join(sorted(allowed))}")
+        unknown_keys(spec, sorted(allowed), where, self.mistakes)
         if ("file" in spec) == ("omop" in spec):
-            raise self.fail(
+            raise FieldError(
                 where,
                 'give the node\'s data file (file = "...", CSV or Parquet) or its OMOP CDM '
                 'extract\'s folder (omop = "..."), one of the two',
             )
         source = "omop" if "omop" in spec else "file"
         if not isinstance(spec[source], str) or not spec[source]:
-            raise self.fail(f"{where}.{source}", "must be a path, as a string")
-        role = spec.get("role", "hospital" if source == "omop" else schema.SITE)
+            raise FieldError(f"{where}.{source}", "must be a path, as a string")
+        role = spec.get("role", "hospital" if source == "omop" else schema.ROLELESS)
         if role not in schema.ROLES:
-            raise self.fail(f"{where}.role", f"role must be one of {', '.join(schema.ROLES)}, not {role!r}")
+            raise FieldError(f"{where}.role", f"role must be one of {', '.join(schema.ROLES)}, not {role!r}")
         test_file = spec.get("test_file")
         if test_file is not None and not isinstance(test_file, str):
-            raise self.fail(f"{where}.test_file", "must be a file path")
+            raise FieldError(f"{where}.test_file", "must be a file path")
         episodes = spec.get("episodes")
         if episodes is not None and (not isinstance(episodes, str) or not episodes):
-            raise self.fail(f"{where}.episodes", "must be the path of the node's episode extract (CSV or Parquet)")
+            raise FieldError(f"{where}.episodes", "must be the path of the node's episode extract (CSV or Parquet)")
         if episodes is not None and role not in ("hospital", "insurer", "pharma"):
-            raise self.fail(
+            raise FieldError(
                 f"{where}.episodes", "only a hospital (its stays) or an insurer or pharma node (its claims) has one"
             )
         columns = {**shared, **self._columns(f"{where}.columns", spec.get("columns", {}), known_fields)}
@@ -355,18 +373,18 @@ class _MappingParser:
         duplicated = {f for f in mapped if mapped.count(f) > 1}
         if duplicated:
             field_name = sorted(duplicated)[0]
-            raise self.fail(f"{where}.columns", f"several source columns map to '{field_name}'; keep one")
+            raise FieldError(f"{where}.columns", f"several source columns map to '{field_name}'; keep one")
         lacks = spec.get("lacks", [])
         role_fields = set(schema.ROLES[role].features) | mapping.declared_features
         if not isinstance(lacks, list) or any(f not in role_fields for f in lacks):
-            raise self.fail(
+            raise FieldError(
                 f"{where}.lacks", f"list fields of role {role} the node does not have: {', '.join(sorted(role_fields))}"
             )
         folder = self.path.parent
         if source == "file":
             options = sorted(set(spec) & _OMOP_OPTIONS)
             if options:
-                raise self.fail(
+                raise FieldError(
                     f"{where}.{options[0]}",
                     'is an option of an OMOP node (omop = "folder"); a file node maps its columns under [columns]',
                 )
@@ -402,59 +420,50 @@ class _MappingParser:
     ) -> None:
         """An OMOP extract gives the schema's fields and outcomes under their own names."""
         if "test_file" in spec:
-            raise self.fail(
+            raise FieldError(
                 f"{where}.test_file", "an OMOP node's stays are split into training and test rows; leave test_file out"
             )
         if columns:
-            raise self.fail(
+            raise FieldError(
                 f"{where}.columns",
                 "an OMOP extract is read into the schema's fields by fedcost "
                 '(README, "OMOP CDM"); leave [columns] out for an OMOP node, or give it a file',
             )
         others = [r.column for r in mapping.targets.values() if r.column not in (schema.READMISSION, schema.COST)]
         if others:
-            raise self.fail(
+            raise FieldError(
                 f"{where}.omop",
                 f"an OMOP extract gives the outcomes {schema.READMISSION} and "
                 f"{schema.COST}, not '{others[0]}': declare those under [targets]",
             )
         unread = sorted(mapping.declared_features - set(lacks))
         if unread:
-            raise self.fail(f"{where}.lacks", f"an OMOP extract lacks the declared feature '{unread[0]}': list it")
+            raise FieldError(f"{where}.lacks", f"an OMOP extract lacks the declared feature '{unread[0]}': list it")
 
     def _omop_options(self, where: str, spec: dict[str, Any]) -> dict[str, Any]:
         """The OMOP options in ``spec`` (the [omop] section or a node), checked; payer concept ids as integers."""
         if where == "omop":
-            unknown = sorted(set(spec) - _OMOP_OPTIONS)
-            if unknown:
-                raise self.fail(f"omop.{unknown[0]}", f"unknown option; use {', '.join(sorted(_OMOP_OPTIONS))}")
+            unknown_keys(spec, sorted(_OMOP_OPTIONS), "omop", self.mistakes)
         options: dict[str, Any] = {}
         if "cost_column" in spec:
             if spec["cost_column"] not in OMOP_COST_COLUMNS:
-                raise self.fail(
+                raise FieldError(
                     f"{where}.cost_column",
                     f"must be one of {', '.join(OMOP_COST_COLUMNS)}, not {spec['cost_column']!r}",
                 )
             options["cost_column"] = spec["cost_column"]
         if "payer_concepts" in spec:
-            payers = self._table(f"{where}.payer_concepts", spec["payer_concepts"])
+            payers = table(f"{where}.payer_concepts", spec["payer_concepts"])
             levels = schema.COLUMNS["payer"].levels
             options["payer_concepts"] = {}
             for concept, level in payers.items():
                 at = f"{where}.payer_concepts.{concept}"
                 if not concept.strip().isdigit():
-                    raise self.fail(at, "a payer_concept_id is a whole number")
+                    raise FieldError(at, "a payer_concept_id is a whole number")
                 if level not in levels:
-                    raise self.fail(at, f"'{level}' is not one of {', '.join(levels)}")
+                    raise FieldError(at, f"'{level}' is not one of {', '.join(levels)}")
                 options["payer_concepts"][int(concept)] = level
         return options
-
-    def _table(self, where: str, raw: Any) -> dict[str, Any]:
-        if raw is None:
-            return {}
-        if not isinstance(raw, dict):
-            raise self.fail(where, "must be a TOML table")
-        return raw
 
     def _levels(self, where: str, raw: Any) -> tuple[str, ...]:
         """A declared feature's levels in the order given: the first is the reference level a
@@ -462,12 +471,12 @@ class _MappingParser:
         levels = tuple(as_token(v) for v in self._list(where, raw))
         twice = sorted({level for level in levels if levels.count(level) > 1})
         if twice:
-            raise self.fail(where, f"level {twice[0]!r} is listed twice")
+            raise FieldError(where, f"level {twice[0]!r} is listed twice")
         return levels
 
     def _list(self, where: str, raw: Any) -> list:
         if not isinstance(raw, list) or not raw:
-            raise self.fail(where, "must be a non-empty list of values")
+            raise FieldError(where, "must be a non-empty list of values")
         return raw
 
     def _tokens(self, where: str, raw: Any) -> frozenset[str]:

@@ -28,6 +28,9 @@ Rules
   chosen column (``total_cost`` by default; or ``total_charge``, ``total_paid``). An
   index stay with no cost is dropped (``OmopExtract.uncosted``); a follow-up visit
   with no cost adds nothing.
+- **Scoring** (``outcomes=False``, for ``fedcost predict``): every index stay is kept,
+  the censored and uncosted ones too (a stay discharged last week is what a site scores),
+  and the rows carry no outcome columns.
 - ``readmitted_30d``: 1 if the episode holds a readmission. ``length_of_stay``: discharge
   minus admission date, in days. ``age``: admission year minus ``year_of_birth``.
   ``prior_admissions_12m`` / ``ed_visits_12m``: inpatient stays / ED visits starting in
@@ -105,7 +108,8 @@ _FORMATS = (".csv", ".parquet")
 
 @dataclass(frozen=True)
 class OmopExtract:
-    """Schema rows (features and both targets) with what was left out and why.
+    """Schema rows (features, and both targets unless read for scoring) with what was
+    left out and why.
 
     ``visit_occurrence_ids`` names each row's index stay for local checks, and
     ``visit_rows`` its row in ``visit_table`` (1-based, as errors name rows); identifiers
@@ -274,10 +278,10 @@ def _episodes(inpatient: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _index_stays(
-    visits: pd.DataFrame, visit_cost: pd.Series, end_of_data: pd.Timestamp
+    visits: pd.DataFrame, visit_cost: pd.Series, end_of_data: pd.Timestamp, *, outcomes: bool
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """The index stays kept, with their readmission flag, and how many stays were
-    readmissions, censored or uncosted."""
+    readmissions, censored or uncosted (dropped only when their outcomes are read)."""
     inpatient = visits[visits["concept"].isin(INPATIENT)].sort_values(["person_id", "start", "visit_id"])
     inpatient = inpatient.reset_index(drop=True)
     is_index, readmitted = _episodes(inpatient)
@@ -289,6 +293,8 @@ def _index_stays(
         "censored": int(censored.sum()),
         "uncosted": int(uncosted.sum()),
     }
+    if not outcomes:
+        return stays, counts
     return stays[~censored & ~uncosted].reset_index(drop=True), counts
 
 
@@ -377,8 +383,10 @@ def read_omop(
     payer_concepts: Mapping[int, str] | None = None,
     diagnosis_concepts: Mapping[int, str] = DIAGNOSIS_CONCEPTS,
     data_end: pd.Timestamp | None = None,
+    outcomes: bool = True,
 ) -> OmopExtract:
-    """Index stays from the OMOP tables in ``folder``, in schema columns (see module rules)."""
+    """Index stays from the OMOP tables in ``folder``, in schema columns (see module rules);
+    ``outcomes=False`` reads them for scoring."""
     if cost_column not in COST_COLUMNS:
         raise ConfigError(f"must be one of {', '.join(COST_COLUMNS)}, not '{cost_column}'", field="cost_column")
     for mapping, field in ((payer_concepts or {}, "payer"), (diagnosis_concepts, "diagnosis_group")):
@@ -396,7 +404,7 @@ def read_omop(
     visit_cost = _visit_costs(_read_table(folder, "cost", required=True), cost_column)
     end_of_data = pd.Timestamp(data_end) if data_end is not None else max(visits["end"].max(), visits["start"].max())
 
-    stays, counts = _index_stays(visits, visit_cost, end_of_data)
+    stays, counts = _index_stays(visits, visit_cost, end_of_data, outcomes=outcomes)
     person = persons.loc[stays["person_id"]]
     age = (stays["start"].dt.year - person["year_of_birth"].to_numpy()).to_numpy(dtype="float64")
     bad = (age < 0) | (age > schema.COLUMNS["age"].maximum)
@@ -441,8 +449,9 @@ def read_omop(
     plan_table = _read_table(folder, "payer_plan_period", required=False)
     if plan_table is not None and payer_concepts:
         columns["payer"] = _levels(stays["visit_id"].map(_payer_concepts(plan_table, stays)), payer_concepts)
-    columns[schema.READMISSION] = stays["readmitted"].to_numpy(dtype="float64")
-    columns[schema.COST] = stays["visit_id"].map(visit_cost).to_numpy(dtype="float64") + history["window_cost"]
+    if outcomes:
+        columns[schema.READMISSION] = stays["readmitted"].to_numpy(dtype="float64")
+        columns[schema.COST] = stays["visit_id"].map(visit_cost).to_numpy(dtype="float64") + history["window_cost"]
     return OmopExtract(
         rows=pd.DataFrame(
             {name: pd.Series(values, dtype=values.dtype) for name, values in columns.items()}

@@ -207,9 +207,9 @@ def run(
     resume: Annotated[str | None, typer.Option(help="Resume this run id from its checkpoint.")] = None,
 ) -> None:
     """Submit a job to the running coordinator and follow it; outputs in FEDERATION/runs/<run-id>/."""
+    from fedcost.federation import run_folder
     from fedcost.federation.follow import Follower, submit_and_follow
     from fedcost.federation.job import FederationJob
-    from fedcost.server import deploy
     from fedcost.terminal import RoundProgress
 
     try:
@@ -224,7 +224,7 @@ def run(
             submit_and_follow(federation, folder, Follower(progress.advance, progress.stage, progress.say))
     except FedcostError as error:
         raise fail(error) from None
-    summary = json.loads((folder / deploy.SUMMARY_FILE).read_text())
+    summary = json.loads((folder / run_folder.SUMMARY_FILE).read_text())
     console.print(f"run folder: [bold]{folder}[/bold] (report: {folder / 'report.html'})", soft_wrap=True)
     console.print(
         f"sites' logs and reports: fedcost federation collect {folder.name} SITE_STATE... -f {federation_dir}",
@@ -294,7 +294,7 @@ def collect(
 def _run_folder(federation: Federation, job: Path | None, resume: str | None) -> Path:
     """A new run folder holding the validated job, or the existing one to resume."""
     from fedcost.federation.job import FederationJob
-    from fedcost.server.app import new_run_id
+    from fedcost.federation.run_folder import new_run_id
 
     if (job is None) == (resume is None):
         raise ConfigError("give either a job file or --resume RUN_ID")

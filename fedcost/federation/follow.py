@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedcost.errors import CoordinatorUnreachableError, FederationError
+from fedcost.federation import run_folder
 from fedcost.federation.control import Control
 from fedcost.federation.provision import Federation
 from fedcost.report.progress import METRICS_FILE, PROGRESS_FILE
-from fedcost.server import deploy
 
 POLL_SECONDS = 1.0
 # How long `fedcost run` waits for a coordinator that went away before it gives up (the
@@ -72,7 +72,7 @@ def submit_and_follow(federation: Federation, folder: Path, follower: Follower) 
     checkpoint) if the coordinator restarts meanwhile. Raises ``FederationError`` with the
     reason if the run stops."""
     address, ca = federation.config.address, federation.ca_cert_file
-    config = {deploy.FEDERATION_DIR: str(federation.root.resolve()), deploy.RUN_ID: folder.name}
+    config = {run_folder.FEDERATION_DIR: str(federation.root.resolve()), run_folder.RUN_ID: folder.name}
     with Control(address, ca) as control:
         flower_run = control.start_run(config)
     follower.say(f"run {folder.name} submitted (Flower run {flower_run}); folder: {folder}")
@@ -80,17 +80,17 @@ def submit_and_follow(federation: Federation, folder: Path, follower: Follower) 
         status = _follow(federation, folder, flower_run, follower)
         if status is not None:
             break
-        (folder / deploy.ERROR_FILE).unlink(missing_ok=True)
+        (folder / run_folder.ERROR_FILE).unlink(missing_ok=True)
         with Control(address, ca) as control:
             flower_run = control.start_run(config)
         follower.say(
             f"the coordinator restarted: run {folder.name} resumes from its last checkpoint (Flower run {flower_run})"
         )
-    if status[1] != "completed" or not (folder / deploy.SUMMARY_FILE).exists():
-        error = folder / deploy.ERROR_FILE
+    if status[1] != "completed" or not (folder / run_folder.SUMMARY_FILE).exists():
+        error = folder / run_folder.ERROR_FILE
         reason = error.read_text().strip() if error.exists() else f"Flower reports the run {status[1]}"
         raise FederationError(
-            f"the run stopped: {reason}. Its log is {folder / deploy.LOG_FILE}; the sites closed "
+            f"the run stopped: {reason}. Its log is {folder / run_folder.LOG_FILE}; the sites closed "
             f"it; to try again: fedcost run {folder / 'job.toml'} -f {federation.root}"
         )
 

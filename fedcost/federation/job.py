@@ -20,20 +20,50 @@ from fedcost import schema
 from fedcost.config import SimulationConfig
 from fedcost.data.features import StatisticsLayout
 from fedcost.data.mapping import DataMapping, TargetReading, targets_by_slot
-from fedcost.errors import ConfigError
-from fedcost.tomlfile import read_toml
+from fedcost.errors import FieldError
+from fedcost.tomlfile import Mistakes, read_table, read_toml, read_with
 
 SIMULATION_ONLY = ("ecosystem", "simulation")
-DATA_KEYS = ("targets", "extra_numeric", "extra_categorical")
+
+
+def _targets(raw: Any) -> dict[str, str]:
+    """``[data] targets``: a table of outcome name → kind, or a list of the schema's own outcomes."""
+    if isinstance(raw, list) and raw and all(isinstance(t, str) for t in raw):
+        raw = dict.fromkeys(raw)
+    if not isinstance(raw, dict) or not raw:
+        raise FieldError(
+            "",
+            'must name the outcomes and their kinds, e.g. targets = { died = "binary", length_of_stay = '
+            '"non-negative" } (or a list of readmitted_30d and total_cost)',
+        )
+    targets: dict[str, str] = {}
+    for name, kind in raw.items():
+        try:
+            targets[name] = TargetReading.named(name, kind).kind
+        except ValueError as error:
+            raise FieldError(name, str(error)) from None
+    return targets
 
 
 @dataclass(frozen=True)
 class DataSection:
     """The columns every site's data set provides: outcomes (name → kind) and extra features."""
 
-    targets: dict[str, str] = field(default_factory=lambda: {schema.READMISSION: "binary", schema.COST: "non-negative"})
+    targets: dict[str, str] = field(
+        default_factory=lambda: {schema.READMISSION: "binary", schema.COST: "non-negative"},
+        metadata=read_with(_targets),
+    )
     extra_numeric: tuple[str, ...] = ()
     extra_categorical: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, levels in self.extra_categorical.items():
+            if not levels:
+                raise FieldError(f"extra_categorical.{name}", "must list the column's levels")
+        try:
+            self.layout()
+        except ValueError as error:
+            raise FieldError("targets", str(error)) from None
 
     def layout(self) -> StatisticsLayout:
         """The statistics layout the nodes' mappings give (same columns, same targets)."""
@@ -68,22 +98,22 @@ class FederationJob:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source: str) -> FederationJob:
-        raw = dict(raw)
+        mistakes = Mistakes(source)
         for section in SIMULATION_ONLY:
             if section in raw:
-                raise ConfigError(
+                mistakes.add(
+                    section,
                     f"[{section}] is for `fedcost simulate`; a federation's sites bring their own data and processes",
-                    path=source,
-                    field=section,
                 )
-        if "test_fraction" in raw.get("run", {}):
-            raise ConfigError(
-                "each site holds out its own rows (`fedcost node start --test-fraction`)",
-                path=source,
-                field="run.test_fraction",
+        if isinstance(raw.get("run"), dict) and "test_fraction" in raw["run"]:
+            mistakes.add("run.test_fraction", "each site holds out its own rows (`fedcost node start --test-fraction`)")
+        with mistakes.kept():
+            data = read_table(DataSection, raw.get("data", {}), source=source, where="data")
+        with mistakes.kept():
+            config = SimulationConfig.from_dict(
+                {k: v for k, v in raw.items() if k not in (*SIMULATION_ONLY, "data")}, source=source
             )
-        data = _data_section(raw.pop("data", {}), source)
-        config = SimulationConfig.from_dict(raw, source=source)
+        mistakes.raise_any()
         return cls(replace(config, model=replace(config.model, tasks=data.tasks())), data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,47 +125,3 @@ class FederationJob:
 
     def to_toml(self) -> bytes:
         return tomli_w.dumps(self.to_dict()).encode()
-
-
-def _data_section(raw: Any, source: str) -> DataSection:
-    if not isinstance(raw, dict):
-        raise ConfigError("must be a TOML table", path=source, field="data")
-    unknown = sorted(set(raw) - set(DATA_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown key; allowed: {', '.join(DATA_KEYS)}", path=source, field=f"data.{unknown[0]}")
-    targets = _targets(raw.get("targets", DataSection().targets), source)
-    numeric = raw.get("extra_numeric", [])
-    if not isinstance(numeric, list) or not all(isinstance(n, str) for n in numeric):
-        raise ConfigError("must be a list of column names", path=source, field="data.extra_numeric")
-    categorical = raw.get("extra_categorical", {})
-    if not isinstance(categorical, dict) or not all(
-        isinstance(levels, list) and levels and all(isinstance(level, str) for level in levels)
-        for levels in categorical.values()
-    ):
-        raise ConfigError("must map column names to lists of levels", path=source, field="data.extra_categorical")
-    section = DataSection(targets, tuple(numeric), {k: tuple(v) for k, v in categorical.items()})
-    try:
-        section.layout()
-    except ValueError as error:
-        raise ConfigError(str(error), path=source, field="data.targets") from None
-    return section
-
-
-def _targets(raw: Any, source: str) -> dict[str, str]:
-    """``[data] targets``: a table of outcome name → kind, or a list of the schema's own outcomes."""
-    if isinstance(raw, list) and raw and all(isinstance(t, str) for t in raw):
-        raw = {name: None for name in raw}
-    if not isinstance(raw, dict) or not raw:
-        raise ConfigError(
-            'must name the outcomes and their kinds, e.g. targets = { died = "binary", length_of_stay = '
-            '"non-negative" } (or a list of readmitted_30d and total_cost)',
-            path=source,
-            field="data.targets",
-        )
-    targets: dict[str, str] = {}
-    for name, kind in raw.items():
-        try:
-            targets[name] = TargetReading.named(name, kind).kind
-        except ValueError as error:
-            raise ConfigError(str(error), path=source, field=f"data.targets.{name}") from None
-    return targets

@@ -16,26 +16,20 @@ the node in this one process for as long as it runs.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import logging
-import os
-import re
 import signal
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import tomli_w
-from flwr.common.constant import FLWR_INTERNAL_GRPC_FLEET_API
 
 from fedcost.client import deploy as node_app
 from fedcost.data.loader import load_node
@@ -49,25 +43,14 @@ from fedcost.identity.federation_ca import utc_now
 from fedcost.privacy import SitePolicy
 from fedcost.tomlfile import read_toml
 
+if TYPE_CHECKING:
+    from fedcost.federation import link as link_module
+
 ADMISSION_REFRESH_SECONDS = 3.0
-IN_MEMORY = ":flwr-in-memory:"  # the SuperLink's state: see run_coordinator
 STARTUP_SECONDS = 60.0
-# The SuperLink's SuperExec looks for a submitted run to start every this many seconds
-# (Flower's default is 1 s): part of the time from `fedcost run` to the first round.
-SUPEREXEC_POLL_SECONDS = "0.25"
-_REFUSED_KEY = re.compile(r"Attempted to register SuperNode with public key: (b'[^']*')")
-
-
-def _flower_env(flwr_home: Path) -> dict[str, str]:
-    """The environment of a Flower process: its own FLWR_HOME, and this interpreter's
-    scripts first on PATH (the SuperLink starts ``flower-superexec`` by name)."""
-    scripts = str(Path(sys.executable).parent)
-    return {
-        **os.environ,
-        "FLWR_HOME": str(flwr_home),
-        "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")]),
-        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_SECONDS,
-    }
+# A submitted run is looked for every this many seconds (a lookup in memory; Flower's
+# SuperExec asks every 1 s, then starts a process for it).
+RUN_POLL_SECONDS = 0.1
 
 
 # -- coordinator ------------------------------------------------------------------------
@@ -94,15 +77,19 @@ class CoordinatorLog:
 def run_coordinator(
     federation: Federation, *, echo: IO[str] | None = None, on_ready: Callable[[], None] = lambda: None
 ) -> int:
-    """Run the SuperLink until this process is told to stop; returns 0, or the SuperLink's exit code.
+    """Serve the coordinator until this process is told to stop (SIGTERM, SIGINT); returns 0,
+    or 1 if its SuperLink stopped by itself.
 
-    The SuperLink keeps its state in memory: a restarted coordinator rebuilds what it
-    needs from the federation folder (the admitted nodes, re-registered within seconds;
-    each node's worker reconnects by itself) and from the run folders (an interrupted run
-    resumes from its checkpoint). Flower's SQLite state was both the slower (every
+    The SuperLink (``fedcost.federation.link``) runs in this process and keeps its state in
+    memory: a restarted coordinator rebuilds what it needs from the federation folder (the
+    admitted nodes, re-registered within seconds; each node's worker reconnects by itself)
+    and from the run folders (an interrupted run resumes from its checkpoint when
+    ``fedcost run`` submits it again). Flower's SQLite state was both the slower (every
     message is several transactions) and the one that could keep a restarted coordinator
     from starting; fedcost needs nothing of it.
     """
+    from fedcost.federation.link import Link, Runs  # the SuperLink's web stack: not for a node
+
     log = CoordinatorLog(federation.log_file, echo)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -112,105 +99,52 @@ def run_coordinator(
         f"starting the coordinator of federation {federation.config.name!r} on {bind} (the operator's "
         f"port) and {fleet_address(bind)} (the nodes'), TLS, SuperNode authentication on"
     )
-    superlink = _SuperLink(federation, log)
-    superlink.start()
+    admission = Admission(federation, log)
+    link = Link(
+        federation, log.write, lambda key: log.fedcost(f"refused a SuperNode: {admission.explain_refusal(key)}")
+    )
+    link.start()
+    runs = Runs(federation, link.state_factory, log.fedcost)
     try:
-        _admit_until_stopped(federation, superlink, stop, on_ready)
+        _serve_until_stopped(federation, link, admission, runs, stop, on_ready)
     finally:
-        code = superlink.stop()
-        log.fedcost(f"coordinator stopped (SuperLink exit code {code})")
-    return 0 if stop.is_set() else code
+        link.stop()
+        log.fedcost("coordinator stopped")
+    return 0 if stop.is_set() else 1
 
 
-class _SuperLink:
-    """The SuperLink process, its output copied into the coordinator's log."""
-
-    def __init__(self, federation: Federation, log: CoordinatorLog):
-        self.federation = federation
-        self.log = log
-        self.admission = Admission(federation, log)
-        self.process: subprocess.Popen | None = None
-        self.reader: threading.Thread | None = None
-
-    def start(self) -> None:
-        config, tls = self.federation.config, self.federation.coordinator_dir
-        command = [
-            "flower-superlink",
-            "--ssl-certfile",
-            str(tls / "tls.cert.pem"),
-            "--ssl-keyfile",
-            str(tls / "tls.key.pem"),
-            "--ssl-ca-certfile",
-            str(self.federation.ca_cert_file),
-            "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation",
-            "--database",
-            IN_MEMORY,
-            "--host",
-            config.bind_host,
-            "--port",
-            str(config.port),
-            # The nodes' port: Flower's gRPC Fleet API (fedcost's worker speaks it), which
-            # Flower 1.41 starts only when FLWR_INTERNAL_GRPC_FLEET_API is set.
-            "--fleet-api-address",
-            fleet_address(f"{config.bind_host}:{config.port}"),
-        ]
-        state = self.federation.root / "state"
-        state.mkdir(exist_ok=True)
-        self.process = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**_flower_env(state / "flwr-home"), FLWR_INTERNAL_GRPC_FLEET_API: "1"},
-        )
-        self.reader = threading.Thread(target=_pipe_log, args=(self.process, self.log, self.admission), daemon=True)
-        self.reader.start()
-
-    def poll(self) -> int | None:
-        return None if self.process is None else self.process.poll()
-
-    def stop(self) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        if self.reader is not None:
-            self.reader.join(timeout=5)
-        return self.process.wait()
-
-
-def _admit_until_stopped(
-    federation: Federation, superlink: _SuperLink, stop: threading.Event, on_ready: Callable[[], None]
+def _serve_until_stopped(
+    federation: Federation,
+    link: link_module.Link,
+    admission: Admission,
+    runs: link_module.Runs,
+    stop: threading.Event,
+    on_ready: Callable[[], None],
 ) -> None:
-    """Keep admission in step with the federation folder until stopped or the SuperLink exits."""
+    """Start each submitted run, and keep admission in step with the federation folder
+    (every few seconds), until stopped or the SuperLink stops."""
     address = f"127.0.0.1:{federation.config.port}"
     deadline = time.monotonic() + STARTUP_SECONDS
-    ready = False
-    while not stop.is_set() and superlink.poll() is None:
-        try:
-            with Control(address, federation.ca_cert_file) as control:
-                superlink.admission.sync(control, at=utc_now())
-        except CoordinatorUnreachableError:
-            if not ready and time.monotonic() > deadline:
-                raise
-            stop.wait(0.5)
-            continue
-        if not ready:
-            ready = True
-            on_ready()
-        stop.wait(ADMISSION_REFRESH_SECONDS)
-    if not ready and not stop.is_set():
-        raise FederationError(
-            f"the SuperLink stopped while starting (exit code {superlink.poll()}); see {federation.log_file}"
-        )
+    ready, admitted_at = False, -ADMISSION_REFRESH_SECONDS
+    while not stop.is_set() and link.alive():
+        runs.start_submitted()
+        if time.monotonic() - admitted_at >= ADMISSION_REFRESH_SECONDS:
+            try:
+                with Control(address, federation.ca_cert_file) as control:
+                    admission.sync(control, at=utc_now())
+                admitted_at = time.monotonic()
+            except CoordinatorUnreachableError:
+                if not ready and time.monotonic() > deadline:
+                    raise
+            else:
+                if not ready:
+                    ready = True
+                    on_ready()
+        stop.wait(RUN_POLL_SECONDS)
     if not stop.is_set():
-        superlink.log.fedcost(
-            f"the SuperLink exited unexpectedly (exit code {superlink.poll()}); start the "
-            "coordinator again: it rebuilds its state from the federation folder"
+        admission.log.fedcost(
+            "the SuperLink stopped unexpectedly; start the coordinator again: it rebuilds its state from the "
+            "federation folder"
         )
 
 
@@ -265,20 +199,6 @@ class Admission:
                 return f"node {name!r}: {reason or 'enrolled, but not registered yet; it may retry'}"
         fingerprint = hashlib.sha256(public_key_pem).hexdigest()[:16]
         return f"unknown SuperNode key {fingerprint}: it was never enrolled in this federation"
-
-
-def _pipe_log(superlink: subprocess.Popen, log: CoordinatorLog, admission: Admission) -> None:
-    """Copy Flower's output into the log; after each refused key, say why it was refused."""
-    assert superlink.stdout is not None
-    for line in superlink.stdout:
-        log.write(line)
-        match = _REFUSED_KEY.search(line)
-        if match:
-            try:
-                key = ast.literal_eval(match.group(1))
-            except (ValueError, SyntaxError):
-                continue
-            log.fedcost(f"refused a SuperNode: {admission.explain_refusal(key)}")
 
 
 # -- node -------------------------------------------------------------------------------

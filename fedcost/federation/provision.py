@@ -49,11 +49,11 @@ from fedcost.identity.federation_ca import (
     verify_certificate,
 )
 from fedcost.identity.party import check_party_name
-from fedcost.tomlfile import read_toml
+from fedcost.tomlfile import read_table, read_toml
+from fedcost.wire import COORDINATOR
 
 CONFIG_FILE = "federation.toml"
 KIT_FILE = "kit.toml"
-COORDINATOR = "coordinator"
 NODE_ROLES = ("hospital", "insurer", "pharma", "site")
 # The CA outlives the certificates it issues; the revocation list is re-signed on every
 # revocation and lasts as long as the CA.
@@ -104,8 +104,18 @@ class FederationConfig:
 
     @classmethod
     def load(cls, path: Path) -> FederationConfig:
-        raw = read_toml(path, "federation config")
-        return _strict(cls, raw, path)
+        return read_table(cls, read_toml(path, "federation config"), source=str(path))
+
+
+@dataclass(frozen=True)
+class KitFile:
+    """``kit.toml``: whom a startup kit is for, and the coordinator and federation it trusts."""
+
+    federation: str
+    name: str
+    role: str
+    address: str
+    coordinator_key_id: str
 
 
 @dataclass(frozen=True)
@@ -144,15 +154,11 @@ class Kit:
         """Read every file of the kit; the certificates must match the keys beside them."""
         if not folder.is_dir():
             raise KitError("no such startup kit folder", path=str(folder))
-        raw = read_toml(folder / KIT_FILE, "startup kit file", KitError)
-        fields = ("federation", "name", "role", "address", "coordinator_key_id")
-        for name in fields:
-            if not isinstance(raw.get(name), str):
-                raise KitError("missing or not a string", path=str(folder / KIT_FILE), field=name)
-        unknown = sorted(set(raw) - set(fields))
-        if unknown:
-            raise KitError("unknown field", path=str(folder / KIT_FILE), field=unknown[0])
-        identity = Identity.load(folder, raw["name"])
+        kit_file = folder / KIT_FILE
+        raw = read_table(
+            KitFile, read_toml(kit_file, "startup kit file", KitError), source=str(kit_file), error=KitError
+        )
+        identity = Identity.load(folder, raw.name)
         ca = _read_certificate(folder / "ca.cert.pem")
         certificate = _read_certificate(folder / "node.cert.pem")
         coordinator_cert = _read_certificate(folder / "coordinator.cert.pem")
@@ -167,15 +173,13 @@ class Kit:
             except (ValueError, TypeError, InvalidSignature) as error:
                 raise KitError(f"not issued by the kit's CA ({type(error).__name__})", path=str(path)) from None
         coordinator = _bound_identity(coordinator_cert, folder / "coordinator.cert.pem")
-        if coordinator.key_id != raw["coordinator_key_id"]:
+        if coordinator.key_id != raw.coordinator_key_id:
             raise KitError(
                 "does not match coordinator.cert.pem", path=str(folder / KIT_FILE), field="coordinator_key_id"
             )
         if not (folder / "auth.key.pem").is_file():
             raise KitError("missing: the SuperNode authentication key", path=str(folder / "auth.key.pem"))
-        return cls(
-            folder, raw["federation"], raw["name"], raw["role"], raw["address"], identity, certificate, ca, coordinator
-        )
+        return cls(folder, raw.federation, raw.name, raw.role, raw.address, identity, certificate, ca, coordinator)
 
 
 @dataclass(frozen=True)
@@ -294,17 +298,8 @@ class Federation:
         shutil.copyfile(self.ca_cert_file, kit / "ca.cert.pem")
         shutil.copyfile(self.coordinator_dir / "coordinator.cert.pem", kit / "coordinator.cert.pem")
         coordinator = PublicIdentity.load(self.coordinator_dir / "coordinator.pub.json")
-        (kit / KIT_FILE).write_bytes(
-            tomli_w.dumps(
-                {
-                    "federation": self.config.name,
-                    "name": name,
-                    "role": role,
-                    "address": self.config.address,
-                    "coordinator_key_id": coordinator.key_id,
-                }
-            ).encode()
-        )
+        kit_file = KitFile(self.config.name, name, role, self.config.address, coordinator.key_id)
+        (kit / KIT_FILE).write_bytes(tomli_w.dumps(dataclasses.asdict(kit_file)).encode())
         return kit
 
     def revoke(self, name: str, *, at: datetime) -> None:
@@ -397,18 +392,6 @@ class Federation:
     def _write_crl(self, authority: Authority, revoked: dict[int, datetime], at: datetime) -> None:
         crl = authority.revocation_list(revoked, lifetime=CA_LIFETIME, at=at)
         replace_atomically(self.crl_file, crl_to_pem(crl))
-
-
-def _strict(cls: type, raw: dict, path: Path):
-    """``cls`` from a TOML table, refusing unknown keys and bad values with the file named."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ConfigError(f"unknown key; allowed: {', '.join(sorted(names))}", path=str(path), field=unknown[0])
-    try:
-        return cls(**raw)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(str(error), path=str(path)) from None
 
 
 def _certificate_problem(

@@ -22,22 +22,13 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedcost.errors import ConfigError, InvalidSignatureError
+from fedcost.errors import ConfigError, FieldError, InvalidSignatureError
 
 ROLES = ("coordinator", "hospital", "insurer", "pharma", "site")
 
 # Names become file names (``<name>.pub.json``, ``audit/<name>.jsonl``), so no separators.
 PARTY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _PUBLIC_FIELDS = ("name", "role", "public_key", "key_id")
-
-
-class _FieldError(ValueError):
-    """A field of an identity file is missing or wrong; carries the field's name."""
-
-    def __init__(self, field: str, reason: str):
-        super().__init__(f"field '{field}': {reason}")
-        self.field = field
-        self.reason = reason
 
 
 def check_party_name(
@@ -55,9 +46,9 @@ def check_party_name(
 
 def _check_name_and_role(name: object, role: object) -> None:
     if not isinstance(name, str) or not PARTY_NAME.fullmatch(name):
-        raise _FieldError("name", f"must match {PARTY_NAME.pattern}, got {name!r}")
+        raise FieldError("name", f"must match {PARTY_NAME.pattern}, got {name!r}")
     if role not in ROLES:
-        raise _FieldError("role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        raise FieldError("role", f"must be one of {', '.join(ROLES)}, got {role!r}")
 
 
 def _read(path: Path) -> bytes:
@@ -117,20 +108,20 @@ class PublicIdentity:
             raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         for name in _PUBLIC_FIELDS:
             if name not in data:
-                raise _FieldError(name, "missing")
+                raise FieldError(name, "missing")
         extra = sorted(set(data) - set(_PUBLIC_FIELDS))
         if extra:
-            raise _FieldError(extra[0], "unexpected field")
+            raise FieldError(extra[0], "unexpected field")
         _check_name_and_role(data["name"], data["role"])
         try:
             raw = base64.b64decode(data["public_key"], validate=True)
         except (TypeError, ValueError) as e:  # binascii.Error, non-ASCII text
-            raise _FieldError("public_key", f"not base64: {e}") from e
+            raise FieldError("public_key", f"not base64: {e}") from e
         if len(raw) != 32:
-            raise _FieldError("public_key", f"expected 32 raw Ed25519 bytes, got {len(raw)}")
+            raise FieldError("public_key", f"expected 32 raw Ed25519 bytes, got {len(raw)}")
         identity = cls(data["name"], data["role"], Ed25519PublicKey.from_public_bytes(raw))
         if data["key_id"] != identity.key_id:
-            raise _FieldError("key_id", f"does not match the key (expected {identity.key_id})")
+            raise FieldError("key_id", f"does not match the key (expected {identity.key_id})")
         return identity
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
@@ -144,7 +135,7 @@ class PublicIdentity:
         """Read a ``.pub.json`` file; any defect is a ``ConfigError`` naming file and field."""
         try:
             return cls.from_dict(json.loads(_read(Path(path))))
-        except _FieldError as e:
+        except FieldError as e:
             raise ConfigError(e.reason, path=str(path), field=e.field) from e
         except ValueError as e:
             raise ConfigError(f"not a public identity: {e}", path=str(path)) from e

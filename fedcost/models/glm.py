@@ -652,6 +652,93 @@ def site_meat(
     return vector
 
 
+# --- noisy Newton sums (distributed DP) -----------------------------------------------------
+
+
+def noisy_blocks(family: Family) -> int:
+    """The blocks of a noisy Newton sum: score and information, and a Pearson sum where the
+    family's dispersion is estimated."""
+    return 2 if family.fixed_dispersion else 3
+
+
+@dataclass(frozen=True)
+class NoisyBounds:
+    """The most one record adds, in L2, to each block of a noisy Newton sum of one task.
+
+    A row's features (standardised) are scaled down to an L2 norm of at most ``feature_norm``
+    C, so its design row z = [1, x] has ‖z‖ <= B = √(1 + C²). Its score term s·z, with the
+    score factor s = dℓ/dη clipped to |s| <= ``score``, then has L2 <= S·B; its Fisher
+    information term w·zzᵀ, with the Fisher weight clipped to 0 <= w <= ``weight``, has an
+    upper triangle of L2 <= ‖zzᵀ‖_F·W = W·B²; its Pearson term, clipped at S², at most S².
+    The Fisher weight, unlike the observed one (y/μ for gamma), does not grow with y, so
+    noisy sums take Fisher scoring (IRLS) steps. For the logit link S = 1 and W = 1/4 hold
+    for every row and coefficient (|y - μ| <= 1, μ(1-μ) <= 1/4): nothing but the features is
+    clipped. For log links S is ``response_clip`` and W the Fisher weight at a mean of
+    ``response_clip`` (1 for gamma, R^(2-p) for tweedie, R for poisson); the score clip changes
+    the estimator where a row exceeds it (its pull on the fit is capped, as in Huber's
+    M-estimators), and the features' clip does so for every family: the fit is that of the
+    clipped features.
+    """
+
+    feature_norm: float
+    score: float
+    weight: float
+    dispersion: bool  # whether the family's dispersion is estimated: a Pearson block is sent
+
+    @classmethod
+    def of(cls, family: Family, features: int, *, feature_clip: float, response_clip: float) -> NoisyBounds:
+        """The bounds of ``family`` over ``features`` features: features clipped at
+        ``feature_clip`` x √features (about the norm of a typical standardised row), score
+        factors and weights of log links at ``response_clip``."""
+        norm = feature_clip * math.sqrt(max(features, 1))
+        if family.name == "binomial":
+            return cls(norm, 1.0, 0.25, False)
+        mean = np.array([response_clip])
+        weight = float(_KERNELS[family.name].terms(mean, np.log(mean), family.power or 0.0).weight[0])
+        return cls(norm, response_clip, weight, noisy_blocks(family) == 3)
+
+    @property
+    def row_norm(self) -> float:
+        """B: the largest L2 norm of a row of the design with its intercept."""
+        return math.sqrt(1.0 + self.feature_norm**2)
+
+    def size(self, parameters: int) -> int:
+        return parameters + parameters * (parameters + 1) // 2 + self.dispersion
+
+    def scale(self, parameters: int) -> np.ndarray:
+        """Per slot, the bound the node divides by and the coordinator multiplies the sum by."""
+        half = parameters * (parameters + 1) // 2
+        bound = self.row_norm
+        parts = [np.full(parameters, self.score * bound), np.full(half, self.weight * bound**2)]
+        return np.concatenate(parts + ([np.array([self.score**2])] if self.dispersion else []))
+
+
+def noisy_site_sums(
+    X: np.ndarray, y: np.ndarray, beta: np.ndarray, *, family: Family, bounds: NoisyBounds
+) -> np.ndarray:
+    """One node's Newton sums at ``beta`` for a noisy release, normalised: its score, the upper
+    triangle of its Fisher information (and its Pearson sum where the dispersion is
+    estimated), with every row's terms clipped to ``bounds`` and each block divided by its
+    bound, so that one row moves each block by at most 1 in L2. The node adds its share of
+    the noise to this vector (``privacy.distributed.NewtonNoise``)."""
+    x = np.asarray(X, dtype=np.float64)
+    if x.ndim == 2 and x.size:
+        norms = np.linalg.norm(x, axis=1)
+        x = x * np.minimum(1.0, bounds.feature_norm / np.maximum(norms, 1e-300))[:, None]
+    x, target, eta = _prepared(x, y, beta, family, None)
+    kernel = _KERNELS[family.name]
+    with np.errstate(all="ignore"):
+        terms = kernel.terms(target, eta, family.power or 0.0)
+        # A coefficient far out can make a log link's terms inf - inf: such a row adds nothing.
+        score = np.nan_to_num(np.clip(terms.score, -bounds.score, bounds.score), nan=0.0)
+        weight = np.nan_to_num(np.clip(terms.weight, 0.0, bounds.weight), nan=0.0)
+        pearson = np.nan_to_num(np.minimum(terms.pearson, bounds.score**2), nan=0.0)
+    p = x.shape[1] + 1
+    parts = [_score(x, score), _gram(x, weight)[_triangle(p)]]
+    vector = np.concatenate(parts + ([np.array([pearson.sum()])] if bounds.dispersion else []))
+    return vector / bounds.scale(p)
+
+
 # --- coordinator side ---------------------------------------------------------------------
 
 
@@ -683,6 +770,7 @@ class StepInfo:
     penalty: float
     noise: float = 0.0
     message: str = ""
+    score_noise: float = 0.0  # the DP noise's standard deviation on each score entry (noisy sums)
 
 
 def _objective(deviance: float, beta: np.ndarray, penalty: float) -> float:
@@ -924,6 +1012,93 @@ def _halve(
     return proposed, info
 
 
+def noisy_newton_step(
+    total: np.ndarray,
+    beta: np.ndarray,
+    *,
+    family: Family,
+    bounds: NoisyBounds,
+    noise_sd: float,
+    rows: int,
+    penalty: float = 0.0,
+    previous: StepInfo | None = None,
+    feature_names: Sequence[str] | None = None,
+    max_iterations: int = MAX_ITERATIONS,
+    tolerance: float = TOLERANCE,
+) -> tuple[np.ndarray, StepInfo]:
+    """``newton_step`` for summed ``noisy_site_sums`` that carry noise of ``noise_sd``
+    normalised units per slot over ``rows`` training rows (the statistics stage's count).
+
+    The noisy (Fisher) information is made usable: symmetric by construction (one triangle
+    travels), its eigenvalues raised to at least 2√p·σ_H (σ_H the noise's standard deviation
+    per entry, 2√p·σ_H the spectral norm of such a noise matrix: Wigner's semicircle), which
+    keeps it positive definite and damps the step along directions the noise could have
+    flattened, and the ridge λP added. No deviance travels, so there is no step halving:
+    every step is taken. Stop rule: the fixed number of rounds the noise was planned for
+    (``max_iterations``); more rounds cannot average the noise away (each step carries a
+    fresh draw), fewer leave the deterministic part of a log link's iteration unfinished.
+    ``converged`` then says whether the last step was within 3 standard deviations of what
+    the noise on the score moves each coefficient (σ_g·√diag((H + λP)⁻²)). The estimate is
+    the last step's point; its standard errors include the noise on the score
+    (``FittedGlm.score_noise``), not that on the information.
+    """
+    beta = np.asarray(beta, dtype=np.float64)
+    if beta.ndim != 1 or not np.isfinite(beta).all():
+        raise ValueError("beta must be a finite vector")
+    if previous is not None and previous.penalty != penalty:
+        raise ValueError(f"penalty changed from {previous.penalty} to {penalty} in the middle of a fit")
+    p = len(beta)
+    names = _names(p, feature_names)
+    scale = bounds.scale(p)
+    summed = _checked_vector(total, bounds.size(p), "noisy sums") * scale
+    half = p * (p + 1) // 2
+    score_sd, information_sd = float(noise_sd * scale[0]), float(noise_sd * scale[p])
+    values, vectors = np.linalg.eigh(_symmetric(summed[p : p + half], p))
+    floor = 2.0 * math.sqrt(p) * information_sd
+    information = (vectors * np.maximum(values, floor)) @ vectors.T
+    pearson = max(float(summed[-1]), 0.0) if bounds.dispersion else math.nan
+    sums = GlmSums(float(rows), math.nan, 0.0, math.nan, pearson, summed[:p].copy(), information, information)
+    iteration = 1 if previous is None else previous.iteration + 1
+    factor = _factor(_penalised(information, penalty), names)
+    gradient = sums.score.copy()
+    gradient[1:] -= penalty * beta[1:]
+    step = factor.solve(gradient)
+    proposed = beta + step
+    size = max(1.0, float(np.abs(proposed).max()))
+    change = float(np.abs(step).max()) / size
+    inverse = factor.inverse()
+    moved = 3.0 * score_sd * np.sqrt(np.diag(inverse @ inverse))
+    noise = float(moved.max()) / size
+    converged = bool((np.abs(step) <= np.maximum(moved, tolerance * size)).all())
+    done = iteration >= max_iterations
+    message = ""
+    if done and converged:
+        message = f"ran the {iteration} planned rounds; the last step was within what the DP noise moves it"
+    elif done:
+        message = (
+            f"ran the {iteration} planned rounds, and the last step was larger than the DP noise explains (last "
+            f"relative step {change:.2g}): plan more rounds, or a larger [glm_privacy] epsilon"
+        )
+    info = StepInfo(
+        iteration=iteration,
+        accepted=True,
+        objective=math.nan,
+        reference=beta,
+        reference_objective=math.nan,
+        sums=sums,
+        halvings=0,
+        change=change,
+        converged=converged,
+        done=done,
+        estimate=proposed,
+        penalty=penalty,
+        noise=noise,
+        message=message,
+        score_noise=score_sd,
+    )
+    return proposed, info
+
+
 _SEPARATED_ZEROS = "coefficients that keep growing mean that features separate the zero targets"
 _NOT_CONVERGED = {  # what a fit that ran out of iterations most likely means, by family
     "binomial": "coefficients that keep growing mean that features separate the classes (perfectly or nearly): "
@@ -967,7 +1142,10 @@ class FittedGlm:
 
     ``information``: H = Xᵀ W X at unit dispersion (unpenalised), at the last accepted
     point; ``rows``, ``deviance``, ``pearson`` there too. ``clusters``: the summed
-    ``site_meat`` when cluster-robust errors were asked for.
+    ``site_meat`` when cluster-robust errors were asked for. A fit on noisy sums
+    (``noisy_newton_step``) has no deviance (nan; none travels), nor a Pearson sum for a
+    family of fixed dispersion, and ``score_noise``: the DP noise's standard deviation on
+    each score entry, which its standard errors include.
     """
 
     family: Family
@@ -983,6 +1161,7 @@ class FittedGlm:
     message: str = ""
     clusters: ClusterSums | None = None
     correction: str = "crv1"
+    score_noise: float = 0.0
 
     def __post_init__(self) -> None:
         p = len(self.coefficients)
@@ -1020,6 +1199,7 @@ class FittedGlm:
             iterations=info.iteration,
             converged=info.converged,
             message=info.message,
+            score_noise=info.score_noise,
         )
 
     @property
@@ -1042,8 +1222,10 @@ class FittedGlm:
         covariance of a penalised GLM (Wood 2017, Generalized Additive Models, 2nd ed., §6.10;
         mgcv's Vp), which stays positive definite where a feature carries no information,
         unlike the ridge sandwich (H + λP)⁻¹H(H + λP)⁻¹. Penalised intervals are centred on
-        shrunken estimates: read them as such."""
-        return self.dispersion * _factor(_penalised(self.information, self.penalty), self.names).inverse()
+        shrunken estimates: read them as such. A fit on noisy sums adds what the noise on the
+        last step's score does to the estimate, σ²·(H + λP)⁻²: its errors include the DP noise."""
+        inverse = _factor(_penalised(self.information, self.penalty), self.names).inverse()
+        return self.dispersion * inverse + self.score_noise**2 * (inverse @ inverse)
 
     def cluster_covariance(self) -> np.ndarray:
         """c·B⁻¹ M B⁻¹: B the observed information (+ λP), M = Σ_k s_k s_kᵀ over sites.
@@ -1137,22 +1319,24 @@ class FittedGlm:
             "information": self.information[upper].tolist(),
             "penalty": self.penalty,
             "rows": self.rows,
-            "deviance": self.deviance,
-            "pearson": self.pearson,
+            "deviance": _finite_or_none(self.deviance),
+            "pearson": _finite_or_none(self.pearson),
             "iterations": self.iterations,
             "converged": self.converged,
             "message": self.message,
             "clusters": clusters,
+            "score_noise": self.score_noise,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FittedGlm:
-        """Strict inverse of ``to_dict``: ValueError on a missing, extra or mistyped field."""
+        """Strict inverse of ``to_dict``: ValueError on a missing, extra or mistyped field (a
+        model saved before fits could be noisy has no ``score_noise``: 0)."""
         keys = {
             "format", "family", "feature_names", "coefficients", "information", "penalty", "rows",
             "deviance", "pearson", "iterations", "converged", "message", "clusters",
         }  # fmt: skip
-        _exact_keys(data, keys, "model")
+        _exact_keys(data, keys | ({"score_noise"} & set(data)), "model")
         if data["format"] != FORMAT:
             raise ValueError(f"model format {data['format']!r}: expected {FORMAT!r}")
         names = _strings(data["feature_names"], "feature_names")
@@ -1177,14 +1361,24 @@ class FittedGlm:
             information=_symmetric(_floats(data["information"], half, "information"), p),
             penalty=_number(data["penalty"], "penalty"),
             rows=_integer(data["rows"], "rows"),
-            deviance=_number(data["deviance"], "deviance"),
-            pearson=_number(data["pearson"], "pearson"),
+            deviance=_number_or_nan(data["deviance"], "deviance"),
+            pearson=_number_or_nan(data["pearson"], "pearson"),
             iterations=_integer(data["iterations"], "iterations"),
             converged=_boolean(data["converged"], "converged"),
             message=_string(data["message"], "message"),
             clusters=clusters,
             correction=correction,
+            score_noise=_number(data.get("score_noise", 0.0), "score_noise"),
         )
+
+
+def _finite_or_none(value: float) -> float | None:
+    """A sum a noisy fit never received (nan) as JSON's null."""
+    return value if math.isfinite(value) else None
+
+
+def _number_or_nan(value: Any, what: str) -> float:
+    return math.nan if value is None else _number(value, what)
 
 
 def _exp(value: float) -> float:

@@ -188,6 +188,11 @@ class PrivacyLedger:
         round_rdp = DpSgdSteps(noise_multiplier, sample_rate, steps).rdp()
         return epsilon_from_rdp(rdp=self._rdp + round_rdp, delta=self.delta)
 
+    def epsilon_after_releases(self, releases: Iterable[Release]) -> float:
+        """ε spent once ``releases`` are added, recording nothing: what a job's plan would cost."""
+        rdp = sum((release.rdp() for release in releases), self._rdp)
+        return epsilon_from_rdp(rdp=rdp, delta=self.delta)
+
     def can_afford(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> bool:
         after = self.epsilon_after(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
         return after <= self.epsilon_budget

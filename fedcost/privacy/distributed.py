@@ -230,6 +230,16 @@ def skellam_noise(shape: int | tuple[int, ...], variance: float, *, rng: np.rand
     return rng.poisson(half, shape).astype(np.int64) - rng.poisson(half, shape).astype(np.int64)
 
 
+def with_noise_share(vector: np.ndarray, variance: float, bits: int, *, rng: np.random.Generator) -> np.ndarray:
+    """A quantised vector (``Quantizer.encode``: its last entry the weight, left as it is) with
+    Skellam noise of ``variance`` added to every other entry, modulo 2**``bits``: a node's
+    share of a noisy sum, before masking."""
+    shares = skellam_noise(vector.size - 1, variance, rng=rng)
+    noisy = vector.astype(np.uint64)
+    noisy[:-1] += shares.astype(np.uint64)  # two's complement: mod 2**64, then mod 2**bits
+    return (noisy & np.uint64(2**bits - 1)).astype(vector.dtype)
+
+
 # A noisy sum travels in steps of 1/NOISE_GRID of a record's largest contribution to a
 # slot: far finer than any useful noise, and coarse enough that the noise's Poisson draws
 # stay below MAX_POISSON_MEAN for standard deviations up to thousands of records.
@@ -309,3 +319,110 @@ def calibrate_noise(
         low, high = high, 2 * high
     variance = smallest_within(lambda variance: spent(variance) > epsilon, low, high, VARIANCE_TOLERANCE)
     return StatisticsNoise(variance, sites, cost_clip)
+
+
+# The finest grid a Newton sum travels on (steps of 1/grid of a record's bound per slot):
+# rounding then adds little to the sensitivity. Coarser grids are taken where the noise
+# would need Poisson draws beyond MAX_POISSON_MEAN.
+NEWTON_GRID = 1024
+
+
+@dataclass(frozen=True)
+class NewtonNoise:
+    """The noise an exact GLM's Newton sums carry, as the job's plan states it.
+
+    Each round, a node sends per task its score and the upper triangle of its information
+    (and, for a family whose dispersion is estimated, its Pearson sum): ``blocks`` blocks in
+    all, of at most p(p+1)/2 slots each for the at most ``parameters`` coefficients p. Each
+    block is divided by the most one record adds to it in L2 (``glm.NoisyBounds``: features
+    scaled to a norm of at most ``feature_clip`` x √features, per-row score factors and
+    weights clipped at ``response_clip`` for log links), so one record moves every block by
+    at most 1 and the round's vector by √``blocks``. The sum carries Skellam noise of
+    standard deviation ``sd`` such units per slot, on a grid of 1/``grid``; each node adds
+    ``1 / sites`` of its variance.
+    """
+
+    sd: float
+    sites: int
+    grid: int
+    parameters: int
+    blocks: int
+    feature_clip: float = 1.0
+    response_clip: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("sd", "feature_clip", "response_clip"):
+            object.__setattr__(self, name, _real(name, getattr(self, name), positive=True))
+        for name, least in (("sites", 3), ("grid", 1), ("parameters", 1), ("blocks", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}={value!r}: expected a whole number >= {least}")
+
+    @property
+    def variance(self) -> float:
+        """The total noise variance per slot, in grid units."""
+        return (self.sd * self.grid) ** 2
+
+    def share(self) -> float:
+        """The variance one node adds."""
+        return share_of_variance(self.variance, self.sites)
+
+    def release(self) -> SkellamRelease:
+        """One round's sums. In grid units a record moves each block by at most ``grid`` in L2,
+        and stochastic rounding each of the at most ``slots`` slots by one more: L2 at most
+        grid·√blocks + √slots, L1 at most grid·blocks·√(p(p+1)/2) + slots."""
+        block = self.parameters * (self.parameters + 1) // 2
+        slots = self.blocks * block
+        l2 = self.grid * math.sqrt(self.blocks) + math.sqrt(slots)
+        return SkellamRelease(variance=self.variance, l1=self.grid * self.blocks * math.sqrt(block) + slots, l2=l2)
+
+    def quantizer_clip(self, rows: int) -> float:
+        """The fixed point's clip for a sum over about ``rows`` records (a noisy count may be
+        low: twice it): a normalised slot holds at most the rows plus the noise (beyond 20
+        standard deviations: never), as a power of 2."""
+        return float(2 ** math.ceil(math.log2(2 * rows + 20 * self.sd + 1)))
+
+
+def plan_newton_epsilon(noise: NewtonNoise, *, rounds: int, delta: float, prior_rdp: np.ndarray | None = None) -> float:
+    """ε at ``delta`` of ``rounds`` Newton rounds at ``noise``, composed after ``prior_rdp``."""
+    prior = np.zeros(len(ORDERS)) if prior_rdp is None else _check_rdp(prior_rdp, ORDERS)
+    return epsilon_from_rdp(rdp=prior + rounds * noise.release().rdp(), delta=delta)
+
+
+def calibrate_newton_noise(
+    *,
+    epsilon: float,
+    delta: float,
+    rounds: int,
+    sites: int,
+    parameters: int,
+    blocks: int,
+    feature_clip: float,
+    response_clip: float,
+) -> NewtonNoise:
+    """The least noise (to ``VARIANCE_TOLERANCE`` in sd, on the safe side) with which ``rounds``
+    Newton rounds spend at most (``epsilon``, ``delta``): on the finest grid (at most
+    ``NEWTON_GRID``) whose noise numpy still draws accurately."""
+    epsilon = _real("epsilon", epsilon, positive=True)
+    grid = NEWTON_GRID
+    while True:
+
+        def noise(sd: float, grid: int = grid) -> NewtonNoise:
+            return NewtonNoise(sd, sites, grid, parameters, blocks, feature_clip, response_clip)
+
+        def spent(sd: float) -> float:
+            return plan_newton_epsilon(noise(sd), rounds=rounds, delta=delta)
+
+        low, high = 0.0, 1.0
+        while spent(high) > epsilon:
+            if high > MAX_NOISE_TO_SENSITIVITY:
+                raise PrivacyBudgetExhausted(
+                    f"no noise up to {MAX_NOISE_TO_SENSITIVITY:g} records' worth keeps {rounds} Newton rounds "
+                    f"within epsilon={epsilon:g} at delta={delta:g}; raise the job's [glm_privacy] epsilon or "
+                    "lower its rounds"
+                )
+            low, high = high, 2 * high
+        planned = noise(smallest_within(lambda sd: spent(sd) > epsilon, low, high, VARIANCE_TOLERANCE))
+        if planned.share() / 2 <= MAX_POISSON_MEAN or grid == 1:
+            return planned
+        grid //= 2

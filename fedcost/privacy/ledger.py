@@ -41,6 +41,8 @@ from fedcost.errors import AuditLogTamperedError, LedgerError, PolicyViolationEr
 from fedcost.identity import Identity, PublicIdentity
 from fedcost.wire.events import Event, LedgerEvent
 
+_refusal = PolicyViolationError.request_refused
+
 SUFFIX = ".ledger"
 # Where an audit log's dp_round entry anchors its spend in the ledger.
 ANCHOR_SEQ, ANCHOR_HEAD = "ledger_seq", "ledger_head"
@@ -346,7 +348,3 @@ def _anchors(site: str, audit_logs: list[Path]) -> list[_Anchor]:
                 where = f"{log}, line {entry.seq + 1}"
                 anchors.append(_Anchor(where, entry.time, seq if isinstance(seq, int) else None, head))
     return anchors
-
-
-def _refusal(reason: str) -> PolicyViolationError:
-    return PolicyViolationError(f"the site refuses this request: {reason}")

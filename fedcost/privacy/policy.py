@@ -15,14 +15,16 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from fedcost.errors import ConfigError, PolicyViolationError
-from fedcost.tomlfile import read_toml
+from fedcost.errors import FieldError, PolicyViolationError
+from fedcost.tomlfile import example, read_table, read_toml
 from fedcost.wire.purposes import EXAMPLES, PURPOSES
+
+_refusal = PolicyViolationError.job_refused
 
 # The smallest cohort a shared statistic may describe unless a policy or run asks for
 # more: the small-cell rule (counts of 1 to 10 suppressed) that CMS and most registries
@@ -50,27 +52,9 @@ _NEVER = {
 _OUTPUT_NAMES = {output for outputs in _KIND_OUTPUTS.values() for output in outputs} | set(_NEVER)
 
 
-class _FieldError(ValueError):
-    """A policy field is missing or wrong; carries its dotted name for ``ConfigError``."""
-
-    def __init__(self, field: str, reason: str):
-        super().__init__(f"field '{field}': {reason}")
-        self.field = field
-        self.reason = reason
-
-
-def _number(where: str, value: Any, hint: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _FieldError(where, f"expected a number, got {type(value).__name__}; write e.g. {hint}")
-    return float(value)
-
-
-def _integer(where: str, value: Any, minimum: int, hint: str) -> int:
-    if not _is_int(value):
-        raise _FieldError(where, f"expected an integer, got {value!r}; write e.g. {hint}")
+def _at_least(where: str, value: int, minimum: int, hint: str) -> None:
     if value < minimum:
-        raise _FieldError(where, f"must be at least {minimum}, got {value}; write e.g. {hint}")
-    return value
+        raise FieldError(where, f"must be at least {minimum}, got {value}; write e.g. {hint}")
 
 
 @dataclass(frozen=True)
@@ -79,12 +63,11 @@ class StatisticsPrivacy:
     statistics, tables, evaluation and benchmark totals) only with distributed DP noise, and
     a job's such sums together may spend at most ``epsilon`` (at the site's delta) of its budget."""
 
-    epsilon: float
+    epsilon: float = field(metadata=example("epsilon = 1.0"))
 
     def __post_init__(self) -> None:
-        epsilon = _number("privacy.statistics.epsilon", self.epsilon, "epsilon = 1.0")
-        if not (math.isfinite(epsilon) and epsilon > 0):
-            raise _FieldError("privacy.statistics.epsilon", f"must be a positive finite number, got {self.epsilon}")
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise FieldError("epsilon", f"must be a positive finite number, got {self.epsilon}")
 
 
 @dataclass(frozen=True)
@@ -101,38 +84,30 @@ class PrivacySettings:
     distributed DP noise, paid from the same budget (``StatisticsPrivacy``).
     """
 
-    epsilon: float
-    delta: float | None = None
-    max_grad_norm: float | None = None
-    noise_multiplier: float | None = None
+    epsilon: float = field(metadata=example("epsilon = 8.0 (or inf for no DP)"))
+    delta: float | None = field(default=None, metadata=example("delta = 1e-5"))
+    max_grad_norm: float | None = field(default=None, metadata=example("max_grad_norm = 1.0"))
+    noise_multiplier: float | None = field(default=None, metadata=example("noise_multiplier = 1.0"))
     statistics: StatisticsPrivacy | None = None
 
     def __post_init__(self) -> None:
-        epsilon = _number("privacy.epsilon", self.epsilon, "epsilon = 8.0 (or inf for no DP)")
-        if math.isnan(epsilon) or epsilon <= 0:
-            raise _FieldError("privacy.epsilon", f"must be > 0 or inf, got {epsilon}; write e.g. epsilon = 8.0")
-        if self.statistics is not None and not isinstance(self.statistics, StatisticsPrivacy):
-            raise _FieldError("privacy.statistics", "expected a [privacy.statistics] table with epsilon = ...")
+        if math.isnan(self.epsilon) or self.epsilon <= 0:
+            raise FieldError("epsilon", f"must be > 0 or inf, got {self.epsilon}; write e.g. epsilon = 8.0")
         if not self.enabled:
             for name in ("delta", "max_grad_norm", "noise_multiplier", "statistics"):
                 if getattr(self, name) is not None:
-                    raise _FieldError(
-                        f"privacy.{name}", "epsilon = inf turns DP off; remove this field or set a finite epsilon"
-                    )
+                    raise FieldError(name, "epsilon = inf turns DP off; remove this field or set a finite epsilon")
             return
         if self.delta is None:
-            raise _FieldError("privacy.delta", "required with a finite epsilon; write e.g. delta = 1e-5 (below 1/rows)")
-        if not 0 < _number("privacy.delta", self.delta, "delta = 1e-5") < 1:
-            raise _FieldError("privacy.delta", f"must lie in (0, 1), got {self.delta}; write e.g. delta = 1e-5")
+            raise FieldError("delta", "required with a finite epsilon; write e.g. delta = 1e-5 (below 1/rows)")
+        if not 0 < self.delta < 1:
+            raise FieldError("delta", f"must lie in (0, 1), got {self.delta}; write e.g. delta = 1e-5")
         if self.max_grad_norm is None:
-            raise _FieldError("privacy.max_grad_norm", "required with a finite epsilon; write e.g. max_grad_norm = 1.0")
+            raise FieldError("max_grad_norm", "required with a finite epsilon; write e.g. max_grad_norm = 1.0")
         for name in ("max_grad_norm", "noise_multiplier"):
             value = getattr(self, name)
-            if value is None:
-                continue
-            if not (math.isfinite(_number(f"privacy.{name}", value, f"{name} = 1.0")) and value > 0):
-                reason = f"must be a positive finite number, got {value}; write e.g. {name} = 1.0"
-                raise _FieldError(f"privacy.{name}", reason)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise FieldError(name, f"must be a positive finite number, got {value}; write e.g. {name} = 1.0")
 
     @property
     def enabled(self) -> bool:
@@ -151,12 +126,12 @@ class SitePolicy:
     answers hospitals' private intersection-sums): off unless the site turns it on;
     ``min_nodes`` is the fewest sites any secure sum of this site's may add up (at least 3)."""
 
-    coordinator: str
-    privacy: PrivacySettings
-    max_rounds: int
+    coordinator: str = field(metadata=example('coordinator = "<64 hex digits>"'))
+    privacy: PrivacySettings = field(metadata=example("[privacy] epsilon = 8.0"))
+    max_rounds: int = field(metadata=example("max_rounds = 50"))
     require_secure_aggregation: bool = True
     min_cohort: int = MIN_COHORT
-    metrics: Mapping[str, int] = field(default_factory=dict)
+    metrics: Mapping[str, int] = field(default_factory=dict, metadata=example("auroc = 3"))
     max_model_parameters: int = 1_000_000
     max_message_bytes: int = 16 * 2**20
     share_benchmark: bool = True
@@ -166,33 +141,26 @@ class SitePolicy:
 
     def __post_init__(self) -> None:
         if not isinstance(self.coordinator, str) or not _KEY_ID.fullmatch(self.coordinator):
-            raise _FieldError(
+            raise FieldError(
                 "coordinator",
                 "expected the coordinator's key id: 64 lower-case hex digits "
                 "(the key_id in the coordinator's .pub.json)",
             )
-        if not isinstance(self.privacy, PrivacySettings):
-            raise _FieldError("privacy", "expected a [privacy] table with at least epsilon = ...")
-        for flag in ("require_secure_aggregation", "share_benchmark", "share_site_tables", "share_episodes"):
-            if not isinstance(getattr(self, flag), bool):
-                raise _FieldError(flag, "expected true or false")
-        _integer("min_cohort", self.min_cohort, 2, f"min_cohort = {MIN_COHORT}")
-        _integer("min_nodes", self.min_nodes, MIN_SECURE_SITES, f"min_nodes = {MIN_SECURE_SITES}")
-        _integer("max_rounds", self.max_rounds, 1, "max_rounds = 50")
-        _integer("max_model_parameters", self.max_model_parameters, 1, "max_model_parameters = 1_000_000")
-        _integer("max_message_bytes", self.max_message_bytes, 1, "max_message_bytes = 16_777_216")
-        if not isinstance(self.metrics, Mapping):
-            raise _FieldError("metrics", "expected a [metrics] table of name = decimal places, e.g. auroc = 3")
+        _at_least("min_cohort", self.min_cohort, 2, f"min_cohort = {MIN_COHORT}")
+        _at_least("min_nodes", self.min_nodes, MIN_SECURE_SITES, f"min_nodes = {MIN_SECURE_SITES}")
+        _at_least("max_rounds", self.max_rounds, 1, "max_rounds = 50")
+        _at_least("max_model_parameters", self.max_model_parameters, 1, "max_model_parameters = 1_000_000")
+        _at_least("max_message_bytes", self.max_message_bytes, 1, "max_message_bytes = 16_777_216")
         for name, places in self.metrics.items():
-            if not isinstance(name, str) or not _METRIC_NAME.fullmatch(name):
-                raise _FieldError(f"metrics.{name}", f"a metric name must match {_METRIC_NAME.pattern}")
+            if not _METRIC_NAME.fullmatch(name):
+                raise FieldError(f"metrics.{name}", f"a metric name must match {_METRIC_NAME.pattern}")
             if name == EXAMPLES:
-                raise _FieldError(f"metrics.{name}", "the example count is always shared with an update; remove it")
+                raise FieldError(f"metrics.{name}", "the example count is always shared with an update; remove it")
             if name in _OUTPUT_NAMES:
-                raise _FieldError(f"metrics.{name}", f"'{name}' names a job output, not a metric; rename the metric")
-            _integer(f"metrics.{name}", places, 0, f"{name} = 3")
+                raise FieldError(f"metrics.{name}", f"'{name}' names a job output, not a metric; rename the metric")
+            _at_least(f"metrics.{name}", places, 0, f"{name} = 3")
             if places > MAX_PRECISION:
-                raise _FieldError(f"metrics.{name}", f"at most {MAX_PRECISION} decimal places, got {places}")
+                raise FieldError(f"metrics.{name}", f"at most {MAX_PRECISION} decimal places, got {places}")
         object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))
 
     @classmethod
@@ -203,38 +171,9 @@ class SitePolicy:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "<dict>") -> SitePolicy:
-        """The strict inverse of ``to_dict``: unknown keys and wrong types are refused."""
-        try:
-            return cls._from_dict(data)
-        except _FieldError as error:
-            raise ConfigError(error.reason, path=source, field=error.field) from None
-
-    @classmethod
-    def _from_dict(cls, data: Mapping[str, Any]) -> SitePolicy:
-        _known("", data, cls)
-        required = {
-            "coordinator": 'coordinator = "<64 hex digits>"',
-            "privacy": "[privacy] epsilon = 8.0",
-            "max_rounds": "max_rounds = 50",
-        }
-        for name, hint in required.items():
-            if name not in data:
-                raise _FieldError(name, f"required; write {hint}")
-        privacy = data["privacy"]
-        if not isinstance(privacy, Mapping):
-            raise _FieldError("privacy", "expected a [privacy] table")
-        _known("privacy.", privacy, PrivacySettings)
-        if "epsilon" not in privacy:
-            raise _FieldError("privacy.epsilon", "required; write epsilon = 8.0 (or inf for no DP)")
-        statistics = privacy.get("statistics")
-        if statistics is not None:
-            if not isinstance(statistics, Mapping):
-                raise _FieldError("privacy.statistics", "expected a [privacy.statistics] table")
-            _known("privacy.statistics.", statistics, StatisticsPrivacy)
-            if "epsilon" not in statistics:
-                raise _FieldError("privacy.statistics.epsilon", "required; write epsilon = 1.0")
-            privacy = {**privacy, "statistics": StatisticsPrivacy(**statistics)}
-        return cls(**{**data, "privacy": PrivacySettings(**privacy)})
+        """The strict inverse of ``to_dict``: unknown keys and wrong types are refused, every
+        mistake at once."""
+        return read_table(cls, data, source=source)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, defaults filled in, as TOML-able data (``epsilon`` may be ``inf``)."""
@@ -253,13 +192,6 @@ class SitePolicy:
             "metrics": dict(self.metrics),
             "privacy": privacy,
         }
-
-
-def _known(prefix: str, data: Mapping[str, Any], cls: type) -> None:
-    allowed = [f.name for f in fields(cls)]
-    for key in data:
-        if key not in allowed:
-            raise _FieldError(f"{prefix}{key}", f"unknown field; allowed: {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -329,7 +261,3 @@ def check_job(policy: SitePolicy, job: JobRequest) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _refusal(reason: str) -> PolicyViolationError:
-    return PolicyViolationError(f"the site policy refuses this job: {reason}")

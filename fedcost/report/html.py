@@ -365,10 +365,19 @@ def _privacy_section(summary: dict) -> str:
         if noisy
         else "<p>Shared statistics were exact (no statistics noise).</p>"
     )
+    glm = summary.get("glm_privacy")
+    newton = (
+        f"<p>The exact GLM's Newton sums carried distributed noise for (ε = {glm['epsilon']:g}, δ = "
+        f"{glm['delta']:g}) per site over its {glm['rounds_planned']} planned rounds, noise SD {glm['noise_sd']:.3g} "
+        "of a record's bound per sum; its standard errors include the noise on the score, not on the "
+        "information: read them as a lower bound.</p>"
+        if glm
+        else ""
+    )
     return f"""<h2>Privacy</h2>
 <p>{_protections(summary)}</p>
 <p>Smallest cohort any shared figure describes (min cohort): {summary.get("min_cohort", "not recorded")} rows.</p>
-{statistics}
+{statistics}{newton}
 <table><tr><th>site</th><th>differential privacy in training: ε spent / budget (δ)</th></tr>{rows}</table>
 <p>Withheld: {_withheld(summary)}</p>"""
 

@@ -16,6 +16,7 @@ from fedcost.config import SimulationConfig
 from fedcost.data.features import FeatureSpec
 from fedcost.linkage import EpisodeCosts
 from fedcost.models.glm import FittedGlm
+from fedcost.privacy.distributed import NewtonNoise
 from fedcost.report.analytics import save_benchmark, save_group_costing, save_statistics
 
 FEATURES_FILE, METRICS_FILE = "features.json", "metrics.jsonl"
@@ -28,7 +29,8 @@ SCORED = {"readmission": ("auroc", "brier", "log_loss"), "cost": ("mae", "rmse",
 def glm_inference(model: FittedGlm) -> dict:
     """A fitted GLM as a health economist reads it: per coefficient the estimate, its standard
     error, z, p, 95% interval and, for log and logit links, the ratio exp(estimate) with its
-    interval; and whether the fit converged, with the fit's own word on it."""
+    interval; and whether the fit converged, with the fit's own word on it. A fit on noisy
+    sums says so: its standard errors include the DP noise on the score (``dp_noise``)."""
     rows = []
     for coefficient in model.summary():
         row = dataclasses.asdict(coefficient)
@@ -40,6 +42,16 @@ def glm_inference(model: FittedGlm) -> dict:
         "iterations": model.iterations,
         "message": model.message,
         "dispersion": model.dispersion,
+        "dp_noise": (
+            {
+                "score_sd": model.score_noise,
+                "standard_errors": "include the DP noise on the score (the model-based covariance plus "
+                "score_sd^2 (H + penalty)^-2) but not that on the information H (itself noisy, eigenvalues "
+                "floored) nor an unfinished step: a lower bound under noise",
+            }
+            if model.score_noise > 0
+            else None
+        ),
         "coefficients": rows,
     }
 
@@ -95,6 +107,7 @@ def federation_summary(
     analytics: dict,
     *,
     seconds: float,
+    newton_noise: NewtonNoise | None = None,
 ) -> dict:
     """A federation run's ``summary.json``, in a simulation's shape where the two agree.
 
@@ -122,10 +135,29 @@ def federation_summary(
     for task in config.model.tasks:
         scores = {metric: last[f"{task}_{metric}"] for metric in SCORED[task] if f"{task}_{metric}" in last}
         summary[task] = {"federated": scores}
+    if newton_noise is not None:
+        summary["glm_privacy"] = glm_privacy_summary(config, newton_noise)
     return summary | {
         "per_site": {},
         "privacy": {},
         "sites_reported": [],
         "analytics": analytics,
         "seconds": round(seconds, 1),
+    }
+
+
+def glm_privacy_summary(config: SimulationConfig, noise: NewtonNoise) -> dict:
+    """The noise on the exact GLM's Newton sums, as planned before the first round."""
+    section = config.glm_privacy
+    return {
+        "epsilon": section.epsilon,
+        "delta": section.delta,
+        "rounds_planned": config.run.rounds,
+        "noise_sd": noise.sd,
+        "noise_sites": noise.sites,
+        "grid": noise.grid,
+        "feature_clip": section.feature_clip,
+        "response_clip": section.response_clip,
+        "standard_errors": "include the DP noise on the score, not that on the information: a lower bound "
+        "(see inference.*.dp_noise)",
     }

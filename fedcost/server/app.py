@@ -13,10 +13,8 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-import uuid
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Protocol
 
@@ -37,32 +35,34 @@ from fedcost.analytics import (
 from fedcost.analytics.benchmarking import calibration, shared_vector_size, standardised, totals_from_shared_vector
 from fedcost.analytics.group_costing import GroupCosting
 from fedcost.audit import AuditLog
-from fedcost.config import AnalyticsSection, SecureAggregationSection, StatisticsPrivacySection, StrategySection
+from fedcost.config import (
+    AnalyticsSection,
+    GlmPrivacySection,
+    SecureAggregationSection,
+    StatisticsPrivacySection,
+    StrategySection,
+)
 from fedcost.data.features import FeatureSpec, StatisticsLayout
 from fedcost.errors import ConfigError, FederationError
-from fedcost.job import TrainingJob, glm_coefficients, glm_state, noisy_releases
+from fedcost.job import TrainingJob, glm_coefficients, glm_state, newton_blocks, newton_bounds, noisy_releases
 from fedcost.linkage import EpisodeCosts, link_episodes
 from fedcost.linkage.episodes import EpisodePlan
 from fedcost.models import evaluation, glm
 from fedcost.models.nets import ModelSpec, build_model
 from fedcost.models.training import TrainConfig
 from fedcost.privacy import MIN_COHORT, MIN_SECURE_SITES
-from fedcost.privacy.distributed import StatisticsNoise, calibrate_noise
+from fedcost.privacy.distributed import NewtonNoise, StatisticsNoise, calibrate_newton_noise, calibrate_noise
+from fedcost.secagg import Quantizer
 from fedcost.server.audited_grid import AuditedGrid
 from fedcost.server.episodes import RemoteSite
 from fedcost.server.shared_sum import PollingGrid, SharedSums, SumResult
+from fedcost.wire import COORDINATOR
 from fedcost.wire import records as rec
 from fedcost.wire.events import Event
 from fedcost.wire.hello import Hello
 from fedcost.wire.purposes import PURPOSES, WITHHOLDS
 
 NODE_WAIT_SECONDS = 120.0
-COORDINATOR = "coordinator"
-
-
-def new_run_id() -> str:
-    """A fresh run id: its UTC start time (so run folders sort by start) and 6 random hex digits."""
-    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ class CoordinatorPlan:
     statistics_privacy: StatisticsPrivacySection = StatisticsPrivacySection()
     # The episode linkage before anything else, if the run asks for episode costs.
     episodes: EpisodePlan | None = None
+    glm_privacy: GlmPrivacySection = GlmPrivacySection()
 
     def __post_init__(self) -> None:
         if self.analytics.episodes and self.episodes is None:
@@ -111,6 +112,32 @@ class CoordinatorPlan:
                 field="analytics.episodes",
             )
 
+    @property
+    def noise_sites(self) -> int:
+        """The sites a noisy sum keeps when as many drop out as secure aggregation tolerates
+        (at least 3): each node adds its share of the noise for that many."""
+        kept = math.ceil(len(self.roster) * (1 - self.secure_aggregation.dropout_tolerance))
+        return max(MIN_SECURE_SITES, kept)
+
+    @cached_property
+    def newton_noise(self) -> NewtonNoise | None:
+        """The distributed DP noise on an exact GLM's Newton sums: the least with which the
+        job's rounds spend the job's [glm_privacy] (ε, δ) at every site, for the largest design
+        the layout can give (the actual one, known after the statistics, is no larger)."""
+        section = self.glm_privacy
+        if not (section.enabled and self.model.exact and self.task == "train"):
+            return None
+        return calibrate_newton_noise(
+            epsilon=section.epsilon,
+            delta=section.delta,
+            rounds=self.rounds,
+            sites=self.noise_sites,
+            parameters=max_features(self.layout) + 1,
+            blocks=newton_blocks(self.model),
+            feature_clip=section.feature_clip,
+            response_clip=section.response_clip,
+        )
+
     @cached_property
     def noise(self) -> StatisticsNoise | None:
         """The distributed DP noise on every sum but training updates: the least with which the
@@ -119,7 +146,6 @@ class CoordinatorPlan:
         section = self.statistics_privacy
         if not section.enabled:
             return None
-        kept = math.ceil(len(self.roster) * (1 - self.secure_aggregation.dropout_tolerance))
         releases = noisy_releases(
             purposes=tuple(self.purposes()),
             rounds=self.rounds,
@@ -131,7 +157,7 @@ class CoordinatorPlan:
             epsilon=section.epsilon,
             delta=section.delta,
             touched=releases,
-            sites=max(MIN_SECURE_SITES, kept),
+            sites=self.noise_sites,
             cost_clip=section.cost_clip,
         )
 
@@ -167,6 +193,7 @@ class CoordinatorPlan:
             noise=self.noise,
             data=self.layout.data_json(),
             episodes=self.episodes.to_json() if self.episodes else "",
+            newton_noise=self.newton_noise,
         )
 
 
@@ -292,7 +319,11 @@ class Coordinator:
             self.log.append(Event.RUN_RESUMED, details={"after_round": resume.round, "digest": _digest(arrays)})
             self.observer.on_features(features, sorted(sites.values()))
         job = TrainingJob(self.plan.model, self.training, features, self.plan.seed)
-        fit = _NewtonFit.start(self.plan.model, features, arrays) if self.plan.model.exact else None
+        fit = (
+            _NewtonFit.start(self.plan.model, features, arrays, self.plan.newton_noise)
+            if self.plan.model.exact
+            else None
+        )
         for server_round in range((resume.round if resume else 0) + 1, self.plan.rounds + 1):
             started = time.perf_counter()
             if fit is None:
@@ -461,12 +492,17 @@ class Coordinator:
         the current coefficients, summed; each task's next coefficients from the total."""
         features = job.features
         precision = glm.sums_quantizer_settings(rows=features.rows, nodes=nodes)
-        shapes = [(glm.SumsLayout(fit.parameters).size,)] * len(fit.betas)
+        quantizer, shapes = precision.quantizer(), [(glm.SumsLayout(fit.parameters).size,)] * len(fit.betas)
+        noise = self.plan.newton_noise
+        if noise is not None:  # normalised sums on the noise's grid (``NewtonNoise``)
+            clip = noise.quantizer_clip(features.rows)
+            quantizer = Quantizer(clip, int(clip) * noise.grid, nodes)
+            shapes = [(bounds.size(fit.parameters),) for bounds in fit.bounds.values()]
         coefficients = ArrayRecord({task: Array(beta) for task, beta in fit.betas.items()})
         node_ids = sorted(self.sums.sites)
         try:
             summed = self._sum(
-                "newton", server_round, shapes, node_ids, coefficients, job.to_json(), quantizer=precision.quantizer()
+                "newton", server_round, shapes, node_ids, coefficients, job.to_json(), quantizer=quantizer
             )
         except FederationError as error:
             fit.explain(error)
@@ -478,6 +514,7 @@ class Coordinator:
             rounds_left=self.plan.rounds - server_round,
             resolution=precision.error,
             dropouts=summed.dropouts,
+            rows=features.rows,
         )
         state = glm_state(features, fit.estimates())
         return ArrayRecord({k: Array(v) for k, v in state.items()}), summed
@@ -559,9 +596,13 @@ class _NewtonFit:
     sites: frozenset[str] = frozenset()  # whose rows the last round's sums were over
     restarts: int = 0  # rounds whose sums were over other sites than the round before's
     refused: frozenset[str] = frozenset()  # sites that refused a round: its coefficients weighed few rows
+    noise: NewtonNoise | None = None  # the DP noise the sums carry, if any
+    bounds: dict[str, glm.NoisyBounds] = field(default_factory=dict)  # per task, with noise
 
     @classmethod
-    def start(cls, spec: ModelSpec, features: FeatureSpec, arrays: ArrayRecord) -> _NewtonFit:
+    def start(
+        cls, spec: ModelSpec, features: FeatureSpec, arrays: ArrayRecord, noise: NewtonNoise | None = None
+    ) -> _NewtonFit:
         """From the model the run starts (or resumes) with: its biases are the base rate and
         the mean cost, its weights zero (or a checkpoint's)."""
         state = {k: a.numpy() for k, a in arrays.items()}
@@ -569,7 +610,9 @@ class _NewtonFit:
             t: glm.task_family(t, cost_family=spec.cost_family, tweedie_power=spec.tweedie_power) for t in spec.tasks
         }
         betas = glm_coefficients(features, state, spec.tasks)
-        return cls(betas, families, features.design_names, {task: None for task in spec.tasks})
+        names = features.design_names
+        bounds = newton_bounds(spec, len(names), noise) if noise is not None else {}
+        return cls(betas, families, names, {task: None for task in spec.tasks}, noise=noise, bounds=bounds)
 
     @property
     def parameters(self) -> int:
@@ -588,12 +631,14 @@ class _NewtonFit:
         rounds_left: int,
         resolution: float,
         dropouts: dict[str, str] | None = None,
+        rows: int = 0,
     ) -> None:
         """The next coefficients from one round's sums over ``sites``. Sums over other sites than
         the last round's (a dropout, or its return) are of other rows: their objective is not
         comparable, so the iteration goes on from the current coefficients afresh, and it is
         done only once a round over the same sites as the one before has converged, or when
-        the job has no ``rounds_left`` (then reported as not converged)."""
+        the job has no ``rounds_left`` (then reported as not converged). Noisy sums (``rows``:
+        the training rows they are over, from the statistics) take ``glm.noisy_newton_step``."""
         changed = bool(self.sites) and frozenset(sites) != self.sites
         self.refused |= {site for site, reason in (dropouts or {}).items() if glm.CONCENTRATED in reason}
         self.sites, self.restarts = frozenset(sites), self.restarts + changed
@@ -602,16 +647,19 @@ class _NewtonFit:
             if previous is not None and previous.done:
                 continue
             iteration = 1 if previous is None else previous.iteration + 1
-            self.betas[task], self.infos[task] = glm.newton_step(
-                total,
-                beta,
+            common = dict(
                 family=self.families[task],
                 penalty=spec.penalty,
                 previous=previous,
                 feature_names=self.names,
                 max_iterations=iteration + rounds_left,
-                resolution=resolution,
             )
+            if self.noise is None:
+                self.betas[task], self.infos[task] = glm.newton_step(total, beta, resolution=resolution, **common)
+            else:
+                self.betas[task], self.infos[task] = glm.noisy_newton_step(
+                    total, beta, bounds=self.bounds[task], noise_sd=self.noise.sd, rows=rows, **common
+                )
 
     def explain(self, error: Exception) -> None:
         """A note on a round that failed after sites refused earlier ones for weighing few rows:
@@ -635,7 +683,8 @@ class _NewtonFit:
         record: dict = {}
         for task, info in self.infos.items():
             if info is not None:
-                record[f"{task}_deviance"] = float(info.sums.deviance)
+                deviance = float(info.sums.deviance)  # none travels with noisy sums
+                record[f"{task}_deviance"] = deviance if math.isfinite(deviance) else None
                 record[f"{task}_converged"] = bool(info.converged)
         return record
 
@@ -655,15 +704,17 @@ class _NewtonFit:
         return fitted
 
 
-def _max_model_parameters(plan: CoordinatorPlan) -> int:
-    """The model's parameter count at the most features the layout can give (before statistics).
+def max_features(layout: StatisticsLayout) -> int:
+    """The most features ``layout`` can give (before statistics): every numeric column and
+    every category level may become a feature, and every column a missing flag."""
+    columns = layout.columns
+    return sum(1 if column.kind == "numeric" else len(column.levels) for column in columns) + len(columns)
 
-    Every numeric column and every category level may become a feature, and every column
-    a missing flag; the model the nodes later receive is never larger than this.
-    """
-    columns = plan.layout.columns
-    features = sum(1 if column.kind == "numeric" else len(column.levels) for column in columns) + len(columns)
-    model = build_model(plan.model, features, seed=plan.seed)
+
+def _max_model_parameters(plan: CoordinatorPlan) -> int:
+    """The model's parameter count at the most features the layout can give (before statistics);
+    the model the nodes later receive is never larger than this."""
+    model = build_model(plan.model, max_features(plan.layout), seed=plan.seed)
     return sum(parameter.numel() for parameter in model.state_dict().values())
 
 

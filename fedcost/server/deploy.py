@@ -1,8 +1,11 @@
-"""The coordinator's ServerApp on Flower's deployment engine (a SuperLink's ServerApp process).
+"""The coordinator's side of a federation run, on Flower's deployment engine.
 
 ``fedcost run`` creates the run folder (``<federation>/runs/<run-id>/job.toml``) and
 submits fedcost's Flower app with two run-config values: the federation folder and the
-run id. This module turns those into a ``CoordinatorPlan`` — the roster is every
+run id. The coordinator process claims the run from its in-process SuperLink
+(``fedcost.federation.link``) and calls ``serve`` in a thread of its own (a plain Flower
+SuperLink would load ``app`` in a ServerApp process instead). This module turns those
+values into a ``CoordinatorPlan`` — the roster is every
 admitted node's CA-signed certificate, sent with the hello — and runs the same
 ``Coordinator`` as a simulation, checkpointing after each round and resuming from the
 run's checkpoint when one exists. Its outputs land in the run folder: ``metrics.jsonl``,
@@ -15,11 +18,11 @@ under way, which ``fedcost run`` shows.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -28,30 +31,29 @@ import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.inflatable import inflatable_utils
-from flwr.superlink.grid import http_grid
 
 from fedcost.audit import AuditLog
 from fedcost.errors import FedcostError, FederationError
 from fedcost.federation import checkpoint, roster
 from fedcost.federation.job import FederationJob
-from fedcost.federation.provision import COORDINATOR, Federation
+from fedcost.federation.provision import Federation
+from fedcost.federation.run_folder import ERROR_FILE, FEDERATION_DIR, LOG_FILE, SUMMARY_FILE, run_folder
 from fedcost.files import replace_atomically
 from fedcost.identity.federation_ca import certificate_to_pem, party_identity, utc_now
 from fedcost.models.nets import build_model
+from fedcost.privacy.distributed import NewtonNoise
 from fedcost.report import write_report
 from fedcost.report.progress import METRICS_FILE, PROGRESS_FILE, ProgressRecorder, federation_summary
 from fedcost.server.app import Coordinator, CoordinatorPlan, ResumePoint
 from fedcost.server.shared_sum import MIN_SECURE_NODES
+from fedcost.wire import COORDINATOR
 from fedcost.wire import records as rec
 from fedcost.wire.events import Event
 
-FEDERATION_DIR, RUN_ID = "federation-dir", "run-id"  # the run-config keys fedcost's Flower app declares
-ERROR_FILE, SUMMARY_FILE, LOG_FILE = "error.txt", "summary.json", "coordinator.log"
-# Replies are polled for every 5 ms at first, backing off to 100 ms: Flower's HTTP grid
-# polls every 3 s, and a secure sum is six exchanges.
-POLL_FIRST, POLL_MAX, POLL_GROWTH = 0.005, 0.1, 1.5
-OBJECT_BACKOFF, OBJECT_BACKOFF_CAP = 0.01, 0.2  # see _pull_objects_promptly
+# Replies are polled for every 5 ms at first, backing off to 20 ms (a poll is a lookup in
+# the coordinator's own memory): Flower's grids poll every 0.1 s (in memory) or 3 s (over
+# HTTP), and a secure sum is six exchanges.
+POLL_FIRST, POLL_MAX, POLL_GROWTH = 0.005, 0.02, 1.5
 # How long a round waits for enough of the run's nodes to be connected before the run
 # stops with the reason (a node lost mid-run may come back within it).
 NODE_PATIENCE_SECONDS = 60.0
@@ -62,11 +64,19 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    _pull_objects_promptly()
+    """The run on a plain Flower SuperLink, whose SuperExec loads the FAB's ServerApp (fedcost's
+    coordinator hosts its SuperLink and calls ``serve`` itself)."""
     federation = Federation.load(Path(str(context.run_config[FEDERATION_DIR])))
-    folder = federation.runs_dir / str(context.run_config[RUN_ID])
+    serve(grid, federation, run_folder(federation, context.run_config))
+
+
+def serve(grid: Grid, federation: Federation, folder: Path) -> None:
+    """Run (or resume) the run in ``folder``: its log (this thread's records) and, if it
+    stops, the reason (``error.txt``) in the folder."""
     handler = logging.FileHandler(folder / LOG_FILE, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    thread = threading.get_ident()
+    handler.addFilter(lambda record: record.thread == thread)  # another run's thread logs to its own folder
     logging.getLogger("fedcost").addHandler(handler)
     logging.getLogger("fedcost").setLevel(logging.INFO)
     try:
@@ -78,19 +88,6 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         logging.getLogger("fedcost").removeHandler(handler)
         handler.close()
-
-
-def _pull_objects_promptly() -> None:
-    """Make Flower's HTTP grid ask again for a reply's missing objects after 10 ms, not 1 s.
-
-    A node sends a reply's envelope before its objects, so the coordinator often finds an
-    object missing; Flower's ``pull_objects`` then waits 1 s first (``PULL_INITIAL_BACKOFF``,
-    a default argument no setting reaches), six times per secure sum. The grid calls it by
-    its module's name, which this rebinds, in this ServerApp process only.
-    """
-    http_grid.pull_objects = functools.partial(
-        inflatable_utils.pull_objects, initial_backoff=OBJECT_BACKOFF, backoff_cap=OBJECT_BACKOFF_CAP
-    )
 
 
 def coordinate(grid: Grid, federation: Federation, folder: Path) -> None:
@@ -131,6 +128,7 @@ def coordinate(grid: Grid, federation: Federation, folder: Path) -> None:
         min_cohort=config.run.min_cohort,
         analytics=config.analytics,
         statistics_privacy=config.statistics_privacy,
+        glm_privacy=config.glm_privacy,
     )
     recorder = RunFolderRecorder(folder, job, resume)
     log = AuditLog(folder / "audit" / f"{COORDINATOR}.jsonl", coordinator)
@@ -153,7 +151,9 @@ def coordinate(grid: Grid, federation: Federation, folder: Path) -> None:
             log.append(Event.DROPOUT, round=deployed.round, details={"party": name, "reason": reason})
         running.close_stopped(str(stopped), connected=deployed.connected())
         raise
-    recorder.finish({i.name: i.role for i in identities}, seconds=time.perf_counter() - started)
+    recorder.finish(
+        {i.name: i.role for i in identities}, seconds=time.perf_counter() - started, newton_noise=plan.newton_noise
+    )
 
 
 class DeployedGrid:
@@ -279,10 +279,16 @@ class RunFolderRecorder(ProgressRecorder):
             record = {**record, "train_loss": record["train_loss"] or None}
         super().on_round(record)
 
-    def finish(self, roles: dict[str, str], *, seconds: float) -> None:
+    def finish(self, roles: dict[str, str], *, seconds: float, newton_noise: NewtonNoise | None) -> None:
         """``summary.json`` and ``report.html``, as a simulation's but for the federated model only."""
         summary = federation_summary(
-            self.folder.name, self.job.config, roles, self.rounds, self.analytics, seconds=seconds
+            self.folder.name,
+            self.job.config,
+            roles,
+            self.rounds,
+            self.analytics,
+            seconds=seconds,
+            newton_noise=newton_noise,
         )
         if self.inference:
             summary["inference"] = self.inference

@@ -17,14 +17,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from flwr.app import ConfigRecord
 
 from fedcost.errors import PolicyViolationError
-from fedcost.privacy.distributed import StatisticsNoise
+from fedcost.privacy.distributed import NewtonNoise, StatisticsNoise
 from fedcost.wire import records as rec
 from fedcost.wire.purposes import PURPOSES
+
+_refusal = PolicyViolationError.job_refused
 
 OUTPUTS = "outputs."
 TABLES = "tables"
@@ -33,6 +35,12 @@ EPISODES = "episodes"
 _FIELDS = ("run_id", "coordinator", "secure_aggregation", "rounds", "min_cohort", "model_parameters")
 # The job's distributed DP noise on every sum but training updates: all three, or none.
 _NOISE = {"noise_sd": "sd", "noise_sites": "sites", "noise_cost_clip": "cost_clip"}
+# The distributed DP noise on an exact GLM's Newton sums: all of these, or none.
+_NEWTON_NOISE = {
+    f"newton_noise_{name}": name
+    for name in ("sd", "sites", "grid", "parameters", "blocks", "feature_clip", "response_clip")
+}
+Noise = TypeVar("Noise", StatisticsNoise, NewtonNoise)
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -44,7 +52,8 @@ class Hello:
     carries, if the job adds any; ``data``, the job's targets and extra columns (JSON,
     ``StatisticsLayout.data_json``), which the site's own data must match; ``episodes``,
     the episode linkage's plan (JSON, ``EpisodePlan.to_json``: window, hospitals, payers)
-    when the job asks for episodes."""
+    when the job asks for episodes; ``newton_noise``, the distributed DP noise on an exact
+    GLM's Newton sums, if the job adds any."""
 
     run_id: str
     coordinator: str
@@ -57,6 +66,7 @@ class Hello:
     noise: StatisticsNoise | None = None
     data: str = ""
     episodes: str = ""
+    newton_noise: NewtonNoise | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "outputs", MappingProxyType({k: tuple(v) for k, v in self.outputs.items()}))
@@ -73,33 +83,38 @@ class Hello:
 
     def _plain(self) -> dict[str, Any]:
         fields = {name: getattr(self, name) for name in _FIELDS}
-        noise = {key: getattr(self.noise, name) for key, name in _NOISE.items()} if self.noise else {}
         data = {DATA: self.data} if self.data else {}
         episodes = {EPISODES: self.episodes} if self.episodes else {}
         return {
             **fields,
             "outputs": {k: list(v) for k, v in self.outputs.items()},
             TABLES: list(self.tables),
-            **noise,
+            **self._noise_fields(),
             **data,
             **episodes,
         }
+
+    def _noise_fields(self) -> dict[str, Any]:
+        noise = {key: getattr(self.noise, name) for key, name in _NOISE.items()} if self.noise else {}
+        newton = self.newton_noise
+        return noise | ({key: getattr(newton, name) for key, name in _NEWTON_NOISE.items()} if newton else {})
 
     def to_record(self) -> ConfigRecord:
         """The hello as its config record travels (``transport = hello``)."""
         plan = {name: getattr(self, name) for name in _FIELDS}
         outputs = {OUTPUTS + purpose: list(names) for purpose, names in self.outputs.items()}
         tables = {TABLES: list(self.tables)} if self.tables else {}
-        noise = {key: getattr(self.noise, name) for key, name in _NOISE.items()} if self.noise else {}
         data = {DATA: self.data} if self.data else {}
         episodes = {EPISODES: self.episodes} if self.episodes else {}
-        return ConfigRecord({rec.TRANSPORT: rec.HELLO, **plan, **outputs, **tables, **noise, **data, **episodes})
+        return ConfigRecord(
+            {rec.TRANSPORT: rec.HELLO, **plan, **outputs, **tables, **self._noise_fields(), **data, **episodes}
+        )
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> Hello:
         """The plan a hello states, read strictly: a field this node does not know (a
         subgroup filter, a query) is a request the site never agreed to answer."""
-        known = {rec.TRANSPORT, TABLES, DATA, EPISODES, *_FIELDS, *_NOISE}
+        known = {rec.TRANSPORT, TABLES, DATA, EPISODES, *_FIELDS, *_NOISE, *_NEWTON_NOISE}
         for key in record:
             if key not in known and not key.startswith(OUTPUTS):
                 raise _refusal(f"the hello asks for {key!r:.60}, which this node does not know")
@@ -135,8 +150,11 @@ class Hello:
         for name in ("rounds", "min_cohort", "model_parameters"):
             if isinstance(record[name], bool) or not isinstance(record[name], int):
                 raise _refusal(f"the hello's {name} must be a whole number, not {record[name]!r:.20}")
+        if _NEWTON_NOISE.keys() & set(record) and "newton" not in outputs:
+            raise _refusal("the hello states noise for Newton sums it does not plan")
         return cls(
-            noise=_noise(record),
+            noise=_noise(record, _NOISE, StatisticsNoise),
+            newton_noise=_noise(record, _NEWTON_NOISE, NewtonNoise),
             run_id=run_id,
             coordinator=coordinator,
             secure_aggregation=record["secure_aggregation"],
@@ -150,18 +168,14 @@ class Hello:
         )
 
 
-def _noise(record: ConfigRecord) -> StatisticsNoise | None:
-    """The job's statistics noise, stated in full or not at all."""
-    stated = [key for key in _NOISE if key in record]
+def _noise(record: ConfigRecord, fields: dict[str, str], kind: type[Noise]) -> Noise | None:
+    """The job's noise of one ``kind``, stated in full or not at all."""
+    stated = [key for key in fields if key in record]
     if not stated:
         return None
-    if len(stated) != len(_NOISE):
-        raise _refusal(f"the hello states its noise only in part; it needs {', '.join(_NOISE)}")
+    if len(stated) != len(fields):
+        raise _refusal(f"the hello states its noise only in part; it needs {', '.join(fields)}")
     try:
-        return StatisticsNoise(**{name: record[key] for key, name in _NOISE.items()})  # type: ignore[arg-type]
-    except ValueError as error:
+        return kind(**{name: record[key] for key, name in fields.items()})
+    except (ValueError, TypeError) as error:
         raise _refusal(f"the hello's noise is not usable: {error}") from None
-
-
-def _refusal(reason: str) -> PolicyViolationError:
-    return PolicyViolationError(f"the site policy refuses this job: {reason}")

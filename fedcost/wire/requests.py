@@ -18,6 +18,8 @@ from fedcost.secagg import Stage
 from fedcost.wire import records as rec
 from fedcost.wire.purposes import PURPOSES, Purpose
 
+_refusal = PolicyViolationError.request_refused
+
 # Extra records a hello may carry: in a deployment, the roster as CA-signed certificates.
 ROSTER = "fedcost.roster"
 QUANTIZER = ("q_clip", "q_levels", "q_max_nodes", "q_max_weight")
@@ -142,7 +144,3 @@ def _fields(config: ConfigRecord, required: set[str], *, optional: set[str] | fr
     missing = sorted(required - keys)
     if missing:
         raise _refusal(f"it does not state its {', '.join(missing)}")
-
-
-def _refusal(reason: str) -> PolicyViolationError:
-    return PolicyViolationError(f"the site refuses this request: {reason}")

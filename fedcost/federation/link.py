@@ -1,0 +1,245 @@
+"""Flower's SuperLink inside the coordinator's process, and the coordinator's runs beside it.
+
+``flower-superlink`` serves its HTTP APIs (Control, Runtime, Fleet) and, with
+``FLWR_INTERNAL_GRPC_FLEET_API=1``, its gRPC Fleet API from one in-memory state; its
+SuperExec then starts a ``flwr-serverapp`` process for each submitted run, which imports
+Flower, fedcost and torch, installs the run's app bundle (FAB) and drives the run over
+the HTTP Runtime API: every message, poll and object through the SuperLink's web
+middleware (``benchmarks/RESULTS.md``, "Deployment"). ``Link`` builds the same SuperLink
+(Flower's own ``create_app`` and ``SuperLinkLifespan``: TLS, SuperNode authentication,
+the gRPC Fleet API with its authentication interceptor) in this process, with no
+SuperExec; ``Runs`` claims each submitted run from the state as the SuperExec would,
+moves it through Flower's statuses (pending, starting, running, finished) with the
+Runtime API's own handlers, and runs fedcost's coordinator for it in a thread on a
+``LinkGrid``: the same state, no HTTP. The coordinator runs its installed code for every
+run; nothing a FAB names is installed or loaded.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+
+import uvicorn
+from flwr.common.constant import (
+    CONTROL_API_DEFAULT_SERVER_ADDRESS,
+    FLWR_INTERNAL_GRPC_FLEET_API,
+    ISOLATION_MODE_PROCESS,
+    TRANSPORT_TYPE_GRPC_RERE,
+    SubStatus,
+)
+from flwr.common.serde import run_from_proto
+from flwr.proto.runtime_pb2 import (  # pylint: disable=no-name-in-module
+    AcquireTaskRequest,
+    PullTaskInputRequest,
+    PushTaskOutputRequest,
+)
+from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
+from flwr.server.superlink.linkstate import LinkStateFactory
+from flwr.supercore.constant import TaskType
+from flwr.supercore.error import FlowerError
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.logger import FLOWER_LOGGER, console_handler
+from flwr.superlink.cli.flower_superlink import SuperLinkLifespan
+from flwr.superlink.config_loader import SuperLinkLifespanConfig, load_control_authn_plugin
+from flwr.superlink.main import create_app
+from flwr.superlink.servicer.runtime import runtime_handlers
+
+from fedcost.errors import FederationError
+from fedcost.federation.provision import Federation, fleet_address
+from fedcost.federation.run_folder import run_folder
+from fedcost.server import deploy
+from fedcost.server.link_grid import LinkGrid
+
+IN_MEMORY = ":flwr-in-memory:"  # the SuperLink's state (see processes.run_coordinator)
+LOG_FORMAT = "%(levelname)s %(asctime)s %(name)s: %(message)s"
+_REFUSED_KEY = re.compile(r"Attempted to register SuperNode with public key: (b'[^']*')")
+
+
+class Link:
+    """The SuperLink's APIs, served from threads of this process until ``stop``."""
+
+    def __init__(self, federation: Federation, write: Callable[[str], None], on_refused: Callable[[bytes], None]):
+        self.federation = federation
+        self.logs = LogCopy(write, on_refused)
+        config = _lifespan_config(federation)
+        self.app = create_app(config, SuperLinkLifespan)
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                self.app,
+                host=config.host,
+                port=config.port,
+                ssl_keyfile=config.ssl_keyfile,
+                ssl_certfile=config.ssl_certfile,
+                lifespan="on",
+                log_config=None,
+                access_log=False,
+            )
+        )
+        self.thread = threading.Thread(target=self.server.run, name="superlink", daemon=True)
+
+    @property
+    def state_factory(self) -> LinkStateFactory:
+        return self.app.state.linkstate_factory
+
+    def start(self) -> None:
+        """Serve the operator's port (HTTP) and the nodes' (gRPC); raises ``FederationError``
+        if either cannot be served (the reason is in the coordinator's log)."""
+        self.logs.attach()
+        os.environ[FLWR_INTERNAL_GRPC_FLEET_API] = "1"  # read by SuperLinkLifespan.startup
+        self.thread.start()
+        while not self.server.started and self.thread.is_alive():
+            time.sleep(0.05)
+        if not self.server.started:
+            self.thread.join()
+            raise FederationError(
+                f"the SuperLink could not start on {self.federation.config.bind_host}:{self.federation.config.port} "
+                f"(or the nodes' port after it); see {self.federation.log_file}"
+            )
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.logs.detach()
+
+
+def _lifespan_config(federation: Federation) -> SuperLinkLifespanConfig:
+    """What ``flower-superlink`` would parse from the arguments fedcost gave it: TLS with the
+    federation's certificates, SuperNode authentication, state in memory, the gRPC Fleet API
+    on the port after the federation's, and no SuperExec (the "process" isolation: runs are
+    started by someone else, here ``Runs``, and no one else may claim them)."""
+    config, tls = federation.config, federation.coordinator_dir
+    files = (federation.ca_cert_file, tls / "tls.cert.pem", tls / "tls.key.pem")
+    return SuperLinkLifespanConfig(
+        control_address=CONTROL_API_DEFAULT_SERVER_ADDRESS,
+        health_server_address=None,
+        host=config.bind_host,
+        port=config.port,
+        insecure=False,
+        certificates=(files[0].read_bytes(), files[1].read_bytes(), files[2].read_bytes()),
+        # Flower's HTTP Runtime API hands a submitted run to whoever claims it first; this
+        # secret, known to no one, refuses every claim made over HTTP (``Runs`` claims in memory).
+        superexec_auth_secret=secrets.token_bytes(32),
+        authn_plugin=load_control_authn_plugin(),
+        event_log_plugin=None,
+        fleet_event_log_plugin=None,
+        enable_event_log=False,
+        artifact_provider=None,
+        enable_supernode_auth=True,
+        fleet_api_type=TRANSPORT_TYPE_GRPC_RERE,
+        fleet_api_address=fleet_address(f"{config.bind_host}:{config.port}"),
+        simulation=False,
+        ssl_ca_certfile=str(files[0]),
+        ssl_certfile=str(files[1]),
+        ssl_keyfile=str(files[2]),
+        database=IN_MEMORY,
+        isolation=ISOLATION_MODE_PROCESS,
+        runtime_dependency_install=False,
+    )
+
+
+class _OneLine(logging.Formatter):
+    """A record with a traceback (attached, or in its message, as the web server logs a failed
+    start) as one line ending in the traceback's last (``SystemExit: Port … is already in
+    use``): the reason, not a traceback, in the log an operator reads."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        head, marker, trace = text.partition("Traceback (most recent call last):")
+        return head.rstrip() + " " + trace.strip().splitlines()[-1] if marker and trace.strip() else text
+
+
+class LogCopy(logging.Handler):
+    """Flower's and the web server's log records into the coordinator's log (and not to the
+    console by Flower's own handler); each refused SuperNode key is handed to ``on_refused``."""
+
+    LOGGERS = (FLOWER_LOGGER, logging.getLogger("uvicorn.error"))
+
+    def __init__(self, write: Callable[[str], None], on_refused: Callable[[bytes], None]):
+        super().__init__(logging.INFO)
+        self.setFormatter(_OneLine(LOG_FORMAT))
+        self.write = write
+        self.on_refused = on_refused
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.write(self.format(record))
+        key = refused_key(record.getMessage())
+        if key is not None:
+            self.on_refused(key)
+
+    def attach(self) -> None:
+        FLOWER_LOGGER.removeHandler(console_handler)
+        for logger in self.LOGGERS:
+            logger.addHandler(self)
+            logger.propagate = False
+
+    def detach(self) -> None:
+        for logger in self.LOGGERS:
+            logger.removeHandler(self)
+        FLOWER_LOGGER.addHandler(console_handler)
+
+
+def refused_key(line: str) -> bytes | None:
+    """The SuperNode public key (PEM) that Flower's line says it refused to activate, if any."""
+    match = _REFUSED_KEY.search(line)
+    if match is None:
+        return None
+    try:
+        return ast.literal_eval(match.group(1))
+    except (ValueError, SyntaxError):
+        return None
+
+
+class Runs:
+    """Each run submitted to the SuperLink, run by fedcost's coordinator in a thread of this
+    process, its Flower status kept as Flower's own runtime keeps it."""
+
+    def __init__(self, federation: Federation, state_factory: LinkStateFactory, say: Callable[[str], None]):
+        self.federation = federation
+        self.state_factory = state_factory
+        self.say = say
+
+    def start_submitted(self) -> None:
+        """Claim every run submitted since the last call and start it."""
+        state = self.state_factory.state()
+        request = AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP])
+        while (claimed := runtime_handlers.acquire_task(request, state)).HasField("task"):
+            threading.Thread(
+                target=self._run, args=(claimed.task,), name=f"run-{claimed.task.run_id}", daemon=True
+            ).start()
+
+    def _run(self, task: Task) -> None:
+        """One run, from its start (Flower: running) to its end (finished: completed, or
+        failed with the reason), with the task's heartbeats meanwhile."""
+        state = self.state_factory.state()
+        try:
+            started = runtime_handlers.pull_task_input(PullTaskInputRequest(), state, task)
+        except FlowerError as error:  # e.g. stopped meanwhile with `flwr stop`
+            self.say(f"Flower run {task.run_id} could not start: {error.message}")
+            return
+        beats = HeartbeatSender(lambda: state.acknowledge_task_heartbeat(task.task_id))
+        beats.start()
+        outcome, details = SubStatus.FAILED, ""
+        try:
+            run = run_from_proto(started.run)
+            folder = run_folder(self.federation, run.override_config)
+            self.say(f"run {folder.name} (Flower run {run.run_id}) started")
+            grid = LinkGrid(self.state_factory, task)
+            grid.set_run(run)
+            deploy.serve(grid, self.federation, folder)
+            outcome = SubStatus.COMPLETED
+        except Exception as error:  # the run's own log and error.txt have the details
+            details = f"{type(error).__name__}: {error}"
+        finally:
+            beats.stop()
+            runtime_handlers.push_task_output(PushTaskOutputRequest(sub_status=outcome, details=details), state, task)
+        self.say(f"Flower run {task.run_id} finished: {outcome}{f' ({details})' if details else ''}")
