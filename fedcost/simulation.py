@@ -51,7 +51,7 @@ from fedcost.errors import AuditLogTamperedError, ConfigError, FederationError, 
 from fedcost.federation.run_folder import new_run_id
 from fedcost.identity import Identity, PublicIdentity
 from fedcost.job import glm_state
-from fedcost.linkage.episodes import HOSPITAL, PAYER_ROLES, EpisodePlan
+from fedcost.linkage.episodes import EpisodePlan
 from fedcost.models import glm
 from fedcost.models.metrics import calibration_bins, cost_metrics, readmission_metrics
 from fedcost.models.nets import FedcostNet, build_model
@@ -368,16 +368,15 @@ def _episode_plan(config: SimulationConfig, run_id: str, mapping: DataMapping) -
     window = config.analytics.episode_window()
     if window is None:
         return None
-    linked = [node for node in mapping.nodes if node.episodes is not None]
-    hospitals = tuple(node.name for node in linked if node.role == HOSPITAL)
-    payers = tuple(node.name for node in linked if node.role in PAYER_ROLES)
-    if not hospitals or not payers:
+    linked = {node.name: node.role for node in mapping.nodes if node.episodes is not None}
+    try:
+        return EpisodePlan.linking(run_id, window, config.run.min_cohort, linked)
+    except ValueError as error:
         raise ConfigError(
-            "episodes need a hospital's stays and an insurer's or pharma node's claims: give those nodes "
-            'their extracts in the mapping ([nodes.NAME] episodes = "file.csv"), or leave [analytics] episodes out',
+            f'{error}: give those nodes their extracts in the mapping ([nodes.NAME] episodes = "file.csv"), '
+            "or leave [analytics] episodes out",
             path=str(mapping.path),
-        )
-    return EpisodePlan(run_id, window, config.run.min_cohort, hospitals, payers)
+        ) from None
 
 
 def _check_peer_groups(config: SimulationConfig, names: list[str]) -> None:

@@ -7,6 +7,7 @@ behind, however it ends.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from fedcost.data.files import write_node_files
 from fedcost.data.synthetic import EcosystemSpec, generate_ecosystem
+from fedcost.data.synthetic_episodes import generate_linked_extracts
+from fedcost.linkage import EpisodeWindow
 
 # Two rounds of the GLM on small nodes: enough to see the model train in a few minutes.
 JOB = """
@@ -44,10 +47,18 @@ def fedcost(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
     )
 
 
-def ecosystem(folder: Path, sizes: dict[str, tuple[int, ...]], seed: int = 5) -> tuple[Path, dict[str, str]]:
-    """Node files and their mapping; returns the mapping and each node's role."""
-    nodes = generate_ecosystem(EcosystemSpec.from_sizes(sizes), seed).nodes
-    return write_node_files(((n.name, n.role, n.frame) for n in nodes), folder), {n.name: n.role for n in nodes}
+def ecosystem(
+    folder: Path, sizes: dict[str, tuple[int, ...]], seed: int = 5, window: EpisodeWindow | None = None
+) -> tuple[Path, dict[str, str]]:
+    """Node files and their mapping (with ``window``, the linked episode extracts too, their
+    truth in ``truth.json``); returns the mapping and each node's role."""
+    made = generate_ecosystem(EcosystemSpec.from_sizes(sizes), seed)
+    linked = generate_linked_extracts(made, seed, window) if window else None
+    nodes = made.nodes
+    mapping = write_node_files(((n.name, n.role, n.frame) for n in nodes), folder, linked.extracts if linked else None)
+    if linked:
+        (folder / "truth.json").write_text(json.dumps(linked.truth))
+    return mapping, {n.name: n.role for n in nodes}
 
 
 class Processes:

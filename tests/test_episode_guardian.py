@@ -249,30 +249,22 @@ def test_a_hospital_of_few_stays_withholds_its_totals(mapping, tmp_path, identit
     assert dict(reply.content[rec.LINKAGE]) == {rec.STAGE: "episodes-totals", "withheld": True}
 
 
-def test_a_coordinator_without_an_episode_plan_refuses_a_job_that_asks_for_episodes() -> None:
-    """A deployed job's coordinator has no linkage plan yet: it says so instead of ignoring it."""
-    from fedcost import schema
-    from fedcost.config import AnalyticsSection, SecureAggregationSection, StrategySection
-    from fedcost.data.features import StatisticsLayout
-    from fedcost.errors import ConfigError
-    from fedcost.models.spec import ModelSpec, TrainConfig
-    from fedcost.server.app import CoordinatorPlan
+def test_a_deployed_job_links_every_admitted_hospital_with_every_payer_by_role(tmp_path) -> None:
+    """A deployed coordinator knows its sites' roles from their certificates, not their
+    mappings: the plan links them all (a site without an extract refuses at the hello), and
+    a federation without a hospital or a payer stops the job with the reason."""
+    from fedcost.errors import FederationError
+    from fedcost.federation.job import FederationJob
+    from fedcost.server.deploy import _episode_plan
 
-    with pytest.raises(ConfigError, match="does not run the episode linkage yet"):
-        CoordinatorPlan(
-            run_id=RUN,
-            coordinator_key_id=COORDINATOR.public().key_id,
-            roster=(),
-            rounds=1,
-            seed=0,
-            layout=StatisticsLayout(schema.FEATURES, (schema.READMISSION, schema.COST)),
-            model=ModelSpec(),
-            training=TrainConfig(),
-            strategy=StrategySection(),
-            secure_aggregation=SecureAggregationSection(),
-            config_digest="0" * 64,
-            analytics=AnalyticsSection(episodes={"after_days": 30}),
-        )
+    job = tmp_path / "job.toml"
+    job.write_text('[model]\nkind = "glm"\n\n[analytics]\nepisodes = { before_days = 2, after_days = 14 }\n')
+    roles = {"st-mary": "hospital", "northcare": "insurer", "valley": "hospital", "medco": "pharma"}
+    plan = _episode_plan(FederationJob.load(job), "r1", roles)
+    assert plan is not None and plan.hospitals == ("st-mary", "valley") and plan.payers == ("medco", "northcare")
+    assert (plan.window.before_days, plan.window.after_days) == (2, 14)
+    with pytest.raises(FederationError, match="leave \\[analytics\\] episodes out"):
+        _episode_plan(FederationJob.load(job), "r1", {"st-mary": "hospital", "valley": "hospital"})
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from federation_processes import JOB, Processes, ecosystem, fedcost, wait_for
 
 from fedcost.audit import verify_folder
 from fedcost.federation.processes import free_port
+from fedcost.linkage import EpisodeWindow
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -36,10 +37,17 @@ NO_ANALYTICS = "\n[analytics]\ngroup_by = []\nbenchmark = false\ngroup_costing =
 class Federation:
     """A provisioned federation folder, its node data and its running processes."""
 
-    def __init__(self, folder: Path, sizes: dict[str, tuple[int, ...]], *, days: dict[str, float] | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        sizes: dict[str, tuple[int, ...]],
+        *,
+        days: dict[str, float] | None = None,
+        window: EpisodeWindow | None = None,
+    ):
         self.folder = folder
         self.root = folder / "fed"
-        self.mapping, self.roles = ecosystem(folder / "data", sizes)
+        self.mapping, self.roles = ecosystem(folder / "data", sizes, window=window)
         self.processes = Processes(folder)
         port = free_port()
         assert fedcost("federation", "init", "fed", "--address", f"127.0.0.1:{port}", cwd=folder).returncode == 0
@@ -349,3 +357,30 @@ def test_a_deployed_exact_glm_carries_the_newton_noise_its_job_plans(make_federa
     summary = json.loads((federation.latest_run() / "summary.json").read_text())
     assert summary["glm_privacy"]["epsilon"] == 3.0 and summary["glm_privacy"]["noise_sd"] > 0
     assert all(np.isfinite(r["readmission_auroc"]) for r in _metrics(federation.latest_run()))
+
+
+def test_a_deployed_run_links_episode_costs_equal_to_the_pooled_join(make_federation):
+    """Each node reads its episode extract beside its mapping; the coordinator links every
+    hospital with every payer by their certified roles; the released episode costs equal
+    the synthetic truth's pooled join, and every log reconciles."""
+    window = EpisodeWindow(before_days=3, after_days=30)
+    federation = make_federation({"hospital": (500, 400), "insurer": (400,), "pharma": (300,)}, window=window)
+    federation.start_coordinator()
+    federation.start_nodes()
+    federation.wait_connected()
+    job = JOB.format(rounds=1) + NO_ANALYTICS + "episodes = { before_days = 3, after_days = 30 }\n"
+    (federation.folder / "job.toml").write_text(job)
+    done = fedcost("run", "fed", "job.toml", cwd=federation.folder, timeout=RUN_TIMEOUT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = federation.latest_run()
+    truth = json.loads((federation.folder / "data" / "truth.json").read_text())["hospitals"]
+    released = json.loads((run / "summary.json").read_text())["analytics"]["episodes"]["hospitals"]
+    assert set(released) == set(truth) == {"hospital-1", "hospital-2"}
+    for hospital, expected in truth.items():
+        assert released[hospital]["stays"] == expected["stays"]
+        assert {p: round(v * 100) for p, v in released[hospital]["payers"].items()} == {
+            p: round(v * 100) for p, v in expected["paid_by"].items()
+        }
+    collected = federation.collect(run)
+    assert collected.returncode == 0, collected.stdout
+    assert verify_folder(run).ok

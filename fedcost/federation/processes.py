@@ -248,7 +248,7 @@ def prepare_node(
 
 def _site_mapping(path: Path, name: str, data: Path) -> dict:
     """The mapping with only this site's node, its file (or OMOP extract's folder) set to
-    ``data``, paths made absolute."""
+    ``data``, its other files' paths (test rows, episode extract) made absolute."""
     raw = read_toml(path, "mapping file", MappingError)
     nodes = raw.get("nodes")
     if not isinstance(nodes, dict) or not isinstance(nodes.get(name), dict):
@@ -259,8 +259,9 @@ def _site_mapping(path: Path, name: str, data: Path) -> dict:
         )
     node = dict(nodes[name])
     node["omop" if "omop" in node else "file"] = str(data.resolve())
-    if "test_file" in node:
-        node["test_file"] = str((path.parent / str(node["test_file"])).resolve())
+    for beside in ("test_file", "episodes"):  # files the mapping names beside itself
+        if beside in node:
+            node[beside] = str((path.parent / str(node[beside])).resolve())
     return {**raw, "nodes": {name: node}}
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,6 +42,16 @@ class EpisodePlan:
     min_cohort: int
     hospitals: tuple[str, ...]
     payers: tuple[str, ...]
+
+    @classmethod
+    def linking(cls, run_id: str, window: EpisodeWindow, min_cohort: int, roles: Mapping[str, str]) -> EpisodePlan:
+        """The plan linking every hospital of ``roles`` (site name: role) with every insurer
+        and pharma site; ``ValueError`` if either side is empty."""
+        hospitals = tuple(sorted(name for name, role in roles.items() if role == HOSPITAL))
+        payers = tuple(sorted(name for name, role in roles.items() if role in PAYER_ROLES))
+        if not hospitals or not payers:
+            raise ValueError("episodes need a hospital's stays and an insurer's or pharma site's claims")
+        return cls(run_id, window, min_cohort, hospitals, payers)
 
     def to_json(self) -> str:
         """The plan as a hello states it (the run id and smallest cohort are the hello's own)."""

@@ -43,7 +43,7 @@ from fedcost.config import (
     StrategySection,
 )
 from fedcost.data.features import FeatureSpec, StatisticsLayout
-from fedcost.errors import ConfigError, FederationError
+from fedcost.errors import FederationError
 from fedcost.job import TrainingJob, glm_coefficients, glm_state, newton_blocks, newton_bounds, noisy_releases
 from fedcost.linkage import EpisodeCosts, link_episodes
 from fedcost.linkage.episodes import EpisodePlan
@@ -105,12 +105,7 @@ class CoordinatorPlan:
 
     def __post_init__(self) -> None:
         if self.analytics.episodes and self.episodes is None:
-            raise ConfigError(
-                "the job asks for episodes, and this coordinator has no episode plan (which sites are hospitals "
-                "and which payers, each with its extract): a deployed federation does not run the episode "
-                "linkage yet (fedcost simulate does); leave [analytics] episodes out of the job",
-                field="analytics.episodes",
-            )
+            raise ValueError("the job asks for episodes, and the plan states no episode linkage (EpisodePlan)")
 
     @property
     def noise_sites(self) -> int:

@@ -40,6 +40,7 @@ from fedcost.federation.provision import Federation
 from fedcost.federation.run_folder import ERROR_FILE, FEDERATION_DIR, LOG_FILE, SUMMARY_FILE, run_folder
 from fedcost.files import replace_atomically
 from fedcost.identity.federation_ca import certificate_to_pem, party_identity, utc_now
+from fedcost.linkage.episodes import EpisodePlan
 from fedcost.models.nets import build_model
 from fedcost.privacy.distributed import NewtonNoise
 from fedcost.report import write_report
@@ -129,6 +130,7 @@ def coordinate(grid: Grid, federation: Federation, folder: Path) -> None:
         analytics=config.analytics,
         statistics_privacy=config.statistics_privacy,
         glm_privacy=config.glm_privacy,
+        episodes=_episode_plan(job, folder.name, {i.name: i.role for i in identities}),
     )
     recorder = RunFolderRecorder(folder, job, resume)
     log = AuditLog(folder / "audit" / f"{COORDINATOR}.jsonl", coordinator)
@@ -154,6 +156,20 @@ def coordinate(grid: Grid, federation: Federation, folder: Path) -> None:
     recorder.finish(
         {i.name: i.role for i in identities}, seconds=time.perf_counter() - started, newton_noise=plan.newton_noise
     )
+
+
+def _episode_plan(job: FederationJob, run_id: str, roles: dict[str, str]) -> EpisodePlan | None:
+    """A deployed run links every admitted hospital with every insurer and pharma site (each
+    reads its extract from its own mapping, or refuses at the hello saying so)."""
+    window = job.config.analytics.episode_window()
+    if window is None:
+        return None
+    try:
+        return EpisodePlan.linking(run_id, window, job.config.run.min_cohort, roles)
+    except ValueError as error:
+        raise FederationError(
+            f"{error}, and this federation admits none of one side: leave [analytics] episodes out of the job"
+        ) from None
 
 
 class DeployedGrid:
