@@ -48,8 +48,9 @@ Formulas
 - Totals that carry distributed DP noise (``noise_spread``: its standard deviation on
   each total): the O/E and cost O/E intervals add the noise's half-width to each side in
   quadrature (O/E's noise sd: sqrt(sd_O^2 + (O/E)^2 sd_E^2) / E), and the value index's
-  delta-method variance adds the noise variance of O, E, C and C_E. ERR's intervals and
-  the funnel limits leave it out.
+  delta-method variance adds the noise variance of O, E, C and C_E; ERR's Laplace interval
+  takes O's information as seen through the noise (``excess_readmission_ratios``). The
+  funnel limits, and the noise on E, are left out.
 """
 
 from __future__ import annotations
@@ -354,7 +355,8 @@ def benchmark(
     counts = [[t[slot] for t in totals.values()] for slot in ("n", "observed", "expected")]
     tau2 = funnel_tau2(counts[1], counts[2])
     intercepts = fit_random_intercept(*counts)
-    ratios = dict(zip(totals, excess_readmission_ratios(*counts, intercepts, Z_95), strict=True))
+    errs = excess_readmission_ratios(*counts, intercepts, Z_95, noise=float(spread["observed"]))
+    ratios = dict(zip(totals, errs, strict=True))
     thresholds = (
         peer_medians({name: r.err for name, r in ratios.items()}, peer_groups)
         if peer_groups is not None

@@ -332,8 +332,8 @@ def _noise_note(summary: dict) -> str:
         return ""
     return (
         f"<p>The totals carried differential-privacy noise (SD {noisy['noise_sd']:.3g} readmissions or rows per "
-        "total, costs clipped): the intervals on O/E, cost O/E and the value index include it; the ERR intervals "
-        "and the funnel limits leave it out, so they are too narrow for small sites.</p>"
+        "total, costs clipped): the intervals on O/E, ERR, cost O/E and the value index include it; the funnel "
+        "limits leave it out.</p>"
     )
 
 
