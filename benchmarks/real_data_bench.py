@@ -21,7 +21,7 @@ temporary folder, ``fedcost simulate --data-dir`` runs with the defaults as a wh
 process, and the run's own split is rebuilt (``load_node`` with the run's seed and
 ``test_fraction``, as the run read them from its ``config.toml``). The reference is
 statsmodels on the pooled training rows with the same features (numerics standardised on
-those rows, each category's first level in sorted order as reference, as fedcost's): its IRLS ``GLM.fit`` unpenalised
+those rows, each category's first declared level as reference, as fedcost's): its IRLS ``GLM.fit`` unpenalised
 (the converged pooled fit the acceptance names), and the same ridge penalty as fedcost's
 (λ = ``[model] penalty`` on the slopes, in units of the unit-dispersion log-likelihood,
 costs in units of their training mean) minimised with scipy on statsmodels' family
@@ -195,13 +195,13 @@ def standardised_design(task: RealTask, train: pd.DataFrame, rows: pd.DataFrame)
     """The reference's own encoding, columns named as fedcost names its coefficients: an
     intercept, numerics standardised on the pooled training rows (as fedcost's
     federation-wide statistics do when no site withholds one), one column per category
-    level but the first in sorted order (fedcost's reference level)."""
+    level but the first declared (fedcost's reference level)."""
     columns = {"intercept": np.ones(len(rows))}
     for column in task.numeric:
         mean, sd = train[column].mean(), train[column].std(ddof=0)
         columns[column] = ((rows[column] - mean) / (sd or 1.0)).to_numpy()
     for column, levels in task.categorical.items():
-        for level in sorted(levels)[1:]:
+        for level in levels[1:]:
             columns[f"{column}={level}"] = (rows[column] == level).to_numpy(dtype="float64")
     return pd.DataFrame(columns)
 
