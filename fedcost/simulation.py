@@ -14,7 +14,6 @@ that fails leaves what it wrote (the parties' audit logs above all) in ``<name>.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -326,24 +325,15 @@ def _federate(
     def resolve_setup(context: Context) -> NodeSetup:
         return setups[int(context.node_config["partition-id"])]
 
-    plan = CoordinatorPlan(
+    plan = CoordinatorPlan.for_job(
+        config,
+        folder.config,
         run_id=run_id,
         coordinator_key_id=coordinator.public().key_id,
         roster=roster,
-        rounds=config.run.rounds,
-        seed=config.run.seed,
         layout=StatisticsLayout(mapping.feature_columns, tuple(mapping.targets)),
-        model=config.model,
-        training=config.training,
-        strategy=config.strategy,
-        secure_aggregation=config.secure_aggregation,
-        config_digest=hashlib.sha256(folder.config.read_bytes()).hexdigest(),
-        min_cohort=config.run.min_cohort,
-        analytics=config.analytics,
-        task=task,
-        statistics_privacy=config.statistics_privacy,
         episodes=_episode_plan(config, run_id, mapping),
-        glm_privacy=config.glm_privacy,
+        task=task,
     )
     # Flower warns that run_simulation is deprecated in favour of `flwr run`, which needs a
     # packaged app; fedcost drives the engine from Python on purpose, so only errors show.

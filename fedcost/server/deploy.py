@@ -18,7 +18,6 @@ under way, which ``fedcost run`` shows.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import shutil
@@ -110,27 +109,17 @@ def coordinate(grid: Grid, federation: Federation, folder: Path) -> None:
         (run.identities / f"{identity.name}.cert.pem").write_bytes(certificate_to_pem(node.certificate))
     shutil.copyfile(federation.coordinator_dir / f"{COORDINATOR}.cert.pem", run.identities / f"{COORDINATOR}.cert.pem")
     resume = checkpoint.load(folder)
-    config = job.config
-    plan = CoordinatorPlan(
+    plan = CoordinatorPlan.for_job(
+        job.config,
+        run.job,
         run_id=run.run_id,
         coordinator_key_id=coordinator.public().key_id,
         roster=tuple(sorted((i.name, i.raw_key) for i in identities)),
-        rounds=config.run.rounds,
-        seed=config.run.seed,
         layout=job.data.layout(),
-        model=config.model,
-        training=config.training,
-        strategy=config.strategy,
-        secure_aggregation=config.secure_aggregation,
-        config_digest=hashlib.sha256(run.job.read_bytes()).hexdigest(),
+        episodes=_episode_plan(job, run.run_id, {i.name: i.role for i in identities}),
         hello_records=((roster.RECORD, roster.roster_record([n.certificate for n in admitted], federation.crl())),),
         resume=resume,
-        min_nodes=MIN_SECURE_NODES if config.secure_aggregation.enabled else 1,
-        min_cohort=config.run.min_cohort,
-        analytics=config.analytics,
-        statistics_privacy=config.statistics_privacy,
-        glm_privacy=config.glm_privacy,
-        episodes=_episode_plan(job, run.run_id, {i.name: i.role for i in identities}),
+        min_nodes=MIN_SECURE_NODES if job.config.secure_aggregation.enabled else 1,
     )
     recorder = RunFolderRecorder(folder, job, resume)
     log = AuditLog(run.audit / f"{COORDINATOR}.jsonl", coordinator)
