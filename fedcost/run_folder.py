@@ -107,8 +107,12 @@ class RunFolder:
 
     @property
     def sites(self) -> Path:
-        """Each site's kept steps: ``sites/<name>.json``, and ``sites/<name>.pt`` when it fine-tunes."""
         return self.path / "sites"
+
+    def site_steps(self, site: str) -> Path:
+        """The steps ``site`` kept (``fedcost predict --site``); its fine-tuned weights, if it
+        fine-tunes, are beside them with the suffix ``.pt``."""
+        return self.sites / f"{site}.json"
 
     @property
     def statistics(self) -> Path:
@@ -139,8 +143,11 @@ class RunFolder:
 
     @property
     def policies(self) -> Path:
-        """Each simulated site's policy as its node ran it."""
         return self.path / "policies"
+
+    def policy(self, site: str) -> Path:
+        """A simulated site's policy as its node ran it."""
+        return self.policies / f"{site}.toml"
 
     @property
     def ledgers(self) -> Path:

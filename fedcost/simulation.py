@@ -239,7 +239,7 @@ def _trained(
     steps = {}
     for number, node in enumerate(nodes, 1):
         recorder.stage(f"site steps at {node.name} ({number}/{len(nodes)})")
-        steps[node.name] = _site_steps(config, federated, features, node, folder.sites)
+        steps[node.name] = _site_steps(config, federated, features, node, folder)
     predictions[AT_SITES] = [steps[node.name][1] for node in nodes]
     summary = _summary(run_id, config, mapping, nodes, predictions, features, recorder.rounds)
     summary["site_steps"] = {name: decided.to_dict() for name, (decided, _) in steps.items()}
@@ -399,7 +399,7 @@ def _site_policies(config: SimulationConfig, folder: RunFolder, names: list[str]
             continue
         policy = {**SitePolicy.load(source).to_dict(), "coordinator": coordinator}
         folder.policies.mkdir(exist_ok=True)
-        written[name] = (folder.policies / f"{name}.toml").resolve()
+        written[name] = folder.policy(name).resolve()
         written[name].write_bytes(tomli_w.dumps(policy).encode())
     return written
 
@@ -445,21 +445,22 @@ def _predict(model: torch.nn.Module, features: FeatureSpec, rows: pd.DataFrame) 
 
 
 def _site_steps(
-    config: SimulationConfig, model: FedcostNet, features: FeatureSpec, node: NodeData, folder: Path
+    config: SimulationConfig, model: FedcostNet, features: FeatureSpec, node: NodeData, folder: RunFolder
 ) -> tuple[SiteSteps, dict[str, np.ndarray]]:
     """The shared model as ``node``'s site would use it, and its predictions on the site's
     held-out rows: its cost level and ``[run] adaptation_epochs`` of fine-tuning, each kept
     only where the site's own validation rows show it helps (``models.site_steps``). The
-    steps are saved under ``folder`` for ``fedcost predict --site``."""
+    steps are saved in the run folder for ``fedcost predict --site``."""
     train = features.task_data(node.train)
     seed = derive_seed(config.run.seed, "adaptation", node.name)
     steps, adapted = decide_site_steps(
         model, train, config.training, epochs=config.run.adaptation_epochs, seed=seed, min_rows=config.run.min_cohort
     )
-    folder.mkdir(exist_ok=True)
-    (folder / f"{node.name}.json").write_text(json.dumps(steps.to_dict(), indent=2))
+    folder.sites.mkdir(exist_ok=True)
+    saved = folder.site_steps(node.name)
+    saved.write_text(json.dumps(steps.to_dict(), indent=2))
     if adapted is not None:
-        torch.save(adapted.state_dict(), folder / f"{node.name}.pt")
+        torch.save(adapted.state_dict(), saved.with_suffix(".pt"))
     predictions = steps.predict(model, adapted, features.encode(node.test))
     if "cost" in predictions:
         predictions["cost"] = predictions["cost"] * features.cost_scale

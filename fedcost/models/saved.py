@@ -88,7 +88,7 @@ class SavedModel:
         return pd.DataFrame({OUTPUTS[task]: values for task, values in predictions.items()}, index=rows.index)
 
     def _site(self, site: str) -> tuple[SiteSteps, FedcostNet | None]:
-        path = RunFolder(self.folder).sites / f"{site}.json"
+        path = RunFolder(self.folder).site_steps(site)
         if site not in self.sites():
             known = ", ".join(self.sites()) or "none"
             raise ConfigError(
