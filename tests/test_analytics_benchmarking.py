@@ -20,6 +20,7 @@ from fedcost.analytics.benchmarking import (
     byar_interval,
     calibration,
     funnel_limits,
+    noise_spread,
     shared_vector,
     site_totals,
     standardised,
@@ -226,6 +227,26 @@ def test_cost_ratio_interval_covers_about_95_percent() -> None:
         site = benchmark({"s": site_totals(np.zeros(800), np.full(800, 0.1), cost, expected)}).sites[0]
         covered.append(site.cost_ratio_low <= 1 <= site.cost_ratio_high)
     assert 0.92 <= np.mean(covered) <= 0.98
+
+
+def test_intervals_on_noisy_totals_cover_about_95_percent_where_noise_free_ones_do_not() -> None:
+    """Totals with distributed DP noise (sd 5 rows per total, costs clipped at 2,000): the
+    O/E and cost O/E intervals that include the noise cover the truth (1) at about their
+    level; the same intervals without it are too narrow."""
+    rng = np.random.default_rng(4)
+    spread = noise_spread(5.0, 2000.0, {"readmission": 1.0, "cost": 1.0})
+    truth = np.array([400.0, 0.0, 40.0, 400_000.0, 400_000.0, 400 * 300.0**2])
+    covered: dict[str, list[tuple[bool, bool]]] = {"with": [], "without": []}
+    for _ in range(800):
+        totals = truth.copy()
+        totals[SITE_SLOTS.index("observed")] = rng.poisson(40.0)
+        noisy = totals + rng.normal(0.0, spread)
+        for key, noise in (("with", spread), ("without", None)):
+            site = benchmark({"s": noisy}, noise=noise).sites[0]
+            covered[key].append((site.oe_low <= 1 <= site.oe_high, site.cost_ratio_low <= 1 <= site.cost_ratio_high))
+    with_noise, without = np.mean(covered["with"], axis=0), np.mean(covered["without"], axis=0)
+    assert 0.92 <= with_noise[0] <= 0.99 and without[0] < 0.9, (with_noise, without)
+    assert with_noise[1] >= 0.92 and without[1] < 0.6, (with_noise, without)
 
 
 def test_funnel_png_is_written(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.special import expit
 
 from fedcost.analytics.benchmarking import Z_95, benchmark, funnel_limits
 from fedcost.analytics.random_effects import (
@@ -127,3 +128,26 @@ def test_peer_groups_compare_each_err_with_its_groups_median() -> None:
     assert all(s.err_threshold == pytest.approx(by_group[s.peer_group]) for s in result.sites)
     assert by_group["odd"] > by_group["even"]
     assert all(s.err_threshold == 1.0 and s.peer_group == "" for s in benchmark(sites).sites)
+
+
+def test_err_intervals_on_noisy_observed_counts_cover_about_95_percent_with_the_noise_in() -> None:
+    """O released with DP noise (sd 5): the ERR interval that takes O's information as seen
+    through the noise covers each site's true ratio at about its level; one that ignores
+    the noise falls short."""
+    rng = np.random.default_rng(7)
+    covered: dict[float, list[bool]] = {5.0: [], 0.0: []}
+    for _ in range(30):
+        n = rng.integers(80, 400, 30).astype(float)
+        case_mix = -1.7 + rng.normal(0, 0.3, 30)
+        effect = rng.normal(0, 0.25, 30)
+        expected = n * expit(case_mix)
+        noisy = rng.binomial(n.astype(int), expit(case_mix + effect)) + rng.normal(0, 5.0, 30)
+        fit = fit_random_intercept(n, noisy, expected)
+        offset = np.log(expected / (n - expected))
+        truth = expit(offset + fit.mu + effect) / expit(offset + fit.mu)
+        for noise in covered:
+            ratios = excess_readmission_ratios(n, noisy, expected, fit, Z_95, noise=noise)
+            covered[noise] += [r.low <= t <= r.high for r, t in zip(ratios, truth, strict=True)]
+    assert 0.91 <= np.mean(covered[5.0]) <= 0.98 and np.mean(covered[0.0]) < 0.9, {
+        k: np.mean(v) for k, v in covered.items()
+    }

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 import torch
@@ -188,6 +190,45 @@ def test_an_unexpected_error_never_prints_the_locals_of_its_traceback() -> None:
     assert result.returncode != 0
     assert "RuntimeError" in result.stderr + result.stdout
     assert "SECRET-ROW-4711" not in result.stderr + result.stdout
+
+
+BROWSER = next(
+    (shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None
+)
+# Counted in the page once it has loaded: images that did not load, and the sections shown.
+_PROBE = """<script>window.addEventListener("load", () => {
+  const broken = [...document.images].filter((image) => !image.complete || image.naturalWidth === 0);
+  document.body.dataset.images = document.images.length;
+  document.body.dataset.broken = broken.map((image) => image.getAttribute("src")).join(" ");
+});</script>"""
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no headless Chromium (scripts/setup installs one where apt-get may)")
+def test_the_report_renders_in_a_headless_browser_with_every_image_and_section(
+    small_run: tuple[subprocess.CompletedProcess, Path], tmp_path: Path
+) -> None:
+    _, run = small_run
+    assert BROWSER is not None
+    page = run / "report-probe.html"  # beside the report: its images resolve as the report's do
+    page.write_text((run / "report.html").read_text().replace("</body>", _PROBE + "</body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", f"--user-data-dir={tmp_path}"]
+    dom = subprocess.run(
+        [BROWSER, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [BROWSER, *flags, "--window-size=1280,3000", f"--screenshot={shot}", (run / "report.html").as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
+    page.unlink()
+    images = re.search(r'data-images="(\d+)"', dom)
+    assert images is not None, "the page did not finish loading in the browser"
+    assert int(images.group(1)) >= 5 and 'data-broken=""' in dom, re.search(r'data-broken="[^"]*"', dom)
+    for section in ("Plots", "Federated against pooled and local-only", "Risk-adjusted benchmarking", "Privacy"):
+        assert f"<h2>{section}</h2>" in dom, section
+    pixels = plt.imread(shot)
+    assert pixels.shape[:2] == (3000, 1280) and pixels[..., :3].std() > 0.05, "the screenshot is blank"
 
 
 def test_predict_scores_a_sites_rows_with_the_runs_model_and_its_kept_steps(

@@ -45,6 +45,12 @@ Formulas
   widened for between-site variation: ``analytics.random_effects``, from n, O and E.
   The funnel position (``funnel``) is read against the widened limits; the ``above_*``
   and ``below_*`` flags against the Poisson ones.
+- Totals that carry distributed DP noise (``noise_spread``: its standard deviation on
+  each total): the O/E and cost O/E intervals add the noise's half-width to each side in
+  quadrature (O/E's noise sd: sqrt(sd_O^2 + (O/E)^2 sd_E^2) / E), and the value index's
+  delta-method variance adds the noise variance of O, E, C and C_E; ERR's Laplace interval
+  takes O's information as seen through the noise (``excess_readmission_ratios``). The
+  funnel limits, and the noise on E, are left out.
 """
 
 from __future__ import annotations
@@ -291,16 +297,35 @@ def position_in_funnel(oe: float, limits_95: tuple[float, float], limits_998: tu
     return "within limits"
 
 
-def value_index_interval(value_index: float, t: Mapping[str, float], rate: float, z: float) -> tuple[float, float]:
+def noise_spread(sd: float, cost_clip: float, calibration: Mapping[str, float]) -> np.ndarray:
+    """The standard deviation of the DP noise on each of a site's totals (``SITE_SLOTS``
+    order) after ``standardised``: ``sd`` bounds of a row per total, expected totals scaled
+    by the ``calibration`` factors as they were."""
+    spread = sd * noisy_bounds(1, cost_clip)
+    for outcome, (expected, _) in STANDARDISED.items():
+        spread[SITE_SLOTS.index(expected)] *= calibration[outcome]
+    return spread
+
+
+def _widened(centre: float, low: float, high: float, noise: float) -> tuple[float, float]:
+    """An interval with the noise's half-width added to each side in quadrature."""
+    return max(centre - math.hypot(centre - low, noise), 0.0), centre + math.hypot(high - centre, noise)
+
+
+def value_index_interval(
+    value_index: float, t: Mapping[str, float], rate: float, z: float, noise: Mapping[str, float]
+) -> tuple[float, float]:
     """The delta-method interval of a value index on the log scale (O Poisson, cost SE from
-    the squared residuals, the two independent)."""
+    the squared residuals, each total's DP noise of sd ``noise``, all independent)."""
     oe, ratio = t["observed"] / t["expected"], t["cost_observed"] / t["cost_expected"]
     readmission_free = 1 - oe * rate
     if readmission_free <= 0 or ratio <= 0:
         return value_index, value_index
-    variance = (rate**2 * t["observed"] / t["expected"] ** 2) / readmission_free**2 + (
-        t["cost_residual_ss"] / t["cost_expected"] ** 2
-    ) / ratio**2
+    oe_variance = (t["observed"] + noise["observed"] ** 2 + (oe * noise["expected"]) ** 2) / t["expected"] ** 2
+    cost_variance = (
+        max(t["cost_residual_ss"], 0.0) + noise["cost_observed"] ** 2 + (ratio * noise["cost_expected"]) ** 2
+    ) / t["cost_expected"] ** 2
+    variance = rate**2 * oe_variance / readmission_free**2 + cost_variance / ratio**2
     spread = z * math.sqrt(variance)
     return value_index * math.exp(-spread), value_index * math.exp(spread)
 
@@ -310,13 +335,16 @@ def benchmark(
     *,
     peer_groups: Mapping[str, str] | None = None,
     calibration: Mapping[str, float] | None = None,
+    noise: np.ndarray | None = None,
 ) -> Benchmark:
     """Risk-adjusted results for every site from the totals each shared (``site_totals``).
 
     ``peer_groups`` maps sites to their peer group (a site left out is in a group of its
     own kind, "": every unnamed site together); ``calibration``: the factors the totals
-    were standardised by, kept for the report.
+    were standardised by, kept for the report; ``noise``: the DP noise's sd on each total
+    (``noise_spread``), for totals that carry it.
     """
+    spread = dict(zip(SITE_SLOTS, np.zeros(len(SITE_SLOTS)) if noise is None else noise, strict=True))
     totals = {
         name: dict(zip(SITE_SLOTS, np.asarray(vector, dtype="float64").tolist(), strict=True))
         for name, vector in sites.items()
@@ -327,7 +355,8 @@ def benchmark(
     counts = [[t[slot] for t in totals.values()] for slot in ("n", "observed", "expected")]
     tau2 = funnel_tau2(counts[1], counts[2])
     intercepts = fit_random_intercept(*counts)
-    ratios = dict(zip(totals, excess_readmission_ratios(*counts, intercepts, Z_95), strict=True))
+    errs = excess_readmission_ratios(*counts, intercepts, Z_95, noise=float(spread["observed"]))
+    ratios = dict(zip(totals, errs, strict=True))
     thresholds = (
         peer_medians({name: r.err for name, r in ratios.items()}, peer_groups)
         if peer_groups is not None
@@ -337,17 +366,20 @@ def benchmark(
     for name, t in totals.items():
         observed, expected = t["observed"], t["expected"]
         oe = observed / expected
-        oe_low, oe_high = (bound / expected for bound in byar_interval(observed, Z_95))
+        low, high = (bound / expected for bound in byar_interval(observed, Z_95))
+        noise_half_width = Z_95 * math.hypot(spread["observed"], oe * spread["expected"]) / expected
+        oe_low, oe_high = _widened(oe, low, high, noise_half_width)
         (l95,), (h95,) = funnel_limits([expected], Z_95)
         (l998,), (h998,) = funnel_limits([expected], Z_998)
         od95, od998 = (tuple(float(b) for b in overdispersed_limits(expected, z, tau2)) for z in (Z_95, Z_998))
         ratio = t["cost_observed"] / t["cost_expected"]
-        half_width = Z_95 * math.sqrt(t["cost_residual_ss"]) / t["cost_expected"]
+        cost_variance = max(t["cost_residual_ss"], 0.0) + spread["cost_observed"] ** 2
+        half_width = Z_95 * math.sqrt(cost_variance + (ratio * spread["cost_expected"]) ** 2) / t["cost_expected"]
         rar, rac = oe * rate, ratio * mean_cost
         if rac > 0 and mean_cost > 0:
             value = (1 - rar) / rac
             value_index = value / ((1 - rate) / mean_cost)
-            vi_low, vi_high = value_index_interval(value_index, t, rate, Z_95)
+            vi_low, vi_high = value_index_interval(value_index, t, rate, Z_95, spread)
         else:  # a noisy cost total at or below zero (DP on few rows): no value to speak of
             value = value_index = vi_low = vi_high = math.nan
         results.append(

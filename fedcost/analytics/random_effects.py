@@ -175,12 +175,26 @@ def fit_random_intercept(n: Sequence[float], observed: Sequence[float], expected
 
 
 def excess_readmission_ratios(
-    n: Sequence[float], observed: Sequence[float], expected: Sequence[float], fit: RandomIntercept, z: float
+    n: Sequence[float],
+    observed: Sequence[float],
+    expected: Sequence[float],
+    fit: RandomIntercept,
+    z: float,
+    noise: float = 0.0,
 ) -> list[ExcessRatio]:
-    """Each site's ERR (posterior mode) with its Laplace interval at ``z``."""
+    """Each site's ERR (posterior mode) with its Laplace interval at ``z``.
+
+    ``noise``: the sd of DP noise on each O. The interval then takes the information O
+    carries about a site's effect as a count seen through that noise, (npq)^2 / (npq +
+    noise^2) instead of npq (the normal approximation's Fisher information), so it widens
+    where the noise is large against the site's own binomial spread.
+    """
     n, observed, expected = (np.asarray(a, dtype="float64") for a in (n, observed, expected))
     offset = _offsets(n, expected)
     mode, curvature = _posterior_mode(n, np.clip(observed, 0, n), offset, fit.mu, fit.tau)
+    if noise > 0:
+        binomial = curvature - 1 / fit.tau**2
+        curvature = binomial**2 / (binomial + noise**2) + 1 / fit.tau**2
     spread = z / np.sqrt(curvature)
     average = expit(offset + fit.mu)
 

@@ -333,7 +333,8 @@ def _noise_note(summary: dict) -> str:
         return ""
     return (
         f"<p>The totals carried differential-privacy noise (SD {noisy['noise_sd']:.3g} readmissions or rows per "
-        "total, costs clipped): the intervals above leave that noise out, so they are too narrow for small sites.</p>"
+        "total, costs clipped): the intervals on O/E, ERR, cost O/E and the value index include it; the funnel "
+        "limits leave it out.</p>"
     )
 
 

@@ -497,13 +497,15 @@ class Coordinator:
         names, noise = [name for name, _ in self.plan.roster], self.plan.noise
         shape = (shared_vector_size(len(names), noisy=noise is not None),)
         result = self._sum("benchmark", self.plan.rounds, [shape], node_ids, arrays, job.to_json())
+        spread = None
         if noise is None:
             totals = totals_from_shared_vector(result.arrays[0], names)
         else:
             noisy = result.arrays[0] * benchmarking.noisy_bounds(len(names), noise.cost_clip)
             totals = totals_from_shared_vector(noisy, names, noisy=True)
+            spread = benchmarking.noise_spread(noise.sd, noise.cost_clip, calibration(totals))
         peers = self.plan.analytics.peer_groups or None
-        compared = benchmark(standardised(totals), peer_groups=peers, calibration=calibration(totals))
+        compared = benchmark(standardised(totals), peer_groups=peers, calibration=calibration(totals), noise=spread)
         self.observer.on_benchmark(compared, result.included)
 
     def _train_round(self, server_round: int, arrays: ArrayRecord, job: TrainingJob) -> tuple[ArrayRecord, SumResult]:

@@ -106,8 +106,10 @@ class SharedSums:
                 if attempt == attempts or len(node_ids) < MIN_SECURE_NODES:
                     raise FederationError(
                         f"round {server_round} {purpose}: secure aggregation aborted after {attempt} attempt(s): "
-                        f"{aborted.reason}. Too many nodes dropped out for the sum to be recovered; "
-                        "check the nodes' logs, or raise [secure_aggregation] dropout_tolerance or retries"
+                        f"{aborted.reason}. The sum could not be recovered: where nodes dropped out, raise "
+                        "[secure_aggregation] dropout_tolerance or retries; where a site was lost after its masked "
+                        "input, the others refuse a sum without it (it would give away that site's input): run the "
+                        "job again once that site is back, or without it. The nodes' logs say which"
                     ) from None
         raise AssertionError("unreachable")
 
