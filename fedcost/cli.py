@@ -18,6 +18,7 @@ from fedcost.errors import ConfigError, FedcostError
 from fedcost.federation.cli import OLD_FORMS, coordinator_app, federation_app, node_app
 from fedcost.federation.cli import run as run_job
 from fedcost.report.units import cost_unit
+from fedcost.run_folder import RunFolder
 from fedcost.terminal import PoliteTyper, RoundProgress, console, fail
 
 if TYPE_CHECKING:  # torch, Flower and pandas load only inside the commands that need them
@@ -36,7 +37,7 @@ app.add_typer(coordinator_app, name="coordinator", help="Run the federation's co
 app.add_typer(node_app, name="node", help="Run a site's node from its startup kit.")
 app.command(name="run", context_settings=OLD_FORMS)(run_job)
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
-RunFolder = Annotated[
+OutFolder = Annotated[
     Path | None, typer.Option("--out", help="Run folder to create, new or empty (default: runs/<run-id>)")
 ]
 DataDir = Annotated[
@@ -64,7 +65,7 @@ def simulate(
     config: Annotated[
         Path | None, typer.Argument(help="Simulation config (TOML); default: configs/default.toml")
     ] = None,
-    out: RunFolder = None,
+    out: OutFolder = None,
     data_dir: DataDir = None,
 ) -> None:
     """Run a federation on Flower's Simulation Engine and compare it with pooled and local-only training."""
@@ -75,7 +76,7 @@ def simulate(
         console.print(_group_costing_table(result.summary["analytics"]["group_costing"], result.summary))
     if "episodes" in result.summary["analytics"]:
         _print_episodes(result.summary)
-    console.print(f"run folder: [bold]{result.run_dir}[/bold] (report: {result.run_dir / 'report.html'})")
+    console.print(f"run folder: [bold]{result.run_dir}[/bold] (report: {RunFolder(result.run_dir).report})")
     _warn_unconverged(result.summary.get("inference", {}))
     console.print(_comparison_table(result.summary))  # the headline: the terminal ends with it
 
@@ -93,7 +94,7 @@ def analyze(
     config: Annotated[
         Path | None, typer.Argument(help="Config (TOML) whose \\[analytics] group_by sets the cells")
     ] = None,
-    out: RunFolder = None,
+    out: OutFolder = None,
     data_dir: DataDir = None,
 ) -> None:
     """Federated cost statistics by group (counts, exact sums, means, variances, quantiles), small cells suppressed."""
@@ -111,7 +112,7 @@ def analyze(
     if "episodes" in result.summary["analytics"]:
         _print_episodes(result.summary)
     console.print(
-        f"run folder: [bold]{result.run_dir}[/bold] (statistics.csv, report: {result.run_dir / 'report.html'})"
+        f"run folder: [bold]{result.run_dir}[/bold] (statistics.csv, report: {RunFolder(result.run_dir).report})"
     )
 
 

@@ -14,7 +14,6 @@ that fails leaves what it wrote (the parties' audit logs above all) in ``<name>.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -48,7 +47,6 @@ from fedcost.data.mapping import DataMapping
 from fedcost.data.synthetic import generate_ecosystem
 from fedcost.data.synthetic_episodes import generate_linked_extracts
 from fedcost.errors import AuditLogTamperedError, ConfigError, FederationError, ModelFitError
-from fedcost.federation.run_folder import new_run_id
 from fedcost.identity import Identity, PublicIdentity
 from fedcost.job import glm_state
 from fedcost.linkage.episodes import EpisodePlan
@@ -65,18 +63,17 @@ from fedcost.privacy.ledger import recorded_spending
 from fedcost.ray_engine import ray_engine
 from fedcost.report import write_report
 from fedcost.report.progress import ProgressRecorder, glm_privacy_summary
+from fedcost.run_folder import RunFolder, new_run_id
 from fedcost.seeding import derive_seed
 from fedcost.server.app import CoordinatorPlan, make_server_app
 from fedcost.wire import COORDINATOR
 
-LEDGERS = "ledgers"  # each site's release ledger: a simulation's sites live as long as the run
 Task = Literal["train", "analyze"]
 # A site alone would train until its model settles: at least this many optimizer steps.
 MIN_LOCAL_STEPS = 300
 # The federated model as each site would use it: with the steps (its own cost level, fine-
 # tuning) its validation rows show help, reported apart from the shared model itself.
 AT_SITES = "federated_at_sites"
-SITES_DIR = "sites"  # each site's steps: sites/<name>.json, and sites/<name>.pt when it fine-tunes
 
 
 @dataclass(frozen=True)
@@ -132,7 +129,7 @@ def simulate(
     staging.mkdir(parents=True)
     try:
         recorder = RunRecorder(staging, on_round, on_stage)
-        summary = _run(config, run_id, staging, mapping, nodes, on_start, recorder, task)
+        summary = _run(config, run_id, RunFolder(staging), mapping, nodes, on_start, recorder, task)
         if final.exists():
             final.rmdir()
         staging.rename(final)
@@ -151,7 +148,7 @@ def _keep_failed(staging: Path, final: Path, error: BaseException) -> None:
     failed = final.with_name(f"{final.name}.failed")
     if failed.exists():
         failed = final.with_name(f"{final.name}.failed-{uuid.uuid4().hex[:6]}")
-    (staging / "error.txt").write_text(f"{type(error).__name__}: {error}\n")
+    RunFolder(staging).error.write_text(f"{type(error).__name__}: {error}\n")
     staging.rename(failed)
     error.add_note(f"what the run wrote before it stopped (audit logs, config) is in {failed}")
 
@@ -159,7 +156,7 @@ def _keep_failed(staging: Path, final: Path, error: BaseException) -> None:
 def _run(
     config: SimulationConfig,
     run_id: str,
-    folder: Path,
+    folder: RunFolder,
     mapping: DataMapping | None,
     nodes: list[NodeData] | None,
     on_start: Callable[[], None],
@@ -172,17 +169,17 @@ def _run(
         ecosystem = generate_ecosystem(config.ecosystem.spec(), config.run.seed)
         linked = generate_linked_extracts(ecosystem, config.run.seed, window) if window else None
         files = write_node_files(
-            ((n.name, n.role, n.frame) for n in ecosystem.nodes), folder / "data", linked.extracts if linked else None
+            ((n.name, n.role, n.frame) for n in ecosystem.nodes), folder.data, linked.extracts if linked else None
         )
         mapping = DataMapping.load(files)
         truth = ecosystem.truth | ({"episodes": linked.truth} if linked else {})
-        (folder / "truth.json").write_text(json.dumps(truth, indent=2))
+        folder.truth.write_text(json.dumps(truth, indent=2))
         nodes = _load_nodes(mapping, config)
     assert nodes is not None
     config = replace(
         config, model=replace(config.model, tasks=mapping.tasks), analytics=_analytics_for(config, mapping)
     )
-    (folder / "config.toml").write_bytes(tomli_w.dumps(config.resolved()).encode())
+    folder.config.write_bytes(tomli_w.dumps(config.resolved()).encode())
 
     on_start()
     plan = _federate(config, run_id, folder, mapping, recorder, task)
@@ -210,16 +207,16 @@ def _run(
     if plan.newton_noise is not None:
         summary["glm_privacy"] = glm_privacy_summary(config, plan.newton_noise)
     summary["seconds"] = round(time.perf_counter() - started, 1)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    folder.summary.write_text(json.dumps(summary, indent=2))
     recorder.stage("writing the report")
-    write_report(folder, summary, recorder.rounds)
+    write_report(folder.path, summary, recorder.rounds)
     return summary
 
 
 def _trained(
     config: SimulationConfig,
     run_id: str,
-    folder: Path,
+    folder: RunFolder,
     mapping: DataMapping,
     nodes: list[NodeData],
     recorder: RunRecorder,
@@ -230,8 +227,8 @@ def _trained(
     features = recorder.features
     federated = build_model(config.model, features.n_features, seed=config.run.seed)
     federated.load_state_dict({k: torch.from_numpy(v) for k, v in recorder.weights.items()})
-    torch.save(federated.state_dict(), folder / "model.pt")
-    (folder / "model.json").write_text(
+    torch.save(federated.state_dict(), folder.weights)
+    folder.model.write_text(
         json.dumps({"model": dataclasses.asdict(config.model), "features": features.to_dict()}, indent=2)
     )
 
@@ -242,7 +239,7 @@ def _trained(
     steps = {}
     for number, node in enumerate(nodes, 1):
         recorder.stage(f"site steps at {node.name} ({number}/{len(nodes)})")
-        steps[node.name] = _site_steps(config, federated, features, node, folder / SITES_DIR)
+        steps[node.name] = _site_steps(config, federated, features, node, folder)
     predictions[AT_SITES] = [steps[node.name][1] for node in nodes]
     summary = _summary(run_id, config, mapping, nodes, predictions, features, recorder.rounds)
     summary["site_steps"] = {name: decided.to_dict() for name, (decided, _) in steps.items()}
@@ -291,7 +288,7 @@ def _load_nodes(mapping: DataMapping, config: SimulationConfig) -> list[NodeData
 
 
 def _federate(
-    config: SimulationConfig, run_id: str, folder: Path, mapping: DataMapping, recorder: RunRecorder, task: Task
+    config: SimulationConfig, run_id: str, folder: RunFolder, mapping: DataMapping, recorder: RunRecorder, task: Task
 ) -> CoordinatorPlan:
     """The federation proper, on Flower's Simulation Engine; returns the plan it ran.
 
@@ -300,10 +297,10 @@ def _federate(
     """
     coordinator = Identity.generate(COORDINATOR, "coordinator")
     identities = {node.name: Identity.generate(node.name, node.role) for node in mapping.nodes}
-    (folder / "identities").mkdir()
+    folder.identities.mkdir()
     for identity in [coordinator, *identities.values()]:
-        identity.public().save(folder / "identities")
-    (folder / "audit").mkdir()
+        identity.public().save(folder.identities)
+    folder.audit.mkdir()
     roster = tuple(sorted((name, identity.public().raw_key) for name, identity in identities.items()))
     _check_peer_groups(config, [node.name for node in mapping.nodes])
     policies = _site_policies(config, folder, [node.name for node in mapping.nodes], coordinator.public().key_id)
@@ -317,41 +314,32 @@ def _federate(
             roster=roster,
             drop_rounds=config.simulation.drop_nodes.get(node.name, ()),
             drop_stage=config.simulation.drop_stage,
-            audit_dir=(folder / "audit").resolve(),
+            audit_dir=folder.audit.resolve(),
             policy=policies.get(node.name),
-            ledger=(folder / LEDGERS / f"{node.name}{LEDGER_SUFFIX}").resolve(),
+            ledger=(folder.ledgers / f"{node.name}{LEDGER_SUFFIX}").resolve(),
         )
         for node in mapping.nodes
     ]
-    (folder / LEDGERS).mkdir()
+    folder.ledgers.mkdir()
 
     def resolve_setup(context: Context) -> NodeSetup:
         return setups[int(context.node_config["partition-id"])]
 
-    plan = CoordinatorPlan(
+    plan = CoordinatorPlan.for_job(
+        config,
+        folder.config,
         run_id=run_id,
         coordinator_key_id=coordinator.public().key_id,
         roster=roster,
-        rounds=config.run.rounds,
-        seed=config.run.seed,
         layout=StatisticsLayout(mapping.feature_columns, tuple(mapping.targets)),
-        model=config.model,
-        training=config.training,
-        strategy=config.strategy,
-        secure_aggregation=config.secure_aggregation,
-        config_digest=hashlib.sha256((folder / "config.toml").read_bytes()).hexdigest(),
-        min_cohort=config.run.min_cohort,
-        analytics=config.analytics,
-        task=task,
-        statistics_privacy=config.statistics_privacy,
         episodes=_episode_plan(config, run_id, mapping),
-        glm_privacy=config.glm_privacy,
+        task=task,
     )
     # Flower warns that run_simulation is deprecated in favour of `flwr run`, which needs a
     # packaged app; fedcost drives the engine from Python on purpose, so only errors show.
     logging.getLogger("flwr").setLevel(logging.ERROR)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    log = AuditLog(folder / "audit" / f"{COORDINATOR}.jsonl", coordinator)
+    log = AuditLog(folder.audit / f"{COORDINATOR}.jsonl", coordinator)
     with ray_engine(config.simulation, len(setups)) as placement:
         recorder.placement = placement.to_dict()
         run_simulation(
@@ -390,7 +378,7 @@ def _check_peer_groups(config: SimulationConfig, names: list[str]) -> None:
         )
 
 
-def _site_policies(config: SimulationConfig, folder: Path, names: list[str], coordinator: str) -> dict[str, Path]:
+def _site_policies(config: SimulationConfig, folder: RunFolder, names: list[str], coordinator: str) -> dict[str, Path]:
     """Each site's policy as the node reads it, written to ``policies/<name>.toml`` in the run.
 
     A simulation creates every identity afresh, so each policy's ``coordinator`` is set to
@@ -410,13 +398,13 @@ def _site_policies(config: SimulationConfig, folder: Path, names: list[str], coo
         if not source:
             continue
         policy = {**SitePolicy.load(source).to_dict(), "coordinator": coordinator}
-        (folder / "policies").mkdir(exist_ok=True)
-        written[name] = (folder / "policies" / f"{name}.toml").resolve()
+        folder.policies.mkdir(exist_ok=True)
+        written[name] = folder.policy(name).resolve()
         written[name].write_bytes(tomli_w.dumps(policy).encode())
     return written
 
 
-def _privacy_summary(config: SimulationConfig, folder: Path, nodes: list[NodeData]) -> dict:
+def _privacy_summary(config: SimulationConfig, folder: RunFolder, nodes: list[NodeData]) -> dict:
     """ε spent per site, from its release ledger under its policy; a site without DP reports
     ``dp: false``."""
     summary = {}
@@ -426,8 +414,8 @@ def _privacy_summary(config: SimulationConfig, folder: Path, nodes: list[NodeDat
         if privacy is None or not privacy.enabled:
             summary[node.name] = {"dp": False}
             continue
-        identity = PublicIdentity.load(folder / "identities" / f"{node.name}.pub.json")
-        spending = recorded_spending(folder / LEDGERS / f"{node.name}{LEDGER_SUFFIX}", identity)
+        identity = PublicIdentity.load(folder.identities / f"{node.name}.pub.json")
+        spending = recorded_spending(folder.ledgers / f"{node.name}{LEDGER_SUFFIX}", identity)
         ledger = accountant(spending, privacy)
         summary[node.name] = {
             "dp": True,
@@ -440,9 +428,9 @@ def _privacy_summary(config: SimulationConfig, folder: Path, nodes: list[NodeDat
     return summary
 
 
-def _verify_audit(folder: Path) -> dict:
+def _verify_audit(folder: RunFolder) -> dict:
     """Every party's log must verify and reconcile before the run counts as finished."""
-    verification = verify_folder(folder)
+    verification = verify_folder(folder.path)
     if not verification.ok:
         problems = "; ".join(str(p) for p in verification.problems[:5])
         raise AuditLogTamperedError(f"the run's audit logs do not verify: {problems}")
@@ -457,21 +445,22 @@ def _predict(model: torch.nn.Module, features: FeatureSpec, rows: pd.DataFrame) 
 
 
 def _site_steps(
-    config: SimulationConfig, model: FedcostNet, features: FeatureSpec, node: NodeData, folder: Path
+    config: SimulationConfig, model: FedcostNet, features: FeatureSpec, node: NodeData, folder: RunFolder
 ) -> tuple[SiteSteps, dict[str, np.ndarray]]:
     """The shared model as ``node``'s site would use it, and its predictions on the site's
     held-out rows: its cost level and ``[run] adaptation_epochs`` of fine-tuning, each kept
     only where the site's own validation rows show it helps (``models.site_steps``). The
-    steps are saved under ``folder`` for ``fedcost predict --site``."""
+    steps are saved in the run folder for ``fedcost predict --site``."""
     train = features.task_data(node.train)
     seed = derive_seed(config.run.seed, "adaptation", node.name)
     steps, adapted = decide_site_steps(
         model, train, config.training, epochs=config.run.adaptation_epochs, seed=seed, min_rows=config.run.min_cohort
     )
-    folder.mkdir(exist_ok=True)
-    (folder / f"{node.name}.json").write_text(json.dumps(steps.to_dict(), indent=2))
+    folder.sites.mkdir(exist_ok=True)
+    saved = folder.site_steps(node.name)
+    saved.write_text(json.dumps(steps.to_dict(), indent=2))
     if adapted is not None:
-        torch.save(adapted.state_dict(), folder / f"{node.name}.pt")
+        torch.save(adapted.state_dict(), saved.with_suffix(".pt"))
     predictions = steps.predict(model, adapted, features.encode(node.test))
     if "cost" in predictions:
         predictions["cost"] = predictions["cost"] * features.cost_scale

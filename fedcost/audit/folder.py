@@ -13,6 +13,7 @@ from fedcost.audit.pins import Pins
 from fedcost.audit.reconcile import Problem, reconcile, withdrawals
 from fedcost.errors import AuditLogTamperedError, CertificateError, ConfigError
 from fedcost.identity import PublicIdentity
+from fedcost.run_folder import RunFolder
 
 LOG_SUFFIX = ".jsonl"
 IDENTITY_SUFFIX = ".pub.json"
@@ -67,8 +68,9 @@ class _Layout:
     @classmethod
     def of(cls, root: Path) -> _Layout:
         """A run folder (``audit/`` and ``identities/``) or one folder holding both."""
-        logs = root / "audit" if (root / "audit").is_dir() else root
-        return cls(root, logs, root / "identities" if (root / "identities").is_dir() else logs)
+        run = RunFolder(root)
+        logs = run.audit if run.audit.is_dir() else root
+        return cls(root, logs, run.identities if run.identities.is_dir() else logs)
 
     def parties(self) -> set[str]:
         """Every party with a log or an identity file here."""

@@ -16,9 +16,9 @@ import numpy as np
 from fedcost.data.features import FeatureSpec
 from fedcost.errors import ConfigError
 from fedcost.files import replace_atomically
+from fedcost.run_folder import RunFolder
 from fedcost.server.app import ResumePoint
 
-FILE = "checkpoint.npz"
 _META, _MODEL, _STRATEGY = "meta", "model/", "strategy/"
 
 
@@ -29,12 +29,12 @@ def save(folder: Path, point: ResumePoint) -> None:
     meta = json.dumps({"round": point.round, "features": point.features.to_dict()}).encode()
     archive = io.BytesIO()
     np.savez(archive, **arrays, **{_META: np.frombuffer(meta, dtype=np.uint8)})
-    replace_atomically(folder / FILE, archive.getvalue())
+    replace_atomically(RunFolder(folder).checkpoint, archive.getvalue())
 
 
 def load(folder: Path) -> ResumePoint | None:
     """The last completed round of the run in ``folder``, or None before the first one."""
-    path = folder / FILE
+    path = RunFolder(folder).checkpoint
     if not path.exists():
         return None
     try:

@@ -23,6 +23,7 @@ from rich.table import Table
 from fedcost.errors import ConfigError, FedcostError
 from fedcost.federation.provision import NODE_ROLES, Federation, FederationConfig, fleet_address
 from fedcost.identity.federation_ca import utc_now
+from fedcost.run_folder import RunFolder, new_run_id
 from fedcost.terminal import console, fail, say
 
 federation_app = typer.Typer(help="Provision a federation: CA, coordinator, node startup kits.", no_args_is_help=True)
@@ -207,7 +208,6 @@ def run(
     resume: Annotated[str | None, typer.Option(help="Resume this run id from its checkpoint.")] = None,
 ) -> None:
     """Submit a job to the running coordinator and follow it; outputs in FEDERATION/runs/<run-id>/."""
-    from fedcost.federation import run_folder
     from fedcost.federation.follow import Follower, submit_and_follow
     from fedcost.federation.job import FederationJob
     from fedcost.terminal import RoundProgress
@@ -217,17 +217,17 @@ def run(
         if old_job or (job is not None and job.is_dir()):  # `fedcost run DIR [JOB]`
             federation_dir, job = job, next(iter(old_job), None)
         federation = Federation.load(federation_dir)
-        folder = _run_folder(federation, job, resume)
-        rounds = FederationJob.load(folder / "job.toml").config.run.rounds
+        run = _run_folder(federation, job, resume)
+        rounds = FederationJob.load(run.job).config.run.rounds
         with RoundProgress(rounds) as progress:
             progress.start()
-            submit_and_follow(federation, folder, Follower(progress.advance, progress.stage, progress.say))
+            submit_and_follow(federation, run.path, Follower(progress.advance, progress.stage, progress.say))
     except FedcostError as error:
         raise fail(error) from None
-    summary = json.loads((folder / run_folder.SUMMARY_FILE).read_text())
-    console.print(f"run folder: [bold]{folder}[/bold] (report: {folder / 'report.html'})", soft_wrap=True)
+    summary = json.loads(run.summary.read_text())
+    console.print(f"run folder: [bold]{run.path}[/bold] (report: {run.report})", soft_wrap=True)
     console.print(
-        f"sites' logs and reports: fedcost federation collect {folder.name} SITE_STATE... -f {federation_dir}",
+        f"sites' logs and reports: fedcost federation collect {run.run_id} SITE_STATE... -f {federation_dir}",
         soft_wrap=True,
         highlight=False,
         markup=False,
@@ -291,21 +291,20 @@ def collect(
     raise typer.Exit(code=1)
 
 
-def _run_folder(federation: Federation, job: Path | None, resume: str | None) -> Path:
+def _run_folder(federation: Federation, job: Path | None, resume: str | None) -> RunFolder:
     """A new run folder holding the validated job, or the existing one to resume."""
     from fedcost.federation.job import FederationJob
-    from fedcost.federation.run_folder import new_run_id
 
     if (job is None) == (resume is None):
         raise ConfigError("give either a job file or --resume RUN_ID")
     if resume is not None:
-        folder = federation.runs_dir / resume
-        if not (folder / "job.toml").is_file():
-            raise ConfigError("no such run (no job.toml) to resume", path=str(folder))
-        return folder
+        run = RunFolder(federation.runs_dir / resume)
+        if not run.job.is_file():
+            raise ConfigError("no such run (no job.toml) to resume", path=str(run.path))
+        return run
     assert job is not None
     checked = FederationJob.load(job)
-    folder = federation.runs_dir / new_run_id()
-    folder.mkdir(parents=True)
-    (folder / "job.toml").write_bytes(checked.to_toml())
-    return folder
+    run = RunFolder(federation.runs_dir / new_run_id())
+    run.path.mkdir(parents=True)
+    run.job.write_bytes(checked.to_toml())
+    return run

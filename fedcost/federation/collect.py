@@ -24,9 +24,8 @@ from fedcost.federation.site_report import read_report
 from fedcost.files import replace_atomically
 from fedcost.identity.federation_ca import utc_now
 from fedcost.report import write_report
+from fedcost.run_folder import RunFolder
 from fedcost.wire import COORDINATOR
-
-SUMMARY_FILE = "summary.json"
 
 
 @dataclass
@@ -41,10 +40,10 @@ class Collected:
 
 def collect(federation: Federation, run_id: str, sources: list[Path]) -> Collected:
     """Copy each source's log and report of ``run_id`` into the run folder; verify every log."""
-    run = federation.runs_dir / run_id
-    if not (run / SUMMARY_FILE).is_file() and not (run / "audit").is_dir():
-        raise ConfigError("no such run in this federation (no audit/ or summary.json)", path=str(run))
-    members = {p.name.removesuffix(".pub.json") for p in (run / "identities").glob("*.pub.json")} - {COORDINATOR}
+    run = RunFolder(federation.runs_dir / run_id)
+    if not run.summary.is_file() and not run.audit.is_dir():
+        raise ConfigError("no such run in this federation (no audit/ or summary.json)", path=str(run.path))
+    members = {p.name.removesuffix(".pub.json") for p in run.identities.glob("*.pub.json")} - {COORDINATOR}
     collected = Collected()
     reports = []
     for source in sources:
@@ -62,7 +61,7 @@ def collect(federation: Federation, run_id: str, sources: list[Path]) -> Collect
                 raise ConfigError(
                     f"is the log of {site!r}, not a node of run {run_id} ({', '.join(sorted(members))})", path=str(log)
                 )
-            shutil.copyfile(log, run / "audit" / log.name)
+            shutil.copyfile(log, run.audit / log.name)
             collected.logs.append(site)
         if report.exists():
             content = read_report(report)
@@ -74,20 +73,20 @@ def collect(federation: Federation, run_id: str, sources: list[Path]) -> Collect
             reports.append(content)
             collected.reports.append(content["site"])
     trust = federation.trusted_ca(at=utc_now())
-    verification = verify_folder(run, trust=trust)
+    verification = verify_folder(run.path, trust=trust)
     collected.verified = verification.ok
     collected.problems = [str(p) for p in verification.problems]
-    if (run / SUMMARY_FILE).is_file():
-        summary = json.loads((run / SUMMARY_FILE).read_text())
+    if run.summary.is_file():
+        summary = json.loads(run.summary.read_text())
         add_reports(summary, reports)
         summary["audit"] = {
             "verified": verification.ok,
             "parties": sorted(verification.parties),
             "checked_against": "the federation's CA",
         }
-        replace_atomically(run / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
-        rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        write_report(run, summary, rounds)
+        replace_atomically(run.summary, json.dumps(summary, indent=2).encode())
+        rounds = [json.loads(line) for line in run.metrics.read_text().splitlines() if line.strip()]
+        write_report(run.path, summary, rounds)
     return collected
 
 

@@ -21,7 +21,7 @@ from fedcost.errors import CoordinatorUnreachableError, FederationError
 from fedcost.federation import run_folder
 from fedcost.federation.control import Control
 from fedcost.federation.provision import Federation
-from fedcost.report.progress import METRICS_FILE, PROGRESS_FILE
+from fedcost.run_folder import RunFolder
 
 POLL_SECONDS = 1.0
 # How long `fedcost run` waits for a coordinator that went away before it gives up (the
@@ -40,14 +40,14 @@ class Follower:
     stage: str = ""
 
     def update(self, folder: Path) -> None:
-        metrics = folder / METRICS_FILE
+        metrics = RunFolder(folder).metrics
         records = (
             [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
         )
         for record in records[self.shown :]:
             self.on_round(record)
         self.shown = max(self.shown, len(records))
-        progress = folder / PROGRESS_FILE
+        progress = RunFolder(folder).progress
         try:
             stage = stage_text(json.loads(progress.read_text())) if progress.exists() else ""
         except (OSError, ValueError):  # replaced while read: the next poll shows it
@@ -72,7 +72,8 @@ def submit_and_follow(federation: Federation, folder: Path, follower: Follower) 
     checkpoint) if the coordinator restarts meanwhile. Raises ``FederationError`` with the
     reason if the run stops."""
     address, ca = federation.config.address, federation.ca_cert_file
-    config = {run_folder.FEDERATION_DIR: str(federation.root.resolve()), run_folder.RUN_ID: folder.name}
+    run = RunFolder(folder)
+    config = {run_folder.FEDERATION_DIR: str(federation.root.resolve()), run_folder.RUN_ID: run.run_id}
     with Control(address, ca) as control:
         flower_run = control.start_run(config)
     follower.say(f"run {folder.name} submitted (Flower run {flower_run}); folder: {folder}")
@@ -80,18 +81,17 @@ def submit_and_follow(federation: Federation, folder: Path, follower: Follower) 
         status = _follow(federation, folder, flower_run, follower)
         if status is not None:
             break
-        (folder / run_folder.ERROR_FILE).unlink(missing_ok=True)
+        run.error.unlink(missing_ok=True)
         with Control(address, ca) as control:
             flower_run = control.start_run(config)
         follower.say(
             f"the coordinator restarted: run {folder.name} resumes from its last checkpoint (Flower run {flower_run})"
         )
-    if status[1] != "completed" or not (folder / run_folder.SUMMARY_FILE).exists():
-        error = folder / run_folder.ERROR_FILE
-        reason = error.read_text().strip() if error.exists() else f"Flower reports the run {status[1]}"
+    if status[1] != "completed" or not run.summary.exists():
+        reason = run.error.read_text().strip() if run.error.exists() else f"Flower reports the run {status[1]}"
         raise FederationError(
-            f"the run stopped: {reason}. Its log is {folder / run_folder.LOG_FILE}; the sites closed "
-            f"it; to try again: fedcost run {folder / 'job.toml'} -f {federation.root}"
+            f"the run stopped: {reason}. Its log is {run.log}; the sites closed "
+            f"it; to try again: fedcost run {run.job} -f {federation.root}"
         )
 
 

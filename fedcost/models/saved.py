@@ -29,8 +29,8 @@ from fedcost.data.features import FeatureSpec
 from fedcost.errors import ConfigError
 from fedcost.models.nets import FedcostNet, ModelSpec, build_model
 from fedcost.models.site_steps import SiteSteps
+from fedcost.run_folder import RunFolder
 
-MODEL_FILE, WEIGHTS_FILE, SITES_DIR = "model.json", "model.pt", "sites"
 OUTPUTS = {"readmission": "readmission_risk", "cost": "expected_cost"}
 
 
@@ -48,7 +48,7 @@ class SavedModel:
         """The model of the run in ``folder``; a missing or unreadable file is a ``ConfigError``
         that names it."""
         folder = Path(folder)
-        described = folder / MODEL_FILE
+        described = RunFolder(folder).model
         try:
             data = json.loads(described.read_text())
             spec = ModelSpec(
@@ -62,7 +62,7 @@ class SavedModel:
             ) from None
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ConfigError(f"not a readable model description ({error})", path=str(described)) from None
-        return cls(folder, spec, features, cls._network(spec, features, folder / WEIGHTS_FILE))
+        return cls(folder, spec, features, cls._network(spec, features, RunFolder(folder).weights))
 
     @staticmethod
     def _network(spec: ModelSpec, features: FeatureSpec, path: Path) -> FedcostNet:
@@ -75,7 +75,7 @@ class SavedModel:
 
     def sites(self) -> list[str]:
         """The sites whose steps the run saved."""
-        return sorted(p.stem for p in (self.folder / SITES_DIR).glob("*.json"))
+        return sorted(p.stem for p in RunFolder(self.folder).sites.glob("*.json"))
 
     def predict(self, rows: pd.DataFrame, *, site: str | None = None) -> pd.DataFrame:
         """Each row's predictions; with ``site``, the shared model as that site uses it."""
@@ -88,7 +88,7 @@ class SavedModel:
         return pd.DataFrame({OUTPUTS[task]: values for task, values in predictions.items()}, index=rows.index)
 
     def _site(self, site: str) -> tuple[SiteSteps, FedcostNet | None]:
-        path = self.folder / SITES_DIR / f"{site}.json"
+        path = RunFolder(self.folder).site_steps(site)
         if site not in self.sites():
             known = ", ".join(self.sites()) or "none"
             raise ConfigError(

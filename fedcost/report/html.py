@@ -12,13 +12,14 @@ import math
 from pathlib import Path
 
 from fedcost.report.units import cost_unit
+from fedcost.run_folder import RunFolder
 
 METRICS = {"readmission": ("auroc", "auprc", "brier"), "cost": ("mae", "rmse", "r2")}
 # The models every run compares, in table order: the shared model, pooled and local-only
 # fitted by the same estimator and scored as fitted, then the shared model as each site
 # would use it (``models.site_steps``).
 MODELS = ("federated", "pooled", "local_only", "federated_at_sites")
-PLOTS = ("rounds.png", "sites.png", "calibration.png", "funnel.png", "err.png", "group_costing.png")
+PLOTS = ("rounds", "sites", "calibration", "funnel", "err", "group_costing")
 # Metrics in currency units; the others are ratios or probabilities.
 MONEY_METRICS = {("cost", "mae"), ("cost", "rmse")}
 
@@ -61,18 +62,18 @@ def write_report(folder: Path, summary: dict, rounds: list[dict]) -> Path:
     # matplotlib loads only here: the command line's tables need this module, not the plots.
     from fedcost.report.plots import plot_calibration, plot_group_costing, plot_rounds, plot_sites
 
-    plots = folder / "plots"
-    plots.mkdir(exist_ok=True)
+    run = RunFolder(folder)
+    run.plots.mkdir(exist_ok=True)
     if summary["task"] == "train":
-        plot_rounds(rounds, summary, plots / "rounds.png")
-        plot_sites(summary, plots / "sites.png")
+        plot_rounds(rounds, summary, run.plot("rounds"))
+        plot_sites(summary, run.plot("sites"))
     if summary.get("calibration"):
-        plot_calibration(summary, plots / "calibration.png")
+        plot_calibration(summary, run.plot("calibration"))
     if summary.get("analytics", {}).get("group_costing"):
-        plot_group_costing(summary, plots / "group_costing.png")
-    path = folder / "report.html"
-    path.write_text(_page(summary, [plots / name for name in PLOTS if (plots / name).exists()]), encoding="utf-8")
-    return path
+        plot_group_costing(summary, run.plot("group_costing"))
+    images = [run.plot(name) for name in PLOTS if run.plot(name).exists()]
+    run.report.write_text(_page(summary, images), encoding="utf-8")
+    return run.report
 
 
 def _page(summary: dict, images: list[Path]) -> str:

@@ -18,10 +18,8 @@ from fedcost.linkage import EpisodeCosts
 from fedcost.models.glm import FittedGlm
 from fedcost.privacy.distributed import NewtonNoise
 from fedcost.report.analytics import save_benchmark, save_group_costing, save_statistics
+from fedcost.run_folder import RunFolder
 
-FEATURES_FILE, METRICS_FILE = "features.json", "metrics.jsonl"
-GLM_FILE, COEFFICIENTS_FILE = "glm.json", "coefficients.csv"
-PROGRESS_FILE = "progress.json"  # a federation run's stage under way: {"kind", "round", "at"}
 # The federated metrics a round's evaluation sums give, per task.
 SCORED = {"readmission": ("auroc", "brier", "log_loss"), "cost": ("mae", "rmse", "r2")}
 
@@ -62,7 +60,7 @@ class ProgressRecorder:
     with the final model is the subclass's."""
 
     def __init__(self, folder: Path, rounds: list[dict] | None = None):
-        self.folder = folder
+        self.folder = RunFolder(folder)
         self.features: FeatureSpec | None = None
         self.rounds: list[dict] = rounds or []
         self.analytics: dict = {}
@@ -70,33 +68,33 @@ class ProgressRecorder:
 
     def on_features(self, features: FeatureSpec, sites: list[str]) -> None:
         self.features = features
-        (self.folder / FEATURES_FILE).write_text(json.dumps(features.to_dict(), indent=2))
+        self.folder.features.write_text(json.dumps(features.to_dict(), indent=2))
 
     def on_round(self, record: dict) -> None:
         self.rounds.append(record)
-        with (self.folder / METRICS_FILE).open("a") as out:
+        with self.folder.metrics.open("a") as out:
             out.write(json.dumps(record) + "\n")
 
     def on_statistics(self, statistics: GroupedStatistics, sites: list[str]) -> None:
-        self.analytics["statistics"] = save_statistics(self.folder, statistics, sites)
+        self.analytics["statistics"] = save_statistics(self.folder.path, statistics, sites)
 
     def on_benchmark(self, result: Benchmark, sites: list[str]) -> None:
-        self.analytics["benchmark"] = save_benchmark(self.folder, result, sites)
+        self.analytics["benchmark"] = save_benchmark(self.folder.path, result, sites)
 
     def on_group_costing(self, result: GroupCosting, sites: list[str]) -> None:
-        self.analytics["group_costing"] = save_group_costing(self.folder, result, sites)
+        self.analytics["group_costing"] = save_group_costing(self.folder.path, result, sites)
 
     def on_episodes(self, result: EpisodeCosts) -> None:
-        result.frame().to_csv(self.folder / "episodes.csv", index=False)
+        result.frame().to_csv(self.folder.episodes, index=False)
         self.analytics["episodes"] = result.to_json()
 
     def on_glm(self, fitted: dict[str, FittedGlm]) -> None:
         """An exact GLM's fit and inference: ``glm.json`` (what ``fedcost predict`` loads) and
         ``coefficients.csv`` (estimates, standard errors, intervals, odds or cost ratios)."""
         self.inference = {task: glm_inference(model) for task, model in fitted.items()}
-        (self.folder / GLM_FILE).write_text(json.dumps({task: m.to_dict() for task, m in fitted.items()}, indent=2))
+        self.folder.glm.write_text(json.dumps({task: m.to_dict() for task, m in fitted.items()}, indent=2))
         rows = [{"task": task, **row} for task, table in self.inference.items() for row in table["coefficients"]]
-        pd.DataFrame(rows).to_csv(self.folder / COEFFICIENTS_FILE, index=False)
+        pd.DataFrame(rows).to_csv(self.folder.coefficients, index=False)
 
 
 def federation_summary(

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -39,6 +40,7 @@ from fedcost.config import (
     AnalyticsSection,
     GlmPrivacySection,
     SecureAggregationSection,
+    SimulationConfig,
     StatisticsPrivacySection,
     StrategySection,
 )
@@ -106,6 +108,48 @@ class CoordinatorPlan:
     def __post_init__(self) -> None:
         if self.analytics.episodes and self.episodes is None:
             raise ValueError("the job asks for episodes, and the plan states no episode linkage (EpisodePlan)")
+
+    @classmethod
+    def for_job(
+        cls,
+        config: SimulationConfig,
+        source: Path,
+        *,
+        run_id: str,
+        coordinator_key_id: str,
+        roster: tuple[tuple[str, bytes], ...],
+        layout: StatisticsLayout,
+        episodes: EpisodePlan | None,
+        task: str = "train",
+        hello_records: tuple[tuple[str, ConfigRecord], ...] = (),
+        resume: ResumePoint | None = None,
+        min_nodes: int = 0,
+    ) -> CoordinatorPlan:
+        """The plan for ``config``, whose file ``source`` the hello's digest covers: every
+        section the job sets comes from the config here, so a simulation and a deployment
+        cannot plan the same job differently; the rest is what only the caller knows."""
+        return cls(
+            run_id=run_id,
+            coordinator_key_id=coordinator_key_id,
+            roster=roster,
+            rounds=config.run.rounds,
+            seed=config.run.seed,
+            layout=layout,
+            model=config.model,
+            training=config.training,
+            strategy=config.strategy,
+            secure_aggregation=config.secure_aggregation,
+            config_digest=hashlib.sha256(source.read_bytes()).hexdigest(),
+            hello_records=hello_records,
+            resume=resume,
+            min_nodes=min_nodes,
+            min_cohort=config.run.min_cohort,
+            analytics=config.analytics,
+            task=task,
+            statistics_privacy=config.statistics_privacy,
+            episodes=episodes,
+            glm_privacy=config.glm_privacy,
+        )
 
     @property
     def noise_sites(self) -> int:

@@ -18,7 +18,6 @@ under way, which ``fedcost run`` shows.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import shutil
@@ -37,14 +36,15 @@ from fedcost.errors import FedcostError, FederationError
 from fedcost.federation import checkpoint, roster
 from fedcost.federation.job import FederationJob
 from fedcost.federation.provision import Federation
-from fedcost.federation.run_folder import ERROR_FILE, FEDERATION_DIR, LOG_FILE, SUMMARY_FILE, run_folder
+from fedcost.federation.run_folder import FEDERATION_DIR, run_folder
 from fedcost.files import replace_atomically
 from fedcost.identity.federation_ca import certificate_to_pem, party_identity, utc_now
 from fedcost.linkage.episodes import EpisodePlan
 from fedcost.models.nets import build_model
 from fedcost.privacy.distributed import NewtonNoise
 from fedcost.report import write_report
-from fedcost.report.progress import METRICS_FILE, PROGRESS_FILE, ProgressRecorder, federation_summary
+from fedcost.report.progress import ProgressRecorder, federation_summary
+from fedcost.run_folder import RunFolder
 from fedcost.server.app import Coordinator, CoordinatorPlan, ResumePoint
 from fedcost.server.shared_sum import MIN_SECURE_NODES
 from fedcost.wire import COORDINATOR
@@ -74,7 +74,7 @@ def main(grid: Grid, context: Context) -> None:
 def serve(grid: Grid, federation: Federation, folder: Path) -> None:
     """Run (or resume) the run in ``folder``: its log (this thread's records) and, if it
     stops, the reason (``error.txt``) in the folder."""
-    handler = logging.FileHandler(folder / LOG_FILE, encoding="utf-8")
+    handler = logging.FileHandler(RunFolder(folder).log, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     thread = threading.get_ident()
     handler.addFilter(lambda record: record.thread == thread)  # another run's thread logs to its own folder
@@ -84,7 +84,7 @@ def serve(grid: Grid, federation: Federation, folder: Path) -> None:
         coordinate(grid, federation, folder)
     except BaseException as error:
         logger.error("the run stopped", exc_info=True)
-        (folder / ERROR_FILE).write_text(f"{type(error).__name__}: {error}\n")
+        RunFolder(folder).error.write_text(f"{type(error).__name__}: {error}\n")
         raise
     finally:
         logging.getLogger("fedcost").removeHandler(handler)
@@ -93,51 +93,40 @@ def serve(grid: Grid, federation: Federation, folder: Path) -> None:
 
 def coordinate(grid: Grid, federation: Federation, folder: Path) -> None:
     """Run (or resume) the job in ``folder`` over the federation's admitted nodes."""
-    job = FederationJob.load(folder / "job.toml")
+    run = RunFolder(folder)
+    job = FederationJob.load(run.job)
     admitted = [node for node, reason in federation.admission(at=utc_now()).values() if reason is None]
     if not admitted:
         raise FederationError("no enrolled, unrevoked, unexpired node; enrol nodes with `fedcost federation add-node`")
     identities = [party_identity(node.certificate) for node in admitted]
     coordinator = federation.coordinator_identity()
-    (folder / "audit").mkdir(exist_ok=True)
-    (folder / "identities").mkdir(exist_ok=True)
+    run.audit.mkdir(exist_ok=True)
+    run.identities.mkdir(exist_ok=True)
     for identity in [coordinator.public(), *identities]:
-        identity.save(folder / "identities")
+        identity.save(run.identities)
     # The CA's word for every party's key, so `fedcost audit verify --ca` pins each one.
     for node, identity in zip(admitted, identities):
-        (folder / "identities" / f"{identity.name}.cert.pem").write_bytes(certificate_to_pem(node.certificate))
-    shutil.copyfile(
-        federation.coordinator_dir / f"{COORDINATOR}.cert.pem", folder / "identities" / f"{COORDINATOR}.cert.pem"
-    )
+        (run.identities / f"{identity.name}.cert.pem").write_bytes(certificate_to_pem(node.certificate))
+    shutil.copyfile(federation.coordinator_dir / f"{COORDINATOR}.cert.pem", run.identities / f"{COORDINATOR}.cert.pem")
     resume = checkpoint.load(folder)
-    config = job.config
-    plan = CoordinatorPlan(
-        run_id=folder.name,
+    plan = CoordinatorPlan.for_job(
+        job.config,
+        run.job,
+        run_id=run.run_id,
         coordinator_key_id=coordinator.public().key_id,
         roster=tuple(sorted((i.name, i.raw_key) for i in identities)),
-        rounds=config.run.rounds,
-        seed=config.run.seed,
         layout=job.data.layout(),
-        model=config.model,
-        training=config.training,
-        strategy=config.strategy,
-        secure_aggregation=config.secure_aggregation,
-        config_digest=hashlib.sha256((folder / "job.toml").read_bytes()).hexdigest(),
+        episodes=_episode_plan(job, run.run_id, {i.name: i.role for i in identities}),
         hello_records=((roster.RECORD, roster.roster_record([n.certificate for n in admitted], federation.crl())),),
         resume=resume,
-        min_nodes=MIN_SECURE_NODES if config.secure_aggregation.enabled else 1,
-        min_cohort=config.run.min_cohort,
-        analytics=config.analytics,
-        statistics_privacy=config.statistics_privacy,
-        glm_privacy=config.glm_privacy,
-        episodes=_episode_plan(job, folder.name, {i.name: i.role for i in identities}),
+        min_nodes=MIN_SECURE_NODES if job.config.secure_aggregation.enabled else 1,
     )
     recorder = RunFolderRecorder(folder, job, resume)
-    log = AuditLog(folder / "audit" / f"{COORDINATOR}.jsonl", coordinator)
+    log = AuditLog(run.audit / f"{COORDINATOR}.jsonl", coordinator)
     names = {identity.name for identity in identities}
     deployed = DeployedGrid(
         grid,
-        folder / PROGRESS_FILE,
+        run.progress,
         minimum=plan.min_nodes,
         names=names,
         withdrawn=lambda: _withdrawn(federation, names),
@@ -271,9 +260,10 @@ class RunFolderRecorder(ProgressRecorder):
     resumed run keeps its rounds."""
 
     def __init__(self, folder: Path, job: FederationJob, resume: ResumePoint | None):
-        rounds = _rounds(folder / METRICS_FILE, up_to=resume.round if resume else 0)
+        metrics = RunFolder(folder).metrics
+        rounds = _rounds(metrics, up_to=resume.round if resume else 0)
         # A round that ran past its checkpoint before a crash is run again: drop its record.
-        (folder / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rounds))
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in rounds))
         super().__init__(folder, rounds)
         self.job = job
 
@@ -281,8 +271,8 @@ class RunFolderRecorder(ProgressRecorder):
         assert self.features is not None
         model = build_model(self.job.config.model, self.features.n_features, seed=self.job.config.run.seed)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-        torch.save(model.state_dict(), self.folder / "model.pt")
-        (self.folder / "model.json").write_text(
+        torch.save(model.state_dict(), self.folder.weights)
+        self.folder.model.write_text(
             json.dumps(
                 {"model": dataclasses.asdict(self.job.config.model), "features": self.features.to_dict()}, indent=2
             )
@@ -298,7 +288,7 @@ class RunFolderRecorder(ProgressRecorder):
     def finish(self, roles: dict[str, str], *, seconds: float, newton_noise: NewtonNoise | None) -> None:
         """``summary.json`` and ``report.html``, as a simulation's but for the federated model only."""
         summary = federation_summary(
-            self.folder.name,
+            self.folder.run_id,
             self.job.config,
             roles,
             self.rounds,
@@ -308,8 +298,8 @@ class RunFolderRecorder(ProgressRecorder):
         )
         if self.inference:
             summary["inference"] = self.inference
-        replace_atomically(self.folder / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
-        write_report(self.folder, summary, self.rounds)
+        replace_atomically(self.folder.summary, json.dumps(summary, indent=2).encode())
+        write_report(self.folder.path, summary, self.rounds)
 
 
 def _rounds(path: Path, *, up_to: int) -> list[dict]:
