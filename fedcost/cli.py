@@ -133,9 +133,9 @@ def predict(
 
     Each prediction names its row: the file's row number, or an OMOP extract's
     visit_occurrence_id (every index stay is scored, recent ones too)."""
+    from fedcost.atomic import replace_atomically
     from fedcost.data.loader import load_omop_rows, load_rows
     from fedcost.data.mapping import DataMapping, OmopReading
-    from fedcost.files import replace_atomically
     from fedcost.models.saved import SavedModel
 
     try:

@@ -48,13 +48,13 @@ from fedcost.data.synthetic import generate_ecosystem
 from fedcost.data.synthetic_episodes import generate_linked_extracts
 from fedcost.errors import AuditLogTamperedError, ConfigError, FederationError, ModelFitError
 from fedcost.identity import Identity, PublicIdentity
-from fedcost.job import glm_state
 from fedcost.linkage.episodes import EpisodePlan
 from fedcost.models import glm
 from fedcost.models.metrics import calibration_bins, cost_metrics, readmission_metrics
 from fedcost.models.nets import FedcostNet, build_model
 from fedcost.models.site_steps import SiteSteps, decide_site_steps
 from fedcost.models.training import predict, train_local
+from fedcost.models.training_job import glm_state
 from fedcost.privacy import SitePolicy
 from fedcost.privacy.accounting import DpSgdSteps
 from fedcost.privacy.distributed import SkellamRelease
