@@ -19,7 +19,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -290,8 +290,9 @@ def _federate(
         identity.public().save(folder.identities)
     folder.audit.mkdir()
     roster = tuple(sorted((name, identity.public().raw_key) for name, identity in identities.items()))
-    _check_peer_groups(config, [node.name for node in mapping.nodes])
-    policies = _site_policies(config, folder, [node.name for node in mapping.nodes], coordinator.public().key_id)
+    names = [node.name for node in mapping.nodes]
+    _check_node_names(config, names, config.analytics.peer_groups, "peer group", "analytics.peer_groups")
+    policies = _site_policies(config, folder, names, coordinator.public().key_id)
     setups = [
         NodeSetup(
             mapping.path.resolve(),
@@ -355,14 +356,14 @@ def _episode_plan(config: SimulationConfig, run_id: str, mapping: DataMapping) -
         ) from None
 
 
-def _check_peer_groups(config: SimulationConfig, names: list[str]) -> None:
-    """Every site ``[analytics] peer_groups`` names is a node of the run."""
-    unknown = sorted(set(config.analytics.peer_groups) - set(names))
+def _check_node_names(config: SimulationConfig, names: list[str], named: Iterable[str], what: str, field: str) -> None:
+    """Every node the config's ``field`` names (peer groups, policies) is a node of the run."""
+    unknown = sorted(set(named) - set(names))
     if unknown:
         raise ConfigError(
-            f"peer group for unknown node {unknown[0]!r}; nodes: {', '.join(names)}",
+            f"{what} for unknown node {unknown[0]!r}; nodes: {', '.join(names)}",
             path=config.source,
-            field=f"analytics.peer_groups.{unknown[0]}",
+            field=f"{field}.{unknown[0]}",
         )
 
 
@@ -373,13 +374,7 @@ def _site_policies(config: SimulationConfig, folder: RunFolder, names: list[str]
     the simulated coordinator's key id; everything else applies as the file says. Nodes
     with no policy (no entry and no ``default_policy``) run under the permissive default.
     """
-    unknown = sorted(set(config.simulation.policies) - set(names))
-    if unknown:
-        raise ConfigError(
-            f"policy for unknown node {unknown[0]!r}; nodes: {', '.join(names)}",
-            path=config.source,
-            field=f"simulation.policies.{unknown[0]}",
-        )
+    _check_node_names(config, names, config.simulation.policies, "policy", "simulation.policies")
     written: dict[str, Path] = {}
     for name in names:
         source = config.simulation.policies.get(name) or config.simulation.default_policy
