@@ -268,7 +268,7 @@ def _roster(identities: dict[str, Identity]) -> tuple[tuple[str, bytes], ...]:
 
 
 def _fedcost_client_app(nodes: int, dim: int, scratch: Path, log_path: str) -> Any:
-    """fedcost's ClientApp as ``simulation._federate`` builds it, behind the measuring mod."""
+    """fedcost's ClientApp as ``fedcost.lab.simulation._federate`` builds it, behind the measuring mod."""
     from flwr.clientapp import ClientApp
 
     from fedcost.client.app import make_client_app

@@ -27,10 +27,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedcost import simulation
 from fedcost.config import SimulationConfig
 from fedcost.data.features import FeatureSpec
 from fedcost.data.mapping import DataMapping
+from fedcost.lab import baselines, simulation
 from fedcost.models.metrics import cost_metrics, readmission_metrics
 from fedcost.models.nets import build_model
 
@@ -62,17 +62,17 @@ def scores(run: Path) -> dict[str, dict[str, float]]:
     federated = build_model(config.model, features.n_features, seed=config.run.seed)
     federated.load_state_dict(torch.load(run / "model.pt"))
     pooled_rows = features.task_data(pd.concat([node.train for node in nodes], ignore_index=True))
-    pooled = simulation._train(config, features, pooled_rows, config.run.rounds * config.training.epochs, "pooled")
-    predictions = {"local": simulation._local_only_predictions(config, features, nodes)}
+    pooled = baselines.train_baseline(
+        config, features, pooled_rows, config.run.rounds * config.training.epochs, "pooled"
+    )
+    predictions = {"local": baselines.local_only_predictions(config, features, nodes)}
     sites = run / "study-sites"
     for epochs in EPOCHS:
         adapted = replace(config, run=replace(config.run, adaptation_epochs=epochs))
         predictions[f"federated/{epochs}"] = [
-            simulation._site_steps(adapted, federated, features, n, sites)[1] for n in nodes
+            baselines.site_steps(adapted, federated, features, n, sites)[1] for n in nodes
         ]
-        predictions[f"pooled/{epochs}"] = [
-            simulation._site_steps(adapted, pooled, features, n, sites)[1] for n in nodes
-        ]
+        predictions[f"pooled/{epochs}"] = [baselines.site_steps(adapted, pooled, features, n, sites)[1] for n in nodes]
     smallest = sorted(range(len(nodes)), key=lambda i: len(nodes[i].train) + len(nodes[i].test))[:3]
     return {name: _figures(nodes, site_predictions, smallest) for name, site_predictions in predictions.items()}
 

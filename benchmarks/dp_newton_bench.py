@@ -36,10 +36,10 @@ from fedcost.data.files import MAPPING_FILE, write_node_files
 from fedcost.data.loader import NodeData, load_node
 from fedcost.data.mapping import DataMapping
 from fedcost.data.synthetic import generate_ecosystem
-from fedcost.job import glm_families, newton_blocks, newton_bounds
 from fedcost.models import glm
 from fedcost.models.metrics import cost_metrics, readmission_metrics
 from fedcost.models.spec import ModelSpec
+from fedcost.models.training_job import glm_families, newton_blocks, newton_bounds
 from fedcost.privacy import MIN_SECURE_SITES
 from fedcost.privacy.distributed import NewtonNoise, calibrate_newton_noise, with_noise_share
 from fedcost.secagg import Quantizer

@@ -23,7 +23,7 @@ from fedcost.terminal import PoliteTyper, RoundProgress, console, fail
 
 if TYPE_CHECKING:  # torch, Flower and pandas load only inside the commands that need them
     from fedcost.config import SimulationConfig
-    from fedcost.simulation import RunResult
+    from fedcost.lab import RunResult
 
 # A traceback that prints locals would print patient rows and keys: never show them.
 app = PoliteTyper(
@@ -133,9 +133,9 @@ def predict(
 
     Each prediction names its row: the file's row number, or an OMOP extract's
     visit_occurrence_id (every index stay is scored, recent ones too)."""
+    from fedcost.atomic import replace_atomically
     from fedcost.data.loader import load_omop_rows, load_rows
     from fedcost.data.mapping import DataMapping, OmopReading
-    from fedcost.files import replace_atomically
     from fedcost.models.saved import SavedModel
 
     try:
@@ -170,7 +170,7 @@ def _run(config: Path | None, out: Path | None, data_dir: Path | None, task: str
             _check_new_folder(out)
         if data_dir is not None:  # checked again by the run: a mistake in it shows before torch loads
             DataMapping.load(data_dir / MAPPING_FILE)
-        from fedcost.simulation import simulate as run
+        from fedcost.lab import simulate as run
 
         if not settings.secure_aggregation.enabled:
             console.print(

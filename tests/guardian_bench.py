@@ -25,9 +25,9 @@ from flwr.app.message.message import make_message
 from fedcost.client.app import make_client_app
 from fedcost.client.node import Node, NodeSetup
 from fedcost.identity import Identity
-from fedcost.job import TrainingJob
 from fedcost.models.nets import ModelSpec, build_model
 from fedcost.models.training import TrainConfig
+from fedcost.models.training_job import TrainingJob
 from fedcost.secagg import Coordinator as SecAggCoordinator
 from fedcost.secagg import Quantizer, Request, RoundConfig, reply_from_dict
 from fedcost.server.shared_sum import SUMS_CLIP, SUMS_LEVELS

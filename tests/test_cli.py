@@ -151,7 +151,7 @@ def test_version_and_help_answer_without_loading_torch_flower_or_pandas(tmp_path
         "except SystemExit:\n"
         "    pass\n"
         "SimulationConfig.load(sys.argv[1])\n"
-        "print(sorted(m for m in ('torch', 'flwr', 'fedcost.simulation') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'flwr', 'fedcost.lab') if m in sys.modules))\n"
     )
     (tmp_path / "ok.toml").write_text("[run]\nrounds = 2\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

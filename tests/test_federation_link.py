@@ -38,7 +38,7 @@ from flwr.superlink.servicer.fleet import fleet_handlers
 from fedcost.errors import FederationError
 from fedcost.federation.link import LogCopy, refused_key
 from fedcost.federation.provision import Federation, FederationConfig
-from fedcost.federation.run_folder import FEDERATION_DIR, RUN_ID, run_folder
+from fedcost.federation.submission import FEDERATION_DIR, RUN_ID, run_folder
 from fedcost.identity.federation_ca import utc_now
 from fedcost.server.link_grid import LinkGrid
 

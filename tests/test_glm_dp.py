@@ -26,9 +26,9 @@ from fedcost.config import NOISY_GLM_ROUNDS, SimulationConfig
 from fedcost.data.files import write_node_files
 from fedcost.data.synthetic import EcosystemSpec, generate_ecosystem
 from fedcost.errors import ConfigError, PolicyViolationError, PrivacyBudgetExhausted
-from fedcost.job import TrainingJob
 from fedcost.models import glm
 from fedcost.models.spec import ModelSpec, TrainConfig
+from fedcost.models.training_job import TrainingJob
 from fedcost.privacy.distributed import (
     MAX_POISSON_MEAN,
     NewtonNoise,

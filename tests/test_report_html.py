@@ -21,7 +21,7 @@ from fedcost.analytics.benchmarking import benchmark, calibration, site_totals, 
 from fedcost.config import AnalyticsSection, SimulationConfig
 from fedcost.errors import ConfigError
 from fedcost.report import write_report
-from fedcost.report.analytics import save_benchmark
+from fedcost.report.tables import save_benchmark
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -27,7 +27,7 @@ from fedcost.data.mapping import DataMapping
 from fedcost.data.omop import read_omop
 from fedcost.models.nets import ModelSpec, build_model
 from fedcost.models.training import predict
-from simulations import simulate
+from simulations import SMALL_FEDERATION, simulate
 
 SMALL = """
 [run]
@@ -133,6 +133,24 @@ def test_bad_data_dir_exits_non_zero_and_leaves_no_run_folder(tmp_path: Path) ->
     assert "h1.csv, row 2, column 'age'" in result.output
     assert not (tmp_path / "run").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")], "no staging folder left behind"
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "said"),
+    [
+        ('[analytics.peer_groups]\nhospital-9 = "teaching"', "analytics.peer_groups.hospital-9", "peer group"),
+        ('[simulation.policies]\nhospital-9 = "policy.toml"', "simulation.policies.hospital-9", "policy"),
+    ],
+)
+def test_a_config_naming_a_node_the_run_lacks_is_refused_with_its_field(
+    tmp_path: Path, section: str, field: str, said: str
+) -> None:
+    shutil.copy(Path(__file__).parents[1] / "configs" / "policies" / "hospital.toml", tmp_path / "policy.toml")
+    (tmp_path / "run.toml").write_text(SMALL_FEDERATION + section + "\n")
+    result = CliRunner().invoke(app, ["simulate", str(tmp_path / "run.toml"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert field in result.output and f"{said} for unknown node 'hospital-9'" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
 
 
 def test_each_site_shares_the_totals_its_own_rows_give_under_the_final_model(

@@ -30,9 +30,9 @@ from fedcost.data.files import write_node_files
 from fedcost.data.mapping import DataMapping
 from fedcost.data.synthetic import EcosystemSpec, generate_ecosystem
 from fedcost.identity import Identity
-from fedcost.job import TrainingJob
 from fedcost.models.nets import ModelSpec, build_model
 from fedcost.models.training import TrainConfig
+from fedcost.models.training_job import TrainingJob
 from fedcost.privacy.distributed import calibrate_newton_noise
 from fedcost.wire import records as rec
 from fedcost.wire.purposes import PURPOSES

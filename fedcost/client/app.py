@@ -59,12 +59,12 @@ from fedcost.errors import (
     ProtocolAbort,
 )
 from fedcost.identity import Identity
-from fedcost.job import TrainingJob, noisy_releases
 from fedcost.linkage import Claims, Stays
 from fedcost.linkage.episodes import EpisodePlan, EpisodeSite
 from fedcost.linkage.intersection_sum import Answer, Offer, Session
 from fedcost.linkage.windows import read_extract
 from fedcost.models.nets import build_model
+from fedcost.models.training_job import TrainingJob, noisy_releases
 from fedcost.privacy import SitePolicy
 from fedcost.privacy.distributed import NOISE_GRID, NewtonNoise, StatisticsNoise, secure_generator, with_noise_share
 from fedcost.privacy.ledger import ReleaseLedger

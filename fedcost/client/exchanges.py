@@ -24,8 +24,8 @@ import numpy as np
 from fedcost.analytics import benchmarking
 from fedcost.analytics.benchmarking import shared_vector_size
 from fedcost.client.node import Ask, Node
-from fedcost.job import newton_bounds
 from fedcost.models import evaluation, glm
+from fedcost.models.training_job import newton_bounds
 
 Shapes = list[tuple[int, ...]]
 

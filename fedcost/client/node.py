@@ -24,10 +24,10 @@ from fedcost.data.features import FeatureSpec, StatisticsLayout
 from fedcost.data.loader import NodeData, load_node
 from fedcost.data.mapping import DataMapping
 from fedcost.errors import PolicyViolationError
-from fedcost.job import TrainingJob, newton_blocks, newton_bounds
 from fedcost.models import evaluation, glm
 from fedcost.models.nets import ModelSpec, build_model
 from fedcost.models.training import TrainResult, predict, train_local
+from fedcost.models.training_job import TrainingJob, newton_blocks, newton_bounds
 from fedcost.privacy import MIN_COHORT
 from fedcost.privacy.distributed import NewtonNoise, StatisticsNoise
 from fedcost.privacy.dp import DPConfig, train_local_dp

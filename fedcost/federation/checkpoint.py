@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fedcost.atomic import replace_atomically
 from fedcost.data.features import FeatureSpec
 from fedcost.errors import ConfigError
-from fedcost.files import replace_atomically
 from fedcost.run_folder import RunFolder
 from fedcost.server.app import ResumePoint
 

@@ -16,12 +16,12 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedcost.atomic import replace_atomically
 from fedcost.audit import verify_folder
 from fedcost.errors import ConfigError
 from fedcost.federation.provision import Federation
 from fedcost.federation.site_report import FOLDER as REPORTS
 from fedcost.federation.site_report import read_report
-from fedcost.files import replace_atomically
 from fedcost.identity.federation_ca import utc_now
 from fedcost.report import write_report
 from fedcost.run_folder import RunFolder

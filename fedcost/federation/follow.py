@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedcost.errors import CoordinatorUnreachableError, FederationError
-from fedcost.federation import run_folder
+from fedcost.federation import submission
 from fedcost.federation.control import Control
 from fedcost.federation.provision import Federation
 from fedcost.run_folder import RunFolder
@@ -73,7 +73,7 @@ def submit_and_follow(federation: Federation, folder: Path, follower: Follower) 
     reason if the run stops."""
     address, ca = federation.config.address, federation.ca_cert_file
     run = RunFolder(folder)
-    config = {run_folder.FEDERATION_DIR: str(federation.root.resolve()), run_folder.RUN_ID: run.run_id}
+    config = {submission.FEDERATION_DIR: str(federation.root.resolve()), submission.RUN_ID: run.run_id}
     with Control(address, ca) as control:
         flower_run = control.start_run(config)
     follower.say(f"run {folder.name} submitted (Flower run {flower_run}); folder: {folder}")

@@ -53,7 +53,7 @@ from flwr.superlink.servicer.runtime import runtime_handlers
 
 from fedcost.errors import FederationError
 from fedcost.federation.provision import Federation, fleet_address
-from fedcost.federation.run_folder import run_folder
+from fedcost.federation.submission import run_folder
 from fedcost.server import deploy
 from fedcost.server.link_grid import LinkGrid
 

@@ -34,9 +34,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedcost.atomic import replace_atomically
 from fedcost.audit.authority import TrustedCA
 from fedcost.errors import CertificateError, ConfigError, KitError
-from fedcost.files import replace_atomically
 from fedcost.identity import Identity, PublicIdentity
 from fedcost.identity.federation_ca import (
     Authority,

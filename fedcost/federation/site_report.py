@@ -25,15 +25,15 @@ import torch
 from flwr.app import Context, Message
 
 from fedcost import schema
+from fedcost.atomic import replace_atomically
 from fedcost.client.budget import accountant
 from fedcost.client.node import Node, NodeSetup
 from fedcost.errors import ConfigError, FedcostError
-from fedcost.files import replace_atomically
 from fedcost.identity import PublicIdentity
-from fedcost.job import TrainingJob
 from fedcost.models.metrics import cost_metrics, readmission_metrics
 from fedcost.models.nets import build_model
 from fedcost.models.training import predict
+from fedcost.models.training_job import TrainingJob
 from fedcost.privacy import SitePolicy
 from fedcost.privacy.accounting import DpSgdSteps
 from fedcost.privacy.ledger import recorded_spending

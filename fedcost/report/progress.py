@@ -17,7 +17,7 @@ from fedcost.data.features import FeatureSpec
 from fedcost.linkage import EpisodeCosts
 from fedcost.models.glm import FittedGlm
 from fedcost.privacy.distributed import NewtonNoise
-from fedcost.report.analytics import save_benchmark, save_group_costing, save_statistics
+from fedcost.report.tables import save_benchmark, save_group_costing, save_statistics
 from fedcost.run_folder import RunFolder
 
 # The federated metrics a round's evaluation sums give, per task.

@@ -28,6 +28,7 @@ a bad signature or tag: ``InvalidSignatureError``.
 """
 
 from fedcost.secagg.graph import choose_degree, choose_threshold, neighbours
+from fedcost.secagg.in_memory import simulate_round
 from fedcost.secagg.messages import (
     ConsistencyReply,
     ConsistencyRequest,
@@ -50,7 +51,6 @@ from fedcost.secagg.messages import (
 )
 from fedcost.secagg.protocol import Aggregate, Coordinator, Node
 from fedcost.secagg.quantize import Quantizer
-from fedcost.secagg.simulation import simulate_round
 
 __all__ = [
     "Aggregate",

@@ -46,12 +46,19 @@ from fedcost.config import (
 )
 from fedcost.data.features import FeatureSpec, StatisticsLayout
 from fedcost.errors import FederationError
-from fedcost.job import TrainingJob, glm_coefficients, glm_state, newton_blocks, newton_bounds, noisy_releases
 from fedcost.linkage import EpisodeCosts, link_episodes
 from fedcost.linkage.episodes import EpisodePlan
 from fedcost.models import evaluation, glm
 from fedcost.models.nets import ModelSpec, build_model
 from fedcost.models.training import TrainConfig
+from fedcost.models.training_job import (
+    TrainingJob,
+    glm_coefficients,
+    glm_state,
+    newton_blocks,
+    newton_bounds,
+    noisy_releases,
+)
 from fedcost.privacy import MIN_COHORT, MIN_SECURE_SITES
 from fedcost.privacy.distributed import NewtonNoise, StatisticsNoise, calibrate_newton_noise, calibrate_noise
 from fedcost.secagg import Quantizer

@@ -31,13 +31,13 @@ import torch
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
+from fedcost.atomic import replace_atomically
 from fedcost.audit import AuditLog
 from fedcost.errors import FedcostError, FederationError
 from fedcost.federation import checkpoint, roster
 from fedcost.federation.job import FederationJob
 from fedcost.federation.provision import Federation
-from fedcost.federation.run_folder import FEDERATION_DIR, run_folder
-from fedcost.files import replace_atomically
+from fedcost.federation.submission import FEDERATION_DIR, run_folder
 from fedcost.identity.federation_ca import certificate_to_pem, party_identity, utc_now
 from fedcost.linkage.episodes import EpisodePlan
 from fedcost.models.nets import build_model

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from fedcost.files import replace_atomically
+from fedcost.atomic import replace_atomically
 
 
 def test_replace_atomically_writes_new_content_and_leaves_no_temporary(tmp_path):

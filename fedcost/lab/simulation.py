@@ -16,17 +16,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 import tomli_w
 import torch
 from flwr.app import Context
@@ -37,40 +35,30 @@ from fedcost.analytics.statistics import AGE_BAND, ROLE
 from fedcost.analytics.statistics import SITE as BY_SITE
 from fedcost.audit import AuditLog, verify_folder
 from fedcost.client.app import make_client_app
-from fedcost.client.budget import accountant
 from fedcost.client.node import NodeSetup
 from fedcost.config import AnalyticsSection, SimulationConfig
-from fedcost.data.features import FeatureSpec, StatisticsLayout
+from fedcost.data.features import StatisticsLayout
 from fedcost.data.files import MAPPING_FILE, write_node_files
 from fedcost.data.loader import NodeData, load_node
 from fedcost.data.mapping import DataMapping
 from fedcost.data.synthetic import generate_ecosystem
 from fedcost.data.synthetic_episodes import generate_linked_extracts
-from fedcost.errors import AuditLogTamperedError, ConfigError, FederationError, ModelFitError
-from fedcost.identity import Identity, PublicIdentity
-from fedcost.job import glm_state
+from fedcost.errors import AuditLogTamperedError, ConfigError, FederationError
+from fedcost.identity import Identity
+from fedcost.lab.baselines import local_only_predictions, pooled_predictions, predict_rows, site_steps
+from fedcost.lab.summary import privacy_summary, run_header, trained_summary
 from fedcost.linkage.episodes import EpisodePlan
-from fedcost.models import glm
-from fedcost.models.metrics import calibration_bins, cost_metrics, readmission_metrics
-from fedcost.models.nets import FedcostNet, build_model
-from fedcost.models.site_steps import SiteSteps, decide_site_steps
-from fedcost.models.training import predict, train_local
+from fedcost.models.nets import build_model
 from fedcost.privacy import SitePolicy
-from fedcost.privacy.accounting import DpSgdSteps
-from fedcost.privacy.distributed import SkellamRelease
 from fedcost.privacy.ledger import SUFFIX as LEDGER_SUFFIX
-from fedcost.privacy.ledger import recorded_spending
 from fedcost.ray_engine import ray_engine
 from fedcost.report import write_report
 from fedcost.report.progress import ProgressRecorder, glm_privacy_summary
 from fedcost.run_folder import RunFolder, new_run_id
-from fedcost.seeding import derive_seed
 from fedcost.server.app import CoordinatorPlan, make_server_app
 from fedcost.wire import COORDINATOR
 
 Task = Literal["train", "analyze"]
-# A site alone would train until its model settles: at least this many optimizer steps.
-MIN_LOCAL_STEPS = 300
 # The federated model as each site would use it: with the steps (its own cost level, fine-
 # tuning) its validation rows show help, reported apart from the shared model itself.
 AT_SITES = "federated_at_sites"
@@ -186,7 +174,7 @@ def _run(
     recorder.stage("verifying the audit logs")
     audit = _verify_audit(folder)
     if task == "analyze":
-        summary = _run_header(run_id, config, mapping, nodes, task)
+        summary = run_header(run_id, config, mapping, nodes, task)
     else:
         summary = _trained(config, run_id, folder, mapping, nodes, recorder)
     summary["analytics"] = recorder.analytics
@@ -194,7 +182,7 @@ def _run(
         summary["inference"] = recorder.inference
     summary["audit"] = audit
     summary["engine"] = recorder.placement
-    summary["privacy"] = _privacy_summary(config, folder, nodes)
+    summary["privacy"] = privacy_summary(config, folder, nodes)
     if plan.noise is not None:
         noise = plan.noise
         summary["statistics_privacy"] = {
@@ -232,16 +220,16 @@ def _trained(
         json.dumps({"model": dataclasses.asdict(config.model), "features": features.to_dict()}, indent=2)
     )
 
-    predictions = {"federated": [_predict(federated, features, node.test) for node in nodes]}
+    predictions = {"federated": [predict_rows(federated, features, node.test) for node in nodes]}
     recorder.stage("pooled baseline: every site's rows in one place")
-    predictions["pooled"] = _pooled_predictions(config, features, nodes)
-    predictions["local_only"] = _local_only_predictions(config, features, nodes, recorder.stage)
+    predictions["pooled"] = pooled_predictions(config, features, nodes)
+    predictions["local_only"] = local_only_predictions(config, features, nodes, recorder.stage)
     steps = {}
     for number, node in enumerate(nodes, 1):
         recorder.stage(f"site steps at {node.name} ({number}/{len(nodes)})")
-        steps[node.name] = _site_steps(config, federated, features, node, folder)
+        steps[node.name] = site_steps(config, federated, features, node, folder)
     predictions[AT_SITES] = [steps[node.name][1] for node in nodes]
-    summary = _summary(run_id, config, mapping, nodes, predictions, features, recorder.rounds)
+    summary = trained_summary(run_id, config, mapping, nodes, predictions, features, recorder.rounds)
     summary["site_steps"] = {name: decided.to_dict() for name, (decided, _) in steps.items()}
     return summary
 
@@ -302,8 +290,9 @@ def _federate(
         identity.public().save(folder.identities)
     folder.audit.mkdir()
     roster = tuple(sorted((name, identity.public().raw_key) for name, identity in identities.items()))
-    _check_peer_groups(config, [node.name for node in mapping.nodes])
-    policies = _site_policies(config, folder, [node.name for node in mapping.nodes], coordinator.public().key_id)
+    names = [node.name for node in mapping.nodes]
+    _check_node_names(config, names, config.analytics.peer_groups, "peer group", "analytics.peer_groups")
+    policies = _site_policies(config, folder, names, coordinator.public().key_id)
     setups = [
         NodeSetup(
             mapping.path.resolve(),
@@ -367,14 +356,14 @@ def _episode_plan(config: SimulationConfig, run_id: str, mapping: DataMapping) -
         ) from None
 
 
-def _check_peer_groups(config: SimulationConfig, names: list[str]) -> None:
-    """Every site ``[analytics] peer_groups`` names is a node of the run."""
-    unknown = sorted(set(config.analytics.peer_groups) - set(names))
+def _check_node_names(config: SimulationConfig, names: list[str], named: Iterable[str], what: str, field: str) -> None:
+    """Every node the config's ``field`` names (peer groups, policies) is a node of the run."""
+    unknown = sorted(set(named) - set(names))
     if unknown:
         raise ConfigError(
-            f"peer group for unknown node {unknown[0]!r}; nodes: {', '.join(names)}",
+            f"{what} for unknown node {unknown[0]!r}; nodes: {', '.join(names)}",
             path=config.source,
-            field=f"analytics.peer_groups.{unknown[0]}",
+            field=f"{field}.{unknown[0]}",
         )
 
 
@@ -385,13 +374,7 @@ def _site_policies(config: SimulationConfig, folder: RunFolder, names: list[str]
     the simulated coordinator's key id; everything else applies as the file says. Nodes
     with no policy (no entry and no ``default_policy``) run under the permissive default.
     """
-    unknown = sorted(set(config.simulation.policies) - set(names))
-    if unknown:
-        raise ConfigError(
-            f"policy for unknown node {unknown[0]!r}; nodes: {', '.join(names)}",
-            path=config.source,
-            field=f"simulation.policies.{unknown[0]}",
-        )
+    _check_node_names(config, names, config.simulation.policies, "policy", "simulation.policies")
     written: dict[str, Path] = {}
     for name in names:
         source = config.simulation.policies.get(name) or config.simulation.default_policy
@@ -404,30 +387,6 @@ def _site_policies(config: SimulationConfig, folder: RunFolder, names: list[str]
     return written
 
 
-def _privacy_summary(config: SimulationConfig, folder: RunFolder, nodes: list[NodeData]) -> dict:
-    """ε spent per site, from its release ledger under its policy; a site without DP reports
-    ``dp: false``."""
-    summary = {}
-    for node in nodes:
-        source = config.simulation.policies.get(node.name) or config.simulation.default_policy
-        privacy = SitePolicy.load(source).privacy if source else None
-        if privacy is None or not privacy.enabled:
-            summary[node.name] = {"dp": False}
-            continue
-        identity = PublicIdentity.load(folder.identities / f"{node.name}.pub.json")
-        spending = recorded_spending(folder.ledgers / f"{node.name}{LEDGER_SUFFIX}", identity)
-        ledger = accountant(spending, privacy)
-        summary[node.name] = {
-            "dp": True,
-            "epsilon_budget": ledger.epsilon_budget,
-            "epsilon_spent": ledger.epsilon,
-            "delta": ledger.delta,
-            "rounds_trained": sum(isinstance(release, DpSgdSteps) for release in ledger.history),
-            "noisy_sums": sum(isinstance(release, SkellamRelease) for release in ledger.history),
-        }
-    return summary
-
-
 def _verify_audit(folder: RunFolder) -> dict:
     """Every party's log must verify and reconcile before the run counts as finished."""
     verification = verify_folder(folder.path)
@@ -435,168 +394,3 @@ def _verify_audit(folder: RunFolder) -> dict:
         problems = "; ".join(str(p) for p in verification.problems[:5])
         raise AuditLogTamperedError(f"the run's audit logs do not verify: {problems}")
     return {"verified": True, "parties": sorted(verification.parties)}
-
-
-def _predict(model: torch.nn.Module, features: FeatureSpec, rows: pd.DataFrame) -> dict[str, np.ndarray]:
-    predictions = predict(model, features.encode(rows))
-    if "cost" in predictions:
-        predictions["cost"] = predictions["cost"] * features.cost_scale
-    return predictions
-
-
-def _site_steps(
-    config: SimulationConfig, model: FedcostNet, features: FeatureSpec, node: NodeData, folder: RunFolder
-) -> tuple[SiteSteps, dict[str, np.ndarray]]:
-    """The shared model as ``node``'s site would use it, and its predictions on the site's
-    held-out rows: its cost level and ``[run] adaptation_epochs`` of fine-tuning, each kept
-    only where the site's own validation rows show it helps (``models.site_steps``). The
-    steps are saved in the run folder for ``fedcost predict --site``."""
-    train = features.task_data(node.train)
-    seed = derive_seed(config.run.seed, "adaptation", node.name)
-    steps, adapted = decide_site_steps(
-        model, train, config.training, epochs=config.run.adaptation_epochs, seed=seed, min_rows=config.run.min_cohort
-    )
-    folder.sites.mkdir(exist_ok=True)
-    saved = folder.site_steps(node.name)
-    saved.write_text(json.dumps(steps.to_dict(), indent=2))
-    if adapted is not None:
-        torch.save(adapted.state_dict(), saved.with_suffix(".pt"))
-    predictions = steps.predict(model, adapted, features.encode(node.test))
-    if "cost" in predictions:
-        predictions["cost"] = predictions["cost"] * features.cost_scale
-    return steps, predictions
-
-
-def _train(config: SimulationConfig, features: FeatureSpec, rows: pd.DataFrame, epochs: int, label: str) -> FedcostNet:
-    """The baseline model on ``rows``: an exact GLM by the federation's own estimator fitted to
-    convergence (``_fit_glm``), or the network trained for ``epochs``."""
-    torch.set_num_threads(1)
-    model = build_model(
-        config.model, features.n_features, seed=config.run.seed, readmission_rate=features.initial_readmission_rate
-    )
-    if config.model.exact:
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in _fit_glm(config, features, rows).items()})
-        return model
-    data = features.task_data(rows)
-    training = replace(config.training, epochs=epochs, proximal_mu=0.0)
-    train_local(model, data, training, seed=derive_seed(config.run.seed, "baseline", label))
-    return model
-
-
-def _fit_glm(config: SimulationConfig, features: FeatureSpec, rows: pd.DataFrame) -> dict[str, np.ndarray]:
-    """An exact GLM on ``rows`` alone, per task, as a torch GLM's state: the same iteration and
-    penalty as the federation's (``glm.fit_pooled``). Where the rows cannot give a fit (one
-    class only, at a small site), the task falls back to its mean: what such a site knows."""
-    spec, x, coefficients = config.model, features.design(rows), {}
-    for task in spec.tasks:
-        family = glm.task_family(task, cost_family=spec.cost_family, tweedie_power=spec.tweedie_power)
-        y = rows[schema.READMISSION if task == "readmission" else schema.COST].to_numpy("float64")
-        y = y if task == "readmission" else y / features.cost_scale
-        try:
-            coefficients[task] = glm.fit_pooled(x, y, family=family, penalty=spec.penalty).coefficients
-        except ModelFitError:
-            mean = float(np.clip((y.sum() + 0.5) / (y.size + 1), 1e-6, None if task == "cost" else 1 - 1e-6))
-            coefficients[task] = glm.start_coefficients(x.shape[1] + 1, family=family, mean=mean)
-    return glm_state(features, coefficients)
-
-
-def _pooled_predictions(config: SimulationConfig, features: FeatureSpec, nodes: list[NodeData]) -> list[dict]:
-    """All training rows in one place, fitted by the federation's own estimator (an exact GLM
-    to convergence; a network for as many epochs as the federation ran) and scored as it is,
-    like the shared model: the gap between them is the price of federating alone."""
-    rows = pd.concat([node.train for node in nodes], ignore_index=True)
-    model = _train(config, features, rows, config.run.rounds * config.training.epochs, "pooled")
-    return [_predict(model, features, node.test) for node in nodes]
-
-
-def _local_only_predictions(
-    config: SimulationConfig,
-    features: FeatureSpec,
-    nodes: list[NodeData],
-    stage: Callable[[str], None] = lambda text: None,
-) -> list[dict]:
-    """Each site alone on its own rows, scored on its own held-out rows."""
-    predictions = []
-    for number, node in enumerate(nodes, 1):
-        stage(f"local-only baseline at {node.name} ({number}/{len(nodes)})")
-        steps_per_epoch = math.ceil(len(node.train) / config.training.batch_size)
-        epochs = max(config.run.rounds * config.training.epochs, math.ceil(MIN_LOCAL_STEPS / steps_per_epoch))
-        model = _train(config, features, node.train, epochs, f"local/{node.name}")
-        predictions.append(_predict(model, features, node.test))
-    return predictions
-
-
-def _scores(rows: pd.DataFrame, predictions: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    scores = {}
-    if "readmission" in predictions:
-        scores["readmission"] = readmission_metrics(rows[schema.READMISSION].to_numpy(), predictions["readmission"])
-    if "cost" in predictions:
-        metrics = cost_metrics(rows[schema.COST].to_numpy(), predictions["cost"])
-        scores["cost"] = {k: metrics[k] for k in ("mae", "rmse", "r2")}
-    return scores
-
-
-def _run_header(run_id: str, config: SimulationConfig, mapping: DataMapping, nodes: list[NodeData], task: Task) -> dict:
-    """What every run's summary opens with: the run, its outcomes, its protection and its sites."""
-    families = {"readmission": "logistic", "cost": f"{config.model.cost_family}, log link"}
-    return {
-        "run_id": run_id,
-        "task": task,
-        "outcomes": {
-            task_name: {
-                "column": column,
-                "kind": "binary" if task_name == "readmission" else "non-negative",
-                **({"family": families[task_name]} if config.model.exact else {}),
-            }
-            for task_name, column in mapping.outcome_columns.items()
-        },
-        "secure_aggregation": config.secure_aggregation.enabled,
-        "min_cohort": config.run.min_cohort,
-        "currency": config.analytics.currency,
-        "nodes": [
-            {"name": n.name, "role": n.role, "train_rows": len(n.train), "test_rows": len(n.test)} for n in nodes
-        ],
-    }
-
-
-def _summary(
-    run_id: str,
-    config: SimulationConfig,
-    mapping: DataMapping,
-    nodes: list[NodeData],
-    predictions: dict[str, list[dict]],
-    features: FeatureSpec,
-    rounds: list[dict],
-) -> dict:
-    all_test = pd.concat([node.test for node in nodes], ignore_index=True)
-    summary = _run_header(run_id, config, mapping, nodes, "train")
-    summary |= {
-        "rounds": config.run.rounds,
-        "strategy": config.strategy.name,
-        "dropouts": {r["round"]: r["dropouts"] for r in rounds if r.get("dropouts")},
-        "model": config.model.kind,
-        "tasks": list(config.model.tasks),
-        "test_rows": len(all_test),
-        "missing_flagged": list(features.flagged),
-        "adaptation_epochs": config.run.adaptation_epochs,
-        "federated_evaluation": rounds[-1] if rounds else {},
-    }
-    for task in config.model.tasks:
-        summary[task] = {}
-    calibration = {}
-    for model_name in predictions:
-        pooled = {k: np.concatenate([p[k] for p in predictions[model_name]]) for k in predictions[model_name][0]}
-        for task, scores in _scores(all_test, pooled).items():
-            summary[task][model_name] = scores
-        if "readmission" in pooled:
-            calibration[model_name] = calibration_bins(all_test[schema.READMISSION].to_numpy(), pooled["readmission"])
-    summary["calibration"] = calibration
-    site_scores = [{m: _scores(node.test, predictions[m][i]) for m in predictions} for i, node in enumerate(nodes)]
-    summary["per_site"] = {
-        node.name: {
-            "role": node.role,
-            **{task: {m: s[task] for m, s in scores.items() if task in s} for task in config.model.tasks},
-        }
-        for node, scores in zip(nodes, site_scores)
-    }
-    return summary
