@@ -13,10 +13,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedcost import __version__
-from fedcost.audit.cli import audit_app
+from fedcost.audit.commands import audit_app
 from fedcost.errors import ConfigError, FedcostError
-from fedcost.federation.cli import OLD_FORMS, coordinator_app, federation_app, node_app
-from fedcost.federation.cli import run as run_job
+from fedcost.federation.commands import OLD_FORMS, coordinator_app, federation_app, node_app
+from fedcost.federation.commands import run as run_job
 from fedcost.report.units import cost_unit
 from fedcost.run_folder import RunFolder
 from fedcost.terminal import PoliteTyper, RoundProgress, console, fail

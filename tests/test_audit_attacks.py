@@ -24,7 +24,7 @@ from audit_mutations import write_lines as _write
 from typer.testing import CliRunner
 
 from fedcost.audit import AuditLog, reconcile, verify_folder, verify_log
-from fedcost.audit.cli import audit_app
+from fedcost.audit.commands import audit_app
 from fedcost.errors import AuditLogTamperedError
 from fedcost.identity import Identity
 

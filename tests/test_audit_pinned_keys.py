@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from fedcost.audit import AuditLog, verify_folder, verify_log
 from fedcost.audit.authority import TrustedCA, short
-from fedcost.audit.cli import audit_app
+from fedcost.audit.commands import audit_app
 from fedcost.federation.provision import Federation, FederationConfig
 from fedcost.identity import Identity, PublicIdentity
 from fedcost.identity.federation_ca import Authority, certificate_to_pem, crl_to_pem

@@ -254,8 +254,8 @@ def test_a_deployed_job_links_every_admitted_hospital_with_every_payer_by_role(t
     mappings: the plan links them all (a site without an extract refuses at the hello), and
     a federation without a hospital or a payer stops the job with the reason."""
     from fedcost.errors import FederationError
+    from fedcost.federation.coordinator_app import _episode_plan
     from fedcost.federation.job import FederationJob
-    from fedcost.server.deploy import _episode_plan
 
     job = tmp_path / "job.toml"
     job.write_text('[model]\nkind = "glm"\n\n[analytics]\nepisodes = { before_days = 2, after_days = 14 }\n')

@@ -18,7 +18,7 @@ from flwr.app.message.message import make_message
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=no-name-in-module
 
 from fedcost.errors import FederationError
-from fedcost.server.deploy import DeployedGrid
+from fedcost.federation.coordinator_app import DeployedGrid
 from fedcost.wire import records as rec
 
 

@@ -18,8 +18,8 @@ from rich.console import Console
 
 from fedcost.config import SimulationConfig
 from fedcost.errors import ConfigError
-from fedcost.federation.cli import federation_table
 from fedcost.federation.collect import add_reports
+from fedcost.federation.commands import federation_table
 from fedcost.federation.follow import stage_text
 from fedcost.federation.provision import Federation, FederationConfig
 from fedcost.federation.site_report import read_report

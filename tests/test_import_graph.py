@@ -73,3 +73,18 @@ def test_the_cores_import_neither_flower_nor_the_bindings() -> None:
                 for alias in statement.names
             }
             assert not {m for m in imported if m.startswith(bindings)}, f"{name} imports {sorted(imported)}"
+
+
+def test_deployment_sits_above_the_bindings() -> None:
+    """Layers go one way (issue 17): ``fedcost.federation`` (provisioning, processes, the
+    coordinator's and the node's deployed apps) uses the bindings; ``fedcost.client`` and
+    ``fedcost.server`` never import deployment, eagerly or lazily."""
+    for name, path in _modules().items():
+        if name.startswith(("fedcost.client", "fedcost.server")):
+            imported = {
+                alias.name if isinstance(statement, ast.Import) else statement.module or ""
+                for statement in ast.walk(ast.parse(path.read_text()))
+                if isinstance(statement, ast.Import | ast.ImportFrom)
+                for alias in statement.names
+            }
+            assert not {m for m in imported if m.startswith("fedcost.federation")}, f"{name} imports deployment"

@@ -1,7 +1,7 @@
 """The tamper-evident audit log: entries, hash chain, signed checkpoints, verify, reconcile.
 
 Pure apart from the log files themselves: no Flower, no network. The command-line
-sub-app lives in ``fedcost.audit.cli`` (``audit_app``).
+sub-app lives in ``fedcost.audit.commands`` (``audit_app``).
 """
 
 from fedcost.audit.entry import GENESIS_HASH, Entry

@@ -52,9 +52,9 @@ from flwr.superlink.main import create_app
 from flwr.superlink.servicer.runtime import runtime_handlers
 
 from fedcost.errors import FederationError
+from fedcost.federation import coordinator_app
 from fedcost.federation.provision import Federation, fleet_address
 from fedcost.federation.submission import run_folder
-from fedcost.server import deploy
 from fedcost.server.link_grid import LinkGrid
 
 IN_MEMORY = ":flwr-in-memory:"  # the SuperLink's state (see processes.run_coordinator)
@@ -235,7 +235,7 @@ class Runs:
             self.say(f"run {folder.name} (Flower run {run.run_id}) started")
             grid = LinkGrid(self.state_factory, task)
             grid.set_run(run)
-            deploy.serve(grid, self.federation, folder)
+            coordinator_app.serve(grid, self.federation, folder)
             outcome = SubStatus.COMPLETED
         except Exception as error:  # the run's own log and error.txt have the details
             details = f"{type(error).__name__}: {error}"

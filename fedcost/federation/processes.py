@@ -31,10 +31,10 @@ from typing import IO, TYPE_CHECKING
 
 import tomli_w
 
-from fedcost.client import deploy as node_app
 from fedcost.data.loader import load_node
 from fedcost.data.mapping import DataMapping
 from fedcost.errors import ConfigError, CoordinatorUnreachableError, FederationError, MappingError
+from fedcost.federation import node_app
 from fedcost.federation.control import Control
 from fedcost.federation.provision import Federation, Kit, fleet_address
 from fedcost.federation.site_report import SiteReports

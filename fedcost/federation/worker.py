@@ -8,7 +8,7 @@ The worker keeps all of that in one process for the life of the node instead: it
 Flower's Fleet API itself (over gRPC, with TLS, SuperNode authentication and heartbeats:
 see ``FleetSession``), polls quickly while a run is under way and slowly when idle, and
 answers each message by calling the node's ClientApp in-process, exactly the app a SuperNode
-would load (``fedcost.client.deploy.app``: roster check, then the site guardian with its
+would load (``fedcost.federation.node_app.app``: roster check, then the site guardian with its
 policy check, egress guard, release ledger and audit log on the path of every reply).
 No per-message process exists, so there is no local channel to guard. The worker never
 runs code a run's app bundle (FAB) names: it answers every run with the site's own,
