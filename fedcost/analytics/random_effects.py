@@ -50,7 +50,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize
 from scipy.special import expit, log_expit
 
 QUADRATURE_NODES = 15
@@ -156,6 +155,8 @@ def marginal_log_likelihood(n: np.ndarray, observed: np.ndarray, expected: np.nd
 
 def fit_random_intercept(n: Sequence[float], observed: Sequence[float], expected: Sequence[float]) -> RandomIntercept:
     """Maximum marginal likelihood mu and tau from every site's n, O and E."""
+    from scipy.optimize import minimize  # 0.5 s to import: not for every command that reads a config
+
     n, observed, expected = (np.asarray(a, dtype="float64") for a in (n, observed, expected))
     observed = np.clip(observed, 0, n)  # a noisy release may read outside [0, n]
     low, high = (math.log(t) for t in TAU_RANGE)
