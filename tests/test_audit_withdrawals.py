@@ -251,3 +251,24 @@ def test_an_update_sent_after_the_restarts_hello_must_still_arrive(tmp_path: Pat
     restarted_run(tmp_path, late_send=True)
     problems = _problems(tmp_path, None)
     assert _lost_updates(problems) == {"hospital-1"} and len(problems) == 1, problems
+
+
+def test_a_message_lost_at_the_restart_and_sent_again_identical_pairs_with_its_receipt(tmp_path: Path) -> None:
+    """A round's message whose bytes do not change when the round runs again (a survivor
+    set's signatures): lost in flight at the kill, sent again after the restart, received
+    once. The receipt is the resend's; the lost first send is explained by the restart."""
+    run = Run(tmp_path)
+    nodes = list(NODES)
+    run.hello(nodes)
+    run.round(1, nodes)
+    same = b"the survivor set and its signatures, as both incarnations send it"
+    kind = "secagg:train:consistency"
+    run.logs["coordinator"].message_sent(same, recipient="hospital-1", kind=kind, round=2, at=run.at())
+    run.hello(nodes)
+    run.logs["coordinator"].append("run_resumed", details={"after_round": 1}, at=run.at())
+    run.logs["coordinator"].message_sent(same, recipient="hospital-1", kind=kind, round=2, at=run.at())
+    run.logs["hospital-1"].message_received(same, sender="coordinator", kind=kind, round=2, at=run.at())
+    run.round(2, nodes)
+    run.close(nodes)
+    result = verify_folder(tmp_path)
+    assert result.ok, result.problems

@@ -118,7 +118,9 @@ def _describe(key: _Key) -> str:
 
 
 def _messages(logs: Mapping[str, Sequence[Entry]]) -> tuple[list[_Message], list[Problem]]:
-    """Every message either side logged, the n-th send of a key paired with its n-th receipt;
+    """Every message either side logged, sends of a key paired with its receipts in order, the
+    earliest sends left unreceived where there are more sends than receipts (a restarted
+    coordinator sends a round's identical message again: the one lost in flight is the first);
     and the message entries too malformed to pair."""
     sent: dict[_Key, list[int]] = defaultdict(list)
     received: dict[_Key, list[int]] = defaultdict(list)
@@ -134,9 +136,12 @@ def _messages(logs: Mapping[str, Sequence[Entry]]) -> tuple[list[_Message], list
     messages = []
     for key in dict.fromkeys([*sent, *received]):
         sends, receipts = sent.get(key, []), received.get(key, [])
-        for i in range(max(len(sends), len(receipts))):
+        lost = max(0, len(sends) - len(receipts))
+        messages += [_Message(key, seq, None) for seq in sends[:lost]]
+        paired = sends[lost:]
+        for i in range(max(len(paired), len(receipts))):
             messages.append(
-                _Message(key, sends[i] if i < len(sends) else None, receipts[i] if i < len(receipts) else None)
+                _Message(key, paired[i] if i < len(paired) else None, receipts[i] if i < len(receipts) else None)
             )
     return messages, problems
 
