@@ -37,6 +37,7 @@ rebuilt from ``summary.json``'s coefficients and checked against its reported AU
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import io
 import json
@@ -115,41 +116,26 @@ def _medpar(raw: pd.DataFrame) -> pd.DataFrame:
 
 
 PREPARE = {"nmes1988": _nmes, "nmes1988-31": _nmes, "medpar": _medpar}
+NMES = RealTask(
+    "nmes1988",
+    "Ecdat/OFP.csv",
+    site="region",
+    binary="hospitalised",
+    count="office_visits",
+    numeric=("numchron", "adldiff", "age", "school", "faminc"),
+    categorical={
+        "hlth": ("other", "poor", "excellent"),
+        "black": ("no", "yes"),
+        "sex": ("female", "male"),
+        "married": ("no", "yes"),
+        "employed": ("no", "yes"),
+        "privins": ("no", "yes"),
+        "medicaid": ("no", "yes"),
+    },
+)
 TASKS = (
-    RealTask(
-        "nmes1988",
-        "Ecdat/OFP.csv",
-        site="region",
-        binary="hospitalised",
-        count="office_visits",
-        numeric=("numchron", "adldiff", "age", "school", "faminc"),
-        categorical={
-            "hlth": ("other", "poor", "excellent"),
-            "black": ("no", "yes"),
-            "sex": ("female", "male"),
-            "married": ("no", "yes"),
-            "employed": ("no", "yes"),
-            "privins": ("no", "yes"),
-            "medicaid": ("no", "yes"),
-        },
-    ),
-    RealTask(
-        "nmes1988-31",
-        "Ecdat/OFP.csv",
-        site="site31",
-        binary="hospitalised",
-        count="office_visits",
-        numeric=("numchron", "adldiff", "age", "school", "faminc"),
-        categorical={
-            "hlth": ("other", "poor", "excellent"),
-            "black": ("no", "yes"),
-            "sex": ("female", "male"),
-            "married": ("no", "yes"),
-            "employed": ("no", "yes"),
-            "privins": ("no", "yes"),
-            "medicaid": ("no", "yes"),
-        },
-    ),
+    NMES,
+    dataclasses.replace(NMES, name="nmes1988-31", site="site31"),
     RealTask(
         "medpar",
         "COUNT/medpar.csv",
