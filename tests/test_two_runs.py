@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from federation_processes import Processes, fedcost, wait_for
 
+from fedcost.audit import read_log
 from fedcost.federation.processes import free_port
+from fedcost.wire.events import Event, LedgerEvent
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -95,22 +99,24 @@ def _simulated(folder: Path, fit: str) -> dict:
     return json.loads((folder / f"sim-{fit}" / "summary.json").read_text())
 
 
-def test_two_runs_submitted_at_once_each_complete_with_their_own_figures_and_logs(tmp_path):
-    port = free_port()
-    processes = Processes(tmp_path)
-    runs = tmp_path / "fed" / "runs"
-    try:
-        assert fedcost("federation", "init", "fed", "--address", f"127.0.0.1:{port}", cwd=tmp_path).returncode == 0
+class TwoRuns:
+    """A loopback federation of the three sites, each node started with its own policy."""
+
+    def __init__(self, folder: Path, policy: Callable[[str, str], Path]):
+        self.folder = folder
+        self.runs = folder / "fed" / "runs"
+        self.processes = Processes(folder)
+        port = free_port()
+        assert fedcost("federation", "init", "fed", "--address", f"127.0.0.1:{port}", cwd=folder).returncode == 0
         for name, (role, _) in SITES.items():
-            done = fedcost("federation", "add-node", name, "--role", role, "-f", "fed", cwd=tmp_path)
+            done = fedcost("federation", "add-node", name, "--role", role, "-f", "fed", cwd=folder)
             assert done.returncode == 0, done.stdout + done.stderr
-        processes.start("coordinator", "coordinator", "start", "fed", cwd=tmp_path)
-        wait_for(lambda: "coordinator ready" in processes.output("coordinator"), 120, "the coordinator")
-        (tmp_path / "policy.toml").write_text(POLICY)
-        for name, (_, data) in SITES.items():
-            done = fedcost("node", "policy", f"fed/kits/{name}", "policy.toml", f"{name}.toml", cwd=tmp_path)
+        self.processes.start("coordinator", "coordinator", "start", "fed", cwd=folder)
+        wait_for(lambda: "coordinator ready" in self.processes.output("coordinator"), 120, "the coordinator")
+        for name, (role, data) in SITES.items():
+            done = fedcost("node", "policy", f"fed/kits/{name}", str(policy(name, role)), f"{name}.toml", cwd=folder)
             assert done.returncode == 0, done.stdout + done.stderr
-            processes.start(
+            self.processes.start(
                 name,
                 "node",
                 "start",
@@ -125,70 +131,131 @@ def test_two_runs_submitted_at_once_each_complete_with_their_own_figures_and_log
                 f"state/{name}",
                 "--split-seed",
                 str(SEED),
-                cwd=tmp_path,
+                cwd=folder,
             )
         for name in SITES:
-            wait_for(lambda: "waiting for jobs" in processes.output(name), 120, f"node {name}")
+            wait_for(lambda: "waiting for jobs" in self.processes.output(name), 120, f"node {name}")
 
-        # Both submitted back to back, without waiting: two `fedcost run` processes at once.
-        submitted = {}
-        for fit, rounds in JOBS.items():
-            (tmp_path / f"{fit}.toml").write_text(job(fit, rounds) + '\n[data]\nextra_numeric = ["bmi"]\n')
-            submitted[fit] = processes.start(f"run-{fit}", "run", f"{fit}.toml", "-f", "fed", cwd=tmp_path)
-        for fit, process in submitted.items():
+    def submit_at_once(self, jobs: dict[str, Path]) -> dict[str, subprocess.Popen]:
+        """Each job by its own `fedcost run`, back to back, without waiting; returns them ended."""
+        submitted = {
+            name: self.processes.start(f"run-{name}", "run", str(job), "-f", "fed", cwd=self.folder)
+            for name, job in jobs.items()
+        }
+        for process in submitted.values():
             process.wait(timeout=RUN_TIMEOUT)
-            assert process.returncode == 0, processes.output(f"run-{fit}")
-        folders = {fit: folder for folder in runs.iterdir() for fit in JOBS if f'fit = "{fit}"' in _job(folder)}
-        assert sorted(folders) == sorted(JOBS), list(runs.iterdir())
-        log = (tmp_path / "fed" / "logs" / "coordinator.log").read_text()
-        assert log.count("finished: completed") == 2 and "Traceback" not in log, log
-        # They ran at once: each started before either finished.
-        assert all(log.index(f"run {f.name} ") < log.index("finished: completed") for f in folders.values()), log
+        return submitted
 
-        # Each run's figures are its own job's, as a simulation of that job alone gives them.
-        simulated = {fit: _simulated(tmp_path, fit) for fit in JOBS}
-        for fit, rounds in JOBS.items():
-            deployed, alone = _metrics(folders[fit]), _metrics(tmp_path / f"sim-{fit}")
-            assert [r["round"] for r in deployed] == list(range(1, rounds + 1))
-            assert all(r["secure_aggregation"] and r["nodes_included"] == 3 and not r["dropouts"] for r in deployed)
-            for got, expected in zip(deployed, alone, strict=True):
-                for metric in METRICS:
-                    assert math.isclose(got[metric], expected[metric], rel_tol=1e-3, abs_tol=1e-4), (
-                        fit,
-                        got["round"],
-                        metric,
-                        got[metric],
-                        expected[metric],
-                    )
-            summary = json.loads((folders[fit] / "summary.json").read_text())
-            assert summary["run_id"] == folders[fit].name and summary["rounds"] == rounds
-            assert summary["federated_evaluation"] == deployed[-1]
+    def coordinator_log(self) -> str:
+        return (self.folder / "fed" / "logs" / "coordinator.log").read_text()
 
-        # Every party's log of each run verifies with the documented commands.
+    def assert_ran_at_once(self) -> None:
+        """Every run started before any finished."""
+        log = self.coordinator_log()
+        assert all(log.index(f"run {folder.name} ") < log.index("finished: ") for folder in self.runs.iterdir()), log
+
+    def collect_and_verify(self, run: Path) -> dict:
+        """The documented commands: the sites' logs and reports collected, every log verified; the summary."""
         states = [f"state/{name}" for name in SITES]
-        for fit, folder in folders.items():
-            collected = fedcost("federation", "collect", folder.name, *states, "-f", "fed", cwd=tmp_path)
-            assert collected.returncode == 0 and not _problems(collected.stdout), collected.stdout + collected.stderr
-            verified = fedcost("audit", "verify", f"fed/runs/{folder.name}", "--federation", "fed", cwd=tmp_path)
-            assert verified.returncode == 0 and not _problems(verified.stdout), verified.stdout + verified.stderr
-            assert sorted(p.stem for p in (folder / "audit").glob("*.jsonl")) == sorted(["coordinator", *SITES])
-            summary = json.loads((folder / "summary.json").read_text())
-            assert summary["sites_reported"] == sorted(SITES) and summary["audit"]["verified"]
-            # Each site's report of this run scores this run's final model on its held-out rows.
-            for name in SITES:
-                for task, places in PLACES.items():
-                    for metric, digits in places.items():
-                        got = summary["per_site"][name][task]["federated"][metric]
-                        expected = simulated[fit]["per_site"][name][task]["federated"][metric]
-                        assert abs(got - expected) <= 10**-digits, (fit, name, task, metric, got, expected)
+        collected = fedcost("federation", "collect", run.name, *states, "-f", "fed", cwd=self.folder)
+        assert collected.returncode == 0 and not _problems(collected.stdout), collected.stdout + collected.stderr
+        verified = fedcost("audit", "verify", f"fed/runs/{run.name}", "--federation", "fed", cwd=self.folder)
+        assert verified.returncode == 0 and not _problems(verified.stdout), verified.stdout + verified.stderr
+        assert sorted(p.stem for p in (run / "audit").glob("*.jsonl")) == sorted(["coordinator", *SITES])
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["sites_reported"] == sorted(SITES) and summary["audit"]["verified"]
+        return summary
 
-        # No site refused anything of either run, and none logged a failure.
+
+@pytest.fixture
+def federation(tmp_path):
+    made: list[TwoRuns] = []
+
+    def make(policy: Callable[[str, str], Path]) -> TwoRuns:
+        made.append(TwoRuns(tmp_path, policy))
+        return made[-1]
+
+    yield make
+    for federation in made:
+        federation.processes.kill_all()
+
+
+def test_two_runs_submitted_at_once_each_complete_with_their_own_figures_and_logs(tmp_path, federation):
+    (tmp_path / "policy.toml").write_text(POLICY)
+    sites = federation(lambda name, role: tmp_path / "policy.toml")
+    for fit, rounds in JOBS.items():
+        (tmp_path / f"{fit}.toml").write_text(job(fit, rounds) + '\n[data]\nextra_numeric = ["bmi"]\n')
+    for fit, process in sites.submit_at_once({fit: tmp_path / f"{fit}.toml" for fit in JOBS}).items():
+        assert process.returncode == 0, sites.processes.output(f"run-{fit}")
+    folders = {fit: folder for folder in sites.runs.iterdir() for fit in JOBS if f'fit = "{fit}"' in _job(folder)}
+    assert sorted(folders) == sorted(JOBS), list(sites.runs.iterdir())
+    log = sites.coordinator_log()
+    assert log.count("finished: completed") == 2 and "Traceback" not in log, log
+    sites.assert_ran_at_once()
+
+    # Each run's figures are its own job's, as a simulation of that job alone gives them.
+    simulated = {fit: _simulated(tmp_path, fit) for fit in JOBS}
+    for fit, rounds in JOBS.items():
+        deployed, alone = _metrics(folders[fit]), _metrics(tmp_path / f"sim-{fit}")
+        assert [r["round"] for r in deployed] == list(range(1, rounds + 1))
+        assert all(r["secure_aggregation"] and r["nodes_included"] == 3 and not r["dropouts"] for r in deployed)
+        for got, expected in zip(deployed, alone, strict=True):
+            for metric in METRICS:
+                assert math.isclose(got[metric], expected[metric], rel_tol=1e-3, abs_tol=1e-4), (
+                    fit,
+                    got["round"],
+                    metric,
+                    got[metric],
+                    expected[metric],
+                )
+        summary = json.loads((folders[fit] / "summary.json").read_text())
+        assert summary["run_id"] == folders[fit].name and summary["rounds"] == rounds
+        assert summary["federated_evaluation"] == deployed[-1]
+
+    # Every party's log of each run verifies; each site's report of a run scores that run's
+    # final model on its held-out rows.
+    for fit, folder in folders.items():
+        summary = sites.collect_and_verify(folder)
         for name in SITES:
-            site_logs = list((tmp_path / "state" / name / "audit").glob(f"*/{name}.jsonl"))
-            assert len(site_logs) == 2
-            for site_log in site_logs:
-                assert '"event":"refusal"' not in site_log.read_text().replace(" ", ""), site_log
-            node_log = (tmp_path / "state" / name / "node.log").read_text()
-            assert "ERROR" not in node_log and "could not be" not in node_log, node_log
-    finally:
-        processes.kill_all()
+            for task, places in PLACES.items():
+                for metric, digits in places.items():
+                    got = summary["per_site"][name][task]["federated"][metric]
+                    expected = simulated[fit]["per_site"][name][task]["federated"][metric]
+                    assert abs(got - expected) <= 10**-digits, (fit, name, task, metric, got, expected)
+
+    # No site refused anything of either run, and none logged a failure.
+    for name in SITES:
+        site_logs = list((tmp_path / "state" / name / "audit").glob(f"*/{name}.jsonl"))
+        assert len(site_logs) == 2
+        for site_log in site_logs:
+            assert all(entry.event != Event.REFUSAL for entry in read_log(site_log)[0]), site_log
+        node_log = (tmp_path / "state" / name / "node.log").read_text()
+        assert "ERROR" not in node_log and "could not be" not in node_log, node_log
+
+
+def test_two_dp_runs_at_once_share_each_sites_budget_and_never_overspend_it(federation):
+    """The README's job twice at once under the shipped policies: every site trains under
+    DP-SGD, both runs pay from its one ledger, round by round. A site that derives its noise
+    from the budget left (the hospitals) prices each run's rounds as if the budget left were
+    that run's alone, so the run that ends last may train its last round at far more noise,
+    or have it refused (the run then stops with the reason). Whatever the interleaving, no
+    site spends beyond its budget, each run's round is paid once, and every log verifies."""
+    sites = federation(lambda name, role: REPO / "configs" / "policies" / f"{role}.toml")
+    submitted = sites.submit_at_once({"a": REPO / "configs" / "job.toml", "b": REPO / "configs" / "job.toml"})
+    for name, process in submitted.items():
+        output = sites.processes.output(f"run-{name}")
+        assert process.returncode == 0 or (process.returncode == 2 and "privacy budget" in output), output
+    sites.assert_ran_at_once()
+    runs = sorted(sites.runs.iterdir())
+    summaries = [sites.collect_and_verify(run) for run in runs]
+    for name in SITES:
+        spends = [
+            (entry.details["run_id"], entry.details["round"])
+            for entry in read_log(sites.folder / "state" / name / f"{name}.ledger")[0]
+            if entry.event == LedgerEvent.DP_SPENT
+        ]
+        assert len(spends) == len(set(spends)) and {run for run, _ in spends} <= {run.name for run in runs}, spends
+        # Each site's report, written when a run closed there, states all its spending so far.
+        reported = [summary["privacy"][name] for summary in summaries]
+        assert all(p["dp"] and p["epsilon_spent"] <= p["epsilon_budget"] for p in reported), (name, reported)
+        assert max(p["rounds_trained"] for p in reported) == len(spends), (name, reported, spends)
