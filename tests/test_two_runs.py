@@ -9,8 +9,9 @@ each in its own Flower context. Both must complete with the figures `fedcost sim
 gives for the same job alone (up to SecAgg+'s quantisation), in the run's table and in
 each site's own report of that run (its held-out rows, at its policy's precision); every
 party's log of each run must verify with the documented commands; and no site may refuse
-anything (each run's exchanges are its own, so no ledger check may fire). About two
-minutes on two cores.
+anything (each run's exchanges are its own, so no ledger check may fire). A second test
+runs the README's job twice at once under the shipped DP policies: one budget per site,
+shared by both runs. Each test takes one and a half to two and a half minutes on two cores.
 """
 
 from __future__ import annotations
