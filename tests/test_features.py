@@ -94,9 +94,41 @@ def test_a_numeric_column_leaves_only_where_it_and_its_absence_are_no_small_cell
         return [slots["age.count"], slots["age.sum"], slots["age.sumsq"]]
 
     assert age_slots([60.0] * 40) == [40, 2400, 144000]
-    assert age_slots([60.0] * 40 + [np.nan] * 5) == [0, 0, 0], "rows - count would count the 5 without an age"
     assert age_slots([60.0] * 8 + [np.nan] * 40) == [0, 0, 0]
     assert age_slots([60.0] * 40 + [np.nan] * 12) == [40, 2400, 144000]
+
+
+@pytest.mark.parametrize("lacking", [1, 5, 10])
+def test_a_few_rows_lacking_a_value_are_neither_counted_nor_cost_the_column(lacking: int) -> None:
+    """rows - count would count the few without an age, and withholding the column for them
+    dropped it wherever every site lacked a handful: the present rows' sums leave scaled to
+    all rows, whatever the number lacking."""
+    ages = [50.0, 70.0] * 20
+    slots = _slots(_frame(40 + lacking, age=ages + [np.nan] * lacking))
+    count, total, squares = slots["age.count"], slots["age.sum"], slots["age.sumsq"]
+    assert count == slots["rows"] == 40 + lacking
+    assert total / count == pytest.approx(60.0) and squares / count == pytest.approx(3700.0)
+
+    types = ["emergency"] * 50 + ["elective"] * 30 + [None] * lacking
+    slots = _slots(_frame(80 + lacking, admission_type=types))
+    released = [slots[f"admission_type={t}"] for t in ("emergency", "urgent", "elective")]
+    assert slots["admission_type.missing"] == 0 and sum(released) == pytest.approx(slots["rows"])
+    assert released[0] / released[2] == pytest.approx(50 / 30) and released[1] == 0
+
+
+def test_a_column_every_site_lacks_a_few_values_of_stays_in_the_model() -> None:
+    rng = np.random.default_rng(3)
+    sites = []
+    for lacking in (2, 4, 7, 10):
+        ages = list(rng.normal(60, 12, 60))
+        types = list(rng.choice(["emergency", "elective"], 60, p=[0.8, 0.2]))
+        sites.append(_frame(60 + lacking, age=ages + [np.nan] * lacking, admission_type=types + [None] * lacking))
+    spec = LAYOUT.feature_spec(np.sum([LAYOUT.local_statistics(rows) for rows in sites], axis=0))
+    pooled = pd.concat(sites)["age"]
+    mean, scale = spec.numeric["age"]
+    assert mean == pytest.approx(pooled.mean(), abs=0.5) and scale == pytest.approx(pooled.std(), rel=0.05)
+    assert spec.vocabularies["admission_type"] == ("emergency", "elective")
+    assert "age" not in spec.flagged and "admission_type" not in spec.flagged
 
 
 @settings(max_examples=60, deadline=None)

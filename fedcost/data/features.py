@@ -18,10 +18,19 @@ level (and missing) count of 1 to ``min_cohort - 1`` rows; and because the row c
 released, the withheld counts of a column add up to ``rows`` minus the released ones, so
 while that union is 1 to ``min_cohort - 1`` rows the node also withholds the column's
 smallest released count (complementary suppression). A numeric column's (count, sum,
-sum of squares) leave only where at least ``min_cohort`` rows hold the value and the
-rows lacking it are 0 or at least ``min_cohort`` (``rows - count`` is a count too);
-otherwise zeros. Withheld counts make vocabularies and flags follow the counts that were
-released: a level no node could release is not in the vocabulary.
+sum of squares) leave only where at least ``min_cohort`` rows hold the value; otherwise
+zeros. Withheld counts make vocabularies and flags follow the counts that were released:
+a level no node could release is not in the vocabulary.
+
+A few rows lacking a value (1 to ``min_cohort - 1``) are a small cell too, but withholding
+the column for them lost it: real extracts lack a lab value or a category in a handful of
+rows at every site, and a column every site withheld was dropped from the model. So where
+only the lacking rows are few, the node releases the column as if those rows were like the
+present ones: the present rows' sums scaled to all rows (count = rows, sum and sum of
+squares times rows / present; level counts times rows / present, the missing count 0).
+What leaves describes the present rows (at least ``min_cohort`` of them) and says nothing
+of how many lack the value; those rows are imputed and, unless other sites flag the
+column, unflagged.
 """
 
 from __future__ import annotations
@@ -61,6 +70,14 @@ def withhold_small_counts(counts: list[int], min_cohort: int) -> list[float]:
         smallest = min((n, i) for i, n in enumerate(released) if n > 0)[1]
         released[smallest] = 0
     return [float(n) for n in released]
+
+
+def _as_if_present(rows: int, present: int, min_cohort: int) -> float:
+    """rows / present where only a few rows (1 to ``min_cohort - 1``) lack a value among at
+    least ``min_cohort`` that hold it: the factor that releases the present rows' sums for
+    all rows (see the module's doc); 1.0 otherwise."""
+    lacking = rows - present
+    return rows / present if 0 < lacking < min_cohort and present >= min_cohort else 1.0
 
 
 @dataclass(frozen=True)
@@ -115,16 +132,23 @@ class StatisticsLayout:
             if column.kind == "numeric":
                 raw = cells.dropna().to_numpy(dtype="float64")
                 present = model_scale(column, np.clip(raw, *column.value_range) if noisy else raw)
-                lacking = len(rows) - present.size
-                if noisy or (present.size >= min_cohort and not 0 < lacking < min_cohort):
-                    values += [float(present.size), float(present.sum()), float(np.square(present).sum())]
-                else:
+                sums = [float(present.size), float(present.sum()), float(np.square(present).sum())]
+                if noisy:
+                    values += sums
+                elif present.size < min_cohort:
                     values += [0.0, 0.0, 0.0]
+                else:
+                    values += [n * _as_if_present(len(rows), present.size, min_cohort) for n in sums]
             else:
                 counts = cells.value_counts()
                 levels = [int(counts.get(level, 0)) for level in column.levels]
-                slots = [*levels, len(rows) - sum(levels)]
-                values += [float(n) for n in slots] if noisy else withhold_small_counts(slots, min_cohort)
+                lacking = len(rows) - sum(levels)
+                if noisy:
+                    values += [float(n) for n in [*levels, lacking]]
+                elif (scale := _as_if_present(len(rows), sum(levels), min_cohort)) != 1.0:
+                    values += [n * scale for n in withhold_small_counts(levels, min_cohort)] + [0.0]
+                else:
+                    values += withhold_small_counts([*levels, lacking], min_cohort)
         for target in (schema.READMISSION, schema.COST):
             if target in self.targets:
                 target_values = rows[target].to_numpy(dtype="float64")
