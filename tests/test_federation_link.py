@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+from types import SimpleNamespace
 
+import grpc
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.app.message import remove_content_from_message
@@ -36,11 +39,12 @@ from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.servicer.fleet import fleet_handlers
 
 from fedcost.errors import FederationError
-from fedcost.federation.link import LogCopy, refused_key
+from fedcost.federation import link as link_module
+from fedcost.federation.link import HeldPulls, LogCopy, refused_key
 from fedcost.federation.provision import Federation, FederationConfig
 from fedcost.federation.submission import FEDERATION_DIR, RUN_ID, run_folder
 from fedcost.identity.federation_ca import utc_now
-from fedcost.server.link_grid import LinkGrid
+from fedcost.server.link_grid import Doorbell, LinkGrid
 
 
 class Link:
@@ -62,8 +66,8 @@ class Link:
         assert self.state.claim_task(task_id) and self.state.activate_task(task_id)
         return self.state.get_tasks(task_ids=[task_id])[0]
 
-    def grid(self, task) -> LinkGrid:  # type: ignore[no-untyped-def]
-        grid = LinkGrid(self.factory, task)
+    def grid(self, task, doorbell: Doorbell | None = None) -> LinkGrid:  # type: ignore[no-untyped-def]
+        grid = LinkGrid(self.factory, task, doorbell)
         grid.set_run(self.state.get_run_info(run_ids=[task.run_id])[0])
         return grid
 
@@ -131,6 +135,45 @@ def test_a_message_and_its_reply_travel_with_their_content_through_the_object_st
     (reply,) = first.pull_messages([message_id])
     assert not reply.has_error() and reply.content["config"]["rows"] == 412
     assert reply.metadata.reply_to_message_id == message_id and reply.metadata.src_node_id == link.node.node_id
+
+
+class _Call:
+    """What a gRPC server hands a handler beside the request: here, a call still open."""
+
+    def is_active(self) -> bool:
+        return True
+
+
+def _held_pull(link: Link, doorbell: Doorbell):  # type: ignore[no-untyped-def]
+    """Flower's Fleet pull handler on the link's state, behind ``HeldPulls``, as the server calls it."""
+    handler = grpc.unary_unary_rpc_method_handler(
+        lambda request, _: fleet_handlers.pull_messages(request, link.state, link.state.object_store)
+    )
+    details = SimpleNamespace(method="/flwr.proto.Fleet/PullMessages")
+    held = HeldPulls(doorbell).intercept_service(lambda _: handler, details)
+    return lambda: held.unary_unary(PullMessagesRequest(node=link.node), _Call())
+
+
+def test_a_pull_that_finds_nothing_is_answered_when_the_coordinator_sends(monkeypatch):
+    monkeypatch.setattr(link_module, "PULL_HOLD", 30.0)
+    link, doorbell = Link(), Doorbell()
+    pull, answers = _held_pull(link, doorbell), []
+    waiting = threading.Thread(target=lambda: answers.append(pull()))
+    waiting.start()
+    waiting.join(timeout=0.3)
+    assert waiting.is_alive() and not answers  # held: nothing for this node yet
+    link.grid(link.tasks[0], doorbell).push_messages([_question(link.node.node_id, "rows?")])
+    waiting.join(timeout=10)
+    assert not waiting.is_alive(), "the held pull was not answered when a message was stored"
+    (envelope,) = answers[0].messages_list
+    assert envelope.metadata.dst_node_id == link.node.node_id
+
+
+def test_a_held_pull_ends_empty_when_nothing_comes(monkeypatch):
+    monkeypatch.setattr(link_module, "PULL_HOLD", 0.2)
+    link, doorbell = Link(), Doorbell()
+    doorbell.ring()  # a message for another node wakes the pull; it looks, finds nothing, waits on
+    assert not _held_pull(link, doorbell)().messages_list
 
 
 def _federation(tmp_path) -> Federation:

@@ -13,6 +13,13 @@ moves it through Flower's statuses (pending, starting, running, finished) with t
 Runtime API's own handlers, and runs fedcost's coordinator for it in a thread on a
 ``LinkGrid``: the same state, no HTTP. The coordinator runs its installed code for every
 run; nothing a FAB names is installed or loaded.
+
+Flower's Fleet API is pull-only: a node learns of its next message when it asks. Asking
+every few milliseconds would keep the coordinator's one process busy with polls; asking
+less often made each secure-aggregation stage wait for the slowest node's next poll (about
+40 of the ~90 ms an exchange took on loopback, ``benchmarks/RESULTS.md``). So a pull that
+finds nothing is held here (``HeldPulls``) and answered the moment the coordinator stores a
+message (``Doorbell``), or empty after ``PULL_HOLD``; the node then asks again at once.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import grpc
 import uvicorn
 from flwr.common.constant import (
     CONTROL_API_DEFAULT_SERVER_ADDRESS,
@@ -41,21 +49,22 @@ from flwr.proto.runtime_pb2 import (  # pylint: disable=no-name-in-module
     PushTaskOutputRequest,
 )
 from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
+from flwr.server.superlink.fleet.grpc_rere.node_auth_server_interceptor import NodeAuthServerInterceptor
 from flwr.server.superlink.linkstate import LinkStateFactory
 from flwr.supercore.constant import TaskType
 from flwr.supercore.error import FlowerError
 from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.logger import FLOWER_LOGGER, console_handler
-from flwr.superlink.cli.flower_superlink import SuperLinkLifespan
+from flwr.superlink.cli.flower_superlink import SuperLinkLifespan, _run_fleet_api_grpc_rere
 from flwr.superlink.config_loader import SuperLinkLifespanConfig, load_control_authn_plugin
 from flwr.superlink.main import create_app
 from flwr.superlink.servicer.runtime import runtime_handlers
 
 from fedcost.errors import FederationError
 from fedcost.federation import coordinator_app
-from fedcost.federation.provision import Federation, fleet_address
+from fedcost.federation.provision import PULL_HOLD, Federation, fleet_address
 from fedcost.federation.submission import run_folder
-from fedcost.server.link_grid import LinkGrid
+from fedcost.server.link_grid import Doorbell, LinkGrid
 
 IN_MEMORY = ":flwr-in-memory:"  # the SuperLink's state (see processes.run_coordinator)
 LOG_FORMAT = "%(levelname)s %(asctime)s %(name)s: %(message)s"
@@ -68,8 +77,9 @@ class Link:
     def __init__(self, federation: Federation, write: Callable[[str], None], on_refused: Callable[[bytes], None]):
         self.federation = federation
         self.logs = LogCopy(write, on_refused)
+        self.doorbell = Doorbell()
         config = _lifespan_config(federation)
-        self.app = create_app(config, SuperLinkLifespan)
+        self.app = create_app(config, _lifespan_holding_pulls(self.doorbell))
         self.server = uvicorn.Server(
             uvicorn.Config(
                 self.app,
@@ -147,6 +157,57 @@ def _lifespan_config(federation: Federation) -> SuperLinkLifespanConfig:
     )
 
 
+class HeldPulls(grpc.ServerInterceptor):
+    """A node's pull that finds no message waits at the coordinator, up to ``PULL_HOLD``,
+    for the ``doorbell`` (rung when messages are stored), then looks again. It runs after
+    Flower's SuperNode authentication, so only an authenticated node's pull is held."""
+
+    def __init__(self, doorbell: Doorbell):
+        self.doorbell = doorbell
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.endswith("/PullMessages"):
+            return handler
+        pull = handler.unary_unary
+
+        def held(request, context):  # type: ignore[no-untyped-def]
+            deadline = time.monotonic() + PULL_HOLD
+            while True:
+                seen = self.doorbell.rings
+                response = pull(request, context)
+                left = deadline - time.monotonic()
+                if response.messages_list or left <= 0 or not context.is_active():
+                    return response
+                self.doorbell.wait(seen, left)
+
+        return grpc.unary_unary_rpc_method_handler(
+            held, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+
+def _lifespan_holding_pulls(doorbell: Doorbell) -> type[SuperLinkLifespan]:
+    """Flower's SuperLink lifespan whose gRPC Fleet API holds empty pulls (``HeldPulls``).
+
+    Flower builds that server's interceptors inside ``_start_legacy_fleet_grpc_rere`` with no
+    way to add one; this is that method with ``HeldPulls`` after its authentication (the
+    fleet event log it would add is off in ``_lifespan_config``)."""
+
+    class Lifespan(SuperLinkLifespan):
+        def _start_legacy_fleet_grpc_rere(self, fleet_address: str) -> None:
+            server = _run_fleet_api_grpc_rere(
+                address=fleet_address,
+                state_factory=self.state_factory,
+                objectstore_factory=self.objectstore_factory,
+                enable_supernode_auth=self.config.enable_supernode_auth,
+                certificates=self.config.certificates,
+                interceptors=[NodeAuthServerInterceptor(self.state_factory), HeldPulls(doorbell)],
+            )
+            self.grpc_servers.append(server)
+
+    return Lifespan
+
+
 class _OneLine(logging.Formatter):
     """A record with a traceback (attached, or in its message, as the web server logs a failed
     start) as one line ending in the traceback's last (``SystemExit: Port … is already in
@@ -203,10 +264,17 @@ class Runs:
     """Each run submitted to the SuperLink, run by fedcost's coordinator in a thread of this
     process, its Flower status kept as Flower's own runtime keeps it."""
 
-    def __init__(self, federation: Federation, state_factory: LinkStateFactory, say: Callable[[str], None]):
+    def __init__(
+        self,
+        federation: Federation,
+        state_factory: LinkStateFactory,
+        say: Callable[[str], None],
+        doorbell: Doorbell | None = None,
+    ):
         self.federation = federation
         self.state_factory = state_factory
         self.say = say
+        self.doorbell = doorbell
 
     def start_submitted(self) -> None:
         """Claim every run submitted since the last call and start it."""
@@ -233,7 +301,7 @@ class Runs:
             run = run_from_proto(started.run)
             folder = run_folder(self.federation, run.override_config)
             self.say(f"run {folder.name} (Flower run {run.run_id}) started")
-            grid = LinkGrid(self.state_factory, task)
+            grid = LinkGrid(self.state_factory, task, self.doorbell)
             grid.set_run(run)
             coordinator_app.serve(grid, self.federation, folder)
             outcome = SubStatus.COMPLETED

@@ -104,7 +104,7 @@ def run_coordinator(
         federation, log.write, lambda key: log.fedcost(f"refused a SuperNode: {admission.explain_refusal(key)}")
     )
     link.start()
-    runs = Runs(federation, link.state_factory, log.fedcost)
+    runs = Runs(federation, link.state_factory, log.fedcost, link.doorbell)
     try:
         _serve_until_stopped(federation, link, admission, runs, stop, on_ready)
     finally:

@@ -61,6 +61,12 @@ CA_LIFETIME = timedelta(days=3650)
 _ADDRESS = re.compile(r"(?P<host>[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>[0-9]{1,5})")
 
 
+# A node's pull that finds no message is held at the coordinator for up to so long and
+# answered the moment one is stored for it (``fedcost.federation.link.HeldPulls``): the node
+# asks again at once, so a message reaches it within milliseconds, not a polling interval.
+PULL_HOLD = 1.0
+
+
 def fleet_address(address: str) -> str:
     """Where the coordinator at ``address`` (``HOST:PORT``) serves its nodes: the port after.
 

@@ -6,10 +6,11 @@ Flower and the app (about 5 s on a 2-core machine), reads the site's rows again 
 exits; a SecAgg+ sum is six such exchanges (``benchmarks/RESULTS.md``, "Deployment").
 The worker keeps all of that in one process for the life of the node instead: it speaks
 Flower's Fleet API itself (over gRPC, with TLS, SuperNode authentication and heartbeats:
-see ``FleetSession``), polls quickly while a run is under way and slowly when idle, and
-answers each message by calling the node's ClientApp in-process, exactly the app a SuperNode
-would load (``fedcost.federation.node_app.app``: roster check, then the site guardian with its
-policy check, egress guard, release ledger and audit log on the path of every reply).
+see ``FleetSession``), asks for its next message again as soon as the last is answered
+(the coordinator holds the question until there is one), and answers each message by
+calling the node's ClientApp in-process, exactly the app a SuperNode would load
+(``fedcost.federation.node_app.app``: roster check, then the site guardian with its policy
+check, egress guard, release ledger and audit log on the path of every reply).
 No per-message process exists, so there is no local channel to guard. The worker never
 runs code a run's app bundle (FAB) names: it answers every run with the site's own,
 installed ClientApp.
@@ -80,7 +81,7 @@ from flwr.supercore.interceptors.runtime_version_interceptor import (
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
 
 from fedcost.errors import KitError
-from fedcost.federation.provision import Kit, fleet_address
+from fedcost.federation.provision import PULL_HOLD, Kit, fleet_address
 from fedcost.federation.site_report import SiteReports
 from fedcost.wire import records as rec
 
@@ -90,9 +91,10 @@ log = logging.getLogger("fedcost.worker")
 # sends one every 4 s: a node that dies is offline for the coordinator, and its pending
 # exchanges come back as dropouts, about 20 s later (Flower allows two missed intervals).
 HEARTBEAT_SECONDS, BEAT_EVERY = float(HEARTBEAT_MIN_INTERVAL), 4.0
-# Polling (see Polling): after an exchange, half the last wait for a message, then every
-# 20 ms growing by a third per empty poll, up to 1 s when idle.
-POLL_FAST, POLL_IDLE, POLL_GROWTH, GAP_SHARE = 0.02, 1.0, 1.33, 0.5
+# The coordinator holds a pull that finds nothing (``PULL_HOLD``), so the worker asks again at
+# once; only a pull answered early with nothing (a coordinator stopping) is followed by a
+# wait, 20 ms growing by a third each time, up to 1 s.
+POLL_FAST, POLL_IDLE, POLL_GROWTH = 0.02, 1.0, 1.33
 # A lost coordinator is retried after 1, 2, 4, ... seconds, at most 10 s apart: a restarted
 # one resumes its run once enough nodes are back.
 RETRY_FIRST, RETRY_MAX = 1.0, 10.0
@@ -136,35 +138,15 @@ class Rejected(ConnectionLost):
 
 @dataclass
 class Polling:
-    """The wait before the next poll.
+    """The wait before asking again after a pull the coordinator answered at once with
+    nothing: short at first, longer while nothing comes, short again after a message."""
 
-    After an exchange the next message of a run follows once every node has answered:
-    the first poll waits half the last such gap, then polls come 20 ms apart, a third
-    longer each time, up to 1 s while nothing comes. Polls are most of a node's requests
-    to the coordinator, whose one process serves every node: fewer of them is a faster
-    round on a small machine.
-    """
-
-    interval: float = POLL_IDLE
-    first: float = 0.0  # the wait before the first poll after an exchange
-    gap: float = 0.0  # from the last reply sent to the next message found
-    since: float | None = None
-    clock: Callable[[], float] = time.monotonic
-
-    def busy(self) -> None:
-        self.since = self.clock()
-        self.first = min(POLL_IDLE, GAP_SHARE * self.gap)
-        self.interval = POLL_FAST
+    interval: float = POLL_FAST
 
     def found(self) -> None:
-        if self.since is not None:
-            self.gap = self.clock() - self.since
-        self.since = None
+        self.interval = POLL_FAST
 
     def idle(self) -> float:
-        if self.first:
-            wait, self.first = self.first, 0.0
-            return wait
         wait = self.interval
         self.interval = min(POLL_IDLE, self.interval * POLL_GROWTH)
         return wait
@@ -404,6 +386,7 @@ class NodeWorker:
             try:
                 if session.refused.is_set():
                     raise NodeRefused("its heartbeat was refused")
+                asked = time.monotonic()
                 pulled = session.pull()
             except ConnectionLost as error:
                 lost = True
@@ -420,11 +403,11 @@ class NodeWorker:
                 backoff.reset()
                 self.say(f"reconnected to the coordinator at {self.kit.address}")
             if pulled is None:
-                self.stop.wait(polling.idle())
+                if time.monotonic() - asked < PULL_HOLD / 2:  # a coordinator that does not hold pulls
+                    self.stop.wait(polling.idle())
                 continue
             polling.found()
             self._exchange(session, *pulled)
-            polling.busy()
 
     def _exchange(self, session: FleetSession, envelope: Message, tree: ObjectTree) -> None:
         """Pull one message's content, answer it, and send the reply (retried while the

@@ -10,6 +10,7 @@ over HTTP, for the run's claimed task.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 
 from flwr.app import Error, Message, Metadata
@@ -45,12 +46,36 @@ from flwr.superlink.servicer.runtime import runtime_handlers
 OBJECT_BACKOFF, OBJECT_BACKOFF_CAP = 0.005, 0.1
 
 
+class Doorbell:
+    """Rung each time the coordinator has stored messages for nodes, so that a node's pull
+    held at the coordinator (``fedcost.federation.link.HeldPulls``) looks again at once."""
+
+    def __init__(self) -> None:
+        self._rings = 0
+        self._condition = threading.Condition()
+
+    @property
+    def rings(self) -> int:
+        return self._rings
+
+    def ring(self) -> None:
+        with self._condition:
+            self._rings += 1
+            self._condition.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> None:
+        """Until it rang after ``seen`` rings (read before the look that found nothing), or ``timeout``."""
+        with self._condition:
+            self._condition.wait_for(lambda: self._rings != seen, timeout)
+
+
 class LinkGrid(InMemoryGrid):
     """Flower's in-memory grid for nodes that speak the Fleet API (see the module's doc)."""
 
-    def __init__(self, state_factory: LinkStateFactory, task: Task):
+    def __init__(self, state_factory: LinkStateFactory, task: Task, doorbell: Doorbell | None = None):
         super().__init__(state_factory)
         self.task = task
+        self.doorbell = doorbell
         # Flower stamps every new message with the one task of its process (TaskIdentity, set
         # by a ServerApp process at its start); here runs share a process, so it names the
         # latest run started, and each grid stamps its own run's messages again when it sends.
@@ -74,6 +99,8 @@ class LinkGrid(InMemoryGrid):
         response = runtime_handlers.push_messages(request, self.state, self.task)
         for object_id in response.objects_to_push:
             self.state.store_object(self.task.run_id, response.session_id, object_id, objects[object_id].deflate())
+        if self.doorbell is not None:
+            self.doorbell.ring()
         return list(response.message_ids)
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
