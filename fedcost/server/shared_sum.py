@@ -76,11 +76,14 @@ class NextSum:
 
 @dataclass
 class _Ahead:
-    """A secure sum set up on the unmask of the sum before it: its round config, its base
-    config, and the key advertisements (by SecAgg+ node id) and refusals that came back."""
+    """A secure sum set up on the unmask of the sum before it: its round config, the config
+    and setup record its requests carry, and the key advertisements (by SecAgg+ node id) and
+    refusals that came back."""
 
     config: RoundConfig
     base: dict
+    setup: ConfigRecord
+    nodes: frozenset[int]  # their Flower node ids
     advertisements: dict[int, KeyAdvertisement] = field(default_factory=dict)
     refusals: dict[str, str] = field(default_factory=dict)
 
@@ -94,6 +97,38 @@ class _Ahead:
             round_config.bits,
         )
         return same and base == self.base and set(self.advertisements) == set(config.node_ids)
+
+    @property
+    def purpose(self) -> str:
+        return str(self.base[rec.PURPOSE])
+
+    def carried(self) -> dict:
+        """The records that carry this setup on an unmask request."""
+        return {rec.NEXT_CONFIG: ConfigRecord(self.base), rec.NEXT_SECAGG: self.setup}
+
+    def take(self, reply: Message, sites: dict[int, str], secure_ids: dict[str, int], *, alone: bool) -> None:
+        """Keep a node's key advertisement (or its reason for refusing the setup) from its reply:
+        to its unmask request, or to the setup sent ``alone``. Anything else leaves it out."""
+        site = sites.get(reply.metadata.src_node_id)
+        if site is None:
+            return
+        if reply.has_error():
+            if alone:
+                self.refusals[site] = reply.error.reason
+            return
+        records = reply.content.config_records
+        if rec.NEXT_REFUSED in records and not alone:
+            self.refusals[site] = str(records[rec.NEXT_REFUSED].get(rec.REASON, ""))
+            return
+        record = records.get(rec.SECAGG if alone else rec.NEXT_SECAGG)
+        if record is None:
+            return
+        try:
+            advertisement = reply_from_dict(rec.join_message_dict(record, None))
+        except (ProtocolAbort, KeyError):
+            return
+        if isinstance(advertisement, KeyAdvertisement) and advertisement.node_id == secure_ids[site]:
+            self.advertisements[advertisement.node_id] = advertisement
 
 
 class SharedSums:
@@ -197,9 +232,9 @@ class SharedSums:
             dropout_tolerance=self.settings.dropout_tolerance,
         )
 
-    def _set_up(self, then: NextSum) -> tuple[_Ahead, dict]:
-        """The next sum's setup as it rides on an unmask request: its config created as ``run``
-        creates it (labelled apart from any attempt of its own), and the records that carry it."""
+    def _set_up(self, then: NextSum) -> _Ahead:
+        """The next sum's setup, to ride on this sum's unmask: its config created as ``run``
+        creates it, labelled apart from any attempt of its own."""
         nodes = list(then.node_ids)
         quantizer = then.quantizer or self._quantizer(then.purpose, len(nodes), then.total_weight, then.noisy)
         attempt = f"{then.purpose}:ahead{next(self._set_up_ahead)}"
@@ -207,7 +242,7 @@ class SharedSums:
         base = {**self._base(then.purpose, then.round, then.job), rec.TRANSPORT: rec.SECURE}
         base.update(rec.quantizer_config(quantizer))
         secagg, _ = rec.split_message_dict(SetupRequest(round_config).to_dict())
-        return _Ahead(round_config, base), {rec.NEXT_CONFIG: ConfigRecord(base), rec.NEXT_SECAGG: secagg}
+        return _Ahead(round_config, base, secagg, frozenset(nodes))
 
     def _quantizer(self, purpose: str, nodes: int, total_weight: int | None, noisy: bool) -> Quantizer:
         if noisy:
@@ -261,37 +296,41 @@ class SharedSums:
         then: NextSum | None,
     ) -> SumResult:
         """One SecAgg+ round: drive the coordinator's stage machine over Flower messages, from
-        its setup or, where it was set up ahead, from the ``advertisements`` that came back."""
+        its setup or, where it was set up ahead, from the ``advertisements`` that came back.
+
+        With ``then``, the unmask exchange sets the next sum up: its setup rides on the unmask
+        request of each of its nodes, and goes alone, in the same exchange, to any of its nodes
+        this stage does not ask (one that withheld or dropped out of this sum)."""
         by_secure_id = {self.secure_ids[self.sites[n]]: n for n in node_ids}
         coordinator = SecAggCoordinator(round_config, {i: self.identities[i] for i in by_secure_id})
         purpose = str(config[rec.PURPOSE])
-        ahead, carried = self._set_up(then) if then is not None else (None, {})
+        ahead = self._set_up(then) if then is not None else None
         errors: dict[str, str] = {}
         try:
             requests = coordinator.start()
             if advertisements is not None:
                 requests = coordinator.handle(advertisements)
             while not coordinator.done:
+                setting_up = ahead if any(isinstance(r, UnmaskRequest) for r in requests.values()) else None
                 messages = []
                 for secure_id, request in requests.items():
                     secagg, _ = rec.split_message_dict(request.to_dict())
                     content = {rec.SECAGG: secagg}
                     if isinstance(request, MaskedInputRequest) and payload is not None:
                         content.update(dict(payload))
-                    if (
-                        isinstance(request, UnmaskRequest)
-                        and then is not None
-                        and by_secure_id[secure_id] in then.node_ids
-                    ):
-                        content.update(carried)
+                    if setting_up is not None and by_secure_id[secure_id] in setting_up.nodes:
+                        content.update(setting_up.carried())
                     messages.append(self._message(by_secure_id[secure_id], purpose, config, content))
+                alone = setting_up.nodes - {by_secure_id[i] for i in requests} if setting_up else frozenset()
+                if setting_up is not None:  # its nodes this stage does not ask: the setup alone
+                    setup = {rec.SECAGG: setting_up.setup}
+                    messages += [self._message(n, setting_up.purpose, setting_up.base, setup) for n in sorted(alone)]
                 replies = []
                 for reply in self.grid.send_and_receive(messages):
-                    parsed = self._parse(reply, errors)
-                    if parsed is not None:
+                    if setting_up is not None:
+                        setting_up.take(reply, self.sites, self.secure_ids, alone=reply.metadata.src_node_id in alone)
+                    if reply.metadata.src_node_id not in alone and (parsed := self._parse(reply, errors)) is not None:
                         replies.append(parsed)
-                    if ahead is not None:
-                        self._take_ahead(reply, ahead)
                 requests = coordinator.handle(replies)
         except ProtocolAbort as abort:
             raise _Aborted(str(abort), self._dropouts(coordinator, by_secure_id, errors)) from None
@@ -299,25 +338,6 @@ class SharedSums:
         sums, weight = quantizer.decode(coordinator.result.total, shapes)
         included = sorted(self.sites[by_secure_id[i]] for i in coordinator.result.included)
         return SumResult(sums, float(weight), included, self._dropouts(coordinator, by_secure_id, errors))
-
-    def _take_ahead(self, reply: Message, ahead: _Ahead) -> None:
-        """Keep a node's key advertisement for the next sum (or its reason for refusing that
-        setup) from its unmask reply; anything else there leaves the node out of the setup."""
-        site = self.sites.get(reply.metadata.src_node_id)
-        if site is None or reply.has_error():
-            return
-        content = reply.content
-        if rec.NEXT_REFUSED in content.config_records:
-            ahead.refusals[site] = str(content.config_records[rec.NEXT_REFUSED].get(rec.REASON, ""))
-            return
-        if rec.NEXT_SECAGG not in content.config_records:
-            return
-        try:
-            advertisement = reply_from_dict(rec.join_message_dict(content.config_records[rec.NEXT_SECAGG], None))
-        except (ProtocolAbort, KeyError):
-            return
-        if isinstance(advertisement, KeyAdvertisement) and advertisement.node_id == self.secure_ids[site]:
-            ahead.advertisements[advertisement.node_id] = advertisement
 
     def _parse(self, reply: Message, errors: dict[str, str]):
         """A node's reply as a protocol message; a failed or forged one counts as a dropout."""
