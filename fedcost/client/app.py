@@ -16,6 +16,10 @@ within sums over enough sites, and accounted. Every message takes the same path:
 5. the ledger records the reply (run, purpose, round, label, stage, digest) before it
    leaves, and the audit log logs it.
 
+A secure sum's unmask request may carry the next sum's setup (``wire.requests``): once the
+unmask reply is recorded, that setup takes the same path as a lone setup request, and its
+key advertisement, or the reason it was refused, rides in the same reply.
+
 A refusal at any step is logged as ``refusal`` in the node's audit log and answered with
 an error that carries only the reason. A failure of the site's own data, files or code
 is answered without its text (which may quote a cell) and logged at the site.

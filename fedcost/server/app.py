@@ -457,9 +457,12 @@ class Coordinator:
         return self.plan.noise is not None and not PURPOSES[purpose].trains
 
     def _planned(self, purpose: str, server_round: int, shapes: list, job: TrainingJob, **kwargs) -> NextSum:
-        """A sum the round loop asks for next, over every site ``_sum`` would ask, as its setup
-        rides on the unmask of the sum before it."""
-        nodes = tuple(self._asked(purpose, sorted(self.sums.sites)))
+        """A sum the round loop asks for next, over the nodes ``_sum`` will ask, as its setup rides
+        on the unmask of the sum before it: a Newton sum asks every site, the strategy's sums the
+        connected ones (``configure_train``, ``configure_evaluate``)."""
+        sites = self.sums.sites
+        candidates = sites if purpose == "newton" else set(self.grid.get_node_ids()) & set(sites)
+        nodes = tuple(self._asked(purpose, sorted(candidates)))
         return NextSum(purpose, server_round, tuple(shapes), nodes, job.to_json(), noisy=self._noisy(purpose), **kwargs)
 
     def _evaluation(self, server_round: int, job: TrainingJob) -> NextSum:
