@@ -22,7 +22,7 @@ from fedcost import schema
 from fedcost.data.features import FeatureSpec
 from fedcost.data.loader import load_node
 from fedcost.data.mapping import DataMapping
-from simulations import simulate
+from simulations import exchanges, simulate
 
 CONFIG = """
 [run]
@@ -107,21 +107,14 @@ def test_a_glm_round_is_eight_exchanges(run: Path) -> None:
     that exchange to a node it does not ask (the three small sites withhold evaluation sums;
     hospital-2 drops out of a Newton sum): only the run's first Newton sum, and its first
     evaluation (whose setup the three small sites refuse), set up in exchanges of their own."""
-    exchanges: dict[int, list[set[str]]] = {}  # per round, each exchange's request kinds
-    last = None
-    for entry in map(json.loads, (run / "audit" / "coordinator.jsonl").read_text().splitlines()):
-        sent = entry["event"] == "message_sent" and entry.get("round")
-        if sent and last is None:  # the requests logged before the first reply: one exchange
-            last = set()
-            exchanges.setdefault(entry["round"], []).append(last)
-        if sent:
-            last.add(entry["details"]["kind"])
-        else:
-            last = None
-    own = {r: [kinds for kinds in sent if all(k.endswith(":setup") for k in kinds)] for r, sent in exchanges.items()}
-    assert [len(exchanges[1]), own[1]] == [10, [{"secagg:newton:setup"}, {"secagg:evaluate:setup"}]]
-    assert len(exchanges) > 2, "the fit converged before a second round"
-    for round_ in range(2, len(exchanges) + 1):
-        assert len(exchanges[round_]) == 8 and not own[round_], (round_, exchanges[round_])
-    unmask = next(kinds for kinds in exchanges[2] if "secagg:newton:unmask" in kinds)
+    by_round: dict[int, list[set[str]]] = {}
+    for round_, kinds in exchanges(run):
+        if round_:
+            by_round.setdefault(round_, []).append(kinds)
+    own = {r: [kinds for kinds in sent if all(k.endswith(":setup") for k in kinds)] for r, sent in by_round.items()}
+    assert [len(by_round[1]), own[1]] == [10, [{"secagg:newton:setup"}, {"secagg:evaluate:setup"}]]
+    assert len(by_round) > 2, "the fit converged before a second round"
+    for round_ in range(2, len(by_round) + 1):
+        assert len(by_round[round_]) == 8 and not own[round_], (round_, by_round[round_])
+    unmask = next(kinds for kinds in by_round[2] if "secagg:newton:unmask" in kinds)
     assert unmask == {"secagg:newton:unmask", "secagg:evaluate:setup"}, "hospital-2's setup went alone with it"

@@ -345,7 +345,8 @@ class Coordinator:
         if self.plan.episodes is not None and self.plan.resume is None:
             self._episodes(sites, self.plan.episodes)
         if "analytics" in purposes and self.plan.resume is None:
-            self._grouped_statistics(sorted(sites))
+            statistics = self._statistics_sum() if self.plan.task == "train" else None
+            self._grouped_statistics(sorted(sites), then=statistics)
         if self.plan.task == "analyze":
             self._close(sorted(sites))
             return
@@ -380,8 +381,10 @@ class Coordinator:
             else:
                 arrays, trained = self._newton_round(server_round, job, fit, len(sites), evaluated)
                 record = {"round": server_round, **fit.progress()}
-            last = server_round == self.plan.rounds or (fit is not None and fit.done)
-            then = None if last else self._training(server_round + 1, arrays, job, fit, len(sites))
+            if server_round < self.plan.rounds and not (fit is not None and fit.done):
+                then = self._training(server_round + 1, arrays, job, fit, len(sites))
+            else:
+                then = self._benchmark_sum(job) if "benchmark" in purposes else None
             record.update(self._evaluate_round(server_round, arrays, job, features, then))
             record.update(
                 nodes_included=len(trained.included),
@@ -456,29 +459,53 @@ class Coordinator:
         """Whether the nodes add the job's statistics noise to a sum: to every sum but training's."""
         return self.plan.noise is not None and not PURPOSES[purpose].trains
 
-    def _planned(self, purpose: str, server_round: int, shapes: list, job: TrainingJob, **kwargs) -> NextSum:
-        """A sum the round loop asks for next, over the nodes ``_sum`` will ask, as its setup rides
-        on the unmask of the sum before it: a Newton sum asks every site, the strategy's sums the
-        connected ones (``configure_train``, ``configure_evaluate``)."""
-        sites = self.sums.sites
-        candidates = sites if purpose == "newton" else set(self.grid.get_node_ids()) & set(sites)
-        nodes = tuple(self._asked(purpose, sorted(candidates)))
-        return NextSum(purpose, server_round, tuple(shapes), nodes, job.to_json(), noisy=self._noisy(purpose), **kwargs)
+    def _planned(
+        self, purpose: str, server_round: int, shapes: list, job: str | None, nodes: Collection[int], **kwargs
+    ) -> NextSum:
+        """A sum the coordinator asks for next, over the ``nodes`` ``_sum`` will ask (less those
+        that withheld the same rows), as its setup rides on the unmask of the sum before it."""
+        asked = tuple(self._asked(purpose, sorted(nodes)))
+        return NextSum(purpose, server_round, tuple(shapes), asked, job, noisy=self._noisy(purpose), **kwargs)
+
+    def _connected(self) -> set[int]:
+        """The nodes a strategy's sums ask (``configure_train``, ``configure_evaluate``)."""
+        return set(self.grid.get_node_ids()) & set(self.sums.sites)
+
+    def _statistics_sum(self) -> NextSum:
+        return self._planned("statistics", 0, self._statistics_shapes(), None, self.sums.sites)
+
+    def _statistics_shapes(self) -> list[tuple[int, ...]]:
+        return [(len(self.plan.layout.slots()),)]
+
+    def _table_sum(self, layout: GroupedStatisticsLayout) -> NextSum:
+        return self._planned("analytics", 0, self._table_shapes(layout), layout.to_json(), self.sums.sites)
+
+    def _table_shapes(self, layout: GroupedStatisticsLayout) -> list[tuple[int, ...]]:
+        return [(layout.size if self.plan.noise is None else layout.noisy_size,)]
 
     def _evaluation(self, server_round: int, job: TrainingJob) -> NextSum:
-        return self._planned("evaluate", server_round, self._evaluation_shapes(job), job)
+        return self._planned("evaluate", server_round, self._evaluation_shapes(job), job.to_json(), self._connected())
 
     def _evaluation_shapes(self, job: TrainingJob) -> list[tuple[int, ...]]:
         return evaluation.sums_shapes(job.model.tasks, noisy=self.plan.noise is not None)
 
+    def _benchmark_sum(self, job: TrainingJob) -> NextSum:
+        shapes = self._benchmark_shapes()
+        return self._planned("benchmark", self.plan.rounds, shapes, job.to_json(), self.sums.sites)
+
+    def _benchmark_shapes(self) -> list[tuple[int, ...]]:
+        return [(shared_vector_size(len(self.plan.roster), noisy=self.plan.noise is not None),)]
+
     def _training(
         self, server_round: int, arrays: ArrayRecord, job: TrainingJob, fit: _NewtonFit | None, nodes: int
     ) -> NextSum:
-        """A round's training sum: the example-weighted updates, or an exact GLM's Newton sums."""
+        """A round's training sum: the example-weighted updates (over the connected nodes), or an
+        exact GLM's Newton sums (over every site)."""
         if fit is None:
-            return self._planned("train", server_round, rec.update_shapes(arrays), job, total_weight=job.features.rows)
+            shapes, rows = rec.update_shapes(arrays), job.features.rows
+            return self._planned("train", server_round, shapes, job.to_json(), self._connected(), total_weight=rows)
         _, quantizer, shapes = self._newton_sums(job, fit, nodes)
-        return self._planned("newton", server_round, shapes, job, quantizer=quantizer)
+        return self._planned("newton", server_round, shapes, job.to_json(), self.sums.sites, quantizer=quantizer)
 
     def _wait_for_nodes(self) -> list[int]:
         deadline = time.monotonic() + NODE_WAIT_SECONDS
@@ -506,8 +533,7 @@ class Coordinator:
 
     def _federated_features(self, node_ids: list[int]) -> FeatureSpec:
         """Sum every node's statistics vector; the totals give the shared encoding."""
-        size = len(self.plan.layout.slots())
-        result = self._sum("statistics", 0, [(size,)], node_ids)
+        result = self._sum("statistics", 0, self._statistics_shapes(), node_ids)
         lost = {site: reason for site, reason in result.dropouts.items() if WITHHOLDS not in reason}
         if lost:
             raise FederationError(f"the statistics stage needs every node that has enough rows; missing: {lost}")
@@ -520,12 +546,14 @@ class Coordinator:
         self.observer.on_features(features, result.included)
         return features
 
-    def _grouped_statistics(self, node_ids: list[int]) -> None:
-        """Every statistics table of the plan: every node's cell sums, small cells withheld at the node."""
+    def _grouped_statistics(self, node_ids: list[int], then: NextSum | None) -> None:
+        """Every statistics table of the plan: every node's cell sums, small cells withheld at the
+        node; each table's setup rides on the sum before it, and ``then`` on the last's."""
         noise, min_cohort = self.plan.noise, self.plan.min_cohort
-        for layout in self.plan.tables():
-            size = layout.size if noise is None else layout.noisy_size
-            result = self._sum("analytics", 0, [(size,)], node_ids, job=layout.to_json())
+        tables = self.plan.tables()
+        for layout, following in zip(tables, [*map(self._table_sum, tables[1:]), then], strict=True):
+            shapes = self._table_shapes(layout)
+            result = self._sum("analytics", 0, shapes, node_ids, job=layout.to_json(), then=following)
             if noise is None:
                 statistics = GroupedStatistics.from_totals(layout, result.arrays[0], min_cohort)
             else:
@@ -539,8 +567,7 @@ class Coordinator:
     def _benchmark(self, node_ids: list[int], arrays: ArrayRecord, job: TrainingJob) -> None:
         """Each site's observed and expected totals under the final model, side by side."""
         names, noise = [name for name, _ in self.plan.roster], self.plan.noise
-        shape = (shared_vector_size(len(names), noisy=noise is not None),)
-        result = self._sum("benchmark", self.plan.rounds, [shape], node_ids, arrays, job.to_json())
+        result = self._sum("benchmark", self.plan.rounds, self._benchmark_shapes(), node_ids, arrays, job.to_json())
         spread = None
         if noise is None:
             totals = totals_from_shared_vector(result.arrays[0], names)
