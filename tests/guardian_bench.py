@@ -99,6 +99,7 @@ class Outcome:
     sums: list[np.ndarray] | None
     refusals: dict[str, str]
     abort: str | None = None
+    replies: dict[str, Message] = field(default_factory=dict)  # each site's last reply
 
 
 class Bench:
@@ -169,9 +170,11 @@ class Bench:
         weights: ArrayRecord | None = None,
         tamper: Callable[[str, Request], Request] | None = None,
         quantizer: Quantizer | None = None,
+        carry: Callable[[str, Request], dict] | None = None,
     ) -> Outcome:
         """One SecAgg+ sum over ``names``, driven stage by stage; ``tamper`` may change any
-        site's request before it is sent (a coordinator telling sites different things)."""
+        site's request before it is sent (a coordinator telling sites different things), and
+        ``carry`` add records to it (the next sum's setup)."""
         names = sorted(names)
         ids = {rec.secure_id(self.roster, name): name for name in names}
         quantizer = quantizer or Quantizer(SUMS_CLIP, SUMS_LEVELS, len(names))
@@ -188,6 +191,7 @@ class Bench:
         if job is not None:
             base[rec.JOB] = job
         refusals: dict[str, str] = {}
+        last: dict[str, Message] = {}
         requests = coordinator.start()
         while not coordinator.done:
             replies = []
@@ -198,7 +202,8 @@ class Bench:
                 records = {rec.SECAGG: secagg}
                 if weights is not None and request.stage.value == "masked-input":
                     records[rec.ARRAYS] = weights
-                reply = self.sites[name].send(base, records, PURPOSES[purpose].message_type)
+                records.update(carry(name, request) if carry else {})
+                reply = last[name] = self.sites[name].send(base, records, PURPOSES[purpose].message_type)
                 if reply.has_error():
                     refusals[name] = reply.error.reason
                     continue
@@ -207,6 +212,6 @@ class Bench:
             try:
                 requests = coordinator.handle(replies)
             except Exception as abort:  # noqa: BLE001 - any abort ends the sum; the test reads why
-                return Outcome(None, refusals, str(abort))
+                return Outcome(None, refusals, str(abort), last)
         sums, _ = quantizer.decode(coordinator.result.total, shapes)
-        return Outcome(sums, refusals)
+        return Outcome(sums, refusals, replies=last)

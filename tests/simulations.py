@@ -3,6 +3,7 @@ most of them run."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -39,3 +40,19 @@ def simulate(
     into ``<name>/`` (``simulate``, or ``analyze``)."""
     (folder / f"{name}.toml").write_text(config)
     return fedcost(command, f"{name}.toml", "--out", name, cwd=folder), folder / name
+
+
+def exchanges(run: Path) -> list[tuple[int | None, set[str]]]:
+    """A run's exchanges as its coordinator logged them: each one's round (its first request's)
+    and the kinds of its requests (those logged before the first reply)."""
+    found: list[tuple[int | None, set[str]]] = []
+    kinds: set[str] | None = None
+    for entry in map(json.loads, (run / "audit" / "coordinator.jsonl").read_text().splitlines()):
+        if entry["event"] != "message_sent":
+            kinds = None
+            continue
+        if kinds is None:
+            kinds = set()
+            found.append((entry.get("round"), kinds))
+        kinds.add(entry["details"]["kind"])
+    return found

@@ -22,7 +22,7 @@ from fedcost import schema
 from fedcost.data.features import FeatureSpec
 from fedcost.data.loader import load_node
 from fedcost.data.mapping import DataMapping
-from simulations import simulate
+from simulations import exchanges, simulate
 
 CONFIG = """
 [run]
@@ -100,3 +100,21 @@ def test_the_run_saves_the_fit_and_its_coefficient_table(run: Path) -> None:
     np.testing.assert_allclose(readmission["ratio"], np.exp(readmission["estimate"]))
     saved = json.loads((run / "glm.json").read_text())
     assert set(saved) == {"readmission", "cost"}
+
+
+def test_a_glm_round_is_eight_exchanges(run: Path) -> None:
+    """Each sum's setup rides on the unmask before it (``shared_sum.NextSum``), or goes alone in
+    that exchange to a node it does not ask (the three small sites withhold evaluation sums;
+    hospital-2 drops out of a Newton sum): only the run's first Newton sum, and its first
+    evaluation (whose setup the three small sites refuse), set up in exchanges of their own."""
+    by_round: dict[int, list[set[str]]] = {}
+    for round_, kinds in exchanges(run):
+        if round_:
+            by_round.setdefault(round_, []).append(kinds)
+    own = {r: [kinds for kinds in sent if all(k.endswith(":setup") for k in kinds)] for r, sent in by_round.items()}
+    assert [len(by_round[1]), own[1]] == [10, [{"secagg:newton:setup"}, {"secagg:evaluate:setup"}]]
+    assert len(by_round) > 2, "the fit converged before a second round"
+    for round_ in range(2, len(by_round) + 1):
+        assert len(by_round[round_]) == 8 and not own[round_], (round_, by_round[round_])
+    unmask = next(kinds for kinds in by_round[2] if "secagg:newton:unmask" in kinds)
+    assert unmask == {"secagg:newton:unmask", "secagg:evaluate:setup"}, "hospital-2's setup went alone with it"

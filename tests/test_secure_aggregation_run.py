@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from fedcost.server.shared_sum import PollingGrid
-from simulations import SMALL_FEDERATION, simulate
+from simulations import SMALL_FEDERATION, exchanges, simulate
 
 BASE = SMALL_FEDERATION
 
@@ -42,6 +42,12 @@ def test_secure_aggregation_is_on_by_default_and_matches_plaintext(folder: Path)
         < 0.002
     )
     assert abs(secure_summary["cost"]["federated"]["r2"] - plain_summary["cost"]["federated"]["r2"]) < 0.005
+    # Each sum's setup rides on the unmask of the sum before it (``shared_sum.NextSum``): only
+    # the run's first sum and its first Newton sum (whose size the statistics fix) set up alone.
+    setups = [kinds for _, kinds in exchanges(secure_run) if any(kind.endswith(":setup") for kind in kinds)]
+    assert setups == [{"secagg:analytics:setup"}, {"secagg:newton:setup"}]
+    purposes = {kind.split(":")[1] for _, kinds in exchanges(secure_run) for kind in kinds if ":" in kind}
+    assert {"analytics", "statistics", "newton", "evaluate", "benchmark"} <= purposes
 
 
 def test_a_node_lost_after_sharing_keys_is_recovered(folder: Path) -> None:

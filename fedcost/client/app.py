@@ -16,6 +16,10 @@ within sums over enough sites, and accounted. Every message takes the same path:
 5. the ledger records the reply (run, purpose, round, label, stage, digest) before it
    leaves, and the audit log logs it.
 
+A secure sum's unmask request may carry the next sum's setup (``wire.requests``): once the
+unmask reply is recorded, that setup takes the same path as a lone setup request, and its
+key advertisement, or the reason it was refused, rides in the same reply.
+
 A refusal at any step is logged as ``refusal`` in the node's audit log and answered with
 an error that carries only the reason. A failure of the site's own data, files or code
 is answered without its text (which may quote a cell) and logged at the site.
@@ -151,25 +155,28 @@ class Guardian:
             ledger = ReleaseLedger.open(self.setup.ledger_path, self.identity, audit_logs=self.setup.audit_logs())
             with ledger:
                 content = self._reply(message, audit, ledger)
-        except REFUSALS as refusal:
-            audit.append(Event.REFUSAL, round=round_, details={"kind": kind, "reason": str(refusal)})
-            return _error(message, f"site {self.setup.name}: {refusal}")
-        except SITE_FAULTS as fault:
-            logger.error("site %s cannot answer a %s request: %s", self.setup.name, kind, fault)
-            reason = "the site's own data or configuration failed its check; the site's log names the problem"
-            audit.append(Event.REFUSAL, round=round_, details={"kind": kind, "reason": reason})
-            return _error(message, f"site {self.setup.name}: {reason}")
         except Exception as error:
-            logger.error("site %s failed on a %s request", self.setup.name, kind, exc_info=True)
-            reason = f"the site could not answer ({type(error).__name__}); the site's log has the details"
-            audit.append(Event.REFUSAL, round=round_, details={"kind": kind, "reason": reason})
-            return _error(message, f"site {self.setup.name}: {reason}")
+            return _error(message, self._refused(error, kind, round_, audit))
         audit.message_sent(rec.content_bytes(content), recipient=COORDINATOR, kind=f"{kind}>reply", round=round_)
         if kind in ROUND_ENDS:
             audit.checkpoint(round=round_)
         if kind == rec.CLOSE:
             audit.close()
         return Message(content, reply_to=message)
+
+    def _refused(self, error: Exception, kind: str, round_: int | None, audit: AuditLog) -> str:
+        """Log a request's refusal and return what the coordinator is told: a refusal's reason
+        (the site's rules at work), never the text of the site's own fault."""
+        if isinstance(error, REFUSALS):
+            reason = str(error)
+        elif isinstance(error, SITE_FAULTS):
+            logger.error("site %s cannot answer a %s request: %s", self.setup.name, kind, error)
+            reason = "the site's own data or configuration failed its check; the site's log names the problem"
+        else:
+            logger.error("site %s failed on a %s request", self.setup.name, kind, exc_info=error)
+            reason = f"the site could not answer ({type(error).__name__}); the site's log has the details"
+        audit.append(Event.REFUSAL, round=round_, details={"kind": kind, "reason": reason})
+        return f"site {self.setup.name}: {reason}"
 
     # --- the steps -------------------------------------------------------------------------
 
@@ -192,23 +199,46 @@ class Guardian:
                 exchange, content = self._linkage(request, hello, policy, ledger)
                 cohort, releasing = 0, True
             else:
-                site.check_request(policy, hello, request)
-                node = self.node_factory(self.setup)
-                cohort = site.purpose_rows(request.purpose, len(node.data.train), len(node.data.test))  # type: ignore[arg-type]
-                site.check_cohort(policy, cohort)
-                ask = self._ask(request, hello, node, ledger)
-                if request.transport == rec.PLAIN:
-                    exchange, content, expected = self._plain(ask, node, policy, hello, ledger, audit)
-                    releasing = True
-                else:
-                    exchange, content, expected = self._secure(request, ask, node, policy, hello, ledger, audit)
-                    releasing = str(request.stage) in RELEASING_STAGES
+                return self._contribute(request, hello, policy, ledger, audit)
         guarded = outgoing.guard(policy, content, outgoing.outgoing_message(request, content, expected, cohort))
         if exchange is not None:
             ledger.answered(exchange, _digest(guarded), durable=releasing)
         if request.transport == rec.CLOSE:
             ledger.end_run(hello.run_id)
         return guarded
+
+    def _contribute(
+        self, request: Request, hello: Hello, policy: SitePolicy, ledger: ReleaseLedger, audit: AuditLog
+    ) -> RecordDict:
+        """A contribution's reply (plain, or one secure-sum stage), guarded and recorded; an unmask
+        reply then answers the next sum's setup it carries (``_next``)."""
+        site.check_request(policy, hello, request)
+        node = self.node_factory(self.setup)
+        cohort = site.purpose_rows(request.purpose, len(node.data.train), len(node.data.test))  # type: ignore[arg-type]
+        site.check_cohort(policy, cohort)
+        ask = self._ask(request, hello, node, ledger)
+        if request.transport == rec.PLAIN:
+            exchange, content, expected = self._plain(ask, node, policy, hello, ledger, audit)
+            releasing = True
+        else:
+            exchange, content, expected = self._secure(request, ask, node, policy, hello, ledger, audit)
+            releasing = str(request.stage) in RELEASING_STAGES
+        guarded = outgoing.guard(policy, content, outgoing.outgoing_message(request, content, expected, cohort))
+        ledger.answered(exchange, _digest(guarded), durable=releasing)
+        if request.next is None:
+            return guarded
+        return outgoing.with_next(guarded, self._next(request.next, hello, policy, ledger, audit))
+
+    def _next(
+        self, setup: Request, hello: Hello, policy: SitePolicy, ledger: ReleaseLedger, audit: AuditLog
+    ) -> RecordDict | str:
+        """The next sum's setup that rides on an unmask request, answered as a lone setup request
+        is (its state replaces the finished sum's in the node's context), or the reason it was
+        refused, logged as a lone request's refusal is: the unmask reply leaves either way."""
+        try:
+            return self._contribute(setup, hello, policy, ledger, audit)
+        except Exception as error:
+            return self._refused(error, rec.message_kind(setup.content), setup.round, audit)
 
     def _hello(self, request: Request, audit: AuditLog, ledger: ReleaseLedger) -> tuple[Hello, Node]:
         """Check the plan against the policy and record it; only then read the rows."""

@@ -4,11 +4,15 @@
 description from exactly the records that would leave. The vectors the reply may carry
 (``expected``) come from the request the node accepted (``fedcost.client.exchanges``),
 never from the reply itself: a reply cannot vouch for its own shape.
+
+A reply that also answers the next sum's setup (on a secure unmask request) is guarded in
+two parts, each as if it were alone, and joined only then (``with_next``): the joined
+reply carries exactly one record more, the advertisement or the refusal's reason.
 """
 
 from __future__ import annotations
 
-from flwr.app import RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from fedcost.errors import PolicyViolationError
 from fedcost.privacy import OutgoingMessage, SitePolicy, error_reply_reason, inspect_outgoing
@@ -17,6 +21,8 @@ from fedcost.wire import records as rec
 from fedcost.wire.requests import Request
 
 MASKED = "masked"  # the masked vector's name in a masked-input reply (MaskedInputReply)
+# The records a reply is built of; any other is refused before the guard reads the rest.
+RECORDS = frozenset({rec.NODE, rec.SECAGG, rec.LINKAGE, rec.METRICS, rec.CONTRIBUTION})
 
 
 def outgoing_message(
@@ -28,6 +34,11 @@ def outgoing_message(
     weight of a statistics or evaluation sum is the constant 1 and carries nothing, so
     it is left out only when it is exactly 1 (any other value meets the guard).
     """
+    strangers = sorted(set(content) - RECORDS)
+    if strangers:
+        raise PolicyViolationError(
+            f"refused by the site's egress policy: a record it does not send ({strangers[0]!r:.40})"
+        )
     configs: dict = {}
     for name in (rec.NODE, rec.SECAGG, rec.LINKAGE):
         if name in content:
@@ -66,4 +77,14 @@ def guard(policy: SitePolicy, content: RecordDict, outgoing: OutgoingMessage) ->
         raise PolicyViolationError(error_reply_reason(decision))
     for name, value in decision.metrics.items():
         content[rec.METRICS][rec.WEIGHT if name == EXAMPLES else name] = value
+    return content
+
+
+def with_next(content: RecordDict, setup: RecordDict | str) -> RecordDict:
+    """An unmask reply the guard passed, with the next sum's part: the secure-aggregation record
+    of the setup reply the guard passed on its own, or the reason the site refused that setup."""
+    if isinstance(setup, str):
+        content[rec.NEXT_REFUSED] = ConfigRecord({rec.REASON: setup})
+    else:
+        content[rec.NEXT_SECAGG] = setup[rec.SECAGG]
     return content

@@ -64,7 +64,7 @@ from fedcost.privacy.distributed import NewtonNoise, StatisticsNoise, calibrate_
 from fedcost.secagg import Quantizer
 from fedcost.server.audited_grid import AuditedGrid
 from fedcost.server.episodes import RemoteSite
-from fedcost.server.shared_sum import PollingGrid, SharedSums, SumResult
+from fedcost.server.shared_sum import NextSum, PollingGrid, SharedSums, SumResult
 from fedcost.wire import COORDINATOR
 from fedcost.wire import records as rec
 from fedcost.wire.events import Event
@@ -345,7 +345,8 @@ class Coordinator:
         if self.plan.episodes is not None and self.plan.resume is None:
             self._episodes(sites, self.plan.episodes)
         if "analytics" in purposes and self.plan.resume is None:
-            self._grouped_statistics(sorted(sites))
+            statistics = self._statistics_sum() if self.plan.task == "train" else None
+            self._grouped_statistics(sorted(sites), then=statistics)
         if self.plan.task == "analyze":
             self._close(sorted(sites))
             return
@@ -372,13 +373,19 @@ class Coordinator:
         )
         for server_round in range((resume.round if resume else 0) + 1, self.plan.rounds + 1):
             started = time.perf_counter()
+            # Each sum's setup rides on the unmask of the sum before it in the round loop.
+            evaluated = self._evaluation(server_round, job)
             if fit is None:
-                arrays, trained = self._train_round(server_round, arrays, job)
+                arrays, trained = self._train_round(server_round, arrays, job, evaluated)
                 record = {"round": server_round, "train_loss": trained.arrays[-1][0] / trained.weight}
             else:
-                arrays, trained = self._newton_round(server_round, job, fit, len(sites))
+                arrays, trained = self._newton_round(server_round, job, fit, len(sites), evaluated)
                 record = {"round": server_round, **fit.progress()}
-            record.update(self._evaluate_round(server_round, arrays, job, features))
+            if server_round < self.plan.rounds and not (fit is not None and fit.done):
+                then = self._training(server_round + 1, arrays, job, fit, len(sites))
+            else:
+                then = self._benchmark_sum(job) if "benchmark" in purposes else None
+            record.update(self._evaluate_round(server_round, arrays, job, features, then))
             record.update(
                 nodes_included=len(trained.included),
                 dropouts=trained.dropouts,
@@ -426,9 +433,9 @@ class Coordinator:
         abort and a retry, and it stays among the result's dropouts with its reason.
         """
         withheld = self._withheld.setdefault(PURPOSES[purpose].cohort, {})
-        node_ids = [n for n in node_ids if self.sums.sites[n] not in withheld]
-        noisy = self.plan.noise is not None and not PURPOSES[purpose].trains
-        result = self.sums.run(purpose, server_round, shapes, node_ids, *args, noisy=noisy, **kwargs)
+        result = self.sums.run(
+            purpose, server_round, shapes, self._asked(purpose, node_ids), *args, noisy=self._noisy(purpose), **kwargs
+        )
         for site, reason in result.dropouts.items():
             self.log.append(
                 Event.DROPOUT, round=server_round, details={"party": site, "reason": reason, "purpose": purpose}
@@ -442,6 +449,63 @@ class Coordinator:
             details={"purpose": purpose, "included": result.included},
         )
         return result
+
+    def _asked(self, purpose: str, node_ids: Collection[int]) -> list[int]:
+        """The nodes a sum asks: none whose site withheld a sum over the same rows (``_sum``)."""
+        withheld = self._withheld.get(PURPOSES[purpose].cohort, {})
+        return [n for n in node_ids if self.sums.sites[n] not in withheld]
+
+    def _noisy(self, purpose: str) -> bool:
+        """Whether the nodes add the job's statistics noise to a sum: to every sum but training's."""
+        return self.plan.noise is not None and not PURPOSES[purpose].trains
+
+    def _planned(
+        self, purpose: str, server_round: int, shapes: list, job: str | None, nodes: Collection[int], **kwargs
+    ) -> NextSum:
+        """A sum the coordinator asks for next, over the ``nodes`` ``_sum`` will ask (less those
+        that withheld the same rows), as its setup rides on the unmask of the sum before it."""
+        asked = tuple(self._asked(purpose, sorted(nodes)))
+        return NextSum(purpose, server_round, tuple(shapes), asked, job, noisy=self._noisy(purpose), **kwargs)
+
+    def _connected(self) -> set[int]:
+        """The nodes a strategy's sums ask (``configure_train``, ``configure_evaluate``)."""
+        return set(self.grid.get_node_ids()) & set(self.sums.sites)
+
+    def _statistics_sum(self) -> NextSum:
+        return self._planned("statistics", 0, self._statistics_shapes(), None, self.sums.sites)
+
+    def _statistics_shapes(self) -> list[tuple[int, ...]]:
+        return [(len(self.plan.layout.slots()),)]
+
+    def _table_sum(self, layout: GroupedStatisticsLayout) -> NextSum:
+        return self._planned("analytics", 0, self._table_shapes(layout), layout.to_json(), self.sums.sites)
+
+    def _table_shapes(self, layout: GroupedStatisticsLayout) -> list[tuple[int, ...]]:
+        return [(layout.size if self.plan.noise is None else layout.noisy_size,)]
+
+    def _evaluation(self, server_round: int, job: TrainingJob) -> NextSum:
+        return self._planned("evaluate", server_round, self._evaluation_shapes(job), job.to_json(), self._connected())
+
+    def _evaluation_shapes(self, job: TrainingJob) -> list[tuple[int, ...]]:
+        return evaluation.sums_shapes(job.model.tasks, noisy=self.plan.noise is not None)
+
+    def _benchmark_sum(self, job: TrainingJob) -> NextSum:
+        shapes = self._benchmark_shapes()
+        return self._planned("benchmark", self.plan.rounds, shapes, job.to_json(), self.sums.sites)
+
+    def _benchmark_shapes(self) -> list[tuple[int, ...]]:
+        return [(shared_vector_size(len(self.plan.roster), noisy=self.plan.noise is not None),)]
+
+    def _training(
+        self, server_round: int, arrays: ArrayRecord, job: TrainingJob, fit: _NewtonFit | None, nodes: int
+    ) -> NextSum:
+        """A round's training sum: the example-weighted updates (over the connected nodes), or an
+        exact GLM's Newton sums (over every site)."""
+        if fit is None:
+            shapes, rows = rec.update_shapes(arrays), job.features.rows
+            return self._planned("train", server_round, shapes, job.to_json(), self._connected(), total_weight=rows)
+        _, quantizer, shapes = self._newton_sums(job, fit, nodes)
+        return self._planned("newton", server_round, shapes, job.to_json(), self.sums.sites, quantizer=quantizer)
 
     def _wait_for_nodes(self) -> list[int]:
         deadline = time.monotonic() + NODE_WAIT_SECONDS
@@ -469,8 +533,7 @@ class Coordinator:
 
     def _federated_features(self, node_ids: list[int]) -> FeatureSpec:
         """Sum every node's statistics vector; the totals give the shared encoding."""
-        size = len(self.plan.layout.slots())
-        result = self._sum("statistics", 0, [(size,)], node_ids)
+        result = self._sum("statistics", 0, self._statistics_shapes(), node_ids)
         lost = {site: reason for site, reason in result.dropouts.items() if WITHHOLDS not in reason}
         if lost:
             raise FederationError(f"the statistics stage needs every node that has enough rows; missing: {lost}")
@@ -483,12 +546,14 @@ class Coordinator:
         self.observer.on_features(features, result.included)
         return features
 
-    def _grouped_statistics(self, node_ids: list[int]) -> None:
-        """Every statistics table of the plan: every node's cell sums, small cells withheld at the node."""
+    def _grouped_statistics(self, node_ids: list[int], then: NextSum | None) -> None:
+        """Every statistics table of the plan: every node's cell sums, small cells withheld at the
+        node; each table's setup rides on the sum before it, and ``then`` on the last's."""
         noise, min_cohort = self.plan.noise, self.plan.min_cohort
-        for layout in self.plan.tables():
-            size = layout.size if noise is None else layout.noisy_size
-            result = self._sum("analytics", 0, [(size,)], node_ids, job=layout.to_json())
+        tables = self.plan.tables()
+        for layout, following in zip(tables, [*map(self._table_sum, tables[1:]), then], strict=True):
+            shapes = self._table_shapes(layout)
+            result = self._sum("analytics", 0, shapes, node_ids, job=layout.to_json(), then=following)
             if noise is None:
                 statistics = GroupedStatistics.from_totals(layout, result.arrays[0], min_cohort)
             else:
@@ -502,8 +567,7 @@ class Coordinator:
     def _benchmark(self, node_ids: list[int], arrays: ArrayRecord, job: TrainingJob) -> None:
         """Each site's observed and expected totals under the final model, side by side."""
         names, noise = [name for name, _ in self.plan.roster], self.plan.noise
-        shape = (shared_vector_size(len(names), noisy=noise is not None),)
-        result = self._sum("benchmark", self.plan.rounds, [shape], node_ids, arrays, job.to_json())
+        result = self._sum("benchmark", self.plan.rounds, self._benchmark_shapes(), node_ids, arrays, job.to_json())
         spread = None
         if noise is None:
             totals = totals_from_shared_vector(result.arrays[0], names)
@@ -515,12 +579,16 @@ class Coordinator:
         compared = benchmark(standardised(totals), peer_groups=peers, calibration=calibration(totals), noise=spread)
         self.observer.on_benchmark(compared, result.included)
 
-    def _train_round(self, server_round: int, arrays: ArrayRecord, job: TrainingJob) -> tuple[ArrayRecord, SumResult]:
+    def _train_round(
+        self, server_round: int, arrays: ArrayRecord, job: TrainingJob, then: NextSum
+    ) -> tuple[ArrayRecord, SumResult]:
         """Sum the example-weighted updates, then let Flower's strategy take its step."""
         messages = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid))
         shapes = rec.update_shapes(arrays)
         node_ids = [m.metadata.dst_node_id for m in messages]
-        trained = self._sum("train", server_round, shapes, node_ids, arrays, job.to_json(), job.features.rows)
+        trained = self._sum(
+            "train", server_round, shapes, node_ids, arrays, job.to_json(), job.features.rows, then=then
+        )
         mean_update = {k: u / trained.weight for k, u in zip(arrays.keys(), trained.arrays[:-1])}
         averaged = ArrayRecord({k: Array(a.numpy() + mean_update[k]) for k, a in arrays.items()})
         aggregate = Message(
@@ -533,11 +601,10 @@ class Coordinator:
             raise FederationError(f"round {server_round}: the strategy could not take its step")
         return ArrayRecord({k: Array(a.numpy().astype("float32")) for k, a in stepped.items()}), trained
 
-    def _newton_round(
-        self, server_round: int, job: TrainingJob, fit: _NewtonFit, nodes: int
-    ) -> tuple[ArrayRecord, SumResult]:
-        """One Newton–Raphson round of an exact GLM: every node's score and information sums at
-        the current coefficients, summed; each task's next coefficients from the total."""
+    def _newton_sums(
+        self, job: TrainingJob, fit: _NewtonFit, nodes: int
+    ) -> tuple[glm.SumsPrecision, Quantizer, list[tuple[int, ...]]]:
+        """An exact GLM's Newton sums: their precision, fixed point and shapes (each round's the same)."""
         features = job.features
         precision = glm.sums_quantizer_settings(rows=features.rows, nodes=nodes)
         quantizer, shapes = precision.quantizer(), [(glm.SumsLayout(fit.parameters).size,)] * len(fit.betas)
@@ -546,11 +613,20 @@ class Coordinator:
             clip = noise.quantizer_clip(features.rows)
             quantizer = Quantizer(clip, int(clip) * noise.grid, nodes)
             shapes = [(bounds.size(fit.parameters),) for bounds in fit.bounds.values()]
+        return precision, quantizer, shapes
+
+    def _newton_round(
+        self, server_round: int, job: TrainingJob, fit: _NewtonFit, nodes: int, then: NextSum
+    ) -> tuple[ArrayRecord, SumResult]:
+        """One Newton–Raphson round of an exact GLM: every node's score and information sums at
+        the current coefficients, summed; each task's next coefficients from the total."""
+        features = job.features
+        precision, quantizer, shapes = self._newton_sums(job, fit, nodes)
         coefficients = ArrayRecord({task: Array(beta) for task, beta in fit.betas.items()})
         node_ids = sorted(self.sums.sites)
         try:
             summed = self._sum(
-                "newton", server_round, shapes, node_ids, coefficients, job.to_json(), quantizer=quantizer
+                "newton", server_round, shapes, node_ids, coefficients, job.to_json(), quantizer=quantizer, then=then
             )
         except FederationError as error:
             fit.explain(error)
@@ -567,13 +643,15 @@ class Coordinator:
         state = glm_state(features, fit.estimates())
         return ArrayRecord({k: Array(v) for k, v in state.items()}), summed
 
-    def _evaluate_round(self, server_round: int, arrays: ArrayRecord, job: TrainingJob, features: FeatureSpec) -> dict:
+    def _evaluate_round(
+        self, server_round: int, arrays: ArrayRecord, job: TrainingJob, features: FeatureSpec, then: NextSum | None
+    ) -> dict:
         """Federated metrics on every node's held-out rows, from summed evaluation sums."""
         messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid))
         noise, record = self.plan.noise, {}
-        shapes = evaluation.sums_shapes(job.model.tasks, noisy=noise is not None)
+        shapes = self._evaluation_shapes(job)
         node_ids = [m.metadata.dst_node_id for m in messages]
-        summed = self._sum("evaluate", server_round, shapes, node_ids, arrays, job.to_json())
+        summed = self._sum("evaluate", server_round, shapes, node_ids, arrays, job.to_json(), then=then)
         by_task = summed.arrays
         if noise is not None:
             bounds = [

@@ -4,10 +4,16 @@ With secure aggregation on (the default), each sum is one SecAgg+ round over Flo
 messages and the coordinator sees only the total of the surviving nodes' quantised
 contributions. With it off (an explicit setting, recorded in the run summary), nodes
 send their contributions in the clear and the coordinator adds them.
+
+A secure sum is five exchanges where a plain one is one. The setup of the sum that follows
+needs nothing from this one (its node set, size and purpose are known before this one
+ends), so it rides on this sum's unmask (``NextSum``): each node answers both in one reply,
+and the next sum, if it is still the one prepared, starts at share-keys.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import time
@@ -22,7 +28,15 @@ from fedcost.config import SecureAggregationSection
 from fedcost.errors import FederationError, ProtocolAbort
 from fedcost.privacy.distributed import NOISE_CLIP, NOISE_GRID
 from fedcost.secagg import Coordinator as SecAggCoordinator
-from fedcost.secagg import MaskedInputRequest, Quantizer, RoundConfig, reply_from_dict
+from fedcost.secagg import (
+    KeyAdvertisement,
+    MaskedInputRequest,
+    Quantizer,
+    RoundConfig,
+    SetupRequest,
+    UnmaskRequest,
+    reply_from_dict,
+)
 from fedcost.wire import records as rec
 from fedcost.wire.purposes import PURPOSES
 
@@ -45,6 +59,78 @@ class SumResult:
     dropouts: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class NextSum:
+    """The sum a coordinator asks for after the one it is running, as far as its setup needs
+    it (``SharedSums.run`` takes the same arguments): its setup rides on this sum's unmask."""
+
+    purpose: str
+    round: int
+    shapes: tuple[tuple[int, ...], ...]
+    node_ids: tuple[int, ...]
+    job: str | None = None
+    total_weight: int | None = None
+    noisy: bool = False
+    quantizer: Quantizer | None = None
+
+
+@dataclass
+class _Ahead:
+    """A secure sum set up on the unmask of the sum before it: its round config, the config
+    and setup record its requests carry, and the key advertisements (by SecAgg+ node id) and
+    refusals that came back."""
+
+    config: RoundConfig
+    base: dict
+    setup: ConfigRecord
+    nodes: frozenset[int]  # their Flower node ids
+    advertisements: dict[int, KeyAdvertisement] = field(default_factory=dict)
+    refusals: dict[str, str] = field(default_factory=dict)
+
+    def fits(self, round_config: RoundConfig, base: dict) -> bool:
+        """Whether this is the sum about to run, set up at every one of its nodes."""
+        config = self.config
+        same = (config.round, config.node_ids, config.dim, config.bits) == (
+            round_config.round,
+            round_config.node_ids,
+            round_config.dim,
+            round_config.bits,
+        )
+        return same and base == self.base and set(self.advertisements) == set(config.node_ids)
+
+    @property
+    def purpose(self) -> str:
+        return str(self.base[rec.PURPOSE])
+
+    def carried(self) -> dict:
+        """The records that carry this setup on an unmask request."""
+        return {rec.NEXT_CONFIG: ConfigRecord(self.base), rec.NEXT_SECAGG: self.setup}
+
+    def take(self, reply: Message, sites: dict[int, str], secure_ids: dict[str, int], *, alone: bool) -> None:
+        """Keep a node's key advertisement (or its reason for refusing the setup) from its reply:
+        to its unmask request, or to the setup sent ``alone``. Anything else leaves it out."""
+        site = sites.get(reply.metadata.src_node_id)
+        if site is None:
+            return
+        if reply.has_error():
+            if alone:
+                self.refusals[site] = reply.error.reason
+            return
+        records = reply.content.config_records
+        if rec.NEXT_REFUSED in records and not alone:
+            self.refusals[site] = str(records[rec.NEXT_REFUSED].get(rec.REASON, ""))
+            return
+        record = records.get(rec.SECAGG if alone else rec.NEXT_SECAGG)
+        if record is None:
+            return
+        try:
+            advertisement = reply_from_dict(rec.join_message_dict(record, None))
+        except (ProtocolAbort, KeyError):
+            return
+        if isinstance(advertisement, KeyAdvertisement) and advertisement.node_id == secure_ids[site]:
+            self.advertisements[advertisement.node_id] = advertisement
+
+
 class SharedSums:
     """Runs shared sums over a fixed set of sites (Flower node id -> site name)."""
 
@@ -65,6 +151,8 @@ class SharedSums:
         # Labels every secure sum of this coordinator session apart from any a restarted
         # coordinator runs: a node answers each labelled exchange once.
         self.session = secrets.token_hex(4)
+        self._ahead: _Ahead | None = None  # the next sum, set up on the last sum's unmask
+        self._set_up_ahead = itertools.count(1)  # labels each sum set up ahead apart
 
     def run(
         self,
@@ -77,6 +165,7 @@ class SharedSums:
         total_weight: int | None = None,
         noisy: bool = False,
         quantizer: Quantizer | None = None,
+        then: NextSum | None = None,
     ) -> SumResult:
         """Sum the contributions of ``node_ids`` for ``purpose``.
 
@@ -86,17 +175,30 @@ class SharedSums:
         a training sum travel in 32-bit words (``Quantizer``). ``noisy``: a sum the nodes send
         normalised and with their share of the job's noise, on its grid (``NOISE_GRID``).
         ``quantizer``: the fixed point a sum needs beyond these (an exact GLM's Newton sums).
+        ``then``: the sum the caller will ask for next, set up on this sum's unmask; the next
+        call uses that setup if it asks for exactly that sum and every node advertised its
+        keys, and sets the sum up afresh otherwise.
         """
-        base = {rec.PURPOSE: purpose, rec.ROUND: server_round, **({rec.JOB: job} if job else {})}
+        ahead, self._ahead = self._ahead, None  # a sum set up ahead serves the next call only
+        base = self._base(purpose, server_round, job)
         payload = RecordDict({rec.ARRAYS: arrays}) if arrays is not None else None
         if not self.settings.enabled:
             return self._plain(purpose, shapes, node_ids, base, payload)
         quantizer = quantizer or self._quantizer(purpose, len(node_ids), total_weight, noisy)
         attempts = self.settings.retries + 1 if self.settings.on_abort == "retry" else 1
+        config = {**base, rec.TRANSPORT: rec.SECURE, **rec.quantizer_config(quantizer)}
+        if ahead is not None and ahead.refusals:
+            log.info("round %s %s: set up afresh (%s)", server_round, purpose, _reasons(ahead.refusals))
         dropouts: dict[str, str] = {}
         for attempt in range(1, attempts + 1):
+            round_config = self._round_config(f"{purpose}:{attempt}", server_round, shapes, node_ids, quantizer)
+            if ahead is not None and ahead.fits(round_config, config):
+                round_config, advertisements = ahead.config, list(ahead.advertisements.values())
+            else:
+                advertisements = None
+            ahead = None  # a sum set up ahead is tried once: a retry sets up afresh
             try:
-                result = self._secure(purpose, server_round, shapes, node_ids, base, payload, quantizer, attempt)
+                result = self._secure(shapes, node_ids, config, payload, quantizer, round_config, advertisements, then)
                 result.dropouts = {**dropouts, **result.dropouts}
                 return result
             except _Aborted as aborted:
@@ -112,6 +214,35 @@ class SharedSums:
                         "job again once that site is back, or without it. The nodes' logs say which"
                     ) from None
         raise AssertionError("unreachable")
+
+    def _base(self, purpose: str, server_round: int, job: str | None) -> dict:
+        """What every request of a sum states: its purpose, round and (where it has one) job."""
+        return {rec.PURPOSE: purpose, rec.ROUND: server_round, **({rec.JOB: job} if job else {})}
+
+    def _round_config(
+        self, attempt: str, server_round: int, shapes: list[tuple[int, ...]], node_ids: list[int], quantizer: Quantizer
+    ) -> RoundConfig:
+        """A SecAgg+ round over ``node_ids``, labelled ``run:session:purpose:attempt``."""
+        return RoundConfig.create(
+            run_id=f"{self.run_id}:{self.session}:{attempt}",
+            round=server_round,
+            node_ids=sorted(self.secure_ids[self.sites[n]] for n in node_ids),
+            dim=quantizer.length(shapes),
+            bits=quantizer.bits,
+            dropout_tolerance=self.settings.dropout_tolerance,
+        )
+
+    def _set_up(self, then: NextSum) -> _Ahead:
+        """The next sum's setup, to ride on this sum's unmask: its config created as ``run``
+        creates it, labelled apart from any attempt of its own."""
+        nodes = list(then.node_ids)
+        quantizer = then.quantizer or self._quantizer(then.purpose, len(nodes), then.total_weight, then.noisy)
+        attempt = f"{then.purpose}:ahead{next(self._set_up_ahead)}"
+        round_config = self._round_config(attempt, then.round, list(then.shapes), nodes, quantizer)
+        base = {**self._base(then.purpose, then.round, then.job), rec.TRANSPORT: rec.SECURE}
+        base.update(rec.quantizer_config(quantizer))
+        secagg, _ = rec.split_message_dict(SetupRequest(round_config).to_dict())
+        return _Ahead(round_config, base, secagg, frozenset(nodes))
 
     def _quantizer(self, purpose: str, nodes: int, total_weight: int | None, noisy: bool) -> Quantizer:
         if noisy:
@@ -155,50 +286,55 @@ class SharedSums:
 
     def _secure(
         self,
-        purpose: str,
-        server_round: int,
         shapes: list[tuple[int, ...]],
         node_ids: list[int],
-        base: dict,
+        config: dict,
         payload: RecordDict | None,
         quantizer: Quantizer,
-        attempt: int,
+        round_config: RoundConfig,
+        advertisements: list[KeyAdvertisement] | None,
+        then: NextSum | None,
     ) -> SumResult:
-        """One SecAgg+ round: drive the coordinator's stage machine over Flower messages."""
+        """One SecAgg+ round: drive the coordinator's stage machine over Flower messages, from
+        its setup or, where it was set up ahead, from the ``advertisements`` that came back.
+
+        With ``then``, the unmask exchange sets the next sum up: its setup rides on the unmask
+        request of each of its nodes, and goes alone, in the same exchange, to any of its nodes
+        this stage does not ask (one that withheld or dropped out of this sum)."""
         by_secure_id = {self.secure_ids[self.sites[n]]: n for n in node_ids}
-        round_config = RoundConfig.create(
-            run_id=f"{self.run_id}:{self.session}:{purpose}:{attempt}",
-            round=server_round,
-            node_ids=sorted(by_secure_id),
-            dim=quantizer.length(shapes),
-            bits=quantizer.bits,
-            dropout_tolerance=self.settings.dropout_tolerance,
-        )
         coordinator = SecAggCoordinator(round_config, {i: self.identities[i] for i in by_secure_id})
-        config = {
-            **base,
-            rec.TRANSPORT: rec.SECURE,
-            **rec.quantizer_config(quantizer),
-        }
+        purpose = str(config[rec.PURPOSE])
+        ahead = self._set_up(then) if then is not None else None
         errors: dict[str, str] = {}
         try:
             requests = coordinator.start()
+            if advertisements is not None:
+                requests = coordinator.handle(advertisements)
             while not coordinator.done:
+                setting_up = ahead if any(isinstance(r, UnmaskRequest) for r in requests.values()) else None
                 messages = []
                 for secure_id, request in requests.items():
                     secagg, _ = rec.split_message_dict(request.to_dict())
                     content = {rec.SECAGG: secagg}
                     if isinstance(request, MaskedInputRequest) and payload is not None:
                         content.update(dict(payload))
+                    if setting_up is not None and by_secure_id[secure_id] in setting_up.nodes:
+                        content.update(setting_up.carried())
                     messages.append(self._message(by_secure_id[secure_id], purpose, config, content))
+                alone = setting_up.nodes - {by_secure_id[i] for i in requests} if setting_up else frozenset()
+                if setting_up is not None:  # its nodes this stage does not ask: the setup alone
+                    setup = {rec.SECAGG: setting_up.setup}
+                    messages += [self._message(n, setting_up.purpose, setting_up.base, setup) for n in sorted(alone)]
                 replies = []
                 for reply in self.grid.send_and_receive(messages):
-                    parsed = self._parse(reply, errors)
-                    if parsed is not None:
+                    if setting_up is not None:
+                        setting_up.take(reply, self.sites, self.secure_ids, alone=reply.metadata.src_node_id in alone)
+                    if reply.metadata.src_node_id not in alone and (parsed := self._parse(reply, errors)) is not None:
                         replies.append(parsed)
                 requests = coordinator.handle(replies)
         except ProtocolAbort as abort:
             raise _Aborted(str(abort), self._dropouts(coordinator, by_secure_id, errors)) from None
+        self._ahead = ahead
         sums, weight = quantizer.decode(coordinator.result.total, shapes)
         included = sorted(self.sites[by_secure_id[i]] for i in coordinator.result.included)
         return SumResult(sums, float(weight), included, self._dropouts(coordinator, by_secure_id, errors))

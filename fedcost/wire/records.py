@@ -11,6 +11,11 @@ Every exchange between coordinator and node is one of three transports:
 
 A contribution's purpose is ``statistics``, ``train`` or ``evaluate``; train and
 evaluate requests carry the global weights and the job.
+
+A secure sum's unmask request may also carry the setup of the sum that follows it (its
+config and SecAgg+ setup, ``NEXT_CONFIG`` and ``NEXT_SECAGG``), which needs nothing from
+this sum; the reply then carries that setup's key advertisement (``NEXT_SECAGG``) or the
+reason the node refused it (``NEXT_REFUSED``), and the next sum starts at share-keys.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ METRICS = "metrics"
 NODE = "node"
 SECAGG = "secagg"
 CONTRIBUTION = "contribution"
+NEXT_CONFIG = "next-config"
+NEXT_SECAGG = "next-secagg"
+NEXT_REFUSED = "next-refused"
 
 # Keys inside the config record.
 TRANSPORT = "transport"
@@ -39,6 +47,7 @@ PURPOSE = "purpose"
 JOB = "job"
 ROUND = "round"
 WEIGHT = "weight"
+REASON = "reason"  # in NEXT_REFUSED: why the node refused the next sum's setup
 
 HELLO, PLAIN, SECURE, CLOSE = "hello", "plain", "secagg", "close"
 # The episode linkage's transport, and the record its replies carry (``fedcost.linkage``):
