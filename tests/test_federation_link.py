@@ -169,11 +169,17 @@ def test_a_pull_that_finds_nothing_is_answered_when_the_coordinator_sends(monkey
     assert envelope.metadata.dst_node_id == link.node.node_id
 
 
-def test_a_held_pull_ends_empty_when_nothing_comes(monkeypatch):
-    monkeypatch.setattr(link_module, "PULL_HOLD", 0.2)
+def test_a_held_pull_woken_for_another_node_ends_empty_when_nothing_comes_for_its_own(monkeypatch):
+    monkeypatch.setattr(link_module, "PULL_HOLD", 2.0)
     link, doorbell = Link(), Doorbell()
-    doorbell.ring()  # a message for another node wakes the pull; it looks, finds nothing, waits on
-    assert not _held_pull(link, doorbell)().messages_list
+    other = link.state.create_node(NOOP_FLWR_AID, NOOP_ACCOUNT_NAME, b"other-site-key", 30)
+    assert link.state.activate_node(other, 30)
+    pull, answers = _held_pull(link, doorbell), []
+    waiting = threading.Thread(target=lambda: answers.append(pull()))
+    waiting.start()
+    link.grid(link.tasks[0], doorbell).push_messages([_question(other, "rows?")])  # rings the doorbell
+    waiting.join(timeout=10)
+    assert not waiting.is_alive() and not answers[0].messages_list
 
 
 def _federation(tmp_path) -> Federation:

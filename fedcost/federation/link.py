@@ -269,7 +269,7 @@ class Runs:
         federation: Federation,
         state_factory: LinkStateFactory,
         say: Callable[[str], None],
-        doorbell: Doorbell | None = None,
+        doorbell: Doorbell,
     ):
         self.federation = federation
         self.state_factory = state_factory
