@@ -9,7 +9,7 @@ sums, the same code in both), the deployed/simulated ratio per round, the time f
 starting ``fedcost run`` to the first round's record, the secure/plain ratio, and the
 final metrics of both (the same up to SecAgg+'s stochastic rounding).
 
-    .venv/bin/python benchmarks/deployment_bench.py [--rounds 5] [--fit newton] [--out FILE.json] [--keep DIR]
+    .venv/bin/python benchmarks/deployment_bench.py [--rounds 5] [--fit newton] [--epochs 1] [--out FILE.json] [--keep DIR]
 
 Targets (issue 15): a deployed round at most 1.5x the simulated one and at most 10 s; the
 first round at most 30 s after `fedcost run`; secure aggregation on against off at most
@@ -45,7 +45,7 @@ METRICS = ("readmission_auroc", "readmission_brier", "cost_mae", "cost_r2")
 DATA_SECTION = '\n[data]\nextra_numeric = ["bmi"]\n'
 
 
-def job(rounds: int, fit: str, secure: bool, seed: int) -> str:
+def job(rounds: int, fit: str, secure: bool, seed: int, epochs: int = 1) -> str:
     """The job both sides run; a simulation adds only where its data come from."""
     return f"""[run]
 seed = {seed}
@@ -56,7 +56,7 @@ kind = "glm"
 fit = "{fit}"
 
 [training]
-epochs = 1
+epochs = {epochs}
 
 [secure_aggregation]
 enabled = {"true" if secure else "false"}
@@ -181,6 +181,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--fit", choices=("newton", "fedavg"), default="newton")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--epochs", type=int, default=1, help="local epochs a round (with --fit fedavg): a round's own work"
+    )
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     parser.add_argument("--keep", type=Path, help="work in this new folder and keep it (the processes' logs)")
     args = parser.parse_args()
@@ -192,13 +195,13 @@ def main() -> None:
         else tempfile.TemporaryDirectory(prefix="fedcost-deploy-bench-") as tmp
     ):
         folder = Path(tmp)
-        secure_job = job(args.rounds, args.fit, True, args.seed)
+        secure_job = job(args.rounds, args.fit, True, args.seed, args.epochs)
         simulation = simulated(folder, secure_job)
         federation = Federation(folder, args.seed)
         try:
             federation.start()
             deployed, first = federation.run(secure_job, "secure")
-            plain, plain_first = federation.run(job(args.rounds, args.fit, False, args.seed), "plain")
+            plain, plain_first = federation.run(job(args.rounds, args.fit, False, args.seed, args.epochs), "plain")
         finally:
             federation.stop()
     report(args, simulation, deployed, first, plain, plain_first)
@@ -228,7 +231,7 @@ def report(
     figures = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}",
-        "job": {"rounds": args.rounds, "fit": args.fit, "seed": args.seed, "sites": list(SITES)},
+        "job": {"rounds": args.rounds, "fit": args.fit, "epochs": args.epochs, "seed": args.seed, "sites": list(SITES)},
         "rounds": rows,
         "median_ratio_after_round_1": statistics.median(r["ratio"] for r in steady),
         "median_deployed_round_after_round_1": statistics.median(r["deployed"] for r in steady),
