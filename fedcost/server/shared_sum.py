@@ -186,7 +186,7 @@ class SharedSums:
             return self._plain(purpose, shapes, node_ids, base, payload)
         quantizer = quantizer or self._quantizer(purpose, len(node_ids), total_weight, noisy)
         attempts = self.settings.retries + 1 if self.settings.on_abort == "retry" else 1
-        config = {**base, rec.TRANSPORT: rec.SECURE, **rec.quantizer_config(quantizer)}
+        config = self._secure_config(base, quantizer)
         if ahead is not None and ahead.refusals:
             log.info("round %s %s: set up afresh (%s)", server_round, purpose, _reasons(ahead.refusals))
         dropouts: dict[str, str] = {}
@@ -219,6 +219,10 @@ class SharedSums:
         """What every request of a sum states: its purpose, round and (where it has one) job."""
         return {rec.PURPOSE: purpose, rec.ROUND: server_round, **({rec.JOB: job} if job else {})}
 
+    def _secure_config(self, base: dict, quantizer: Quantizer) -> dict:
+        """What every request of a secure sum states: ``base``, the transport and the fixed point."""
+        return {**base, rec.TRANSPORT: rec.SECURE, **rec.quantizer_config(quantizer)}
+
     def _round_config(
         self, attempt: str, server_round: int, shapes: list[tuple[int, ...]], node_ids: list[int], quantizer: Quantizer
     ) -> RoundConfig:
@@ -239,10 +243,9 @@ class SharedSums:
         quantizer = then.quantizer or self._quantizer(then.purpose, len(nodes), then.total_weight, then.noisy)
         attempt = f"{then.purpose}:ahead{next(self._set_up_ahead)}"
         round_config = self._round_config(attempt, then.round, list(then.shapes), nodes, quantizer)
-        base = {**self._base(then.purpose, then.round, then.job), rec.TRANSPORT: rec.SECURE}
-        base.update(rec.quantizer_config(quantizer))
+        config = self._secure_config(self._base(then.purpose, then.round, then.job), quantizer)
         secagg, _ = rec.split_message_dict(SetupRequest(round_config).to_dict())
-        return _Ahead(round_config, base, secagg, frozenset(nodes))
+        return _Ahead(round_config, config, secagg, frozenset(nodes))
 
     def _quantizer(self, purpose: str, nodes: int, total_weight: int | None, noisy: bool) -> Quantizer:
         if noisy:
