@@ -236,26 +236,32 @@ def test_two_runs_submitted_at_once_each_complete_with_their_own_figures_and_log
 
 def test_two_dp_runs_at_once_share_each_sites_budget_and_never_overspend_it(federation):
     """The README's job twice at once under the shipped policies: every site trains under
-    DP-SGD, both runs pay from its one ledger, round by round. A site that derives its noise
-    from the budget left (the hospitals) prices each run's rounds as if the budget left were
-    that run's alone, so the run that ends last may train its last round at far more noise,
-    or have it refused (the run then stops with the reason). Whatever the interleaving, no
-    site spends beyond its budget, each run's round is paid once, and every log verifies."""
+    DP-SGD, both runs pay from its one ledger, round by round. A run's first paid round holds
+    its later rounds at the site, so the other run prices on what is left after them: a
+    site that derives its noise from the budget left (the hospitals) trains each run at one
+    noise from its first round to its last (it used to squeeze the run that ended last to
+    many times the noise, silently), or refuses the later run naming the open one (the run
+    then stops with the reason). Whatever the interleaving, no site spends beyond its
+    budget, each run's round is paid once, and every log verifies."""
     sites = federation(lambda name, role: REPO / "configs" / "policies" / f"{role}.toml")
     submitted = sites.submit_at_once({"a": REPO / "configs" / "job.toml", "b": REPO / "configs" / "job.toml"})
     for name, process in submitted.items():
         output = sites.processes.output(f"run-{name}")
-        assert process.returncode == 0 or (process.returncode == 2 and "privacy budget" in output), output
+        assert process.returncode == 0 or (process.returncode == 2 and "open run(s)" in output), output
     sites.assert_ran_at_once()
     runs = sorted(sites.runs.iterdir())
     summaries = [sites.collect_and_verify(run) for run in runs]
     for name in SITES:
-        spends = [
-            (entry.details["run_id"], entry.details["round"])
+        paid = [
+            entry.details
             for entry in read_log(sites.folder / "state" / name / f"{name}.ledger")[0]
             if entry.event == LedgerEvent.DP_SPENT
         ]
+        spends = [(spend["run_id"], spend["round"]) for spend in paid]
         assert len(spends) == len(set(spends)) and {run for run, _ in spends} <= {run.name for run in runs}, spends
+        for run in runs:
+            noise = {spend["release"]["noise_multiplier"] for spend in paid if spend["run_id"] == run.name}
+            assert len(noise) <= 1 or max(noise) <= 1.001 * min(noise), (name, run.name, noise)
         # Each site's report, written when a run closed there, states all its spending so far.
         reported = [summary["privacy"][name] for summary in summaries]
         assert all(p["dp"] and p["epsilon_spent"] <= p["epsilon_budget"] for p in reported), (name, reported)

@@ -257,7 +257,7 @@ class Guardian:
             statistics=StatisticsLayout(mapping.feature_columns, tuple(mapping.targets)),
         )
         site.check_noise(policy, hello, releases)
-        spent = budget.accountant(ledger.spending, policy.privacy) if policy.privacy.enabled else None
+        spent = budget.committed(ledger, policy.privacy, hello.run_id) if policy.privacy.enabled else None
         site.check_newton_noise(policy, hello, spent, releases)
         ledger.accept_plan(hello.run_id, hello.digest)
         node = self.node_factory(self.setup)
@@ -494,8 +494,9 @@ class Guardian:
             normalised = [array / bound for array, bound in zip(contribution.arrays, bounds, strict=True)]
         if not math.isclose(quantizer.clip / quantizer.levels, 1 / grid):
             raise _request_refusal(f"its noisy sum is not on the noise grid of 1/{grid} that its noise assumes")
+        owed = hello.rounds - ask.round if ask.newton_noise is not None else None
         spent, (seq, head) = budget.pay_for_noisy_sum(
-            ledger, policy.privacy, release, run_id=hello.run_id, round=ask.round
+            ledger, policy.privacy, release, run_id=hello.run_id, round=ask.round, owed=owed
         )
         details = {
             "purpose": ask.purpose,

@@ -5,13 +5,20 @@ and written to it, signed and fsynced, before its training starts, so a round th
 crashes is still paid for and no restart can train twice on one payment; the audit
 log's ``dp_round`` entry anchors the payment's place in the ledger, so a ledger that is
 later deleted, cut short or rewritten fails closed.
+
+Runs at one site share its budget. A run's per-round spend states how many more rounds it
+has planned, and the ledger holds those for it until it closes, so every price here is
+taken on what is spent *and held by other open runs*: a run that starts while another is
+open gets what is left after the other's rounds (or a clear refusal), never budget the
+other will need for its last rounds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
+from fedcost.errors import PrivacyBudgetExhausted
 from fedcost.models.training import TrainConfig
 from fedcost.privacy.accounting import DpSgdSteps, PrivacyLedger, release_from_dict
 from fedcost.privacy.distributed import SkellamRelease
@@ -27,6 +34,32 @@ def accountant(spending: Iterable[Mapping[str, Any]], privacy: PrivacySettings) 
     return PrivacyLedger(privacy.epsilon, privacy.delta, history=[release_from_dict(spend) for spend in spending])
 
 
+T = TypeVar("T")
+
+
+def committed(ledger: ReleaseLedger, privacy: PrivacySettings, run_id: str) -> PrivacyLedger:
+    """The budget as run ``run_id`` must see it: every spend so far, and every round the
+    site's other open runs have planned and not yet paid."""
+    held = [release for release, rounds in ledger.held(besides=run_id).values() for _ in range(rounds)]
+    return accountant([*ledger.spending, *held], privacy)
+
+
+def fitting(ledger: ReleaseLedger, run_id: str, price: Callable[[], T]) -> T:
+    """``price()``, with a refusal that names the open runs whose held rounds it counted."""
+    try:
+        return price()
+    except PrivacyBudgetExhausted as error:
+        held = ledger.held(besides=run_id)
+        if not held:
+            raise
+        runs = ", ".join(f"{run} ({rounds} round(s))" for run, (_, rounds) in sorted(held.items()))
+        raise PrivacyBudgetExhausted(
+            f"{error}; what is spent counts the rounds that open run(s) at this site still have to pay: {runs}. "
+            "Run DP jobs at this site one after another, or, for a run that will not come back, close it here "
+            "(`fedcost node close-run KIT RUN_ID --reason TEXT`, with the node stopped)"
+        ) from None
+
+
 def pay_for_round(
     ledger: ReleaseLedger,
     privacy: PrivacySettings,
@@ -37,32 +70,49 @@ def pay_for_round(
     run_id: str,
     round: int,
 ) -> tuple[DPConfig, float, tuple[int, str]]:
-    """Price one DP-SGD round and record it in the ledger; returns its settings, the ε spent
-    after it, and the ledger anchor for the audit log.
+    """Price one DP-SGD round and record it in the ledger, with this run's ``rounds_left - 1``
+    later rounds held for it; returns its settings, the ε spent after it, and the ledger
+    anchor for the audit log.
 
-    ``PrivacyBudgetExhausted`` (nothing recorded) when the round does not fit the budget left.
+    ``PrivacyBudgetExhausted`` (nothing recorded) when the round does not fit the budget
+    left after what other open runs hold.
     """
-    spent_so_far = accountant(ledger.spending, privacy)
     sample_rate, steps = dp_sampling(examples, training)
-    dp = dp_config_for(privacy, spent_so_far, sample_rate=sample_rate, steps=steps, rounds_left=rounds_left)
-    spent = spent_so_far.spend(noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate, steps=steps)
+
+    def price() -> DPConfig:
+        budget = committed(ledger, privacy, run_id)
+        dp = dp_config_for(privacy, budget, sample_rate=sample_rate, steps=steps, rounds_left=rounds_left)
+        budget.spend(noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate, steps=steps)
+        return dp
+
+    dp = fitting(ledger, run_id, price)
+    spent = accountant(ledger.spending, privacy).spend(
+        noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate, steps=steps
+    )
     release = DpSgdSteps(dp.noise_multiplier, sample_rate, steps)
-    anchor = ledger.spend(release.to_dict(), run_id=run_id, round=round)
+    anchor = ledger.spend(release.to_dict(), run_id=run_id, round=round, owed=rounds_left - 1)
     return dp, spent, anchor
 
 
 def pay_for_noisy_sum(
-    ledger: ReleaseLedger, privacy: PrivacySettings, release: SkellamRelease, *, run_id: str, round: int
+    ledger: ReleaseLedger,
+    privacy: PrivacySettings,
+    release: SkellamRelease,
+    *,
+    run_id: str,
+    round: int,
+    owed: int | None = None,
 ) -> tuple[float | None, tuple[int, str]]:
-    """Record a noisy sum's spend in the ledger, after checking it fits the site's budget;
-    returns the ε spent after it (None for a site without a budget, which still records the
-    spend) and the ledger anchor for the audit log.
+    """Record a noisy sum's spend in the ledger, after checking it fits the site's budget
+    left after what other open runs hold; returns the ε spent after it (None for a site
+    without a budget, which still records the spend) and the ledger anchor for the audit log.
+    ``owed``: for a sum the run repeats every round, its rounds after this one (held for it).
 
     ``PrivacyBudgetExhausted`` (nothing recorded) when it does not fit.
     """
     spent = None
     if privacy.enabled:
-        spent = accountant(ledger.spending, privacy).spend_skellam(
-            variance=release.variance, l1=release.l1, l2=release.l2
-        )
-    return spent, ledger.spend(release.to_dict(), run_id=run_id, round=round)
+        noisy = {"variance": release.variance, "l1": release.l1, "l2": release.l2}
+        fitting(ledger, run_id, lambda: committed(ledger, privacy, run_id).spend_skellam(**noisy))
+        spent = accountant(ledger.spending, privacy).spend_skellam(**noisy)
+    return spent, ledger.spend(release.to_dict(), run_id=run_id, round=round, owed=owed)

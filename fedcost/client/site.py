@@ -214,9 +214,10 @@ def check_linkage_request(policy: SitePolicy, hello: Hello, request: Request, na
 
 def check_newton_noise(policy: SitePolicy, hello: Hello, spent: PrivacyLedger | None, releases: list[int]) -> None:
     """A site with a DP budget answers an exact GLM's Newton rounds only with distributed DP
-    noise on their sums, and only if its budget left (``spent``: its ledger so far) pays for
-    every round the plan states, after the plan's noisy statistics (``releases``: the most
-    slots one row changes in each). A site without a budget adds its share and pays nothing."""
+    noise on their sums, and only if its budget left (``spent``: its ledger so far, and the
+    rounds other open runs hold) pays for every round the plan states, after the plan's
+    noisy statistics (``releases``: the most slots one row changes in each). A site without
+    a budget adds its share and pays nothing."""
     noise = hello.newton_noise
     if "newton" not in hello.outputs or (noise is None and spent is None):
         return
@@ -240,7 +241,8 @@ def check_newton_noise(policy: SitePolicy, hello: Hello, spent: PrivacyLedger | 
         raise _refusal(
             f"{what}{' and noisy statistics' if statistics else ''} would bring this site's spend to epsilon="
             f"{after:.3g} at delta={spent.delta:g}; its budget is {spent.epsilon_budget:g}, of which "
-            f"{spent.epsilon:.3g} is spent: lower the job's [glm_privacy] epsilon below what is left, or its rounds"
+            f"{spent.epsilon:.3g} is spent or held for other open runs' rounds: lower the job's [glm_privacy] "
+            "epsilon below what is left, or its rounds"
         )
 
 

@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedcost.errors import ConfigError, FedcostError
+from fedcost.federation import site_ledger
 from fedcost.federation.provision import NODE_ROLES, Federation, FederationConfig, fleet_address
 from fedcost.identity.federation_ca import utc_now
 from fedcost.run_folder import RunFolder, new_run_id
@@ -136,32 +137,80 @@ def node_start(
     test_fraction: Annotated[float, typer.Option(help="Share of the site's rows held out for evaluation.")] = 0.2,
 ) -> None:
     """Check the kit, policy and data, then serve the site's node in this process until stopped."""
-    from fedcost.federation import processes
+    from fedcost.federation.provision import Kit
 
     state = state or kit / "state"
     try:
-        checked = processes.prepare_node(
-            kit,
-            data=data,
-            mapping=mapping,
-            policy=policy,
-            state=state,
-            split_seed=split_seed,
-            test_fraction=test_fraction,
-            at=utc_now(),
-        )
-        console.print(
-            f"kit, policy and data of {checked.name} checked; connecting to {fleet_address(checked.address)} "
-            f"(log: {state / 'node.log'})",
-            soft_wrap=True,
-            highlight=False,
-        )
-        code = processes.run_node(
-            checked, state=state, policy=policy, split_seed=split_seed, test_fraction=test_fraction, say=say
-        )
+        Kit.load(kit)  # a wrong kit folder is named before anything is written
+        with site_ledger.holding(state):
+            code = _serve_node(kit, data, mapping, policy, state, split_seed, test_fraction)
     except FedcostError as error:
         raise fail(error) from None
     raise typer.Exit(code=code)
+
+
+def _serve_node(
+    kit: Path, data: Path, mapping: Path, policy: Path | None, state: Path, split_seed: int, test_fraction: float
+) -> int:
+    """``node start`` once the state folder is held: check, then serve until stopped."""
+    from fedcost.federation import processes
+
+    checked = processes.prepare_node(
+        kit,
+        data=data,
+        mapping=mapping,
+        policy=policy,
+        state=state,
+        split_seed=split_seed,
+        test_fraction=test_fraction,
+        at=utc_now(),
+    )
+    console.print(
+        f"kit, policy and data of {checked.name} checked; connecting to {fleet_address(checked.address)} "
+        f"(log: {state / 'node.log'})",
+        soft_wrap=True,
+        highlight=False,
+    )
+    return processes.run_node(
+        checked, state=state, policy=policy, split_seed=split_seed, test_fraction=test_fraction, say=say
+    )
+
+
+StateDir = Annotated[Path | None, typer.Option(help="The node's state folder (default: KIT/state).")]
+Reason = Annotated[str, typer.Option(help="Why, in words: signed into the site's ledger.")]
+
+
+@node_app.command("close-run")
+def node_close_run(
+    kit: Annotated[Path, typer.Argument(help="The site's startup kit folder.")],
+    run: Annotated[str, typer.Argument(help="The run id to close at this site.")],
+    reason: Reason,
+    state: StateDir = None,
+) -> None:
+    """Close a run that will not come back (node stopped): frees the DP budget it held."""
+    from fedcost.federation.provision import Kit
+
+    try:
+        closed = site_ledger.close_run(Kit.load(kit), state or kit / "state", run, reason=reason)
+    except FedcostError as error:
+        raise fail(error) from None
+    say(f"run {run} {'closed at this site' if closed else 'was already closed at this site'}")
+
+
+@node_app.command("ledger-reset")
+def node_ledger_reset(
+    kit: Annotated[Path, typer.Argument(help="The site's startup kit folder.")],
+    reason: Reason,
+    state: StateDir = None,
+) -> None:
+    """Start the release ledger anew after it was lost or failed its check (node stopped)."""
+    from fedcost.federation.provision import Kit
+
+    try:
+        kept = site_ledger.start_ledger_anew(Kit.load(kit), state or kit / "state", reason=reason)
+    except FedcostError as error:
+        raise fail(error) from None
+    say(f"started a new release ledger{f'; the old one is kept as {kept}' if kept else ''}")
 
 
 @node_app.command("policy")

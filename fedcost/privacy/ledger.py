@@ -13,7 +13,11 @@ The node consults it before every reply and writes to it before the reply leaves
   differs by one site is not (it would hand the coordinator that site's input);
 - every grouped-statistics table it released with the cells it withheld, so that a later
   plan is suppressed against them;
-- its privacy spending: the budget has no other record.
+- its privacy spending: the budget has no other record. A spend that repeats every round
+  (a DP-SGD round, a noisy Newton sum) states how many more rounds of it its run has
+  planned; until the run closes here, those rounds are held for it, so a run that started
+  later prices its own rounds on what is left after them (``held``), not on budget that an
+  open run will spend.
 
 The ledger is a log in the audit format, owned by the site's identity: hash-chained, with
 a signed, fsynced checkpoint after every entry that matters, so an edit, a reordering or
@@ -79,6 +83,7 @@ class _Record:
     tables: list[dict[str, Any]] = field(default_factory=list)
     episode_windows: dict[str, list[int]] = field(default_factory=dict)  # extract digest -> [before, after]
     ended: set[str] = field(default_factory=set)
+    owed: dict[str, tuple[dict[str, Any], int]] = field(default_factory=dict)  # run -> (release, rounds still to pay)
     reset_at: str | None = None  # time of the last explicit reset: spending before it no longer counts
 
     def add(self, entry: Entry) -> None:
@@ -96,12 +101,15 @@ class _Record:
                 self.signed[key].append(frozenset(details["sites"]))
         elif entry.event == LedgerEvent.DP_SPENT:
             self.spending.append(dict(details["release"]))
+            if details.get("owed") is not None:
+                self.owed[details["run_id"]] = (dict(details["release"]), int(details["owed"]))
         elif entry.event == LedgerEvent.TABLE_RELEASED:
             self.tables.append(dict(details))
         elif entry.event == LedgerEvent.EPISODE_WINDOW:
             self.episode_windows.setdefault(details["data"], list(details["window"]))
         elif entry.event == LedgerEvent.RUN_ENDED:
             self.ended.add(details["run_id"])
+            self.owed.pop(details["run_id"], None)
 
 
 @dataclass(frozen=True)
@@ -165,9 +173,18 @@ class ReleaseLedger:
         """Every privacy-budget spend since the last explicit reset, in order."""
         return tuple(self._record.spending)
 
+    def held(self, *, besides: str) -> dict[str, tuple[Mapping[str, Any], int]]:
+        """The rounds other open runs have planned and not yet paid, by run: each one's
+        per-round release and how many more rounds of it (runs other than ``besides``)."""
+        return {run: (release, n) for run, (release, n) in self._record.owed.items() if run != besides and n > 0}
+
     def tables(self, data: str) -> list[Mapping[str, Any]]:
         """The statistics tables released over the rows of digest ``data``, oldest first."""
         return [table for table in self._record.tables if table["data"] == data]
+
+    def runs(self) -> dict[str, bool]:
+        """Every run this site accepted, and whether it is closed here."""
+        return {run: run in self._record.ended for run in self._record.plans}
 
     def check_run_open(self, run_id: str) -> None:
         """Refuse anything of a run this site has closed."""
@@ -218,9 +235,17 @@ class ReleaseLedger:
         details = {"keys": [key for key, _ in keys], "sites": sorted(sites), "exchange": exchange}
         self._write(LedgerEvent.SET_SIGNED, details, durable=True)
 
-    def spend(self, release: Mapping[str, Any], *, run_id: str, round: int | None) -> tuple[int, str]:
-        """Record a privacy-budget spend; returns the anchor (seq, hash) the audit log keeps."""
-        details = {"run_id": run_id, "round": round, "release": dict(release)}
+    def spend(
+        self, release: Mapping[str, Any], *, run_id: str, round: int | None, owed: int | None = None
+    ) -> tuple[int, str]:
+        """Record a privacy-budget spend; returns the anchor (seq, hash) the audit log keeps.
+
+        ``owed``: for a spend its run repeats every round, how many more rounds of it the run
+        has planned (held for it until it closes); None for a one-off spend.
+        """
+        details: dict[str, Any] = {"run_id": run_id, "round": round, "release": dict(release)}
+        if owed is not None:
+            details["owed"] = owed
         entry = self._write(LedgerEvent.DP_SPENT, details, durable=True)
         return entry.seq, entry.hash
 
@@ -244,8 +269,11 @@ class ReleaseLedger:
                 "two windows' sums describes the days between them: a site keeps one window per extract"
             )
 
-    def end_run(self, run_id: str) -> None:
-        self._write(LedgerEvent.RUN_ENDED, {"run_id": run_id}, durable=True)
+    def end_run(self, run_id: str, *, reason: str | None = None) -> None:
+        """Close a run here: the site answers nothing more of it, and what it held is freed.
+        ``reason``: for a run the site operator closes (one that will not come back)."""
+        details = {"run_id": run_id} if reason is None else {"run_id": run_id, "reason": reason}
+        self._write(LedgerEvent.RUN_ENDED, details, durable=True)
 
     def reset_budget(self, reason: str) -> None:
         """An explicit site action: spending recorded before it no longer counts."""
