@@ -72,6 +72,8 @@ def test_closing_a_run_the_site_never_accepted_names_its_open_runs(site: tuple[P
     assert (state / "h1.ledger").read_bytes() == before
     code, output = cli("node", "close-run", kit_dir, "run-a", "--reason", "  ")
     assert code == 2 and "--reason" in output and (state / "h1.ledger").read_bytes() == before, output
+    code, output = cli("node", "close-run", kit_dir, "run-a", "--reason", "gone", "--state", state / "nowhere")
+    assert code == 2 and "no such state folder" in output and not (state / "nowhere").exists(), output
 
 
 def test_nothing_touches_the_ledger_while_a_node_serves_from_the_folder(site: tuple[Path, Path], tmp_path) -> None:

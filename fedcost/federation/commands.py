@@ -142,6 +142,7 @@ def node_start(
     state = state or kit / "state"
     try:
         Kit.load(kit)  # a wrong kit folder is named before anything is written
+        state.mkdir(parents=True, exist_ok=True)
         with site_ledger.holding(state):
             code = _serve_node(kit, data, mapping, policy, state, split_seed, test_fraction)
     except FedcostError as error:

@@ -29,8 +29,9 @@ LOCK_FILE = "node.lock"
 @contextmanager
 def holding(state: Path) -> Iterator[None]:
     """Hold the state folder's lock for as long as the block runs; ``ConfigError`` naming the
-    folder when a node (or another operator action) holds it."""
-    state.mkdir(parents=True, exist_ok=True)
+    folder when it does not exist, or when a node (or another operator action) holds it."""
+    if not state.is_dir():
+        raise ConfigError("no such state folder; give the node's --state (default: KIT/state)", path=str(state))
     descriptor = os.open(state / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
