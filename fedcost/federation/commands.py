@@ -37,6 +37,7 @@ FederationDir = Annotated[
         "--federation", "-f", help="The federation folder (made by `fedcost federation init`); default: this folder."
     ),
 ]
+KitDir = Annotated[Path, typer.Argument(help="The site's startup kit folder.")]
 _COORDINATOR_LINE = re.compile(r'^coordinator\s*=\s*"[^"\n]*"', re.MULTILINE)
 
 
@@ -124,7 +125,7 @@ def coordinator_start(ctx: typer.Context, federation_dir: FederationDir = Path("
 
 @node_app.command("start")
 def node_start(
-    kit: Annotated[Path, typer.Argument(help="The site's startup kit folder.")],
+    kit: KitDir,
     data: Annotated[
         Path, typer.Option(help="The site's data file (CSV or Parquet), or its OMOP CDM extract's folder.")
     ],
@@ -183,7 +184,7 @@ Reason = Annotated[str, typer.Option(help="Why, in words: signed into the site's
 
 @node_app.command("close-run")
 def node_close_run(
-    kit: Annotated[Path, typer.Argument(help="The site's startup kit folder.")],
+    kit: KitDir,
     run: Annotated[str, typer.Argument(help="The run id to close at this site.")],
     reason: Reason,
     state: StateDir = None,
@@ -200,7 +201,7 @@ def node_close_run(
 
 @node_app.command("ledger-reset")
 def node_ledger_reset(
-    kit: Annotated[Path, typer.Argument(help="The site's startup kit folder.")],
+    kit: KitDir,
     reason: Reason,
     state: StateDir = None,
 ) -> None:
@@ -216,7 +217,7 @@ def node_ledger_reset(
 
 @node_app.command("policy")
 def node_policy(
-    kit: Annotated[Path, typer.Argument(help="The site's startup kit folder.")],
+    kit: KitDir,
     template: Annotated[Path, typer.Argument(help="A policy to start from, e.g. configs/policies/hospital.toml.")],
     out: Annotated[Path, typer.Argument(help="The site's policy file to write.")],
 ) -> None:
