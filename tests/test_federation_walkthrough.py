@@ -88,6 +88,7 @@ def test_the_readme_walkthrough_runs_then_survives_a_revocation_mid_run(tmp_path
         assert [r["round"] for r in _metrics(first)] == [1, 2, 3] and (first / "report.html").exists()
         assert summary["federation"] and summary["sites_reported"] == sorted(SITES)
         assert summary["audit"]["verified"] and summary["privacy"]["northcare"]["epsilon_spent"] > 0
+        assert summary["privacy"]["northcare"]["noise_multiplier"] == 1.1  # the shipped insurer policy's
 
         # 2. The same job again; mid-run the operator revokes a site with the README's command.
         submitted = processes.start("run", *shlex.split(run_line)[1:], cwd=tmp_path)

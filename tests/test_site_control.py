@@ -354,6 +354,7 @@ def test_a_site_whose_budget_runs_out_stops_participating_with_a_clear_message(t
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["privacy"]["hospital-1"]["rounds_trained"] == 1
+    assert summary["privacy"]["hospital-1"]["noise_multiplier"] == 1.0
     assert summary["privacy"]["hospital-1"]["epsilon_spent"] <= 4.0
     for round_ in ("2", "3"):
         reason = summary["dropouts"][round_]["hospital-1"]

@@ -259,9 +259,11 @@ def test_two_dp_runs_at_once_share_each_sites_budget_and_never_overspend_it(fede
         ]
         spends = [(spend["run_id"], spend["round"]) for spend in paid]
         assert len(spends) == len(set(spends)) and {run for run, _ in spends} <= {run.name for run in runs}, spends
-        for run in runs:
+        for run, summary in zip(runs, summaries, strict=True):
             noise = {spend["release"]["noise_multiplier"] for spend in paid if spend["run_id"] == run.name}
             assert len(noise) <= 1 or max(noise) <= 1.001 * min(noise), (name, run.name, noise)
+            # and the run's summary says at what noise the site trained it
+            assert summary["privacy"][name].get("noise_multiplier") == (max(noise) if noise else None)
         # Each site's report, written when a run closed there, states all its spending so far.
         reported = [summary["privacy"][name] for summary in summaries]
         assert all(p["dp"] and p["epsilon_spent"] <= p["epsilon_budget"] for p in reported), (name, reported)

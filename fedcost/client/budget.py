@@ -27,6 +27,27 @@ from fedcost.privacy.ledger import ReleaseLedger
 from fedcost.privacy.policy import PrivacySettings
 
 
+def privacy_report(spends: Iterable[Mapping[str, Any]], privacy: PrivacySettings | None, run_id: str) -> dict:
+    """What a site reports of its budget after run ``run_id``: ε spent over all its jobs
+    (``spends``: its ledger's, as ``recorded_spending`` reads them), and the noise multiplier
+    of this run's own DP-SGD rounds, so that a run priced on what other runs left says so."""
+    if privacy is None or not privacy.enabled:
+        return {"dp": False}
+    spends = list(spends)
+    ledger = accountant([spend["release"] for spend in spends], privacy)
+    ours = [release_from_dict(spend["release"]) for spend in spends if spend["run_id"] == run_id]
+    noise = [release.noise_multiplier for release in ours if isinstance(release, DpSgdSteps)]
+    return {
+        "dp": True,
+        "epsilon_budget": ledger.epsilon_budget,
+        "epsilon_spent": ledger.epsilon,
+        "delta": ledger.delta,
+        "rounds_trained": sum(isinstance(release, DpSgdSteps) for release in ledger.history),
+        "noisy_sums": sum(isinstance(release, SkellamRelease) for release in ledger.history),
+        "noise_multiplier": max(noise) if noise else None,
+    }
+
+
 def accountant(spending: Iterable[Mapping[str, Any]], privacy: PrivacySettings) -> PrivacyLedger:
     """Every spend a release ledger recorded (DP-SGD rounds and noisy sums alike), under the
     site's current budget."""

@@ -26,7 +26,7 @@ from flwr.app import Context, Message
 
 from fedcost import schema
 from fedcost.atomic import replace_atomically
-from fedcost.client.budget import accountant
+from fedcost.client.budget import privacy_report
 from fedcost.client.node import Node, NodeSetup
 from fedcost.errors import ConfigError, FedcostError
 from fedcost.identity import PublicIdentity
@@ -35,7 +35,6 @@ from fedcost.models.nets import build_model
 from fedcost.models.training import predict
 from fedcost.models.training_job import TrainingJob
 from fedcost.privacy import SitePolicy
-from fedcost.privacy.accounting import DpSgdSteps
 from fedcost.privacy.ledger import recorded_spending
 from fedcost.wire import records as rec
 
@@ -93,7 +92,7 @@ class SiteReports:
             "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "train_rows": len(data.train),
             "test_rows": len(data.test),
-            "privacy": self._privacy(setup),
+            "privacy": self._privacy(setup, run),
             "held_out": self._held_out(context.run_id, data.test),
         }
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -101,19 +100,11 @@ class SiteReports:
         replace_atomically(path, json.dumps(report, indent=2).encode())
         return path
 
-    def _privacy(self, setup: NodeSetup) -> dict[str, Any]:
-        """ε spent by this site (all its jobs), from its ledger under its policy's budget."""
+    def _privacy(self, setup: NodeSetup, run: str) -> dict[str, Any]:
+        """ε spent by this site (all its jobs) and this run's noise, from its ledger under its policy."""
         privacy = self.policy.privacy if self.policy is not None else None
-        if privacy is None or not privacy.enabled:
-            return {"dp": False}
-        ledger = accountant(recorded_spending(setup.ledger_path, self.identity), privacy)
-        return {
-            "dp": True,
-            "epsilon_budget": ledger.epsilon_budget,
-            "epsilon_spent": ledger.epsilon,
-            "delta": ledger.delta,
-            "rounds_trained": sum(isinstance(release, DpSgdSteps) for release in ledger.history),
-        }
+        spends = recorded_spending(setup.ledger_path, self.identity) if privacy is not None else ()
+        return privacy_report(spends, privacy, run)
 
     def _held_out(self, run_id: int, rows: Any) -> dict[str, dict[str, float]]:
         """The final model's metrics on the site's held-out rows, as far as its policy shares them."""

@@ -182,7 +182,7 @@ def _run(
         summary["inference"] = recorder.inference
     summary["audit"] = audit
     summary["engine"] = recorder.placement
-    summary["privacy"] = privacy_summary(config, folder, nodes)
+    summary["privacy"] = privacy_summary(config, folder, nodes, run_id)
     if plan.noise is not None:
         noise = plan.noise
         summary["statistics_privacy"] = {

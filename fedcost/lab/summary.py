@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from fedcost import schema
-from fedcost.client.budget import accountant
+from fedcost.client.budget import privacy_report
 from fedcost.config import SimulationConfig
 from fedcost.data.features import FeatureSpec
 from fedcost.data.loader import NodeData
@@ -17,8 +17,6 @@ from fedcost.data.mapping import DataMapping
 from fedcost.identity import PublicIdentity
 from fedcost.models.metrics import calibration_bins, cost_metrics, readmission_metrics
 from fedcost.privacy import SitePolicy
-from fedcost.privacy.accounting import DpSgdSteps
-from fedcost.privacy.distributed import SkellamRelease
 from fedcost.privacy.ledger import SUFFIX as LEDGER_SUFFIX
 from fedcost.privacy.ledger import recorded_spending
 from fedcost.run_folder import RunFolder
@@ -27,27 +25,16 @@ if TYPE_CHECKING:
     from fedcost.lab.simulation import Task
 
 
-def privacy_summary(config: SimulationConfig, folder: RunFolder, nodes: list[NodeData]) -> dict:
-    """ε spent per site, from its release ledger under its policy; a site without DP reports
-    ``dp: false``."""
+def privacy_summary(config: SimulationConfig, folder: RunFolder, nodes: list[NodeData], run_id: str) -> dict:
+    """ε spent per site, from its release ledger under its policy, and the noise of its DP-SGD
+    rounds in run ``run_id``; a site without DP reports ``dp: false``."""
     summary = {}
     for node in nodes:
         source = config.simulation.policies.get(node.name) or config.simulation.default_policy
         privacy = SitePolicy.load(source).privacy if source else None
-        if privacy is None or not privacy.enabled:
-            summary[node.name] = {"dp": False}
-            continue
         identity = PublicIdentity.load(folder.identities / f"{node.name}.pub.json")
-        spending = recorded_spending(folder.ledgers / f"{node.name}{LEDGER_SUFFIX}", identity)
-        ledger = accountant(spending, privacy)
-        summary[node.name] = {
-            "dp": True,
-            "epsilon_budget": ledger.epsilon_budget,
-            "epsilon_spent": ledger.epsilon,
-            "delta": ledger.delta,
-            "rounds_trained": sum(isinstance(release, DpSgdSteps) for release in ledger.history),
-            "noisy_sums": sum(isinstance(release, SkellamRelease) for release in ledger.history),
-        }
+        spends = recorded_spending(folder.ledgers / f"{node.name}{LEDGER_SUFFIX}", identity) if privacy else ()
+        summary[node.name] = privacy_report(spends, privacy, run_id)
     return summary
 
 

@@ -79,7 +79,7 @@ class _Record:
     plans: dict[str, str] = field(default_factory=dict)
     answered: set[str] = field(default_factory=set)
     signed: dict[str, list[frozenset[str]]] = field(default_factory=lambda: defaultdict(list))
-    spending: list[dict[str, Any]] = field(default_factory=list)
+    spending: list[dict[str, Any]] = field(default_factory=list)  # each spend: run_id, round, release
     tables: list[dict[str, Any]] = field(default_factory=list)
     episode_windows: dict[str, list[int]] = field(default_factory=dict)  # extract digest -> [before, after]
     ended: set[str] = field(default_factory=set)
@@ -100,7 +100,7 @@ class _Record:
             for key in details["keys"]:
                 self.signed[key].append(frozenset(details["sites"]))
         elif entry.event == LedgerEvent.DP_SPENT:
-            self.spending.append(dict(details["release"]))
+            self.spending.append(dict(details))
             if details.get("owed") is not None:
                 self.owed[details["run_id"]] = (dict(details["release"]), int(details["owed"]))
         elif entry.event == LedgerEvent.TABLE_RELEASED:
@@ -170,8 +170,8 @@ class ReleaseLedger:
 
     @property
     def spending(self) -> tuple[Mapping[str, Any], ...]:
-        """Every privacy-budget spend since the last explicit reset, in order."""
-        return tuple(self._record.spending)
+        """Every privacy-budget spend (its release) since the last explicit reset, in order."""
+        return tuple(spend["release"] for spend in self._record.spending)
 
     def held(self, *, besides: str) -> dict[str, tuple[Mapping[str, Any], int]]:
         """The rounds other open runs have planned and not yet paid, by run: each one's
@@ -291,9 +291,9 @@ class ReleaseLedger:
 
 
 def recorded_spending(path: Path, identity: PublicIdentity) -> tuple[Mapping[str, Any], ...]:
-    """The spending a site's ledger records since its last reset, checked against the site's key
-    (for a report; the node itself opens its ledger with ``ReleaseLedger.open``). A site
-    that never answered has none."""
+    """The spends a site's ledger records since its last reset (each its ``run_id``, ``round``
+    and ``release``), checked against the site's key (for a report; the node itself opens its
+    ledger with ``ReleaseLedger.open``). A site that never answered has none."""
     if not path.exists():
         return ()
     try:

@@ -389,7 +389,9 @@ def _dp_spent(privacy: dict | None) -> str:
         return "not reported"
     if not privacy.get("dp"):
         return "no DP"
-    return f"{privacy['epsilon_spent']:.2f} / {privacy['epsilon_budget']:g} ({privacy['delta']:g})"
+    noise = privacy.get("noise_multiplier")
+    trained = f"; this run trained at noise multiplier {noise:.3g}" if noise is not None else ""
+    return f"{privacy['epsilon_spent']:.2f} / {privacy['epsilon_budget']:g} ({privacy['delta']:g}){trained}"
 
 
 def _withheld(summary: dict) -> str:
