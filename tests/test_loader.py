@@ -114,6 +114,16 @@ def test_header_without_rows_is_refused(tmp_path: Path) -> None:
         load_node(mapping, "pharmacy-north", split_seed=1)
 
 
+def test_node_of_one_row_is_refused_naming_its_file(tmp_path: Path) -> None:
+    """A site of one row cannot be split (it would train or hold out nothing): a clear
+    message naming the node and its file, not a bug report from the split."""
+    mapping = write_case(tmp_path, [GOOD_ROW])
+    with pytest.raises(DataValidationError, match="pharmacy-north has one row") as caught:
+        load_node(mapping, "pharmacy-north", split_seed=1)
+    assert caught.value.path.endswith("pharmacy.csv")
+    assert load_node(write_case(tmp_path, [GOOD_ROW] * 2), "pharmacy-north", split_seed=1).test.shape[0] == 1
+
+
 def test_node_file_that_is_not_there_is_refused(tmp_path: Path) -> None:
     mapping = write_case(tmp_path, None)
     with pytest.raises(DataValidationError, match="file not found") as caught:

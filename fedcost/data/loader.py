@@ -45,6 +45,12 @@ def load_node(mapping: DataMapping, name: str, *, split_seed: int, test_fraction
     rows = load_omop_rows(mapping, node, node.omop)[0] if node.omop else load_rows(mapping, node, _file(node))
     if node.test_file is not None:
         return NodeData(node.name, node.role, rows, load_rows(mapping, node, node.test_file))
+    if len(rows) < 2:
+        raise DataValidationError(
+            f"node {node.name} has one row: a site needs at least two, one to train on and one to hold "
+            "out; leave it out of the mapping or merge its rows with another site's",
+            path=str(node.omop.folder if node.omop else _file(node)),
+        )
     train, test = split_rows(rows, seed=split_seed, node=node.name, test_fraction=test_fraction)
     return NodeData(node.name, node.role, train, test)
 
