@@ -129,6 +129,14 @@ class FederationError(FedcostError):
     """A federated run failed (nodes unreachable, every reply an error, ...)."""
 
 
+class SumNotRecoveredError(FederationError):
+    """A shared sum could not be completed; ``dropouts``: each site left out, with its reason."""
+
+    def __init__(self, message: str, dropouts: dict[str, str]):
+        super().__init__(message)
+        self.dropouts = dropouts
+
+
 class RayClusterError(FedcostError):
     """The Ray cluster a simulation is pointed at does not answer, or cannot hold one site
     within the run's share of it."""

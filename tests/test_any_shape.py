@@ -109,3 +109,26 @@ def test_a_site_with_fewer_rows_than_min_cohort_is_left_out_and_named(tmp_path: 
         assert "withholds this sum" in reasons["tiny"] and "min_cohort (11)" in reasons["tiny"]
         assert not any(str(n) in reasons["tiny"].replace("(11)", "") for n in range(1, 11))
     assert summary["readmission"]["federated"]["auroc"] > 0.6
+
+
+def test_a_run_where_too_few_sites_can_evaluate_trains_on_and_says_why_per_round(tmp_path: Path) -> None:
+    """Two sites hold min_cohort held-out rows, three hold too few to send an evaluation sum
+    (but enough training rows): no secure evaluation sum can be formed over two sites, so
+    each round's figures are withheld, saying why, and the model still trains on all five."""
+    rng = np.random.default_rng(12)
+    lines = ['[targets.died]\nkind = "binary"\n\n[features]\nnumeric = ["score"]\n']
+    for name, n in {"a": 150, "b": 100, "c": 40, "d": 40, "e": 30}.items():
+        score = rng.normal(0, 1, n)
+        died = (rng.random(n) < 1 / (1 + np.exp(1.5 - score))).astype(int)
+        pd.DataFrame({"score": score.round(3), "died": died}).to_csv(tmp_path / f"{name}.csv", index=False)
+        lines.append(f'[nodes.{name}]\nfile = "{name}.csv"\n')
+    (tmp_path / "mapping.toml").write_text("\n".join(lines))
+    result = fedcost("simulate", "--data-dir", str(tmp_path), "--out", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rounds and all("fewer than 3 site(s)" in r["evaluation_withheld"] for r in rounds), rounds
+    assert all(r["evaluated_sites"] == [] and "died_auroc" not in r for r in rounds)
+    assert set(rounds[-1]["withheld"]) == {"c", "d", "e"}
+    assert rounds[-1]["nodes_included"] == 5  # every site trained
+    assert summary["readmission"]["federated"]["auroc"] > 0.6

@@ -157,3 +157,23 @@ def test_node_policy_trusts_the_coordinator_of_the_kit_and_keeps_the_rest(tmp_pa
     assert written.min_cohort == shipped.min_cohort == 20 and math.isclose(written.privacy.epsilon, 4.0)
     again = subprocess.run([*command, str(tmp_path / "northcare.toml")], capture_output=True, text=True)
     assert again.returncode == 2 and "exists" in again.stdout
+
+
+def test_the_terminal_table_says_what_the_figures_cover_or_why_there_are_none(tmp_path):
+    config = SimulationConfig.from_dict({"run": {"rounds": 2}, "model": {"kind": "glm"}}, source="test")
+    covered = {**ROUNDS[1], "evaluated_sites": ["st-mary", "valley-general"], "evaluated_rows": 412}
+    covered["withheld"] = {"northcare": "site northcare: withholds this sum: fewer held-out rows than min_cohort"}
+    console = Console(record=True, width=300)
+    console.print(federation_table(federation_summary("r1", config, ROLES, [ROUNDS[0], covered], {}, seconds=1.0)))
+    text = " ".join(console.export_text().split())
+    assert "412 held-out rows at 2 of 3 sites (northcare withheld theirs)" in text, text
+    none = {"round": 2, "evaluated_sites": [], "evaluated_rows": 0, "withheld": {}, "nodes_included": 3}
+    none["evaluation_withheld"] = "fewer than 3 site(s) hold min_cohort held-out rows"
+    withheld = federation_summary("r1", config, ROLES, [dict(none, round=1), none], {}, seconds=1.0)
+    assert withheld["readmission"] == {"federated": {}}
+    console = Console(record=True, width=300)
+    console.print(federation_table(withheld))
+    text = " ".join(console.export_text().split())
+    assert "no federated figures: fewer than 3 site(s) hold min_cohort held-out rows" in text, text
+    write_report(tmp_path, withheld, [dict(none, round=1), none])
+    assert not (tmp_path / "plots" / "rounds.png").exists()

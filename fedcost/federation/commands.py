@@ -291,17 +291,29 @@ def federation_table(summary: dict) -> Table:
     from fedcost.report.html import federation_rows, format_value
 
     last = summary.get("federated_evaluation", {})
-    table = Table(
-        title=f"Federated model after round {last.get('round', '?')}",
-        min_width=60,
-        caption=f"from the summed evaluation sums of the held-out rows of {len(summary['nodes'])} sites; "
-        "no party holds the rows a pooled or local-only model needs",
-    )
+    table = Table(title=f"Federated model after round {last.get('round', '?')}", min_width=60, caption=_covers(summary))
     for head in ("task", "metric", "federated"):
         table.add_column(head, justify="right" if head == "federated" else "left")
     for task, metric, value in federation_rows(summary):
         table.add_row(task, metric, format_value(value))
     return table
+
+
+def _covers(summary: dict) -> str:
+    """What the federated figures are over: the held-out rows and sites in the last round's
+    evaluation sum, and the sites that withheld theirs, or why there are none."""
+    last = summary.get("federated_evaluation", {})
+    if "evaluation_withheld" in last:
+        return f"no federated figures: {last['evaluation_withheld']}"
+    sites, withheld = last.get("evaluated_sites", []), sorted(last.get("withheld", {}))
+    shown = "the held-out rows"
+    if "evaluated_rows" in last:
+        shown = f"{last['evaluated_rows']:,} held-out rows at {len(sites)} of {len(summary['nodes'])} sites"
+    return (
+        f"from the summed evaluation sums of {shown}"
+        + (f" ({', '.join(withheld)} withheld theirs)" if withheld else "")
+        + "; no party holds the rows a pooled or local-only model needs"
+    )
 
 
 @federation_app.command("collect")

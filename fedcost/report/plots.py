@@ -3,6 +3,7 @@ cost against payment per disease group."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -33,12 +34,17 @@ FUNNEL_COLOURS = {
 
 
 def plot_rounds(rounds: list[dict], summary: dict, path: Path) -> None:
-    """Federated metrics after each round, with the pooled model as a dashed reference."""
-    panels = [p for p in ROUND_PANELS if rounds and p[0] in rounds[0]]
+    """Federated metrics after each round, with the pooled model as a dashed reference; a
+    round whose figures were withheld (too few sites could send them) is a gap, and a run
+    with none has no plot."""
+    panels = [p for p in ROUND_PANELS if any(p[0] in r for r in rounds)]
+    if not panels:
+        return
     figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     x = [r["round"] for r in rounds]
     for ax, (key, task, metric, title) in zip(axes[0], panels):
-        ax.plot(x, [r[key] for r in rounds], marker="o", color=MODEL_COLOURS["federated"], label="federated")
+        y = [r.get(key, math.nan) for r in rounds]
+        ax.plot(x, y, marker="o", color=MODEL_COLOURS["federated"], label="federated")
         if "pooled" in summary.get(task, {}):  # a federation has no pooled model
             ax.axhline(summary[task]["pooled"][metric], ls="--", color=MODEL_COLOURS["pooled"], label="pooled (final)")
         ax.set(title=title.format(unit=cost_unit(summary)), xlabel="round")

@@ -45,7 +45,7 @@ from fedcost.config import (
     StrategySection,
 )
 from fedcost.data.features import FeatureSpec, StatisticsLayout
-from fedcost.errors import FederationError
+from fedcost.errors import FederationError, SumNotRecoveredError
 from fedcost.linkage import EpisodeCosts, link_episodes
 from fedcost.linkage.episodes import EpisodePlan
 from fedcost.models import evaluation, glm
@@ -432,16 +432,20 @@ class Coordinator:
         rows (its cohort): it is not asked again, since each ask would cost a secure sum an
         abort and a retry, and it stays among the result's dropouts with its reason.
         """
-        withheld = self._withheld.setdefault(PURPOSES[purpose].cohort, {})
-        result = self.sums.run(
-            purpose, server_round, shapes, self._asked(purpose, node_ids), *args, noisy=self._noisy(purpose), **kwargs
-        )
-        for site, reason in result.dropouts.items():
-            self.log.append(
-                Event.DROPOUT, round=server_round, details={"party": site, "reason": reason, "purpose": purpose}
+        try:
+            result = self.sums.run(
+                purpose,
+                server_round,
+                shapes,
+                self._asked(purpose, node_ids),
+                *args,
+                noisy=self._noisy(purpose),
+                **kwargs,
             )
-        withheld.update({site: reason for site, reason in result.dropouts.items() if WITHHOLDS in reason})
-        result.dropouts = {**withheld, **result.dropouts}
+        except SumNotRecoveredError as failed:
+            failed.dropouts = self._left_out(purpose, server_round, failed.dropouts)
+            raise
+        result.dropouts = self._left_out(purpose, server_round, result.dropouts)
         self.log.append(
             Event.AGGREGATE,
             round=server_round,
@@ -449,6 +453,17 @@ class Coordinator:
             details={"purpose": purpose, "included": result.included},
         )
         return result
+
+    def _left_out(self, purpose: str, server_round: int, dropouts: dict[str, str]) -> dict[str, str]:
+        """Log a sum's dropouts, note the sites that withheld its rows, and return every site
+        the sum left out with its reason (those that withheld the same rows before included)."""
+        for site, reason in dropouts.items():
+            self.log.append(
+                Event.DROPOUT, round=server_round, details={"party": site, "reason": reason, "purpose": purpose}
+            )
+        withheld = self._withheld.setdefault(PURPOSES[purpose].cohort, {})
+        withheld.update({site: reason for site, reason in dropouts.items() if WITHHOLDS in reason})
+        return {**withheld, **dropouts}
 
     def _asked(self, purpose: str, node_ids: Collection[int]) -> list[int]:
         """The nodes a sum asks: none whose site withheld a sum over the same rows (``_sum``)."""
@@ -483,8 +498,17 @@ class Coordinator:
     def _table_shapes(self, layout: GroupedStatisticsLayout) -> list[tuple[int, ...]]:
         return [(layout.size if self.plan.noise is None else layout.noisy_size,)]
 
-    def _evaluation(self, server_round: int, job: TrainingJob) -> NextSum:
-        return self._planned("evaluate", server_round, self._evaluation_shapes(job), job.to_json(), self._connected())
+    def _evaluation(self, server_round: int, job: TrainingJob) -> NextSum | None:
+        """The round's evaluation sum, to set up ahead; None where too few sites could send one."""
+        planned = self._planned(
+            "evaluate", server_round, self._evaluation_shapes(job), job.to_json(), self._connected()
+        )
+        return planned if len(planned.node_ids) >= self._fewest_evaluating else None
+
+    @property
+    def _fewest_evaluating(self) -> int:
+        """The fewest sites an evaluation sum can be formed over."""
+        return MIN_SECURE_SITES if self.plan.secure_aggregation.enabled else 1
 
     def _evaluation_shapes(self, job: TrainingJob) -> list[tuple[int, ...]]:
         return evaluation.sums_shapes(job.model.tasks, noisy=self.plan.noise is not None)
@@ -580,7 +604,7 @@ class Coordinator:
         self.observer.on_benchmark(compared, result.included)
 
     def _train_round(
-        self, server_round: int, arrays: ArrayRecord, job: TrainingJob, then: NextSum
+        self, server_round: int, arrays: ArrayRecord, job: TrainingJob, then: NextSum | None
     ) -> tuple[ArrayRecord, SumResult]:
         """Sum the example-weighted updates, then let Flower's strategy take its step."""
         messages = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid))
@@ -616,7 +640,7 @@ class Coordinator:
         return precision, quantizer, shapes
 
     def _newton_round(
-        self, server_round: int, job: TrainingJob, fit: _NewtonFit, nodes: int, then: NextSum
+        self, server_round: int, job: TrainingJob, fit: _NewtonFit, nodes: int, then: NextSum | None
     ) -> tuple[ArrayRecord, SumResult]:
         """One Newton–Raphson round of an exact GLM: every node's score and information sums at
         the current coefficients, summed; each task's next coefficients from the total."""
@@ -646,12 +670,21 @@ class Coordinator:
     def _evaluate_round(
         self, server_round: int, arrays: ArrayRecord, job: TrainingJob, features: FeatureSpec, then: NextSum | None
     ) -> dict:
-        """Federated metrics on every node's held-out rows, from summed evaluation sums."""
+        """Federated metrics on every node's held-out rows, from summed evaluation sums; where
+        too few sites can send theirs, the round's figures are withheld, saying why (the run
+        goes on: its model does not depend on them)."""
         messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid))
         noise, record = self.plan.noise, {}
         shapes = self._evaluation_shapes(job)
         node_ids = [m.metadata.dst_node_id for m in messages]
-        summed = self._sum("evaluate", server_round, shapes, node_ids, arrays, job.to_json(), then=then)
+        too_few = f"fewer than {self._fewest_evaluating} site(s) hold min_cohort held-out rows"
+        if len(self._asked("evaluate", node_ids)) < self._fewest_evaluating:
+            return _evaluation_withheld(too_few, self._withheld.get(PURPOSES["evaluate"].cohort, {}))
+        try:
+            summed = self._sum("evaluate", server_round, shapes, node_ids, arrays, job.to_json(), then=then)
+        except SumNotRecoveredError as failed:
+            few = len(self._asked("evaluate", node_ids)) < self._fewest_evaluating
+            return _evaluation_withheld(too_few if few else str(failed), failed.dropouts)
         by_task = summed.arrays
         if noise is not None:
             bounds = [
@@ -674,6 +707,11 @@ class Coordinator:
         record["evaluated_rows"] = int(round(float(by_task[0][0])))
         record["withheld"] = summed.dropouts
         return record
+
+
+def _evaluation_withheld(reason: str, withheld: dict[str, str]) -> dict:
+    """A round's record where no evaluation sum could be formed: no figures, and why."""
+    return {"evaluated_sites": [], "evaluated_rows": 0, "withheld": withheld, "evaluation_withheld": reason}
 
 
 def say_hello(

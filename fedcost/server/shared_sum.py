@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedcost.config import SecureAggregationSection
-from fedcost.errors import FederationError, ProtocolAbort
+from fedcost.errors import ProtocolAbort, SumNotRecoveredError
 from fedcost.privacy.distributed import NOISE_CLIP, NOISE_GRID
 from fedcost.secagg import Coordinator as SecAggCoordinator
 from fedcost.secagg import (
@@ -206,12 +206,13 @@ class SharedSums:
                 node_ids = [n for n in node_ids if self.sites[n] not in aborted.dropouts]
                 log.warning("round %s %s: secure aggregation aborted (%s)", server_round, purpose, aborted.reason)
                 if attempt == attempts or len(node_ids) < MIN_SECURE_NODES:
-                    raise FederationError(
+                    raise SumNotRecoveredError(
                         f"round {server_round} {purpose}: secure aggregation aborted after {attempt} attempt(s): "
                         f"{aborted.reason}. The sum could not be recovered: where nodes dropped out, raise "
                         "[secure_aggregation] dropout_tolerance or retries; where a site was lost after its masked "
                         "input, the others refuse a sum without it (it would give away that site's input): run the "
-                        "job again once that site is back, or without it. The nodes' logs say which"
+                        "job again once that site is back, or without it. The nodes' logs say which",
+                        dropouts,
                     ) from None
         raise AssertionError("unreachable")
 
@@ -284,7 +285,7 @@ class SharedSums:
             weight += node_weight
             included.append(site)
         if not included:
-            raise FederationError(f"{purpose}: no node contributed ({_reasons(dropouts)})")
+            raise SumNotRecoveredError(f"{purpose}: no node contributed ({_reasons(dropouts)})", dropouts)
         return SumResult(total, weight, sorted(included), dropouts)
 
     def _secure(
