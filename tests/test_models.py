@@ -439,3 +439,23 @@ def test_adaptation_refuses_a_number_of_epochs_that_is_not_positive(epochs):
     model = build_model(ModelSpec(kind="glm"), D, seed=0)
     with pytest.raises(ValueError, match="epochs"):
         adapted_to_site(model, full_data(50, 0), TrainConfig(), epochs=epochs, seed=0)
+
+
+def test_identical_rows_get_identical_predictions_wherever_they_sit_in_the_batch():
+    """Scored in one batch, float32 rounding can differ by a row's place in it: on data of
+    few covariate patterns that orders tied rows by chance and moves the AUROC."""
+    rng = np.random.default_rng(3)
+    for n_features in (4, 7, 13):
+        raw = rng.integers(0, 2, (40, n_features)) - rng.random(n_features)
+        patterns = np.unique((raw / rng.random(n_features)).astype(np.float32), axis=0)
+        x = patterns[rng.integers(0, len(patterns), 715)]
+        model = build_model(ModelSpec(kind="glm", tasks=("readmission", "cost")), n_features, seed=1)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.copy_(torch.tensor(rng.normal(size=parameter.shape), dtype=parameter.dtype))
+        predictions = predict(model, x)
+        for task in ("readmission", "cost"):
+            assert len(np.unique(predictions[task])) == len(patterns), (n_features, task)
+            first = {row.tobytes(): value for row, value in zip(x, predictions[task])}
+            assert all(first[row.tobytes()] == value for row, value in zip(x, predictions[task]))
+    assert predict(model, x[:0])["readmission"].shape == (0,)

@@ -200,6 +200,9 @@ def train_local(
 def predict(model: FedcostNet, features: np.ndarray, batch_size: int = 8192) -> dict[str, np.ndarray]:
     """Float64 predictions per task: readmission probability, expected cost in scale units.
 
+    Each distinct feature row is scored once, so identical rows get identical predictions:
+    scored in batches, float32 rounding can differ by a row's place in the batch, and on
+    data of few covariate patterns that would order tied rows by chance and move the AUROC.
     Runs in eval mode without gradients; the model's mode is restored afterwards.
     """
     x = np.asarray(features, dtype=np.float32)
@@ -207,6 +210,7 @@ def predict(model: FedcostNet, features: np.ndarray, batch_size: int = 8192) -> 
         raise ValueError(f"features have shape {x.shape}, the model expects (n, {model.n_features})")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
+    x, rows = np.unique(x, axis=0, return_inverse=True)
     was_training = model.training
     model.eval()
     try:
@@ -217,7 +221,7 @@ def predict(model: FedcostNet, features: np.ndarray, batch_size: int = 8192) -> 
     predictions = {}
     for task in model.spec.tasks:
         raw = torch.cat([c[task] for c in chunks]).double() if chunks else torch.empty(0, dtype=torch.float64)
-        predictions[task] = (torch.sigmoid(raw) if task == "readmission" else torch.exp(raw)).numpy()
+        predictions[task] = (torch.sigmoid(raw) if task == "readmission" else torch.exp(raw)).numpy()[rows.reshape(-1)]
     return predictions
 
 
