@@ -71,7 +71,7 @@ Bad input, and what each case does (tests/test_glm.py on arrays, tests/test_glm_
 end to end): a target with one class (or all zeros) at every site is refused, penalty or
 not, since the intercept is never penalised; a feature constant everywhere and collinear
 features make H singular: refused naming them without a penalty, while with the ridge
-penalty λ > 0 (fedcost's default is 1) H + λP is positive definite, the constant gets
+penalty λ > 0 (fedcost's default is 0.1) H + λP is positive definite, the constant gets
 coefficient 0 and a collinear pair shares its effect equally; classes that features
 separate have no finite MLE: without a penalty the coefficients grow until the rounds run
 out (reported as not converged) or the sites refuse sums that weigh so few rows
