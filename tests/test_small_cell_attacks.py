@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from fedcost import schema
 from fedcost.analytics.statistics import GroupedStatisticsLayout, TableRelease, plan_release
+from fedcost.data.features import StatisticsLayout
 from fedcost.data.synthetic import EcosystemSpec, latent_frames
 from fedcost.models import evaluation
 
@@ -301,3 +302,39 @@ def test_a_release_round_trips_and_refuses_anything_else() -> None:
     sneaky = TableRelease((False,) * DIAGNOSIS.n_cells, {m: (True,) * DIAGNOSIS.n_cells for m in release.measures})
     with pytest.raises(ValueError, match="rows are withheld"):
         DIAGNOSIS.local_vector(_rows(CELLS), release=sneaky)
+
+
+# --- a column a few rows lack, released as if present ---------------------------------------
+
+
+def _lacking_counts_the_release_fits(slots: dict[str, float], names: list[str]) -> list[int]:
+    """The attack: the coordinator knows ``rows`` and that a column released as if present was
+    scaled by rows / present, with 0 to min_cohort - 1 rows lacking it. For each such count it
+    scales ``names`` (level counts, sums of whole-number values) back; where every one comes back
+    a whole number, that count fits. One fitting count alone is how many rows lack the value."""
+    rows = slots["rows"]
+    fits = []
+    for lacking in range(M):
+        back = [slots[name] * (rows - lacking) / rows for name in names]
+        if all(abs(value - round(value)) < 1e-6 for value in back):
+            fits.append(lacking)
+    return fits
+
+
+@pytest.mark.parametrize("lacking", [1, 3, 10])
+def test_a_release_as_if_present_does_not_tell_how_many_rows_lack_the_value(lacking: int) -> None:
+    """A few rows lacking a category, an ICU flag or an age leave their column's sums scaled
+    by rows / present: such sums must fit no lacking row at all as well as the truth, or the
+    coordinator reads the count of 1 to min_cohort - 1 rows off the digits of one release."""
+    layout = StatisticsLayout(schema.FEATURES, (schema.READMISSION, schema.COST))
+    n = 97
+    frame = pd.DataFrame({c.name: [None if c.kind == "categorical" else np.nan] * n for c in schema.FEATURES})
+    frame["admission_type"] = ["emergency"] * 52 + ["urgent"] * 14 + ["elective"] * (31 - lacking) + [None] * lacking
+    frame["icu_stay"] = [1.0] * 40 + [0.0] * (57 - lacking) + [np.nan] * lacking
+    frame["age"] = [71.0] * 45 + [58.0] * (52 - lacking) + [np.nan] * lacking
+    frame[schema.READMISSION], frame[schema.COST] = 0.0, 100.0
+    slots = dict(zip(layout.slots(), layout.local_statistics(frame, min_cohort=M).tolist(), strict=True))
+    assert slots["admission_type.missing"] == 0 and slots["icu_stay.count"] == slots["age.count"] == n, "as if present"
+    levels = [f"admission_type={level}" for level in schema.COLUMNS["admission_type"].levels]
+    for names in (levels, ["icu_stay.sum", "icu_stay.sumsq"], ["age.sum", "age.sumsq"]):
+        assert 0 in _lacking_counts_the_release_fits(slots, names), f"{names} fit only {lacking} lacking row(s)"
