@@ -208,10 +208,17 @@ class Guardian:
         return guarded
 
     def _contribute(
-        self, request: Request, hello: Hello, policy: SitePolicy, ledger: ReleaseLedger, audit: AuditLog
+        self,
+        request: Request,
+        hello: Hello,
+        policy: SitePolicy,
+        ledger: ReleaseLedger,
+        audit: AuditLog,
+        riding_in: RecordDict | None = None,
     ) -> RecordDict:
         """A contribution's reply (plain, or one secure-sum stage), guarded and recorded; an unmask
-        reply then answers the next sum's setup it carries (``_next``)."""
+        reply then answers the next sum's setup it carries (``_next``). ``riding_in``: the unmask
+        reply a next setup's reply would join, which must stay within the site's size limit."""
         site.check_request(policy, hello, request)
         node = self.node_factory(self.setup)
         cohort = site.purpose_rows(request.purpose, len(node.data.train), len(node.data.test))  # type: ignore[arg-type]
@@ -224,19 +231,28 @@ class Guardian:
             exchange, content, expected = self._secure(request, ask, node, policy, hello, ledger, audit)
             releasing = str(request.stage) in RELEASING_STAGES
         guarded = outgoing.guard(policy, content, outgoing.outgoing_message(request, content, expected, cohort))
+        if riding_in is not None:
+            outgoing.check_room(policy, riding_in, guarded)
         ledger.answered(exchange, _digest(guarded), durable=releasing)
         if request.next is None:
             return guarded
-        return outgoing.with_next(guarded, self._next(request.next, hello, policy, ledger, audit))
+        return outgoing.with_next(guarded, self._next(request.next, guarded, hello, policy, ledger, audit))
 
     def _next(
-        self, setup: Request, hello: Hello, policy: SitePolicy, ledger: ReleaseLedger, audit: AuditLog
+        self,
+        setup: Request,
+        unmask: RecordDict,
+        hello: Hello,
+        policy: SitePolicy,
+        ledger: ReleaseLedger,
+        audit: AuditLog,
     ) -> RecordDict | str:
         """The next sum's setup that rides on an unmask request, answered as a lone setup request
-        is (its state replaces the finished sum's in the node's context), or the reason it was
-        refused, logged as a lone request's refusal is: the unmask reply leaves either way."""
+        is (its state replaces the finished sum's in the node's context) where its reply fits
+        beside the ``unmask`` reply, or the reason it was refused, logged as a lone request's
+        refusal is: the unmask reply leaves either way."""
         try:
-            return self._contribute(setup, hello, policy, ledger, audit)
+            return self._contribute(setup, hello, policy, ledger, audit, riding_in=unmask)
         except Exception as error:
             return self._refused(error, rec.message_kind(setup.content), setup.round, audit)
 
