@@ -10,6 +10,7 @@ real ClientApp (``guardian_bench``); the sites are the synthetic ecosystem's hos
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -604,3 +605,29 @@ def test_noisy_sums_stop_at_the_sites_budget(mapping: Path, tmp_path: Path) -> N
             break
         answered += 1
     assert 1 <= answered < 29, "the same job's sums are paid again each time, until the budget is spent"
+
+
+def test_a_secure_sum_set_up_under_one_job_is_not_finished_under_another(mapping: Path, tmp_path: Path) -> None:
+    """Attack: a noisy sum over three sites, begun under a job whose noise is shared among four
+    (its consistency would be refused), then a hello of another job, shared among three, before
+    its consistency: the sum must not be unmasked with three quarters of the noise it was paid for."""
+    bench = Bench(tmp_path, mapping, SITES, privacy=STATISTICS_DP)
+    assert all(not r.has_error() for r in bench.say_hello(_noisy_hello(bench, sd=40.0)).values())
+    swapped = dataclasses.replace(_noisy_hello(bench, sd=40.0, sites=3), run_id="swapped")
+
+    def swap_the_job(name: str, request):  # noqa: ANN001, ANN202
+        if isinstance(request, ConsistencyRequest):
+            assert not bench.site(name).send(dict(swapped.to_record())).has_error(), "the other job is accepted"
+        return request
+
+    quantizer = Quantizer(NOISE_CLIP, int(NOISE_CLIP) * NOISE_GRID, 3)
+    outcome = bench.secure_sum(
+        "statistics",
+        0,
+        SITES[:3],
+        _statistics_shape(bench),
+        label=f"{RUN}:w:statistics:1",
+        quantizer=quantizer,
+        tamper=swap_the_job,
+    )
+    _refused_by_all(outcome, SITES[:3], "set up under another job")

@@ -439,12 +439,23 @@ class Guardian:
             secure = SecAggNode(
                 rec.secure_id(self.setup.roster, node.name), identity_key, identities, min_survivors=minimum
             )
-            state: dict = {"label": label, "purpose": ask.purpose, "round": ask.round, "keys": "[]"}
+            state: dict = {
+                "label": label,
+                "purpose": ask.purpose,
+                "round": ask.round,
+                "plan": hello.digest,
+                "keys": "[]",
+            }
         else:
             saved = self.context.state.config_records.get(SECURE_SUM)
             if saved is None:
                 raise _request_refusal("no secure sum is in progress at this node; a sum starts with its setup")
             state = dict(saved)
+            if state.get("plan") != hello.digest:
+                raise _request_refusal(
+                    f"it continues a secure sum set up under another job than run {hello.run_id!r} the site accepted "
+                    "last; a sum ends under the job it began in (its noise, its sites): set the sum up again"
+                )
             if state["purpose"] != ask.purpose or state["round"] != ask.round:
                 raise _request_refusal(
                     f"it continues the secure sum of {state['purpose']} round {state['round']} "
