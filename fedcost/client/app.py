@@ -359,7 +359,9 @@ class Guardian:
         layout = site.request_layout(request) if purpose.name == "analytics" else None
         release = None
         if layout is not None:
-            releases = _plan_releases(site.plan_tables(hello), node, hello, ledger)
+            tables = site.plan_tables(hello)
+            releases = _plan_releases(tables, node, hello, ledger)
+            _check_released_as_planned(tables, releases, node, hello, ledger)
             release = releases[hello.tables.index(str(request.config[rec.JOB]))]
         names = [name for name, _ in self.setup.roster]
         slot = names.index(node.name) if node.name in names else 0
@@ -581,6 +583,28 @@ def _plan_releases(
                     (GroupedStatisticsLayout.from_json(table["layout"]), TableRelease.from_dict(table["release"]))
                 )
     return plan_release(tables, node.rows, role=node.role, site=node.name, min_cohort=hello.min_cohort, earlier=before)
+
+
+def _check_released_as_planned(
+    tables: list[GroupedStatisticsLayout],
+    releases: list[TableRelease],
+    node: Node,
+    hello: Hello,
+    ledger: ReleaseLedger,
+) -> None:
+    """Refuse a table of a plan whose tables this site already released, in this run, otherwise
+    than the plan decides now: tables released in another run since (another Flower run at the
+    same node needs no hello here) change the plan's decision, and the rest of the plan decided
+    anew would fit tables that never left, not the ones that did."""
+    for table in ledger.tables(node.data_digest):
+        layout = GroupedStatisticsLayout.from_json(table["layout"])
+        if table["run_id"] == hello.run_id and layout in tables:
+            if TableRelease.from_dict(table["release"]) != releases[tables.index(layout)]:
+                raise PolicyViolationError(
+                    "the site refuses this request: tables it released in another run since this job's first table "
+                    "change which cells this job's plan may release, and part of the plan left under the old "
+                    "decision; the site answers no more of this job's tables: run the job again"
+                )
 
 
 def _check_tables_against_earlier(
