@@ -295,6 +295,32 @@ def test_a_next_setup_that_would_take_the_unmask_reply_past_the_sites_size_limit
         assert not alone.has_error(), f"the setup it would not carry, {site.name} answers alone"
 
 
+def test_a_next_setup_on_the_unmask_of_a_sum_the_site_refused_is_not_answered(mapping: Path, tmp_path: Path) -> None:
+    """Attack: the site refused a sum's consistency (it would isolate hospital-4); the coordinator
+    sends its unmask anyway, carrying the next sum's setup. The unmask is refused whole: the setup
+    is not answered (no key advertisement) nor recorded, and the site answers it when it comes alone."""
+    bench = _bench(mapping, tmp_path)
+    shapes = _statistics_shape(bench)
+    assert bench.secure_sum("statistics", 0, SITES, shapes, label=f"{RUN}:a:statistics:1").sums is not None
+    refused = bench.secure_sum("statistics", 0, SITES[:3], shapes, label=f"{RUN}:a:statistics:2")
+    assert "could isolate hospital-4" in refused.refusals[SITES[0]]
+    job, _ = bench.job_and_weights(SITES[0])
+    records = _next_setup(bench, "evaluate", 1, SITES, f"{RUN}:n:evaluate:ahead1", job.to_json())
+    unmask, _ = rec.split_message_dict(UnmaskRequest((1, 2, 3), (bytes(64),) * 3).to_dict())
+    site = bench.site(SITES[0])
+    config = {
+        rec.TRANSPORT: rec.SECURE,
+        rec.PURPOSE: "statistics",
+        rec.ROUND: 0,
+        **rec.quantizer_config(Quantizer(SUMS_CLIP, SUMS_LEVELS, 3)),
+    }
+    reply = site.send(config, {rec.SECAGG: unmask, **records})
+    assert reply.has_error() and not reply.has_content(), "the refused sum's unmask carries nothing back"
+    assert not any(entry["details"]["kind"].endswith(":setup") for entry in site.events("refusal"))
+    alone = site.send(dict(records[rec.NEXT_CONFIG]), {rec.SECAGG: records[rec.NEXT_SECAGG]}, "evaluate")
+    assert not alone.has_error(), "the setup was never answered, so it is answered now"
+
+
 def test_a_replayed_next_setup_is_refused_by_the_ledger(mapping: Path, tmp_path: Path) -> None:
     bench = _bench(mapping, tmp_path)
     job, _ = bench.job_and_weights(SITES[0])
