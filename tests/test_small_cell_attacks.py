@@ -307,15 +307,15 @@ def test_a_release_round_trips_and_refuses_anything_else() -> None:
 # --- a column a few rows lack, released as if present ---------------------------------------
 
 
-def _lacking_counts_the_release_fits(slots: dict[str, float], names: list[str]) -> list[int]:
+def _lacking_counts_the_release_fits(slots: dict[str, float], names: list[str], grid: int = 1) -> list[int]:
     """The attack: the coordinator knows ``rows`` and that a column released as if present was
     scaled by rows / present, with 0 to min_cohort - 1 rows lacking it. For each such count it
-    scales ``names`` (level counts, sums of whole-number values) back; where every one comes back
-    a whole number, that count fits. One fitting count alone is how many rows lack the value."""
+    scales ``names`` (level counts, sums of values on a grid of 1 / ``grid``) back; where every one
+    comes back on that grid, that count fits. One fitting count alone is how many rows lack the value."""
     rows = slots["rows"]
     fits = []
     for lacking in range(M):
-        back = [slots[name] * (rows - lacking) / rows for name in names]
+        back = [slots[name] * grid * (rows - lacking) / rows for name in names]
         if all(abs(value - round(value)) < 1e-6 for value in back):
             fits.append(lacking)
     return fits
@@ -332,12 +332,15 @@ def test_a_release_as_if_present_does_not_tell_how_many_rows_lack_the_value(lack
     frame["admission_type"] = ["emergency"] * 52 + ["urgent"] * 14 + ["elective"] * (31 - lacking) + [None] * lacking
     frame["icu_stay"] = [1.0] * 40 + [0.0] * (57 - lacking) + [np.nan] * lacking
     frame["age"] = [71.0] * 45 + [58.0] * (52 - lacking) + [np.nan] * lacking
+    frame["medication_adherence"] = [k / 90 for k in range(97 - lacking)] + [np.nan] * lacking  # days covered of 90
     frame[schema.READMISSION], frame[schema.COST] = 0.0, 100.0
     slots = dict(zip(layout.slots(), layout.local_statistics(frame, min_cohort=M).tolist(), strict=True))
     assert slots["admission_type.missing"] == 0 and slots["icu_stay.count"] == slots["age.count"] == n, "as if present"
     levels = [f"admission_type={level}" for level in schema.COLUMNS["admission_type"].levels]
     for names in (levels, ["icu_stay.sum", "icu_stay.sumsq"], ["age.sum", "age.sumsq"]):
         assert 0 in _lacking_counts_the_release_fits(slots, names), f"{names} fit only {lacking} lacking row(s)"
+    adherence = _lacking_counts_the_release_fits(slots, ["medication_adherence.sum"], grid=90)
+    assert 0 in adherence, f"a proportion of 90 days fits only {adherence} lacking row(s)"
 
 
 @pytest.mark.xfail(

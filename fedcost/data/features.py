@@ -32,8 +32,8 @@ What leaves describes the present rows (at least ``min_cohort`` of them) and say
 of how many lack the value; those rows are imputed and, unless other sites flag the
 column, unflagged. Scaled sums are rounded to what sums of whole rows can be: level
 counts to whole rows (largest remainders, so they still add up to ``rows``), a numeric
-column's sums to the decimal grid its values lie on (whole numbers for ages, counts and
-0/1 flags). A count times rows / present is a whole number again for the true present
+column's sums to the grid its values lie on (whole numbers for ages, counts and 0/1 flags,
+tenths, 1/90 for days covered of 90). A count times rows / present is a whole number again for the true present
 count only, so unrounded digits gave away how many rows lack the value.
 """
 
@@ -96,13 +96,20 @@ def _whole_rows(counts: list[float], rows: int) -> list[float]:
     return [float(n) for n in whole]
 
 
+# The grids 1 / q a numeric column's values may lie on: whole numbers, decimals to 10**-6, and
+# fractions such as days covered of 90 (a proportion of days covered).
+_GRIDS = sorted({*range(1, 401), *(10**k for k in range(7))})
+
+
 def _on_grid(sums: list[float], values: np.ndarray) -> list[float]:
-    """A numeric column's scaled (count, sum, sum of squares) rounded to the decimal grid its
-    ``values`` lie on (1, 0.1, ... 10**-6; squares to the grid squared), as sums of values on
-    that grid are; left as they are for values on none."""
-    for digits in range(7):
-        if np.allclose(values, np.round(values, digits), rtol=0, atol=1e-9):
-            return [round(n, k) for n, k in zip(sums, (0, digits, 2 * digits), strict=True)]
+    """A numeric column's scaled (count, sum, sum of squares) rounded to the coarsest grid 1 / q
+    its ``values`` lie on (``_GRIDS``; squares to 1 / q**2), as sums of values on that grid are;
+    left as they are for values on none. A sample of the distinct values rules most grids out."""
+    distinct = np.unique(values)
+    for q in _GRIDS:
+        if all(np.allclose(v * q, np.round(v * q), rtol=0, atol=1e-9 * q) for v in (distinct[:64], distinct)):
+            count, total, squares = sums
+            return [float(round(count)), round(total * q) / q, round(squares * q * q) / (q * q)]
     return sums
 
 
