@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from guardian_bench import RUN, Bench
+from guardian_bench import RUN, Bench, policy_file
 
 from fedcost.client import outgoing
 from fedcost.client.node import Node
@@ -265,6 +265,60 @@ def test_a_next_setup_over_fewer_sites_than_the_sites_minimum_is_refused(mapping
     assert outcome.sums is not None
     for name in SITES[:2]:
         assert "fewer than the 3" in str(outcome.replies[name].content[rec.NEXT_REFUSED][rec.REASON])
+
+
+def test_a_next_setup_that_would_take_the_unmask_reply_past_the_sites_size_limit_is_refused(
+    mapping: Path, tmp_path: Path
+) -> None:
+    """Attack: the unmask reply and the next sum's key advertisement each pass the egress guard
+    alone, but a site's max_message_bytes bounds what leaves in one reply: where the two together
+    exceed it, the site answers the unmask and refuses the setup (which it then answers alone)."""
+    bench = _bench(mapping, tmp_path)
+    job, _ = bench.job_and_weights(SITES[0])
+    records = _next_setup(bench, "evaluate", 1, SITES, f"{RUN}:n:evaluate:ahead1", job.to_json())
+    limit = 400  # the unmask reply of a sum over four sites, and not its setup's advertisement too
+
+    def at_the_unmask(name: str, request: Request) -> dict:
+        if not isinstance(request, UnmaskRequest):
+            return {}
+        policy_file(bench.site(name).setup.audit_dir, name, max_message_bytes=limit)
+        return records
+
+    outcome = bench.secure_sum("statistics", 0, SITES, _statistics_shape(bench), carry=at_the_unmask)
+    assert outcome.sums is not None and not outcome.refusals, "the unmask is answered"
+    for name in SITES:
+        reply = outcome.replies[name].content
+        assert rec.NEXT_SECAGG not in reply and "max_message_bytes (400)" in str(reply[rec.NEXT_REFUSED][rec.REASON])
+        assert outgoing.reply_bytes(reply) <= limit
+    for site in bench.sites.values():
+        alone = site.send(dict(records[rec.NEXT_CONFIG]), {rec.SECAGG: records[rec.NEXT_SECAGG]}, "evaluate")
+        assert not alone.has_error(), f"the setup it would not carry, {site.name} answers alone"
+
+
+def test_a_next_setup_on_the_unmask_of_a_sum_the_site_refused_is_not_answered(mapping: Path, tmp_path: Path) -> None:
+    """Attack: the site refused a sum's consistency (it would isolate hospital-4); the coordinator
+    sends its unmask anyway, carrying the next sum's setup. The unmask is refused whole: the setup
+    is not answered (no key advertisement) nor recorded, and the site answers it when it comes alone."""
+    bench = _bench(mapping, tmp_path)
+    shapes = _statistics_shape(bench)
+    assert bench.secure_sum("statistics", 0, SITES, shapes, label=f"{RUN}:a:statistics:1").sums is not None
+    refused = bench.secure_sum("statistics", 0, SITES[:3], shapes, label=f"{RUN}:a:statistics:2")
+    assert "could isolate hospital-4" in refused.refusals[SITES[0]]
+    job, _ = bench.job_and_weights(SITES[0])
+    records = _next_setup(bench, "evaluate", 1, SITES, f"{RUN}:n:evaluate:ahead1", job.to_json())
+    unmask, _ = rec.split_message_dict(UnmaskRequest((1, 2, 3), (bytes(64),) * 3).to_dict())
+    site = bench.site(SITES[0])
+    config = {
+        rec.TRANSPORT: rec.SECURE,
+        rec.PURPOSE: "statistics",
+        rec.ROUND: 0,
+        **rec.quantizer_config(Quantizer(SUMS_CLIP, SUMS_LEVELS, 3)),
+    }
+    reply = site.send(config, {rec.SECAGG: unmask, **records})
+    assert reply.has_error() and not reply.has_content(), "the refused sum's unmask carries nothing back"
+    assert not any(entry["details"]["kind"].endswith(":setup") for entry in site.events("refusal"))
+    alone = site.send(dict(records[rec.NEXT_CONFIG]), {rec.SECAGG: records[rec.NEXT_SECAGG]}, "evaluate")
+    assert not alone.has_error(), "the setup was never answered, so it is answered now"
 
 
 def test_a_replayed_next_setup_is_refused_by_the_ledger(mapping: Path, tmp_path: Path) -> None:

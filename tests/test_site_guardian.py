@@ -10,6 +10,7 @@ real ClientApp (``guardian_bench``); the sites are the synthetic ecosystem's hos
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
-from guardian_bench import RUN, Bench
+from guardian_bench import RUN, Bench, Site
 
 from fedcost import schema
 from fedcost.analytics import GroupedStatisticsLayout, group_costing
@@ -604,3 +605,64 @@ def test_noisy_sums_stop_at_the_sites_budget(mapping: Path, tmp_path: Path) -> N
             break
         answered += 1
     assert 1 <= answered < 29, "the same job's sums are paid again each time, until the budget is spent"
+
+
+def test_a_secure_sum_set_up_under_one_job_is_not_finished_under_another(mapping: Path, tmp_path: Path) -> None:
+    """Attack: a noisy sum over three sites, begun under a job whose noise is shared among four
+    (its consistency would be refused), then a hello of another job, shared among three, before
+    its consistency: the sum must not be unmasked with three quarters of the noise it was paid for."""
+    bench = Bench(tmp_path, mapping, SITES, privacy=STATISTICS_DP)
+    assert all(not r.has_error() for r in bench.say_hello(_noisy_hello(bench, sd=40.0)).values())
+    swapped = dataclasses.replace(_noisy_hello(bench, sd=40.0, sites=3), run_id="swapped")
+
+    def swap_the_job(name: str, request):  # noqa: ANN001, ANN202
+        if isinstance(request, ConsistencyRequest):
+            assert not bench.site(name).send(dict(swapped.to_record())).has_error(), "the other job is accepted"
+        return request
+
+    quantizer = Quantizer(NOISE_CLIP, int(NOISE_CLIP) * NOISE_GRID, 3)
+    outcome = bench.secure_sum(
+        "statistics",
+        0,
+        SITES[:3],
+        _statistics_shape(bench),
+        label=f"{RUN}:w:statistics:1",
+        quantizer=quantizer,
+        tamper=swap_the_job,
+    )
+    _refused_by_all(outcome, SITES[:3], "set up under another job")
+
+
+BY_SEX = GroupedStatisticsLayout(("sex",), ("total_cost",))
+# A site's rows by diagnosis group and sex where the order of two jobs' tables matters.
+INTERLEAVED = {
+    ("heart_failure", "female"): 6,
+    ("heart_failure", "male"): 2,
+    ("copd", "female"): 6,
+    ("copd", "male"): 23,
+    ("pneumonia", "female"): 15,
+    ("pneumonia", "male"): 11,
+}
+
+
+def test_a_job_whose_plan_another_runs_tables_changed_midway_releases_no_more_tables(tmp_path: Path) -> None:
+    """Attack: two Flower runs at one node (each its own context, no hello between them). Run
+    "first" plans by diagnosis group, and by diagnosis group and sex; it gets the first table.
+    Run "second" then gets a table by sex, decided against it. Decided anew against that, the
+    first run's plan would release a finer table that fits a first table that never left: with
+    the one that did, and the table by sex, it rebuilds a group of fewer than 11 patients."""
+    size = sum(INTERLEAVED.values())
+    frame = generate_ecosystem(EcosystemSpec.from_sizes({"hospital": [size]}), seed=3).nodes[0].frame
+    cells = [cell for cell, n in INTERLEAVED.items() for _ in range(n)]
+    frame["diagnosis_group"], frame["sex"] = [group for group, _ in cells], [sex for _, sex in cells]
+    mapping = write_node_files([(SITES[0], "hospital", frame)], tmp_path / "data")
+    bench = Bench(tmp_path, mapping, SITES[:1], require_secure_aggregation=False)
+    first = bench.site(SITES[0])
+    second = Site(first.setup, first.node_id)  # another Flower run at the same node
+    assert not first.send(dict(_analytics_hello(bench, [BY_GROUP, BY_GROUP_AND_SEX], "first").to_record())).has_error()
+    assert not second.send(dict(_analytics_hello(bench, [BY_SEX], "second").to_record())).has_error()
+    _table(bench, first.name, BY_GROUP)
+    config = {rec.TRANSPORT: rec.PLAIN, rec.PURPOSE: "analytics", rec.ROUND: 0}
+    assert not second.send({**config, rec.JOB: BY_SEX.to_json()}).has_error()
+    finer = first.send({**config, rec.JOB: BY_GROUP_AND_SEX.to_json()})
+    first.assert_refused(finer, "part of the plan left under the old decision")

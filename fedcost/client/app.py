@@ -208,10 +208,17 @@ class Guardian:
         return guarded
 
     def _contribute(
-        self, request: Request, hello: Hello, policy: SitePolicy, ledger: ReleaseLedger, audit: AuditLog
+        self,
+        request: Request,
+        hello: Hello,
+        policy: SitePolicy,
+        ledger: ReleaseLedger,
+        audit: AuditLog,
+        riding_in: RecordDict | None = None,
     ) -> RecordDict:
         """A contribution's reply (plain, or one secure-sum stage), guarded and recorded; an unmask
-        reply then answers the next sum's setup it carries (``_next``)."""
+        reply then answers the next sum's setup it carries (``_next``). ``riding_in``: the unmask
+        reply a next setup's reply would join, which must stay within the site's size limit."""
         site.check_request(policy, hello, request)
         node = self.node_factory(self.setup)
         cohort = site.purpose_rows(request.purpose, len(node.data.train), len(node.data.test))  # type: ignore[arg-type]
@@ -224,19 +231,28 @@ class Guardian:
             exchange, content, expected = self._secure(request, ask, node, policy, hello, ledger, audit)
             releasing = str(request.stage) in RELEASING_STAGES
         guarded = outgoing.guard(policy, content, outgoing.outgoing_message(request, content, expected, cohort))
+        if riding_in is not None:
+            outgoing.check_room(policy, riding_in, guarded)
         ledger.answered(exchange, _digest(guarded), durable=releasing)
         if request.next is None:
             return guarded
-        return outgoing.with_next(guarded, self._next(request.next, hello, policy, ledger, audit))
+        return outgoing.with_next(guarded, self._next(request.next, guarded, hello, policy, ledger, audit))
 
     def _next(
-        self, setup: Request, hello: Hello, policy: SitePolicy, ledger: ReleaseLedger, audit: AuditLog
+        self,
+        setup: Request,
+        unmask: RecordDict,
+        hello: Hello,
+        policy: SitePolicy,
+        ledger: ReleaseLedger,
+        audit: AuditLog,
     ) -> RecordDict | str:
         """The next sum's setup that rides on an unmask request, answered as a lone setup request
-        is (its state replaces the finished sum's in the node's context), or the reason it was
-        refused, logged as a lone request's refusal is: the unmask reply leaves either way."""
+        is (its state replaces the finished sum's in the node's context) where its reply fits
+        beside the ``unmask`` reply, or the reason it was refused, logged as a lone request's
+        refusal is: the unmask reply leaves either way."""
         try:
-            return self._contribute(setup, hello, policy, ledger, audit)
+            return self._contribute(setup, hello, policy, ledger, audit, riding_in=unmask)
         except Exception as error:
             return self._refused(error, rec.message_kind(setup.content), setup.round, audit)
 
@@ -343,7 +359,9 @@ class Guardian:
         layout = site.request_layout(request) if purpose.name == "analytics" else None
         release = None
         if layout is not None:
-            releases = _plan_releases(site.plan_tables(hello), node, hello, ledger)
+            tables = site.plan_tables(hello)
+            releases = _plan_releases(tables, node, hello, ledger)
+            _check_released_as_planned(tables, releases, node, hello, ledger)
             release = releases[hello.tables.index(str(request.config[rec.JOB]))]
         names = [name for name, _ in self.setup.roster]
         slot = names.index(node.name) if node.name in names else 0
@@ -423,12 +441,23 @@ class Guardian:
             secure = SecAggNode(
                 rec.secure_id(self.setup.roster, node.name), identity_key, identities, min_survivors=minimum
             )
-            state: dict = {"label": label, "purpose": ask.purpose, "round": ask.round, "keys": "[]"}
+            state: dict = {
+                "label": label,
+                "purpose": ask.purpose,
+                "round": ask.round,
+                "plan": hello.digest,
+                "keys": "[]",
+            }
         else:
             saved = self.context.state.config_records.get(SECURE_SUM)
             if saved is None:
                 raise _request_refusal("no secure sum is in progress at this node; a sum starts with its setup")
             state = dict(saved)
+            if state.get("plan") != hello.digest:
+                raise _request_refusal(
+                    f"it continues a secure sum set up under another job than run {hello.run_id!r} the site accepted "
+                    "last; a sum ends under the job it began in (its noise, its sites): set the sum up again"
+                )
             if state["purpose"] != ask.purpose or state["round"] != ask.round:
                 raise _request_refusal(
                     f"it continues the secure sum of {state['purpose']} round {state['round']} "
@@ -555,6 +584,28 @@ def _plan_releases(
                     (GroupedStatisticsLayout.from_json(table["layout"]), TableRelease.from_dict(table["release"]))
                 )
     return plan_release(tables, node.rows, role=node.role, site=node.name, min_cohort=hello.min_cohort, earlier=before)
+
+
+def _check_released_as_planned(
+    tables: list[GroupedStatisticsLayout],
+    releases: list[TableRelease],
+    node: Node,
+    hello: Hello,
+    ledger: ReleaseLedger,
+) -> None:
+    """Refuse a table of a plan whose tables this site already released, in this run, otherwise
+    than the plan decides now: tables released in another run since (another Flower run at the
+    same node needs no hello here) change the plan's decision, and the rest of the plan decided
+    anew would fit tables that never left, not the ones that did."""
+    for table in ledger.tables(node.data_digest):
+        layout = GroupedStatisticsLayout.from_json(table["layout"])
+        if table["run_id"] == hello.run_id and layout in tables:
+            if TableRelease.from_dict(table["release"]) != releases[tables.index(layout)]:
+                raise PolicyViolationError(
+                    "the site refuses this request: tables it released in another run since this job's first table "
+                    "change which cells this job's plan may release, and part of the plan left under the old "
+                    "decision; the site answers no more of this job's tables: run the job again"
+                )
 
 
 def _check_tables_against_earlier(

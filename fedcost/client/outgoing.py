@@ -7,7 +7,8 @@ never from the reply itself: a reply cannot vouch for its own shape.
 
 A reply that also answers the next sum's setup (on a secure unmask request) is guarded in
 two parts, each as if it were alone, and joined only then (``with_next``): the joined
-reply carries exactly one record more, the advertisement or the refusal's reason.
+reply carries exactly one record more, the advertisement or the refusal's reason, and the
+two parts together stay within the site's ``max_message_bytes`` (``reply_bytes``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedcost.errors import PolicyViolationError
 from fedcost.privacy import OutgoingMessage, SitePolicy, error_reply_reason, inspect_outgoing
+from fedcost.privacy.egress import payload_bytes
 from fedcost.privacy.policy import EXAMPLES
 from fedcost.wire import records as rec
 from fedcost.wire.requests import Request
@@ -39,11 +41,7 @@ def outgoing_message(
         raise PolicyViolationError(
             f"refused by the site's egress policy: a record it does not send ({strangers[0]!r:.40})"
         )
-    configs: dict = {}
-    for name in (rec.NODE, rec.SECAGG, rec.LINKAGE):
-        if name in content:
-            configs.update(content[name])
-    metrics = dict(content[rec.METRICS]) if rec.METRICS in content else {}
+    configs, metrics, arrays = _flat(content)
     purpose = request.purpose.name if request.purpose else None
     if rec.WEIGHT in metrics:
         weight = metrics.pop(rec.WEIGHT)
@@ -51,9 +49,6 @@ def outgoing_message(
             metrics[EXAMPLES] = weight
         elif weight != 1:
             metrics[rec.WEIGHT] = weight
-    arrays = (
-        {key: array.numpy() for key, array in content[rec.CONTRIBUTION].items()} if rec.CONTRIBUTION in content else {}
-    )
     protocol = next((content[name] for name in (rec.SECAGG, rec.LINKAGE) if name in content), None)
     stage = None if protocol is None else protocol["stage"]
     return OutgoingMessage(
@@ -65,6 +60,27 @@ def outgoing_message(
         cohort_size=cohort_size,
         expected_arrays=expected,
     )
+
+
+def _flat(content: RecordDict) -> tuple[dict, dict, dict]:
+    """A reply's identity and protocol fields, its metrics and its arrays, as the guard reads them."""
+    configs: dict = {}
+    for name in (rec.NODE, rec.SECAGG, rec.LINKAGE):
+        if name in content:
+            configs.update(content[name])
+    metrics = dict(content[rec.METRICS]) if rec.METRICS in content else {}
+    arrays = (
+        {key: array.numpy() for key, array in content[rec.CONTRIBUTION].items()} if rec.CONTRIBUTION in content else {}
+    )
+    return configs, metrics, arrays
+
+
+def reply_bytes(content: RecordDict) -> int:
+    """The egress guard's estimate of a reply's size (``payload_bytes``), the next sum's advertisement
+    included (a refusal's reason is the site's own words, as in an error reply, and not counted)."""
+    configs, metrics, arrays = _flat(content)
+    ahead = payload_bytes({}, {}, dict(content[rec.NEXT_SECAGG])) if rec.NEXT_SECAGG in content else 0
+    return payload_bytes(arrays, metrics, configs) + ahead
 
 
 def guard(policy: SitePolicy, content: RecordDict, outgoing: OutgoingMessage) -> RecordDict:
@@ -80,9 +96,22 @@ def guard(policy: SitePolicy, content: RecordDict, outgoing: OutgoingMessage) ->
     return content
 
 
+def check_room(policy: SitePolicy, content: RecordDict, setup: RecordDict) -> None:
+    """Refuse a setup reply (the guard passed it alone) that would take the unmask reply
+    ``content`` it rides in past the site's ``max_message_bytes``."""
+    joined = reply_bytes(content) + payload_bytes({}, {}, dict(setup[rec.SECAGG]))
+    if joined > policy.max_message_bytes:
+        raise PolicyViolationError(
+            "refused by the site's egress policy: the next sum's setup would take the unmask reply it rides in to "
+            f"{joined} bytes, past the site's max_message_bytes ({policy.max_message_bytes}); the site answers "
+            "that setup sent alone"
+        )
+
+
 def with_next(content: RecordDict, setup: RecordDict | str) -> RecordDict:
     """An unmask reply the guard passed, with the next sum's part: the secure-aggregation record
-    of the setup reply the guard passed on its own, or the reason the site refused that setup."""
+    of the setup reply the guard passed on its own and ``check_room`` let join it, or the reason
+    the site refused that setup."""
     if isinstance(setup, str):
         content[rec.NEXT_REFUSED] = ConfigRecord({rec.REASON: setup})
     else:

@@ -30,7 +30,11 @@ present ones: the present rows' sums scaled to all rows (count = rows, sum and s
 squares times rows / present; level counts times rows / present, the missing count 0).
 What leaves describes the present rows (at least ``min_cohort`` of them) and says nothing
 of how many lack the value; those rows are imputed and, unless other sites flag the
-column, unflagged.
+column, unflagged. Scaled sums are rounded to what sums of whole rows can be: level
+counts to whole rows (largest remainders, so they still add up to ``rows``), a numeric
+column's sums to the grid its values lie on (whole numbers for ages, counts and 0/1 flags,
+tenths, 1/90 for days covered of 90). A count times rows / present is a whole number again for the true present
+count only, so unrounded digits gave away how many rows lack the value.
 """
 
 from __future__ import annotations
@@ -78,6 +82,35 @@ def _as_if_present(rows: int, present: int, min_cohort: int) -> float:
     all rows (see the module's doc); 1.0 otherwise."""
     lacking = rows - present
     return rows / present if 0 < lacking < min_cohort and present >= min_cohort else 1.0
+
+
+def _whole_rows(counts: list[float], rows: int) -> list[float]:
+    """``counts`` (a column's released level counts, then the rows it withheld) scaled to ``rows``
+    in whole rows: each scaled count rounded down, the rows left over going to the largest
+    remainders, so they add up to ``rows`` and carry no trace of the scale."""
+    scaled = [n * rows / sum(counts) for n in counts]
+    whole = [math.floor(n) for n in scaled]
+    by_remainder = sorted(range(len(counts)), key=lambda i: (whole[i] - scaled[i], i))
+    for i in by_remainder[: rows - sum(whole)]:
+        whole[i] += 1
+    return [float(n) for n in whole]
+
+
+# The grids 1 / q a numeric column's values may lie on: whole numbers, decimals to 10**-6, and
+# fractions such as days covered of 90 (a proportion of days covered).
+_GRIDS = sorted({*range(1, 401), *(10**k for k in range(7))})
+
+
+def _on_grid(sums: list[float], values: np.ndarray) -> list[float]:
+    """A numeric column's scaled (count, sum, sum of squares) rounded to the coarsest grid 1 / q
+    its ``values`` lie on (``_GRIDS``; squares to 1 / q**2), as sums of values on that grid are;
+    left as they are for values on none. A sample of the distinct values rules most grids out."""
+    distinct = np.unique(values)
+    for q in _GRIDS:
+        if all(np.allclose(v * q, np.round(v * q), rtol=0, atol=1e-9 * q) for v in (distinct[:64], distinct)):
+            count, total, squares = sums
+            return [float(round(count)), round(total * q) / q, round(squares * q * q) / (q * q)]
+    return sums
 
 
 @dataclass(frozen=True)
@@ -137,16 +170,19 @@ class StatisticsLayout:
                     values += sums
                 elif present.size < min_cohort:
                     values += [0.0, 0.0, 0.0]
+                elif (scale := _as_if_present(len(rows), present.size, min_cohort)) != 1.0:
+                    values += _on_grid([n * scale for n in sums], present)
                 else:
-                    values += [n * _as_if_present(len(rows), present.size, min_cohort) for n in sums]
+                    values += sums
             else:
                 counts = cells.value_counts()
                 levels = [int(counts.get(level, 0)) for level in column.levels]
                 lacking = len(rows) - sum(levels)
                 if noisy:
                     values += [float(n) for n in [*levels, lacking]]
-                elif (scale := _as_if_present(len(rows), sum(levels), min_cohort)) != 1.0:
-                    values += [n * scale for n in withhold_small_counts(levels, min_cohort)] + [0.0]
+                elif _as_if_present(len(rows), sum(levels), min_cohort) != 1.0:
+                    released = withhold_small_counts(levels, min_cohort)
+                    values += _whole_rows([*released, sum(levels) - sum(released)], len(rows))[:-1] + [0.0]
                 else:
                     values += withhold_small_counts([*levels, lacking], min_cohort)
         for target in (schema.READMISSION, schema.COST):

@@ -157,13 +157,38 @@ def _lifespan_config(federation: Federation) -> SuperLinkLifespanConfig:
     )
 
 
+# The most pulls held at once, of the Fleet API server's 1,000 workers (Flower's default):
+# the rest stay free for the nodes' replies and objects, whatever pulls arrive.
+MOST_HELD = 250
+
+
 class HeldPulls(grpc.ServerInterceptor):
     """A node's pull that finds no message waits at the coordinator, up to ``PULL_HOLD``,
     for the ``doorbell`` (rung when messages are stored), then looks again. It runs after
-    Flower's SuperNode authentication, so only an authenticated node's pull is held."""
+    Flower's SuperNode authentication, so only an authenticated node's pull is held.
 
-    def __init__(self, doorbell: Doorbell):
+    A held pull holds one of the server's workers: one pull per node is held at a time, and
+    at most ``most`` in all, so a node that opens many pulls at once (or a federation of
+    very many nodes) cannot leave the server no worker for the replies. A pull beyond these
+    is answered at once, as Flower answers every pull."""
+
+    def __init__(self, doorbell: Doorbell, most: int = MOST_HELD):
         self.doorbell = doorbell
+        self.most = most
+        self._held: set[int] = set()
+        self._lock = threading.Lock()
+
+    def _hold(self, node_id: int) -> bool:
+        """Whether a pull of ``node_id`` may be held now; if so it counts as held until ``_release``."""
+        with self._lock:
+            if node_id in self._held or len(self._held) >= self.most:
+                return False
+            self._held.add(node_id)
+            return True
+
+    def _release(self, node_id: int) -> None:
+        with self._lock:
+            self._held.discard(node_id)
 
     def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         handler = continuation(handler_call_details)
@@ -172,14 +197,20 @@ class HeldPulls(grpc.ServerInterceptor):
         pull = handler.unary_unary
 
         def held(request, context):  # type: ignore[no-untyped-def]
-            deadline = time.monotonic() + PULL_HOLD
-            while True:
-                seen = self.doorbell.rings
-                response = pull(request, context)
-                left = deadline - time.monotonic()
-                if response.messages_list or left <= 0 or not context.is_active():
-                    return response
-                self.doorbell.wait(seen, left)
+            node_id = request.node.node_id
+            if not self._hold(node_id):
+                return pull(request, context)
+            try:
+                deadline = time.monotonic() + PULL_HOLD
+                while True:
+                    seen = self.doorbell.rings
+                    response = pull(request, context)
+                    left = deadline - time.monotonic()
+                    if response.messages_list or left <= 0 or not context.is_active():
+                        return response
+                    self.doorbell.wait(seen, left)
+            finally:
+                self._release(node_id)
 
         return grpc.unary_unary_rpc_method_handler(
             held, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer

@@ -194,7 +194,7 @@ def inspect_outgoing(policy: SitePolicy, message: OutgoingMessage) -> EgressDeci
                 f"cohort_size={message.cohort_size!r}",
             )
         # (6) Within the site's size limit.
-        size = _payload_bytes(arrays, metrics, configs)
+        size = payload_bytes(arrays, metrics, configs)
         if size > policy.max_message_bytes:
             limit = policy.max_message_bytes
             raise _Refused(f"a message larger than the site's max_message_bytes ({limit})", f"{size} bytes")
@@ -281,7 +281,7 @@ def _arrays(policy: SitePolicy, message: OutgoingMessage) -> dict[str, np.ndarra
     return copies
 
 
-def _payload_bytes(arrays: Mapping[str, np.ndarray], metrics: Mapping[str, Any], configs: Mapping[str, Any]) -> int:
+def payload_bytes(arrays: Mapping[str, np.ndarray], metrics: Mapping[str, Any], configs: Mapping[str, Any]) -> int:
     """An upper estimate of the message's size: raw bytes, 8 per number, plus the names."""
 
     def size(value: Any) -> int:
