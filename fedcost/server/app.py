@@ -671,8 +671,8 @@ class Coordinator:
         self, server_round: int, arrays: ArrayRecord, job: TrainingJob, features: FeatureSpec, then: NextSum | None
     ) -> dict:
         """Federated metrics on every node's held-out rows, from summed evaluation sums; where
-        too few sites can send theirs, the round's figures are withheld, saying why (the run
-        goes on: its model does not depend on them)."""
+        too few sites hold enough held-out rows to send theirs, the round's figures are
+        withheld, saying why (the run goes on: its model does not depend on them)."""
         messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid))
         noise, record = self.plan.noise, {}
         shapes = self._evaluation_shapes(job)
@@ -683,8 +683,9 @@ class Coordinator:
         try:
             summed = self._sum("evaluate", server_round, shapes, node_ids, arrays, job.to_json(), then=then)
         except SumNotRecoveredError as failed:
-            few = len(self._asked("evaluate", node_ids)) < self._fewest_evaluating
-            return _evaluation_withheld(too_few if few else str(failed), failed.dropouts)
+            if len(self._asked("evaluate", node_ids)) >= self._fewest_evaluating:
+                raise  # lost sites, not too few rows: the run stops with the reason, as any sum's loss stops it
+            return _evaluation_withheld(too_few, failed.dropouts)
         by_task = summed.arrays
         if noise is not None:
             bounds = [
