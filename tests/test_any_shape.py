@@ -84,11 +84,11 @@ def test_an_example_copied_elsewhere_runs_from_its_own_folder(tmp_path: Path) ->
     assert load_node(mapping, "harbour-icu", split_seed=1).train["age"].between(18, 99).all()
 
 
-def _write_small_sites(folder: Path) -> None:
-    """Four sites and one of 8 rows (fewer training rows than min_cohort), one binary outcome."""
-    rng = np.random.default_rng(11)
+def _write_small_sites(folder: Path, sizes: dict[str, int], seed: int) -> None:
+    """Sites of ``sizes`` rows, one numeric feature and one binary outcome."""
+    rng = np.random.default_rng(seed)
     lines = ['[targets.died]\nkind = "binary"\n\n[features]\nnumeric = ["score"]\n']
-    for name, n in {"a": 150, "b": 100, "c": 60, "d": 40, "tiny": 8}.items():
+    for name, n in sizes.items():
         score = rng.normal(0, 1, n)
         died = (rng.random(n) < 1 / (1 + np.exp(1.5 - score))).astype(int)
         pd.DataFrame({"score": score.round(3), "died": died}).to_csv(folder / f"{name}.csv", index=False)
@@ -99,7 +99,7 @@ def _write_small_sites(folder: Path) -> None:
 def test_a_site_with_fewer_rows_than_min_cohort_is_left_out_and_named(tmp_path: Path) -> None:
     """Its policy withholds every sum over its rows: the run goes on without it (rather than
     stopping at the statistics stage), says so, and never learns how many rows it has."""
-    _write_small_sites(tmp_path)
+    _write_small_sites(tmp_path, {"a": 150, "b": 100, "c": 60, "d": 40, "tiny": 8}, seed=11)
     result = fedcost("simulate", "--data-dir", str(tmp_path), "--out", "run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -115,14 +115,7 @@ def test_a_run_where_too_few_sites_can_evaluate_trains_on_and_says_why_per_round
     """Two sites hold min_cohort held-out rows, three hold too few to send an evaluation sum
     (but enough training rows): no secure evaluation sum can be formed over two sites, so
     each round's figures are withheld, saying why, and the model still trains on all five."""
-    rng = np.random.default_rng(12)
-    lines = ['[targets.died]\nkind = "binary"\n\n[features]\nnumeric = ["score"]\n']
-    for name, n in {"a": 150, "b": 100, "c": 40, "d": 40, "e": 30}.items():
-        score = rng.normal(0, 1, n)
-        died = (rng.random(n) < 1 / (1 + np.exp(1.5 - score))).astype(int)
-        pd.DataFrame({"score": score.round(3), "died": died}).to_csv(tmp_path / f"{name}.csv", index=False)
-        lines.append(f'[nodes.{name}]\nfile = "{name}.csv"\n')
-    (tmp_path / "mapping.toml").write_text("\n".join(lines))
+    _write_small_sites(tmp_path, {"a": 150, "b": 100, "c": 40, "d": 40, "e": 30}, seed=12)
     result = fedcost("simulate", "--data-dir", str(tmp_path), "--out", "run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
