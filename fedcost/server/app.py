@@ -503,7 +503,12 @@ class Coordinator:
         planned = self._planned(
             "evaluate", server_round, self._evaluation_shapes(job), job.to_json(), self._connected()
         )
-        return planned if len(planned.node_ids) >= self._fewest_evaluating else None
+        return planned if self._can_evaluate(planned.node_ids) else None
+
+    def _can_evaluate(self, node_ids: Collection[int]) -> bool:
+        """Whether enough of ``node_ids`` hold min_cohort held-out rows to form an evaluation sum
+        (those that withheld theirs are not asked again)."""
+        return len(self._asked("evaluate", node_ids)) >= self._fewest_evaluating
 
     @property
     def _fewest_evaluating(self) -> int:
@@ -678,12 +683,12 @@ class Coordinator:
         shapes = self._evaluation_shapes(job)
         node_ids = [m.metadata.dst_node_id for m in messages]
         too_few = f"fewer than {self._fewest_evaluating} site(s) hold min_cohort held-out rows"
-        if len(self._asked("evaluate", node_ids)) < self._fewest_evaluating:
+        if not self._can_evaluate(node_ids):
             return _evaluation_withheld(too_few, self._withheld.get(PURPOSES["evaluate"].cohort, {}))
         try:
             summed = self._sum("evaluate", server_round, shapes, node_ids, arrays, job.to_json(), then=then)
         except SumNotRecoveredError as failed:
-            if len(self._asked("evaluate", node_ids)) >= self._fewest_evaluating:
+            if self._can_evaluate(node_ids):
                 raise  # lost sites, not too few rows: the run stops with the reason, as any sum's loss stops it
             return _evaluation_withheld(too_few, failed.dropouts)
         by_task = summed.arrays
