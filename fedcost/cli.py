@@ -213,11 +213,10 @@ def _default_config() -> SimulationConfig:
 
 
 def _comparison_table(summary: dict) -> Table:
-    from fedcost.report.html import MODELS, comparison_rows, format_value, scoring_note
+    from fedcost.report.html import MODELS, comparison_rows, format_value, left_out_note, scoring_note
 
-    table = Table(
-        title=f"Held-out rows: {summary['test_rows']:,} (same rows for every model)", caption=scoring_note(summary)
-    )
+    caption = "; ".join(filter(None, (scoring_note(summary), left_out_note(summary))))
+    table = Table(title=f"Held-out rows: {summary['test_rows']:,} (same rows for every model)", caption=caption)
     table.add_column("outcome")
     table.add_column("metric")
     for model in MODELS:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from fedcost import schema
 from fedcost.data.features import FeatureSpec, StatisticsLayout, withhold_small_counts
 from fedcost.data.synthetic import EcosystemSpec, generate_ecosystem
+from fedcost.report.html import left_out_note
 from fedcost.secagg.quantize import Quantizer
 from fedcost.server.shared_sum import SUMS_CLIP, SUMS_LEVELS
 
@@ -169,3 +170,22 @@ def test_the_secure_sums_rounding_adds_no_level_and_no_missing_flag(node_rows: l
     assert "self_pay" not in rounded.vocabularies["payer"]
     assert "sex" not in rounded.flagged and "age" not in rounded.flagged
     assert rounded.vocabularies == exact.vocabularies and rounded.flagged == exact.flagged
+
+
+def test_what_no_site_could_release_is_named_as_left_out_of_the_model() -> None:
+    """Three sites of 8 urgent admissions each: 24 in all, but a small cell at every site, so
+    the level is not in the model (nor elective, which would give it away); a declared weight
+    loss every site holds in 5 rows leaves with it. A report must say so rather than show a
+    model that silently lacks them. A schema column no site holds (sex) is not the data set's."""
+    weight_loss = schema.Column("wt_loss", "numeric", "declared numeric feature", minimum=None)
+    layout = StatisticsLayout((schema.COLUMNS["admission_type"], schema.COLUMNS["sex"], weight_loss), ())
+    types = ["emergency"] * 50 + ["elective"] * 20 + ["urgent"] * 8
+    site = pd.DataFrame({"admission_type": types, "sex": [None] * 78, "wt_loss": [3.0] * 5 + [np.nan] * 73})
+    spec = layout.feature_spec(np.sum([layout.local_statistics(site) for _ in range(3)], axis=0))
+    assert spec.vocabularies == {"admission_type": ("emergency",)}
+    assert spec.left_out == ("admission_type=urgent", "admission_type=elective", "wt_loss")
+    assert FeatureSpec.from_dict(spec.to_dict()).left_out == spec.left_out
+    note = left_out_note({"min_cohort": 11, **spec.coverage()})
+    assert "not in the model: admission_type=urgent, admission_type=elective, wt_loss" in note
+    assert "11 training rows" in note
+    assert left_out_note({"min_cohort": 11, "features_left_out": []}) == ""

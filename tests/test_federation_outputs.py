@@ -129,6 +129,16 @@ def test_the_report_and_terminal_table_of_a_federation_show_the_federated_model_
     console.print(federation_table(summary))
     text = console.export_text()
     assert "Federated model after round 2" in text and "0.6600" in text and "8,800" in text
+    assert "not in the model" not in page + text
+
+
+def test_the_report_and_terminal_table_name_what_the_model_lacks(tmp_path):
+    summary = _summary() | {"features_left_out": ["ecog=2", "sex=female"], "missing_flagged": []}
+    page = write_report(tmp_path, summary, ROUNDS).read_text()
+    console = Console(record=True, width=300)
+    console.print(federation_table(summary))
+    for text in (page, " ".join(console.export_text().split())):
+        assert "not in the model: ecog=2, sex=female (no site released them over 11 training rows" in text.lower()
 
 
 @pytest.mark.parametrize(

@@ -65,6 +65,11 @@ def model_scale(column: schema.Column, values: np.ndarray) -> np.ndarray:
     return np.log1p(values) if column.log_scale else values
 
 
+def _declared(column: schema.Column) -> bool:
+    """A data set's own feature (``[features]`` of its mapping), not a schema field."""
+    return column not in schema.FEATURES
+
+
 def withhold_small_counts(counts: list[int], min_cohort: int) -> list[float]:
     """``counts`` of one column's slots (which partition the rows) with every count of 1 to
     ``min_cohort - 1`` zeroed, then the smallest released counts too while the withheld
@@ -227,10 +232,12 @@ class StatisticsLayout:
         log_scaled = tuple(c.name for c in self.columns if c.log_scale)
         vocabularies: dict[str, tuple[str, ...]] = {}
         flagged: list[str] = []
+        left_out: list[str] = []
         for column in self.columns:
             if column.kind == "numeric":
                 count = slots[f"{column.name}.count"]
                 if count <= absent:
+                    left_out += [column.name] if _declared(column) else []
                     continue
                 mean = slots[f"{column.name}.sum"] / count
                 variance = max(slots[f"{column.name}.sumsq"] / count - mean**2, 0.0)
@@ -239,6 +246,8 @@ class StatisticsLayout:
                     flagged.append(column.name)
             else:
                 counts = {level: slots[f"{column.name}={level}"] for level in column.levels}
+                if _declared(column) or any(n > absent for n in counts.values()):
+                    left_out += [f"{column.name}={level}" for level, n in counts.items() if n <= absent]
                 if not any(n > absent for n in counts.values()):
                     continue
                 vocabularies[column.name] = tuple(level for level, n in counts.items() if n > absent)
@@ -252,6 +261,7 @@ class StatisticsLayout:
             readmission_rate=slots[f"{schema.READMISSION}.sum"] / rows if schema.READMISSION in self.targets else None,
             cost_scale=max(slots.get(f"{schema.COST}.sum", rows) / rows, 1e-9),
             rows=int(rows),
+            left_out=tuple(left_out),
         )
 
 
@@ -261,6 +271,10 @@ class FeatureSpec:
 
     ``cost_scale`` is the federation's mean cost: models learn costs in those units so a
     loss on costs of a few thousand and of a few hundred thousand stays well conditioned.
+    ``left_out``: what the encoding lacks of the data set's own features and of the levels of
+    any category in it, since no site released them over ``min_cohort`` training rows (absent
+    everywhere, or a small cell at every site: the two look alike, as they must), so a
+    report can say so. (A schema column no site holds is not the data set's: not listed.)
     """
 
     numeric: dict[str, tuple[float, float]]
@@ -270,6 +284,7 @@ class FeatureSpec:
     readmission_rate: float | None
     cost_scale: float
     rows: int
+    left_out: tuple[str, ...] = ()
 
     @property
     def feature_names(self) -> list[str]:
@@ -338,6 +353,11 @@ class FeatureSpec:
         )
         return TaskData(features=self.encode(rows), readmitted=readmitted, cost=cost)
 
+    def coverage(self) -> dict[str, list[str]]:
+        """What a run's summary says of the encoding: the columns flagged where values are
+        missing, and what the job declared that the model lacks."""
+        return {"missing_flagged": list(self.flagged), "features_left_out": list(self.left_out)}
+
     def to_dict(self) -> dict:
         return {
             "numeric": {k: list(v) for k, v in self.numeric.items()},
@@ -347,6 +367,7 @@ class FeatureSpec:
             "readmission_rate": self.readmission_rate,
             "cost_scale": self.cost_scale,
             "rows": self.rows,
+            "left_out": list(self.left_out),
         }
 
     @classmethod
@@ -359,4 +380,5 @@ class FeatureSpec:
             readmission_rate=None if data["readmission_rate"] is None else float(data["readmission_rate"]),
             cost_scale=float(data["cost_scale"]),
             rows=int(data["rows"]),
+            left_out=tuple(data.get("left_out", ())),
         )

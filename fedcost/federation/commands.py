@@ -288,10 +288,11 @@ def run(
 
 def federation_table(summary: dict) -> Table:
     """The federated model's metrics on every site's held-out rows: how a federation run ends."""
-    from fedcost.report.html import federation_rows, format_value
+    from fedcost.report.html import federation_rows, format_value, left_out_note
 
     last = summary.get("federated_evaluation", {})
-    table = Table(title=f"Federated model after round {last.get('round', '?')}", min_width=60, caption=_covers(summary))
+    caption = "; ".join(filter(None, (_covers(summary), left_out_note(summary))))
+    table = Table(title=f"Federated model after round {last.get('round', '?')}", min_width=60, caption=caption)
     for head in ("task", "metric", "federated"):
         table.add_column(head, justify="right" if head == "federated" else "left")
     for task, metric, value in federation_rows(summary):

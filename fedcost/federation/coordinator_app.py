@@ -296,6 +296,8 @@ class RunFolderRecorder(ProgressRecorder):
             seconds=seconds,
             newton_noise=newton_noise,
         )
+        if self.features is not None:
+            summary |= self.features.coverage()
         if self.inference:
             summary["inference"] = self.inference
         replace_atomically(self.folder.summary, json.dumps(summary, indent=2).encode())

@@ -89,7 +89,7 @@ def trained_summary(
         "model": config.model.kind,
         "tasks": list(config.model.tasks),
         "test_rows": len(all_test),
-        "missing_flagged": list(features.flagged),
+        **features.coverage(),
         "adaptation_epochs": config.run.adaptation_epochs,
         "federated_evaluation": rounds[-1] if rounds else {},
     }

@@ -36,6 +36,17 @@ def scoring_note(summary: dict) -> str:
     )
 
 
+def left_out_note(summary: dict) -> str:
+    """The job's declared features the model lacks, and why; empty when it lacks none."""
+    left_out = summary.get("features_left_out", [])
+    if not left_out:
+        return ""
+    return (
+        f"not in the model: {', '.join(left_out)} (no site released them over {summary['min_cohort']} training "
+        "rows: absent, or a small cell at every site)"
+    )
+
+
 def outcome_label(summary: dict, task: str) -> str:
     """A task as the data set names its outcome (``died``), else the task's own name."""
     return summary.get("outcomes", {}).get(task, {}).get("column", task)
@@ -136,7 +147,7 @@ def _training_sections(summary: dict) -> str:
     )
     return f"""<p>{len(summary["nodes"])} nodes, {summary["rounds"]} rounds of {summary["strategy"]}, model {summary["model"]};
 all models scored on the same {summary["test_rows"]:,} held-out rows; {scoring_note(summary)}.</p>
-<h2>Federated against pooled and local-only</h2>
+{_left_out_paragraph(summary)}<h2>Federated against pooled and local-only</h2>
 <table><tr><th>outcome</th><th>metric</th>{"".join(f"<th>{m}</th>" for m in MODELS)}</tr>{table}</table>
 <h2>Per site</h2>
 <table><tr><th>site</th><th>role</th><th>train rows</th><th>test rows</th>{site_heads}</tr>{sites}</table>"""
@@ -150,6 +161,11 @@ def federation_rows(summary: dict) -> list[tuple[str, str, float]]:
         if task in summary
         for metric, value in summary[task]["federated"].items()
     ]
+
+
+def _left_out_paragraph(summary: dict) -> str:
+    note = left_out_note(summary)
+    return f'<p class="withheld">{html.escape(note[0].upper() + note[1:])}.</p>\n' if note else ""
 
 
 def _federation_sections(summary: dict) -> str:
@@ -168,7 +184,7 @@ def _federation_sections(summary: dict) -> str:
     return f"""<p>A federation of {len(summary["nodes"])} sites, {summary["rounds"]} rounds of {summary["strategy"]},
 model {summary["model"]}. Metrics of the federated model from the summed evaluation sums of every site's
 held-out rows; no party holds the rows a pooled or local-only model would need.</p>
-<h2>Federated model</h2>
+{_left_out_paragraph(summary)}<h2>Federated model</h2>
 <table><tr><th>outcome</th><th>metric</th><th>federated</th></tr>{table}</table>
 <h2>Per site</h2>
 <p>{note}: rows, privacy spent, and the final model on the site's own held-out rows (the metrics its
