@@ -27,6 +27,10 @@ from fedcost.errors import DataValidationError
 from fedcost.seeding import derive_seed
 
 _SUFFIXES = (".csv", ".parquet", ".pq")
+# The largest magnitude of a numeric value: the sums of a million such values and of their
+# squares still fit the statistics' digits (``fedcost.data.features.split_sum``). Larger is an
+# identifier or a code, not a measurement.
+MAX_MAGNITUDE = 1e12
 
 
 @dataclass(frozen=True)
@@ -218,8 +222,17 @@ def _absent(column: schema.Column, n: int) -> pd.Series:
     return pd.Series([None] * n, dtype="object")
 
 
-def _blank(cells: pd.Series) -> np.ndarray:
-    return (cells.isna() | (cells.astype(str).str.strip() == "")).to_numpy()
+# What statistics packages and databases write for a missing value (R and pandas NA, SQL NULL,
+# Stata and SAS ".", Excel #N/A, UCI's "?"), as ``as_token`` reads it. "none" and "-" are
+# not among them: a level "none" is a real answer, and "-" is zero in accounting formats.
+MISSING_MARKERS = frozenset({"", "na", "n/a", "nan", "null", ".", "?", "#n/a", "<na>"})
+
+
+def _missing(cells: pd.Series, tokens: pd.Series | None = None) -> np.ndarray:
+    """Empty cells and cells holding a missing-value marker (``MISSING_MARKERS``)."""
+    if tokens is None:
+        tokens = cells.map(as_token)
+    return (cells.isna() | tokens.isin(MISSING_MARKERS)).to_numpy()
 
 
 def _first_row(mask: np.ndarray) -> int:
@@ -227,17 +240,43 @@ def _first_row(mask: np.ndarray) -> int:
 
 
 def _numeric(cells: pd.Series, column: schema.Column, path: Path, source: str) -> pd.Series:
-    """Numbers within the schema's bounds; empty cells become NaN (imputed and flagged)."""
-    blank = _blank(cells)
-    values = pd.to_numeric(cells.where(~blank), errors="coerce").astype("float64")
-    bad = ~blank & ~np.isfinite(values.to_numpy())
+    """Numbers within the schema's bounds, true/false as 1/0; missing cells become NaN
+    (imputed and flagged)."""
+    missing = _missing(cells)
+    values = pd.to_numeric(cells.where(~missing), errors="coerce").to_numpy(dtype="float64", copy=True)
+    unread = ~missing & ~np.isfinite(values)
+    if unread.any():
+        values[unread] = cells[unread].map(as_token).map(_TRUTH_VALUES).astype("float64").to_numpy()
+    bad = ~missing & ~np.isfinite(values)
     if bad.any():
         row = _first_row(bad)
+        raise DataValidationError(_not_a_number(cells.iloc[row - 1]), path=str(path), row=row, column=source)
+    huge = ~missing & (np.abs(values) > MAX_MAGNITUDE)
+    if huge.any():
+        row = _first_row(huge)
         raise DataValidationError(
-            f"value {cells.iloc[row - 1]!r} is not a number", path=str(path), row=row, column=source
+            f"value {values[row - 1]:g} is beyond ±{MAX_MAGNITUDE:g}: a number this large is an identifier or a "
+            "code, not a measurement; declare the column categorical or leave it out (or give it in larger units)",
+            path=str(path),
+            row=row,
+            column=source,
         )
-    _check_bounds(values.to_numpy(), column, path, source)
-    return values
+    _check_bounds(values, column, path, source)
+    return pd.Series(values, index=cells.index, dtype="float64")
+
+
+_TRUTH_VALUES = {"true": 1.0, "false": 0.0}
+
+
+def _not_a_number(value: object) -> str:
+    """Why a cell is not a number and what to write: a comma in it is a thousands separator
+    or a decimal comma, which cannot be told apart ("1,500"), so neither is guessed."""
+    hint = (
+        "write numbers with a decimal point and no thousands separators (1234.5, not 1,234.5 or 1234,5)"
+        if "," in str(value)
+        else "write a plain number (1234.5: no units, currency or percent signs)"
+    )
+    return f"value {value!r} is not a number: {hint}, and leave a missing value empty"
 
 
 def _check_bounds(values: np.ndarray, column: schema.Column, path: Path, source: str) -> None:
@@ -258,11 +297,13 @@ def _check_bounds(values: np.ndarray, column: schema.Column, path: Path, source:
 def _categorical(
     cells: pd.Series, column: schema.Column, recoding: dict[str, str], path: Path, source: str
 ) -> pd.Series:
-    """Schema levels after the mapping's recoding; empty cells become None (imputed and flagged)."""
-    blank = _blank(cells)
+    """Schema levels after the mapping's recoding; missing cells become None (imputed and
+    flagged), unless a missing-value marker is itself one of the levels."""
     tokens = cells.map(as_token)
     levels = tokens.map(lambda t: recoding.get(t, t))
-    bad = ~blank & ~levels.isin(column.levels).to_numpy()
+    known = levels.isin(column.levels).to_numpy()
+    blank = _missing(cells, tokens) & ~known
+    bad = ~blank & ~known
     if bad.any():
         row = _first_row(bad)
         raise DataValidationError(
@@ -280,6 +321,7 @@ def _binary_target(cells: pd.Series, reading: TargetReading, path: Path, source:
     positive = tokens.isin(reading.positive).to_numpy()
     negative = tokens.isin(reading.negative).to_numpy()
     bad = ~(positive | negative)
+    _refuse_missing_outcome(cells, tokens, bad, reading, path, source)
     if bad.any():
         row = _first_row(bad)
         raise DataValidationError(
@@ -294,13 +336,24 @@ def _binary_target(cells: pd.Series, reading: TargetReading, path: Path, source:
 
 
 def _non_negative_target(cells: pd.Series, reading: TargetReading, path: Path, source: str) -> pd.Series:
-    blank = _blank(cells)
-    if blank.any():
-        raise DataValidationError(
-            f"{reading.column} is empty; every row needs a value of its outcome",
-            path=str(path),
-            row=_first_row(blank),
-            column=source,
-        )
+    _refuse_missing_outcome(cells, cells.map(as_token), np.ones(len(cells), dtype=bool), reading, path, source)
     column = schema.Column(reading.column, "numeric", "non-negative outcome", minimum=0)
     return _numeric(cells, column, path, source)
+
+
+def _refuse_missing_outcome(
+    cells: pd.Series, tokens: pd.Series, unread: np.ndarray, reading: TargetReading, path: Path, source: str
+) -> None:
+    """Refuse a row whose outcome is missing (among ``unread``): a model learns only from rows
+    whose outcome is known, and guessing one would change the data."""
+    missing = unread & _missing(cells, tokens)
+    if missing.any():
+        row = _first_row(missing)
+        value = "empty" if tokens.iloc[row - 1] == "" else f"missing ({cells.iloc[row - 1]!r})"
+        raise DataValidationError(
+            f"the outcome {reading.column} is {value}; every row needs its outcome: leave rows "
+            "without one out of the file",
+            path=str(path),
+            row=row,
+            column=source,
+        )
