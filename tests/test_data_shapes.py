@@ -115,6 +115,18 @@ def test_a_cell_that_cannot_be_read_safely_is_refused_saying_what_to_write(tmp_p
     assert (error.row, error.column) == (row, column) and words in str(error)
 
 
+@pytest.mark.parametrize(
+    ("header", "words"),
+    [
+        ("X,grade,died,stay", "the file has 'X' (names are case-sensitive)"),
+        ("x grade died stay", "header is one column, 'x grade died stay': separate its columns with commas"),
+    ],
+)
+def test_a_header_that_almost_names_the_column_says_what_it_has(tmp_path: Path, header: str, words: str) -> None:
+    error = refusal(tmp_path, f"{header}\n1.5,a,yes,2\n")
+    assert error.column == "x" and words in str(error)
+
+
 def test_a_file_that_is_not_utf8_is_refused_saying_how_to_save_it(tmp_path: Path) -> None:
     error = refusal(tmp_path, "x,grade,died,stay\n1.5,Zürich,yes,2\n".encode("latin-1"))
     assert "not UTF-8" in str(error) and "CSV UTF-8" in str(error) and "Traceback" not in str(error)

@@ -13,6 +13,7 @@ later, never silently zero), categorical columns as schema levels or missing
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def _schema_rows(
         source = _source_column(mapping, node, raw, column.name)
         if source is None:
             if column.name in _required_features(mapping, node):
-                raise _missing_column(path, node, column.name)
+                raise _missing_column(path, node, column.name, header=list(raw.columns))
             out[column.name] = _absent(column, len(raw))
             continue
         _require_header(raw, path, node, source, column.name)
@@ -148,7 +149,7 @@ def _schema_rows(
     for slot, reading in mapping.targets.items() if targets else ():
         source = node.source_of(reading.column) or reading.column
         if source not in raw.columns:
-            raise _missing_column(path, node, reading.column, outcome=True)
+            raise _missing_column(path, node, reading.column, source, header=list(raw.columns), outcome=True)
         cells = raw[source]
         if reading.kind == "binary":
             out[slot] = _binary_target(cells, reading, path, source)
@@ -196,11 +197,17 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 def _require_header(raw: pd.DataFrame, path: Path, node: NodeSource, source: str, field_name: str) -> None:
     if source not in raw.columns:
-        raise _missing_column(path, node, field_name, source)
+        raise _missing_column(path, node, field_name, source, header=list(raw.columns))
 
 
 def _missing_column(
-    path: Path, node: NodeSource, field_name: str, source: str | None = None, *, outcome: bool = False
+    path: Path,
+    node: NodeSource,
+    field_name: str,
+    source: str | None = None,
+    *,
+    header: Sequence[str] = (),
+    outcome: bool = False,
 ) -> DataValidationError:
     source = source or node.source_of(field_name) or field_name
     hint = (
@@ -208,6 +215,11 @@ def _missing_column(
         if outcome
         else f"map it under [nodes.{node.name}.columns] or list '{field_name}' in [nodes.{node.name}] lacks"
     )
+    alike = [column for column in header if column.casefold() == source.casefold()]
+    if alike:
+        hint = f"the file has '{alike[0]}' (names are case-sensitive): write it so in the mapping, or {hint}"
+    elif len(header) == 1:
+        hint = f"the file's header is one column, {header[0]!r}: separate its columns with commas; or {hint}"
     what = "outcome" if outcome else "field"
     return DataValidationError(
         f"missing required column for {what} '{field_name}' (node {node.name}, role {node.role}); {hint}",
