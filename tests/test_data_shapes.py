@@ -72,6 +72,13 @@ def test_a_file_of_another_dialect_reads_as_it_means(tmp_path: Path, case: str) 
     assert rows["readmitted_30d"].tolist() == [1.0, 0.0] and rows["total_cost"].tolist() == [2.0, 3.0]
 
 
+def test_a_tab_separated_file_named_tsv_reads(tmp_path: Path) -> None:
+    (tmp_path / "mapping.toml").write_text(MAPPING.format(tokens=YES_NO, levels='["a", "b"]').replace(".csv", ".tsv"))
+    (tmp_path / "ward.tsv").write_text(GOOD.replace(",", "\t"))
+    mapping = DataMapping.load(tmp_path / "mapping.toml")
+    assert load_rows(mapping, mapping.node("ward"), tmp_path / "ward.tsv")["x"].tolist() == [1.5, 2.0]
+
+
 @pytest.mark.parametrize("marker", ["NA", "N/A", "NaN", "NULL", ".", "?", "#N/A", ""])
 def test_missing_value_markers_are_missing_features(tmp_path: Path, marker: str) -> None:
     """R, pandas, SQL, Stata/SAS, Excel and UCI write a missing value so: imputed and flagged

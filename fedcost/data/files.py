@@ -15,6 +15,9 @@ from fedcost import schema
 from fedcost.errors import DataValidationError
 
 MAPPING_FILE = "mapping.toml"
+# Delimited text (the delimiter read from the header row) and Parquet: the files a node may bring.
+TEXT_SUFFIXES = (".csv", ".tsv", ".txt")
+TABLE_SUFFIXES = (*TEXT_SUFFIXES, ".parquet", ".pq")
 
 
 def write_node_files(
@@ -50,9 +53,10 @@ def _delimiter(path: Path) -> str:
 
 
 def read_frame(path: Path) -> pd.DataFrame:
-    """A CSV (every cell as text, for cell-by-cell checks) or Parquet file, or an error naming it."""
+    """A delimited text file (every cell as text, for cell-by-cell checks) or a Parquet file, or
+    an error naming it."""
     try:
-        if path.suffix.lower() == ".csv":
+        if path.suffix.lower() in TEXT_SUFFIXES:
             return pd.read_csv(path, sep=_delimiter(path), dtype=str, keep_default_na=False, skipinitialspace=True)
         return pd.read_parquet(path)
     except pd.errors.EmptyDataError:

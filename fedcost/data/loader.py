@@ -21,13 +21,12 @@ import numpy as np
 import pandas as pd
 
 from fedcost import schema
-from fedcost.data.files import read_frame
+from fedcost.data.files import TABLE_SUFFIXES, read_frame
 from fedcost.data.mapping import DataMapping, NodeSource, OmopReading, TargetReading, as_token
 from fedcost.data.omop import read_omop
 from fedcost.errors import DataValidationError
 from fedcost.seeding import derive_seed
 
-_SUFFIXES = (".csv", ".parquet", ".pq")
 # The largest magnitude of a numeric value: the sums of a million such values and of their
 # squares still fit the statistics' digits (``fedcost.data.features.split_sum``). Larger is an
 # identifier or a code, not a measurement.
@@ -184,8 +183,10 @@ def _required_features(mapping: DataMapping, node: NodeSource) -> set[str]:
 
 
 def _read_table(path: Path) -> pd.DataFrame:
-    if path.suffix.lower() not in _SUFFIXES:
-        raise DataValidationError(f"unsupported file type '{path.suffix}'; use .csv or .parquet", path=str(path))
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        raise DataValidationError(
+            f"unsupported file type '{path.suffix}'; export it as CSV (.csv, .tsv or .txt) or Parquet", path=str(path)
+        )
     if not path.is_file():
         raise DataValidationError("file not found; check the node's file in the mapping", path=str(path))
     frame = read_frame(path)
