@@ -40,12 +40,13 @@ Magnitudes. A shared sum carries each entry in fixed point, within ±2**30 in st
 2**-10 (``fedcost.server.shared_sum``): an income of 10**7 has a square of 10**14, and a
 column of values near 10**-6 sums to less than one step. So a numeric column's sum and sum
 of squares, and the cost total, travel as signed digits at fixed powers of two
-(``split_sum``, ``LIMB_EXPONENTS``): whole numbers below 2**20 at 2**-40 to 2**80 (the top
-one below 2**29), the lowest, at 2**-60, keeping the fraction. Whole digits come back
-exactly and the total is the pooled sum to 2**-70 per node, at any magnitude a measurement
-has (the loader refuses values beyond ``loader.MAX_MAGNITUDE``). A noisy release clips values to
-``schema.UNBOUNDED_VALUE_CLIP`` or the column's bounds instead, and carries each sum in its
-digit at 2**0 (the others are 0 and ignored).
+(``split_sum``, ``LIMB_EXPONENTS``): whole numbers below 2**20 at 2**-40 to 2**60, below
+2**29 at 2**80, and at 2**-60 the fraction left. Whole digits come back exactly (rounded:
+each node's entry is off by a grid step at most), so the total is the pooled sum to 2**-70
+per node, at any magnitude a measurement has (the loader refuses values beyond
+``loader.MAX_MAGNITUDE``). A noisy release clips values to the column's bounds (or
+``schema.UNBOUNDED_VALUE_CLIP``) instead, and carries each sum in its digit at 2**0 (the
+others are 0, and ignored).
 """
 
 from __future__ import annotations
@@ -239,11 +240,9 @@ class StatisticsLayout:
                 raw = cells.dropna().to_numpy(dtype="float64")
                 present = model_scale(column, np.clip(raw, *column.value_range) if noisy else raw)
                 sums = [float(present.size), float(present.sum()), float(np.square(present).sum())]
-                if noisy:
-                    pass
-                elif present.size < min_cohort:
+                if not noisy and present.size < min_cohort:
                     sums = [0.0, 0.0, 0.0]
-                elif (scale := _as_if_present(len(rows), present.size, min_cohort)) != 1.0:
+                elif not noisy and (scale := _as_if_present(len(rows), present.size, min_cohort)) != 1.0:
                     sums = _on_grid([n * scale for n in sums], present)
                 count, total, squares = sums
                 values += [count, *_carried(total, noisy=noisy), *_carried(squares, noisy=noisy)]
