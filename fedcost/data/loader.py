@@ -241,11 +241,24 @@ def _absent(column: schema.Column, n: int) -> pd.Series:
 MISSING_MARKERS = frozenset({"", "na", "n/a", "nan", "null", ".", "?", "#n/a", "<na>"})
 
 
-def _missing(cells: pd.Series, tokens: pd.Series | None = None) -> np.ndarray:
-    """Empty cells and cells holding a missing-value marker (``MISSING_MARKERS``)."""
-    if tokens is None:
-        tokens = cells.map(as_token)
+def _missing(cells: pd.Series, tokens: pd.Series) -> np.ndarray:
+    """Empty cells and cells holding a missing-value marker (``MISSING_MARKERS``); ``tokens``
+    are the cells as ``as_token`` reads them."""
     return (cells.isna() | tokens.isin(MISSING_MARKERS)).to_numpy()
+
+
+def _as_numbers(cells: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """The cells as float64 (true/false as 1/0) and which are missing; a cell that is neither
+    a number nor missing is NaN and not missing. Only the cells that do not parse as numbers
+    are read as tokens (a column of 100,000 numbers is one vectorised parse)."""
+    values = pd.to_numeric(cells, errors="coerce").to_numpy(dtype="float64", copy=True)
+    unread = ~np.isfinite(values)
+    missing = np.zeros(len(cells), dtype=bool)
+    if unread.any():
+        tokens = cells[unread].map(as_token)
+        missing[unread] = _missing(cells[unread], tokens)
+        values[unread] = tokens.map(_TRUTH_VALUES).to_numpy(dtype="float64")
+    return values, missing
 
 
 def _first_row(mask: np.ndarray) -> int:
@@ -255,11 +268,7 @@ def _first_row(mask: np.ndarray) -> int:
 def _numeric(cells: pd.Series, column: schema.Column, path: Path, source: str) -> pd.Series:
     """Numbers within the schema's bounds, true/false as 1/0; missing cells become NaN
     (imputed and flagged)."""
-    missing = _missing(cells)
-    values = pd.to_numeric(cells.where(~missing), errors="coerce").to_numpy(dtype="float64", copy=True)
-    unread = ~missing & ~np.isfinite(values)
-    if unread.any():
-        values[unread] = cells[unread].map(as_token).map(_TRUTH_VALUES).astype("float64").to_numpy()
+    values, missing = _as_numbers(cells)
     bad = ~missing & ~np.isfinite(values)
     if bad.any():
         row = _first_row(bad)
@@ -334,7 +343,7 @@ def _binary_target(cells: pd.Series, reading: TargetReading, path: Path, source:
     positive = tokens.isin(reading.positive).to_numpy()
     negative = tokens.isin(reading.negative).to_numpy()
     bad = ~(positive | negative)
-    _refuse_missing_outcome(cells, tokens, bad, reading, path, source)
+    _refuse_missing_outcome(cells, _missing(cells, tokens), reading, path, source)
     if bad.any():
         row = _first_row(bad)
         raise DataValidationError(
@@ -349,20 +358,19 @@ def _binary_target(cells: pd.Series, reading: TargetReading, path: Path, source:
 
 
 def _non_negative_target(cells: pd.Series, reading: TargetReading, path: Path, source: str) -> pd.Series:
-    _refuse_missing_outcome(cells, cells.map(as_token), np.ones(len(cells), dtype=bool), reading, path, source)
+    _refuse_missing_outcome(cells, _as_numbers(cells)[1], reading, path, source)
     column = schema.Column(reading.column, "numeric", "non-negative outcome", minimum=0)
     return _numeric(cells, column, path, source)
 
 
 def _refuse_missing_outcome(
-    cells: pd.Series, tokens: pd.Series, unread: np.ndarray, reading: TargetReading, path: Path, source: str
+    cells: pd.Series, missing: np.ndarray, reading: TargetReading, path: Path, source: str
 ) -> None:
-    """Refuse a row whose outcome is missing (among ``unread``): a model learns only from rows
-    whose outcome is known, and guessing one would change the data."""
-    missing = unread & _missing(cells, tokens)
+    """Refuse a row whose outcome is ``missing``: a model learns only from rows whose outcome
+    is known, and guessing one would change the data."""
     if missing.any():
         row = _first_row(missing)
-        value = "empty" if tokens.iloc[row - 1] == "" else f"missing ({cells.iloc[row - 1]!r})"
+        value = "empty" if as_token(cells.iloc[row - 1]) == "" else f"missing ({cells.iloc[row - 1]!r})"
         raise DataValidationError(
             f"the outcome {reading.column} is {value}; every row needs its outcome: leave rows "
             "without one out of the file",
