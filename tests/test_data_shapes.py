@@ -5,7 +5,9 @@ very large and very small values survive the shared sum's fixed point."""
 
 from __future__ import annotations
 
+import json
 import secrets
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +15,12 @@ import pandas as pd
 import pytest
 
 from fedcost.data.features import StatisticsLayout, join_sum, split_sum
-from fedcost.data.loader import load_rows
+from fedcost.data.loader import load_node, load_rows
 from fedcost.data.mapping import DataMapping
 from fedcost.errors import DataValidationError
 from fedcost.secagg.quantize import Quantizer
 from fedcost.server.shared_sum import SUMS_CLIP, SUMS_LEVELS
+from simulations import fedcost
 
 MAPPING = """
 [targets.died]
@@ -191,3 +194,48 @@ def _write_magnitudes(folder: Path) -> Path:
         '[nodes.a]\nfile = "a.csv"\n'
     )
     return path
+
+
+@pytest.mark.slow
+def test_a_federation_of_real_looking_files_standardises_as_pooled(tmp_path: Path) -> None:
+    """`fedcost simulate --data-dir` on four sites' files as real extracts write them: an income
+    of 10**7, a date written 20210315, a concentration of 10**-6, a lab value with "NA" cells, one site's file
+    with semicolons and an outcome written "Died"/"alive". The run must stop with no error and
+    standardise every column with the pooled training rows' mean and spread (before, the
+    squares of the first two overflowed the secure sum and the run stopped)."""
+    rng = np.random.default_rng(7)
+    for site in range(4):
+        n = 150
+        income = np.exp(rng.normal(np.log(1e7), 0.8, n)).round()
+        conc = rng.normal(3e-6, 1e-6, n)
+        risk = 0.7 * (np.log(income) - np.log(1e7)) + 0.6 * (conc - 3e-6) / 1e-6
+        rows = pd.DataFrame(
+            {
+                "income": income,
+                "date": 20210000 + rng.integers(0, 1300, n),
+                "conc": conc,
+                "died": np.where(rng.random(n) < 1 / (1 + np.exp(1 - risk)), "Died", "alive"),
+                "stay": rng.gamma(2.0, np.exp(1 + 0.3 * risk) / 2).round(1),
+                "lab": rng.normal(1.0, 0.2, n).round(2).astype(str),
+            }
+        )
+        rows.loc[rng.choice(n, 4, replace=False), "lab"] = "NA"
+        rows.to_csv(tmp_path / f"site-{site}.csv", index=False, sep=";" if site == 3 else ",")
+    nodes = "".join(f'[nodes.site-{site}]\nfile = "site-{site}.csv"\n' for site in range(4))
+    (tmp_path / "mapping.toml").write_text(
+        '[targets.died]\nkind = "binary"\npositive = ["died"]\nnegative = ["alive"]\n'
+        '[targets.stay]\nkind = "non-negative"\n[features]\nnumeric = ["income", "date", "conc", "lab"]\n' + nodes
+    )
+    result = fedcost("simulate", "--data-dir", str(tmp_path), "--out", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    config = tomllib.loads((tmp_path / "run" / "config.toml").read_text())["run"]
+    mapping = DataMapping.load(tmp_path / "mapping.toml")
+    train = pd.concat(
+        load_node(mapping, node.name, split_seed=config["seed"], test_fraction=config["test_fraction"]).train
+        for node in mapping.nodes
+    )
+    spec = json.loads((tmp_path / "run" / "model.json").read_text())["features"]
+    for column in ("income", "date", "conc"):
+        mean, scale = spec["numeric"][column]
+        assert mean == pytest.approx(train[column].mean(), rel=1e-9)
+        assert scale == pytest.approx(train[column].std(ddof=0), rel=1e-6)
