@@ -100,6 +100,16 @@ def test_integer_coded_levels_read_whether_written_1_or_1_0(tmp_path: Path) -> N
     assert rows["grade"].tolist() == ["1", "2", "3"]
 
 
+def test_a_recoding_keyed_1_0_reads_cells_written_1(tmp_path: Path) -> None:
+    """Cells and the mapping's recoding keys are read alike, so "1.0" and "1" are one code."""
+    (tmp_path / "mapping.toml").write_text(
+        MAPPING.format(tokens=YES_NO, levels='["a", "b"]') + '[values.grade]\n"1.0" = "a"\n" 2 " = "b"\n'
+    )
+    (tmp_path / "ward.csv").write_text("x,grade,died,stay\n1,1,yes,2\n2,2.0,no,3\n")
+    mapping = DataMapping.load(tmp_path / "mapping.toml")
+    assert load_rows(mapping, mapping.node("ward"), tmp_path / "ward.csv")["grade"].tolist() == ["a", "b"]
+
+
 def test_true_false_in_a_numeric_column_reads_as_1_and_0(tmp_path: Path) -> None:
     assert read(tmp_path, "x,grade,died,stay\nTrue,a,yes,2\nfalse,b,no,3\n")["x"].tolist() == [1.0, 0.0]
 

@@ -306,7 +306,7 @@ class _MappingParser:
             for source_value, level in recoding.items():
                 if level not in levels:
                     raise FieldError(f"{where}.{source_value}", f"'{level}' is not one of {', '.join(levels)}")
-            values[field_name] = {str(k).strip().lower(): v for k, v in recoding.items()}
+            values[field_name] = {as_token(k): v for k, v in recoding.items()}
         return values
 
     def _columns(self, where: str, raw: Any, known_fields: set[str]) -> dict[str, str]:
