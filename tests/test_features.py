@@ -31,9 +31,10 @@ def node_rows() -> list[pd.DataFrame]:
 
 
 def test_summed_node_statistics_equal_the_pooled_statistics(node_rows: list[pd.DataFrame]) -> None:
-    summed = np.sum([LAYOUT.local_statistics(rows, min_cohort=1) for rows in node_rows], axis=0)
-    pooled = LAYOUT.local_statistics(pd.concat(node_rows, ignore_index=True), min_cohort=1)
-    np.testing.assert_allclose(summed, pooled, rtol=1e-12)
+    summed = LAYOUT.sums(np.sum([LAYOUT.local_statistics(rows, min_cohort=1) for rows in node_rows], axis=0))
+    pooled = LAYOUT.sums(LAYOUT.local_statistics(pd.concat(node_rows, ignore_index=True), min_cohort=1))
+    assert summed.keys() == pooled.keys()
+    np.testing.assert_allclose(list(summed.values()), list(pooled.values()), rtol=1e-12)
 
 
 def test_spec_matches_pooled_means_scales_and_vocabularies(node_rows: list[pd.DataFrame]) -> None:
@@ -70,7 +71,7 @@ def test_spec_round_trips_through_json_form(node_rows: list[pd.DataFrame]) -> No
 
 
 def _slots(rows: pd.DataFrame, min_cohort: int = 11) -> dict[str, float]:
-    return dict(zip(LAYOUT.slots(), LAYOUT.local_statistics(rows, min_cohort=min_cohort).tolist(), strict=True))
+    return LAYOUT.sums(LAYOUT.local_statistics(rows, min_cohort=min_cohort))
 
 
 def _frame(n: int, **columns: list) -> pd.DataFrame:

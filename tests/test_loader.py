@@ -338,7 +338,7 @@ def test_outcome_column_is_never_read_as_a_feature(tmp_path: Path) -> None:
 PAID_MAPPING = MAPPING.replace('cost_eur = "total_cost"', 'cost_eur = "total_cost"\npaid_eur = "payment"')
 BAD_PAYMENTS = {
     "negative payment": (rows_with(paid_eur="-120.50"), 3, "below the minimum 0 for payment"),
-    "payment that is not a number": (rows_with(paid_eur="n/a"), 3, "not a number"),
+    "payment that is not a number": (rows_with(paid_eur="4k"), 3, "not a number"),
     "payment column mapped but absent": (without("paid_eur"), None, "missing required column"),
 }
 

@@ -334,7 +334,7 @@ def test_a_release_as_if_present_does_not_tell_how_many_rows_lack_the_value(lack
     frame["age"] = [71.0] * 45 + [58.0] * (52 - lacking) + [np.nan] * lacking
     frame["medication_adherence"] = [k / 90 for k in range(97 - lacking)] + [np.nan] * lacking  # days covered of 90
     frame[schema.READMISSION], frame[schema.COST] = 0.0, 100.0
-    slots = dict(zip(layout.slots(), layout.local_statistics(frame, min_cohort=M).tolist(), strict=True))
+    slots = layout.sums(layout.local_statistics(frame, min_cohort=M))
     assert slots["admission_type.missing"] == 0 and slots["icu_stay.count"] == slots["age.count"] == n, "as if present"
     levels = [f"admission_type={level}" for level in schema.COLUMNS["admission_type"].levels]
     for names in (levels, ["icu_stay.sum", "icu_stay.sumsq"], ["age.sum", "age.sumsq"]):

@@ -35,6 +35,18 @@ counts to whole rows (largest remainders, so they still add up to ``rows``), a n
 column's sums to the grid its values lie on (whole numbers for ages, counts and 0/1 flags,
 tenths, 1/90 for days covered of 90). A count times rows / present is a whole number again for the true present
 count only, so unrounded digits gave away how many rows lack the value.
+
+Magnitudes. A shared sum carries each entry in fixed point, within ±2**30 in steps of
+2**-10 (``fedcost.server.shared_sum``): an income of 10**7 has a square of 10**14, and a
+column of values near 10**-6 sums to less than one step. So a numeric column's sum and sum
+of squares, and the cost total, travel as signed digits at fixed powers of two
+(``split_sum``, ``LIMB_EXPONENTS``): whole numbers below 2**20 at 2**-40 to 2**60, below
+2**29 at 2**80, and at 2**-60 the fraction left. Whole digits come back exactly (rounded:
+each node's entry is off by a grid step at most), so the total is the pooled sum to 2**-70
+per node, at any magnitude a measurement has (the loader refuses values beyond
+``loader.MAX_MAGNITUDE``). A noisy release clips values to the column's bounds (or
+``schema.UNBOUNDED_VALUE_CLIP``) instead, and carries each sum in its digit at 2**0 (the
+others are 0, and ignored).
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ import numpy as np
 import pandas as pd
 
 from fedcost import schema
+from fedcost.data.loader import MAX_MAGNITUDE
 from fedcost.models.training import TaskData
 from fedcost.privacy.policy import MIN_COHORT
 
@@ -118,6 +131,48 @@ def _on_grid(sums: list[float], values: np.ndarray) -> list[float]:
     return sums
 
 
+# The powers of two a sum's digits stand for, lowest first (see the module's doc).
+LIMB_EXPONENTS = tuple(range(-60, 81, 20))
+_TOP_DIGIT_BITS = 29  # the top digit stays within the shared sum's clip of 2**30
+
+
+def split_sum(total: float) -> list[float]:
+    """``total`` as digits d_k, lowest first, with total = sum of d_k * 2**LIMB_EXPONENTS[k]:
+    whole numbers below 2**20 in magnitude (the top one below 2**29), and the lowest holding
+    the fraction. Exact: each digit takes bits of ``total`` that the others do not."""
+    if not abs(total) < 2.0 ** (LIMB_EXPONENTS[-1] + _TOP_DIGIT_BITS):
+        raise ValueError(f"a sum of {total:g} is beyond what the statistics carry (values within ±{MAX_MAGNITUDE:g})")
+    digits, rest = [], total
+    for exponent in reversed(LIMB_EXPONENTS[1:]):
+        digit = math.trunc(math.ldexp(rest, -exponent))
+        digits.append(float(digit))
+        rest -= math.ldexp(digit, exponent)
+    digits.append(math.ldexp(rest, -LIMB_EXPONENTS[0]))
+    return digits[::-1]
+
+
+def join_sum(digits: list[float]) -> float:
+    """The total whose digits were summed over nodes: whole digits rounded (a shared sum's fixed
+    point puts each node's entry at most a grid step or two of 2**-10 off), then added from
+    the top."""
+    low, *high = digits
+    parts = [math.ldexp(round(d), e) for d, e in zip(high, LIMB_EXPONENTS[1:], strict=True)]
+    return math.fsum([*parts, math.ldexp(low, LIMB_EXPONENTS[0])])
+
+
+def _sum_slots(name: str) -> list[str]:
+    return [f"{name}@2^{exponent}" for exponent in LIMB_EXPONENTS]
+
+
+def _carried(total: float, *, noisy: bool) -> list[float]:
+    """A sum's slots: its digits, or, in a noisy release, the sum itself in the digit at 2**0."""
+    return _at_unit_digit(total, 0.0) if noisy else split_sum(total)
+
+
+def _at_unit_digit(value: float, others: float) -> list[float]:
+    return [value if exponent == 0 else others for exponent in LIMB_EXPONENTS]
+
+
 @dataclass(frozen=True)
 class StatisticsLayout:
     """Where each sum sits in a node's statistics vector; the same at every node."""
@@ -142,17 +197,36 @@ class StatisticsLayout:
         return json.dumps(self.data_section(), sort_keys=True)
 
     def slots(self) -> list[str]:
+        """The statistics vector's entries; a sum of values is several (its digits, ``split_sum``)."""
         names = ["rows"]
         for column in self.columns:
             if column.kind == "numeric":
-                names += [f"{column.name}.count", f"{column.name}.sum", f"{column.name}.sumsq"]
+                names += [
+                    f"{column.name}.count",
+                    *_sum_slots(f"{column.name}.sum"),
+                    *_sum_slots(f"{column.name}.sumsq"),
+                ]
             else:
                 names += [f"{column.name}={level}" for level in column.levels] + [f"{column.name}.missing"]
         if schema.READMISSION in self.targets:
             names.append(f"{schema.READMISSION}.sum")
         if schema.COST in self.targets:
-            names.append(f"{schema.COST}.sum")
+            names += _sum_slots(f"{schema.COST}.sum")
         return names
+
+    def sums(self, vector: np.ndarray, *, noisy: bool = False) -> dict[str, float]:
+        """A statistics vector (one node's or the summed totals) by name, each sum of values
+        joined from its digits (``join_sum``), or, ``noisy``, read from its digit at 2**0."""
+        slots = dict(zip(self.slots(), np.asarray(vector, dtype="float64").tolist(), strict=True))
+        named: dict[str, float] = {}
+        for name, value in slots.items():
+            total, at, _ = name.rpartition("@2^")
+            if not at:
+                named[name] = value
+            elif total not in named:
+                digits = [slots[slot] for slot in _sum_slots(total)]
+                named[total] = digits[LIMB_EXPONENTS.index(0)] if noisy else join_sum(digits)
+        return named
 
     def local_statistics(
         self, rows: pd.DataFrame, min_cohort: int = MIN_COHORT, *, cost_clip: float | None = None
@@ -171,14 +245,12 @@ class StatisticsLayout:
                 raw = cells.dropna().to_numpy(dtype="float64")
                 present = model_scale(column, np.clip(raw, *column.value_range) if noisy else raw)
                 sums = [float(present.size), float(present.sum()), float(np.square(present).sum())]
-                if noisy:
-                    values += sums
-                elif present.size < min_cohort:
-                    values += [0.0, 0.0, 0.0]
-                elif (scale := _as_if_present(len(rows), present.size, min_cohort)) != 1.0:
-                    values += _on_grid([n * scale for n in sums], present)
-                else:
-                    values += sums
+                if not noisy and present.size < min_cohort:
+                    sums = [0.0, 0.0, 0.0]
+                elif not noisy and (scale := _as_if_present(len(rows), present.size, min_cohort)) != 1.0:
+                    sums = _on_grid([n * scale for n in sums], present)
+                count, total, squares = sums
+                values += [count, *_carried(total, noisy=noisy), *_carried(squares, noisy=noisy)]
             else:
                 counts = cells.value_counts()
                 levels = [int(counts.get(level, 0)) for level in column.levels]
@@ -190,12 +262,11 @@ class StatisticsLayout:
                     values += _whole_rows([*released, sum(levels) - sum(released)], len(rows))[:-1] + [0.0]
                 else:
                     values += withhold_small_counts([*levels, lacking], min_cohort)
-        for target in (schema.READMISSION, schema.COST):
-            if target in self.targets:
-                target_values = rows[target].to_numpy(dtype="float64")
-                if noisy and target == schema.COST:
-                    target_values = np.minimum(target_values, cost_clip)
-                values.append(float(np.nansum(target_values)))
+        if schema.READMISSION in self.targets:
+            values.append(float(np.nansum(rows[schema.READMISSION].to_numpy(dtype="float64"))))
+        if schema.COST in self.targets:
+            costs = rows[schema.COST].to_numpy(dtype="float64")
+            values += _carried(float(np.nansum(np.minimum(costs, cost_clip) if noisy else costs)), noisy=noisy)
         return np.asarray(values, dtype="float64")
 
     def noisy_bounds(self, cost_clip: float) -> np.ndarray:
@@ -203,11 +274,12 @@ class StatisticsLayout:
         bounds: list[float] = [1.0]
         for column in self.columns:
             if column.kind == "numeric":
-                largest = float(np.max(np.abs(model_scale(column, np.array(column.value_range)))))
-                bounds += [1.0, max(largest, 1.0), max(largest, 1.0) ** 2]
+                largest = max(float(np.max(np.abs(model_scale(column, np.array(column.value_range))))), 1.0)
+                bounds += [1.0, *_at_unit_digit(largest, 1.0), *_at_unit_digit(largest**2, 1.0)]
             else:
                 bounds += [1.0] * (len(column.levels) + 1)
-        bounds += [1.0] * (schema.READMISSION in self.targets) + [cost_clip] * (schema.COST in self.targets)
+        bounds += [1.0] * (schema.READMISSION in self.targets)
+        bounds += _at_unit_digit(cost_clip, 1.0) if schema.COST in self.targets else []
         return np.asarray(bounds)
 
     def touched(self) -> int:
@@ -223,7 +295,7 @@ class StatisticsLayout:
         alone does not add levels or missing flags. Without noise a count is a whole number
         of rows off by the secure sum's rounding (``ROUNDING``), so under half a row is none.
         """
-        slots = dict(zip(self.slots(), totals.tolist(), strict=True))
+        slots = self.sums(totals, noisy=noise_sd > 0)
         rows = slots["rows"]
         if rows < 1:
             raise ValueError("the federation reported no training rows")

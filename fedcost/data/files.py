@@ -4,6 +4,7 @@ node's role. Columns already carry schema names, so the mapping needs no column 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from fedcost import schema
 from fedcost.errors import DataValidationError
 
 MAPPING_FILE = "mapping.toml"
+# Delimited text (the delimiter read from the header row) and Parquet: the files a node may bring.
+TEXT_SUFFIXES = (".csv", ".tsv", ".txt")
+TABLE_SUFFIXES = (*TEXT_SUFFIXES, ".parquet", ".pq")
 
 
 def write_node_files(
@@ -37,15 +41,33 @@ def write_node_files(
     return path
 
 
+_DELIMITERS = (",", ";", "\t", "|")
+
+
+def _delimiter(path: Path) -> str:
+    """The delimiter the header row uses most, outside quotes: a spreadsheet saved in a
+    locale whose decimal mark is a comma writes ";", and databases often write tabs or "|"."""
+    with path.open(encoding="utf-8-sig", errors="replace", newline="") as file:
+        header = re.sub(r'"[^"]*"', "", file.readline())
+    return max(_DELIMITERS, key=header.count) if any(d in header for d in _DELIMITERS) else ","
+
+
 def read_frame(path: Path) -> pd.DataFrame:
-    """A CSV (every cell as text, for cell-by-cell checks) or Parquet file, or an error naming it."""
+    """A delimited text file (every cell as text, for cell-by-cell checks) or a Parquet file, or
+    an error naming it."""
     try:
-        if path.suffix.lower() == ".csv":
-            return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        if path.suffix.lower() in TEXT_SUFFIXES:
+            return pd.read_csv(path, sep=_delimiter(path), dtype=str, keep_default_na=False, skipinitialspace=True)
         return pd.read_parquet(path)
     except pd.errors.EmptyDataError:
         raise DataValidationError("file is empty; it needs a header and at least one row", path=str(path)) from None
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as error:
+    except UnicodeDecodeError as error:
+        raise DataValidationError(
+            f"is not UTF-8 text (it holds the byte {error.object[error.start]:#04x}): save it "
+            'again as "CSV UTF-8" (or convert it, e.g. iconv -f latin1 -t utf-8)',
+            path=str(path),
+        ) from None
+    except (pd.errors.ParserError, OSError, ValueError) as error:
         raise DataValidationError(
             f"cannot be read as {path.suffix.lstrip('.').upper()}: {error}; export the node's rows again "
             "(CSV: UTF-8 with a header row and every quote closed) or point the mapping at the right file",

@@ -13,6 +13,7 @@ later, never silently zero), categorical columns as schema levels or missing
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +21,16 @@ import numpy as np
 import pandas as pd
 
 from fedcost import schema
-from fedcost.data.files import read_frame
+from fedcost.data.files import TABLE_SUFFIXES, read_frame
 from fedcost.data.mapping import DataMapping, NodeSource, OmopReading, TargetReading, as_token
 from fedcost.data.omop import read_omop
 from fedcost.errors import DataValidationError
 from fedcost.seeding import derive_seed
 
-_SUFFIXES = (".csv", ".parquet", ".pq")
+# The largest magnitude of a numeric value: the sums of a million such values and of their
+# squares still fit the statistics' digits (``fedcost.data.features.split_sum``). Larger is an
+# identifier or a code, not a measurement.
+MAX_MAGNITUDE = 1e12
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,7 @@ def _schema_rows(
         source = _source_column(mapping, node, raw, column.name)
         if source is None:
             if column.name in _required_features(mapping, node):
-                raise _missing_column(path, node, column.name)
+                raise _missing_column(path, node, column.name, header=list(raw.columns))
             out[column.name] = _absent(column, len(raw))
             continue
         _require_header(raw, path, node, source, column.name)
@@ -144,7 +148,7 @@ def _schema_rows(
     for slot, reading in mapping.targets.items() if targets else ():
         source = node.source_of(reading.column) or reading.column
         if source not in raw.columns:
-            raise _missing_column(path, node, reading.column, outcome=True)
+            raise _missing_column(path, node, reading.column, source, header=list(raw.columns), outcome=True)
         cells = raw[source]
         if reading.kind == "binary":
             out[slot] = _binary_target(cells, reading, path, source)
@@ -179,8 +183,10 @@ def _required_features(mapping: DataMapping, node: NodeSource) -> set[str]:
 
 
 def _read_table(path: Path) -> pd.DataFrame:
-    if path.suffix.lower() not in _SUFFIXES:
-        raise DataValidationError(f"unsupported file type '{path.suffix}'; use .csv or .parquet", path=str(path))
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        raise DataValidationError(
+            f"unsupported file type '{path.suffix}'; export it as CSV (.csv, .tsv or .txt) or Parquet", path=str(path)
+        )
     if not path.is_file():
         raise DataValidationError("file not found; check the node's file in the mapping", path=str(path))
     frame = read_frame(path)
@@ -192,11 +198,17 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 def _require_header(raw: pd.DataFrame, path: Path, node: NodeSource, source: str, field_name: str) -> None:
     if source not in raw.columns:
-        raise _missing_column(path, node, field_name, source)
+        raise _missing_column(path, node, field_name, source, header=list(raw.columns))
 
 
 def _missing_column(
-    path: Path, node: NodeSource, field_name: str, source: str | None = None, *, outcome: bool = False
+    path: Path,
+    node: NodeSource,
+    field_name: str,
+    source: str | None = None,
+    *,
+    header: Sequence[str] = (),
+    outcome: bool = False,
 ) -> DataValidationError:
     source = source or node.source_of(field_name) or field_name
     hint = (
@@ -204,6 +216,11 @@ def _missing_column(
         if outcome
         else f"map it under [nodes.{node.name}.columns] or list '{field_name}' in [nodes.{node.name}] lacks"
     )
+    alike = [column for column in header if column.casefold() == source.casefold()]
+    if alike:
+        hint = f"the file has '{alike[0]}' (names are case-sensitive): write it so in the mapping, or {hint}"
+    elif len(header) == 1:
+        hint = f"the file's header is one column, {header[0]!r}: separate its columns with commas; or {hint}"
     what = "outcome" if outcome else "field"
     return DataValidationError(
         f"missing required column for {what} '{field_name}' (node {node.name}, role {node.role}); {hint}",
@@ -218,8 +235,30 @@ def _absent(column: schema.Column, n: int) -> pd.Series:
     return pd.Series([None] * n, dtype="object")
 
 
-def _blank(cells: pd.Series) -> np.ndarray:
-    return (cells.isna() | (cells.astype(str).str.strip() == "")).to_numpy()
+# What statistics packages and databases write for a missing value (R and pandas NA, SQL NULL,
+# Stata and SAS ".", Excel #N/A, UCI's "?"), as ``as_token`` reads it. "none" and "-" are
+# not among them: a level "none" is a real answer, and "-" is zero in accounting formats.
+MISSING_MARKERS = frozenset({"", "na", "n/a", "nan", "null", ".", "?", "#n/a", "<na>"})
+
+
+def _missing(cells: pd.Series, tokens: pd.Series) -> np.ndarray:
+    """Empty cells and cells holding a missing-value marker (``MISSING_MARKERS``); ``tokens``
+    are the cells as ``as_token`` reads them."""
+    return (cells.isna() | tokens.isin(MISSING_MARKERS)).to_numpy()
+
+
+def _as_numbers(cells: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """The cells as float64 (true/false as 1/0) and which are missing; a cell that is neither
+    a number nor missing is NaN and not missing. Only the cells that do not parse as numbers
+    are read as tokens (a column of 100,000 numbers is one vectorised parse)."""
+    values = pd.to_numeric(cells, errors="coerce").to_numpy(dtype="float64", copy=True)
+    unread = ~np.isfinite(values)
+    missing = np.zeros(len(cells), dtype=bool)
+    if unread.any():
+        tokens = cells[unread].map(as_token)
+        missing[unread] = _missing(cells[unread], tokens)
+        values[unread] = tokens.map(_TRUTH_VALUES).to_numpy(dtype="float64")
+    return values, missing
 
 
 def _first_row(mask: np.ndarray) -> int:
@@ -227,17 +266,39 @@ def _first_row(mask: np.ndarray) -> int:
 
 
 def _numeric(cells: pd.Series, column: schema.Column, path: Path, source: str) -> pd.Series:
-    """Numbers within the schema's bounds; empty cells become NaN (imputed and flagged)."""
-    blank = _blank(cells)
-    values = pd.to_numeric(cells.where(~blank), errors="coerce").astype("float64")
-    bad = ~blank & ~np.isfinite(values.to_numpy())
+    """Numbers within the schema's bounds, true/false as 1/0; missing cells become NaN
+    (imputed and flagged)."""
+    values, missing = _as_numbers(cells)
+    bad = ~missing & ~np.isfinite(values)
     if bad.any():
         row = _first_row(bad)
+        raise DataValidationError(_not_a_number(cells.iloc[row - 1]), path=str(path), row=row, column=source)
+    huge = ~missing & (np.abs(values) > MAX_MAGNITUDE)
+    if huge.any():
+        row = _first_row(huge)
         raise DataValidationError(
-            f"value {cells.iloc[row - 1]!r} is not a number", path=str(path), row=row, column=source
+            f"value {values[row - 1]:g} is beyond ±{MAX_MAGNITUDE:g}: a number this large is an identifier or a "
+            "code, not a measurement; declare the column categorical or leave it out (or give it in larger units)",
+            path=str(path),
+            row=row,
+            column=source,
         )
-    _check_bounds(values.to_numpy(), column, path, source)
-    return values
+    _check_bounds(values, column, path, source)
+    return pd.Series(values, index=cells.index, dtype="float64")
+
+
+_TRUTH_VALUES = {"true": 1.0, "false": 0.0}
+
+
+def _not_a_number(value: object) -> str:
+    """Why a cell is not a number and what to write: a comma in it is a thousands separator
+    or a decimal comma, which cannot be told apart ("1,500"), so neither is guessed."""
+    hint = (
+        "write numbers with a decimal point and no thousands separators (1234.5, not 1,234.5 or 1234,5)"
+        if "," in str(value)
+        else "write a plain number (1234.5: no units, currency or percent signs)"
+    )
+    return f"value {value!r} is not a number: {hint}, and leave a missing value empty"
 
 
 def _check_bounds(values: np.ndarray, column: schema.Column, path: Path, source: str) -> None:
@@ -258,11 +319,13 @@ def _check_bounds(values: np.ndarray, column: schema.Column, path: Path, source:
 def _categorical(
     cells: pd.Series, column: schema.Column, recoding: dict[str, str], path: Path, source: str
 ) -> pd.Series:
-    """Schema levels after the mapping's recoding; empty cells become None (imputed and flagged)."""
-    blank = _blank(cells)
+    """Schema levels after the mapping's recoding; missing cells become None (imputed and
+    flagged), unless a missing-value marker is itself one of the levels."""
     tokens = cells.map(as_token)
     levels = tokens.map(lambda t: recoding.get(t, t))
-    bad = ~blank & ~levels.isin(column.levels).to_numpy()
+    known = levels.isin(column.levels).to_numpy()
+    blank = _missing(cells, tokens) & ~known
+    bad = ~blank & ~known
     if bad.any():
         row = _first_row(bad)
         raise DataValidationError(
@@ -280,6 +343,7 @@ def _binary_target(cells: pd.Series, reading: TargetReading, path: Path, source:
     positive = tokens.isin(reading.positive).to_numpy()
     negative = tokens.isin(reading.negative).to_numpy()
     bad = ~(positive | negative)
+    _refuse_missing_outcome(cells, _missing(cells, tokens), reading, path, source)
     if bad.any():
         row = _first_row(bad)
         raise DataValidationError(
@@ -294,13 +358,23 @@ def _binary_target(cells: pd.Series, reading: TargetReading, path: Path, source:
 
 
 def _non_negative_target(cells: pd.Series, reading: TargetReading, path: Path, source: str) -> pd.Series:
-    blank = _blank(cells)
-    if blank.any():
-        raise DataValidationError(
-            f"{reading.column} is empty; every row needs a value of its outcome",
-            path=str(path),
-            row=_first_row(blank),
-            column=source,
-        )
+    _refuse_missing_outcome(cells, _as_numbers(cells)[1], reading, path, source)
     column = schema.Column(reading.column, "numeric", "non-negative outcome", minimum=0)
     return _numeric(cells, column, path, source)
+
+
+def _refuse_missing_outcome(
+    cells: pd.Series, missing: np.ndarray, reading: TargetReading, path: Path, source: str
+) -> None:
+    """Refuse a row whose outcome is ``missing``: a model learns only from rows whose outcome
+    is known, and guessing one would change the data."""
+    if missing.any():
+        row = _first_row(missing)
+        value = "empty" if as_token(cells.iloc[row - 1]) == "" else f"missing ({cells.iloc[row - 1]!r})"
+        raise DataValidationError(
+            f"the outcome {reading.column} is {value}; every row needs its outcome: leave rows "
+            "without one out of the file",
+            path=str(path),
+            row=row,
+            column=source,
+        )

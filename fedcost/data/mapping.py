@@ -8,6 +8,7 @@ reports them all (``fedcost.tomlfile.Mistakes``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -17,8 +18,9 @@ from fedcost.errors import FieldError, MappingError
 from fedcost.identity.party import check_party_name
 from fedcost.tomlfile import Mistakes, read_toml, table, unknown_keys
 
-DEFAULT_POSITIVE = ("1",)
-DEFAULT_NEGATIVE = ("0",)
+# A 0/1 or true/false outcome reads without a mapping; anything else is declared.
+DEFAULT_POSITIVE = ("1", "true")
+DEFAULT_NEGATIVE = ("0", "false")
 
 TargetKind = Literal["binary", "non-negative"]
 # The model each kind of outcome gets: a binary one the logistic (readmission) head, a
@@ -304,7 +306,7 @@ class _MappingParser:
             for source_value, level in recoding.items():
                 if level not in levels:
                     raise FieldError(f"{where}.{source_value}", f"'{level}' is not one of {', '.join(levels)}")
-            values[field_name] = {str(k).strip().lower(): v for k, v in recoding.items()}
+            values[field_name] = {as_token(k): v for k, v in recoding.items()}
         return values
 
     def _columns(self, where: str, raw: Any, known_fields: set[str]) -> dict[str, str]:
@@ -483,10 +485,15 @@ class _MappingParser:
         return frozenset(as_token(v) for v in self._list(where, raw))
 
 
+_WHOLE_NUMBER = re.compile(r"[+-]?\d+\.0*")
+
+
 def as_token(value: Any) -> str:
-    """A cell or TOML value as a comparable token: 1, 1.0 and "1" all read as "1"."""
+    """A cell or TOML value as a comparable token: 1, 1.0, "1" and "1.0" all read as "1" (a
+    CSV written from a column with a gap writes its codes 1.0, 2.0), True and "TRUE" as "true"."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return str(value).strip().lower()
+    token = str(value).strip().lower()
+    return str(int(token.split(".")[0])) if _WHOLE_NUMBER.fullmatch(token) else token
