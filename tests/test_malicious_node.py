@@ -1,0 +1,256 @@
+"""A malicious node against the coordinator: what it sends back through the real message path.
+
+``SharedSums`` drives real nodes (the ClientApp of ``guardian_bench``) over a grid that
+hands each message to its site; one site's replies are then rewritten as a node running
+modified code could write them. The coordinator must not crash, must not take a sum no
+set of honest nodes could have sent, and must name the site in the reason it logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from guardian_bench import RUN, Bench
+
+from fedcost.client.node import Node
+from fedcost.config import SecureAggregationSection
+from fedcost.data.files import write_node_files
+from fedcost.data.synthetic import EcosystemSpec, generate_ecosystem
+from fedcost.errors import SumNotRecoveredError
+from fedcost.server.shared_sum import SharedSums, SumResult
+from fedcost.wire import records as rec
+
+SITES = ("hospital-1", "hospital-2", "hospital-3", "hospital-4")
+ATTACKER = "hospital-2"
+
+# A rewrite of the attacker's reply: (the request's records, the reply's records) -> new records.
+Rewrite = Callable[[RecordDict, RecordDict], RecordDict]
+
+
+@pytest.fixture(scope="module")
+def mapping(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ecosystem = generate_ecosystem(EcosystemSpec.from_sizes({"hospital": [300, 260, 220, 180]}), seed=5)
+    return write_node_files(((n.name, n.role, n.frame) for n in ecosystem.nodes), tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(autouse=True)
+def _inside_a_server_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower builds a coordinator's messages only inside a ServerApp's run; this is one."""
+    for name in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+class AttackerGrid:
+    """Each message goes to its site's real ClientApp; the attacker's answers are rewritten."""
+
+    def __init__(self, bench: Bench, rewrite: Rewrite):
+        self.sites = {site.node_id: site for site in bench.sites.values()}
+        self.rewrite = rewrite
+
+    def send_and_receive(self, messages: Iterable[Message]) -> list[Message]:
+        replies = []
+        for message in messages:
+            site = self.sites[message.metadata.dst_node_id]
+            reply = site.answer(message.content, message.metadata.message_type)
+            if site.name == ATTACKER and not reply.has_error():
+                reply.content = self.rewrite(message.content, reply.content)
+            replies.append(reply)
+        return replies
+
+
+def _bench(mapping: Path, folder: Path, secure: bool = True) -> Bench:
+    bench = Bench(folder, mapping, SITES, require_secure_aggregation=secure)
+    hello = bench.hello(secure_aggregation=secure)
+    assert all(not reply.has_error() for reply in bench.say_hello(hello).values())
+    return bench
+
+
+def _train(bench: Bench, rewrite: Rewrite, *, secure: bool = True) -> SumResult:
+    """One training sum over every site, as the coordinator asks for it (the federation's rows as
+    the round's total weight); no retries, so what one attempt does is what the test sees."""
+    sites = {site.node_id: site.name for site in bench.sites.values()}
+    settings = SecureAggregationSection(enabled=secure, retries=0)
+    sums = SharedSums(AttackerGrid(bench, rewrite), sites, settings, RUN, bench.roster)  # type: ignore[arg-type]
+    job, weights = bench.job_and_weights(SITES[0])
+    rows = sum(len(Node(bench.site(name).setup).data.train) for name in SITES)
+    shapes = rec.update_shapes(weights)
+    return sums.run("train", 1, shapes, sorted(sites), weights, job.to_json(), total_weight=rows)
+
+
+def _stage(request: RecordDict) -> str:
+    return str(request[rec.SECAGG]["stage"])
+
+
+def _secagg(content: RecordDict) -> dict:
+    return rec.join_message_dict(content[rec.SECAGG], content.array_records.get(rec.CONTRIBUTION))
+
+
+def _with_secagg(content: RecordDict, data: dict) -> RecordDict:
+    secagg, arrays = rec.split_message_dict(data)
+    content[rec.SECAGG] = secagg
+    if len(arrays):
+        content[rec.CONTRIBUTION] = arrays
+    elif rec.CONTRIBUTION in content:
+        del content[rec.CONTRIBUTION]
+    return content
+
+
+# --- secure sums ----------------------------------------------------------------------------
+
+
+class Replayer:
+    """The attacker answers ``stage`` with its own reply to the stage before."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.last: dict | None = None
+
+    def __call__(self, request: RecordDict, content: RecordDict) -> RecordDict:
+        if _stage(request) == self.stage:
+            assert self.last is not None
+            return _with_secagg(content, self.last)
+        self.last = _secagg(content)
+        return content
+
+
+@pytest.mark.parametrize("stage", ["share-keys", "masked-input", "unmask"])
+def test_a_reply_for_another_stage_is_its_sites_dropout_and_the_others_still_sum(
+    mapping: Path, tmp_path: Path, stage: str
+) -> None:
+    """It aborted the whole round, the site unnamed: one node could stop every sum."""
+    result = _train(_bench(mapping, tmp_path), Replayer(stage))
+    if stage == "unmask":  # a node lost during unmask is still in the sum
+        assert result.included == sorted(SITES)
+    else:
+        assert result.included == sorted(set(SITES) - {ATTACKER})
+    assert f"where a {stage} reply was owed" in result.dropouts[ATTACKER]
+
+
+def test_a_reply_for_another_stage_at_consistency_is_named_in_the_abort(mapping: Path, tmp_path: Path) -> None:
+    with pytest.raises(SumNotRecoveredError) as refused:
+        _train(_bench(mapping, tmp_path), Replayer("consistency"))
+    assert "where a consistency reply was owed" in refused.value.dropouts[ATTACKER]
+
+
+@pytest.mark.parametrize("claim", [1, 10**9, -(10**4)])
+def test_a_summed_weight_no_honest_sites_can_send_is_refused(mapping: Path, tmp_path: Path, claim: int) -> None:
+    """A node adds to its masked input's weight entry (the masks cancel as ever): one more row than
+    the federation's, a billion rows to outweigh every other site, or a negative weight. The
+    coordinator took the sum, and its mean, as it came."""
+
+    def heavier(request: RecordDict, content: RecordDict) -> RecordDict:
+        if _stage(request) != "masked-input":
+            return content
+        data = _secagg(content)
+        bits = rec.quantizer_from_config(request[rec.CONFIG]).bits
+        masked = data["masked"].astype(object)
+        masked[-1] = (masked[-1] + claim) % 2**bits
+        return _with_secagg(content, {**data, "masked": masked.astype(data["masked"].dtype)})
+
+    with pytest.raises(SumNotRecoveredError, match="the summed weight .* is outside") as refused:
+        _train(_bench(mapping, tmp_path), heavier)
+    assert ", ".join(sorted(SITES)) in str(refused.value)
+
+
+# --- plain sums -----------------------------------------------------------------------------
+
+
+def _metrics(weight: object) -> Rewrite:
+    def lie(request: RecordDict, content: RecordDict) -> RecordDict:
+        del content[rec.METRICS]
+        if weight is not None:
+            record = ConfigRecord if isinstance(weight, str) else MetricRecord
+            content[rec.METRICS] = record({rec.WEIGHT: weight})
+        return content
+
+    return lie
+
+
+def _arrays(change: Callable[[list[np.ndarray]], list[np.ndarray]] | None) -> Rewrite:
+    def lie(request: RecordDict, content: RecordDict) -> RecordDict:
+        arrays = rec.arrays_list(content[rec.CONTRIBUTION])
+        del content[rec.CONTRIBUTION]
+        if change is not None:
+            content[rec.CONTRIBUTION] = rec.arrays_record(change(arrays))
+        return content
+
+    return lie
+
+
+def _first(value: float) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+    return lambda arrays: [np.full_like(arrays[0], value), *arrays[1:]]
+
+
+@pytest.mark.parametrize(
+    ("rewrite", "reason"),
+    [
+        (_metrics(None), "lacks its 'contribution' arrays or its 'weight' metric"),
+        (_metrics("many"), "lacks its 'contribution' arrays or its 'weight' metric"),  # not a metric record
+        (_metrics(float("nan")), "its weight nan is not an integer"),
+        (_metrics(10**9), "its weight 1000000000 is not an integer in 1.."),
+        (_metrics(0), "its weight 0 is not an integer"),
+        (_metrics(-5), "its weight -5 is not an integer"),
+        (_metrics(240.5), "its weight 240.5 is not an integer"),
+        (_arrays(None), "lacks its 'contribution' arrays"),
+        (_arrays(_first(float("nan"))), "NaN or infinite"),
+        (_arrays(_first(float("-inf"))), "NaN or infinite"),
+        (_arrays(lambda arrays: [arrays[0].T, *arrays[1:]]), "not the sum's"),
+    ],
+)
+def test_a_plain_contribution_out_of_bounds_is_its_sites_dropout(
+    mapping: Path, tmp_path: Path, rewrite: Rewrite, reason: str
+) -> None:
+    """A run with secure aggregation off: the coordinator crashed (a KeyError, a ValueError) or
+    summed a NaN, a negative or a billion-row weight into the model."""
+    result = _train(_bench(mapping, tmp_path, secure=False), rewrite, secure=False)
+    assert result.included == sorted(set(SITES) - {ATTACKER})
+    assert reason in result.dropouts[ATTACKER]
+    assert all(np.isfinite(array).all() for array in result.arrays)
+
+
+def test_a_plain_contribution_is_clipped_as_secure_aggregation_clips_it(mapping: Path, tmp_path: Path) -> None:
+    huge = _train(_bench(mapping, tmp_path / "huge", secure=False), _arrays(_first(1e30)), secure=False)
+    assert huge.included == sorted(SITES)
+    clip = SecureAggregationSection().update_clip
+    assert np.abs(huge.arrays[0]).max() <= clip * huge.weight
+
+
+def test_a_node_whose_shares_do_not_decrypt_is_named_by_the_sites_it_sent_them_to(
+    mapping: Path, tmp_path: Path
+) -> None:
+    """Its neighbours refuse the masked input and drop out; their reasons said only
+    "authentication failed", so the log blamed the three honest sites and not the sender."""
+
+    def garble(request: RecordDict, content: RecordDict) -> RecordDict:
+        if _stage(request) != "share-keys":
+            return content
+        data = _secagg(content)
+        data["ciphertexts"] = [c[:-1] + bytes([c[-1] ^ 1]) for c in data["ciphertexts"]]
+        return _with_secagg(content, data)
+
+    bench = _bench(mapping, tmp_path)
+    with pytest.raises(SumNotRecoveredError) as refused:
+        _train(bench, garble)
+    sender = rec.secure_id(bench.roster, ATTACKER)
+    victims = set(SITES) - {ATTACKER}
+    assert set(refused.value.dropouts) == victims
+    for name in victims:
+        assert f"in the encrypted share from node {sender}" in refused.value.dropouts[name]
+        assert f"from node {sender}" in bench.site(name).events("refusal")[-1]["details"]["reason"]
+
+
+def test_a_plain_weight_of_every_row_of_the_federation_is_refused_with_each_sites_claim(
+    mapping: Path, tmp_path: Path
+) -> None:
+    """Alone it is a weight the round allows; with the other sites' rows the sum is more than
+    the federation has."""
+    bench = _bench(mapping, tmp_path, secure=False)
+    rows = sum(len(Node(bench.site(name).setup).data.train) for name in SITES)
+    with pytest.raises(SumNotRecoveredError, match="the summed weight .* is outside") as refused:
+        _train(bench, _metrics(rows), secure=False)
+    assert f"{ATTACKER} {rows}" in str(refused.value)
