@@ -167,8 +167,8 @@ class Guardian:
     def _refused(self, error: Exception, kind: str, round_: int | None, audit: AuditLog) -> str:
         """Log a request's refusal and return what the coordinator is told: a refusal's reason
         (the site's rules at work), never the text of the site's own fault."""
-        if isinstance(error, REFUSALS):
-            reason = str(error)
+        if isinstance(error, REFUSALS):  # its notes name the peer at fault (a share's sender, a signer)
+            reason = " ".join([str(error), *(f"({note})" for note in getattr(error, "__notes__", ()))])
         elif isinstance(error, SITE_FAULTS):
             logger.error("site %s cannot answer a %s request: %s", self.setup.name, kind, error)
             reason = "the site's own data or configuration failed its check; the site's log names the problem"
