@@ -157,6 +157,47 @@ def test_a_summed_weight_no_honest_sites_can_send_is_refused(mapping: Path, tmp_
     assert ", ".join(sorted(SITES)) in str(refused.value)
 
 
+def _at(stage: str, change: Callable[[dict], dict]) -> Rewrite:
+    """The attacker rewrites its secure-aggregation reply at ``stage``."""
+
+    def rewrite(request: RecordDict, content: RecordDict) -> RecordDict:
+        return _with_secagg(content, change(_secagg(content))) if _stage(request) == stage else content
+
+    return rewrite
+
+
+def test_a_reply_claiming_another_nodes_id_is_its_sites_dropout(mapping: Path, tmp_path: Path) -> None:
+    bench = _bench(mapping, tmp_path)
+    other = rec.secure_id(bench.roster, "hospital-3")
+    result = _train(bench, _at("masked-input", lambda data: {**data, "node_id": other}))
+    assert result.included == sorted(set(SITES) - {ATTACKER})
+    assert f"reply claims to come from node {other}" in result.dropouts[ATTACKER]
+
+
+def test_an_unmask_reply_revealing_a_live_neighbours_mask_key_share_is_left_out(mapping: Path, tmp_path: Path) -> None:
+    """Its seed shares and, besides, the key shares of live neighbours: with both, a live node's
+    input could be unmasked alone. The coordinator takes neither; the sum needs no more shares."""
+
+    def both(data: dict) -> dict:
+        return {**data, **{f"key_{column}": data[f"seed_{column}"] for column in ("owners", "xs", "values")}}
+
+    result = _train(_bench(mapping, tmp_path), _at("unmask", both))
+    assert result.included == sorted(SITES), "a node lost in unmask is still in the sum"
+    assert "shares do not match the survivor set" in result.dropouts[ATTACKER]
+
+
+def test_a_false_seed_share_in_unmask_does_not_pass_as_a_sum(mapping: Path, tmp_path: Path) -> None:
+    """One seed share off by one rebuilds a neighbour's seed off by a field element that still fits
+    32 bytes: a wrong self-mask taken out, and the total noise the coordinator took as the sum."""
+
+    def off_by_one(data: dict) -> dict:
+        values = [(int.from_bytes(v, "big") + 1).to_bytes(len(v), "big") for v in data["seed_values"]]
+        return {**data, "seed_values": values}
+
+    with pytest.raises(SumNotRecoveredError, match="is refused|do not combine"):
+        _train(_bench(mapping, tmp_path), _at("unmask", off_by_one))
+
+
 # --- plain sums -----------------------------------------------------------------------------
 
 
