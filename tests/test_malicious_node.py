@@ -8,6 +8,8 @@ set of honest nodes could have sent, and must name the site in the reason it log
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from fedcost.config import SecureAggregationSection
 from fedcost.data.files import write_node_files
 from fedcost.data.synthetic import EcosystemSpec, generate_ecosystem
 from fedcost.errors import SumNotRecoveredError
+from fedcost.secagg import shamir
 from fedcost.server.shared_sum import SharedSums, SumResult
 from fedcost.wire import records as rec
 
@@ -186,16 +189,30 @@ def test_an_unmask_reply_revealing_a_live_neighbours_mask_key_share_is_left_out(
     assert "shares do not match the survivor set" in result.dropouts[ATTACKER]
 
 
-def test_a_false_seed_share_in_unmask_does_not_pass_as_a_sum(mapping: Path, tmp_path: Path) -> None:
-    """One seed share off by one rebuilds a neighbour's seed off by a field element that still fits
-    32 bytes: a wrong self-mask taken out, and the total noise the coordinator took as the sum."""
+def test_a_false_seed_share_in_unmask_aborts_the_sum_naming_its_revealers(mapping: Path, tmp_path: Path) -> None:
+    """One seed share off by one rebuilt a neighbour's seed off by a field element that still fits
+    32 bytes: a wrong self-mask was taken out, and noise passed for the sum. The shares beyond
+    the threshold now check each other."""
 
     def off_by_one(data: dict) -> dict:
         values = [(int.from_bytes(v, "big") + 1).to_bytes(len(v), "big") for v in data["seed_values"]]
         return {**data, "seed_values": values}
 
-    with pytest.raises(SumNotRecoveredError, match="is refused|do not combine"):
-        _train(_bench(mapping, tmp_path), _at("unmask", off_by_one))
+    bench = _bench(mapping, tmp_path)
+    with pytest.raises(SumNotRecoveredError, match="disagree: one of them revealed a false share") as refused:
+        _train(bench, _at("unmask", off_by_one))
+    revealers = re.search(r"revealed by nodes \[([\d, ]+)\]", str(refused.value))
+    assert revealers is not None and rec.secure_id(bench.roster, ATTACKER) in map(int, revealers[1].split(", "))
+
+
+@pytest.mark.parametrize("false", range(5))
+def test_a_false_share_is_seen_wherever_it_sits_among_more_shares_than_the_threshold(false: int) -> None:
+    shares = shamir.share(secrets.token_bytes(shamir.SECRET_SIZE), 3, 5)
+    assert shamir.consistent(shares, 3)
+    x, value = shares[false]
+    shares[false] = (x, (int.from_bytes(value, "big") + 1).to_bytes(len(value), "big"))
+    assert not shamir.consistent(shares, 3)
+    assert shamir.consistent(shares[:3], 3), "at the threshold, nothing checks a share"
 
 
 # --- plain sums -----------------------------------------------------------------------------
