@@ -8,6 +8,7 @@ set of honest nodes could have sent, and must name the site in the reason it log
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from collections.abc import Callable, Iterable
@@ -23,7 +24,12 @@ from fedcost.client.node import Node
 from fedcost.config import SecureAggregationSection
 from fedcost.data.files import write_node_files
 from fedcost.data.synthetic import EcosystemSpec, generate_ecosystem
-from fedcost.errors import SumNotRecoveredError
+from fedcost.errors import ConfigError, SumNotRecoveredError
+from fedcost.federation.collect import collect
+from fedcost.federation.provision import Federation, FederationConfig
+from fedcost.federation.site_report import read_report
+from fedcost.identity.federation_ca import utc_now
+from fedcost.run_folder import RunFolder
 from fedcost.secagg import shamir
 from fedcost.server.shared_sum import SharedSums, SumResult
 from fedcost.wire import records as rec
@@ -312,3 +318,65 @@ def test_a_plain_weight_of_every_row_of_the_federation_is_refused_with_each_site
     with pytest.raises(SumNotRecoveredError, match="the summed weight .* is outside") as refused:
         _train(bench, _metrics(rows), secure=False)
     assert f"{ATTACKER} {rows}" in str(refused.value)
+
+
+# --- a site's own report, at `fedcost federation collect` -----------------------------------
+
+
+def _report(site: str, **changes: object) -> dict:
+    report = {
+        "site": site,
+        "role": "hospital",
+        "run_id": "r1",
+        "train_rows": 400,
+        "test_rows": 100,
+        "privacy": {"dp": True, "epsilon_budget": 8.0, "epsilon_spent": 2.5},
+        "held_out": {"readmission": {"auroc": 0.655}},
+    }
+    return {**report, **changes}
+
+
+def _site_folder(folder: Path, report: dict, logs: Iterable[str]) -> Path:
+    (folder / "audit" / "r1").mkdir(parents=True)
+    for site in logs:
+        (folder / "audit" / "r1" / f"{site}.jsonl").write_text("")
+    (folder / "reports").mkdir()
+    (folder / "reports" / "r1.json").write_text(json.dumps(report))
+    return folder
+
+
+def test_a_sites_report_in_another_sites_name_is_refused_at_collect(tmp_path: Path) -> None:
+    """Reports are not signed: hospital-2's folder held hospital-3's "report", and collect put its
+    figures (rows, ε, held-out metrics) into the summary as hospital-3's."""
+    federation = Federation.init(tmp_path / "f", FederationConfig("f", "127.0.0.1:9093"), at=utc_now())
+    run = RunFolder(federation.runs_dir / "r1")
+    run.audit.mkdir(parents=True)
+    run.identities.mkdir(parents=True)
+    for site in SITES:
+        (run.identities / f"{site}.pub.json").write_text("{}")
+    forged = _site_folder(tmp_path / "hospital-2", _report("hospital-3"), [ATTACKER])
+    with pytest.raises(ConfigError, match="no audit/r1/hospital-3.jsonl beside it"):
+        collect(federation, "r1", [forged])
+    own = _site_folder(tmp_path / "own", _report(ATTACKER), [ATTACKER])
+    assert collect(federation, "r1", [own]).reports == [ATTACKER]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"privacy": {"dp": True, "epsilon_budget": 8.0, "epsilon_spent": "<b>0</b>"}}, "privacy"),
+        ({"privacy": {"dp": True}}, "privacy"),
+        ({"privacy": {"dp": "yes"}}, "privacy"),
+        ({"held_out": {"readmission": {"auroc": "0.9<script>"}}}, "held_out"),
+        ({"held_out": {"readmission": 0.9}}, "held_out"),
+        ({"held_out": {"readmission": {"rows": 3.0}}}, "held_out"),
+        ({"held_out": {"<img>": {"auroc": 0.9}}}, "held_out"),
+    ],
+)
+def test_a_site_report_whose_figures_are_not_numbers_is_refused(tmp_path: Path, change: dict, field: str) -> None:
+    """They reached summary.json as they were, and report.html's writing failed on a string
+    where a number belongs (a traceback from `collect`)."""
+    path = tmp_path / "r1.json"
+    path.write_text(json.dumps(_report(ATTACKER, **change)))
+    with pytest.raises(ConfigError, match=field):
+        read_report(path)
