@@ -24,13 +24,14 @@ from fedcost.client.node import Node
 from fedcost.config import SecureAggregationSection
 from fedcost.data.files import write_node_files
 from fedcost.data.synthetic import EcosystemSpec, generate_ecosystem
-from fedcost.errors import ConfigError, SumNotRecoveredError
+from fedcost.errors import ConfigError, FederationError, SumNotRecoveredError
 from fedcost.federation.collect import collect
 from fedcost.federation.provision import Federation, FederationConfig
 from fedcost.federation.site_report import read_report
 from fedcost.identity.federation_ca import utc_now
 from fedcost.run_folder import RunFolder
 from fedcost.secagg import shamir
+from fedcost.server.app import say_hello
 from fedcost.server.shared_sum import SharedSums, SumResult
 from fedcost.wire import records as rec
 
@@ -380,3 +381,26 @@ def test_a_site_report_whose_figures_are_not_numbers_is_refused(tmp_path: Path, 
     path.write_text(json.dumps(_report(ATTACKER, **change)))
     with pytest.raises(ConfigError, match=field):
         read_report(path)
+
+
+# --- the hello ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("claim", [None, 7])
+def test_a_hello_reply_without_a_roster_name_stops_the_run_naming_the_node(
+    mapping: Path, tmp_path: Path, claim: object
+) -> None:
+    """A reply with no name record was a KeyError at the coordinator (a traceback, no node named)."""
+    bench = Bench(tmp_path, mapping, SITES)
+
+    def rename(request: RecordDict, content: RecordDict) -> RecordDict:
+        del content[rec.NODE]
+        if claim is not None:
+            content[rec.NODE] = ConfigRecord({"name": claim})
+        return content
+
+    grid = AttackerGrid(bench, rename)
+    node_ids = sorted(site.node_id for site in bench.sites.values())
+    attacker = bench.site(ATTACKER).node_id
+    with pytest.raises(FederationError, match=f"node {attacker} calls itself {claim!r}, not an enrolled, unclaimed"):
+        say_hello(grid, node_ids, bench.hello().to_record(), set(SITES))  # type: ignore[arg-type]
