@@ -184,6 +184,22 @@ def test_a_reply_claiming_another_nodes_id_is_its_sites_dropout(mapping: Path, t
     assert f"reply claims to come from node {other}" in result.dropouts[ATTACKER]
 
 
+def test_a_plain_contribution_in_a_secure_sum_is_its_sites_dropout(mapping: Path, tmp_path: Path) -> None:
+    """Its input in the clear where a masked one was owed: the coordinator neither reads nor adds it."""
+
+    def in_the_clear(request: RecordDict, content: RecordDict) -> RecordDict:
+        if _stage(request) != "masked-input":
+            return content
+        del content[rec.SECAGG]
+        content[rec.CONTRIBUTION] = rec.arrays_record([np.ones(3)])
+        content[rec.METRICS] = MetricRecord({rec.WEIGHT: 240})
+        return content
+
+    result = _train(_bench(mapping, tmp_path), in_the_clear)
+    assert result.included == sorted(set(SITES) - {ATTACKER})
+    assert "malformed secure-aggregation reply" in result.dropouts[ATTACKER]
+
+
 def test_an_unmask_reply_revealing_a_live_neighbours_mask_key_share_is_left_out(mapping: Path, tmp_path: Path) -> None:
     """Its seed shares and, besides, the key shares of live neighbours: with both, a live node's
     input could be unmasked alone. The coordinator takes neither; the sum needs no more shares."""
