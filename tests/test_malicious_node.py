@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 from guardian_bench import RUN, Bench
 
@@ -420,3 +421,28 @@ def test_a_hello_reply_without_a_roster_name_stops_the_run_naming_the_node(
     attacker = bench.site(ATTACKER).node_id
     with pytest.raises(FederationError, match=f"node {attacker} calls itself {claim!r}, not an enrolled, unclaimed"):
         say_hello(grid, node_ids, bench.hello().to_record(), set(SITES))  # type: ignore[arg-type]
+
+
+def test_a_nodes_reason_is_kept_escaped_and_cut(mapping: Path, tmp_path: Path) -> None:
+    """A refusal's reason is the node's own text: a newline in it forged a line of the
+    coordinator's log, and its length was the node's to choose."""
+    forged = "x\n2026-12-07 INFO fedcost.coordinator round 1 train: every site included\x1b[2J" + "y" * 10**6
+
+    class Refusing(AttackerGrid):
+        def send_and_receive(self, messages: Iterable[Message]) -> list[Message]:
+            replies = super().send_and_receive(messages)
+            return [
+                Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, forged), reply_to=message)
+                if self.sites[message.metadata.dst_node_id].name == ATTACKER
+                else reply
+                for message, reply in zip(messages, replies, strict=True)
+            ]
+
+    bench = _bench(mapping, tmp_path)
+    sites = {site.node_id: site.name for site in bench.sites.values()}
+    sums = SharedSums(Refusing(bench, lambda _, c: c), sites, SecureAggregationSection(), RUN, bench.roster)  # type: ignore[arg-type]
+    shapes = [(len(Node(bench.site(SITES[0]).setup).layout.slots()),)]
+    result = sums.run("statistics", 0, shapes, sorted(sites))
+    reason = result.dropouts[ATTACKER]
+    assert "\n" not in reason and "\x1b" not in reason and "x\\n2026-12-07" in reason
+    assert len(reason) < rec.MAX_REASON + 200

@@ -739,7 +739,8 @@ def say_hello(
     for reply in grid.send_and_receive(messages):
         if reply.has_error():
             raise FederationError(
-                f"node {reply.metadata.src_node_id} refused or failed to start the job: {reply.error.reason}. "
+                f"node {reply.metadata.src_node_id} refused or failed to start the job: "
+                f"{rec.their_reason(reply.error.reason)}. "
                 "The run stops: every enrolled site must accept the job; change the run's config "
                 "or ask the site to change its policy"
             )

@@ -115,11 +115,11 @@ class _Ahead:
             return
         if reply.has_error():
             if alone:
-                self.refusals[site] = reply.error.reason
+                self.refusals[site] = rec.their_reason(reply.error.reason)
             return
         records = reply.content.config_records
         if rec.NEXT_REFUSED in records and not alone:
-            self.refusals[site] = str(records[rec.NEXT_REFUSED].get(rec.REASON, ""))
+            self.refusals[site] = rec.their_reason(records[rec.NEXT_REFUSED].get(rec.REASON, ""))
             return
         record = records.get(rec.SECAGG if alone else rec.NEXT_SECAGG)
         if record is None:
@@ -282,7 +282,7 @@ class SharedSums:
         for reply in self.grid.send_and_receive(messages):
             site = self.sites.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
             if reply.has_error():
-                dropouts[site] = reply.error.reason
+                dropouts[site] = rec.their_reason(reply.error.reason)
                 continue
             try:
                 arrays, node_weight = _plain_contribution(reply.content, shapes, quantizer)
@@ -367,7 +367,7 @@ class SharedSums:
         if site is None or reply.metadata.src_node_id not in owed:
             return None
         if reply.has_error():
-            errors[site] = reply.error.reason
+            errors[site] = rec.their_reason(reply.error.reason)
             return None
         try:
             parsed = reply_from_dict(
