@@ -167,8 +167,8 @@ class Guardian:
     def _refused(self, error: Exception, kind: str, round_: int | None, audit: AuditLog) -> str:
         """Log a request's refusal and return what the coordinator is told: a refusal's reason
         (the site's rules at work), never the text of the site's own fault."""
-        if isinstance(error, REFUSALS):
-            reason = str(error)
+        if isinstance(error, REFUSALS):  # its notes name the peer at fault (a share's sender, a signer)
+            reason = " ".join([str(error), *(f"({note})" for note in getattr(error, "__notes__", ()))])
         elif isinstance(error, SITE_FAULTS):
             logger.error("site %s cannot answer a %s request: %s", self.setup.name, kind, error)
             reason = "the site's own data or configuration failed its check; the site's log names the problem"
@@ -354,8 +354,9 @@ class Guardian:
         job, weights = None, {}
         if purpose.carries_model:
             job = _job(request)
-            weights = {name: array.numpy() for name, array in request.weights.items()} if request.weights else {}
-            _check_model(job, weights, node, purpose.name)
+            carried = request.weights
+            weights = {name: array.numpy() for name, array in carried.items()} if carried is not None else {}
+            _check_model(job, weights, node, purpose.name, carried=carried is not None)
         layout = site.request_layout(request) if purpose.name == "analytics" else None
         release = None
         if layout is not None:
@@ -628,10 +629,10 @@ def _job(request: Request) -> TrainingJob:
         raise _request_refusal("its training job is malformed") from None
 
 
-def _check_model(job: TrainingJob, weights: dict[str, np.ndarray], node: Node, purpose: str) -> None:
+def _check_model(job: TrainingJob, weights: dict[str, np.ndarray], node: Node, purpose: str, *, carried: bool) -> None:
     """The job may use only the site's feature columns, and the weights (where the request
-    carries them) must be its model's: an exact GLM's coefficients (Newton sums), else the
-    torch model's state."""
+    ``carried`` them, even as an empty record) must be its model's: an exact GLM's
+    coefficients (Newton sums), else the torch model's state."""
     columns = {column.name: column for column in node.layout.columns}
     features = job.features
     named = [*features.numeric, *features.vocabularies, *features.flagged]
@@ -643,7 +644,7 @@ def _check_model(job: TrainingJob, weights: dict[str, np.ndarray], node: Node, p
             raise _request_refusal(f"its job's levels of {name!r} are not that column's levels")
     if any(columns[name].kind != "numeric" for name in features.numeric):
         raise _request_refusal("its job treats a categorical column as a number")
-    if not weights:  # a secure sum's stages before and after its masked input carry no model
+    if not carried:  # a secure sum's stages before and after its masked input carry no model
         return
     if purpose == "newton":
         shapes = {task: (len(features.design_names) + 1,) for task in job.model.tasks}
@@ -760,10 +761,12 @@ def _kind(message: Message) -> str:
 
 
 def _round(message: Message) -> int | None:
-    """The request's round for the audit log, if it states one as a whole number."""
+    """The request's round for the audit log, if it states one as a whole number that the log's
+    JSON holds exactly (below 2**53: a larger one failed the log's write, and the request went
+    unlogged and unanswered by the guardian)."""
     config = message.content.config_records.get(rec.CONFIG)
     value = config.get(rec.ROUND) if config is not None else None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53 else None
 
 
 def _error(message: Message, reason: str) -> Message:

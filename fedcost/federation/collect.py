@@ -70,6 +70,12 @@ def collect(federation: Federation, run_id: str, sources: list[Path]) -> Collect
                     f"is {content['site']!r}'s report of run {content['run_id']!r}, not one of this run's sites",
                     path=str(report),
                 )
+            if content["site"] not in {log.stem for log in logs}:  # a report is unsigned: its log vouches for it
+                raise ConfigError(
+                    f"is {content['site']!r}'s report, but the folder holds no audit/{run_id}/{content['site']}.jsonl "
+                    "beside it: a site's report is taken only with that site's own signed log, from its state folder",
+                    path=str(report),
+                )
             reports.append(content)
             collected.reports.append(content["site"])
     trust = federation.trusted_ca(at=utc_now())

@@ -151,4 +151,34 @@ def read_report(path: Path) -> dict[str, Any]:
     ):
         if not isinstance(report.get(key), kind):
             raise ConfigError(f"missing or not a {kind.__name__}", path=str(path), field=key)
+    _check_figures(report, path)
     return report
+
+
+def _check_figures(report: dict[str, Any], path: Path) -> None:
+    """Refuse a report whose figures are not the numbers a site writes: they go into the
+    operator's summary and report.html as numbers (a string there failed the page's writing)."""
+    privacy = report["privacy"]
+    names = ("epsilon_budget", "epsilon_spent") if privacy.get("dp") is True else ()
+    if not isinstance(privacy.get("dp"), bool) or not all(_is_number(privacy.get(name)) for name in names):
+        raise ConfigError(
+            "is not a dp flag with (where true) numbers for epsilon_budget and epsilon_spent",
+            path=str(path),
+            field="privacy",
+        )
+    for task, figures in report["held_out"].items():
+        metrics = TASK_METRICS.get(task)
+        if (
+            metrics is None
+            or not isinstance(figures, dict)
+            or not all(m in metrics and _is_number(v) for m, v in figures.items())
+        ):
+            raise ConfigError(
+                f"{task!r:.40} is not a task with numbers for its metrics ({', '.join(TASK_METRICS)})",
+                path=str(path),
+                field="held_out",
+            )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

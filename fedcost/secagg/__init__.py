@@ -47,6 +47,7 @@ from fedcost.secagg.messages import (
     UnmaskReply,
     UnmaskRequest,
     reply_from_dict,
+    reply_kind,
     request_from_dict,
 )
 from fedcost.secagg.protocol import Aggregate, Coordinator, Node
@@ -77,6 +78,7 @@ __all__ = [
     "choose_threshold",
     "neighbours",
     "reply_from_dict",
+    "reply_kind",
     "request_from_dict",
     "simulate_round",
 ]

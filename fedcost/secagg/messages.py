@@ -505,3 +505,9 @@ def request_from_dict(data: Mapping[str, Any]) -> Request:
 def reply_from_dict(data: Mapping[str, Any]) -> Reply:
     """The reply the coordinator received, from its dict; ProtocolAbort if malformed."""
     return _from_dict(_REPLIES, data, "reply")
+
+
+def reply_kind(request: Request) -> type[Reply]:
+    """The reply a node owes ``request``: its key advertisement to a setup, else that stage's reply."""
+    stage = Stage.ADVERTISE_KEYS if request.stage is Stage.SETUP else request.stage
+    return _REPLIES[stage.value]  # type: ignore[return-value]

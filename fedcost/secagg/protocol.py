@@ -604,8 +604,8 @@ class Coordinator:
         """
         config = self.config
         outside = self._shared - self._masked
-        seed_shares: dict[int, list[shamir.Share]] = defaultdict(list)
-        key_shares: dict[int, list[shamir.Share]] = defaultdict(list)
+        seed_shares: dict[int, list[tuple[int, shamir.Share]]] = defaultdict(list)  # owner -> (revealer, share)
+        key_shares: dict[int, list[tuple[int, shamir.Share]]] = defaultdict(list)
         answered = set()
         for node, reply in by_node.items():
             if (
@@ -617,9 +617,9 @@ class Coordinator:
                 continue
             answered.add(node)
             for share in reply.seed_shares:
-                seed_shares[share.owner].append((share.x, share.value))
+                seed_shares[share.owner].append((node, (share.x, share.value)))
             for share in reply.key_shares:
-                key_shares[share.owner].append((share.x, share.value))
+                key_shares[share.owner].append((node, (share.x, share.value)))
         self._check_threshold(self._shared, answered, Stage.UNMASK)
         total = MaskSum(self._total, config.bits)
         for node in self._survivors:
@@ -637,8 +637,20 @@ class Coordinator:
         self._result = Aggregate(total.reduced(), self._survivors)
         return {}
 
-    def _combine(self, shares: list[shamir.Share], owner: int, what: str) -> bytes:
+    def _combine(self, revealed: list[tuple[int, shamir.Share]], owner: int, what: str) -> bytes:
+        """``owner``'s secret from the shares its neighbours revealed, each share beyond the
+        threshold checked against the others: a false one (a node lying in unmask) would rebuild
+        a wrong secret and pass noise off as the sum. Shares that disagree abort the round naming
+        their revealers (which of them lied, the shares alone cannot tell for sure: two lying
+        together can make an honest one look the odd one out)."""
+        shares = [share for _, share in revealed]
         try:
+            if not shamir.consistent(shares, self.config.threshold):
+                revealers = sorted(node for node, _ in revealed)
+                raise ProtocolAbort(
+                    f"the {what} shares of node {owner} revealed by nodes {revealers} disagree: one of them "
+                    "revealed a false share"
+                )
             return shamir.combine(shares, self.config.threshold)
         except ValueError as exc:
             raise ProtocolAbort(f"the {what} shares of node {owner} do not combine") from exc

@@ -117,6 +117,21 @@ class Quantizer:
         """The largest weighted sum of grid indices: 2 * levels per unit of weight."""
         return 2 * self.levels * self.weight_bound
 
+    def check_weight(self, summed_weight: float, nodes: int) -> None:
+        """Refuse a summed weight that ``nodes`` honest inputs cannot add up to: each sends a
+        weight in 1..max_weight (exactly 1 for an unweighted sum), and all of them at most
+        ``weight_bound``. A node that claims more rows than it has can do so only within these.
+
+        Raises ValueError saying which bound the weight breaks.
+        """
+        most = min(nodes * self.max_weight, self.weight_bound)
+        if not nodes <= summed_weight <= most:
+            raise ValueError(
+                f"the summed weight {summed_weight:g} of {nodes} input(s) is outside {nodes}..{most}, "
+                f"what {nodes} node(s) of weight 1..{self.max_weight} within the round's {self.weight_bound} "
+                "may add up to"
+            )
+
     def length(self, shapes: Sequence[tuple[int, ...]]) -> int:
         """Entries of one encoded input: every array, flattened, plus the weight."""
         return sum(math.prod(shape) for shape in shapes) + 1

@@ -739,14 +739,16 @@ def say_hello(
     for reply in grid.send_and_receive(messages):
         if reply.has_error():
             raise FederationError(
-                f"node {reply.metadata.src_node_id} refused or failed to start the job: {reply.error.reason}. "
+                f"node {reply.metadata.src_node_id} refused or failed to start the job: "
+                f"{rec.their_reason(reply.error.reason)}. "
                 "The run stops: every enrolled site must accept the job; change the run's config "
                 "or ask the site to change its policy"
             )
-        name = str(reply.content[rec.NODE]["name"])
-        if name not in enrolled or name in sites.values():
+        node = reply.content.config_records.get(rec.NODE)
+        name = node.get("name") if node is not None else None
+        if not isinstance(name, str) or name not in enrolled or name in sites.values():
             raise FederationError(
-                f"node {reply.metadata.src_node_id} calls itself {name!r}, not an enrolled, unclaimed site"
+                f"node {reply.metadata.src_node_id} calls itself {name!r:.60}, not an enrolled, unclaimed site"
             )
         sites[reply.metadata.src_node_id] = name
     if len(sites) < len(enrolled):

@@ -71,7 +71,8 @@ class RemoteSite:
         (reply,) = self.grid.send_and_receive([message])
         if reply.has_error():
             raise FederationError(
-                f"the episode linkage stops: {self.name} did not answer its {stage} step: {reply.error.reason}"
+                f"the episode linkage stops: {self.name} did not answer its {stage} step: "
+                f"{rec.their_reason(reply.error.reason)}"
             )
         record = reply.content.config_records.get(rec.LINKAGE)
         if record is None or record.get(rec.STAGE) != f"episodes-{stage}":

@@ -36,6 +36,7 @@ from fedcost.secagg import (
     SetupRequest,
     UnmaskRequest,
     reply_from_dict,
+    reply_kind,
 )
 from fedcost.wire import records as rec
 from fedcost.wire.purposes import PURPOSES
@@ -114,11 +115,11 @@ class _Ahead:
             return
         if reply.has_error():
             if alone:
-                self.refusals[site] = reply.error.reason
+                self.refusals[site] = rec.their_reason(reply.error.reason)
             return
         records = reply.content.config_records
         if rec.NEXT_REFUSED in records and not alone:
-            self.refusals[site] = str(records[rec.NEXT_REFUSED].get(rec.REASON, ""))
+            self.refusals[site] = rec.their_reason(records[rec.NEXT_REFUSED].get(rec.REASON, ""))
             return
         record = records.get(rec.SECAGG if alone else rec.NEXT_SECAGG)
         if record is None:
@@ -182,9 +183,9 @@ class SharedSums:
         ahead, self._ahead = self._ahead, None  # a sum set up ahead serves the next call only
         base = self._base(purpose, server_round, job)
         payload = RecordDict({rec.ARRAYS: arrays}) if arrays is not None else None
-        if not self.settings.enabled:
-            return self._plain(purpose, shapes, node_ids, base, payload)
         quantizer = quantizer or self._quantizer(purpose, len(node_ids), total_weight, noisy)
+        if not self.settings.enabled:
+            return self._plain(purpose, shapes, node_ids, base, payload, quantizer)
         attempts = self.settings.retries + 1 if self.settings.on_abort == "retry" else 1
         config = self._secure_config(base, quantizer)
         if ahead is not None and ahead.refusals:
@@ -264,28 +265,37 @@ class SharedSums:
         )
 
     def _plain(
-        self, purpose: str, shapes: list[tuple[int, ...]], node_ids: list[int], base: dict, payload: RecordDict | None
+        self,
+        purpose: str,
+        shapes: list[tuple[int, ...]],
+        node_ids: list[int],
+        base: dict,
+        payload: RecordDict | None,
+        quantizer: Quantizer,
     ) -> SumResult:
-        """Contributions in the clear, weighted as the quantiser weights them under SecAgg+."""
+        """Contributions in the clear, bounded and weighted as the quantiser bounds and weighs
+        them under SecAgg+; a contribution outside those bounds is that node's dropout."""
         config = {**base, rec.TRANSPORT: rec.PLAIN}
         messages = [self._message(n, purpose, config, dict(payload or {})) for n in node_ids]
         total = [np.zeros(shape) for shape in shapes]
-        weight, included, dropouts = 0.0, [], {}
+        weight, included, dropouts, claims = 0.0, [], {}, []
         for reply in self.grid.send_and_receive(messages):
             site = self.sites.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
             if reply.has_error():
-                dropouts[site] = reply.error.reason
+                dropouts[site] = rec.their_reason(reply.error.reason)
                 continue
-            arrays = rec.arrays_list(reply.content[rec.CONTRIBUTION])
-            if [a.shape for a in arrays] != shapes:
-                dropouts[site] = "contribution has the wrong shape"
+            try:
+                arrays, node_weight = _plain_contribution(reply.content, shapes, quantizer)
+            except ValueError as refused:
+                dropouts[site] = f"contribution refused: {refused}"
                 continue
-            node_weight = float(reply.content[rec.METRICS][rec.WEIGHT])
             total = [t + a * node_weight for t, a in zip(total, arrays)]
             weight += node_weight
             included.append(site)
+            claims.append(f"{site} {node_weight:g}")
         if not included:
             raise SumNotRecoveredError(f"{purpose}: no node contributed ({_reasons(dropouts)})", dropouts)
+        _check_weight(quantizer, weight, included, f"round {base[rec.ROUND]} {purpose}", ", ".join(claims), dropouts)
         return SumResult(total, weight, sorted(included), dropouts)
 
     def _secure(
@@ -329,27 +339,35 @@ class SharedSums:
                 if setting_up is not None:  # its nodes this stage does not ask: the setup alone
                     setup = {rec.SECAGG: setting_up.setup}
                     messages += [self._message(n, setting_up.purpose, setting_up.base, setup) for n in sorted(alone)]
+                owed = {by_secure_id[i]: reply_kind(request) for i, request in requests.items()}
                 replies = []
                 for reply in self.grid.send_and_receive(messages):
                     if setting_up is not None:
                         setting_up.take(reply, self.sites, self.secure_ids, alone=reply.metadata.src_node_id in alone)
-                    if reply.metadata.src_node_id not in alone and (parsed := self._parse(reply, errors)) is not None:
+                    if (
+                        reply.metadata.src_node_id not in alone
+                        and (parsed := self._parse(reply, owed, errors)) is not None
+                    ):
                         replies.append(parsed)
                 requests = coordinator.handle(replies)
         except ProtocolAbort as abort:
             raise _Aborted(str(abort), self._dropouts(coordinator, by_secure_id, errors)) from None
-        self._ahead = ahead
         sums, weight = quantizer.decode(coordinator.result.total, shapes)
         included = sorted(self.sites[by_secure_id[i]] for i in coordinator.result.included)
-        return SumResult(sums, float(weight), included, self._dropouts(coordinator, by_secure_id, errors))
+        dropouts = self._dropouts(coordinator, by_secure_id, errors)
+        where = f"round {config[rec.ROUND]} {purpose}"
+        _check_weight(quantizer, weight, included, where, "secure aggregation hides which", dropouts)
+        self._ahead = ahead
+        return SumResult(sums, float(weight), included, dropouts)
 
-    def _parse(self, reply: Message, errors: dict[str, str]):
-        """A node's reply as a protocol message; a failed or forged one counts as a dropout."""
+    def _parse(self, reply: Message, owed: dict[int, type], errors: dict[str, str]):
+        """A node's reply as the protocol message ``owed`` says it owes; a failed, forged or
+        other stage's reply counts as that node's dropout (it would abort the whole round)."""
         site = self.sites.get(reply.metadata.src_node_id)
-        if site is None:
+        if site is None or reply.metadata.src_node_id not in owed:
             return None
         if reply.has_error():
-            errors[site] = reply.error.reason
+            errors[site] = rec.their_reason(reply.error.reason)
             return None
         try:
             parsed = reply_from_dict(
@@ -360,6 +378,9 @@ class SharedSums:
             return None
         if parsed.node_id != self.secure_ids[site]:
             errors[site] = f"reply claims to come from node {parsed.node_id}"
+            return None
+        if not isinstance(parsed, kind := owed[reply.metadata.src_node_id]):
+            errors[site] = f"a {parsed.stage.value} reply where a {kind.stage.value} reply was owed"
             return None
         return parsed
 
@@ -413,6 +434,47 @@ class _Aborted(Exception):
         super().__init__(reason)
         self.reason = reason
         self.dropouts = dropouts
+
+
+def _check_weight(
+    quantizer: Quantizer, weight: float, included: list[str], where: str, which: str, dropouts: dict[str, str]
+) -> None:
+    """Refuse a sum whose weight the ``included`` sites cannot honestly add up to; ``which``:
+    what is known of each site's part (the weights it claimed, or that none is known)."""
+    try:
+        quantizer.check_weight(weight, len(included))
+    except ValueError as impossible:
+        raise SumNotRecoveredError(
+            f"{where}: the sum of {', '.join(sorted(included))} is refused: {impossible}. One of these sites "
+            f"sent a weight outside the round's range ({which}): a site claiming more rows than it has, or a "
+            "node running modified code. Each site's audit log records its rows (data_loaded); run the job "
+            "again without the site at fault",
+            dropouts,
+        ) from None
+
+
+def _plain_contribution(
+    content: RecordDict, shapes: list[tuple[int, ...]], quantizer: Quantizer
+) -> tuple[list[np.ndarray], float]:
+    """A node's plain contribution and weight, checked as the quantiser encodes them under
+    SecAgg+: arrays of the sum's shapes, finite, clipped to ±clip; a weight in 1..max_weight,
+    and at most the round's total weight.
+
+    Raises ValueError naming the record or field at fault.
+    """
+    record = content.array_records.get(rec.CONTRIBUTION)
+    metrics = content.metric_records.get(rec.METRICS)
+    if record is None or metrics is None or rec.WEIGHT not in metrics:
+        raise ValueError(f"the reply lacks its {rec.CONTRIBUTION!r} arrays or its {rec.WEIGHT!r} metric")
+    arrays = [np.asarray(array, dtype=np.float64) for array in rec.arrays_list(record)]
+    if [a.shape for a in arrays] != shapes:
+        raise ValueError(f"its arrays have shapes {[a.shape for a in arrays]}, not the sum's {shapes}")
+    if not all(np.isfinite(a).all() for a in arrays):
+        raise ValueError("its arrays hold NaN or infinite entries")
+    weight, most = metrics[rec.WEIGHT], min(quantizer.max_weight, quantizer.weight_bound)
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= most:
+        raise ValueError(f"its weight {weight!r} is not an integer in 1..{most}")
+    return [np.clip(a, -quantizer.clip, quantizer.clip) for a in arrays], float(weight)
 
 
 def _reasons(dropouts: dict[str, str]) -> str:

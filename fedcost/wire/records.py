@@ -58,6 +58,18 @@ STAGE = "stage"
 PEER = "peer"
 
 
+# The most of a node's stated reason (a refusal, a failure) a coordinator keeps and logs.
+MAX_REASON = 1000
+
+
+def their_reason(text: object) -> str:
+    """A node's stated reason as the coordinator keeps, logs and records it: the node's own
+    words, so control characters are shown escaped (a newline would forge a log line) and the
+    text is cut at ``MAX_REASON`` characters (the node chooses its length)."""
+    words = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text)[: MAX_REASON + 1])
+    return words if len(words) <= MAX_REASON else words[:MAX_REASON] + "…"
+
+
 def split_message_dict(data: dict[str, Any]) -> tuple[ConfigRecord, ArrayRecord]:
     """A protocol message's dict as records: numpy arrays apart from everything else."""
     arrays = {k: Array(v) for k, v in data.items() if isinstance(v, np.ndarray)}
