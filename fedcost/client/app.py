@@ -379,6 +379,7 @@ class Guardian:
             hello.noise,
             limit,
             hello.newton_noise if purpose.name == "newton" else None,
+            request.transport == rec.SECURE,
         )
 
     def _contribution(
