@@ -125,3 +125,29 @@ def test_a_run_where_too_few_sites_can_evaluate_trains_on_and_says_why_per_round
     assert set(rounds[-1]["withheld"]) == {"c", "d", "e"}
     assert rounds[-1]["nodes_included"] == 5  # every site trained
     assert summary["readmission"]["federated"]["auroc"] > 0.6
+
+
+def test_a_level_every_site_holds_too_few_of_to_release_is_in_the_model(tmp_path: Path) -> None:
+    """Four clinics of 45 patients, 9 of them of a rare stage at each: under 11 training rows
+    everywhere, so no clinic releases its count, yet 36 in all. Each clinic's bit (4 rows or
+    more) under secure aggregation takes the level in, and the fit has its coefficient."""
+    rng = np.random.default_rng(5)
+    lines = [
+        '[targets.died]\nkind = "binary"\n\n[features]\nnumeric = ["score"]\n',
+        'categorical = { stage = ["early", "late"] }\n',
+    ]
+    for name in ("a", "b", "c", "d"):
+        stage = np.array(["early"] * 36 + ["late"] * 9)
+        score = rng.normal(0, 1, 45)
+        died = (rng.random(45) < 1 / (1 + np.exp(1.0 - score - 2.0 * (stage == "late")))).astype(int)
+        pd.DataFrame({"score": score.round(3), "stage": stage, "died": died}).to_csv(
+            tmp_path / f"{name}.csv", index=False
+        )
+        lines.append(f'[nodes.{name}]\nfile = "{name}.csv"\n')
+    (tmp_path / "mapping.toml").write_text("\n".join(lines))
+    result = fedcost("simulate", "--data-dir", str(tmp_path), "--out", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    features = json.loads((tmp_path / "run" / "features.json").read_text())
+    assert features["vocabularies"]["stage"] == ["early", "late"] and features["left_out"] == []
+    coefficients = pd.read_csv(tmp_path / "run" / "coefficients.csv")
+    assert "stage=late" in set(coefficients["name"]), coefficients

@@ -190,3 +190,43 @@ def test_what_no_site_could_release_is_named_as_left_out_of_the_model() -> None:
     assert "not in the model: admission_type=urgent, admission_type=elective, wt_loss" in note
     assert "11 training rows" in note
     assert left_out_note({"min_cohort": 11, "features_left_out": []}) == ""
+
+
+def _urgent_sites(urgent: list[int]) -> list[pd.DataFrame]:
+    """Sites of 50 emergency, 20 elective and some urgent admissions (each count under 11)."""
+    return [_frame(70 + n, admission_type=["emergency"] * 50 + ["elective"] * 20 + ["urgent"] * n) for n in urgent]
+
+
+def _vocabulary(sites: list[pd.DataFrame], *, secure: bool, min_cohort: int = 11) -> tuple[str, ...]:
+    vectors = [LAYOUT.local_statistics(rows, min_cohort=min_cohort, secure=secure) for rows in sites]
+    spec = LAYOUT.feature_spec(np.sum(vectors, axis=0), min_cohort=min_cohort)
+    return spec.vocabularies["admission_type"]
+
+
+def test_a_level_no_site_can_release_enters_where_enough_sites_hold_a_share_of_it() -> None:
+    """Every site holds 4 to 10 urgent admissions, a small cell it withholds, with elective
+    (which would give it away); in a secure sum each site's bit (4 rows or more) proves 12
+    rows over 3 sites, and both levels are in."""
+    assert _vocabulary(_urgent_sites([5, 4, 9]), secure=True) == ("emergency", "urgent", "elective")
+    assert _vocabulary(_urgent_sites([5, 4, 9]), secure=False) == ("emergency",), "in the clear: no bits"
+    assert "urgent" not in _vocabulary(_urgent_sites([10, 10, 3]), secure=True), "only 2 sites hold 4 or more"
+    assert "urgent" not in _vocabulary(_urgent_sites([9, 9, 9, 9]), secure=True, min_cohort=20), "4 x 4 < 20"
+    assert "urgent" in _vocabulary(_urgent_sites([4] * 5), secure=True, min_cohort=20)
+
+
+def test_a_levels_bit_is_the_same_whatever_min_cohort_a_job_asks() -> None:
+    """Were the share the job's min_cohort / 3, jobs asking 11, 14, 17, ... would set a
+    withheld count between two thresholds; the bit is fixed at LEVEL_SHARE rows."""
+    (site,) = _urgent_sites([5])
+    bits = [name.endswith(".sites") for name in LAYOUT.slots()]
+    vectors = [LAYOUT.local_statistics(site, min_cohort=m, secure=True)[bits] for m in (11, 14, 20, 30)]
+    assert all(np.array_equal(vectors[0], v) for v in vectors)
+    noisy = LAYOUT.local_statistics(site, cost_clip=1e5, secure=True)[bits]
+    assert not noisy.any(), "a noisy release sends its counts whole and no bits"
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(0, 10), min_size=3, max_size=8), st.integers(11, 25))
+def test_a_level_taken_in_on_sites_bits_holds_min_cohort_rows(urgent: list[int], min_cohort: int) -> None:
+    if "urgent" in _vocabulary(_urgent_sites(urgent), secure=True, min_cohort=min_cohort):
+        assert sum(urgent) >= min_cohort

@@ -380,6 +380,7 @@ class Guardian:
             hello.noise,
             limit,
             hello.newton_noise if purpose.name == "newton" else None,
+            request.transport == rec.SECURE,
         )
 
     def _contribution(

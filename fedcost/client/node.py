@@ -82,7 +82,9 @@ class Ask:
     roster's size (benchmark); ``noise``: the job's distributed DP noise, under which a
     sum other than a training update is released whole with its values clipped instead
     of with small cells withheld; ``newton_noise``: the job's noise on an exact GLM's Newton
-    sums, which then leave normalised (``glm.noisy_site_sums``).
+    sums, which then leave normalised (``glm.noisy_site_sums``); ``secure``: the
+    contribution leaves masked, so feature statistics may carry what only a sum over sites
+    may show (``fedcost.data.features``, levels no site can release).
     """
 
     purpose: str
@@ -97,6 +99,7 @@ class Ask:
     noise: StatisticsNoise | None = None
     limit: float = math.inf  # the most any entry of an exact GLM's sums may be (the quantiser's clip)
     newton_noise: NewtonNoise | None = None
+    secure: bool = False  # the contribution leaves masked (SecAgg+), only its sum over sites seen
 
     @property
     def cost_clip(self) -> float | None:
@@ -148,9 +151,11 @@ class Node:
     def role(self) -> str:
         return self.data.role
 
-    def statistics(self, min_cohort: int = MIN_COHORT, cost_clip: float | None = None) -> np.ndarray:
+    def statistics(
+        self, min_cohort: int = MIN_COHORT, cost_clip: float | None = None, secure: bool = False
+    ) -> np.ndarray:
         """Sums over the training rows for the federation-wide feature encoding."""
-        return self.layout.local_statistics(self.data.train, min_cohort=min_cohort, cost_clip=cost_clip)
+        return self.layout.local_statistics(self.data.train, min_cohort=min_cohort, cost_clip=cost_clip, secure=secure)
 
     def contribution(self, ask: Ask, dp: DPConfig | None = None) -> Contribution:
         """This node's part of a shared sum for ``ask``; the coordinator learns only the sum
@@ -158,7 +163,7 @@ class Node:
         return _CONTRIBUTIONS[ask.purpose](self, ask, dp)
 
     def _statistics_contribution(self, ask: Ask, dp: DPConfig | None) -> Contribution:
-        return Contribution([self.statistics(ask.min_cohort, ask.cost_clip)], 1)
+        return Contribution([self.statistics(ask.min_cohort, ask.cost_clip, ask.secure)], 1)
 
     def _analytics_contribution(self, ask: Ask, dp: DPConfig | None) -> Contribution:
         assert ask.layout is not None

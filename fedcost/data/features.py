@@ -19,8 +19,21 @@ released, the withheld counts of a column add up to ``rows`` minus the released 
 while that union is 1 to ``min_cohort - 1`` rows the node also withholds the column's
 smallest released count (complementary suppression). A numeric column's (count, sum,
 sum of squares) leave only where at least ``min_cohort`` rows hold the value; otherwise
-zeros. Withheld counts make vocabularies and flags follow the counts that were released:
-a level no node could release is not in the vocabulary.
+zeros. Withheld counts make vocabularies and flags follow the counts that were released.
+
+Levels no site can release. Where sites are small, a level may be a small cell at every
+site yet common in the federation (a performance status in 113 of 227 patients at 18
+institutions of 2 to 36), and a level no site could release left the model, which then
+missed the pooled fit. So in a secure sum a node also says, per level, whether it holds at
+least ``LEVEL_SHARE`` training rows of it: a bit, not a count. The coordinator sees only
+their sum over the sites, the number of sites holding that many, and takes a level in when
+it proves ``min_cohort`` rows: at least ``SITES_PER_LEVEL`` such sites and
+``LEVEL_SHARE`` rows times their number at least ``min_cohort``. ``LEVEL_SHARE`` is fixed,
+whatever a job asks, so no two jobs' bits set the same level's count between two
+thresholds. In the clear (no secure aggregation) and in a noisy release a node sends no
+bits (0): the first would show its own small cells, the second releases counts whole.
+What the bits add: that a site's withheld level holds ``LEVEL_SHARE`` to ``min_cohort - 1``
+rows, summed over at least ``min_nodes`` sites.
 
 A few rows lacking a value (1 to ``min_cohort - 1``) are a small cell too, but withholding
 the column for them lost it: real extracts lack a lab value or a category in a handful of
@@ -65,6 +78,10 @@ from fedcost.models.training import TaskData
 from fedcost.privacy.policy import MIN_COHORT
 
 _MISSING = "__missing"
+# A level no site can release enters the vocabulary when at least SITES_PER_LEVEL sites
+# (the secure sum's own floor) each hold LEVEL_SHARE of its training rows, as many sites as
+# make min_cohort rows (module doc): 3 sites of 4 rows for the usual 11.
+SITES_PER_LEVEL, LEVEL_SHARE = 3, 4
 # Without noise a summed count is a whole number of rows give or take the secure sum's
 # rounding: a node's fixed-point entry may be one grid step high (2**-10 of a row in the
 # statistics stage), so a count every node sent as 0 can decode as a thousandth. Read as
@@ -208,6 +225,7 @@ class StatisticsLayout:
                 ]
             else:
                 names += [f"{column.name}={level}" for level in column.levels] + [f"{column.name}.missing"]
+                names += [f"{column.name}={level}.sites" for level in column.levels]
         if schema.READMISSION in self.targets:
             names.append(f"{schema.READMISSION}.sum")
         if schema.COST in self.targets:
@@ -229,12 +247,19 @@ class StatisticsLayout:
         return named
 
     def local_statistics(
-        self, rows: pd.DataFrame, min_cohort: int = MIN_COHORT, *, cost_clip: float | None = None
+        self,
+        rows: pd.DataFrame,
+        min_cohort: int = MIN_COHORT,
+        *,
+        cost_clip: float | None = None,
+        secure: bool = False,
     ) -> np.ndarray:
         """This node's sums over ``rows`` as one float64 vector in layout order: small counts
         withheld, or, for a noisy release (``cost_clip`` given), every value clipped to what
         ``noisy_bounds`` allows one record and nothing withheld: the noise protects small
-        counts there, and a rule that withholds by count is not differentially private."""
+        counts there, and a rule that withholds by count is not differentially private.
+        ``secure``: the vector leaves masked, summed over sites, so it carries each level's
+        bit (``LEVEL_SHARE`` rows or more; module doc)."""
         if min_cohort < 1:
             raise ValueError(f"min_cohort must be at least 1, not {min_cohort}")
         noisy = cost_clip is not None
@@ -262,6 +287,7 @@ class StatisticsLayout:
                     values += _whole_rows([*released, sum(levels) - sum(released)], len(rows))[:-1] + [0.0]
                 else:
                     values += withhold_small_counts([*levels, lacking], min_cohort)
+                values += [float(secure and not noisy and n >= LEVEL_SHARE) for n in levels]
         if schema.READMISSION in self.targets:
             values.append(float(np.nansum(rows[schema.READMISSION].to_numpy(dtype="float64"))))
         if schema.COST in self.targets:
@@ -277,7 +303,7 @@ class StatisticsLayout:
                 largest = max(float(np.max(np.abs(model_scale(column, np.array(column.value_range))))), 1.0)
                 bounds += [1.0, *_at_unit_digit(largest, 1.0), *_at_unit_digit(largest**2, 1.0)]
             else:
-                bounds += [1.0] * (len(column.levels) + 1)
+                bounds += [1.0] * (2 * len(column.levels) + 1)
         bounds += [1.0] * (schema.READMISSION in self.targets)
         bounds += _at_unit_digit(cost_clip, 1.0) if schema.COST in self.targets else []
         return np.asarray(bounds)
@@ -287,19 +313,27 @@ class StatisticsLayout:
         numeric = sum(column.kind == "numeric" for column in self.columns)
         return 1 + 3 * numeric + (len(self.columns) - numeric) + len(self.targets)
 
-    def feature_spec(self, totals: np.ndarray, *, noise_sd: float = 0.0) -> FeatureSpec:
+    def feature_spec(self, totals: np.ndarray, *, noise_sd: float = 0.0, min_cohort: int = MIN_COHORT) -> FeatureSpec:
         """The federation-wide encoding from the summed statistics vectors.
 
         ``noise_sd``: the standard deviation of the noise on each count (a noisy release);
         a level or a missing count within three of it of zero is taken as absent, so noise
         alone does not add levels or missing flags. Without noise a count is a whole number
-        of rows off by the secure sum's rounding (``ROUNDING``), so under half a row is none.
+        of rows off by the secure sum's rounding (``ROUNDING``), so under half a row is none,
+        and a level no site released is in where enough sites hold ``LEVEL_SHARE`` rows of it
+        to make ``min_cohort``.
         """
         slots = self.sums(totals, noisy=noise_sd > 0)
         rows = slots["rows"]
         if rows < 1:
             raise ValueError("the federation reported no training rows")
         absent = max(3 * noise_sd, ROUNDING)
+        enough = max(SITES_PER_LEVEL, math.ceil(min_cohort / LEVEL_SHARE))
+
+        def shared(sites: float) -> float:
+            """A level enough sites hold ``LEVEL_SHARE`` rows of counts as present (min_cohort rows)."""
+            return float(min_cohort) if noise_sd == 0 and sites > enough - ROUNDING else 0.0
+
         numeric: dict[str, tuple[float, float]] = {}
         log_scaled = tuple(c.name for c in self.columns if c.log_scale)
         vocabularies: dict[str, tuple[str, ...]] = {}
@@ -317,7 +351,10 @@ class StatisticsLayout:
                 if count < rows - absent:
                     flagged.append(column.name)
             else:
-                counts = {level: slots[f"{column.name}={level}"] for level in column.levels}
+                counts = {
+                    level: max(slots[f"{column.name}={level}"], shared(slots[f"{column.name}={level}.sites"]))
+                    for level in column.levels
+                }
                 if _declared(column) or any(n > absent for n in counts.values()):
                     left_out += [f"{column.name}={level}" for level, n in counts.items() if n <= absent]
                 if not any(n > absent for n in counts.values()):

@@ -568,10 +568,10 @@ class Coordinator:
             raise FederationError(f"the statistics stage needs every node that has enough rows; missing: {lost}")
         noise = self.plan.noise
         if noise is None:
-            features = self.plan.layout.feature_spec(result.arrays[0])
+            features = self.plan.layout.feature_spec(result.arrays[0], min_cohort=self.plan.min_cohort)
         else:
             totals = result.arrays[0] * self.plan.layout.noisy_bounds(noise.cost_clip)
-            features = self.plan.layout.feature_spec(totals, noise_sd=noise.sd)
+            features = self.plan.layout.feature_spec(totals, noise_sd=noise.sd, min_cohort=self.plan.min_cohort)
         self.observer.on_features(features, result.included)
         return features
 
