@@ -174,8 +174,9 @@ def test_the_secure_sums_rounding_adds_no_level_and_no_missing_flag(node_rows: l
 
 
 def test_what_no_site_could_release_is_named_as_left_out_of_the_model() -> None:
-    """Three sites of 8 urgent admissions each: 24 in all, but a small cell at every site, so
-    the level is not in the model (nor elective, which would give it away); a declared weight
+    """Three sites of 8 urgent admissions each, in the clear: 24 in all, but a small cell at
+    every site, so the level is not in the model (nor elective, which would give it away; in
+    a secure sum the sites' bits would take both in, below); a declared weight
     loss every site holds in 5 rows leaves with it. A report must say so rather than show a
     model that silently lacks them. A schema column no site holds (sex) is not the data set's."""
     weight_loss = schema.Column("wt_loss", "numeric", "declared numeric feature", minimum=None)

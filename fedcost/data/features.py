@@ -381,9 +381,10 @@ class FeatureSpec:
     ``cost_scale`` is the federation's mean cost: models learn costs in those units so a
     loss on costs of a few thousand and of a few hundred thousand stays well conditioned.
     ``left_out``: what the encoding lacks of the data set's own features and of the levels of
-    any category in it, since no site released them over ``min_cohort`` training rows (absent
-    everywhere, or a small cell at every site: the two look alike, as they must), so a
-    report can say so. (A schema column no site holds is not the data set's: not listed.)
+    any category in it, since no site released them over ``min_cohort`` training rows nor
+    did enough sites hold ``LEVEL_SHARE`` each (absent everywhere, or rare everywhere: the
+    two look alike, as they must), so a report can say so. (A schema column no site holds
+    is not the data set's: not listed.)
     """
 
     numeric: dict[str, tuple[float, float]]

@@ -43,7 +43,7 @@ def left_out_note(summary: dict) -> str:
         return ""
     return (
         f"not in the model: {', '.join(left_out)} (no site released them over {summary['min_cohort']} training "
-        "rows: absent, or a small cell at every site)"
+        "rows, nor did enough sites hold 4 each: absent, or rare everywhere)"
     )
 
 
