@@ -121,7 +121,7 @@ def ray_engine(section: SimulationSection, sites: int) -> Iterator[Placement]:
 
 def _placed_backend(actors: int) -> type[raybackend.RayBackend]:
     """Flower's Ray backend with a pool of ``actors`` actors instead of one per CPU of the
-    cluster. Flower 1.41 builds its backend by this module attribute's name and offers no
+    cluster. Flower 1.42 builds its backend by this module attribute's name and offers no
     setting for the pool's size; ``ray_engine`` puts this class there for one run."""
 
     class PlacedRayBackend(raybackend.RayBackend):

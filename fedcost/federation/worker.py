@@ -198,7 +198,7 @@ class NodeAuthInterceptor(grpc.UnaryUnaryClientInterceptor):
 class FleetSession:
     """This node's authenticated session with the coordinator's Fleet API over gRPC (TLS).
 
-    Flower 1.41's SuperNode speaks the Fleet API as protobuf over HTTP, which the SuperLink
+    Flower 1.42's SuperNode speaks the Fleet API as protobuf over HTTP, which the SuperLink
     serves through its per-request web middleware; its gRPC Fleet service, on the port
     after the federation's (``fleet_address``), answers the same calls from the same state
     for a fraction of the SuperLink's time per request (``benchmarks/RESULTS.md``,
