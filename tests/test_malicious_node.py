@@ -423,6 +423,22 @@ def test_a_hello_reply_without_a_roster_name_stops_the_run_naming_the_node(
         say_hello(grid, node_ids, bench.hello().to_record(), set(SITES))  # type: ignore[arg-type]
 
 
+def test_a_node_claiming_another_sites_name_is_named_beside_that_site(mapping: Path, tmp_path: Path) -> None:
+    """The second claimant of a name was blamed alone, whichever of the two lied (the honest
+    site, when the attacker answered first); the coordinator cannot tell, so it names both."""
+    bench = Bench(tmp_path, mapping, SITES)
+    honest = next(name for name in SITES if name != ATTACKER)
+
+    def impersonate(request: RecordDict, content: RecordDict) -> RecordDict:
+        content[rec.NODE] = ConfigRecord({"name": honest})
+        return content
+
+    node_ids = sorted(site.node_id for site in bench.sites.values())
+    pair = sorted((bench.site(ATTACKER).node_id, bench.site(honest).node_id))
+    with pytest.raises(FederationError, match=rf"nodes {pair[0]} and {pair[1]} both call themselves '{honest}'"):
+        say_hello(AttackerGrid(bench, impersonate), node_ids, bench.hello().to_record(), set(SITES))  # type: ignore[arg-type]
+
+
 def test_a_nodes_reason_is_kept_escaped_and_cut(mapping: Path, tmp_path: Path) -> None:
     """A refusal's reason is the node's own text: a newline in it forged a line of the
     coordinator's log, and its length was the node's to choose."""

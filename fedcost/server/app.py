@@ -746,9 +746,15 @@ def say_hello(
             )
         node = reply.content.config_records.get(rec.NODE)
         name = node.get("name") if node is not None else None
-        if not isinstance(name, str) or name not in enrolled or name in sites.values():
+        if not isinstance(name, str) or name not in enrolled:
             raise FederationError(
                 f"node {reply.metadata.src_node_id} calls itself {name!r:.60}, not an enrolled, unclaimed site"
+            )
+        if name in sites.values():
+            first = next(node_id for node_id, claimed in sites.items() if claimed == name)
+            raise FederationError(
+                f"nodes {first} and {reply.metadata.src_node_id} both call themselves {name!r}: one of them is "
+                "not that site (a name is the node's own claim); check which node holds that site's kit"
             )
         sites[reply.metadata.src_node_id] = name
     if len(sites) < len(enrolled):
