@@ -7,9 +7,10 @@ folder (127.0.0.1 only; any file it writes goes there), with this tree first on 
 The figures are not checked against targets: only that the run ends well and prints a
 number where its figure belongs. Speed is the benchmarks' own business (RESULTS.md).
 
-About 12 minutes on the 2-core development VM under a load of 4 to 6: most of it
-``secagg_primitives_bench`` (its one size, 2.5 min), ``simulation_bench`` (three whole
-simulations, 2 min) and the other benchmarks that run ``fedcost simulate`` once or twice.
+About 13 minutes on the 2-core development VM under a load of 4 to 6: most of it
+``secagg_primitives_bench`` (its one size, 2.5 min), ``adaptation_study`` (two simulations
+and their rescoring, 2 min), ``simulation_bench`` (three simulations, 2 min) and the other
+benchmarks that run ``fedcost simulate`` once or twice.
 """
 
 from __future__ import annotations
