@@ -8,6 +8,10 @@ pickled by value along with whatever they close over.
 Every node contributes the same fixed float32 vector every round (``node_vector``: uniform
 in [-1, 1), seeded by the node's partition id) with weight BENCH_ROWS, and every system sends the
 D-entry global model down with the request for the contribution, as a training round would.
+fedcost's nodes pass their real site checks: the hello states a training job of R + 1 rounds,
+and every request carries a real training job (``bench_job``: a one-feature, one-task net of
+exactly D parameters) whose model the weights must fit; a node cuts its vector to the
+model's shapes instead of training.
 fedcost's sum is told the total weight (BENCH_ROWS * N), as a training round is told the
 federation's training rows, so its masked vector is 32-bit words as in training.
 
@@ -194,6 +198,50 @@ class MaybeProfile:
 # Rows each benchmark node claims: the smallest cohort a site's egress guard lets a
 # contribution describe; the contribution's weight is this count, as a training node's is.
 BENCH_ROWS = 11
+# The one feature column the benchmark's model reads (a schema numeric, so every node's
+# layout has it and the site accepts a job that uses it).
+BENCH_FEATURE = "age"
+
+
+def bench_hidden(dim: int) -> tuple[int, ...]:
+    """Hidden widths of a one-feature, one-task multitask net with exactly ``dim`` parameters.
+
+    One hidden layer of h units has 3h + 1; (1, h) has 3h + 3; (1, 1, h) has 3h + 5: one
+    of the three fits any D >= 5.
+    """
+    if dim < 5:
+        raise ValueError(f"--dims {dim}: the benchmark's model needs at least 5 parameters")
+    extra = {1: (), 0: (1,), 2: (1, 1)}[dim % 3]
+    return (*extra, (dim - 1 - 2 * len(extra)) // 3)
+
+
+def bench_job(nodes: int, dim: int) -> Any:
+    """The training job every round asks for: a real job whose model has exactly ``dim``
+    parameters, so each node's site checks its features and the weights' shapes as in training."""
+    from fedcost.data.features import FeatureSpec
+    from fedcost.models.nets import ModelSpec
+    from fedcost.models.training import TrainConfig
+    from fedcost.models.training_job import TrainingJob
+
+    spec = ModelSpec(kind="multitask", hidden=bench_hidden(dim), tasks=("cost",), fit="fedavg")
+    features = FeatureSpec(
+        numeric={BENCH_FEATURE: (0.0, 1.0)},
+        vocabularies={},
+        flagged=(),
+        log_scaled=(),
+        readmission_rate=None,
+        cost_scale=1.0,
+        rows=BENCH_ROWS * nodes,
+    )
+    return TrainingJob(spec, TrainConfig(), features, 0)
+
+
+def bench_weights(job: Any) -> dict[str, np.ndarray]:
+    """The job's initial global model, as a training run's coordinator sends it."""
+    from fedcost.models.nets import build_model
+
+    model = build_model(job.model, job.features.n_features, seed=job.seed)
+    return {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
 
 
 @dataclass(frozen=True)
@@ -204,24 +252,43 @@ class _BenchRows:
     test: tuple = (None,) * BENCH_ROWS
 
 
+@cache
+def _bench_layout(mapping: Path) -> Any:
+    """The feature layout of the benchmark's mapping, as a real node derives it."""
+    from fedcost.data.features import StatisticsLayout
+    from fedcost.data.mapping import DataMapping
+
+    loaded = DataMapping.load(mapping)
+    return StatisticsLayout(loaded.feature_columns, tuple(loaded.targets))
+
+
 @dataclass(frozen=True)
 class BenchNode:
     """fedcost's node side for the benchmark: no rows, no training, a fixed vector.
 
-    ``data`` and ``schema_digest`` exist only for the hello exchange's audit entries.
+    ``layout`` is the mapping's real one (the site checks the job's features against it);
+    ``data``, ``data_digest`` and ``schema_digest`` stand in for the rows in the hello's
+    audit entries and the release ledger's keys.
     """
 
     name: str
     dim: int
+    layout: Any
     role: str = "hospital"
     data: _BenchRows = _BenchRows()
+    data_digest: str = "benchmark"
     schema_digest: str = "benchmark"
 
-    def contribution(self, purpose: str, job: object, weights: dict, server_round: int, dp: object = None):
+    def contribution(self, ask: Any, dp: object = None) -> Any:
+        """The node's vector cut to the shapes of the model the request carries, then the
+        one-entry loss slot: a training contribution's shape."""
         from fedcost.client.node import Contribution
 
-        # A training contribution's shape: the update, then the one-entry loss slot.
-        return Contribution([node_vector(int(self.name.split("-")[1]), self.dim), np.zeros(1)], BENCH_ROWS)
+        vector = node_vector(int(self.name.split("-")[1]), self.dim)
+        sizes = np.cumsum([array.size for array in ask.weights.values()])[:-1]
+        pieces = np.split(vector, sizes)
+        update = [piece.reshape(array.shape) for piece, array in zip(pieces, ask.weights.values(), strict=True)]
+        return Contribution([*update, np.zeros(1)], BENCH_ROWS)
 
 
 class ClientAppByRecipe:
@@ -290,7 +357,8 @@ def _fedcost_client_app(nodes: int, dim: int, scratch: Path, log_path: str) -> A
         for i in range(nodes)
     ]
     inner = make_client_app(
-        lambda context: setups[int(context.node_config["partition-id"])], lambda s: BenchNode(s.name, dim)
+        lambda context: setups[int(context.node_config["partition-id"])],
+        lambda s: BenchNode(s.name, dim, _bench_layout(s.mapping)),
     )
     client = ClientApp(mods=[make_measure_mod(log_path)])
     for register in (client.query, client.train, client.evaluate):
@@ -306,8 +374,10 @@ def fedcost_apps(
     from flwr.serverapp import ServerApp
 
     from fedcost.config import SecureAggregationSection
-    from fedcost.server.app import hello_config, say_hello
+    from fedcost.server.app import say_hello
     from fedcost.server.shared_sum import PollingGrid, SharedSums
+    from fedcost.wire.hello import Hello
+    from fedcost.wire.purposes import PURPOSES
 
     # Nodes keep signed audit logs; a throwaway folder per cell holds them, the mapping and the keys.
     scratch = Path(tempfile.mkdtemp(prefix="secagg_bench_"))
@@ -322,24 +392,36 @@ def fedcost_apps(
     @server.main()
     def main(grid, context) -> None:  # noqa: ANN001 - Flower's signature
         node_ids = _wait_for_nodes(grid, nodes)
-        config = hello_config(
+        hello = Hello(
             run_id="bench",
-            coordinator_key_id=coordinator_key_id,
+            coordinator=coordinator_key_id,
             secure_aggregation=settings.enabled,
             rounds=rounds + 1,
+            min_cohort=BENCH_ROWS,
             model_parameters=dim,
+            outputs={"train": PURPOSES["train"].outputs},
         )
-        sites = say_hello(grid, node_ids, config, {site_name(i) for i in range(nodes)})
+        sites = say_hello(grid, node_ids, hello.to_record(), {site_name(i) for i in range(nodes)})
         sums = SharedSums(PollingGrid(grid), sites, settings, "bench", roster)
-        weights = ArrayRecord({"w": Array(np.zeros(dim, np.float32))})
+        job = bench_job(nodes, dim)
+        model = bench_weights(job)
+        weights = ArrayRecord({name: Array(array) for name, array in model.items()})
+        shapes = [array.shape for array in model.values()] + [(1,)]
         result = None
         for server_round in range(rounds + 1):
             run = lambda r=server_round: sums.run(  # noqa: E731
-                "train", r + 1, [(dim,), (1,)], sorted(sites), arrays=weights, total_weight=BENCH_ROWS * nodes
+                "train",
+                r + 1,
+                shapes,
+                sorted(sites),
+                arrays=weights,
+                job=job.to_json(),
+                total_weight=BENCH_ROWS * nodes,
             )
             result = profile.measure(lambda: clock.timed(run), warm_up=server_round == 0)
         assert result is not None and len(result.included) == nodes, "a node dropped out"
-        clock.max_abs_error = float(np.max(np.abs(result.arrays[0] / BENCH_ROWS - expected_sum(nodes, dim))))
+        total = np.concatenate([array.ravel() for array in result.arrays[:-1]])
+        clock.max_abs_error = float(np.max(np.abs(total / BENCH_ROWS - expected_sum(nodes, dim))))
 
     return server, ClientAppByRecipe((system, nodes, dim, str(scratch), log_path))
 

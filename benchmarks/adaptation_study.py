@@ -33,6 +33,7 @@ from fedcost.data.mapping import DataMapping
 from fedcost.lab import baselines, simulation
 from fedcost.models.metrics import cost_metrics, readmission_metrics
 from fedcost.models.nets import build_model
+from fedcost.run_folder import RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
 EPOCHS = (0, 3, 5, 10)
@@ -61,12 +62,13 @@ def scores(run: Path) -> dict[str, dict[str, float]]:
     features = FeatureSpec.from_dict(json.loads((run / "model.json").read_text())["features"])
     federated = build_model(config.model, features.n_features, seed=config.run.seed)
     federated.load_state_dict(torch.load(run / "model.pt"))
-    pooled_rows = features.task_data(pd.concat([node.train for node in nodes], ignore_index=True))
+    pooled_rows = pd.concat([node.train for node in nodes], ignore_index=True)
     pooled = baselines.train_baseline(
         config, features, pooled_rows, config.run.rounds * config.training.epochs, "pooled"
     )
     predictions = {"local": baselines.local_only_predictions(config, features, nodes)}
-    sites = run / "study-sites"
+    sites = RunFolder(run / "study")  # the study's site steps, apart from the run's own
+    sites.path.mkdir(exist_ok=True)
     for epochs in EPOCHS:
         adapted = replace(config, run=replace(config.run, adaptation_epochs=epochs))
         predictions[f"federated/{epochs}"] = [

@@ -45,6 +45,8 @@ from fedcost.privacy.distributed import NewtonNoise, calibrate_newton_noise, wit
 from fedcost.secagg import Quantizer
 from fedcost.server.app import max_features
 
+BYO = Path(__file__).resolve().parent.parent / "examples" / "byo"  # whatever the working folder
+
 EPSILONS = (1.0, 3.0, 10.0)
 ROUNDS, DELTA, SEED = 5, 1e-6, 7
 SECTION = GlmPrivacySection(epsilon=1.0, delta=DELTA)
@@ -166,7 +168,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         federations = [
             synthetic(Path(folder)),
-            federation("examples/byo", DataMapping.load(Path("examples/byo") / MAPPING_FILE)),
+            federation("examples/byo", DataMapping.load(BYO / MAPPING_FILE)),
         ]
         for fed in federations:
             exact = exact_fit(fed)

@@ -118,6 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--epsilons", type=float, nargs="+", default=list(EPSILONS))
+    parser.add_argument("--plot", type=Path, default=PLOT, help=f"where the plot goes (default {PLOT.name} here)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="privacy_bench_") as tmp:
@@ -126,8 +127,8 @@ def main() -> None:
             print(f"epsilon={epsilon:g}: AUROC {rows[-1]['auroc']:.4f}, R² {rows[-1]['r2']:.4f}", flush=True)
     print(f"\n{args.rounds} rounds, default ecosystem (8 sites)\n")
     print(table(rows))
-    plot(rows, PLOT)
-    print(f"\nplot: {PLOT}")
+    plot(rows, args.plot)
+    print(f"\nplot: {args.plot}")
 
 
 if __name__ == "__main__":

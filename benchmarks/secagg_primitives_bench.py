@@ -1,6 +1,7 @@
 """Benchmark of fedcost's SecAgg+ core: primitives and full in-memory rounds (no Flower).
 
-Run: ``.venv/bin/python benchmarks/secagg_primitives_bench.py``. Prints markdown tables.
+Run: ``.venv/bin/python benchmarks/secagg_primitives_bench.py [--rounds 10x10000,50x10000]``
+(the full rounds to run, N x D; default the grid below and its dropout round). Prints markdown tables.
 A round runs every node and the coordinator in this one process, one after the other,
 so "nodes, total" is the sum over all nodes; in a federation they run in parallel and a
 node's own cost is "per node".
@@ -8,6 +9,7 @@ node's own cost is "per node".
 
 from __future__ import annotations
 
+import argparse
 import platform
 import secrets
 import statistics
@@ -165,13 +167,18 @@ def run_round(n: int, dim: int, dropout: float = 0.0) -> dict[str, float]:
     }
 
 
-def bench_rounds() -> None:
+def _cells(text: str) -> list[tuple[int, int, float]]:
+    """``10x10000,50x10000``: full rounds of N nodes and D entries, none dropping."""
+    return [(int(n), int(dim), 0.0) for n, dim in (cell.split("x") for cell in text.split(","))]
+
+
+def bench_rounds(cells: list[tuple[int, int, float]]) -> None:
     print(
         "| N | D | dropped | k | t | round wall (s) | coordinator (s) | nodes, total (s) | per node (s) "
         "| plaintext sum (ms) | wall / plaintext |"
     )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for n, dim, dropout in [(n, dim, 0.0) for n, dim in ROUNDS] + DROPOUT_ROUNDS:
+    for n, dim, dropout in cells:
         r = run_round(n, dim, dropout)
         print(
             f"| {n} | {dim:,} | {int(dropout * n)} | {r['degree']} | {r['threshold']} | {r['wall']:.2f} "
@@ -182,8 +189,11 @@ def bench_rounds() -> None:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=_cells, default=[(n, dim, 0.0) for n, dim in ROUNDS] + DROPOUT_ROUNDS)
+    args = parser.parse_args()
     python, machine = platform.python_version(), platform.machine()
     print(f"fedcost SecAgg+ benchmark: Python {python}, numpy {np.__version__}, {machine}\n")
     bench_primitives()
     print()
-    bench_rounds()
+    bench_rounds(args.rounds)
