@@ -95,6 +95,14 @@ def model_scale(column: schema.Column, values: np.ndarray) -> np.ndarray:
     return np.log1p(values) if column.log_scale else values
 
 
+def _shared_rows(sites: float, min_cohort: int) -> float:
+    """The rows a level's summed bits prove: ``min_cohort`` where enough sites hold
+    ``LEVEL_SHARE`` rows of it (at least ``SITES_PER_LEVEL``, and as many as make
+    ``min_cohort``), else none."""
+    enough = max(SITES_PER_LEVEL, math.ceil(min_cohort / LEVEL_SHARE))
+    return float(min_cohort) if sites > enough - ROUNDING else 0.0
+
+
 def _declared(column: schema.Column) -> bool:
     """A data set's own feature (``[features]`` of its mapping), not a schema field."""
     return column not in schema.FEATURES
@@ -328,11 +336,6 @@ class StatisticsLayout:
         if rows < 1:
             raise ValueError("the federation reported no training rows")
         absent = max(3 * noise_sd, ROUNDING)
-        enough = max(SITES_PER_LEVEL, math.ceil(min_cohort / LEVEL_SHARE))
-
-        def shared(sites: float) -> float:
-            """A level enough sites hold ``LEVEL_SHARE`` rows of counts as present (min_cohort rows)."""
-            return float(min_cohort) if noise_sd == 0 and sites > enough - ROUNDING else 0.0
 
         numeric: dict[str, tuple[float, float]] = {}
         log_scaled = tuple(c.name for c in self.columns if c.log_scale)
@@ -352,7 +355,10 @@ class StatisticsLayout:
                     flagged.append(column.name)
             else:
                 counts = {
-                    level: max(slots[f"{column.name}={level}"], shared(slots[f"{column.name}={level}.sites"]))
+                    level: max(
+                        slots[f"{column.name}={level}"],
+                        _shared_rows(slots[f"{column.name}={level}.sites"], min_cohort) if noise_sd == 0 else 0.0,
+                    )
                     for level in column.levels
                 }
                 if _declared(column) or any(n > absent for n in counts.values()):
