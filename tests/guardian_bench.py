@@ -100,6 +100,7 @@ class Outcome:
     refusals: dict[str, str]
     abort: str | None = None
     replies: dict[str, Message] = field(default_factory=dict)  # each site's last reply
+    stages: dict[str, dict[str, Message]] = field(default_factory=dict)  # stage -> each site's reply to it
 
 
 class Bench:
@@ -171,10 +172,11 @@ class Bench:
         tamper: Callable[[str, Request], Request] | None = None,
         quantizer: Quantizer | None = None,
         carry: Callable[[str, Request], dict] | None = None,
+        answered: Callable[[str, Message], None] | None = None,
     ) -> Outcome:
         """One SecAgg+ sum over ``names``, driven stage by stage; ``tamper`` may change any
         site's request before it is sent (a coordinator telling sites different things), and
-        ``carry`` add records to it (the next sum's setup)."""
+        ``carry`` add records to it (the next sum's part); ``answered`` sees every reply."""
         names = sorted(names)
         ids = {rec.secure_id(self.roster, name): name for name in names}
         quantizer = quantizer or Quantizer(SUMS_CLIP, SUMS_LEVELS, len(names))
@@ -192,6 +194,7 @@ class Bench:
             base[rec.JOB] = job
         refusals: dict[str, str] = {}
         last: dict[str, Message] = {}
+        stages: dict[str, dict[str, Message]] = {}
         requests = coordinator.start()
         while not coordinator.done:
             replies = []
@@ -204,6 +207,9 @@ class Bench:
                     records[rec.ARRAYS] = weights
                 records.update(carry(name, request) if carry else {})
                 reply = last[name] = self.sites[name].send(base, records, PURPOSES[purpose].message_type)
+                stages.setdefault(request.stage.value, {})[name] = reply
+                if answered is not None:
+                    answered(name, reply)
                 if reply.has_error():
                     refusals[name] = reply.error.reason
                     continue
@@ -212,6 +218,6 @@ class Bench:
             try:
                 requests = coordinator.handle(replies)
             except Exception as abort:  # noqa: BLE001 - any abort ends the sum; the test reads why
-                return Outcome(None, refusals, str(abort), last)
+                return Outcome(None, refusals, str(abort), last, stages)
         sums, _ = quantizer.decode(coordinator.result.total, shapes)
-        return Outcome(sums, refusals, replies=last)
+        return Outcome(sums, refusals, replies=last, stages=stages)

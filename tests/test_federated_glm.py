@@ -102,11 +102,12 @@ def test_the_run_saves_the_fit_and_its_coefficient_table(run: Path) -> None:
     assert set(saved) == {"readmission", "cost"}
 
 
-def test_a_glm_round_is_eight_exchanges(run: Path) -> None:
-    """Each sum's setup rides on the unmask before it (``shared_sum.NextSum``), or goes alone in
-    that exchange to a node it does not ask (the three small sites withhold evaluation sums;
-    hospital-2 drops out of a Newton sum): only the run's first Newton sum, and its first
-    evaluation (whose setup the three small sites refuse), set up in exchanges of their own."""
+def test_a_glm_round_is_six_exchanges(run: Path) -> None:
+    """Each sum's setup rides on the consistency before it and its share-keys on the unmask
+    (``shared_sum.NextSum``), or goes alone in that exchange to a node it does not ask (the three
+    small sites withhold evaluation sums; hospital-2 drops out of a Newton sum): only the run's
+    first Newton sum, and its first evaluation (whose setup the three small sites refuse), set
+    up in exchanges of their own. A sum is then its masked input, consistency and unmask."""
     by_round: dict[int, list[set[str]]] = {}
     for round_, kinds in exchanges(run):
         if round_:
@@ -115,6 +116,8 @@ def test_a_glm_round_is_eight_exchanges(run: Path) -> None:
     assert [len(by_round[1]), own[1]] == [10, [{"secagg:newton:setup"}, {"secagg:evaluate:setup"}]]
     assert len(by_round) > 2, "the fit converged before a second round"
     for round_ in range(2, len(by_round) + 1):
-        assert len(by_round[round_]) == 8 and not own[round_], (round_, by_round[round_])
+        assert len(by_round[round_]) == 6 and not own[round_], (round_, by_round[round_])
+    consistency = next(kinds for kinds in by_round[2] if "secagg:newton:consistency" in kinds)
     unmask = next(kinds for kinds in by_round[2] if "secagg:newton:unmask" in kinds)
-    assert unmask == {"secagg:newton:unmask", "secagg:evaluate:setup"}, "hospital-2's setup went alone with it"
+    assert consistency == {"secagg:newton:consistency", "secagg:evaluate:setup"}, "hospital-2's setup went alone"
+    assert unmask == {"secagg:newton:unmask", "secagg:evaluate:share-keys"}, "and its share-keys"

@@ -1,11 +1,12 @@
-"""The next secure sum's setup rides on this sum's unmask: fewer exchanges, the same sums, the
-same guardian.
+"""The next secure sum runs on this sum's last two stages: its setup on the consistency
+requests, its share-keys on the unmask requests. Fewer exchanges, the same sums, the same
+guardian.
 
 ``SharedSums`` drives real nodes (the ClientApp of ``guardian_bench``) over a grid that
-hands each message to its site and counts the exchanges. Sums whose setup rode on the
-unmask before them must equal the same sums set up afresh; a site that refuses the next
-setup still answers the unmask, and the next sum is set up afresh. The attacks drive the
-nodes message by message: a next setup is checked as a lone setup request is.
+hands each message to its site and counts the exchanges. Sums run so must equal the same
+sums set up afresh; a site that refuses the next sum's part still answers the sum it rides
+on, and the next sum is set up afresh. The attacks drive the nodes message by message: a
+carried part is checked as a lone request of its stage is.
 """
 
 from __future__ import annotations
@@ -27,7 +28,17 @@ from fedcost.data.files import write_node_files
 from fedcost.data.synthetic import EcosystemSpec, generate_ecosystem
 from fedcost.errors import PolicyViolationError
 from fedcost.models import evaluation
-from fedcost.secagg import Quantizer, Request, RoundConfig, SetupRequest, Stage, UnmaskRequest
+from fedcost.secagg import Coordinator as SecAggCoordinator
+from fedcost.secagg import (
+    MaskedInputRequest,
+    Quantizer,
+    Reply,
+    Request,
+    RoundConfig,
+    ShareKeysRequest,
+    Stage,
+    reply_from_dict,
+)
 from fedcost.server.shared_sum import SUMS_CLIP, SUMS_LEVELS, NextSum, SharedSums
 from fedcost.wire import records as rec
 from fedcost.wire import requests
@@ -51,22 +62,38 @@ def _inside_a_server_app(monkeypatch: pytest.MonkeyPatch) -> None:
 
 class SitesGrid:
     """Flower's grid as ``SharedSums`` uses it: each message goes to its site's ClientApp.
-    ``exchanges`` lists, per exchange, the kinds of its requests; ``last`` each site's last reply."""
+    ``exchanges`` lists, per exchange, the kinds of its requests (a carried part's kind included),
+    ``replies`` each site's reply in it."""
 
     def __init__(self, bench: Bench):
         self.sites = {site.node_id: site for site in bench.sites.values()}
         self.exchanges: list[set[str]] = []
-        self.last: dict[str, Message] = {}
+        self.replies: list[dict[str, Message]] = []
 
     def send_and_receive(self, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
-        self.exchanges.append({rec.message_kind(m.content) for m in messages})
+        self.exchanges.append({kind for m in messages for kind in _kinds(m.content)})
+        self.replies.append({})
         replies = []
         for message in messages:
             site = self.sites[message.metadata.dst_node_id]
             replies.append(site.answer(message.content, message.metadata.message_type))
-            self.last[site.name] = replies[-1]
+            self.replies[-1][site.name] = replies[-1]
         return replies
+
+    def reply(self, kind: str, name: str) -> RecordDict:
+        """A site's reply in the last exchange of ``kind``."""
+        at = max(i for i, kinds in enumerate(self.exchanges) if kind in kinds)
+        return self.replies[at][name].content
+
+
+def _kinds(content: RecordDict) -> set[str]:
+    kinds = {rec.message_kind(content)}
+    if rec.NEXT_CONFIG in content:
+        kinds.add(
+            rec.message_kind(RecordDict({rec.CONFIG: content[rec.NEXT_CONFIG], rec.SECAGG: content[rec.NEXT_SECAGG]}))
+        )
+    return kinds
 
 
 def _sums(bench: Bench) -> tuple[SharedSums, SitesGrid]:
@@ -83,8 +110,8 @@ def _bench(mapping: Path, folder: Path, **policy: object) -> Bench:
 
 
 def _rounds(bench: Bench, carried: bool) -> tuple[list[list[np.ndarray]], SitesGrid]:
-    """Train 1, evaluate 1, train 2 over every site; with ``carried``, each sum's setup rides
-    on the unmask of the one before."""
+    """Train 1, evaluate 1, train 2 over every site; with ``carried``, each sum runs its first
+    stages on the last stages of the one before."""
     sums, grid = _sums(bench)
     job, weights = bench.job_and_weights(SITES[0])
     nodes = sorted(sums.sites)
@@ -104,7 +131,7 @@ def _rounds(bench: Bench, carried: bool) -> tuple[list[list[np.ndarray]], SitesG
     return results, grid
 
 
-def test_sums_whose_setup_rode_on_the_unmask_before_equal_the_same_sums_set_up_afresh(
+def test_sums_run_on_the_last_stages_of_the_sum_before_equal_the_same_sums_set_up_afresh(
     mapping: Path, tmp_path: Path
 ) -> None:
     carried, pipelined = _rounds(_bench(mapping, tmp_path / "carried"), carried=True)
@@ -114,12 +141,15 @@ def test_sums_whose_setup_rode_on_the_unmask_before_equal_the_same_sums_set_up_a
             # Stochastic rounding (each node, each sum) is the only difference.
             np.testing.assert_allclose(a, b, rtol=0, atol=len(SITES) * 2 * SUMS_CLIP / SUMS_LEVELS + 1e-5)
     assert len(afresh.exchanges) == 15
-    assert len(pipelined.exchanges) == 13, "the second and third sums start at share-keys"
-    setups = [kinds for kinds in pipelined.exchanges if any(kind.endswith(":setup") for kind in kinds)]
-    assert setups == [{"secagg:train:setup"}], "only the first sum sets up on its own"
+    assert len(pipelined.exchanges) == 11, "the second and third sums start at masked input"
+    assert pipelined.exchanges[3] == {"secagg:train:consistency", "secagg:evaluate:setup"}
+    assert pipelined.exchanges[4] == {"secagg:train:unmask", "secagg:evaluate:share-keys"}
+    assert pipelined.exchanges[5] == {"secagg:evaluate:masked-input"}
+    alone = [kinds for kinds in pipelined.exchanges if len(kinds) == 1 and kinds & {"secagg:train:setup"}]
+    assert alone == [{"secagg:train:setup"}], "only the first sum sets up on its own"
 
 
-def test_a_site_that_refuses_the_next_setup_still_answers_the_unmask_and_the_next_sum_sets_up_afresh(
+def test_a_site_that_refuses_the_next_setup_still_answers_the_consistency_and_the_next_sum_sets_up_afresh(
     mapping: Path, tmp_path: Path
 ) -> None:
     # At a min_cohort of 40, hospital-4 (180 rows, 36 held out) withholds evaluation sums.
@@ -130,13 +160,14 @@ def test_a_site_that_refuses_the_next_setup_still_answers_the_unmask_and_the_nex
     shapes = evaluation.sums_shapes(job.model.tasks, noisy=False)
     then = NextSum("evaluate", 1, tuple(shapes), tuple(nodes), job.to_json())
     trained = sums.run("train", 1, rec.update_shapes(weights), nodes, weights, job.to_json(), then=then)
-    assert trained.included == sorted(SITES), "the refusing site's unmask counts"
-    unmask = grid.last["hospital-4"]
-    assert rec.NEXT_SECAGG not in unmask.content and rec.SECAGG in unmask.content
-    assert WITHHOLDS in str(unmask.content[rec.NEXT_REFUSED][rec.REASON])
+    assert trained.included == sorted(SITES), "the refusing site's consistency and unmask count"
+    consistency = grid.reply("secagg:train:consistency", "hospital-4")
+    assert rec.NEXT_SECAGG not in consistency and rec.SECAGG in consistency
+    assert WITHHOLDS in str(consistency[rec.NEXT_REFUSED][rec.REASON])
     refusals = bench.site("hospital-4").events("refusal")
     assert refusals[-1]["details"]["kind"] == "secagg:evaluate:setup" and refusals[-1]["round"] == 1
     assert WITHHOLDS in refusals[-1]["details"]["reason"]
+    assert grid.exchanges[-1] == {"secagg:train:unmask"}, "no share-keys rides on a setup a site refused"
     exchanges = len(grid.exchanges)
     train = rec.update_shapes(weights)
     then = NextSum("train", 2, tuple(train), tuple(nodes), job.to_json())
@@ -144,18 +175,23 @@ def test_a_site_that_refuses_the_next_setup_still_answers_the_unmask_and_the_nex
     assert grid.exchanges[exchanges] == {"secagg:evaluate:setup"}, "set up afresh"
     assert evaluated.included == ["hospital-1", "hospital-2", "hospital-3"]
     assert WITHHOLDS in evaluated.dropouts["hospital-4"]
-    # The next training sum's setup goes to hospital-4 alone, in the evaluation's unmask exchange.
-    assert grid.exchanges[-1] == {"secagg:evaluate:unmask", "secagg:train:setup"}
+    # The next training sum's parts go to hospital-4 alone, in the evaluation's last exchanges.
+    assert grid.exchanges[-2] == {"secagg:evaluate:consistency", "secagg:train:setup"}
+    assert grid.exchanges[-1] == {"secagg:evaluate:unmask", "secagg:train:share-keys"}
+    assert rec.SECAGG in grid.replies[-1]["hospital-4"].content, "its share-keys reply, alone"
     exchanges = len(grid.exchanges)
     trained = sums.run("train", 2, train, nodes, weights, job.to_json())
     assert trained.included == sorted(SITES)
-    assert len(grid.exchanges) - exchanges == 4, "it starts at share-keys"
+    assert len(grid.exchanges) - exchanges == 3, "it starts at masked input"
 
 
-def test_a_dropout_during_the_next_setup_is_handled_as_a_dropout(mapping: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stage", "carrier"), [("advertise-keys", "consistency"), ("share-keys", "unmask")])
+def test_a_dropout_during_the_next_sums_part_is_handled_as_a_dropout(
+    mapping: Path, tmp_path: Path, stage: str, carrier: str
+) -> None:
     bench = _bench(mapping, tmp_path)
     site = bench.site("hospital-2")
-    site.setup = dataclasses.replace(site.setup, drop_rounds=(2,), drop_stage="advertise-keys")
+    site.setup = dataclasses.replace(site.setup, drop_rounds=(2,), drop_stage=stage)
     sums, grid = _sums(bench)
     job, weights = bench.job_and_weights(SITES[0])
     nodes, shapes = sorted(sums.sites), rec.update_shapes(weights)
@@ -163,62 +199,134 @@ def test_a_dropout_during_the_next_setup_is_handled_as_a_dropout(mapping: Path, 
     evaluated = sums.run(
         "evaluate", 1, evaluation.sums_shapes(job.model.tasks, noisy=False), nodes, weights, job.to_json(), then=then
     )
-    assert evaluated.included == sorted(SITES), "its unmask counts"
-    assert "drops out" in str(grid.last["hospital-2"].content[rec.NEXT_REFUSED][rec.REASON])
+    assert evaluated.included == sorted(SITES), "its consistency and unmask count"
+    assert "drops out" in str(grid.reply(f"secagg:evaluate:{carrier}", "hospital-2")[rec.NEXT_REFUSED][rec.REASON])
+    exchanges = len(grid.exchanges)
     trained = sums.run("train", 2, shapes, nodes, weights, job.to_json(), then=None)
+    assert grid.exchanges[exchanges] == {"secagg:train:setup"}, "set up afresh"
     assert trained.included == ["hospital-1", "hospital-3", "hospital-4"]
-    assert "advertise-keys" in trained.dropouts["hospital-2"]
+    assert stage in trained.dropouts["hospital-2"]
 
 
-# --- attacks: a next setup is checked as a lone setup request is ----------------------------
+# --- attacks: a carried part is checked as a lone request of its stage is ---------------------
 
 
 def _statistics_shape(bench: Bench) -> list[tuple[int, ...]]:
     return [(len(Node(bench.site(SITES[0]).setup).layout.slots()),)]
 
 
-def _next_setup(
-    bench: Bench, purpose: str, round_: int, names: Iterable[str], label: str, job: str | None = None
-) -> dict:
-    """The records that carry a next sum's setup on an unmask request, as ``SharedSums`` builds them."""
-    names = sorted(names)
-    shapes = _statistics_shape(bench) if purpose == "statistics" else [(len(evaluation.READMISSION_SUMS),)]
-    quantizer = Quantizer(SUMS_CLIP, SUMS_LEVELS, len(names))
-    config = RoundConfig.create(
-        run_id=label,
-        round=round_,
-        node_ids=sorted(rec.secure_id(bench.roster, name) for name in names),
-        dim=quantizer.length(shapes),
-        bits=quantizer.bits,
-    )
-    base = {rec.TRANSPORT: rec.SECURE, rec.PURPOSE: purpose, rec.ROUND: round_, **rec.quantizer_config(quantizer)}
-    secagg, _ = rec.split_message_dict(SetupRequest(config).to_dict())
-    return {rec.NEXT_CONFIG: ConfigRecord({**base, **({rec.JOB: job} if job else {})}), rec.NEXT_SECAGG: secagg}
+class Ahead:
+    """A next sum as ``SharedSums`` runs it on another sum's requests: its setup on the
+    consistency requests, its share-keys on the unmask requests; ``carry`` and ``answered`` go
+    to ``Bench.secure_sum``. ``tamper`` may change a site's share-keys request."""
+
+    def __init__(
+        self,
+        bench: Bench,
+        purpose: str,
+        round_: int,
+        names: Iterable[str],
+        label: str,
+        job: str | None = None,
+        tamper: Callable[[str, ShareKeysRequest], Request] | None = None,
+    ):
+        names = sorted(names)
+        self.ids = {name: rec.secure_id(bench.roster, name) for name in names}
+        shapes = _statistics_shape(bench) if purpose == "statistics" else [(len(evaluation.READMISSION_SUMS),)]
+        quantizer = Quantizer(SUMS_CLIP, SUMS_LEVELS, len(names))
+        config = RoundConfig.create(
+            run_id=label,
+            round=round_,
+            node_ids=sorted(self.ids.values()),
+            dim=quantizer.length(shapes),
+            bits=quantizer.bits,
+        )
+        identities = rec.roster_identities(bench.roster)
+        self.coordinator = SecAggCoordinator(config, {i: identities[i] for i in config.node_ids})
+        base = {rec.TRANSPORT: rec.SECURE, rec.PURPOSE: purpose, rec.ROUND: round_, **rec.quantizer_config(quantizer)}
+        self.config = ConfigRecord({**base, **({rec.JOB: job} if job else {})})
+        self.requests: dict[int, Request] = dict(self.coordinator.start())
+        self.tamper = tamper
+        self.parts: list[Reply] = []
+        self.refusals: dict[str, str] = {}
+        self._carrier: Stage | None = None
+
+    def records(self, name: str) -> dict:
+        """The records that carry this sum's pending request to ``name``."""
+        request = self.requests[self.ids[name]]
+        if self.tamper is not None and isinstance(request, ShareKeysRequest):
+            request = self.tamper(name, request)
+        secagg, _ = rec.split_message_dict(request.to_dict())
+        return {rec.NEXT_CONFIG: self.config, rec.NEXT_SECAGG: secagg}
+
+    def carry(self, name: str, request: Request) -> dict:
+        if request.stage not in rec.CARRIED or name not in self.ids:
+            return {}
+        if request.stage is not self._carrier:
+            self.advance()
+            self._carrier = request.stage
+        return self.records(name) if self.requests else {}
+
+    def answered(self, name: str, reply: Message) -> None:
+        if reply.has_error() or rec.NEXT_CONFIG in reply.content:
+            return
+        if rec.NEXT_SECAGG in reply.content:
+            self.parts.append(reply_from_dict(rec.join_message_dict(reply.content[rec.NEXT_SECAGG], None)))
+        elif rec.NEXT_REFUSED in reply.content:
+            self.refusals[name] = str(reply.content[rec.NEXT_REFUSED][rec.REASON])
+
+    def advance(self) -> None:
+        """Hand the parts that came back to the coordinator, where a stage's parts came back."""
+        if self._carrier is not None:
+            self.requests = self.coordinator.handle(self.parts) if self.parts else {}
+            self.parts = []
+
+    def run(self, bench: Bench, names: Iterable[str] = SITES, label: str = f"{RUN}:c:statistics:1"):  # noqa: ANN201
+        """A statistics sum over ``names`` that carries this sum; then this sum's next requests."""
+        outcome = bench.secure_sum(
+            "statistics", 0, names, _statistics_shape(bench), label=label, carry=self.carry, answered=self.answered
+        )
+        self.advance()
+        return outcome
 
 
-def _on_unmask(records: dict) -> Callable[[str, Request], dict]:
-    return lambda name, request: records if isinstance(request, UnmaskRequest) else {}
+def _setup_on(stage: str, ahead: Ahead) -> Callable[[str, Request], dict]:
+    """The next sum's setup, carried on ``stage`` (to the first site only)."""
+    return lambda name, request: ahead.records(name) if name == SITES[0] and request.stage.value == stage else {}
 
 
-@pytest.mark.parametrize("stage", ["setup", "share-keys", "masked-input", "consistency"])
-def test_a_next_setup_on_any_stage_but_unmask_is_refused(mapping: Path, tmp_path: Path, stage: str) -> None:
+@pytest.mark.parametrize(
+    ("stage", "reason"),
+    [
+        ("setup", "records it should not carry (next-config, next-secagg)"),
+        ("share-keys", "records it should not carry (next-config, next-secagg)"),
+        ("masked-input", "records it should not carry (next-config, next-secagg)"),
+        ("unmask", "the next sum's part a unmask request carries must be its share-keys"),
+    ],
+)
+def test_a_next_setup_on_any_stage_but_consistency_is_refused(
+    mapping: Path, tmp_path: Path, stage: str, reason: str
+) -> None:
     bench = _bench(mapping, tmp_path)
     job, _ = bench.job_and_weights(SITES[0])
-    records = _next_setup(bench, "evaluate", 1, SITES, f"{RUN}:n:evaluate:ahead1", job.to_json())
-    outcome = bench.secure_sum(
-        "statistics",
-        0,
-        SITES,
-        _statistics_shape(bench),
-        carry=lambda name, request: records if name == SITES[0] and request.stage.value == stage else {},
-    )
-    assert "records it should not carry (next-config, next-secagg)" in outcome.refusals[SITES[0]]
+    ahead = Ahead(bench, "evaluate", 1, SITES, f"{RUN}:n:evaluate:ahead1", job.to_json())
+    outcome = bench.secure_sum("statistics", 0, SITES, _statistics_shape(bench), carry=_setup_on(stage, ahead))
+    assert reason in outcome.refusals[SITES[0]]
+
+
+def test_a_next_share_keys_on_a_consistency_request_is_refused(mapping: Path, tmp_path: Path) -> None:
+    bench = _bench(mapping, tmp_path)
+    job, _ = bench.job_and_weights(SITES[0])
+    ahead = Ahead(bench, "evaluate", 1, SITES, f"{RUN}:n:evaluate:ahead1", job.to_json())
+    ahead.requests = {i: ShareKeysRequest(()) for i in ahead.ids.values()}
+    outcome = bench.secure_sum("statistics", 0, SITES, _statistics_shape(bench), carry=_setup_on("consistency", ahead))
+    assert "the next sum's part a consistency request carries must be its setup" in outcome.refusals[SITES[0]]
 
 
 def test_a_next_setup_on_a_plain_request_or_a_hello_is_refused(mapping: Path, tmp_path: Path) -> None:
     bench = Bench(tmp_path, mapping, SITES)
     site = bench.site(SITES[0])
-    records = _next_setup(bench, "statistics", 0, SITES, f"{RUN}:n:statistics:ahead1")
+    records = Ahead(bench, "statistics", 0, SITES, f"{RUN}:n:statistics:ahead1").records(SITES[0])
     site.assert_refused(site.send(dict(bench.hello().to_record()), records), "records it should not carry")
     assert not site.send(dict(bench.hello().to_record())).has_error()
     plain = {rec.TRANSPORT: rec.PLAIN, rec.PURPOSE: "statistics", rec.ROUND: 0}
@@ -227,9 +335,14 @@ def test_a_next_setup_on_a_plain_request_or_a_hello_is_refused(mapping: Path, tm
 
 def test_half_a_next_setup_is_refused(mapping: Path, tmp_path: Path) -> None:
     bench = _bench(mapping, tmp_path)
-    records = _next_setup(bench, "statistics", 0, SITES, f"{RUN}:n:statistics:ahead1")
-    del records[rec.NEXT_SECAGG]
-    outcome = bench.secure_sum("statistics", 0, SITES, _statistics_shape(bench), carry=_on_unmask(records))
+    ahead = Ahead(bench, "statistics", 0, SITES, f"{RUN}:n:statistics:ahead1")
+
+    def half(name: str, request: Request) -> dict:
+        records = ahead.carry(name, request)
+        records.pop(rec.NEXT_SECAGG, None)
+        return records
+
+    outcome = bench.secure_sum("statistics", 0, SITES, _statistics_shape(bench), carry=half)
     assert all("no next-secagg record" in outcome.refusals[name] for name in SITES)
 
 
@@ -241,18 +354,19 @@ def test_half_a_next_setup_is_refused(mapping: Path, tmp_path: Path) -> None:
         ("statistics", 0, "labelled for another run, purpose or round"),  # an evaluate label
     ],
 )
-def test_a_next_setup_outside_the_plan_is_refused_and_the_unmask_still_answered(
+def test_a_next_setup_outside_the_plan_is_refused_and_the_consistency_still_answered(
     mapping: Path, tmp_path: Path, purpose: str, round_: int, reason: str
 ) -> None:
     bench = _bench(mapping, tmp_path)
     job, _ = bench.job_and_weights(SITES[0])
     label = f"{RUN}:n:evaluate:ahead1" if purpose == "statistics" else f"{RUN}:n:{purpose}:ahead1"
-    records = _next_setup(bench, purpose, round_, SITES, label, None if purpose == "statistics" else job.to_json())
-    outcome = bench.secure_sum("statistics", 0, SITES, _statistics_shape(bench), carry=_on_unmask(records))
-    assert outcome.sums is not None and not outcome.refusals, "the unmask is answered"
+    ahead = Ahead(bench, purpose, round_, SITES, label, None if purpose == "statistics" else job.to_json())
+    outcome = ahead.run(bench)
+    assert outcome.sums is not None and not outcome.refusals, "the consistency and unmask are answered"
     for name in SITES:
-        reply = outcome.replies[name].content
+        reply = outcome.stages["consistency"][name].content
         assert reason in str(reply[rec.NEXT_REFUSED][rec.REASON]) and rec.NEXT_SECAGG not in reply
+        assert rec.NEXT_CONFIG not in outcome.stages["unmask"][name].content, "nothing rides on a refused setup"
         refusal = bench.site(name).events("refusal")[-1]
         assert refusal["details"]["kind"] == f"secagg:{purpose}:setup" and reason in refusal["details"]["reason"]
 
@@ -260,63 +374,69 @@ def test_a_next_setup_outside_the_plan_is_refused_and_the_unmask_still_answered(
 def test_a_next_setup_over_fewer_sites_than_the_sites_minimum_is_refused(mapping: Path, tmp_path: Path) -> None:
     bench = _bench(mapping, tmp_path)
     job, _ = bench.job_and_weights(SITES[0])
-    records = _next_setup(bench, "evaluate", 1, SITES[:2], f"{RUN}:n:evaluate:ahead1", job.to_json())
-    outcome = bench.secure_sum("statistics", 0, SITES, _statistics_shape(bench), carry=_on_unmask(records))
+    ahead = Ahead(bench, "evaluate", 1, SITES[:2], f"{RUN}:n:evaluate:ahead1", job.to_json())
+    outcome = ahead.run(bench)
     assert outcome.sums is not None
-    for name in SITES[:2]:
-        assert "fewer than the 3" in str(outcome.replies[name].content[rec.NEXT_REFUSED][rec.REASON])
+    assert all("fewer than the 3" in reason for reason in ahead.refusals.values()) and len(ahead.refusals) == 2
 
 
-def test_a_next_setup_that_would_take_the_unmask_reply_past_the_sites_size_limit_is_refused(
-    mapping: Path, tmp_path: Path
+@pytest.mark.parametrize("carrier", ["consistency", "unmask"])
+def test_a_next_part_that_would_take_the_reply_past_the_sites_size_limit_is_refused(
+    mapping: Path, tmp_path: Path, carrier: str
 ) -> None:
-    """Attack: the unmask reply and the next sum's key advertisement each pass the egress guard
-    alone, but a site's max_message_bytes bounds what leaves in one reply: where the two together
-    exceed it, the site answers the unmask and refuses the setup (which it then answers alone)."""
+    """Attack: the carrier's reply and the next sum's part each pass the egress guard alone, but a
+    site's max_message_bytes bounds what leaves in one reply: where the two together exceed it,
+    the site answers the carrier and refuses the part (which it then answers alone)."""
     bench = _bench(mapping, tmp_path)
     job, _ = bench.job_and_weights(SITES[0])
-    records = _next_setup(bench, "evaluate", 1, SITES, f"{RUN}:n:evaluate:ahead1", job.to_json())
-    limit = 400  # the unmask reply of a sum over four sites, and not its setup's advertisement too
+    reference = Ahead(bench, "evaluate", 1, SITES, f"{RUN}:n:evaluate:ahead0", job.to_json())
+    joined = reference.run(bench, label=f"{RUN}:s:statistics:0").stages[carrier]
+    limit = min(outgoing.reply_bytes(reply.content) for reply in joined.values()) - 1
+    ahead = Ahead(bench, "evaluate", 1, SITES, f"{RUN}:n:evaluate:ahead1", job.to_json())
 
-    def at_the_unmask(name: str, request: Request) -> dict:
-        if not isinstance(request, UnmaskRequest):
-            return {}
-        policy_file(bench.site(name).setup.audit_dir, name, max_message_bytes=limit)
+    sent: dict[str, dict] = {}
+
+    def limited(name: str, request: Request) -> dict:
+        records = ahead.carry(name, request)
+        at_carrier = request.stage.value == carrier
+        policy_file(bench.site(name).setup.audit_dir, name, **({"max_message_bytes": limit} if at_carrier else {}))
+        if at_carrier:
+            sent[name] = records
         return records
 
-    outcome = bench.secure_sum("statistics", 0, SITES, _statistics_shape(bench), carry=at_the_unmask)
-    assert outcome.sums is not None and not outcome.refusals, "the unmask is answered"
+    outcome = bench.secure_sum("statistics", 0, SITES, _statistics_shape(bench), carry=limited, answered=ahead.answered)
+    assert outcome.sums is not None and not outcome.refusals, "the carrier is answered"
     for name in SITES:
-        reply = outcome.replies[name].content
-        assert rec.NEXT_SECAGG not in reply and "max_message_bytes (400)" in str(reply[rec.NEXT_REFUSED][rec.REASON])
+        reply = outcome.stages[carrier][name].content
+        assert rec.NEXT_SECAGG not in reply and f"max_message_bytes ({limit})" in str(
+            reply[rec.NEXT_REFUSED][rec.REASON]
+        )
         assert outgoing.reply_bytes(reply) <= limit
     for site in bench.sites.values():
+        records = sent[site.name]
         alone = site.send(dict(records[rec.NEXT_CONFIG]), {rec.SECAGG: records[rec.NEXT_SECAGG]}, "evaluate")
-        assert not alone.has_error(), f"the setup it would not carry, {site.name} answers alone"
+        assert not alone.has_error(), f"the part it would not carry, {site.name} answers alone"
 
 
-def test_a_next_setup_on_the_unmask_of_a_sum_the_site_refused_is_not_answered(mapping: Path, tmp_path: Path) -> None:
-    """Attack: the site refused a sum's consistency (it would isolate hospital-4); the coordinator
-    sends its unmask anyway, carrying the next sum's setup. The unmask is refused whole: the setup
-    is not answered (no key advertisement) nor recorded, and the site answers it when it comes alone."""
+def test_a_next_setup_on_the_consistency_of_a_sum_the_site_refuses_is_not_answered(
+    mapping: Path, tmp_path: Path
+) -> None:
+    """Attack: the site refuses a sum's consistency (it would isolate hospital-4), which carries
+    the next sum's setup. The consistency is refused whole: the setup is not answered (no key
+    advertisement) nor recorded, and the site answers it when it comes alone."""
     bench = _bench(mapping, tmp_path)
     shapes = _statistics_shape(bench)
     assert bench.secure_sum("statistics", 0, SITES, shapes, label=f"{RUN}:a:statistics:1").sums is not None
-    refused = bench.secure_sum("statistics", 0, SITES[:3], shapes, label=f"{RUN}:a:statistics:2")
-    assert "could isolate hospital-4" in refused.refusals[SITES[0]]
     job, _ = bench.job_and_weights(SITES[0])
-    records = _next_setup(bench, "evaluate", 1, SITES, f"{RUN}:n:evaluate:ahead1", job.to_json())
-    unmask, _ = rec.split_message_dict(UnmaskRequest((1, 2, 3), (bytes(64),) * 3).to_dict())
+    ahead = Ahead(bench, "evaluate", 1, SITES, f"{RUN}:n:evaluate:ahead1", job.to_json())
+    refused = bench.secure_sum(
+        "statistics", 0, SITES[:3], shapes, label=f"{RUN}:a:statistics:2", carry=_setup_on("consistency", ahead)
+    )
+    assert "could isolate hospital-4" in refused.refusals[SITES[0]]
     site = bench.site(SITES[0])
-    config = {
-        rec.TRANSPORT: rec.SECURE,
-        rec.PURPOSE: "statistics",
-        rec.ROUND: 0,
-        **rec.quantizer_config(Quantizer(SUMS_CLIP, SUMS_LEVELS, 3)),
-    }
-    reply = site.send(config, {rec.SECAGG: unmask, **records})
-    assert reply.has_error() and not reply.has_content(), "the refused sum's unmask carries nothing back"
+    assert not refused.stages["consistency"][SITES[0]].has_content(), "the refused consistency carries nothing back"
     assert not any(entry["details"]["kind"].endswith(":setup") for entry in site.events("refusal"))
+    records = ahead.records(SITES[0])
     alone = site.send(dict(records[rec.NEXT_CONFIG]), {rec.SECAGG: records[rec.NEXT_SECAGG]}, "evaluate")
     assert not alone.has_error(), "the setup was never answered, so it is answered now"
 
@@ -325,17 +445,84 @@ def test_a_replayed_next_setup_is_refused_by_the_ledger(mapping: Path, tmp_path:
     bench = _bench(mapping, tmp_path)
     job, _ = bench.job_and_weights(SITES[0])
     label = f"{RUN}:n:evaluate:ahead1"
-    records = _next_setup(bench, "evaluate", 1, SITES, label, job.to_json())
-    shapes = _statistics_shape(bench)
-    first = bench.secure_sum("statistics", 0, SITES, shapes, label=f"{RUN}:r:statistics:1", carry=_on_unmask(records))
-    assert all(rec.NEXT_SECAGG in reply.content for reply in first.replies.values())
-    again = bench.secure_sum("statistics", 0, SITES, shapes, label=f"{RUN}:r:statistics:2", carry=_on_unmask(records))
-    assert again.sums is not None
-    for reply in again.replies.values():
-        assert "already answered" in str(reply.content[rec.NEXT_REFUSED][rec.REASON])
+    first = Ahead(bench, "evaluate", 1, SITES, label, job.to_json())
+    first.run(bench, label=f"{RUN}:r:statistics:1")
+    assert not first.refusals and all(isinstance(r, MaskedInputRequest) for r in first.requests.values())
+    again = Ahead(bench, "evaluate", 1, SITES, label, job.to_json())
+    assert again.run(bench, label=f"{RUN}:r:statistics:2").sums is not None
+    assert len(again.refusals) == len(SITES) and all("already answered" in r for r in again.refusals.values())
     shape = [(len(evaluation.READMISSION_SUMS),)]
     alone = bench.secure_sum("evaluate", 1, SITES, shape, label=label, job=job.to_json())
     assert alone.sums is None and all("already answered" in alone.refusals[name] for name in SITES)
+
+
+def test_a_next_sum_run_on_the_last_stages_of_a_sum_reaches_its_masked_input(mapping: Path, tmp_path: Path) -> None:
+    """Every site answers the setup on the consistency and the share-keys on the unmask; the next
+    sum's coordinator then holds a masked-input request for every site, whose shares each site
+    accepts (the sum then runs to its end)."""
+    bench = _bench(mapping, tmp_path)
+    job, _ = bench.job_and_weights(SITES[0])
+    ahead = Ahead(bench, "evaluate", 1, SITES, f"{RUN}:n:evaluate:ahead1", job.to_json())
+    outcome = ahead.run(bench)
+    assert outcome.sums is not None and not ahead.refusals
+    for name in SITES:
+        assert outcome.stages["unmask"][name].content[rec.NEXT_SECAGG]["stage"] == "share-keys"
+    assert set(ahead.requests) == set(ahead.ids.values())
+    assert all(isinstance(request, MaskedInputRequest) for request in ahead.requests.values())
+
+
+def test_a_next_share_keys_for_a_sum_the_site_never_set_up_is_refused_and_the_unmask_answered(
+    mapping: Path, tmp_path: Path
+) -> None:
+    bench = _bench(mapping, tmp_path)
+    job, _ = bench.job_and_weights(SITES[0])
+    ahead = Ahead(bench, "evaluate", 1, SITES, f"{RUN}:n:evaluate:ahead1", job.to_json())
+    ahead.requests = {i: ShareKeysRequest(()) for i in ahead.ids.values()}
+    outcome = bench.secure_sum(
+        "statistics", 0, SITES, _statistics_shape(bench), carry=_setup_on("unmask", ahead), answered=ahead.answered
+    )
+    assert outcome.sums is not None and not outcome.refusals, "the unmask is answered"
+    assert "no secure sum of evaluate round 1 is in progress" in ahead.refusals[SITES[0]]
+
+
+def test_a_next_share_keys_with_a_forged_key_advertisement_is_refused_and_the_unmask_answered(
+    mapping: Path, tmp_path: Path
+) -> None:
+    """Attack: the coordinator swaps a neighbour's key advertisement for its own keys in the
+    share-keys it carries on the unmask. The site refuses that part, naming the forged node,
+    and still answers the unmask."""
+    bench = _bench(mapping, tmp_path)
+    job, _ = bench.job_and_weights(SITES[0])
+
+    def forged(name: str, request: ShareKeysRequest) -> Request:
+        if name != SITES[0]:
+            return request
+        first, *rest = request.advertisements
+        return ShareKeysRequest((dataclasses.replace(first, signature=bytes(64)), *rest))
+
+    ahead = Ahead(bench, "evaluate", 1, SITES, f"{RUN}:n:evaluate:ahead1", job.to_json(), tamper=forged)
+    outcome = ahead.run(bench)
+    assert outcome.sums is not None and not outcome.refusals, "the unmask is answered"
+    assert "in the key advertisement of node" in ahead.refusals[SITES[0]]
+    assert set(ahead.refusals) == {SITES[0]}
+
+
+def test_a_sum_set_up_afresh_ends_the_sum_set_up_ahead_at_a_site(mapping: Path, tmp_path: Path) -> None:
+    """A lone setup clears every other sum's state at the node: the share-keys of a sum set up
+    on an earlier consistency, sent after it, finds no sum in progress."""
+    bench = _bench(mapping, tmp_path)
+    job, _ = bench.job_and_weights(SITES[0])
+    ahead = Ahead(bench, "evaluate", 1, SITES, f"{RUN}:n:evaluate:ahead1", job.to_json())
+    shapes = _statistics_shape(bench)
+    carried = bench.secure_sum(
+        "statistics", 0, SITES, shapes, label=f"{RUN}:e:statistics:1", carry=_setup_on("consistency", ahead)
+    )
+    assert carried.stages["consistency"][SITES[0]].content[rec.NEXT_SECAGG]["stage"] == "advertise-keys"
+    assert bench.secure_sum("statistics", 0, SITES, shapes, label=f"{RUN}:e:statistics:2").sums is not None
+    site = bench.site(SITES[0])
+    secagg, _ = rec.split_message_dict(ShareKeysRequest(()).to_dict())
+    reply = site.send(dict(ahead.config), {rec.SECAGG: secagg}, "evaluate")
+    site.assert_refused(reply, "no secure sum of evaluate round 1 is in progress")
 
 
 @pytest.mark.parametrize("record", [rec.NEXT_SECAGG, rec.NEXT_REFUSED, "rows"])

@@ -449,7 +449,7 @@ def test_a_secure_stage_before_its_setup_is_a_refusal(bench: Bench) -> None:
         config,
         {rec.SECAGG: ConfigRecord({"stage": "masked-input", "senders": [], "recipients": [], "ciphertexts": []})},
     )
-    site.assert_refused(reply, "no secure sum is in progress")
+    site.assert_refused(reply, "no secure sum of statistics round 0 is in progress")
 
 
 @pytest.mark.parametrize(

@@ -16,9 +16,11 @@ within sums over enough sites, and accounted. Every message takes the same path:
 5. the ledger records the reply (run, purpose, round, label, stage, digest) before it
    leaves, and the audit log logs it.
 
-A secure sum's unmask request may carry the next sum's setup (``wire.requests``): once the
-unmask reply is recorded, that setup takes the same path as a lone setup request, and its
-key advertisement, or the reason it was refused, rides in the same reply.
+A secure sum's consistency request may carry the next sum's setup, its unmask request the
+next sum's share-keys (``wire.requests``): once the carrier's reply is recorded, that part
+takes the same path as a lone request of its stage, and its reply, or the reason it was
+refused, rides in the same reply. So a node holds at most two sums' states: the one ending
+and the one set up on it.
 
 A refusal at any step is logged as ``refusal`` in the node's audit log and answered with
 an error that carries only the reason. A failure of the site's own data, files or code
@@ -92,7 +94,7 @@ ROUND_ENDS = ("secagg:evaluate:unmask", "plain:evaluate")
 # only where the site policy shares it as a metric; elsewhere that slot is zero.
 TRAIN_LOSS = "train-loss"
 AUDIT_POSITION = "audit-position"
-SECURE_SUM = "secure-sum"  # the node's state of the secure sum in progress, in its Flower context
+SECURE_SUM = "secure-sum"  # the node's state of each secure sum in progress (``_sum_slot``), in its Flower context
 EPISODE_SESSIONS = "episode-sessions"  # a hospital's intersection-sums between offer and report
 # Refusals: the site's rules at work. Their reasons name rules, never data, and are sent.
 REFUSALS = (
@@ -215,46 +217,54 @@ class Guardian:
         ledger: ReleaseLedger,
         audit: AuditLog,
         riding_in: RecordDict | None = None,
+        carrier_slot: str | None = None,
     ) -> RecordDict:
-        """A contribution's reply (plain, or one secure-sum stage), guarded and recorded; an unmask
-        reply then answers the next sum's setup it carries (``_next``). ``riding_in``: the unmask
-        reply a next setup's reply would join, which must stay within the site's size limit."""
+        """A contribution's reply (plain, or one secure-sum stage), guarded and recorded; a
+        consistency or unmask reply then answers the next sum's part it carries (``_next``).
+        ``riding_in``: the carrier's reply that a next part's reply would join, which must stay
+        within the site's size limit; ``carrier_slot``: where the carrier's sum keeps its state."""
         site.check_request(policy, hello, request)
         node = self.node_factory(self.setup)
         cohort = site.purpose_rows(request.purpose, len(node.data.train), len(node.data.test))  # type: ignore[arg-type]
         site.check_cohort(policy, cohort)
         ask = self._ask(request, hello, node, ledger)
+        sum_state = None
         if request.transport == rec.PLAIN:
             exchange, content, expected = self._plain(ask, node, policy, hello, ledger, audit)
             releasing = True
         else:
-            exchange, content, expected = self._secure(request, ask, node, policy, hello, ledger, audit)
+            exchange, content, expected, sum_state = self._secure(
+                request, ask, node, policy, hello, ledger, audit, carrier_slot
+            )
             releasing = str(request.stage) in RELEASING_STAGES
         guarded = outgoing.guard(policy, content, outgoing.outgoing_message(request, content, expected, cohort))
         if riding_in is not None:
             outgoing.check_room(policy, riding_in, guarded)
         ledger.answered(exchange, _digest(guarded), durable=releasing)
+        if sum_state is not None:  # the sum moves on only with a reply that leaves
+            self.context.state[_sum_slot(ask)] = sum_state
         if request.next is None:
             return guarded
-        return outgoing.with_next(guarded, self._next(request.next, guarded, hello, policy, ledger, audit))
+        part = self._next(request.next, guarded, _sum_slot(ask), hello, policy, ledger, audit)
+        return outgoing.with_next(guarded, part)
 
     def _next(
         self,
-        setup: Request,
-        unmask: RecordDict,
+        part: Request,
+        guarded: RecordDict,
+        carrier_slot: str,
         hello: Hello,
         policy: SitePolicy,
         ledger: ReleaseLedger,
         audit: AuditLog,
     ) -> RecordDict | str:
-        """The next sum's setup that rides on an unmask request, answered as a lone setup request
-        is (its state replaces the finished sum's in the node's context) where its reply fits
-        beside the ``unmask`` reply, or the reason it was refused, logged as a lone request's
-        refusal is: the unmask reply leaves either way."""
+        """The next sum's part that rides on a request, answered as a lone request of its stage is
+        where its reply fits beside the carrier's ``guarded`` reply, or the reason it was refused,
+        logged as a lone request's refusal is: the carrier's reply leaves either way."""
         try:
-            return self._contribute(setup, hello, policy, ledger, audit, riding_in=unmask)
+            return self._contribute(part, hello, policy, ledger, audit, riding_in=guarded, carrier_slot=carrier_slot)
         except Exception as error:
-            return self._refused(error, rec.message_kind(setup.content), setup.round, audit)
+            return self._refused(error, rec.message_kind(part.content), part.round, audit)
 
     def _hello(self, request: Request, audit: AuditLog, ledger: ReleaseLedger) -> tuple[Hello, Node]:
         """Check the plan against the policy and record it; only then read the rows."""
@@ -430,8 +440,11 @@ class Guardian:
         hello: Hello,
         ledger: ReleaseLedger,
         audit: AuditLog,
-    ) -> tuple[str, RecordDict, dict[str, tuple[int, ...]]]:
-        """One SecAgg+ stage; the node's round state lives in its own context between stages."""
+        carrier_slot: str | None,
+    ) -> tuple[str, RecordDict, dict[str, tuple[int, ...]], ConfigRecord]:
+        """One SecAgg+ stage, and the sum's state after it: the node's round state lives in its own
+        context between stages, one slot per sum. A setup clears every other slot but the one of
+        the sum whose request it rides on: a sum set up afresh ends the ones before it here."""
         stage_request = request_from_dict(rec.join_message_dict(request.content[rec.SECAGG], None))
         identities = rec.roster_identities(self.setup.roster)
         identity_key = Ed25519PrivateKey.from_private_bytes(self.setup.identity_key)
@@ -443,27 +456,21 @@ class Guardian:
             secure = SecAggNode(
                 rec.secure_id(self.setup.roster, node.name), identity_key, identities, min_survivors=minimum
             )
-            state: dict = {
-                "label": label,
-                "purpose": ask.purpose,
-                "round": ask.round,
-                "plan": hello.digest,
-                "keys": "[]",
-            }
+            state: dict = {"label": label, "plan": hello.digest, "keys": "[]"}
+            for slot in [name for name in self.context.state if name.startswith(SECURE_SUM) and name != carrier_slot]:
+                del self.context.state[slot]
         else:
-            saved = self.context.state.config_records.get(SECURE_SUM)
+            saved = self.context.state.config_records.get(_sum_slot(ask))
             if saved is None:
-                raise _request_refusal("no secure sum is in progress at this node; a sum starts with its setup")
+                raise _request_refusal(
+                    f"no secure sum of {ask.purpose} round {ask.round} is in progress at this node; a sum starts with "
+                    "its setup"
+                )
             state = dict(saved)
             if state.get("plan") != hello.digest:
                 raise _request_refusal(
                     f"it continues a secure sum set up under another job than run {hello.run_id!r} the site accepted "
                     "last; a sum ends under the job it began in (its noise, its sites): set the sum up again"
-                )
-            if state["purpose"] != ask.purpose or state["round"] != ask.round:
-                raise _request_refusal(
-                    f"it continues the secure sum of {state['purpose']} round {state['round']} "
-                    f"as one of {ask.purpose} round {ask.round}"
                 )
             secure = SecAggNode.restore(bytes(state.pop("state")), identity_key, identities, min_survivors=minimum)
         exchange = f"{hello.run_id}/{ask.purpose}/{ask.round}/{state['label']}/{request.stage}{_table_suffix(ask)}"
@@ -491,13 +498,12 @@ class Guardian:
         reply = secure.handle(stage_request, vector=vector)
         if _drops_out(self.setup, ask, reply.stage.value):
             raise FederationError(f"node {node.name} drops out at stage {reply.stage.value} (injected fault)")
-        self.context.state[SECURE_SUM] = ConfigRecord({**state, "state": secure.export_state()})
         secagg, arrays = rec.split_message_dict(reply.to_dict())
         content = _identity_record(node.name, node.role)
         content[rec.SECAGG] = secagg
         if arrays:
             content[rec.CONTRIBUTION] = arrays
-        return exchange, content, expected
+        return exchange, content, expected, ConfigRecord({**state, "state": secure.export_state()})
 
     def _noisy(
         self,
@@ -664,6 +670,11 @@ def _table_suffix(ask: Ask) -> str:
     if ask.layout is None:
         return ""
     return "/" + hashlib.sha256(ask.layout.to_json().encode()).hexdigest()[:16]
+
+
+def _sum_slot(ask: Ask) -> str:
+    """Where a node keeps the state of the secure sum ``ask`` belongs to, in its context."""
+    return f"{SECURE_SUM}/{ask.purpose}/{ask.round}{_table_suffix(ask)}"
 
 
 def _check_label(label: str, hello: Hello, ask: Ask, round_: int) -> None:

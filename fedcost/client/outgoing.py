@@ -5,10 +5,11 @@ description from exactly the records that would leave. The vectors the reply may
 (``expected``) come from the request the node accepted (``fedcost.client.exchanges``),
 never from the reply itself: a reply cannot vouch for its own shape.
 
-A reply that also answers the next sum's setup (on a secure unmask request) is guarded in
-two parts, each as if it were alone, and joined only then (``with_next``): the joined
-reply carries exactly one record more, the advertisement or the refusal's reason, and the
-two parts together stay within the site's ``max_message_bytes`` (``reply_bytes``).
+A reply that also answers the next sum's part (its setup on a consistency request, its
+share-keys on an unmask request) is guarded in two parts, each as if it were alone, and
+joined only then (``with_next``): the joined reply carries exactly one record more, that
+part's reply or the refusal's reason, and the two parts together stay within the site's
+``max_message_bytes`` (``reply_bytes``).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _flat(content: RecordDict) -> tuple[dict, dict, dict]:
 
 
 def reply_bytes(content: RecordDict) -> int:
-    """The egress guard's estimate of a reply's size (``payload_bytes``), the next sum's advertisement
+    """The egress guard's estimate of a reply's size (``payload_bytes``), the next sum's part
     included (a refusal's reason is the site's own words, as in an error reply, and not counted)."""
     configs, metrics, arrays = _flat(content)
     ahead = payload_bytes({}, {}, dict(content[rec.NEXT_SECAGG])) if rec.NEXT_SECAGG in content else 0
@@ -96,24 +97,25 @@ def guard(policy: SitePolicy, content: RecordDict, outgoing: OutgoingMessage) ->
     return content
 
 
-def check_room(policy: SitePolicy, content: RecordDict, setup: RecordDict) -> None:
-    """Refuse a setup reply (the guard passed it alone) that would take the unmask reply
-    ``content`` it rides in past the site's ``max_message_bytes``."""
-    joined = reply_bytes(content) + payload_bytes({}, {}, dict(setup[rec.SECAGG]))
+def check_room(policy: SitePolicy, content: RecordDict, part: RecordDict) -> None:
+    """Refuse the reply to a next sum's ``part`` (the guard passed it alone) that would take the
+    reply ``content`` it rides in past the site's ``max_message_bytes``."""
+    joined = reply_bytes(content) + payload_bytes({}, {}, dict(part[rec.SECAGG]))
     if joined > policy.max_message_bytes:
+        stage = part[rec.SECAGG].get("stage")
         raise PolicyViolationError(
-            "refused by the site's egress policy: the next sum's setup would take the unmask reply it rides in to "
+            f"refused by the site's egress policy: the next sum's {stage} would take the reply it rides in to "
             f"{joined} bytes, past the site's max_message_bytes ({policy.max_message_bytes}); the site answers "
-            "that setup sent alone"
+            "it sent alone"
         )
 
 
-def with_next(content: RecordDict, setup: RecordDict | str) -> RecordDict:
-    """An unmask reply the guard passed, with the next sum's part: the secure-aggregation record
-    of the setup reply the guard passed on its own and ``check_room`` let join it, or the reason
-    the site refused that setup."""
-    if isinstance(setup, str):
-        content[rec.NEXT_REFUSED] = ConfigRecord({rec.REASON: setup})
+def with_next(content: RecordDict, part: RecordDict | str) -> RecordDict:
+    """A consistency or unmask reply the guard passed, with the next sum's part: the
+    secure-aggregation record of that part's reply, which the guard passed on its own and
+    ``check_room`` let join it, or the reason the site refused that part."""
+    if isinstance(part, str):
+        content[rec.NEXT_REFUSED] = ConfigRecord({rec.REASON: part})
     else:
-        content[rec.NEXT_SECAGG] = setup[rec.SECAGG]
+        content[rec.NEXT_SECAGG] = part[rec.SECAGG]
     return content

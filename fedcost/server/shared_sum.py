@@ -5,10 +5,13 @@ messages and the coordinator sees only the total of the surviving nodes' quantis
 contributions. With it off (an explicit setting, recorded in the run summary), nodes
 send their contributions in the clear and the coordinator adds them.
 
-A secure sum is five exchanges where a plain one is one. The setup of the sum that follows
-needs nothing from this one (its node set, size and purpose are known before this one
-ends), so it rides on this sum's unmask (``NextSum``): each node answers both in one reply,
-and the next sum, if it is still the one prepared, starts at share-keys.
+A secure sum is five exchanges where a plain one is one. The sum that follows needs nothing
+from this one until its masked input (its node set, size and purpose are known before this
+one ends), so its setup rides on this sum's consistency request and its share-keys on the
+unmask request (``NextSum``, ``records.CARRIED``): each node answers both parts in one reply,
+and the next sum, if it is still the one prepared, starts at masked input. A round of a
+training and an evaluation sum is then six exchanges, the fewest SecAgg+ allows: a sum's
+masked input, consistency and unmask each wait for every node (``fedcost.secagg.protocol``).
 """
 
 from __future__ import annotations
@@ -29,12 +32,12 @@ from fedcost.errors import ProtocolAbort, SumNotRecoveredError
 from fedcost.privacy.distributed import NOISE_CLIP, NOISE_GRID
 from fedcost.secagg import Coordinator as SecAggCoordinator
 from fedcost.secagg import (
-    KeyAdvertisement,
     MaskedInputRequest,
     Quantizer,
+    Reply,
+    Request,
     RoundConfig,
-    SetupRequest,
-    UnmaskRequest,
+    Stage,
     reply_from_dict,
     reply_kind,
 )
@@ -77,59 +80,79 @@ class NextSum:
 
 @dataclass
 class _Ahead:
-    """A secure sum set up on the unmask of the sum before it: its round config, the config
-    and setup record its requests carry, and the key advertisements (by SecAgg+ node id) and
-    refusals that came back."""
+    """A secure sum run on the last two stages of the sum before it: ``requests`` are what its
+    ``coordinator`` asks of each node (by SecAgg+ node id) at its next stage, as long as every
+    node answered the one before; ``refusals`` say why a node did not."""
 
-    config: RoundConfig
+    coordinator: SecAggCoordinator
     base: dict
-    setup: ConfigRecord
     nodes: frozenset[int]  # their Flower node ids
-    advertisements: dict[int, KeyAdvertisement] = field(default_factory=dict)
+    requests: dict[int, Request]
     refusals: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def purpose(self) -> str:
+        return str(self.base[rec.PURPOSE])
+
+    def rides_on(self, carrier: Stage | None) -> bool:
+        """Whether this sum's next stage is the one an exchange of stage ``carrier`` carries."""
+        stages = {request.stage for request in self.requests.values()}
+        return carrier in rec.CARRIED and stages == {rec.CARRIED[carrier]}  # type: ignore[index]
+
     def fits(self, round_config: RoundConfig, base: dict) -> bool:
-        """Whether this is the sum about to run, set up at every one of its nodes."""
-        config = self.config
+        """Whether this is the sum about to run, at its masked input at every one of its nodes."""
+        config = self.coordinator.config
         same = (config.round, config.node_ids, config.dim, config.bits) == (
             round_config.round,
             round_config.node_ids,
             round_config.dim,
             round_config.bits,
         )
-        return same and base == self.base and set(self.advertisements) == set(config.node_ids)
+        ready = all(isinstance(request, MaskedInputRequest) for request in self.requests.values())
+        return same and base == self.base and ready and set(self.requests) == set(config.node_ids)
 
-    @property
-    def purpose(self) -> str:
-        return str(self.base[rec.PURPOSE])
+    def carried(self, secure_id: int) -> dict:
+        """The records that carry this sum's request to one node on the other sum's request."""
+        secagg, _ = rec.split_message_dict(self.requests[secure_id].to_dict())
+        return {rec.NEXT_CONFIG: ConfigRecord(self.base), rec.NEXT_SECAGG: secagg}
 
-    def carried(self) -> dict:
-        """The records that carry this setup on an unmask request."""
-        return {rec.NEXT_CONFIG: ConfigRecord(self.base), rec.NEXT_SECAGG: self.setup}
+    def alone(self, secure_id: int) -> dict:
+        """The records of this sum's request to a node the other sum's stage does not ask."""
+        secagg, _ = rec.split_message_dict(self.requests[secure_id].to_dict())
+        return {rec.SECAGG: secagg}
 
-    def take(self, reply: Message, sites: dict[int, str], secure_ids: dict[str, int], *, alone: bool) -> None:
-        """Keep a node's key advertisement (or its reason for refusing the setup) from its reply:
-        to its unmask request, or to the setup sent ``alone``. Anything else leaves it out."""
+    def take(self, reply: Message, sites: dict[int, str], secure_ids: dict[str, int], *, alone: bool) -> Reply | None:
+        """A node's reply to this sum's part, from its reply to the other sum's request or to the
+        part sent ``alone``; its reason where it refused. Anything else is no reply."""
         site = sites.get(reply.metadata.src_node_id)
-        if site is None:
-            return
+        if site is None or reply.metadata.src_node_id not in self.nodes:
+            return None
         if reply.has_error():
             if alone:
                 self.refusals[site] = rec.their_reason(reply.error.reason)
-            return
+            return None
         records = reply.content.config_records
         if rec.NEXT_REFUSED in records and not alone:
             self.refusals[site] = rec.their_reason(records[rec.NEXT_REFUSED].get(rec.REASON, ""))
-            return
+            return None
         record = records.get(rec.SECAGG if alone else rec.NEXT_SECAGG)
         if record is None:
-            return
+            return None
         try:
-            advertisement = reply_from_dict(rec.join_message_dict(record, None))
+            part = reply_from_dict(rec.join_message_dict(record, None))
         except (ProtocolAbort, KeyError):
-            return
-        if isinstance(advertisement, KeyAdvertisement) and advertisement.node_id == secure_ids[site]:
-            self.advertisements[advertisement.node_id] = advertisement
+            return None
+        return part if part.node_id == secure_ids[site] else None
+
+    def advance(self, replies: list[Reply]) -> None:
+        """Hand the nodes' replies to this sum's coordinator: its next stage's requests, kept only
+        where every node answered (else the sum is set up afresh when it runs)."""
+        try:
+            requests = self.coordinator.handle(replies)
+        except ProtocolAbort as abort:
+            self.refusals.setdefault("coordinator", str(abort))
+            requests = {}
+        self.requests = requests if set(requests) == set(self.coordinator.config.node_ids) else {}
 
 
 class SharedSums:
@@ -152,7 +175,7 @@ class SharedSums:
         # Labels every secure sum of this coordinator session apart from any a restarted
         # coordinator runs: a node answers each labelled exchange once.
         self.session = secrets.token_hex(4)
-        self._ahead: _Ahead | None = None  # the next sum, set up on the last sum's unmask
+        self._ahead: _Ahead | None = None  # the next sum, run up to its masked input on the last sum
         self._set_up_ahead = itertools.count(1)  # labels each sum set up ahead apart
 
     def run(
@@ -176,9 +199,9 @@ class SharedSums:
         a training sum travel in 32-bit words (``Quantizer``). ``noisy``: a sum the nodes send
         normalised and with their share of the job's noise, on its grid (``NOISE_GRID``).
         ``quantizer``: the fixed point a sum needs beyond these (an exact GLM's Newton sums).
-        ``then``: the sum the caller will ask for next, set up on this sum's unmask; the next
-        call uses that setup if it asks for exactly that sum and every node advertised its
-        keys, and sets the sum up afresh otherwise.
+        ``then``: the sum the caller will ask for next, run up to its masked input on this sum's
+        consistency and unmask; the next call goes on with it if it asks for exactly that sum
+        and every node answered both parts, and sets the sum up afresh otherwise.
         """
         ahead, self._ahead = self._ahead, None  # a sum set up ahead serves the next call only
         base = self._base(purpose, server_round, job)
@@ -193,13 +216,10 @@ class SharedSums:
         dropouts: dict[str, str] = {}
         for attempt in range(1, attempts + 1):
             round_config = self._round_config(f"{purpose}:{attempt}", server_round, shapes, node_ids, quantizer)
-            if ahead is not None and ahead.fits(round_config, config):
-                round_config, advertisements = ahead.config, list(ahead.advertisements.values())
-            else:
-                advertisements = None
+            prepared = ahead if ahead is not None and ahead.fits(round_config, config) else None
             ahead = None  # a sum set up ahead is tried once: a retry sets up afresh
             try:
-                result = self._secure(shapes, node_ids, config, payload, quantizer, round_config, advertisements, then)
+                result = self._secure(shapes, node_ids, config, payload, quantizer, round_config, prepared, then)
                 result.dropouts = {**dropouts, **result.dropouts}
                 return result
             except _Aborted as aborted:
@@ -239,15 +259,15 @@ class SharedSums:
         )
 
     def _set_up(self, then: NextSum) -> _Ahead:
-        """The next sum's setup, to ride on this sum's unmask: its config created as ``run``
-        creates it, labelled apart from any attempt of its own."""
+        """The next sum, to ride on this sum's last stages: its config created as ``run`` creates
+        it, labelled apart from any attempt of its own, and its coordinator started."""
         nodes = list(then.node_ids)
         quantizer = then.quantizer or self._quantizer(then.purpose, len(nodes), then.total_weight, then.noisy)
         attempt = f"{then.purpose}:ahead{next(self._set_up_ahead)}"
         round_config = self._round_config(attempt, then.round, list(then.shapes), nodes, quantizer)
         config = self._secure_config(self._base(then.purpose, then.round, then.job), quantizer)
-        secagg, _ = rec.split_message_dict(SetupRequest(round_config).to_dict())
-        return _Ahead(round_config, config, secagg, frozenset(nodes))
+        coordinator = SecAggCoordinator(round_config, {i: self.identities[i] for i in round_config.node_ids})
+        return _Ahead(coordinator, config, frozenset(nodes), dict(coordinator.start()))
 
     def _quantizer(self, purpose: str, nodes: int, total_weight: int | None, noisy: bool) -> Quantizer:
         if noisy:
@@ -306,49 +326,52 @@ class SharedSums:
         payload: RecordDict | None,
         quantizer: Quantizer,
         round_config: RoundConfig,
-        advertisements: list[KeyAdvertisement] | None,
+        prepared: _Ahead | None,
         then: NextSum | None,
     ) -> SumResult:
         """One SecAgg+ round: drive the coordinator's stage machine over Flower messages, from
-        its setup or, where it was set up ahead, from the ``advertisements`` that came back.
+        its setup or, where it was ``prepared`` on the sum before, from its masked input.
 
-        With ``then``, the unmask exchange sets the next sum up: its setup rides on the unmask
-        request of each of its nodes, and goes alone, in the same exchange, to any of its nodes
-        this stage does not ask (one that withheld or dropped out of this sum)."""
+        With ``then``, the next sum's setup rides on this sum's consistency requests and its
+        share-keys on the unmask requests, to each of its nodes; any of its nodes a stage does
+        not ask (one that withheld or dropped out of this sum) gets that part alone, in the
+        same exchange."""
         by_secure_id = {self.secure_ids[self.sites[n]]: n for n in node_ids}
-        coordinator = SecAggCoordinator(round_config, {i: self.identities[i] for i in by_secure_id})
+        if prepared is not None:
+            coordinator, requests = prepared.coordinator, prepared.requests
+        else:
+            coordinator = SecAggCoordinator(round_config, {i: self.identities[i] for i in by_secure_id})
+            requests = coordinator.start()
         purpose = str(config[rec.PURPOSE])
         ahead = self._set_up(then) if then is not None else None
         errors: dict[str, str] = {}
         try:
-            requests = coordinator.start()
-            if advertisements is not None:
-                requests = coordinator.handle(advertisements)
             while not coordinator.done:
-                setting_up = ahead if any(isinstance(r, UnmaskRequest) for r in requests.values()) else None
+                stage = next(iter(requests.values())).stage if requests else None
+                riding = ahead if ahead is not None and ahead.rides_on(stage) else None
                 messages = []
                 for secure_id, request in requests.items():
                     secagg, _ = rec.split_message_dict(request.to_dict())
                     content = {rec.SECAGG: secagg}
                     if isinstance(request, MaskedInputRequest) and payload is not None:
                         content.update(dict(payload))
-                    if setting_up is not None and by_secure_id[secure_id] in setting_up.nodes:
-                        content.update(setting_up.carried())
+                    if riding is not None and by_secure_id[secure_id] in riding.nodes:
+                        content.update(riding.carried(secure_id))
                     messages.append(self._message(by_secure_id[secure_id], purpose, config, content))
-                alone = setting_up.nodes - {by_secure_id[i] for i in requests} if setting_up else frozenset()
-                if setting_up is not None:  # its nodes this stage does not ask: the setup alone
-                    setup = {rec.SECAGG: setting_up.setup}
-                    messages += [self._message(n, setting_up.purpose, setting_up.base, setup) for n in sorted(alone)]
+                alone = riding.nodes - {by_secure_id[i] for i in requests} if riding else frozenset()
+                for node in sorted(alone):  # the next sum's nodes this stage does not ask: its part alone
+                    part = riding.alone(self.secure_ids[self.sites[node]])  # type: ignore[union-attr]
+                    messages.append(self._message(node, riding.purpose, riding.base, part))  # type: ignore[union-attr]
                 owed = {by_secure_id[i]: reply_kind(request) for i, request in requests.items()}
-                replies = []
+                replies, parts = [], []
                 for reply in self.grid.send_and_receive(messages):
-                    if setting_up is not None:
-                        setting_up.take(reply, self.sites, self.secure_ids, alone=reply.metadata.src_node_id in alone)
-                    if (
-                        reply.metadata.src_node_id not in alone
-                        and (parsed := self._parse(reply, owed, errors)) is not None
-                    ):
+                    lone = reply.metadata.src_node_id in alone
+                    if riding is not None and (part := riding.take(reply, self.sites, self.secure_ids, alone=lone)):
+                        parts.append(part)
+                    if not lone and (parsed := self._parse(reply, owed, errors)) is not None:
                         replies.append(parsed)
+                if riding is not None:
+                    riding.advance(parts)
                 requests = coordinator.handle(replies)
         except ProtocolAbort as abort:
             raise _Aborted(str(abort), self._dropouts(coordinator, by_secure_id, errors)) from None

@@ -12,10 +12,12 @@ Every exchange between coordinator and node is one of three transports:
 A contribution's purpose is ``statistics``, ``train`` or ``evaluate``; train and
 evaluate requests carry the global weights and the job.
 
-A secure sum's unmask request may also carry the setup of the sum that follows it (its
-config and SecAgg+ setup, ``NEXT_CONFIG`` and ``NEXT_SECAGG``), which needs nothing from
-this sum; the reply then carries that setup's key advertisement (``NEXT_SECAGG``) or the
-reason the node refused it (``NEXT_REFUSED``), and the next sum starts at share-keys.
+The sum that follows a secure sum needs nothing from it until its masked input, so its first
+two stages ride on this sum's last two (``CARRIED``): its setup on the consistency request,
+its share-keys on the unmask request, each as the next sum's config and SecAgg+ request
+(``NEXT_CONFIG`` and ``NEXT_SECAGG``). The reply carries that part's reply (``NEXT_SECAGG``:
+a key advertisement, then the encrypted shares) or the reason the node refused it
+(``NEXT_REFUSED``), and the next sum starts at masked input.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedcost.secagg import Quantizer
+from fedcost.secagg import Quantizer, Stage
 
 # Record names inside Flower messages.
 ARRAYS = "arrays"
@@ -40,6 +42,8 @@ CONTRIBUTION = "contribution"
 NEXT_CONFIG = "next-config"
 NEXT_SECAGG = "next-secagg"
 NEXT_REFUSED = "next-refused"
+# The next sum's stage that each stage of a secure sum carries (see the module's doc).
+CARRIED = {Stage.CONSISTENCY: Stage.SETUP, Stage.UNMASK: Stage.SHARE_KEYS}
 
 # Keys inside the config record.
 TRANSPORT = "transport"
@@ -47,7 +51,7 @@ PURPOSE = "purpose"
 JOB = "job"
 ROUND = "round"
 WEIGHT = "weight"
-REASON = "reason"  # in NEXT_REFUSED: why the node refused the next sum's setup
+REASON = "reason"  # in NEXT_REFUSED: why the node refused the next sum's part
 
 HELLO, PLAIN, SECURE, CLOSE = "hello", "plain", "secagg", "close"
 # The episode linkage's transport, and the record its replies carry (``fedcost.linkage``):

@@ -6,9 +6,10 @@ never agreed to read may hide in it, and a field a node ignores today may mean
 something tomorrow). Ranges that depend on the accepted job (rounds, model size, the
 plan's tables) are the site's to check (``fedcost.client.site``).
 
-A secure unmask request alone may carry the next sum's setup (``records.NEXT_CONFIG`` and
-``records.NEXT_SECAGG``, both or neither): it is read as strictly as a lone setup request
-and becomes the request's ``next``.
+A secure consistency request may carry the next sum's setup, an unmask request its
+share-keys (``records.CARRIED``; ``records.NEXT_CONFIG`` and ``records.NEXT_SECAGG``, both or
+neither): that part is read as strictly as if it had come alone, must be of the stage its
+carrier carries, and becomes the request's ``next``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ _refusal = PolicyViolationError.request_refused
 ROSTER = "fedcost.roster"
 QUANTIZER = ("q_clip", "q_levels", "q_max_nodes", "q_max_weight")
 TOTAL_WEIGHT = "q_total_weight"  # a training sum's total weight, for 32-bit words
-NEXT = frozenset({rec.NEXT_CONFIG, rec.NEXT_SECAGG})  # the next sum's setup, on an unmask request
+NEXT = frozenset({rec.NEXT_CONFIG, rec.NEXT_SECAGG})  # the next sum's part, on a consistency or unmask request
 # Each step of the episode linkage and the bytes its request relays: a payer's answer step
 # carries the hospital's offer, a hospital's report step the payer's answer (``fedcost.linkage``).
 LINK_STAGES: dict[str, tuple[str, ...]] = {
@@ -49,7 +50,7 @@ class Request:
     purpose: Purpose | None = None
     round: int | None = None
     stage: Stage | None = None
-    next: Request | None = None  # the next sum's setup, riding on a secure unmask request
+    next: Request | None = None  # the next sum's part, riding on a consistency or unmask request
 
     @property
     def weights(self) -> ArrayRecord | None:
@@ -92,7 +93,7 @@ def read_request(content: RecordDict) -> Request:
         return Request(rec.PLAIN, config, content, purpose, round_)
     stage = _stage(content)
     model = purpose.carries_model and stage is Stage.MASKED_INPUT
-    ahead = stage is Stage.UNMASK and bool(NEXT & set(content))
+    ahead = stage in rec.CARRIED and bool(NEXT & set(content))
     _records(content, {rec.CONFIG, rec.SECAGG, *([rec.ARRAYS] if model else []), *(NEXT if ahead else ())})
     optional = {TOTAL_WEIGHT} if purpose.name == "train" else set()
     _fields(config, expected | set(QUANTIZER), optional=optional)
@@ -100,15 +101,16 @@ def read_request(content: RecordDict) -> Request:
         value = config.get(key)
         if key in config and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
             raise _refusal(f"its secure-aggregation setting {key} is not a positive number")
-    return Request(rec.SECURE, config, content, purpose, round_, stage, _next_setup(content) if ahead else None)
+    return Request(rec.SECURE, config, content, purpose, round_, stage, _next_part(content, stage) if ahead else None)
 
 
-def _next_setup(content: RecordDict) -> Request:
-    """The next sum's setup an unmask request carries, read as if it had come alone."""
-    setup = read_request(RecordDict({rec.CONFIG: content[rec.NEXT_CONFIG], rec.SECAGG: content[rec.NEXT_SECAGG]}))
-    if setup.transport != rec.SECURE or setup.stage is not Stage.SETUP:
-        raise _refusal("the next sum's part it carries is not a secure sum's setup")
-    return setup
+def _next_part(content: RecordDict, carrier: Stage) -> Request:
+    """The next sum's part a ``carrier`` stage's request carries, read as if it had come alone."""
+    part = read_request(RecordDict({rec.CONFIG: content[rec.NEXT_CONFIG], rec.SECAGG: content[rec.NEXT_SECAGG]}))
+    carried = rec.CARRIED[carrier]
+    if part.transport != rec.SECURE or part.stage is not carried:
+        raise _refusal(f"the next sum's part a {carrier.value} request carries must be its {carried.value}")
+    return part
 
 
 def _linkage(content: RecordDict, config: ConfigRecord) -> Request:
