@@ -314,6 +314,18 @@ def test_a_next_setup_on_any_stage_but_consistency_is_refused(
     assert reason in outcome.refusals[SITES[0]]
 
 
+def test_a_next_setup_of_the_sum_it_rides_on_is_refused_and_that_sum_goes_on(mapping: Path, tmp_path: Path) -> None:
+    """Attack: a statistics sum's consistency carries the setup of another statistics sum of
+    round 0. Answered, it would replace the state of the sum still to be unmasked; the site
+    refuses that part and unmasks its sum."""
+    bench = _bench(mapping, tmp_path)
+    ahead = Ahead(bench, "statistics", 0, SITES, f"{RUN}:n:statistics:ahead1")
+    outcome = ahead.run(bench)
+    assert outcome.sums is not None and not outcome.refusals, "the sum it rode on is unmasked"
+    assert len(ahead.refusals) == len(SITES)
+    assert all("the sum whose request it rides on" in reason for reason in ahead.refusals.values())
+
+
 def test_a_next_share_keys_on_a_consistency_request_is_refused(mapping: Path, tmp_path: Path) -> None:
     bench = _bench(mapping, tmp_path)
     job, _ = bench.job_and_weights(SITES[0])
@@ -347,20 +359,20 @@ def test_half_a_next_setup_is_refused(mapping: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("purpose", "round_", "reason"),
+    ("purpose", "round_", "labelled", "reason"),
     [
-        ("benchmark", 2, "not part of the accepted job"),
-        ("evaluate", 7, "asks for round 7 of evaluate"),
-        ("statistics", 0, "labelled for another run, purpose or round"),  # an evaluate label
+        ("benchmark", 2, "benchmark", "not part of the accepted job"),
+        ("evaluate", 7, "evaluate", "asks for round 7 of evaluate"),
+        ("evaluate", 1, "train", "labelled for another run, purpose or round"),
     ],
 )
 def test_a_next_setup_outside_the_plan_is_refused_and_the_consistency_still_answered(
-    mapping: Path, tmp_path: Path, purpose: str, round_: int, reason: str
+    mapping: Path, tmp_path: Path, purpose: str, round_: int, labelled: str, reason: str
 ) -> None:
     bench = _bench(mapping, tmp_path)
     job, _ = bench.job_and_weights(SITES[0])
-    label = f"{RUN}:n:evaluate:ahead1" if purpose == "statistics" else f"{RUN}:n:{purpose}:ahead1"
-    ahead = Ahead(bench, purpose, round_, SITES, label, None if purpose == "statistics" else job.to_json())
+    label = f"{RUN}:n:{labelled}:ahead1"
+    ahead = Ahead(bench, purpose, round_, SITES, label, job.to_json())
     outcome = ahead.run(bench)
     assert outcome.sums is not None and not outcome.refusals, "the consistency and unmask are answered"
     for name in SITES:

@@ -450,6 +450,8 @@ class Guardian:
         identity_key = Ed25519PrivateKey.from_private_bytes(self.setup.identity_key)
         minimum = policy.min_nodes
         if isinstance(stage_request, SetupRequest):
+            if carrier_slot == _sum_slot(ask):
+                raise _request_refusal("the next sum it sets up is the sum whose request it rides on")
             label = stage_request.config.run_id
             _check_label(label, hello, ask, stage_request.config.round)
             self._sites(stage_request.config.node_ids)
