@@ -188,6 +188,8 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="work in this new folder and keep it (the processes' logs)")
     args = parser.parse_args()
     if args.keep:
+        if args.keep.exists():
+            parser.error(f"--keep {args.keep}: it exists; name a new folder (the run's logs go there)")
         args.keep.mkdir(parents=True)
     with (
         contextlib.nullcontext(str(args.keep))
