@@ -42,7 +42,7 @@ def test_secure_aggregation_is_on_by_default_and_matches_plaintext(folder: Path)
         < 0.002
     )
     assert abs(secure_summary["cost"]["federated"]["r2"] - plain_summary["cost"]["federated"]["r2"]) < 0.005
-    # Each sum's setup rides on the unmask of the sum before it (``shared_sum.NextSum``): only
+    # Each sum's setup rides on the consistency of the sum before it (``shared_sum.NextSum``): only
     # the run's first sum and its first Newton sum (whose size the statistics fix) set up alone.
     setups = [kinds for _, kinds in exchanges(secure_run) if any(kind.endswith(":setup") for kind in kinds)]
     assert setups == [{"secagg:analytics:setup"}, {"secagg:newton:setup"}]

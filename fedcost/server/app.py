@@ -373,7 +373,7 @@ class Coordinator:
         )
         for server_round in range((resume.round if resume else 0) + 1, self.plan.rounds + 1):
             started = time.perf_counter()
-            # Each sum's setup rides on the unmask of the sum before it in the round loop.
+            # Each sum's setup and share-keys ride on the last stages of the sum before it in the round loop.
             evaluated = self._evaluation(server_round, job)
             if fit is None:
                 arrays, trained = self._train_round(server_round, arrays, job, evaluated)
@@ -478,7 +478,7 @@ class Coordinator:
         self, purpose: str, server_round: int, shapes: list, job: str | None, nodes: Collection[int], **kwargs
     ) -> NextSum:
         """A sum the coordinator asks for next, over the ``nodes`` ``_sum`` will ask (less those
-        that withheld the same rows), as its setup rides on the unmask of the sum before it."""
+        that withheld the same rows), as its first stages ride on the last of the sum before it."""
         asked = tuple(self._asked(purpose, sorted(nodes)))
         return NextSum(purpose, server_round, tuple(shapes), asked, job, noisy=self._noisy(purpose), **kwargs)
 
@@ -577,7 +577,7 @@ class Coordinator:
 
     def _grouped_statistics(self, node_ids: list[int], then: NextSum | None) -> None:
         """Every statistics table of the plan: every node's cell sums, small cells withheld at the
-        node; each table's setup rides on the sum before it, and ``then`` on the last's."""
+        node; each table's first stages ride on the sum before it, and ``then``'s on the last's."""
         noise, min_cohort = self.plan.noise, self.plan.min_cohort
         tables = self.plan.tables()
         for layout, following in zip(tables, [*map(self._table_sum, tables[1:]), then], strict=True):

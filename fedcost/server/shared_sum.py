@@ -66,7 +66,8 @@ class SumResult:
 @dataclass(frozen=True)
 class NextSum:
     """The sum a coordinator asks for after the one it is running, as far as its setup needs
-    it (``SharedSums.run`` takes the same arguments): its setup rides on this sum's unmask."""
+    it (``SharedSums.run`` takes the same arguments): its setup and share-keys ride on this
+    sum's consistency and unmask."""
 
     purpose: str
     round: int
