@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from flwr.supercore.task_identity import TaskIdentity
 
 
 @pytest.fixture(scope="module")
@@ -15,3 +16,10 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def inside_a_server_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower builds a coordinator's messages only inside a ServerApp's run; this is one."""
+    for name in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)

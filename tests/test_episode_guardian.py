@@ -15,7 +15,6 @@ import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import DEFAULT_TTL, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.app.message.message import make_message
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedcost.client.app import make_client_app
 from fedcost.client.node import NodeSetup
@@ -32,6 +31,8 @@ from fedcost.wire import records as rec
 from fedcost.wire.hello import Hello
 from fedcost.wire.purposes import PURPOSES
 
+pytestmark = pytest.mark.usefixtures("inside_a_server_app")
+
 COORDINATOR = Identity.generate("coordinator", "coordinator")
 SIZES = {"hospital": [120, 6], "insurer": [80]}  # hospital-2: fewer stays than the small-cell rule
 WINDOW = EpisodeWindow()
@@ -45,13 +46,6 @@ def mapping(tmp_path_factory: pytest.TempPathFactory) -> Path:
     extracts = generate_linked_extracts(ecosystem, 3, WINDOW).extracts
     rows = ((n.name, n.role, n.frame) for n in ecosystem.nodes)
     return write_node_files(rows, tmp_path_factory.mktemp("data"), extracts)
-
-
-@pytest.fixture(autouse=True)
-def _inside_a_server_app(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower builds a coordinator's messages only inside a ServerApp's run; this is one."""
-    for name in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
-from flwr.supercore.task_identity import TaskIdentity
 from guardian_bench import RUN, Bench
 
 from fedcost.client.node import Node
@@ -36,6 +35,8 @@ from fedcost.server.app import say_hello
 from fedcost.server.shared_sum import SharedSums, SumResult
 from fedcost.wire import records as rec
 
+pytestmark = pytest.mark.usefixtures("inside_a_server_app")
+
 SITES = ("hospital-1", "hospital-2", "hospital-3", "hospital-4")
 ATTACKER = "hospital-2"
 
@@ -47,13 +48,6 @@ Rewrite = Callable[[RecordDict, RecordDict], RecordDict]
 def mapping(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ecosystem = generate_ecosystem(EcosystemSpec.from_sizes({"hospital": [300, 260, 220, 180]}), seed=5)
     return write_node_files(((n.name, n.role, n.frame) for n in ecosystem.nodes), tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(autouse=True)
-def _inside_a_server_app(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower builds a coordinator's messages only inside a ServerApp's run; this is one."""
-    for name in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
 
 
 class AttackerGrid:

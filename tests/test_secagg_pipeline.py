@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from guardian_bench import RUN, Bench, policy_file
 
 from fedcost.client import outgoing
@@ -44,6 +43,8 @@ from fedcost.wire import records as rec
 from fedcost.wire import requests
 from fedcost.wire.purposes import PURPOSES, WITHHOLDS
 
+pytestmark = pytest.mark.usefixtures("inside_a_server_app")
+
 SITES = ("hospital-1", "hospital-2", "hospital-3", "hospital-4")
 
 
@@ -51,13 +52,6 @@ SITES = ("hospital-1", "hospital-2", "hospital-3", "hospital-4")
 def mapping(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ecosystem = generate_ecosystem(EcosystemSpec.from_sizes({"hospital": [300, 260, 220, 180]}), seed=3)
     return write_node_files(((n.name, n.role, n.frame) for n in ecosystem.nodes), tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(autouse=True)
-def _inside_a_server_app(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower builds a coordinator's messages only inside a ServerApp's run; this is one."""
-    for name in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
 
 
 class SitesGrid:

@@ -268,7 +268,14 @@ def _first_row(mask: np.ndarray) -> int:
 def _numeric(cells: pd.Series, column: schema.Column, path: Path, source: str) -> pd.Series:
     """Numbers within the schema's bounds, true/false as 1/0; missing cells become NaN
     (imputed and flagged)."""
-    values, missing = _as_numbers(cells)
+    return _checked_numbers(cells, *_as_numbers(cells), column, path, source)
+
+
+def _checked_numbers(
+    cells: pd.Series, values: np.ndarray, missing: np.ndarray, column: schema.Column, path: Path, source: str
+) -> pd.Series:
+    """``cells`` read as ``values`` (``_as_numbers``), refused where one is neither a number
+    nor ``missing``, beyond ``MAX_MAGNITUDE``, or outside the column's bounds."""
     bad = ~missing & ~np.isfinite(values)
     if bad.any():
         row = _first_row(bad)
@@ -358,9 +365,10 @@ def _binary_target(cells: pd.Series, reading: TargetReading, path: Path, source:
 
 
 def _non_negative_target(cells: pd.Series, reading: TargetReading, path: Path, source: str) -> pd.Series:
-    _refuse_missing_outcome(cells, _as_numbers(cells)[1], reading, path, source)
+    values, missing = _as_numbers(cells)
+    _refuse_missing_outcome(cells, missing, reading, path, source)
     column = schema.Column(reading.column, "numeric", "non-negative outcome", minimum=0)
-    return _numeric(cells, column, path, source)
+    return _checked_numbers(cells, values, missing, column, path, source)
 
 
 def _refuse_missing_outcome(
