@@ -462,6 +462,28 @@ def test_a_replayed_next_setup_is_refused_by_the_ledger(mapping: Path, tmp_path:
     assert alone.sums is None and all("already answered" in alone.refusals[name] for name in SITES)
 
 
+def test_a_replayed_next_share_keys_is_refused_by_the_ledger(mapping: Path, tmp_path: Path) -> None:
+    """Attack: the coordinator sends a site the share-keys it already answered on the unmask
+    again, alone (to have it share its secrets anew). The ledger refuses it."""
+    bench = _bench(mapping, tmp_path)
+    job, _ = bench.job_and_weights(SITES[0])
+    sent: dict[str, dict] = {}
+    ahead = Ahead(bench, "evaluate", 1, SITES, f"{RUN}:n:evaluate:ahead1", job.to_json())
+
+    def keep(name: str, request: Request) -> dict:
+        records = ahead.carry(name, request)
+        if request.stage is Stage.UNMASK:
+            sent[name] = records
+        return records
+
+    outcome = bench.secure_sum("statistics", 0, SITES, _statistics_shape(bench), carry=keep, answered=ahead.answered)
+    assert outcome.sums is not None and not ahead.refusals
+    site = bench.site(SITES[0])
+    records = sent[SITES[0]]
+    again = site.send(dict(records[rec.NEXT_CONFIG]), {rec.SECAGG: records[rec.NEXT_SECAGG]}, "evaluate")
+    site.assert_refused(again, "already answered")
+
+
 def test_a_next_sum_run_on_the_last_stages_of_a_sum_reaches_its_masked_input(mapping: Path, tmp_path: Path) -> None:
     """Every site answers the setup on the consistency and the share-keys on the unmask; the next
     sum's coordinator then holds a masked-input request for every site, whose shares each site
